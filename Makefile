@@ -1,0 +1,50 @@
+# nitro: make demo | test | bench | lint | fuzz-free targets below.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(VENV)/bin/pip
+STAMP  := $(VENV)/.nitro-installed
+
+.PHONY: all deps venv build test unit system demo bench lint clean
+
+all: build
+
+deps:
+	./tools/install-deps.sh
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip setuptools wheel
+
+# Rebuild the extension whenever the C sources or the package metadata change.
+$(STAMP): $(PY) pyproject.toml setup.py $(wildcard cffi_build/*.c cffi_build/*.h cffi_build/*.py)
+	$(PIP) install -q cffi setuptools wheel
+	$(PIP) install -q --no-build-isolation -e '.[test]'
+	touch $@
+
+venv: $(STAMP)
+
+build: deps venv
+	$(MAKE) -C tools
+
+test: build
+	$(PY) -m pytest -q
+
+unit: venv
+	$(PY) -m pytest -q tests/unit
+
+system: build
+	$(PY) -m pytest -q -m system
+
+demo: build
+	$(PY) tools/demo.py
+
+bench: build
+	$(PY) -m bench.blk --backend both
+
+lint: venv
+	$(PIP) install -q ruff
+	$(VENV)/bin/ruff check nitro tests bench tools
+
+clean:
+	rm -rf build nitro/_nitro_c*.so nitro/_nitro_c.c tools/bin *.egg-info

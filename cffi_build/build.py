@@ -1,0 +1,66 @@
+"""cffi builder for nitro's C datapath (``nitro._nitro_c``).
+
+setup.py names ``cffi_build/build.py:ffibuilder``; ``python cffi_build/build.py``
+builds the extension in place (next to the ``nitro`` package) for quick
+iteration. nitro.h is both the C header and the cdef: cffi's parser takes the
+declarations and integer ``#define`` lines, so every other preprocessor line
+is dropped here.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import cffi
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+SOURCES = ["nitro_mem.c", "nitro_vring.c", "nitro_blk.c"]
+HEADERS = ["nitro.h", "nitro_vring.h"]
+
+_INT_DEFINE = re.compile(r"#\s*define\s+\w+\s+-?(0x[0-9a-fA-F]+|\d+)[uUlL]*\b")
+
+
+def cdef_source(header: Path) -> str:
+    """nitro.h with every preprocessor line except integer #defines removed."""
+    lines = []
+    for line in header.read_text().splitlines():
+        stripped = line.strip()
+        if stripped.startswith("#") and not _INT_DEFINE.match(stripped):
+            continue
+        lines.append(line)
+    return "\n".join(lines) + "\n"
+
+
+def _path(name: str) -> str:
+    """A path to a file in cffi_build/, relative when building from the repo
+    root (setuptools and sdists prefer relative sources), else absolute."""
+    full = HERE / name
+    if Path.cwd().resolve() == ROOT:
+        return str(full.relative_to(ROOT))
+    return str(full)
+
+
+def make_builder() -> cffi.FFI:
+    builder = cffi.FFI()
+    builder.cdef(cdef_source(HERE / "nitro.h"))
+    builder.set_source(
+        "nitro._nitro_c",
+        '#include "nitro.h"',
+        sources=[_path(s) for s in SOURCES],
+        depends=[_path(h) for h in HEADERS],
+        include_dirs=[str(HERE)],
+        extra_compile_args=["-O2", "-Wall", "-Wextra", "-std=gnu11"],
+    )
+    return builder
+
+
+ffibuilder = make_builder()
+
+if __name__ == "__main__":
+    # From the root, paths are relative, so objects stay under cffi_build/;
+    # the module lands in ROOT/nitro/.
+    os.chdir(ROOT)
+    make_builder().compile(tmpdir=".", verbose=True)

@@ -1,0 +1,148 @@
+/*
+ * nitro.h: the whole C ABI of nitro's datapath.
+ *
+ * This file is both the C header and the cffi cdef (cffi_build/build.py feeds
+ * it to ffi.cdef() after dropping preprocessor lines other than integer
+ * #defines), so it must stay inside what cffi's parser accepts: fixed-width
+ * integer types, plain structs, opaque pointers, integer #defines.
+ *
+ * Conventions: every symbol is nitro_-prefixed; functions return an int code
+ * (NITRO_OK or a negative NITRO_ERR_*) unless they are pure getters; the
+ * caller owns file descriptors (C never closes an fd it was given) and the
+ * stats structs it passes in; C owns the objects it returns from *_new().
+ *
+ * Vocabulary follows the virtio 1.2 spec (section 2.7 "Split Virtqueues") and
+ * QEMU's docs/interop/vhost-user.rst (memory regions, vring addresses).
+ */
+#ifndef NITRO_H
+#define NITRO_H
+#include <stdint.h>
+
+/* ---- return codes ------------------------------------------------------ */
+#define NITRO_OK 0
+#define NITRO_ERR_ARG -1    /* bad argument from the control plane (frontend) */
+#define NITRO_ERR_SYS -2    /* a host system call failed; errno is kept */
+#define NITRO_ERR_GUEST -3  /* the guest broke the ring; see nitro_vq_fault() */
+#define NITRO_ERR_NOMEM -4  /* allocation failed */
+
+/* ---- limits ------------------------------------------------------------ */
+#define NITRO_MAX_MEM_REGIONS 32   /* VHOST_USER_GET_MAX_MEM_SLOTS answer */
+#define NITRO_MAX_QUEUE_SIZE 1024  /* largest split ring we accept */
+
+/* ---- guest faults: why a queue was marked broken ------------------------ */
+#define NITRO_FAULT_NONE 0
+#define NITRO_FAULT_AVAIL_IDX 1   /* avail->idx moved by more than the ring size */
+#define NITRO_FAULT_DESC_INDEX 2  /* a head or next index >= the ring size */
+#define NITRO_FAULT_DESC_ADDR 3   /* a buffer not inside one mapped region */
+#define NITRO_FAULT_DESC_LOOP 4   /* chain longer than the ring: a cycle */
+#define NITRO_FAULT_INDIRECT 5    /* bad indirect table (nested, size, NEXT) */
+#define NITRO_FAULT_DESC_ORDER 6  /* device-readable after device-writable */
+#define NITRO_FAULT_REQUEST 7     /* request without room for header/status */
+#define NITRO_FAULT_KINDS 8
+
+/* ---- guest memory table (SET_MEM_TABLE / ADD_MEM_REG / REM_MEM_REG) ----- */
+struct nitro_mem;
+
+struct nitro_mem *nitro_mem_new(void);
+/* Unmaps every region. */
+void nitro_mem_free(struct nitro_mem *mem);
+/* mmap(fd) MAP_SHARED from 0 to mmap_offset + memory_size and record the
+ * region; fd stays the caller's. Overlapping or empty regions: ERR_ARG. */
+int nitro_mem_add(struct nitro_mem *mem, int fd, uint64_t guest_phys_addr,
+                  uint64_t memory_size, uint64_t userspace_addr,
+                  uint64_t mmap_offset);
+/* Unmap the region with this guest_phys_addr and size; ERR_ARG if none. */
+int nitro_mem_remove(struct nitro_mem *mem, uint64_t guest_phys_addr,
+                     uint64_t memory_size);
+uint32_t nitro_mem_count(const struct nitro_mem *mem);
+/* Host pointer for [gpa, gpa+len) if wholly inside one region, else NULL. */
+void *nitro_mem_gpa_to_host(const struct nitro_mem *mem, uint64_t gpa,
+                            uint64_t len);
+/* The same for a frontend (QEMU) virtual address, as SET_VRING_ADDR uses. */
+void *nitro_mem_uaddr_to_host(const struct nitro_mem *mem, uint64_t uaddr,
+                              uint64_t len);
+
+/* ---- split virtqueue ---------------------------------------------------- */
+struct nitro_vq_stats {
+    uint64_t kicks;    /* kick eventfd wake-ups seen by the serving loop */
+    uint64_t calls;    /* call eventfd signals sent */
+    uint64_t chains;   /* descriptor chains completed */
+    uint64_t faults[NITRO_FAULT_KINDS];
+};
+
+struct nitro_vq;
+
+struct nitro_vq *nitro_vq_new(uint32_t index);
+void nitro_vq_free(struct nitro_vq *vq);
+/* Ring size: a power of two, 1..NITRO_MAX_QUEUE_SIZE. */
+int nitro_vq_set_num(struct nitro_vq *vq, uint32_t num);
+/* Ring addresses are frontend virtual addresses (vhost-user SET_VRING_ADDR);
+ * they are translated now and again on nitro_vq_set_mem(). Each ring part
+ * must lie wholly inside one region and be aligned as the spec requires. */
+int nitro_vq_set_addr(struct nitro_vq *vq, const struct nitro_mem *mem,
+                      uint64_t desc_uaddr, uint64_t avail_uaddr,
+                      uint64_t used_uaddr);
+/* Swap the memory table (after the queue was stopped); re-translates. */
+int nitro_vq_set_mem(struct nitro_vq *vq, const struct nitro_mem *mem);
+void nitro_vq_set_base(struct nitro_vq *vq, uint16_t last_avail_idx);
+uint16_t nitro_vq_get_base(const struct nitro_vq *vq);
+/* -1 means none. The fds stay the caller's. */
+void nitro_vq_set_fds(struct nitro_vq *vq, int kick_fd, int call_fd);
+/* Negotiated virtio feature bits (EVENT_IDX = 29, INDIRECT_DESC = 28). */
+void nitro_vq_set_features(struct nitro_vq *vq, uint64_t features);
+/* NITRO_FAULT_* that broke the queue, NITRO_FAULT_NONE while healthy. */
+uint32_t nitro_vq_fault(const struct nitro_vq *vq);
+/* Forget the fault, addresses and base (device reset / new frontend). */
+void nitro_vq_reset(struct nitro_vq *vq);
+/* Ask a serving loop to return after its current batch; safe from any
+ * thread. nitro_vq_clear_stop() re-arms the queue before serving again. */
+void nitro_vq_stop(struct nitro_vq *vq);
+void nitro_vq_clear_stop(struct nitro_vq *vq);
+const struct nitro_vq_stats *nitro_vq_stats(const struct nitro_vq *vq);
+
+/* ---- virtio-blk (virtio 1.2 section 5.2) -------------------------------- */
+#define NITRO_BLK_OP_IN 0
+#define NITRO_BLK_OP_OUT 1
+#define NITRO_BLK_OP_FLUSH 2
+#define NITRO_BLK_OP_GET_ID 3
+#define NITRO_BLK_OP_DISCARD 4
+#define NITRO_BLK_OP_WRITE_ZEROES 5
+#define NITRO_BLK_OP_UNSUPPORTED 6
+#define NITRO_BLK_OPS 7
+
+/* Request latency histogram: bucket i counts requests that took at most
+ * nitro_lat_bounds_ns[i]; the last bucket is +Inf. */
+#define NITRO_LAT_BUCKETS 15
+extern const uint64_t nitro_lat_bounds_ns[15];
+
+struct nitro_blk_stats {
+    uint64_t requests[NITRO_BLK_OPS];  /* completed requests by operation */
+    uint64_t bytes[NITRO_BLK_OPS];     /* payload bytes moved by operation */
+    uint64_t errors[NITRO_BLK_OPS];    /* completed with a non-OK status */
+    uint64_t latency_buckets[NITRO_LAT_BUCKETS];
+    uint64_t latency_sum_ns;
+    uint64_t inflight;                 /* fetched but not yet completed */
+};
+
+struct nitro_blk_params {
+    int fd;                 /* the backing file, opened by Python */
+    uint32_t readonly;      /* nonzero: OUT/DISCARD/WRITE_ZEROES -> IOERR */
+    uint64_t capacity;      /* in 512-byte sectors */
+    uint32_t max_discard_sectors;
+    uint32_t max_write_zeroes_sectors;
+    uint8_t serial[20];     /* GET_ID answer, NUL-padded */
+};
+
+/* Serve one virtio-blk queue: fetch every available chain, do its I/O on
+ * params->fd directly from/to guest memory, write the status byte, publish
+ * to the used ring and signal the call fd (honouring EVENT_IDX). When the
+ * ring is empty, re-enable notifications and wait up to idle_ms on the kick
+ * fd. Returns the number of requests completed when idle or stopped,
+ * NITRO_ERR_GUEST when the guest broke the ring (the queue stays broken),
+ * NITRO_ERR_ARG when the queue is not set up. Call it with the GIL released
+ * (cffi does), from one thread per queue. */
+int64_t nitro_blk_serve(struct nitro_vq *vq,
+                        const struct nitro_blk_params *params,
+                        struct nitro_blk_stats *stats, int idle_ms);
+
+#endif

@@ -1,0 +1,619 @@
+/*
+ * nitro_vring.c: the device side of a split virtqueue (virtio 1.2 section
+ * 2.7): ring setup from vhost-user messages, chain walking with indirect
+ * tables, the used ring, and notification suppression (EVENT_IDX or the
+ * NO_NOTIFY / NO_INTERRUPT flags).
+ *
+ * The rings live in memory the guest can rewrite at any moment. Rules:
+ * - every guest value is loaded exactly once (relaxed atomics for ring
+ *   fields, one copy per descriptor) and checked before use;
+ * - a bad value marks the queue broken (vq->fault) rather than asserting;
+ *   only nitro_vq_reset() repairs it;
+ * - each memory barrier states what it orders.
+ *
+ * Descriptors that cross from one memory region into an adjacent one are
+ * split into one iovec per region (guest-physically contiguous buffers may
+ * straddle DIMMs). Indirect tables, which we index as an array, must lie in
+ * one region.
+ */
+#define _GNU_SOURCE
+#include <endian.h>
+#include <errno.h>
+#include <poll.h>
+#include <stdatomic.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/eventfd.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "nitro_vring.h"
+
+/* Split ring layout (2.7.5-2.7.8), as byte offsets. */
+#define DESC_SIZE 16
+#define AVAIL_FLAGS 0
+#define AVAIL_IDX 2
+#define AVAIL_RING(i) (4 + 2 * (size_t)(i))
+#define USED_FLAGS 0
+#define USED_IDX 2
+#define USED_RING(i) (4 + 8 * (size_t)(i))
+
+struct vring_desc {
+    uint64_t addr;
+    uint32_t len;
+    uint16_t flags;
+    uint16_t next;
+};
+
+struct nitro_vq {
+    uint32_t index;
+    uint32_t num;
+    uint64_t features;
+    bool addr_set;
+    uint64_t desc_uaddr, avail_uaddr, used_uaddr;
+    const struct nitro_mem *mem;
+    const uint8_t *desc;
+    const uint8_t *avail;  /* flags, idx, ring[num], used_event */
+    uint8_t *used;         /* flags, idx, ring[num] {id, len}, avail_event */
+    uint16_t last_avail_idx;    /* next avail slot we will consume */
+    uint16_t shadow_avail_idx;  /* last avail->idx we read and checked */
+    uint16_t used_idx;          /* next used slot we will fill */
+    uint16_t signalled_used;    /* used_idx at the last call (EVENT_IDX) */
+    bool signalled_used_valid;
+    uint16_t used_flags;        /* our copy: the guest must not own them */
+    int kick_fd, call_fd;
+    int stop_fd;                /* eventfd that wakes poll() on stop */
+    atomic_bool stop;
+    uint32_t fault;
+    struct nitro_vq_stats stats;
+    struct nitro_chain chain;   /* scratch for nitro_vq_pop() */
+};
+
+/* ---- guest memory accessors ------------------------------------------- */
+
+static inline uint16_t guest_ld16(const uint8_t *p)
+{
+    return le16toh(__atomic_load_n((const uint16_t *)p, __ATOMIC_RELAXED));
+}
+
+static inline void guest_st16(uint8_t *p, uint16_t v)
+{
+    __atomic_store_n((uint16_t *)p, htole16(v), __ATOMIC_RELAXED);
+}
+
+static inline void guest_st32(uint8_t *p, uint32_t v)
+{
+    __atomic_store_n((uint32_t *)p, htole32(v), __ATOMIC_RELAXED);
+}
+
+/* Copy descriptor i out of a table once. Indirect tables may be unaligned,
+ * hence memcpy; the compiler barrier stops it from dropping the copy and
+ * re-reading guest memory (which may have changed) at each later use. */
+static void read_desc(const uint8_t *table, uint32_t i, struct vring_desc *d)
+{
+    memcpy(d, table + (size_t)i * DESC_SIZE, sizeof(*d));
+    __asm__ __volatile__("" ::: "memory");
+    d->addr = le64toh(d->addr);
+    d->len = le32toh(d->len);
+    d->flags = le16toh(d->flags);
+    d->next = le16toh(d->next);
+}
+
+static void drain_eventfd(int fd);
+
+static bool has_feature(const struct nitro_vq *vq, unsigned bit)
+{
+    return (vq->features >> bit) & 1;
+}
+
+/* ---- lifecycle and control-plane setters ------------------------------- */
+
+struct nitro_vq *nitro_vq_new(uint32_t index)
+{
+    struct nitro_vq *vq = calloc(1, sizeof(*vq));
+    if (vq == NULL)
+        return NULL;
+    vq->stop_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+    if (vq->stop_fd < 0) {
+        free(vq);
+        return NULL;
+    }
+    vq->index = index;
+    vq->kick_fd = -1;
+    vq->call_fd = -1;
+    atomic_init(&vq->stop, false);
+    return vq;
+}
+
+void nitro_vq_free(struct nitro_vq *vq)
+{
+    if (vq == NULL)
+        return;
+    close(vq->stop_fd);
+    free(vq);
+}
+
+struct ring_ptrs {
+    const uint8_t *desc;
+    const uint8_t *avail;
+    uint8_t *used;
+};
+
+/* Translate and check the three ring parts for a ring of num entries
+ * (2.7: alignment 16/2/4; sizes 16*num, 6+2*num, 6+8*num). */
+static int translate_rings(const struct nitro_mem *mem, uint32_t num,
+                           uint64_t desc, uint64_t avail, uint64_t used,
+                           struct ring_ptrs *out)
+{
+    if (mem == NULL || num == 0 || desc % 16 || avail % 2 || used % 4)
+        return NITRO_ERR_ARG;
+    out->desc = nitro_mem_uaddr_to_host(mem, desc, (uint64_t)DESC_SIZE * num);
+    out->avail = nitro_mem_uaddr_to_host(mem, avail, 6 + 2 * (uint64_t)num);
+    out->used = nitro_mem_uaddr_to_host(mem, used, 6 + 8 * (uint64_t)num);
+    if (out->desc == NULL || out->avail == NULL || out->used == NULL)
+        return NITRO_ERR_ARG;
+    /* Ring fields are accessed with aligned atomics; a region whose
+     * mmap_offset disagrees with its uaddr alignment would break that. */
+    if ((uintptr_t)out->avail % 2 || (uintptr_t)out->used % 4)
+        return NITRO_ERR_ARG;
+    return NITRO_OK;
+}
+
+static void attach_rings(struct nitro_vq *vq, const struct ring_ptrs *p)
+{
+    vq->desc = p->desc;
+    vq->avail = p->avail;
+    vq->used = p->used;
+}
+
+int nitro_vq_set_num(struct nitro_vq *vq, uint32_t num)
+{
+    if (vq == NULL || num == 0 || num > NITRO_MAX_QUEUE_SIZE ||
+        (num & (num - 1)) != 0)
+        return NITRO_ERR_ARG;
+    if (vq->addr_set) {
+        /* The rings were checked for the old size; check them again. */
+        struct ring_ptrs p;
+        int rc = translate_rings(vq->mem, num, vq->desc_uaddr,
+                                 vq->avail_uaddr, vq->used_uaddr, &p);
+        if (rc != NITRO_OK)
+            return rc;
+        attach_rings(vq, &p);
+    }
+    vq->num = num;
+    return NITRO_OK;
+}
+
+int nitro_vq_set_addr(struct nitro_vq *vq, const struct nitro_mem *mem,
+                      uint64_t desc_uaddr, uint64_t avail_uaddr,
+                      uint64_t used_uaddr)
+{
+    if (vq == NULL)
+        return NITRO_ERR_ARG;
+    struct ring_ptrs p;
+    int rc = translate_rings(mem, vq->num, desc_uaddr, avail_uaddr,
+                             used_uaddr, &p);
+    if (rc != NITRO_OK)
+        return rc;
+    attach_rings(vq, &p);
+    vq->mem = mem;
+    vq->desc_uaddr = desc_uaddr;
+    vq->avail_uaddr = avail_uaddr;
+    vq->used_uaddr = used_uaddr;
+    vq->addr_set = true;
+    /* used->idx is ours to write; after a reconnect the value in guest
+     * memory is where the previous backend stopped. */
+    vq->used_idx = guest_ld16(vq->used + USED_IDX);
+    return NITRO_OK;
+}
+
+int nitro_vq_set_mem(struct nitro_vq *vq, const struct nitro_mem *mem)
+{
+    if (vq == NULL || mem == NULL)
+        return NITRO_ERR_ARG;
+    if (vq->addr_set) {
+        struct ring_ptrs p;
+        int rc = translate_rings(mem, vq->num, vq->desc_uaddr,
+                                 vq->avail_uaddr, vq->used_uaddr, &p);
+        if (rc != NITRO_OK) {
+            /* The old table is going away: never keep pointers into it. */
+            vq->addr_set = false;
+            attach_rings(vq, &(struct ring_ptrs){0});
+            vq->mem = NULL;
+            return rc;
+        }
+        attach_rings(vq, &p);
+    }
+    vq->mem = mem;
+    return NITRO_OK;
+}
+
+void nitro_vq_set_base(struct nitro_vq *vq, uint16_t last_avail_idx)
+{
+    if (vq == NULL)
+        return;
+    vq->last_avail_idx = last_avail_idx;
+    vq->shadow_avail_idx = last_avail_idx;
+    vq->signalled_used_valid = false;
+}
+
+uint16_t nitro_vq_get_base(const struct nitro_vq *vq)
+{
+    return vq == NULL ? 0 : vq->last_avail_idx;
+}
+
+void nitro_vq_set_fds(struct nitro_vq *vq, int kick_fd, int call_fd)
+{
+    if (vq == NULL)
+        return;
+    vq->kick_fd = kick_fd;
+    vq->call_fd = call_fd;
+}
+
+void nitro_vq_set_features(struct nitro_vq *vq, uint64_t features)
+{
+    if (vq != NULL)
+        vq->features = features;
+}
+
+uint32_t nitro_vq_fault(const struct nitro_vq *vq)
+{
+    return vq == NULL ? NITRO_FAULT_NONE
+                      : __atomic_load_n(&vq->fault, __ATOMIC_RELAXED);
+}
+
+void nitro_vq_reset(struct nitro_vq *vq)
+{
+    if (vq == NULL)
+        return;
+    __atomic_store_n(&vq->fault, NITRO_FAULT_NONE, __ATOMIC_RELAXED);
+    vq->addr_set = false;
+    vq->desc_uaddr = vq->avail_uaddr = vq->used_uaddr = 0;
+    attach_rings(vq, &(struct ring_ptrs){0});
+    vq->mem = NULL;
+    vq->last_avail_idx = vq->shadow_avail_idx = vq->used_idx = 0;
+    vq->signalled_used_valid = false;
+    vq->used_flags = 0;
+}
+
+void nitro_vq_stop(struct nitro_vq *vq)
+{
+    if (vq == NULL)
+        return;
+    atomic_store(&vq->stop, true);
+    uint64_t one = 1;
+    /* Wakes a poll() in progress. Failure can only be EAGAIN (counter
+     * full), and then the eventfd is readable anyway. */
+    ssize_t n = write(vq->stop_fd, &one, sizeof(one));
+    (void)n;
+}
+
+void nitro_vq_clear_stop(struct nitro_vq *vq)
+{
+    if (vq == NULL)
+        return;
+    atomic_store(&vq->stop, false);
+    /* Drain so the next poll() does not wake at once (non-blocking:
+     * EAGAIN just means no stop was pending). */
+    drain_eventfd(vq->stop_fd);
+}
+
+const struct nitro_vq_stats *nitro_vq_stats(const struct nitro_vq *vq)
+{
+    return vq == NULL ? NULL : &vq->stats;
+}
+
+/* ---- internal helpers for device code --------------------------------- */
+
+bool nitro_vq_ready(const struct nitro_vq *vq)
+{
+    return vq->addr_set && vq->mem != NULL && vq->num != 0;
+}
+
+uint32_t nitro_vq_num(const struct nitro_vq *vq)
+{
+    return vq->num;
+}
+
+int nitro_vq_kick_fd(const struct nitro_vq *vq)
+{
+    return vq->kick_fd;
+}
+
+bool nitro_vq_stopping(const struct nitro_vq *vq)
+{
+    return atomic_load(&vq->stop);
+}
+
+int nitro_vq_set_fault(struct nitro_vq *vq, uint32_t kind)
+{
+    if (nitro_vq_fault(vq) == NITRO_FAULT_NONE && kind < NITRO_FAULT_KINDS) {
+        __atomic_store_n(&vq->fault, kind, __ATOMIC_RELAXED);
+        nitro_stat_add(&vq->stats.faults[kind], 1);
+    }
+    return NITRO_ERR_GUEST;
+}
+
+/* ---- chain walking ---------------------------------------------------- */
+
+/* Number of chains waiting (0..num), or NITRO_ERR_GUEST. avail->idx is only
+ * re-read once everything seen last time is consumed. */
+static int avail_pending(struct nitro_vq *vq)
+{
+    if (vq->shadow_avail_idx == vq->last_avail_idx) {
+        uint16_t idx = guest_ld16(vq->avail + AVAIL_IDX);
+        /* The driver cannot have more than num chains outstanding. */
+        if ((uint16_t)(idx - vq->last_avail_idx) > vq->num)
+            return nitro_vq_set_fault(vq, NITRO_FAULT_AVAIL_IDX);
+        vq->shadow_avail_idx = idx;
+        /* Acquire: ring entries and descriptors the driver wrote before
+         * bumping avail->idx must not be read ahead of the idx itself. */
+        atomic_thread_fence(memory_order_acquire);
+    }
+    return (uint16_t)(vq->shadow_avail_idx - vq->last_avail_idx);
+}
+
+/* Where the walk is: the table being indexed and how many more descriptors
+ * it may yield before the chain must be a loop. */
+struct walk {
+    const uint8_t *table;
+    uint32_t size;
+    uint32_t budget;
+    bool indirect;
+    bool seen_write;
+};
+
+static int enter_indirect(struct nitro_vq *vq, struct walk *w,
+                          const struct vring_desc *d)
+{
+    /* 2.7.5.3.1: only when negotiated, one level deep, never chained, a
+     * whole number of descriptors, and the table in guest memory. */
+    if (!has_feature(vq, VIRTIO_RING_F_INDIRECT_DESC) || w->indirect ||
+        (d->flags & VRING_DESC_F_NEXT) || d->len == 0 ||
+        d->len % DESC_SIZE != 0 ||
+        d->len / DESC_SIZE > NITRO_MAX_QUEUE_SIZE)
+        return nitro_vq_set_fault(vq, NITRO_FAULT_INDIRECT);
+    const uint8_t *table = nitro_mem_gpa_to_host(vq->mem, d->addr, d->len);
+    if (table == NULL)
+        return nitro_vq_set_fault(vq, NITRO_FAULT_INDIRECT);
+    *w = (struct walk){
+        .table = table,
+        .size = d->len / DESC_SIZE,
+        .budget = d->len / DESC_SIZE,
+        .indirect = true,
+        .seen_write = w->seen_write,
+    };
+    return NITRO_OK;
+}
+
+/* Append one data descriptor to the chain as one iovec per region. */
+static int chain_add(struct nitro_vq *vq, struct walk *w,
+                     struct nitro_chain *c, const struct vring_desc *d)
+{
+    bool writable = d->flags & VRING_DESC_F_WRITE;
+    /* 2.7.4.2: all device-readable descriptors come first. */
+    if (!writable && w->seen_write)
+        return nitro_vq_set_fault(vq, NITRO_FAULT_DESC_ORDER);
+    w->seen_write |= writable;
+    uint64_t gpa = d->addr, left = d->len;
+    while (left > 0) {
+        uint64_t span;
+        uint8_t *host = nitro_mem_gpa_span(vq->mem, gpa, &span);
+        if (host == NULL)
+            return nitro_vq_set_fault(vq, NITRO_FAULT_DESC_ADDR);
+        /* Only reachable by splitting at region boundaries over and over:
+         * treat as an over-long chain. */
+        if (c->n_out + c->n_in == NITRO_VQ_MAX_IOV)
+            return nitro_vq_set_fault(vq, NITRO_FAULT_DESC_LOOP);
+        uint64_t n = left < span ? left : span;
+        c->iov[c->n_out + c->n_in] =
+            (struct iovec){.iov_base = host, .iov_len = n};
+        if (writable) {
+            c->n_in++;
+            c->in_len += n;
+        } else {
+            c->n_out++;
+            c->out_len += n;
+        }
+        /* gpa + n stays <= the region's end, which fits in 64 bits. */
+        gpa += n;
+        left -= n;
+    }
+    return NITRO_OK;
+}
+
+static int walk_chain(struct nitro_vq *vq, uint16_t head,
+                      struct nitro_chain *c)
+{
+    /* Reset only the header: the iovec array is large and gets overwritten. */
+    c->head = head;
+    c->n_out = c->n_in = 0;
+    c->out_len = c->in_len = 0;
+    struct walk w = {.table = vq->desc, .size = vq->num, .budget = vq->num};
+    uint32_t i = head;
+    if (i >= w.size)
+        return nitro_vq_set_fault(vq, NITRO_FAULT_DESC_INDEX);
+    for (;;) {
+        /* More descriptors than the table holds means a cycle. */
+        if (w.budget-- == 0)
+            return nitro_vq_set_fault(vq, NITRO_FAULT_DESC_LOOP);
+        struct vring_desc d;
+        read_desc(w.table, i, &d);
+        int rc = (d.flags & VRING_DESC_F_INDIRECT)
+                     ? enter_indirect(vq, &w, &d)
+                     : chain_add(vq, &w, c, &d);
+        if (rc != NITRO_OK)
+            return rc;
+        if (d.flags & VRING_DESC_F_INDIRECT) {
+            i = 0;
+            continue;
+        }
+        if (!(d.flags & VRING_DESC_F_NEXT))
+            return NITRO_OK;
+        i = d.next;
+        if (i >= w.size)
+            return nitro_vq_set_fault(vq, NITRO_FAULT_DESC_INDEX);
+    }
+}
+
+int nitro_vq_pop(struct nitro_vq *vq, struct nitro_chain **out)
+{
+    if (nitro_vq_fault(vq) != NITRO_FAULT_NONE)
+        return NITRO_ERR_GUEST;
+    int pending = avail_pending(vq);
+    if (pending <= 0)
+        return pending;
+    uint32_t slot = vq->last_avail_idx & (vq->num - 1);
+    uint16_t head = guest_ld16(vq->avail + AVAIL_RING(slot));
+    int rc = walk_chain(vq, head, &vq->chain);
+    if (rc != NITRO_OK)
+        return rc;
+    vq->last_avail_idx++;
+    *out = &vq->chain;
+    return 1;
+}
+
+/* ---- used ring and notifications --------------------------------------- */
+
+void nitro_vq_push(struct nitro_vq *vq, uint16_t head, uint32_t len)
+{
+    uint8_t *elem = vq->used + USED_RING(vq->used_idx & (vq->num - 1));
+    guest_st32(elem, head);
+    guest_st32(elem + 4, len);
+    vq->used_idx++;
+    /* Release: the element and the data/status bytes written into the
+     * buffers must be visible before the driver can see the new idx. */
+    atomic_thread_fence(memory_order_release);
+    guest_st16(vq->used + USED_IDX, vq->used_idx);
+    nitro_stat_add(&vq->stats.chains, 1);
+}
+
+/* 2.7.7.2: with EVENT_IDX, interrupt when used->idx passed used_event
+ * since the last interrupt. */
+static bool vring_need_event(uint16_t event_idx, uint16_t new_idx,
+                             uint16_t old_idx)
+{
+    return (uint16_t)(new_idx - event_idx - 1) < (uint16_t)(new_idx - old_idx);
+}
+
+static bool driver_wants_call(struct nitro_vq *vq)
+{
+    if (!has_feature(vq, VIRTIO_RING_F_EVENT_IDX))
+        return !(guest_ld16(vq->avail + AVAIL_FLAGS) &
+                 VRING_AVAIL_F_NO_INTERRUPT);
+    uint16_t old = vq->signalled_used;
+    bool valid = vq->signalled_used_valid;
+    vq->signalled_used = vq->used_idx;
+    vq->signalled_used_valid = true;
+    /* After set_base we do not know what the driver last saw: call. */
+    if (!valid)
+        return true;
+    uint16_t used_event = guest_ld16(vq->avail + AVAIL_RING(vq->num));
+    return vring_need_event(used_event, vq->used_idx, old);
+}
+
+void nitro_vq_notify(struct nitro_vq *vq)
+{
+    /* Full barrier: our used->idx store must be visible before we read
+     * used_event / flags, or a driver re-enabling interrupts and then
+     * re-checking used->idx could miss both the entry and the call. */
+    atomic_thread_fence(memory_order_seq_cst);
+    if (!driver_wants_call(vq) || vq->call_fd < 0)
+        return;
+    uint64_t one = 1;
+    ssize_t n;
+    do
+        n = write(vq->call_fd, &one, sizeof(one));
+    while (n < 0 && errno == EINTR);
+    /* EAGAIN means the counter is saturated: the driver is woken anyway. */
+    if (n == (ssize_t)sizeof(one))
+        nitro_stat_add(&vq->stats.calls, 1);
+}
+
+void nitro_vq_disable_notify(struct nitro_vq *vq)
+{
+    /* With EVENT_IDX, leaving avail_event behind is enough: the driver
+     * kicks at most once more. */
+    if (has_feature(vq, VIRTIO_RING_F_EVENT_IDX))
+        return;
+    vq->used_flags |= VRING_USED_F_NO_NOTIFY;
+    guest_st16(vq->used + USED_FLAGS, vq->used_flags);
+}
+
+int nitro_vq_enable_notify(struct nitro_vq *vq)
+{
+    if (has_feature(vq, VIRTIO_RING_F_EVENT_IDX)) {
+        guest_st16(vq->used + USED_RING(vq->num), vq->last_avail_idx);
+    } else {
+        vq->used_flags &= (uint16_t)~VRING_USED_F_NO_NOTIFY;
+        guest_st16(vq->used + USED_FLAGS, vq->used_flags);
+    }
+    /* Full barrier: the store above must be visible before we re-read
+     * avail->idx; otherwise the driver may add a chain, read the stale
+     * suppression and skip the kick while we read a stale idx and sleep. */
+    atomic_thread_fence(memory_order_seq_cst);
+    int pending = avail_pending(vq);
+    return pending < 0 ? pending : pending > 0;
+}
+
+/* ---- waiting for kicks ------------------------------------------------- */
+
+static int64_t now_ms(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
+static int poll_timeout(int64_t deadline)
+{
+    if (deadline < 0)
+        return -1;
+    int64_t left = deadline - now_ms();
+    return left < 0 ? 0 : (int)left;
+}
+
+/* Consume an eventfd's counter so it stops being readable. Only called on
+ * our non-blocking stop eventfd or on a kick fd poll() found readable, so
+ * it cannot block. */
+static void drain_eventfd(int fd)
+{
+    uint64_t v;
+    ssize_t n;
+    do
+        n = read(fd, &v, sizeof(v));
+    while (n < 0 && errno == EINTR);
+}
+
+int nitro_vq_wait_kick(struct nitro_vq *vq, int timeout_ms)
+{
+    struct pollfd fds[2] = {
+        {.fd = vq->kick_fd, .events = POLLIN},
+        {.fd = vq->stop_fd, .events = POLLIN},
+    };
+    int64_t deadline = timeout_ms < 0 ? -1 : now_ms() + timeout_ms;
+    for (;;) {
+        /* The flag is set before the eventfd is written, so checking it
+         * here and polling the eventfd below cannot miss a stop. */
+        if (nitro_vq_stopping(vq))
+            return NITRO_VQ_WAIT_STOP;
+        int n = poll(fds, 2, poll_timeout(deadline));
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n < 0)
+            return NITRO_ERR_SYS;
+        if (n == 0)
+            return NITRO_VQ_WAIT_TIMEOUT;
+        if (fds[1].revents != 0 && !nitro_vq_stopping(vq))
+            drain_eventfd(vq->stop_fd);  /* a stop already cleared */
+        if (fds[0].revents & POLLIN) {
+            drain_eventfd(vq->kick_fd);
+            nitro_stat_add(&vq->stats.kicks, 1);
+            return NITRO_VQ_WAIT_KICK;
+        }
+        if (fds[0].revents & (POLLERR | POLLHUP | POLLNVAL)) {
+            errno = (fds[0].revents & POLLNVAL) ? EBADF : EIO;
+            return NITRO_ERR_SYS;
+        }
+    }
+}

@@ -1,0 +1,94 @@
+/*
+ * nitro_vring.h: internal (non-ABI) interface between the split-ring walker
+ * (nitro_vring.c, nitro_mem.c) and device code (nitro_blk.c). Not part of the
+ * cffi cdef; Python never sees these symbols.
+ *
+ * One thread serves a queue at a time (nitro.h: "from one thread per queue"),
+ * so nothing below locks. Only nitro_vq_stop()/nitro_vq_fault()/the stats
+ * are touched from other threads, and those use atomics.
+ */
+#ifndef NITRO_VRING_H
+#define NITRO_VRING_H
+
+#include <stdbool.h>
+#include <stdint.h>
+#include <sys/uio.h>
+
+#include "nitro.h"
+
+#define NITRO_INTERNAL __attribute__((visibility("hidden")))
+
+/* Feature bits (virtio 1.2 section 6) and descriptor/ring flags (2.7). */
+#define VIRTIO_RING_F_INDIRECT_DESC 28
+#define VIRTIO_RING_F_EVENT_IDX 29
+#define VRING_DESC_F_NEXT 1
+#define VRING_DESC_F_WRITE 2
+#define VRING_DESC_F_INDIRECT 4
+#define VRING_USED_F_NO_NOTIFY 1
+#define VRING_AVAIL_F_NO_INTERRUPT 1
+
+/* A chain has at most num direct descriptors plus one indirect table of at
+ * most NITRO_MAX_QUEUE_SIZE entries; a descriptor that crosses from one
+ * memory region into the next becomes one iovec per region, and the slack
+ * below absorbs those splits. */
+#define NITRO_VQ_MAX_IOV (2 * NITRO_MAX_QUEUE_SIZE + NITRO_MAX_MEM_REGIONS)
+
+/* One popped chain. iov[0, n_out) are device-readable, then
+ * iov[n_out, n_out + n_in) device-writable; every iovec is non-empty and
+ * points into guest memory. */
+struct nitro_chain {
+    uint16_t head;
+    uint32_t n_out;
+    uint32_t n_in;
+    uint64_t out_len;
+    uint64_t in_len;
+    struct iovec iov[NITRO_VQ_MAX_IOV];
+};
+
+/* nitro_vq_wait_kick() results. */
+#define NITRO_VQ_WAIT_TIMEOUT 0
+#define NITRO_VQ_WAIT_KICK 1
+#define NITRO_VQ_WAIT_STOP 2
+
+/* Host pointer for gpa and the number of bytes from there to the end of its
+ * region (*span), or NULL when gpa is in no region. */
+NITRO_INTERNAL void *nitro_mem_gpa_span(const struct nitro_mem *mem,
+                                        uint64_t gpa, uint64_t *span);
+
+/* Rings translated, size set, memory attached. */
+NITRO_INTERNAL bool nitro_vq_ready(const struct nitro_vq *vq);
+NITRO_INTERNAL uint32_t nitro_vq_num(const struct nitro_vq *vq);
+NITRO_INTERNAL int nitro_vq_kick_fd(const struct nitro_vq *vq);
+NITRO_INTERNAL bool nitro_vq_stopping(const struct nitro_vq *vq);
+/* Mark the queue broken (first fault wins); returns NITRO_ERR_GUEST. */
+NITRO_INTERNAL int nitro_vq_set_fault(struct nitro_vq *vq, uint32_t kind);
+/* 1 and *out = the next chain (valid until the next pop), 0 when the ring
+ * is empty, NITRO_ERR_GUEST when the guest broke it. */
+NITRO_INTERNAL int nitro_vq_pop(struct nitro_vq *vq, struct nitro_chain **out);
+/* Append (head, len) to the used ring and publish used->idx. */
+NITRO_INTERNAL void nitro_vq_push(struct nitro_vq *vq, uint16_t head,
+                                  uint32_t len);
+/* Signal the call fd if the driver asked for it (EVENT_IDX / NO_INTERRUPT). */
+NITRO_INTERNAL void nitro_vq_notify(struct nitro_vq *vq);
+NITRO_INTERNAL void nitro_vq_disable_notify(struct nitro_vq *vq);
+/* Re-enable kicks, then re-check the ring: 1 if chains arrived meanwhile
+ * (the caller must process them, no kick will come), 0 if empty,
+ * NITRO_ERR_GUEST on a bad avail->idx. */
+NITRO_INTERNAL int nitro_vq_enable_notify(struct nitro_vq *vq);
+/* Wait for a kick (drained and counted), a stop or the timeout (<0: none).
+ * NITRO_VQ_WAIT_* or NITRO_ERR_SYS. */
+NITRO_INTERNAL int nitro_vq_wait_kick(struct nitro_vq *vq, int timeout_ms);
+
+/* Counters are read by other threads (metrics scrapes) and a blk stats
+ * struct may be shared by several queue threads: add atomically. */
+static inline void nitro_stat_add(uint64_t *counter, uint64_t n)
+{
+    __atomic_fetch_add(counter, n, __ATOMIC_RELAXED);
+}
+
+static inline void nitro_stat_sub(uint64_t *counter, uint64_t n)
+{
+    __atomic_fetch_sub(counter, n, __ATOMIC_RELAXED);
+}
+
+#endif

@@ -1,0 +1,3 @@
+from nitro.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,198 @@
+"""The daemon's TOML configuration, parsed into typed dataclasses.
+
+Every error is a ConfigError naming the file, the key and the reason, so the
+daemon can exit with one clear line. Nothing here touches a socket or an
+image: validation is syntax and ranges only; opening images is the backend's
+job at start-up.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import tomllib
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+DEFAULT_METRICS_LISTEN = "127.0.0.1:9180"
+MAX_QUEUES = 16
+_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+_SIZE_RE = re.compile(r"^\s*(\d+)\s*([KMGTP]?)(i?B)?\s*$", re.IGNORECASE)
+_SIZE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40, "P": 1 << 50}
+
+
+class ConfigError(Exception):
+    """The configuration is unusable. Raised at load time; fix the file.
+
+    str() is one line: ``FILE: KEY: REASON``.
+    """
+
+    def __init__(self, file: str, key: str, reason: str) -> None:
+        super().__init__(f"{file}: {key}: {reason}")
+        self.file, self.key, self.reason = file, key, reason
+
+
+@dataclasses.dataclass(frozen=True)
+class BlkConfig:
+    id: str
+    socket: Path
+    image: Path
+    size: int | None  # bytes; creates (sparse) or grows the image when set
+    readonly: bool = False
+    queues: int = 1
+    queue_size: int = 256
+    serial: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
+class DaemonConfig:
+    runtime_dir: Path
+    state_dir: Path
+    control_socket: Path
+    metrics_listen: str
+    log_level: str
+    blk: tuple[BlkConfig, ...]
+    source: str  # the file the config came from, for messages
+
+
+def default_dirs() -> tuple[Path, Path]:
+    """Runtime and state directories: systemd's when set, else FHS or XDG."""
+    if os.environ.get("RUNTIME_DIRECTORY"):
+        runtime = Path(os.environ["RUNTIME_DIRECTORY"].split(":")[0])
+    elif os.geteuid() == 0:
+        runtime = Path("/run/nitro")
+    else:
+        runtime = Path(os.environ.get("XDG_RUNTIME_DIR", f"/tmp/nitro-{os.getuid()}")) / "nitro"
+    if os.environ.get("STATE_DIRECTORY"):
+        state = Path(os.environ["STATE_DIRECTORY"].split(":")[0])
+    elif os.geteuid() == 0:
+        state = Path("/var/lib/nitro")
+    else:
+        state = Path.home() / ".local/state/nitro"
+    return runtime, state
+
+
+def parse_size(value: Any, file: str, key: str) -> int:
+    """'1G', '512M', '4096', 1073741824 -> bytes (binary units)."""
+    if isinstance(value, bool):
+        raise ConfigError(file, key, f"expected a size such as '1G', got {value!r}")
+    if isinstance(value, int):
+        n = value
+    elif isinstance(value, str) and (m := _SIZE_RE.match(value)):
+        n = int(m.group(1)) * _SIZE_UNITS[m.group(2).upper()]
+    else:
+        raise ConfigError(file, key, f"expected a size such as '1G', got {value!r}")
+    if n <= 0 or n % 512:
+        raise ConfigError(file, key, f"size must be a positive multiple of 512 bytes, got {n}")
+    return n
+
+
+def load(path: str | Path | None, *, runtime_dir: Path | None = None,
+         state_dir: Path | None = None) -> DaemonConfig:
+    """Load a config file, or the embedded default when path is None."""
+    if path is None:
+        text = resources.files("nitro").joinpath("default.toml").read_text()
+        source = "<embedded default>"
+    else:
+        source = str(path)
+        try:
+            text = Path(path).read_text()
+        except OSError as e:
+            raise ConfigError(source, "-", f"cannot read: {e.strerror}") from None
+    try:
+        doc = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(source, "-", f"invalid TOML: {e}") from None
+    return from_dict(doc, source, runtime_dir=runtime_dir, state_dir=state_dir)
+
+
+def from_dict(doc: dict, source: str, *, runtime_dir: Path | None = None,
+              state_dir: Path | None = None) -> DaemonConfig:
+    _check_keys(doc, {"daemon", "metrics", "blk"}, source, "")
+    daemon = _table(doc, "daemon", source)
+    _check_keys(daemon, {"runtime_dir", "state_dir", "control_socket", "log_level"}, source, "daemon.")
+    metrics = _table(doc, "metrics", source)
+    _check_keys(metrics, {"listen"}, source, "metrics.")
+    def_runtime, def_state = default_dirs()
+    runtime = runtime_dir or Path(_str(daemon, "runtime_dir", source, "daemon.", str(def_runtime)))
+    state = state_dir or Path(_str(daemon, "state_dir", source, "daemon.", str(def_state)))
+    control = runtime / _str(daemon, "control_socket", source, "daemon.", "control.sock")
+    level = _str(daemon, "log_level", source, "daemon.", "info")
+    if level not in ("debug", "info", "warning", "error"):
+        raise ConfigError(source, "daemon.log_level", f"expected debug|info|warning|error, got {level!r}")
+    listen = _str(metrics, "listen", source, "metrics.", DEFAULT_METRICS_LISTEN)
+    blk_list = doc.get("blk", [])
+    if not isinstance(blk_list, list):
+        raise ConfigError(source, "blk", "expected [[blk]] tables")
+    blks = tuple(_blk(t, i, source, runtime, state) for i, t in enumerate(blk_list))
+    _check_unique(blks, source)
+    return DaemonConfig(runtime, state, control, listen, level, blks, source)
+
+
+def _blk(t: Any, i: int, source: str, runtime: Path, state: Path) -> BlkConfig:
+    p = f"blk[{i}]."
+    if not isinstance(t, dict):
+        raise ConfigError(source, f"blk[{i}]", "expected a table")
+    _check_keys(t, {"id", "socket", "image", "size", "readonly", "queues", "queue_size", "serial"}, source, p)
+    dev_id = _str(t, "id", source, p, None)
+    if not _ID_RE.match(dev_id):
+        raise ConfigError(source, p + "id", f"must match {_ID_RE.pattern}, got {dev_id!r}")
+    size = parse_size(t["size"], source, p + "size") if "size" in t else None
+    queues = _int(t, "queues", source, p, 1, 1, MAX_QUEUES)
+    qsize = _int(t, "queue_size", source, p, 256, 2, 1024)
+    if qsize & (qsize - 1):
+        raise ConfigError(source, p + "queue_size", f"must be a power of two, got {qsize}")
+    serial = _str(t, "serial", source, p, dev_id)
+    if len(serial.encode()) > 20:
+        raise ConfigError(source, p + "serial", "at most 20 bytes (virtio-blk GET_ID)")
+    readonly = t.get("readonly", False)
+    if not isinstance(readonly, bool):
+        raise ConfigError(source, p + "readonly", f"expected true or false, got {readonly!r}")
+    return BlkConfig(
+        id=dev_id,
+        socket=runtime / _str(t, "socket", source, p, f"{dev_id}.sock"),
+        image=state / _str(t, "image", source, p, f"{dev_id}.img"),
+        size=size, readonly=readonly, queues=queues, queue_size=qsize, serial=serial)
+
+
+def _check_unique(blks: tuple[BlkConfig, ...], source: str) -> None:
+    for attr in ("id", "socket", "image"):
+        seen: set = set()
+        for i, b in enumerate(blks):
+            v = getattr(b, attr)
+            if v in seen:
+                raise ConfigError(source, f"blk[{i}].{attr}", f"duplicate {attr} {str(v)!r}")
+            seen.add(v)
+
+
+def _check_keys(t: dict, allowed: set[str], source: str, prefix: str) -> None:
+    for k in t:
+        if k not in allowed:
+            raise ConfigError(source, prefix + k, f"unknown key (allowed: {', '.join(sorted(allowed))})")
+
+
+def _table(doc: dict, key: str, source: str) -> dict:
+    t = doc.get(key, {})
+    if not isinstance(t, dict):
+        raise ConfigError(source, key, "expected a table")
+    return t
+
+
+def _str(t: dict, key: str, source: str, prefix: str, default: str | None) -> str:
+    if key not in t:
+        if default is None:
+            raise ConfigError(source, prefix + key, "required")
+        return default
+    v = t[key]
+    if not isinstance(v, str):
+        raise ConfigError(source, prefix + key, f"expected a string, got {v!r}")
+    return v
+
+
+def _int(t: dict, key: str, source: str, prefix: str, default: int, lo: int, hi: int) -> int:
+    v = t.get(key, default)
+    if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
+        raise ConfigError(source, prefix + key, f"expected an integer in {lo}..{hi}, got {v!r}")
+    return v

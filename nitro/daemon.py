@@ -1,0 +1,104 @@
+"""The daemon's lifecycle: open volumes, listen, serve, drain on SIGTERM.
+
+Start-up opens every volume before any socket listens, so a bad volume stops
+the daemon before a guest can attach to half a configuration. READY is sent
+to systemd once every socket listens. SIGTERM/SIGINT: stop accepting, stop
+fetching new requests (each C loop completes the batch it holds), flush
+every volume, tell systemd STOPPING, exit 0.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+from dataclasses import dataclass, field
+
+import trio
+
+from nitro import __version__, control, metrics
+from nitro.config import DaemonConfig
+from nitro.devices.blk.backends.raw import RawImage, VolumeError
+from nitro.devices.blk.device import BlkDevice
+from nitro.log import log_event
+from nitro.sdnotify import Notifier, watchdog_loop
+from nitro.vhost.server import VhostUserServer
+
+log = logging.getLogger("nitro.daemon")
+
+
+class StartupError(Exception):
+    """A device could not be set up; the daemon exits non-zero before serving."""
+
+
+@dataclass
+class Daemon:
+    cfg: DaemonConfig
+    servers: list[VhostUserServer] = field(default_factory=list)
+    version: str = __version__
+
+    @property
+    def devices(self) -> list[VhostUserServer]:
+        return self.servers
+
+    def open_devices(self) -> None:
+        for b in self.cfg.blk:
+            try:
+                volume = RawImage.open(b.image, size=b.size, readonly=b.readonly)
+            except VolumeError as e:
+                self.close()
+                raise StartupError(f"device {b.id}: {e}") from None
+            self.servers.append(
+                VhostUserServer(BlkDevice(b, volume), b.socket, device_id=b.id))
+
+    async def run(self, notifier: Notifier) -> None:
+        msrv = metrics.start_metrics_server(self.cfg.metrics_listen, lambda: self.devices)
+        try:
+            async with trio.open_nursery() as nursery:
+                for s in self.servers:
+                    await nursery.start(s.serve)
+                await nursery.start(control.serve_control, self.cfg.control_socket, self)
+                nursery.start_soon(watchdog_loop, notifier)
+                notifier.ready()
+                log_event(log, logging.INFO, "serving", devices=len(self.servers),
+                          metrics=self.cfg.metrics_listen or "off",
+                          control=str(self.cfg.control_socket))
+                await _wait_for_stop_signal()
+                notifier.stopping()
+                await self.drain()
+                nursery.cancel_scope.cancel()
+        finally:
+            if msrv is not None:
+                msrv[0].shutdown()
+                msrv[0].server_close()
+            self.close()
+
+    async def drain(self) -> None:
+        """Stop fetching new requests, complete what C holds, flush volumes."""
+        log_event(log, logging.INFO, "draining")
+        for s in self.servers:
+            s.stop_accepting()
+            await s.stop_all_workers()
+        for s in self.servers:
+            await trio.to_thread.run_sync(_flush, s.device.volume)
+
+    def close(self) -> None:
+        for s in self.servers:
+            s.device.close()
+            try:
+                s.socket_path.unlink()
+            except OSError:
+                pass
+        self.servers = []
+
+
+def _flush(volume) -> None:
+    if volume.fd >= 0 and not volume.readonly:
+        os.fdatasync(volume.fd)
+
+
+async def _wait_for_stop_signal() -> None:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async for signum in signals:
+            log_event(log, logging.INFO, "stop signal", signal=signal.Signals(signum).name)
+            return

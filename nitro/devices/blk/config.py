@@ -1,0 +1,75 @@
+"""struct virtio_blk_config (virtio 1.2 section 5.2.4), packed sans-IO.
+
+The frontend reads the config space with VHOST_USER_GET_CONFIG at any offset
+and size; fields past what we fill read as zero, as the spec allows for
+fields whose feature bit is not offered.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import struct
+
+# Feature bits (virtio 1.2 section 5.2.3) and the ring/transport bits we use.
+VIRTIO_BLK_F_SIZE_MAX = 1
+VIRTIO_BLK_F_SEG_MAX = 2
+VIRTIO_BLK_F_RO = 5
+VIRTIO_BLK_F_BLK_SIZE = 6
+VIRTIO_BLK_F_FLUSH = 9
+VIRTIO_BLK_F_TOPOLOGY = 10
+VIRTIO_BLK_F_MQ = 12
+VIRTIO_BLK_F_DISCARD = 13
+VIRTIO_BLK_F_WRITE_ZEROES = 14
+VIRTIO_RING_F_INDIRECT_DESC = 28
+VIRTIO_RING_F_EVENT_IDX = 29
+VIRTIO_F_VERSION_1 = 32
+
+SECTOR_SIZE = 512
+# Largest DISCARD / WRITE_ZEROES a single request may cover: 1 GiB.
+MAX_DISCARD_SECTORS = (1 << 30) // SECTOR_SIZE
+
+# capacity, size_max, seg_max, geometry(c,h,s), blk_size,
+# topology(physical_block_exp, alignment_offset, min_io_size, opt_io_size),
+# writeback, unused0, num_queues, max_discard_sectors, max_discard_seg,
+# discard_sector_alignment, max_write_zeroes_sectors, max_write_zeroes_seg,
+# write_zeroes_may_unmap, unused1[3], max_secure_erase_sectors,
+# max_secure_erase_seg, secure_erase_sector_alignment
+_LAYOUT = struct.Struct("<QIIHBBIBBHIBBHIIIIIB3xIII")
+CONFIG_SIZE = _LAYOUT.size
+
+
+@dataclasses.dataclass(frozen=True)
+class BlkConfigSpace:
+    capacity_sectors: int
+    seg_max: int
+    num_queues: int
+    blk_size: int = SECTOR_SIZE
+    max_discard_sectors: int = MAX_DISCARD_SECTORS
+    max_write_zeroes_sectors: int = MAX_DISCARD_SECTORS
+
+    def pack(self) -> bytes:
+        return _LAYOUT.pack(
+            self.capacity_sectors, 0, self.seg_max, 0, 0, 0, self.blk_size,
+            0, 0, 0, 0,            # topology: nothing to advertise for a file
+            0, 0, self.num_queues,
+            self.max_discard_sectors, 1, 1,
+            self.max_write_zeroes_sectors, 1, 1,
+            0, 0, 0)
+
+    def read(self, offset: int, size: int) -> bytes:
+        """GET_CONFIG: any window; bytes beyond the struct read as zero."""
+        data = self.pack()
+        window = data[offset:offset + size]
+        return window + bytes(size - len(window))
+
+
+def device_features(*, readonly: bool, num_queues: int) -> int:
+    bits = [VIRTIO_F_VERSION_1, VIRTIO_RING_F_INDIRECT_DESC, VIRTIO_RING_F_EVENT_IDX,
+            VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_FLUSH]
+    if num_queues > 1:
+        bits.append(VIRTIO_BLK_F_MQ)
+    if readonly:
+        bits.append(VIRTIO_BLK_F_RO)
+    else:  # a read-only disk has nothing to discard or zero
+        bits += [VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_WRITE_ZEROES]
+    return sum(1 << b for b in bits)

@@ -1,0 +1,308 @@
+"""Every Prometheus metric nitro exports, in one place.
+
+The counters live in C (per virtqueue, per device) and are read at scrape
+time: :class:`NitroCollector` calls ``statistics()`` on each device when
+Prometheus scrapes, in prometheus-client's HTTP thread, and turns the dicts
+into metric families. Nothing is incremented from Python on the data path.
+
+Names are ``nitro_<subsystem>_<noun>_<unit>``; label values that have a fixed
+vocabulary (``op``, ``error``) are all emitted, at 0 if need be, so that
+``rate()`` and alerts see a series from the first scrape. docs/metrics.md
+describes each metric with example PromQL.
+
+A device whose ``statistics()`` raises (or returns a malformed dict) is left
+out of that scrape and logged; the scrape itself still succeeds, and
+``nitro_metrics_collect_errors_total`` counts such failures.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import math
+import threading
+from typing import Any, Callable, Iterable, Iterator, Sequence
+
+from prometheus_client import start_http_server
+from prometheus_client.core import (
+    CollectorRegistry,
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.process_collector import ProcessCollector
+from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
+
+from . import __version__
+
+__all__ = [
+    "BLK_OPS",
+    "GUEST_ERRORS",
+    "NitroCollector",
+    "make_registry",
+    "parse_listen",
+    "start_metrics_server",
+]
+
+log = logging.getLogger(__name__)
+
+#: ``op`` label values of the nitro_blk_* metrics (keys of statistics()["ops"]).
+BLK_OPS = ("in", "out", "flush", "get_id", "discard", "write_zeroes", "unsupported")
+
+#: ``error`` label values of nitro_guest_errors_total (keys of a queue's "faults").
+GUEST_ERRORS = ("avail_idx", "desc_index", "desc_addr", "desc_loop", "indirect", "desc_order", "request")
+
+GetDevices = Callable[[], Iterable[Any]]
+
+
+class _Families:
+    """The metric families of one scrape, built fresh each time."""
+
+    def __init__(self) -> None:
+        dk = ["device", "kind"]
+        self.blk_requests = CounterMetricFamily(
+            "nitro_blk_requests", "virtio-blk requests completed, by request type.", labels=["device", "op"])
+        self.blk_bytes = CounterMetricFamily(
+            "nitro_blk_bytes", "Bytes transferred by virtio-blk requests, by request type.", labels=["device", "op"])
+        self.blk_errors = CounterMetricFamily(
+            "nitro_blk_request_errors",
+            "virtio-blk requests completed with a status other than VIRTIO_BLK_S_OK, by request type.",
+            labels=["device", "op"])
+        self.blk_inflight = GaugeMetricFamily(
+            "nitro_blk_inflight_requests", "virtio-blk requests taken from the ring and not yet completed.",
+            labels=["device"])
+        self.blk_duration = HistogramMetricFamily(
+            "nitro_blk_request_duration_seconds",
+            "Time from taking a virtio-blk request off the avail ring to publishing it on the used ring.",
+            labels=["device"])
+        self.blk_capacity = GaugeMetricFamily(
+            "nitro_blk_capacity_bytes", "Size of the virtio-blk device as presented to the guest.", labels=["device"])
+        self.vhost_connected = GaugeMetricFamily(
+            "nitro_vhost_connected", "1 while a vhost-user frontend (QEMU) is connected to the device socket.",
+            labels=dk)
+        self.vhost_connections = CounterMetricFamily(
+            "nitro_vhost_connections", "vhost-user frontends accepted on the device socket.", labels=dk)
+        self.vhost_protocol_errors = CounterMetricFamily(
+            "nitro_vhost_protocol_errors", "Malformed or out-of-order vhost-user messages from the frontend.",
+            labels=dk)
+        self.device_broken = GaugeMetricFamily(
+            "nitro_device_broken", "1 when the device stopped serving after a guest fault (until the frontend resets it).",
+            labels=dk)
+        self.guest_errors = CounterMetricFamily(
+            "nitro_guest_errors", "Guest driver faults detected on the virtqueues, by fault type (summed over queues).",
+            labels=["device", "kind", "error"])
+        self.vq_kicks = CounterMetricFamily(
+            "nitro_virtqueue_kicks", "Kick (available buffer) notifications received from the guest.",
+            labels=["device", "queue"])
+        self.vq_calls = CounterMetricFamily(
+            "nitro_virtqueue_calls", "Call (used buffer) notifications sent to the guest.", labels=["device", "queue"])
+        self.vq_chains = CounterMetricFamily(
+            "nitro_virtqueue_chains", "Descriptor chains processed.", labels=["device", "queue"])
+        self.device_info = GaugeMetricFamily(
+            "nitro_device_info", "Always 1; the labels describe a configured device.",
+            labels=["device", "kind", "socket", "readonly"])
+
+    def all(self) -> list[Metric]:
+        return list(vars(self).values())
+
+
+def _labels(*values: Any) -> list[str]:
+    return [str(v) for v in values]
+
+
+def _cumulative_buckets(per_bucket: Sequence[Sequence[float]]) -> tuple[list[tuple[str, float]], float]:
+    """Per-bucket counts [(upper_bound, n), ...] -> Prometheus cumulative
+    buckets [("0.001", n0), ("0.005", n0+n1), ..., ("+Inf", total)] and total."""
+    buckets: list[tuple[str, float]] = []
+    total = 0.0
+    previous = -math.inf
+    for bound, count in per_bucket:
+        bound = float(bound)
+        if not bound > previous:
+            raise ValueError(f"latency bucket bounds not increasing at {bound!r}")
+        if count < 0:
+            raise ValueError(f"negative latency bucket count {count!r}")
+        previous = bound
+        total += count
+        buckets.append((floatToGoString(bound), total))
+    if not buckets or previous != math.inf:
+        buckets.append(("+Inf", total))
+    return buckets, total
+
+
+def _add_device(f: _Families, stats: dict) -> None:
+    """Add one device's samples. Reads everything it needs before adding
+    anything, so a malformed dict raises without leaving half a device."""
+    dev = str(stats["id"])
+    kind = str(stats["kind"])
+    dk = _labels(dev, kind)
+    adds: list[tuple[Metric, list[str], float]] = [
+        (f.device_info, _labels(dev, kind, stats.get("socket", ""), str(bool(stats.get("readonly", False))).lower()), 1),
+        (f.vhost_connected, dk, 1 if stats["connected"] else 0),
+        (f.vhost_connections, dk, stats.get("connections", 0)),
+        (f.vhost_protocol_errors, dk, stats.get("protocol_errors", 0)),
+        (f.device_broken, dk, 1 if stats.get("broken") else 0),
+    ]
+
+    faults = dict.fromkeys(GUEST_ERRORS, 0)
+    for q in stats.get("queues", ()):
+        qlabel = _labels(dev, q["index"])
+        adds += [(f.vq_kicks, qlabel, q["kicks"]), (f.vq_calls, qlabel, q["calls"]), (f.vq_chains, qlabel, q["chains"])]
+        for name, n in q.get("faults", {}).items():
+            faults[name] = faults.get(name, 0) + n
+    adds += [(f.guest_errors, _labels(dev, kind, name), n) for name, n in faults.items()]
+
+    histogram = None
+    if kind == "blk":
+        ops = stats.get("ops", {})
+        for op in dict.fromkeys((*BLK_OPS, *ops)):
+            counts = ops.get(op, {})
+            oplabel = _labels(dev, op)
+            adds += [
+                (f.blk_requests, oplabel, counts.get("requests", 0)),
+                (f.blk_bytes, oplabel, counts.get("bytes", 0)),
+                (f.blk_errors, oplabel, counts.get("errors", 0)),
+            ]
+        adds.append((f.blk_inflight, [dev], stats.get("inflight", 0)))
+        if "capacity_bytes" in stats:
+            adds.append((f.blk_capacity, [dev], stats["capacity_bytes"]))
+        if "latency_buckets" in stats:
+            buckets, _ = _cumulative_buckets(stats["latency_buckets"])
+            histogram = (buckets, float(stats.get("latency_sum_seconds", 0.0)))
+
+    values = [(family, labels, float(value)) for family, labels, value in adds]  # raises on non-numbers
+    for family, labels, value in values:
+        family.add_metric(labels, value)
+    if histogram is not None:
+        f.blk_duration.add_metric([dev], histogram[0], histogram[1])
+
+
+class NitroCollector(Collector):
+    """Reads ``statistics()`` of every device from ``get_devices()`` at each
+    scrape. ``get_devices`` is called in the metrics HTTP thread; it should
+    return a snapshot (e.g. ``lambda: list(daemon.devices)``)."""
+
+    def __init__(self, get_devices: GetDevices, version: str = __version__) -> None:
+        self._get_devices = get_devices
+        self._version = version
+        self._lock = threading.Lock()  # scrapes may run concurrently (one thread per request)
+        self._collect_errors = 0
+        self._failing: dict[str, str] = {}  # device -> last error, to log each failure once
+
+    def _record_failure(self, key: str, what: str, exc: BaseException) -> None:
+        message = f"{type(exc).__name__}: {exc}"
+        with self._lock:
+            self._collect_errors += 1
+            first = self._failing.get(key) != message
+            self._failing[key] = message
+        # Once per distinct error, not every 15 s; the counter keeps the rate.
+        log.log(logging.WARNING if first else logging.DEBUG, "metrics: %s failed, skipped in this scrape",
+                what, exc_info=exc if first else None, extra={"fields": {"device": key, "error": message}})
+
+    def _record_success(self, key: str) -> None:
+        with self._lock:
+            if self._failing.pop(key, None) is not None:
+                log.info("metrics: statistics of %s readable again", key, extra={"fields": {"device": key}})
+
+    def collect(self) -> Iterator[Metric]:
+        families = _Families()
+        try:
+            devices = list(self._get_devices())
+        except Exception as exc:
+            self._record_failure("<devices>", "listing devices", exc)
+            devices = []
+        for index, device in enumerate(devices):
+            key = str(getattr(device, "id", None) or f"#{index}")
+            try:
+                stats = device.statistics()
+                key = str(stats.get("id", key)) if isinstance(stats, dict) else key
+                if not isinstance(stats, dict):
+                    raise TypeError(f"statistics() returned {type(stats).__name__}, not dict")
+                _add_device(families, stats)
+            except Exception as exc:
+                self._record_failure(key, f"statistics() of device {key}", exc)
+            else:
+                self._record_success(key)
+
+        yield from families.all()
+
+        info = GaugeMetricFamily("nitro_build_info", "Always 1; the version label is the running nitro.",
+                                 labels=["version"])
+        info.add_metric([self._version], 1)
+        yield info
+        with self._lock:
+            errors = self._collect_errors
+        yield CounterMetricFamily(
+            "nitro_metrics_collect_errors",
+            "Devices left out of a scrape because reading their statistics failed (see the logs).",
+            value=errors)
+
+
+def make_registry(get_devices: GetDevices, *, process_metrics: bool = True) -> CollectorRegistry:
+    """A private registry (not prometheus_client's global one) holding the
+    nitro collector and, by default, the standard ``process_*`` metrics."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(NitroCollector(get_devices))
+    if process_metrics:
+        ProcessCollector(registry=registry)
+    return registry
+
+
+def parse_listen(listen: str) -> tuple[str, int] | None:
+    """``"127.0.0.1:9180"`` -> ``("127.0.0.1", 9180)``; ``"[::1]:9180"`` ->
+    ``("::1", 9180)``; ``":9180"`` -> all IPv4 addresses; ``""`` -> None
+    (metrics disabled). Anything else raises ValueError saying what is wrong.
+    Port 0 picks a free port (tests)."""
+    if not isinstance(listen, str):
+        raise ValueError(f"metrics listen address must be a string like '127.0.0.1:9180', not {listen!r}")
+    text = listen.strip()
+    if not text:
+        return None
+    if text.startswith("["):
+        host, sep, port_text = text[1:].partition("]:")
+        if not sep:
+            raise ValueError(f"invalid metrics listen address {listen!r}: expected '[IPV6]:PORT', e.g. '[::1]:9180'")
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise ValueError(f"invalid metrics listen address {listen!r}: {host!r} is not an IPv6 address") from None
+    else:
+        host, sep, port_text = text.rpartition(":")
+        if not sep:
+            raise ValueError(f"invalid metrics listen address {listen!r}: expected 'HOST:PORT', e.g. '127.0.0.1:9180'")
+        if ":" in host:
+            raise ValueError(
+                f"invalid metrics listen address {listen!r}: put an IPv6 address in brackets, e.g. '[::1]:9180'")
+        host = host or "0.0.0.0"
+        if any(c.isspace() for c in host):
+            raise ValueError(f"invalid metrics listen address {listen!r}: host contains whitespace")
+    if not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+        raise ValueError(f"invalid metrics listen address {listen!r}: port {port_text!r} is not a number 0-65535")
+    return host, int(port_text)
+
+
+def start_metrics_server(listen: str, get_devices: GetDevices):
+    """Serve ``/metrics`` on ``listen`` (see :func:`parse_listen`) from a
+    private registry, in prometheus-client's own daemon thread.
+
+    Returns ``(server, thread)``, or None when ``listen`` is ``""``. Stop it
+    with ``server.shutdown(); server.server_close()``; ``server.server_port``
+    is the bound port. Raises ValueError for a malformed address and OSError
+    (with the address in the message) when it cannot bind.
+    """
+    parsed = parse_listen(listen)
+    if parsed is None:
+        return None
+    host, port = parsed
+    registry = make_registry(get_devices)
+    try:
+        started = start_http_server(port, addr=host, registry=registry)
+    except OSError as exc:
+        raise OSError(exc.errno, f"cannot serve metrics on {listen}: {exc.strerror or exc}") from exc
+    if started is None:  # prometheus-client < 0.17 returned nothing
+        raise RuntimeError("prometheus-client >= 0.17 is required (start_http_server must return the server)")
+    server, thread = started
+    log.info("metrics listening", extra={"fields": {"listen": listen, "port": server.server_port}})
+    return server, thread

@@ -1,0 +1,434 @@
+"""The generic vhost-user dispatcher: one handler per front-end request.
+
+Sans-IO: :meth:`VhostUserBackend.handle` takes a decoded
+:class:`~nitro.vhost.codec.Message` and returns the reply bytes (or None).
+The trio layer (``server.py``) owns the socket and the vring workers and
+follows "quiesce, apply, reconcile" for every message:
+
+1. stop the running vrings :meth:`~VhostUserBackend.affected_vrings` names,
+2. ``handle(message)`` and send the reply,
+3. start every vring whose ``should_run`` became true.
+
+REPLY_ACK (vhost-user.rst "VHOST_USER_PROTOCOL_F_REPLY_ACK") is handled
+here once: if it was negotiated and the request has NEED_REPLY set and no
+reply payload of its own, the answer is u64 0 on success, 1 on failure.
+
+Errors, and who closes the connection:
+
+* The codec's RemoteProtocolError: malformed bytes. The caller closes.
+* :class:`BackendError`: a well-formed request nitro refuses or cannot
+  apply (feature not offered, vring index out of range, ring size not a
+  power of two, ...). So is any ``nitro._datapath.DatapathError`` raised
+  while applying a request (an mmap that fails, ring addresses outside
+  guest memory). If the failure can be acknowledged (REPLY_ACK as above) it
+  is answered with u64 1, logged, and the session goes on: the front-end
+  decides (QEMU stops the device). Otherwise ``handle`` raises
+  BackendError (a RemoteProtocolError, hence a ProtocolError) and the caller
+  closes the connection: the front-end would never learn of the failure and
+  the device would silently not work.
+* GET_CONFIG failures are answered with an empty payload, as the spec's
+  GET_CONFIG section prescribes; the session goes on.
+
+Every fd a message carries is either kept (by a Vring) or closed before
+``handle`` returns, whatever the outcome.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any, Literal
+
+from nitro.vhost.codec import Message, RemoteProtocolError, close_fds, encode_reply
+from nitro.vhost.protocol import (
+    REQUESTS_WITH_REPLY,
+    U64,
+    VHOST_USER_F_PROTOCOL_FEATURES,
+    VHOST_VRING_F_LOG,
+    VRING_REQUESTS,
+    DeviceConfig,
+    ProtocolFeature,
+    Request,
+    VringState,
+)
+from nitro.vhost.vring import Vring
+
+log = logging.getLogger("nitro.vhost")
+
+MAX_MEM_SLOTS = 32  # NITRO_MAX_MEM_REGIONS (cffi_build/nitro.h): GET_MAX_MEM_SLOTS
+MAX_SPLIT_RING_BASE = 0xFFFF  # a split ring's last_avail_idx is 16 bits
+
+_PF = ProtocolFeature
+# The protocol features this dispatcher implements; a device's offer is
+# masked with it, so nothing is offered that would then be refused.
+SUPPORTED_PROTOCOL_FEATURES = (_PF.MQ | _PF.REPLY_ACK | _PF.CONFIG | _PF.RESET_DEVICE
+                               | _PF.CONFIGURE_MEM_SLOTS | _PF.STATUS)
+
+# Optional requests: the protocol feature gating each, and whether the spec
+# wants it negotiated (True) or only offered by the back-end (False).
+_GATES: dict[Request, tuple[ProtocolFeature, bool]] = {
+    Request.GET_QUEUE_NUM: (_PF.MQ, False),              # "set in queried protocol features"
+    Request.RESET_DEVICE: (_PF.RESET_DEVICE, False),     # "set by the back-end"
+    Request.GET_CONFIG: (_PF.CONFIG, True),
+    Request.SET_CONFIG: (_PF.CONFIG, True),
+    Request.GET_MAX_MEM_SLOTS: (_PF.CONFIGURE_MEM_SLOTS, True),
+    Request.ADD_MEM_REG: (_PF.CONFIGURE_MEM_SLOTS, True),
+    Request.REM_MEM_REG: (_PF.CONFIGURE_MEM_SLOTS, True),
+    Request.SET_STATUS: (_PF.STATUS, True),
+    Request.GET_STATUS: (_PF.STATUS, True),
+}
+
+_NO_LOGGING = "dirty page logging (live migration) is not supported"
+_NO_POSTCOPY = "postcopy migration (protocol feature PAGEFAULT) is not offered"
+_NO_INFLIGHT = "inflight I/O tracking (protocol feature INFLIGHT_SHMFD) is not offered"
+_UNSUPPORTED: dict[Request, str] = {
+    Request.SET_LOG_BASE: _NO_LOGGING,
+    Request.SET_LOG_FD: _NO_LOGGING,
+    Request.SEND_RARP: "protocol feature RARP is not offered",
+    Request.NET_SET_MTU: "protocol feature MTU is not offered",
+    Request.SET_BACKEND_REQ_FD: "protocol feature BACKEND_REQ is not offered",
+    Request.IOTLB_MSG: "no IOMMU support (VIRTIO_F_IOMMU_PLATFORM is not offered)",
+    Request.SET_VRING_ENDIAN: "protocol feature CROSS_ENDIAN is not offered",
+    Request.CREATE_CRYPTO_SESSION: "protocol feature CRYPTO_SESSION is not offered",
+    Request.CLOSE_CRYPTO_SESSION: "protocol feature CRYPTO_SESSION is not offered",
+    Request.POSTCOPY_ADVISE: _NO_POSTCOPY,
+    Request.POSTCOPY_LISTEN: _NO_POSTCOPY,
+    Request.POSTCOPY_END: _NO_POSTCOPY,
+    Request.GET_INFLIGHT_FD: _NO_INFLIGHT,
+    Request.SET_INFLIGHT_FD: _NO_INFLIGHT,
+    Request.GPU_SET_SOCKET: "not a GPU device",
+    Request.VRING_KICK: "protocol feature INBAND_NOTIFICATIONS is not offered",
+}
+
+# Requests that change what every ring sees (memory, features, reset).
+_STOPS_ALL = frozenset({Request.SET_MEM_TABLE, Request.ADD_MEM_REG, Request.REM_MEM_REG,
+                        Request.SET_FEATURES, Request.RESET_OWNER, Request.RESET_DEVICE})
+
+
+class BackendError(RemoteProtocolError):
+    """A well-formed request nitro refuses or cannot apply; the text names the
+    request and why. Raised by ``handle`` only when the failure cannot be
+    answered with REPLY_ACK: close the connection then."""
+
+
+def _datapath_memory() -> Any:
+    from nitro import _datapath  # lazily: the cffi extension may not be built
+
+    return _datapath.GuestMemory()
+
+
+def _datapath_errors() -> tuple[type[BaseException], ...]:
+    try:
+        from nitro import _datapath
+    except ImportError:
+        return ()
+    return (_datapath.DatapathError,)
+
+
+class VhostUserBackend:
+    """Dispatches one session's requests to ``device`` and its vrings.
+
+    ``memory_factory()`` builds an empty guest memory table (default
+    ``nitro._datapath.GuestMemory``), ``vq_factory(index)`` a C queue
+    (default ``nitro._datapath.Virtqueue``); ``datapath_errors`` are the
+    exception types treated as a failed request (default
+    ``(nitro._datapath.DatapathError,)``).
+    """
+
+    def __init__(self, device: Any, memory_factory: Callable[[], Any] | None = None, *,
+                 vq_factory: Callable[[int], Any] | None = None,
+                 datapath_errors: tuple[type[BaseException], ...] | None = None) -> None:
+        self.device = device
+        self._memory_factory = memory_factory or _datapath_memory
+        self._datapath_errors = _datapath_errors() if datapath_errors is None else datapath_errors
+        self.vrings: list[Vring] = [Vring(i, vq_factory=vq_factory)
+                                    for i in range(device.num_queues)]
+        self.memory: Any = None
+        self.owner = False
+        self.acked_features = 0
+        self.acked_protocol_features = ProtocolFeature(0)
+        self.status = 0
+
+    # -- what we offer ---------------------------------------------------------
+    @property
+    def offered_features(self) -> int:
+        """GET_FEATURES: the device's virtio bits plus VHOST_USER_F_PROTOCOL_FEATURES."""
+        return self.device.device_features | 1 << VHOST_USER_F_PROTOCOL_FEATURES
+
+    @property
+    def offered_protocol_features(self) -> ProtocolFeature:
+        return ProtocolFeature(self.device.protocol_features) & SUPPORTED_PROTOCOL_FEATURES
+
+    # -- the trio layer's entry points -------------------------------------------
+    def affected_vrings(self, message: Message) -> set[int] | Literal["all"]:
+        """Which running vrings must be stopped before ``message`` is applied."""
+        request = message.request
+        if request in _STOPS_ALL:
+            return "all"
+        if request is Request.SET_STATUS and message.payload.value == 0:
+            return "all"
+        if request in VRING_REQUESTS:
+            index = message.payload.index
+            if 0 <= index < len(self.vrings):
+                return {index}
+        return set()
+
+    def handle(self, message: Message) -> bytes | None:
+        """Apply one request; return the reply bytes to send, or None.
+        Raises BackendError when the request fails and REPLY_ACK cannot say so."""
+        try:
+            return self._reply(message, self._dispatch(message))
+        except self._datapath_errors as e:
+            return self._failed(message, BackendError(f"{message.request.name}: {e}"), e)
+        except BackendError as e:
+            return self._failed(message, e)
+        finally:
+            close_fds(message.fds)  # whatever no handler took
+            message.fds.clear()
+
+    def close(self) -> None:
+        """End of session: close every vring (fds, C queue) and unmap memory."""
+        for vring in self.vrings:
+            vring.close()
+        if self.memory is not None:
+            self.memory.close()
+            self.memory = None
+
+    # -- dispatch -------------------------------------------------------------------
+    def _dispatch(self, message: Message) -> object:
+        request = message.request
+        if request in _UNSUPPORTED:
+            raise BackendError(f"{request.name}: {_UNSUPPORTED[request]}")
+        self._check_gate(request)
+        return getattr(self, f"_handle_{request.name.lower()}")(message)
+
+    def _check_gate(self, request: Request) -> None:
+        gate = _GATES.get(request)
+        if gate is None:
+            return
+        feature, negotiated = gate
+        have = self.acked_protocol_features if negotiated else self.offered_protocol_features
+        if not have & feature:
+            word = "negotiated" if negotiated else "offered"
+            raise BackendError(f"{request.name}: protocol feature {feature.name} was not {word}")
+
+    def _wants_ack(self, message: Message) -> bool:
+        return bool(self.acked_protocol_features & _PF.REPLY_ACK and message.need_reply
+                    and message.request not in REQUESTS_WITH_REPLY)
+
+    def _reply(self, message: Message, result: object) -> bytes | None:
+        if result is not None:
+            return encode_reply(message.request, result)
+        return encode_reply(message.request, U64(0)) if self._wants_ack(message) else None
+
+    def _failed(self, message: Message, error: BackendError,
+                cause: BaseException | None = None) -> bytes:
+        if not self._wants_ack(message):
+            raise error from cause
+        log.warning("request failed; answered through REPLY_ACK",
+                    extra={"fields": {"request": message.request.name, "error": str(error)}})
+        return encode_reply(message.request, U64(1))
+
+    def _vring(self, request: Request, index: int) -> Vring:
+        if not 0 <= index < len(self.vrings):
+            raise BackendError(f"{request.name}: vring index {index} out of range "
+                               f"(the device has {len(self.vrings)} queues)")
+        return self.vrings[index]
+
+    def _device_call(self, request: Request, fn: Callable[..., Any], *args: Any) -> Any:
+        # Devices signal a front-end's bad argument (config offset...) with ValueError.
+        try:
+            return fn(*args)
+        except ValueError as e:
+            raise BackendError(f"{request.name}: {e}") from e
+
+    def _reset(self) -> None:
+        """Rings and device back to their initial state. Ownership, protocol
+        features and the memory table stay: the front-end does not send them
+        again (QEMU's CONFIGURE_MEM_SLOTS updates are relative to them)."""
+        for vring in self.vrings:
+            vring.reset()
+        self.acked_features = 0
+        self.status = 0
+        self.device.reset()
+
+    # -- features and session (spec: GET_FEATURES ... RESET_DEVICE) ---------------------
+    def _handle_get_features(self, m: Message) -> U64:
+        return U64(self.offered_features)
+
+    def _handle_set_features(self, m: Message) -> None:
+        """SET_FEATURES: a subset of what GET_FEATURES offered."""
+        features = m.payload.value
+        extra = features & ~self.offered_features
+        if extra:
+            raise BackendError(f"SET_FEATURES: feature bits 0x{extra:x} were not offered "
+                               f"(offered 0x{self.offered_features:x})")
+        virtio = features & ~(1 << VHOST_USER_F_PROTOCOL_FEATURES)
+        self._device_call(m.request, self.device.set_features, virtio)
+        self.acked_features = features
+        for vring in self.vrings:
+            vring.set_features(features)
+
+    def _handle_get_protocol_features(self, m: Message) -> U64:
+        return U64(int(self.offered_protocol_features))
+
+    def _handle_set_protocol_features(self, m: Message) -> None:
+        """Bits not offered are dropped, not refused."""
+        acked = ProtocolFeature(m.payload.value)
+        self.acked_protocol_features = acked & self.offered_protocol_features
+
+    def _handle_set_owner(self, m: Message) -> None:
+        self.owner = True
+
+    def _handle_reset_owner(self, m: Message) -> None:
+        """Deprecated; "use it to disable all rings". QEMU sends it in place of
+        RESET_DEVICE when that is not negotiated, so it resets the same way."""
+        self._reset()
+
+    def _handle_reset_device(self, m: Message) -> None:
+        """"disable all rings and reset all internal device state"."""
+        self._reset()
+
+    def _handle_get_queue_num(self, m: Message) -> U64:
+        return U64(self.device.num_queues)
+
+    # -- memory (SET_MEM_TABLE, GET_MAX_MEM_SLOTS, ADD_MEM_REG, REM_MEM_REG) --------------
+    def _handle_set_mem_table(self, m: Message) -> None:
+        """A new table from the regions and their fds (closed once mapped),
+        swapped into every ring; the old table is freed."""
+        memory = self._memory_factory()
+        try:
+            for region, fd in zip(m.payload.regions, m.fds):
+                memory.add_region(fd, region.guest_address, region.size,
+                                  region.user_address, region.mmap_offset)
+        except BaseException:
+            memory.close()
+            raise
+        old, self.memory = self.memory, memory
+        try:
+            self._remap_vrings(m.request)
+        finally:
+            if old is not None:
+                old.close()
+
+    def _handle_get_max_mem_slots(self, m: Message) -> U64:
+        return U64(MAX_MEM_SLOTS)
+
+    def _handle_add_mem_reg(self, m: Message) -> None:
+        r = m.payload
+        if self.memory is None:
+            self.memory = self._memory_factory()
+        if len(self.memory) >= MAX_MEM_SLOTS:
+            raise BackendError(f"ADD_MEM_REG: all {MAX_MEM_SLOTS} memory slots are in use")
+        self.memory.add_region(m.fds[0], r.guest_address, r.size, r.user_address, r.mmap_offset)
+        self._remap_vrings(m.request)
+
+    def _handle_rem_mem_reg(self, m: Message) -> None:
+        """The region is identified by guest address and size (mmap offset ignored)."""
+        r = m.payload
+        if self.memory is None:
+            raise BackendError("REM_MEM_REG: no memory region was added")
+        self.memory.remove_region(r.guest_address, r.size)
+        self._remap_vrings(m.request)
+
+    def _remap_vrings(self, request: Request) -> None:
+        """Point every ring at ``self.memory``; C translates the addresses again."""
+        failed = []
+        for vring in self.vrings:
+            try:
+                vring.set_mem(self.memory)
+            except self._datapath_errors as e:
+                failed.append(f"vring {vring.index}: {e}")
+        if failed:
+            raise BackendError(f"{request.name}: ring addresses no longer in guest memory: "
+                               + "; ".join(failed))
+
+    # -- vrings (SET_VRING_* and GET_VRING_BASE) ---------------------------------------
+    def _handle_set_vring_num(self, m: Message) -> None:
+        """Split ring size: a power of two up to the device's max_queue_size."""
+        state = m.payload
+        vring = self._vring(m.request, state.index)
+        num, limit = state.num, self.device.max_queue_size
+        if num == 0 or num & (num - 1) or num > limit:
+            raise BackendError(f"SET_VRING_NUM: vring {vring.index}: size {num} is not "
+                               f"a power of two from 1 to {limit}")
+        vring.set_num(num)
+
+    def _handle_set_vring_addr(self, m: Message) -> None:
+        addr = m.payload
+        vring = self._vring(m.request, addr.index)
+        where = f"SET_VRING_ADDR: vring {vring.index}"
+        if addr.flags & (1 << VHOST_VRING_F_LOG):
+            raise BackendError(f"{where}: VHOST_VRING_F_LOG set; {_NO_LOGGING}")
+        if self.memory is None:
+            raise BackendError(f"{where}: no memory table yet (SET_MEM_TABLE first)")
+        if not vring.num:
+            raise BackendError(f"{where}: ring size unknown (SET_VRING_NUM first)")
+        vring.set_addr(addr, self.memory)
+
+    def _handle_set_vring_base(self, m: Message) -> None:
+        state = m.payload
+        vring = self._vring(m.request, state.index)
+        if state.num > MAX_SPLIT_RING_BASE:
+            raise BackendError(f"SET_VRING_BASE: vring {vring.index}: base {state.num} "
+                               f"does not fit a split ring's 16-bit index")
+        vring.base = state.num
+
+    def _handle_get_vring_base(self, m: Message) -> VringState:
+        """Stops the ring ("Ring states") and returns where it stopped."""
+        vring = self._vring(m.request, m.payload.index)
+        vring.stop()
+        return VringState(vring.index, vring.base)
+
+    def _handle_set_vring_kick(self, m: Message) -> None:
+        vring = self._vring(m.request, m.payload.index)
+        if m.payload.invalid:
+            raise BackendError(f"SET_VRING_KICK: vring {vring.index}: no kick fd; "
+                               f"polling the ring is not supported")
+        vring.set_kick(m.fds.pop())
+
+    def _handle_set_vring_call(self, m: Message) -> None:
+        vring = self._vring(m.request, m.payload.index)
+        vring.set_call(m.fds.pop() if m.fds else None)
+
+    def _handle_set_vring_err(self, m: Message) -> None:
+        vring = self._vring(m.request, m.payload.index)
+        vring.set_err(m.fds.pop() if m.fds else None)
+
+    def _handle_set_vring_enable(self, m: Message) -> None:
+        state = m.payload
+        vring = self._vring(m.request, state.index)
+        if state.num not in (0, 1):
+            raise BackendError(f"SET_VRING_ENABLE: vring {vring.index}: "
+                               f"{state.num} is neither 0 nor 1")
+        vring.set_enabled(bool(state.num))
+
+    # -- config space and status ------------------------------------------------------------
+    def _handle_get_config(self, m: Message) -> DeviceConfig | bytes:
+        """An empty payload tells the front-end the read failed (spec GET_CONFIG)."""
+        c = m.payload
+        try:
+            data = bytes(self.device.get_config(c.offset, c.size))
+        except ValueError as e:
+            log.warning("GET_CONFIG failed", extra={"fields": {"error": str(e)}})
+            return b""
+        if len(data) != c.size:
+            return b""
+        return DeviceConfig(c.offset, c.size, c.flags, data)
+
+    def _handle_set_config(self, m: Message) -> None:
+        """The device decides which fields are writable (it may ignore writes)."""
+        c = m.payload
+        self._device_call(m.request, self.device.set_config, c.offset, c.payload)
+
+    def _handle_set_status(self, m: Message) -> None:
+        """The virtio device status byte; 0 resets the device (virtio 1.2 2.1)."""
+        status = m.payload.value
+        if status > 0xFF:
+            raise BackendError(f"SET_STATUS: status 0x{status:x} does not fit the 8-bit field")
+        if status == 0:
+            self._reset()
+        self.status = status
+
+    def _handle_get_status(self, m: Message) -> U64:
+        return U64(self.status)

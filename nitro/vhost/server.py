@@ -1,0 +1,301 @@
+"""The trio layer of vhost-user: the only code that touches the socket.
+
+One VhostUserServer per device socket. It accepts one frontend at a time
+(vhost-user is one front-end to one back-end), reads exactly one message at
+a time so SCM_RIGHTS fds can never be attributed to the wrong message, feeds
+the sans-IO codec and dispatcher, and runs one worker task per started vring.
+
+Before applying a message that changes a running vring (or the memory table
+under all of them) the affected workers are stopped and awaited: C never
+sees a ring or mapping change under its feet. After the message, vrings
+whose `should_run` became true are started ("quiesce, apply, reconcile").
+"""
+
+from __future__ import annotations
+
+import array
+import errno
+import logging
+import os
+import socket
+from pathlib import Path
+
+import trio
+
+from nitro import _datapath
+from nitro.log import log_event
+from nitro.vhost.backend import VhostUserBackend
+from nitro.vhost.codec import NEED_DATA, FrontendConnection, ProtocolError
+from nitro.vhost.protocol import MAX_PAYLOAD_SIZE
+
+log = logging.getLogger("nitro.vhost")
+
+HEADER_SIZE = 12
+MAX_FDS = 32           # SET_MEM_TABLE carries at most 8; be generous, then check
+IDLE_MS = 200          # C keeps polling a quiet queue this long before returning
+
+
+class VringWorker:
+    """One trio task serving one vring through its C loop."""
+
+    def __init__(self, vring) -> None:
+        self.vring = vring
+        self.cancel_scope = trio.CancelScope()
+        self.done = trio.Event()
+
+
+class VhostUserServer:
+    def __init__(self, device, socket_path: Path, *, device_id: str) -> None:
+        self.device = device
+        self.socket_path = Path(socket_path)
+        self.device_id = device_id
+        self.connected = False
+        self.connections = 0
+        self.protocol_errors = 0
+        self.broken: str | None = None
+        self._backend: VhostUserBackend | None = None
+        self._workers: dict[int, VringWorker] = {}
+        # Queue counters of past sessions, so counters stay monotonic across
+        # reconnects (each session gets fresh C queues).
+        self._retired: dict[int, dict] = {}
+        self._accepting = True
+        self._listener: trio.socket.SocketType | None = None
+
+    # -- lifecycle ---------------------------------------------------------
+    async def serve(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        self._listener = await self._listen()
+        task_status.started()
+        try:
+            while self._accepting:
+                conn, _ = await self._listener.accept()
+                with conn:
+                    try:
+                        await self._run_session(conn)
+                    except Exception:
+                        # A bug must cost this session, not the daemon and
+                        # every other guest on it.
+                        log.exception("session failed", extra={"fields": {"device": self.device_id}})
+        finally:
+            self._listener.close()
+
+    async def _listen(self) -> trio.socket.SocketType:
+        self.socket_path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self.socket_path.unlink()  # a stale socket from a previous run
+        except FileNotFoundError:
+            pass
+        sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        await sock.bind(str(self.socket_path))
+        os.chmod(self.socket_path, 0o660)
+        sock.listen(1)
+        return sock
+
+    def stop_accepting(self) -> None:
+        """No new frontend and no new vring worker from now on (drain)."""
+        self._accepting = False
+
+    async def stop_all_workers(self) -> None:
+        await self._stop_workers(list(self._workers))
+
+    # -- one frontend ------------------------------------------------------
+    async def _run_session(self, conn) -> None:
+        self.connections += 1
+        self.connected = True
+        self.broken = None
+        backend = VhostUserBackend(self.device)
+        self._backend = backend
+        codec = FrontendConnection()
+        fields = {"device": self.device_id}
+        log_event(log, logging.INFO, "frontend connected", **fields)
+        try:
+            async with trio.open_nursery() as nursery:
+                try:
+                    await self._message_loop(conn, codec, backend, nursery)
+                except ProtocolError as e:
+                    self.protocol_errors += 1
+                    log_event(log, logging.WARNING, "frontend protocol error; disconnecting",
+                              error=str(e), **fields)
+                except OSError as e:
+                    log_event(log, logging.WARNING, "frontend socket error",
+                              error=str(e), **fields)
+                finally:
+                    # Shielded: on shutdown we are cancelled, yet the C loops
+                    # must still finish their batch before memory is unmapped.
+                    with trio.CancelScope(shield=True):
+                        await self.stop_all_workers()
+                    nursery.cancel_scope.cancel()
+        finally:
+            self.connected = False
+            self._backend = None
+            self._retire(backend)
+            backend.close()
+            self.device.reset()
+            log_event(log, logging.INFO, "frontend disconnected", **fields)
+
+    async def _message_loop(self, conn, codec, backend, nursery) -> None:
+        while True:
+            got = await _recv_message(conn)
+            if got is None:
+                return  # EOF: QEMU exited or the guest went away
+            data, fds = got
+            codec.receive_data(data, fds)
+            while (msg := codec.next_event()) is not NEED_DATA:
+                affected = backend.affected_vrings(msg)
+                await self._stop_workers(
+                    list(self._workers) if affected == "all" else list(affected))
+                reply = backend.handle(msg)
+                if reply:
+                    await _send_all(conn, reply)
+                self._reconcile(backend, nursery)
+
+    # -- vring workers -----------------------------------------------------
+    def _reconcile(self, backend, nursery) -> None:
+        if self.broken or not self._accepting:
+            return
+        for vring in backend.vrings:
+            if vring.should_run and vring.index not in self._workers:
+                worker = VringWorker(vring)
+                self._workers[vring.index] = worker
+                nursery.start_soon(self._run_worker, worker, nursery)
+
+    async def _stop_workers(self, indexes: list[int]) -> None:
+        for i in indexes:
+            worker = self._workers.get(i)
+            if worker is None:
+                continue
+            worker.vring.vq.stop()       # wakes the C loop out of poll()
+            worker.cancel_scope.cancel()  # wakes trio out of wait_readable()
+            await worker.done.wait()
+            # Drain and session teardown may both stop the same worker.
+            if self._workers.get(i) is worker:
+                worker.vring.vq.clear_stop()
+                del self._workers[i]
+
+    async def _run_worker(self, worker: VringWorker, nursery) -> None:
+        vring = worker.vring
+        try:
+            with worker.cancel_scope:
+                while True:
+                    # Serve first: chains may be pending from before this start.
+                    await trio.to_thread.run_sync(
+                        self.device.serve_vring_blocking, vring, IDLE_MS)
+                    await trio.lowlevel.wait_readable(vring.kick_fd)
+        except _datapath.GuestFault as e:
+            self._mark_broken(vring, e.kind, nursery)
+        except _datapath.DatapathError as e:
+            self._mark_broken(vring, f"host:{e}", nursery)
+        finally:
+            worker.done.set()
+
+    def _mark_broken(self, vring, kind: str, nursery) -> None:
+        """A guest fault breaks the device (not the daemon): stop every queue
+        until the frontend resets or reconnects."""
+        self.broken = kind
+        vring.broken = kind
+        log_event(log, logging.ERROR, "guest broke the device; queues stopped",
+                  device=self.device_id, queue=vring.index, fault=kind)
+        others = [i for i in self._workers if i != vring.index]
+        nursery.start_soon(self._stop_workers, others)
+
+    # -- observation -------------------------------------------------------
+    def _retire(self, backend) -> None:
+        for v in backend.vrings:
+            self._retired[v.index] = _add_queue_stats(self._retired.get(v.index), v.vq.stats())
+
+    def statistics(self) -> dict:
+        stats = self.device.statistics()
+        backend = self._backend
+        live = {v.index: v for v in backend.vrings} if backend is not None else {}
+        queues = []
+        for index in sorted(set(live) | set(self._retired)):
+            v = live.get(index)
+            q = _add_queue_stats(self._retired.get(index), v.vq.stats() if v else None)
+            queues.append({"index": index, "enabled": bool(v and v.enabled),
+                           "running": index in self._workers, **q})
+        stats.update({
+            "id": self.device_id,
+            "socket": str(self.socket_path),
+            "connected": self.connected,
+            "broken": self.broken,
+            "features": backend.acked_features if backend else 0,
+            "protocol_features": backend.acked_protocol_features if backend else 0,
+            "queues": queues,
+            "protocol_errors": self.protocol_errors,
+            "connections": self.connections,
+        })
+        return stats
+
+
+def _add_queue_stats(a: dict | None, b: dict | None) -> dict:
+    zero = {"kicks": 0, "calls": 0, "chains": 0, "faults": {}}
+    a, b = a or zero, b or zero
+    faults = dict(a["faults"])
+    for k, n in b["faults"].items():
+        faults[k] = faults.get(k, 0) + n
+    return {"kicks": a["kicks"] + b["kicks"], "calls": a["calls"] + b["calls"],
+            "chains": a["chains"] + b["chains"], "faults": faults}
+
+
+async def _recv_message(conn) -> tuple[bytes, list[int]] | None:
+    """Read one whole vhost-user message and the fds sent with it."""
+    header, fds = await _recv_exact(conn, HEADER_SIZE, with_fds=True)
+    if header is None:
+        return None
+    size = int.from_bytes(header[8:12], "little")
+    if size > MAX_PAYLOAD_SIZE:
+        # Hand the codec the header alone: it rejects the size at once
+        # instead of us waiting for gigabytes that will never come.
+        return header, fds
+    payload = b""
+    if size:
+        payload, _ = await _recv_exact(conn, size, with_fds=False)
+        if payload is None:
+            _close_all(fds)
+            return None
+    return header + payload, fds
+
+
+async def _recv_exact(conn, n: int, *, with_fds: bool):
+    buf = bytearray()
+    fds: list[int] = []
+    while len(buf) < n:
+        anc = socket.CMSG_SPACE(MAX_FDS * 4) if with_fds and not buf else 0
+        try:
+            data, ancdata, _flags, _ = await conn.recvmsg(n - len(buf), anc, socket.MSG_CMSG_CLOEXEC)
+        except OSError as e:
+            if e.errno == errno.ECONNRESET:
+                data, ancdata = b"", []
+            else:
+                _close_all(fds)
+                raise
+        fds += _fds_from(ancdata)
+        if not data:
+            _close_all(fds)
+            return None, []
+        buf += data
+    return bytes(buf), fds
+
+
+async def _send_all(conn, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        sent = await conn.send(view)
+        view = view[sent:]
+
+
+def _fds_from(ancdata) -> list[int]:
+    fds: list[int] = []
+    for level, kind, data in ancdata:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            arr = array.array("i")
+            arr.frombytes(data[: len(data) - len(data) % arr.itemsize])
+            fds += list(arr)
+    return fds
+
+
+def _close_all(fds: list[int]) -> None:
+    for fd in fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass

@@ -1,0 +1,188 @@
+"""Shared pytest fixtures.
+
+Guest fixtures (used by tests/system):
+  guest_cache_dir      where initramfs images are cached ($NITRO_GUEST_CACHE
+                       or <repo>/build/guest)
+  build_guest_image    factory: build_guest_image(fio=False, cryptsetup=False)
+  guest_image          busybox + virtio/fw_cfg/ext4/vfat modules
+  guest_image_fio      ... + fio
+  guest_image_crypt    ... + cryptsetup and dm-crypt modules
+  short_tmp_path       a short temporary directory for unix sockets
+  qemu_storage_daemon  factory: start qemu-storage-daemon serving an image
+                       over vhost-user-blk; stopped at teardown
+  start_guest          factory: start_guest(image, script, **run_guest options)
+                       -> a started GuestProcess, killed at teardown
+
+Nothing here skips: a missing QEMU, kernel or busybox makes the test fail
+with a message naming the package to install.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.guest.build import GuestImage, build_initramfs
+from tests.guest.qemu import GuestProcess
+
+REPO = Path(__file__).resolve().parent.parent
+QSD = "qemu-storage-daemon"
+
+
+@pytest.fixture(scope="session")
+def guest_cache_dir() -> Path:
+    return Path(os.environ.get("NITRO_GUEST_CACHE", REPO / "build" / "guest"))
+
+
+@pytest.fixture(scope="session")
+def build_guest_image(guest_cache_dir: Path) -> Callable[..., GuestImage]:
+    """Factory: build_guest_image(fio=False, cryptsetup=False) -> GuestImage (cached)."""
+    built: dict[tuple[bool, bool], GuestImage] = {}
+
+    def build(*, fio: bool = False, cryptsetup: bool = False) -> GuestImage:
+        key = (fio, cryptsetup)
+        if key not in built:
+            built[key] = build_initramfs(guest_cache_dir, fio=fio, cryptsetup=cryptsetup)
+        return built[key]
+
+    return build
+
+
+@pytest.fixture(scope="session")
+def guest_image(build_guest_image: Callable[..., GuestImage]) -> GuestImage:
+    return build_guest_image()
+
+
+@pytest.fixture(scope="session")
+def guest_image_fio(build_guest_image: Callable[..., GuestImage]) -> GuestImage:
+    return build_guest_image(fio=True)
+
+
+@pytest.fixture(scope="session")
+def guest_image_crypt(build_guest_image: Callable[..., GuestImage]) -> GuestImage:
+    return build_guest_image(cryptsetup=True)
+
+
+@pytest.fixture
+def short_tmp_path() -> Iterator[Path]:
+    """A temporary directory with a short path: unix socket paths max out at 107 bytes."""
+    path = Path(tempfile.mkdtemp(prefix="nitro-", dir="/tmp"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@dataclasses.dataclass
+class StorageDaemon:
+    """A running qemu-storage-daemon exporting one image as vhost-user-blk."""
+
+    image: Path
+    socket: Path
+    num_queues: int
+    writable: bool
+    process: subprocess.Popen
+    log: Path
+
+    def running(self) -> bool:
+        return self.process.poll() is None
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace") if self.log.exists() else ""
+
+    def stop(self, timeout: float = 10.0) -> int:
+        """SIGTERM (a clean exit flushes the image), SIGKILL after `timeout`; returns the exit code."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        return self.process.returncode
+
+
+def start_storage_daemon(
+    image: Path,
+    socket: Path,
+    *,
+    num_queues: int = 1,
+    writable: bool = True,
+    startup_timeout: float = 10.0,
+) -> StorageDaemon:
+    """Start qemu-storage-daemon serving `image` (raw) at unix socket `socket`."""
+    if shutil.which(QSD) is None:
+        raise RuntimeError(f"{QSD} not found: apt-get install qemu-system-x86 (or qemu-utils)")
+    socket.unlink(missing_ok=True)
+    log = socket.with_name(socket.name + ".log")
+    argv = [
+        QSD,
+        "--blockdev", f"driver=file,node-name=file0,filename={image}",
+        "--blockdev", "driver=raw,node-name=disk0,file=file0",
+        "--export",
+        "type=vhost-user-blk,id=exp0,node-name=disk0,addr.type=unix,"
+        f"addr.path={socket},writable={'on' if writable else 'off'},num-queues={num_queues}",
+    ]  # fmt: skip
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT)
+    daemon = StorageDaemon(Path(image), socket, num_queues, writable, proc, log)
+    deadline = time.monotonic() + startup_timeout
+    while not socket.exists():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            daemon.stop()
+            raise RuntimeError(f"{QSD} did not create {socket}: exit={proc.returncode}\n{daemon.output()}")
+        time.sleep(0.02)
+    return daemon
+
+
+@pytest.fixture
+def qemu_storage_daemon(short_tmp_path: Path) -> Iterator[Callable[..., StorageDaemon]]:
+    """Factory: qemu_storage_daemon(image, num_queues=1, writable=True, socket=None) -> StorageDaemon.
+
+    The reference vhost-user-blk backend. The socket defaults to a fresh path
+    in `short_tmp_path`; every daemon started is stopped at teardown.
+    """
+    daemons: list[StorageDaemon] = []
+
+    def start(
+        image: Path | str,
+        *,
+        num_queues: int = 1,
+        writable: bool = True,
+        socket: Path | str | None = None,
+    ) -> StorageDaemon:
+        sock = Path(socket) if socket is not None else short_tmp_path / f"qsd{len(daemons)}.sock"
+        daemon = start_storage_daemon(Path(image), sock, num_queues=num_queues, writable=writable)
+        daemons.append(daemon)
+        return daemon
+
+    yield start
+    for daemon in daemons:
+        daemon.stop()
+
+
+@pytest.fixture
+def start_guest() -> Iterator[Callable[..., GuestProcess]]:
+    """Factory: start_guest(image, script, **options) -> a started GuestProcess.
+
+    Options are run_guest's (blk_sockets, net_sockets, plain_disk, cpus, ...)
+    except timeout: bound each wait instead. Guests still running at teardown
+    are killed, so a failing test leaves no QEMU behind.
+    """
+    guests: list[GuestProcess] = []
+
+    def start(image: GuestImage, script: str, **options) -> GuestProcess:
+        guest = GuestProcess(image, script, **options)
+        guests.append(guest)
+        return guest.start()
+
+    yield start
+    for guest in guests:
+        guest.kill()

@@ -1,0 +1,1 @@
+"""Test guest: initramfs builder (build.py) and QEMU runner (qemu.py)."""

@@ -1,0 +1,251 @@
+"""The real daemon (`python -m nitro run`) on temporary sockets, driven by a
+real vhost-user front-end over the real socket: data, config, hostile
+messages and hostile descriptor chains, metrics, status, SIGTERM."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from nitro.vhost.protocol import Request, VringFd
+from tests.integration.frontend import (
+    DESC, F_NEXT, F_WRITE, GPA_BASE, T_DISCARD, T_FLUSH, T_GET_ID, T_IN, T_OUT, Frontend)
+
+pytestmark = pytest.mark.integration
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Nitro:
+    def __init__(self, tmp: Path, config: str) -> None:
+        self.tmp = tmp
+        self.port = _free_port()
+        self.cfg = tmp / "nitro.toml"
+        self.cfg.write_text(f'[metrics]\nlisten = "127.0.0.1:{self.port}"\n' + config)
+        self.log = open(tmp / "nitro.log", "w+")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "nitro", "run", "--config", str(self.cfg),
+             "--runtime-dir", str(tmp), "--state-dir", str(tmp)],
+            cwd=REPO, stderr=self.log)
+        deadline = time.monotonic() + 20
+        while not (tmp / "control.sock").exists():
+            assert self.proc.poll() is None, self.stderr()
+            assert time.monotonic() < deadline, "nitro did not start: " + self.stderr()
+            time.sleep(0.05)
+
+    def stderr(self) -> str:
+        self.log.flush()
+        return (self.tmp / "nitro.log").read_text()
+
+    def metrics(self) -> str:
+        return urllib.request.urlopen(f"http://127.0.0.1:{self.port}/metrics", timeout=5).read().decode()
+
+    def status(self) -> str:
+        return subprocess.run(
+            [sys.executable, "-m", "nitro", "status", "--control", str(self.tmp / "control.sock")],
+            cwd=REPO, capture_output=True, text=True, check=True).stdout
+
+    def stop(self) -> int:
+        self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(30)
+
+
+@pytest.fixture
+def nitro(short_tmp_path):
+    started = []
+
+    def start(config: str) -> Nitro:
+        n = Nitro(short_tmp_path, config)
+        started.append(n)
+        return n
+
+    yield start
+    for n in started:
+        if n.proc.poll() is None:
+            n.proc.kill()
+            n.proc.wait()
+        n.log.close()
+
+
+TWO_DEVICES = """
+[[blk]]
+id = "a"
+size = "64M"
+[[blk]]
+id = "b"
+size = "64M"
+"""
+
+
+def test_read_write_flush_getid_discard(nitro, short_tmp_path):
+    n = nitro(TWO_DEVICES)
+    with Frontend(short_tmp_path / "a.sock") as fe:
+        features = fe.start()
+        assert features >> 32 & 1  # VERSION_1
+        cfg = fe.get_config()
+        assert struct.unpack_from("<Q", cfg, 0)[0] == (64 << 20) // 512
+        payload = os.urandom(64 << 10)
+        assert fe.blk_request(T_OUT, 2048, data=payload)[0] == 0
+        status, got = fe.blk_request(T_IN, 2048, read_len=len(payload))
+        assert status == 0 and got == payload
+        assert fe.blk_request(T_FLUSH, 0)[0] == 0
+        status, ident = fe.blk_request(T_GET_ID, 0, read_len=20)
+        assert status == 0 and ident.rstrip(b"\0") == b"a"
+        # Out of range: IOERR, and the device keeps serving.
+        assert fe.blk_request(T_IN, (64 << 20) // 512, read_len=512)[0] == 1
+        seg = struct.pack("<QII", 2048, 8, 0)
+        assert fe.blk_request(T_DISCARD, 0, data=seg)[0] == 0
+        assert fe.blk_request(T_IN, 2048, read_len=512)[1] == bytes(512)
+    assert n.stop() == 0
+    image = (short_tmp_path / "a.img").read_bytes()
+    assert image[2048 * 512 + 65536 - 4096: 2048 * 512 + 65536] == payload[-4096:]
+    assert image[2048 * 512: 2048 * 512 + 512] == bytes(512)
+
+
+def test_garbage_message_drops_only_that_connection(nitro, short_tmp_path):
+    n = nitro(TWO_DEVICES)
+    with socket.socket(socket.AF_UNIX) as s:
+        s.connect(str(short_tmp_path / "a.sock"))
+        s.sendall(struct.pack("<III", 0xDEAD, 0x1, 8) + b"\0" * 8)  # unknown request
+        s.settimeout(5)
+        assert s.recv(100) == b""  # the daemon hung up on us
+    with socket.socket(socket.AF_UNIX) as s:  # a payload far too large
+        s.connect(str(short_tmp_path / "a.sock"))
+        s.sendall(struct.pack("<III", int(Request.GET_FEATURES), 0x1, 1 << 30))
+        s.settimeout(5)
+        assert s.recv(100) == b""
+    with Frontend(short_tmp_path / "a.sock") as fe:  # the socket still serves
+        fe.start()
+        assert fe.blk_request(T_OUT, 0, data=b"x" * 512)[0] == 0
+    m = n.metrics()
+    assert 'nitro_vhost_protocol_errors_total{device="a",kind="blk"} 2.0' in m
+    assert n.proc.poll() is None
+    assert n.stop() == 0
+
+
+def _hostile_loop(fe: Frontend) -> None:
+    fe.write_desc(0, GPA_BASE + 0x10000, 16, F_NEXT, 1)
+    fe.write_desc(1, GPA_BASE + 0x11000, 512, F_NEXT, 0)  # back to 0
+    fe.publish(0)
+
+
+def _hostile_wild_address(fe: Frontend) -> None:
+    fe.write_desc(0, 0xFFFF_FFFF_0000, 16, F_NEXT, 1)
+    fe.write_desc(1, GPA_BASE + 0x11000, 1, F_WRITE)
+    fe.publish(0)
+
+
+def _hostile_bad_next(fe: Frontend) -> None:
+    fe.write_desc(0, GPA_BASE + 0x10000, 16, F_NEXT, 999)
+    fe.publish(0)
+
+
+def _hostile_avail_jump(fe: Frontend) -> None:
+    fe.set_avail_idx(fe.num + 5)
+    os.eventfd_write(fe.kick, 1)
+
+
+@pytest.mark.parametrize("attack, fault", [
+    (_hostile_loop, "desc_loop"),
+    (_hostile_wild_address, "desc_addr"),
+    (_hostile_bad_next, "desc_index"),
+    (_hostile_avail_jump, "avail_idx"),
+])
+def test_hostile_chain_breaks_only_its_device(nitro, short_tmp_path, attack, fault):
+    n = nitro(TWO_DEVICES)
+    with Frontend(short_tmp_path / "b.sock") as good:
+        good.start()
+        with Frontend(short_tmp_path / "a.sock") as evil:
+            evil.start()
+            attack(evil)
+            want = f'nitro_guest_errors_total{{device="a",error="{fault}",kind="blk"}} 1.0'
+            deadline = time.monotonic() + 10
+            while want not in n.metrics():
+                assert time.monotonic() < deadline, n.metrics()
+                time.sleep(0.1)
+            assert 'nitro_device_broken{device="a",kind="blk"} 1.0' in n.metrics()
+            assert f"BROKEN ({fault})" in n.status()
+            # The other device on the same daemon is untouched.
+            assert good.blk_request(T_OUT, 8, data=b"g" * 4096)[0] == 0
+        # A new frontend (guest reboot, QEMU restart) gets a working device.
+        with Frontend(short_tmp_path / "a.sock") as fresh:
+            fresh.start()
+            assert fresh.blk_request(T_OUT, 0, data=b"y" * 512)[0] == 0
+    # Counters survive the reconnect; the broken flag does not.
+    assert want in n.metrics()
+    assert 'nitro_device_broken{device="a",kind="blk"} 0.0' in n.metrics()
+    assert n.stop() == 0
+
+
+def test_readonly_device_rejects_writes(nitro, short_tmp_path):
+    (short_tmp_path / "ro.img").write_bytes(b"r" * (1 << 20))
+    n = nitro('[[blk]]\nid = "ro"\nreadonly = true\n')
+    with Frontend(short_tmp_path / "ro.sock") as fe:
+        features = fe.start()
+        assert features >> 5 & 1  # VIRTIO_BLK_F_RO
+        assert fe.blk_request(T_OUT, 0, data=b"w" * 512)[0] == 1
+        assert fe.blk_request(T_IN, 0, read_len=512)[1] == b"r" * 512
+    assert n.stop() == 0
+    assert (short_tmp_path / "ro.img").read_bytes() == b"r" * (1 << 20)
+
+
+def test_get_vring_base_and_reconnect_resume(nitro, short_tmp_path):
+    n = nitro(TWO_DEVICES)
+    with Frontend(short_tmp_path / "a.sock") as fe:
+        fe.start()
+        for i in range(3):
+            assert fe.blk_request(T_OUT, i, data=bytes([i]) * 512)[0] == 0
+        assert fe.get_vring_base() == 3
+    assert n.proc.poll() is None
+    assert "connections 1" in n.status() or '"connections": 1' in n.status()
+    assert n.stop() == 0
+
+
+def test_bad_config_exits_2_with_one_line(short_tmp_path):
+    cfg = short_tmp_path / "bad.toml"
+    cfg.write_text('[[blk]]\nid = "x"\nqueues = 99\n')
+    r = subprocess.run([sys.executable, "-m", "nitro", "run", "--config", str(cfg)],
+                       cwd=REPO, capture_output=True, text=True, timeout=30)
+    assert r.returncode == 2
+    assert r.stderr.strip() == (
+        f"nitro: error: config {cfg}: blk[0].queues: expected an integer in 1..16, got 99")
+
+
+def test_missing_image_fails_before_listening(short_tmp_path):
+    cfg = short_tmp_path / "c.toml"
+    cfg.write_text('[metrics]\nlisten = ""\n[[blk]]\nid = "x"\n')
+    r = subprocess.run([sys.executable, "-m", "nitro", "run", "--config", str(cfg),
+                        "--runtime-dir", str(short_tmp_path), "--state-dir", str(short_tmp_path)],
+                       cwd=REPO, capture_output=True, text=True, timeout=30)
+    assert r.returncode == 1 and "device x:" in r.stderr and "cannot open" in r.stderr
+    assert not (short_tmp_path / "x.sock").exists()
+
+
+def test_print_capabilities():
+    r = subprocess.run([sys.executable, "-m", "nitro", "--print-capabilities"],
+                       cwd=REPO, capture_output=True, text=True, timeout=30, check=True)
+    assert r.stdout.strip() == '{"type": "block", "features": []}'
+
+
+def test_kick_without_fd_is_refused(nitro, short_tmp_path):
+    n = nitro(TWO_DEVICES)
+    with Frontend(short_tmp_path / "a.sock") as fe:
+        fe.call_u64(Request.GET_FEATURES)
+        fe.send(Request.SET_VRING_KICK, VringFd(0, invalid=True))
+        fe.sock.settimeout(5)
+        assert fe.sock.recv(1) == b""
+    assert n.proc.poll() is None and n.stop() == 0

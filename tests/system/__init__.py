@@ -1,0 +1,1 @@
+"""System tests: real QEMU guests (TCG) and third-party frontends/backends."""

@@ -1,0 +1,75 @@
+"""Config parsing: every bad input names the file, the key and the reason."""
+
+from pathlib import Path
+
+import pytest
+
+from nitro import config
+
+
+def load_text(tmp_path: Path, text: str) -> config.DaemonConfig:
+    f = tmp_path / "nitro.toml"
+    f.write_text(text)
+    return config.load(f, runtime_dir=tmp_path / "run", state_dir=tmp_path / "state")
+
+
+def test_embedded_default_serves_one_sparse_volume(tmp_path):
+    cfg = config.load(None, runtime_dir=tmp_path / "run", state_dir=tmp_path / "state")
+    assert cfg.metrics_listen == "127.0.0.1:9180"
+    (blk,) = cfg.blk
+    assert blk.size == 1 << 30
+    assert blk.socket == tmp_path / "run" / "vol0.sock"
+    assert blk.image == tmp_path / "state" / "vol0.img"
+    assert cfg.control_socket == tmp_path / "run" / "control.sock"
+
+
+def test_full_blk_table(tmp_path):
+    cfg = load_text(tmp_path, """
+[daemon]
+log_level = "debug"
+[metrics]
+listen = ""
+[[blk]]
+id = "a"
+socket = "/abs/a.sock"
+image = "a.raw"
+size = "512M"
+readonly = true
+queues = 4
+queue_size = 128
+serial = "SER-A"
+[[blk]]
+id = "b"
+""")
+    a, b = cfg.blk
+    assert (a.socket, a.image, a.size, a.readonly, a.queues, a.queue_size, a.serial) == (
+        Path("/abs/a.sock"), tmp_path / "state/a.raw", 512 << 20, True, 4, 128, "SER-A")
+    assert b.size is None and b.socket.name == "b.sock" and b.serial == "b"
+    assert cfg.metrics_listen == "" and cfg.log_level == "debug"
+
+
+@pytest.mark.parametrize("text, key, reason", [
+    ("[[blk]]\nid='a'\nsize='1X'", "blk[0].size", "expected a size"),
+    ("[[blk]]\nid='a'\nsize=1000", "blk[0].size", "multiple of 512"),
+    ("[[blk]]\nid='a'\nqueues=0", "blk[0].queues", "1..16"),
+    ("[[blk]]\nid='a'\nqueue_size=100", "blk[0].queue_size", "power of two"),
+    ("[[blk]]\nid='a b'", "blk[0].id", "must match"),
+    ("[[blk]]\nsocket='x'", "blk[0].id", "required"),
+    ("[[blk]]\nid='a'\ncolour='red'", "blk[0].colour", "unknown key"),
+    ("[[blk]]\nid='a'\n[[blk]]\nid='a'", "blk[1].id", "duplicate"),
+    ("[[blk]]\nid='a'\nreadonly='yes'", "blk[0].readonly", "true or false"),
+    ("[daemon]\nlog_level='loud'", "daemon.log_level", "expected debug"),
+    ("[[blk]]\nid='a'\nserial='x'\nsize=", "-", "invalid TOML"),
+    ("bogus = 1", "bogus", "unknown key"),
+])
+def test_bad_config_names_file_key_reason(tmp_path, text, key, reason):
+    with pytest.raises(config.ConfigError) as ei:
+        load_text(tmp_path, text)
+    e = ei.value
+    assert e.file == str(tmp_path / "nitro.toml") and e.key == key and reason in e.reason
+    assert str(e).startswith(f"{tmp_path / 'nitro.toml'}: {key}: ")
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(config.ConfigError, match="cannot read"):
+        config.load(tmp_path / "nope.toml")

@@ -1,0 +1,270 @@
+"""The metrics endpoint, scraped over real HTTP from fake devices."""
+
+import logging
+import math
+import urllib.request
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+import nitro
+from nitro.metrics import BLK_OPS, GUEST_ERRORS, NitroCollector, parse_listen, start_metrics_server
+
+INF = float("inf")
+
+
+def blk_stats(dev="vol0", **over):
+    faults = dict.fromkeys(GUEST_ERRORS, 0)
+    stats = {
+        "id": dev, "kind": "blk", "socket": f"/run/nitro/{dev}.sock", "connected": True, "broken": None,
+        "features": 0x130000044, "protocol_features": 0x8, "readonly": False,
+        "capacity_bytes": 1 << 30,
+        "queues": [
+            {"index": 0, "enabled": True, "running": True, "kicks": 10, "calls": 9, "chains": 12,
+             "faults": {**faults, "desc_loop": 1}},
+            {"index": 1, "enabled": True, "running": False, "kicks": 5, "calls": 4, "chains": 6,
+             "faults": {**faults, "desc_loop": 2, "indirect": 3}},
+        ],
+        "ops": {op: {"requests": 0, "bytes": 0, "errors": 0} for op in BLK_OPS},
+        "latency_buckets": [(2.5e-05, 1), (5e-05, 2), (1e-04, 0), (1e-03, 4), (INF, 1)],
+        "latency_sum_seconds": 0.0125, "inflight": 3,
+        "protocol_errors": 2, "connections": 4,
+    }
+    stats["ops"]["in"] = {"requests": 7, "bytes": 7 * 4096, "errors": 1}
+    stats["ops"]["out"] = {"requests": 1, "bytes": 512, "errors": 0}
+    stats.update(over)
+    return stats
+
+
+class FakeDevice:
+    def __init__(self, stats):
+        self.stats = stats
+        self.id = stats["id"] if isinstance(stats, dict) else None
+
+    def statistics(self):
+        if isinstance(self.stats, Exception):
+            raise self.stats
+        return self.stats
+
+
+@pytest.fixture
+def serve():
+    """serve(devices) -> base URL of a real metrics server on a free port."""
+    servers = []
+
+    def start(get_devices, listen="127.0.0.1:0"):
+        server, thread = start_metrics_server(listen, get_devices)
+        servers.append((server, thread))
+        host = "[::1]" if listen.startswith("[") else "127.0.0.1"
+        return f"http://{host}:{server.server_port}"
+
+    yield start
+    for server, thread in servers:
+        server.shutdown()
+        server.server_close()
+        thread.join(5)
+
+
+def scrape(url):
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # ignore $http_proxy
+    with opener.open(url + "/metrics", timeout=10) as response:
+        assert response.status == 200
+        return response.read().decode()
+
+
+def families(text):
+    return {f.name: f for f in text_string_to_metric_families(text)}
+
+
+def samples(fams, name):
+    """{frozenset(labels.items()): value} of the samples called `name`."""
+    out = {}
+    for f in fams.values():
+        for s in f.samples:
+            if s.name == name:
+                out[frozenset(s.labels.items())] = s.value
+    return out
+
+
+def value(fams, name, **labels):
+    return samples(fams, name)[frozenset(labels.items())]
+
+
+def test_scrape_blk_device(serve):
+    fams = families(scrape(serve(lambda: [FakeDevice(blk_stats())])))
+
+    types = {
+        "nitro_blk_requests": "counter", "nitro_blk_bytes": "counter", "nitro_blk_request_errors": "counter",
+        "nitro_blk_inflight_requests": "gauge", "nitro_blk_request_duration_seconds": "histogram",
+        "nitro_vhost_connected": "gauge", "nitro_vhost_connections": "counter",
+        "nitro_vhost_protocol_errors": "counter", "nitro_device_broken": "gauge", "nitro_guest_errors": "counter",
+        "nitro_virtqueue_kicks": "counter", "nitro_virtqueue_calls": "counter", "nitro_virtqueue_chains": "counter",
+        "nitro_device_info": "gauge", "nitro_blk_capacity_bytes": "gauge", "nitro_build_info": "gauge",
+        "nitro_metrics_collect_errors": "counter",
+    }
+    for name, kind in types.items():
+        assert fams[name].type == kind, name
+
+    assert value(fams, "nitro_blk_requests_total", device="vol0", op="in") == 7
+    assert value(fams, "nitro_blk_bytes_total", device="vol0", op="in") == 7 * 4096
+    assert value(fams, "nitro_blk_request_errors_total", device="vol0", op="in") == 1
+    assert value(fams, "nitro_blk_requests_total", device="vol0", op="out") == 1
+    # Every op label exists from the start, at 0.
+    assert {dict(k)["op"] for k in samples(fams, "nitro_blk_requests_total")} == set(BLK_OPS)
+    assert value(fams, "nitro_blk_requests_total", device="vol0", op="write_zeroes") == 0
+    assert value(fams, "nitro_blk_inflight_requests", device="vol0") == 3
+    assert value(fams, "nitro_blk_capacity_bytes", device="vol0") == 1 << 30
+
+    dk = {"device": "vol0", "kind": "blk"}
+    assert value(fams, "nitro_vhost_connected", **dk) == 1
+    assert value(fams, "nitro_vhost_connections_total", **dk) == 4
+    assert value(fams, "nitro_vhost_protocol_errors_total", **dk) == 2
+    assert value(fams, "nitro_device_broken", **dk) == 0
+
+    errors = {dict(k)["error"]: v for k, v in samples(fams, "nitro_guest_errors_total").items()}
+    assert errors == {**dict.fromkeys(GUEST_ERRORS, 0), "desc_loop": 3, "indirect": 3}
+
+    assert value(fams, "nitro_virtqueue_kicks_total", device="vol0", queue="0") == 10
+    assert value(fams, "nitro_virtqueue_calls_total", device="vol0", queue="1") == 4
+    assert value(fams, "nitro_virtqueue_chains_total", device="vol0", queue="1") == 6
+
+    assert value(fams, "nitro_device_info", device="vol0", kind="blk", socket="/run/nitro/vol0.sock",
+                 readonly="false") == 1
+    assert value(fams, "nitro_build_info", version=nitro.__version__) == 1
+    assert value(fams, "nitro_metrics_collect_errors_total") == 0
+
+
+def test_histogram_buckets_are_cumulative(serve):
+    fams = families(scrape(serve(lambda: [FakeDevice(blk_stats())])))
+    buckets = {dict(k)["le"]: v for k, v in samples(fams, "nitro_blk_request_duration_seconds_bucket").items()}
+    assert buckets == {"2.5e-05": 1, "5e-05": 3, "0.0001": 3, "0.001": 7, "+Inf": 8}
+    assert value(fams, "nitro_blk_request_duration_seconds_count", device="vol0") == 8
+    assert value(fams, "nitro_blk_request_duration_seconds_sum", device="vol0") == pytest.approx(0.0125)
+
+
+def test_histogram_without_inf_bucket_gets_one(serve):
+    stats = blk_stats(latency_buckets=[(0.001, 2), (0.01, 3)])
+    fams = families(scrape(serve(lambda: [FakeDevice(stats)])))
+    buckets = {dict(k)["le"]: v for k, v in samples(fams, "nitro_blk_request_duration_seconds_bucket").items()}
+    assert buckets == {"0.001": 2, "0.01": 5, "+Inf": 5}
+
+
+def test_raising_device_is_skipped(serve, caplog):
+    devices = [
+        FakeDevice(blk_stats("vol0")),
+        FakeDevice(RuntimeError("C counters unavailable")),
+        FakeDevice(blk_stats("vol2", queues="not a list")),  # malformed: skipped whole
+        FakeDevice(blk_stats("vol3", connected=True, broken="desc_loop", readonly=True)),
+    ]
+    devices[1].id = "vol1"
+    url = serve(lambda: devices)
+    with caplog.at_level(logging.DEBUG, logger="nitro.metrics"):
+        fams = families(scrape(url))
+        scrape(url)
+    connected = samples(fams, "nitro_vhost_connected")
+    assert {dict(k)["device"] for k in connected} == {"vol0", "vol3"}
+    # Nothing half-added from the malformed device.
+    for fam in fams.values():
+        for s in fam.samples:
+            assert s.labels.get("device") not in ("vol1", "vol2"), s
+    assert value(fams, "nitro_device_broken", device="vol3", kind="blk") == 1
+    assert value(fams, "nitro_device_info", device="vol3", kind="blk", socket="/run/nitro/vol3.sock",
+                 readonly="true") == 1
+    assert value(fams, "nitro_metrics_collect_errors_total") == 2
+    # Logged at WARNING once per device, not on every scrape.
+    warned = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert sorted(r.fields["device"] for r in warned) == ["vol1", "vol2"]
+    assert "C counters unavailable" in caplog.text
+
+
+def test_get_devices_raising_still_scrapes(serve):
+    def broken():
+        raise RuntimeError("daemon not ready")
+
+    fams = families(scrape(serve(broken)))
+    assert value(fams, "nitro_build_info", version=nitro.__version__) == 1
+    assert value(fams, "nitro_metrics_collect_errors_total") == 1
+
+
+def test_no_devices_and_non_blk_kind(serve):
+    net = {"id": "net0", "kind": "net", "socket": "/run/nitro/net0.sock", "connected": False, "broken": None,
+           "features": 0, "protocol_features": 0, "readonly": False,
+           "queues": [{"index": 0, "enabled": False, "running": False, "kicks": 0, "calls": 0, "chains": 0,
+                       "faults": {}}],
+           "protocol_errors": 0, "connections": 0}
+    fams = families(scrape(serve(lambda: [FakeDevice(net)])))
+    assert value(fams, "nitro_vhost_connected", device="net0", kind="net") == 0
+    assert not samples(fams, "nitro_blk_requests_total")
+    # Error labels exist even when the queue reports none.
+    assert len(samples(fams, "nitro_guest_errors_total")) == len(GUEST_ERRORS)
+
+    fams = families(scrape(serve(lambda: [])))
+    assert samples(fams, "nitro_build_info")
+
+
+def test_process_metrics_and_private_registry(serve):
+    from prometheus_client import REGISTRY
+
+    text = scrape(serve(lambda: [FakeDevice(blk_stats())]))
+    assert "process_open_fds" in text
+    names = {m.name for m in REGISTRY.collect()}
+    assert not any(n.startswith("nitro_") for n in names)  # the global registry stays untouched
+
+
+def test_ipv6_listen(serve):
+    fams = families(scrape(serve(lambda: [], listen="[::1]:0")))
+    assert samples(fams, "nitro_build_info")
+
+
+def test_empty_listen_disables():
+    assert start_metrics_server("", lambda: []) is None
+    assert parse_listen("  ") is None
+
+
+@pytest.mark.parametrize(
+    "listen, expected",
+    [
+        ("127.0.0.1:9180", ("127.0.0.1", 9180)),
+        ("[::1]:9180", ("::1", 9180)),
+        ("[::]:0", ("::", 0)),
+        (":9180", ("0.0.0.0", 9180)),
+        ("localhost:9180", ("localhost", 9180)),
+    ],
+)
+def test_parse_listen(listen, expected):
+    assert parse_listen(listen) == expected
+
+
+@pytest.mark.parametrize(
+    "listen, message",
+    [
+        ("127.0.0.1", "expected 'HOST:PORT'"),
+        ("127.0.0.1:http", "is not a number"),
+        ("127.0.0.1:70000", "is not a number"),
+        ("127.0.0.1:-1", "is not a number"),
+        ("::1:9180", "put an IPv6 address in brackets"),
+        ("[::1]", "expected '[IPV6]:PORT'"),
+        ("[nope]:9180", "is not an IPv6 address"),
+        ("a b:9180", "whitespace"),
+    ],
+)
+def test_bad_listen(listen, message):
+    with pytest.raises(ValueError, match="invalid metrics listen address") as info:
+        start_metrics_server(listen, lambda: [])
+    assert message in str(info.value)
+
+
+def test_bind_failure_names_the_address(serve):
+    url = serve(lambda: [])
+    port = int(url.rsplit(":", 1)[1])
+    with pytest.raises(OSError, match=f"cannot serve metrics on 127.0.0.1:{port}"):
+        start_metrics_server(f"127.0.0.1:{port}", lambda: [])
+
+
+def test_collector_directly():
+    fams = {m.name: m for m in NitroCollector(lambda: [FakeDevice(blk_stats())]).collect()}
+    hist = fams["nitro_blk_request_duration_seconds"]
+    inf = [s for s in hist.samples if s.labels.get("le") == "+Inf"]
+    count = [s for s in hist.samples if s.name.endswith("_count")]
+    assert inf[0].value == count[0].value == 8
+    assert not math.isnan(fams["nitro_blk_inflight_requests"].samples[0].value)

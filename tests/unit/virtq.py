@@ -1,0 +1,324 @@
+"""Fake guest memory and split virtqueues for datapath unit tests.
+
+``FakeGuest`` is a memfd laid out as ``[guard][region 0][guard][region 1]...
+[guard]``. Each region is registered with a ``GuestMemory`` at the chosen
+guest-physical address and a fake frontend virtual address, with its file
+offset as ``mmap_offset`` (so C maps the guards too). The guards are filled
+with ``CANARY`` and nothing may ever change them: ``guards_intact()`` is how
+tests prove C wrote nothing outside guest memory.
+
+``SplitRing`` lays out a split ring (virtio 1.2 section 2.7) in a FakeGuest
+and plays the driver: it writes descriptors and the avail ring, reads the
+used ring, and owns kick/call eventfds.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import struct
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Self
+
+from nitro._datapath import GuestMemory, Virtqueue
+
+KiB = 1 << 10
+MiB = 1 << 20
+GUARD = 64 * KiB
+CANARY = 0xA5
+UADDR_BASE = 0x7F00_0000_0000
+
+VRING_DESC_F_NEXT = 1
+VRING_DESC_F_WRITE = 2
+VRING_DESC_F_INDIRECT = 4
+VRING_AVAIL_F_NO_INTERRUPT = 1
+VRING_USED_F_NO_NOTIFY = 1
+VIRTIO_RING_F_INDIRECT_DESC = 1 << 28
+VIRTIO_RING_F_EVENT_IDX = 1 << 29
+
+DESC = struct.Struct("<QIHH")
+
+
+@dataclass(frozen=True)
+class Region:
+    gpa: int
+    size: int
+    file_off: int
+    uaddr_base: int = UADDR_BASE
+
+    @property
+    def uaddr(self) -> int:
+        return self.uaddr_base + self.file_off
+
+    def __contains__(self, gpa: int) -> bool:
+        return self.gpa <= gpa < self.gpa + self.size
+
+
+@dataclass(frozen=True)
+class Buf:
+    """One descriptor's buffer: guest-physical address, length, direction."""
+    gpa: int
+    length: int
+    writable: bool = False
+
+
+class FakeGuest:
+    def __init__(self, regions: Sequence[tuple[int, int]] = ((0x1000_0000, 4 * MiB),),
+                 uaddr_base: int = UADDR_BASE) -> None:
+        self.fd = os.memfd_create("nitro-test-guest", os.MFD_CLOEXEC)
+        self.regions: list[Region] = []
+        off = GUARD
+        for gpa, size in regions:
+            self.regions.append(Region(gpa, size, off, uaddr_base))
+            off += size + GUARD
+        os.ftruncate(self.fd, off)
+        self.mm = mmap.mmap(self.fd, off)
+        self.mm[:] = bytes([CANARY]) * off
+        for r in self.regions:
+            self.mm[r.file_off:r.file_off + r.size] = bytes(r.size)
+        self.mem = GuestMemory()
+        for r in self.regions:
+            self.mem.add_region(self.fd, r.gpa, r.size, r.uaddr, r.file_off)
+        self._next = {r.gpa: r.gpa for r in self.regions}
+
+    def close(self) -> None:
+        self.mem.close()
+        self.mm.close()
+        os.close(self.fd)
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def region_of(self, gpa: int) -> Region:
+        for r in self.regions:
+            if gpa in r:
+                return r
+        raise ValueError(f"gpa {gpa:#x} is not guest memory")
+
+    def _off(self, gpa: int, length: int) -> int:
+        r = self.region_of(gpa)
+        if gpa + length > r.gpa + r.size:
+            raise ValueError(f"[{gpa:#x}, +{length}) leaves its region")
+        return r.file_off + gpa - r.gpa
+
+    def write(self, gpa: int, data: bytes) -> None:
+        off = self._off(gpa, len(data))
+        self.mm[off:off + len(data)] = data
+
+    def read(self, gpa: int, length: int) -> bytes:
+        off = self._off(gpa, length)
+        return self.mm[off:off + length]
+
+    def uaddr(self, gpa: int) -> int:
+        r = self.region_of(gpa)
+        return r.uaddr + gpa - r.gpa
+
+    def alloc(self, size: int, align: int = 16, region: int = 0) -> int:
+        """Bump-allocate size bytes of guest memory in a region."""
+        r = self.regions[region]
+        gpa = -(-self._next[r.gpa] // align) * align
+        if gpa + size > r.gpa + r.size:
+            raise MemoryError("fake guest region exhausted")
+        self._next[r.gpa] = gpa + size
+        return gpa
+
+    def guards_intact(self) -> bool:
+        spans = [(0, GUARD)] + [(r.file_off + r.size, GUARD) for r in self.regions]
+        return all(self.mm[o:o + n] == bytes([CANARY]) * n for o, n in spans)
+
+
+def _eventfd() -> int:
+    return os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+
+
+class SplitRing:
+    """A split virtqueue in guest memory plus the nitro Virtqueue serving it."""
+
+    def __init__(self, guest: FakeGuest, num: int = 16, features: int = 0,
+                 kick: bool = True, call: bool = True) -> None:
+        self.guest = guest
+        self.num = num
+        self.desc = guest.alloc(16 * num, align=16)
+        self.avail = guest.alloc(6 + 2 * num, align=2)
+        self.used = guest.alloc(6 + 8 * num, align=4)
+        self.kick_fd = _eventfd() if kick else -1
+        self.call_fd = _eventfd() if call else -1
+        self.vq = Virtqueue(0)
+        self.vq.set_num(num)
+        self.vq.set_addr(guest.mem, guest.uaddr(self.desc), guest.uaddr(self.avail),
+                         guest.uaddr(self.used))
+        self.vq.set_features(features)
+        self.vq.set_fds(self.kick_fd, self.call_fd)
+        self.avail_idx = 0
+        self.used_seen = 0
+        self._next_desc = 0
+
+    def close(self) -> None:
+        self.vq.close()
+        for fd in (self.kick_fd, self.call_fd):
+            if fd >= 0:
+                os.close(fd)
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def rebase(self, idx: int) -> None:
+        """Start the ring at index idx (as after a reconnect): avail->idx,
+        used->idx and the device's last_avail_idx all become idx."""
+        self.avail_idx = self.used_seen = idx & 0xFFFF
+        self.set_avail_idx(idx)
+        self.guest.write(self.used + 2, struct.pack("<H", idx & 0xFFFF))
+        self.vq.base = idx & 0xFFFF
+        # SET_VRING_ADDR is where the device reads used->idx back.
+        self.vq.set_addr(self.guest.mem, self.guest.uaddr(self.desc),
+                         self.guest.uaddr(self.avail), self.guest.uaddr(self.used))
+
+    # -- descriptors ------------------------------------------------------
+    def write_desc(self, i: int, addr: int, length: int, flags: int = 0, next: int = 0,
+                   table: int | None = None) -> None:
+        base = self.desc if table is None else table
+        self.guest.write(base + 16 * i, DESC.pack(addr, length, flags, next))
+
+    def _take_descs(self, n: int) -> list[int]:
+        idx = [(self._next_desc + k) % self.num for k in range(n)]
+        self._next_desc = (self._next_desc + n) % self.num
+        return idx
+
+    def _write_chain(self, bufs: Sequence[Buf], ids: Sequence[int], table: int | None) -> None:
+        for k, (b, i) in enumerate(zip(bufs, ids)):
+            last = k == len(bufs) - 1
+            flags = (VRING_DESC_F_WRITE if b.writable else 0) | (0 if last else VRING_DESC_F_NEXT)
+            self.write_desc(i, b.gpa, b.length, flags, 0 if last else ids[k + 1], table)
+
+    def add_chain(self, bufs: Sequence[Buf], indirect: bool = False,
+                  publish: bool = True) -> int:
+        """Write a chain (or one descriptor pointing at an indirect table
+        holding it) and, by default, publish it. Returns the head index."""
+        if indirect:
+            table = self.guest.alloc(16 * len(bufs), align=16)
+            self._write_chain(bufs, range(len(bufs)), table)
+            head = self._take_descs(1)[0]
+            self.write_desc(head, table, 16 * len(bufs), VRING_DESC_F_INDIRECT)
+        else:
+            ids = self._take_descs(len(bufs))
+            self._write_chain(bufs, ids, None)
+            head = ids[0]
+        if publish:
+            self.publish(head)
+        return head
+
+    # -- avail ring -------------------------------------------------------
+    def publish(self, *heads: int) -> None:
+        for head in heads:
+            self.guest.write(self.avail + 4 + 2 * (self.avail_idx % self.num),
+                             struct.pack("<H", head))
+            self.avail_idx = (self.avail_idx + 1) & 0xFFFF
+        self.set_avail_idx(self.avail_idx)
+
+    def set_avail_idx(self, idx: int) -> None:
+        self.guest.write(self.avail + 2, struct.pack("<H", idx & 0xFFFF))
+
+    def set_avail_flags(self, flags: int) -> None:
+        self.guest.write(self.avail, struct.pack("<H", flags))
+
+    def set_used_event(self, idx: int) -> None:
+        self.guest.write(self.avail + 4 + 2 * self.num, struct.pack("<H", idx & 0xFFFF))
+
+    # -- used ring --------------------------------------------------------
+    def used_idx(self) -> int:
+        return int(struct.unpack("<H", self.guest.read(self.used + 2, 2))[0])
+
+    def used_flags(self) -> int:
+        return int(struct.unpack("<H", self.guest.read(self.used, 2))[0])
+
+    def avail_event(self) -> int:
+        return int(struct.unpack("<H", self.guest.read(self.used + 4 + 8 * self.num, 2))[0])
+
+    def used_elem(self, i: int) -> tuple[int, int]:
+        off = self.used + 4 + 8 * (i % self.num)
+        return struct.unpack("<II", self.guest.read(off, 8))
+
+    def take_used(self) -> list[tuple[int, int]]:
+        """Used elements published since the last call, as (id, len)."""
+        end = self.used_idx()
+        out = [self.used_elem(i) for i in range(self.used_seen, self.used_seen + ((end - self.used_seen) & 0xFFFF))]
+        self.used_seen = end
+        return out
+
+    # -- notifications ----------------------------------------------------
+    def kick(self) -> None:
+        os.eventfd_write(self.kick_fd, 1)
+
+    def calls(self) -> int:
+        """How many times the device signalled the call fd since last asked."""
+        try:
+            return os.eventfd_read(self.call_fd)
+        except BlockingIOError:
+            return 0
+
+
+def fill(length: int, seed: int = 1) -> bytes:
+    """Deterministic test data with no zero bytes (zero-fill is visible)."""
+    period = bytes((seed + 7 * i) % 251 + 1 for i in range(251))
+    return (period * (length // 251 + 1))[:length]
+
+
+# -- virtio-blk requests (virtio 1.2 section 5.2.6) ---------------------------
+VIRTIO_BLK_T_IN = 0
+VIRTIO_BLK_T_OUT = 1
+VIRTIO_BLK_T_FLUSH = 4
+VIRTIO_BLK_T_GET_ID = 8
+VIRTIO_BLK_T_DISCARD = 11
+VIRTIO_BLK_T_WRITE_ZEROES = 13
+VIRTIO_BLK_S_OK = 0
+VIRTIO_BLK_S_IOERR = 1
+VIRTIO_BLK_S_UNSUPP = 2
+STATUS_UNSET = 0xEE
+
+
+def blk_header(type_: int, sector: int = 0) -> bytes:
+    return struct.pack("<IIQ", type_, 0, sector)
+
+
+def dwz_segment(sector: int, num_sectors: int, flags: int = 0) -> bytes:
+    return struct.pack("<QII", sector, num_sectors, flags)
+
+
+@dataclass
+class BlkReq:
+    """A request laid out in guest memory: header (+payload) readable, then
+    data and status writable, each in its own descriptor."""
+    bufs: list[Buf]
+    status_gpa: int
+    data_gpa: int | None
+
+
+def blk_req(guest: FakeGuest, type_: int, sector: int = 0, out: bytes = b"",
+            in_len: int = 0) -> BlkReq:
+    hdr = guest.alloc(16)
+    guest.write(hdr, blk_header(type_, sector))
+    bufs = [Buf(hdr, 16)]
+    data = None
+    if out:
+        data = guest.alloc(len(out))
+        guest.write(data, out)
+        bufs.append(Buf(data, len(out)))
+    if in_len:
+        data = guest.alloc(in_len)
+        guest.write(data, b"\xff" * in_len)
+        bufs.append(Buf(data, in_len, writable=True))
+    status = guest.alloc(1, align=1)
+    guest.write(status, bytes([STATUS_UNSET]))
+    bufs.append(Buf(status, 1, writable=True))
+    return BlkReq(bufs, status, data)
+
+
+def status_of(guest: FakeGuest, req: BlkReq) -> int:
+    return guest.read(req.status_gpa, 1)[0]

@@ -1,0 +1,17 @@
+#!/bin/sh
+# Debian packages nitro's build, tests, demo and benchmarks need.
+# Idempotent: runs apt only when something is missing.
+set -eu
+PKGS="qemu-system-x86 qemu-utils busybox-static linux-image-amd64 kmod cpio
+      liburing-dev libssl-dev libcryptsetup-dev cryptsetup-bin fio
+      systemd e2fsprogs gcc make iproute2"
+missing=""
+for p in $PKGS; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing="$missing $p"
+done
+if [ -n "$missing" ]; then
+    echo "install-deps: installing:$missing"
+    if [ "$(id -u)" != 0 ]; then SUDO=sudo; else SUDO=; fi
+    $SUDO apt-get update -q
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q --no-install-recommends $missing
+fi
