@@ -33,6 +33,7 @@ import pytest
 
 from tests.guest.build import GuestImage, build_initramfs
 from tests.guest.qemu import GuestProcess
+from tests.nitro_proc import Nitro
 
 REPO = Path(__file__).resolve().parent.parent
 QSD = "qemu-storage-daemon"
@@ -186,3 +187,19 @@ def start_guest() -> Iterator[Callable[..., GuestProcess]]:
     yield start
     for guest in guests:
         guest.kill()
+
+
+@pytest.fixture
+def nitro(short_tmp_path: Path) -> Iterator[Callable[[str], Nitro]]:
+    """Factory: nitro(config_toml) -> a running `nitro run` whose runtime and
+    state directories are short_tmp_path; killed at teardown if still up."""
+    started: list[Nitro] = []
+
+    def start(config: str) -> Nitro:
+        n = Nitro(short_tmp_path, config)
+        started.append(n)
+        return n
+
+    yield start
+    for n in started:
+        n.kill()

@@ -1,0 +1,65 @@
+"""Run the real daemon as a subprocess for integration and system tests."""
+
+from __future__ import annotations
+
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Nitro:
+    def __init__(self, tmp: Path, config: str) -> None:
+        self.tmp = tmp
+        self.port = _free_port()
+        self.cfg = tmp / "nitro.toml"
+        self.cfg.write_text(f'[metrics]\nlisten = "127.0.0.1:{self.port}"\n' + config)
+        self.log = open(tmp / "nitro.log", "w+")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "nitro", "run", "--config", str(self.cfg),
+             "--runtime-dir", str(tmp), "--state-dir", str(tmp)],
+            cwd=REPO, stderr=self.log)
+        deadline = time.monotonic() + 20
+        while not (tmp / "control.sock").exists():
+            assert self.proc.poll() is None, self.stderr()
+            assert time.monotonic() < deadline, "nitro did not start: " + self.stderr()
+            time.sleep(0.05)
+
+    def stderr(self) -> str:
+        self.log.flush()
+        return (self.tmp / "nitro.log").read_text()
+
+    def metrics(self) -> str:
+        return urllib.request.urlopen(f"http://127.0.0.1:{self.port}/metrics", timeout=5).read().decode()
+
+    def status(self) -> str:
+        return subprocess.run(
+            [sys.executable, "-m", "nitro", "status", "--control", str(self.tmp / "control.sock")],
+            cwd=REPO, capture_output=True, text=True, check=True).stdout
+
+    def stop(self) -> int:
+        self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(30)
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        self.log.close()
+
+    def status_json(self) -> str:
+        return subprocess.run(
+            [sys.executable, "-m", "nitro", "status", "--json",
+             "--control", str(self.tmp / "control.sock")],
+            cwd=REPO, capture_output=True, text=True, check=True).stdout
