@@ -1,0 +1,1 @@
+"""Benchmark drivers (`make bench`): nitro against reference back-ends."""
