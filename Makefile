@@ -39,8 +39,12 @@ system: build
 demo: build
 	$(PY) tools/demo.py
 
+# Each bench module runs nitro and its reference in one run and prints ratios.
 bench: build
 	$(PY) -m bench.blk --backend both
+	@for m in crypto net; do \
+	    if [ -f bench/$$m.py ]; then $(PY) -m bench.$$m || exit 1; fi; \
+	done
 
 lint: venv
 	$(PIP) install -q ruff

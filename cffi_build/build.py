@@ -17,8 +17,12 @@ import cffi
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-SOURCES = ["nitro_mem.c", "nitro_vring.c", "nitro_blk.c"]
-HEADERS = ["nitro.h", "nitro_vring.h"]
+# Every nitro_*.c is part of the extension. The ABI (the cdef) is nitro.h plus
+# one header per subsystem that has C entry points of its own; other headers
+# (nitro_vring.h) are internal to the C files.
+SOURCES = sorted(p.name for p in HERE.glob("nitro_*.c"))
+HEADERS = sorted(p.name for p in HERE.glob("nitro*.h"))
+ABI_HEADERS = [h for h in ("nitro.h", "nitro_crypto.h", "nitro_net.h") if (HERE / h).exists()]
 
 _INT_DEFINE = re.compile(r"#\s*define\s+\w+\s+-?(0x[0-9a-fA-F]+|\d+)[uUlL]*\b")
 
@@ -45,10 +49,11 @@ def _path(name: str) -> str:
 
 def make_builder() -> cffi.FFI:
     builder = cffi.FFI()
-    builder.cdef(cdef_source(HERE / "nitro.h"))
+    for h in ABI_HEADERS:
+        builder.cdef(cdef_source(HERE / h))
     builder.set_source(
         "nitro._nitro_c",
-        '#include "nitro.h"',
+        "".join(f'#include "{h}"\n' for h in ABI_HEADERS),
         sources=[_path(s) for s in SOURCES],
         depends=[_path(h) for h in HEADERS],
         include_dirs=[str(HERE)],

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import trio
 
-from nitro import __version__, config
+from nitro import __version__, config, volume_cli
 
 EXIT_USAGE = 2
 EXIT_FAILURE = 1
@@ -56,12 +56,7 @@ def _parser() -> argparse.ArgumentParser:
     st.add_argument("--json", action="store_true", help="raw JSON")
     st.set_defaults(func=_cmd_status)
 
-    vol = sub.add_parser("volume", help="create volumes")
-    vsub = vol.add_subparsers(metavar="ACTION")
-    create = vsub.add_parser("create", help="create a sparse raw volume")
-    create.add_argument("path", type=Path)
-    create.add_argument("--size", required=True, help="e.g. 10G")
-    create.set_defaults(func=_cmd_volume_create)
+    volume_cli.add_parser(sub)
     return p
 
 
@@ -128,21 +123,4 @@ def _cmd_status(args) -> int:
     except control.ControlError as e:
         return _fail(str(e), EXIT_FAILURE)
     print(json.dumps(reply, indent=2) if args.json else control.format_status(reply))
-    return 0
-
-
-def _cmd_volume_create(args) -> int:
-    from nitro.devices.blk.backends.raw import VolumeError, create_sparse
-
-    try:
-        size = config.parse_size(args.size, "<command line>", "--size")
-    except config.ConfigError as e:
-        return _fail(str(e), EXIT_USAGE)
-    if args.path.exists():
-        return _fail(f"{args.path}: already exists; refusing to overwrite", EXIT_FAILURE)
-    try:
-        create_sparse(args.path, size)
-    except VolumeError as e:
-        return _fail(str(e), EXIT_FAILURE)
-    print(f"created {args.path} ({size} bytes, sparse raw)")
     return 0

@@ -35,6 +35,14 @@ class ConfigError(Exception):
 
 
 @dataclasses.dataclass(frozen=True)
+class EncryptionConfig:
+    """`encryption = { key_file = "..." }` or `{ passphrase_file = "..." }`:
+    the volume is LUKS2 and is unlocked with exactly one of these."""
+    key_file: Path | None = None
+    passphrase_file: Path | None = None
+
+
+@dataclasses.dataclass(frozen=True)
 class BlkConfig:
     id: str
     socket: Path
@@ -44,6 +52,7 @@ class BlkConfig:
     queues: int = 1
     queue_size: int = 256
     serial: str = ""
+    encryption: EncryptionConfig | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -135,7 +144,8 @@ def _blk(t: Any, i: int, source: str, runtime: Path, state: Path) -> BlkConfig:
     p = f"blk[{i}]."
     if not isinstance(t, dict):
         raise ConfigError(source, f"blk[{i}]", "expected a table")
-    _check_keys(t, {"id", "socket", "image", "size", "readonly", "queues", "queue_size", "serial"}, source, p)
+    _check_keys(t, {"id", "socket", "image", "size", "readonly", "queues", "queue_size",
+                    "serial", "encryption"}, source, p)
     dev_id = _str(t, "id", source, p, None)
     if not _ID_RE.match(dev_id):
         raise ConfigError(source, p + "id", f"must match {_ID_RE.pattern}, got {dev_id!r}")
@@ -154,7 +164,24 @@ def _blk(t: Any, i: int, source: str, runtime: Path, state: Path) -> BlkConfig:
         id=dev_id,
         socket=runtime / _str(t, "socket", source, p, f"{dev_id}.sock"),
         image=state / _str(t, "image", source, p, f"{dev_id}.img"),
-        size=size, readonly=readonly, queues=queues, queue_size=qsize, serial=serial)
+        size=size, readonly=readonly, queues=queues, queue_size=qsize, serial=serial,
+        encryption=_encryption(t, source, p, state))
+
+
+def _encryption(t: dict, source: str, prefix: str, state: Path) -> EncryptionConfig | None:
+    if "encryption" not in t:
+        return None
+    e = t["encryption"]
+    p = prefix + "encryption"
+    if not isinstance(e, dict):
+        raise ConfigError(source, p, 'expected a table such as { key_file = "/etc/nitro/vol0.key" }')
+    _check_keys(e, {"key_file", "passphrase_file"}, source, p + ".")
+    if len(e) != 1:
+        raise ConfigError(source, p, "give exactly one of key_file or passphrase_file")
+    (key, value), = e.items()
+    if not isinstance(value, str) or not value:
+        raise ConfigError(source, f"{p}.{key}", f"expected a path, got {value!r}")
+    return EncryptionConfig(**{key: state / value})
 
 
 def _check_unique(blks: tuple[BlkConfig, ...], source: str) -> None:

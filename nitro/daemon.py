@@ -10,7 +10,6 @@ every volume, tell systemd STOPPING, exit 0.
 from __future__ import annotations
 
 import logging
-import os
 import signal
 from dataclasses import dataclass, field
 
@@ -18,8 +17,8 @@ import trio
 
 from nitro import __version__, control, metrics
 from nitro.config import DaemonConfig
-from nitro.devices.blk.backends.raw import RawImage, VolumeError
-from nitro.devices.blk.device import BlkDevice
+from nitro.devices import blk
+from nitro.devices.blk.backends.raw import VolumeError
 from nitro.log import log_event
 from nitro.sdnotify import Notifier, watchdog_loop
 from nitro.vhost.server import VhostUserServer
@@ -44,12 +43,11 @@ class Daemon:
     def open_devices(self) -> None:
         for b in self.cfg.blk:
             try:
-                volume = RawImage.open(b.image, size=b.size, readonly=b.readonly)
+                device = blk.open_device(b)
             except VolumeError as e:
                 self.close()
                 raise StartupError(f"device {b.id}: {e}") from None
-            self.servers.append(
-                VhostUserServer(BlkDevice(b, volume), b.socket, device_id=b.id))
+            self.servers.append(VhostUserServer(device, b.socket, device_id=b.id))
 
     async def run(self, notifier: Notifier) -> None:
         msrv = metrics.start_metrics_server(self.cfg.metrics_listen, lambda: self.devices)
@@ -80,7 +78,7 @@ class Daemon:
             s.stop_accepting()
             await s.stop_all_workers()
         for s in self.servers:
-            await trio.to_thread.run_sync(_flush, s.device.volume)
+            await trio.to_thread.run_sync(s.device.flush)
 
     def close(self) -> None:
         for s in self.servers:
@@ -90,11 +88,6 @@ class Daemon:
             except OSError:
                 pass
         self.servers = []
-
-
-def _flush(volume) -> None:
-    if volume.fd >= 0 and not volume.readonly:
-        os.fdatasync(volume.fd)
 
 
 async def _wait_for_stop_signal() -> None:

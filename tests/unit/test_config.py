@@ -73,3 +73,13 @@ def test_bad_config_names_file_key_reason(tmp_path, text, key, reason):
 def test_missing_file(tmp_path):
     with pytest.raises(config.ConfigError, match="cannot read"):
         config.load(tmp_path / "nope.toml")
+
+
+def test_encryption_table(tmp_path):
+    cfg = load_text(tmp_path, '[[blk]]\nid="e"\nencryption = { key_file = "/etc/nitro/e.key" }\n')
+    assert cfg.blk[0].encryption == config.EncryptionConfig(key_file=Path("/etc/nitro/e.key"))
+    for bad, why in [('{ key_file = "a", passphrase_file = "b" }', "exactly one"),
+                     ('{ }', "exactly one"), ('"k"', "expected a table"),
+                     ('{ cipher = "x" }', "unknown key")]:
+        with pytest.raises(config.ConfigError, match=why):
+            load_text(tmp_path, f'[[blk]]\nid="e"\nencryption = {bad}\n')

@@ -1,1 +1,17 @@
 """virtio-blk (virtio 1.2 section 5.2) served over vhost-user."""
+
+from __future__ import annotations
+
+from nitro.config import BlkConfig
+
+
+def open_device(cfg: BlkConfig):
+    """Open the volume behind a [[blk]] entry and wrap it in a BlkDevice.
+
+    Raises VolumeError (nothing written to the image) when it cannot be served.
+    """
+    from nitro.devices.blk.backends.raw import RawImage
+    from nitro.devices.blk.device import BlkDevice
+
+    volume = RawImage.open(cfg.image, size=cfg.size, readonly=cfg.readonly)
+    return BlkDevice(cfg, volume)

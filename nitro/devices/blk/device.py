@@ -65,6 +65,10 @@ class BlkDevice:
     def reset(self) -> None:
         self.acked_features = 0
 
+    def flush(self) -> None:
+        """Make every completed write durable (drain on shutdown)."""
+        self.volume.flush()
+
     def close(self) -> None:
         self.params.close()
         for s in self.stats:

@@ -47,6 +47,10 @@ class RawImage:
     def capacity_sectors(self) -> int:
         return self.size // SECTOR_SIZE
 
+    def flush(self) -> None:
+        if self.fd >= 0 and not self.readonly:
+            os.fdatasync(self.fd)
+
     def close(self) -> None:
         if self.fd >= 0:
             os.close(self.fd)  # also drops the flock
