@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(VENV)/bin/pip
 STAMP  := $(VENV)/.nitro-installed
 
-.PHONY: all deps venv build test unit system demo bench lint clean
+.PHONY: all deps venv build test unit system demo bench lint clean fuzz fuzz-short
 
 all: build
 
@@ -45,6 +45,15 @@ bench: build
 	@for m in crypto net; do \
 	    if [ -f bench/$$m.py ]; then $(PY) -m bench.$$m || exit 1; fi; \
 	done
+
+# docs/reliability.md "Fuzzing": 10^6 cases per target (vring, blk, vhost),
+# then the ASan+UBSan build of the extension replays corpus and regressions.
+fuzz: deps venv
+	$(PY) tests/fuzz/run.py --runs 1000000
+	./tools/build-sanitized.sh
+
+fuzz-short: deps venv
+	$(PY) -m pytest -q tests/fuzz
 
 lint: venv
 	$(PIP) install -q ruff

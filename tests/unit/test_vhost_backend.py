@@ -729,3 +729,13 @@ def test_vring_statistics():
     vring = Vring(3, vq_factory=FakeVq)
     assert vring.statistics() == {"index": 3, "num": 0, "started": False, "enabled": False,
                                   "broken": None, "kicks": 0, "calls": 0, "chains": 0}
+
+
+@pytest.mark.parametrize("request_", [R.SET_VRING_KICK, R.SET_VRING_CALL])
+def test_kick_and_call_must_be_eventfds(fe, request_):
+    """A memfd reads as always ready: as a kick fd it would spin a worker."""
+    negotiate(fe)
+    not_an_eventfd = memfd()
+    with pytest.raises(ProtocolError, match="not an eventfd"):
+        fe.send(request_, VringFd(0), [not_an_eventfd])
+    assert is_closed(not_an_eventfd)

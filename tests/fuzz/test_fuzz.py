@@ -1,0 +1,122 @@
+"""Fuzzing in the normal test suite (docs/reliability.md "Fuzzing").
+
+- The seed corpus is what seeds.py / vhost_target.py generate, and every
+  seed reaches the guest- or frontend-triggerable state it is named for
+  (replayed through the Python API, not just fed to a fuzzer).
+- Every regression file replays cleanly through the Python API.
+- A short fuzz run per target (fixed seed, seed corpus + regressions)
+  finds no crash. These need clang and libFuzzer (tools/install-deps.sh);
+  without them they fail rather than skip.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from tests.fuzz import run as fuzz_run
+from tests.fuzz import seeds as ring_seeds
+from tests.fuzz.ringfmt import replay
+from tests.fuzz.vhost_target import _seeds as vhost_seeds
+from tests.fuzz.vhost_target import run_one
+
+HERE = fuzz_run.HERE
+SHORT_SECONDS = int(os.environ.get("NITRO_FUZZ_SHORT_SECONDS", "12"))
+
+
+@pytest.fixture(scope="module")
+def disk_fd():
+    fd = os.memfd_create("fuzz-disk", os.MFD_CLOEXEC)
+    os.ftruncate(fd, 128 * 512)
+    yield fd
+    os.close(fd)
+
+
+# -- the corpus in the repo is the generated one ---------------------------------------
+def test_ring_corpus_matches_seeds_py():
+    want = {f"seed-{n}": d for n, d in ring_seeds.build().items()}
+    for target in ("vring", "blk"):
+        have = {p.name: p.read_bytes() for p in (HERE / "corpus" / target).glob("seed-*")}
+        assert have == want, "run: python -m tests.fuzz.seeds"
+
+
+def test_vhost_corpus_matches_vhost_target():
+    want = {f"seed-{n}": d for n, d in vhost_seeds().items()}
+    have = {p.name: p.read_bytes() for p in (HERE / "corpus" / "vhost").glob("seed-*")}
+    assert have == want, "run: python -m tests.fuzz.vhost_target"
+
+
+# -- each seed reaches its state ------------------------------------------------------
+@pytest.mark.parametrize("name", sorted(ring_seeds.SEEDS))
+def test_ring_seed_reaches_its_state(name):
+    make, expected = ring_seeds.SEEDS[name]
+    out = replay(make().encode())
+    assert out.guards_intact, "C wrote outside guest memory"
+    if expected is not ring_seeds.ANY:
+        assert out.fault == expected, out
+
+
+def test_ring_seeds_that_complete_requests_do(name="blk-mixed"):
+    assert replay(ring_seeds.SEEDS[name][0]().encode()).served == 5
+    out = replay(ring_seeds.SEEDS["set-mem-between-serves"][0]().encode())
+    assert out.served >= 2, out  # served before and after a table swap
+
+
+VHOST_EXPECT = {
+    "qemu-start-set-mem-table": ([(True, None)] * 2, 2, None),
+    "qemu-start-add-mem-reg": ([(True, None)] * 2, 2, None),
+    "set-mem-table-while-running": ([(True, None)] * 2, 1, None),
+    # removing the region the rings are in drops their addresses
+    "rem-mem-reg-while-running": ([(False, None)] * 2, 1, None),
+    "reset-and-restart": ([(False, "avail_idx")] * 2, 2, None),
+    "split-reads": ([(True, None)] * 2, 2, None),
+    "garbage": ([(False, None)] * 2, 0, "unknown request 999"),
+    "eof-mid-message": ([(False, None)] * 2, 0, "connection closed in the middle"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(VHOST_EXPECT))
+def test_vhost_seed_reaches_its_state(name, disk_fd):
+    vrings, regions, error = VHOST_EXPECT[name]
+    got = run_one(vhost_seeds()[name], disk_fd)
+    assert got["vrings"] == vrings and got["regions"] == regions, got
+    assert (got["error"] is None) if error is None else error in got["error"], got
+
+
+# -- regressions replay through the Python API ---------------------------------------------
+def _regressions(target):
+    d = HERE / "regressions" / target
+    return sorted(d.iterdir()) if d.is_dir() else []
+
+
+def test_ring_regressions_replay():
+    for path in _regressions("vring") + _regressions("blk"):
+        assert replay(path.read_bytes()).guards_intact, path
+
+
+def test_vhost_regressions_replay(disk_fd):
+    for path in _regressions("vhost"):
+        run_one(path.read_bytes(), disk_fd)
+
+
+# -- short fuzz runs ----------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def fuzzers():
+    clang = shutil.which("clang-14") or shutil.which("clang")
+    assert clang, "clang is missing: run tools/install-deps.sh (make deps)"
+    fuzz_run.build()
+    return fuzz_run.BUILD
+
+
+@pytest.mark.parametrize("target", fuzz_run.TARGETS)
+def test_short_fuzz_run_finds_nothing(target, fuzzers):
+    if target == "vhost":
+        proc = subprocess.run([sys.executable, "-c", "import atheris"], capture_output=True)
+        assert proc.returncode == 0, "atheris is missing: pip install -e '.[test]'"
+    result = fuzz_run.run(target, [f"-max_total_time={SHORT_SECONDS}"], seed=1)
+    assert result.cases > 0, result.line()
+    assert result.ok, result.line() + "\n" + result.log.read_text(errors="replace")[-4000:]
