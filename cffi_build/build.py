@@ -57,6 +57,7 @@ def make_builder() -> cffi.FFI:
         sources=[_path(s) for s in SOURCES],
         depends=[_path(h) for h in HEADERS],
         include_dirs=[str(HERE)],
+        libraries=["crypto"],  # OpenSSL EVP for the AES-XTS datapath
         extra_compile_args=["-O2", "-Wall", "-Wextra", "-std=gnu11"],
     )
     return builder

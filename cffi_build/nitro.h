@@ -124,6 +124,9 @@ struct nitro_blk_stats {
     uint64_t inflight;                 /* fetched but not yet completed */
 };
 
+/* nitro_crypto.h: an AES-XTS key with its per-thread cipher contexts. */
+struct nitro_xts;
+
 struct nitro_blk_params {
     int fd;                 /* the backing file, opened by Python */
     uint32_t readonly;      /* nonzero: OUT/DISCARD/WRITE_ZEROES -> IOERR */
@@ -131,6 +134,12 @@ struct nitro_blk_params {
     uint32_t max_discard_sectors;
     uint32_t max_write_zeroes_sectors;
     uint8_t serial[20];     /* GET_ID answer, NUL-padded */
+    /* Encrypted volumes (LUKS2): NULL means plain. With a cipher, IN and
+     * OUT must cover whole encryption sectors (else IOERR), and DISCARD /
+     * WRITE_ZEROES must not be offered (zero limits above): zeroing
+     * ciphertext would not read back as zeros. */
+    struct nitro_xts *xts;
+    uint64_t data_offset;   /* bytes: where sector 0 lives in fd */
 };
 
 /* Serve one virtio-blk queue: fetch every available chain, do its I/O on

@@ -18,7 +18,21 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "nitro_crypto.h"
 #include "nitro_vring.h"
+
+/* Internal to nitro_xts.c and this file (not ABI: struct iovec). */
+struct nitro_xts_lane;
+struct nitro_xts_lane *nitro_xts_lane_get(struct nitro_xts *x);
+void nitro_xts_lane_put(struct nitro_xts_lane *l);
+uint8_t *nitro_xts_lane_bounce(struct nitro_xts_lane *l);
+struct iovec *nitro_xts_lane_iovs(struct nitro_xts_lane *l);
+int nitro_xts_decrypt_iov_inplace(struct nitro_xts *x, struct nitro_xts_lane *l,
+                                  struct iovec *iov, int cnt, uint64_t len,
+                                  uint64_t offset);
+int nitro_xts_iov(struct nitro_xts *x, struct nitro_xts_lane *l,
+                  struct iovec **iov, int *cnt, uint64_t len, uint64_t offset,
+                  bool enc);
 
 #define VIRTIO_BLK_T_IN 0
 #define VIRTIO_BLK_T_OUT 1
@@ -193,6 +207,67 @@ static int blk_rw(int fd, struct iovec *iov, int cnt, uint64_t off, bool write)
     return 0;
 }
 
+/* Read or write all of buf at off; a read past EOF zero-fills. 0 or -errno. */
+static int blk_rw_buf(int fd, uint8_t *buf, uint64_t len, uint64_t off,
+                      bool write)
+{
+    struct iovec iov = {.iov_base = buf, .iov_len = len};
+    return blk_rw(fd, &iov, 1, off, write);
+}
+
+/* Encrypted read: preadv straight into guest memory, then decrypt there
+ * in place (blk_rw edits the iovecs it walks, so it gets a scratch copy). */
+static int blk_read_xts(const struct nitro_blk_params *p,
+                        struct nitro_xts_lane *lane, struct iovec *iov, int cnt,
+                        uint64_t off, uint64_t len)
+{
+    struct iovec *scratch = nitro_xts_lane_iovs(lane);
+    memcpy(scratch, iov, (size_t)cnt * sizeof(*iov));
+    int rc = blk_rw(p->fd, scratch, cnt, p->data_offset + off, false);
+    if (rc == 0)
+        rc = nitro_xts_decrypt_iov_inplace(p->xts, lane, iov, cnt, len, off);
+    return rc > 0 ? -EIO : rc;
+}
+
+/* Encrypted I/O: whole encryption sectors. Writes go NITRO_XTS_BOUNCE
+ * bytes at a time through the lane's bounce buffer (never encrypt in guest
+ * memory: the guest still owns its buffer). `off` is the byte offset in the
+ * data segment, which is also what the IVs count from. */
+static int blk_rw_xts(const struct nitro_blk_params *p,
+                      struct nitro_xts_lane *lane, struct iovec *iov, int cnt,
+                      uint64_t off, uint64_t len, bool write)
+{
+    uint32_t ss = nitro_xts_sector_size(p->xts);
+    if (off % ss != 0 || len % ss != 0)
+        return -EINVAL;  /* the guest ignored blk_size */
+    if (!write)
+        return blk_read_xts(p, lane, iov, cnt, off, len);
+    uint8_t *bounce = nitro_xts_lane_bounce(lane);
+    while (len > 0) {
+        uint64_t n = len < NITRO_XTS_BOUNCE ? len : NITRO_XTS_BOUNCE;
+        int rc = nitro_xts_iov(p->xts, lane, &iov, &cnt, n, off, true);
+        if (rc == 0)
+            rc = blk_rw_buf(p->fd, bounce, n, p->data_offset + off, true);
+        if (rc != 0)
+            return rc < 0 ? rc : -EIO;
+        off += n;
+        len -= n;
+    }
+    return 0;
+}
+
+/* Move a request's payload: plain straight to/from guest memory, or
+ * through the cipher. `sector` is in 512-byte units. */
+static int blk_payload(const struct nitro_blk_params *p,
+                       struct nitro_xts_lane *lane, struct iovec *iov, int cnt,
+                       uint64_t sector, uint64_t len, bool write)
+{
+    uint64_t off = sector << SECTOR_SHIFT;
+    if (p->xts != NULL)
+        return blk_rw_xts(p, lane, iov, cnt, off, len, write);
+    return blk_rw(p->fd, iov, cnt, p->data_offset + off, write);
+}
+
 static int blk_fallocate(int fd, int mode, uint64_t off, uint64_t len)
 {
     int rc;
@@ -247,25 +322,27 @@ static int blk_zero_range(int fd, uint64_t off, uint64_t len, bool unmap)
 
 /* ---- operations -------------------------------------------------------- */
 
-static uint8_t blk_in(const struct nitro_blk_params *p, struct blk_req *rq,
+static uint8_t blk_in(const struct nitro_blk_params *p,
+                      struct nitro_xts_lane *lane, struct blk_req *rq,
                       struct blk_done *d)
 {
     /* used_len is 32 bits and a chain is capped at 2^32 bytes (2.7.5.2). */
     if (rq->wr_len >= UINT32_MAX || !blk_range_ok(p, rq->sector, rq->wr_len))
         return VIRTIO_BLK_S_IOERR;
-    if (blk_rw(p->fd, rq->wr, rq->n_wr, rq->sector << SECTOR_SHIFT, false) < 0)
+    if (blk_payload(p, lane, rq->wr, rq->n_wr, rq->sector, rq->wr_len, false) < 0)
         return VIRTIO_BLK_S_IOERR;
     d->bytes = rq->wr_len;
     d->used_len = (uint32_t)rq->wr_len + 1;
     return VIRTIO_BLK_S_OK;
 }
 
-static uint8_t blk_out(const struct nitro_blk_params *p, struct blk_req *rq,
+static uint8_t blk_out(const struct nitro_blk_params *p,
+                       struct nitro_xts_lane *lane, struct blk_req *rq,
                        struct blk_done *d)
 {
     if (p->readonly || !blk_range_ok(p, rq->sector, rq->rd_len))
         return VIRTIO_BLK_S_IOERR;
-    if (blk_rw(p->fd, rq->rd, rq->n_rd, rq->sector << SECTOR_SHIFT, true) < 0)
+    if (blk_payload(p, lane, rq->rd, rq->n_rd, rq->sector, rq->rd_len, true) < 0)
         return VIRTIO_BLK_S_IOERR;
     d->bytes = rq->rd_len;
     return VIRTIO_BLK_S_OK;
@@ -333,8 +410,11 @@ static uint8_t blk_discard_zeroes(const struct nitro_blk_params *p,
                                   const struct blk_req *rq, bool zeroes,
                                   struct blk_done *d)
 {
-    /* A zero limit means the feature is not offered to the driver. */
-    if ((zeroes ? p->max_write_zeroes_sectors : p->max_discard_sectors) == 0)
+    /* A zero limit means the feature is not offered to the driver; on an
+     * encrypted volume a hole or zeroed range would not read back as
+     * zeros, so neither is ever done there. */
+    if ((zeroes ? p->max_write_zeroes_sectors : p->max_discard_sectors) == 0 ||
+        p->xts != NULL)
         return VIRTIO_BLK_S_UNSUPP;
     if (p->readonly)
         return VIRTIO_BLK_S_IOERR;
@@ -344,7 +424,7 @@ static uint8_t blk_discard_zeroes(const struct nitro_blk_params *p,
     if (st != VIRTIO_BLK_S_OK)
         return st;
     for (int i = 0; i < count; i++) {
-        uint64_t off = seg[i].sector << SECTOR_SHIFT;
+        uint64_t off = p->data_offset + (seg[i].sector << SECTOR_SHIFT);
         uint64_t len = (uint64_t)seg[i].num_sectors << SECTOR_SHIFT;
         int rc = 0;
         if (len == 0)
@@ -363,17 +443,18 @@ static uint8_t blk_discard_zeroes(const struct nitro_blk_params *p,
     return VIRTIO_BLK_S_OK;
 }
 
-static void blk_execute(const struct nitro_blk_params *p, struct blk_req *rq,
+static void blk_execute(const struct nitro_blk_params *p,
+                        struct nitro_xts_lane *lane, struct blk_req *rq,
                         struct blk_done *d)
 {
     switch (rq->type) {
     case VIRTIO_BLK_T_IN:
         d->op = NITRO_BLK_OP_IN;
-        d->status = blk_in(p, rq, d);
+        d->status = blk_in(p, lane, rq, d);
         break;
     case VIRTIO_BLK_T_OUT:
         d->op = NITRO_BLK_OP_OUT;
-        d->status = blk_out(p, rq, d);
+        d->status = blk_out(p, lane, rq, d);
         break;
     case VIRTIO_BLK_T_FLUSH:
         d->op = NITRO_BLK_OP_FLUSH;
@@ -429,7 +510,7 @@ static void blk_account(struct nitro_blk_stats *s, const struct blk_done *d,
 /* Parse, execute and complete one chain; NITRO_ERR_GUEST if malformed. */
 static int blk_handle(struct nitro_vq *vq, struct nitro_chain *c,
                       const struct nitro_blk_params *p,
-                      struct nitro_blk_stats *s)
+                      struct nitro_xts_lane *lane, struct nitro_blk_stats *s)
 {
     uint64_t start = now_ns();
     nitro_stat_add(&s->inflight, 1);
@@ -439,7 +520,7 @@ static int blk_handle(struct nitro_vq *vq, struct nitro_chain *c,
         return NITRO_ERR_GUEST;
     }
     struct blk_done d = {.status = VIRTIO_BLK_S_IOERR, .used_len = 1};
-    blk_execute(p, &rq, &d);
+    blk_execute(p, lane, &rq, &d);
     /* Guest memory: one untorn store. nitro_vq_push() orders it before
      * the used->idx update. */
     __atomic_store_n(rq.status, d.status, __ATOMIC_RELAXED);
@@ -452,7 +533,7 @@ static int blk_handle(struct nitro_vq *vq, struct nitro_chain *c,
 /* Complete up to one ring's worth of chains, then notify once. Returns the
  * number completed or NITRO_ERR_GUEST (after notifying for the others). */
 static int64_t blk_batch(struct nitro_vq *vq, const struct nitro_blk_params *p,
-                         struct nitro_blk_stats *s)
+                         struct nitro_xts_lane *lane, struct nitro_blk_stats *s)
 {
     int64_t done = 0;
     int rc = NITRO_OK;
@@ -461,7 +542,7 @@ static int64_t blk_batch(struct nitro_vq *vq, const struct nitro_blk_params *p,
         rc = nitro_vq_pop(vq, &c);
         if (rc <= 0)
             break;
-        rc = blk_handle(vq, c, p, s);
+        rc = blk_handle(vq, c, p, lane, s);
         if (rc < 0)
             break;
         done++;
@@ -471,20 +552,16 @@ static int64_t blk_batch(struct nitro_vq *vq, const struct nitro_blk_params *p,
     return rc < 0 ? rc : done;
 }
 
-int64_t nitro_blk_serve(struct nitro_vq *vq,
-                        const struct nitro_blk_params *params,
-                        struct nitro_blk_stats *stats, int idle_ms)
+static int64_t blk_serve_loop(struct nitro_vq *vq,
+                              const struct nitro_blk_params *params,
+                              struct nitro_xts_lane *lane,
+                              struct nitro_blk_stats *stats, int idle_ms)
 {
-    if (vq == NULL || params == NULL || stats == NULL || params->fd < 0 ||
-        !nitro_vq_ready(vq))
-        return NITRO_ERR_ARG;
-    if (nitro_vq_fault(vq) != NITRO_FAULT_NONE)
-        return NITRO_ERR_GUEST;
     int64_t total = 0;
     /* We are about to look at the ring anyway: kicks would be wasted. */
     nitro_vq_disable_notify(vq);
     while (!nitro_vq_stopping(vq)) {
-        int64_t n = blk_batch(vq, params, stats);
+        int64_t n = blk_batch(vq, params, lane, stats);
         if (n < 0)
             return n;
         total += n;
@@ -508,4 +585,25 @@ int64_t nitro_blk_serve(struct nitro_vq *vq,
     }
     int rc = nitro_vq_enable_notify(vq);
     return rc < 0 ? rc : total;
+}
+
+int64_t nitro_blk_serve(struct nitro_vq *vq,
+                        const struct nitro_blk_params *params,
+                        struct nitro_blk_stats *stats, int idle_ms)
+{
+    if (vq == NULL || params == NULL || stats == NULL || params->fd < 0 ||
+        !nitro_vq_ready(vq))
+        return NITRO_ERR_ARG;
+    if (nitro_vq_fault(vq) != NITRO_FAULT_NONE)
+        return NITRO_ERR_GUEST;
+    /* One cipher lane per serving thread, held for the whole call. */
+    struct nitro_xts_lane *lane = NULL;
+    if (params->xts != NULL) {
+        lane = nitro_xts_lane_get(params->xts);
+        if (lane == NULL)
+            return NITRO_ERR_NOMEM;
+    }
+    int64_t rc = blk_serve_loop(vq, params, lane, stats, idle_ms);
+    nitro_xts_lane_put(lane);
+    return rc;
 }

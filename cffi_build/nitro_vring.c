@@ -488,6 +488,29 @@ void nitro_vq_push(struct nitro_vq *vq, uint16_t head, uint32_t len)
     nitro_stat_add(&vq->stats.chains, 1);
 }
 
+void nitro_vq_unpop(struct nitro_vq *vq, uint16_t n)
+{
+    vq->last_avail_idx -= n;
+}
+
+void nitro_vq_push_batch(struct nitro_vq *vq, const uint16_t *heads,
+                         const uint32_t *lens, uint32_t n)
+{
+    if (n == 0)
+        return;
+    for (uint32_t i = 0; i < n; i++) {
+        uint8_t *elem = vq->used + USED_RING((uint16_t)(vq->used_idx + i) &
+                                             (vq->num - 1));
+        guest_st32(elem, heads[i]);
+        guest_st32(elem + 4, lens[i]);
+    }
+    vq->used_idx += n;
+    /* Release: as in nitro_vq_push, elements and buffer contents first. */
+    atomic_thread_fence(memory_order_release);
+    guest_st16(vq->used + USED_IDX, vq->used_idx);
+    nitro_stat_add(&vq->stats.chains, n);
+}
+
 /* 2.7.7.2: with EVENT_IDX, interrupt when used->idx passed used_event
  * since the last interrupt. */
 static bool vring_need_event(uint16_t event_idx, uint16_t new_idx,

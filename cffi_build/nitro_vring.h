@@ -68,6 +68,15 @@ NITRO_INTERNAL int nitro_vq_pop(struct nitro_vq *vq, struct nitro_chain **out);
 /* Append (head, len) to the used ring and publish used->idx. */
 NITRO_INTERNAL void nitro_vq_push(struct nitro_vq *vq, uint16_t head,
                                   uint32_t len);
+/* Give back the last n popped chains (not yet pushed): they will be popped
+ * again. For receive paths that pop several buffers and then find the frame
+ * does not fit (virtio-net MRG_RXBUF). */
+NITRO_INTERNAL void nitro_vq_unpop(struct nitro_vq *vq, uint16_t n);
+/* Append n used elements, then publish used->idx once, so the driver sees
+ * them all together (MRG_RXBUF: num_buffers counts them). */
+NITRO_INTERNAL void nitro_vq_push_batch(struct nitro_vq *vq,
+                                        const uint16_t *heads,
+                                        const uint32_t *lens, uint32_t n);
 /* Signal the call fd if the driver asked for it (EVENT_IDX / NO_INTERRUPT). */
 NITRO_INTERNAL void nitro_vq_notify(struct nitro_vq *vq);
 NITRO_INTERNAL void nitro_vq_disable_notify(struct nitro_vq *vq);

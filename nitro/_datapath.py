@@ -215,22 +215,108 @@ class Virtqueue(_Owned):
         self._mem = None
 
 
+SECRET_MAX: Final[int] = lib.NITRO_SECRET_MAX
+
+
+class Secret(_Owned):
+    """Key material in C memory (nitro_secret): mlock'd where RLIMIT_MEMLOCK
+    allows, never in core dumps, wiped on close. Python never holds a copy:
+    bytes go in by fd (``read_fd``) or by a C library writing to ``address``."""
+
+    def __init__(self, capacity: int) -> None:
+        raw = lib.nitro_secret_new(capacity)
+        super().__init__(ffi.NULL if raw == ffi.NULL else ffi.gc(raw, lib.nitro_secret_free))
+
+    def read_fd(self, fd: int, strip_newline: bool) -> int:
+        """Replace the contents with everything read from fd (the caller's).
+        FrontendError when it is empty or larger than the capacity."""
+        return _check(lib.nitro_secret_read_fd(self.ptr, fd, int(strip_newline)),
+                      "reading a secret")
+
+    @property
+    def address(self) -> int:
+        """The buffer's address, for another cffi library (libcryptsetup)."""
+        return int(ffi.cast("uintptr_t", lib.nitro_secret_data(self.ptr)))
+
+    @property
+    def capacity(self) -> int:
+        return int(lib.nitro_secret_capacity(self.ptr))
+
+    def __len__(self) -> int:
+        return int(lib.nitro_secret_len(self.ptr))
+
+    def set_len(self, n: int) -> None:
+        _check(lib.nitro_secret_set_len(self.ptr, n), "nitro_secret_set_len")
+
+    @property
+    def locked(self) -> bool:
+        """True when the pages are mlock'd (cannot be swapped out)."""
+        return bool(lib.nitro_secret_locked(self.ptr))
+
+    def __repr__(self) -> str:  # never the contents
+        return f"<Secret {len(self) if self._cdata is not None else 'closed'} bytes>"
+
+
+class XtsCipher(_Owned):
+    """AES-XTS with dm-crypt's plain64 IVs (nitro_xts). The expanded key
+    lives only in OpenSSL contexts owned by C; ``close()`` cleanses them."""
+
+    def __init__(self, key: Secret, sector_size: int, iv_offset: int = 0) -> None:
+        if len(key) not in (32, 64) or sector_size not in (512, 4096):
+            raise ValueError("XTS needs a 32- or 64-byte key and 512- or 4096-byte sectors")
+        raw = lib.nitro_xts_new(key.ptr, sector_size, iv_offset)
+        if raw == ffi.NULL:
+            raise ValueError("OpenSSL refused the XTS key (equal halves?) or out of memory")
+        super().__init__(ffi.gc(raw, lib.nitro_xts_free))
+        self.sector_size = sector_size
+
+    def crypt_into(self, out: Any, data: Any, offset: int, encrypt: bool) -> None:
+        """En-/decrypt the buffer ``data`` into the writable buffer ``out``
+        (same length, may be the same object) as the sectors at byte
+        ``offset`` of the data segment. The GIL is released while it runs."""
+        src = ffi.from_buffer(data)
+        dst = ffi.from_buffer(out, require_writable=True)
+        if len(dst) != len(src):
+            raise ValueError("in and out differ in length")
+        _check(lib.nitro_xts_crypt(self.ptr, ffi.cast("uint8_t *", dst),
+                                   ffi.cast("uint8_t *", src), len(src), offset,
+                                   int(encrypt)), "nitro_xts_crypt")
+
+    def encrypt(self, data: bytes, offset: int) -> bytes:
+        out = bytearray(len(data))
+        self.crypt_into(out, data, offset, True)
+        return bytes(out)
+
+    def decrypt(self, data: bytes, offset: int) -> bytes:
+        out = bytearray(len(data))
+        self.crypt_into(out, data, offset, False)
+        return bytes(out)
+
+
 class BlkParams(_Owned):
-    """struct nitro_blk_params: the backing fd (the caller's) and limits."""
+    """struct nitro_blk_params: the backing fd (the caller's) and limits.
+    With ``xts`` the payload is encrypted (kept alive here as long as the
+    params are); ``data_offset`` is where sector 0 starts in the file."""
 
     def __init__(self, fd: int, capacity_sectors: int, readonly: bool = False,
                  max_discard_sectors: int = 0, max_write_zeroes_sectors: int = 0,
-                 serial: bytes = b"") -> None:
+                 serial: bytes = b"", xts: XtsCipher | None = None,
+                 data_offset: int = 0) -> None:
         if len(serial) > 20:
             raise ValueError("virtio-blk serial is at most 20 bytes")
+        if xts is not None and (max_discard_sectors or max_write_zeroes_sectors):
+            raise ValueError("an encrypted volume cannot offer DISCARD or WRITE_ZEROES")
         super().__init__(ffi.new("struct nitro_blk_params *", {
             "fd": fd,
             "readonly": int(readonly),
             "capacity": capacity_sectors,
             "max_discard_sectors": max_discard_sectors,
             "max_write_zeroes_sectors": max_write_zeroes_sectors,
+            "xts": xts.ptr if xts is not None else ffi.NULL,
+            "data_offset": data_offset,
         }))
         ffi.memmove(self._cdata.serial, serial, len(serial))
+        self._xts = xts
 
 
 class BlkStats(_Owned):
@@ -261,3 +347,112 @@ def blk_serve(vq: Virtqueue, params: BlkParams, stats: BlkStats, idle_ms: int) -
     ptr = vq.ptr
     return _check(lib.nitro_blk_serve(ptr, params.ptr, stats.ptr, idle_ms),
                   "nitro_blk_serve", ptr)
+
+
+# ---------------------------------------------------------------------------
+# virtio-net and the VPC switch (cffi_build/nitro_net.h)
+# ---------------------------------------------------------------------------
+
+NET_DROP_REASONS: Final[tuple[str, ...]] = (
+    "no_rx_buffer", "spoofed_source", "unknown_destination", "bad_header", "mtu",
+    "punt_overflow",
+)
+
+
+def _net_stats_dict(s: Any) -> dict[str, Any]:
+    return {
+        "packets_in": int(s.packets_in), "bytes_in": int(s.bytes_in),
+        "packets_out": int(s.packets_out), "bytes_out": int(s.bytes_out),
+        "drops": {name: int(s.drops[i]) for i, name in enumerate(NET_DROP_REASONS)},
+        "bw_in_allowance_exceeded": int(s.bw_in_allowance_exceeded),
+        "bw_out_allowance_exceeded": int(s.bw_out_allowance_exceeded),
+        "pps_allowance_exceeded": int(s.pps_allowance_exceeded),
+        "punted": int(s.punted),
+    }
+
+
+class Switch(_Owned):
+    """The VPC switch (struct nitro_switch). Tables (add_vpc, add_port,
+    set_uplink) are filled before traffic flows; MAC/IP arguments are bytes
+    in wire order. Close it only after every serving thread has returned."""
+
+    def __init__(self) -> None:
+        raw = lib.nitro_switch_new()
+        super().__init__(ffi.NULL if raw == ffi.NULL else ffi.gc(raw, lib.nitro_switch_free))
+        self._punt_buf = ffi.new("uint8_t[]", lib.NITRO_NET_PUNT_MAX_FRAME)
+        self._punt_port = ffi.new("uint32_t *")
+
+    def add_vpc(self, vpc: int, gateway_mac: bytes, gateway_ip: bytes, mtu: int) -> None:
+        _check(lib.nitro_switch_add_vpc(self.ptr, vpc, gateway_mac, gateway_ip, mtu),
+               "nitro_switch_add_vpc")
+
+    def add_port(self, port: int, vpc: int, mac: bytes, ip: bytes, *, bw_in: int = 0,
+                 bw_out: int = 0, pps: int = 0) -> None:
+        params = ffi.new("struct nitro_port_params *", {
+            "vpc": vpc, "mac": list(mac), "ip": list(ip),
+            "bw_in_bytes_per_sec": bw_in, "bw_out_bytes_per_sec": bw_out, "pps": pps})
+        _check(lib.nitro_switch_add_port(self.ptr, port, params), "nitro_switch_add_port")
+
+    def set_uplink(self, vpc: int, fd: int, mac: bytes | None) -> None:
+        _check(lib.nitro_switch_set_uplink(self.ptr, vpc, fd, mac if mac else ffi.NULL),
+               "nitro_switch_set_uplink")
+
+    def set_port_features(self, port: int, features: int) -> None:
+        _check(lib.nitro_switch_set_port_features(self.ptr, port, features),
+               "nitro_switch_set_port_features")
+
+    def attach_rx(self, port: int, pair: int, vq: Virtqueue) -> None:
+        _check(lib.nitro_switch_attach_rx(self.ptr, port, pair, vq.ptr), "nitro_switch_attach_rx")
+
+    def detach_rx(self, port: int, pair: int) -> None:
+        _check(lib.nitro_switch_detach_rx(self.ptr, port, pair), "nitro_switch_detach_rx")
+
+    @property
+    def punt_fd(self) -> int:
+        return int(lib.nitro_switch_punt_fd(self.ptr))
+
+    def punt_pop(self) -> tuple[int, bytes] | None:
+        """The next punted (port, frame), or None when the queue is empty."""
+        n = _check(lib.nitro_switch_punt_pop(self.ptr, self._punt_port, self._punt_buf,
+                                             lib.NITRO_NET_PUNT_MAX_FRAME), "nitro_switch_punt_pop")
+        if n == 0:
+            return None
+        return int(self._punt_port[0]), ffi.buffer(self._punt_buf, n)[:]
+
+    def inject(self, port: int, frame: bytes) -> bool:
+        """Deliver an Ethernet frame into the port's RX ring; False if dropped."""
+        return bool(_check(lib.nitro_switch_inject(self.ptr, port, frame, len(frame)),
+                           "nitro_switch_inject"))
+
+    def uplink_serve(self, vpc: int, timeout_ms: int) -> int:
+        """Move frames from the VPC's TAP into the switch (blocking, GIL released)."""
+        return _check(lib.nitro_switch_uplink_serve(self.ptr, vpc, timeout_ms),
+                      "nitro_switch_uplink_serve")
+
+    def port_stats(self, port: int) -> dict[str, Any]:
+        out = ffi.new("struct nitro_port_stats *")
+        _check(lib.nitro_switch_port_stats(self.ptr, port, out), "nitro_switch_port_stats")
+        return _net_stats_dict(out)
+
+    def uplink_stats(self, vpc: int) -> dict[str, Any]:
+        out = ffi.new("struct nitro_port_stats *")
+        _check(lib.nitro_switch_uplink_stats(self.ptr, vpc, out), "nitro_switch_uplink_stats")
+        return _net_stats_dict(out)
+
+
+def net_tx_serve(switch: Switch, port: int, vq: Virtqueue, idle_ms: int) -> int:
+    """Serve a virtio-net TX ring through the switch; like blk_serve."""
+    ptr = vq.ptr
+    return _check(lib.nitro_net_tx_serve(switch.ptr, port, ptr, idle_ms), "nitro_net_tx_serve", ptr)
+
+
+def net_rx_serve(vq: Virtqueue) -> int:
+    """An RX ring's worker: drain its kick (other threads fill the ring)."""
+    ptr = vq.ptr
+    return _check(lib.nitro_net_rx_serve(ptr), "nitro_net_rx_serve", ptr)
+
+
+def net_ctrl_serve(vq: Virtqueue, max_pairs: int, idle_ms: int) -> int:
+    """Serve a virtio-net control queue (ACK MQ/RX/MAC class commands)."""
+    ptr = vq.ptr
+    return _check(lib.nitro_net_ctrl_serve(ptr, max_pairs, idle_ms), "nitro_net_ctrl_serve", ptr)

@@ -118,7 +118,15 @@ def _cmd_status(view: DaemonView, request: dict) -> dict:
                         extra={"fields": {"device": name}})
             # One bad device must not hide the others from `nitro status`.
             devices.append({"id": name, "error": f"statistics() failed: {type(exc).__name__}: {exc}"})
-    return {"ok": True, "version": view.version, "devices": devices}
+    reply = {"ok": True, "version": view.version, "devices": devices}
+    fabric = getattr(view, "fabric", None)
+    if fabric is not None:
+        try:
+            reply["vpcs"] = fabric.statistics()
+        except Exception as exc:
+            log.warning("control: VPC statistics failed", exc_info=True)
+            reply["vpcs"] = {"error": f"statistics() failed: {type(exc).__name__}: {exc}"}
+    return reply
 
 
 _COMMANDS: dict[str, Callable[[DaemonView, dict], dict]] = {
@@ -437,11 +445,46 @@ def _format_device(d: dict) -> list[str]:
             rows.append([q.get("index", "?"), _yn(q.get("enabled")), _yn(q.get("running")),
                          q.get("kicks", 0), q.get("calls", 0), q.get("chains", 0), nonzero])
         lines += _table(["queue", "enabled", "running", "kicks", "calls", "chains", "faults"], rows)
+    net = d.get("net")
+    if isinstance(net, dict):
+        lines += _format_net(d, net)
     ops = d.get("ops") or {}
     if ops:
         lines.append("  ops:")
         rows = [[op, c.get("requests", 0), c.get("bytes", 0), c.get("errors", 0)] for op, c in ops.items()]
         lines += _table(["op", "requests", "bytes", "errors"], rows)
+    return lines
+
+
+def _format_net(d: dict, net: dict) -> list[str]:
+    lines = [f"  interface:   mac {d.get('mac', '?')}  ip {d.get('ip', '?')}  vpc {d.get('vpc', '?')}"]
+    lease = d.get("lease")
+    if lease:
+        lines.append(f"  lease:       {lease.get('state')} (expires in {lease.get('expires_in')} s)")
+    lines += _table(["direction", "packets", "bytes"],
+                    [["in", net.get("packets_in", 0), net.get("bytes_in", 0)],
+                     ["out", net.get("packets_out", 0), net.get("bytes_out", 0)]])
+    drops = net.get("drops") or {}
+    lines.append("  drops:       " + (" ".join(f"{k}={v}" for k, v in drops.items()) or "0"))
+    lines.append(f"  allowance:   bw_in_allowance_exceeded={net.get('bw_in_allowance_exceeded', 0)} "
+                 f"bw_out_allowance_exceeded={net.get('bw_out_allowance_exceeded', 0)} "
+                 f"pps_allowance_exceeded={net.get('pps_allowance_exceeded', 0)}")
+    return lines
+
+
+def _format_vpcs(vpcs: dict) -> list[str]:
+    lines = []
+    for vpc_id, v in vpcs.items():
+        if not isinstance(v, dict) or "counters" not in v:
+            lines.append(f"vpc {vpc_id}: {v}")
+            continue
+        c = " ".join(f"{k}={n}" for k, n in v["counters"].items() if n)
+        lines.append(f"vpc {vpc_id}: {c or 'no control traffic yet'}")
+        up = v.get("uplink")
+        if up:
+            lines.append(f"  uplink {up.get('name')}: in {up.get('packets_in', 0)} pkts "
+                         f"{up.get('bytes_in', 0)} B, out {up.get('packets_out', 0)} pkts "
+                         f"{up.get('bytes_out', 0)} B")
     return lines
 
 
@@ -459,4 +502,11 @@ def format_status(reply: dict) -> str:
             lines += _format_device(d)
         except Exception as exc:  # a field of an unexpected type: show the rest
             lines.append(f"{d.get('id', '?') if isinstance(d, dict) else '?'}: cannot display: {exc}")
+    vpcs = reply.get("vpcs")
+    if isinstance(vpcs, dict) and vpcs:
+        lines.append("")
+        try:
+            lines += _format_vpcs(vpcs)
+        except Exception as exc:
+            lines.append(f"vpcs: cannot display: {exc}")
     return "\n".join(lines)

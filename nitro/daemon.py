@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import signal
 from dataclasses import dataclass, field
+from typing import Any
 
 import trio
 
@@ -35,6 +36,7 @@ class Daemon:
     cfg: DaemonConfig
     servers: list[VhostUserServer] = field(default_factory=list)
     version: str = __version__
+    fabric: Any = None  # nitro.devices.net.fabric.NetFabric when [[net]] is configured
 
     @property
     def devices(self) -> list[VhostUserServer]:
@@ -48,6 +50,21 @@ class Daemon:
                 self.close()
                 raise StartupError(f"device {b.id}: {e}") from None
             self.servers.append(VhostUserServer(device, b.socket, device_id=b.id))
+        if self.cfg.net or any(v.uplink for v in self.cfg.vpc):
+            self._open_net()
+
+    def _open_net(self) -> None:
+        from nitro.devices.net.fabric import NetFabric
+        from nitro.devices.net.uplink import UplinkError
+
+        self.fabric = NetFabric(self.cfg)
+        try:
+            self.fabric.open_uplinks()
+        except UplinkError as e:
+            self.close()
+            raise StartupError(str(e)) from None
+        for n, device in zip(self.cfg.net, self.fabric.devices):
+            self.servers.append(VhostUserServer(device, n.socket, device_id=n.id))
 
     async def run(self, notifier: Notifier) -> None:
         msrv = metrics.start_metrics_server(self.cfg.metrics_listen, lambda: self.devices)
@@ -56,6 +73,9 @@ class Daemon:
                 for s in self.servers:
                     await nursery.start(s.serve)
                 await nursery.start(control.serve_control, self.cfg.control_socket, self)
+                if self.fabric is not None:
+                    nursery.start_soon(self.fabric.serve_punts)
+                    self.fabric.start_uplink_threads()
                 nursery.start_soon(watchdog_loop, notifier)
                 notifier.ready()
                 log_event(log, logging.INFO, "serving", devices=len(self.servers),
@@ -81,6 +101,8 @@ class Daemon:
             await trio.to_thread.run_sync(s.device.flush)
 
     def close(self) -> None:
+        if self.fabric is not None:
+            self.fabric.stop()  # uplink threads first: they deliver into RX rings
         for s in self.servers:
             s.device.close()
             try:
@@ -88,6 +110,9 @@ class Daemon:
             except OSError:
                 pass
         self.servers = []
+        if self.fabric is not None:
+            self.fabric.close()
+            self.fabric = None
 
 
 async def _wait_for_stop_signal() -> None:

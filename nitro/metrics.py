@@ -54,6 +54,10 @@ BLK_OPS = ("in", "out", "flush", "get_id", "discard", "write_zeroes", "unsupport
 #: ``error`` label values of nitro_guest_errors_total (keys of a queue's "faults").
 GUEST_ERRORS = ("avail_idx", "desc_index", "desc_addr", "desc_loop", "indirect", "desc_order", "request")
 
+#: ``reason`` label values of nitro_net_drops_total (keys of statistics()["net"]["drops"]).
+NET_DROP_REASONS = ("no_rx_buffer", "spoofed_source", "unknown_destination", "bad_header", "mtu",
+                    "punt_overflow")
+
 GetDevices = Callable[[], Iterable[Any]]
 
 
@@ -100,6 +104,31 @@ class _Families:
             "nitro_virtqueue_calls", "Call (used buffer) notifications sent to the guest.", labels=["device", "queue"])
         self.vq_chains = CounterMetricFamily(
             "nitro_virtqueue_chains", "Descriptor chains processed.", labels=["device", "queue"])
+        il = ["interface"]
+        self.net_packets = CounterMetricFamily(
+            "nitro_net_packets", "Frames switched for a virtio-net interface; direction in = into the guest.",
+            labels=["interface", "direction"])
+        self.net_bytes = CounterMetricFamily(
+            "nitro_net_bytes", "Ethernet bytes (no virtio header) switched for a virtio-net interface.",
+            labels=["interface", "direction"])
+        self.net_drops = CounterMetricFamily(
+            "nitro_net_drops", "Frames the switch dropped, by reason, charged to the sending interface "
+            "(no_rx_buffer: to the receiving one).", labels=["interface", "reason"])
+        self.net_bw_in = CounterMetricFamily(
+            "nitro_net_bw_in_allowance_exceeded",
+            "Frames towards the guest dropped because the interface's inbound bandwidth allowance was exceeded.",
+            labels=il)
+        self.net_bw_out = CounterMetricFamily(
+            "nitro_net_bw_out_allowance_exceeded",
+            "Frames from the guest dropped because the interface's outbound bandwidth allowance was exceeded.",
+            labels=il)
+        self.net_pps = CounterMetricFamily(
+            "nitro_net_pps_allowance_exceeded",
+            "Frames (either direction) dropped because the interface's packets-per-second allowance was exceeded.",
+            labels=il)
+        self.net_punted = CounterMetricFamily(
+            "nitro_net_punted", "Control frames (ARP, DHCP, to the gateway) handed to nitro's VPC responders.",
+            labels=il)
         self.device_info = GaugeMetricFamily(
             "nitro_device_info", "Always 1; the labels describe a configured device.",
             labels=["device", "kind", "socket", "readonly"])
@@ -171,6 +200,19 @@ def _add_device(f: _Families, stats: dict) -> None:
         if "latency_buckets" in stats:
             buckets, _ = _cumulative_buckets(stats["latency_buckets"])
             histogram = (buckets, float(stats.get("latency_sum_seconds", 0.0)))
+
+    if kind == "net" and isinstance(stats.get("net"), dict):
+        net = stats["net"]
+        for direction in ("in", "out"):
+            adds += [(f.net_packets, [dev, direction], net[f"packets_{direction}"]),
+                     (f.net_bytes, [dev, direction], net[f"bytes_{direction}"])]
+        drops = net.get("drops", {})
+        for reason in dict.fromkeys((*NET_DROP_REASONS, *drops)):
+            adds.append((f.net_drops, [dev, reason], drops.get(reason, 0)))
+        adds += [(f.net_bw_in, [dev], net["bw_in_allowance_exceeded"]),
+                 (f.net_bw_out, [dev], net["bw_out_allowance_exceeded"]),
+                 (f.net_pps, [dev], net["pps_allowance_exceeded"]),
+                 (f.net_punted, [dev], net.get("punted", 0))]
 
     values = [(family, labels, float(value)) for family, labels, value in adds]  # raises on non-numbers
     for family, labels, value in values:

@@ -1,8 +1,20 @@
-"""`nitro volume ...`: create and manage volumes (image files) offline."""
+"""`nitro volume ...`: create and manage volumes (image files) offline.
+
+Encrypted volumes are LUKS2 (docs/encryption.md): `create --encrypt`,
+`info`, `add-key`, `remove-key`, `erase`. Commands that change a header
+take the image's exclusive flock, the one a serving daemon holds, so they
+refuse while the volume is attached. Nothing here prints key material.
+"""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import errno
+import fcntl
+import os
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 from nitro import config
@@ -11,33 +23,277 @@ EXIT_USAGE = 2
 EXIT_FAILURE = 1
 
 
+class CliError(Exception):
+    """A failure reported as one line; ``code`` is the exit status."""
+
+    def __init__(self, message: str, code: int = EXIT_FAILURE) -> None:
+        super().__init__(message)
+        self.code = code
+
+
 def add_parser(sub) -> None:
     vol = sub.add_parser("volume", help="create and manage volumes")
     vsub = vol.add_subparsers(metavar="ACTION")
-    create = vsub.add_parser("create", help="create a volume (sparse raw)")
+
+    create = vsub.add_parser("create", help="create a volume (sparse raw, or LUKS2 with --encrypt)")
     create.add_argument("path", type=Path)
-    create.add_argument("--size", required=True, help="e.g. 10G")
+    create.add_argument("--size", required=True, help="guest-visible size, e.g. 10G")
+    create.add_argument("--encrypt", action="store_true", help="LUKS2, aes-xts-plain64")
+    _key_args(create, required=False)
+    create.add_argument("--key-size", type=int, choices=[256, 512], default=512,
+                        help="XTS volume key bits (default 512: AES-256-XTS)")
+    create.add_argument("--sector-size", type=int, choices=[512, 4096], default=512,
+                        help="encryption sector = the guest's logical block size (default 512)")
+    _pbkdf_args(create)
     create.set_defaults(func=cmd_create)
+
+    info = vsub.add_parser("info", help="describe a volume (no key material)")
+    info.add_argument("path", type=Path)
+    info.set_defaults(func=cmd_info)
+
+    add = vsub.add_parser("add-key", help="add a keyslot to an encrypted volume")
+    add.add_argument("path", type=Path)
+    _key_args(add, required=True)
+    new = add.add_mutually_exclusive_group(required=True)
+    new.add_argument("--new-key-file", type=Path)
+    new.add_argument("--new-passphrase-file", type=Path)
+    _pbkdf_args(add)
+    add.set_defaults(func=cmd_add_key)
+
+    rm = vsub.add_parser("remove-key", help="remove the keyslot a key opens (not the last)")
+    rm.add_argument("path", type=Path)
+    _key_args(rm, required=True)
+    rm.set_defaults(func=cmd_remove_key)
+
+    erase = vsub.add_parser("erase", help="crypto-erase: destroy every keyslot (irreversible)")
+    erase.add_argument("path", type=Path)
+    erase.add_argument("--yes", action="store_true", help="confirm: the data becomes unrecoverable")
+    erase.set_defaults(func=cmd_erase)
+
+
+def _key_args(p: argparse.ArgumentParser, *, required: bool) -> None:
+    g = p.add_mutually_exclusive_group(required=required)
+    g.add_argument("--key-file", type=Path, help="used byte for byte (cryptsetup --key-file)")
+    g.add_argument("--passphrase-file", type=Path, help="one trailing newline dropped")
+
+
+def _pbkdf_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--pbkdf", choices=["argon2id", "argon2i", "pbkdf2"], default="argon2id")
+    p.add_argument("--iter-time", type=int, default=2000, metavar="MS",
+                   help="PBKDF time cost to benchmark for (default 2000 ms)")
+    p.add_argument("--pbkdf-force-iterations", type=int, metavar="N",
+                   help="fixed iterations instead of benchmarking (tests)")
+    p.add_argument("--pbkdf-memory", type=int, metavar="KB", help="argon2 memory cost cap")
 
 
 def _fail(msg: str, code: int) -> int:
-    import sys
     print(f"nitro: error: {msg}", file=sys.stderr)
     return code
 
 
+def _run(fn, args: argparse.Namespace) -> int:
+    """Run one command; every expected failure is one line and an exit code."""
+    from nitro.crypto import keys, luks
+    from nitro.devices.blk.backends.raw import VolumeError
+
+    try:
+        return fn(args)
+    except CliError as e:
+        return _fail(str(e), e.code)
+    except (VolumeError, luks.LuksError, keys.KeyMaterialError) as e:
+        return _fail(str(e), EXIT_FAILURE)
+
+
+# ---- create ------------------------------------------------------------------
+
 def cmd_create(args: argparse.Namespace) -> int:
-    from nitro.devices.blk.backends.raw import VolumeError, create_sparse
+    return _run(_create, args)
+
+
+def _create(args: argparse.Namespace) -> int:
+    from nitro.devices.blk.backends.raw import create_sparse
 
     try:
         size = config.parse_size(args.size, "<command line>", "--size")
     except config.ConfigError as e:
-        return _fail(str(e), EXIT_USAGE)
+        raise CliError(str(e), EXIT_USAGE) from None
     if args.path.exists():
-        return _fail(f"{args.path}: already exists; refusing to overwrite", EXIT_FAILURE)
-    try:
+        raise CliError(f"{args.path}: already exists; refusing to overwrite")
+    if not args.encrypt:
+        if args.key_file or args.passphrase_file:
+            raise CliError("--key-file/--passphrase-file need --encrypt", EXIT_USAGE)
         create_sparse(args.path, size)
-    except VolumeError as e:
-        return _fail(str(e), EXIT_FAILURE)
-    print(f"created {args.path} ({size} bytes, sparse raw)")
+        print(f"created {args.path} ({size} bytes, sparse raw)")
+        return 0
+    if not (args.key_file or args.passphrase_file):
+        raise CliError("--encrypt needs --key-file or --passphrase-file", EXIT_USAGE)
+    if size % args.sector_size:
+        raise CliError(f"--size must be a multiple of --sector-size {args.sector_size}", EXIT_USAGE)
+    info = _create_encrypted(args, size)
+    print(f"created {args.path} ({size} bytes of data, LUKS2 {info.cipher}, {info.key_bits}-bit key, "
+          f"{info.sector_size}-byte sectors, data at {info.data_offset}, "
+          f"keyslot {info.keyslots[0].slot}: {info.keyslots[0].pbkdf})")
+    return 0
+
+
+# libcryptsetup's default LUKS2 data offset: the header and keyslot areas.
+_HEADER_ROOM = 16 << 20
+
+
+def _create_encrypted(args: argparse.Namespace, size: int):
+    from nitro.crypto import luks
+
+    secret = _read_key(args.key_file, args.passphrase_file)
+    args.path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        fd = os.open(args.path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    except OSError as e:
+        secret.close()
+        raise CliError(f"{args.path}: cannot create: {e.strerror}") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        os.ftruncate(fd, _HEADER_ROOM + size)  # sparse; room for the header first
+        info = luks.format_volume(args.path, secret, key_bits=args.key_size,
+                                  sector_size=args.sector_size, pbkdf=_pbkdf(args))
+        os.ftruncate(fd, info.data_offset + size)
+        os.fsync(fd)
+        return info
+    except BaseException:
+        os.unlink(args.path)  # a half-made volume is worse than none
+        raise
+    finally:
+        os.close(fd)
+        secret.close()
+
+
+def _pbkdf(args: argparse.Namespace):
+    from nitro.crypto import luks
+
+    return luks.Pbkdf(kind=args.pbkdf, time_ms=args.iter_time,
+                      iterations=args.pbkdf_force_iterations, memory_kb=args.pbkdf_memory)
+
+
+def _read_key(key_file: Path | None, passphrase_file: Path | None):
+    from nitro.crypto import keys
+
+    if key_file is not None:
+        return keys.read_secret(key_file, passphrase=False)
+    assert passphrase_file is not None
+    return keys.read_secret(passphrase_file, passphrase=True)
+
+
+# ---- locking -------------------------------------------------------------------
+
+@contextlib.contextmanager
+def _exclusive(path: Path) -> Iterator[None]:
+    """Hold the image's exclusive flock: a serving daemon holds it too."""
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+    except OSError as e:
+        raise CliError(f"{path}: cannot open: {e.strerror}") from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+                raise CliError(f"{path}: attached to a running nitro (the image is locked); "
+                               "stop that device first") from None
+            raise CliError(f"{path}: cannot lock: {e.strerror}") from None
+        yield
+    finally:
+        os.close(fd)
+
+
+def _attached(path: Path) -> bool:
+    try:
+        with _exclusive(path):
+            return False
+    except CliError:
+        return True
+
+
+# ---- info, keys, erase -----------------------------------------------------------
+
+def cmd_info(args: argparse.Namespace) -> int:
+    return _run(_info, args)
+
+
+def _info(args: argparse.Namespace) -> int:
+    from nitro.crypto import luks
+
+    if not args.path.exists():
+        raise CliError(f"{args.path}: no such volume")
+    file_size = args.path.stat().st_size
+    attached = "yes" if _attached(args.path) else "no"
+    try:
+        info = luks.read_info(args.path)
+    except luks.UnsupportedVolumeError:
+        raise
+    except luks.LuksError:
+        print(f"{args.path}: raw, {file_size} bytes, attached: {attached}")
+        return 0
+    data = info.data_size if info.data_size is not None else file_size - info.data_offset
+    slots = ", ".join(f"{k.slot} ({k.pbkdf})" for k in info.keyslots) or "none (erased)"
+    print(f"{args.path}: LUKS2\n"
+          f"  uuid:        {info.uuid}\n"
+          f"  cipher:      {info.cipher}, {info.key_bits}-bit key\n"
+          f"  sector size: {info.sector_size}\n"
+          f"  data:        {data} bytes at offset {info.data_offset}\n"
+          f"  keyslots:    {slots}\n"
+          f"  attached:    {attached}")
+    return 0
+
+
+def cmd_add_key(args: argparse.Namespace) -> int:
+    return _run(_add_key, args)
+
+
+def _add_key(args: argparse.Namespace) -> int:
+    from nitro.crypto import luks
+
+    with _exclusive(args.path):
+        old = _read_key(args.key_file, args.passphrase_file)
+        try:
+            new = _read_key(args.new_key_file, args.new_passphrase_file)
+            try:
+                slot = luks.add_key(args.path, old, new, _pbkdf(args))
+            finally:
+                new.close()
+        finally:
+            old.close()
+    print(f"{args.path}: added keyslot {slot}")
+    return 0
+
+
+def cmd_remove_key(args: argparse.Namespace) -> int:
+    return _run(_remove_key, args)
+
+
+def _remove_key(args: argparse.Namespace) -> int:
+    from nitro.crypto import luks
+
+    with _exclusive(args.path):
+        key = _read_key(args.key_file, args.passphrase_file)
+        try:
+            slot = luks.remove_key(args.path, key)
+        finally:
+            key.close()
+    print(f"{args.path}: removed keyslot {slot}")
+    return 0
+
+
+def cmd_erase(args: argparse.Namespace) -> int:
+    return _run(_erase, args)
+
+
+def _erase(args: argparse.Namespace) -> int:
+    from nitro.crypto import luks
+
+    if not args.yes:
+        raise CliError(f"{args.path}: erase destroys every keyslot and the data with them; "
+                       "pass --yes to confirm", EXIT_USAGE)
+    with _exclusive(args.path):
+        slots = luks.destroy_all_keyslots(args.path)
+    print(f"{args.path}: destroyed keyslots {', '.join(map(str, slots)) or '(none left)'}; "
+          "the data can no longer be decrypted")
     return 0

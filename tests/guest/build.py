@@ -70,6 +70,34 @@ ICUDATA_STUB_SOURCE = "const char {symbol}[16] __attribute__((aligned(16))) = {{
 
 BUILD_FORMAT = 1  # bump to invalidate every cached image
 
+# busybox udhcpc runs this on each lease event ($1: deconfig|bound|renew|nak).
+# It configures the interface and records the lease in /tmp/dhcp-$interface
+# so test scripts can print what the server handed out.
+UDHCPC_SCRIPT = b"""#!/bin/sh
+case "$1" in
+deconfig)
+    ip addr flush dev "$interface"
+    ip link set "$interface" up
+    ;;
+bound|renew)
+    ifconfig "$interface" "$ip" netmask "$subnet" up
+    [ -n "$mtu" ] && ip link set "$interface" mtu "$mtu"
+    if [ -n "$router" ]; then
+        while route del default gw 0.0.0.0 dev "$interface" 2>/dev/null; do :; done
+        for r in $router; do route add default gw "$r" dev "$interface"; break; done
+    fi
+    : > /etc/resolv.conf
+    for d in $dns; do echo "nameserver $d" >> /etc/resolv.conf; done
+    echo "event=$1 ip=$ip subnet=$subnet router=$router mtu=$mtu dns=$dns lease=$lease serverid=$serverid" > "/tmp/dhcp-$interface"
+    echo "DHCP-$1 $interface ip=$ip subnet=$subnet router=$router mtu=$mtu dns=$dns lease=$lease"
+    ;;
+nak)
+    echo "DHCP-nak $interface $message"
+    ;;
+esac
+exit 0
+"""
+
 
 class GuestBuildError(RuntimeError):
     """The guest image cannot be built on this host.
@@ -444,6 +472,7 @@ def _write_initramfs(
                 cpio.symlink(applet, "/bin/busybox")
 
         cpio.file("init", INIT_SCRIPT.read_bytes(), 0o755)
+        cpio.file("usr/share/udhcpc/default.script", UDHCPC_SCRIPT, 0o755)
         lines = []
         for m in modules:
             inside = f"lib/modules/{kver}/{m.path.name.split('.ko')[0]}.ko"

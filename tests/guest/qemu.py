@@ -121,6 +121,7 @@ def qemu_command(
     cpus: int = 1,
     extra_args: Sequence[str] = (),
     cmdline: str = KERNEL_CMDLINE,
+    net_macs: Sequence[str] = (),
 ) -> list[str]:
     """The QEMU argv for one boot (exposed so tests and docs can show it)."""
     argv = [
@@ -157,7 +158,8 @@ def qemu_command(
             "-netdev", f"vhost-user,id=net{i},chardev=net{i}c,queues={net_queues}",
             # vectors=0: QEMU 7.2 TCG segfaults with vhost-user-net + MSI-X.
             "-device",
-            f"virtio-net-pci,netdev=net{i},mq=on,vectors=0,mac={mac_address(i)}",
+            f"virtio-net-pci,netdev=net{i},mq=on,vectors=0,"
+            f"mac={net_macs[i] if i < len(net_macs) else mac_address(i)}",
         ]  # fmt: skip
     argv += list(extra_args)
     return argv
@@ -185,6 +187,7 @@ class GuestProcess:
         cpus: int = 1,
         extra_args: Sequence[str] = (),
         cmdline: str = KERNEL_CMDLINE,
+        net_macs: Sequence[str] = (),
     ) -> None:
         if shutil.which(QEMU) is None:
             raise GuestError(f"{QEMU} not found: apt-get install qemu-system-x86")
@@ -211,6 +214,7 @@ class GuestProcess:
             cpus=cpus,
             extra_args=extra_args,
             cmdline=cmdline,
+            net_macs=net_macs,
         )
         self._proc: subprocess.Popen | None = None
         self._started = 0.0
@@ -374,6 +378,7 @@ def run_guest(
     extra_args: Sequence[str] = (),
     cpus: int = 1,
     cmdline: str = KERNEL_CMDLINE,
+    net_macs: Sequence[str] = (),
 ) -> GuestResult:
     """Boot the guest, run `script` with sh, return when it powers off or at `timeout`.
 
@@ -393,6 +398,7 @@ def run_guest(
         cpus=cpus,
         extra_args=extra_args,
         cmdline=cmdline,
+        net_macs=net_macs,
     )
     guest.start()
     try:

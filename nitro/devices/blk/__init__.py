@@ -13,5 +13,15 @@ def open_device(cfg: BlkConfig):
     from nitro.devices.blk.backends.raw import RawImage
     from nitro.devices.blk.device import BlkDevice
 
-    volume = RawImage.open(cfg.image, size=cfg.size, readonly=cfg.readonly)
-    return BlkDevice(cfg, volume)
+    if cfg.encryption is not None:
+        from nitro.devices.blk.backends.luks import LuksVolume
+
+        volume = LuksVolume.open(cfg.image, cfg.encryption, size=cfg.size,
+                                 readonly=cfg.readonly)
+    else:
+        volume = RawImage.open(cfg.image, size=cfg.size, readonly=cfg.readonly)
+    try:
+        return BlkDevice(cfg, volume)
+    except BaseException:
+        volume.close()
+        raise

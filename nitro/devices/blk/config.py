@@ -63,13 +63,15 @@ class BlkConfigSpace:
         return window + bytes(size - len(window))
 
 
-def device_features(*, readonly: bool, num_queues: int) -> int:
+def device_features(*, readonly: bool, num_queues: int, discard: bool = True) -> int:
+    """discard=False: offer neither DISCARD nor WRITE_ZEROES (encrypted
+    volumes, where a zeroed range of ciphertext is not zeros to the guest)."""
     bits = [VIRTIO_F_VERSION_1, VIRTIO_RING_F_INDIRECT_DESC, VIRTIO_RING_F_EVENT_IDX,
             VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_FLUSH]
     if num_queues > 1:
         bits.append(VIRTIO_BLK_F_MQ)
     if readonly:
         bits.append(VIRTIO_BLK_F_RO)
-    else:  # a read-only disk has nothing to discard or zero
+    elif discard:  # a read-only disk has nothing to discard or zero
         bits += [VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_WRITE_ZEROES]
     return sum(1 << b for b in bits)

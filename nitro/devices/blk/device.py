@@ -7,10 +7,15 @@ and one C stats block per queue. Serving a queue is one C call per batch
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from nitro import _datapath
 from nitro.config import BlkConfig
 from nitro.devices.blk import config as blkcfg
 from nitro.devices.blk.backends.raw import RawImage
+
+if TYPE_CHECKING:
+    from nitro.devices.blk.backends.luks import LuksVolume
 from nitro.vhost.protocol import ProtocolFeature
 
 # Ring entries kept free so a chain of seg_max data buffers plus header and
@@ -21,13 +26,16 @@ _RING_OVERHEAD = 2
 class BlkDevice:
     kind = "blk"
 
-    def __init__(self, cfg: BlkConfig, volume: RawImage) -> None:
+    def __init__(self, cfg: BlkConfig, volume: RawImage | LuksVolume) -> None:
         self.cfg = cfg
         self.volume = volume
         self.num_queues = cfg.queues
         self.max_queue_size = cfg.queue_size
+        # Zeroing or punching ciphertext would not read back as zeros, so an
+        # encrypted volume offers neither DISCARD nor WRITE_ZEROES.
+        plain = volume.xts is None
         self.device_features = blkcfg.device_features(
-            readonly=cfg.readonly, num_queues=cfg.queues)
+            readonly=cfg.readonly, num_queues=cfg.queues, discard=plain)
         # No INFLIGHT_SHMFD yet: QEMU would then expect GET_INFLIGHT_FD.
         self.protocol_features = int(
             ProtocolFeature.MQ | ProtocolFeature.REPLY_ACK | ProtocolFeature.CONFIG
@@ -37,13 +45,17 @@ class BlkDevice:
         self.config_space = blkcfg.BlkConfigSpace(
             capacity_sectors=volume.capacity_sectors,
             seg_max=cfg.queue_size - _RING_OVERHEAD,
-            num_queues=cfg.queues)
+            num_queues=cfg.queues,
+            blk_size=volume.block_size,
+            max_discard_sectors=blkcfg.MAX_DISCARD_SECTORS if plain else 0,
+            max_write_zeroes_sectors=blkcfg.MAX_DISCARD_SECTORS if plain else 0)
         self.params = _datapath.BlkParams(
             fd=volume.fd, capacity_sectors=volume.capacity_sectors,
             readonly=cfg.readonly,
             max_discard_sectors=self.config_space.max_discard_sectors,
             max_write_zeroes_sectors=self.config_space.max_write_zeroes_sectors,
-            serial=cfg.serial.encode())
+            serial=cfg.serial.encode(),
+            xts=volume.xts, data_offset=volume.data_offset)
         self.stats = [_datapath.BlkStats() for _ in range(cfg.queues)]
 
     # -- backend contract ------------------------------------------------

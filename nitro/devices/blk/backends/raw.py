@@ -21,11 +21,17 @@ class VolumeError(Exception):
 
 
 class RawImage:
+    # The volume interface BlkDevice uses; an encrypted volume
+    # (backends/luks.py) overrides these.
+    block_size = SECTOR_SIZE  # the guest's logical block size
+    data_offset = 0           # bytes of the file before sector 0
+    xts = None                # the C sector cipher; None: plain
+
     def __init__(self, path: Path, fd: int, size: int, readonly: bool) -> None:
         self.path, self.fd, self.size, self.readonly = path, fd, size, readonly
 
     @classmethod
-    def open(cls, path: Path, *, size: int | None, readonly: bool) -> "RawImage":
+    def open(cls, path: Path, *, size: int | None, readonly: bool) -> RawImage:
         """Open (and when `size` is given, create sparse or grow) an image."""
         flags = (os.O_RDONLY if readonly else os.O_RDWR) | os.O_CLOEXEC
         if size is not None and not readonly:

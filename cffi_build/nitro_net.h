@@ -1,0 +1,125 @@
+/*
+ * nitro_net.h: the C ABI of nitro's virtio-net datapath and VPC switch.
+ *
+ * Like nitro.h this is both a header and a cffi cdef (build.py adds it when
+ * it exists): fixed-width ints, plain structs, opaque pointers, integer
+ * #defines only.
+ *
+ * Model. One nitro_switch holds every VPC and every interface ("port") the
+ * daemon serves. Python builds the tables at start-up (add_vpc, add_port,
+ * set_uplink) and never changes them while traffic flows; after that it only
+ * attaches/detaches RX rings (under each RX slot's lock) and reads counters.
+ *
+ * Per TX chain (virtio 1.2 5.1.6.2): the chain is copied out of guest memory
+ * once into a per-call scratch buffer, the 12-byte virtio_net_hdr checked,
+ * the frame classified (anti-spoofing: source MAC and IPv4 source must be the
+ * port's own; VPC; destination MAC) and then copied into the destination's
+ * RX ring under that ring's lock, written to the VPC's uplink TAP, or punted
+ * (ARP requests, DHCP, traffic to the gateway IP) to Python through a bounded
+ * queue whose eventfd Python waits on. Python answers by nitro_switch_inject.
+ *
+ * Byte order: MAC and IPv4 addresses are passed as bytes in wire order.
+ */
+#ifndef NITRO_NET_H
+#define NITRO_NET_H
+#include <stdint.h>
+
+#define NITRO_NET_HDR_LEN 12         /* struct virtio_net_hdr_v1 (VERSION_1) */
+#define NITRO_NET_MAX_PORTS 256
+#define NITRO_NET_MAX_VPCS 64
+#define NITRO_NET_MAX_PAIRS 16
+#define NITRO_NET_MAX_FRAME 65550    /* 64 KiB payload + Ethernet + VLAN */
+#define NITRO_NET_PUNT_MAX_FRAME 2048
+#define NITRO_NET_PUNT_SLOTS 256
+
+/* Drop reasons (index into nitro_port_stats.drops). */
+#define NITRO_NET_DROP_NO_RX_BUFFER 0        /* destination ring absent/full */
+#define NITRO_NET_DROP_SPOOFED_SOURCE 1      /* source MAC/IP not the port's */
+#define NITRO_NET_DROP_UNKNOWN_DESTINATION 2 /* no such MAC in the VPC */
+#define NITRO_NET_DROP_BAD_HEADER 3          /* short frame, bad virtio_net_hdr */
+#define NITRO_NET_DROP_MTU 4                 /* frame longer than the VPC MTU */
+#define NITRO_NET_DROP_PUNT_OVERFLOW 5       /* control queue to Python full */
+#define NITRO_NET_DROP_KINDS 6
+
+/* "in" is towards the guest (its RX ring), "out" is from the guest. */
+struct nitro_port_stats {
+    uint64_t packets_in;
+    uint64_t bytes_in;
+    uint64_t packets_out;
+    uint64_t bytes_out;
+    uint64_t drops[NITRO_NET_DROP_KINDS];
+    uint64_t bw_in_allowance_exceeded;
+    uint64_t bw_out_allowance_exceeded;
+    uint64_t pps_allowance_exceeded;
+    uint64_t punted;
+};
+
+struct nitro_port_params {
+    uint32_t vpc;            /* index given to nitro_switch_add_vpc */
+    uint8_t mac[6];
+    uint8_t ip[4];
+    uint64_t bw_in_bytes_per_sec;   /* 0: unlimited */
+    uint64_t bw_out_bytes_per_sec;
+    uint64_t pps;                   /* packets in + out per second */
+};
+
+struct nitro_switch;
+struct nitro_vq;
+
+struct nitro_switch *nitro_switch_new(void);
+void nitro_switch_free(struct nitro_switch *sw);
+/* VPC number vpc (0..MAX_VPCS-1): its gateway's MAC and IPv4, and MTU (L3). */
+int nitro_switch_add_vpc(struct nitro_switch *sw, uint32_t vpc,
+                         const uint8_t *gateway_mac, const uint8_t *gateway_ip,
+                         uint32_t mtu);
+/* Port number port (0..MAX_PORTS-1), in params->vpc. */
+int nitro_switch_add_port(struct nitro_switch *sw, uint32_t port,
+                          const struct nitro_port_params *params);
+/* The VPC's uplink TAP (IFF_TAP|IFF_NO_PI, non-blocking) and its MAC; the fd
+ * stays the caller's; -1 removes it. Only while no traffic flows. */
+int nitro_switch_set_uplink(struct nitro_switch *sw, uint32_t vpc, int fd,
+                            const uint8_t *mac);
+/* Negotiated virtio-net features of the port's current frontend. */
+int nitro_switch_set_port_features(struct nitro_switch *sw, uint32_t port,
+                                   uint64_t features);
+/* Make a started RX ring (queue pair `pair`) reachable by other ports'
+ * deliveries, or unreachable again; detach returns only when no delivery
+ * into it is in progress. */
+int nitro_switch_attach_rx(struct nitro_switch *sw, uint32_t port,
+                           uint32_t pair, struct nitro_vq *vq);
+int nitro_switch_detach_rx(struct nitro_switch *sw, uint32_t port,
+                           uint32_t pair);
+
+/* Serve a TX ring of `port` (as nitro_blk_serve serves a blk queue): returns
+ * frames taken when idle for idle_ms or stopped, NITRO_ERR_GUEST/ARG. */
+int64_t nitro_net_tx_serve(struct nitro_switch *sw, uint32_t port,
+                           struct nitro_vq *vq, int idle_ms);
+/* RX rings are filled by other threads; their worker only drains kicks. */
+int64_t nitro_net_rx_serve(struct nitro_vq *vq);
+/* Control queue (virtio 1.2 5.1.6.5): ACK MQ_VQ_PAIRS_SET, RX and MAC
+ * class commands; others get VIRTIO_NET_ERR. */
+int64_t nitro_net_ctrl_serve(struct nitro_vq *vq, uint32_t max_pairs,
+                             int idle_ms);
+
+/* Punted control frames: an eventfd readable while any wait. pop returns the
+ * frame length (0: empty) and the port it came from. */
+int nitro_switch_punt_fd(const struct nitro_switch *sw);
+int32_t nitro_switch_punt_pop(struct nitro_switch *sw, uint32_t *port,
+                              uint8_t *buf, uint32_t cap);
+/* Deliver an Ethernet frame (no virtio header) to a port's RX ring:
+ * 1 delivered, 0 dropped (counted), NITRO_ERR_ARG. */
+int nitro_switch_inject(struct nitro_switch *sw, uint32_t port,
+                        const uint8_t *frame, uint32_t len);
+/* Read frames from the VPC's uplink TAP (waiting up to timeout_ms) and
+ * deliver them; returns frames read, NITRO_ERR_SYS. */
+int64_t nitro_switch_uplink_serve(struct nitro_switch *sw, uint32_t vpc,
+                                  int timeout_ms);
+
+/* Snapshot of the counters (atomic loads). */
+int nitro_switch_port_stats(const struct nitro_switch *sw, uint32_t port,
+                            struct nitro_port_stats *out);
+/* The uplink's counters: "in" = written to the TAP, "out" = read from it. */
+int nitro_switch_uplink_stats(const struct nitro_switch *sw, uint32_t vpc,
+                              struct nitro_port_stats *out);
+
+#endif

@@ -1,0 +1,395 @@
+/*
+ * nitro_xts.c: secrets in locked memory and the AES-XTS sector cipher that
+ * nitro_blk.c runs on encrypted volumes (IV rules in nitro_crypto.h).
+ *
+ * A cipher context is stateful (it carries the IV), so each serving thread
+ * takes a "lane": its own encrypt and decrypt contexts, copied from the
+ * templates made at key load (no key expansion per request), and its own
+ * bounce buffer. Writes are encrypted from guest memory into the bounce
+ * buffer (the guest keeps its plaintext buffer untouched); reads land in
+ * guest memory as ciphertext and are decrypted there in place, as dm-crypt
+ * does with a read bio, which saves a copy. The guest may glimpse the
+ * ciphertext of its own data meanwhile: nothing it could not compute.
+ */
+#define _GNU_SOURCE
+#include <endian.h>
+#include <errno.h>
+#include <stdbool.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/uio.h>
+#include <unistd.h>
+
+#include <openssl/crypto.h>
+#include <openssl/evp.h>
+
+#include "nitro.h"
+#include "nitro_crypto.h"
+#include "nitro_vring.h"  /* NITRO_VQ_MAX_IOV */
+
+#define IV_UNIT_SHIFT 9  /* plain64 counts 512-byte units */
+#define MAX_SECTOR 4096
+
+/* ---- secrets ------------------------------------------------------------ */
+
+struct nitro_secret {
+    uint32_t capacity;
+    uint32_t len;
+    uint32_t locked;
+    size_t map_len;
+    uint8_t data[];
+};
+
+struct nitro_secret *nitro_secret_new(uint32_t capacity)
+{
+    if (capacity == 0 || capacity > NITRO_SECRET_MAX)
+        return NULL;
+    size_t page = (size_t)sysconf(_SC_PAGESIZE);
+    size_t want = sizeof(struct nitro_secret) + capacity;
+    size_t map_len = (want + page - 1) / page * page;
+    void *m = mmap(NULL, map_len, PROT_READ | PROT_WRITE,
+                   MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (m == MAP_FAILED)
+        return NULL;
+    /* Keep secrets out of swap and core dumps; mlock may be refused by
+     * RLIMIT_MEMLOCK for an unprivileged daemon, which we report, not fail. */
+    bool locked = mlock(m, map_len) == 0;
+    (void)madvise(m, map_len, MADV_DONTDUMP);
+    (void)madvise(m, map_len, MADV_DONTFORK);
+    struct nitro_secret *s = m;
+    s->capacity = capacity;
+    s->map_len = map_len;
+    s->locked = locked;
+    return s;
+}
+
+void nitro_secret_free(struct nitro_secret *s)
+{
+    if (s == NULL)
+        return;
+    size_t map_len = s->map_len;
+    explicit_bzero(s, map_len);
+    munlock(s, map_len);
+    munmap(s, map_len);
+}
+
+static void strip_newline(struct nitro_secret *s)
+{
+    if (s->len > 0 && s->data[s->len - 1] == '\n')
+        s->data[--s->len] = 0;
+    if (s->len > 0 && s->data[s->len - 1] == '\r')
+        s->data[--s->len] = 0;
+}
+
+int nitro_secret_read_fd(struct nitro_secret *s, int fd, uint32_t strip)
+{
+    if (s == NULL || fd < 0)
+        return NITRO_ERR_ARG;
+    explicit_bzero(s->data, s->capacity);
+    s->len = 0;
+    for (;;) {
+        /* Read one byte past the capacity to tell "full" from "too big". */
+        uint8_t extra;
+        bool full = s->len == s->capacity;
+        ssize_t n = full ? read(fd, &extra, 1)
+                         : read(fd, s->data + s->len, s->capacity - s->len);
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n < 0)
+            return NITRO_ERR_SYS;
+        if (n == 0)
+            break;
+        if (full) {
+            explicit_bzero(&extra, 1);
+            explicit_bzero(s->data, s->capacity);
+            s->len = 0;
+            return NITRO_ERR_ARG;
+        }
+        s->len += (uint32_t)n;
+    }
+    if (strip)
+        strip_newline(s);
+    return s->len == 0 ? NITRO_ERR_ARG : (int)s->len;
+}
+
+uint8_t *nitro_secret_data(struct nitro_secret *s) { return s->data; }
+uint32_t nitro_secret_len(const struct nitro_secret *s) { return s->len; }
+uint32_t nitro_secret_capacity(const struct nitro_secret *s) { return s->capacity; }
+uint32_t nitro_secret_locked(const struct nitro_secret *s) { return s->locked; }
+
+int nitro_secret_set_len(struct nitro_secret *s, uint32_t len)
+{
+    if (s == NULL || len > s->capacity)
+        return NITRO_ERR_ARG;
+    s->len = len;
+    return NITRO_OK;
+}
+
+/* ---- the cipher --------------------------------------------------------- */
+
+struct nitro_xts_lane {
+    int busy;              /* atomic: owned by one thread while nonzero */
+    EVP_CIPHER_CTX *enc;
+    EVP_CIPHER_CTX *dec;
+    uint8_t *bounce;       /* NITRO_XTS_BOUNCE bytes, ciphertext only */
+    struct iovec *iovs;    /* NITRO_VQ_MAX_IOV scratch entries for preadv */
+};
+
+struct nitro_xts {
+    uint32_t sector_size;
+    uint64_t iv_offset;
+    EVP_CIPHER_CTX *tmpl_enc;  /* keyed templates the lanes copy */
+    EVP_CIPHER_CTX *tmpl_dec;
+    struct nitro_xts_lane lanes[NITRO_XTS_LANES];
+};
+
+static EVP_CIPHER_CTX *keyed_ctx(const EVP_CIPHER *cipher, const uint8_t *key,
+                                 int enc)
+{
+    EVP_CIPHER_CTX *ctx = EVP_CIPHER_CTX_new();
+    if (ctx == NULL)
+        return NULL;
+    if (!EVP_CipherInit_ex(ctx, cipher, NULL, key, NULL, enc)) {
+        EVP_CIPHER_CTX_free(ctx);
+        return NULL;
+    }
+    EVP_CIPHER_CTX_set_padding(ctx, 0);
+    return ctx;
+}
+
+struct nitro_xts *nitro_xts_new(const struct nitro_secret *key,
+                                uint32_t sector_size, uint64_t iv_offset)
+{
+    if (key == NULL || (key->len != 32 && key->len != 64) ||
+        (sector_size != 512 && sector_size != 4096))
+        return NULL;
+    EVP_CIPHER *cipher = EVP_CIPHER_fetch(
+        NULL, key->len == 64 ? "AES-256-XTS" : "AES-128-XTS", NULL);
+    if (cipher == NULL)
+        return NULL;
+    struct nitro_xts *x = calloc(1, sizeof(*x));
+    if (x != NULL) {
+        x->sector_size = sector_size;
+        x->iv_offset = iv_offset;
+        x->tmpl_enc = keyed_ctx(cipher, key->data, 1);
+        x->tmpl_dec = keyed_ctx(cipher, key->data, 0);
+    }
+    EVP_CIPHER_free(cipher);
+    if (x != NULL && (x->tmpl_enc == NULL || x->tmpl_dec == NULL)) {
+        nitro_xts_free(x);
+        return NULL;
+    }
+    return x;
+}
+
+void nitro_xts_free(struct nitro_xts *x)
+{
+    if (x == NULL)
+        return;
+    for (int i = 0; i < NITRO_XTS_LANES; i++) {
+        EVP_CIPHER_CTX_free(x->lanes[i].enc);  /* cleanses the key schedule */
+        EVP_CIPHER_CTX_free(x->lanes[i].dec);
+        free(x->lanes[i].bounce);
+        free(x->lanes[i].iovs);
+    }
+    EVP_CIPHER_CTX_free(x->tmpl_enc);
+    EVP_CIPHER_CTX_free(x->tmpl_dec);
+    OPENSSL_cleanse(x, sizeof(*x));
+    free(x);
+}
+
+uint32_t nitro_xts_sector_size(const struct nitro_xts *x) { return x->sector_size; }
+
+static bool lane_ready(struct nitro_xts *x, struct nitro_xts_lane *l)
+{
+    if (l->enc != NULL)
+        return true;
+    l->enc = EVP_CIPHER_CTX_new();
+    l->dec = EVP_CIPHER_CTX_new();
+    l->bounce = malloc(NITRO_XTS_BOUNCE);
+    l->iovs = calloc(NITRO_VQ_MAX_IOV, sizeof(*l->iovs));
+    if (l->enc && l->dec && l->bounce && l->iovs &&
+        EVP_CIPHER_CTX_copy(l->enc, x->tmpl_enc) &&
+        EVP_CIPHER_CTX_copy(l->dec, x->tmpl_dec))
+        return true;
+    EVP_CIPHER_CTX_free(l->enc);
+    EVP_CIPHER_CTX_free(l->dec);
+    free(l->bounce);
+    free(l->iovs);
+    l->enc = l->dec = NULL;
+    l->bounce = NULL;
+    l->iovs = NULL;
+    return false;
+}
+
+/* A free lane for the calling thread, or NULL (all busy, or no memory). */
+struct nitro_xts_lane *nitro_xts_lane_get(struct nitro_xts *x)
+{
+    for (int i = 0; i < NITRO_XTS_LANES; i++) {
+        struct nitro_xts_lane *l = &x->lanes[i];
+        int idle = 0;
+        if (!__atomic_compare_exchange_n(&l->busy, &idle, 1, false,
+                                         __ATOMIC_ACQUIRE, __ATOMIC_RELAXED))
+            continue;
+        if (lane_ready(x, l))
+            return l;
+        __atomic_store_n(&l->busy, 0, __ATOMIC_RELEASE);
+        return NULL;
+    }
+    return NULL;
+}
+
+void nitro_xts_lane_put(struct nitro_xts_lane *l)
+{
+    if (l != NULL)
+        __atomic_store_n(&l->busy, 0, __ATOMIC_RELEASE);
+}
+
+uint8_t *nitro_xts_lane_bounce(struct nitro_xts_lane *l) { return l->bounce; }
+struct iovec *nitro_xts_lane_iovs(struct nitro_xts_lane *l) { return l->iovs; }
+
+/* One sector: dm-crypt's plain64 IV is the little-endian 512-byte-unit
+ * number of the sector's first byte, zero-padded to 16 bytes. */
+static int crypt_sector(const struct nitro_xts *x, EVP_CIPHER_CTX *ctx,
+                        uint8_t *out, const uint8_t *in, uint64_t offset)
+{
+    uint8_t iv[16] = {0};
+    uint64_t n = htole64((offset >> IV_UNIT_SHIFT) + x->iv_offset);
+    memcpy(iv, &n, sizeof(n));
+    int outl = 0;
+    if (!EVP_CipherInit_ex(ctx, NULL, NULL, NULL, iv, -1) ||
+        !EVP_CipherUpdate(ctx, out, &outl, in, (int)x->sector_size) ||
+        outl != (int)x->sector_size)
+        return NITRO_ERR_ARG;
+    return NITRO_OK;
+}
+
+static bool aligned(const struct nitro_xts *x, uint64_t len, uint64_t offset)
+{
+    return len % x->sector_size == 0 && offset % x->sector_size == 0;
+}
+
+static int crypt_buf(struct nitro_xts *x, struct nitro_xts_lane *l,
+                     uint8_t *out, const uint8_t *in, uint64_t len,
+                     uint64_t offset, bool enc)
+{
+    EVP_CIPHER_CTX *ctx = enc ? l->enc : l->dec;
+    for (uint64_t done = 0; done < len; done += x->sector_size) {
+        int rc = crypt_sector(x, ctx, out + done, in + done, offset + done);
+        if (rc < 0)
+            return rc;
+    }
+    return NITRO_OK;
+}
+
+int nitro_xts_crypt(struct nitro_xts *x, uint8_t *out, const uint8_t *in,
+                    uint64_t len, uint64_t offset, uint32_t encrypt)
+{
+    if (x == NULL || out == NULL || in == NULL || !aligned(x, len, offset))
+        return NITRO_ERR_ARG;
+    struct nitro_xts_lane *l = nitro_xts_lane_get(x);
+    if (l == NULL)
+        return NITRO_ERR_NOMEM;
+    int rc = crypt_buf(x, l, out, in, len, offset, encrypt != 0);
+    nitro_xts_lane_put(l);
+    return rc;
+}
+
+/* ---- scatter/gather between guest iovecs and the bounce buffer ---------- */
+
+/* The next sector of *iov as a contiguous pointer, or NULL when it
+ * straddles iovecs (then the caller goes through a stack copy). */
+static uint8_t *iov_sector(struct iovec *iov, int cnt, uint32_t n)
+{
+    return cnt > 0 && iov->iov_len >= n ? iov->iov_base : NULL;
+}
+
+/* Copy between a flat buffer and the head of *iov, consuming n bytes;
+ * buf NULL only consumes (the sector was crypted in place in the iovec). */
+static void iov_copy(struct iovec **iov, int *cnt, uint8_t *buf, uint32_t n,
+                     bool to_iov)
+{
+    while (n > 0 && *cnt > 0) {
+        size_t k = (*iov)->iov_len < n ? (*iov)->iov_len : n;
+        if (buf != NULL && to_iov)
+            memcpy((*iov)->iov_base, buf, k);
+        else if (buf != NULL)
+            memcpy(buf, (*iov)->iov_base, k);
+        if (buf != NULL)
+            buf += k;
+        n -= (uint32_t)k;
+        (*iov)->iov_base = (uint8_t *)(*iov)->iov_base + k;
+        (*iov)->iov_len -= k;
+        if ((*iov)->iov_len == 0) {
+            (*iov)++;
+            (*cnt)--;
+        }
+    }
+}
+
+/* enc: len bytes of guest plaintext at *iov -> ciphertext in the bounce.
+ * !enc: ciphertext in the bounce -> guest plaintext at *iov.
+ * len <= NITRO_XTS_BOUNCE, whole sectors; the iovec cursor advances. */
+int nitro_xts_iov(struct nitro_xts *x, struct nitro_xts_lane *l,
+                  struct iovec **iov, int *cnt, uint64_t len, uint64_t offset,
+                  bool enc)
+{
+    if (!aligned(x, len, offset) || len > NITRO_XTS_BOUNCE)
+        return NITRO_ERR_ARG;
+    uint32_t n = x->sector_size;
+    EVP_CIPHER_CTX *ctx = enc ? l->enc : l->dec;
+    uint8_t tmp[MAX_SECTOR];
+    for (uint64_t done = 0; done < len; done += n) {
+        uint8_t *b = l->bounce + done;
+        uint8_t *g = iov_sector(*iov, *cnt, n);
+        uint8_t *src = enc ? (g ? g : tmp) : b;
+        uint8_t *dst = enc ? b : (g ? g : tmp);
+        if (enc && g == NULL)
+            iov_copy(iov, cnt, tmp, n, false);
+        int rc = crypt_sector(x, ctx, dst, src, offset + done);
+        if (rc < 0)
+            return rc;
+        if (!enc)
+            iov_copy(iov, cnt, g ? NULL : tmp, n, true);
+        else if (g != NULL)
+            iov_copy(iov, cnt, NULL, n, false);
+    }
+    explicit_bzero(tmp, sizeof(tmp));  /* it may have held plaintext */
+    return NITRO_OK;
+}
+
+/* Copy n bytes from the head of iov into buf without consuming them. */
+static void iov_peek(const struct iovec *iov, int cnt, uint8_t *buf, uint32_t n)
+{
+    for (int i = 0; i < cnt && n > 0; i++) {
+        size_t k = iov[i].iov_len < n ? iov[i].iov_len : n;
+        memcpy(buf, iov[i].iov_base, k);
+        buf += k;
+        n -= (uint32_t)k;
+    }
+}
+
+/* Decrypt len bytes of ciphertext in place in guest memory (where preadv
+ * put them), as dm-crypt decrypts a read bio in place: no bounce copy on
+ * the read path. The iovecs are consumed. */
+int nitro_xts_decrypt_iov_inplace(struct nitro_xts *x, struct nitro_xts_lane *l,
+                                  struct iovec *iov, int cnt, uint64_t len,
+                                  uint64_t offset)
+{
+    if (!aligned(x, len, offset))
+        return NITRO_ERR_ARG;
+    uint32_t n = x->sector_size;
+    uint8_t tmp[MAX_SECTOR];
+    for (uint64_t done = 0; done < len; done += n) {
+        uint8_t *g = iov_sector(iov, cnt, n);
+        if (g == NULL)
+            iov_peek(iov, cnt, tmp, n);
+        int rc = crypt_sector(x, l->dec, g ? g : tmp, g ? g : tmp, offset + done);
+        if (rc < 0)
+            return rc;
+        iov_copy(&iov, &cnt, g ? NULL : tmp, n, true);
+    }
+    explicit_bzero(tmp, sizeof(tmp));
+    return NITRO_OK;
+}

@@ -1,0 +1,105 @@
+"""NetDevice: one [[net]] interface as the vhost-user layer sees it.
+
+Queue layout (virtio 1.2 5.1.2): receiveq1, transmitq1, ..., receiveqN,
+transmitqN, controlq. TX rings are served by the C switch in their worker
+thread (nitro_net_tx_serve); RX rings are filled by *other* threads (peers'
+TX workers, the uplink thread, injected control replies), so they are
+attached to the switch when their worker starts and detached, under the
+RX slot lock, before it stops (``on_vring_start`` / ``on_vring_stop``). The
+control queue is normally kept by the frontend (QEMU and DPDK virtio-user
+emulate it and send SET_VRING_ENABLE per pair); if a frontend passes it on,
+C answers it.
+"""
+
+from __future__ import annotations
+
+from nitro import _datapath
+from nitro.config import NetConfig
+from nitro.devices.net import config as netcfg
+from nitro.vhost.protocol import ProtocolFeature
+from nitro.vpc import packets as pk
+
+
+class NetDevice:
+    kind = "net"
+
+    def __init__(self, cfg: NetConfig, switch: _datapath.Switch, port: int, mtu: int,
+                 fabric=None) -> None:
+        self.cfg = cfg
+        self.switch = switch
+        self.port = port
+        self.fabric = fabric
+        self.pairs = cfg.queues
+        self.num_queues = 2 * cfg.queues + 1
+        self.max_queue_size = max(cfg.queue_size, 256)
+        self.device_features = netcfg.device_features()
+        self.protocol_features = int(
+            ProtocolFeature.MQ | ProtocolFeature.REPLY_ACK | ProtocolFeature.CONFIG
+            | ProtocolFeature.CONFIGURE_MEM_SLOTS | ProtocolFeature.RESET_DEVICE)
+        self.mac = pk.mac_bytes(cfg.mac)
+        self.config_space = netcfg.config_space(self.mac, cfg.queues, mtu)
+        self.acked_features = 0
+
+    # -- backend contract ------------------------------------------------
+    def get_config(self, offset: int, size: int) -> bytes:
+        return netcfg.read_config(self.config_space, offset, size)
+
+    def set_config(self, offset: int, data: bytes) -> None:
+        return None  # nothing writable is offered (no CTRL_MAC_ADDR)
+
+    def set_features(self, acked: int) -> None:
+        if acked & (1 << netcfg.VIRTIO_F_VERSION_1) == 0 and acked:
+            # Legacy headers are 10 bytes; the switch speaks virtio_net_hdr_v1.
+            raise ValueError("virtio-net without VERSION_1 is not supported")
+        self.acked_features = acked
+        self.switch.set_port_features(self.port, acked)
+
+    def _role(self, index: int) -> str:
+        if index == 2 * self.pairs:
+            return "ctrl"
+        return "rx" if index % 2 == 0 else "tx"
+
+    def serve_vring_blocking(self, vring, idle_ms: int) -> int:
+        role = self._role(vring.index)
+        if role == "tx":
+            return _datapath.net_tx_serve(self.switch, self.port, vring.vq, idle_ms)
+        if role == "rx":
+            return _datapath.net_rx_serve(vring.vq)
+        return _datapath.net_ctrl_serve(vring.vq, self.pairs, idle_ms)
+
+    def on_vring_start(self, vring) -> None:
+        if self._role(vring.index) == "rx":
+            self.switch.attach_rx(self.port, vring.index // 2, vring.vq)
+
+    def on_vring_stop(self, vring) -> None:
+        if self._role(vring.index) == "rx":
+            self.switch.detach_rx(self.port, vring.index // 2)
+
+    def reset(self) -> None:
+        for pair in range(self.pairs):
+            self.switch.detach_rx(self.port, pair)
+        self.acked_features = 0
+        self.switch.set_port_features(self.port, 0)
+
+    def flush(self) -> None:
+        return None
+
+    def close(self) -> None:
+        for pair in range(self.pairs):
+            self.switch.detach_rx(self.port, pair)
+
+    # -- observation -------------------------------------------------------
+    def statistics(self) -> dict:
+        stats = {
+            "kind": self.kind,
+            "mac": self.cfg.mac,
+            "ip": str(self.cfg.ip),
+            "vpc": self.cfg.vpc,
+            "queue_pairs": self.pairs,
+            "net": self.switch.port_stats(self.port),
+        }
+        if self.fabric is not None:
+            lease = self.fabric.lease_of(self.cfg.vpc, self.port)
+            if lease is not None:
+                stats["lease"] = lease
+        return stats

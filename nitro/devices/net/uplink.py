@@ -1,0 +1,59 @@
+"""Host uplink TAP devices for VPCs.
+
+The TAP is created by opening /dev/net/tun (TUNSETIFF, IFF_TAP|IFF_NO_PI):
+it exists as long as nitro holds the fd, so a crashed daemon leaves nothing
+behind. pyroute2 then sets its address, MTU and brings it up. Frames carry no
+virtio header on the TAP side: the switch completes partial checksums before
+writing (nitro_net.c ``to_uplink``).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import struct
+from pathlib import Path
+
+from nitro.config import UplinkConfig
+
+TUNSETIFF = 0x400454CA
+IFF_TAP = 0x0002
+IFF_NO_PI = 0x1000
+
+
+class UplinkError(Exception):
+    """The TAP could not be created or configured (needs CAP_NET_ADMIN)."""
+
+
+class Tap:
+    def __init__(self, cfg: UplinkConfig, mtu: int) -> None:
+        self.cfg = cfg
+        self.name = cfg.name
+        try:
+            self.fd = os.open("/dev/net/tun", os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError as e:
+            raise UplinkError(f"uplink {cfg.name}: cannot open /dev/net/tun: {e.strerror}") from None
+        try:
+            ifr = struct.pack("16sH22x", cfg.name.encode(), IFF_TAP | IFF_NO_PI)
+            fcntl.ioctl(self.fd, TUNSETIFF, ifr)
+            self._configure(mtu)
+            self.mac = bytes.fromhex(Path(f"/sys/class/net/{cfg.name}/address").read_text().strip()
+                                     .replace(":", ""))
+        except Exception as e:
+            os.close(self.fd)
+            raise UplinkError(f"uplink {cfg.name}: {e}") from None
+
+    def _configure(self, mtu: int) -> None:
+        from pyroute2 import IPRoute
+
+        with IPRoute() as ipr:
+            index = ipr.link_lookup(ifname=self.name)[0]
+            ipr.link("set", index=index, mtu=mtu)
+            ipr.addr("add", index=index, address=str(self.cfg.address.ip),
+                     prefixlen=self.cfg.address.network.prefixlen)
+            ipr.link("set", index=index, state="up")
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1

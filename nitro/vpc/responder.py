@@ -1,0 +1,204 @@
+"""VpcResponder: nitro's answers for one VPC (sans-IO).
+
+What the switch punts here (cffi_build/nitro_net.c ``classify``):
+- ARP requests from a guest: answered for the gateway address, for every
+  other interface of the VPC (nitro knows them all, so guests never see each
+  other's ARP broadcasts) and for the uplink's host address; requests for
+  the sender's own address (duplicate address detection) or unknown ones get
+  no answer;
+- DHCP (UDP to port 67): DISCOVER -> OFFER, REQUEST -> ACK or NAK, RELEASE,
+  INFORM -> ACK, DECLINE ignored. Every interface has exactly one address,
+  fixed in the config, so the "lease" only records state for ``nitro
+  status``; renewals (unicast REQUEST with ciaddr) are ACKed the same way;
+- IPv4 to the gateway address: ICMP echo requests are answered, the rest is
+  dropped and counted.
+
+The anti-spoofing check already happened in C: a punted frame's source MAC
+and IPv4 source (or 0.0.0.0 for DHCP) are the interface's own.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import ipaddress
+import struct
+import time
+from collections.abc import Callable
+
+from nitro.vpc import packets as pk
+
+
+def gateway_mac(vpc_id: str) -> bytes:
+    """A stable, locally administered unicast MAC for a VPC's gateway."""
+    return b"\x02" + hashlib.sha256(b"nitro-gw:" + vpc_id.encode()).digest()[:5]
+
+
+@dataclasses.dataclass(frozen=True)
+class Interface:
+    port: int
+    mac: bytes
+    ip: ipaddress.IPv4Address
+
+
+@dataclasses.dataclass
+class Lease:
+    state: str  # "offered", "bound", "released"
+    expires: float
+
+
+class VpcResponder:
+    def __init__(self, vpc_id: str, cidr: ipaddress.IPv4Network, gateway: ipaddress.IPv4Address, *,
+                 mtu: int = 1500, dns: tuple[ipaddress.IPv4Address, ...] = (), lease_seconds: int = 3600,
+                 uplink: tuple[ipaddress.IPv4Address, bytes] | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.vpc_id = vpc_id
+        self.cidr = cidr
+        self.gateway = gateway
+        self.gateway_mac = gateway_mac(vpc_id)
+        self.mtu = mtu
+        self.dns = dns
+        self.lease_seconds = lease_seconds
+        self.uplink = uplink
+        self.clock = clock
+        self.interfaces: dict[int, Interface] = {}
+        self.leases: dict[int, Lease] = {}
+        self.counters = dict.fromkeys(
+            ("arp_replies", "arp_ignored", "dhcp_offers", "dhcp_acks", "dhcp_naks", "dhcp_releases",
+             "dhcp_ignored", "icmp_echo_replies", "gateway_ignored", "unknown"), 0)
+
+    def add_interface(self, port: int, mac: bytes, ip: ipaddress.IPv4Address) -> None:
+        self.interfaces[port] = Interface(port, mac, ip)
+
+    def set_uplink(self, ip: ipaddress.IPv4Address, mac: bytes) -> None:
+        self.uplink = (ip, mac)
+
+    # -- entry point ----------------------------------------------------------
+    def handle(self, port: int, frame: bytes) -> list[bytes]:
+        """One punted frame from ``port`` -> frames to deliver to ``port``."""
+        iface = self.interfaces.get(port)
+        if iface is None:
+            self.counters["unknown"] += 1
+            return []
+        if (arp := pk.Arp.parse(frame)) is not None:
+            return self._arp(iface, arp)
+        if (ip := pk.Ipv4.parse(frame)) is not None:
+            u = pk.parse_udp(ip)
+            if u is not None and u[1] == pk.DHCP_SERVER_PORT:
+                return self._dhcp(iface, ip, u[2])
+            if ip.dst == self.gateway.packed:
+                return self._to_gateway(iface, ip)
+        self.counters["unknown"] += 1
+        return []
+
+    # -- ARP --------------------------------------------------------------------
+    def _who_has(self, target: bytes, asker: Interface) -> bytes | None:
+        if target == self.gateway.packed:
+            return self.gateway_mac
+        if self.uplink is not None and target == self.uplink[0].packed:
+            return self.uplink[1]
+        for other in self.interfaces.values():
+            if other.ip.packed == target and other.port != asker.port:
+                return other.mac
+        return None
+
+    def _arp(self, iface: Interface, arp: pk.Arp) -> list[bytes]:
+        if arp.op != 1:
+            self.counters["arp_ignored"] += 1
+            return []
+        mac = self._who_has(arp.tpa, iface)
+        if mac is None:
+            self.counters["arp_ignored"] += 1
+            return []
+        self.counters["arp_replies"] += 1
+        reply = pk.Arp(2, mac, arp.tpa, arp.sha, arp.spa)
+        return [reply.build(arp.sha)]
+
+    # -- ICMP to the gateway -------------------------------------------------------
+    def _to_gateway(self, iface: Interface, ip: pk.Ipv4) -> list[bytes]:
+        p = ip.payload
+        if ip.proto != pk.IPPROTO_ICMP or len(p) < 8 or p[0] != 8 or pk.checksum(p) != 0:
+            self.counters["gateway_ignored"] += 1
+            return []
+        body = b"\0\0\0\0" + p[4:]
+        body = body[:2] + struct.pack("!H", pk.checksum(body)) + body[4:]
+        reply = pk.Ipv4(self.gateway.packed, ip.src, pk.IPPROTO_ICMP, 64, body)
+        self.counters["icmp_echo_replies"] += 1
+        return [pk.ethernet(iface.mac, self.gateway_mac, pk.ETH_P_IP, reply.build())]
+
+    # -- DHCP ------------------------------------------------------------------------
+    def _dhcp(self, iface: Interface, ip: pk.Ipv4, data: bytes) -> list[bytes]:
+        msg = pk.Dhcp.parse(data)
+        if msg is None or msg.op != 1 or msg.chaddr != iface.mac:
+            self.counters["dhcp_ignored"] += 1
+            return []
+        kind = msg.msg_type
+        server_id = msg.options.get(pk.OPT_SERVER_ID)
+        if server_id is not None and server_id != self.gateway.packed:
+            self.counters["dhcp_ignored"] += 1  # the client chose another server
+            return []
+        now = self.clock()
+        if kind == pk.DISCOVER:
+            self.leases[iface.port] = Lease("offered", now + 60)
+            self.counters["dhcp_offers"] += 1
+            return [self._reply(iface, msg, pk.OFFER)]
+        if kind == pk.REQUEST:
+            wanted = msg.options.get(pk.OPT_REQUESTED_IP) or msg.ciaddr
+            if wanted != iface.ip.packed:
+                self.counters["dhcp_naks"] += 1
+                return [self._reply(iface, msg, pk.NAK)]
+            self.leases[iface.port] = Lease("bound", now + self.lease_seconds)
+            self.counters["dhcp_acks"] += 1
+            return [self._reply(iface, msg, pk.ACK)]
+        if kind == pk.INFORM:
+            self.counters["dhcp_acks"] += 1
+            return [self._reply(iface, msg, pk.ACK, inform=True)]
+        if kind == pk.RELEASE:
+            if iface.port in self.leases:
+                self.leases[iface.port] = Lease("released", now)
+            self.counters["dhcp_releases"] += 1
+            return []
+        self.counters["dhcp_ignored"] += 1
+        return []
+
+    def _options(self, kind: int, inform: bool) -> dict[int, bytes]:
+        opts = {pk.OPT_MSG_TYPE: bytes([kind]), pk.OPT_SERVER_ID: self.gateway.packed}
+        if kind == pk.NAK:
+            return opts
+        if not inform:
+            lease = self.lease_seconds
+            opts[pk.OPT_LEASE_TIME] = struct.pack("!I", lease)
+            opts[pk.OPT_RENEWAL] = struct.pack("!I", lease // 2)
+            opts[pk.OPT_REBINDING] = struct.pack("!I", lease * 7 // 8)
+        opts[pk.OPT_SUBNET_MASK] = self.cidr.netmask.packed
+        opts[pk.OPT_ROUTER] = self.gateway.packed
+        opts[pk.OPT_MTU] = struct.pack("!H", self.mtu)
+        if self.dns:
+            opts[pk.OPT_DNS] = b"".join(d.packed for d in self.dns)
+        return opts
+
+    def _reply(self, iface: Interface, req: pk.Dhcp, kind: int, inform: bool = False) -> bytes:
+        yiaddr = b"\0" * 4 if kind == pk.NAK or inform else iface.ip.packed
+        reply = pk.Dhcp(2, req.xid, req.flags, req.ciaddr if inform else b"\0" * 4, yiaddr,
+                        req.chaddr, self._options(kind, inform))
+        # RFC 2131 4.1: unicast to ciaddr when the client has one (renewal),
+        # else broadcast (we do not know if it can take unicast yet).
+        # NAKs are always broadcast.
+        if req.ciaddr != b"\0" * 4 and kind != pk.NAK:
+            dst = req.ciaddr
+        else:
+            dst = b"\xff" * 4
+        payload = pk.udp(self.gateway.packed, dst, pk.DHCP_SERVER_PORT, pk.DHCP_CLIENT_PORT,
+                         reply.build(siaddr=self.gateway.packed))
+        ip = pk.Ipv4(self.gateway.packed, dst, pk.IPPROTO_UDP, 64, payload)
+        # Layer 2 always to the client's MAC: it is the only one on this port.
+        return pk.ethernet(iface.mac, self.gateway_mac, pk.ETH_P_IP, ip.build())
+
+    def statistics(self) -> dict:
+        now = self.clock()
+        return {
+            "id": self.vpc_id,
+            "counters": dict(self.counters),
+            "leases": {p: {"state": l.state, "expires_in": max(0, int(l.expires - now))}
+                       for p, l in self.leases.items()},
+        }
