@@ -239,7 +239,8 @@ def _vpc(t: Any, i: int, source: str) -> VpcConfig:
             raise ConfigError(source, up + "name", f"not a Linux interface name (1-15 of A-Za-z0-9_.-): {name!r}")
         addr = _ipv4(u, "address", source, up, ipaddress.IPv4Interface)
         if addr.network != cidr or addr.ip in (gw, cidr.network_address, cidr.broadcast_address):
-            raise ConfigError(source, up + "address", f"{addr} must be a free host address in {cidr} with prefix /{cidr.prefixlen}")
+            raise ConfigError(source, up + "address",
+                              f"{addr} must be a free host address in {cidr} with prefix /{cidr.prefixlen}")
         uplink = UplinkConfig(name, addr)
     return VpcConfig(vpc_id, cidr, gw, mtu, dns, lease, uplink)
 
@@ -297,12 +298,11 @@ def _net(t: Any, i: int, source: str, runtime: Path, vpcs: tuple[VpcConfig, ...]
 
 def _check_net_unique(vpcs: tuple[VpcConfig, ...], nets: tuple[NetConfig, ...],
                       blks: tuple[BlkConfig, ...], source: str) -> None:
-    for attr in ("id",):
-        seen: set = set()
-        for i, v in enumerate(vpcs):
-            if v.id in seen:
-                raise ConfigError(source, f"vpc[{i}].id", f"duplicate id {v.id!r}")
-            seen.add(v.id)
+    seen: set = set()
+    for i, v in enumerate(vpcs):
+        if v.id in seen:
+            raise ConfigError(source, f"vpc[{i}].id", f"duplicate id {v.id!r}")
+        seen.add(v.id)
     names: set = set()
     for i, v in enumerate(vpcs):
         if v.uplink is not None:

@@ -31,7 +31,8 @@ import math
 import os
 import socket
 import stat
-from typing import Any, Callable, Protocol, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol
 
 import trio
 
@@ -323,7 +324,7 @@ def query(path: str | os.PathLike, cmd: dict, timeout: float = 5) -> dict:
                 reply += chunk
                 if len(reply) > _MAX_REPLY:
                     raise ControlError(f"reply from nitro at {path} exceeds {_MAX_REPLY} bytes")
-        except socket.timeout as exc:
+        except TimeoutError as exc:
             raise ControlError(f"nitro at {path} did not answer within {timeout:g}s") from exc
         except OSError as exc:
             raise ControlError(f"lost connection to nitro at {path}: {exc.strerror or exc}") from exc

@@ -27,7 +27,8 @@ import logging
 import os
 import sys
 import time
-from typing import Any, Mapping, TextIO
+from collections.abc import Mapping
+from typing import Any, TextIO
 
 __all__ = ["LogfmtFormatter", "setup_logging", "log_event", "format_value", "LEVELS"]
 
@@ -111,7 +112,8 @@ class LogfmtFormatter(logging.Formatter):
             return self._format(record)
         except Exception as exc:  # last resort: never raise from logging
             try:
-                return f"level=error logger=nitro.log msg={format_value('log record could not be formatted')} log_error={format_value(repr(exc))}"
+                return (f"level=error logger=nitro.log msg={format_value('log record could not be formatted')}"
+                    f" log_error={format_value(repr(exc))}")
             except Exception:
                 return 'level=error logger=nitro.log msg="log record could not be formatted"'
 

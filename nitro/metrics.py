@@ -21,7 +21,8 @@ import ipaddress
 import logging
 import math
 import threading
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any
 
 from prometheus_client import start_http_server
 from prometheus_client.core import (
@@ -92,7 +93,8 @@ class _Families:
             "nitro_vhost_protocol_errors", "Malformed or out-of-order vhost-user messages from the frontend.",
             labels=dk)
         self.device_broken = GaugeMetricFamily(
-            "nitro_device_broken", "1 when the device stopped serving after a guest fault (until the frontend resets it).",
+            "nitro_device_broken",
+            "1 when the device stopped serving after a guest fault (until the frontend resets it).",
             labels=dk)
         self.guest_errors = CounterMetricFamily(
             "nitro_guest_errors", "Guest driver faults detected on the virtqueues, by fault type (summed over queues).",
@@ -168,7 +170,8 @@ def _add_device(f: _Families, stats: dict) -> None:
     kind = str(stats["kind"])
     dk = _labels(dev, kind)
     adds: list[tuple[Metric, list[str], float]] = [
-        (f.device_info, _labels(dev, kind, stats.get("socket", ""), str(bool(stats.get("readonly", False))).lower()), 1),
+        (f.device_info, _labels(dev, kind, stats.get("socket", ""),
+                                str(bool(stats.get("readonly", False))).lower()), 1),
         (f.vhost_connected, dk, 1 if stats["connected"] else 0),
         (f.vhost_connections, dk, stats.get("connections", 0)),
         (f.vhost_protocol_errors, dk, stats.get("protocol_errors", 0)),

@@ -20,7 +20,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
-from typing import Mapping
+from collections.abc import Mapping
 
 import trio
 
@@ -62,7 +62,7 @@ class Notifier:
             log.warning("cannot create sd_notify socket: %s; systemd notifications disabled", exc)
 
     @classmethod
-    def from_environment(cls) -> "Notifier":
+    def from_environment(cls) -> Notifier:
         """``Notifier()`` reading :data:`os.environ` (spelled out for callers)."""
         return cls(os.environ)
 
@@ -82,7 +82,8 @@ class Notifier:
                 log.debug("sd_notify %r to %s failed: %s", message, self.socket_path, exc)
             else:
                 self._warned = True
-                log.warning("sd_notify %r to %s failed: %s (further failures logged at debug)", message, self.socket_path, exc)
+                log.warning("sd_notify %r to %s failed: %s (further failures logged at debug)",
+                            message, self.socket_path, exc)
             return False
         return True
 
@@ -133,7 +134,7 @@ class Notifier:
             self._sock.close()
             self._sock = None
 
-    def __enter__(self) -> "Notifier":
+    def __enter__(self) -> Notifier:
         return self
 
     def __exit__(self, *exc_info: object) -> None:

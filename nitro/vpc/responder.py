@@ -199,6 +199,6 @@ class VpcResponder:
         return {
             "id": self.vpc_id,
             "counters": dict(self.counters),
-            "leases": {p: {"state": l.state, "expires_in": max(0, int(l.expires - now))}
-                       for p, l in self.leases.items()},
+            "leases": {p: {"state": lease.state, "expires_in": max(0, int(lease.expires - now))}
+                       for p, lease in self.leases.items()},
         }

@@ -18,7 +18,7 @@ import struct
 from dataclasses import dataclass, field
 
 from nitro import _datapath
-from nitro._datapath import BlkParams, BlkStats, GuestMemory, GuestFault, Virtqueue
+from nitro._datapath import BlkParams, BlkStats, GuestFault, GuestMemory, Virtqueue
 
 GUARD = 4096
 REGION = 32768

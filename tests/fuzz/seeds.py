@@ -18,11 +18,17 @@ from tests.fuzz.ringfmt import (
     F_EVENT_IDX,
     F_INDIRECT,
     REGION,
-    VRING_DESC_F_INDIRECT as IND,
-    VRING_DESC_F_NEXT as NEXT,
-    VRING_DESC_F_WRITE as WRITE,
     Program,
     gpa,
+)
+from tests.fuzz.ringfmt import (
+    VRING_DESC_F_INDIRECT as IND,
+)
+from tests.fuzz.ringfmt import (
+    VRING_DESC_F_NEXT as NEXT,
+)
+from tests.fuzz.ringfmt import (
+    VRING_DESC_F_WRITE as WRITE,
 )
 
 HERE = Path(__file__).resolve().parent

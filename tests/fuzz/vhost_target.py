@@ -29,7 +29,7 @@ from collections.abc import Iterable
 
 from nitro import _datapath
 from nitro.vhost.backend import VhostUserBackend
-from nitro.vhost.codec import NEED_DATA, CLOSED, FrontendConnection, Message, ProtocolError
+from nitro.vhost.codec import CLOSED, NEED_DATA, FrontendConnection, Message, ProtocolError
 from nitro.vhost.protocol import HEADER_SIZE, REPLY, VERSION, Header
 
 GUEST_RAM = 2 << 20
@@ -202,11 +202,13 @@ def _seeds() -> dict[str, bytes]:
         DeviceConfig,
         MemoryRegion,
         MemoryTable,
-        Request as R,
         SingleMemoryRegion,
         VringAddr,
         VringFd,
         VringState,
+    )
+    from nitro.vhost.protocol import (
+        Request as R,
     )
 
     ua = 0x7F00_0000_0000

@@ -18,8 +18,18 @@ import time
 
 from nitro.vhost.codec import Message
 from nitro.vhost.protocol import (
-    NEED_REPLY, VERSION, DeviceConfig, MemoryRegion, MemoryTable, ProtocolFeature,
-    Request, U64, VringAddr, VringFd, VringState)
+    NEED_REPLY,
+    U64,
+    VERSION,
+    DeviceConfig,
+    MemoryRegion,
+    MemoryTable,
+    ProtocolFeature,
+    Request,
+    VringAddr,
+    VringFd,
+    VringState,
+)
 
 GPA_BASE = 0x4000_0000
 MEM_SIZE = 16 << 20
@@ -176,7 +186,7 @@ class Frontend:
         for fd in (self.memfd, self.kick, self.call):
             os.close(fd)
 
-    def __enter__(self) -> "Frontend":
+    def __enter__(self) -> Frontend:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -16,7 +16,16 @@ import pytest
 
 from nitro.vhost.protocol import Request, VringFd
 from tests.integration.frontend import (
-    DESC, F_NEXT, F_WRITE, GPA_BASE, T_DISCARD, T_FLUSH, T_GET_ID, T_IN, T_OUT, Frontend)
+    F_NEXT,
+    F_WRITE,
+    GPA_BASE,
+    T_DISCARD,
+    T_FLUSH,
+    T_GET_ID,
+    T_IN,
+    T_OUT,
+    Frontend,
+)
 
 pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parents[2]

@@ -46,7 +46,7 @@ def test_ready_watchdog_stopping(short_tmp_path):
              "--runtime-dir", str(short_tmp_path), "--state-dir", str(short_tmp_path)],
             cwd=REPO, env=env, stderr=subprocess.PIPE, text=True)
         try:
-            first = _messages(sup, "READY=1", 20)
+            _messages(sup, "READY=1", 20)
             # READY only after every socket listens: a guest may attach now.
             assert (short_tmp_path / "v.sock").exists() and (short_tmp_path / "control.sock").exists()
             pings = _messages(sup, "WATCHDOG=1", 5)

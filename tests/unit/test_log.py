@@ -4,7 +4,8 @@ import os
 import re
 
 import pytest
-from hypothesis import given, strategies as st
+from hypothesis import given
+from hypothesis import strategies as st
 
 from nitro.log import LogfmtFormatter, format_value, log_event, setup_logging
 

@@ -8,6 +8,7 @@ import uuid
 
 import pytest
 import trio
+import trio.lowlevel
 
 from nitro.sdnotify import Notifier, watchdog_loop
 
@@ -166,7 +167,7 @@ def test_watchdog_loop_stops_when_trio_is_wedged(manager):
         async def main():
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(watchdog_loop, n)
-                await trio.sleep(0)
+                await trio.lowlevel.checkpoint()
                 time.sleep(0.3)  # wedge the loop
                 nursery.cancel_scope.cancel()
 

@@ -16,6 +16,7 @@ import logging
 import threading
 
 import trio
+import trio.lowlevel
 
 from nitro import _datapath
 from nitro.config import DaemonConfig
@@ -94,7 +95,7 @@ class NetFabric:
                     continue
                 for reply in self.responders[vpc].handle(port, frame):
                     self.switch.inject(port, reply)
-            await trio.sleep(0)
+            await trio.lowlevel.checkpoint()
 
     def lease_of(self, vpc: str, port: int) -> dict | None:
         r = self.responders.get(vpc)
