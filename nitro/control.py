@@ -345,6 +345,7 @@ def query(path: str | os.PathLike, cmd: dict, timeout: float = 5) -> dict:
 # virtio 1.2 section 6 "Reserved Feature Bits" (transport/ring bits).
 _COMMON_FEATURES = {
     24: "NOTIFY_ON_EMPTY", 27: "ANY_LAYOUT", 28: "RING_INDIRECT_DESC", 29: "RING_EVENT_IDX",
+    30: "PROTOCOL_FEATURES",  # VHOST_USER_F_PROTOCOL_FEATURES (vhost-user.rst)
     32: "VERSION_1", 33: "ACCESS_PLATFORM", 34: "RING_PACKED", 35: "IN_ORDER",
     36: "ORDER_PLATFORM", 37: "SR_IOV", 38: "NOTIFICATION_DATA", 39: "NOTIF_CONFIG_DATA", 40: "RING_RESET",
 }
