@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import socket
 import subprocess
@@ -20,7 +21,7 @@ def _free_port() -> int:
 
 
 class Nitro:
-    def __init__(self, tmp: Path, config: str) -> None:
+    def __init__(self, tmp: Path, config: str, env: dict[str, str] | None = None) -> None:
         self.tmp = tmp
         self.port = _free_port()
         self.cfg = tmp / "nitro.toml"
@@ -29,7 +30,7 @@ class Nitro:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "nitro", "run", "--config", str(self.cfg),
              "--runtime-dir", str(tmp), "--state-dir", str(tmp)],
-            cwd=REPO, stderr=self.log)
+            cwd=REPO, stderr=self.log, env={**os.environ, **(env or {})})
         deadline = time.monotonic() + 20
         while not (tmp / "control.sock").exists():
             assert self.proc.poll() is None, self.stderr()
