@@ -156,10 +156,7 @@ class VhostUserServer:
             if vring.should_run and vring.index not in self._workers:
                 worker = VringWorker(vring)
                 self._workers[vring.index] = worker
-                # Devices whose queues are reached from outside their own
-                # worker (a switch delivering into an RX ring) attach here.
-                if hasattr(self.device, "on_vring_start"):
-                    self.device.on_vring_start(vring)
+                self.device.on_vring_start(vring)
                 nursery.start_soon(self._run_worker, worker, nursery)
 
     async def _stop_workers(self, indexes: list[int]) -> None:
@@ -167,8 +164,7 @@ class VhostUserServer:
             worker = self._workers.get(i)
             if worker is None:
                 continue
-            if hasattr(self.device, "on_vring_stop"):
-                self.device.on_vring_stop(worker.vring)
+            self.device.on_vring_stop(worker.vring)
             worker.vring.vq.stop()       # wakes the C loop out of poll()
             worker.cancel_scope.cancel()  # wakes trio out of wait_readable()
             await worker.done.wait()

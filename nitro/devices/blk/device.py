@@ -74,6 +74,12 @@ class BlkDevice:
         """Runs in a worker thread; the C loop releases the GIL."""
         return _datapath.blk_serve(vring.vq, self.params, self.stats[vring.index], idle_ms)
 
+    def on_vring_start(self, vring) -> None:
+        return None  # only this queue's worker touches a blk ring
+
+    def on_vring_stop(self, vring) -> None:
+        return None
+
     def reset(self) -> None:
         self.acked_features = 0
 
