@@ -19,6 +19,7 @@
 #include <unistd.h>
 
 #include "nitro_crypto.h"
+#include "nitro_iov.h"
 #include "nitro_vring.h"
 
 /* Internal to nitro_xts.c and this file (not ABI: struct iovec). */
@@ -84,54 +85,6 @@ struct blk_done {
     uint32_t used_len;  /* bytes written into the device-writable part */
 };
 
-/* ---- iovec helpers ----------------------------------------------------- */
-
-/* Drop the first n bytes of *iov (n <= its total), editing in place. */
-static void iov_advance(struct iovec **iov, int *cnt, uint64_t n)
-{
-    while (n > 0 && *cnt > 0) {
-        if (n < (*iov)->iov_len) {
-            (*iov)->iov_base = (uint8_t *)(*iov)->iov_base + n;
-            (*iov)->iov_len -= n;
-            return;
-        }
-        n -= (*iov)->iov_len;
-        (*iov)++;
-        (*cnt)--;
-    }
-}
-
-/* Copy the first len bytes of iov (which holds at least len) into buf. */
-static void iov_to_buf(const struct iovec *iov, int cnt, void *buf, size_t len)
-{
-    uint8_t *out = buf;
-    for (int i = 0; i < cnt && len > 0; i++) {
-        size_t n = iov[i].iov_len < len ? iov[i].iov_len : len;
-        memcpy(out, iov[i].iov_base, n);
-        out += n;
-        len -= n;
-    }
-}
-
-/* Copy len bytes of buf into the start of iov; returns bytes copied. */
-static size_t buf_to_iov(struct iovec *iov, int cnt, const void *buf, size_t len)
-{
-    const uint8_t *in = buf;
-    size_t done = 0;
-    for (int i = 0; i < cnt && done < len; i++) {
-        size_t n = iov[i].iov_len < len - done ? iov[i].iov_len : len - done;
-        memcpy(iov[i].iov_base, in + done, n);
-        done += n;
-    }
-    return done;
-}
-
-static void iov_zero(struct iovec *iov, int cnt)
-{
-    for (int i = 0; i < cnt; i++)
-        memset(iov[i].iov_base, 0, iov[i].iov_len);
-}
-
 /* ---- parsing ----------------------------------------------------------- */
 
 static int blk_parse(struct nitro_vq *vq, struct nitro_chain *c,
@@ -142,7 +95,7 @@ static int blk_parse(struct nitro_vq *vq, struct nitro_chain *c,
     if (c->out_len < OUTHDR_LEN || c->in_len < 1)
         return nitro_vq_set_fault(vq, NITRO_FAULT_REQUEST);
     uint8_t hdr[OUTHDR_LEN];
-    iov_to_buf(c->iov, (int)c->n_out, hdr, sizeof(hdr));
+    nitro_iov_to_buf(c->iov, (int)c->n_out, hdr, sizeof(hdr));
     uint32_t type;
     uint64_t sector;
     memcpy(&type, hdr, sizeof(type));
@@ -152,7 +105,7 @@ static int blk_parse(struct nitro_vq *vq, struct nitro_chain *c,
 
     rq->rd = c->iov;
     rq->n_rd = (int)c->n_out;
-    iov_advance(&rq->rd, &rq->n_rd, OUTHDR_LEN);
+    nitro_iov_advance(&rq->rd, &rq->n_rd, OUTHDR_LEN);
     rq->rd_len = c->out_len - OUTHDR_LEN;
 
     /* Every iovec is non-empty, so the status is the last byte of the last
@@ -198,11 +151,11 @@ static int blk_rw(int fd, struct iovec *iov, int cnt, uint64_t off, bool write)
         if (n == 0 && write)
             return -EIO;  /* no progress: do not spin */
         if (n == 0) {
-            iov_zero(iov, cnt);
+            nitro_iov_zero(iov, cnt);
             return 0;
         }
         off += (uint64_t)n;
-        iov_advance(&iov, &cnt, (uint64_t)n);
+        nitro_iov_advance(&iov, &cnt, (uint64_t)n);
     }
     return 0;
 }
@@ -362,7 +315,7 @@ static uint8_t blk_get_id(const struct nitro_blk_params *p, struct blk_req *rq,
 {
     size_t n = rq->wr_len < VIRTIO_BLK_ID_BYTES ? rq->wr_len
                                                 : VIRTIO_BLK_ID_BYTES;
-    d->bytes = buf_to_iov(rq->wr, rq->n_wr, p->serial, n);
+    d->bytes = nitro_buf_to_iov(rq->wr, rq->n_wr, p->serial, n);
     d->used_len = (uint32_t)d->bytes + 1;
     return VIRTIO_BLK_S_OK;
 }
@@ -383,7 +336,7 @@ static uint8_t blk_segments(const struct nitro_blk_params *p,
         rq->rd_len / SEGMENT_LEN > MAX_SEGMENTS)
         return VIRTIO_BLK_S_IOERR;
     uint8_t raw[MAX_SEGMENTS * SEGMENT_LEN];
-    iov_to_buf(rq->rd, rq->n_rd, raw, rq->rd_len);
+    nitro_iov_to_buf(rq->rd, rq->n_rd, raw, rq->rd_len);
     *count = (int)(rq->rd_len / SEGMENT_LEN);
     uint32_t max = zeroes ? p->max_write_zeroes_sectors : p->max_discard_sectors;
     for (int i = 0; i < *count; i++) {

@@ -24,6 +24,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "nitro_iov.h"
 #include "nitro_net.h"
 #include "nitro_vring.h"
 
@@ -221,28 +222,6 @@ static bool complete_csum(uint8_t *buf, uint32_t len)
     return true;
 }
 
-static void copy_to_iov(const struct iovec *iov, uint32_t niov,
-                        const uint8_t *src, uint64_t len)
-{
-    for (uint32_t i = 0; i < niov && len > 0; i++) {
-        uint64_t n = iov[i].iov_len < len ? iov[i].iov_len : len;
-        memcpy(iov[i].iov_base, src, n);
-        src += n;
-        len -= n;
-    }
-}
-
-static void copy_from_iov(uint8_t *dst, const struct iovec *iov,
-                          uint32_t niov, uint64_t len)
-{
-    for (uint32_t i = 0; i < niov && len > 0; i++) {
-        uint64_t n = iov[i].iov_len < len ? iov[i].iov_len : len;
-        memcpy(dst, iov[i].iov_base, n);
-        dst += n;
-        len -= n;
-    }
-}
-
 /* ---- switch tables ------------------------------------------------------- */
 
 struct nitro_switch *nitro_switch_new(void)
@@ -430,7 +409,7 @@ static int fill_ring(struct nitro_vq *vq, bool mrg, uint8_t *buf, uint32_t len)
         uint64_t room = c->in_len < len - done ? c->in_len : len - done;
         if (n == 0)
             hdr_at = c->iov[0].iov_base;
-        copy_to_iov(c->iov, c->n_in, buf + done, room);
+        nitro_buf_to_iov(c->iov, (int)c->n_in, buf + done, room);
         heads[n] = c->head;
         lens[n] = (uint32_t)room;
         n++;
@@ -694,7 +673,7 @@ static void tx_one(struct tx_ctx *t, const struct nitro_chain *c)
         return;
     }
     uint32_t len = (uint32_t)c->out_len;
-    copy_from_iov(t->buf, c->iov, c->n_out, len);
+    nitro_iov_to_buf(c->iov, (int)c->n_out, t->buf, len);
     uint8_t *frame = t->buf + NITRO_NET_HDR_LEN;
     uint32_t flen = len - NITRO_NET_HDR_LEN;
     /* No HOST_TSO/UFO offered: a GSO header is a driver bug. */
@@ -827,7 +806,7 @@ static uint8_t ctrl_answer(const struct nitro_chain *c, uint32_t max_pairs)
     uint8_t cmd[4] = {0};
     if (c->out_len < 2)
         return VIRTIO_NET_ERR;
-    copy_from_iov(cmd, c->iov, c->n_out, c->out_len < 4 ? c->out_len : 4);
+    nitro_iov_to_buf(c->iov, (int)c->n_out, cmd, c->out_len < 4 ? c->out_len : 4);
     if (cmd[0] == VIRTIO_NET_CTRL_RX || cmd[0] == VIRTIO_NET_CTRL_MAC)
         return VIRTIO_NET_OK;
     if (cmd[0] == VIRTIO_NET_CTRL_MQ && cmd[1] == VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET &&
