@@ -10,6 +10,13 @@ from __future__ import annotations
 import dataclasses
 import struct
 
+from nitro.devices.base import (
+    VIRTIO_F_VERSION_1,
+    VIRTIO_RING_F_EVENT_IDX,
+    VIRTIO_RING_F_INDIRECT_DESC,
+    read_config_window,
+)
+
 # Feature bits (virtio 1.2 section 5.2.3) and the ring/transport bits we use.
 VIRTIO_BLK_F_SIZE_MAX = 1
 VIRTIO_BLK_F_SEG_MAX = 2
@@ -20,9 +27,6 @@ VIRTIO_BLK_F_TOPOLOGY = 10
 VIRTIO_BLK_F_MQ = 12
 VIRTIO_BLK_F_DISCARD = 13
 VIRTIO_BLK_F_WRITE_ZEROES = 14
-VIRTIO_RING_F_INDIRECT_DESC = 28
-VIRTIO_RING_F_EVENT_IDX = 29
-VIRTIO_F_VERSION_1 = 32
 
 SECTOR_SIZE = 512
 # Largest DISCARD / WRITE_ZEROES a single request may cover: 1 GiB.
@@ -58,9 +62,7 @@ class BlkConfigSpace:
 
     def read(self, offset: int, size: int) -> bytes:
         """GET_CONFIG: any window; bytes beyond the struct read as zero."""
-        data = self.pack()
-        window = data[offset:offset + size]
-        return window + bytes(size - len(window))
+        return read_config_window(self.pack(), offset, size)
 
 
 def device_features(*, readonly: bool, num_queues: int, discard: bool = True) -> int:

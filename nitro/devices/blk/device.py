@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 
 from nitro import _datapath
 from nitro.config import BlkConfig
+from nitro.devices.base import VirtioDevice
 from nitro.devices.blk import config as blkcfg
 from nitro.devices.blk.backends.raw import RawImage
 
@@ -23,7 +24,7 @@ from nitro.vhost.protocol import ProtocolFeature
 _RING_OVERHEAD = 2
 
 
-class BlkDevice:
+class BlkDevice(VirtioDevice):
     kind = "blk"
 
     def __init__(self, cfg: BlkConfig, volume: RawImage | LuksVolume) -> None:
@@ -62,23 +63,12 @@ class BlkDevice:
     def get_config(self, offset: int, size: int) -> bytes:
         return self.config_space.read(offset, size)
 
-    def set_config(self, offset: int, data: bytes) -> None:
-        # No writable field is offered (CONFIG_WCE is not): ignore, as the
-        # spec lets a device ignore writes to read-only config fields.
-        return None
-
     def set_features(self, acked: int) -> None:
         self.acked_features = acked
 
     def serve_vring_blocking(self, vring, idle_ms: int) -> int:
         """Runs in a worker thread; the C loop releases the GIL."""
         return _datapath.blk_serve(vring.vq, self.params, self.stats[vring.index], idle_ms)
-
-    def on_vring_start(self, vring) -> None:
-        return None  # only this queue's worker touches a blk ring
-
-    def on_vring_stop(self, vring) -> None:
-        return None
 
     def reset(self) -> None:
         self.acked_features = 0

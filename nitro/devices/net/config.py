@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import struct
 
+from nitro.devices.base import VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC
+
 VIRTIO_NET_F_CSUM = 0
 VIRTIO_NET_F_GUEST_CSUM = 1
 VIRTIO_NET_F_MTU = 3
@@ -12,9 +14,6 @@ VIRTIO_NET_F_MRG_RXBUF = 15
 VIRTIO_NET_F_STATUS = 16
 VIRTIO_NET_F_CTRL_VQ = 17
 VIRTIO_NET_F_MQ = 22
-VIRTIO_RING_F_INDIRECT_DESC = 28
-VIRTIO_RING_F_EVENT_IDX = 29
-VIRTIO_F_VERSION_1 = 32
 
 VIRTIO_NET_S_LINK_UP = 1
 CONFIG_SIZE = 12  # mac[6], status, max_virtqueue_pairs, mtu (le16 each)
@@ -33,10 +32,3 @@ def device_features() -> int:
 def config_space(mac: bytes, pairs: int, mtu: int, link_up: bool = True) -> bytes:
     """struct virtio_net_config up to mtu (little-endian, VERSION_1)."""
     return mac + struct.pack("<HHH", VIRTIO_NET_S_LINK_UP if link_up else 0, pairs, mtu)
-
-
-def read_config(space: bytes, offset: int, size: int) -> bytes:
-    if offset < 0 or size < 0 or offset + size > len(space):
-        raise ValueError(f"config read [{offset}, +{size}) outside the {len(space)}-byte "
-                         f"virtio_net_config")
-    return space[offset:offset + size]

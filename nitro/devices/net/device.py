@@ -15,12 +15,13 @@ from __future__ import annotations
 
 from nitro import _datapath
 from nitro.config import NetConfig
+from nitro.devices.base import VIRTIO_F_VERSION_1, VirtioDevice, read_config_window
 from nitro.devices.net import config as netcfg
 from nitro.vhost.protocol import ProtocolFeature
 from nitro.vpc import packets as pk
 
 
-class NetDevice:
+class NetDevice(VirtioDevice):
     kind = "net"
 
     def __init__(self, cfg: NetConfig, switch: _datapath.Switch, port: int, mtu: int,
@@ -42,13 +43,10 @@ class NetDevice:
 
     # -- backend contract ------------------------------------------------
     def get_config(self, offset: int, size: int) -> bytes:
-        return netcfg.read_config(self.config_space, offset, size)
-
-    def set_config(self, offset: int, data: bytes) -> None:
-        return None  # nothing writable is offered (no CTRL_MAC_ADDR)
+        return read_config_window(self.config_space, offset, size)
 
     def set_features(self, acked: int) -> None:
-        if acked & (1 << netcfg.VIRTIO_F_VERSION_1) == 0 and acked:
+        if acked & (1 << VIRTIO_F_VERSION_1) == 0 and acked:
             # Legacy headers are 10 bytes; the switch speaks virtio_net_hdr_v1.
             raise ValueError("virtio-net without VERSION_1 is not supported")
         self.acked_features = acked
@@ -80,9 +78,6 @@ class NetDevice:
             self.switch.detach_rx(self.port, pair)
         self.acked_features = 0
         self.switch.set_port_features(self.port, 0)
-
-    def flush(self) -> None:
-        return None
 
     def close(self) -> None:
         for pair in range(self.pairs):
