@@ -19,9 +19,18 @@ from typing import Any
 
 DEFAULT_METRICS_LISTEN = "127.0.0.1:9180"
 MAX_QUEUES = 16
+# These match the C switch's tables (cffi_build/nitro_net.h NITRO_NET_MAX_*;
+# tests/unit/test_vpc_config.py checks it), so a config that passes --check
+# also fits the datapath.
+MAX_VPCS = 64
+MAX_NET_INTERFACES = 256
+MAX_NET_QUEUE_PAIRS = 16
+MAX_DNS = 63           # DHCP option 6: 4 bytes each, at most 255 bytes
+MAX_RATE = 10**12      # bytes or packets per second; beyond any link here
 _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
-_SIZE_RE = re.compile(r"^\s*(\d+)\s*([KMGTP]?)(i?B)?\s*$", re.IGNORECASE)
+_UNIT_RE = re.compile(r"^\s*(\d+)\s*([KMGTP]?)(i?B)?\s*$", re.IGNORECASE)
 _SIZE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40, "P": 1 << 50}
+_RATE_UNITS = {"": 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12, "P": 10**15}
 
 
 class ConfigError(Exception):
@@ -123,15 +132,22 @@ def parse_size(value: Any, file: str, key: str) -> int:
     """'1G', '512M', '4096', 1073741824 -> bytes (binary units)."""
     if isinstance(value, bool):
         raise ConfigError(file, key, f"expected a size such as '1G', got {value!r}")
-    if isinstance(value, int):
-        n = value
-    elif isinstance(value, str) and (m := _SIZE_RE.match(value)):
-        n = int(m.group(1)) * _SIZE_UNITS[m.group(2).upper()]
-    else:
+    if isinstance(value, str):
+        value = _with_unit(value, _SIZE_UNITS, file, key, "a size such as '1G'")
+    if not isinstance(value, int):
         raise ConfigError(file, key, f"expected a size such as '1G', got {value!r}")
+    n = value
     if n <= 0 or n % 512:
         raise ConfigError(file, key, f"size must be a positive multiple of 512 bytes, got {n}")
     return n
+
+
+def _with_unit(value: str, units: dict[str, int], file: str, key: str, what: str) -> int:
+    """'10M' -> 10 * units['M']."""
+    m = _UNIT_RE.match(value)
+    if not m:
+        raise ConfigError(file, key, f"expected {what}, got {value!r}")
+    return int(m.group(1)) * units[m.group(2).upper()]
 
 
 def load(path: str | Path | None, *, runtime_dir: Path | None = None,
@@ -168,14 +184,11 @@ def from_dict(doc: dict, source: str, *, runtime_dir: Path | None = None,
     if level not in ("debug", "info", "warning", "error"):
         raise ConfigError(source, "daemon.log_level", f"expected debug|info|warning|error, got {level!r}")
     listen = _str(metrics, "listen", source, "metrics.", DEFAULT_METRICS_LISTEN)
-    blk_list = doc.get("blk", [])
-    if not isinstance(blk_list, list):
-        raise ConfigError(source, "blk", "expected [[blk]] tables")
-    blks = tuple(_blk(t, i, source, runtime, state) for i, t in enumerate(blk_list))
-    _check_unique(blks, source)
-    vpcs = tuple(_vpc(t, i, source) for i, t in enumerate(_array(doc, "vpc", source)))
-    nets = tuple(_net(t, i, source, runtime, vpcs) for i, t in enumerate(_array(doc, "net", source)))
-    _check_net_unique(vpcs, nets, blks, source)
+    blks = tuple(_blk(t, i, source, runtime, state) for i, t in enumerate(_array(doc, "blk", source)))
+    vpcs = tuple(_vpc(t, i, source) for i, t in enumerate(_array(doc, "vpc", source, MAX_VPCS)))
+    nets = tuple(_net(t, i, source, runtime, vpcs)
+                 for i, t in enumerate(_array(doc, "net", source, MAX_NET_INTERFACES)))
+    _check_unique(blks, vpcs, nets, source)
     return DaemonConfig(runtime, state, control, listen, level, blks, source, vpcs, nets)
 
 
@@ -183,10 +196,35 @@ _MAC_RE = re.compile(r"^[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}$")
 _IFNAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,15}$")
 
 
-def _array(doc: dict, key: str, source: str) -> list:
+def _array(doc: dict, key: str, source: str, most: int | None = None) -> list:
     v = doc.get(key, [])
     if not isinstance(v, list):
         raise ConfigError(source, key, f"expected [[{key}]] tables")
+    if most is not None and len(v) > most:
+        raise ConfigError(source, key, f"at most {most} [[{key}]] tables, got {len(v)}")
+    return v
+
+
+def _entry(t: Any, i: int, kind: str, source: str, allowed: set[str]) -> str:
+    """Check that [[kind]] number i is a table with known keys; its key prefix."""
+    if not isinstance(t, dict):
+        raise ConfigError(source, f"{kind}[{i}]", "expected a table")
+    p = f"{kind}[{i}]."
+    _check_keys(t, allowed, source, p)
+    return p
+
+
+def _id(t: dict, source: str, p: str) -> str:
+    v = _str(t, "id", source, p, None)
+    if not _ID_RE.match(v):
+        raise ConfigError(source, p + "id", f"must match {_ID_RE.pattern}, got {v!r}")
+    return v
+
+
+def _queue_size(t: dict, source: str, p: str) -> int:
+    v = _int(t, "queue_size", source, p, 256, 2, 1024)
+    if v & (v - 1):
+        raise ConfigError(source, p + "queue_size", f"must be a power of two, got {v}")
     return v
 
 
@@ -199,13 +237,8 @@ def _ipv4(t: dict, key: str, source: str, p: str, kind):
 
 
 def _vpc(t: Any, i: int, source: str) -> VpcConfig:
-    p = f"vpc[{i}]."
-    if not isinstance(t, dict):
-        raise ConfigError(source, f"vpc[{i}]", "expected a table")
-    _check_keys(t, {"id", "cidr", "gateway", "mtu", "dns", "lease_seconds", "uplink"}, source, p)
-    vpc_id = _str(t, "id", source, p, None)
-    if not _ID_RE.match(vpc_id):
-        raise ConfigError(source, p + "id", f"must match {_ID_RE.pattern}, got {vpc_id!r}")
+    p = _entry(t, i, "vpc", source, {"id", "cidr", "gateway", "mtu", "dns", "lease_seconds", "uplink"})
+    vpc_id = _id(t, source, p)
     cidr_text = _str(t, "cidr", source, p, None)
     try:
         cidr = ipaddress.IPv4Network(cidr_text, strict=True)
@@ -223,6 +256,8 @@ def _vpc(t: Any, i: int, source: str) -> VpcConfig:
         dns_v = [dns_v]
     if not isinstance(dns_v, list):
         raise ConfigError(source, p + "dns", f"expected an address or a list of addresses, got {dns_v!r}")
+    if len(dns_v) > MAX_DNS:  # DHCP option 6 carries at most 255 bytes
+        raise ConfigError(source, p + "dns", f"at most {MAX_DNS} servers, got {len(dns_v)}")
     try:
         dns = tuple(ipaddress.IPv4Address(d) for d in dns_v)
     except ValueError as e:
@@ -246,30 +281,19 @@ def _vpc(t: Any, i: int, source: str) -> VpcConfig:
 
 
 def _rate(t: dict, key: str, source: str, p: str) -> int:
+    """A rate limit: an integer or '10M' (decimal units, as line rates are)."""
     v = t.get(key, 0)
     if isinstance(v, str):
-        v = parse_rate(v, source, p + key)
-    if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-        raise ConfigError(source, p + key, f"expected a non-negative integer (0: unlimited), got {v!r}")
+        v = _with_unit(v, _RATE_UNITS, source, p + key, "a number such as 125000 or '10M'")
+    if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= MAX_RATE:
+        raise ConfigError(source, p + key, f"expected an integer in 0..{MAX_RATE} (0: unlimited), got {v!r}")
     return v
 
 
-def parse_rate(value: str, file: str, key: str) -> int:
-    m = re.match(r"^\s*(\d+)\s*([KMG]?)\s*$", value, re.I)
-    if not m:
-        raise ConfigError(file, key, f"expected a number such as 125000 or '10M', got {value!r}")
-    return int(m.group(1)) * {"": 1, "K": 1000, "M": 10**6, "G": 10**9}[m.group(2).upper()]
-
-
 def _net(t: Any, i: int, source: str, runtime: Path, vpcs: tuple[VpcConfig, ...]) -> NetConfig:
-    p = f"net[{i}]."
-    if not isinstance(t, dict):
-        raise ConfigError(source, f"net[{i}]", "expected a table")
-    _check_keys(t, {"id", "socket", "vpc", "mac", "ip", "queues", "queue_size",
-                    "bw_in_bytes_per_sec", "bw_out_bytes_per_sec", "pps"}, source, p)
-    dev_id = _str(t, "id", source, p, None)
-    if not _ID_RE.match(dev_id):
-        raise ConfigError(source, p + "id", f"must match {_ID_RE.pattern}, got {dev_id!r}")
+    p = _entry(t, i, "net", source, {"id", "socket", "vpc", "mac", "ip", "queues", "queue_size",
+                                     "bw_in_bytes_per_sec", "bw_out_bytes_per_sec", "pps"})
+    dev_id = _id(t, source, p)
     vpc_id = _str(t, "vpc", source, p, None)
     vpc = next((v for v in vpcs if v.id == vpc_id), None)
     if vpc is None:
@@ -284,64 +308,23 @@ def _net(t: Any, i: int, source: str, runtime: Path, vpcs: tuple[VpcConfig, ...]
         raise ConfigError(source, p + "ip", f"{ip} is not a free host address of vpc {vpc.id} ({vpc.cidr})")
     if vpc.uplink is not None and ip == vpc.uplink.address.ip:
         raise ConfigError(source, p + "ip", f"{ip} is vpc {vpc.id}'s uplink address")
-    qsize = _int(t, "queue_size", source, p, 256, 2, 1024)
-    if qsize & (qsize - 1):
-        raise ConfigError(source, p + "queue_size", f"must be a power of two, got {qsize}")
+    qsize = _queue_size(t, source, p)
     return NetConfig(
         id=dev_id, socket=runtime / _str(t, "socket", source, p, f"{dev_id}.sock"),
         vpc=vpc_id, mac=mac.lower(), ip=ip,
-        queues=_int(t, "queues", source, p, 1, 1, MAX_QUEUES), queue_size=qsize,
+        queues=_int(t, "queues", source, p, 1, 1, MAX_NET_QUEUE_PAIRS), queue_size=qsize,
         bw_in_bytes_per_sec=_rate(t, "bw_in_bytes_per_sec", source, p),
         bw_out_bytes_per_sec=_rate(t, "bw_out_bytes_per_sec", source, p),
         pps=_rate(t, "pps", source, p))
 
 
-def _check_net_unique(vpcs: tuple[VpcConfig, ...], nets: tuple[NetConfig, ...],
-                      blks: tuple[BlkConfig, ...], source: str) -> None:
-    seen: set = set()
-    for i, v in enumerate(vpcs):
-        if v.id in seen:
-            raise ConfigError(source, f"vpc[{i}].id", f"duplicate id {v.id!r}")
-        seen.add(v.id)
-    names: set = set()
-    for i, v in enumerate(vpcs):
-        if v.uplink is not None:
-            if v.uplink.name in names:
-                raise ConfigError(source, f"vpc[{i}].uplink.name", f"duplicate interface {v.uplink.name!r}")
-            names.add(v.uplink.name)
-    ids = {b.id for b in blks}
-    sockets = {b.socket for b in blks}
-    macs: set = set()
-    ips: set = set()
-    for i, n in enumerate(nets):
-        if n.id in ids:
-            raise ConfigError(source, f"net[{i}].id", f"duplicate device id {n.id!r}")
-        if n.socket in sockets:
-            raise ConfigError(source, f"net[{i}].socket", f"duplicate socket {str(n.socket)!r}")
-        if n.mac in macs:
-            raise ConfigError(source, f"net[{i}].mac", f"duplicate mac {n.mac}")
-        if (n.vpc, n.ip) in ips:
-            raise ConfigError(source, f"net[{i}].ip", f"duplicate ip {n.ip} in vpc {n.vpc}")
-        ids.add(n.id)
-        sockets.add(n.socket)
-        macs.add(n.mac)
-        ips.add((n.vpc, n.ip))
-
-
 def _blk(t: Any, i: int, source: str, runtime: Path, state: Path) -> BlkConfig:
-    p = f"blk[{i}]."
-    if not isinstance(t, dict):
-        raise ConfigError(source, f"blk[{i}]", "expected a table")
-    _check_keys(t, {"id", "socket", "image", "size", "readonly", "queues", "queue_size",
-                    "serial", "encryption"}, source, p)
-    dev_id = _str(t, "id", source, p, None)
-    if not _ID_RE.match(dev_id):
-        raise ConfigError(source, p + "id", f"must match {_ID_RE.pattern}, got {dev_id!r}")
+    p = _entry(t, i, "blk", source, {"id", "socket", "image", "size", "readonly", "queues",
+                                     "queue_size", "serial", "encryption"})
+    dev_id = _id(t, source, p)
     size = parse_size(t["size"], source, p + "size") if "size" in t else None
     queues = _int(t, "queues", source, p, 1, 1, MAX_QUEUES)
-    qsize = _int(t, "queue_size", source, p, 256, 2, 1024)
-    if qsize & (qsize - 1):
-        raise ConfigError(source, p + "queue_size", f"must be a power of two, got {qsize}")
+    qsize = _queue_size(t, source, p)
     serial = _str(t, "serial", source, p, dev_id)
     if len(serial.encode()) > 20:
         raise ConfigError(source, p + "serial", "at most 20 bytes (virtio-blk GET_ID)")
@@ -372,14 +355,31 @@ def _encryption(t: dict, source: str, prefix: str, state: Path) -> EncryptionCon
     return EncryptionConfig(**{key: state / value})
 
 
-def _check_unique(blks: tuple[BlkConfig, ...], source: str) -> None:
-    for attr in ("id", "socket", "image"):
-        seen: set = set()
-        for i, b in enumerate(blks):
-            v = getattr(b, attr)
-            if v in seen:
-                raise ConfigError(source, f"blk[{i}].{attr}", f"duplicate {attr} {str(v)!r}")
-            seen.add(v)
+def _check_unique(blks: tuple[BlkConfig, ...], vpcs: tuple[VpcConfig, ...],
+                  nets: tuple[NetConfig, ...], source: str) -> None:
+    """Device ids and sockets are unique across kinds; the rest per table."""
+    blk = list(enumerate(blks))
+    net = list(enumerate(nets))
+    vpc = list(enumerate(vpcs))
+    _no_duplicates(source, "id", [(f"blk[{i}].id", b.id) for i, b in blk]
+                   + [(f"net[{i}].id", n.id) for i, n in net])
+    _no_duplicates(source, "socket", [(f"blk[{i}].socket", b.socket) for i, b in blk]
+                   + [(f"net[{i}].socket", n.socket) for i, n in net])
+    _no_duplicates(source, "image", [(f"blk[{i}].image", b.image) for i, b in blk])
+    _no_duplicates(source, "id", [(f"vpc[{i}].id", v.id) for i, v in vpc])
+    _no_duplicates(source, "interface", [(f"vpc[{i}].uplink.name", v.uplink.name)
+                                         for i, v in vpc if v.uplink is not None])
+    _no_duplicates(source, "mac", [(f"net[{i}].mac", n.mac) for i, n in net])
+    _no_duplicates(source, "ip", [(f"net[{i}].ip", (n.vpc, n.ip)) for i, n in net])
+
+
+def _no_duplicates(source: str, what: str, keyed: list[tuple[str, Any]]) -> None:
+    seen: set = set()
+    for key, value in keyed:
+        if value in seen:
+            shown = f"{value[1]} in vpc {value[0]}" if isinstance(value, tuple) else repr(str(value))
+            raise ConfigError(source, key, f"duplicate {what} {shown}")
+        seen.add(value)
 
 
 def _check_keys(t: dict, allowed: set[str], source: str, prefix: str) -> None:

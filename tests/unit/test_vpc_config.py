@@ -55,3 +55,29 @@ def test_duplicates():
         load([VPC], [NET, NET | {"id": "n2", "mac": "52:54:00:aa:00:02"}])
     with pytest.raises(ConfigError, match="duplicate id"):
         load([VPC, VPC], [])
+
+
+def test_limits_match_the_c_switch():
+    from nitro import _datapath
+    from nitro import config as c
+    lib = _datapath.lib
+    assert (c.MAX_VPCS, c.MAX_NET_INTERFACES, c.MAX_NET_QUEUE_PAIRS) == (
+        lib.NITRO_NET_MAX_VPCS, lib.NITRO_NET_MAX_PORTS, lib.NITRO_NET_MAX_PAIRS)
+
+
+def test_limits_are_config_errors_not_startup_crashes():
+    vpcs = [VPC | {"id": f"v{i}"} for i in range(65)]
+    with pytest.raises(ConfigError) as e:
+        load(vpcs, [])
+    assert e.value.key == "vpc" and "at most 64" in e.value.reason
+    many_dns = [f"10.0.0.{i}" for i in range(2, 66)]
+    with pytest.raises(ConfigError) as e:
+        load([VPC | {"dns": many_dns}], [])
+    assert e.value.key == "vpc[0].dns"
+    with pytest.raises(ConfigError) as e:
+        load([VPC], [NET | {"pps": 2**64}])
+    assert e.value.key == "net[0].pps"
+    with pytest.raises(ConfigError, match="duplicate socket"):
+        from_dict({"vpc": [VPC], "net": [NET | {"socket": "x.sock"}],
+                   "blk": [{"id": "b", "socket": "x.sock"}]}, "t.toml",
+                  runtime_dir=Path("/r"), state_dir=Path("/s"))
