@@ -221,8 +221,8 @@ def _id(t: dict, source: str, p: str) -> str:
     return v
 
 
-def _queue_size(t: dict, source: str, p: str) -> int:
-    v = _int(t, "queue_size", source, p, 256, 2, 1024)
+def _queue_size(t: dict, source: str, p: str, least: int = 2) -> int:
+    v = _int(t, "queue_size", source, p, 256, least, 1024)
     if v & (v - 1):
         raise ConfigError(source, p + "queue_size", f"must be a power of two, got {v}")
     return v
@@ -308,7 +308,8 @@ def _net(t: Any, i: int, source: str, runtime: Path, vpcs: tuple[VpcConfig, ...]
         raise ConfigError(source, p + "ip", f"{ip} is not a free host address of vpc {vpc.id} ({vpc.cidr})")
     if vpc.uplink is not None and ip == vpc.uplink.address.ip:
         raise ConfigError(source, p + "ip", f"{ip} is vpc {vpc.id}'s uplink address")
-    qsize = _queue_size(t, source, p)
+    # QEMU's virtio-net-pci refuses rings smaller than 256 entries.
+    qsize = _queue_size(t, source, p, least=256)
     return NetConfig(
         id=dev_id, socket=runtime / _str(t, "socket", source, p, f"{dev_id}.sock"),
         vpc=vpc_id, mac=mac.lower(), ip=ip,

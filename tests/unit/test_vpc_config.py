@@ -81,3 +81,9 @@ def test_limits_are_config_errors_not_startup_crashes():
         from_dict({"vpc": [VPC], "net": [NET | {"socket": "x.sock"}],
                    "blk": [{"id": "b", "socket": "x.sock"}]}, "t.toml",
                   runtime_dir=Path("/r"), state_dir=Path("/s"))
+
+
+def test_net_rings_are_at_least_what_qemu_accepts():
+    with pytest.raises(ConfigError) as e:
+        load([VPC], [NET | {"queue_size": 128}])
+    assert e.value.key == "net[0].queue_size" and "256..1024" in e.value.reason
