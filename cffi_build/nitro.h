@@ -131,24 +131,30 @@ struct nitro_blk_params {
     int fd;                 /* the backing file, opened by Python */
     uint32_t readonly;      /* nonzero: OUT/DISCARD/WRITE_ZEROES -> IOERR */
     uint64_t capacity;      /* in 512-byte sectors */
+    /* The logical block size in bytes (VIRTIO_BLK_F_BLK_SIZE): a power of
+     * two >= 512, and a multiple of the encryption sector size with xts.
+     * Every request's offset and length must be whole blocks, else IOERR. */
+    uint32_t block_size;
+    /* Largest DISCARD / WRITE_ZEROES segment; 0: the feature is not offered
+     * and such requests complete with UNSUPP. */
     uint32_t max_discard_sectors;
     uint32_t max_write_zeroes_sectors;
     uint8_t serial[20];     /* GET_ID answer, NUL-padded */
-    /* Encrypted volumes (LUKS2): NULL means plain. With a cipher, IN and
-     * OUT must cover whole encryption sectors (else IOERR), and DISCARD /
-     * WRITE_ZEROES must not be offered (zero limits above): zeroing
-     * ciphertext would not read back as zeros. */
-    struct nitro_xts *xts;
-    uint64_t data_offset;   /* bytes: where sector 0 lives in fd */
+    struct nitro_xts *xts;  /* encrypted volumes (LUKS2); NULL: plain */
+    /* Bytes: where sector 0 lives in fd. data_offset + capacity * 512 must
+     * not exceed INT64_MAX. */
+    uint64_t data_offset;
 };
 
 /* Serve one virtio-blk queue: fetch every available chain, do its I/O on
- * params->fd directly from/to guest memory, write the status byte, publish
+ * params->fd directly from/to guest memory (through a per-thread bounce
+ * buffer of ciphertext when encrypted), write the status byte, publish
  * to the used ring and signal the call fd (honouring EVENT_IDX). When the
  * ring is empty, re-enable notifications and wait up to idle_ms on the kick
  * fd. Returns the number of requests completed when idle or stopped,
  * NITRO_ERR_GUEST when the guest broke the ring (the queue stays broken),
- * NITRO_ERR_ARG when the queue is not set up. Call it with the GIL released
+ * NITRO_ERR_ARG when the queue is not set up or the params are invalid
+ * (block_size, data_offset + capacity). Call it with the GIL released
  * (cffi does), from one thread per queue. */
 int64_t nitro_blk_serve(struct nitro_vq *vq,
                         const struct nitro_blk_params *params,

@@ -1,6 +1,7 @@
 /*
  * nitro_blk.c: virtio-blk request handling (virtio 1.2 section 5.2) with
- * I/O straight between the backing fd and mapped guest memory.
+ * I/O straight between the backing fd and mapped guest memory (encrypted
+ * volumes: through the cipher's bounce buffer, see blk_rw_xts).
  *
  * A request is a chain: a 16-byte virtio_blk_outhdr at the start of the
  * device-readable part (possibly split over descriptors), data, and the
@@ -18,22 +19,9 @@
 #include <time.h>
 #include <unistd.h>
 
-#include "nitro_crypto.h"
 #include "nitro_iov.h"
 #include "nitro_vring.h"
-
-/* Internal to nitro_xts.c and this file (not ABI: struct iovec). */
-struct nitro_xts_lane;
-struct nitro_xts_lane *nitro_xts_lane_get(struct nitro_xts *x);
-void nitro_xts_lane_put(struct nitro_xts_lane *l);
-uint8_t *nitro_xts_lane_bounce(struct nitro_xts_lane *l);
-struct iovec *nitro_xts_lane_iovs(struct nitro_xts_lane *l);
-int nitro_xts_decrypt_iov_inplace(struct nitro_xts *x, struct nitro_xts_lane *l,
-                                  struct iovec *iov, int cnt, uint64_t len,
-                                  uint64_t offset);
-int nitro_xts_iov(struct nitro_xts *x, struct nitro_xts_lane *l,
-                  struct iovec **iov, int *cnt, uint64_t len, uint64_t offset,
-                  bool enc);
+#include "nitro_xts_internal.h"
 
 #define VIRTIO_BLK_T_IN 0
 #define VIRTIO_BLK_T_OUT 1
@@ -120,17 +108,19 @@ static int blk_parse(struct nitro_vq *vq, struct nitro_chain *c,
     return NITRO_OK;
 }
 
-/* Is [sector, sector + len bytes) a whole number of sectors inside the
- * disk, with a byte offset that fits off_t? Written so nothing overflows. */
+/* Is [sector, sector + len bytes) whole logical blocks inside the disk?
+ * The one alignment check: on an encrypted volume a logical block is a
+ * whole number of encryption sectors (blk_params_ok), so the cipher never
+ * sees a partial one. Written so nothing overflows; blk_params_ok made every
+ * byte offset inside the disk, plus data_offset, fit off_t. */
 static bool blk_range_ok(const struct nitro_blk_params *p, uint64_t sector,
                          uint64_t len)
 {
-    if (len % SECTOR_SIZE != 0)
+    /* sector << 9 may wrap, but only its low bits matter here. */
+    if (((sector << SECTOR_SHIFT) | len) & (p->block_size - 1))
         return false;
     uint64_t nsec = len >> SECTOR_SHIFT;
-    if (sector > p->capacity || nsec > p->capacity - sector)
-        return false;
-    return sector + nsec <= (uint64_t)INT64_MAX >> SECTOR_SHIFT;
+    return sector <= p->capacity && nsec <= p->capacity - sector;
 }
 
 /* ---- I/O --------------------------------------------------------------- */
@@ -168,41 +158,33 @@ static int blk_rw_buf(int fd, uint8_t *buf, uint64_t len, uint64_t off,
     return blk_rw(fd, &iov, 1, off, write);
 }
 
-/* Encrypted read: preadv straight into guest memory, then decrypt there
- * in place (blk_rw edits the iovecs it walks, so it gets a scratch copy). */
-static int blk_read_xts(const struct nitro_blk_params *p,
-                        struct nitro_xts_lane *lane, struct iovec *iov, int cnt,
-                        uint64_t off, uint64_t len)
-{
-    struct iovec *scratch = nitro_xts_lane_iovs(lane);
-    memcpy(scratch, iov, (size_t)cnt * sizeof(*iov));
-    int rc = blk_rw(p->fd, scratch, cnt, p->data_offset + off, false);
-    if (rc == 0)
-        rc = nitro_xts_decrypt_iov_inplace(p->xts, lane, iov, cnt, len, off);
-    return rc > 0 ? -EIO : rc;
-}
-
-/* Encrypted I/O: whole encryption sectors. Writes go NITRO_XTS_BOUNCE
- * bytes at a time through the lane's bounce buffer (never encrypt in guest
- * memory: the guest still owns its buffer). `off` is the byte offset in the
- * data segment, which is also what the IVs count from. */
+/* Encrypted I/O: NITRO_XTS_BOUNCE bytes at a time through the lane's bounce
+ * buffer, which holds only ciphertext. Writes encrypt guest plaintext into
+ * it, then pwrite; reads pread into it, then decrypt out of place into
+ * guest memory. Never decrypt in guest memory: the guest could replace the
+ * ciphertext between the read and the decryption and have any ciphertext
+ * of its choosing decrypted. `off` is the byte offset in the data segment,
+ * which is also what the IVs count from; blk_range_ok checked alignment. */
 static int blk_rw_xts(const struct nitro_blk_params *p,
                       struct nitro_xts_lane *lane, struct iovec *iov, int cnt,
                       uint64_t off, uint64_t len, bool write)
 {
-    uint32_t ss = nitro_xts_sector_size(p->xts);
-    if (off % ss != 0 || len % ss != 0)
-        return -EINVAL;  /* the guest ignored blk_size */
-    if (!write)
-        return blk_read_xts(p, lane, iov, cnt, off, len);
     uint8_t *bounce = nitro_xts_lane_bounce(lane);
     while (len > 0) {
         uint64_t n = len < NITRO_XTS_BOUNCE ? len : NITRO_XTS_BOUNCE;
-        int rc = nitro_xts_iov(p->xts, lane, &iov, &cnt, n, off, true);
-        if (rc == 0)
-            rc = blk_rw_buf(p->fd, bounce, n, p->data_offset + off, true);
+        uint64_t pos = p->data_offset + off;
+        int rc;
+        if (write) {
+            rc = nitro_xts_iov(p->xts, lane, &iov, &cnt, n, off, true);
+            if (rc == 0)
+                rc = blk_rw_buf(p->fd, bounce, n, pos, true);
+        } else {
+            rc = blk_rw_buf(p->fd, bounce, n, pos, false);
+            if (rc == 0)
+                rc = nitro_xts_iov(p->xts, lane, &iov, &cnt, n, off, false);
+        }
         if (rc != 0)
-            return rc < 0 ? rc : -EIO;
+            return rc;
         off += n;
         len -= n;
     }
@@ -363,11 +345,9 @@ static uint8_t blk_discard_zeroes(const struct nitro_blk_params *p,
                                   const struct blk_req *rq, bool zeroes,
                                   struct blk_done *d)
 {
-    /* A zero limit means the feature is not offered to the driver; on an
-     * encrypted volume a hole or zeroed range would not read back as
-     * zeros, so neither is ever done there. */
-    if ((zeroes ? p->max_write_zeroes_sectors : p->max_discard_sectors) == 0 ||
-        p->xts != NULL)
+    /* A zero limit means the feature is not offered to the driver (an
+     * encrypted volume offers neither: the control plane's decision). */
+    if ((zeroes ? p->max_write_zeroes_sectors : p->max_discard_sectors) == 0)
         return VIRTIO_BLK_S_UNSUPP;
     if (p->readonly)
         return VIRTIO_BLK_S_IOERR;
@@ -540,12 +520,27 @@ static int64_t blk_serve_loop(struct nitro_vq *vq,
     return rc < 0 ? rc : total;
 }
 
+/* The parameters the request checks rely on: a power-of-two block size of
+ * whole encryption sectors, and every byte of the disk at an offset in fd
+ * that fits off_t (data_offset + capacity * 512 <= INT64_MAX). */
+static bool blk_params_ok(const struct nitro_blk_params *p)
+{
+    uint32_t bs = p->block_size;
+    if (p->fd < 0 || bs < SECTOR_SIZE || (bs & (bs - 1)) != 0)
+        return false;
+    if (p->xts != NULL && bs % nitro_xts_sector_size(p->xts) != 0)
+        return false;
+    uint64_t max = (uint64_t)INT64_MAX;
+    return p->capacity <= max >> SECTOR_SHIFT &&
+           p->data_offset <= max - (p->capacity << SECTOR_SHIFT);
+}
+
 int64_t nitro_blk_serve(struct nitro_vq *vq,
                         const struct nitro_blk_params *params,
                         struct nitro_blk_stats *stats, int idle_ms)
 {
-    if (vq == NULL || params == NULL || stats == NULL || params->fd < 0 ||
-        !nitro_vq_ready(vq))
+    if (vq == NULL || params == NULL || stats == NULL ||
+        !blk_params_ok(params) || !nitro_vq_ready(vq))
         return NITRO_ERR_ARG;
     if (nitro_vq_fault(vq) != NITRO_FAULT_NONE)
         return NITRO_ERR_GUEST;

@@ -5,11 +5,11 @@
  * A cipher context is stateful (it carries the IV), so each serving thread
  * takes a "lane": its own encrypt and decrypt contexts, copied from the
  * templates made at key load (no key expansion per request), and its own
- * bounce buffer. Writes are encrypted from guest memory into the bounce
- * buffer (the guest keeps its plaintext buffer untouched); reads land in
- * guest memory as ciphertext and are decrypted there in place, as dm-crypt
- * does with a read bio, which saves a copy. The guest may glimpse the
- * ciphertext of its own data meanwhile: nothing it could not compute.
+ * bounce buffer. Both directions go through the bounce buffer, which only
+ * ever holds ciphertext: writes are encrypted from guest memory into it,
+ * reads land in it and are decrypted out of place into guest memory. Never
+ * decrypt in guest memory: the guest could swap in chosen ciphertext between
+ * the read and the decryption and so use nitro as a decryption oracle.
  */
 #define _GNU_SOURCE
 #include <endian.h>
@@ -18,15 +18,14 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
-#include <sys/uio.h>
 #include <unistd.h>
 
 #include <openssl/crypto.h>
 #include <openssl/evp.h>
 
 #include "nitro.h"
-#include "nitro_crypto.h"
-#include "nitro_vring.h"  /* NITRO_VQ_MAX_IOV */
+#include "nitro_iov.h"
+#include "nitro_xts_internal.h"
 
 #define IV_UNIT_SHIFT 9  /* plain64 counts 512-byte units */
 #define MAX_SECTOR 4096
@@ -133,7 +132,6 @@ struct nitro_xts_lane {
     EVP_CIPHER_CTX *enc;
     EVP_CIPHER_CTX *dec;
     uint8_t *bounce;       /* NITRO_XTS_BOUNCE bytes, ciphertext only */
-    struct iovec *iovs;    /* NITRO_VQ_MAX_IOV scratch entries for preadv */
 };
 
 struct nitro_xts {
@@ -191,7 +189,6 @@ void nitro_xts_free(struct nitro_xts *x)
         EVP_CIPHER_CTX_free(x->lanes[i].enc);  /* cleanses the key schedule */
         EVP_CIPHER_CTX_free(x->lanes[i].dec);
         free(x->lanes[i].bounce);
-        free(x->lanes[i].iovs);
     }
     EVP_CIPHER_CTX_free(x->tmpl_enc);
     EVP_CIPHER_CTX_free(x->tmpl_dec);
@@ -208,22 +205,18 @@ static bool lane_ready(struct nitro_xts *x, struct nitro_xts_lane *l)
     l->enc = EVP_CIPHER_CTX_new();
     l->dec = EVP_CIPHER_CTX_new();
     l->bounce = malloc(NITRO_XTS_BOUNCE);
-    l->iovs = calloc(NITRO_VQ_MAX_IOV, sizeof(*l->iovs));
-    if (l->enc && l->dec && l->bounce && l->iovs &&
+    if (l->enc && l->dec && l->bounce &&
         EVP_CIPHER_CTX_copy(l->enc, x->tmpl_enc) &&
         EVP_CIPHER_CTX_copy(l->dec, x->tmpl_dec))
         return true;
     EVP_CIPHER_CTX_free(l->enc);
     EVP_CIPHER_CTX_free(l->dec);
     free(l->bounce);
-    free(l->iovs);
     l->enc = l->dec = NULL;
     l->bounce = NULL;
-    l->iovs = NULL;
     return false;
 }
 
-/* A free lane for the calling thread, or NULL (all busy, or no memory). */
 struct nitro_xts_lane *nitro_xts_lane_get(struct nitro_xts *x)
 {
     for (int i = 0; i < NITRO_XTS_LANES; i++) {
@@ -247,7 +240,6 @@ void nitro_xts_lane_put(struct nitro_xts_lane *l)
 }
 
 uint8_t *nitro_xts_lane_bounce(struct nitro_xts_lane *l) { return l->bounce; }
-struct iovec *nitro_xts_lane_iovs(struct nitro_xts_lane *l) { return l->iovs; }
 
 /* One sector: dm-crypt's plain64 IV is the little-endian 512-byte-unit
  * number of the sector's first byte, zero-padded to 16 bytes. */
@@ -298,98 +290,40 @@ int nitro_xts_crypt(struct nitro_xts *x, uint8_t *out, const uint8_t *in,
 
 /* ---- scatter/gather between guest iovecs and the bounce buffer ---------- */
 
-/* The next sector of *iov as a contiguous pointer, or NULL when it
- * straddles iovecs (then the caller goes through a stack copy). */
-static uint8_t *iov_sector(struct iovec *iov, int cnt, uint32_t n)
+/* The next n bytes of iov as one contiguous pointer, or NULL when they
+ * straddle iovecs (then the caller goes through a stack copy). */
+static uint8_t *iov_sector(const struct iovec *iov, int cnt, uint32_t n)
 {
     return cnt > 0 && iov->iov_len >= n ? iov->iov_base : NULL;
 }
 
-/* Copy between a flat buffer and the head of *iov, consuming n bytes;
- * buf NULL only consumes (the sector was crypted in place in the iovec). */
-static void iov_copy(struct iovec **iov, int *cnt, uint8_t *buf, uint32_t n,
-                     bool to_iov)
-{
-    while (n > 0 && *cnt > 0) {
-        size_t k = (*iov)->iov_len < n ? (*iov)->iov_len : n;
-        if (buf != NULL && to_iov)
-            memcpy((*iov)->iov_base, buf, k);
-        else if (buf != NULL)
-            memcpy(buf, (*iov)->iov_base, k);
-        if (buf != NULL)
-            buf += k;
-        n -= (uint32_t)k;
-        (*iov)->iov_base = (uint8_t *)(*iov)->iov_base + k;
-        (*iov)->iov_len -= k;
-        if ((*iov)->iov_len == 0) {
-            (*iov)++;
-            (*cnt)--;
-        }
-    }
-}
-
-/* enc: len bytes of guest plaintext at *iov -> ciphertext in the bounce.
- * !enc: ciphertext in the bounce -> guest plaintext at *iov.
- * len <= NITRO_XTS_BOUNCE, whole sectors; the iovec cursor advances. */
 int nitro_xts_iov(struct nitro_xts *x, struct nitro_xts_lane *l,
                   struct iovec **iov, int *cnt, uint64_t len, uint64_t offset,
                   bool enc)
 {
-    if (!aligned(x, len, offset) || len > NITRO_XTS_BOUNCE)
+    if (len > NITRO_XTS_BOUNCE)
         return NITRO_ERR_ARG;
     uint32_t n = x->sector_size;
     EVP_CIPHER_CTX *ctx = enc ? l->enc : l->dec;
-    uint8_t tmp[MAX_SECTOR];
-    for (uint64_t done = 0; done < len; done += n) {
+    uint8_t tmp[MAX_SECTOR];  /* plaintext of a sector that straddles iovecs */
+    bool used_tmp = false;
+    int rc = NITRO_OK;
+    for (uint64_t done = 0; done < len && rc == NITRO_OK; done += n) {
         uint8_t *b = l->bounce + done;
         uint8_t *g = iov_sector(*iov, *cnt, n);
-        uint8_t *src = enc ? (g ? g : tmp) : b;
-        uint8_t *dst = enc ? b : (g ? g : tmp);
-        if (enc && g == NULL)
-            iov_copy(iov, cnt, tmp, n, false);
-        int rc = crypt_sector(x, ctx, dst, src, offset + done);
-        if (rc < 0)
-            return rc;
-        if (!enc)
-            iov_copy(iov, cnt, g ? NULL : tmp, n, true);
-        else if (g != NULL)
-            iov_copy(iov, cnt, NULL, n, false);
+        if (g == NULL) {
+            used_tmp = true;
+            g = tmp;
+            if (enc)
+                nitro_iov_to_buf(*iov, *cnt, tmp, n);
+        }
+        rc = enc ? crypt_sector(x, ctx, b, g, offset + done)
+                 : crypt_sector(x, ctx, g, b, offset + done);
+        if (rc == NITRO_OK && !enc && g == tmp)
+            nitro_buf_to_iov(*iov, *cnt, tmp, n);
+        nitro_iov_advance(iov, cnt, n);
     }
-    explicit_bzero(tmp, sizeof(tmp));  /* it may have held plaintext */
-    return NITRO_OK;
-}
-
-/* Copy n bytes from the head of iov into buf without consuming them. */
-static void iov_peek(const struct iovec *iov, int cnt, uint8_t *buf, uint32_t n)
-{
-    for (int i = 0; i < cnt && n > 0; i++) {
-        size_t k = iov[i].iov_len < n ? iov[i].iov_len : n;
-        memcpy(buf, iov[i].iov_base, k);
-        buf += k;
-        n -= (uint32_t)k;
-    }
-}
-
-/* Decrypt len bytes of ciphertext in place in guest memory (where preadv
- * put them), as dm-crypt decrypts a read bio in place: no bounce copy on
- * the read path. The iovecs are consumed. */
-int nitro_xts_decrypt_iov_inplace(struct nitro_xts *x, struct nitro_xts_lane *l,
-                                  struct iovec *iov, int cnt, uint64_t len,
-                                  uint64_t offset)
-{
-    if (!aligned(x, len, offset))
-        return NITRO_ERR_ARG;
-    uint32_t n = x->sector_size;
-    uint8_t tmp[MAX_SECTOR];
-    for (uint64_t done = 0; done < len; done += n) {
-        uint8_t *g = iov_sector(iov, cnt, n);
-        if (g == NULL)
-            iov_peek(iov, cnt, tmp, n);
-        int rc = crypt_sector(x, l->dec, g ? g : tmp, g ? g : tmp, offset + done);
-        if (rc < 0)
-            return rc;
-        iov_copy(&iov, &cnt, g ? NULL : tmp, n, true);
-    }
-    explicit_bzero(tmp, sizeof(tmp));
-    return NITRO_OK;
+    if (used_tmp)
+        explicit_bzero(tmp, sizeof(tmp));
+    return rc;
 }

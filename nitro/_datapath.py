@@ -227,6 +227,13 @@ class Secret(_Owned):
         raw = lib.nitro_secret_new(capacity)
         super().__init__(ffi.NULL if raw == ffi.NULL else ffi.gc(raw, lib.nitro_secret_free))
 
+    def __enter__(self) -> Secret:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        """Wipe and free it as the ``with`` block ends, however it ends."""
+        self.close()
+
     def read_fd(self, fd: int, strip_newline: bool) -> int:
         """Replace the contents with everything read from fd (the caller's).
         FrontendError when it is empty or larger than the capacity."""
@@ -295,21 +302,25 @@ class XtsCipher(_Owned):
 
 class BlkParams(_Owned):
     """struct nitro_blk_params: the backing fd (the caller's) and limits.
+    ``block_size`` is the guest's logical block size (every request must be
+    whole blocks); a zero discard/write-zeroes limit means not offered.
     With ``xts`` the payload is encrypted (kept alive here as long as the
-    params are); ``data_offset`` is where sector 0 starts in the file."""
+    params are); ``data_offset`` is where sector 0 starts in the file.
+    ``blk_serve`` refuses (FrontendError) a block size that is not a power of
+    two >= 512 (and whole encryption sectors), or a disk whose last byte,
+    plus data_offset, is past 2**63 - 1."""
 
     def __init__(self, fd: int, capacity_sectors: int, readonly: bool = False,
                  max_discard_sectors: int = 0, max_write_zeroes_sectors: int = 0,
                  serial: bytes = b"", xts: XtsCipher | None = None,
-                 data_offset: int = 0) -> None:
+                 data_offset: int = 0, block_size: int = 512) -> None:
         if len(serial) > 20:
             raise ValueError("virtio-blk serial is at most 20 bytes")
-        if xts is not None and (max_discard_sectors or max_write_zeroes_sectors):
-            raise ValueError("an encrypted volume cannot offer DISCARD or WRITE_ZEROES")
         super().__init__(ffi.new("struct nitro_blk_params *", {
             "fd": fd,
             "readonly": int(readonly),
             "capacity": capacity_sectors,
+            "block_size": block_size,
             "max_discard_sectors": max_discard_sectors,
             "max_write_zeroes_sectors": max_write_zeroes_sectors,
             "xts": xts.ptr if xts is not None else ffi.NULL,

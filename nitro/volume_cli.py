@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import errno
 import fcntl
 import os
 import sys
@@ -78,7 +77,9 @@ def _key_args(p: argparse.ArgumentParser, *, required: bool) -> None:
 
 
 def _pbkdf_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--pbkdf", choices=["argon2id", "argon2i", "pbkdf2"], default="argon2id")
+    from nitro.crypto.luks import PBKDFS
+
+    p.add_argument("--pbkdf", choices=PBKDFS, default=PBKDFS[0])
     p.add_argument("--iter-time", type=int, default=2000, metavar="MS",
                    help="PBKDF time cost to benchmark for (default 2000 ms)")
     p.add_argument("--pbkdf-force-iterations", type=int, metavar="N",
@@ -143,27 +144,25 @@ _HEADER_ROOM = 16 << 20
 def _create_encrypted(args: argparse.Namespace, size: int):
     from nitro.crypto import luks
 
-    secret = _read_key(args.key_file, args.passphrase_file)
-    args.path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        fd = os.open(args.path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-    except OSError as e:
-        secret.close()
-        raise CliError(f"{args.path}: cannot create: {e.strerror}") from None
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        os.ftruncate(fd, _HEADER_ROOM + size)  # sparse; room for the header first
-        info = luks.format_volume(args.path, secret, key_bits=args.key_size,
-                                  sector_size=args.sector_size, pbkdf=_pbkdf(args))
-        os.ftruncate(fd, info.data_offset + size)
-        os.fsync(fd)
-        return info
-    except BaseException:
-        os.unlink(args.path)  # a half-made volume is worse than none
-        raise
-    finally:
-        os.close(fd)
-        secret.close()
+    with _read_key(args.key_file, args.passphrase_file) as secret:
+        args.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            fd = os.open(args.path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        except OSError as e:
+            raise CliError(f"{args.path}: cannot create: {e.strerror}") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            os.ftruncate(fd, _HEADER_ROOM + size)  # sparse; room for the header first
+            info = luks.format_volume(args.path, secret, key_bits=args.key_size,
+                                      sector_size=args.sector_size, pbkdf=_pbkdf(args))
+            os.ftruncate(fd, info.data_offset + size)
+            os.fsync(fd)
+            return info
+        except BaseException:
+            os.unlink(args.path)  # a half-made volume is worse than none
+            raise
+        finally:
+            os.close(fd)
 
 
 def _pbkdf(args: argparse.Namespace):
@@ -176,40 +175,40 @@ def _pbkdf(args: argparse.Namespace):
 def _read_key(key_file: Path | None, passphrase_file: Path | None):
     from nitro.crypto import keys
 
-    if key_file is not None:
-        return keys.read_secret(key_file, passphrase=False)
-    assert passphrase_file is not None
-    return keys.read_secret(passphrase_file, passphrase=True)
+    return keys.read_key(key_file=key_file, passphrase_file=passphrase_file)
 
 
 # ---- locking -------------------------------------------------------------------
 
 @contextlib.contextmanager
 def _exclusive(path: Path) -> Iterator[None]:
-    """Hold the image's exclusive flock: a serving daemon holds it too."""
+    """Hold the image's exclusive flock (RawImage's): a serving daemon holds it too."""
+    from nitro.devices.blk.backends.raw import RawImage, VolumeError, VolumeLockedError
+
     try:
-        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
-    except OSError as e:
-        raise CliError(f"{path}: cannot open: {e.strerror}") from None
+        image = RawImage.locked(path, readonly=False)
+    except VolumeLockedError:
+        raise CliError(f"{path}: attached to a running nitro (the image is locked); "
+                       "stop that device first") from None
+    except VolumeError as e:
+        raise CliError(str(e)) from None
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as e:
-            if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
-                raise CliError(f"{path}: attached to a running nitro (the image is locked); "
-                               "stop that device first") from None
-            raise CliError(f"{path}: cannot lock: {e.strerror}") from None
         yield
     finally:
-        os.close(fd)
+        image.close()
 
 
-def _attached(path: Path) -> bool:
+def _attached(path: Path) -> str:
+    """yes (another process holds the lock), no, or why we cannot tell."""
+    from nitro.devices.blk.backends.raw import RawImage, VolumeError, VolumeLockedError
+
     try:
-        with _exclusive(path):
-            return False
-    except CliError:
-        return True
+        RawImage.locked(path, readonly=False).close()
+    except VolumeLockedError:
+        return "yes"
+    except VolumeError as e:
+        return f"unknown ({e})"
+    return "no"
 
 
 # ---- info, keys, erase -----------------------------------------------------------
@@ -224,12 +223,10 @@ def _info(args: argparse.Namespace) -> int:
     if not args.path.exists():
         raise CliError(f"{args.path}: no such volume")
     file_size = args.path.stat().st_size
-    attached = "yes" if _attached(args.path) else "no"
+    attached = _attached(args.path)
     try:
         info = luks.read_info(args.path)
-    except luks.UnsupportedVolumeError:
-        raise
-    except luks.LuksError:
+    except luks.NotLuksError:
         print(f"{args.path}: raw, {file_size} bytes, attached: {attached}")
         return 0
     data = info.data_size if info.data_size is not None else file_size - info.data_offset
@@ -251,16 +248,10 @@ def cmd_add_key(args: argparse.Namespace) -> int:
 def _add_key(args: argparse.Namespace) -> int:
     from nitro.crypto import luks
 
-    with _exclusive(args.path):
-        old = _read_key(args.key_file, args.passphrase_file)
-        try:
-            new = _read_key(args.new_key_file, args.new_passphrase_file)
-            try:
-                slot = luks.add_key(args.path, old, new, _pbkdf(args))
-            finally:
-                new.close()
-        finally:
-            old.close()
+    with (_exclusive(args.path),
+          _read_key(args.key_file, args.passphrase_file) as old,
+          _read_key(args.new_key_file, args.new_passphrase_file) as new):
+        slot = luks.add_key(args.path, old, new, _pbkdf(args))
     print(f"{args.path}: added keyslot {slot}")
     return 0
 
@@ -272,12 +263,8 @@ def cmd_remove_key(args: argparse.Namespace) -> int:
 def _remove_key(args: argparse.Namespace) -> int:
     from nitro.crypto import luks
 
-    with _exclusive(args.path):
-        key = _read_key(args.key_file, args.passphrase_file)
-        try:
-            slot = luks.remove_key(args.path, key)
-        finally:
-            key.close()
+    with _exclusive(args.path), _read_key(args.key_file, args.passphrase_file) as key:
+        slot = luks.remove_key(args.path, key)
     print(f"{args.path}: removed keyslot {slot}")
     return 0
 

@@ -26,11 +26,23 @@ class KeyMaterialError(Exception):
     group/world permissions). Nothing was unlocked; fix the file."""
 
 
+def read_key(*, key_file: Path | None, passphrase_file: Path | None) -> _datapath.Secret:
+    """The one of the two that is given (config and CLI allow exactly one):
+    a key file byte for byte, or a passphrase file minus its newline."""
+    if key_file is not None:
+        return read_secret(key_file, passphrase=False)
+    if passphrase_file is not None:
+        return read_secret(passphrase_file, passphrase=True)
+    raise KeyMaterialError("no key file or passphrase file given")
+
+
 def read_secret(path: Path, *, passphrase: bool) -> _datapath.Secret:
     """The contents of a key file (or passphrase file) as a Secret."""
     what = "passphrase file" if passphrase else "key file"
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        # O_NONBLOCK: a FIFO (or a device) must not hang startup before
+        # _check_private refuses it. Reads of a regular file never block.
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError as e:
         raise KeyMaterialError(f"{what} {path}: cannot open: {e.strerror}") from None
     try:

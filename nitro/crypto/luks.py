@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import errno
 import json
+import os
 import threading
 from pathlib import Path
 from typing import Any, Final, Self
@@ -77,6 +78,7 @@ _ANY_SLOT: Final = -1
 _SLOT_ACTIVE: Final = (2, 3)  # CRYPT_SLOT_ACTIVE, CRYPT_SLOT_ACTIVE_LAST
 _PBKDF_NO_BENCHMARK: Final = 1 << 1
 _LOG_ERROR: Final = 1
+_MAGIC: Final = b"LUKS\xba\xbe"  # the primary header's first bytes
 
 ffi = cffi.FFI()
 ffi.cdef(_CDEF)
@@ -88,6 +90,12 @@ _messages: list[str] = []  # libcryptsetup's error lines for the current call
 class LuksError(Exception):
     """A LUKS2 operation failed. The message names the volume and what to
     do; it never contains key material."""
+
+
+class NotLuksError(LuksError):
+    """No LUKS header: libcryptsetup cannot load one and the file does not
+    start with the LUKS magic (a file that does is a damaged volume, and
+    loading it raises a plain LuksError)."""
 
 
 class WrongKeyError(LuksError):
@@ -180,15 +188,38 @@ class _Device:
             raise LuksError(f"{self.path}: {what}: {_why(rc)}")
         return rc
 
+    def check_key(self, rc: int, what: str, whose: str = "this") -> int:
+        """check() for calls that try a passphrase: none opening any keyslot
+        (EPERM, or ENOENT when no keyslot is left) is a WrongKeyError."""
+        if rc in (-errno.EPERM, -errno.ENOENT):
+            raise WrongKeyError(f"{self.path}: no keyslot opens with {whose} key or passphrase")
+        return self.check(rc, what)
+
     def load(self) -> None:
         rc = self.lib.crypt_load(self.cd, ffi.NULL, ffi.NULL)
         if rc < 0:
-            raise LuksError(f"{self.path}: not a LUKS volume, or its header is "
-                            f"corrupt or truncated ({_why(rc)})")
+            damaged = _starts_with_magic(self.path)
+            raise (LuksError if damaged else NotLuksError)(
+                f"{self.path}: not a LUKS volume, or its header is corrupt or truncated "
+                f"({_why(rc)})")
         kind = ffi.string(self.lib.crypt_get_type(self.cd)).decode()
         if kind != LUKS2:
             raise UnsupportedVolumeError(f"{self.path}: {kind} volume; nitro serves LUKS2 only "
                                          "(cryptsetup convert --type luks2)")
+
+
+def _starts_with_magic(path: Path) -> bool:
+    """Does the file begin as a LUKS header does ("LUKS\\xba\\xbe")?"""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        return os.pread(fd, len(_MAGIC), 0) == _MAGIC
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
 
 
 def _secret_arg(s: _datapath.Secret) -> tuple[Any, int]:
@@ -247,36 +278,37 @@ def _info(dev: _Device) -> LuksInfo:
         keyslots=tuple(slots))
 
 
-def check_servable(path: Path, info: LuksInfo, key_bytes: int) -> None:
-    """UnsupportedVolumeError unless the C datapath can serve this segment."""
+def check_servable(path: Path, info: LuksInfo) -> None:
+    """UnsupportedVolumeError unless the C datapath can serve this segment.
+    From the header alone: callers check before running a keyslot's PBKDF."""
     if info.cipher != "-".join(SUPPORTED_CIPHER):
         raise UnsupportedVolumeError(f"{path}: cipher {info.cipher} is not supported "
                                      "(nitro serves aes-xts-plain64)")
     if info.sector_size not in SUPPORTED_SECTORS:
         raise UnsupportedVolumeError(f"{path}: encryption sector size {info.sector_size} "
                                      "is not supported (512 or 4096)")
-    if key_bytes not in SUPPORTED_KEY_BYTES:
-        raise UnsupportedVolumeError(f"{path}: {key_bytes * 8}-bit XTS key is not supported "
+    # key_bits is 0 with no keyslot left: then nothing unlocks it anyway.
+    if info.key_bits and info.key_bits // 8 not in SUPPORTED_KEY_BYTES:
+        raise UnsupportedVolumeError(f"{path}: {info.key_bits}-bit XTS key is not supported "
                                      "(256 or 512)")
 
 
 def unlock(path: Path, passphrase: _datapath.Secret) -> tuple[LuksInfo, _datapath.Secret]:
     """The header and the volume key (a Secret the caller must close).
-    WrongKeyError when no keyslot opens with this passphrase."""
+    UnsupportedVolumeError, before any PBKDF runs, when the header names a
+    cipher, sector size or key size nitro cannot serve; WrongKeyError when
+    no keyslot opens with this passphrase."""
     with _Device(path) as dev:
         dev.load()
         info = _info(dev)
+        check_servable(path, info)
         vk = _datapath.Secret(64)
         try:
             size = ffi.new("size_t *", vk.capacity)
             pw, pwlen = _secret_arg(passphrase)
-            rc = dev.lib.crypt_volume_key_get(
-                dev.cd, _ANY_SLOT, ffi.cast("char *", vk.address), size, pw, pwlen)
-            if rc == -errno.EPERM or rc == -errno.ENOENT:
-                raise WrongKeyError(f"{path}: no keyslot opens with this key or passphrase")
-            dev.check(rc, "unlocking")
+            dev.check_key(dev.lib.crypt_volume_key_get(
+                dev.cd, _ANY_SLOT, ffi.cast("char *", vk.address), size, pw, pwlen), "unlocking")
             vk.set_len(int(size[0]))
-            check_servable(path, info, len(vk))
         except BaseException:
             vk.close()
             raise
@@ -293,10 +325,9 @@ def matching_slot(path: Path, passphrase: _datapath.Secret) -> int:
 def _matching_slot(dev: _Device, passphrase: _datapath.Secret) -> int:
     pw, pwlen = _secret_arg(passphrase)
     # A NULL name only checks the passphrase and returns the slot.
-    rc = dev.lib.crypt_activate_by_passphrase(dev.cd, ffi.NULL, _ANY_SLOT, pw, pwlen, 0)
-    if rc == -errno.EPERM or rc == -errno.ENOENT:
-        raise WrongKeyError(f"{dev.path}: no keyslot opens with this key or passphrase")
-    return dev.check(rc, "checking the passphrase")
+    return dev.check_key(
+        dev.lib.crypt_activate_by_passphrase(dev.cd, ffi.NULL, _ANY_SLOT, pw, pwlen, 0),
+        "checking the passphrase")
 
 
 # ---- changing (callers hold the image's exclusive flock) -------------------
@@ -329,10 +360,9 @@ def add_key(path: Path, existing: _datapath.Secret, new: _datapath.Secret,
         dev.check(dev.lib.crypt_set_pbkdf_type(dev.cd, pb), "setting the PBKDF")
         old, oldlen = _secret_arg(existing)
         nw, nwlen = _secret_arg(new)
-        rc = dev.lib.crypt_keyslot_add_by_passphrase(dev.cd, _ANY_SLOT, old, oldlen, nw, nwlen)
-        if rc == -errno.EPERM or rc == -errno.ENOENT:
-            raise WrongKeyError(f"{path}: no keyslot opens with the existing key or passphrase")
-        return dev.check(rc, "adding a keyslot")
+        return dev.check_key(
+            dev.lib.crypt_keyslot_add_by_passphrase(dev.cd, _ANY_SLOT, old, oldlen, nw, nwlen),
+            "adding a keyslot", whose="the existing")
 
 
 def remove_key(path: Path, key: _datapath.Secret) -> int:

@@ -299,6 +299,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     s.used = (uint32_t)take(&in, 2);
     s.params.fd = disk_fd;
     s.params.capacity = take(&in, 2) % 256;
+    s.params.block_size = 512;
     s.params.max_discard_sectors = (uint32_t)(take(&in, 2) % 33);
     s.params.max_write_zeroes_sectors = (uint32_t)(take(&in, 2) % 33);
     s.params.readonly = (flags >> 3) & 1;

@@ -284,6 +284,19 @@ def test_unsupported_volume_is_refused(short_tmp_path, extra, needle):
     _expect_refusal(short_tmp_path, img, encrypted_cfg(), needle)
 
 
+@pytest.mark.parametrize(("extra", "needle"), [
+    (("--cipher", "aes-cbc-essiv:sha256", "--key-size", "256"), "cipher aes-cbc-essiv:sha256"),
+    (("--sector-size", "1024"), "sector size 1024"),
+])
+def test_unsupported_volume_is_refused_before_any_keyslot_is_tried(short_tmp_path, extra, needle):
+    """The header alone decides: even with a wrong key (so the PBKDF never
+    gets to run) the refusal names the cipher or sector size."""
+    img, key = short_tmp_path / "vol0.img", key_file(short_tmp_path)
+    luks_format(img, key, 4 << 20, *extra)
+    key_file(short_tmp_path, "vol.key")  # replaced by another random key
+    _expect_refusal(short_tmp_path, img, encrypted_cfg(), needle)
+
+
 @pytest.mark.parametrize(("size", "needle"), [
     (1 << 20, "too small"),  # libcryptsetup: the keyslot area is cut off
     (16 << 20, "smaller than its LUKS2 header"),  # header whole, no data sector

@@ -10,7 +10,15 @@ from collections.abc import Iterator
 
 import pytest
 
-from nitro._datapath import LATENCY_BOUNDS, BlkParams, BlkStats, blk_serve
+from nitro._datapath import (
+    LATENCY_BOUNDS,
+    BlkParams,
+    BlkStats,
+    FrontendError,
+    XtsCipher,
+    blk_serve,
+)
+from tests.unit.test_crypto_xts import reference_xts, secret_of
 from tests.unit.virtq import (
     VIRTIO_BLK_S_IOERR,
     VIRTIO_BLK_S_OK,
@@ -395,6 +403,206 @@ def test_discard_not_offered_is_unsupp(guest: FakeGuest, ring: SplitRing, disk: 
             assert status_of(guest, req) == VIRTIO_BLK_S_UNSUPP
     finally:
         p.close()
+
+
+# -- parameters ----------------------------------------------------------------
+
+INT64_MAX = 2**63 - 1
+
+
+@pytest.mark.parametrize("kw", [
+    {"block_size": 0},
+    {"block_size": 256},
+    {"block_size": 1536},                        # not a power of two
+    {"capacity_sectors": 2**54},                 # the last byte is past 2**63 - 1
+    {"data_offset": INT64_MAX - CAPACITY * 512 + 1},
+    {"data_offset": 2**64 - 512},                # would wrap
+])
+def test_invalid_params_are_refused(guest: FakeGuest, ring: SplitRing, disk: int,
+                                    stats: BlkStats, kw: dict) -> None:
+    args = {"capacity_sectors": CAPACITY, **kw}
+    p = BlkParams(disk, **args)
+    try:
+        req = blk_req(guest, VIRTIO_BLK_T_IN, 0, in_len=512)
+        ring.add_chain(req.bufs)
+        with pytest.raises(FrontendError):
+            blk_serve(ring.vq, p, stats, 0)
+    finally:
+        p.close()
+    assert ring.take_used() == []
+
+
+def test_disk_ending_at_int64_max_is_served(guest: FakeGuest, ring: SplitRing, disk: int,
+                                            stats: BlkStats) -> None:
+    p = BlkParams(disk, CAPACITY, data_offset=INT64_MAX - CAPACITY * 512)
+    try:
+        req = blk_req(guest, VIRTIO_BLK_T_IN, CAPACITY - 1, in_len=512)
+        run_one(ring, req.bufs, p, stats)
+    finally:
+        p.close()
+    assert status_of(guest, req) == VIRTIO_BLK_S_OK  # far past EOF: zeros
+    assert req.data_gpa is not None
+    assert guest.read(req.data_gpa, 512) == bytes(512)
+
+
+@pytest.mark.parametrize(("type_", "sector", "length", "status"), [
+    (VIRTIO_BLK_T_IN, 8, 8192, VIRTIO_BLK_S_OK),
+    (VIRTIO_BLK_T_IN, 1, 4096, VIRTIO_BLK_S_IOERR),      # offset inside a block
+    (VIRTIO_BLK_T_IN, 8, 512, VIRTIO_BLK_S_IOERR),       # part of a block
+    (VIRTIO_BLK_T_OUT, 8, 4096 + 512, VIRTIO_BLK_S_IOERR),
+    (VIRTIO_BLK_T_OUT, 4, 4096, VIRTIO_BLK_S_IOERR),
+    (VIRTIO_BLK_T_OUT, 16, 4096, VIRTIO_BLK_S_OK),
+])
+def test_requests_must_be_whole_logical_blocks(guest: FakeGuest, ring: SplitRing, disk: int,
+                                               stats: BlkStats, type_: int, sector: int,
+                                               length: int, status: int) -> None:
+    p = make_params(disk, block_size=4096)
+    data = fill(length, seed=41)
+    try:
+        if type_ == VIRTIO_BLK_T_IN:
+            req = blk_req(guest, type_, sector, in_len=length)
+        else:
+            req = blk_req(guest, type_, sector, out=data)
+        run_one(ring, req.bufs, p, stats)
+    finally:
+        p.close()
+    assert status_of(guest, req) == status
+    if type_ == VIRTIO_BLK_T_OUT:
+        assert (file_bytes(disk, sector, length) == data) == (status == VIRTIO_BLK_S_OK)
+
+
+# -- encrypted volumes -----------------------------------------------------------
+
+DATA_OFFSET = 64 * 1024  # where the encrypted segment starts in the file
+XTS_KEY = bytes(range(64))
+
+
+@pytest.fixture
+def enc_disk() -> Iterator[int]:
+    fd, path = tempfile.mkstemp(prefix="nitro-blk-xts-")
+    os.unlink(path)
+    os.ftruncate(fd, DATA_OFFSET + CAPACITY * 512)
+    yield fd
+    os.close(fd)
+
+
+@pytest.fixture(params=[512, 4096])
+def xts(request: pytest.FixtureRequest) -> Iterator[XtsCipher]:
+    key = secret_of(XTS_KEY)
+    x = XtsCipher(key, request.param)
+    key.close()
+    yield x
+    x.close()
+
+
+@pytest.fixture
+def enc_params(enc_disk: int, xts: XtsCipher) -> Iterator[BlkParams]:
+    p = BlkParams(enc_disk, CAPACITY, serial=SERIAL, xts=xts, data_offset=DATA_OFFSET,
+                  block_size=xts.sector_size)
+    yield p
+    p.close()
+
+
+def segment_bytes(fd: int, sector: int, length: int) -> bytes:
+    return os.pread(fd, length, DATA_OFFSET + sector * 512)
+
+
+def split(base: int, total: int, cuts: list[int], writable: bool) -> list[Buf]:
+    """Buffers covering [base, base + total) cut at the given offsets."""
+    edges = [0, *cuts, total]
+    return [Buf(base + a, b - a, writable) for a, b in zip(edges, edges[1:])]
+
+
+def test_encrypted_round_trip_across_straddling_buffers(
+        guest: FakeGuest, ring: SplitRing, enc_disk: int, xts: XtsCipher,
+        enc_params: BlkParams, stats: BlkStats) -> None:
+    """Sectors split over guest buffers at odd places: written as dm-crypt
+    would (plain64 IVs from the segment start), read back to plaintext."""
+    data = fill(3 * 4096, seed=51)
+    cuts = [100, 4000, 4097, 9000]
+    hdr, buf, status = guest.alloc(16), guest.alloc(len(data)), guest.alloc(1, align=1)
+    guest.write(hdr, blk_header(VIRTIO_BLK_T_OUT, 16))
+    guest.write(buf, data)
+    out = [Buf(hdr, 16), *split(buf, len(data), cuts, False), Buf(status, 1, True)]
+    assert run_one(ring, out, enc_params, stats) == 1
+    assert guest.read(status, 1)[0] == VIRTIO_BLK_S_OK
+    assert guest.read(buf, len(data)) == data  # the guest's plaintext untouched
+    on_disk = segment_bytes(enc_disk, 16, len(data))
+    assert on_disk == reference_xts(XTS_KEY, data, 16 * 512, xts.sector_size)
+
+    guest.write(hdr, blk_header(VIRTIO_BLK_T_IN, 16))
+    guest.write(buf, bytes(len(data)))
+    back = [Buf(hdr, 16), *split(buf, len(data), cuts, True), Buf(status, 1, True)]
+    assert run_one(ring, back, enc_params, stats) == len(data) + 1
+    assert guest.read(status, 1)[0] == VIRTIO_BLK_S_OK
+    assert guest.read(buf, len(data)) == data
+
+
+def test_encrypted_read_never_decrypts_guest_memory(
+        guest: FakeGuest, ring: SplitRing, enc_disk: int, xts: XtsCipher,
+        enc_params: BlkParams, stats: BlkStats) -> None:
+    """The guest must not choose what gets decrypted. Here two descriptors
+    of one read alias the same guest buffer, so anything that read into
+    guest memory and decrypted there would decrypt bytes the guest's buffer
+    held, not the disk's ciphertext: the buffer would end as garbage. Done
+    right, each sector is decrypted from host memory, and the buffer ends
+    holding the last sector's plaintext."""
+    n = xts.sector_size
+    data = fill(2 * n, seed=52)
+    os.pwrite(enc_disk, reference_xts(XTS_KEY, data, 8 * 512, n), DATA_OFFSET + 8 * 512)
+    hdr, buf, status = guest.alloc(16), guest.alloc(n), guest.alloc(1, align=1)
+    guest.write(hdr, blk_header(VIRTIO_BLK_T_IN, 8))
+    bufs = [Buf(hdr, 16), Buf(buf, n, True), Buf(buf, n, True), Buf(status, 1, True)]
+    assert run_one(ring, bufs, enc_params, stats) == 2 * n + 1
+    assert guest.read(status, 1)[0] == VIRTIO_BLK_S_OK
+    assert guest.read(buf, n) == data[n:]
+
+
+def test_encrypted_reads_larger_than_the_bounce_buffer(
+        guest: FakeGuest, ring: SplitRing, enc_disk: int, xts: XtsCipher,
+        enc_params: BlkParams, stats: BlkStats) -> None:
+    data = fill(640 * 1024, seed=53)  # 2.5 bounce buffers
+    os.pwrite(enc_disk, reference_xts(XTS_KEY, data, 0, xts.sector_size), DATA_OFFSET)
+    req = blk_req(guest, VIRTIO_BLK_T_IN, 0, in_len=len(data))
+    assert run_one(ring, req.bufs, enc_params, stats) == len(data) + 1
+    assert status_of(guest, req) == VIRTIO_BLK_S_OK
+    assert req.data_gpa is not None
+    assert guest.read(req.data_gpa, len(data)) == data
+
+
+def test_encrypted_misaligned_request_is_ioerr(guest: FakeGuest, ring: SplitRing,
+                                               enc_disk: int, stats: BlkStats) -> None:
+    key = secret_of(XTS_KEY)
+    x = XtsCipher(key, 4096)
+    key.close()
+    p = BlkParams(enc_disk, CAPACITY, xts=x, data_offset=DATA_OFFSET, block_size=4096)
+    before = os.pread(enc_disk, DATA_OFFSET + CAPACITY * 512, 0)
+    try:
+        read = blk_req(guest, VIRTIO_BLK_T_IN, 1, in_len=4096)
+        run_one(ring, read.bufs, p, stats)
+        write = blk_req(guest, VIRTIO_BLK_T_OUT, 8, out=fill(512))
+        run_one(ring, write.bufs, p, stats)
+    finally:
+        p.close()
+        x.close()
+    assert status_of(guest, read) == status_of(guest, write) == VIRTIO_BLK_S_IOERR
+    assert read.data_gpa is not None
+    assert guest.read(read.data_gpa, 4096) == b"\xff" * 4096  # nothing delivered
+    assert os.pread(enc_disk, DATA_OFFSET + CAPACITY * 512, 0) == before
+
+
+def test_block_size_smaller_than_the_encryption_sector_is_refused(
+        ring: SplitRing, enc_disk: int, stats: BlkStats) -> None:
+    key = secret_of(XTS_KEY)
+    x = XtsCipher(key, 4096)
+    key.close()
+    p = BlkParams(enc_disk, CAPACITY, xts=x, data_offset=DATA_OFFSET, block_size=512)
+    try:
+        with pytest.raises(FrontendError):
+            blk_serve(ring.vq, p, stats, 0)
+    finally:
+        p.close()
+        x.close()
 
 
 # -- the serving loop ----------------------------------------------------------

@@ -65,15 +65,21 @@ class BlkConfigSpace:
         return read_config_window(self.pack(), offset, size)
 
 
-def device_features(*, readonly: bool, num_queues: int, discard: bool = True) -> int:
-    """discard=False: offer neither DISCARD nor WRITE_ZEROES (encrypted
-    volumes, where a zeroed range of ciphertext is not zeros to the guest)."""
+def device_features(*, readonly: bool, num_queues: int,
+                    max_discard_sectors: int = MAX_DISCARD_SECTORS,
+                    max_write_zeroes_sectors: int = MAX_DISCARD_SECTORS) -> int:
+    """The feature bits for a device with these config-space limits:
+    DISCARD and WRITE_ZEROES are offered exactly when their limit is nonzero
+    (and the disk is writable)."""
     bits = [VIRTIO_F_VERSION_1, VIRTIO_RING_F_INDIRECT_DESC, VIRTIO_RING_F_EVENT_IDX,
             VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_FLUSH]
     if num_queues > 1:
         bits.append(VIRTIO_BLK_F_MQ)
     if readonly:
         bits.append(VIRTIO_BLK_F_RO)
-    elif discard:  # a read-only disk has nothing to discard or zero
-        bits += [VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_WRITE_ZEROES]
+    else:  # a read-only disk has nothing to discard or zero
+        if max_discard_sectors:
+            bits.append(VIRTIO_BLK_F_DISCARD)
+        if max_write_zeroes_sectors:
+            bits.append(VIRTIO_BLK_F_WRITE_ZEROES)
     return sum(1 << b for b in bits)

@@ -32,27 +32,30 @@ class BlkDevice(VirtioDevice):
         self.volume = volume
         self.num_queues = cfg.queues
         self.max_queue_size = cfg.queue_size
-        # Zeroing or punching ciphertext would not read back as zeros, so an
-        # encrypted volume offers neither DISCARD nor WRITE_ZEROES.
-        plain = volume.xts is None
+        # Whether DISCARD/WRITE_ZEROES make sense is the volume's call
+        # (LuksVolume: no). A zero limit withholds the feature bits, and C
+        # answers UNSUPP should the driver send one anyway.
+        limit = blkcfg.MAX_DISCARD_SECTORS if volume.supports_discard else 0
+        self.config_space = blkcfg.BlkConfigSpace(
+            capacity_sectors=volume.capacity_sectors,
+            seg_max=cfg.queue_size - _RING_OVERHEAD,
+            num_queues=cfg.queues,
+            blk_size=volume.block_size,
+            max_discard_sectors=limit,
+            max_write_zeroes_sectors=limit)
         self.device_features = blkcfg.device_features(
-            readonly=cfg.readonly, num_queues=cfg.queues, discard=plain)
+            readonly=cfg.readonly, num_queues=cfg.queues,
+            max_discard_sectors=self.config_space.max_discard_sectors,
+            max_write_zeroes_sectors=self.config_space.max_write_zeroes_sectors)
         # No INFLIGHT_SHMFD yet: QEMU would then expect GET_INFLIGHT_FD.
         self.protocol_features = int(
             ProtocolFeature.MQ | ProtocolFeature.REPLY_ACK | ProtocolFeature.CONFIG
             | ProtocolFeature.CONFIGURE_MEM_SLOTS | ProtocolFeature.STATUS
             | ProtocolFeature.RESET_DEVICE)
         self.acked_features = 0
-        self.config_space = blkcfg.BlkConfigSpace(
-            capacity_sectors=volume.capacity_sectors,
-            seg_max=cfg.queue_size - _RING_OVERHEAD,
-            num_queues=cfg.queues,
-            blk_size=volume.block_size,
-            max_discard_sectors=blkcfg.MAX_DISCARD_SECTORS if plain else 0,
-            max_write_zeroes_sectors=blkcfg.MAX_DISCARD_SECTORS if plain else 0)
         self.params = _datapath.BlkParams(
             fd=volume.fd, capacity_sectors=volume.capacity_sectors,
-            readonly=cfg.readonly,
+            readonly=cfg.readonly, block_size=volume.block_size,
             max_discard_sectors=self.config_space.max_discard_sectors,
             max_write_zeroes_sectors=self.config_space.max_write_zeroes_sectors,
             serial=cfg.serial.encode(),

@@ -13,23 +13,26 @@ is a VolumeError naming the image, raised before the device exists.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 from nitro import _datapath
 from nitro.config import EncryptionConfig
 from nitro.crypto import keys, luks
-from nitro.devices.blk.backends.raw import RawImage, VolumeError
+from nitro.devices.blk.backends.raw import SECTOR_SIZE, RawImage, VolumeError
 
 
 class LuksVolume:
-    def __init__(self, raw: RawImage, info: luks.LuksInfo, xts: _datapath.XtsCipher,
-                 size: int) -> None:
+    """The volume interface of RawImage (see BlkDevice), for the data
+    segment of a LUKS2 image. Everything about the file (path, fd, lock,
+    size) is the RawImage's; everything about the segment is the header's."""
+
+    # A hole or a zeroed range of ciphertext does not read back as zeros,
+    # and which blocks the guest freed is itself a leak (dm-crypt refuses
+    # discards by default too): never offer DISCARD or WRITE_ZEROES.
+    supports_discard = False
+
+    def __init__(self, raw: RawImage, info: luks.LuksInfo, xts: _datapath.XtsCipher) -> None:
         self.raw, self.info, self.xts = raw, info, xts
-        self.path, self.fd, self.readonly = raw.path, raw.fd, raw.readonly
-        self.size = size                  # the data segment, in bytes
-        self.data_offset = info.data_offset
-        self.block_size = info.sector_size
 
     @classmethod
     def open(cls, path: Path, enc: EncryptionConfig, *, size: int | None,
@@ -41,7 +44,7 @@ class LuksVolume:
         try:
             info, xts = _unlock(path, enc)
             try:
-                data_size = _data_size(raw, info, size)
+                _fit_segment(raw, info, size)
             except BaseException:
                 xts.close()
                 raise
@@ -54,11 +57,37 @@ class LuksVolume:
         except BaseException:
             raw.close()
             raise
-        return cls(raw, info, xts, data_size)
+        return cls(raw, info, xts)
+
+    @property
+    def path(self) -> Path:
+        return self.raw.path
+
+    @property
+    def fd(self) -> int:
+        return self.raw.fd
+
+    @property
+    def readonly(self) -> bool:
+        return self.raw.readonly
+
+    @property
+    def size(self) -> int:
+        """The data segment in bytes: what the guest sees."""
+        return _segment_size(self.raw, self.info)
+
+    @property
+    def data_offset(self) -> int:
+        return self.info.data_offset
+
+    @property
+    def block_size(self) -> int:
+        """The guest's logical block size: the encryption sector size."""
+        return self.info.sector_size
 
     @property
     def capacity_sectors(self) -> int:
-        return self.size // 512
+        return self.size // SECTOR_SIZE
 
     def flush(self) -> None:
         self.raw.flush()
@@ -70,43 +99,35 @@ class LuksVolume:
 
 
 def _unlock(path: Path, enc: EncryptionConfig) -> tuple[luks.LuksInfo, _datapath.XtsCipher]:
-    source = enc.key_file or enc.passphrase_file
-    assert source is not None  # config.py guarantees exactly one
     keys.harden_process()  # before any key material is in memory
-    secret = keys.read_secret(source, passphrase=enc.key_file is None)
-    try:
+    with keys.read_key(key_file=enc.key_file, passphrase_file=enc.passphrase_file) as secret:
         info, volume_key = luks.unlock(path, secret)
-    finally:
-        secret.close()
-    try:
-        return info, _datapath.XtsCipher(volume_key, info.sector_size, info.iv_tweak)
-    except ValueError as e:
-        raise luks.UnsupportedVolumeError(f"{path}: {e}") from None
-    finally:
-        volume_key.close()
+    with volume_key:
+        try:
+            return info, _datapath.XtsCipher(volume_key, info.sector_size, info.iv_tweak)
+        except ValueError as e:
+            raise luks.UnsupportedVolumeError(f"{path}: {e}") from None
 
 
-def _data_size(raw: RawImage, info: luks.LuksInfo, want: int | None) -> int:
-    """The guest-visible size: the segment's, or for a "dynamic" segment the
-    rest of the file (grown to `want` when configured, never shrunk)."""
-    file_size = raw.size
+def _segment_size(raw: RawImage, info: luks.LuksInfo) -> int:
+    """A fixed segment's size, or a "dynamic" one's: the rest of the file."""
+    return info.data_size if info.data_size is not None else raw.size - info.data_offset
+
+
+def _fit_segment(raw: RawImage, info: luks.LuksInfo, want: int | None) -> None:
+    """Check the segment lies in the file, growing a dynamic one to `want`
+    bytes when configured (never shrinking it)."""
     ss = info.sector_size
-    if file_size < info.data_offset + ss:
-        raise VolumeError(f"{raw.path}: {file_size} bytes is smaller than its LUKS2 header "
+    if raw.size < info.data_offset + ss:
+        raise VolumeError(f"{raw.path}: {raw.size} bytes is smaller than its LUKS2 header "
                           f"and data offset ({info.data_offset} bytes) plus one sector")
-    size = info.data_size if info.data_size is not None else file_size - info.data_offset
+    size = _segment_size(raw, info)
     if want is not None and want != size:
-        size = _resize(raw, info, want, size)
-    if size % ss or info.data_offset + size > max(file_size, raw.size):
+        if want < size or want % ss or info.data_size is not None or raw.readonly:
+            raise VolumeError(f"{raw.path}: configured size {want} differs from the encrypted "
+                              f"data segment ({size} bytes); nitro only grows dynamic segments")
+        raw.grow(info.data_offset + want)  # dm-crypt sees a grown device the same way
+        size = want
+    if size % ss or info.data_offset + size > raw.size:
         raise VolumeError(f"{raw.path}: data segment of {size} bytes is not a whole number of "
                           f"{ss}-byte sectors inside the file")
-    return size
-
-
-def _resize(raw: RawImage, info: luks.LuksInfo, want: int, size: int) -> int:
-    if want < size or want % info.sector_size or info.data_size is not None or raw.readonly:
-        raise VolumeError(f"{raw.path}: configured size {want} differs from the encrypted data "
-                          f"segment ({size} bytes); nitro only grows dynamic segments")
-    os.ftruncate(raw.fd, info.data_offset + want)  # dm-crypt grows the same way
-    raw.size = info.data_offset + want
-    return want

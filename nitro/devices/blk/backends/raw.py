@@ -20,38 +20,68 @@ class VolumeError(Exception):
     does not start; nothing was written to the image."""
 
 
+class VolumeLockedError(VolumeError):
+    """Another process holds the image's lock: a daemon serving it, or a
+    `nitro volume` command changing it."""
+
+
 class RawImage:
     # The volume interface BlkDevice uses; an encrypted volume
     # (backends/luks.py) overrides these.
     block_size = SECTOR_SIZE  # the guest's logical block size
     data_offset = 0           # bytes of the file before sector 0
     xts = None                # the C sector cipher; None: plain
+    supports_discard = True   # DISCARD punches holes, WRITE_ZEROES zeroes
 
     def __init__(self, path: Path, fd: int, size: int, readonly: bool) -> None:
         self.path, self.fd, self.size, self.readonly = path, fd, size, readonly
 
     @classmethod
     def open(cls, path: Path, *, size: int | None, readonly: bool) -> RawImage:
-        """Open (and when `size` is given, create sparse or grow) an image."""
+        """Open (and when `size` is given, create sparse or grow) an image
+        to serve, holding its flock."""
+        img = cls.locked(path, readonly=readonly, create=size is not None and not readonly)
+        try:
+            img._fit(size)
+        except BaseException:
+            img.close()
+            raise
+        return img
+
+    @classmethod
+    def locked(cls, path: Path, *, readonly: bool, create: bool = False) -> RawImage:
+        """The image file opened and flocked (exclusive; shared when
+        read-only), its size not checked: what `nitro volume` holds while it
+        changes a header. VolumeLockedError when another process holds it."""
         flags = (os.O_RDONLY if readonly else os.O_RDWR) | os.O_CLOEXEC
-        if size is not None and not readonly:
+        if create:
             path.parent.mkdir(parents=True, exist_ok=True)
             flags |= os.O_CREAT
         try:
             fd = os.open(path, flags, 0o600)
         except OSError as e:
             raise VolumeError(f"{path}: cannot open: {e.strerror}") from None
+        img = cls(path, fd, 0, readonly)
         try:
             _lock(fd, path, readonly)
-            actual = _fit_size(fd, path, size, readonly)
+            img.size = os.fstat(fd).st_size
         except BaseException:
-            os.close(fd)
+            img.close()
             raise
-        return cls(path, fd, actual, readonly)
+        return img
 
     @property
     def capacity_sectors(self) -> int:
         return self.size // SECTOR_SIZE
+
+    def grow(self, size: int) -> None:
+        """Extend the file to `size` bytes (sparse: nothing is written); a
+        file already that large is left alone. Never shrinks."""
+        if self.readonly:
+            raise VolumeError(f"{self.path}: read-only; cannot grow it to {size} bytes")
+        if size > self.size:
+            os.ftruncate(self.fd, size)
+            self.size = size
 
     def flush(self) -> None:
         if self.fd >= 0 and not self.readonly:
@@ -61,6 +91,18 @@ class RawImage:
         if self.fd >= 0:
             os.close(self.fd)  # also drops the flock
             self.fd = -1
+
+    def _fit(self, size: int | None) -> None:
+        """Grow a short image to `size`; never shrink one (that would lose data)."""
+        if size is not None and self.size > size:
+            raise VolumeError(
+                f"{self.path}: image is {self.size} bytes, larger than the configured size "
+                f"{size}; refusing to shrink it (raise the size or remove the key)")
+        if size is not None and not self.readonly:
+            self.grow(size)
+        if self.size == 0 or self.size % SECTOR_SIZE:
+            raise VolumeError(f"{self.path}: size {self.size} is not a positive multiple of "
+                              f"{SECTOR_SIZE} bytes")
 
 
 def create_sparse(path: Path, size: int) -> None:
@@ -73,20 +115,5 @@ def _lock(fd: int, path: Path, readonly: bool) -> None:
         fcntl.flock(fd, (fcntl.LOCK_SH if readonly else fcntl.LOCK_EX) | fcntl.LOCK_NB)
     except OSError as e:
         if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
-            raise VolumeError(f"{path}: in use by another process (locked)") from None
+            raise VolumeLockedError(f"{path}: in use by another process (locked)") from None
         raise VolumeError(f"{path}: cannot lock: {e.strerror}") from None
-
-
-def _fit_size(fd: int, path: Path, size: int | None, readonly: bool) -> int:
-    """Grow a short image to `size`; never shrink one (that would lose data)."""
-    actual = os.fstat(fd).st_size
-    if size is not None and actual < size and not readonly:
-        os.ftruncate(fd, size)
-        actual = size
-    elif size is not None and actual > size:
-        raise VolumeError(
-            f"{path}: image is {actual} bytes, larger than the configured size {size}; "
-            "refusing to shrink it (raise the size or remove the key)")
-    if actual == 0 or actual % SECTOR_SIZE:
-        raise VolumeError(f"{path}: size {actual} is not a positive multiple of {SECTOR_SIZE} bytes")
-    return actual

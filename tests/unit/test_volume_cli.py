@@ -1,0 +1,96 @@
+"""`nitro volume` in-process: what `info` says about locks and headers.
+(The full commands against real cryptsetup are in
+tests/integration/test_encrypted_volume.py.)"""
+
+from __future__ import annotations
+
+import errno
+import os
+from pathlib import Path
+
+import pytest
+
+from nitro import cli
+from nitro.crypto import keys, luks
+from nitro.devices.blk.backends import raw
+from nitro.devices.blk.backends.raw import RawImage
+
+FAST = luks.Pbkdf("pbkdf2", iterations=1000)
+
+
+def luks_volume(tmp_path: Path) -> Path:
+    key = tmp_path / "k"
+    key.write_bytes(os.urandom(64))
+    key.chmod(0o600)
+    img = tmp_path / "v.img"
+    with open(img, "wb") as f:
+        f.truncate((16 << 20) + (1 << 20))
+    with keys.read_secret(key, passphrase=False) as secret:
+        luks.format_volume(img, secret, pbkdf=FAST)
+    return img
+
+
+def info(path: Path, capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    rc = cli.main(["volume", "info", str(path)])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def test_info_raw_and_attached(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    img = tmp_path / "raw.img"
+    img.write_bytes(bytes(1 << 20))
+    assert info(img, capsys) == (0, f"{img}: raw, {1 << 20} bytes, attached: no\n", "")
+    held = RawImage.open(img, size=None, readonly=True)  # what a read-only daemon holds
+    try:
+        assert info(img, capsys)[1].endswith("attached: yes\n")
+    finally:
+        held.close()
+
+
+def test_lock_errors_other_than_contention_are_not_attached(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    img = tmp_path / "raw.img"
+    img.write_bytes(bytes(4096))
+
+    def flock(fd: int, op: int) -> None:
+        raise OSError(errno.EACCES, os.strerror(errno.EACCES))
+
+    monkeypatch.setattr(raw.fcntl, "flock", flock)
+    rc, out, _ = info(img, capsys)
+    assert rc == 0 and "attached: unknown" in out and "Permission denied" in out
+    assert "attached: yes" not in out
+
+
+def test_info_on_a_damaged_luks_header_is_an_error_not_raw(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    img = luks_volume(tmp_path)
+    with open(img, "r+b") as f:
+        f.truncate(8192)  # the magic is there, the rest of the header is not
+    rc, out, err = info(img, capsys)
+    assert rc == 1 and out == ""
+    assert "not a LUKS volume, or its header is corrupt or truncated" in err
+
+
+def test_info_when_libcryptsetup_fails_is_an_error_not_raw(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    img = tmp_path / "raw.img"
+    img.write_bytes(bytes(4096))
+
+    def no_lib():
+        raise luks.LuksError("cannot load libcryptsetup.so.12")
+
+    monkeypatch.setattr(luks, "_load_lib", no_lib)
+    rc, out, err = info(img, capsys)
+    assert rc == 1 and "raw" not in out and "libcryptsetup" in err
+
+
+def test_info_on_luks(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    rc, out, _ = info(luks_volume(tmp_path), capsys)
+    assert rc == 0 and "LUKS2" in out and "attached:    no" in out
+
+
+def test_pbkdf_choices_are_the_ones_luks_supports(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        cli.main(["volume", "add-key", "--help"])
+    out = capsys.readouterr().out
+    assert "{" + ",".join(luks.PBKDFS) + "}" in out
