@@ -3,10 +3,15 @@
  *
  * Threads: one per TX ring (nitro_net_tx_serve), one per VPC uplink
  * (nitro_switch_uplink_serve), the trio thread (inject, attach/detach,
- * punt_pop) and metrics scrapes (stats). Tables (VPCs, ports, uplinks) are
+ * punt_pop_batch), RX ring workers (nitro_net_rx_serve: drain kicks, report a
+ * fault) and metrics scrapes (stats). Tables (VPCs, ports, uplinks) are
  * written only before traffic starts. What is shared while traffic flows:
  * - an RX slot (port, pair): its vq pointer and the ring itself, guarded by
- *   the slot's mutex; every delivery and the attach/detach take it;
+ *   the slot's mutex; every delivery and the attach/detach take it (the
+ *   pointer is also peeked without the lock, so it is stored atomically);
+ * - a port's attached pair count (rx_pairs): atomic, written by the trio
+ *   thread on attach/detach;
+ * - a port's TX scratch buffers: claimed one per TX worker (atomic bitmask);
  * - a port's token buckets: the port's bucket lock (short, no syscalls);
  * - the punt queue: its own mutex;
  * - counters: relaxed atomic adds (nitro_stat_add).
@@ -38,9 +43,14 @@
 #define ETH_HLEN 14
 #define ETH_P_IP 0x0800
 #define ETH_P_ARP 0x0806
-#define ETH_P_8021Q 0x8100
+#define ETH_P_8021Q 0x8100   /* VLAN tags: not supported, refused */
+#define ETH_P_8021AD 0x88a8
+#define ETH_P_QINQ1 0x9100   /* pre-802.1ad QinQ, still emitted by some stacks */
+#define IPPROTO_ICMP_ 1
 #define IPPROTO_UDP_ 17
+#define ICMP_ECHO_REQUEST 8
 #define DHCP_SERVER_PORT 67
+#define SCRATCH_LEN (NITRO_NET_HDR_LEN + NITRO_NET_MAX_FRAME)
 #define TX_BATCH 64
 #define MAX_RX_BUFS 64
 #define DIRTY_MAX 32
@@ -66,6 +76,11 @@ struct port {
     pthread_mutex_t bucket_lock;
     struct bucket bw_in, bw_out, pps;
     struct rx_slot rx[NITRO_NET_MAX_PAIRS];
+    uint32_t rx_pairs;    /* atomic: 1 + highest attached pair (0: none) */
+    /* TX scratch buffers (SCRATCH_LEN each), allocated on first use and
+     * kept: bit i of scratch_busy says a TX worker holds scratch[i]. */
+    uint32_t scratch_busy;
+    uint8_t *scratch[NITRO_NET_MAX_PAIRS];
     struct nitro_port_stats stats;
 };
 
@@ -184,6 +199,12 @@ static uint16_t ld16le(const uint8_t *p)
     return (uint16_t)(p[0] | p[1] << 8);
 }
 
+static void st16le(uint8_t *p, uint16_t v)
+{
+    p[0] = (uint8_t)v;
+    p[1] = (uint8_t)(v >> 8);
+}
+
 /* RFC 1071 sum of [p, p+len) folded to 16 bits (not complemented). */
 static uint32_t csum_add(uint32_t sum, const uint8_t *p, size_t len)
 {
@@ -199,7 +220,8 @@ static uint32_t csum_add(uint32_t sum, const uint8_t *p, size_t len)
 
 /* NEEDS_CSUM (5.1.6.2): the field at csum_start + csum_offset holds the
  * pseudo-header sum; fold in everything from csum_start and store it.
- * buf is hdr + frame; returns false if the offsets are out of the frame. */
+ * buf is hdr + frame; returns false if the offsets are out of the frame
+ * (tx_header has checked them for guest frames; this stays defensive). */
 static bool complete_csum(uint8_t *buf, uint32_t len)
 {
     if (!(buf[0] & VIRTIO_NET_HDR_F_NEEDS_CSUM))
@@ -255,6 +277,9 @@ void nitro_switch_free(struct nitro_switch *sw)
         return;
     for (uint32_t v = 0; v < NITRO_NET_MAX_VPCS; v++)
         free(sw->vpcs[v].uplink_buf);
+    for (uint32_t i = 0; i < NITRO_NET_MAX_PORTS; i++)
+        for (uint32_t q = 0; q < NITRO_NET_MAX_PAIRS; q++)
+            free(sw->ports[i].scratch[q]);
     close(sw->punt_fd);
     free(sw->punt);
     free(sw);
@@ -265,7 +290,7 @@ int nitro_switch_add_vpc(struct nitro_switch *sw, uint32_t vpc,
                          uint32_t mtu)
 {
     if (sw == NULL || vpc >= NITRO_NET_MAX_VPCS || sw->vpcs[vpc].used ||
-        mtu < 68 || mtu > NITRO_NET_MAX_FRAME - ETH_HLEN - 4)
+        mtu < 68 || mtu > NITRO_NET_MAX_FRAME - ETH_HLEN)
         return NITRO_ERR_ARG;
     struct vpc *v = &sw->vpcs[vpc];
     v->used = true;
@@ -288,7 +313,7 @@ int nitro_switch_add_port(struct nitro_switch *sw, uint32_t port,
     p->vpc = params->vpc;
     memcpy(p->mac, params->mac, 6);
     memcpy(p->ip, params->ip, 4);
-    uint64_t frame_max = v->mtu + ETH_HLEN + 4;
+    uint64_t frame_max = v->mtu + ETH_HLEN;
     bucket_init(&p->bw_in, params->bw_in_bytes_per_sec, frame_max);
     bucket_init(&p->bw_out, params->bw_out_bytes_per_sec, frame_max);
     bucket_init(&p->pps, params->pps, 1);
@@ -330,15 +355,42 @@ int nitro_switch_set_port_features(struct nitro_switch *sw, uint32_t port,
     return NITRO_OK;
 }
 
+/* Deliveries spread senders over pairs [0, rx_pairs). Attach and detach
+ * come from one thread (trio), so recomputing after each is enough; a
+ * delivery that reads a stale count skips detached slots or misses a new
+ * pair for a moment, both harmless. */
+static void update_rx_pairs(struct port *p)
+{
+    uint32_t n = 0;
+    for (uint32_t q = 0; q < NITRO_NET_MAX_PAIRS; q++)
+        if (__atomic_load_n(&p->rx[q].vq, __ATOMIC_RELAXED) != NULL)
+            n = q + 1;
+    __atomic_store_n(&p->rx_pairs, n, __ATOMIC_RELAXED);
+}
+
+static void set_rx(struct port *p, uint32_t pair, struct nitro_vq *vq)
+{
+    /* Taking the lock waits out a delivery in progress. */
+    pthread_mutex_lock(&p->rx[pair].lock);
+    /* Deliveries take RX buffers when a frame comes and drop it when there
+     * are none; nothing waits for the driver to add buffers, so its kicks
+     * would only wake the worker for nothing (a polling driver such as
+     * DPDK's kicks on every refill). With EVENT_IDX avail_event is simply
+     * never advanced, which has the same effect. */
+    if (vq != NULL && nitro_vq_ready(vq))
+        nitro_vq_disable_notify(vq);
+    __atomic_store_n(&p->rx[pair].vq, vq, __ATOMIC_RELAXED);
+    pthread_mutex_unlock(&p->rx[pair].lock);
+    update_rx_pairs(p);
+}
+
 int nitro_switch_attach_rx(struct nitro_switch *sw, uint32_t port,
                            uint32_t pair, struct nitro_vq *vq)
 {
     struct port *p = get_port(sw, port);
     if (p == NULL || pair >= NITRO_NET_MAX_PAIRS || vq == NULL)
         return NITRO_ERR_ARG;
-    pthread_mutex_lock(&p->rx[pair].lock);
-    p->rx[pair].vq = vq;
-    pthread_mutex_unlock(&p->rx[pair].lock);
+    set_rx(p, pair, vq);
     return NITRO_OK;
 }
 
@@ -348,14 +400,21 @@ int nitro_switch_detach_rx(struct nitro_switch *sw, uint32_t port,
     struct port *p = get_port(sw, port);
     if (p == NULL || pair >= NITRO_NET_MAX_PAIRS)
         return NITRO_ERR_ARG;
-    /* Taking the lock waits out a delivery in progress. */
-    pthread_mutex_lock(&p->rx[pair].lock);
-    p->rx[pair].vq = NULL;
-    pthread_mutex_unlock(&p->rx[pair].lock);
+    set_rx(p, pair, NULL);
     return NITRO_OK;
 }
 
 /* ---- delivery into an RX ring -------------------------------------------- */
+
+/* Call the guest behind a slot if it is still attached. */
+static void slot_notify(struct rx_slot *slot)
+{
+    pthread_mutex_lock(&slot->lock);
+    /* A ring re-attached meanwhile gets a spurious call: harmless. */
+    if (slot->vq != NULL)
+        nitro_vq_notify(slot->vq);
+    pthread_mutex_unlock(&slot->lock);
+}
 
 static void mark_dirty(struct dirty *d, struct rx_slot *slot)
 {
@@ -366,32 +425,36 @@ static void mark_dirty(struct dirty *d, struct rx_slot *slot)
         d->slot[d->n++] = slot;
         return;
     }
-    pthread_mutex_lock(&slot->lock);
-    if (slot->vq != NULL)
-        nitro_vq_notify(slot->vq);
-    pthread_mutex_unlock(&slot->lock);
+    slot_notify(slot);
 }
 
 static void flush_dirty(struct dirty *d)
 {
-    for (uint32_t i = 0; i < d->n; i++) {
-        struct rx_slot *slot = d->slot[i];
-        pthread_mutex_lock(&slot->lock);
-        /* A ring re-attached meanwhile gets a spurious call: harmless. */
-        if (slot->vq != NULL)
-            nitro_vq_notify(slot->vq);
-        pthread_mutex_unlock(&slot->lock);
-    }
+    for (uint32_t i = 0; i < d->n; i++)
+        slot_notify(d->slot[i]);
     d->n = 0;
+}
+
+/* Host address of byte `off` of a chain's writable iovecs (NULL past the
+ * end): a driver may split virtio_net_hdr over descriptors (2.6.4). */
+static uint8_t *iov_byte(const struct iovec *iov, uint32_t cnt, uint64_t off)
+{
+    for (uint32_t i = 0; i < cnt; i++) {
+        if (off < iov[i].iov_len)
+            return (uint8_t *)iov[i].iov_base + off;
+        off -= iov[i].iov_len;
+    }
+    return NULL;
 }
 
 /* Copy hdr+frame (buf, len) into one ring; caller holds slot->lock.
  * Returns 1 delivered, 0 no room, NITRO_ERR_GUEST. */
-static int fill_ring(struct nitro_vq *vq, bool mrg, uint8_t *buf, uint32_t len)
+static int fill_ring(struct nitro_vq *vq, bool mrg, const uint8_t *buf,
+                     uint32_t len)
 {
     uint16_t heads[MAX_RX_BUFS];
     uint32_t lens[MAX_RX_BUFS];
-    uint8_t *hdr_at = NULL;
+    uint8_t *nb_lo = NULL, *nb_hi = NULL;  /* num_buffers in the 1st buffer */
     uint32_t n = 0, done = 0;
     while (done < len) {
         struct nitro_chain *c;
@@ -400,15 +463,20 @@ static int fill_ring(struct nitro_vq *vq, bool mrg, uint8_t *buf, uint32_t len)
             nitro_vq_unpop(vq, (uint16_t)n);
             return rc;
         }
-        /* RX buffers are device-writable only (5.1.6.3). */
+        /* RX buffers are device-writable only (5.1.6.3) and the first one
+         * holds at least the header (with MRG_RXBUF every one must). */
         if (c->n_out != 0 || c->n_in == 0 ||
-            (n == 0 && c->iov[0].iov_len < NITRO_NET_HDR_LEN)) {
+            (n == 0 && c->in_len < NITRO_NET_HDR_LEN)) {
             nitro_vq_unpop(vq, (uint16_t)(n + 1));
             return nitro_vq_set_fault(vq, NITRO_FAULT_REQUEST);
         }
         uint64_t room = c->in_len < len - done ? c->in_len : len - done;
-        if (n == 0)
-            hdr_at = c->iov[0].iov_base;
+        if (n == 0) {
+            /* num_buffers: le16 at offset 10 of virtio_net_hdr_v1. The
+             * chain's iovecs are gone after the next pop: keep where. */
+            nb_lo = iov_byte(c->iov, c->n_in, 10);
+            nb_hi = iov_byte(c->iov, c->n_in, 11);
+        }
         nitro_buf_to_iov(c->iov, (int)c->n_in, buf + done, room);
         heads[n] = c->head;
         lens[n] = (uint32_t)room;
@@ -419,18 +487,18 @@ static int fill_ring(struct nitro_vq *vq, bool mrg, uint8_t *buf, uint32_t len)
             return 0;  /* one buffer must hold the whole frame */
         }
     }
-    /* num_buffers (le16 at offset 10 of virtio_net_hdr_v1). */
-    hdr_at[10] = (uint8_t)n;
-    hdr_at[11] = (uint8_t)(n >> 8);
+    *nb_lo = (uint8_t)n;
+    *nb_hi = (uint8_t)(n >> 8);
     nitro_vq_push_batch(vq, heads, lens, n);
     return 1;
 }
 
-/* Deliver hdr+frame to port dst. `hint` spreads senders over queue pairs.
- * If the destination did not negotiate GUEST_CSUM a partial checksum is
- * completed first (in buf, which the caller may reuse). */
-static bool deliver(struct nitro_switch *sw, struct port *dst, uint8_t *buf,
-                    uint32_t len, uint32_t hint, struct dirty *dirty)
+/* Deliver hdr+frame to port dst. `hint` spreads senders over the
+ * destination's queue pairs. If the destination did not negotiate
+ * GUEST_CSUM a partial checksum is completed first (in buf, which the
+ * caller may reuse). dirty NULL: call the guest now, else once per batch. */
+static bool deliver(struct port *dst, uint8_t *buf, uint32_t len,
+                    uint32_t hint, struct dirty *dirty)
 {
     uint32_t flen = len - NITRO_NET_HDR_LEN;
     if (!port_admit(dst, flen, true))
@@ -441,26 +509,32 @@ static bool deliver(struct nitro_switch *sw, struct port *dst, uint8_t *buf,
         return false;
     }
     bool mrg = (feat >> VIRTIO_NET_F_MRG_RXBUF) & 1;
-    (void)sw;
-    for (uint32_t k = 0; k < NITRO_NET_MAX_PAIRS; k++) {
-        struct rx_slot *slot = &dst->rx[(hint + k) % NITRO_NET_MAX_PAIRS];
-        /* Unlocked peek: a slot never attached is skipped cheaply. */
+    uint32_t pairs = __atomic_load_n(&dst->rx_pairs, __ATOMIC_RELAXED);
+    for (uint32_t k = 0; k < pairs; k++) {
+        struct rx_slot *slot = &dst->rx[(hint + k) % pairs];
+        /* Unlocked peek: a detached slot is skipped cheaply. */
         if (__atomic_load_n(&slot->vq, __ATOMIC_RELAXED) == NULL)
             continue;
         pthread_mutex_lock(&slot->lock);
-        int rc = slot->vq != NULL ? fill_ring(slot->vq, mrg, buf, len) : -1;
+        struct nitro_vq *vq = slot->vq;
+        int rc = 0;
+        if (vq != NULL) {
+            bool healthy = nitro_vq_fault(vq) == NITRO_FAULT_NONE;
+            rc = fill_ring(vq, mrg, buf, len);
+            /* This delivery broke the ring: its worker sleeps on the kick
+             * fd, so kick it to report the fault (Python then stops the
+             * device and detaches the ring). */
+            if (rc < 0 && healthy)
+                nitro_vq_wake(vq);
+            if (rc == 1 && dirty == NULL)
+                nitro_vq_notify(vq);
+        }
         pthread_mutex_unlock(&slot->lock);
-        if (rc == -1)
+        if (vq == NULL)
             continue;
         if (rc == 1) {
-            if (dirty != NULL) {
+            if (dirty != NULL)
                 mark_dirty(dirty, slot);
-            } else {
-                pthread_mutex_lock(&slot->lock);
-                if (slot->vq != NULL)
-                    nitro_vq_notify(slot->vq);
-                pthread_mutex_unlock(&slot->lock);
-            }
             nitro_stat_add(&dst->stats.packets_in, 1);
             nitro_stat_add(&dst->stats.bytes_in, flen);
             return true;
@@ -502,7 +576,7 @@ static bool forward(struct nitro_switch *sw, struct vpc *v, struct port *src,
         for (uint32_t i = 0; i < v->nports; i++) {
             struct port *p = &sw->ports[v->ports[i]];
             if (p != src)
-                any |= deliver(sw, p, buf, len, hint, dirty);
+                any |= deliver(p, buf, len, hint, dirty);
         }
         if (src != NULL && v->uplink_fd >= 0) {
             to_uplink(v, buf, len);
@@ -515,7 +589,7 @@ static bool forward(struct nitro_switch *sw, struct vpc *v, struct port *src,
         if (memcmp(p->mac, dmac, 6) == 0) {
             if (p == src)
                 break;
-            return deliver(sw, p, buf, len, hint, dirty);
+            return deliver(p, buf, len, hint, dirty);
         }
     }
     if (src != NULL && v->uplink_fd >= 0 && memcmp(v->uplink_mac, dmac, 6) == 0) {
@@ -528,6 +602,9 @@ static bool forward(struct nitro_switch *sw, struct vpc *v, struct port *src,
 
 /* ---- punt queue ------------------------------------------------------------ */
 
+/* The eventfd is readable exactly while the queue is non-empty: written on
+ * empty -> non-empty, drained on non-empty -> empty, both under punt_lock,
+ * so a busy queue costs no syscalls per frame. */
 static void punt(struct nitro_switch *sw, uint32_t port, struct port *p,
                  const uint8_t *frame, uint32_t flen)
 {
@@ -543,7 +620,11 @@ static void punt(struct nitro_switch *sw, uint32_t port, struct port *p,
         e->port = port;
         e->len = flen;
         memcpy(e->data, frame, flen);
-        sw->punt_count++;
+        if (sw->punt_count++ == 0) {
+            uint64_t one = 1;
+            ssize_t n = write(sw->punt_fd, &one, sizeof(one));
+            (void)n;  /* cannot fail: the counter was drained at empty */
+        }
     }
     pthread_mutex_unlock(&sw->punt_lock);
     if (full) {
@@ -551,9 +632,6 @@ static void punt(struct nitro_switch *sw, uint32_t port, struct port *p,
         return;
     }
     nitro_stat_add(&p->stats.punted, 1);
-    uint64_t one = 1;
-    ssize_t n = write(sw->punt_fd, &one, sizeof(one));
-    (void)n;  /* EAGAIN: counter saturated, still readable */
 }
 
 int nitro_switch_punt_fd(const struct nitro_switch *sw)
@@ -561,31 +639,37 @@ int nitro_switch_punt_fd(const struct nitro_switch *sw)
     return sw == NULL ? -1 : sw->punt_fd;
 }
 
-int32_t nitro_switch_punt_pop(struct nitro_switch *sw, uint32_t *port,
-                              uint8_t *buf, uint32_t cap)
+/* Take the oldest entry into buf (at most cap bytes); caller holds the
+ * lock and has checked punt_count > 0. */
+static uint32_t punt_take(struct nitro_switch *sw, uint32_t *port, uint8_t *buf)
 {
-    if (sw == NULL || port == NULL || buf == NULL)
+    struct punt_entry *e = &sw->punt[sw->punt_head];
+    uint32_t len = e->len;  /* at most NITRO_NET_PUNT_MAX_FRAME (punt checks) */
+    memcpy(buf, e->data, len);
+    *port = e->port;
+    sw->punt_head = (sw->punt_head + 1) % NITRO_NET_PUNT_SLOTS;
+    if (--sw->punt_count == 0) {
+        uint64_t v;
+        ssize_t r = read(sw->punt_fd, &v, sizeof(v));
+        (void)r;
+    }
+    return len;
+}
+
+int32_t nitro_switch_punt_pop_batch(struct nitro_switch *sw, uint32_t *ports,
+                                    uint32_t *lens, uint8_t *bufs, uint32_t n)
+{
+    if (sw == NULL || ports == NULL || lens == NULL || bufs == NULL ||
+        n > NITRO_NET_PUNT_SLOTS)
         return NITRO_ERR_ARG;
-    uint64_t v;
-    ssize_t r = read(sw->punt_fd, &v, sizeof(v));
-    (void)r;
-    int32_t len = 0;
+    uint32_t got = 0;
     pthread_mutex_lock(&sw->punt_lock);
-    if (sw->punt_count > 0) {
-        struct punt_entry *e = &sw->punt[sw->punt_head];
-        len = (int32_t)(e->len < cap ? e->len : cap);
-        memcpy(buf, e->data, (size_t)len);
-        *port = e->port;
-        sw->punt_head = (sw->punt_head + 1) % NITRO_NET_PUNT_SLOTS;
-        sw->punt_count--;
-        if (sw->punt_count > 0) {  /* keep the eventfd readable */
-            uint64_t one = 1;
-            ssize_t n = write(sw->punt_fd, &one, sizeof(one));
-            (void)n;
-        }
+    while (got < n && sw->punt_count > 0) {
+        lens[got] = punt_take(sw, &ports[got], bufs + (size_t)got * NITRO_NET_PUNT_MAX_FRAME);
+        got++;
     }
     pthread_mutex_unlock(&sw->punt_lock);
-    return len;
+    return (int32_t)got;
 }
 
 int nitro_switch_inject(struct nitro_switch *sw, uint32_t port,
@@ -597,61 +681,108 @@ int nitro_switch_inject(struct nitro_switch *sw, uint32_t port,
     uint8_t buf[NITRO_NET_HDR_LEN + NITRO_NET_PUNT_MAX_FRAME];
     memset(buf, 0, NITRO_NET_HDR_LEN);
     memcpy(buf + NITRO_NET_HDR_LEN, frame, len);
-    return deliver(sw, p, buf, len + NITRO_NET_HDR_LEN, 0, NULL) ? 1 : 0;
+    return deliver(p, buf, len + NITRO_NET_HDR_LEN, 0, NULL) ? 1 : 0;
 }
 
 /* ---- TX classification ----------------------------------------------------- */
 
 enum verdict { FORWARD, PUNT, DROP };
 
+static enum verdict drop_as(struct port *p, unsigned reason)
+{
+    drop(&p->stats, reason);
+    return DROP;
+}
+
 /* Anti-spoofing and control-plane classification of one frame from port p.
- * frame/flen exclude the virtio header. */
+ * frame/flen exclude the virtio header; flen >= ETH_HLEN. */
 static enum verdict classify(struct vpc *v, struct port *p,
                              const uint8_t *frame, uint32_t flen)
 {
-    if (memcmp(frame + 6, p->mac, 6) != 0) {
-        drop(&p->stats, NITRO_NET_DROP_SPOOFED_SOURCE);
-        return DROP;
-    }
+    if (memcmp(frame + 6, p->mac, 6) != 0)
+        return drop_as(p, NITRO_NET_DROP_SPOOFED_SOURCE);
     uint16_t type = ld16be(frame + 12);
+    /* A tag would hide the real ethertype (and an IPv4 source) from the
+     * checks below while a receiver with a VLAN device decodes it. */
+    if (type == ETH_P_8021Q || type == ETH_P_8021AD || type == ETH_P_QINQ1)
+        return drop_as(p, NITRO_NET_DROP_BAD_HEADER);
     if (type == ETH_P_ARP) {
-        /* Ethernet/IPv4 ARP: sender MAC at 22, sender IP at 28 (RFC 826). */
-        if (flen < ETH_HLEN + 28) {
-            drop(&p->stats, NITRO_NET_DROP_BAD_HEADER);
-            return DROP;
-        }
+        /* Ethernet/IPv4 ARP only (RFC 826): htype 1, ptype IPv4, hlen 6,
+         * plen 4, so the sender MAC is at 22 and the sender IP at 28. */
+        if (flen < ETH_HLEN + 28 || ld16be(frame + 14) != 1 ||
+            ld16be(frame + 16) != ETH_P_IP || frame[18] != 6 || frame[19] != 4)
+            return drop_as(p, NITRO_NET_DROP_BAD_HEADER);
         static const uint8_t zero[4];
         const uint8_t *sha = frame + 22, *spa = frame + 28;
         if (memcmp(sha, p->mac, 6) != 0 ||
-            (memcmp(spa, p->ip, 4) != 0 && memcmp(spa, zero, 4) != 0)) {
-            drop(&p->stats, NITRO_NET_DROP_SPOOFED_SOURCE);
-            return DROP;
-        }
+            (memcmp(spa, p->ip, 4) != 0 && memcmp(spa, zero, 4) != 0))
+            return drop_as(p, NITRO_NET_DROP_SPOOFED_SOURCE);
         /* Requests are answered by nitro (gateway, VPC peers, uplink). */
         if (ld16be(frame + 20) == 1)
             return PUNT;
         return FORWARD;
     }
     if (type == ETH_P_IP) {
-        if (flen < ETH_HLEN + 20 || (frame[14] >> 4) != 4) {
-            drop(&p->stats, NITRO_NET_DROP_BAD_HEADER);
-            return DROP;
-        }
-        uint32_t ihl = (uint32_t)(frame[14] & 0xf) * 4;
-        const uint8_t *src = frame + 26, *dst = frame + 30;
-        bool udp = frame[23] == IPPROTO_UDP_;
-        bool dhcp = udp && flen >= ETH_HLEN + ihl + 8 &&
-                    ld16be(frame + ETH_HLEN + ihl + 2) == DHCP_SERVER_PORT;
+        const uint8_t *ip = frame + ETH_HLEN;
+        if (flen < ETH_HLEN + 20 || (ip[0] >> 4) != 4)
+            return drop_as(p, NITRO_NET_DROP_BAD_HEADER);
+        /* RFC 791: header length >= 20 and inside the frame; total length
+         * covers the header and fits the frame (Ethernet may pad). */
+        uint32_t ihl = (uint32_t)(ip[0] & 0xf) * 4;
+        uint32_t tot = ld16be(ip + 2);
+        if (ihl < 20 || ETH_HLEN + ihl > flen || tot < ihl ||
+            ETH_HLEN + tot > flen)
+            return drop_as(p, NITRO_NET_DROP_BAD_HEADER);
+        const uint8_t *src = ip + 12, *dst = ip + 16, *l4 = ip + ihl;
+        uint32_t l4len = tot - ihl;
+        uint16_t frag = ld16be(ip + 6);
+        bool first = (frag & 0x1fff) == 0;   /* offset 0: has the L4 header */
+        bool whole = (frag & 0x3fff) == 0;   /* and no more fragments */
+        uint8_t proto = ip[9];
+        bool dhcp = proto == IPPROTO_UDP_ && first && l4len >= 8 &&
+                    ld16be(l4 + 2) == DHCP_SERVER_PORT;
         static const uint8_t any[4];
-        if (memcmp(src, p->ip, 4) != 0 && !(dhcp && memcmp(src, any, 4) == 0)) {
-            drop(&p->stats, NITRO_NET_DROP_SPOOFED_SOURCE);
-            return DROP;
-        }
-        if (dhcp || memcmp(dst, v->gw_ip, 4) == 0)
+        if (memcmp(src, p->ip, 4) != 0 && !(dhcp && memcmp(src, any, 4) == 0))
+            return drop_as(p, NITRO_NET_DROP_SPOOFED_SOURCE);
+        if (dhcp)
             return PUNT;
+        if (memcmp(dst, v->gw_ip, 4) == 0) {
+            /* The gateway answers ICMP echo and nothing else: the rest
+             * would only be thrown away on the trio thread. */
+            if (proto == IPPROTO_ICMP_ && whole && l4len >= 8 &&
+                l4[0] == ICMP_ECHO_REQUEST)
+                return PUNT;
+            return drop_as(p, NITRO_NET_DROP_TO_GATEWAY);
+        }
         return FORWARD;
     }
     return FORWARD;  /* IPv6 and others: source MAC checked above */
+}
+
+/* Check the sender's virtio_net_hdr (5.1.6.2) and replace it by the header
+ * receivers get: only NEEDS_CSUM and its offsets survive, gso NONE,
+ * num_buffers 0 (fill_ring sets it). Bad offsets are the sender's fault,
+ * so they are refused here once, not by each receiver. */
+static bool tx_header(uint8_t *hdr, uint32_t flen)
+{
+    uint8_t flags = hdr[0];
+    /* No HOST_TSO/UFO offered: a GSO header is a driver bug; DATA_VALID
+     * and RSC_INFO are device -> driver only. */
+    if ((flags & ~VIRTIO_NET_HDR_F_NEEDS_CSUM) != 0 ||
+        hdr[1] != VIRTIO_NET_HDR_GSO_NONE)
+        return false;
+    uint16_t start = 0, off = 0;
+    if (flags & VIRTIO_NET_HDR_F_NEEDS_CSUM) {
+        start = ld16le(hdr + 6);
+        off = ld16le(hdr + 8);
+        if ((uint32_t)start + off + 2 > flen)
+            return false;
+    }
+    memset(hdr, 0, NITRO_NET_HDR_LEN);
+    hdr[0] = flags;
+    st16le(hdr + 6, start);
+    st16le(hdr + 8, off);
+    return true;
 }
 
 struct tx_ctx {
@@ -660,7 +791,7 @@ struct tx_ctx {
     struct port *p;
     struct vpc *v;
     uint32_t hint;
-    uint8_t *buf;  /* NITRO_NET_HDR_LEN + NITRO_NET_MAX_FRAME */
+    uint8_t *buf;  /* SCRATCH_LEN */
     struct dirty dirty;
 };
 
@@ -676,13 +807,11 @@ static void tx_one(struct tx_ctx *t, const struct nitro_chain *c)
     nitro_iov_to_buf(c->iov, (int)c->n_out, t->buf, len);
     uint8_t *frame = t->buf + NITRO_NET_HDR_LEN;
     uint32_t flen = len - NITRO_NET_HDR_LEN;
-    /* No HOST_TSO/UFO offered: a GSO header is a driver bug. */
-    if (t->buf[1] != VIRTIO_NET_HDR_GSO_NONE) {
+    if (!tx_header(t->buf, flen)) {
         drop(&p->stats, NITRO_NET_DROP_BAD_HEADER);
         return;
     }
-    uint32_t l2 = ETH_HLEN + (ld16be(frame + 12) == ETH_P_8021Q ? 4 : 0);
-    if (flen > t->v->mtu + l2) {
+    if (flen > t->v->mtu + ETH_HLEN) {
         drop(&p->stats, NITRO_NET_DROP_MTU);
         return;
     }
@@ -710,23 +839,53 @@ static int64_t tx_batch(struct tx_ctx *t, struct nitro_vq *vq)
     uint16_t heads[TX_BATCH];
     uint32_t lens[TX_BATCH];
     uint32_t n = 0;
+    int rc = 0;
     while (n < TX_BATCH) {
         struct nitro_chain *c;
-        int rc = nitro_vq_pop(vq, &c);
-        if (rc < 0)
-            return rc;
-        if (rc == 0)
+        rc = nitro_vq_pop(vq, &c);
+        if (rc <= 0)
             break;
         tx_one(t, c);
         heads[n] = c->head;
         lens[n] = 0;  /* TX buffers are device-readable: nothing written */
         n++;
     }
+    /* Also when the guest broke the ring mid-batch: the chains taken so far
+     * were switched, so they are completed and their receivers called. */
     nitro_vq_push_batch(vq, heads, lens, n);
     if (n > 0)
         nitro_vq_notify(vq);
     flush_dirty(&t->dirty);
-    return n;
+    return rc < 0 ? rc : (int64_t)n;
+}
+
+/* A scratch buffer of the port for one TX worker: kept across calls (one
+ * per concurrently served TX ring), so a serve call does not allocate. */
+static uint8_t *scratch_get(struct port *p, int *slot)
+{
+    for (int i = 0; i < NITRO_NET_MAX_PAIRS; i++) {
+        uint32_t bit = 1u << i;
+        if (__atomic_fetch_or(&p->scratch_busy, bit, __ATOMIC_ACQUIRE) & bit)
+            continue;
+        if (p->scratch[i] == NULL)
+            p->scratch[i] = malloc(SCRATCH_LEN);
+        if (p->scratch[i] == NULL) {
+            __atomic_fetch_and(&p->scratch_busy, ~bit, __ATOMIC_RELEASE);
+            return NULL;
+        }
+        *slot = i;
+        return p->scratch[i];
+    }
+    *slot = -1;  /* more TX workers than pairs: not expected, still works */
+    return malloc(SCRATCH_LEN);
+}
+
+static void scratch_put(struct port *p, int slot, uint8_t *buf)
+{
+    if (slot < 0)
+        free(buf);
+    else
+        __atomic_fetch_and(&p->scratch_busy, ~(1u << slot), __ATOMIC_RELEASE);
 }
 
 int64_t nitro_net_tx_serve(struct nitro_switch *sw, uint32_t port,
@@ -739,7 +898,8 @@ int64_t nitro_net_tx_serve(struct nitro_switch *sw, uint32_t port,
         return NITRO_ERR_GUEST;
     struct tx_ctx t = {.sw = sw, .port_id = port, .p = p,
                        .v = &sw->vpcs[p->vpc], .hint = port};
-    t.buf = malloc(NITRO_NET_HDR_LEN + NITRO_NET_MAX_FRAME);
+    int scratch_slot;
+    t.buf = scratch_get(p, &scratch_slot);
     if (t.buf == NULL)
         return NITRO_ERR_NOMEM;
     int64_t total = 0, rc = 0;
@@ -776,7 +936,7 @@ int64_t nitro_net_tx_serve(struct nitro_switch *sw, uint32_t port,
         if (e < 0)
             rc = e;
     }
-    free(t.buf);
+    scratch_put(p, scratch_slot, t.buf);
     return rc < 0 ? rc : total;
 }
 
@@ -789,6 +949,11 @@ int64_t nitro_net_rx_serve(struct nitro_vq *vq)
         if (rc < 0)
             return rc;
     }
+    /* After draining the kick: a delivery that broke the ring sets the
+     * fault before it kicks (nitro_vq_wake), so either this sees the fault
+     * or the kick fd is readable again and the next call does. */
+    if (nitro_vq_fault(vq) != NITRO_FAULT_NONE)
+        return NITRO_ERR_GUEST;
     return 0;
 }
 
@@ -826,19 +991,24 @@ int64_t nitro_net_ctrl_serve(struct nitro_vq *vq, uint32_t max_pairs,
     for (;;) {
         struct nitro_chain *c;
         int rc;
+        uint32_t pushed = 0;
         while ((rc = nitro_vq_pop(vq, &c)) == 1) {
-            if (c->n_in == 0)
-                return nitro_vq_set_fault(vq, NITRO_FAULT_REQUEST);
+            if (c->n_in == 0) {
+                rc = nitro_vq_set_fault(vq, NITRO_FAULT_REQUEST);
+                break;
+            }
             uint8_t ack = ctrl_answer(c, max_pairs);
             /* The ack is the last writable byte (5.1.6.5). */
             const struct iovec *last = &c->iov[c->n_out + c->n_in - 1];
             ((uint8_t *)last->iov_base)[last->iov_len - 1] = ack;
             nitro_vq_push(vq, c->head, 1);
+            pushed++;
             total++;
         }
+        if (pushed > 0)
+            nitro_vq_notify(vq);
         if (rc < 0)
             return rc;
-        nitro_vq_notify(vq);
         int e = nitro_vq_enable_notify(vq);
         if (e < 0)
             return e;
@@ -878,11 +1048,13 @@ int64_t nitro_switch_uplink_serve(struct nitro_switch *sw, uint32_t vpc,
         if (n < 0)
             break;  /* EAGAIN: drained */
         total++;
-        if (n < ETH_HLEN) {
+        uint16_t type = n >= ETH_HLEN ? ld16be(buf + NITRO_NET_HDR_LEN + 12) : 0;
+        if (n < ETH_HLEN || type == ETH_P_8021Q || type == ETH_P_8021AD ||
+            type == ETH_P_QINQ1) {
             drop(&v->uplink_stats, NITRO_NET_DROP_BAD_HEADER);
             continue;
         }
-        if ((uint32_t)n > v->mtu + ETH_HLEN + 4) {
+        if ((uint32_t)n > v->mtu + ETH_HLEN) {
             drop(&v->uplink_stats, NITRO_NET_DROP_MTU);
             continue;
         }

@@ -11,12 +11,15 @@
  * attaches/detaches RX rings (under each RX slot's lock) and reads counters.
  *
  * Per TX chain (virtio 1.2 5.1.6.2): the chain is copied out of guest memory
- * once into a per-call scratch buffer, the 12-byte virtio_net_hdr checked,
+ * once into a scratch buffer of the port, the 12-byte virtio_net_hdr checked
+ * (and replaced by a fresh one: receivers never see the sender's header),
  * the frame classified (anti-spoofing: source MAC and IPv4 source must be the
- * port's own; VPC; destination MAC) and then copied into the destination's
- * RX ring under that ring's lock, written to the VPC's uplink TAP, or punted
- * (ARP requests, DHCP, traffic to the gateway IP) to Python through a bounded
- * queue whose eventfd Python waits on. Python answers by nitro_switch_inject.
+ * port's own; VLAN tags are refused; VPC; destination MAC) and then copied
+ * into the destination's RX ring under that ring's lock, written to the VPC's
+ * uplink TAP, or punted (ARP requests, DHCP, ICMP echo requests to the
+ * gateway) to Python through a bounded queue whose eventfd Python waits on.
+ * Python answers by nitro_switch_inject. Other IPv4 to the gateway address
+ * is dropped here (NITRO_NET_DROP_TO_GATEWAY).
  *
  * Byte order: MAC and IPv4 addresses are passed as bytes in wire order.
  */
@@ -28,7 +31,7 @@
 #define NITRO_NET_MAX_PORTS 256
 #define NITRO_NET_MAX_VPCS 64
 #define NITRO_NET_MAX_PAIRS 16
-#define NITRO_NET_MAX_FRAME 65550    /* 64 KiB payload + Ethernet + VLAN */
+#define NITRO_NET_MAX_FRAME 65550    /* 64 KiB payload + Ethernet header */
 #define NITRO_NET_PUNT_MAX_FRAME 2048
 #define NITRO_NET_PUNT_SLOTS 256
 
@@ -36,10 +39,11 @@
 #define NITRO_NET_DROP_NO_RX_BUFFER 0        /* destination ring absent/full */
 #define NITRO_NET_DROP_SPOOFED_SOURCE 1      /* source MAC/IP not the port's */
 #define NITRO_NET_DROP_UNKNOWN_DESTINATION 2 /* no such MAC in the VPC */
-#define NITRO_NET_DROP_BAD_HEADER 3          /* short frame, bad virtio_net_hdr */
+#define NITRO_NET_DROP_BAD_HEADER 3          /* virtio_net_hdr, frame, VLAN tag */
 #define NITRO_NET_DROP_MTU 4                 /* frame longer than the VPC MTU */
 #define NITRO_NET_DROP_PUNT_OVERFLOW 5       /* control queue to Python full */
-#define NITRO_NET_DROP_KINDS 6
+#define NITRO_NET_DROP_TO_GATEWAY 6          /* IPv4 the gateway does not answer */
+#define NITRO_NET_DROP_KINDS 7
 
 /* "in" is towards the guest (its RX ring), "out" is from the guest. */
 struct nitro_port_stats {
@@ -94,18 +98,22 @@ int nitro_switch_detach_rx(struct nitro_switch *sw, uint32_t port,
  * frames taken when idle for idle_ms or stopped, NITRO_ERR_GUEST/ARG. */
 int64_t nitro_net_tx_serve(struct nitro_switch *sw, uint32_t port,
                            struct nitro_vq *vq, int idle_ms);
-/* RX rings are filled by other threads; their worker only drains kicks. */
+/* RX rings are filled by other threads; their worker only drains kicks.
+ * NITRO_ERR_GUEST once a delivery found the ring broken (the delivering
+ * thread kicks the worker awake to report it), else 0. */
 int64_t nitro_net_rx_serve(struct nitro_vq *vq);
 /* Control queue (virtio 1.2 5.1.6.5): ACK MQ_VQ_PAIRS_SET, RX and MAC
  * class commands; others get VIRTIO_NET_ERR. */
 int64_t nitro_net_ctrl_serve(struct nitro_vq *vq, uint32_t max_pairs,
                              int idle_ms);
 
-/* Punted control frames: an eventfd readable while any wait. pop returns the
- * frame length (0: empty) and the port it came from. */
+/* Punted control frames: an eventfd readable exactly while any wait.
+ * pop_batch takes up to n frames at once into bufs (n slots of
+ * NITRO_NET_PUNT_MAX_FRAME bytes), their ports and lengths, and returns how
+ * many (0: empty). */
 int nitro_switch_punt_fd(const struct nitro_switch *sw);
-int32_t nitro_switch_punt_pop(struct nitro_switch *sw, uint32_t *port,
-                              uint8_t *buf, uint32_t cap);
+int32_t nitro_switch_punt_pop_batch(struct nitro_switch *sw, uint32_t *ports,
+                                    uint32_t *lens, uint8_t *bufs, uint32_t n);
 /* Deliver an Ethernet frame (no virtio header) to a port's RX ring:
  * 1 delivered, 0 dropped (counted), NITRO_ERR_ARG. */
 int nitro_switch_inject(struct nitro_switch *sw, uint32_t port,

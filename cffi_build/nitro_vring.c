@@ -58,6 +58,7 @@ struct nitro_vq {
     uint16_t last_avail_idx;    /* next avail slot we will consume */
     uint16_t shadow_avail_idx;  /* last avail->idx we read and checked */
     uint16_t used_idx;          /* next used slot we will fill */
+    uint16_t unpushed;          /* chains popped since the last push */
     uint16_t signalled_used;    /* used_idx at the last call (EVENT_IDX) */
     bool signalled_used_valid;
     uint16_t used_flags;        /* our copy: the guest must not own them */
@@ -234,6 +235,7 @@ void nitro_vq_set_base(struct nitro_vq *vq, uint16_t last_avail_idx)
         return;
     vq->last_avail_idx = last_avail_idx;
     vq->shadow_avail_idx = last_avail_idx;
+    vq->unpushed = 0;
     vq->signalled_used_valid = false;
 }
 
@@ -272,6 +274,7 @@ void nitro_vq_reset(struct nitro_vq *vq)
     attach_rings(vq, &(struct ring_ptrs){0});
     vq->mem = NULL;
     vq->last_avail_idx = vq->shadow_avail_idx = vq->used_idx = 0;
+    vq->unpushed = 0;
     vq->signalled_used_valid = false;
     vq->used_flags = 0;
 }
@@ -469,6 +472,8 @@ int nitro_vq_pop(struct nitro_vq *vq, struct nitro_chain **out)
     if (rc != NITRO_OK)
         return rc;
     vq->last_avail_idx++;
+    if (vq->unpushed < vq->num)
+        vq->unpushed++;
     *out = &vq->chain;
     return 1;
 }
@@ -477,20 +482,17 @@ int nitro_vq_pop(struct nitro_vq *vq, struct nitro_chain **out)
 
 void nitro_vq_push(struct nitro_vq *vq, uint16_t head, uint32_t len)
 {
-    uint8_t *elem = vq->used + USED_RING(vq->used_idx & (vq->num - 1));
-    guest_st32(elem, head);
-    guest_st32(elem + 4, len);
-    vq->used_idx++;
-    /* Release: the element and the data/status bytes written into the
-     * buffers must be visible before the driver can see the new idx. */
-    atomic_thread_fence(memory_order_release);
-    guest_st16(vq->used + USED_IDX, vq->used_idx);
-    nitro_stat_add(&vq->stats.chains, 1);
+    nitro_vq_push_batch(vq, &head, &len, 1);
 }
 
 void nitro_vq_unpop(struct nitro_vq *vq, uint16_t n)
 {
+    /* Only what was popped since the last push is still ours to give back:
+     * anything older may already be on the used ring. */
+    if (n > vq->unpushed)
+        n = vq->unpushed;
     vq->last_avail_idx -= n;
+    vq->unpushed -= n;
 }
 
 void nitro_vq_push_batch(struct nitro_vq *vq, const uint16_t *heads,
@@ -505,7 +507,9 @@ void nitro_vq_push_batch(struct nitro_vq *vq, const uint16_t *heads,
         guest_st32(elem + 4, lens[i]);
     }
     vq->used_idx += n;
-    /* Release: as in nitro_vq_push, elements and buffer contents first. */
+    vq->unpushed = 0;
+    /* Release: the elements and the data/status bytes written into the
+     * buffers must be visible before the driver can see the new idx. */
     atomic_thread_fence(memory_order_release);
     guest_st16(vq->used + USED_IDX, vq->used_idx);
     nitro_stat_add(&vq->stats.chains, n);
@@ -606,6 +610,18 @@ static void drain_eventfd(int fd)
     do
         n = read(fd, &v, sizeof(v));
     while (n < 0 && errno == EINTR);
+}
+
+void nitro_vq_wake(struct nitro_vq *vq)
+{
+    if (vq->kick_fd < 0)
+        return;
+    uint64_t one = 1;
+    ssize_t n;
+    do
+        n = write(vq->kick_fd, &one, sizeof(one));
+    while (n < 0 && errno == EINTR);
+    /* EAGAIN: the counter is saturated, so the fd is readable anyway. */
 }
 
 int nitro_vq_wait_kick(struct nitro_vq *vq, int timeout_ms)

@@ -3,9 +3,15 @@
  * (nitro_vring.c, nitro_mem.c) and device code (nitro_blk.c). Not part of the
  * cffi cdef; Python never sees these symbols.
  *
- * One thread serves a queue at a time (nitro.h: "from one thread per queue"),
- * so nothing below locks. Only nitro_vq_stop()/nitro_vq_fault()/the stats
- * are touched from other threads, and those use atomics.
+ * Nothing below locks: the caller serialises every call that walks or
+ * writes a ring (pop, unpop, push, notify, enable/disable_notify). A blk or
+ * TX queue is served by one thread at a time (nitro.h: "from one thread per
+ * queue"). A virtio-net RX ring is different: it is popped and pushed by
+ * several threads (peers' TX workers, the uplink thread, the trio thread
+ * injecting control replies), each holding the switch's RX slot lock
+ * (nitro_net.c), while its own worker only drains kicks and reads the fault.
+ * nitro_vq_stop()/nitro_vq_wake()/nitro_vq_fault() and the stats may be used
+ * from any thread: they are atomics or eventfd writes.
  */
 #ifndef NITRO_VRING_H
 #define NITRO_VRING_H
@@ -68,9 +74,10 @@ NITRO_INTERNAL int nitro_vq_pop(struct nitro_vq *vq, struct nitro_chain **out);
 /* Append (head, len) to the used ring and publish used->idx. */
 NITRO_INTERNAL void nitro_vq_push(struct nitro_vq *vq, uint16_t head,
                                   uint32_t len);
-/* Give back the last n popped chains (not yet pushed): they will be popped
- * again. For receive paths that pop several buffers and then find the frame
- * does not fit (virtio-net MRG_RXBUF). */
+/* Give back the last n popped chains: they will be popped again. For
+ * receive paths that pop several buffers and then find the frame does not
+ * fit (virtio-net MRG_RXBUF). Only chains popped since the last push can be
+ * given back; a larger n is clamped to that. */
 NITRO_INTERNAL void nitro_vq_unpop(struct nitro_vq *vq, uint16_t n);
 /* Append n used elements, then publish used->idx once, so the driver sees
  * them all together (MRG_RXBUF: num_buffers counts them). */
@@ -87,6 +94,12 @@ NITRO_INTERNAL int nitro_vq_enable_notify(struct nitro_vq *vq);
 /* Wait for a kick (drained and counted), a stop or the timeout (<0: none).
  * NITRO_VQ_WAIT_* or NITRO_ERR_SYS. */
 NITRO_INTERNAL int nitro_vq_wait_kick(struct nitro_vq *vq, int timeout_ms);
+/* Make the queue's worker look at it: write its kick eventfd (a spurious
+ * kick). For a thread other than the worker that found the ring broken
+ * (net RX deliveries): the worker's next serve call then reports the fault.
+ * Safe from any thread while the kick fd cannot change (the caller holds
+ * what keeps the queue attached). */
+NITRO_INTERNAL void nitro_vq_wake(struct nitro_vq *vq);
 
 /* Counters are read by other threads (metrics scrapes) and a blk stats
  * struct may be shared by several queue threads: add atomically. */

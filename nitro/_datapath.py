@@ -366,8 +366,16 @@ def blk_serve(vq: Virtqueue, params: BlkParams, stats: BlkStats, idle_ms: int) -
 
 NET_DROP_REASONS: Final[tuple[str, ...]] = (
     "no_rx_buffer", "spoofed_source", "unknown_destination", "bad_header", "mtu",
-    "punt_overflow",
+    "punt_overflow", "to_gateway",
 )
+assert len(NET_DROP_REASONS) == lib.NITRO_NET_DROP_KINDS
+
+
+def _addr(value: bytes, size: int, what: str) -> bytes:
+    """A MAC (6) or IPv4 (4) address as wire-order bytes of exactly size."""
+    if not isinstance(value, bytes | bytearray) or len(value) != size:
+        raise ValueError(f"{what} must be {size} bytes, got {value!r}")
+    return bytes(value)
 
 
 def _net_stats_dict(s: Any) -> dict[str, Any]:
@@ -390,23 +398,24 @@ class Switch(_Owned):
     def __init__(self) -> None:
         raw = lib.nitro_switch_new()
         super().__init__(ffi.NULL if raw == ffi.NULL else ffi.gc(raw, lib.nitro_switch_free))
-        self._punt_buf = ffi.new("uint8_t[]", lib.NITRO_NET_PUNT_MAX_FRAME)
-        self._punt_port = ffi.new("uint32_t *")
+        self._batch: tuple[Any, Any, Any] | None = None
 
     def add_vpc(self, vpc: int, gateway_mac: bytes, gateway_ip: bytes, mtu: int) -> None:
-        _check(lib.nitro_switch_add_vpc(self.ptr, vpc, gateway_mac, gateway_ip, mtu),
+        _check(lib.nitro_switch_add_vpc(self.ptr, vpc, _addr(gateway_mac, 6, "gateway MAC"),
+                                        _addr(gateway_ip, 4, "gateway IPv4"), mtu),
                "nitro_switch_add_vpc")
 
     def add_port(self, port: int, vpc: int, mac: bytes, ip: bytes, *, bw_in: int = 0,
                  bw_out: int = 0, pps: int = 0) -> None:
         params = ffi.new("struct nitro_port_params *", {
-            "vpc": vpc, "mac": list(mac), "ip": list(ip),
+            "vpc": vpc, "mac": list(_addr(mac, 6, "MAC")), "ip": list(_addr(ip, 4, "IPv4")),
             "bw_in_bytes_per_sec": bw_in, "bw_out_bytes_per_sec": bw_out, "pps": pps})
         _check(lib.nitro_switch_add_port(self.ptr, port, params), "nitro_switch_add_port")
 
     def set_uplink(self, vpc: int, fd: int, mac: bytes | None) -> None:
-        _check(lib.nitro_switch_set_uplink(self.ptr, vpc, fd, mac if mac else ffi.NULL),
-               "nitro_switch_set_uplink")
+        _check(lib.nitro_switch_set_uplink(
+            self.ptr, vpc, fd, _addr(mac, 6, "uplink MAC") if mac is not None else ffi.NULL),
+            "nitro_switch_set_uplink")
 
     def set_port_features(self, port: int, features: int) -> None:
         _check(lib.nitro_switch_set_port_features(self.ptr, port, features),
@@ -424,11 +433,23 @@ class Switch(_Owned):
 
     def punt_pop(self) -> tuple[int, bytes] | None:
         """The next punted (port, frame), or None when the queue is empty."""
-        n = _check(lib.nitro_switch_punt_pop(self.ptr, self._punt_port, self._punt_buf,
-                                             lib.NITRO_NET_PUNT_MAX_FRAME), "nitro_switch_punt_pop")
-        if n == 0:
-            return None
-        return int(self._punt_port[0]), ffi.buffer(self._punt_buf, n)[:]
+        got = self.punt_pop_batch(1)
+        return got[0] if got else None
+
+    def punt_pop_batch(self, limit: int = 64) -> list[tuple[int, bytes]]:
+        """Up to ``limit`` punted (port, frame) pairs in one C call, oldest
+        first; empty when the queue is empty (the punt fd is then not
+        readable)."""
+        limit = max(1, min(limit, lib.NITRO_NET_PUNT_SLOTS))
+        if self._batch is None or len(self._batch[0]) < limit:
+            self._batch = (ffi.new("uint32_t[]", limit), ffi.new("uint32_t[]", limit),
+                           ffi.new("uint8_t[]", limit * lib.NITRO_NET_PUNT_MAX_FRAME))
+        ports, lens, bufs = self._batch
+        n = _check(lib.nitro_switch_punt_pop_batch(self.ptr, ports, lens, bufs, limit),
+                   "nitro_switch_punt_pop_batch")
+        size = lib.NITRO_NET_PUNT_MAX_FRAME
+        view = ffi.buffer(bufs)
+        return [(int(ports[i]), view[i * size:i * size + lens[i]]) for i in range(n)]
 
     def inject(self, port: int, frame: bytes) -> bool:
         """Deliver an Ethernet frame into the port's RX ring; False if dropped."""
@@ -458,7 +479,9 @@ def net_tx_serve(switch: Switch, port: int, vq: Virtqueue, idle_ms: int) -> int:
 
 
 def net_rx_serve(vq: Virtqueue) -> int:
-    """An RX ring's worker: drain its kick (other threads fill the ring)."""
+    """An RX ring's worker: drain its kick (other threads fill the ring).
+    Raises GuestFault once a delivery found the ring broken (the delivering
+    thread kicks the ring's fd so that this call runs and reports it)."""
     ptr = vq.ptr
     return _check(lib.nitro_net_rx_serve(ptr), "nitro_net_rx_serve", ptr)
 

@@ -11,7 +11,7 @@ from scapy.layers.l2 import ARP, Ether
 from nitro import _datapath
 from nitro.vpc import gateway_mac
 from nitro.vpc import packets as pk
-from tests.unit.virtq import Buf, FakeGuest, SplitRing
+from tests.unit.virtq import VRING_USED_F_NO_NOTIFY, Buf, FakeGuest, SplitRing
 
 A, B, C = "52:54:00:00:00:0a", "52:54:00:00:00:0b", "52:54:00:00:00:0c"
 A_IP, B_IP, C_IP = "10.0.0.10", "10.0.0.11", "10.0.0.12"
@@ -64,6 +64,10 @@ class Net:
         for head, length in ring.take_used():
             out.append(self.guest.read(ring.bufs[head], length))
         return out
+
+    def close_rx(self, port: int) -> None:
+        self.sw.detach_rx(port, 0)
+        self.rx.pop(port).close()
 
     def close(self):
         for port in self.rx:
@@ -227,3 +231,316 @@ def test_bw_out_allowance_drops_and_counts():
         assert s["bw_out_allowance_exceeded"] >= 8 and s["packets_out"] >= 1
     finally:
         n.close()
+
+
+# -- guest input the switch must refuse or neutralise ---------------------------
+
+def raw_ipv4(src=A_IP, dst=B_IP, proto=1, payload=b"\x08\x00" + bytes(6), ihl=5, tot=None,
+             frag=0, options=b"", dst_mac=B) -> bytes:
+    """An Ethernet/IPv4 frame built by hand, so header fields can be wrong."""
+    body = options + payload
+    tot = 20 + len(body) if tot is None else tot
+    ip = struct.pack("!BBHHHBBH4s4s", 0x40 | ihl, 0, tot, 1, frag, 64, proto, 0,
+                     ip4(src), ip4(dst))
+    return pk.mac_bytes(dst_mac) + pk.mac_bytes(A) + b"\x08\x00" + ip + body
+
+
+def test_vlan_tagged_frames_are_bad_header_not_forwarded(net):
+    """A tag hides the ethertype from anti-spoofing: refuse 802.1Q and 802.1ad."""
+    net.attach_rx(1)
+    inner = bytes(IP(src="10.0.0.99", dst=B_IP) / ICMP())  # spoofed source inside
+    for tpid in (0x8100, 0x88A8):
+        frame = pk.mac_bytes(B) + pk.mac_bytes(A) + struct.pack("!HHH", tpid, 5, 0x0800) + inner
+        net.send(frame)
+    assert net.received(1) == []
+    s = net.sw.port_stats(0)
+    assert s["drops"]["bad_header"] == 2 and s["packets_out"] == 0
+    # The old +4 MTU allowance for tagged frames is gone: 1500 + 14 is the limit.
+    net.send(icmp(size=1500 - 28 + 1))
+    assert net.sw.port_stats(0)["drops"]["mtu"] == 1
+
+
+def test_ipv4_header_length_and_total_length_are_checked(net):
+    net.attach_rx(1)
+    net.send(raw_ipv4(ihl=4))                       # IHL below 20 bytes
+    net.send(raw_ipv4(ihl=15, payload=b""))         # 60-byte header, 34-byte frame
+    net.send(raw_ipv4(tot=200))                     # total length past the frame
+    net.send(raw_ipv4(tot=16))                      # total length below the header
+    assert net.received(1) == []
+    assert net.sw.port_stats(0)["drops"]["bad_header"] == 4
+    # A valid header with options, and Ethernet padding after the datagram.
+    ok = raw_ipv4(ihl=6, options=bytes(4)) + bytes(10)
+    net.send(ok)
+    assert [f[HDR:] for f in net.received(1)] == [ok]
+
+
+def test_only_first_fragments_count_as_dhcp(net):
+    """A later fragment whose payload looks like port 67 is no DHCP: its
+    0.0.0.0 source is spoofed, and a proper source is forwarded, not punted."""
+    net.attach_rx(1)
+    udp_like = struct.pack("!HHHH", 68, 67, 8, 0)
+    net.send(raw_ipv4(src="0.0.0.0", dst="255.255.255.255", proto=17, payload=udp_like,
+                      frag=0x0010, dst_mac="ff:ff:ff:ff:ff:ff"))
+    assert net.sw.port_stats(0)["drops"]["spoofed_source"] == 1
+    frag = raw_ipv4(dst="255.255.255.255", proto=17, payload=udp_like, frag=0x0010,
+                    dst_mac="ff:ff:ff:ff:ff:ff")
+    net.send(frag)
+    assert net.sw.punt_pop() is None
+    assert [f[HDR:] for f in net.received(1)] == [frag]
+
+
+def test_tx_header_flags_and_checksum_offsets_are_charged_to_the_sender(net):
+    net.attach_rx(1)
+    frame = bytes(Ether(src=A, dst=B) / IP(src=A_IP, dst=B_IP) / UDP(sport=5, dport=6) / b"x")
+    for flags in (2, 4, 0x80):  # DATA_VALID, RSC_INFO: device -> driver only
+        net.send(frame, hdr=struct.pack("<BBHHHHH", flags, 0, 0, 0, 0, 0, 0))
+    # NEEDS_CSUM with the checksum field past the end of the frame.
+    net.send(frame, hdr=struct.pack("<BBHHHHH", 1, 0, 0, 0, len(frame) - 1, 0, 0))
+    net.send(frame, hdr=struct.pack("<BBHHHHH", 1, 0, 0, 0, 34, 0xFFFF, 0))
+    assert net.received(1) == []
+    assert net.sw.port_stats(0)["drops"]["bad_header"] == 5
+    assert net.sw.port_stats(1)["drops"] == dict.fromkeys(_datapath.NET_DROP_REASONS, 0)
+
+
+def test_receiver_gets_a_fresh_header_not_the_senders(net):
+    net.attach_rx(1)
+    frame = icmp()
+    # hdr_len, gso_size and num_buffers are the sender's junk.
+    net.send(frame, hdr=struct.pack("<BBHHHHH", 0, 0, 0x1234, 0x5678, 0, 0, 0x4242))
+    (got,) = net.received(1)
+    assert got[:HDR] == struct.pack("<BBHHHHH", 0, 0, 0, 0, 0, 0, 1)
+    net.sw.set_port_features(1, (1 << 32) | F_MRG | F_GUEST_CSUM)
+    udp = bytes(Ether(src=A, dst=B) / IP(src=A_IP, dst=B_IP) / UDP(sport=5, dport=6) / b"x")
+    net.send(udp, hdr=struct.pack("<BBHHHHH", 1, 0, 0x1234, 0x5678, 34, 6, 0x4242))
+    (got,) = net.received(1)
+    assert got[:HDR] == struct.pack("<BBHHHHH", 1, 0, 0, 0, 34, 6, 1)
+
+
+def attach_split_rx(net: Net, port: int, cuts: tuple[int, ...], bufs: int = 4,
+                    size: int = 2048) -> SplitRing:
+    """RX chains whose buffer is split into descriptors at `cuts` (e.g. the
+    12-byte header over two descriptors), over contiguous memory."""
+    ring = SplitRing(net.guest, num=64)
+    ring.bufs = {}
+    for _ in range(bufs):
+        gpa = net.guest.alloc(size)
+        edges = [0, *cuts, size]
+        head = ring.add_chain([Buf(gpa + a, b - a, writable=True) for a, b in zip(edges, edges[1:])])
+        ring.bufs[head] = gpa
+    net.sw.attach_rx(port, 0, ring.vq)
+    net.rx[port] = ring
+    return ring
+
+
+def test_rx_header_split_over_descriptors(net):
+    """virtio 1.x 2.6.4: a driver may split virtio_net_hdr over descriptors;
+    num_buffers (bytes 10-11) then lands in the right places."""
+    attach_split_rx(net, 1, cuts=(3, 11, 12))  # num_buffers straddles two descriptors
+    frame = icmp()
+    net.send(frame)
+    (got,) = net.received(1)
+    assert got[HDR:] == frame and struct.unpack_from("<H", got, 10)[0] == 1
+    # Mergeable: header split in the first buffer, the frame over several.
+    net.close_rx(1)
+    attach_split_rx(net, 1, cuts=(5, 10), bufs=8, size=512)
+    big = icmp(size=1200)
+    net.send(big)
+    got = net.received(1)
+    assert len(got) == 3 and b"".join(got)[HDR:] == big
+    assert struct.unpack_from("<H", got[0], 10)[0] == 3
+    assert net.sw.port_stats(1)["drops"]["no_rx_buffer"] == 0
+    assert net.guest.guards_intact()
+
+
+def _readable(fd: int) -> bool:
+    import select
+    return bool(select.select([fd], [], [], 0)[0])
+
+
+@pytest.mark.parametrize("layout", ["readable", "short_header"])
+def test_broken_rx_ring_wakes_its_worker_which_reports_the_fault(net, layout):
+    ring = SplitRing(net.guest, num=16)
+    gpa = net.guest.alloc(2048)
+    if layout == "readable":  # RX buffers must be device-writable
+        ring.add_chain([Buf(gpa, 2048)])
+    else:  # the first buffer cannot even hold the 12-byte header
+        ring.add_chain([Buf(gpa, 8, writable=True)])
+    net.sw.attach_rx(1, 0, ring.vq)
+    net.rx[1] = ring
+    assert _datapath.net_rx_serve(ring.vq) == 0  # healthy until a delivery
+    net.send(icmp())
+    assert net.sw.port_stats(1)["drops"]["no_rx_buffer"] == 1
+    assert _readable(ring.kick_fd)  # the delivering thread kicked the worker
+    with pytest.raises(_datapath.GuestFault) as e:
+        _datapath.net_rx_serve(ring.vq)
+    assert e.value.kind == "request"
+    # Later deliveries into the broken ring are dropped without more kicks.
+    net.send(icmp())
+    assert net.sw.port_stats(1)["drops"]["no_rx_buffer"] == 2
+    assert not _readable(ring.kick_fd)
+    assert ring.used_idx() == 0
+
+
+def test_only_icmp_echo_to_the_gateway_is_punted(net):
+    gw = pk.mac_text(GW_MAC)
+    echo = icmp(dst_mac=gw, dst="10.0.0.1")
+    net.send(echo)
+    net.send(bytes(Ether(src=A, dst=gw) / IP(src=A_IP, dst="10.0.0.1") / UDP(sport=5, dport=53)))
+    net.send(bytes(Ether(src=A, dst=gw) / IP(src=A_IP, dst="10.0.0.1") / ICMP(type=0)))
+    net.send(raw_ipv4(dst="10.0.0.1", dst_mac=gw, proto=6, payload=bytes(20)))
+    net.send(raw_ipv4(dst="10.0.0.1", dst_mac=gw, frag=0x2000))  # first of several fragments
+    s = net.sw.port_stats(0)
+    assert s["punted"] == 1 and s["drops"]["to_gateway"] == 4
+    assert net.sw.punt_pop() == (0, echo) and net.sw.punt_pop() is None
+    # DHCP unicast to the gateway (a renewal) is still punted.
+    renew = bytes(Ether(src=A, dst=gw) / IP(src=A_IP, dst="10.0.0.1") / UDP(sport=68, dport=67)
+                  / bytes(240))
+    net.send(renew)
+    assert net.sw.punt_pop() == (0, renew)
+
+
+def test_punt_fd_is_readable_exactly_while_frames_wait(net):
+    fd = net.sw.punt_fd
+    arp = [bytes(Ether(src=A, dst="ff:ff:ff:ff:ff:ff") / ARP(op=1, hwsrc=A, psrc=A_IP, pdst=f"10.0.0.{i}"))
+           for i in (20, 21, 22, 23)]
+    assert not _readable(fd)
+    for f in arp:
+        net.send(f)
+    assert _readable(fd)
+    assert net.sw.punt_pop() == (0, arp[0])
+    assert _readable(fd)
+    assert net.sw.punt_pop_batch(2) == [(0, arp[1]), (0, arp[2])]
+    assert _readable(fd)
+    assert net.sw.punt_pop_batch() == [(0, arp[3])]
+    assert not _readable(fd)
+    assert net.sw.punt_pop_batch() == [] and net.sw.punt_pop() is None
+    net.send(arp[0])
+    assert _readable(fd)
+
+
+def test_senders_spread_over_the_receivers_attached_pairs():
+    """Pair choice is sender % attached pairs, not % 16 (which sent most
+    senders to pair 0)."""
+    sw = _datapath.Switch()
+    guest = FakeGuest()
+    rings = []
+    try:
+        sw.add_vpc(0, GW_MAC, ip4("10.0.0.1"), 1500)
+        macs = [f"52:54:00:00:01:{i:02x}" for i in range(4)]
+        for i, m in enumerate(macs):
+            sw.add_port(i, 0, pk.mac_bytes(m), ip4(f"10.0.0.{20 + i}"))
+            sw.set_port_features(i, (1 << 32) | F_MRG)
+        for pair in (0, 1):
+            ring = SplitRing(guest, num=16)
+            for _ in range(4):
+                ring.add_chain([Buf(guest.alloc(2048), 2048, writable=True)])
+            sw.attach_rx(0, pair, ring.vq)
+            rings.append(ring)
+        for sender in (1, 2, 3):
+            tx = SplitRing(guest, num=16)
+            rings.append(tx)
+            frame = bytes(Ether(src=macs[sender], dst=macs[0])
+                          / IP(src=f"10.0.0.{20 + sender}", dst="10.0.0.20") / ICMP())
+            gpa = guest.alloc(HDR + len(frame))
+            guest.write(gpa, bytes(HDR) + frame)
+            tx.add_chain([Buf(gpa, HDR + len(frame))])
+            assert _datapath.net_tx_serve(sw, sender, tx.vq, 0) == 1
+        # Senders 1 and 3 on pair 1, sender 2 on pair 0.
+        assert [rings[0].used_idx(), rings[1].used_idx()] == [1, 2]
+    finally:
+        for pair in (0, 1):
+            sw.detach_rx(0, pair)
+        for r in rings:
+            r.close()
+        guest.close()
+        sw.close()
+
+
+def test_tx_ring_fault_mid_batch_completes_what_was_switched(net):
+    rx = net.attach_rx(1)
+    frame = icmp()
+    gpa = net.guest.alloc(HDR + len(frame))
+    net.guest.write(gpa, bytes(HDR) + frame)
+    net.tx.add_chain([Buf(gpa, HDR + len(frame))])
+    net.tx.write_desc(5, gpa, HDR + len(frame), flags=1, next=999)  # next out of the ring
+    net.tx.publish(5)
+    with pytest.raises(_datapath.GuestFault):
+        _datapath.net_tx_serve(net.sw, 0, net.tx.vq, 0)
+    assert net.tx.take_used() == [(0, 0)]  # the good chain is completed
+    assert [f[HDR:] for f in net.received(1)] == [frame]
+    assert rx.calls() == 1  # and its receiver called
+
+
+def test_ctrl_queue_calls_only_when_it_answered():
+    guest = FakeGuest()
+    ring = SplitRing(guest, num=16)
+    try:
+        assert _datapath.net_ctrl_serve(ring.vq, 1, 0) == 0
+        assert ring.calls() == 0
+        cmd, ack = guest.alloc(4), guest.alloc(1)
+        guest.write(cmd, struct.pack("<BBH", 4, 0, 1))  # MQ VQ_PAIRS_SET 1
+        ring.add_chain([Buf(cmd, 4), Buf(ack, 1, writable=True)])
+        assert _datapath.net_ctrl_serve(ring.vq, 1, 0) == 1
+        assert ring.calls() == 1 and guest.read(ack, 1) == b"\x00"
+    finally:
+        ring.close()
+        guest.close()
+
+
+def test_addresses_must_have_their_exact_length():
+    sw = _datapath.Switch()
+    try:
+        with pytest.raises(ValueError):
+            sw.add_vpc(0, GW_MAC[:5], ip4("10.0.0.1"), 1500)
+        with pytest.raises(ValueError):
+            sw.add_vpc(0, GW_MAC, b"\x0a\x00\x00", 1500)
+        sw.add_vpc(0, GW_MAC, ip4("10.0.0.1"), 1500)
+        with pytest.raises(ValueError):
+            sw.add_port(0, 0, b"\x52\x54\x00\x00\x00", ip4(A_IP))
+        with pytest.raises(ValueError):
+            sw.add_port(0, 0, pk.mac_bytes(A) + b"\x00", ip4(A_IP))
+        with pytest.raises(ValueError):
+            sw.set_uplink(0, -1, b"\x02")
+    finally:
+        sw.close()
+
+
+def test_attached_rx_ring_asks_the_driver_not_to_kick(net):
+    """Nothing waits for RX buffers (a full ring drops), so the refill kicks
+    of a polling driver would only wake the RX worker for nothing."""
+    ring = net.attach_rx(1)
+    assert ring.used_flags() & VRING_USED_F_NO_NOTIFY
+    net.send(icmp())
+    assert len(net.received(1)) == 1 and ring.used_flags() & VRING_USED_F_NO_NOTIFY
+
+
+def test_tx_rings_of_one_port_served_at_once_keep_their_frames_apart(net):
+    """Each TX worker of a port gets its own scratch buffer (kept across
+    calls): two rings served concurrently deliver every frame intact."""
+    import threading
+
+    rx = net.attach_rx(1, bufs=64)
+    rings, frames = [], []
+    for r in range(2):
+        ring = SplitRing(net.guest, num=32)
+        rings.append(ring)
+        for i in range(32):
+            f = icmp(size=100 + 10 * i + r)
+            gpa = net.guest.alloc(HDR + len(f))
+            net.guest.write(gpa, bytes(HDR) + f)
+            ring.add_chain([Buf(gpa, HDR + len(f))])
+            frames.append(f)
+    try:
+        done = []
+        threads = [threading.Thread(target=lambda ring=ring: done.append(
+            _datapath.net_tx_serve(net.sw, 0, ring.vq, 0))) for ring in rings]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert done == [32, 32]
+        assert sorted(f[HDR:] for f in net.received(1)) == sorted(frames)
+        assert rx.used_idx() == 64
+    finally:
+        for ring in rings:
+            ring.close()
