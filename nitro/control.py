@@ -7,7 +7,7 @@ daemon answers each with one JSON object per line, in order::
     -> {"cmd": "ping"}
     <- {"ok": true, "version": "0.1.0"}
     -> {"cmd": "status"}
-    <- {"ok": true, "version": "0.1.0", "devices": [<statistics()>, ...]}
+    <- {"ok": true, "version": "0.1.0", "devices": [<statistics()>, ...], <sections>}
     -> {"cmd": "nope"}
     <- {"ok": false, "error": "unknown command 'nope' (known: ping, status)"}
 
@@ -31,10 +31,15 @@ import math
 import os
 import socket
 import stat
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol
 
 import trio
+
+from nitro.devices import base as _base
+from nitro.devices.blk import config as _blk
+from nitro.devices.net import config as _net
+from nitro.vhost.protocol import VHOST_USER_F_PROTOCOL_FEATURES, ProtocolFeature
 
 __all__ = [
     "MAX_LINE",
@@ -70,6 +75,12 @@ class DaemonView(Protocol):
 
     devices: Sequence[Any]  # objects with statistics() -> dict
     version: str
+
+    def status_sections(self) -> Mapping[str, Callable[[], Any]]:
+        """Top-level parts of a status reply beyond ``devices`` (the daemon:
+        ``"vpcs"`` when it has a network fabric), each produced by calling
+        its function; one that raises becomes ``{"error": ...}``."""
+        ...
 
 
 # --------------------------------------------------------------------------
@@ -119,14 +130,16 @@ def _cmd_status(view: DaemonView, request: dict) -> dict:
                         extra={"fields": {"device": name}})
             # One bad device must not hide the others from `nitro status`.
             devices.append({"id": name, "error": f"statistics() failed: {type(exc).__name__}: {exc}"})
-    reply = {"ok": True, "version": view.version, "devices": devices}
-    fabric = getattr(view, "fabric", None)
-    if fabric is not None:
+    reply: dict[str, Any] = {"ok": True, "version": view.version, "devices": devices}
+    for name, produce in view.status_sections().items():
+        if name in reply:
+            continue  # never let a section replace the core fields
         try:
-            reply["vpcs"] = fabric.statistics()
+            reply[name] = produce()
         except Exception as exc:
-            log.warning("control: VPC statistics failed", exc_info=True)
-            reply["vpcs"] = {"error": f"statistics() failed: {type(exc).__name__}: {exc}"}
+            log.warning("control: status section %s failed", name, exc_info=True,
+                        extra={"fields": {"section": name}})
+            reply[name] = {"error": f"statistics() failed: {type(exc).__name__}: {exc}"}
     return reply
 
 
@@ -342,49 +355,52 @@ def query(path: str | os.PathLike, cmd: dict, timeout: float = 5) -> dict:
 # --------------------------------------------------------------------------
 # human output
 
-# virtio 1.2 section 6 "Reserved Feature Bits" (transport/ring bits).
-_COMMON_FEATURES = {
-    24: "NOTIFY_ON_EMPTY", 27: "ANY_LAYOUT", 28: "RING_INDIRECT_DESC", 29: "RING_EVENT_IDX",
-    30: "PROTOCOL_FEATURES",  # VHOST_USER_F_PROTOCOL_FEATURES (vhost-user.rst)
-    32: "VERSION_1", 33: "ACCESS_PLATFORM", 34: "RING_PACKED", 35: "IN_ORDER",
+def _bit_names(module: Any, prefix: str, rename: Callable[[str], str] = lambda name: name) -> dict[int, str]:
+    """{bit: name} from a module's ``<prefix><NAME> = bit`` constants."""
+    return {value: rename(name[len(prefix):]) for name, value in vars(module).items()
+            if name.startswith(prefix) and isinstance(value, int)}
+
+
+# Spec names of bits nitro never offers and whose module does not define
+# them (yet): shown by name when a frontend acks or a status carries them.
+_UNUSED_COMMON = {  # virtio 1.2 section 6 "Reserved Feature Bits"
+    24: "NOTIFY_ON_EMPTY", 27: "ANY_LAYOUT", 33: "ACCESS_PLATFORM", 34: "RING_PACKED", 35: "IN_ORDER",
     36: "ORDER_PLATFORM", 37: "SR_IOV", 38: "NOTIFICATION_DATA", 39: "NOTIF_CONFIG_DATA", 40: "RING_RESET",
 }
-# virtio 1.2 section 5.2.3 (VIRTIO_BLK_F_*).
-_BLK_FEATURES = {
-    1: "SIZE_MAX", 2: "SEG_MAX", 4: "GEOMETRY", 5: "RO", 6: "BLK_SIZE", 9: "FLUSH", 10: "TOPOLOGY",
-    11: "CONFIG_WCE", 12: "MQ", 13: "DISCARD", 14: "WRITE_ZEROES", 15: "LIFETIME", 16: "SECURE_ERASE",
-}
-# virtio 1.2 section 5.1.3 (VIRTIO_NET_F_*).
-_NET_FEATURES = {
-    0: "CSUM", 1: "GUEST_CSUM", 2: "CTRL_GUEST_OFFLOADS", 3: "MTU", 5: "MAC", 7: "GUEST_TSO4",
-    8: "GUEST_TSO6", 9: "GUEST_ECN", 10: "GUEST_UFO", 11: "HOST_TSO4", 12: "HOST_TSO6", 13: "HOST_ECN",
-    14: "HOST_UFO", 15: "MRG_RXBUF", 16: "STATUS", 17: "CTRL_VQ", 18: "CTRL_RX", 19: "CTRL_VLAN",
-    21: "GUEST_ANNOUNCE", 22: "MQ", 23: "CTRL_MAC_ADDR",
-}
-_DEVICE_FEATURES = {"blk": _BLK_FEATURES, "net": _NET_FEATURES}
+_UNUSED_BLK = {4: "GEOMETRY", 11: "CONFIG_WCE", 15: "LIFETIME", 16: "SECURE_ERASE"}  # virtio 1.2 5.2.3
 
-# vhost-user.rst "Protocol features" (VHOST_USER_PROTOCOL_F_*).
-_PROTOCOL_FEATURES = {
-    0: "MQ", 1: "LOG_SHMFD", 2: "RARP", 3: "REPLY_ACK", 4: "NET_MTU", 5: "BACKEND_REQ", 6: "CROSS_ENDIAN",
-    7: "CRYPTO_SESSION", 8: "PAGEFAULT", 9: "CONFIG", 10: "BACKEND_SEND_FD", 11: "HOST_NOTIFIER",
-    12: "INFLIGHT_SHMFD", 13: "RESET_DEVICE", 14: "INBAND_NOTIFICATIONS", 15: "CONFIGURE_MEM_SLOTS",
-    16: "STATUS",
+# Transport/ring bits (VIRTIO_F_*, VIRTIO_RING_F_* as RING_*) and the
+# vhost-user bit 30 (VHOST_USER_F_PROTOCOL_FEATURES).
+_COMMON_FEATURES = {
+    **_UNUSED_COMMON,
+    **_bit_names(_base, "VIRTIO_F_"),
+    **_bit_names(_base, "VIRTIO_RING_F_", lambda name: "RING_" + name),
+    VHOST_USER_F_PROTOCOL_FEATURES: "PROTOCOL_FEATURES",
 }
+_DEVICE_FEATURES = {
+    "blk": {**_UNUSED_BLK, **_bit_names(_blk, "VIRTIO_BLK_F_")},
+    "net": _bit_names(_net, "VIRTIO_NET_F_"),
+}
+
+
+def _protocol_feature_name(bit: int) -> str | None:
+    """vhost-user.rst "Protocol features", minus VHOST_USER_PROTOCOL_F_."""
+    return ProtocolFeature(1 << bit).name
 
 
 def decode_features(bits: int, kind: str | None = None) -> list[str]:
     """Names of the set virtio feature bits, lowest bit first; device-specific
     names for ``kind`` ("blk", "net"), ``bitN`` for bits without a name."""
     table = {**_DEVICE_FEATURES.get(kind or "", {}), **_COMMON_FEATURES}
-    return _decode(bits, table)
+    return _decode(bits, table.get)
 
 
-def _decode(bits: int, table: dict[int, str]) -> list[str]:
+def _decode(bits: int, name_of: Callable[[int], str | None]) -> list[str]:
     names = []
     bit = 0
     while bits >> bit:
         if (bits >> bit) & 1:
-            names.append(table.get(bit, f"bit{bit}"))
+            names.append(name_of(bit) or f"bit{bit}")
         bit += 1
     return names
 
@@ -426,7 +442,7 @@ def _format_device(d: dict) -> list[str]:
     features = int(d.get("features", 0) or 0)
     lines.append(f"  features:    {features:#x} {' '.join(decode_features(features, kind))}".rstrip())
     pfeatures = int(d.get("protocol_features", 0) or 0)
-    lines.append(f"  protocol:    {pfeatures:#x} {' '.join(_decode(pfeatures, _PROTOCOL_FEATURES))}".rstrip())
+    lines.append(f"  protocol:    {pfeatures:#x} {' '.join(_decode(pfeatures, _protocol_feature_name))}".rstrip())
     if "capacity_bytes" in d:
         mode = "read-only" if d.get("readonly") else "read-write"
         lines.append(f"  capacity:    {d['capacity_bytes']} bytes ({_human_bytes(d['capacity_bytes'])}), {mode}")
@@ -480,11 +496,15 @@ def _format_vpcs(vpcs: dict) -> list[str]:
         if not isinstance(v, dict) or "counters" not in v:
             lines.append(f"vpc {vpc_id}: {v}")
             continue
-        c = " ".join(f"{k}={n}" for k, n in v["counters"].items() if n)
+        counters = {**v["counters"], "punt_errors": v.get("punt_errors", 0)}
+        c = " ".join(f"{k}={n}" for k, n in counters.items() if n)
         lines.append(f"vpc {vpc_id}: {c or 'no control traffic yet'}")
         up = v.get("uplink")
         if up:
-            lines.append(f"  uplink {up.get('name')}: in {up.get('packets_in', 0)} pkts "
+            state = up.get("state", "up")
+            if up.get("error"):
+                state = f"{state.upper()} ({up['error']})"
+            lines.append(f"  uplink {up.get('name')}: {state}; in {up.get('packets_in', 0)} pkts "
                          f"{up.get('bytes_in', 0)} B, out {up.get('packets_out', 0)} pkts "
                          f"{up.get('bytes_out', 0)} B")
     return lines

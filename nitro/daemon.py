@@ -11,18 +11,22 @@ from __future__ import annotations
 
 import logging
 import signal
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import trio
 
-from nitro import __version__, control, metrics
+from nitro import __version__, _datapath, control, metrics
 from nitro.config import DaemonConfig
 from nitro.devices import blk
 from nitro.devices.blk.backends.raw import VolumeError
 from nitro.log import log_event
 from nitro.sdnotify import Notifier, watchdog_loop
 from nitro.vhost.server import VhostUserServer
+
+if TYPE_CHECKING:
+    from nitro.devices.net.fabric import NetFabric
 
 log = logging.getLogger("nitro.daemon")
 
@@ -36,11 +40,20 @@ class Daemon:
     cfg: DaemonConfig
     servers: list[VhostUserServer] = field(default_factory=list)
     version: str = __version__
-    fabric: Any = None  # nitro.devices.net.fabric.NetFabric when [[net]] is configured
+    fabric: NetFabric | None = None  # when [[net]] (or a VPC uplink) is configured
 
     @property
     def devices(self) -> list[VhostUserServer]:
         return self.servers
+
+    def status_sections(self) -> dict[str, Callable[[], Any]]:
+        """Parts of a status reply beyond the devices (control.DaemonView)."""
+        return {"vpcs": self.vpc_statistics} if self.fabric is not None else {}
+
+    def vpc_statistics(self) -> dict:
+        """Per-VPC control plane and uplink counters; any thread (metrics)."""
+        fabric = self.fabric  # read once: close() clears it on the trio thread
+        return fabric.statistics() if fabric is not None else {}
 
     def open_devices(self) -> None:
         for b in self.cfg.blk:
@@ -54,20 +67,21 @@ class Daemon:
             self._open_net()
 
     def _open_net(self) -> None:
-        from nitro.devices.net.fabric import NetFabric
+        from nitro.devices.net.fabric import FabricError, NetFabric
         from nitro.devices.net.uplink import UplinkError
 
-        self.fabric = NetFabric(self.cfg)
         try:
+            self.fabric = NetFabric(self.cfg)
             self.fabric.open_uplinks()
-        except UplinkError as e:
+        except (FabricError, UplinkError, _datapath.DatapathError) as e:
             self.close()
             raise StartupError(str(e)) from None
         for n, device in zip(self.cfg.net, self.fabric.devices):
             self.servers.append(VhostUserServer(device, n.socket, device_id=n.id))
 
     async def run(self, notifier: Notifier) -> None:
-        msrv = metrics.start_metrics_server(self.cfg.metrics_listen, lambda: self.devices)
+        msrv = metrics.start_metrics_server(self.cfg.metrics_listen, lambda: self.devices,
+                                            self.vpc_statistics)
         try:
             async with trio.open_nursery() as nursery:
                 for s in self.servers:
@@ -86,21 +100,33 @@ class Daemon:
                 await self.drain()
                 nursery.cancel_scope.cancel()
         finally:
-            if msrv is not None:
-                msrv[0].shutdown()
-                msrv[0].server_close()
+            # Both wait for other threads (the HTTP server's poll loop, the
+            # uplink threads' poll timeout): never on the trio thread.
+            with trio.CancelScope(shield=True):
+                if msrv is not None:
+                    await trio.to_thread.run_sync(msrv[0].shutdown)
+                    msrv[0].server_close()
+                await self._stop_uplinks()
             self.close()
 
     async def drain(self) -> None:
         """Stop fetching new requests, complete what C holds, flush volumes."""
         log_event(log, logging.INFO, "draining")
+        await self._stop_uplinks()  # no more frames from the host TAPs into RX rings
         for s in self.servers:
             s.stop_accepting()
             await s.stop_all_workers()
         for s in self.servers:
             await trio.to_thread.run_sync(s.device.flush)
 
+    async def _stop_uplinks(self) -> None:
+        if self.fabric is not None:
+            await trio.to_thread.run_sync(self.fabric.stop)
+
     def close(self) -> None:
+        """Release everything. Synchronous: by now run() has stopped the
+        uplink threads off the trio thread (or they never started), so the
+        fabric's stop() here has nothing left to join."""
         if self.fabric is not None:
             self.fabric.stop()  # uplink threads first: they deliver into RX rings
         for s in self.servers:

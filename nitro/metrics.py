@@ -1,16 +1,19 @@
 """Every Prometheus metric nitro exports, in one place.
 
 The counters live in C (per virtqueue, per device) and are read at scrape
-time: :class:`NitroCollector` calls ``statistics()`` on each device when
-Prometheus scrapes, in prometheus-client's HTTP thread, and turns the dicts
-into metric families. Nothing is incremented from Python on the data path.
+time: :class:`NitroCollector` calls ``statistics()`` on each device (and
+``get_vpcs()`` for the VPC control plane and uplinks) when Prometheus
+scrapes, in prometheus-client's HTTP thread, and turns the dicts into metric
+families. Nothing is incremented from Python on the data path (the VPC
+responders' counters are plain ints bumped on the trio thread, per control
+frame).
 
 Names are ``nitro_<subsystem>_<noun>_<unit>``; label values that have a fixed
 vocabulary (``op``, ``error``) are all emitted, at 0 if need be, so that
 ``rate()`` and alerts see a series from the first scrape. docs/metrics.md
 describes each metric with example PromQL.
 
-A device whose ``statistics()`` raises (or returns a malformed dict) is left
+A device (or VPC) whose statistics raise (or are a malformed dict) is left
 out of that scrape and logged; the scrape itself still succeeds, and
 ``nitro_metrics_collect_errors_total`` counts such failures.
 """
@@ -55,11 +58,16 @@ BLK_OPS = ("in", "out", "flush", "get_id", "discard", "write_zeroes", "unsupport
 #: ``error`` label values of nitro_guest_errors_total (keys of a queue's "faults").
 GUEST_ERRORS = ("avail_idx", "desc_index", "desc_addr", "desc_loop", "indirect", "desc_order", "request")
 
-#: ``reason`` label values of nitro_net_drops_total (keys of statistics()["net"]["drops"]).
-NET_DROP_REASONS = ("no_rx_buffer", "spoofed_source", "unknown_destination", "bad_header", "mtu",
-                    "punt_overflow")
+#: The per-interface allowances (``<name>_allowance_exceeded`` in statistics()["net"]).
+NET_ALLOWANCES = {
+    "bw_in": "Frames towards the guest dropped because the interface's inbound bandwidth allowance was exceeded.",
+    "bw_out": "Frames from the guest dropped because the interface's outbound bandwidth allowance was exceeded.",
+    "pps": "Frames (either direction) dropped because the interface's packets-per-second allowance was exceeded.",
+}
 
 GetDevices = Callable[[], Iterable[Any]]
+#: Returns ``{vpc_id: NetFabric.statistics()[vpc_id]}`` (``{}`` without VPCs).
+GetVpcs = Callable[[], dict]
 
 
 class _Families:
@@ -116,27 +124,41 @@ class _Families:
         self.net_drops = CounterMetricFamily(
             "nitro_net_drops", "Frames the switch dropped, by reason, charged to the sending interface "
             "(no_rx_buffer: to the receiving one).", labels=["interface", "reason"])
-        self.net_bw_in = CounterMetricFamily(
-            "nitro_net_bw_in_allowance_exceeded",
-            "Frames towards the guest dropped because the interface's inbound bandwidth allowance was exceeded.",
-            labels=il)
-        self.net_bw_out = CounterMetricFamily(
-            "nitro_net_bw_out_allowance_exceeded",
-            "Frames from the guest dropped because the interface's outbound bandwidth allowance was exceeded.",
-            labels=il)
-        self.net_pps = CounterMetricFamily(
-            "nitro_net_pps_allowance_exceeded",
-            "Frames (either direction) dropped because the interface's packets-per-second allowance was exceeded.",
-            labels=il)
+        self.net_allowance = {
+            name: CounterMetricFamily(f"nitro_net_{name}_allowance_exceeded", text, labels=il)
+            for name, text in NET_ALLOWANCES.items()}
         self.net_punted = CounterMetricFamily(
             "nitro_net_punted", "Control frames (ARP, DHCP, to the gateway) handed to nitro's VPC responders.",
             labels=il)
         self.device_info = GaugeMetricFamily(
             "nitro_device_info", "Always 1; the labels describe a configured device.",
             labels=["device", "kind", "socket", "readonly"])
+        vu = ["vpc", "uplink"]
+        self.vpc_control_frames = CounterMetricFamily(
+            "nitro_vpc_control_frames",
+            "Punted control frames answered or dropped by a VPC's responder, by outcome.",
+            labels=["vpc", "outcome"])
+        self.vpc_punt_errors = CounterMetricFamily(
+            "nitro_vpc_punt_errors",
+            "Punted frames dropped because answering them raised (a nitro bug a guest can trigger; see the logs).",
+            labels=["vpc"])
+        self.vpc_uplink_up = GaugeMetricFamily(
+            "nitro_vpc_uplink_up", "1 while the VPC's host uplink (TAP) thread is serving.", labels=vu)
+        self.vpc_uplink_packets = CounterMetricFamily(
+            "nitro_vpc_uplink_packets",
+            "Frames through a VPC's host uplink; direction in = written to the TAP, out = read from it.",
+            labels=[*vu, "direction"])
+        self.vpc_uplink_bytes = CounterMetricFamily(
+            "nitro_vpc_uplink_bytes", "Ethernet bytes through a VPC's host uplink.", labels=[*vu, "direction"])
+        self.vpc_uplink_drops = CounterMetricFamily(
+            "nitro_vpc_uplink_drops", "Frames read from a VPC's host uplink and dropped by the switch, by reason.",
+            labels=[*vu, "reason"])
 
     def all(self) -> list[Metric]:
-        return list(vars(self).values())
+        out: list[Metric] = []
+        for value in vars(self).values():
+            out += value.values() if isinstance(value, dict) else [value]
+        return out
 
 
 def _labels(*values: Any) -> list[str]:
@@ -209,19 +231,37 @@ def _add_device(f: _Families, stats: dict) -> None:
         for direction in ("in", "out"):
             adds += [(f.net_packets, [dev, direction], net[f"packets_{direction}"]),
                      (f.net_bytes, [dev, direction], net[f"bytes_{direction}"])]
-        drops = net.get("drops", {})
-        for reason in dict.fromkeys((*NET_DROP_REASONS, *drops)):
-            adds.append((f.net_drops, [dev, reason], drops.get(reason, 0)))
-        adds += [(f.net_bw_in, [dev], net["bw_in_allowance_exceeded"]),
-                 (f.net_bw_out, [dev], net["bw_out_allowance_exceeded"]),
-                 (f.net_pps, [dev], net["pps_allowance_exceeded"]),
-                 (f.net_punted, [dev], net.get("punted", 0))]
+        # C reports every reason, at 0 too: the dict is the vocabulary.
+        adds += [(f.net_drops, [dev, reason], n) for reason, n in net.get("drops", {}).items()]
+        adds += [(family, [dev], net[f"{name}_allowance_exceeded"]) for name, family in f.net_allowance.items()]
+        adds.append((f.net_punted, [dev], net.get("punted", 0)))
 
+    _add_all(adds)
+    if histogram is not None:
+        f.blk_duration.add_metric([dev], histogram[0], histogram[1])
+
+
+def _add_all(adds: list[tuple[Metric, list[str], Any]]) -> None:
     values = [(family, labels, float(value)) for family, labels, value in adds]  # raises on non-numbers
     for family, labels, value in values:
         family.add_metric(labels, value)
-    if histogram is not None:
-        f.blk_duration.add_metric([dev], histogram[0], histogram[1])
+
+
+def _add_vpc(f: _Families, vpc_id: str, stats: dict) -> None:
+    """One VPC (NetFabric.statistics()[vpc_id]); all or nothing like _add_device."""
+    vpc = str(vpc_id)
+    adds: list[tuple[Metric, list[str], Any]] = [
+        (f.vpc_control_frames, [vpc, outcome], n) for outcome, n in stats["counters"].items()]
+    adds.append((f.vpc_punt_errors, [vpc], stats.get("punt_errors", 0)))
+    up = stats.get("uplink")
+    if up is not None:
+        vu = [vpc, str(up["name"])]
+        adds.append((f.vpc_uplink_up, vu, 1 if up.get("state") == "up" else 0))
+        for direction in ("in", "out"):
+            adds += [(f.vpc_uplink_packets, [*vu, direction], up[f"packets_{direction}"]),
+                     (f.vpc_uplink_bytes, [*vu, direction], up[f"bytes_{direction}"])]
+        adds += [(f.vpc_uplink_drops, [*vu, reason], n) for reason, n in up.get("drops", {}).items()]
+    _add_all(adds)
 
 
 class NitroCollector(Collector):
@@ -229,8 +269,10 @@ class NitroCollector(Collector):
     scrape. ``get_devices`` is called in the metrics HTTP thread; it should
     return a snapshot (e.g. ``lambda: list(daemon.devices)``)."""
 
-    def __init__(self, get_devices: GetDevices, version: str = __version__) -> None:
+    def __init__(self, get_devices: GetDevices, get_vpcs: GetVpcs | None = None,
+                 version: str = __version__) -> None:
         self._get_devices = get_devices
+        self._get_vpcs = get_vpcs
         self._version = version
         self._lock = threading.Lock()  # scrapes may run concurrently (one thread per request)
         self._collect_errors = 0
@@ -251,6 +293,26 @@ class NitroCollector(Collector):
             if self._failing.pop(key, None) is not None:
                 log.info("metrics: statistics of %s readable again", key, extra={"fields": {"device": key}})
 
+    def _collect_vpcs(self, families: _Families) -> None:
+        if self._get_vpcs is None:
+            return
+        try:
+            vpcs = self._get_vpcs()
+            if not isinstance(vpcs, dict):
+                raise TypeError(f"VPC statistics are {type(vpcs).__name__}, not dict")
+        except Exception as exc:
+            self._record_failure("<vpcs>", "listing VPC statistics", exc)
+            return
+        self._record_success("<vpcs>")
+        for vpc_id, stats in vpcs.items():
+            key = f"vpc {vpc_id}"
+            try:
+                _add_vpc(families, vpc_id, stats)
+            except Exception as exc:
+                self._record_failure(key, f"statistics of {key}", exc)
+            else:
+                self._record_success(key)
+
     def collect(self) -> Iterator[Metric]:
         families = _Families()
         try:
@@ -270,6 +332,7 @@ class NitroCollector(Collector):
                 self._record_failure(key, f"statistics() of device {key}", exc)
             else:
                 self._record_success(key)
+        self._collect_vpcs(families)
 
         yield from families.all()
 
@@ -281,15 +344,16 @@ class NitroCollector(Collector):
             errors = self._collect_errors
         yield CounterMetricFamily(
             "nitro_metrics_collect_errors",
-            "Devices left out of a scrape because reading their statistics failed (see the logs).",
+            "Devices (or VPCs) left out of a scrape because reading their statistics failed (see the logs).",
             value=errors)
 
 
-def make_registry(get_devices: GetDevices, *, process_metrics: bool = True) -> CollectorRegistry:
+def make_registry(get_devices: GetDevices, get_vpcs: GetVpcs | None = None, *,
+                  process_metrics: bool = True) -> CollectorRegistry:
     """A private registry (not prometheus_client's global one) holding the
     nitro collector and, by default, the standard ``process_*`` metrics."""
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(NitroCollector(get_devices))
+    registry.register(NitroCollector(get_devices, get_vpcs))
     if process_metrics:
         ProcessCollector(registry=registry)
     return registry
@@ -328,7 +392,7 @@ def parse_listen(listen: str) -> tuple[str, int] | None:
     return host, int(port_text)
 
 
-def start_metrics_server(listen: str, get_devices: GetDevices):
+def start_metrics_server(listen: str, get_devices: GetDevices, get_vpcs: GetVpcs | None = None):
     """Serve ``/metrics`` on ``listen`` (see :func:`parse_listen`) from a
     private registry, in prometheus-client's own daemon thread.
 
@@ -341,7 +405,7 @@ def start_metrics_server(listen: str, get_devices: GetDevices):
     if parsed is None:
         return None
     host, port = parsed
-    registry = make_registry(get_devices)
+    registry = make_registry(get_devices, get_vpcs)
     try:
         started = start_http_server(port, addr=host, registry=registry)
     except OSError as exc:

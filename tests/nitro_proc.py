@@ -31,11 +31,15 @@ class Nitro:
             [sys.executable, "-m", "nitro", "run", "--config", str(self.cfg),
              "--runtime-dir", str(tmp), "--state-dir", str(tmp)],
             cwd=REPO, stderr=self.log, env={**os.environ, **(env or {})})
-        deadline = time.monotonic() + 20
-        while not (tmp / "control.sock").exists():
-            assert self.proc.poll() is None, self.stderr()
-            assert time.monotonic() < deadline, "nitro did not start: " + self.stderr()
-            time.sleep(0.05)
+        try:
+            deadline = time.monotonic() + 20
+            while not (tmp / "control.sock").exists():
+                assert self.proc.poll() is None, self.stderr()
+                assert time.monotonic() < deadline, "nitro did not start: " + self.stderr()
+                time.sleep(0.05)
+        except BaseException:
+            self.kill()  # no child left running, no log left open
+            raise
 
     def stderr(self) -> str:
         self.log.flush()
@@ -44,10 +48,18 @@ class Nitro:
     def metrics(self) -> str:
         return urllib.request.urlopen(f"http://127.0.0.1:{self.port}/metrics", timeout=5).read().decode()
 
-    def status(self) -> str:
+    def _status(self, *flags: str) -> str:
         return subprocess.run(
-            [sys.executable, "-m", "nitro", "status", "--control", str(self.tmp / "control.sock")],
+            [sys.executable, "-m", "nitro", "status", *flags, "--control", str(self.tmp / "control.sock")],
             cwd=REPO, capture_output=True, text=True, check=True).stdout
+
+    def status(self) -> str:
+        """`nitro status` as printed for humans."""
+        return self._status()
+
+    def status_json(self) -> str:
+        """`nitro status --json`: the reply's JSON text."""
+        return self._status("--json")
 
     def stop(self) -> int:
         self.proc.send_signal(signal.SIGTERM)
@@ -59,8 +71,3 @@ class Nitro:
             self.proc.wait()
         self.log.close()
 
-    def status_json(self) -> str:
-        return subprocess.run(
-            [sys.executable, "-m", "nitro", "status", "--json",
-             "--control", str(self.tmp / "control.sock")],
-            cwd=REPO, capture_output=True, text=True, check=True).stdout

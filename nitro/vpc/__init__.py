@@ -3,8 +3,8 @@ punts (ARP requests, DHCP, traffic to the gateway address).
 
 Nothing here touches a socket or the switch: ``VpcResponder.handle(port,
 frame)`` takes one Ethernet frame and returns the frames to send back to
-that port. The daemon (``nitro.devices.net.switch``) moves frames between
-the switch's punt queue and these objects.
+that port. ``nitro.devices.net.fabric.NetFabric`` moves frames between the
+switch's punt queue and these objects.
 """
 
 from nitro.vpc.responder import Interface, VpcResponder, gateway_mac

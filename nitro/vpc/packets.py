@@ -12,7 +12,6 @@ import struct
 
 ETH_P_IP = 0x0800
 ETH_P_ARP = 0x0806
-BROADCAST_MAC = b"\xff" * 6
 IPPROTO_ICMP = 1
 IPPROTO_UDP = 17
 DHCP_SERVER_PORT = 67
@@ -113,6 +112,24 @@ DISCOVER, OFFER, REQUEST, DECLINE, ACK, NAK, RELEASE, INFORM = range(1, 9)
 OPT_SUBNET_MASK, OPT_ROUTER, OPT_DNS, OPT_MTU = 1, 3, 6, 26
 OPT_REQUESTED_IP, OPT_LEASE_TIME, OPT_MSG_TYPE, OPT_SERVER_ID = 50, 51, 53, 54
 OPT_RENEWAL, OPT_REBINDING, OPT_END, OPT_PAD = 58, 59, 255, 0
+OPTION_MAX = 255  # an option's length is one byte
+# Options that are lists of fixed-size items: split between items, not inside one.
+OPTION_UNITS = {OPT_ROUTER: 4, OPT_DNS: 4}
+
+
+def encode_option(code: int, value: bytes, unit: int = 1) -> bytes:
+    """One option as code, length, value. A value longer than 255 bytes is
+    split into several instances of the same code (RFC 3396 long options;
+    the receiver concatenates them, as :meth:`Dhcp.parse` does), each a whole
+    number of ``unit``-byte items so that a client that does not concatenate
+    still reads a valid list (e.g. ``unit=4`` for addresses)."""
+    if not 0 < code < OPT_END:
+        raise ValueError(f"DHCP option code {code} is not 1..254")
+    if not 0 < unit <= OPTION_MAX or len(value) % unit:
+        raise ValueError(f"DHCP option {code}: {len(value)} bytes is not a whole number of {unit}-byte items")
+    step = OPTION_MAX - OPTION_MAX % unit
+    chunks = [value[i:i + step] for i in range(0, len(value), step)] or [b""]
+    return b"".join(bytes([code, len(c)]) + c for c in chunks)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -156,6 +173,6 @@ class Dhcp:
         body = (head + self.ciaddr + self.yiaddr + siaddr + b"\0" * 4
                 + self.chaddr + b"\0" * 10 + b"\0" * 192 + DHCP_MAGIC)
         for code, value in self.options.items():
-            body += bytes([code, len(value)]) + value
+            body += encode_option(code, value, OPTION_UNITS.get(code, 1))
         body += bytes([OPT_END])
         return body + b"\0" * max(0, 300 - len(body))  # BOOTP minimum size

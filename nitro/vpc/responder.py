@@ -9,7 +9,10 @@ What the switch punts here (cffi_build/nitro_net.c ``classify``):
 - DHCP (UDP to port 67): DISCOVER -> OFFER, REQUEST -> ACK or NAK, RELEASE,
   INFORM -> ACK, DECLINE ignored. Every interface has exactly one address,
   fixed in the config, so the "lease" only records state for ``nitro
-  status``; renewals (unicast REQUEST with ciaddr) are ACKed the same way;
+  status``; renewals (unicast REQUEST with ciaddr) are ACKed the same way.
+  ``ciaddr`` is the guest's word: a message whose ciaddr is neither 0.0.0.0
+  nor the interface's own address is NAKed (REQUEST) or ignored, so a reply
+  is only ever unicast to the interface's own address;
 - IPv4 to the gateway address: ICMP echo requests are answered, the rest is
   dropped and counted.
 
@@ -27,6 +30,8 @@ import time
 from collections.abc import Callable
 
 from nitro.vpc import packets as pk
+
+_NO_ADDRESS = b"\0" * 4
 
 
 def gateway_mac(vpc_id: str) -> bytes:
@@ -50,7 +55,6 @@ class Lease:
 class VpcResponder:
     def __init__(self, vpc_id: str, cidr: ipaddress.IPv4Network, gateway: ipaddress.IPv4Address, *,
                  mtu: int = 1500, dns: tuple[ipaddress.IPv4Address, ...] = (), lease_seconds: int = 3600,
-                 uplink: tuple[ipaddress.IPv4Address, bytes] | None = None,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.vpc_id = vpc_id
         self.cidr = cidr
@@ -59,19 +63,25 @@ class VpcResponder:
         self.mtu = mtu
         self.dns = dns
         self.lease_seconds = lease_seconds
-        self.uplink = uplink
+        self.uplink: tuple[bytes, bytes] | None = None  # (IPv4 packed, MAC) of the host TAP
         self.clock = clock
+        # Filled before traffic flows, never changed after: other threads
+        # (metrics scrapes) may iterate them.
         self.interfaces: dict[int, Interface] = {}
+        self._by_ip: dict[bytes, Interface] = {}
+        # Written on the trio thread only; read elsewhere by single lookups.
         self.leases: dict[int, Lease] = {}
         self.counters = dict.fromkeys(
             ("arp_replies", "arp_ignored", "dhcp_offers", "dhcp_acks", "dhcp_naks", "dhcp_releases",
              "dhcp_ignored", "icmp_echo_replies", "gateway_ignored", "unknown"), 0)
 
     def add_interface(self, port: int, mac: bytes, ip: ipaddress.IPv4Address) -> None:
-        self.interfaces[port] = Interface(port, mac, ip)
+        iface = Interface(port, mac, ip)
+        self.interfaces[port] = iface
+        self._by_ip[ip.packed] = iface
 
     def set_uplink(self, ip: ipaddress.IPv4Address, mac: bytes) -> None:
-        self.uplink = (ip, mac)
+        self.uplink = (ip.packed, mac)
 
     # -- entry point ----------------------------------------------------------
     def handle(self, port: int, frame: bytes) -> list[bytes]:
@@ -85,7 +95,7 @@ class VpcResponder:
         if (ip := pk.Ipv4.parse(frame)) is not None:
             u = pk.parse_udp(ip)
             if u is not None and u[1] == pk.DHCP_SERVER_PORT:
-                return self._dhcp(iface, ip, u[2])
+                return self._dhcp(iface, u[2])
             if ip.dst == self.gateway.packed:
                 return self._to_gateway(iface, ip)
         self.counters["unknown"] += 1
@@ -95,11 +105,11 @@ class VpcResponder:
     def _who_has(self, target: bytes, asker: Interface) -> bytes | None:
         if target == self.gateway.packed:
             return self.gateway_mac
-        if self.uplink is not None and target == self.uplink[0].packed:
+        if self.uplink is not None and target == self.uplink[0]:
             return self.uplink[1]
-        for other in self.interfaces.values():
-            if other.ip.packed == target and other.port != asker.port:
-                return other.mac
+        other = self._by_ip.get(target)
+        if other is not None and other.port != asker.port:
+            return other.mac
         return None
 
     def _arp(self, iface: Interface, arp: pk.Arp) -> list[bytes]:
@@ -127,7 +137,7 @@ class VpcResponder:
         return [pk.ethernet(iface.mac, self.gateway_mac, pk.ETH_P_IP, reply.build())]
 
     # -- DHCP ------------------------------------------------------------------------
-    def _dhcp(self, iface: Interface, ip: pk.Ipv4, data: bytes) -> list[bytes]:
+    def _dhcp(self, iface: Interface, data: bytes) -> list[bytes]:
         msg = pk.Dhcp.parse(data)
         if msg is None or msg.op != 1 or msg.chaddr != iface.mac:
             self.counters["dhcp_ignored"] += 1
@@ -136,6 +146,14 @@ class VpcResponder:
         server_id = msg.options.get(pk.OPT_SERVER_ID)
         if server_id is not None and server_id != self.gateway.packed:
             self.counters["dhcp_ignored"] += 1  # the client chose another server
+            return []
+        if msg.ciaddr not in (_NO_ADDRESS, iface.ip.packed):
+            # The guest claims an address that is not its own: tell a
+            # renewing client to start over (NAKs are broadcast), drop the rest.
+            if kind == pk.REQUEST:
+                self.counters["dhcp_naks"] += 1
+                return [self._reply(iface, msg, pk.NAK)]
+            self.counters["dhcp_ignored"] += 1
             return []
         now = self.clock()
         if kind == pk.DISCOVER:
@@ -178,14 +196,15 @@ class VpcResponder:
         return opts
 
     def _reply(self, iface: Interface, req: pk.Dhcp, kind: int, inform: bool = False) -> bytes:
-        yiaddr = b"\0" * 4 if kind == pk.NAK or inform else iface.ip.packed
-        reply = pk.Dhcp(2, req.xid, req.flags, req.ciaddr if inform else b"\0" * 4, yiaddr,
+        yiaddr = _NO_ADDRESS if kind == pk.NAK or inform else iface.ip.packed
+        reply = pk.Dhcp(2, req.xid, req.flags, req.ciaddr if inform else _NO_ADDRESS, yiaddr,
                         req.chaddr, self._options(kind, inform))
         # RFC 2131 4.1: unicast to ciaddr when the client has one (renewal),
         # else broadcast (we do not know if it can take unicast yet).
-        # NAKs are always broadcast.
-        if req.ciaddr != b"\0" * 4 and kind != pk.NAK:
-            dst = req.ciaddr
+        # NAKs are always broadcast. Only the interface's own address is
+        # ever a unicast destination, whatever ciaddr says.
+        if req.ciaddr == iface.ip.packed and kind != pk.NAK:
+            dst = iface.ip.packed
         else:
             dst = b"\xff" * 4
         payload = pk.udp(self.gateway.packed, dst, pk.DHCP_SERVER_PORT, pk.DHCP_CLIENT_PORT,
@@ -194,11 +213,22 @@ class VpcResponder:
         # Layer 2 always to the client's MAC: it is the only one on this port.
         return pk.ethernet(iface.mac, self.gateway_mac, pk.ETH_P_IP, ip.build())
 
+    def lease(self, port: int) -> dict | None:
+        """The DHCP state of one interface, or None before its first DISCOVER
+        or REQUEST. Safe from any thread: one dict lookup, nothing iterated
+        that the trio thread may be resizing."""
+        lease = self.leases.get(port)
+        if lease is None:
+            return None
+        return {"state": lease.state, "expires_in": max(0, int(lease.expires - self.clock()))}
+
     def statistics(self) -> dict:
-        now = self.clock()
+        """Counters and leases by port. Safe from any thread (see :meth:`lease`;
+        ``interfaces`` is not changed once traffic flows, the counters' keys
+        never change)."""
+        leases = {port: self.lease(port) for port in list(self.interfaces)}
         return {
             "id": self.vpc_id,
             "counters": dict(self.counters),
-            "leases": {p: {"state": lease.state, "expires_in": max(0, int(lease.expires - now))}
-                       for p, lease in self.leases.items()},
+            "leases": {port: lease for port, lease in leases.items() if lease is not None},
         }

@@ -55,6 +55,10 @@ class FakeDevice:
 class View:
     devices: list = field(default_factory=list)
     version: str = "9.9.9"
+    sections: dict = field(default_factory=dict)
+
+    def status_sections(self):
+        return self.sections
 
 
 def call(line, view=None):
@@ -89,6 +93,40 @@ def test_status_with_a_failing_device():
     assert reply["ok"] is True
     assert reply["devices"][0] == {"id": "bad", "error": "statistics() failed: RuntimeError: gone"}
     assert reply["devices"][1]["id"] == "vol0"
+
+
+VPCS = {
+    "blue": {"id": "blue", "counters": {"arp_replies": 2, "dhcp_acks": 1, "unknown": 0}, "leases": {},
+             "punt_errors": 3,
+             "uplink": {"name": "nv0", "state": "down", "error": "HostError: poll failed", "packets_in": 4,
+                        "bytes_in": 400, "packets_out": 5, "bytes_out": 500}},
+    "red": {"id": "red", "counters": {"arp_replies": 0}, "leases": {}, "punt_errors": 0},
+}
+
+
+def test_status_sections():
+    def broken():
+        raise RuntimeError("fabric gone")
+
+    view = View([FakeDevice(blk_stats())],
+                sections={"vpcs": lambda: VPCS, "extra": broken, "devices": lambda: "not allowed"})
+    reply = call(b'{"cmd":"status"}', view)
+    assert reply["vpcs"] == VPCS
+    assert reply["extra"] == {"error": "statistics() failed: RuntimeError: fabric gone"}
+    assert reply["devices"][0]["id"] == "vol0"  # a section never replaces the core fields
+    assert "vpcs" not in call(b'{"cmd":"status"}', View())
+
+
+def test_format_vpcs_shows_uplink_state_and_punt_errors():
+    reply = call(b'{"cmd":"status"}', View(sections={"vpcs": lambda: VPCS}))
+    text = format_status(reply)
+    assert "vpc blue: arp_replies=2 dhcp_acks=1 punt_errors=3" in text
+    assert "uplink nv0: DOWN (HostError: poll failed); in 4 pkts 400 B, out 5 pkts 500 B" in text
+    assert "vpc red: no control traffic yet" in text
+    up = {**VPCS["blue"]["uplink"], "state": "up"}
+    del up["error"]
+    text = format_status({"ok": True, "devices": [], "vpcs": {"blue": {**VPCS["blue"], "uplink": up}}})
+    assert "uplink nv0: up; in 4 pkts" in text
 
 
 @pytest.mark.parametrize(
@@ -133,6 +171,26 @@ def test_decode_features():
     assert decode_features(1 << 5, "net") == ["MAC"]
     assert decode_features(1 << 5, None) == ["bit5"]
     assert decode_features(0, "blk") == []
+
+
+def test_feature_names_come_from_the_device_modules():
+    from nitro.devices.blk import config as blkcfg
+    from nitro.devices.net import config as netcfg
+
+    assert decode_features(netcfg.device_features(), "net") == [
+        "CSUM", "GUEST_CSUM", "MTU", "MAC", "MRG_RXBUF", "STATUS", "CTRL_VQ", "MQ",
+        "RING_INDIRECT_DESC", "RING_EVENT_IDX", "VERSION_1"]
+    assert decode_features(1 << netcfg.VIRTIO_NET_F_HOST_TSO4, "net") == ["HOST_TSO4"]
+    assert decode_features(1 << blkcfg.VIRTIO_BLK_F_DISCARD | 1 << 11, "blk") == ["CONFIG_WCE", "DISCARD"]
+    assert decode_features(1 << 30 | 1 << 34) == ["PROTOCOL_FEATURES", "RING_PACKED"]
+
+
+def test_protocol_feature_names():
+    from nitro.vhost.protocol import ProtocolFeature
+
+    pf = int(ProtocolFeature.MQ | ProtocolFeature.CONFIGURE_MEM_SLOTS) | 1 << 40
+    text = format_status({"ok": True, "devices": [blk_stats(protocol_features=pf)]})
+    assert f"protocol:    {pf:#x} MQ CONFIGURE_MEM_SLOTS bit40" in text
 
 
 def test_format_status():

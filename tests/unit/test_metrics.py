@@ -52,8 +52,8 @@ def serve():
     """serve(devices) -> base URL of a real metrics server on a free port."""
     servers = []
 
-    def start(get_devices, listen="127.0.0.1:0"):
-        server, thread = start_metrics_server(listen, get_devices)
+    def start(get_devices, listen="127.0.0.1:0", get_vpcs=None):
+        server, thread = start_metrics_server(listen, get_devices, get_vpcs)
         servers.append((server, thread))
         host = "[::1]" if listen.startswith("[") else "127.0.0.1"
         return f"http://{host}:{server.server_port}"
@@ -268,3 +268,71 @@ def test_collector_directly():
     count = [s for s in hist.samples if s.name.endswith("_count")]
     assert inf[0].value == count[0].value == 8
     assert not math.isnan(fams["nitro_blk_inflight_requests"].samples[0].value)
+
+
+def net_stats(dev="web", **over):
+    drops = {"no_rx_buffer": 1, "spoofed_source": 2, "unknown_destination": 0, "bad_header": 0, "mtu": 0,
+             "punt_overflow": 0, "a_new_reason": 7}
+    stats = {"id": dev, "kind": "net", "socket": f"/run/nitro/{dev}.sock", "connected": True, "broken": None,
+             "queues": [], "protocol_errors": 0, "connections": 1,
+             "net": {"packets_in": 10, "bytes_in": 1000, "packets_out": 20, "bytes_out": 2000, "drops": drops,
+                     "bw_in_allowance_exceeded": 3, "bw_out_allowance_exceeded": 4,
+                     "pps_allowance_exceeded": 5, "punted": 6}}
+    stats.update(over)
+    return stats
+
+
+def vpc_stats(**over):
+    stats = {"id": "blue", "counters": {"arp_replies": 2, "dhcp_acks": 1, "unknown": 0}, "leases": {},
+             "punt_errors": 3,
+             "uplink": {"name": "nv0", "state": "up", "packets_in": 4, "bytes_in": 400, "packets_out": 5,
+                        "bytes_out": 500, "drops": {"mtu": 1, "bad_header": 0}}}
+    stats.update(over)
+    return stats
+
+
+def test_scrape_net_device(serve):
+    fams = families(scrape(serve(lambda: [FakeDevice(net_stats())])))
+    assert value(fams, "nitro_net_packets_total", interface="web", direction="in") == 10
+    assert value(fams, "nitro_net_bytes_total", interface="web", direction="out") == 2000
+    drops = {dict(k)["reason"]: v for k, v in samples(fams, "nitro_net_drops_total").items()}
+    assert drops == {"no_rx_buffer": 1, "spoofed_source": 2, "unknown_destination": 0, "bad_header": 0, "mtu": 0,
+                     "punt_overflow": 0, "a_new_reason": 7}  # whatever C reports, nothing else
+    for name, n in (("bw_in", 3), ("bw_out", 4), ("pps", 5)):
+        assert fams[f"nitro_net_{name}_allowance_exceeded"].type == "counter"
+        assert value(fams, f"nitro_net_{name}_allowance_exceeded_total", interface="web") == n
+    assert value(fams, "nitro_net_punted_total", interface="web") == 6
+
+
+def test_scrape_vpcs(serve):
+    red = vpc_stats(id="red", counters={"arp_replies": 0}, punt_errors=0)
+    del red["uplink"]
+    down = vpc_stats(id="green", uplink={**vpc_stats()["uplink"], "name": "nv1", "state": "down", "error": "x"})
+    fams = families(scrape(serve(lambda: [], get_vpcs=lambda: {"blue": vpc_stats(), "red": red, "green": down})))
+    assert value(fams, "nitro_vpc_control_frames_total", vpc="blue", outcome="arp_replies") == 2
+    assert value(fams, "nitro_vpc_control_frames_total", vpc="blue", outcome="unknown") == 0
+    assert value(fams, "nitro_vpc_control_frames_total", vpc="red", outcome="arp_replies") == 0
+    assert value(fams, "nitro_vpc_punt_errors_total", vpc="blue") == 3
+    assert value(fams, "nitro_vpc_punt_errors_total", vpc="red") == 0
+    vu = {"vpc": "blue", "uplink": "nv0"}
+    assert value(fams, "nitro_vpc_uplink_up", **vu) == 1
+    assert value(fams, "nitro_vpc_uplink_up", vpc="green", uplink="nv1") == 0
+    assert value(fams, "nitro_vpc_uplink_packets_total", **vu, direction="in") == 4
+    assert value(fams, "nitro_vpc_uplink_bytes_total", **vu, direction="out") == 500
+    assert value(fams, "nitro_vpc_uplink_drops_total", **vu, reason="mtu") == 1
+    assert {dict(k)["vpc"] for k in samples(fams, "nitro_vpc_uplink_up")} == {"blue", "green"}
+    assert value(fams, "nitro_metrics_collect_errors_total") == 0
+
+
+def test_broken_vpc_statistics_are_skipped(serve):
+    def broken():
+        raise RuntimeError("fabric gone")
+
+    fams = families(scrape(serve(lambda: [FakeDevice(blk_stats())], get_vpcs=broken)))
+    assert value(fams, "nitro_vhost_connected", device="vol0", kind="blk") == 1
+    assert value(fams, "nitro_metrics_collect_errors_total") == 1
+
+    bad = vpc_stats(id="red", counters="not a dict")
+    fams = families(scrape(serve(lambda: [], get_vpcs=lambda: {"blue": vpc_stats(), "red": bad})))
+    assert {dict(k)["vpc"] for k in samples(fams, "nitro_vpc_punt_errors_total")} == {"blue"}
+    assert value(fams, "nitro_metrics_collect_errors_total") == 1

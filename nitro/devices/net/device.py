@@ -18,6 +18,7 @@ from nitro.config import NetConfig
 from nitro.devices.base import VIRTIO_F_VERSION_1, VirtioDevice, read_config_window
 from nitro.devices.net import config as netcfg
 from nitro.vhost.protocol import ProtocolFeature
+from nitro.vpc import VpcResponder
 from nitro.vpc import packets as pk
 
 
@@ -25,14 +26,14 @@ class NetDevice(VirtioDevice):
     kind = "net"
 
     def __init__(self, cfg: NetConfig, switch: _datapath.Switch, port: int, mtu: int,
-                 fabric=None) -> None:
+                 responder: VpcResponder | None = None) -> None:
         self.cfg = cfg
         self.switch = switch
         self.port = port
-        self.fabric = fabric
+        self.responder = responder  # its VPC's control plane: the DHCP lease in statistics()
         self.pairs = cfg.queues
         self.num_queues = 2 * cfg.queues + 1
-        self.max_queue_size = max(cfg.queue_size, 256)
+        self.max_queue_size = cfg.queue_size
         self.device_features = netcfg.device_features()
         self.protocol_features = int(
             ProtocolFeature.MQ | ProtocolFeature.REPLY_ACK | ProtocolFeature.CONFIG
@@ -73,18 +74,21 @@ class NetDevice(VirtioDevice):
         if self._role(vring.index) == "rx":
             self.switch.detach_rx(self.port, vring.index // 2)
 
-    def reset(self) -> None:
+    def _detach_all_rx(self) -> None:
         for pair in range(self.pairs):
             self.switch.detach_rx(self.port, pair)
+
+    def reset(self) -> None:
+        self._detach_all_rx()
         self.acked_features = 0
         self.switch.set_port_features(self.port, 0)
 
     def close(self) -> None:
-        for pair in range(self.pairs):
-            self.switch.detach_rx(self.port, pair)
+        self._detach_all_rx()
 
     # -- observation -------------------------------------------------------
     def statistics(self) -> dict:
+        """Called on the trio thread (status) and the metrics HTTP thread."""
         stats = {
             "kind": self.kind,
             "mac": self.cfg.mac,
@@ -93,8 +97,7 @@ class NetDevice(VirtioDevice):
             "queue_pairs": self.pairs,
             "net": self.switch.port_stats(self.port),
         }
-        if self.fabric is not None:
-            lease = self.fabric.lease_of(self.cfg.vpc, self.port)
-            if lease is not None:
-                stats["lease"] = lease
+        lease = self.responder.lease(self.port) if self.responder is not None else None
+        if lease is not None:
+            stats["lease"] = lease
         return stats

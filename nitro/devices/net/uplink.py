@@ -12,7 +12,6 @@ from __future__ import annotations
 import fcntl
 import os
 import struct
-from pathlib import Path
 
 from nitro.config import UplinkConfig
 
@@ -36,14 +35,13 @@ class Tap:
         try:
             ifr = struct.pack("16sH22x", cfg.name.encode(), IFF_TAP | IFF_NO_PI)
             fcntl.ioctl(self.fd, TUNSETIFF, ifr)
-            self._configure(mtu)
-            self.mac = bytes.fromhex(Path(f"/sys/class/net/{cfg.name}/address").read_text().strip()
-                                     .replace(":", ""))
+            self.mac = self._configure(mtu)
         except Exception as e:
             os.close(self.fd)
             raise UplinkError(f"uplink {cfg.name}: {e}") from None
 
-    def _configure(self, mtu: int) -> None:
+    def _configure(self, mtu: int) -> bytes:
+        """MTU, address, up; returns the TAP's MAC (the kernel picked it)."""
         from pyroute2 import IPRoute
 
         with IPRoute() as ipr:
@@ -52,6 +50,11 @@ class Tap:
             ipr.addr("add", index=index, address=str(self.cfg.address.ip),
                      prefixlen=self.cfg.address.network.prefixlen)
             ipr.link("set", index=index, state="up")
+            (link,) = ipr.link("get", index=index)
+            mac = link.get_attr("IFLA_ADDRESS")
+        if not mac:
+            raise OSError(f"no IFLA_ADDRESS for {self.name}")
+        return bytes.fromhex(mac.replace(":", ""))
 
     def close(self) -> None:
         if self.fd >= 0:
