@@ -9,13 +9,12 @@ from pathlib import Path
 import pytest
 
 from nitro.config import BlkConfig, EncryptionConfig
-from nitro.crypto import keys, luks
+from nitro.crypto import keys
 from nitro.devices.blk import config as blkcfg
 from nitro.devices.blk.backends.luks import LuksVolume
 from nitro.devices.blk.backends.raw import RawImage, VolumeError, VolumeLockedError
 from nitro.devices.blk.device import BlkDevice
-
-FAST = luks.Pbkdf("pbkdf2", iterations=1000)
+from tests.unit.test_volume_cli import luks_volume
 
 
 def bit(features: int, b: int) -> bool:
@@ -29,15 +28,8 @@ def blk_cfg(image: Path, **kw) -> BlkConfig:
 @pytest.fixture
 def luks_image(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Path, EncryptionConfig]:
     monkeypatch.setattr(keys, "harden_process", lambda: True)  # not the test runner
-    key = tmp_path / "k"
-    key.write_bytes(os.urandom(64))
-    key.chmod(0o600)
-    img = tmp_path / "v.img"
-    with open(img, "wb") as f:
-        f.truncate((16 << 20) + (1 << 20))
-    with keys.read_secret(key, passphrase=False) as secret:
-        luks.format_volume(img, secret, key_bits=512, sector_size=4096, pbkdf=FAST)
-    return img, EncryptionConfig(key_file=key)
+    img = luks_volume(tmp_path, key_bits=512, sector_size=4096)
+    return img, EncryptionConfig(key_file=tmp_path / "k")
 
 
 def test_grow_extends_sparse_and_never_shrinks(tmp_path: Path) -> None:

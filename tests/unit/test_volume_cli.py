@@ -18,7 +18,8 @@ from nitro.devices.blk.backends.raw import RawImage
 FAST = luks.Pbkdf("pbkdf2", iterations=1000)
 
 
-def luks_volume(tmp_path: Path) -> Path:
+def luks_volume(tmp_path: Path, **format_args) -> Path:
+    """A 16 MiB LUKS2 volume v.img keyed by the 0600 key file k (fast PBKDF)."""
     key = tmp_path / "k"
     key.write_bytes(os.urandom(64))
     key.chmod(0o600)
@@ -26,7 +27,7 @@ def luks_volume(tmp_path: Path) -> Path:
     with open(img, "wb") as f:
         f.truncate((16 << 20) + (1 << 20))
     with keys.read_secret(key, passphrase=False) as secret:
-        luks.format_volume(img, secret, pbkdf=FAST)
+        luks.format_volume(img, secret, pbkdf=FAST, **format_args)
     return img
 
 
