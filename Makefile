@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(VENV)/bin/pip
 STAMP  := $(VENV)/.nitro-installed
 
-.PHONY: all deps venv build test unit system demo bench lint clean fuzz fuzz-short
+.PHONY: all deps venv build test unit system demo bench lint clean fuzz fuzz-short soak
 
 all: build
 
@@ -51,6 +51,10 @@ bench: build
 fuzz: deps venv
 	$(PY) tests/fuzz/run.py --runs 1000000
 	./tools/build-sanitized.sh
+
+# docs/reliability.md "Soak": the SIGKILL cycle test of `make test`, 200 cycles.
+soak: build
+	NITRO_SOAK_CYCLES=$${NITRO_SOAK_CYCLES:-200} $(PY) -m pytest -q -s tests/system/test_blk_restart.py
 
 fuzz-short: deps venv
 	$(PY) -m pytest -q tests/fuzz
