@@ -142,6 +142,12 @@ struct ring_ptrs {
 
 /* Translate and check the three ring parts for a ring of num entries
  * (2.7: alignment 16/2/4; sizes 16*num, 6+2*num, 6+8*num). */
+static bool host_overlap(const void *a, uint64_t alen, const void *b, uint64_t blen)
+{
+    uintptr_t x = (uintptr_t)a, y = (uintptr_t)b;
+    return x < y + blen && y < x + alen;
+}
+
 static int translate_rings(const struct nitro_mem *mem, uint32_t num,
                            uint64_t desc, uint64_t avail, uint64_t used,
                            struct ring_ptrs *out)
@@ -156,6 +162,15 @@ static int translate_rings(const struct nitro_mem *mem, uint32_t num,
     /* Ring fields are accessed with aligned atomics; a region whose
      * mmap_offset disagrees with its uaddr alignment would break that. */
     if ((uintptr_t)out->avail % 2 || (uintptr_t)out->used % 4)
+        return NITRO_ERR_ARG;
+    /* The used ring is the one part the device writes. Over the avail ring
+     * every completion would also bump avail->idx, a request the guest
+     * never made, and the device would serve its own writes forever; over
+     * the descriptor table it would rewrite chains. A driver that lays the
+     * rings out like that is broken: refuse the layout (fuzz finding). */
+    uint64_t used_len = 6 + 8 * (uint64_t)num;
+    if (host_overlap(out->used, used_len, out->avail, 6 + 2 * (uint64_t)num) ||
+        host_overlap(out->used, used_len, out->desc, (uint64_t)DESC_SIZE * num))
         return NITRO_ERR_ARG;
     return NITRO_OK;
 }

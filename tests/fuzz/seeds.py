@@ -33,6 +33,7 @@ from tests.fuzz.ringfmt import (
 
 HERE = Path(__file__).resolve().parent
 ANY = object()  # the outcome is not the point (no crash, guards intact is)
+REFUSED = object()  # SET_VRING_ADDR refuses the layout: the queue never serves
 
 T_IN, T_OUT, T_FLUSH, T_GET_ID, T_DISCARD, T_WZ = 0, 1, 4, 8, 11, 13
 HDR, DATA, STATUS = 0x3000, 0x3100, 0x3F00
@@ -249,6 +250,15 @@ def _used_over_desc() -> Program:
     return p.avail_ring([0, 0, 0, 0]).serve().serve()
 
 
+def _used_over_avail() -> Program:
+    # The used ring over the avail ring: each completion's used->idx store
+    # is also an avail->idx bump, a request the driver never made. Served,
+    # the device fed itself forever (a libFuzzer timeout in the blk target).
+    p = Program(avail=0x1000, used=0x1000)
+    request(p, 0, T_GET_ID, 20)
+    return p.avail_ring([0]).serve()
+
+
 def _rings_overlap() -> Program:
     p = Program(flags=F_EVENT_IDX, desc=0x0000, avail=0x0000, used=0x0000)
     p.desc_at(0, gpa(HDR), 16, NEXT, 1).desc_at(1, gpa(STATUS), 1, WRITE)
@@ -342,8 +352,9 @@ SEEDS: dict[str, tuple[Callable[[], Program], object]] = {
     "request-no-status": (_request_no_status, "request"),
     "request-short-header": (_request_short_header, "request"),
     "zero-length-descs": (_zero_length_descs, None),
-    "used-over-desc": (_used_over_desc, ANY),
-    "rings-overlap": (_rings_overlap, ANY),
+    "used-over-desc": (_used_over_desc, REFUSED),
+    "used-over-avail": (_used_over_avail, REFUSED),
+    "rings-overlap": (_rings_overlap, REFUSED),
     "set-mem-between-serves": (_set_mem_between_serves, ANY),
     "set-mem-drops-ring": (_set_mem_drops_ring, None),
     "ring-spans-regions": (_ring_spans_regions, None),

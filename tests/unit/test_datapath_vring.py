@@ -106,6 +106,10 @@ def test_set_addr_checks(guest: FakeGuest) -> None:
         (u + 2 * MiB - 16, u + 4096, u + 8192),  # desc table leaves memory
         (u, u + 4096, u + 2 * MiB - 8),  # used ring leaves memory
         (0, u + 4096, u + 8192),  # not a frontend address at all
+        (u, u + 4096, u + 4096),  # used over avail: completions would be requests
+        (u, u + 4096, u + 4096 + 4 + 2 * NUM),  # used starts inside avail's tail
+        (u, u + 4096, u),  # used over the descriptor table
+        (u, u + 4096, u + 16 * NUM - 8),  # used starts inside the table's end
     ]:
         with pytest.raises(FrontendError):
             vq.set_addr(guest.mem, desc, avail, used)
