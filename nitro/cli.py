@@ -1,4 +1,4 @@
-"""`nitro` command line: run the daemon, query it, manage volumes.
+"""`nitro` command line: run the daemon, query and reload it, manage volumes.
 
 Errors end in one line on stderr and a non-zero exit: 2 for bad arguments or
 configuration, 1 for runtime failures. Following vhost-user.rst's "Backend
@@ -56,6 +56,15 @@ def _parser() -> argparse.ArgumentParser:
     st.add_argument("--json", action="store_true", help="raw JSON")
     st.set_defaults(func=_cmd_status)
 
+    rl = sub.add_parser("reload", help="re-read the daemon's config file and apply what can be applied live")
+    rl.add_argument("--control", "--control-socket", dest="control", type=Path,
+                    help="control socket (default: from the config)")
+    rl.add_argument("--config", type=Path, help="only to find the control socket; the daemon "
+                    "re-reads the file it was started with")
+    rl.add_argument("--runtime-dir", type=Path)
+    rl.add_argument("--json", action="store_true", help="raw JSON")
+    rl.set_defaults(func=_cmd_reload)
+
     volume_cli.add_parser(sub)
     return p
 
@@ -83,7 +92,7 @@ def _cmd_run(args) -> int:
         print(f"{cfg.source}: ok ({len(cfg.blk)} blk devices)")
         return 0
     log.setup_logging(args.log_level or cfg.log_level)
-    d = daemon.Daemon(cfg)
+    d = daemon.Daemon(cfg, load_config=_reloader(args))
     try:
         d.open_devices()
     except daemon.StartupError as e:
@@ -102,6 +111,15 @@ def _cmd_run(args) -> int:
     return 0
 
 
+def _reloader(args):
+    """What a reload re-reads: the same file, with the same command-line
+    overrides. None on the embedded default (there is no file)."""
+    if args.config is None:
+        return None
+    path = args.config.absolute()  # the daemon never changes directory, but be sure
+    return lambda: config.load(path, runtime_dir=args.runtime_dir, state_dir=args.state_dir)
+
+
 def _leaf(eg: BaseExceptionGroup) -> BaseException:
     e: BaseException = eg
     while isinstance(e, BaseExceptionGroup):
@@ -109,7 +127,9 @@ def _leaf(eg: BaseExceptionGroup) -> BaseException:
     return e
 
 
-def _cmd_status(args) -> int:
+def _query(args, request: dict, **kw) -> dict | int:
+    """Ask the running daemon over its control socket (--control, else the
+    config's); the reply, or the exit code after printing the error."""
     from nitro import control
 
     path = args.control
@@ -119,8 +139,33 @@ def _cmd_status(args) -> int:
         except config.ConfigError as e:
             return _fail(f"config {e}", EXIT_USAGE)
     try:
-        reply = control.query(path, {"cmd": "status"})
+        return control.query(path, request, **kw)
     except control.ControlError as e:
         return _fail(str(e), EXIT_FAILURE)
+
+
+def _cmd_status(args) -> int:
+    from nitro import control
+
+    reply = _query(args, {"cmd": "status"})
+    if isinstance(reply, int):
+        return reply
     print(json.dumps(reply, indent=2) if args.json else control.format_status(reply))
+    return 0
+
+
+def _cmd_reload(args) -> int:
+    from nitro import reload
+
+    # Generous: new volumes are opened (a LUKS unlock takes seconds) and
+    # removed ones drained before the daemon answers.
+    reply = _query(args, {"cmd": "reload"}, timeout=120)
+    if isinstance(reply, int):
+        return reply
+    if args.json:
+        print(json.dumps(reply, indent=2))
+    elif reply.get("ok"):
+        print(reload.format_result(reply))
+    if not reply.get("ok"):
+        return _fail(f"reload refused: {reply.get('error', 'unknown error')}", EXIT_FAILURE)
     return 0

@@ -8,8 +8,12 @@ daemon answers each with one JSON object per line, in order::
     <- {"ok": true, "version": "0.1.0"}
     -> {"cmd": "status"}
     <- {"ok": true, "version": "0.1.0", "devices": [<statistics()>, ...], <sections>}
+    -> {"cmd": "reload"}
+    <- {"ok": true, "config": FILE, "added": [ids], "removed": [ids], "unchanged": [ids],
+        "needs_restart": [{"kind", "id", "reason"}], "refused": [...]}
+    <- {"ok": false, "error": "config FILE: blk[1].size: ..."}
     -> {"cmd": "nope"}
-    <- {"ok": false, "error": "unknown command 'nope' (known: ping, status)"}
+    <- {"ok": false, "error": "unknown command 'nope' (known: ping, reload, status)"}
 
 A request line is at most :data:`MAX_LINE` bytes; a longer one gets an error
 reply and the connection is closed. Replies are strict JSON: infinities in
@@ -17,7 +21,8 @@ reply and the connection is closed. Replies are strict JSON: infinities in
 ``"+Inf"``/``"-Inf"``/``"NaN"``, tuples as lists.
 
 Layers: :func:`handle_request` is the sans-IO core (bytes in, bytes out);
-:func:`serve_control` is the trio transport; :func:`query` is a blocking
+``reload`` changes the daemon and awaits it, so the transport answers it
+(:func:`handle_request_async`); :func:`serve_control` is the trio transport; :func:`query` is a blocking
 client for the CLI; :func:`format_status` renders a status reply for humans.
 """
 
@@ -31,7 +36,7 @@ import math
 import os
 import socket
 import stat
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, Protocol
 
 import trio
@@ -44,8 +49,10 @@ from nitro.vhost.protocol import VHOST_USER_F_PROTOCOL_FEATURES, ProtocolFeature
 __all__ = [
     "MAX_LINE",
     "ControlError",
+    "CommandRefused",
     "DaemonView",
     "handle_request",
+    "handle_request_async",
     "serve_control",
     "query",
     "format_status",
@@ -70,11 +77,22 @@ class ControlError(Exception):
     socket path is in use by a running daemon or is not a socket."""
 
 
+class CommandRefused(Exception):
+    """Raised by the daemon's side of a command (``DaemonView.reload``) when
+    it refuses or fails without changing anything; the message becomes the
+    ``error`` of the reply as is."""
+
+
 class DaemonView(Protocol):
     """What the control socket needs from the daemon."""
 
     devices: Sequence[Any]  # objects with statistics() -> dict
     version: str
+
+    async def reload(self) -> dict:
+        """Re-read the config file and apply it; the reply body. Raises
+        :class:`CommandRefused` when nothing was changed."""
+        ...
 
     def status_sections(self) -> Mapping[str, Callable[[], Any]]:
         """Top-level parts of a status reply beyond ``devices`` (the daemon:
@@ -143,16 +161,25 @@ def _cmd_status(view: DaemonView, request: dict) -> dict:
     return reply
 
 
+async def _cmd_reload(view: DaemonView, request: dict) -> dict:
+    try:
+        return {"ok": True, **await view.reload()}
+    except CommandRefused as exc:
+        return {"ok": False, "error": str(exc)}
+
+
 _COMMANDS: dict[str, Callable[[DaemonView, dict], dict]] = {
     "ping": _cmd_ping,
     "status": _cmd_status,
 }
+# Commands that await the daemon: answered by handle_request_async only.
+_ASYNC_COMMANDS: dict[str, Callable[[DaemonView, dict], Awaitable[dict]]] = {
+    "reload": _cmd_reload,
+}
 
 
-def handle_request(line: bytes, daemon_view: DaemonView) -> bytes:
-    """One request line (with or without its newline) -> one reply line
-    (newline-terminated). Never raises: every failure is an
-    ``{"ok": false, "error": ...}`` reply."""
+def _parse(line: bytes) -> tuple[dict, str] | bytes:
+    """A request line -> (request, cmd), or the error reply."""
     try:
         text = line.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -168,9 +195,23 @@ def handle_request(line: bytes, daemon_view: DaemonView) -> bytes:
     cmd = request.get("cmd")
     if not isinstance(cmd, str):
         return _error('request has no "cmd" string')
+    if cmd not in _COMMANDS and cmd not in _ASYNC_COMMANDS:
+        return _error(f"unknown command {cmd!r} (known: {', '.join(sorted([*_COMMANDS, *_ASYNC_COMMANDS]))})")
+    return request, cmd
+
+
+def handle_request(line: bytes, daemon_view: DaemonView) -> bytes:
+    """One request line (with or without its newline) -> one reply line
+    (newline-terminated). Never raises: every failure is an
+    ``{"ok": false, "error": ...}`` reply. Commands that await the daemon
+    (``reload``) are answered only by :func:`handle_request_async`."""
+    parsed = _parse(line)
+    if isinstance(parsed, bytes):
+        return parsed
+    request, cmd = parsed
     handler = _COMMANDS.get(cmd)
     if handler is None:
-        return _error(f"unknown command {cmd!r} (known: {', '.join(sorted(_COMMANDS))})")
+        return _error(f"command {cmd!r} needs the daemon's event loop (handle_request_async)")
     try:
         return _encode(handler(daemon_view, request))
     except Exception as exc:
@@ -244,6 +285,22 @@ async def _bind(path: str) -> trio.socket.SocketType:
     return sock
 
 
+async def handle_request_async(line: bytes, daemon_view: DaemonView) -> bytes:
+    """:func:`handle_request`, plus the commands that await the daemon."""
+    parsed = _parse(line)
+    if isinstance(parsed, bytes):
+        return parsed
+    request, cmd = parsed
+    handler = _ASYNC_COMMANDS.get(cmd)
+    if handler is None:
+        return handle_request(line, daemon_view)
+    try:
+        return _encode(await handler(daemon_view, request))
+    except Exception as exc:
+        log.exception("control: command %s failed", cmd)
+        return _error(f"command {cmd!r} failed: {type(exc).__name__}: {exc}")
+
+
 async def _serve_client(stream: trio.SocketStream, view: DaemonView) -> None:
     buffer = bytearray()
     try:
@@ -257,7 +314,7 @@ async def _serve_client(stream: trio.SocketStream, view: DaemonView) -> None:
                     line = bytes(buffer[:end])
                     del buffer[: end + 1]
                     if line.strip():
-                        await stream.send_all(handle_request(line, view))
+                        await stream.send_all(await handle_request_async(line, view))
                 if len(buffer) > MAX_LINE:
                     await stream.send_all(_error(f"request line longer than {MAX_LINE} bytes"))
                     await _drain_and_close(stream)

@@ -1,16 +1,22 @@
-"""The daemon's lifecycle: open volumes, listen, serve, drain on SIGTERM.
+"""The daemon's lifecycle: open volumes, listen, serve, reload, drain on SIGTERM.
 
 Start-up opens every volume before any socket listens, so a bad volume stops
 the daemon before a guest can attach to half a configuration. READY is sent
 to systemd once every socket listens. SIGTERM/SIGINT: stop accepting, stop
 fetching new requests (each C loop completes the batch it holds), flush
 every volume, tell systemd STOPPING, exit 0.
+
+SIGHUP or the control socket's ``reload`` re-reads the config file and
+applies what reload.plan() says: new [[blk]] devices are opened and then
+listen, removed ones are shut down like a drain of that one device; nothing
+else is touched. Reloads run one at a time, and not once a stop signal came.
 """
 
 from __future__ import annotations
 
 import logging
 import signal
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -18,7 +24,8 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from nitro import __version__, _datapath, control, metrics
-from nitro.config import DaemonConfig
+from nitro import reload as reload_plan
+from nitro.config import ConfigError, DaemonConfig
 from nitro.devices import blk
 from nitro.devices.blk.backends.raw import VolumeError
 from nitro.log import log_event
@@ -35,12 +42,27 @@ class StartupError(Exception):
     """A device could not be set up; the daemon exits non-zero before serving."""
 
 
+class ReloadError(control.CommandRefused):
+    """A reload was refused or failed before changing anything (bad config
+    file, a new volume that cannot be opened, no config file to re-read,
+    daemon stopping). The running configuration stays; fix and reload again."""
+
+
 @dataclass
 class Daemon:
-    cfg: DaemonConfig
+    cfg: DaemonConfig  # the running configuration (after reloads: what really runs)
     servers: list[VhostUserServer] = field(default_factory=list)
     version: str = __version__
     fabric: NetFabric | None = None  # when [[net]] (or a VPC uplink) is configured
+    # Re-reads the config file with the command line's overrides; None when
+    # the daemon runs on the embedded default (nothing to re-read).
+    load_config: Callable[[], DaemonConfig] | None = None
+    # Held by the metrics thread while it reads devices' C counters, and
+    # here while a removed device is closed (its counters freed).
+    devices_lock: threading.Lock = field(default_factory=threading.Lock)
+    _nursery: trio.Nursery | None = field(default=None, init=False, repr=False)
+    _reload_lock: trio.Lock = field(default_factory=trio.Lock, init=False, repr=False)
+    _stopping: bool = field(default=False, init=False, repr=False)
 
     @property
     def devices(self) -> list[VhostUserServer]:
@@ -81,9 +103,10 @@ class Daemon:
 
     async def run(self, notifier: Notifier) -> None:
         msrv = metrics.start_metrics_server(self.cfg.metrics_listen, lambda: self.devices,
-                                            self.vpc_statistics)
+                                            self.vpc_statistics, devices_lock=self.devices_lock)
         try:
             async with trio.open_nursery() as nursery:
+                self._nursery = nursery
                 for s in self.servers:
                     await nursery.start(s.serve)
                 await nursery.start(control.serve_control, self.cfg.control_socket, self)
@@ -91,13 +114,16 @@ class Daemon:
                     nursery.start_soon(self.fabric.serve_punts)
                     self.fabric.start_uplink_threads()
                 nursery.start_soon(watchdog_loop, notifier)
+                await nursery.start(self._reload_on_sighup)  # installed before READY
                 notifier.ready()
                 log_event(log, logging.INFO, "serving", devices=len(self.servers),
                           metrics=self.cfg.metrics_listen or "off",
                           control=str(self.cfg.control_socket))
                 await _wait_for_stop_signal()
+                self._stopping = True  # reloads from now on are refused
                 notifier.stopping()
-                await self.drain()
+                async with self._reload_lock:  # a reload under way finishes first
+                    await self.drain()
                 nursery.cancel_scope.cancel()
         finally:
             # Both wait for other threads (the HTTP server's poll loop, the
@@ -108,6 +134,119 @@ class Daemon:
                     msrv[0].server_close()
                 await self._stop_uplinks()
             self.close()
+
+    # -- reload ------------------------------------------------------------
+    async def reload(self) -> dict:
+        """Re-read the config file and apply it (see reload.py for the rules).
+
+        Returns the result as a control-socket reply body; raises
+        ReloadError when nothing was changed because the reload was refused
+        or failed. One reload at a time; none once a stop signal arrived."""
+        if self._stopping:
+            raise self._refuse("the daemon is stopping")
+        if self.load_config is None:
+            raise self._refuse("the daemon was started without --config, on the embedded default "
+                               "config: there is no file to re-read (restart it with --config FILE)")
+        async with self._reload_lock:
+            if self._stopping:
+                raise self._refuse("the daemon is stopping")
+            return await self._reload_locked(self.load_config)
+
+    def _refuse(self, reason: str) -> ReloadError:
+        log_event(log, logging.WARNING, "reload refused", config=self.cfg.source, error=reason)
+        return ReloadError(reason)
+
+    async def _reload_locked(self, load: Callable[[], DaemonConfig]) -> dict:
+        log_event(log, logging.INFO, "reload", config=self.cfg.source)
+        try:
+            new = await trio.to_thread.run_sync(load)
+        except ConfigError as e:
+            raise self._refuse(f"config {e}") from None
+        plan = reload_plan.plan(self.cfg, new)
+        for c in plan.needs_restart:
+            log_event(log, logging.WARNING, "reload: not applied, needs a restart",
+                      kind=c.kind, device=c.id, reason=c.reason)
+        for c in plan.refused:
+            log_event(log, logging.WARNING, "reload: device not added", device=c.id, reason=c.reason)
+        added = await self._add_devices(plan.add)  # all or nothing: ReloadError changes nothing
+        for b in plan.remove:
+            server = next(s for s in self.servers if s.device_id == b.id)
+            await self._remove_server(server)
+            log_event(log, logging.INFO, "reload: device removed", device=b.id, socket=str(b.socket))
+        for s in added:
+            log_event(log, logging.INFO, "reload: device added", device=s.device_id, socket=str(s.socket_path))
+        for device_id in plan.unchanged:
+            log_event(log, logging.DEBUG, "reload: device unchanged", device=device_id)
+        self.cfg = plan.running
+        log_event(log, logging.INFO, "reloaded", config=self.cfg.source, added=len(plan.add),
+                  removed=len(plan.remove), unchanged=len(plan.unchanged),
+                  needs_restart=len(plan.needs_restart), refused=len(plan.refused))
+        return {"config": self.cfg.source,
+                "added": [b.id for b in plan.add], "removed": [b.id for b in plan.remove],
+                "unchanged": list(plan.unchanged),
+                "needs_restart": [c.as_dict() for c in plan.needs_restart],
+                "refused": [c.as_dict() for c in plan.refused]}
+
+    async def _add_devices(self, cfgs) -> list[VhostUserServer]:
+        """Open every new volume, then make each listen. If any fails, the
+        ones already set up are shut down again and ReloadError is raised:
+        either all additions happen or none."""
+        assert self._nursery is not None, "reload before run()"
+        started: list[VhostUserServer] = []
+        try:
+            for b in cfgs:
+                try:
+                    # Off the trio thread: creating or growing an image, or
+                    # a LUKS key derivation, takes a while.
+                    device = await trio.to_thread.run_sync(blk.open_device, b)
+                except VolumeError as e:
+                    raise self._refuse(f"device {b.id}: {e}") from None
+                server = VhostUserServer(device, b.socket, device_id=b.id)
+                try:
+                    await self._nursery.start(server.serve)
+                except OSError as e:
+                    device.close()
+                    raise self._refuse(f"device {b.id}: cannot listen on {b.socket}: {e}") from None
+                started.append(server)
+                self.servers = [*self.servers, server]  # a new list: the metrics thread may hold the old
+        except BaseException:
+            with trio.CancelScope(shield=True):
+                for server in reversed(started):
+                    await self._remove_server(server)
+            raise
+        return started
+
+    async def _remove_server(self, server: VhostUserServer) -> None:
+        """Shut one device down as a drain would: its frontend is
+        disconnected, what C holds is completed, the volume flushed."""
+        await server.shutdown()
+        self.servers = [s for s in self.servers if s is not server]
+        try:
+            await trio.to_thread.run_sync(server.device.flush)
+        except OSError as e:  # still close it: the guest is gone either way
+            log_event(log, logging.ERROR, "reload: flush of a removed device failed",
+                      device=server.device_id, error=str(e))
+        await trio.to_thread.run_sync(self._close_device, server)
+        try:
+            server.socket_path.unlink()
+        except OSError:
+            pass
+
+    def _close_device(self, server: VhostUserServer) -> None:
+        with self.devices_lock:  # not while a scrape reads its counters
+            server.device.close()
+
+    async def _reload_on_sighup(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        with trio.open_signal_receiver(signal.SIGHUP) as signals:
+            task_status.started()
+            async for _ in signals:
+                if self._stopping:
+                    log_event(log, logging.WARNING, "SIGHUP ignored: the daemon is stopping")
+                    continue
+                try:
+                    await self.reload()
+                except ReloadError:
+                    pass  # logged by _refuse
 
     async def drain(self) -> None:
         """Stop fetching new requests, complete what C holds, flush volumes."""

@@ -20,11 +20,13 @@ out of that scrape and logged; the scrape itself still succeeds, and
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import logging
 import math
 import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import AbstractContextManager
 from typing import Any
 
 from prometheus_client import start_http_server
@@ -267,11 +269,16 @@ def _add_vpc(f: _Families, vpc_id: str, stats: dict) -> None:
 class NitroCollector(Collector):
     """Reads ``statistics()`` of every device from ``get_devices()`` at each
     scrape. ``get_devices`` is called in the metrics HTTP thread; it should
-    return a snapshot (e.g. ``lambda: list(daemon.devices)``)."""
+    return a snapshot (e.g. ``lambda: list(daemon.devices)``). ``devices_lock``,
+    when given, is held while the devices are listed and read: the daemon
+    holds it while it closes a device a reload removed, so a scrape never
+    reads C counters that are being freed."""
 
     def __init__(self, get_devices: GetDevices, get_vpcs: GetVpcs | None = None,
-                 version: str = __version__) -> None:
+                 version: str = __version__, *,
+                 devices_lock: AbstractContextManager[Any] | None = None) -> None:
         self._get_devices = get_devices
+        self._devices_lock = devices_lock if devices_lock is not None else contextlib.nullcontext()
         self._get_vpcs = get_vpcs
         self._version = version
         self._lock = threading.Lock()  # scrapes may run concurrently (one thread per request)
@@ -315,6 +322,24 @@ class NitroCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         families = _Families()
+        with self._devices_lock:
+            self._collect_devices(families)
+        self._collect_vpcs(families)
+
+        yield from families.all()
+
+        info = GaugeMetricFamily("nitro_build_info", "Always 1; the version label is the running nitro.",
+                                 labels=["version"])
+        info.add_metric([self._version], 1)
+        yield info
+        with self._lock:
+            errors = self._collect_errors
+        yield CounterMetricFamily(
+            "nitro_metrics_collect_errors",
+            "Devices (or VPCs) left out of a scrape because reading their statistics failed (see the logs).",
+            value=errors)
+
+    def _collect_devices(self, families: _Families) -> None:
         try:
             devices = list(self._get_devices())
         except Exception as exc:
@@ -332,28 +357,15 @@ class NitroCollector(Collector):
                 self._record_failure(key, f"statistics() of device {key}", exc)
             else:
                 self._record_success(key)
-        self._collect_vpcs(families)
-
-        yield from families.all()
-
-        info = GaugeMetricFamily("nitro_build_info", "Always 1; the version label is the running nitro.",
-                                 labels=["version"])
-        info.add_metric([self._version], 1)
-        yield info
-        with self._lock:
-            errors = self._collect_errors
-        yield CounterMetricFamily(
-            "nitro_metrics_collect_errors",
-            "Devices (or VPCs) left out of a scrape because reading their statistics failed (see the logs).",
-            value=errors)
 
 
 def make_registry(get_devices: GetDevices, get_vpcs: GetVpcs | None = None, *,
-                  process_metrics: bool = True) -> CollectorRegistry:
+                  process_metrics: bool = True,
+                  devices_lock: AbstractContextManager[Any] | None = None) -> CollectorRegistry:
     """A private registry (not prometheus_client's global one) holding the
     nitro collector and, by default, the standard ``process_*`` metrics."""
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(NitroCollector(get_devices, get_vpcs))
+    registry.register(NitroCollector(get_devices, get_vpcs, devices_lock=devices_lock))
     if process_metrics:
         ProcessCollector(registry=registry)
     return registry
@@ -392,7 +404,8 @@ def parse_listen(listen: str) -> tuple[str, int] | None:
     return host, int(port_text)
 
 
-def start_metrics_server(listen: str, get_devices: GetDevices, get_vpcs: GetVpcs | None = None):
+def start_metrics_server(listen: str, get_devices: GetDevices, get_vpcs: GetVpcs | None = None, *,
+                         devices_lock: AbstractContextManager[Any] | None = None):
     """Serve ``/metrics`` on ``listen`` (see :func:`parse_listen`) from a
     private registry, in prometheus-client's own daemon thread.
 
@@ -405,7 +418,7 @@ def start_metrics_server(listen: str, get_devices: GetDevices, get_vpcs: GetVpcs
     if parsed is None:
         return None
     host, port = parsed
-    registry = make_registry(get_devices, get_vpcs)
+    registry = make_registry(get_devices, get_vpcs, devices_lock=devices_lock)
     try:
         started = start_http_server(port, addr=host, registry=registry)
     except OSError as exc:

@@ -60,23 +60,27 @@ class VhostUserServer:
         self._retired: dict[int, dict] = {}
         self._accepting = True
         self._listener: trio.socket.SocketType | None = None
+        self._serve_scope = trio.CancelScope()
+        self._served = trio.Event()  # set when serve() has returned
 
     # -- lifecycle ---------------------------------------------------------
     async def serve(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         self._listener = await self._listen()
         task_status.started()
         try:
-            while self._accepting:
-                conn, _ = await self._listener.accept()
-                with conn:
-                    try:
-                        await self._run_session(conn)
-                    except Exception:
-                        # A bug must cost this session, not the daemon and
-                        # every other guest on it.
-                        log.exception("session failed", extra={"fields": {"device": self.device_id}})
+            with self._serve_scope:
+                while self._accepting:
+                    conn, _ = await self._listener.accept()
+                    with conn:
+                        try:
+                            await self._run_session(conn)
+                        except Exception:
+                            # A bug must cost this session, not the daemon and
+                            # every other guest on it.
+                            log.exception("session failed", extra={"fields": {"device": self.device_id}})
         finally:
             self._listener.close()
+            self._served.set()
 
     async def _listen(self) -> trio.socket.SocketType:
         self.socket_path.parent.mkdir(parents=True, exist_ok=True)
@@ -96,6 +100,17 @@ class VhostUserServer:
 
     async def stop_all_workers(self) -> None:
         await self._stop_workers(list(self._workers))
+
+    async def shutdown(self) -> None:
+        """End this device's serving for good (reload removed it): stop
+        accepting, stop the vring workers (each C loop completes the batch it
+        holds), then end the session (the frontend sees a disconnect) and
+        close the listener. The caller flushes and closes the device and
+        unlinks the socket. Only for a server whose serve() has started."""
+        self.stop_accepting()
+        await self.stop_all_workers()
+        self._serve_scope.cancel()
+        await self._served.wait()
 
     # -- one frontend ------------------------------------------------------
     async def _run_session(self, conn) -> None:

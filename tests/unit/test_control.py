@@ -12,10 +12,12 @@ import trio
 
 from nitro.control import (
     MAX_LINE,
+    CommandRefused,
     ControlError,
     decode_features,
     format_status,
     handle_request,
+    handle_request_async,
     query,
     serve_control,
 )
@@ -140,7 +142,7 @@ def test_format_vpcs_shows_uplink_state_and_punt_errors():
         (b'"status"', "must be a JSON object"),
         (b"{}", 'no "cmd"'),
         (b'{"cmd": 5}', 'no "cmd"'),
-        (b'{"cmd": "reboot"}', "unknown command 'reboot' (known: ping, status)"),
+        (b'{"cmd": "reboot"}', "unknown command 'reboot' (known: ping, reload, status)"),
         (b'{"cmd": "' + b"x" * MAX_LINE + b'"}', "longer than 65536 bytes"),
     ],
 )
@@ -360,3 +362,49 @@ def test_query_timeout(tmp_path):
             query(path, {"cmd": "ping"}, timeout=0.2)
     finally:
         mute.close()
+
+
+# -- reload: answered by the transport (it awaits the daemon) -------------------
+
+
+class ReloadView(View):
+    def __init__(self, outcome):
+        super().__init__()
+        self.outcome = outcome
+        self.calls = 0
+
+    async def reload(self):
+        self.calls += 1
+        await trio.lowlevel.checkpoint()
+        if isinstance(self.outcome, Exception):
+            raise self.outcome
+        return self.outcome
+
+
+def call_async(line, view):
+    return json.loads(trio.run(handle_request_async, line, view))
+
+
+def test_reload_reply_carries_what_was_applied():
+    view = ReloadView({"config": "/etc/nitro/nitro.toml", "added": ["b"], "removed": []})
+    reply = call_async(b'{"cmd": "reload"}', view)
+    assert reply == {"ok": True, "config": "/etc/nitro/nitro.toml", "added": ["b"], "removed": []}
+    assert view.calls == 1
+
+
+def test_reload_refused_is_a_plain_error_reply():
+    reply = call_async(b'{"cmd": "reload"}', ReloadView(CommandRefused("config f.toml: blk[0].id: missing")))
+    assert reply == {"ok": False, "error": "config f.toml: blk[0].id: missing"}
+
+
+def test_reload_crash_is_an_error_reply_not_a_dead_connection():
+    reply = call_async(b'{"cmd": "reload"}', ReloadView(RuntimeError("boom")))
+    assert reply["ok"] is False and "RuntimeError: boom" in reply["error"]
+
+
+def test_sync_core_does_not_run_reload_and_async_answers_the_rest():
+    view = ReloadView({})
+    assert "event loop" in call(b'{"cmd": "reload"}', view)["error"]
+    assert view.calls == 0
+    assert call_async(b'{"cmd": "ping"}', view) == {"ok": True, "version": "9.9.9"}
+    assert "unknown command" in call_async(b'{"cmd": "nope"}', view)["error"]

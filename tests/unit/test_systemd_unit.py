@@ -99,6 +99,7 @@ def test_required_settings():
         "Type": "notify",
         "NotifyAccess": "main",
         "ExecStart": f"{SHIPPED_BINARY} run --config /etc/nitro/nitro.toml",
+        "ExecReload": "/bin/kill -HUP $MAINPID",
         "WatchdogSec": "30s",
         "Restart": "on-failure",
         "RestartSec": "1s",
