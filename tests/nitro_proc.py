@@ -27,6 +27,9 @@ class Nitro:
         self.cfg = tmp / "nitro.toml"
         self.cfg.write_text(f'[metrics]\nlisten = "127.0.0.1:{self.port}"\n' + config)
         self.log = open(tmp / "nitro.log", "w+")
+        # A SIGKILLed predecessor leaves its control socket behind: waiting
+        # for the path must wait for this daemon's.
+        (tmp / "control.sock").unlink(missing_ok=True)
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "nitro", "run", "--config", str(self.cfg),
              "--runtime-dir", str(tmp), "--state-dir", str(tmp)],
@@ -64,6 +67,16 @@ class Nitro:
     def stop(self) -> int:
         self.proc.send_signal(signal.SIGTERM)
         return self.proc.wait(30)
+
+    def halt(self, sig: str) -> None:
+        """End the daemon for a restart test: "KILL" (SIGKILL, a crash) or
+        "TERM" (graceful, which must exit 0)."""
+        if sig == "KILL":
+            self.proc.kill()
+            self.proc.wait()
+        else:
+            assert self.stop() == 0, self.stderr()
+        self.log.close()
 
     def kill(self) -> None:
         if self.proc.poll() is None:

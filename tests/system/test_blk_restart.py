@@ -95,12 +95,7 @@ def test_acknowledged_writes_survive_restart_cycles(short_tmp_path, guest_image,
         for _cycle in range(CYCLES[sig]):
             time.sleep(rng.uniform(0.0, 1.0))
             t0 = time.monotonic()
-            if sig == "KILL":
-                n.proc.kill()
-                n.proc.wait()
-            else:
-                assert n.stop() == 0, n.stderr()
-            n.log.close()
+            n.halt(sig)
             # An ACK echoed late may be from a dd done before the kill; the
             # one after it needed the new nitro.
             last = max(acked(guest.output()), default=-1) + 1
