@@ -38,7 +38,8 @@
 #define NITRO_FAULT_INDIRECT 5    /* bad indirect table (nested, size, NEXT) */
 #define NITRO_FAULT_DESC_ORDER 6  /* device-readable after device-writable */
 #define NITRO_FAULT_REQUEST 7     /* request without room for header/status */
-#define NITRO_FAULT_KINDS 8
+#define NITRO_FAULT_INFLIGHT 8    /* the inflight region disagrees with the ring */
+#define NITRO_FAULT_KINDS 9
 
 /* ---- guest memory table (SET_MEM_TABLE / ADD_MEM_REG / REM_MEM_REG) ----- */
 struct nitro_mem;
@@ -100,6 +101,22 @@ void nitro_vq_stop(struct nitro_vq *vq);
 void nitro_vq_clear_stop(struct nitro_vq *vq);
 const struct nitro_vq_stats *nitro_vq_stats(const struct nitro_vq *vq);
 
+/* Inflight I/O tracking (vhost-user.rst "Inflight I/O tracking", split
+ * layout; protocol feature INFLIGHT_SHMFD). region is this queue's
+ * QueueRegionSplit inside the shared inflight buffer (16-byte header, then
+ * 16-byte DescStateSplit entries) and size its length in bytes; NULL
+ * detaches. The mapping stays the caller's and must outlive the queue's use
+ * of it (detach, or nitro_vq_reset(), before unmapping). ERR_ARG when region
+ * is not 8-byte aligned or size cannot hold the ring size's entries (also
+ * checked again by nitro_vq_set_num()).
+ * With a region attached, the next pop first repairs a torn last batch,
+ * then resubmits the heads still marked in flight (oldest counter first)
+ * and sets last_avail_idx to used->idx plus their number; a version-0
+ * region is initialised instead. A region the ring contradicts is a guest
+ * fault (NITRO_FAULT_INFLIGHT). Queues that give chains back
+ * (nitro_vq_unpop: virtio-net RX) must not use it. */
+int nitro_vq_set_inflight(struct nitro_vq *vq, void *region, uint64_t size);
+
 /* ---- virtio-blk (virtio 1.2 section 5.2) -------------------------------- */
 #define NITRO_BLK_OP_IN 0
 #define NITRO_BLK_OP_OUT 1
@@ -122,6 +139,9 @@ struct nitro_blk_stats {
     uint64_t latency_buckets[NITRO_LAT_BUCKETS];
     uint64_t latency_sum_ns;
     uint64_t inflight;                 /* fetched but not yet completed */
+    /* Requests found in flight in the inflight region on (re)start and
+     * served again (vhost-user inflight I/O tracking). */
+    uint64_t resubmitted;
 };
 
 /* nitro_crypto.h: an AES-XTS key with its per-thread cipher contexts. */
@@ -146,7 +166,8 @@ struct nitro_blk_params {
     uint64_t data_offset;
 };
 
-/* Serve one virtio-blk queue: fetch every available chain, do its I/O on
+/* Serve one virtio-blk queue: fetch every available chain (first those an
+ * inflight region says were in flight, see nitro_vq_set_inflight), do its I/O on
  * params->fd directly from/to guest memory (through a per-thread bounce
  * buffer of ciphertext when encrypted), write the status byte, publish
  * to the used ring and signal the call fd (honouring EVENT_IDX). When the

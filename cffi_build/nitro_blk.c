@@ -459,6 +459,8 @@ static int blk_handle(struct nitro_vq *vq, struct nitro_chain *c,
     __atomic_store_n(rq.status, d.status, __ATOMIC_RELAXED);
     nitro_vq_push(vq, c->head, d.used_len);
     nitro_stat_sub(&s->inflight, 1);
+    if (c->resubmitted)
+        nitro_stat_add(&s->resubmitted, 1);
     blk_account(s, &d, now_ns() - start);
     return NITRO_OK;
 }

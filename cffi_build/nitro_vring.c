@@ -11,6 +11,13 @@
  *   only nitro_vq_reset() repairs it;
  * - each memory barrier states what it orders.
  *
+ * Inflight I/O tracking (vhost-user.rst "Inflight I/O tracking", split
+ * layout) lives at the end of this file: a queue with a region records each
+ * head it fetches and each batch it completes there, and on (re)start
+ * repairs the region and resubmits what was still in flight. The region is
+ * shared with the frontend and must make sense after we are SIGKILLed at
+ * any instruction, so its stores are ordered with release fences.
+ *
  * Descriptors that cross from one memory region into an adjacent one are
  * split into one iovec per region (guest-physically contiguous buffers may
  * straddle DIMMs). Indirect tables, which we index as an array, must lie in
@@ -45,6 +52,31 @@ struct vring_desc {
     uint16_t next;
 };
 
+/* vhost-user.rst "Inflight I/O tracking": QueueRegionSplit and its
+ * DescStateSplit entries, 16 bytes each, little-endian like the host. */
+struct inflight_desc {
+    uint8_t inflight;
+    uint8_t padding[5];
+    uint16_t next;
+    uint64_t counter;
+};
+
+struct inflight_region {
+    uint64_t features;
+    uint16_t version;
+    uint16_t desc_num;
+    uint16_t last_batch_head;
+    uint16_t used_idx;
+    struct inflight_desc desc[];
+};
+
+#define INFLIGHT_HEADER sizeof(struct inflight_region)
+#define INFLIGHT_DESC sizeof(struct inflight_desc)
+#define INFLIGHT_VERSION 1
+
+_Static_assert(sizeof(struct inflight_desc) == 16, "DescStateSplit is 16 bytes");
+_Static_assert(sizeof(struct inflight_region) == 16, "QueueRegionSplit header is 16 bytes");
+
 struct nitro_vq {
     uint32_t index;
     uint32_t num;
@@ -67,6 +99,16 @@ struct nitro_vq {
     atomic_bool stop;
     uint32_t fault;
     struct nitro_vq_stats stats;
+    /* Inflight tracking: the region (NULL: none), how many entries it
+     * holds, whether the next pop must first check it (after a new region,
+     * base or ring address), the fetch counter, and the heads to serve
+     * again before the avail ring, oldest first. */
+    struct inflight_region *inflight;
+    uint32_t inflight_entries;
+    bool inflight_check;
+    uint64_t inflight_counter;
+    uint32_t resubmit_n, resubmit_pos;
+    uint16_t resubmit[NITRO_MAX_QUEUE_SIZE];
     struct nitro_chain chain;   /* scratch for nitro_vq_pop() */
 };
 
@@ -187,6 +229,8 @@ int nitro_vq_set_num(struct nitro_vq *vq, uint32_t num)
     if (vq == NULL || num == 0 || num > NITRO_MAX_QUEUE_SIZE ||
         (num & (num - 1)) != 0)
         return NITRO_ERR_ARG;
+    if (vq->inflight != NULL && num > vq->inflight_entries)
+        return NITRO_ERR_ARG;
     if (vq->addr_set) {
         /* The rings were checked for the old size; check them again. */
         struct ring_ptrs p;
@@ -220,6 +264,7 @@ int nitro_vq_set_addr(struct nitro_vq *vq, const struct nitro_mem *mem,
     /* used->idx is ours to write; after a reconnect the value in guest
      * memory is where the previous backend stopped. */
     vq->used_idx = guest_ld16(vq->used + USED_IDX);
+    vq->inflight_check = true;
     return NITRO_OK;
 }
 
@@ -252,6 +297,7 @@ void nitro_vq_set_base(struct nitro_vq *vq, uint16_t last_avail_idx)
     vq->shadow_avail_idx = last_avail_idx;
     vq->unpushed = 0;
     vq->signalled_used_valid = false;
+    vq->inflight_check = true;
 }
 
 uint16_t nitro_vq_get_base(const struct nitro_vq *vq)
@@ -292,6 +338,10 @@ void nitro_vq_reset(struct nitro_vq *vq)
     vq->unpushed = 0;
     vq->signalled_used_valid = false;
     vq->used_flags = 0;
+    vq->inflight = NULL;
+    vq->inflight_entries = 0;
+    vq->inflight_check = false;
+    vq->resubmit_n = vq->resubmit_pos = 0;
 }
 
 void nitro_vq_stop(struct nitro_vq *vq)
@@ -474,10 +524,28 @@ static int walk_chain(struct nitro_vq *vq, uint16_t head,
     }
 }
 
+static int inflight_restart(struct nitro_vq *vq);
+static void inflight_fetched(struct nitro_vq *vq, uint16_t head);
+
 int nitro_vq_pop(struct nitro_vq *vq, struct nitro_chain **out)
 {
     if (nitro_vq_fault(vq) != NITRO_FAULT_NONE)
         return NITRO_ERR_GUEST;
+    if (vq->inflight != NULL && vq->inflight_check) {
+        int rc = inflight_restart(vq);
+        if (rc != NITRO_OK)
+            return rc;
+    }
+    if (vq->resubmit_pos < vq->resubmit_n) {
+        /* Already marked in flight, with its counter: serve it again. */
+        int rc = walk_chain(vq, vq->resubmit[vq->resubmit_pos], &vq->chain);
+        if (rc != NITRO_OK)
+            return rc;
+        vq->resubmit_pos++;
+        vq->chain.resubmitted = true;
+        *out = &vq->chain;
+        return 1;
+    }
     int pending = avail_pending(vq);
     if (pending <= 0)
         return pending;
@@ -486,6 +554,9 @@ int nitro_vq_pop(struct nitro_vq *vq, struct nitro_chain **out)
     int rc = walk_chain(vq, head, &vq->chain);
     if (rc != NITRO_OK)
         return rc;
+    vq->chain.resubmitted = false;
+    if (vq->inflight != NULL)
+        inflight_fetched(vq, head);
     vq->last_avail_idx++;
     if (vq->unpushed < vq->num)
         vq->unpushed++;
@@ -510,11 +581,18 @@ void nitro_vq_unpop(struct nitro_vq *vq, uint16_t n)
     vq->unpushed -= n;
 }
 
+static void inflight_batch_begin(struct nitro_vq *vq, const uint16_t *heads,
+                                 uint32_t n);
+static void inflight_batch_end(struct nitro_vq *vq, const uint16_t *heads,
+                               uint32_t n);
+
 void nitro_vq_push_batch(struct nitro_vq *vq, const uint16_t *heads,
                          const uint32_t *lens, uint32_t n)
 {
     if (n == 0)
         return;
+    if (vq->inflight != NULL)
+        inflight_batch_begin(vq, heads, n);
     for (uint32_t i = 0; i < n; i++) {
         uint8_t *elem = vq->used + USED_RING((uint16_t)(vq->used_idx + i) &
                                              (vq->num - 1));
@@ -527,6 +605,8 @@ void nitro_vq_push_batch(struct nitro_vq *vq, const uint16_t *heads,
      * buffers must be visible before the driver can see the new idx. */
     atomic_thread_fence(memory_order_release);
     guest_st16(vq->used + USED_IDX, vq->used_idx);
+    if (vq->inflight != NULL)
+        inflight_batch_end(vq, heads, n);
     nitro_stat_add(&vq->stats.chains, n);
 }
 
@@ -670,4 +750,209 @@ int nitro_vq_wait_kick(struct nitro_vq *vq, int timeout_ms)
             return NITRO_ERR_SYS;
         }
     }
+}
+
+/* ---- inflight I/O tracking ---------------------------------------------- */
+
+/* Region fields are only ever written by us (the frontend zeroes a fresh
+ * region and reads it after we are gone), but they survive a crash of this
+ * process: every store below is a single untorn store, and the fences
+ * order them as the recovery in inflight_restart() needs. */
+static inline void region_st8(uint8_t *p, uint8_t v)
+{
+    __atomic_store_n(p, v, __ATOMIC_RELAXED);
+}
+
+static inline void region_st16(uint16_t *p, uint16_t v)
+{
+    __atomic_store_n(p, htole16(v), __ATOMIC_RELAXED);
+}
+
+static inline void region_st64(uint64_t *p, uint64_t v)
+{
+    __atomic_store_n(p, htole64(v), __ATOMIC_RELAXED);
+}
+
+static inline uint8_t region_ld8(const uint8_t *p)
+{
+    return __atomic_load_n(p, __ATOMIC_RELAXED);
+}
+
+static inline uint16_t region_ld16(const uint16_t *p)
+{
+    return le16toh(__atomic_load_n(p, __ATOMIC_RELAXED));
+}
+
+static inline uint64_t region_ld64(const uint64_t *p)
+{
+    return le64toh(__atomic_load_n(p, __ATOMIC_RELAXED));
+}
+
+int nitro_vq_set_inflight(struct nitro_vq *vq, void *region, uint64_t size)
+{
+    if (vq == NULL)
+        return NITRO_ERR_ARG;
+    if (region == NULL) {
+        vq->inflight = NULL;
+        vq->inflight_entries = 0;
+        vq->resubmit_n = vq->resubmit_pos = 0;
+        return NITRO_OK;
+    }
+    /* The counters are 64-bit fields accessed atomically. */
+    if ((uintptr_t)region % 8 != 0 || size < INFLIGHT_HEADER + INFLIGHT_DESC)
+        return NITRO_ERR_ARG;
+    uint64_t entries = (size - INFLIGHT_HEADER) / INFLIGHT_DESC;
+    if (entries > NITRO_MAX_QUEUE_SIZE)
+        entries = NITRO_MAX_QUEUE_SIZE;
+    if (vq->num != 0 && vq->num > entries)
+        return NITRO_ERR_ARG;
+    vq->inflight = region;
+    vq->inflight_entries = (uint32_t)entries;
+    vq->inflight_check = true;
+    vq->resubmit_n = vq->resubmit_pos = 0;
+    return NITRO_OK;
+}
+
+/* A fetched head: its counter, then the flag. The release store keeps the
+ * counter before the flag (a crash in between leaves the entry unmarked:
+ * the chain is fetched again from the avail ring), and the caller does no
+ * I/O for it before we return. */
+static void inflight_fetched(struct nitro_vq *vq, uint16_t head)
+{
+    struct inflight_desc *d = &vq->inflight->desc[head];
+    region_st64(&d->counter, ++vq->inflight_counter);
+    __atomic_store_n(&d->inflight, 1, __ATOMIC_RELEASE);
+}
+
+/* Before the used elements: link the batch from last_batch_head through
+ * `next`, so that a crash after used->idx moved can find and clear it. */
+static void inflight_batch_begin(struct nitro_vq *vq, const uint16_t *heads,
+                                 uint32_t n)
+{
+    struct inflight_region *r = vq->inflight;
+    for (uint32_t i = 0; i < n; i++) {
+        if (heads[i] >= vq->num)
+            continue;  /* never popped: nothing to track */
+        region_st16(&r->desc[heads[i]].next, region_ld16(&r->last_batch_head));
+        region_st16(&r->last_batch_head, heads[i]);
+    }
+    /* Release: the batch list must be complete before used->idx (written
+     * by the caller after this) can move past region used_idx. */
+    atomic_thread_fence(memory_order_release);
+}
+
+/* After used->idx was published: clear the flags, then record used_idx.
+ * A crash before the last store leaves used_idx != used->idx, and
+ * inflight_restart() clears this batch again. */
+static void inflight_batch_end(struct nitro_vq *vq, const uint16_t *heads,
+                               uint32_t n)
+{
+    struct inflight_region *r = vq->inflight;
+    /* Release: used->idx before the flags; an entry unmarked while its
+     * used element is not yet published would be lost by a crash. */
+    atomic_thread_fence(memory_order_release);
+    for (uint32_t i = 0; i < n; i++)
+        if (heads[i] < vq->num)
+            region_st8(&r->desc[heads[i]].inflight, 0);
+    /* Release: the flags before used_idx, which says they are right. */
+    atomic_thread_fence(memory_order_release);
+    region_st16(&r->used_idx, vq->used_idx);
+}
+
+struct inflight_head {
+    uint64_t counter;
+    uint16_t head;
+};
+
+static int cmp_inflight(const void *a, const void *b)
+{
+    const struct inflight_head *x = a, *y = b;
+    if (x->counter != y->counter)
+        return x->counter < y->counter ? -1 : 1;
+    /* Equal counters (a frontend or a crash cannot produce them, a bad
+     * region can): the head index keeps the order deterministic. */
+    return (x->head > y->head) - (x->head < y->head);
+}
+
+/* A region the frontend zeroed: take it over. */
+static void inflight_init(struct nitro_vq *vq, uint16_t used)
+{
+    struct inflight_region *r = vq->inflight;
+    for (uint32_t i = 0; i < vq->inflight_entries; i++)
+        region_st8(&r->desc[i].inflight, 0);
+    region_st64(&r->features, 0);
+    region_st16(&r->desc_num, (uint16_t)vq->num);
+    region_st16(&r->last_batch_head, 0);
+    region_st16(&r->used_idx, used);
+    vq->inflight_counter = 0;
+    /* Release: the fields above before the version that vouches for them. */
+    atomic_thread_fence(memory_order_release);
+    region_st16(&r->version, INFLIGHT_VERSION);
+}
+
+/* "When reconnecting": repair the last batch if a crash tore it, then
+ * collect the heads still in flight. The region is the frontend's and
+ * used->idx the guest's: any disagreement is a fault, never a crash. */
+static int inflight_restart(struct nitro_vq *vq)
+{
+    struct inflight_region *r = vq->inflight;
+    uint16_t used = guest_ld16(vq->used + USED_IDX);
+    vq->inflight_check = false;
+    vq->resubmit_n = vq->resubmit_pos = 0;
+    vq->used_idx = used;
+    uint16_t version = region_ld16(&r->version);
+    if (version == 0) {
+        inflight_init(vq, used);
+        return NITRO_OK;
+    }
+    if (version != INFLIGHT_VERSION)
+        return nitro_vq_set_fault(vq, NITRO_FAULT_INFLIGHT);
+
+    uint16_t batch = (uint16_t)(used - region_ld16(&r->used_idx));
+    if (batch > vq->num)
+        return nitro_vq_set_fault(vq, NITRO_FAULT_INFLIGHT);
+    uint16_t i = region_ld16(&r->last_batch_head);
+    for (uint16_t k = 0; k < batch; k++) {
+        if (i >= vq->num)
+            return nitro_vq_set_fault(vq, NITRO_FAULT_INFLIGHT);
+        region_st8(&r->desc[i].inflight, 0);
+        i = region_ld16(&r->desc[i].next);
+    }
+    /* Release: the cleared flags before used_idx says they are right. */
+    atomic_thread_fence(memory_order_release);
+    region_st16(&r->used_idx, used);
+
+    struct inflight_head found[NITRO_MAX_QUEUE_SIZE];
+    uint32_t n = 0;
+    uint64_t top = 0;
+    for (uint32_t h = 0; h < vq->inflight_entries; h++) {
+        if (region_ld8(&r->desc[h].inflight) == 0)
+            continue;
+        /* A head outside the ring cannot have been fetched. */
+        if (h >= vq->num)
+            return nitro_vq_set_fault(vq, NITRO_FAULT_INFLIGHT);
+        uint64_t c = region_ld64(&r->desc[h].counter);
+        found[n++] = (struct inflight_head){.counter = c, .head = (uint16_t)h};
+        if (c > top)
+            top = c;
+    }
+    /* The chains in flight were made available after used->idx and not
+     * yet used: the driver cannot have fewer outstanding (nor more than
+     * the ring holds). avail_pending() checks the idx again later. */
+    uint16_t outstanding = (uint16_t)(guest_ld16(vq->avail + AVAIL_IDX) - used);
+    if (outstanding > vq->num || outstanding < n)
+        return nitro_vq_set_fault(vq, NITRO_FAULT_INFLIGHT);
+    /* Acquire: the descriptors of those chains are read after the idx. */
+    atomic_thread_fence(memory_order_acquire);
+    qsort(found, n, sizeof(found[0]), cmp_inflight);
+    for (uint32_t k = 0; k < n; k++)
+        vq->resubmit[k] = found[k].head;
+    vq->resubmit_n = n;
+    if (top > vq->inflight_counter)
+        vq->inflight_counter = top;
+    /* The frontend set base to used->idx after we crashed; the chains in
+     * flight were taken from the avail ring right after it. */
+    vq->last_avail_idx = vq->shadow_avail_idx = (uint16_t)(used + n);
+    vq->unpushed = 0;
+    return NITRO_OK;
 }

@@ -44,6 +44,7 @@
  * points into guest memory. */
 struct nitro_chain {
     uint16_t head;
+    bool resubmitted;  /* from the inflight region, not the avail ring */
     uint32_t n_out;
     uint32_t n_in;
     uint64_t out_len;

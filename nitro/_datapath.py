@@ -15,6 +15,7 @@ Lifetimes the C side relies on, which callers must respect:
 from __future__ import annotations
 
 import math
+import mmap
 import os
 from typing import Any, Final
 
@@ -28,6 +29,7 @@ FAULT_NAMES: Final[dict[int, str]] = {
     5: "indirect",
     6: "desc_order",
     7: "request",
+    8: "inflight",
 }
 OP_NAMES: Final[tuple[str, ...]] = (
     "in", "out", "flush", "get_id", "discard", "write_zeroes", "unsupported",
@@ -144,6 +146,39 @@ class GuestMemory(_Owned):
         return int(lib.nitro_mem_count(self.ptr))
 
 
+class InflightRegion:
+    """The shared inflight buffer (SET_INFLIGHT_FD) mapped MAP_SHARED.
+
+    ``fd`` stays the caller's (the mapping outlives it). Queues point into
+    the mapping through :meth:`Virtqueue.set_inflight`: detach them (or
+    reset them) before ``close()``, which unmaps."""
+
+    def __init__(self, fd: int, size: int, offset: int = 0) -> None:
+        self.size = size
+        self._mm: mmap.mmap | None = mmap.mmap(
+            fd, size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE,
+            offset=offset)
+        self._buf: Any = ffi.from_buffer("uint8_t[]", self._mm, require_writable=True)
+
+    def pointer(self, offset: int, size: int) -> Any:
+        """A C pointer to [offset, offset + size) of the mapping."""
+        if self._mm is None:
+            raise ValueError("InflightRegion is closed")
+        if offset < 0 or size <= 0 or offset + size > self.size:
+            raise ValueError(f"[{offset}, +{size}) is outside the {self.size}-byte region")
+        return self._buf + offset
+
+    def read(self, offset: int, size: int) -> bytes:
+        """A copy of part of the region (debugging and tests)."""
+        return ffi.buffer(self.pointer(offset, size), size)[:]
+
+    def close(self) -> None:
+        if self._mm is not None:
+            ffi.release(self._buf)
+            self._mm.close()
+            self._mm = None
+
+
 class Virtqueue(_Owned):
     """One split virtqueue's C state (nitro_vq)."""
 
@@ -152,6 +187,7 @@ class Virtqueue(_Owned):
         super().__init__(ffi.NULL if raw == ffi.NULL else ffi.gc(raw, lib.nitro_vq_free))
         self.index = index
         self._mem: GuestMemory | None = None
+        self._inflight: InflightRegion | None = None
 
     def set_num(self, num: int) -> None:
         _check(lib.nitro_vq_set_num(self.ptr, num), "nitro_vq_set_num")
@@ -184,15 +220,29 @@ class Virtqueue(_Owned):
     def set_features(self, bits: int) -> None:
         lib.nitro_vq_set_features(self.ptr, bits)
 
+    def set_inflight(self, region: InflightRegion | None, offset: int = 0,
+                     size: int = 0) -> None:
+        """Track this queue's chains in [offset, offset + size) of region
+        (nitro_vq_set_inflight); None detaches. FrontendError when the part
+        cannot hold the ring size's entries."""
+        if region is None:
+            _check(lib.nitro_vq_set_inflight(self.ptr, ffi.NULL, 0), "nitro_vq_set_inflight")
+            self._inflight = None
+            return
+        _check(lib.nitro_vq_set_inflight(self.ptr, region.pointer(offset, size), size),
+               "nitro_vq_set_inflight")
+        self._inflight = region
+
     @property
     def fault(self) -> str | None:
         code = int(lib.nitro_vq_fault(self.ptr))
         return FAULT_NAMES.get(code, "unknown") if code else None
 
     def reset(self) -> None:
-        """Forget the fault, ring addresses and base."""
+        """Forget the fault, ring addresses, base and inflight region."""
         lib.nitro_vq_reset(self.ptr)
         self._mem = None
+        self._inflight = None
 
     def stop(self) -> None:
         """Make a serving loop return soon; safe from any thread."""
@@ -213,6 +263,7 @@ class Virtqueue(_Owned):
     def close(self) -> None:
         super().close()
         self._mem = None
+        self._inflight = None
 
 
 SECRET_MAX: Final[int] = lib.NITRO_SECRET_MAX
@@ -348,6 +399,7 @@ class BlkStats(_Owned):
                                 for i, b in enumerate(LATENCY_BOUNDS)],
             "latency_sum_seconds": s.latency_sum_ns / 1e9,
             "inflight": int(s.inflight),
+            "resubmitted": int(s.resubmitted),
         }
 
 

@@ -504,7 +504,9 @@ def _format_device(d: dict) -> list[str]:
         mode = "read-only" if d.get("readonly") else "read-write"
         lines.append(f"  capacity:    {d['capacity_bytes']} bytes ({_human_bytes(d['capacity_bytes'])}), {mode}")
     if "inflight" in d:
-        lines.append(f"  inflight:    {d['inflight']}")
+        resubmitted = d.get("resubmitted")
+        extra = f" (resubmitted after restarts: {resubmitted})" if resubmitted else ""
+        lines.append(f"  inflight:    {d['inflight']}{extra}")
     buckets = d.get("latency_buckets") or []
     count = sum(n for _, n in buckets)
     if count:

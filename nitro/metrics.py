@@ -58,7 +58,8 @@ log = logging.getLogger(__name__)
 BLK_OPS = ("in", "out", "flush", "get_id", "discard", "write_zeroes", "unsupported")
 
 #: ``error`` label values of nitro_guest_errors_total (keys of a queue's "faults").
-GUEST_ERRORS = ("avail_idx", "desc_index", "desc_addr", "desc_loop", "indirect", "desc_order", "request")
+GUEST_ERRORS = ("avail_idx", "desc_index", "desc_addr", "desc_loop", "indirect", "desc_order", "request",
+                "inflight")
 
 #: The per-interface allowances (``<name>_allowance_exceeded`` in statistics()["net"]).
 NET_ALLOWANCES = {
@@ -87,6 +88,10 @@ class _Families:
             labels=["device", "op"])
         self.blk_inflight = GaugeMetricFamily(
             "nitro_blk_inflight_requests", "virtio-blk requests taken from the ring and not yet completed.",
+            labels=["device"])
+        self.blk_resubmitted = CounterMetricFamily(
+            "nitro_blk_resubmitted_requests",
+            "virtio-blk requests found in flight in the inflight region after a restart and served again.",
             labels=["device"])
         self.blk_duration = HistogramMetricFamily(
             "nitro_blk_request_duration_seconds",
@@ -222,6 +227,7 @@ def _add_device(f: _Families, stats: dict) -> None:
                 (f.blk_errors, oplabel, counts.get("errors", 0)),
             ]
         adds.append((f.blk_inflight, [dev], stats.get("inflight", 0)))
+        adds.append((f.blk_resubmitted, [dev], stats.get("resubmitted", 0)))
         if "capacity_bytes" in stats:
             adds.append((f.blk_capacity, [dev], stats["capacity_bytes"]))
         if "latency_buckets" in stats:

@@ -35,12 +35,22 @@ Every fd a message carries is either kept (by a Vring) or closed before
 
 from __future__ import annotations
 
+import fcntl
 import logging
+import mmap
 import os
+import stat
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from nitro.vhost.codec import Message, RemoteProtocolError, close_fds, encode_reply
+from nitro.vhost.codec import (
+    Message,
+    RemoteProtocolError,
+    ReplyWithFds,
+    close_fds,
+    encode_reply,
+)
 from nitro.vhost.protocol import (
     REQUESTS_WITH_REPLY,
     U64,
@@ -48,9 +58,11 @@ from nitro.vhost.protocol import (
     VHOST_VRING_F_LOG,
     VRING_REQUESTS,
     DeviceConfig,
+    Inflight,
     ProtocolFeature,
     Request,
     VringState,
+    inflight_queue_region_size,
 )
 from nitro.vhost.vring import Vring
 
@@ -63,7 +75,7 @@ _PF = ProtocolFeature
 # The protocol features this dispatcher implements; a device's offer is
 # masked with it, so nothing is offered that would then be refused.
 SUPPORTED_PROTOCOL_FEATURES = (_PF.MQ | _PF.REPLY_ACK | _PF.CONFIG | _PF.RESET_DEVICE
-                               | _PF.CONFIGURE_MEM_SLOTS | _PF.STATUS)
+                               | _PF.CONFIGURE_MEM_SLOTS | _PF.STATUS | _PF.INFLIGHT_SHMFD)
 
 # Optional requests: the protocol feature gating each, and whether the spec
 # wants it negotiated (True) or only offered by the back-end (False).
@@ -77,11 +89,12 @@ _GATES: dict[Request, tuple[ProtocolFeature, bool]] = {
     Request.REM_MEM_REG: (_PF.CONFIGURE_MEM_SLOTS, True),
     Request.SET_STATUS: (_PF.STATUS, True),
     Request.GET_STATUS: (_PF.STATUS, True),
+    Request.GET_INFLIGHT_FD: (_PF.INFLIGHT_SHMFD, True),
+    Request.SET_INFLIGHT_FD: (_PF.INFLIGHT_SHMFD, True),
 }
 
 _NO_LOGGING = "dirty page logging (live migration) is not supported"
 _NO_POSTCOPY = "postcopy migration (protocol feature PAGEFAULT) is not offered"
-_NO_INFLIGHT = "inflight I/O tracking (protocol feature INFLIGHT_SHMFD) is not offered"
 _UNSUPPORTED: dict[Request, str] = {
     Request.SET_LOG_BASE: _NO_LOGGING,
     Request.SET_LOG_FD: _NO_LOGGING,
@@ -95,15 +108,18 @@ _UNSUPPORTED: dict[Request, str] = {
     Request.POSTCOPY_ADVISE: _NO_POSTCOPY,
     Request.POSTCOPY_LISTEN: _NO_POSTCOPY,
     Request.POSTCOPY_END: _NO_POSTCOPY,
-    Request.GET_INFLIGHT_FD: _NO_INFLIGHT,
-    Request.SET_INFLIGHT_FD: _NO_INFLIGHT,
     Request.GPU_SET_SOCKET: "not a GPU device",
     Request.VRING_KICK: "protocol feature INBAND_NOTIFICATIONS is not offered",
 }
 
 # Requests that change what every ring sees (memory, features, reset).
 _STOPS_ALL = frozenset({Request.SET_MEM_TABLE, Request.ADD_MEM_REG, Request.REM_MEM_REG,
-                        Request.SET_FEATURES, Request.RESET_OWNER, Request.RESET_DEVICE})
+                        Request.SET_FEATURES, Request.RESET_OWNER, Request.RESET_DEVICE,
+                        Request.SET_INFLIGHT_FD})
+
+# The memfd GET_INFLIGHT_FD hands out can neither shrink nor grow (a
+# truncated mapping would SIGBUS the datapath) and its seals are final.
+_INFLIGHT_SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
 
 
 class BackendError(RemoteProtocolError):
@@ -116,6 +132,20 @@ def _datapath_memory() -> Any:
     from nitro import _datapath  # lazily: the cffi extension may not be built
 
     return _datapath.GuestMemory()
+
+
+def _datapath_inflight(fd: int, size: int, offset: int) -> Any:
+    from nitro import _datapath
+
+    return _datapath.InflightRegion(fd, size, offset)
+
+
+@dataclass
+class _WithFds:
+    """A handler's reply payload plus fds to send with it (owned until sent)."""
+
+    payload: object
+    fds: list[int] = field(default_factory=list)
 
 
 def _datapath_errors() -> tuple[type[BaseException], ...]:
@@ -131,16 +161,21 @@ class VhostUserBackend:
 
     ``memory_factory()`` builds an empty guest memory table (default
     ``nitro._datapath.GuestMemory``), ``vq_factory(index)`` a C queue
-    (default ``nitro._datapath.Virtqueue``); ``datapath_errors`` are the
+    (default ``nitro._datapath.Virtqueue``), ``inflight_factory(fd, size,
+    offset)`` maps a SET_INFLIGHT_FD buffer (default
+    ``nitro._datapath.InflightRegion``); ``datapath_errors`` are the
     exception types treated as a failed request (default
     ``(nitro._datapath.DatapathError,)``).
     """
 
     def __init__(self, device: Any, memory_factory: Callable[[], Any] | None = None, *,
                  vq_factory: Callable[[int], Any] | None = None,
+                 inflight_factory: Callable[[int, int, int], Any] | None = None,
                  datapath_errors: tuple[type[BaseException], ...] | None = None) -> None:
         self.device = device
         self._memory_factory = memory_factory or _datapath_memory
+        self._inflight_factory = inflight_factory or _datapath_inflight
+        self.inflight: Any = None  # the mapped SET_INFLIGHT_FD buffer
         self._datapath_errors = _datapath_errors() if datapath_errors is None else datapath_errors
         self.vrings: list[Vring] = [Vring(i, vq_factory=vq_factory)
                                     for i in range(device.num_queues)]
@@ -191,6 +226,7 @@ class VhostUserBackend:
         """End of session: close every vring (fds, C queue) and unmap memory."""
         for vring in self.vrings:
             vring.close()
+        self._drop_inflight()
         if self.memory is not None:
             self.memory.close()
             self.memory = None
@@ -218,6 +254,12 @@ class VhostUserBackend:
                     and message.request not in REQUESTS_WITH_REPLY)
 
     def _reply(self, message: Message, result: object) -> bytes | None:
+        if isinstance(result, _WithFds):
+            try:
+                return ReplyWithFds(encode_reply(message.request, result.payload), result.fds)
+            except BaseException:
+                close_fds(result.fds)
+                raise
         if result is not None:
             return encode_reply(message.request, result)
         return encode_reply(message.request, U64(0)) if self._wants_ack(message) else None
@@ -249,6 +291,7 @@ class VhostUserBackend:
         again (QEMU's CONFIGURE_MEM_SLOTS updates are relative to them)."""
         for vring in self.vrings:
             vring.reset()
+        self._drop_inflight()  # the frontend sends a new one (SET_INFLIGHT_FD)
         self.acked_features = 0
         self.status = 0
         self.device.reset()
@@ -403,6 +446,89 @@ class VhostUserBackend:
             raise BackendError(f"SET_VRING_ENABLE: vring {vring.index}: "
                                f"{state.num} is neither 0 nor 1")
         vring.set_enabled(bool(state.num))
+
+    # -- inflight I/O tracking (vhost-user.rst "Inflight I/O tracking") --------------------
+    def _inflight_layout(self, m: Message) -> tuple[Inflight, int]:
+        """The request's description checked against the device; and the
+        bytes of one queue's region (split layout)."""
+        i = m.payload
+        where = m.request.name
+        if not 1 <= i.num_queues <= len(self.vrings):
+            raise BackendError(f"{where}: num_queues {i.num_queues} is not 1 to "
+                               f"{len(self.vrings)} (the device's queues)")
+        limit = self.device.max_queue_size
+        if not 1 <= i.queue_size <= limit:
+            raise BackendError(f"{where}: queue_size {i.queue_size} is not 1 to {limit}")
+        return i, inflight_queue_region_size(i.queue_size)
+
+    def _handle_get_inflight_fd(self, m: Message) -> _WithFds:
+        """A zeroed, sealed memfd for num_queues split regions; the reply
+        carries it and its size. QEMU keeps it across our restarts and gives
+        it back with SET_INFLIGHT_FD."""
+        i, per_queue = self._inflight_layout(m)
+        size = i.num_queues * per_queue
+        fd = os.memfd_create("nitro-inflight", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+        try:
+            os.ftruncate(fd, size)  # zero-filled: every region is version 0
+            fcntl.fcntl(fd, fcntl.F_ADD_SEALS, _INFLIGHT_SEALS)
+        except BaseException:
+            os.close(fd)
+            raise
+        return _WithFds(Inflight(size, 0, i.num_queues, i.queue_size), [fd])
+
+    def _handle_set_inflight_fd(self, m: Message) -> None:
+        """Map the buffer and point the first num_queues rings at their
+        regions; the other rings track nothing. Replaces an earlier buffer."""
+        i, per_queue = self._inflight_layout(m)
+        need = i.num_queues * per_queue
+        where = "SET_INFLIGHT_FD"
+        if i.mmap_size < need:
+            raise BackendError(f"{where}: mmap_size {i.mmap_size} is less than the {need} bytes "
+                               f"{i.num_queues} queues of {i.queue_size} entries need")
+        if i.mmap_offset % mmap.ALLOCATIONGRANULARITY:
+            raise BackendError(f"{where}: mmap_offset {i.mmap_offset} is not page-aligned")
+        fd = m.fds[0]
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise BackendError(f"{where}: the fd is not a memfd or regular file")
+        if st.st_size < i.mmap_offset + need:
+            raise BackendError(f"{where}: the fd holds {st.st_size} bytes, less than "
+                               f"mmap_offset {i.mmap_offset} + {need}")
+        try:
+            region = self._inflight_factory(fd, need, i.mmap_offset)  # fd closed by handle()
+        except (OSError, ValueError) as e:
+            raise BackendError(f"{where}: cannot map the buffer: {e}") from e
+        try:
+            for vring in self.vrings:
+                if vring.index < i.num_queues:
+                    vring.set_inflight(region, vring.index * per_queue, per_queue)
+                else:
+                    vring.set_inflight(None)
+        except BaseException:
+            # No ring tracks anything now: the old buffer goes too.
+            self._detach_inflight()
+            region.close()
+            self._drop_inflight()
+            raise
+        old, self.inflight = self.inflight, region
+        if old is not None:
+            old.close()
+        log.info("inflight buffer mapped", extra={"fields": {
+            "queues": i.num_queues, "queue_size": i.queue_size, "bytes": need}})
+
+    def _detach_inflight(self) -> None:
+        for vring in self.vrings:
+            try:
+                vring.set_inflight(None)
+            except self._datapath_errors:
+                pass  # detaching cannot fail in C; a closed queue has nothing
+
+    def _drop_inflight(self) -> None:
+        """Unmap the buffer. Only once no C queue points into it: the rings
+        were reset, closed or detached."""
+        if self.inflight is not None:
+            self.inflight.close()
+            self.inflight = None
 
     # -- config space and status ------------------------------------------------------------
     def _handle_get_config(self, m: Message) -> DeviceConfig | bytes:

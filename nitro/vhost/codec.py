@@ -56,7 +56,7 @@ from nitro.vhost.protocol import (
 
 __all__ = [
     "CLOSED", "NEED_DATA", "FrontendConnection", "LocalProtocolError", "Message",
-    "ProtocolError", "RemoteProtocolError", "close_fds", "encode_reply",
+    "ProtocolError", "RemoteProtocolError", "ReplyWithFds", "close_fds", "encode_reply",
 ]
 
 
@@ -102,6 +102,22 @@ class Message:
         """Wire bytes (without the fds), as a front-end would send them."""
         body = b"" if self.payload is None else self.payload.encode()
         return Header(int(self.request), self.flags, len(body)).encode() + body
+
+
+class ReplyWithFds(bytes):
+    """Reply bytes that go out with file descriptors (GET_INFLIGHT_FD's
+    shared buffer), attached as SCM_RIGHTS to the reply's first byte.
+
+    It is the bytes of the reply, so code that only sends bytes still works;
+    ``fds`` belong to the reply: whoever sends it closes them once sent, or
+    closes them if it never sends."""
+
+    fds: tuple[int, ...]
+
+    def __new__(cls, data: bytes, fds: Iterable[int]) -> ReplyWithFds:
+        self = super().__new__(cls, data)
+        self.fds = tuple(fds)
+        return self
 
 
 def close_fds(fds: Iterable[int]) -> None:

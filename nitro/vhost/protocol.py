@@ -143,6 +143,8 @@ _REGION = struct.Struct("<QQQQ")
 _MEMORY_HEAD = struct.Struct("<II")
 _SINGLE_REGION = struct.Struct("<QQQQQ")
 _CONFIG_HEAD = struct.Struct("<III")
+_INFLIGHT = struct.Struct("<QQHH")
+_INFLIGHT_PADDED = 24  # sizeof(VhostUserInflight) in C: 8-byte alignment
 
 
 @dataclass(frozen=True)
@@ -328,9 +330,47 @@ class DeviceConfig:
 
 
 @dataclass(frozen=True)
+class Inflight:
+    """"Inflight description" (GET_INFLIGHT_FD / SET_INFLIGHT_FD): mmap_size,
+    mmap_offset, num_queues, queue_size. QEMU sends its C struct, padded to
+    24 bytes; 20 is accepted too, 24 is sent."""
+
+    mmap_size: int
+    mmap_offset: int
+    num_queues: int
+    queue_size: int
+
+    @classmethod
+    def decode(cls, data: bytes) -> Inflight:
+        if len(data) not in (_INFLIGHT.size, _INFLIGHT_PADDED):
+            raise PayloadError(f"an inflight description is {_INFLIGHT_PADDED} bytes "
+                               f"(or {_INFLIGHT.size} unpadded), got {len(data)}")
+        return cls(*_INFLIGHT.unpack_from(data))
+
+    def encode(self) -> bytes:
+        raw = _INFLIGHT.pack(self.mmap_size, self.mmap_offset, self.num_queues, self.queue_size)
+        return raw + bytes(_INFLIGHT_PADDED - len(raw))
+
+
+# "Inflight I/O tracking", split virtqueue: a QueueRegionSplit header (u64
+# features, u16 version, desc_num, last_batch_head, used_idx) and one
+# 16-byte DescStateSplit per ring entry; each queue's region is padded to
+# 64 bytes, as QEMU's libvhost-user and DPDK lay the buffer out.
+INFLIGHT_REGION_HEADER = 16
+INFLIGHT_DESC_SIZE = 16
+INFLIGHT_REGION_ALIGN = 64
+
+
+def inflight_queue_region_size(queue_size: int) -> int:
+    """Bytes of one queue's region in the inflight buffer."""
+    n = INFLIGHT_REGION_HEADER + INFLIGHT_DESC_SIZE * queue_size
+    return -(-n // INFLIGHT_REGION_ALIGN) * INFLIGHT_REGION_ALIGN
+
+
+@dataclass(frozen=True)
 class Opaque:
     """A payload kept as bytes: requests nitro never accepts (logging, IOTLB,
-    crypto sessions, inflight tracking), whose layouts need no parsing to be
+    crypto sessions), whose layouts need no parsing to be
     refused. Only the header's size limit applies."""
 
     data: bytes
@@ -375,8 +415,8 @@ PAYLOAD_TYPES: dict[Request, type | None] = {
     Request.POSTCOPY_ADVISE: None,
     Request.POSTCOPY_LISTEN: None,
     Request.POSTCOPY_END: None,
-    Request.GET_INFLIGHT_FD: Opaque,
-    Request.SET_INFLIGHT_FD: Opaque,
+    Request.GET_INFLIGHT_FD: Inflight,
+    Request.SET_INFLIGHT_FD: Inflight,
     Request.GPU_SET_SOCKET: None,
     Request.RESET_DEVICE: None,
     Request.VRING_KICK: VringState,

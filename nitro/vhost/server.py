@@ -160,7 +160,7 @@ class VhostUserServer:
                     list(self._workers) if affected == "all" else list(affected))
                 reply = backend.handle(msg)
                 if reply:
-                    await _send_all(conn, reply)
+                    await _send_all(conn, reply, getattr(reply, "fds", ()))
                 self._reconcile(backend, nursery)
 
     # -- vring workers -----------------------------------------------------
@@ -293,11 +293,20 @@ async def _recv_exact(conn, n: int, *, with_fds: bool):
     return bytes(buf), fds
 
 
-async def _send_all(conn, data: bytes) -> None:
+async def _send_all(conn, data: bytes, fds=()) -> None:
+    """Send every byte; fds go with the first sendmsg (SCM_RIGHTS) and are
+    closed afterwards, sent or not (they belong to the reply)."""
     view = memoryview(data)
-    while view:
-        sent = await conn.send(view)
-        view = view[sent:]
+    try:
+        if fds and view:
+            anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())]
+            sent = await conn.sendmsg([view], anc)
+            view = view[sent:]
+        while view:
+            sent = await conn.send(view)
+            view = view[sent:]
+    finally:
+        _close_all(list(fds))
 
 
 def _fds_from(ancdata) -> list[int]:

@@ -105,6 +105,12 @@ class Vring:
             self.addr = None
             raise
 
+    def set_inflight(self, region: Any, offset: int = 0, size: int = 0) -> None:
+        """SET_INFLIGHT_FD: track this ring's chains in [offset, offset + size)
+        of the mapped inflight buffer; None detaches. C refuses a part too
+        small for the ring size (and a later SET_VRING_NUM that outgrows it)."""
+        self.vq.set_inflight(region, offset, size)
+
     def set_kick(self, fd: int | None) -> None:
         """SET_VRING_KICK: a kick fd starts the ring ("Ring states")."""
         old, self.kick_fd = self.kick_fd, fd
@@ -135,7 +141,8 @@ class Vring:
 
     # -- lifecycle -------------------------------------------------------------
     def reset(self) -> None:
-        """RESET_DEVICE / RESET_OWNER / SET_STATUS 0: back to the initial state."""
+        """RESET_DEVICE / RESET_OWNER / SET_STATUS 0: back to the initial state
+        (the C queue forgets its inflight region too)."""
         self.vq.set_fds(-1, -1)  # before closing: C never holds a closed fd
         self._close_fds()
         self.vq.reset()

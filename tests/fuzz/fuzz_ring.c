@@ -36,6 +36,10 @@
  *              count descriptors, descriptor i's next = i + 1 (long chains
  *              and loops without long inputs)
  *     6 FILL   u16 offset, u16 len, u8 byte            memset
+ *     7 INFLIGHT u16 offset, u8 len, len bytes         the frontend writes
+ *              the inflight region (offset mod its size, which holds 1024
+ *              entries), then SET_INFLIGHT_FD: the queue (re)attaches it
+ *              and its next pop repairs and resubmits from it
  *   and a final SERVE.
  *
  * Guest memory: one memfd laid out [guard][region A][guard][region B][guard],
@@ -70,7 +74,10 @@
 #define CANARY 0xA5
 #define UADDR 0x7f0000000000ull
 #define DISK_LEN (256u * 512u)
-#define OPS 7
+#define OPS 8
+/* One queue's inflight region (vhost-user "Inflight I/O tracking"): a
+ * 16-byte header and 16 bytes per entry, for the largest ring. */
+#define INFLIGHT_LEN (16u + 16u * 1024u)
 #define MAX_OPS 4096
 #define MAX_SERVES 16  /* per input, the final one included */
 
@@ -100,6 +107,7 @@ static const struct layout LAYOUTS[] = {
 static int guest_fd = -1, disk_fd = -1, call_fd = -1;
 static uint8_t *guest;  /* our own view of the whole memfd */
 static uint8_t canaries[GUARD];
+static uint8_t inflight[INFLIGHT_LEN] __attribute__((aligned(64)));
 
 static void die(const char *why)
 {
@@ -286,6 +294,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
      * the input alone, or crashes would not reproduce. */
     memset(guest + OFF_A, 0, REGION);
     memset(guest + OFF_B, 0, REGION);
+    memset(inflight, 0, sizeof(inflight));
     if (ftruncate(disk_fd, 0) < 0 || ftruncate(disk_fd, DISK_LEN) < 0)
         die("ftruncate disk");
 
@@ -366,6 +375,20 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
             uint32_t off = (uint32_t)take(&in, 2);
             uint32_t len = (uint32_t)take(&in, 2);
             span_write(off, NULL, len, (int)take(&in, 1));
+            break;
+        }
+        case 7: {
+            uint32_t off = (uint32_t)take(&in, 2) % INFLIGHT_LEN;
+            uint32_t len = (uint32_t)take(&in, 1);
+            if (len > in.n)
+                len = (uint32_t)in.n;
+            if (len > INFLIGHT_LEN - off)
+                len = INFLIGHT_LEN - off;
+            memcpy(inflight + off, in.p, len);
+            in.p += len;
+            in.n -= len;
+            if (nitro_vq_set_inflight(s.vq, inflight, INFLIGHT_LEN) != NITRO_OK)
+                die("nitro_vq_set_inflight refused a region for 1024 entries");
             break;
         }
         }

@@ -49,8 +49,9 @@ F_EVENT_IDX = 2
 F_RAW_ADDR = 4
 F_READONLY = 8
 
-OP_WRITE, OP_SERVE, OP_SETMEM, OP_RESET, OP_NUM, OP_DESCS, OP_FILL = range(7)
-OPS = 7
+OP_WRITE, OP_SERVE, OP_SETMEM, OP_RESET, OP_NUM, OP_DESCS, OP_FILL, OP_INFLIGHT = range(8)
+OPS = 8
+INFLIGHT_LEN = 16 + 16 * 1024  # fuzz_ring.c: one queue's region for 1024 entries
 
 VRING_DESC_F_NEXT = 1
 VRING_DESC_F_WRITE = 2
@@ -123,6 +124,12 @@ class Program:
         self.ops += struct.pack("<BHHB", OP_FILL, off, length, byte)
         return self
 
+    def inflight(self, off: int, data: bytes = b"") -> Program:
+        """Write data (at most 255 bytes) at off in the inflight region and
+        (re)attach the region to the queue."""
+        self.ops += struct.pack("<BHB", OP_INFLIGHT, off, len(data)) + data
+        return self
+
     # -- driver-side helpers ------------------------------------------------
     def desc_at(self, i: int, addr: int, length: int, flags: int = 0, next_: int = 0,
                 table: int | None = None) -> Program:
@@ -179,14 +186,20 @@ class _Replay:
         self.mm[:] = bytes([CANARY]) * FILE_LEN
         self.mm[OFF_A:OFF_A + REGION] = bytes(REGION)
         self.mm[OFF_B:OFF_B + REGION] = bytes(REGION)
+        self.inflight_fd = os.memfd_create("fuzz-inflight", os.MFD_CLOEXEC)
+        os.ftruncate(self.inflight_fd, INFLIGHT_LEN)
+        self.inflight_mm = mmap.mmap(self.inflight_fd, INFLIGHT_LEN)
+        self.inflight = _datapath.InflightRegion(self.inflight_fd, INFLIGHT_LEN)
         self.r = _Reader(data)
         self.served = 0
         self.errors: list[str] = []
         self.faults: list[str] = []
 
     def close(self) -> None:
+        self.inflight.close()  # the queue was closed first (run)
         self.mm.close()
-        for fd in (self.guest_fd, self.disk_fd, self.call_fd):
+        self.inflight_mm.close()
+        for fd in (self.guest_fd, self.disk_fd, self.call_fd, self.inflight_fd):
             os.close(fd)
 
     @staticmethod
@@ -293,6 +306,11 @@ class _Replay:
                 elif op == OP_FILL:
                     off, n, byte = r.take(2), r.take(2), r.take(1)
                     self._span_write(off, bytes([byte]) * n)
+                elif op == OP_INFLIGHT:
+                    off = r.take(2) % INFLIGHT_LEN
+                    data = r.bytes(r.take(1))[:INFLIGHT_LEN - off]
+                    self.inflight_mm[off:off + len(data)] = data
+                    self.vq.set_inflight(self.inflight, 0, INFLIGHT_LEN)
             self._serve()
             assert self.stats.snapshot()["inflight"] == 0
             return Outcome(self.vq.fault, self.served, self.errors, self.guards_intact(),

@@ -327,8 +327,25 @@ def _fill_and_descs() -> Program:
     return Program().fill(0, 64, 0).avail_ring([0]).serve()
 
 
+def _inflight_resubmit() -> Program:
+    # A request served with a fresh region attached (so it is initialised),
+    # made available again, marked in flight, and the queue "restarted":
+    # the next serve resubmits it from the region.
+    p = request(Program(), 0, T_IN).inflight(0).avail_ring([0]).serve()
+    p.avail_ring([0], start=1).reset(base=1)
+    return p.inflight(16, struct.pack("<B5xHQ", 1, 0, 5)).serve()
+
+
+def _inflight_head_out_of_range() -> Program:
+    # A version-1 region marking entry 900 of a 16-entry ring.
+    p = Program().inflight(0, struct.pack("<QHHHH", 0, 1, 16, 0, 0))
+    return p.inflight(16 + 16 * 900, struct.pack("<B5xHQ", 1, 0, 1)).serve()
+
+
 SEEDS: dict[str, tuple[Callable[[], Program], object]] = {
     "blk-read": (_blk_read, None),
+    "inflight-resubmit": (_inflight_resubmit, None),
+    "inflight-head-out-of-range": (_inflight_head_out_of_range, "inflight"),
     "blk-write-indirect": (_blk_write_indirect, None),
     "blk-mixed": (_blk_mixed, None),
     "desc-loop": (_desc_loop, "desc_loop"),

@@ -66,6 +66,8 @@ def test_ring_seeds_that_complete_requests_do(name="blk-mixed"):
     assert replay(ring_seeds.SEEDS[name][0]().encode()).served == 5
     out = replay(ring_seeds.SEEDS["set-mem-between-serves"][0]().encode())
     assert out.served >= 2, out  # served before and after a table swap
+    out = replay(ring_seeds.SEEDS["inflight-resubmit"][0]().encode())
+    assert out.served == 2 and out.fault is None, out  # the second one resubmitted
 
 
 VHOST_EXPECT = {

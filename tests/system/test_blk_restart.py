@@ -11,15 +11,24 @@ guest is stopped, then nitro (gracefully), and the image must hold, at every
 position, the newest acknowledged block for it: intact, or (for the single
 write that was in flight when the guest was stopped) the next one.
 
+QEMU negotiates inflight I/O tracking (INFLIGHT_SHMFD, docs/reliability.md
+"Inflight tracking"): a request nitro had taken off the ring when it died is
+resubmitted from the shared inflight buffer by the next nitro. Whether a kill
+lands inside a request is chance, so every cycle asserts that tracking was
+negotiated and the buffer handed back, and the test reports how many
+requests were resubmitted without requiring any.
+
 `NITRO_SOAK_CYCLES` sets the number of SIGKILL cycles: 20 in `make test`
 (CI), `make soak` runs 200.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import re
+import subprocess
 import time
 
 import pytest
@@ -44,6 +53,7 @@ while :; do
 done
 """
 CYCLES = {"KILL": int(os.environ.get("NITRO_SOAK_CYCLES", "20")), "TERM": 5}
+INFLIGHT_SHMFD = 1 << 12  # VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD
 
 
 def block(seq: int) -> bytes:
@@ -72,6 +82,27 @@ def check_image(image: bytes, acks: list[int]) -> list[str]:
     return bad
 
 
+def _device(n: Nitro) -> dict | None:
+    """vol0's `nitro status --json`; None while the control socket is not up yet."""
+    try:
+        return json.loads(n.status_json())["devices"][0]
+    except subprocess.CalledProcessError:
+        return None
+
+
+def attached_with_inflight(n: Nitro, timeout: float = 60) -> dict:
+    """vol0's status once QEMU has (re)connected, negotiated inflight
+    tracking and handed its inflight buffer to this nitro (SET_INFLIGHT_FD)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        dev = _device(n)
+        if dev and dev.get("connected") and 'msg="inflight buffer mapped"' in n.stderr():
+            assert dev["protocol_features"] & INFLIGHT_SHMFD, "QEMU did not negotiate inflight tracking"
+            return dev
+        assert time.monotonic() < deadline, f"QEMU did not reconnect: {dev}\n{n.stderr()}"
+        time.sleep(0.2)
+
+
 def wait_for_new_ack(guest, after: int, timeout: float) -> int:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -90,9 +121,12 @@ def test_acknowledged_writes_survive_restart_cycles(short_tmp_path, guest_image,
     guest = start_guest(guest_image, WRITER % {"positions": POSITIONS},
                         blk_sockets=[short_tmp_path / "vol0.sock"])
     windows = []
+    resubmitted = []
     try:
         last = wait_for_new_ack(guest, -1, timeout=180)
+        assert "nitro_blk_resubmitted_requests_total" in n.metrics()
         for _cycle in range(CYCLES[sig]):
+            resubmitted.append(attached_with_inflight(n).get("resubmitted", 0))
             time.sleep(rng.uniform(0.0, 1.0))
             t0 = time.monotonic()
             n.halt(sig)
@@ -103,6 +137,7 @@ def test_acknowledged_writes_survive_restart_cycles(short_tmp_path, guest_image,
             n = Nitro(short_tmp_path, CONFIG)
             last = wait_for_new_ack(guest, last, timeout=120)
             windows.append(time.monotonic() - t0)
+        resubmitted.append(attached_with_inflight(n).get("resubmitted", 0))
         guest.kill()
         assert n.stop() == 0, n.stderr()
     finally:
@@ -116,7 +151,8 @@ def test_acknowledged_writes_survive_restart_cycles(short_tmp_path, guest_image,
     bad = check_image((short_tmp_path / "vol0.img").read_bytes(), acks)
     assert not bad, f"{len(bad)} positions lost their acknowledged write after {len(windows)} restarts: {bad[:5]}"
     print(f"\nsoak {sig}: {len(windows)} restarts, {len(acks)} acknowledged writes, "
-          f"kill-to-next-write median {sorted(windows)[len(windows) // 2]:.2f}s max {max(windows):.2f}s")
+          f"kill-to-next-write median {sorted(windows)[len(windows) // 2]:.2f}s max {max(windows):.2f}s, "
+          f"requests resubmitted from the inflight buffer {sum(resubmitted)} {resubmitted}")
 
 
 def test_check_image_catches_a_lost_write():

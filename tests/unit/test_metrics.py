@@ -27,7 +27,7 @@ def blk_stats(dev="vol0", **over):
         ],
         "ops": {op: {"requests": 0, "bytes": 0, "errors": 0} for op in BLK_OPS},
         "latency_buckets": [(2.5e-05, 1), (5e-05, 2), (1e-04, 0), (1e-03, 4), (INF, 1)],
-        "latency_sum_seconds": 0.0125, "inflight": 3,
+        "latency_sum_seconds": 0.0125, "inflight": 3, "resubmitted": 2,
         "protocol_errors": 2, "connections": 4,
     }
     stats["ops"]["in"] = {"requests": 7, "bytes": 7 * 4096, "errors": 1}
@@ -113,6 +113,7 @@ def test_scrape_blk_device(serve):
     assert {dict(k)["op"] for k in samples(fams, "nitro_blk_requests_total")} == set(BLK_OPS)
     assert value(fams, "nitro_blk_requests_total", device="vol0", op="write_zeroes") == 0
     assert value(fams, "nitro_blk_inflight_requests", device="vol0") == 3
+    assert value(fams, "nitro_blk_resubmitted_requests_total", device="vol0") == 2
     assert value(fams, "nitro_blk_capacity_bytes", device="vol0") == 1 << 30
 
     dk = {"device": "vol0", "kind": "blk"}

@@ -9,6 +9,7 @@ under a ring while it is being served.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import struct
 
@@ -20,7 +21,7 @@ from nitro.vhost.backend import (
     BackendError,
     VhostUserBackend,
 )
-from nitro.vhost.codec import NEED_DATA, FrontendConnection, Message, ProtocolError
+from nitro.vhost.codec import NEED_DATA, FrontendConnection, Message, ProtocolError, ReplyWithFds
 from nitro.vhost.protocol import (
     NEED_REPLY,
     REPLY,
@@ -30,6 +31,7 @@ from nitro.vhost.protocol import (
     VHOST_USER_F_PROTOCOL_FEATURES,
     DeviceConfig,
     Header,
+    Inflight,
     MemoryRegion,
     MemoryTable,
     Opaque,
@@ -107,6 +109,7 @@ class FakeVq:
         self.resets = 0
         self.closed = False
         self.fault = None
+        self.inflight = None
 
     def _idle(self) -> None:
         assert not self.serving, f"vq {self.index} changed while being served"
@@ -147,10 +150,16 @@ class FakeVq:
         self._idle()
         self.features = bits
 
+    def set_inflight(self, region, offset=0, size=0):
+        self._idle()
+        if region is not None and self.num and size < 16 + 16 * self.num:
+            raise FakeDatapathError("inflight region too small for the ring")
+        self.inflight = None if region is None else (region, offset, size)
+
     def reset(self):
         self._idle()
         self.resets += 1
-        self.rings, self._base = None, 0
+        self.rings, self._base, self.inflight = None, 0, None
 
     def stop(self):
         pass
@@ -535,7 +544,7 @@ def test_features_not_offered_are_refused(fe):
 
 
 def test_protocol_features_not_offered_are_dropped():
-    device = FakeBlkDevice(protocol_features=PF.MQ | PF.REPLY_ACK | PF.LOG_SHMFD | PF.INFLIGHT_SHMFD)
+    device = FakeBlkDevice(protocol_features=PF.MQ | PF.REPLY_ACK | PF.LOG_SHMFD | PF.PAGEFAULT)
     fe = Frontend(device)
     try:
         offered = fe.call(R.GET_PROTOCOL_FEATURES)
@@ -552,8 +561,6 @@ def test_protocol_features_not_offered_are_dropped():
     (R.SET_LOG_BASE, Opaque(struct.pack("<QQ", 4096, 0)), 1, "SET_LOG_BASE: dirty page logging"),
     (R.SET_LOG_FD, None, 1, "SET_LOG_FD: dirty page logging"),
     (R.SET_BACKEND_REQ_FD, None, 1, "SET_BACKEND_REQ_FD: protocol feature BACKEND_REQ is not offered"),
-    (R.SET_INFLIGHT_FD, Opaque(bytes(24)), 1, "SET_INFLIGHT_FD: inflight I/O tracking"),
-    (R.GET_INFLIGHT_FD, Opaque(bytes(24)), 0, "GET_INFLIGHT_FD: inflight I/O tracking"),
     (R.VRING_KICK, VringState(0, 0), 0, "VRING_KICK: protocol feature INBAND_NOTIFICATIONS"),
     (R.POSTCOPY_ADVISE, None, 0, "POSTCOPY_ADVISE: postcopy migration"),
     (R.IOTLB_MSG, Opaque(bytes(32)), 0, "IOTLB_MSG: no IOMMU support"),
@@ -739,3 +746,169 @@ def test_kick_and_call_must_be_eventfds(fe, request_):
     with pytest.raises(ProtocolError, match="not an eventfd"):
         fe.send(request_, VringFd(0), [not_an_eventfd])
     assert is_closed(not_an_eventfd)
+
+
+# -- inflight I/O tracking (GET_INFLIGHT_FD / SET_INFLIGHT_FD) -----------------------------
+INFLIGHT_PF = PF.MQ | PF.REPLY_ACK | PF.CONFIG | PF.STATUS | PF.INFLIGHT_SHMFD
+REGION_128 = 2112  # align64(16 + 16 * 128)
+
+
+@pytest.fixture
+def fei():
+    frontend = Frontend(FakeBlkDevice(protocol_features=INFLIGHT_PF))
+    negotiate(frontend)
+    yield frontend
+    frontend.close()
+
+
+def get_inflight(fe: Frontend, num_queues=2, queue_size=QUEUE_SIZE) -> tuple[Inflight, int]:
+    reply = fe.send(R.GET_INFLIGHT_FD, Inflight(0, 0, num_queues, queue_size))
+    assert isinstance(reply, ReplyWithFds) and len(reply.fds) == 1
+    head = Header.decode(reply[:12])
+    assert (head.request, head.flags, head.size) == (R.GET_INFLIGHT_FD, VERSION | REPLY, 24)
+    fe.fds += reply.fds  # the sender closes them; Frontend.close() checks that
+    return Inflight.decode(reply[12:]), reply.fds[0]
+
+
+def test_inflight_requests_need_the_feature_negotiated(fe):
+    negotiate(fe)  # the default device does not offer INFLIGHT_SHMFD
+    assert not fe.backend.offered_protocol_features & PF.INFLIGHT_SHMFD
+    with pytest.raises(BackendError, match="GET_INFLIGHT_FD: protocol feature INFLIGHT_SHMFD "
+                                           "was not negotiated"):
+        fe.send(R.GET_INFLIGHT_FD, Inflight(0, 0, 2, QUEUE_SIZE))
+    fd = memfd()
+    assert fe.call(R.SET_INFLIGHT_FD, Inflight(4224, 0, 2, QUEUE_SIZE), [fd], need_reply=True) == 1
+    assert is_closed(fd) and fe.backend.inflight is None
+
+
+def test_inflight_offered_but_not_acked_is_refused():
+    fe = Frontend(FakeBlkDevice(protocol_features=INFLIGHT_PF))
+    try:
+        negotiate(fe, PF.MQ | PF.REPLY_ACK)
+        with pytest.raises(BackendError, match="INFLIGHT_SHMFD was not negotiated"):
+            fe.send(R.GET_INFLIGHT_FD, Inflight(0, 0, 2, QUEUE_SIZE))
+    finally:
+        fe.close()
+
+
+def test_get_inflight_fd_replies_with_a_zeroed_sealed_memfd(fei):
+    info, fd = get_inflight(fei)
+    assert info == Inflight(2 * REGION_128, 0, 2, QUEUE_SIZE)
+    assert os.fstat(fd).st_size == info.mmap_size
+    assert os.pread(fd, info.mmap_size, 0) == bytes(info.mmap_size)
+    seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
+    assert seals & fcntl.F_SEAL_SHRINK and seals & fcntl.F_SEAL_SEAL
+    with pytest.raises(OSError):
+        os.ftruncate(fd, 0)
+    assert fcntl.fcntl(fd, fcntl.F_GETFD) & fcntl.FD_CLOEXEC
+    assert fei.backend.inflight is None, "GET alone maps nothing"
+    os.close(fd)
+
+
+def test_set_inflight_fd_gives_each_ring_its_region_and_reset_drops_it(fei):
+    info, fd = get_inflight(fei, num_queues=1)
+    msg = Message(R.SET_INFLIGHT_FD, VERSION, info, [])
+    assert fei.backend.affected_vrings(msg) == "all"
+    assert fei.call(R.SET_INFLIGHT_FD, info, [fd], need_reply=True) == 0
+    assert is_closed(fd), "the fd is closed once mapped"
+    region = fei.backend.inflight
+    assert region is not None and region.size == REGION_128
+    v0, v1 = (v.vq for v in fei.backend.vrings)
+    assert v0.inflight == (region, 0, REGION_128) and v1.inflight is None
+    # Replacing it: both rings, the old buffer unmapped.
+    info2, fd2 = get_inflight(fei, num_queues=2)
+    fei.send(R.SET_INFLIGHT_FD, info2, [fd2])
+    new = fei.backend.inflight
+    assert v0.inflight == (new, 0, REGION_128) and v1.inflight == (new, REGION_128, REGION_128)
+    with pytest.raises(ValueError, match="closed"):
+        region.pointer(0, 16)
+    # SET_STATUS 0 resets the device: rings detached, buffer unmapped.
+    fei.send(R.SET_STATUS, U64(0))
+    assert fei.backend.inflight is None and v0.inflight is None
+    with pytest.raises(ValueError, match="closed"):
+        new.pointer(0, 16)
+
+
+def test_set_inflight_fd_region_smaller_than_a_ring_is_refused(fei):
+    fei.send(R.SET_VRING_NUM, VringState(0, 256))
+    info, fd = get_inflight(fei, queue_size=64)
+    with pytest.raises(BackendError, match="SET_INFLIGHT_FD: inflight region too small"):
+        fei.send(R.SET_INFLIGHT_FD, info, [fd])
+    assert fei.backend.inflight is None
+    assert all(v.vq.inflight is None for v in fei.backend.vrings)
+
+
+def _sized_memfd(size: int) -> int:
+    fd = memfd()
+    os.ftruncate(fd, size)
+    return fd
+
+
+@pytest.mark.parametrize("payload,make_fd,text", [
+    (Inflight(4224, 0, 0, 128), lambda: _sized_memfd(4224), "num_queues 0 is not 1 to 2"),
+    (Inflight(4224, 0, 3, 128), lambda: _sized_memfd(8192), "num_queues 3 is not 1 to 2"),
+    (Inflight(4224, 0, 2, 0), lambda: _sized_memfd(4224), "queue_size 0 is not 1 to 256"),
+    (Inflight(65536, 0, 2, 512), lambda: _sized_memfd(65536), "queue_size 512 is not 1 to 256"),
+    (Inflight(4000, 0, 2, 128), lambda: _sized_memfd(4224), "mmap_size 4000 is less than the 4224"),
+    (Inflight(4224, 100, 2, 128), lambda: _sized_memfd(8192), "mmap_offset 100 is not page-aligned"),
+    (Inflight(4224, 4096, 2, 128), lambda: _sized_memfd(4224), "the fd holds 4224 bytes"),
+    (Inflight(4224, 0, 2, 128), lambda: _sized_memfd(100), "the fd holds 100 bytes"),
+    (Inflight(4224, 0, 2, 128), eventfd, "not a memfd or regular file"),
+], ids=["no-queues", "too-many-queues", "empty-queue", "queue-too-big", "size-too-small",
+        "offset-unaligned", "offset-beyond-fd", "fd-too-small", "eventfd"])
+def test_set_inflight_fd_bad_descriptions_are_refused(fei, payload, make_fd, text):
+    fd = make_fd()
+    with pytest.raises(BackendError, match=f"SET_INFLIGHT_FD: .*{text}"):
+        fei.send(R.SET_INFLIGHT_FD, payload, [fd])
+    assert is_closed(fd) and fei.backend.inflight is None
+    fd = make_fd()
+    assert fei.call(R.SET_INFLIGHT_FD, payload, [fd], need_reply=True) == 1
+    assert is_closed(fd)
+
+
+def test_get_inflight_fd_bad_descriptions_are_refused(fei):
+    for bad, text in ((Inflight(0, 0, 5, 128), "num_queues 5"), (Inflight(0, 0, 1, 4096), "queue_size 4096")):
+        with pytest.raises(BackendError, match=f"GET_INFLIGHT_FD: {text}"):
+            fei.send(R.GET_INFLIGHT_FD, bad)
+
+
+def test_set_inflight_fd_without_its_fd_is_a_protocol_error(fei):
+    with pytest.raises(ProtocolError, match="SET_INFLIGHT_FD: 0 file descriptors attached, expected 1"):
+        fei.send(R.SET_INFLIGHT_FD, Inflight(4224, 0, 2, 128))
+
+
+def test_close_unmaps_the_inflight_buffer(fei):
+    info, fd = get_inflight(fei)
+    fei.send(R.SET_INFLIGHT_FD, info, [fd])
+    region = fei.backend.inflight
+    fei.backend.close()
+    with pytest.raises(ValueError, match="closed"):
+        region.pointer(0, 16)
+
+
+def test_the_trio_layer_sends_a_replys_fds_and_closes_them():
+    import socket
+
+    import trio
+
+    from nitro.vhost import server
+
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    fd = memfd()
+    os.ftruncate(fd, 4096)
+    reply = ReplyWithFds(b"x" * 36, [fd])
+
+    async def main():
+        conn = trio.socket.from_stdlib_socket(a)
+        await server._send_all(conn, reply, reply.fds)
+
+    try:
+        trio.run(main)
+        assert is_closed(fd), "the sender closes the reply's fds"
+        data, fds, _, _ = socket.recv_fds(b, 100, 4)
+        assert data == b"x" * 36 and len(fds) == 1
+        assert os.fstat(fds[0]).st_size == 4096
+        os.close(fds[0])
+    finally:
+        a.close()
+        b.close()

@@ -29,6 +29,7 @@ from nitro.vhost.protocol import (
     VERSION,
     DeviceConfig,
     Header,
+    Inflight,
     MemoryRegion,
     MemoryTable,
     Opaque,
@@ -78,8 +79,8 @@ SAMPLES: dict[Request, tuple[object, int]] = {
     R.POSTCOPY_ADVISE: (None, 0),
     R.POSTCOPY_LISTEN: (None, 0),
     R.POSTCOPY_END: (None, 0),
-    R.GET_INFLIGHT_FD: (Opaque(bytes(24)), 0),
-    R.SET_INFLIGHT_FD: (Opaque(bytes(24)), 1),
+    R.GET_INFLIGHT_FD: (Inflight(0, 0, 2, 128), 0),
+    R.SET_INFLIGHT_FD: (Inflight(4224, 0, 2, 128), 1),
     R.GPU_SET_SOCKET: (None, 1),
     R.RESET_DEVICE: (None, 0),
     R.VRING_KICK: (VringState(0, 0), 0),
@@ -475,3 +476,14 @@ def test_payload_error_is_a_value_error():
     with pytest.raises(PayloadError):
         VringState.decode(b"1234")
     assert issubclass(PayloadError, ValueError)
+
+
+def test_inflight_description_sizes():
+    """QEMU sends its padded 24-byte struct; 20 unpadded bytes are fine too."""
+    info = Inflight(4224, 0, 2, 128)
+    assert len(info.encode()) == 24
+    assert Inflight.decode(info.encode()) == info
+    assert Inflight.decode(info.encode()[:20]) == info
+    for bad in (16, 21, 32):
+        with pytest.raises(PayloadError, match="inflight description is 24 bytes"):
+            Inflight.decode(bytes(bad))

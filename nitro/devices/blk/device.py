@@ -47,11 +47,12 @@ class BlkDevice(VirtioDevice):
             readonly=cfg.readonly, num_queues=cfg.queues,
             max_discard_sectors=self.config_space.max_discard_sectors,
             max_write_zeroes_sectors=self.config_space.max_write_zeroes_sectors)
-        # No INFLIGHT_SHMFD yet: QEMU would then expect GET_INFLIGHT_FD.
+        # INFLIGHT_SHMFD: requests in flight when nitro dies are served again
+        # after the frontend reconnects (docs/reliability.md "Inflight tracking").
         self.protocol_features = int(
             ProtocolFeature.MQ | ProtocolFeature.REPLY_ACK | ProtocolFeature.CONFIG
             | ProtocolFeature.CONFIGURE_MEM_SLOTS | ProtocolFeature.STATUS
-            | ProtocolFeature.RESET_DEVICE)
+            | ProtocolFeature.RESET_DEVICE | ProtocolFeature.INFLIGHT_SHMFD)
         self.acked_features = 0
         self.params = _datapath.BlkParams(
             fd=volume.fd, capacity_sectors=volume.capacity_sectors,
@@ -91,7 +92,7 @@ class BlkDevice(VirtioDevice):
         ops: dict[str, dict[str, int]] = {}
         buckets: list[list] = []
         lat_sum = 0.0
-        inflight = 0
+        inflight = resubmitted = 0
         for s in self.stats:
             snap = s.snapshot()
             for op, c in snap["ops"].items():
@@ -104,6 +105,7 @@ class BlkDevice(VirtioDevice):
                 agg[1] += n
             lat_sum += snap["latency_sum_seconds"]
             inflight += snap["inflight"]
+            resubmitted += snap["resubmitted"]
         return {
             "kind": self.kind,
             "readonly": self.cfg.readonly,
@@ -112,4 +114,5 @@ class BlkDevice(VirtioDevice):
             "latency_buckets": [tuple(b) for b in buckets],
             "latency_sum_seconds": lat_sum,
             "inflight": inflight,
+            "resubmitted": resubmitted,
         }
