@@ -1,18 +1,25 @@
 """virtio-net switching: nitro's VPC switch against DPDK's vhost PMD, no guest.
 
-    python -m bench.net --seconds 10 --rounds 2
+    python -m bench.net --seconds 10 --rounds 2 [--mode loop|split]
 
-Both sides are driven by the same two dpdk-testpmd net_virtio_user frontends
-(one `txonly` generator, one `rxonly` sink, each busy-polling one lcore):
-- nitro: two [[net]] interfaces in one VPC; the switch copies tx -> rx;
-- DPDK:  one dpdk-testpmd with two net_vhost ports forwarding in `io` mode.
+Backends under test, each on its own CPU (taskset / testpmd --lcores):
+- nitro: two [[net]] interfaces in one VPC; the C switch copies TX -> RX;
+- DPDK:  one dpdk-testpmd forwarding between two net_vhost ports (`io`).
+
+Frontends (dpdk-testpmd net_virtio_user, busy-polling), the same for both:
+- `loop` (default with fewer than 3 CPUs): ONE testpmd on the other CPU owns
+  both virtio-user ports and bounces a burst of frames between them
+  (`--port-topology=loop --forward-mode=5tswap --tx-first`: each port sends
+  back what it received with MAC, IP and ports swapped, so every frame is
+  legal from the port it leaves and passes nitro's anti-spoofing). The rate
+  is frames received per second on both ports together = frames switched.
+  Two busy pollers on two CPUs: frontend and backend each own one.
+- `split` (the issue's layout, needs 3 CPUs): a `txonly` generator and an
+  `rxonly` sink, each on its own CPU; the rate is the sink's.
 Per frame size (64, 1518 B) the backends alternate A, B, A, B (--rounds) and
-the ratio of the median receive rates is reported (field notes: the machines
-have slow periods; compare ratios in one run, not absolutes). For nitro the
-switch's own totals are printed too (frames out of src, into dst's ring,
-dropped at dst for want of RX buffers), to tell a slow sink from a slow
-switch. CPU placement: see _placement() (a 2-CPU machine cannot give the
-polling reference a core of its own).
+the ratio of the median rates is reported (field notes: the machines have
+slow periods; compare ratios in one run, not absolutes). For nitro the
+switch's own totals are printed too.
 """
 
 from __future__ import annotations
@@ -36,22 +43,20 @@ EAL = ["--no-huge", "-m", "1024", "--no-pci"]
 
 
 def _placement() -> tuple[int, int, int]:
-    """CPUs for (sink, generator, backend under test); each testpmd's main
-    lcore shares its forwarding lcore's CPU. With 3+ CPUs each gets its own.
-    With 2 the backend (all of nitro, or the reference testpmd) shares the
-    generator's CPU, the same for both sides, but that is not a fair fight:
-    the reference busy-polls and only runs when the scheduler rotates the two
-    pollers, while nitro's worker sleeps on the kick eventfd and is woken
-    (and preferred) as soon as the generator kicks. See docs/performance.md."""
+    """CPUs for (sink, generator, backend under test) in split mode; in loop
+    mode the frontend uses the first and the backend the last. Each
+    testpmd's main lcore shares its forwarding lcore's CPU."""
     cpus = sorted(os.sched_getaffinity(0))
-    if len(cpus) >= 3:
-        return cpus[0], cpus[1], cpus[2]
-    if len(cpus) == 2:
-        return cpus[0], cpus[1], cpus[1]
-    raise SystemExit("bench.net needs at least 2 CPUs")
+    if len(cpus) < 2:
+        raise SystemExit("bench.net needs at least 2 CPUs")
+    return cpus[0], cpus[1 % len(cpus)], cpus[min(2, len(cpus) - 1)]
 
 
 SINK_CPU, GEN_CPU, BACKEND_CPU = _placement()
+SPLIT_POSSIBLE = len(os.sched_getaffinity(0)) >= 3
+BURST = 64          # frames the loop frontend puts in flight (--tx-first)
+QUEUE_SIZE = 1024   # virtio-user and nitro ring size: room for the burst
+MODE = "loop"       # set by --mode
 _PPS = re.compile(r"Rx-pps:\s+(\d+)")
 
 NITRO_CONFIG = f"""
@@ -66,11 +71,13 @@ id = "src"
 vpc = "bench"
 mac = "{TX_MAC}"
 ip = "198.18.0.1"
+queue_size = {QUEUE_SIZE}
 [[net]]
 id = "dst"
 vpc = "bench"
 mac = "{RX_MAC}"
 ip = "198.18.0.2"
+queue_size = {QUEUE_SIZE}
 """
 
 
@@ -126,32 +133,61 @@ def _wait_log(log: Path, ok, what: str, timeout: float = 90) -> None:
         time.sleep(0.25)
 
 
-def _frontends(tmp: Path, tx_sock: Path, rx_sock: Path, size: int, seconds: float) -> float:
-    """Run sink and generator; return the sink's median Rx pps over
-    `seconds` one-second samples once frames flow."""
+def _sample(log: Path, ports: int, seconds: float) -> float:
+    """Median over `seconds` stats periods of the Rx pps summed over the
+    testpmd's `ports` (it prints one Rx-pps per port per period, port 0
+    first). Counts samples rather than sleeping: testpmd's stats loop is
+    late when the CPUs are busy, and each sample is exact (testpmd divides
+    by its own TSC interval). The period in progress is not used."""
+    _wait_log(log, lambda t: any(_rx_rates_text(t)), "no frame arrived")
+    first = len(_rx_rates(log)) // ports + 1
+    want = max(1, math.ceil(seconds))
+    _wait_log(log, lambda t: len(_rx_rates_text(t)) >= (first + want) * ports,
+              f"testpmd printed fewer than {want} samples", timeout=30 + 4 * want)
+    rates = _rx_rates(log)[first * ports:(first + want) * ports]
+    return statistics.median(sum(rates[i:i + ports]) for i in range(0, len(rates), ports))
+
+
+def _vdev(n: int, sock: Path, mac: str) -> str:
+    return f"net_virtio_user{n},path={sock},mac={mac},queue_size={QUEUE_SIZE}"
+
+
+def _frontends(tmp: Path, a: Path, b: Path, size: int, seconds: float) -> float:
+    return (_split_frontends if MODE == "split" else _loop_frontend)(tmp, a, b, size, seconds)
+
+
+def _loop_frontend(tmp: Path, a: Path, b: Path, size: int, seconds: float) -> float:
+    """One testpmd, both ports, frames bounced between them; frames/s
+    switched. --tx-ip is port a's (its first burst is legal; b's first
+    burst carries a's source and nitro drops it as spoofed, once)."""
+    log = tmp / "loop.log"
+    fe = _testpmd("bnloop", f"0@{SINK_CPU},1@{SINK_CPU}", [_vdev(0, a, TX_MAC), _vdev(1, b, RX_MAC)],
+                  ["--port-topology=loop", "--forward-mode=5tswap", "--tx-first", f"--burst={BURST}",
+                   f"--eth-peer=0,{RX_MAC}", f"--eth-peer=1,{TX_MAC}", "--tx-ip=198.18.0.1,198.18.0.2",
+                   f"--txpkts={size - 4}"], log)
+    try:
+        return _sample(log, 2, seconds)
+    finally:
+        _stop(fe)
+
+
+def _split_frontends(tmp: Path, tx_sock: Path, rx_sock: Path, size: int, seconds: float) -> float:
+    """Sink and generator, one CPU each; the sink's Rx pps."""
     rx_log, tx_log = tmp / "rx.log", tmp / "tx.log"
-    rx = _testpmd("bnrx", f"0@{SINK_CPU},1@{SINK_CPU}", [f"net_virtio_user0,path={rx_sock},mac={RX_MAC}"],
+    rx = _testpmd("bnrx", f"0@{SINK_CPU},1@{SINK_CPU}", [_vdev(0, rx_sock, RX_MAC)],
                   ["--forward-mode=rxonly"], rx_log)
     tx = None
     try:
         _wait_log(rx_log, lambda t: "Rx-pps" in t, "the sink did not start forwarding")
         # --tx-ip must be the interfaces' addresses: nitro drops spoofed sources.
-        tx = _testpmd("bntx", f"0@{GEN_CPU},1@{GEN_CPU}", [f"net_virtio_user0,path={tx_sock},mac={TX_MAC}"],
+        tx = _testpmd("bntx", f"0@{GEN_CPU},1@{GEN_CPU}", [_vdev(0, tx_sock, TX_MAC)],
                       ["--forward-mode=txonly", f"--eth-peer=0,{RX_MAC}", "--tx-ip=198.18.0.1,198.18.0.2",
                        f"--txpkts={size - 4}"], tx_log)
-        _wait_log(rx_log, lambda t: any(_rx_rates_text(t)), "no frame reached the sink")
-        # Count samples rather than sleep: testpmd's stats loop is late when
-        # the CPUs are busy. Each sample is exact (testpmd divides by its
-        # own TSC interval); the first, still ramping, is not used.
-        first = len(_rx_rates(rx_log))
-        want = max(1, math.ceil(seconds))
-        _wait_log(rx_log, lambda t: len(_rx_rates_text(t)) >= first + 1 + want,
-                  f"the sink printed fewer than {want} samples", timeout=30 + 4 * want)
+        return _sample(rx_log, 1, seconds)
     finally:
         if tx is not None:
             _stop(tx)
         _stop(rx)
-    return statistics.median(_rx_rates(rx_log)[first + 1:first + 1 + want])
 
 
 def run_dpdk(tmp: Path, size: int, seconds: float) -> float:
@@ -209,7 +245,12 @@ def main() -> int:
     ap.add_argument("--seconds", type=float, default=10)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--sizes", default="64,1518")
+    ap.add_argument("--mode", choices=("loop", "split"), default="split" if SPLIT_POSSIBLE else "loop")
     args = ap.parse_args()
+    global MODE
+    MODE = args.mode
+    print(f"mode {MODE}: frontend CPU {SINK_CPU}" + (f", generator CPU {GEN_CPU}" if MODE == "split" else "")
+          + f", backend CPU {BACKEND_CPU}", flush=True)
     rows = []
     with tempfile.TemporaryDirectory(prefix="bnet-", dir="/tmp") as d:
         tmp = Path(d)
