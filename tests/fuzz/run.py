@@ -77,7 +77,7 @@ def run(target: str, limit: list[str], seed: int) -> Result:
     m = re.findall(r"stat::number_of_executed_units:\s*(\d+)", text)
     cases = int(m[-1]) if m else 0
     if not m:  # atheris prints libFuzzer's "Done N runs" line
-        done = re.findall(r"Done (\d+) runs", text)
+        done = re.findall(r"Done (\d+) (?:runs|in)", text)  # "Done N runs" / "Done N in S second(s)"
         cases = int(done[-1]) if done else 0
     crashes = sorted(p.name for p in set((BUILD / "artifacts").glob(f"{target}-*")) - before)
     return Result(target, rc == 0 and not crashes, cases, seconds, crashes, log)
