@@ -35,22 +35,38 @@
 
 /* virtio 1.2 5.1.3 feature bits we look at. */
 #define VIRTIO_NET_F_GUEST_CSUM 1
+#define VIRTIO_NET_F_GUEST_TSO4 7
+#define VIRTIO_NET_F_GUEST_TSO6 8
+#define VIRTIO_NET_F_HOST_TSO4 11
+#define VIRTIO_NET_F_HOST_TSO6 12
 #define VIRTIO_NET_F_MRG_RXBUF 15
 /* 5.1.6 virtio_net_hdr flags and gso types. */
 #define VIRTIO_NET_HDR_F_NEEDS_CSUM 1
 #define VIRTIO_NET_HDR_GSO_NONE 0
+#define VIRTIO_NET_HDR_GSO_TCPV4 1
+#define VIRTIO_NET_HDR_GSO_TCPV6 4
 
 #define ETH_HLEN 14
 #define ETH_P_IP 0x0800
 #define ETH_P_ARP 0x0806
+#define ETH_P_IPV6 0x86dd
 #define ETH_P_8021Q 0x8100   /* VLAN tags: not supported, refused */
 #define ETH_P_8021AD 0x88a8
 #define ETH_P_QINQ1 0x9100   /* pre-802.1ad QinQ, still emitted by some stacks */
 #define IPPROTO_ICMP_ 1
+#define IPPROTO_TCP_ 6
 #define IPPROTO_UDP_ 17
+#define TCP_OFF_CHECK 16     /* checksum field in the TCP header */
+#define TCP_FIN 0x01
+#define TCP_PSH 0x08
+#define TCP_CWR 0x80
 #define ICMP_ECHO_REQUEST 8
 #define DHCP_SERVER_PORT 67
-#define SCRATCH_LEN (NITRO_NET_HDR_LEN + NITRO_NET_MAX_FRAME)
+#define FRAME_BUF_LEN (NITRO_NET_HDR_LEN + NITRO_NET_MAX_FRAME)
+/* A TX worker's scratch: the chain (header + frame up to 64 KiB, a TSO
+ * super-frame included), then room for one segment cut from it (at most
+ * the VPC MTU + Ethernet header, itself at most NITRO_NET_MAX_FRAME). */
+#define SCRATCH_LEN (2 * FRAME_BUF_LEN)
 #define TX_BATCH 64
 #define MAX_RX_BUFS 64
 #define DIRTY_MAX 32
@@ -58,7 +74,7 @@
 struct bucket {
     uint64_t rate;      /* units per second; 0: unlimited */
     uint64_t burst;     /* bucket depth */
-    uint64_t tokens;
+    int64_t tokens;     /* < 0: debt of a request larger than burst */
     uint64_t last_ns;
 };
 
@@ -133,11 +149,14 @@ static void bucket_init(struct bucket *b, uint64_t rate, uint64_t min_burst)
     b->rate = rate;
     /* 100 ms worth, at least one unit of the largest request. */
     b->burst = rate / 10 > min_burst ? rate / 10 : min_burst;
-    b->tokens = b->burst;
+    b->tokens = (int64_t)b->burst;
     b->last_ns = now_ns();
 }
 
-/* Take n tokens if there are; refill by elapsed time first. Caller locks. */
+/* Take n tokens if there are; refill by elapsed time first. Caller locks.
+ * A request larger than the bucket (a TSO super-frame counted as its
+ * segments) goes when the bucket is full and leaves it in debt, so the
+ * long-run rate holds and such a request is never refused forever. */
 static bool bucket_take(struct bucket *b, uint64_t n, uint64_t now)
 {
     if (b->rate == 0)
@@ -149,19 +168,21 @@ static bool bucket_take(struct bucket *b, uint64_t n, uint64_t now)
             dt = 1000000000u;
         uint64_t add = dt * b->rate / 1000000000u;
         if (add > 0) {
-            b->tokens = b->tokens + add > b->burst ? b->burst : b->tokens + add;
+            int64_t t = b->tokens + (int64_t)add;
+            b->tokens = t > (int64_t)b->burst ? (int64_t)b->burst : t;
             b->last_ns = now;
         }
     }
-    if (b->tokens < n)
+    uint64_t need = n < b->burst ? n : b->burst;
+    if (b->tokens < (int64_t)need)
         return false;
-    b->tokens -= n;
+    b->tokens -= (int64_t)n;
     return true;
 }
 
-/* Admission of one packet of len bytes in direction in/out; counts the
- * ENA-style allowance counter that refused it. */
-static bool port_admit(struct port *p, uint64_t len, bool in)
+/* Admission of pkts packets (wire segments) of len bytes in all, in
+ * direction in/out; counts the ENA-style allowance counter that refused it. */
+static bool port_admit(struct port *p, uint64_t pkts, uint64_t len, bool in)
 {
     struct bucket *bw = in ? &p->bw_in : &p->bw_out;
     if (bw->rate == 0 && p->pps.rate == 0)
@@ -169,11 +190,11 @@ static bool port_admit(struct port *p, uint64_t len, bool in)
     uint64_t now = now_ns();
     bool ok_pps, ok_bw = true;
     pthread_mutex_lock(&p->bucket_lock);
-    ok_pps = bucket_take(&p->pps, 1, now);
+    ok_pps = bucket_take(&p->pps, pkts, now);
     if (ok_pps) {
         ok_bw = bucket_take(bw, len, now);
         if (!ok_bw && p->pps.rate)
-            p->pps.tokens++;  /* the packet does not go: give its slot back */
+            p->pps.tokens += (int64_t)pkts;  /* it does not go: give back */
     }
     pthread_mutex_unlock(&p->bucket_lock);
     if (!ok_pps)
@@ -242,6 +263,113 @@ static bool complete_csum(uint8_t *buf, uint32_t len)
     frame[start + off + 1] = (uint8_t)c;
     buf[0] &= (uint8_t)~VIRTIO_NET_HDR_F_NEEDS_CSUM;
     return true;
+}
+
+static void st16be(uint8_t *p, uint16_t v)
+{
+    p[0] = (uint8_t)(v >> 8);
+    p[1] = (uint8_t)v;
+}
+
+static uint32_t ld32be(const uint8_t *p)
+{
+    return (uint32_t)p[0] << 24 | (uint32_t)p[1] << 16 | (uint32_t)p[2] << 8 | p[3];
+}
+
+static void st32be(uint8_t *p, uint32_t v)
+{
+    st16be(p, (uint16_t)(v >> 16));
+    st16be(p + 2, (uint16_t)v);
+}
+
+static uint16_t csum_fold(uint32_t sum)
+{
+    while (sum >> 16)
+        sum = (sum & 0xffff) + (sum >> 16);
+    return (uint16_t)sum;
+}
+
+/* RFC 791 header checksum of the IPv4 header at ip (ihl bytes). */
+static void ip4_set_csum(uint8_t *ip, uint32_t ihl)
+{
+    ip[10] = ip[11] = 0;
+    st16be(ip + 10, (uint16_t)~csum_fold(csum_add(0, ip, ihl)));
+}
+
+/* Leave in the TCP checksum field what NEEDS_CSUM asks for (5.1.6.2): the
+ * folded pseudo-header sum (RFC 793 / RFC 8200 8.1) for tcplen bytes of
+ * TCP, so complete_csum or the receiver finishes it. */
+static void tcp_set_pseudo(uint8_t *frame, uint32_t l4, bool v6, uint32_t tcplen)
+{
+    const uint8_t *ip = frame + ETH_HLEN;
+    uint32_t sum = v6 ? csum_add(0, ip + 8, 32) : csum_add(0, ip + 12, 8);
+    sum += IPPROTO_TCP_ + (tcplen >> 16) + (tcplen & 0xffff);
+    st16be(frame + l4 + TCP_OFF_CHECK, csum_fold(sum));
+}
+
+/* ---- TCP segmentation offload ---------------------------------------------- */
+
+/* A super-frame as tx_gso left it: its header is normalised (gso_type,
+ * hdr_len = the real Ethernet + IP + TCP header length, gso_size,
+ * csum_start = the TCP header, csum_offset 16) and its headers checked,
+ * so these fields can be trusted. */
+struct gso {
+    bool v6;
+    uint32_t l4, hlen, mss, paylen, segs;
+};
+
+static void gso_get(const uint8_t *buf, uint32_t len, struct gso *g)
+{
+    g->v6 = buf[1] == VIRTIO_NET_HDR_GSO_TCPV6;
+    g->hlen = ld16le(buf + 2);
+    g->mss = ld16le(buf + 4);
+    g->l4 = ld16le(buf + 6);
+    g->paylen = len - NITRO_NET_HDR_LEN - g->hlen;
+    g->segs = g->paylen == 0 ? 1 : (g->paylen + g->mss - 1) / g->mss;
+}
+
+/* Bytes the segments of a super-frame of flen bytes put on the wire. */
+static uint64_t gso_wire_bytes(const struct gso *g, uint32_t flen)
+{
+    return flen + (uint64_t)(g->segs - 1) * g->hlen;
+}
+
+/* Cut segment i of the super-frame buf into seg (header + frame) and
+ * return its length, header included: headers copied, then IPv4 total
+ * length, ID (+i) and header checksum or IPv6 payload length, TCP sequence
+ * number (+ offset), FIN/PSH kept on the last segment only and CWR on the
+ * first only (RFC 3168 6.1.2), and the TCP checksum left partial
+ * (NEEDS_CSUM) for the receiver's path to finish. */
+static uint32_t gso_cut(const uint8_t *buf, const struct gso *g, uint32_t i,
+                        uint8_t *seg)
+{
+    const uint8_t *f = buf + NITRO_NET_HDR_LEN;
+    uint8_t *s = seg + NITRO_NET_HDR_LEN;
+    uint32_t off = i * g->mss;
+    uint32_t n = g->paylen - off < g->mss ? g->paylen - off : g->mss;
+    memset(seg, 0, NITRO_NET_HDR_LEN);
+    seg[0] = VIRTIO_NET_HDR_F_NEEDS_CSUM;
+    st16le(seg + 6, (uint16_t)g->l4);
+    st16le(seg + 8, TCP_OFF_CHECK);
+    memcpy(s, f, g->hlen);
+    memcpy(s + g->hlen, f + g->hlen + off, n);
+    uint8_t *ip = s + ETH_HLEN, *tcp = s + g->l4;
+    uint32_t tcplen = g->hlen - g->l4 + n;
+    if (g->v6) {
+        st16be(ip + 4, (uint16_t)tcplen);
+    } else {
+        uint32_t ihl = g->l4 - ETH_HLEN;
+        st16be(ip + 2, (uint16_t)(ihl + tcplen));
+        st16be(ip + 4, (uint16_t)(ld16be(f + ETH_HLEN + 4) + i));
+        ip4_set_csum(ip, ihl);
+    }
+    st32be(tcp + 4, ld32be(f + g->l4 + 4) + off);
+    if (off + n < g->paylen)
+        tcp[13] &= (uint8_t)~(TCP_FIN | TCP_PSH);
+    if (i > 0)
+        tcp[13] &= (uint8_t)~TCP_CWR;
+    tcp_set_pseudo(s, g->l4, g->v6, tcplen);
+    return NITRO_NET_HDR_LEN + g->hlen + n;
 }
 
 /* ---- switch tables ------------------------------------------------------- */
@@ -328,7 +456,7 @@ int nitro_switch_set_uplink(struct nitro_switch *sw, uint32_t vpc, int fd,
         return NITRO_ERR_ARG;
     struct vpc *v = &sw->vpcs[vpc];
     if (fd >= 0 && v->uplink_buf == NULL) {
-        v->uplink_buf = malloc(NITRO_NET_HDR_LEN + NITRO_NET_MAX_FRAME);
+        v->uplink_buf = malloc(FRAME_BUF_LEN);
         if (v->uplink_buf == NULL)
             return NITRO_ERR_NOMEM;
     }
@@ -493,15 +621,17 @@ static int fill_ring(struct nitro_vq *vq, bool mrg, const uint8_t *buf,
     return 1;
 }
 
-/* Deliver hdr+frame to port dst. `hint` spreads senders over the
- * destination's queue pairs. If the destination did not negotiate
- * GUEST_CSUM a partial checksum is completed first (in buf, which the
- * caller may reuse). dirty NULL: call the guest now, else once per batch. */
-static bool deliver(struct port *dst, uint8_t *buf, uint32_t len,
-                    uint32_t hint, struct dirty *dirty)
+/* Deliver hdr+frame to port dst as one frame, counted as pkts packets of
+ * bytes bytes in all (a passed-through super-frame: its wire segments).
+ * `hint` spreads senders over the destination's queue pairs. If the
+ * destination did not negotiate GUEST_CSUM a partial checksum is completed
+ * first (in buf, which the caller may reuse). dirty NULL: call the guest
+ * now, else once per batch. */
+static bool deliver_one(struct port *dst, uint8_t *buf, uint32_t len,
+                        uint64_t pkts, uint64_t bytes, uint32_t hint,
+                        struct dirty *dirty)
 {
-    uint32_t flen = len - NITRO_NET_HDR_LEN;
-    if (!port_admit(dst, flen, true))
+    if (!port_admit(dst, pkts, bytes, true))
         return false;
     uint64_t feat = __atomic_load_n(&dst->features, __ATOMIC_RELAXED);
     if (!((feat >> VIRTIO_NET_F_GUEST_CSUM) & 1) && !complete_csum(buf, len)) {
@@ -535,8 +665,8 @@ static bool deliver(struct port *dst, uint8_t *buf, uint32_t len,
         if (rc == 1) {
             if (dirty != NULL)
                 mark_dirty(dirty, slot);
-            nitro_stat_add(&dst->stats.packets_in, 1);
-            nitro_stat_add(&dst->stats.bytes_in, flen);
+            nitro_stat_add(&dst->stats.packets_in, pkts);
+            nitro_stat_add(&dst->stats.bytes_in, bytes);
             return true;
         }
         break;  /* ring full or broken: drop, do not spill to another ring */
@@ -545,7 +675,38 @@ static bool deliver(struct port *dst, uint8_t *buf, uint32_t len,
     return false;
 }
 
-static void to_uplink(struct vpc *v, uint8_t *buf, uint32_t len)
+/* Deliver hdr+frame to port dst. A TSO super-frame goes over whole, its
+ * header kept, to a guest that negotiated GUEST_CSUM and the matching
+ * GUEST_TSO4/6 (5.1.6.4: it then must take such frames), else as
+ * segments cut into seg (FRAME_BUF_LEN; NULL: frame not from a guest, so
+ * never a super-frame). Returns true if anything was delivered. */
+static bool deliver(struct port *dst, uint8_t *buf, uint32_t len, uint8_t *seg,
+                    uint32_t hint, struct dirty *dirty)
+{
+    if (buf[1] == VIRTIO_NET_HDR_GSO_NONE)
+        return deliver_one(dst, buf, len, 1, len - NITRO_NET_HDR_LEN, hint, dirty);
+    struct gso g;
+    gso_get(buf, len, &g);
+    uint64_t feat = __atomic_load_n(&dst->features, __ATOMIC_RELAXED);
+    unsigned tso = g.v6 ? VIRTIO_NET_F_GUEST_TSO6 : VIRTIO_NET_F_GUEST_TSO4;
+    if (((feat >> VIRTIO_NET_F_GUEST_CSUM) & 1) && ((feat >> tso) & 1))
+        return deliver_one(dst, buf, len, g.segs,
+                           gso_wire_bytes(&g, len - NITRO_NET_HDR_LEN), hint, dirty);
+    if (seg == NULL) {
+        drop(&dst->stats, NITRO_NET_DROP_BAD_HEADER);
+        return false;
+    }
+    bool any = false;
+    for (uint32_t i = 0; i < g.segs; i++) {
+        uint32_t sl = gso_cut(buf, &g, i, seg);
+        any |= deliver_one(dst, seg, sl, 1, sl - NITRO_NET_HDR_LEN, hint, dirty);
+    }
+    return any;
+}
+
+/* Write one plain frame to the TAP (opened without IFF_VNET_HDR, so a
+ * partial checksum is completed first). */
+static void tap_write(struct vpc *v, uint8_t *buf, uint32_t len)
 {
     if (!complete_csum(buf, len)) {
         drop(&v->uplink_stats, NITRO_NET_DROP_BAD_HEADER);
@@ -563,10 +724,29 @@ static void to_uplink(struct vpc *v, uint8_t *buf, uint32_t len)
     nitro_stat_add(&v->uplink_stats.bytes_in, len - NITRO_NET_HDR_LEN);
 }
 
+/* To the uplink TAP: a super-frame goes as its segments (the host stack
+ * gets ordinary frames of at most the MTU, checksums complete). */
+static void to_uplink(struct vpc *v, uint8_t *buf, uint32_t len, uint8_t *seg)
+{
+    if (buf[1] == VIRTIO_NET_HDR_GSO_NONE) {
+        tap_write(v, buf, len);
+        return;
+    }
+    if (seg == NULL) {
+        drop(&v->uplink_stats, NITRO_NET_DROP_BAD_HEADER);
+        return;
+    }
+    struct gso g;
+    gso_get(buf, len, &g);
+    for (uint32_t i = 0; i < g.segs; i++)
+        tap_write(v, seg, gso_cut(buf, &g, i, seg));
+}
+
 /* Forward hdr+frame by destination MAC inside VPC v. src is the sending
- * port (NULL: the uplink). Returns true if anyone got it. */
+ * port (NULL: the uplink). seg: room to cut a super-frame's segments in
+ * (see deliver). Returns true if anyone got it. */
 static bool forward(struct nitro_switch *sw, struct vpc *v, struct port *src,
-                    uint8_t *buf, uint32_t len, uint32_t hint,
+                    uint8_t *buf, uint32_t len, uint8_t *seg, uint32_t hint,
                     struct dirty *dirty)
 {
     const uint8_t *dmac = buf + NITRO_NET_HDR_LEN;
@@ -576,10 +756,10 @@ static bool forward(struct nitro_switch *sw, struct vpc *v, struct port *src,
         for (uint32_t i = 0; i < v->nports; i++) {
             struct port *p = &sw->ports[v->ports[i]];
             if (p != src)
-                any |= deliver(p, buf, len, hint, dirty);
+                any |= deliver(p, buf, len, seg, hint, dirty);
         }
         if (src != NULL && v->uplink_fd >= 0) {
-            to_uplink(v, buf, len);
+            to_uplink(v, buf, len, seg);
             any = true;
         }
         return any;
@@ -589,11 +769,11 @@ static bool forward(struct nitro_switch *sw, struct vpc *v, struct port *src,
         if (memcmp(p->mac, dmac, 6) == 0) {
             if (p == src)
                 break;
-            return deliver(p, buf, len, hint, dirty);
+            return deliver(p, buf, len, seg, hint, dirty);
         }
     }
     if (src != NULL && v->uplink_fd >= 0 && memcmp(v->uplink_mac, dmac, 6) == 0) {
-        to_uplink(v, buf, len);
+        to_uplink(v, buf, len, seg);
         return true;
     }
     drop(ss, NITRO_NET_DROP_UNKNOWN_DESTINATION);
@@ -681,7 +861,7 @@ int nitro_switch_inject(struct nitro_switch *sw, uint32_t port,
     uint8_t buf[NITRO_NET_HDR_LEN + NITRO_NET_PUNT_MAX_FRAME];
     memset(buf, 0, NITRO_NET_HDR_LEN);
     memcpy(buf + NITRO_NET_HDR_LEN, frame, len);
-    return deliver(p, buf, len + NITRO_NET_HDR_LEN, 0, NULL) ? 1 : 0;
+    return deliver(p, buf, len + NITRO_NET_HDR_LEN, NULL, 0, NULL) ? 1 : 0;
 }
 
 /* ---- TX classification ----------------------------------------------------- */
@@ -759,30 +939,97 @@ static enum verdict classify(struct vpc *v, struct port *p,
     return FORWARD;  /* IPv6 and others: source MAC checked above */
 }
 
+#define TX_OK (-1)
+
+/* A TSO super-frame (gso_type TCPV4/TCPV6, 5.1.6.2): accepted only with
+ * the matching HOST_TSO4/6 negotiated, NEEDS_CSUM on the TCP checksum,
+ * gso_size > 0, the guest's hdr_len inside the frame (it is only a hint:
+ * the real header length is measured), and the frame really Ethernet +
+ * IPv4 (options allowed, not a fragment) or IPv6 (no extension headers) +
+ * TCP whose IP length is exactly the frame's. The MTU applies to a
+ * segment (headers + gso_size), not to the super-frame. The header is then
+ * normalised for receivers and the checksums are put in the state the
+ * segmenter and a GUEST_TSO receiver expect (IPv4 header checksum
+ * computed, TCP field = pseudo-header sum over the whole TCP length, as
+ * Linux does), whatever convention the sending driver used. */
+static int tx_gso(uint8_t *buf, uint32_t flen, uint64_t feat, uint32_t mtu)
+{
+    uint8_t *frame = buf + NITRO_NET_HDR_LEN;
+    uint8_t type = buf[1];
+    bool v6 = type == VIRTIO_NET_HDR_GSO_TCPV6;
+    /* ECN, UDP and anything else: not offered. */
+    if (!(type == VIRTIO_NET_HDR_GSO_TCPV4 && ((feat >> VIRTIO_NET_F_HOST_TSO4) & 1)) &&
+        !(v6 && ((feat >> VIRTIO_NET_F_HOST_TSO6) & 1)))
+        return NITRO_NET_DROP_BAD_HEADER;
+    uint32_t hint_len = ld16le(buf + 2), mss = ld16le(buf + 4);
+    uint32_t start = ld16le(buf + 6), off = ld16le(buf + 8);
+    if (!(buf[0] & VIRTIO_NET_HDR_F_NEEDS_CSUM) || mss == 0 || hint_len > flen)
+        return NITRO_NET_DROP_BAD_HEADER;
+    const uint8_t *ip = frame + ETH_HLEN;
+    uint16_t etype = ld16be(frame + 12);
+    uint32_t l4, ihl = 0;
+    if (!v6) {
+        if (etype != ETH_P_IP || flen < ETH_HLEN + 20 || (ip[0] >> 4) != 4)
+            return NITRO_NET_DROP_BAD_HEADER;
+        ihl = (uint32_t)(ip[0] & 0xf) * 4;
+        if (ihl < 20 || ip[9] != IPPROTO_TCP_ || (ld16be(ip + 6) & 0x3fff) != 0 ||
+            ETH_HLEN + (uint32_t)ld16be(ip + 2) != flen)
+            return NITRO_NET_DROP_BAD_HEADER;
+        l4 = ETH_HLEN + ihl;
+    } else {
+        if (etype != ETH_P_IPV6 || flen < ETH_HLEN + 40 || (ip[0] >> 4) != 6 ||
+            ip[6] != IPPROTO_TCP_ || ETH_HLEN + 40 + (uint32_t)ld16be(ip + 4) != flen)
+            return NITRO_NET_DROP_BAD_HEADER;
+        l4 = ETH_HLEN + 40;
+    }
+    if (l4 + 20 > flen)
+        return NITRO_NET_DROP_BAD_HEADER;
+    uint32_t doff = (uint32_t)(frame[l4 + 12] >> 4) * 4;
+    if (doff < 20 || l4 + doff > flen || start != l4 || off != TCP_OFF_CHECK)
+        return NITRO_NET_DROP_BAD_HEADER;
+    uint32_t hlen = l4 + doff, paylen = flen - hlen;
+    if (hlen + (paylen < mss ? paylen : mss) > mtu + ETH_HLEN)
+        return NITRO_NET_DROP_MTU;
+    if (!v6)
+        ip4_set_csum(frame + ETH_HLEN, ihl);
+    tcp_set_pseudo(frame, l4, v6, flen - l4);
+    memset(buf, 0, NITRO_NET_HDR_LEN);
+    buf[0] = VIRTIO_NET_HDR_F_NEEDS_CSUM;
+    buf[1] = type;
+    st16le(buf + 2, (uint16_t)hlen);
+    st16le(buf + 4, (uint16_t)mss);
+    st16le(buf + 6, (uint16_t)l4);
+    st16le(buf + 8, TCP_OFF_CHECK);
+    return TX_OK;
+}
+
 /* Check the sender's virtio_net_hdr (5.1.6.2) and replace it by the header
  * receivers get: only NEEDS_CSUM and its offsets survive, gso NONE,
- * num_buffers 0 (fill_ring sets it). Bad offsets are the sender's fault,
- * so they are refused here once, not by each receiver. */
-static bool tx_header(uint8_t *hdr, uint32_t flen)
+ * num_buffers 0 (fill_ring sets it); super-frames see tx_gso. Bad offsets
+ * are the sender's fault, so they are refused here once, not by each
+ * receiver. Returns TX_OK or the drop reason. */
+static int tx_header(uint8_t *hdr, uint32_t flen, uint64_t feat, uint32_t mtu)
 {
     uint8_t flags = hdr[0];
-    /* No HOST_TSO/UFO offered: a GSO header is a driver bug; DATA_VALID
-     * and RSC_INFO are device -> driver only. */
-    if ((flags & ~VIRTIO_NET_HDR_F_NEEDS_CSUM) != 0 ||
-        hdr[1] != VIRTIO_NET_HDR_GSO_NONE)
-        return false;
+    /* DATA_VALID and RSC_INFO are device -> driver only. */
+    if ((flags & ~VIRTIO_NET_HDR_F_NEEDS_CSUM) != 0)
+        return NITRO_NET_DROP_BAD_HEADER;
+    if (hdr[1] != VIRTIO_NET_HDR_GSO_NONE)
+        return tx_gso(hdr, flen, feat, mtu);
     uint16_t start = 0, off = 0;
     if (flags & VIRTIO_NET_HDR_F_NEEDS_CSUM) {
         start = ld16le(hdr + 6);
         off = ld16le(hdr + 8);
         if ((uint32_t)start + off + 2 > flen)
-            return false;
+            return NITRO_NET_DROP_BAD_HEADER;
     }
+    if (flen > mtu + ETH_HLEN)
+        return NITRO_NET_DROP_MTU;
     memset(hdr, 0, NITRO_NET_HDR_LEN);
     hdr[0] = flags;
     st16le(hdr + 6, start);
     st16le(hdr + 8, off);
-    return true;
+    return TX_OK;
 }
 
 struct tx_ctx {
@@ -791,7 +1038,7 @@ struct tx_ctx {
     struct port *p;
     struct vpc *v;
     uint32_t hint;
-    uint8_t *buf;  /* SCRATCH_LEN */
+    uint8_t *buf;  /* SCRATCH_LEN: the chain, then room for one segment */
     struct dirty dirty;
 };
 
@@ -807,21 +1054,32 @@ static void tx_one(struct tx_ctx *t, const struct nitro_chain *c)
     nitro_iov_to_buf(c->iov, (int)c->n_out, t->buf, len);
     uint8_t *frame = t->buf + NITRO_NET_HDR_LEN;
     uint32_t flen = len - NITRO_NET_HDR_LEN;
-    if (!tx_header(t->buf, flen)) {
-        drop(&p->stats, NITRO_NET_DROP_BAD_HEADER);
+    uint64_t feat = __atomic_load_n(&p->features, __ATOMIC_RELAXED);
+    int bad = tx_header(t->buf, flen, feat, t->v->mtu);
+    if (bad != TX_OK) {
+        drop(&p->stats, (unsigned)bad);
         return;
     }
-    if (flen > t->v->mtu + ETH_HLEN) {
-        drop(&p->stats, NITRO_NET_DROP_MTU);
-        return;
+    /* Counted and rate-limited as the segments it puts on the wire. */
+    uint64_t pkts = 1, wire = flen;
+    bool gso = t->buf[1] != VIRTIO_NET_HDR_GSO_NONE;
+    if (gso) {
+        struct gso g;
+        gso_get(t->buf, len, &g);
+        pkts = g.segs;
+        wire = gso_wire_bytes(&g, flen);
     }
-    if (!port_admit(p, flen, false))
+    if (!port_admit(p, pkts, wire, false))
         return;
     enum verdict vd = classify(t->v, p, frame, flen);
     if (vd == DROP)
         return;
-    nitro_stat_add(&p->stats.packets_out, 1);
-    nitro_stat_add(&p->stats.bytes_out, flen);
+    if (vd == PUNT && gso) {  /* control frames are never TCP: defensive */
+        drop(&p->stats, NITRO_NET_DROP_BAD_HEADER);
+        return;
+    }
+    nitro_stat_add(&p->stats.packets_out, pkts);
+    nitro_stat_add(&p->stats.bytes_out, wire);
     if (vd == PUNT) {
         /* Python parses plain frames: complete a partial checksum. */
         if (!complete_csum(t->buf, len)) {
@@ -831,7 +1089,8 @@ static void tx_one(struct tx_ctx *t, const struct nitro_chain *c)
         punt(t->sw, t->port_id, p, frame, flen);
         return;
     }
-    forward(t->sw, t->v, p, t->buf, len, t->hint, &t->dirty);
+    forward(t->sw, t->v, p, t->buf, len, t->buf + FRAME_BUF_LEN, t->hint,
+            &t->dirty);
 }
 
 static int64_t tx_batch(struct tx_ctx *t, struct nitro_vq *vq)
@@ -1061,7 +1320,7 @@ int64_t nitro_switch_uplink_serve(struct nitro_switch *sw, uint32_t vpc,
         memset(buf, 0, NITRO_NET_HDR_LEN);
         nitro_stat_add(&v->uplink_stats.packets_out, 1);
         nitro_stat_add(&v->uplink_stats.bytes_out, (uint64_t)n);
-        forward(sw, v, NULL, buf, (uint32_t)n + NITRO_NET_HDR_LEN, 0, &dirty);
+        forward(sw, v, NULL, buf, (uint32_t)n + NITRO_NET_HDR_LEN, NULL, 0, &dirty);
     }
     flush_dirty(&dirty);
     return total;

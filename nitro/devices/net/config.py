@@ -34,14 +34,48 @@ VIRTIO_NET_S_LINK_UP = 1
 CONFIG_SIZE = 12  # mac[6], status, max_virtqueue_pairs, mtu (le16 each)
 
 
+# virtio 1.2 5.1.3.1: an offload the driver acks only together with another.
+# (The control-queue ones are left to the frontend: QEMU and DPDK's
+# virtio-user keep the control queue themselves.)
+FEATURE_REQUIRES: dict[int, int] = {
+    VIRTIO_NET_F_GUEST_TSO4: VIRTIO_NET_F_GUEST_CSUM,
+    VIRTIO_NET_F_GUEST_TSO6: VIRTIO_NET_F_GUEST_CSUM,
+    VIRTIO_NET_F_GUEST_ECN: VIRTIO_NET_F_GUEST_TSO4,  # or GUEST_TSO6; not offered
+    VIRTIO_NET_F_GUEST_UFO: VIRTIO_NET_F_GUEST_CSUM,
+    VIRTIO_NET_F_HOST_TSO4: VIRTIO_NET_F_CSUM,
+    VIRTIO_NET_F_HOST_TSO6: VIRTIO_NET_F_CSUM,
+    VIRTIO_NET_F_HOST_ECN: VIRTIO_NET_F_HOST_TSO4,  # or HOST_TSO6; not offered
+    VIRTIO_NET_F_HOST_UFO: VIRTIO_NET_F_CSUM,
+}
+
+
 def device_features() -> int:
-    """What nitro offers. No HOST_/GUEST_TSO*: the switch moves frames of at
-    most the VPC MTU, so a guest must segment itself (see docs/network.md)."""
+    """What nitro offers. TSO both ways (HOST_TSO4/6: the guest may send TCP
+    super-frames of up to 64 KiB; GUEST_TSO4/6: nitro may deliver them);
+    no ECN or UFO (see docs/network.md)."""
     bits = (VIRTIO_F_VERSION_1, VIRTIO_NET_F_MAC, VIRTIO_NET_F_STATUS, VIRTIO_NET_F_MTU,
             VIRTIO_NET_F_MRG_RXBUF, VIRTIO_NET_F_CSUM, VIRTIO_NET_F_GUEST_CSUM,
-            VIRTIO_NET_F_CTRL_VQ, VIRTIO_NET_F_MQ, VIRTIO_RING_F_EVENT_IDX,
-            VIRTIO_RING_F_INDIRECT_DESC)
+            VIRTIO_NET_F_HOST_TSO4, VIRTIO_NET_F_HOST_TSO6, VIRTIO_NET_F_GUEST_TSO4,
+            VIRTIO_NET_F_GUEST_TSO6, VIRTIO_NET_F_CTRL_VQ, VIRTIO_NET_F_MQ,
+            VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC)
     return sum(1 << b for b in bits)
+
+
+def missing_dependency(acked: int) -> tuple[int, int] | None:
+    """The first (feature, required feature) pair of 5.1.3.1 that ``acked``
+    breaks, or None. ECN depends on either TSO bit."""
+    for bit, needs in FEATURE_REQUIRES.items():
+        if not acked >> bit & 1:
+            continue
+        if bit == VIRTIO_NET_F_GUEST_ECN:
+            ok = acked & (1 << VIRTIO_NET_F_GUEST_TSO4 | 1 << VIRTIO_NET_F_GUEST_TSO6)
+        elif bit == VIRTIO_NET_F_HOST_ECN:
+            ok = acked & (1 << VIRTIO_NET_F_HOST_TSO4 | 1 << VIRTIO_NET_F_HOST_TSO6)
+        else:
+            ok = acked >> needs & 1
+        if not ok:
+            return bit, needs
+    return None
 
 
 def config_space(mac: bytes, pairs: int, mtu: int, link_up: bool = True) -> bytes:

@@ -50,6 +50,10 @@ class NetDevice(VirtioDevice):
         if acked & (1 << VIRTIO_F_VERSION_1) == 0 and acked:
             # Legacy headers are 10 bytes; the switch speaks virtio_net_hdr_v1.
             raise ValueError("virtio-net without VERSION_1 is not supported")
+        bad = netcfg.missing_dependency(acked)
+        if bad is not None:
+            raise ValueError(f"feature bit {bad[0]} acked without bit {bad[1]} "
+                             "(virtio 1.2 5.1.3.1)")
         self.acked_features = acked
         self.switch.set_port_features(self.port, acked)
 
