@@ -102,6 +102,9 @@ def _net(status: dict, dev_id: str) -> dict:
     return dev["net"]
 
 
+VIRTIO_USER_QUEUE_SIZE = 256  # net_virtio_user's default queue_size
+
+
 def _charged(net: dict) -> int:
     return (sum(net["drops"].values()) + net["pps_allowance_exceeded"]
             + net["bw_out_allowance_exceeded"])
@@ -140,8 +143,12 @@ def test_dpdk_virtio_user_counters_agree(short_tmp_path: Path) -> None:
     a, b = _net(status, "a"), _net(status, "b")
     # Frames flowed for seconds, not one burst (the old "stall").
     assert got["RX-packets"] > 10_000, (sent, got, a, b)
-    # A: every chain testpmd put on the TX ring was taken and counted.
-    assert a["packets_out"] + _charged(a) == sent["TX-packets"], (sent, a)
+    # A: every chain nitro took from the TX ring was counted. When testpmd
+    # stops, chains it had just put on the ring may not have been taken yet
+    # (a busy machine delays nitro's worker); GET_VRING_BASE leaves them for
+    # the next backend, as the spec says: at most one ring's worth.
+    left = sent["TX-packets"] - (a["packets_out"] + _charged(a))
+    assert 0 <= left <= VIRTIO_USER_QUEUE_SIZE, (sent, a)
     assert a["drops"]["spoofed_source"] == 0 and a["drops"]["unknown_destination"] == 0, a
     # The switch: each frame out of A is in B's ring or a drop charged to B.
     assert a["packets_out"] == b["packets_in"] + sum(b["drops"].values()), (a, b)
