@@ -46,7 +46,7 @@ bench: build
 	    if [ -f bench/$$m.py ]; then $(PY) -m bench.$$m || exit 1; fi; \
 	done
 
-# docs/reliability.md "Fuzzing": 10^6 cases per target (vring, blk, vhost),
+# docs/reliability.md "Fuzzing": 10^6 cases per target (vring, blk, vhost, net),
 # then the ASan+UBSan build of the extension replays corpus and regressions.
 fuzz: deps venv
 	$(PY) tests/fuzz/run.py --runs 1000000

@@ -1003,11 +1003,31 @@ static int tx_gso(uint8_t *buf, uint32_t flen, uint64_t feat, uint32_t mtu)
     return TX_OK;
 }
 
+/* Where the L4 header of an IPv4 or IPv6 frame starts (IPv4 options
+ * included; IPv6 extension headers count as L4), or 0 for anything else or
+ * an IPv4 header that does not fit. */
+static uint32_t l4_offset(const uint8_t *frame, uint32_t flen)
+{
+    uint16_t type = ld16be(frame + 12);
+    if (type == ETH_P_IP && flen >= ETH_HLEN + 20) {
+        uint32_t ihl = (uint32_t)(frame[ETH_HLEN] & 0xf) * 4;
+        return ihl >= 20 && ETH_HLEN + ihl <= flen ? ETH_HLEN + ihl : 0;
+    }
+    if (type == ETH_P_IPV6 && flen >= ETH_HLEN + 40)
+        return ETH_HLEN + 40;
+    return 0;
+}
+
 /* Check the sender's virtio_net_hdr (5.1.6.2) and replace it by the header
  * receivers get: only NEEDS_CSUM and its offsets survive, gso NONE,
  * num_buffers 0 (fill_ring sets it); super-frames see tx_gso. Bad offsets
  * are the sender's fault, so they are refused here once, not by each
- * receiver. Returns TX_OK or the drop reason. */
+ * receiver. The checksum is completed after classify (per receiver, or for
+ * the TAP/punt), and its 2 bytes land at csum_start + csum_offset: so
+ * csum_start must be at or past the L4 header of an IPv4/IPv6 frame, or a
+ * guest could rewrite its checked source MAC or IPv4 address (or the
+ * destination) after the anti-spoofing checks with a checksum it chose.
+ * Returns TX_OK or the drop reason. */
 static int tx_header(uint8_t *hdr, uint32_t flen, uint64_t feat, uint32_t mtu)
 {
     uint8_t flags = hdr[0];
@@ -1020,7 +1040,8 @@ static int tx_header(uint8_t *hdr, uint32_t flen, uint64_t feat, uint32_t mtu)
     if (flags & VIRTIO_NET_HDR_F_NEEDS_CSUM) {
         start = ld16le(hdr + 6);
         off = ld16le(hdr + 8);
-        if ((uint32_t)start + off + 2 > flen)
+        uint32_t l4 = l4_offset(hdr + NITRO_NET_HDR_LEN, flen);
+        if ((uint32_t)start + off + 2 > flen || l4 == 0 || start < l4)
             return NITRO_NET_DROP_BAD_HEADER;
     }
     if (flen > mtu + ETH_HLEN)

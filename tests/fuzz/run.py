@@ -2,8 +2,8 @@
 
     python tests/fuzz/run.py [--runs N | --seconds S] [--seed N] [target ...]
 
-Targets: vring, blk (libFuzzer binaries built by tests/fuzz/Makefile into
-build/fuzz/) and vhost (atheris, tests/fuzz/fuzz_vhost.py). Each run starts
+Targets: vring, blk, net (libFuzzer binaries built by tests/fuzz/Makefile
+into build/fuzz/) and vhost (atheris, tests/fuzz/fuzz_vhost.py). Each run starts
 from tests/fuzz/corpus/<target>/ plus tests/fuzz/regressions/<target>/ and
 keeps what it finds in build/fuzz/work/<target>/ (the repo corpus is never
 written). Crashes land in build/fuzz/artifacts/ as <target>-crash-<sha1>;
@@ -25,7 +25,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent.parent
 BUILD = ROOT / "build" / "fuzz"
-TARGETS = ("vring", "blk", "vhost")
+TARGETS = ("vring", "blk", "vhost", "net")
 MAX_LEN = 8192
 
 

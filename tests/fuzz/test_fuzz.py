@@ -1,8 +1,10 @@
 """Fuzzing in the normal test suite (docs/reliability.md "Fuzzing").
 
-- The seed corpus is what seeds.py / vhost_target.py generate, and every
-  seed reaches the guest- or frontend-triggerable state it is named for
-  (replayed through the Python API, not just fed to a fuzzer).
+- The seed corpus is what seeds.py / vhost_target.py / netseeds.py
+  generate, and every
+  ring and vhost seed reaches the guest- or frontend-triggerable state it
+  is named for (replayed through the Python API, not just fed to a
+  fuzzer); net seeds are only fed to the fuzzer (short run below).
 - Every regression file replays cleanly through the Python API.
 - A short fuzz run per target (fixed seed, seed corpus + regressions)
   finds no crash. These need clang and libFuzzer (tools/install-deps.sh);
@@ -18,6 +20,7 @@ import sys
 
 import pytest
 
+from tests.fuzz import netseeds
 from tests.fuzz import run as fuzz_run
 from tests.fuzz import seeds as ring_seeds
 from tests.fuzz.ringfmt import replay
@@ -42,6 +45,13 @@ def test_ring_corpus_matches_seeds_py():
     for target in ("vring", "blk"):
         have = {p.name: p.read_bytes() for p in (HERE / "corpus" / target).glob("seed-*")}
         assert have == want, "run: python -m tests.fuzz.seeds"
+
+
+def test_net_corpus_matches_netseeds_py():
+    want = {f"seed-{n}": d for n, d in netseeds.build().items()}
+    have = {p.name: p.read_bytes() for p in (HERE / "corpus" / "net").glob("seed-*")}
+    assert have == want, "run: python -m tests.fuzz.netseeds"
+    assert all(len(d) <= fuzz_run.MAX_LEN for d in want.values())  # or libFuzzer cuts them
 
 
 def test_vhost_corpus_matches_vhost_target():
@@ -114,6 +124,17 @@ def fuzzers():
     assert clang, "clang is missing: run tools/install-deps.sh (make deps)"
     fuzz_run.build()
     return fuzz_run.BUILD
+
+
+def test_net_inputs_replay_through_the_fuzzer(fuzzers):
+    """The net target has no Python replay: every seed and regression runs
+    once through the fuzzer binary itself (each must end without a report)."""
+    files = sorted(p for d in ("corpus", "regressions")
+                   for p in (HERE / d / "net").glob("*") if p.is_file())
+    assert files
+    proc = subprocess.run([str(fuzzers / "fuzz_net"), *map(str, files)],
+                          capture_output=True, text=True, cwd=fuzzers)
+    assert proc.returncode == 0, proc.stderr[-4000:]
 
 
 @pytest.mark.parametrize("target", fuzz_run.TARGETS)

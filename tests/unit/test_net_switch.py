@@ -302,6 +302,32 @@ def test_tx_header_flags_and_checksum_offsets_are_charged_to_the_sender(net):
     assert net.sw.port_stats(1)["drops"] == dict.fromkeys(_datapath.NET_DROP_REASONS, 0)
 
 
+@pytest.mark.parametrize("guest_csum", [False, True])
+def test_checksum_offsets_before_the_l4_header_are_bad_header(net, guest_csum):
+    """The checksum is completed after the anti-spoofing checks, so a
+    csum_start in the Ethernet or IP header would let the guest overwrite
+    its checked source MAC / IPv4 address with a checksum it chose
+    (found by the net fuzz target: tests/fuzz/regressions/net/
+    crash-csum-rewrites-source-mac)."""
+    net.attach_rx(1)
+    if guest_csum:
+        net.sw.set_port_features(1, (1 << 32) | F_MRG | F_GUEST_CSUM)
+    udp = bytes(Ether(src=A, dst=B) / IP(src=A_IP, dst=B_IP) / UDP(sport=5, dport=6) / b"x")
+    other = bytes(Ether(src=A, dst=B, type=0x88B5) / (b"y" * 40))
+    for frame, start, off in ((udp, 2, 6),    # the field on the source MAC
+                              (udp, 14, 12),  # on the IPv4 source address
+                              (udp, 0, 0),    # on the destination MAC
+                              (udp, 33, 0),   # one byte before UDP
+                              (other, 20, 0)):  # not IP at all
+        net.send(frame, hdr=struct.pack("<BBHHHHH", 1, 0, 0, 0, start, off, 0))
+    assert net.received(1) == []
+    assert net.sw.port_stats(0)["drops"]["bad_header"] == 5
+    # At the L4 header it is fine (UDP checksum field: 34 + 6).
+    net.send(udp, hdr=struct.pack("<BBHHHHH", 1, 0, 0, 0, 34, 6, 0))
+    (got,) = net.received(1)
+    assert got[HDR:HDR + 34] == udp[:34]
+
+
 def test_receiver_gets_a_fresh_header_not_the_senders(net):
     net.attach_rx(1)
     frame = icmp()
