@@ -74,6 +74,7 @@
 
 #include "nitro_net.h"
 #include "nitro_vring.h"
+#include "fuzz_input.h"
 
 #define GUARD 4096u
 #define RING_SLOT 4096u             /* one ring (num 64) per 4 KiB */
@@ -146,27 +147,6 @@ static void check_guards(void)
     for (int g = 0; g < 4; g++)
         if (memcmp(guest + offs[g], canaries, GUARD) != 0)
             die("C wrote outside guest memory (guard canary changed)");
-}
-
-/* ---- input reader ------------------------------------------------------ */
-
-struct in {
-    const uint8_t *p;
-    size_t n;
-};
-
-static uint64_t take(struct in *in, int bytes)
-{
-    uint64_t v = 0;
-    for (int i = 0; i < bytes; i++) {
-        uint64_t b = 0;
-        if (in->n > 0) {
-            b = *in->p++;
-            in->n--;
-        }
-        v |= b << (8 * i);
-    }
-    return v;
 }
 
 /* ---- a driver's side of one split ring (num NUM) in R ------------------- */

@@ -60,6 +60,7 @@
 #include <unistd.h>
 
 #include "nitro_vring.h"
+#include "fuzz_input.h"
 
 #ifndef FUZZ_BLK
 #define FUZZ_BLK 0
@@ -173,27 +174,6 @@ static struct nitro_mem *make_mem(unsigned which, const uint8_t *host[2])
     host[0] = nitro_mem_uaddr_to_host(m, l->ua_a, REGION);
     host[1] = l->has_b ? nitro_mem_uaddr_to_host(m, l->ua_b, REGION) : NULL;
     return m;
-}
-
-/* ---- input reader ---------------------------------------------------- */
-
-struct in {
-    const uint8_t *p;
-    size_t n;
-};
-
-static uint64_t take(struct in *in, int bytes)
-{
-    uint64_t v = 0;
-    for (int i = 0; i < bytes; i++) {
-        uint64_t b = 0;
-        if (in->n > 0) {
-            b = *in->p++;
-            in->n--;
-        }
-        v |= b << (8 * i);
-    }
-    return v;
 }
 
 /* ---- the queue under test --------------------------------------------- */

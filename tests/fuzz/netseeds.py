@@ -17,6 +17,8 @@ from __future__ import annotations
 import struct
 from pathlib import Path
 
+from nitro.vpc.packets import checksum as csum
+
 HERE = Path(__file__).resolve().parent
 
 # Setup bits (fuzz_net.c header).
@@ -78,13 +80,6 @@ def hdr(flags: int = 0, gso: int = 0, hdr_len: int = 0, gso_size: int = 0,
     return struct.pack("<BBHHHHH", flags, gso, hdr_len, gso_size, start, off, 0)
 
 
-def csum(data: bytes) -> int:
-    if len(data) % 2:
-        data += b"\0"
-    s = sum(struct.unpack(f"!{len(data) // 2}H", data))
-    while s >> 16:
-        s = (s & 0xFFFF) + (s >> 16)
-    return ~s & 0xFFFF
 
 
 def eth(dst: bytes, src: bytes, etype: int) -> bytes:
