@@ -208,15 +208,23 @@ def handle_request(line: bytes, daemon_view: DaemonView) -> bytes:
     parsed = _parse(line)
     if isinstance(parsed, bytes):
         return parsed
-    request, cmd = parsed
+    return _answer(daemon_view, *parsed)
+
+
+def _answer(view: DaemonView, request: dict, cmd: str) -> bytes:
+    """Run a parsed synchronous command."""
     handler = _COMMANDS.get(cmd)
     if handler is None:
         return _error(f"command {cmd!r} needs the daemon's event loop (handle_request_async)")
     try:
-        return _encode(handler(daemon_view, request))
+        return _encode(handler(view, request))
     except Exception as exc:
-        log.exception("control: command %s failed", cmd)
-        return _error(f"command {cmd!r} failed: {type(exc).__name__}: {exc}")
+        return _failed(cmd, exc)
+
+
+def _failed(cmd: str, exc: Exception) -> bytes:
+    log.exception("control: command %s failed", cmd)
+    return _error(f"command {cmd!r} failed: {type(exc).__name__}: {exc}")
 
 
 # --------------------------------------------------------------------------
@@ -293,12 +301,11 @@ async def handle_request_async(line: bytes, daemon_view: DaemonView) -> bytes:
     request, cmd = parsed
     handler = _ASYNC_COMMANDS.get(cmd)
     if handler is None:
-        return handle_request(line, daemon_view)
+        return _answer(daemon_view, request, cmd)
     try:
         return _encode(await handler(daemon_view, request))
     except Exception as exc:
-        log.exception("control: command %s failed", cmd)
-        return _error(f"command {cmd!r} failed: {type(exc).__name__}: {exc}")
+        return _failed(cmd, exc)
 
 
 async def _serve_client(stream: trio.SocketStream, view: DaemonView) -> None:
