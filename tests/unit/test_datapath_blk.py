@@ -39,8 +39,10 @@ from tests.unit.virtq import (
     SplitRing,
     blk_header,
     blk_req,
+    disk_file,
     dwz_segment,
     fill,
+    guarded_guest,
     status_of,
 )
 
@@ -52,19 +54,14 @@ SERIAL = b"nitro-serial-0123456"  # exactly 20 bytes: no NUL
 
 @pytest.fixture
 def disk() -> Iterator[int]:
-    fd, path = tempfile.mkstemp(prefix="nitro-blk-")
-    os.unlink(path)
-    os.pwrite(fd, fill(CAPACITY * 512, seed=3), 0)
-    os.fsync(fd)
-    yield fd
-    os.close(fd)
+    with disk_file(CAPACITY * 512, fill(CAPACITY * 512, seed=3)) as fd:
+        yield fd
 
 
 @pytest.fixture
 def guest() -> Iterator[FakeGuest]:
-    with FakeGuest([(GPA, 4 * MiB)]) as g:
+    with guarded_guest(GPA, 4 * MiB) as g:
         yield g
-        assert g.guards_intact(), "C wrote outside guest memory"
 
 
 @pytest.fixture

@@ -14,7 +14,6 @@ import os
 import random
 import signal
 import struct
-import tempfile
 import time
 from collections import deque
 from collections.abc import Iterator
@@ -38,7 +37,9 @@ from tests.unit.virtq import (
     MiB,
     SplitRing,
     blk_req,
+    disk_file,
     fill,
+    guarded_guest,
     status_of,
 )
 
@@ -87,18 +88,14 @@ class Region:
 
 @pytest.fixture
 def disk() -> Iterator[int]:
-    fd, path = tempfile.mkstemp(prefix="nitro-inflight-")
-    os.unlink(path)
-    os.ftruncate(fd, CAPACITY * 512)
-    yield fd
-    os.close(fd)
+    with disk_file(CAPACITY * 512) as fd:
+        yield fd
 
 
 @pytest.fixture
 def guest() -> Iterator[FakeGuest]:
-    with FakeGuest([(GPA, 4 * MiB)]) as g:
+    with guarded_guest(GPA, 4 * MiB) as g:
         yield g
-        assert g.guards_intact(), "C wrote outside guest memory"
 
 
 @pytest.fixture

@@ -39,6 +39,8 @@ from tests.unit.virtq import (
     SplitRing,
     blk_header,
     blk_req,
+    disk_file,
+    guarded_guest,
     status_of,
 )
 
@@ -50,18 +52,14 @@ U64 = 2**64
 
 @pytest.fixture
 def disk() -> Iterator[int]:
-    fd, path = tempfile.mkstemp(prefix="nitro-vring-")
-    os.unlink(path)
-    os.ftruncate(fd, CAPACITY * 512)
-    yield fd
-    os.close(fd)
+    with disk_file(CAPACITY * 512) as fd:
+        yield fd
 
 
 @pytest.fixture
 def guest() -> Iterator[FakeGuest]:
-    with FakeGuest([(GPA, 2 * MiB)]) as g:
+    with guarded_guest(GPA, 2 * MiB) as g:
         yield g
-        assert g.guards_intact(), "C wrote outside guest memory"
 
 
 @pytest.fixture

@@ -14,10 +14,12 @@ used ring, and owns kick/call eventfds.
 
 from __future__ import annotations
 
+import contextlib
 import mmap
 import os
 import struct
-from collections.abc import Sequence
+import tempfile
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Self
 
@@ -129,6 +131,30 @@ class FakeGuest:
     def guards_intact(self) -> bool:
         spans = [(0, GUARD)] + [(r.file_off + r.size, GUARD) for r in self.regions]
         return all(self.mm[o:o + n] == bytes([CANARY]) * n for o, n in spans)
+
+
+@contextlib.contextmanager
+def guarded_guest(gpa: int, size: int) -> Iterator[FakeGuest]:
+    """One-region guest memory whose guards must be intact when the test ends."""
+    with FakeGuest([(gpa, size)]) as g:
+        yield g
+        assert g.guards_intact(), "C wrote outside guest memory"
+
+
+@contextlib.contextmanager
+def disk_file(size: int, content: bytes | None = None) -> Iterator[int]:
+    """An unlinked temporary disk image of `size` bytes (zeros or `content`)."""
+    fd, path = tempfile.mkstemp(prefix="nitro-disk-")
+    os.unlink(path)
+    try:
+        if content is None:
+            os.ftruncate(fd, size)
+        else:
+            os.pwrite(fd, content[:size], 0)
+            os.fsync(fd)
+        yield fd
+    finally:
+        os.close(fd)
 
 
 def _eventfd() -> int:
