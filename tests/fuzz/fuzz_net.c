@@ -74,9 +74,10 @@
 
 #include "nitro_net.h"
 #include "nitro_vring.h"
-#include "fuzz_input.h"
+#define FUZZ_TARGET "fuzz_net"
+#include "fuzz_common.h"
 
-#define GUARD 4096u
+#define GUARD FUZZ_GUARD
 #define RING_SLOT 4096u             /* one ring (num 64) per 4 KiB */
 #define NRINGS 3                    /* TX of port 0, RX of ports 1 and 2 */
 #define R_LEN (NRINGS * RING_SLOT)
@@ -94,7 +95,6 @@
 #define GPA_T 0x100000ull
 #define GPA_X 0x400000ull
 #define UADDR 0x7f0000000000ull     /* + gpa */
-#define CANARY 0xA5
 #define NUM 64
 #define OPS 5
 #define MAX_OPS 4096
@@ -115,38 +115,24 @@ static const uint8_t UPLINK_MAC[6] = {0x02, 0, 0, 0, 0, 0xfe};
 
 static int guest_fd = -1, call_fd = -1, up_fd[2] = {-1, -1};
 static uint8_t *guest;
-static uint8_t canaries[GUARD];
 static uint8_t punt_bufs[NITRO_NET_PUNT_SLOTS * NITRO_NET_PUNT_MAX_FRAME];
 static uint8_t dgram[NITRO_NET_MAX_FRAME + 1];
-
-static void die(const char *why)
-{
-    fprintf(stderr, "fuzz_net: %s\n", why);
-    abort();
-}
 
 static void setup_once(void)
 {
     if (guest != NULL)
         return;
-    guest_fd = memfd_create("fuzz-net-guest", MFD_CLOEXEC);
+    guest = map_guest("fuzz-net-guest", FILE_LEN, &guest_fd);
     call_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
-    if (guest_fd < 0 || call_fd < 0 || ftruncate(guest_fd, FILE_LEN) < 0 ||
+    if (call_fd < 0 ||
         socketpair(AF_UNIX, SOCK_DGRAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0, up_fd) < 0)
         die("setup failed");
-    guest = mmap(NULL, FILE_LEN, PROT_READ | PROT_WRITE, MAP_SHARED, guest_fd, 0);
-    if (guest == MAP_FAILED)
-        die("mmap failed");
-    memset(canaries, CANARY, GUARD);
-    memset(guest, CANARY, FILE_LEN);
 }
 
 static void check_guards(void)
 {
     static const uint32_t offs[4] = {0, OFF_R + R_LEN, OFF_T + T_LEN, OFF_X + X_LEN};
-    for (int g = 0; g < 4; g++)
-        if (memcmp(guest + offs[g], canaries, GUARD) != 0)
-            die("C wrote outside guest memory (guard canary changed)");
+    guards_intact_or_die(guest, offs, 4);
 }
 
 /* ---- a driver's side of one split ring (num NUM) in R ------------------- */

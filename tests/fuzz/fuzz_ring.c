@@ -60,19 +60,19 @@
 #include <unistd.h>
 
 #include "nitro_vring.h"
-#include "fuzz_input.h"
+#define FUZZ_TARGET "fuzz_ring"
+#include "fuzz_common.h"
 
 #ifndef FUZZ_BLK
 #define FUZZ_BLK 0
 #endif
 
-#define GUARD 4096u
+#define GUARD FUZZ_GUARD
 #define REGION 32768u
 #define SPAN (2 * REGION)
 #define FILE_LEN (3 * GUARD + 2 * REGION)
 #define OFF_A GUARD
 #define OFF_B (2 * GUARD + REGION)
-#define CANARY 0xA5
 #define UADDR 0x7f0000000000ull
 #define DISK_LEN (256u * 512u)
 #define OPS 8
@@ -107,38 +107,23 @@ static const struct layout LAYOUTS[] = {
 
 static int guest_fd = -1, disk_fd = -1, call_fd = -1;
 static uint8_t *guest;  /* our own view of the whole memfd */
-static uint8_t canaries[GUARD];
 static uint8_t inflight[INFLIGHT_LEN] __attribute__((aligned(64)));
-
-static void die(const char *why)
-{
-    fprintf(stderr, "fuzz_ring: %s\n", why);
-    abort();
-}
 
 static void setup_once(void)
 {
     if (guest != NULL)
         return;
-    guest_fd = memfd_create("fuzz-guest", MFD_CLOEXEC);
+    guest = map_guest("fuzz-guest", FILE_LEN, &guest_fd);
     disk_fd = memfd_create("fuzz-disk", MFD_CLOEXEC);
     call_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
-    if (guest_fd < 0 || disk_fd < 0 || call_fd < 0 ||
-        ftruncate(guest_fd, FILE_LEN) < 0)
+    if (disk_fd < 0 || call_fd < 0)
         die("setup failed");
-    guest = mmap(NULL, FILE_LEN, PROT_READ | PROT_WRITE, MAP_SHARED, guest_fd, 0);
-    if (guest == MAP_FAILED)
-        die("mmap failed");
-    memset(canaries, CANARY, GUARD);
-    memset(guest, CANARY, FILE_LEN);
 }
 
 static void check_guards(void)
 {
     static const uint32_t offs[3] = {0, OFF_A + REGION, OFF_B + REGION};
-    for (int g = 0; g < 3; g++)
-        if (memcmp(guest + offs[g], canaries, GUARD) != 0)
-            die("C wrote outside guest memory (guard canary changed)");
+    guards_intact_or_die(guest, offs, 3);
 }
 
 static uint8_t *span_ptr(uint32_t off)
