@@ -37,9 +37,10 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench import testpmd
+
 REPO = Path(__file__).resolve().parent.parent
 TX_MAC, RX_MAC = "02:00:00:00:00:01", "02:00:00:00:00:02"
-EAL = ["--no-huge", "-m", "1024", "--no-pci"]
 
 
 def _placement() -> tuple[int, int, int]:
@@ -79,30 +80,6 @@ mac = "{RX_MAC}"
 ip = "198.18.0.2"
 queue_size = {QUEUE_SIZE}
 """
-
-
-def _testpmd(prefix: str, lcores: str, vdevs: list[str], args: list[str], log: Path) -> subprocess.Popen:
-    """Start a non-interactive testpmd. ``--stats-period`` matters beyond the
-    numbers: without it testpmd waits for "Press enter to exit" on stdin and,
-    with stdin at EOF, stops forwarding right after the first burst (which
-    is what once looked like a stalled switch). It runs until SIGINT."""
-    argv = ["stdbuf", "-oL", "dpdk-testpmd", *EAL, "--lcores", lcores, "--file-prefix", prefix]
-    for v in vdevs:
-        argv += ["--vdev", v]
-    argv += ["--", "--auto-start", "--stats-period", "1", "--total-num-mbufs=16384", *args]
-    with open(log, "w") as out:
-        return subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL)
-
-
-def _stop(p: subprocess.Popen) -> None:
-    if p.poll() is None:
-        p.send_signal(signal.SIGINT)
-        try:
-            p.wait(15)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait()
 
 
 def _wait_path(path: Path, timeout: float = 20) -> None:
@@ -161,40 +138,40 @@ def _loop_frontend(tmp: Path, a: Path, b: Path, size: int, seconds: float) -> fl
     switched. --tx-ip is port a's (its first burst is legal; b's first
     burst carries a's source and nitro drops it as spoofed, once)."""
     log = tmp / "loop.log"
-    fe = _testpmd("bnloop", f"0@{SINK_CPU},1@{SINK_CPU}", [_vdev(0, a, TX_MAC), _vdev(1, b, RX_MAC)],
+    fe = testpmd.start("bnloop", f"0@{SINK_CPU},1@{SINK_CPU}", [_vdev(0, a, TX_MAC), _vdev(1, b, RX_MAC)],
                   ["--port-topology=loop", "--forward-mode=5tswap", "--tx-first", f"--burst={BURST}",
                    f"--eth-peer=0,{RX_MAC}", f"--eth-peer=1,{TX_MAC}", "--tx-ip=198.18.0.1,198.18.0.2",
                    f"--txpkts={size - 4}"], log)
     try:
         return _sample(log, 2, seconds)
     finally:
-        _stop(fe)
+        testpmd.interrupt(fe)
 
 
 def _split_frontends(tmp: Path, tx_sock: Path, rx_sock: Path, size: int, seconds: float) -> float:
     """Sink and generator, one CPU each; the sink's Rx pps."""
     rx_log, tx_log = tmp / "rx.log", tmp / "tx.log"
-    rx = _testpmd("bnrx", f"0@{SINK_CPU},1@{SINK_CPU}", [_vdev(0, rx_sock, RX_MAC)],
+    rx = testpmd.start("bnrx", f"0@{SINK_CPU},1@{SINK_CPU}", [_vdev(0, rx_sock, RX_MAC)],
                   ["--forward-mode=rxonly"], rx_log)
     tx = None
     try:
         _wait_log(rx_log, lambda t: "Rx-pps" in t, "the sink did not start forwarding")
         # --tx-ip must be the interfaces' addresses: nitro drops spoofed sources.
-        tx = _testpmd("bntx", f"0@{GEN_CPU},1@{GEN_CPU}", [_vdev(0, tx_sock, TX_MAC)],
+        tx = testpmd.start("bntx", f"0@{GEN_CPU},1@{GEN_CPU}", [_vdev(0, tx_sock, TX_MAC)],
                       ["--forward-mode=txonly", f"--eth-peer=0,{RX_MAC}", "--tx-ip=198.18.0.1,198.18.0.2",
                        f"--txpkts={size - 4}"], tx_log)
         return _sample(rx_log, 1, seconds)
     finally:
         if tx is not None:
-            _stop(tx)
-        _stop(rx)
+            testpmd.interrupt(tx)
+        testpmd.interrupt(rx)
 
 
 def run_dpdk(tmp: Path, size: int, seconds: float) -> float:
     a, b = tmp / "va.sock", tmp / "vb.sock"
     for p in (a, b):
         p.unlink(missing_ok=True)
-    ref = _testpmd("bnref", f"0@{BACKEND_CPU},1@{BACKEND_CPU}",
+    ref = testpmd.start("bnref", f"0@{BACKEND_CPU},1@{BACKEND_CPU}",
                    [f"net_vhost0,iface={a},queues=1", f"net_vhost1,iface={b},queues=1"],
                    ["--forward-mode=io"], tmp / "ref.log")
     try:
@@ -202,7 +179,7 @@ def run_dpdk(tmp: Path, size: int, seconds: float) -> float:
         _wait_path(b)
         return _frontends(tmp, a, b, size, seconds)
     finally:
-        _stop(ref)
+        testpmd.interrupt(ref)
 
 
 def _print_switch_totals(tmp: Path) -> None:

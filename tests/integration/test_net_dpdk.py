@@ -23,21 +23,19 @@ from __future__ import annotations
 import json
 import re
 import shutil
-import signal
 import subprocess
 import time
 from pathlib import Path
 
 import pytest
 
+from bench import testpmd
 from tests.nitro_proc import Nitro
 
 pytestmark = pytest.mark.integration
 
-TESTPMD = "dpdk-testpmd"
 A_MAC, B_MAC = "02:00:00:00:00:0a", "02:00:00:00:00:0b"
 A_IP, B_IP = "198.18.0.10", "198.18.0.11"
-EAL = ["--no-huge", "-m", "1024", "--no-pci"]
 RUN_SECONDS = 3
 
 CONFIG = f"""
@@ -60,15 +58,6 @@ ip = "{B_IP}"
 """
 
 
-def _testpmd(prefix: str, lcores: str, vdev: str, args: list[str], log: Path) -> subprocess.Popen:
-    # --stats-period keeps testpmd forwarding until SIGINT (see the docstring).
-    argv = ["stdbuf", "-oL", TESTPMD, *EAL, "--lcores", lcores, "--file-prefix", prefix,
-            "--vdev", vdev, "--", "--auto-start", "--stats-period", "1",
-            "--total-num-mbufs=8192", *args]
-    with open(log, "w") as out:
-        return subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-
-
 def _wait_for(log: Path, pattern: str, proc: subprocess.Popen, timeout: float = 60) -> None:
     deadline = time.monotonic() + timeout
     while not re.search(pattern, log.read_text(errors="replace")):
@@ -80,12 +69,7 @@ def _wait_for(log: Path, pattern: str, proc: subprocess.Popen, timeout: float = 
 
 def _interrupt(proc: subprocess.Popen, log: Path) -> str:
     """SIGINT testpmd (it prints its forward statistics and exits)."""
-    proc.send_signal(signal.SIGINT)
-    try:
-        proc.wait(30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
+    if not testpmd.interrupt(proc, timeout=30):
         pytest.fail(f"testpmd ignored SIGINT:\n{log.read_text(errors='replace')[-3000:]}")
     return log.read_text(errors="replace")
 
@@ -111,21 +95,21 @@ def _charged(net: dict) -> int:
 
 
 def test_dpdk_virtio_user_counters_agree(short_tmp_path: Path) -> None:
-    if shutil.which(TESTPMD) is None:
-        pytest.fail(f"{TESTPMD} not found: install the Debian package 'dpdk' (tools/install-deps.sh)")
+    if shutil.which(testpmd.TESTPMD) is None:
+        pytest.fail(f"{testpmd.TESTPMD} not found: install the Debian package 'dpdk' (tools/install-deps.sh)")
     tmp = short_tmp_path
     nitro = Nitro(tmp, CONFIG)
     procs: list[subprocess.Popen] = []
     try:
         rx_log, tx_log = tmp / "rx.log", tmp / "tx.log"
-        rx = _testpmd("ntrx", "0@1,1@0", f"net_virtio_user0,path={tmp / 'b.sock'},mac={B_MAC}",
-                      ["--forward-mode=rxonly"], rx_log)
+        rx = testpmd.start("ntrx", "0@1,1@0", [f"net_virtio_user0,path={tmp / 'b.sock'},mac={B_MAC}"],
+                           ["--forward-mode=rxonly"], rx_log, mbufs=8192)
         procs.append(rx)
         _wait_for(rx_log, r"Rx-pps", rx)  # the sink is forwarding
         # --tx-ip must be A's and B's addresses: nitro drops spoofed sources.
-        tx = _testpmd("nttx", "0@0,1@1", f"net_virtio_user0,path={tmp / 'a.sock'},mac={A_MAC}",
-                      ["--forward-mode=txonly", f"--eth-peer=0,{B_MAC}", f"--tx-ip={A_IP},{B_IP}",
-                       "--txpkts=60"], tx_log)
+        tx = testpmd.start("nttx", "0@0,1@1", [f"net_virtio_user0,path={tmp / 'a.sock'},mac={A_MAC}"],
+                           ["--forward-mode=txonly", f"--eth-peer=0,{B_MAC}", f"--tx-ip={A_IP},{B_IP}",
+                            "--txpkts=60"], tx_log, mbufs=8192)
         procs.append(tx)
         _wait_for(rx_log, r"Rx-pps:\s+[1-9]", rx)  # frames arrive
         time.sleep(RUN_SECONDS)
