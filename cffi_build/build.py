@@ -57,7 +57,8 @@ def make_builder() -> cffi.FFI:
         sources=[_path(s) for s in SOURCES],
         depends=[_path(h) for h in HEADERS],
         include_dirs=[str(HERE)],
-        libraries=["crypto"],  # OpenSSL EVP for the AES-XTS datapath
+        # OpenSSL EVP for the AES-XTS datapath; liburing for the engine's blk I/O.
+        libraries=["crypto", "uring"],
         extra_compile_args=["-O2", "-Wall", "-Wextra", "-std=gnu11"],
     )
     return builder

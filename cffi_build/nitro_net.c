@@ -31,6 +31,7 @@
 
 #include "nitro_iov.h"
 #include "nitro_net.h"
+#include "nitro_ring.h"
 #include "nitro_vring.h"
 
 /* virtio 1.2 5.1.3 feature bits we look at. */
@@ -1262,6 +1263,16 @@ static uint8_t ctrl_answer(const struct nitro_chain *c, uint32_t max_pairs)
     return VIRTIO_NET_ERR;
 }
 
+/* Answer one control command: the ack is the last writable byte (5.1.6.5). */
+static void ctrl_complete(struct nitro_vq *vq, const struct nitro_chain *c,
+                          uint32_t max_pairs)
+{
+    uint8_t ack = ctrl_answer(c, max_pairs);
+    const struct iovec *last = &c->iov[c->n_out + c->n_in - 1];
+    ((uint8_t *)last->iov_base)[last->iov_len - 1] = ack;
+    nitro_vq_push(vq, c->head, 1);
+}
+
 int64_t nitro_net_ctrl_serve(struct nitro_vq *vq, uint32_t max_pairs,
                              int idle_ms)
 {
@@ -1277,11 +1288,7 @@ int64_t nitro_net_ctrl_serve(struct nitro_vq *vq, uint32_t max_pairs,
                 rc = nitro_vq_set_fault(vq, NITRO_FAULT_REQUEST);
                 break;
             }
-            uint8_t ack = ctrl_answer(c, max_pairs);
-            /* The ack is the last writable byte (5.1.6.5). */
-            const struct iovec *last = &c->iov[c->n_out + c->n_in - 1];
-            ((uint8_t *)last->iov_base)[last->iov_len - 1] = ack;
-            nitro_vq_push(vq, c->head, 1);
+            ctrl_complete(vq, c, max_pairs);
             pushed++;
             total++;
         }
@@ -1375,4 +1382,176 @@ int nitro_switch_uplink_stats(const struct nitro_switch *sw, uint32_t vpc,
         return NITRO_ERR_ARG;
     snapshot(&sw->vpcs[vpc].uplink_stats, out);
     return NITRO_OK;
+}
+
+/* ---- engine rings (nitro_ring.h) -------------------------------------------- */
+
+/* A TX ring as an engine worker serves it: up to budget chains a poll, the
+ * scratch buffer held from attach to detach. */
+struct net_tx_ring {
+    struct nitro_ring r;
+    int scratch_slot;
+    struct tx_ctx t;
+};
+
+static int tx_ring_poll(struct nitro_ring *r, struct nitro_io *io,
+                        uint32_t budget)
+{
+    (void)io;
+    struct net_tx_ring *x = (struct net_tx_ring *)r;
+    uint32_t done = 0;
+    while (done < budget) {
+        int64_t n = tx_batch(&x->t, r->vq);
+        if (n < 0)
+            return (int)n;
+        if (n == 0)
+            break;
+        done += (uint32_t)n;
+    }
+    return (int)done;
+}
+
+static int tx_ring_attach(struct nitro_ring *r)
+{
+    struct net_tx_ring *x = (struct net_tx_ring *)r;
+    if (nitro_vq_fault(r->vq) != NITRO_FAULT_NONE)
+        return NITRO_ERR_GUEST;
+    x->t.buf = scratch_get(x->t.p, &x->scratch_slot);
+    return x->t.buf == NULL ? NITRO_ERR_NOMEM : NITRO_OK;
+}
+
+static void tx_ring_detach(struct nitro_ring *r)
+{
+    struct net_tx_ring *x = (struct net_tx_ring *)r;
+    if (x->t.buf != NULL)
+        scratch_put(x->t.p, x->scratch_slot, x->t.buf);
+    x->t.buf = NULL;
+}
+
+static uint32_t no_io_in_flight(const struct nitro_ring *r)
+{
+    (void)r;
+    return 0;
+}
+
+static void ring_free_plain(struct nitro_ring *r)
+{
+    free(r);
+}
+
+static const struct nitro_ring_ops tx_ring_ops = {
+    .poll = tx_ring_poll,
+    .arm = nitro_ring_arm_vq,
+    .disarm = nitro_ring_disarm_vq,
+    .in_flight = no_io_in_flight,
+    .attach = tx_ring_attach,
+    .detach = tx_ring_detach,
+    .free = ring_free_plain,
+};
+
+struct nitro_ring *nitro_ring_net_tx_new(struct nitro_switch *sw,
+                                         uint32_t port, struct nitro_vq *vq)
+{
+    struct port *p = sw != NULL ? get_port(sw, port) : NULL;
+    if (p == NULL || vq == NULL)
+        return NULL;
+    struct net_tx_ring *x = calloc(1, sizeof(*x));
+    if (x == NULL)
+        return NULL;
+    x->r = (struct nitro_ring){.ops = &tx_ring_ops, .vq = vq,
+                               .kind = NITRO_RING_NET_TX, .worker = -1,
+                               .kick_fd = -1};
+    x->t = (struct tx_ctx){.sw = sw, .port_id = port, .p = p,
+                           .v = &sw->vpcs[p->vpc], .hint = port};
+    return &x->r;
+}
+
+/* An RX ring is filled by other workers under its slot lock; its owner only
+ * reports a fault a delivery found (the deliverer kicks it awake). Its kicks
+ * (new buffers) need no action, and it never asks the guest to stop them. */
+static int rx_ring_poll(struct nitro_ring *r, struct nitro_io *io,
+                        uint32_t budget)
+{
+    (void)io;
+    (void)budget;
+    return nitro_vq_fault(r->vq) != NITRO_FAULT_NONE ? NITRO_ERR_GUEST : 0;
+}
+
+static int rx_ring_arm(struct nitro_ring *r)
+{
+    return nitro_vq_fault(r->vq) != NITRO_FAULT_NONE ? NITRO_ERR_GUEST : 0;
+}
+
+static void rx_ring_disarm(struct nitro_ring *r)
+{
+    (void)r;
+}
+
+static const struct nitro_ring_ops rx_ring_ops = {
+    .poll = rx_ring_poll,
+    .arm = rx_ring_arm,
+    .disarm = rx_ring_disarm,
+    .in_flight = no_io_in_flight,
+    .free = ring_free_plain,
+};
+
+struct nitro_ring *nitro_ring_net_rx_new(struct nitro_vq *vq)
+{
+    if (vq == NULL)
+        return NULL;
+    struct nitro_ring *r = calloc(1, sizeof(*r));
+    if (r != NULL)
+        *r = (struct nitro_ring){.ops = &rx_ring_ops, .vq = vq,
+                                 .kind = NITRO_RING_NET_RX, .worker = -1,
+                                 .kick_fd = -1};
+    return r;
+}
+
+struct net_ctrl_ring {
+    struct nitro_ring r;
+    uint32_t max_pairs;
+};
+
+static int ctrl_ring_poll(struct nitro_ring *r, struct nitro_io *io,
+                          uint32_t budget)
+{
+    (void)io;
+    struct net_ctrl_ring *x = (struct net_ctrl_ring *)r;
+    uint32_t done = 0;
+    int rc = 0;
+    struct nitro_chain *c;
+    while (done < budget && (rc = nitro_vq_pop(r->vq, &c)) == 1) {
+        if (c->n_in == 0) {
+            rc = nitro_vq_set_fault(r->vq, NITRO_FAULT_REQUEST);
+            break;
+        }
+        ctrl_complete(r->vq, c, x->max_pairs);
+        done++;
+    }
+    if (done > 0)
+        nitro_vq_notify(r->vq);
+    return rc < 0 ? rc : (int)done;
+}
+
+static const struct nitro_ring_ops ctrl_ring_ops = {
+    .poll = ctrl_ring_poll,
+    .arm = nitro_ring_arm_vq,
+    .disarm = nitro_ring_disarm_vq,
+    .in_flight = no_io_in_flight,
+    .free = ring_free_plain,
+};
+
+struct nitro_ring *nitro_ring_net_ctrl_new(struct nitro_vq *vq,
+                                           uint32_t max_pairs)
+{
+    if (vq == NULL)
+        return NULL;
+    struct net_ctrl_ring *x = calloc(1, sizeof(*x));
+    if (x == NULL)
+        return NULL;
+    x->r = (struct nitro_ring){.ops = &ctrl_ring_ops, .vq = vq,
+                               .kind = NITRO_RING_NET_CTRL, .worker = -1,
+                               .kick_fd = -1};
+    x->max_pairs = max_pairs;
+    return &x->r;
 }
