@@ -451,7 +451,7 @@ def test_no_event_idx_honours_no_interrupt(
 def test_one_call_per_batch(guest: FakeGuest, params: BlkParams, stats: BlkStats) -> None:
     # GET_ID completes while the ring is polled: the five are one batch (requests
     # in flight complete in whatever batches the kernel hands back).
-    with make_ring(guest) as r:
+    with SplitRing(guest, num=4 * NUM) as r:
         for _ in range(5):
             r.add_chain(blk_req(guest, VIRTIO_BLK_T_GET_ID, in_len=20).bufs)
         assert blk_serve(r.vq, params, stats, 0) == 5
