@@ -28,6 +28,7 @@ from nitro import reload as reload_plan
 from nitro.config import ConfigError, DaemonConfig
 from nitro.devices import blk
 from nitro.devices.blk.backends.raw import VolumeError
+from nitro.engine import Engine
 from nitro.log import log_event
 from nitro.sdnotify import Notifier, watchdog_loop
 from nitro.vhost.server import VhostUserServer
@@ -54,6 +55,7 @@ class Daemon:
     servers: list[VhostUserServer] = field(default_factory=list)
     version: str = __version__
     fabric: NetFabric | None = None  # when [[net]] (or a VPC uplink) is configured
+    engine: Engine | None = None  # the C workers serving every ring (open_devices)
     # Re-reads the config file with the command line's overrides; None when
     # the daemon runs on the embedded default (nothing to re-read).
     load_config: Callable[[], DaemonConfig] | None = None
@@ -70,7 +72,27 @@ class Daemon:
 
     def status_sections(self) -> dict[str, Callable[[], Any]]:
         """Parts of a status reply beyond the devices (control.DaemonView)."""
-        return {"vpcs": self.vpc_statistics} if self.fabric is not None else {}
+        sections: dict[str, Callable[[], Any]] = {}
+        if self.engine is not None:
+            sections["engine"] = self.engine.statistics
+        if self.fabric is not None:
+            sections["vpcs"] = self.vpc_statistics
+        return sections
+
+    def _server(self, device, socket, device_id: str) -> VhostUserServer:
+        assert self.engine is not None, "open_devices() starts the engine first"
+        return VhostUserServer(device, socket, device_id=device_id, engine=self.engine)
+
+    def _start_engine(self) -> None:
+        e = self.cfg.engine
+        try:
+            self.engine = Engine(e.workers, e.worker_cpus(), e.poll_us)
+        except (_datapath.DatapathError, ValueError) as err:
+            raise StartupError(f"cannot start {e.workers} engine workers: {err}") from None
+        log_event(log, logging.INFO, "engine started", workers=e.workers,
+                  cpus=",".join(map(str, e.cpus)) if e.cpus else "any",
+                  poll_us=e.poll_us if e.poll_us is not None else "adaptive",
+                  blk_io=self.engine.statistics()["blk_io"])
 
     def vpc_statistics(self) -> dict:
         """Per-VPC control plane and uplink counters; any thread (metrics)."""
@@ -78,13 +100,14 @@ class Daemon:
         return fabric.statistics() if fabric is not None else {}
 
     def open_devices(self) -> None:
+        self._start_engine()
         for b in self.cfg.blk:
             try:
                 device = blk.open_device(b)
             except VolumeError as e:
                 self.close()
                 raise StartupError(f"device {b.id}: {e}") from None
-            self.servers.append(VhostUserServer(device, b.socket, device_id=b.id))
+            self.servers.append(self._server(device, b.socket, b.id))
         if self.cfg.net or any(v.uplink for v in self.cfg.vpc):
             self._open_net()
 
@@ -99,7 +122,7 @@ class Daemon:
             self.close()
             raise StartupError(str(e)) from None
         for n, device in zip(self.cfg.net, self.fabric.devices):
-            self.servers.append(VhostUserServer(device, n.socket, device_id=n.id))
+            self.servers.append(self._server(device, n.socket, n.id))
 
     async def run(self, notifier: Notifier) -> None:
         msrv = metrics.start_metrics_server(self.cfg.metrics_listen, lambda: self.devices,
@@ -110,6 +133,8 @@ class Daemon:
                 for s in self.servers:
                     await nursery.start(s.serve)
                 await nursery.start(control.serve_control, self.cfg.control_socket, self)
+                if self.engine is not None:
+                    nursery.start_soon(self.engine.watch)
                 if self.fabric is not None:
                     nursery.start_soon(self.fabric.serve_punts)
                     self.fabric.start_uplink_threads()
@@ -201,7 +226,7 @@ class Daemon:
                     device = await trio.to_thread.run_sync(blk.open_device, b)
                 except VolumeError as e:
                     raise self._refuse(f"device {b.id}: {e}") from None
-                server = VhostUserServer(device, b.socket, device_id=b.id)
+                server = self._server(device, b.socket, b.id)
                 try:
                     await self._nursery.start(server.serve)
                 except OSError as e:
@@ -278,6 +303,9 @@ class Daemon:
         if self.fabric is not None:
             self.fabric.close()
             self.fabric = None
+        if self.engine is not None:  # every ring was detached by now
+            self.engine.close()
+            self.engine = None
 
 
 async def _wait_for_stop_signal() -> None:
