@@ -100,16 +100,34 @@ class Daemon:
         return fabric.statistics() if fabric is not None else {}
 
     def open_devices(self) -> None:
-        self._start_engine()
+        """Open every volume and the network fabric, then start the engine
+        and one server per device (a bad volume fails before any thread)."""
+        opened = []
         for b in self.cfg.blk:
             try:
                 device = blk.open_device(b)
             except VolumeError as e:
-                self.close()
+                self._close_opened(opened)
                 raise StartupError(f"device {b.id}: {e}") from None
-            self.servers.append(self._server(device, b.socket, b.id))
+            opened.append((device, b.socket, b.id))
         if self.cfg.net or any(v.uplink for v in self.cfg.vpc):
-            self._open_net()
+            try:
+                self._open_net()
+            except StartupError:
+                self._close_opened(opened)
+                raise
+            opened += [(d, n.socket, n.id) for n, d in zip(self.cfg.net, self.fabric.devices)]
+        try:
+            self._start_engine()
+        except StartupError:
+            self._close_opened(opened)
+            raise
+        self.servers = [self._server(*o) for o in opened]
+
+    def _close_opened(self, opened) -> None:
+        for device, _, _ in opened:
+            device.close()
+        self.close()
 
     def _open_net(self) -> None:
         from nitro.devices.net.fabric import FabricError, NetFabric
@@ -121,8 +139,6 @@ class Daemon:
         except (FabricError, UplinkError, _datapath.DatapathError) as e:
             self.close()
             raise StartupError(str(e)) from None
-        for n, device in zip(self.cfg.net, self.fabric.devices):
-            self.servers.append(self._server(device, n.socket, n.id))
 
     async def run(self, notifier: Notifier) -> None:
         msrv = metrics.start_metrics_server(self.cfg.metrics_listen, lambda: self.devices,
