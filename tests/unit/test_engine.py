@@ -271,16 +271,21 @@ def test_a_ring_error_calls_its_owner_back_once(guest, params, stats) -> None:
     async def main() -> None:
         engine = Engine(1)
         errors: list[Exception] = []
+        reported = trio.Event()
+
+        def on_error(e: Exception) -> None:
+            errors.append(e)
+            reported.set()
+
         with SplitRing(guest, num=8) as bad:
             r = Ring.blk(bad.vq, params, stats)
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(engine.watch)
-                await engine.attach(r, errors.append, label="bad")
+                await engine.attach(r, on_error, label="bad")
                 bad.publish(42)
                 bad.kick()
                 with trio.fail_after(5):
-                    while not errors:
-                        await trio.sleep(0.01)
+                    await reported.wait()
                 engine.report_errors()  # again: already reported
                 nursery.cancel_scope.cancel()
             assert len(errors) == 1 and isinstance(errors[0], GuestFault)
