@@ -94,6 +94,11 @@ class Daemon:
                   poll_us=e.poll_us if e.poll_us is not None else "adaptive",
                   blk_io=self.engine.statistics()["blk_io"])
 
+    def engine_statistics(self) -> dict | None:
+        """The engine's workers and their rings; any thread (metrics)."""
+        engine = self.engine  # read once: close() clears it
+        return engine.statistics() if engine is not None else None
+
     def vpc_statistics(self) -> dict:
         """Per-VPC control plane and uplink counters; any thread (metrics)."""
         fabric = self.fabric  # read once: close() clears it on the trio thread
@@ -142,7 +147,8 @@ class Daemon:
 
     async def run(self, notifier: Notifier) -> None:
         msrv = metrics.start_metrics_server(self.cfg.metrics_listen, lambda: self.devices,
-                                            self.vpc_statistics, devices_lock=self.devices_lock)
+                                            self.vpc_statistics, devices_lock=self.devices_lock,
+                                            get_engine=self.engine_statistics)
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
