@@ -52,6 +52,10 @@ class Engine:
         self._assigned: dict[int, _Assignment] = {}  # id(ring) -> where it runs
         # C serialises hand-offs anyway; one thread for them is enough.
         self._limiter = trio.CapacityLimiter(1)
+        # Attach, detach and rebalancing one at a time: a ring in _assigned
+        # is then always attached, its queue left alone by its server (a
+        # server changes a queue only after detach() returned).
+        self._lock = trio.Lock()
 
     # -- assignment ----------------------------------------------------------
     def load(self) -> list[int]:
@@ -69,9 +73,10 @@ class Engine:
         """Hand ring to the least loaded worker; returns the worker. Raises
         the DatapathError of nitro_engine_attach (e.g. GuestFault if the
         queue was broken already)."""
-        worker = self._least_loaded()
-        await trio.to_thread.run_sync(self._c.attach, ring, worker, limiter=self._limiter)
-        self._assigned[id(ring)] = _Assignment(ring, worker, on_error, label)
+        async with self._lock:
+            worker = self._least_loaded()
+            await self._call(self._c.attach, ring, worker)
+            self._assigned[id(ring)] = _Assignment(ring, worker, on_error, label)
         # The ring may have stopped before it was recorded here, its event
         # already consumed by watch(): look now.
         self.report_errors()
@@ -82,19 +87,33 @@ class Engine:
         the workers. Shielded: the caller is about to unmap what the ring
         points into, so it must not return before C let go."""
         with trio.CancelScope(shield=True):
-            await trio.to_thread.run_sync(self._c.detach, ring, limiter=self._limiter)
-            self._assigned.pop(id(ring), None)
-            await self._rebalance()
+            async with self._lock:
+                await self._call(self._c.detach, ring)
+                self._assigned.pop(id(ring), None)
+                await self._rebalance()
+
+    async def _call(self, fn: Callable, *args: object) -> None:
+        await trio.to_thread.run_sync(fn, *args, limiter=self._limiter)
 
     async def _rebalance(self) -> None:
+        """Move rings from the busiest worker to the idlest until they differ
+        by at most one. A ring that cannot be re-attached (its queue broke
+        meanwhile) is reported to its owner, never to whoever triggered this."""
         while True:
             counts = self.load()
             busiest, idlest = counts.index(max(counts)), counts.index(min(counts))
             if counts[busiest] - counts[idlest] <= 1:
                 return
-            a = next(a for a in self._assigned.values() if a.worker == busiest)
-            await trio.to_thread.run_sync(self._c.detach, a.ring, limiter=self._limiter)
-            await trio.to_thread.run_sync(self._c.attach, a.ring, idlest, limiter=self._limiter)
+            a = next((a for a in self._assigned.values() if a.worker == busiest and not a.reported), None)
+            if a is None:
+                return
+            await self._call(self._c.detach, a.ring)
+            try:
+                await self._call(self._c.attach, a.ring, idlest)
+            except _datapath.DatapathError as e:
+                del self._assigned[id(a.ring)]
+                a.on_error(e)
+                continue
             a.worker = idlest
             log_event(log, logging.DEBUG, "ring moved", ring=a.label, worker=idlest)
 
