@@ -14,7 +14,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -23,7 +23,7 @@ def _free_port() -> int:
 class Nitro:
     def __init__(self, tmp: Path, config: str, env: dict[str, str] | None = None) -> None:
         self.tmp = tmp
-        self.port = _free_port()
+        self.port = free_port()
         self.cfg = tmp / "nitro.toml"
         self.cfg.write_text(f'[metrics]\nlisten = "127.0.0.1:{self.port}"\n' + config)
         self.log = open(tmp / "nitro.log", "w+")
