@@ -19,18 +19,9 @@ from tests.nitro_proc import Nitro
 
 pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parents[2]
-VUBLK = REPO / "tools" / "bin" / "vublk"
 
 VOL0 = '[[blk]]\nid = "vol0"\nsize = "64M"\n'
 VOL1 = '[[blk]]\nid = "vol1"\nsize = "16M"\n'
-
-
-@pytest.fixture(scope="module")
-def vublk() -> Path:
-    r = subprocess.run(["make", "-C", str(REPO / "tools")], capture_output=True, text=True, timeout=300,
-                       check=False)
-    assert r.returncode == 0, f"make -C tools failed:\n{r.stdout}\n{r.stderr}"
-    return VUBLK
 
 
 def write_config(n: Nitro, body: str) -> None:
