@@ -81,7 +81,8 @@ def _load(args) -> config.DaemonConfig:
 
 
 def _cmd_run(args) -> int:
-    from nitro import control, daemon, log
+    from nitro import daemon, log
+    from nitro.control.protocol import ControlError
     from nitro.sdnotify import Notifier
 
     try:
@@ -99,13 +100,13 @@ def _cmd_run(args) -> int:
         return _fail(str(e), EXIT_FAILURE)
     try:
         trio.run(d.run, Notifier.from_environment())
-    except (OSError, control.ControlError) as e:
+    except (OSError, ControlError) as e:
         return _fail(f"cannot serve: {e}", EXIT_FAILURE)
     except BaseExceptionGroup as eg:
         # Start-up failures inside the nursery (a socket path in use, ...)
         # arrive wrapped; report the first as one line.
         first = _leaf(eg)
-        if isinstance(first, (OSError, control.ControlError)):
+        if isinstance(first, (OSError, ControlError)):
             return _fail(f"cannot serve: {first}", EXIT_FAILURE)
         raise
     return 0
@@ -130,7 +131,7 @@ def _leaf(eg: BaseExceptionGroup) -> BaseException:
 def _query(args, request: dict, **kw) -> dict | int:
     """Ask the running daemon over its control socket (--control, else the
     config's); the reply, or the exit code after printing the error."""
-    from nitro import control
+    from nitro.control import client
 
     path = args.control
     if path is None:
@@ -139,18 +140,18 @@ def _query(args, request: dict, **kw) -> dict | int:
         except config.ConfigError as e:
             return _fail(f"config {e}", EXIT_USAGE)
     try:
-        return control.query(path, request, **kw)
-    except control.ControlError as e:
+        return client.query(path, request, **kw)
+    except client.ControlError as e:
         return _fail(str(e), EXIT_FAILURE)
 
 
 def _cmd_status(args) -> int:
-    from nitro import control
+    from nitro import status_format
 
     reply = _query(args, {"cmd": "status"})
     if isinstance(reply, int):
         return reply
-    print(json.dumps(reply, indent=2) if args.json else control.format_status(reply))
+    print(json.dumps(reply, indent=2) if args.json else status_format.format_status(reply))
     return 0
 
 

@@ -23,9 +23,11 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
-from nitro import __version__, _datapath, control, metrics
+from nitro import __version__, _datapath, metrics
 from nitro import reload as reload_plan
 from nitro.config import ConfigError, DaemonConfig
+from nitro.control.protocol import CommandRefused
+from nitro.control.server import serve_control
 from nitro.devices import blk
 from nitro.devices.blk.backends.raw import VolumeError
 from nitro.log import log_event
@@ -42,7 +44,7 @@ class StartupError(Exception):
     """A device could not be set up; the daemon exits non-zero before serving."""
 
 
-class ReloadError(control.CommandRefused):
+class ReloadError(CommandRefused):
     """A reload was refused or failed before changing anything (bad config
     file, a new volume that cannot be opened, no config file to re-read,
     daemon stopping). The running configuration stays; fix and reload again."""
@@ -69,7 +71,7 @@ class Daemon:
         return self.servers
 
     def status_sections(self) -> dict[str, Callable[[], Any]]:
-        """Parts of a status reply beyond the devices (control.DaemonView)."""
+        """Parts of a status reply beyond the devices (control.commands.DaemonView)."""
         return {"vpcs": self.vpc_statistics} if self.fabric is not None else {}
 
     def vpc_statistics(self) -> dict:
@@ -109,7 +111,7 @@ class Daemon:
                 self._nursery = nursery
                 for s in self.servers:
                     await nursery.start(s.serve)
-                await nursery.start(control.serve_control, self.cfg.control_socket, self)
+                await nursery.start(serve_control, self.cfg.control_socket, self)
                 if self.fabric is not None:
                     nursery.start_soon(self.fabric.serve_punts)
                     self.fabric.start_uplink_threads()

@@ -11,6 +11,25 @@ VIRTIO_RING_F_INDIRECT_DESC = 28
 VIRTIO_RING_F_EVENT_IDX = 29
 VIRTIO_F_VERSION_1 = 32
 
+#: Every reserved (device-independent) feature bit of virtio 1.2 section 6 by
+#: name, minus VIRTIO_F_; the ring bits as RING_*. Most are never offered:
+#: they are named so that `nitro status` can show what a frontend acked.
+FEATURE_NAMES: dict[int, str] = {
+    24: "NOTIFY_ON_EMPTY",
+    27: "ANY_LAYOUT",
+    VIRTIO_RING_F_INDIRECT_DESC: "RING_INDIRECT_DESC",
+    VIRTIO_RING_F_EVENT_IDX: "RING_EVENT_IDX",
+    VIRTIO_F_VERSION_1: "VERSION_1",
+    33: "ACCESS_PLATFORM",
+    34: "RING_PACKED",
+    35: "IN_ORDER",
+    36: "ORDER_PLATFORM",
+    37: "SR_IOV",
+    38: "NOTIFICATION_DATA",
+    39: "NOTIF_CONFIG_DATA",
+    40: "RING_RESET",
+}
+
 
 def read_config_window(space: bytes, offset: int, size: int) -> bytes:
     """Any window of a config space; bytes past its end read as zero, as
