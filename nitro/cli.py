@@ -53,7 +53,8 @@ def _parser() -> argparse.ArgumentParser:
     st.add_argument("--control", type=Path, help="control socket (default: from the config)")
     st.add_argument("--config", type=Path)
     st.add_argument("--runtime-dir", type=Path)
-    st.add_argument("--json", action="store_true", help="raw JSON")
+    st.add_argument("--json", action="store_true",
+                    help="the same content as one JSON document (raw counters and feature bits, plus their names)")
     st.set_defaults(func=_cmd_status)
 
     rl = sub.add_parser("reload", help="re-read the daemon's config file and apply what can be applied live")
@@ -151,8 +152,11 @@ def _cmd_status(args) -> int:
     reply = _query(args, {"cmd": "status"})
     if isinstance(reply, int):
         return reply
-    print(json.dumps(reply, indent=2) if args.json else status_format.format_status(reply))
-    return 0
+    if args.json:
+        print(json.dumps(status_format.status_document(reply), indent=2))
+    else:
+        print(status_format.format_status(reply))
+    return 0 if reply.get("ok") else EXIT_FAILURE
 
 
 def _cmd_reload(args) -> int:

@@ -1,4 +1,5 @@
-"""`nitro status` for people: a status reply rendered as text.
+"""`nitro status`: a status reply rendered as text for people, or as one
+JSON document for scripts (``--json``) with the same content.
 
 The daemon sends numbers (feature bits, counters); names are looked up here,
 on the CLI's side: each device's config module describes its own feature
@@ -17,7 +18,7 @@ from nitro.devices.blk import config as blk_config
 from nitro.devices.net import config as net_config
 from nitro.vhost.protocol import VHOST_USER_F_PROTOCOL_FEATURES, ProtocolFeature
 
-__all__ = ["decode_features", "format_status"]
+__all__ = ["decode_features", "format_status", "status_document"]
 
 # The bits every device shares, plus vhost-user's bit 30.
 _COMMON_FEATURES = {**base.FEATURE_NAMES, VHOST_USER_F_PROTOCOL_FEATURES: "PROTOCOL_FEATURES"}
@@ -73,21 +74,41 @@ def _human_bytes(n: int) -> str:
     return f"{n} B"  # pragma: no cover
 
 
+def _describe(d: dict) -> dict:
+    """What the text shows of a device beyond its raw fields: the state and
+    the names of its feature bits, the mean latency. Raises on fields of an
+    unexpected type."""
+    if d.get("broken"):
+        state = "broken"
+    else:
+        state = "connected" if d.get("connected") else "waiting"
+    features = int(d.get("features", 0) or 0)
+    pfeatures = int(d.get("protocol_features", 0) or 0)
+    described: dict[str, Any] = {
+        "state": state,
+        "feature_names": decode_features(features, d.get("kind")),
+        "protocol_feature_names": _decode(pfeatures, _protocol_feature_name),
+    }
+    if "latency_buckets" in d:
+        count = sum(n for _, n in d["latency_buckets"] or [])
+        described["latency_requests"] = count
+        described["latency_mean_us"] = (float(d.get("latency_sum_seconds", 0.0)) / count * 1e6) if count else None
+    return described
+
+
 def _format_device(d: dict) -> list[str]:
     if "error" in d:
         return [f"{d.get('id', '?')}: {d['error']}"]
     kind = d.get("kind", "?")
+    x = _describe(d)
     lines = [f"{d.get('id', '?')}  ({kind})  {d.get('socket', '')}"]
-    if d.get("broken"):
-        state = f"BROKEN ({d['broken']})"
-    else:
-        state = "connected" if d.get("connected") else "waiting for frontend"
+    state = {"broken": f"BROKEN ({d.get('broken')})", "waiting": "waiting for frontend"}.get(x["state"], x["state"])
     lines.append(f"  state:       {state}; connections {d.get('connections', 0)}, "
                  f"protocol errors {d.get('protocol_errors', 0)}")
     features = int(d.get("features", 0) or 0)
-    lines.append(f"  features:    {features:#x} {' '.join(decode_features(features, kind))}".rstrip())
+    lines.append(f"  features:    {features:#x} {' '.join(x['feature_names'])}".rstrip())
     pfeatures = int(d.get("protocol_features", 0) or 0)
-    lines.append(f"  protocol:    {pfeatures:#x} {' '.join(_decode(pfeatures, _protocol_feature_name))}".rstrip())
+    lines.append(f"  protocol:    {pfeatures:#x} {' '.join(x['protocol_feature_names'])}".rstrip())
     if "capacity_bytes" in d:
         mode = "read-only" if d.get("readonly") else "read-write"
         lines.append(f"  capacity:    {d['capacity_bytes']} bytes ({_human_bytes(d['capacity_bytes'])}), {mode}")
@@ -95,11 +116,8 @@ def _format_device(d: dict) -> list[str]:
         resubmitted = d.get("resubmitted")
         extra = f" (resubmitted after restarts: {resubmitted})" if resubmitted else ""
         lines.append(f"  inflight:    {d['inflight']}{extra}")
-    buckets = d.get("latency_buckets") or []
-    count = sum(n for _, n in buckets)
-    if count:
-        mean_us = float(d.get("latency_sum_seconds", 0.0)) / count * 1e6
-        lines.append(f"  latency:     mean {mean_us:.1f} us over {count} requests")
+    if x.get("latency_requests"):
+        lines.append(f"  latency:     mean {x['latency_mean_us']:.1f} us over {x['latency_requests']} requests")
     queues = d.get("queues") or []
     if queues:
         lines.append("  queues:")
@@ -179,3 +197,27 @@ def format_status(reply: dict) -> str:
         except Exception as exc:
             lines.append(f"vpcs: cannot display: {exc}")
     return "\n".join(lines)
+
+
+def status_document(reply: dict) -> dict:
+    """A ``status`` reply -> what ``nitro status --json`` prints: the reply
+    as the daemon sent it (raw numbers: feature bits, counters), each
+    device with what the text adds: ``state`` ("connected", "waiting" for a
+    frontend, "broken"), ``feature_names``, ``protocol_feature_names`` and,
+    for devices with a latency histogram, ``latency_requests`` and
+    ``latency_mean_us`` (null before the first request). A device whose
+    fields cannot be read gets ``display_error`` instead, as the text shows
+    "cannot display"; an entry with ``error`` (its statistics() failed) is
+    kept as it is."""
+    if not reply.get("ok"):
+        return reply
+    devices = []
+    for d in reply.get("devices") or []:
+        if not isinstance(d, dict) or "error" in d:
+            devices.append(d)
+            continue
+        try:
+            devices.append({**d, **_describe(d)})
+        except Exception as exc:
+            devices.append({**d, "display_error": str(exc)})
+    return {**reply, "devices": devices}

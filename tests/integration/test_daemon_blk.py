@@ -4,6 +4,7 @@ messages and hostile descriptor chains, metrics, status, SIGTERM."""
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import struct
@@ -162,6 +163,22 @@ def test_get_vring_base_and_reconnect_resume(nitro, short_tmp_path):
         assert fe.get_vring_base() == 3
     assert n.proc.poll() is None
     assert "connections 1" in n.status() or '"connections": 1' in n.status()
+    assert n.stop() == 0
+
+
+def test_status_json_is_one_document_with_the_text_s_content(nitro, short_tmp_path):
+    n = nitro(TWO_DEVICES)
+    with Frontend(short_tmp_path / "a.sock") as fe:
+        fe.start()
+        doc = json.loads(n.status_json())  # the whole stdout is one document
+        text = n.status()
+    devices = {d["id"]: d for d in doc["devices"]}
+    assert sorted(devices) == ["a", "b"]
+    a, b = devices["a"], devices["b"]
+    assert a["kind"] == "blk" and a["socket"] == str(short_tmp_path / "a.sock")
+    assert a["state"] == "connected" and b["state"] == "waiting"
+    assert "VERSION_1" in a["feature_names"] and b["feature_names"] == []
+    assert f"features:    {a['features']:#x} {' '.join(a['feature_names'])}" in text
     assert n.stop() == 0
 
 

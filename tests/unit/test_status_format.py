@@ -4,7 +4,7 @@ rendered as text, and feature bits by name from each device's module."""
 import json
 
 from nitro.control.protocol import encode_reply
-from nitro.status_format import decode_features, format_status
+from nitro.status_format import decode_features, format_status, status_document
 from tests.unit.status_samples import VPCS, blk_stats
 
 
@@ -107,3 +107,60 @@ def test_format_status_error_and_empty():
     assert format_status({"ok": True, "version": "1", "devices": []}) == "nitro 1: 0 devices"
     # Unexpected field types do not crash the CLI.
     assert "cannot display" in format_status({"ok": True, "version": "1", "devices": [{"id": "x", "features": "?"}]})
+
+
+# -- `nitro status --json` -------------------------------------------------------
+
+def text_of(text: str, device: str, field: str) -> str:
+    """The value of one `  field:` line in a device's block of the text."""
+    block = text.split(f"\n{device}  (", 1)[1].split("\n\n", 1)[0]
+    return next(line.split(":", 1)[1].strip() for line in block.splitlines() if line.strip().startswith(field + ":"))
+
+
+def test_status_document_has_what_the_text_shows():
+    reply = status(blk_stats("vol0"),
+                   blk_stats("vol1", connected=False, broken="desc_loop", latency_buckets=[]),
+                   blk_stats("vol2", connected=False),
+                   vpcs=VPCS)
+    doc = status_document(reply)
+    assert json.loads(json.dumps(doc, allow_nan=False)) == doc  # strict JSON
+    text = format_status(reply)
+    assert [d["id"] for d in doc["devices"]] == ["vol0", "vol1", "vol2"]
+    vol0, vol1, vol2 = doc["devices"]
+    assert {k: vol0[k] for k in reply["devices"][0]} == reply["devices"][0]  # raw fields as sent
+    assert vol0["state"] == "connected" and vol1["state"] == "broken" and vol2["state"] == "waiting"
+    assert vol0["feature_names"] == ["SEG_MAX", "BLK_SIZE", "RING_INDIRECT_DESC", "RING_EVENT_IDX", "VERSION_1"]
+    assert text_of(text, "vol0", "features") == f"{vol0['features']:#x} " + " ".join(vol0["feature_names"])
+    assert vol0["protocol_feature_names"] == ["REPLY_ACK", "CONFIG"]
+    assert text_of(text, "vol0", "protocol") == "0x208 REPLY_ACK CONFIG"
+    assert (vol0["latency_requests"], vol0["latency_mean_us"]) == (10, 50.0)
+    assert text_of(text, "vol0", "latency") == "mean 50.0 us over 10 requests"
+    assert (vol1["latency_requests"], vol1["latency_mean_us"]) == (0, None)
+    assert doc["vpcs"] == VPCS and doc["version"] == "9.9.9"
+
+
+def test_status_document_net_device_and_odd_entries():
+    net = {"id": "eth0", "kind": "net", "connected": True, "features": 1 << 5 | 1 << 32,
+           "protocol_features": 0, "net": {"packets_in": 1}}
+    failed = {"id": "bad", "error": "statistics() failed: ValueError: nope"}
+    odd = {"id": "x", "features": "?"}
+    doc = status_document(status(net, failed, odd))
+    eth0, bad, x = doc["devices"]
+    assert eth0["feature_names"] == ["MAC", "VERSION_1"] and "latency_requests" not in eth0
+    assert bad == failed  # as the daemon sent it
+    assert x["features"] == "?" and "invalid literal" in x["display_error"]
+    refused = {"ok": False, "error": "command 'status' failed: RuntimeError: x"}
+    assert status_document(refused) == refused
+
+
+def test_cli_prints_one_document_and_exits_1_on_an_error_reply(monkeypatch, capsys):
+    from nitro import cli
+    from nitro.control import client
+
+    replies = [status(blk_stats("vol0")), {"ok": False, "error": "command 'status' failed: X"}]
+    monkeypatch.setattr(client, "query", lambda path, request, **kw: replies.pop(0))
+    assert cli.main(["status", "--json", "--control", "/nonexistent"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["devices"][0]["id"] == "vol0" and doc["devices"][0]["state"] == "connected"
+    assert cli.main(["status", "--json", "--control", "/nonexistent"]) == 1
+    assert json.loads(capsys.readouterr().out) == {"ok": False, "error": "command 'status' failed: X"}
