@@ -714,12 +714,21 @@ def test_affected_vrings(fe):
     assert b.affected_vrings(Message(R.GET_CONFIG, payload=DeviceConfig(0, 0, 0, b""))) == set()
 
 
-def test_every_request_is_handled_or_refused_by_name(fe):
+def test_the_dispatch_table_covers_every_request():
     from nitro.vhost import backend as mod
 
     for request in Request:
-        if request not in mod._UNSUPPORTED:
-            assert callable(getattr(fe.backend, f"_handle_{request.name.lower()}")), request
+        handled, refused = request in mod._HANDLERS, request in mod._UNSUPPORTED
+        assert handled != refused, request
+        if handled:  # the handler for a request carries its name
+            assert mod._HANDLERS[request].__name__ == f"_handle_{request.name.lower()}", request
+    # A request without a decision is caught when the module is imported.
+    partial = {r: h for r, h in mod._HANDLERS.items() if r is not R.SET_VRING_ERR}
+    with pytest.raises(AssertionError, match=r"no handler and not unsupported: \['SET_VRING_ERR'\]"):
+        mod.check_dispatch(partial, mod._UNSUPPORTED)
+    with pytest.raises(AssertionError, match=r"both handled and unsupported: \['GET_FEATURES'\]"):
+        mod.check_dispatch(mod._HANDLERS, {**mod._UNSUPPORTED, R.GET_FEATURES: "no"})
+    mod.check_dispatch(mod._HANDLERS, mod._UNSUPPORTED)
 
 
 def test_close_releases_everything(fe):
