@@ -438,7 +438,7 @@ class VhostUserBackend:
 
     def _handle_set_vring_err(self, m: Message) -> None:
         vring = self._vring(m.request, m.payload.index)
-        vring.set_err(m.fds.pop() if m.fds else None)
+        vring.set_err(_take_eventfd(m, vring.index) if m.fds else None)
 
     def _handle_set_vring_enable(self, m: Message) -> None:
         state = m.payload
@@ -613,8 +613,16 @@ check_dispatch(_HANDLERS, _UNSUPPORTED)
 
 
 def _take_eventfd(m: Message, index: int) -> int:
-    """Kick and call fds must be eventfds: a regular file or memfd would read
-    as always-ready and spin a worker thread at 100% CPU (found by fuzzing)."""
+    """The message's kick, call or err fd, checked and made non-blocking.
+
+    It must be an eventfd: a regular file or memfd would read as
+    always-ready and spin a worker thread at 100% CPU (found by fuzzing).
+    It is made O_NONBLOCK: the frontend chooses the flags, and a write to a
+    blocking eventfd whose counter is at 0xfffffffffffffffe (or a read of
+    one at 0) blocks until the frontend acts, that is forever for a hostile
+    one, with a worker thread stuck in C where no stop reaches it. The flag
+    belongs to the open file description the frontend shares, so it can
+    clear it again: the C reads and writes must tolerate that as well."""
     fd = m.fds.pop()
     try:
         kind = os.readlink(f"/proc/self/fd/{fd}")
@@ -623,4 +631,10 @@ def _take_eventfd(m: Message, index: int) -> int:
     if kind != "anon_inode:[eventfd]":
         os.close(fd)
         raise BackendError(f"{m.request.name}: vring {index}: fd is {kind}, not an eventfd")
+    try:
+        os.set_blocking(fd, False)
+    except OSError as e:
+        os.close(fd)
+        raise BackendError(f"{m.request.name}: vring {index}: cannot make the eventfd "
+                           f"non-blocking: {e.strerror}") from e
     return fd

@@ -182,6 +182,24 @@ def test_status_json_is_one_document_with_the_text_s_content(nitro, short_tmp_pa
     assert n.stop() == 0
 
 
+def test_a_saturated_blocking_call_eventfd_does_not_hang_the_queue(nitro, short_tmp_path):
+    """A frontend hands a blocking call eventfd one below saturation: C's
+    write of 1 after the first completion would block its worker forever
+    (no further request served, no drain). nitro makes the fd O_NONBLOCK
+    when it takes it; the write then fails with EAGAIN and the queue goes on."""
+    n = nitro(TWO_DEVICES)
+    with Frontend(short_tmp_path / "a.sock") as fe:
+        os.close(fe.call)
+        fe.call = os.eventfd(0, os.EFD_CLOEXEC)  # blocking, as the frontend chose
+        os.eventfd_write(fe.call, 0xFFFF_FFFF_FFFF_FFFE)
+        fe.start()
+        fe.get_config()  # a round trip: SET_VRING_CALL has been applied
+        assert not os.get_blocking(fe.call)  # one file description, shared with nitro
+        for i in range(3):
+            assert fe.blk_request(T_OUT, i, data=bytes([i]) * 512)[0] == 0
+    assert n.stop() == 0
+
+
 def test_bad_config_exits_2_with_one_line(short_tmp_path):
     cfg = short_tmp_path / "bad.toml"
     cfg.write_text('[[blk]]\nid = "x"\nqueues = 99\n')

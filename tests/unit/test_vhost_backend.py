@@ -747,14 +747,35 @@ def test_vring_statistics():
                                   "broken": None, "kicks": 0, "calls": 0, "chains": 0}
 
 
-@pytest.mark.parametrize("request_", [R.SET_VRING_KICK, R.SET_VRING_CALL])
-def test_kick_and_call_must_be_eventfds(fe, request_):
+@pytest.mark.parametrize("request_", [R.SET_VRING_KICK, R.SET_VRING_CALL, R.SET_VRING_ERR])
+def test_kick_call_and_err_must_be_eventfds(fe, request_):
     """A memfd reads as always ready: as a kick fd it would spin a worker."""
     negotiate(fe)
     not_an_eventfd = memfd()
     with pytest.raises(ProtocolError, match="not an eventfd"):
         fe.send(request_, VringFd(0), [not_an_eventfd])
     assert is_closed(not_an_eventfd)
+
+
+@pytest.mark.parametrize("request_, kept", [(R.SET_VRING_KICK, "kick_fd"), (R.SET_VRING_CALL, "call_fd"),
+                                            (R.SET_VRING_ERR, "err_fd")])
+def test_blocking_eventfds_are_made_non_blocking(fe, request_, kept):
+    """A frontend may hand a blocking eventfd whose counter is one below
+    saturation: a blocking write of 1 (C's call) would then wait forever."""
+    negotiate(fe)
+    fd = os.eventfd(0, os.EFD_CLOEXEC)  # blocking
+    os.eventfd_write(fd, 0xFFFF_FFFF_FFFF_FFFE)  # the counter's maximum
+    frontend_copy = os.dup(fd)  # the frontend keeps its end: the same file description
+    try:
+        assert os.get_blocking(frontend_copy)
+        fe.send(request_, VringFd(0), [fd])
+        taken = getattr(fe.backend.vrings[0], kept)
+        assert taken == fd and not os.get_blocking(taken)
+        assert not os.get_blocking(frontend_copy)
+        with pytest.raises(BlockingIOError):  # what C's write now gets instead of hanging
+            os.eventfd_write(taken, 1)
+    finally:
+        os.close(frontend_copy)
 
 
 # -- inflight I/O tracking (GET_INFLIGHT_FD / SET_INFLIGHT_FD) -----------------------------
