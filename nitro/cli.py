@@ -3,7 +3,7 @@
 Errors end in one line on stderr and a non-zero exit: 2 for bad arguments or
 configuration, 1 for runtime failures. Following vhost-user.rst's "Backend
 program conventions", the daemon never daemonizes itself and answers
---print-capabilities.
+--print-capabilities (for the config: see capabilities()).
 """
 
 from __future__ import annotations
@@ -25,9 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     if args.print_capabilities:
-        # vhost-user.rst: a JSON object with the backend's device type.
-        print(json.dumps({"type": "block", "features": []}))
-        return 0
+        return _print_capabilities(args)
     if not getattr(args, "func", None):
         parser.print_help(sys.stderr)
         return EXIT_USAGE
@@ -38,7 +36,7 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="nitro", description=__doc__.splitlines()[0])
     p.add_argument("--version", action="version", version=f"nitro {__version__}")
     p.add_argument("--print-capabilities", action="store_true",
-                   help="print the vhost-user backend capabilities as JSON and exit")
+                   help="print the vhost-user backend capabilities of the config as JSON and exit")
     sub = p.add_subparsers(metavar="COMMAND")
 
     run = sub.add_parser("run", help="serve the configured devices (foreground)")
@@ -47,6 +45,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--state-dir", type=Path, help="relative image paths resolve here")
     run.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
     run.add_argument("--check", action="store_true", help="validate the config and exit")
+    # SUPPRESS: unset, it must not hide the top-level flag (`nitro --print-capabilities run`).
+    run.add_argument("--print-capabilities", action="store_true", default=argparse.SUPPRESS,
+                     help="print the vhost-user backend capabilities of this config as JSON and exit")
     run.set_defaults(func=_cmd_run)
 
     st = sub.add_parser("status", help="show devices, connections and counters")
@@ -91,7 +92,7 @@ def _cmd_run(args) -> int:
     except config.ConfigError as e:
         return _fail(f"config {e}", EXIT_USAGE)
     if args.check:
-        print(f"{cfg.source}: ok ({len(cfg.blk)} blk devices)")
+        print(f"{cfg.source}: ok ({len(cfg.blk)} blk, {len(cfg.net)} net devices, {len(cfg.vpc)} VPCs)")
         return 0
     log.setup_logging(args.log_level or cfg.log_level)
     d = daemon.Daemon(cfg, load_config=_reloader(args))
@@ -110,6 +111,34 @@ def _cmd_run(args) -> int:
         if isinstance(first, (OSError, ControlError)):
             return _fail(f"cannot serve: {first}", EXIT_FAILURE)
         raise
+    return 0
+
+
+# vhost-user.json's VHostUserBackendType for each kind of device nitro serves;
+# "block" backends also report "features" (command-line options such as
+# --read-only: nitro has none of them).
+_CAPABILITIES = {"blk": {"type": "block", "features": []}, "net": {"type": "net"}}
+
+
+def capabilities(cfg: config.DaemonConfig) -> dict | list[dict]:
+    """vhost-user.rst "Backend program conventions", --print-capabilities:
+    the VHostUserBackendCapabilities object (vhost-user.json) of the one
+    device type the config serves. A config serving several types is
+    several backends in the convention's sense (a capabilities object has
+    one type): then a list of their objects, block first; an empty list
+    when it serves no device."""
+    served = [dict(c) for kind, c in _CAPABILITIES.items() if getattr(cfg, kind)]
+    return served[0] if len(served) == 1 else served
+
+
+def _print_capabilities(args) -> int:
+    """Other options only choose the config, as in `nitro run --config F
+    --print-capabilities`; nothing is opened or served."""
+    try:
+        cfg = _load(args)
+    except config.ConfigError as e:
+        return _fail(f"config {e}", EXIT_USAGE)
+    print(json.dumps(capabilities(cfg)))
     return 0
 
 

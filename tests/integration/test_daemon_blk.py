@@ -226,6 +226,53 @@ def test_print_capabilities():
     assert r.stdout.strip() == '{"type": "block", "features": []}'
 
 
+def test_own_config_on_a_fresh_machine_comes_up(short_tmp_path):
+    """`nitro run --config F` where F names a runtime directory that does
+    not exist yet and puts its blk socket elsewhere: nothing else creates
+    the control socket's directory, and the daemon used to fail with
+    "cannot listen on control socket ...: No such file or directory"."""
+    from nitro.control.client import query
+
+    run_dir, state_dir = short_tmp_path / "run/nitro", short_tmp_path / "lib/nitro"
+    sock = short_tmp_path / "vm/a.sock"
+    cfg = short_tmp_path / "x.toml"
+    cfg.write_text(f'[daemon]\nruntime_dir = "{run_dir}"\nstate_dir = "{state_dir}"\n'
+                   f'[metrics]\nlisten = ""\n'
+                   f'[[blk]]\nid = "a"\nsocket = "{sock}"\nimage = "a.img"\nsize = "1M"\n')
+    control = run_dir / "control.sock"
+    with open(short_tmp_path / "nitro.log", "w+") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "nitro", "run", "--config", str(cfg)],
+                                cwd=REPO, stderr=log)
+        try:
+            deadline = time.monotonic() + 20
+            while not control.exists():
+                assert proc.poll() is None, (short_tmp_path / "nitro.log").read_text()
+                assert time.monotonic() < deadline, "no control socket"
+                time.sleep(0.05)
+            assert query(control, {"cmd": "ping"})["ok"] is True
+            status = query(control, {"cmd": "status"})
+            assert [d["id"] for d in status["devices"]] == ["a"]
+            assert sock.exists() and (state_dir / "a.img").stat().st_size == 1 << 20
+            proc.terminate()
+            assert proc.wait(30) == 0
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+
+
+def test_a_directory_that_cannot_be_created_is_one_line(short_tmp_path):
+    (short_tmp_path / "file").write_text("")
+    cfg = short_tmp_path / "x.toml"
+    cfg.write_text(f'[daemon]\nruntime_dir = "{short_tmp_path}/file/run"\nstate_dir = "{short_tmp_path}"\n'
+                   '[metrics]\nlisten = ""\n[[blk]]\nid = "a"\nsize = "1M"\n')
+    r = subprocess.run([sys.executable, "-m", "nitro", "run", "--config", str(cfg)],
+                       cwd=REPO, capture_output=True, text=True, timeout=30)
+    assert r.returncode == 1
+    assert r.stderr.strip() == (f"nitro: error: cannot create the runtime directory "
+                                f"{short_tmp_path}/file/run: Not a directory")
+
+
 def test_kick_without_fd_is_refused(nitro, short_tmp_path):
     n = nitro(TWO_DEVICES)
     with Frontend(short_tmp_path / "a.sock") as fe:
