@@ -19,6 +19,7 @@
 #include <pthread.h>
 #include <sched.h>
 #include <stdatomic.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/epoll.h>
@@ -511,6 +512,10 @@ static int worker_init(struct nitro_engine *e, uint32_t id, int32_t cpu)
     if (pthread_create(&w->thread, NULL, worker_main, w) != 0)
         return NITRO_ERR_SYS;
     w->started = true;
+    /* Named, so top -H and /proc/PID/task/TID/comm show which is which. */
+    char name[16];
+    snprintf(name, sizeof(name), "nitro-w%u", id);
+    pthread_setname_np(w->thread, name);
     return NITRO_OK;
 }
 

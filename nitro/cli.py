@@ -3,7 +3,7 @@
 Errors end in one line on stderr and a non-zero exit: 2 for bad arguments or
 configuration, 1 for runtime failures. Following vhost-user.rst's "Backend
 program conventions", the daemon never daemonizes itself and answers
---print-capabilities.
+--print-capabilities (for the config: see capabilities()).
 """
 
 from __future__ import annotations
@@ -25,9 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     if args.print_capabilities:
-        # vhost-user.rst: a JSON object with the backend's device type.
-        print(json.dumps({"type": "block", "features": []}))
-        return 0
+        return _print_capabilities(args)
     if not getattr(args, "func", None):
         parser.print_help(sys.stderr)
         return EXIT_USAGE
@@ -38,7 +36,7 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="nitro", description=__doc__.splitlines()[0])
     p.add_argument("--version", action="version", version=f"nitro {__version__}")
     p.add_argument("--print-capabilities", action="store_true",
-                   help="print the vhost-user backend capabilities as JSON and exit")
+                   help="print the vhost-user backend capabilities of the config as JSON and exit")
     sub = p.add_subparsers(metavar="COMMAND")
 
     run = sub.add_parser("run", help="serve the configured devices (foreground)")
@@ -47,13 +45,17 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--state-dir", type=Path, help="relative image paths resolve here")
     run.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
     run.add_argument("--check", action="store_true", help="validate the config and exit")
+    # SUPPRESS: unset, it must not hide the top-level flag (`nitro --print-capabilities run`).
+    run.add_argument("--print-capabilities", action="store_true", default=argparse.SUPPRESS,
+                     help="print the vhost-user backend capabilities of this config as JSON and exit")
     run.set_defaults(func=_cmd_run)
 
     st = sub.add_parser("status", help="show devices, connections and counters")
     st.add_argument("--control", type=Path, help="control socket (default: from the config)")
     st.add_argument("--config", type=Path)
     st.add_argument("--runtime-dir", type=Path)
-    st.add_argument("--json", action="store_true", help="raw JSON")
+    st.add_argument("--json", action="store_true",
+                    help="the same content as one JSON document (raw counters and feature bits, plus their names)")
     st.set_defaults(func=_cmd_status)
 
     rl = sub.add_parser("reload", help="re-read the daemon's config file and apply what can be applied live")
@@ -81,7 +83,8 @@ def _load(args) -> config.DaemonConfig:
 
 
 def _cmd_run(args) -> int:
-    from nitro import control, daemon, log
+    from nitro import daemon, log
+    from nitro.control.protocol import ControlError
     from nitro.sdnotify import Notifier
 
     try:
@@ -89,7 +92,7 @@ def _cmd_run(args) -> int:
     except config.ConfigError as e:
         return _fail(f"config {e}", EXIT_USAGE)
     if args.check:
-        print(f"{cfg.source}: ok ({len(cfg.blk)} blk devices)")
+        print(f"{cfg.source}: ok ({len(cfg.blk)} blk, {len(cfg.net)} net devices, {len(cfg.vpc)} VPCs)")
         return 0
     log.setup_logging(args.log_level or cfg.log_level)
     d = daemon.Daemon(cfg, load_config=_reloader(args))
@@ -99,15 +102,43 @@ def _cmd_run(args) -> int:
         return _fail(str(e), EXIT_FAILURE)
     try:
         trio.run(d.run, Notifier.from_environment())
-    except (OSError, control.ControlError) as e:
+    except (OSError, ControlError) as e:
         return _fail(f"cannot serve: {e}", EXIT_FAILURE)
     except BaseExceptionGroup as eg:
         # Start-up failures inside the nursery (a socket path in use, ...)
         # arrive wrapped; report the first as one line.
         first = _leaf(eg)
-        if isinstance(first, (OSError, control.ControlError)):
+        if isinstance(first, (OSError, ControlError)):
             return _fail(f"cannot serve: {first}", EXIT_FAILURE)
         raise
+    return 0
+
+
+# vhost-user.json's VHostUserBackendType for each kind of device nitro serves;
+# "block" backends also report "features" (command-line options such as
+# --read-only: nitro has none of them).
+_CAPABILITIES = {"blk": {"type": "block", "features": []}, "net": {"type": "net"}}
+
+
+def capabilities(cfg: config.DaemonConfig) -> dict | list[dict]:
+    """vhost-user.rst "Backend program conventions", --print-capabilities:
+    the VHostUserBackendCapabilities object (vhost-user.json) of the one
+    device type the config serves. A config serving several types is
+    several backends in the convention's sense (a capabilities object has
+    one type): then a list of their objects, block first; an empty list
+    when it serves no device."""
+    served = [dict(c) for kind, c in _CAPABILITIES.items() if getattr(cfg, kind)]
+    return served[0] if len(served) == 1 else served
+
+
+def _print_capabilities(args) -> int:
+    """Other options only choose the config, as in `nitro run --config F
+    --print-capabilities`; nothing is opened or served."""
+    try:
+        cfg = _load(args)
+    except config.ConfigError as e:
+        return _fail(f"config {e}", EXIT_USAGE)
+    print(json.dumps(capabilities(cfg)))
     return 0
 
 
@@ -130,7 +161,7 @@ def _leaf(eg: BaseExceptionGroup) -> BaseException:
 def _query(args, request: dict, **kw) -> dict | int:
     """Ask the running daemon over its control socket (--control, else the
     config's); the reply, or the exit code after printing the error."""
-    from nitro import control
+    from nitro.control import client
 
     path = args.control
     if path is None:
@@ -139,19 +170,22 @@ def _query(args, request: dict, **kw) -> dict | int:
         except config.ConfigError as e:
             return _fail(f"config {e}", EXIT_USAGE)
     try:
-        return control.query(path, request, **kw)
-    except control.ControlError as e:
+        return client.query(path, request, **kw)
+    except client.ControlError as e:
         return _fail(str(e), EXIT_FAILURE)
 
 
 def _cmd_status(args) -> int:
-    from nitro import control
+    from nitro import status_format
 
     reply = _query(args, {"cmd": "status"})
     if isinstance(reply, int):
         return reply
-    print(json.dumps(reply, indent=2) if args.json else control.format_status(reply))
-    return 0
+    if args.json:
+        print(json.dumps(status_format.status_document(reply), indent=2))
+    else:
+        print(status_format.format_status(reply))
+    return 0 if reply.get("ok") else EXIT_FAILURE
 
 
 def _cmd_reload(args) -> int:

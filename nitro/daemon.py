@@ -1,10 +1,11 @@
 """The daemon's lifecycle: open volumes, listen, serve, reload, drain on SIGTERM.
 
-Start-up opens every volume before any socket listens, so a bad volume stops
-the daemon before a guest can attach to half a configuration. READY is sent
-to systemd once every socket listens. SIGTERM/SIGINT: stop accepting, stop
-fetching new requests (each C loop completes the batch it holds), flush
-every volume, tell systemd STOPPING, exit 0.
+Start-up creates the directories the config names, then opens every volume
+before any socket listens, so a bad volume stops the daemon before a guest
+can attach to half a configuration. READY is sent to systemd once every
+socket listens. SIGTERM/SIGINT: stop accepting, stop fetching new
+requests (each C loop completes the batch it holds), flush every volume,
+tell systemd STOPPING, exit 0.
 
 SIGHUP or the control socket's ``reload`` re-reads the config file and
 applies what reload.plan() says: new [[blk]] devices are opened and then
@@ -23,9 +24,11 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
-from nitro import __version__, _datapath, control, metrics
+from nitro import __version__, _datapath, metrics
 from nitro import reload as reload_plan
 from nitro.config import ConfigError, DaemonConfig
+from nitro.control.protocol import CommandRefused
+from nitro.control.server import serve_control
 from nitro.devices import blk
 from nitro.devices.blk.backends.raw import VolumeError
 from nitro.engine import Engine
@@ -43,7 +46,7 @@ class StartupError(Exception):
     """A device could not be set up; the daemon exits non-zero before serving."""
 
 
-class ReloadError(control.CommandRefused):
+class ReloadError(CommandRefused):
     """A reload was refused or failed before changing anything (bad config
     file, a new volume that cannot be opened, no config file to re-read,
     daemon stopping). The running configuration stays; fix and reload again."""
@@ -71,7 +74,7 @@ class Daemon:
         return self.servers
 
     def status_sections(self) -> dict[str, Callable[[], Any]]:
-        """Parts of a status reply beyond the devices (control.DaemonView)."""
+        """Parts of a status reply beyond the devices (control.commands.DaemonView)."""
         sections: dict[str, Callable[[], Any]] = {}
         if self.engine is not None:
             sections["engine"] = self.engine.statistics
@@ -108,6 +111,7 @@ class Daemon:
         """Open every volume and the network fabric, then start the engine
         and one server per device (a bad volume fails before any thread)."""
         opened = []
+        make_directories(self.cfg)
         for b in self.cfg.blk:
             try:
                 device = blk.open_device(b)
@@ -154,7 +158,7 @@ class Daemon:
                 self._nursery = nursery
                 for s in self.servers:
                     await nursery.start(s.serve)
-                await nursery.start(control.serve_control, self.cfg.control_socket, self)
+                await nursery.start(serve_control, self.cfg.control_socket, self)
                 if self.engine is not None:
                     nursery.start_soon(self.engine.watch)
                 if self.fabric is not None:
@@ -328,6 +332,24 @@ class Daemon:
         if self.engine is not None:  # every ring was detached by now
             self.engine.close()
             self.engine = None
+
+
+def make_directories(cfg: DaemonConfig) -> None:
+    """Create the runtime and state directories and the directories of the
+    control socket and every device socket, whatever the config says: on a
+    fresh machine none exists (systemd creates /run/nitro and /var/lib/nitro
+    only for its unit), and a config may put each of them anywhere.
+    Existing directories are left as they are. StartupError naming the
+    directory when one cannot be created."""
+    wanted = [(cfg.runtime_dir, "runtime directory", 0o755),
+              (cfg.state_dir, "state directory", 0o750),  # images: as the unit's StateDirectoryMode
+              (cfg.control_socket.parent, "control socket's directory", 0o755)]
+    wanted += [(d.socket.parent, f"directory of device {d.id}'s socket", 0o755) for d in (*cfg.blk, *cfg.net)]
+    for path, what, mode in wanted:
+        try:
+            path.mkdir(mode=mode, parents=True, exist_ok=True)
+        except OSError as e:
+            raise StartupError(f"cannot create the {what} {path}: {e.strerror}") from None
 
 
 async def _wait_for_stop_signal() -> None:

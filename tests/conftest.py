@@ -13,6 +13,9 @@ Guest fixtures (used by tests/system):
   start_guest          factory: start_guest(image, script, **run_guest options)
                        -> a started GuestProcess, killed at teardown
 
+Frontends:
+  vublk                path of tools/bin/vublk (built with `make -C tools`)
+
 Nothing here skips: a missing QEMU, kernel or busybox makes the test fail
 with a message naming the package to install.
 """
@@ -37,6 +40,7 @@ from tests.nitro_proc import Nitro
 
 REPO = Path(__file__).resolve().parent.parent
 QSD = "qemu-storage-daemon"
+VUBLK = REPO / "tools" / "bin" / "vublk"
 
 
 @pytest.fixture(scope="session")
@@ -187,6 +191,18 @@ def start_guest() -> Iterator[Callable[..., GuestProcess]]:
     yield start
     for guest in guests:
         guest.kill()
+
+
+@pytest.fixture(scope="session")
+def vublk() -> Path:
+    """tools/bin/vublk, the userspace vhost-user-blk frontend, built if needed."""
+    if shutil.which("cc") is None:
+        pytest.fail("no C compiler (cc) on PATH: apt-get install gcc")
+    r = subprocess.run(["make", "-C", str(REPO / "tools")], capture_output=True, text=True, timeout=300,
+                       check=False)
+    assert r.returncode == 0, f"make -C tools failed:\n{r.stdout}\n{r.stderr}"
+    assert VUBLK.is_file() and os.access(VUBLK, os.X_OK), f"{VUBLK} was not built"
+    return VUBLK
 
 
 @pytest.fixture

@@ -9,21 +9,25 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Sequence
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
 class Nitro:
-    def __init__(self, tmp: Path, config: str, env: dict[str, str] | None = None) -> None:
+    def __init__(self, tmp: Path, config: str, env: dict[str, str] | None = None,
+                 wrapper: Sequence[str] = ()) -> None:
+        """`wrapper` prefixes the command line (e.g. strace); then self.proc
+        is the wrapper, not the daemon."""
         self.tmp = tmp
-        self.port = _free_port()
+        self.port = free_port()
         self.cfg = tmp / "nitro.toml"
         self.cfg.write_text(f'[metrics]\nlisten = "127.0.0.1:{self.port}"\n' + config)
         self.log = open(tmp / "nitro.log", "w+")
@@ -31,7 +35,7 @@ class Nitro:
         # for the path must wait for this daemon's.
         (tmp / "control.sock").unlink(missing_ok=True)
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "nitro", "run", "--config", str(self.cfg),
+            [*wrapper, sys.executable, "-m", "nitro", "run", "--config", str(self.cfg),
              "--runtime-dir", str(tmp), "--state-dir", str(tmp)],
             cwd=REPO, stderr=self.log, env={**os.environ, **(env or {})})
         try:

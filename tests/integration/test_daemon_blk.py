@@ -4,6 +4,7 @@ messages and hostile descriptor chains, metrics, status, SIGTERM."""
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import struct
@@ -165,6 +166,40 @@ def test_get_vring_base_and_reconnect_resume(nitro, short_tmp_path):
     assert n.stop() == 0
 
 
+def test_status_json_is_one_document_with_the_text_s_content(nitro, short_tmp_path):
+    n = nitro(TWO_DEVICES)
+    with Frontend(short_tmp_path / "a.sock") as fe:
+        fe.start()
+        doc = json.loads(n.status_json())  # the whole stdout is one document
+        text = n.status()
+    devices = {d["id"]: d for d in doc["devices"]}
+    assert sorted(devices) == ["a", "b"]
+    a, b = devices["a"], devices["b"]
+    assert a["kind"] == "blk" and a["socket"] == str(short_tmp_path / "a.sock")
+    assert a["state"] == "connected" and b["state"] == "waiting"
+    assert "VERSION_1" in a["feature_names"] and b["feature_names"] == []
+    assert f"features:    {a['features']:#x} {' '.join(a['feature_names'])}" in text
+    assert n.stop() == 0
+
+
+def test_a_saturated_blocking_call_eventfd_does_not_hang_the_queue(nitro, short_tmp_path):
+    """A frontend hands a blocking call eventfd one below saturation: C's
+    write of 1 after the first completion would block its worker forever
+    (no further request served, no drain). nitro makes the fd O_NONBLOCK
+    when it takes it; the write then fails with EAGAIN and the queue goes on."""
+    n = nitro(TWO_DEVICES)
+    with Frontend(short_tmp_path / "a.sock") as fe:
+        os.close(fe.call)
+        fe.call = os.eventfd(0, os.EFD_CLOEXEC)  # blocking, as the frontend chose
+        os.eventfd_write(fe.call, 0xFFFF_FFFF_FFFF_FFFE)
+        fe.start()
+        fe.get_config()  # a round trip: SET_VRING_CALL has been applied
+        assert not os.get_blocking(fe.call)  # one file description, shared with nitro
+        for i in range(3):
+            assert fe.blk_request(T_OUT, i, data=bytes([i]) * 512)[0] == 0
+    assert n.stop() == 0
+
+
 def test_bad_config_exits_2_with_one_line(short_tmp_path):
     cfg = short_tmp_path / "bad.toml"
     cfg.write_text('[[blk]]\nid = "x"\nqueues = 99\n')
@@ -189,6 +224,53 @@ def test_print_capabilities():
     r = subprocess.run([sys.executable, "-m", "nitro", "--print-capabilities"],
                        cwd=REPO, capture_output=True, text=True, timeout=30, check=True)
     assert r.stdout.strip() == '{"type": "block", "features": []}'
+
+
+def test_own_config_on_a_fresh_machine_comes_up(short_tmp_path):
+    """`nitro run --config F` where F names a runtime directory that does
+    not exist yet and puts its blk socket elsewhere: nothing else creates
+    the control socket's directory, and the daemon used to fail with
+    "cannot listen on control socket ...: No such file or directory"."""
+    from nitro.control.client import query
+
+    run_dir, state_dir = short_tmp_path / "run/nitro", short_tmp_path / "lib/nitro"
+    sock = short_tmp_path / "vm/a.sock"
+    cfg = short_tmp_path / "x.toml"
+    cfg.write_text(f'[daemon]\nruntime_dir = "{run_dir}"\nstate_dir = "{state_dir}"\n'
+                   f'[metrics]\nlisten = ""\n'
+                   f'[[blk]]\nid = "a"\nsocket = "{sock}"\nimage = "a.img"\nsize = "1M"\n')
+    control = run_dir / "control.sock"
+    with open(short_tmp_path / "nitro.log", "w+") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "nitro", "run", "--config", str(cfg)],
+                                cwd=REPO, stderr=log)
+        try:
+            deadline = time.monotonic() + 20
+            while not control.exists():
+                assert proc.poll() is None, (short_tmp_path / "nitro.log").read_text()
+                assert time.monotonic() < deadline, "no control socket"
+                time.sleep(0.05)
+            assert query(control, {"cmd": "ping"})["ok"] is True
+            status = query(control, {"cmd": "status"})
+            assert [d["id"] for d in status["devices"]] == ["a"]
+            assert sock.exists() and (state_dir / "a.img").stat().st_size == 1 << 20
+            proc.terminate()
+            assert proc.wait(30) == 0
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+
+
+def test_a_directory_that_cannot_be_created_is_one_line(short_tmp_path):
+    (short_tmp_path / "file").write_text("")
+    cfg = short_tmp_path / "x.toml"
+    cfg.write_text(f'[daemon]\nruntime_dir = "{short_tmp_path}/file/run"\nstate_dir = "{short_tmp_path}"\n'
+                   '[metrics]\nlisten = ""\n[[blk]]\nid = "a"\nsize = "1M"\n')
+    r = subprocess.run([sys.executable, "-m", "nitro", "run", "--config", str(cfg)],
+                       cwd=REPO, capture_output=True, text=True, timeout=30)
+    assert r.returncode == 1
+    assert r.stderr.strip() == (f"nitro: error: cannot create the runtime directory "
+                                f"{short_tmp_path}/file/run: Not a directory")
 
 
 def test_kick_without_fd_is_refused(nitro, short_tmp_path):

@@ -19,18 +19,9 @@ from tests.nitro_proc import Nitro
 
 pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parents[2]
-VUBLK = REPO / "tools" / "bin" / "vublk"
 
 VOL0 = '[[blk]]\nid = "vol0"\nsize = "64M"\n'
 VOL1 = '[[blk]]\nid = "vol1"\nsize = "16M"\n'
-
-
-@pytest.fixture(scope="module")
-def vublk() -> Path:
-    r = subprocess.run(["make", "-C", str(REPO / "tools")], capture_output=True, text=True, timeout=300,
-                       check=False)
-    assert r.returncode == 0, f"make -C tools failed:\n{r.stdout}\n{r.stderr}"
-    return VUBLK
 
 
 def write_config(n: Nitro, body: str) -> None:
@@ -196,14 +187,15 @@ def test_embedded_default_has_nothing_to_reload(tmp_path):
 
     import trio
 
-    from nitro import cli, config, control
+    from nitro import cli, config
+    from nitro.control.commands import handle_request_async
     from nitro.daemon import Daemon
 
     args = cli._parser().parse_args(["run", "--runtime-dir", str(tmp_path), "--state-dir", str(tmp_path)])
     assert cli._reloader(args) is None
     cfg = dataclasses.replace(config.load(None, runtime_dir=tmp_path, state_dir=tmp_path), metrics_listen="")
     d = Daemon(cfg, load_config=cli._reloader(args))
-    reply = json.loads(trio.run(control.handle_request_async, b'{"cmd": "reload"}', d))
+    reply = json.loads(trio.run(handle_request_async, b'{"cmd": "reload"}', d))
     assert reply["ok"] is False
     assert "embedded default" in reply["error"] and "--config" in reply["error"]
     assert os.listdir(tmp_path) == []  # nothing opened
@@ -215,7 +207,8 @@ def test_reload_during_drain_is_refused(tmp_path):
     from outside)."""
     import trio
 
-    from nitro import config, control
+    from nitro import config
+    from nitro.control.commands import handle_request_async
     from nitro.daemon import Daemon
 
     f = tmp_path / "nitro.toml"
@@ -223,5 +216,5 @@ def test_reload_during_drain_is_refused(tmp_path):
     cfg = config.load(f, runtime_dir=tmp_path, state_dir=tmp_path)
     d = Daemon(cfg, load_config=lambda: config.load(f, runtime_dir=tmp_path, state_dir=tmp_path))
     d._stopping = True  # what run() sets when the stop signal arrives
-    reply = json.loads(trio.run(control.handle_request_async, b'{"cmd": "reload"}', d))
+    reply = json.loads(trio.run(handle_request_async, b'{"cmd": "reload"}', d))
     assert reply == {"ok": False, "error": "the daemon is stopping"}

@@ -15,7 +15,6 @@ with the pattern computed here, independently, from the definition printed in
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
 import socket
@@ -32,8 +31,6 @@ import pytest
 pytestmark = pytest.mark.integration
 
 REPO = Path(__file__).resolve().parents[2]
-TOOLS = REPO / "tools"
-VUBLK = TOOLS / "bin" / "vublk"
 MiB = 1024 * 1024
 IMAGE_SIZE = 64 * MiB
 
@@ -80,19 +77,6 @@ def test_pattern_reference_values() -> None:
 
 # --------------------------------------------------------------------------
 # fixtures
-
-
-@pytest.fixture(scope="module")
-def vublk() -> Path:
-    cc = shutil.which("cc")
-    if cc is None:
-        pytest.fail("no C compiler (cc) on PATH: apt-get install gcc")
-    r = subprocess.run(
-        ["make", "-C", str(TOOLS)], capture_output=True, text=True, timeout=300
-    , check=False)
-    assert r.returncode == 0, f"make -C tools failed:\n{r.stdout}\n{r.stderr}"
-    assert VUBLK.is_file() and os.access(VUBLK, os.X_OK), f"{VUBLK} was not built"
-    return VUBLK
 
 
 @pytest.fixture(scope="module")

@@ -10,6 +10,7 @@ import pytest
 
 from nitro.config import BlkConfig, EncryptionConfig
 from nitro.crypto import keys
+from nitro.devices.base import VirtioBackend
 from nitro.devices.blk import config as blkcfg
 from nitro.devices.blk.backends.luks import LuksVolume
 from nitro.devices.blk.backends.raw import RawImage, VolumeError, VolumeLockedError
@@ -66,6 +67,7 @@ def test_raw_device_offers_discard_and_write_zeroes(tmp_path: Path) -> None:
         assert bit(dev.device_features, blkcfg.VIRTIO_BLK_F_WRITE_ZEROES)
         assert dev.config_space.max_discard_sectors == blkcfg.MAX_DISCARD_SECTORS
         assert dev.config_space.max_write_zeroes_sectors == blkcfg.MAX_DISCARD_SECTORS
+        assert isinstance(dev, VirtioBackend)  # the backend contract, every member present
     finally:
         dev.close()
 

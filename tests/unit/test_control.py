@@ -1,5 +1,6 @@
-"""The control protocol: the sans-IO core, then the trio server and the
-blocking client over a real unix socket in a temp directory."""
+"""The control socket: the sans-IO protocol and commands, then the trio
+server and the blocking client over a real unix socket in a temp directory.
+Rendering a status for people is tested in test_status_format.py."""
 
 import json
 import os
@@ -10,36 +11,23 @@ from dataclasses import dataclass, field
 import pytest
 import trio
 
-from nitro.control import (
+from nitro.control.client import query
+from nitro.control.commands import handle_request, handle_request_async
+from nitro.control.protocol import (
+    COMMANDS,
     MAX_LINE,
     CommandRefused,
     ControlError,
-    decode_features,
-    format_status,
-    handle_request,
-    handle_request_async,
-    query,
-    serve_control,
+    ReplyError,
+    RequestError,
+    encode_reply,
+    encode_request,
+    parse_reply,
+    parse_request,
 )
-
-INF = float("inf")
-
-
-def blk_stats(dev="vol0", **over):
-    faults = {k: 0 for k in ("avail_idx", "desc_index", "desc_addr", "desc_loop", "indirect", "desc_order", "request")}
-    stats = {
-        "id": dev, "kind": "blk", "socket": f"/run/nitro/{dev}.sock", "connected": True, "broken": None,
-        "features": 0x130000044, "protocol_features": 0x8 | 0x200, "readonly": False,
-        "capacity_bytes": 1 << 30,
-        "queues": [{"index": 0, "enabled": True, "running": True, "kicks": 11, "calls": 10, "chains": 12,
-                    "faults": {**faults, "desc_loop": 1}}],
-        "ops": {"in": {"requests": 7, "bytes": 28672, "errors": 0}, "out": {"requests": 2, "bytes": 8192, "errors": 1},
-                "flush": {"requests": 1, "bytes": 0, "errors": 0}},
-        "latency_buckets": [(2.5e-05, 4), (5e-05, 5), (INF, 1)],
-        "latency_sum_seconds": 0.0005, "inflight": 0, "protocol_errors": 0, "connections": 1,
-    }
-    stats.update(over)
-    return stats
+from nitro.control.server import serve_control
+from nitro.status_format import format_status
+from tests.unit.status_samples import VPCS, blk_stats
 
 
 class FakeDevice:
@@ -69,7 +57,32 @@ def call(line, view=None):
     return json.loads(reply)
 
 
-# -- sans-IO core --------------------------------------------------------------
+# -- protocol (sans-IO) ----------------------------------------------------------
+
+def test_request_round_trip():
+    assert parse_request(encode_request({"cmd": "status", "x": 1})) == ("status", {"cmd": "status", "x": 1})
+    assert parse_request(b'{"cmd": "reload"}') == ("reload", {"cmd": "reload"})  # newline optional
+    assert COMMANDS == {"ping", "status", "reload"}
+
+
+def test_bad_request_is_a_request_error():
+    with pytest.raises(RequestError, match="unknown command 'x'"):
+        parse_request(b'{"cmd": "x"}')
+    with pytest.raises(RequestError, match="not valid JSON"):
+        parse_request(b"{")
+
+
+def test_reply_round_trip_is_strict_json():
+    line = encode_reply({"ok": True, "t": (1, 2), "inf": float("inf"), "nan": float("nan"), "b": b"\xff"})
+    assert line.endswith(b"\n") and b"Infinity" not in line and b"NaN\"" in line
+    assert parse_reply(line) == {"ok": True, "t": [1, 2], "inf": "+Inf", "nan": "NaN", "b": "\\xff"}
+    with pytest.raises(ReplyError, match="not a JSON object"):
+        parse_reply(b"[1]\n")
+    with pytest.raises(ReplyError):
+        parse_reply(b"{\n")
+
+
+# -- commands (sans-IO) ------------------------------------------------------------
 
 def test_ping():
     assert call(b'{"cmd":"ping"}\n') == {"ok": True, "version": "9.9.9"}
@@ -97,15 +110,6 @@ def test_status_with_a_failing_device():
     assert reply["devices"][1]["id"] == "vol0"
 
 
-VPCS = {
-    "blue": {"id": "blue", "counters": {"arp_replies": 2, "dhcp_acks": 1, "unknown": 0}, "leases": {},
-             "punt_errors": 3,
-             "uplink": {"name": "nv0", "state": "down", "error": "HostError: poll failed", "packets_in": 4,
-                        "bytes_in": 400, "packets_out": 5, "bytes_out": 500}},
-    "red": {"id": "red", "counters": {"arp_replies": 0}, "leases": {}, "punt_errors": 0},
-}
-
-
 def test_status_sections():
     def broken():
         raise RuntimeError("fabric gone")
@@ -117,18 +121,6 @@ def test_status_sections():
     assert reply["extra"] == {"error": "statistics() failed: RuntimeError: fabric gone"}
     assert reply["devices"][0]["id"] == "vol0"  # a section never replaces the core fields
     assert "vpcs" not in call(b'{"cmd":"status"}', View())
-
-
-def test_format_vpcs_shows_uplink_state_and_punt_errors():
-    reply = call(b'{"cmd":"status"}', View(sections={"vpcs": lambda: VPCS}))
-    text = format_status(reply)
-    assert "vpc blue: arp_replies=2 dhcp_acks=1 punt_errors=3" in text
-    assert "uplink nv0: DOWN (HostError: poll failed); in 4 pkts 400 B, out 5 pkts 500 B" in text
-    assert "vpc red: no control traffic yet" in text
-    up = {**VPCS["blue"]["uplink"], "state": "up"}
-    del up["error"]
-    text = format_status({"ok": True, "devices": [], "vpcs": {"blue": {**VPCS["blue"], "uplink": up}}})
-    assert "uplink nv0: up; in 4 pkts" in text
 
 
 @pytest.mark.parametrize(
@@ -162,72 +154,6 @@ def test_handler_failure_is_an_error_reply():
 
     reply = call(b'{"cmd":"status"}', Exploding())
     assert reply == {"ok": False, "error": "command 'status' failed: RuntimeError: daemon state gone"}
-
-
-# -- human output --------------------------------------------------------------
-
-def test_decode_features():
-    assert decode_features(0x130000044, "blk") == [
-        "SEG_MAX", "BLK_SIZE", "RING_INDIRECT_DESC", "RING_EVENT_IDX", "VERSION_1"]
-    assert decode_features((1 << 5) | (1 << 9) | (1 << 14) | (1 << 45), "blk") == ["RO", "FLUSH", "WRITE_ZEROES", "bit45"]
-    assert decode_features(1 << 5, "net") == ["MAC"]
-    assert decode_features(1 << 5, None) == ["bit5"]
-    assert decode_features(0, "blk") == []
-
-
-def test_feature_names_come_from_the_device_modules():
-    from nitro.devices.blk import config as blkcfg
-    from nitro.devices.net import config as netcfg
-
-    assert decode_features(netcfg.device_features(), "net") == [
-        "CSUM", "GUEST_CSUM", "MTU", "MAC", "GUEST_TSO4", "GUEST_TSO6", "HOST_TSO4", "HOST_TSO6",
-        "MRG_RXBUF", "STATUS", "CTRL_VQ", "MQ",
-        "RING_INDIRECT_DESC", "RING_EVENT_IDX", "VERSION_1"]
-    assert decode_features(1 << netcfg.VIRTIO_NET_F_HOST_TSO4, "net") == ["HOST_TSO4"]
-    assert decode_features(1 << blkcfg.VIRTIO_BLK_F_DISCARD | 1 << 11, "blk") == ["CONFIG_WCE", "DISCARD"]
-    assert decode_features(1 << 30 | 1 << 34) == ["PROTOCOL_FEATURES", "RING_PACKED"]
-
-
-def test_protocol_feature_names():
-    from nitro.vhost.protocol import ProtocolFeature
-
-    pf = int(ProtocolFeature.MQ | ProtocolFeature.CONFIGURE_MEM_SLOTS) | 1 << 40
-    text = format_status({"ok": True, "devices": [blk_stats(protocol_features=pf)]})
-    assert f"protocol:    {pf:#x} MQ CONFIGURE_MEM_SLOTS bit40" in text
-
-
-def test_format_status():
-    reply = json.loads(handle_request(b'{"cmd":"status"}', View([
-        FakeDevice(blk_stats("vol0")),
-        FakeDevice(blk_stats("vol1", connected=False, broken="desc_loop", readonly=True,
-                             features=(1 << 32) | (1 << 5) | (1 << 9) | (1 << 11) | (1 << 12) | (1 << 13) | (1 << 14)
-                             | (1 << 1) | (1 << 10))),
-        FakeDevice(ValueError("nope")),
-    ])))
-    text = format_status(reply)
-    print(text)
-    assert text.splitlines()[0] == "nitro 9.9.9: 3 devices"
-    assert "vol0  (blk)  /run/nitro/vol0.sock" in text
-    assert "0x130000044 SEG_MAX BLK_SIZE RING_INDIRECT_DESC RING_EVENT_IDX VERSION_1" in text
-    for name in ("SIZE_MAX", "RO", "FLUSH", "TOPOLOGY", "CONFIG_WCE", "MQ", "DISCARD", "WRITE_ZEROES"):
-        assert f" {name}" in text
-    assert "0x208 REPLY_ACK CONFIG" in text  # protocol features
-    assert "state:       connected" in text
-    assert "BROKEN (desc_loop)" in text
-    assert "read-only" in text and "1.0 GiB" in text
-    assert "mean 50.0 us over 10 requests" in text
-    assert "desc_loop=1" in text
-    # per-queue and per-op tables
-    assert any(line.split()[:7] == ["0", "yes", "yes", "11", "10", "12", "desc_loop=1"] for line in text.splitlines())
-    assert any(line.split() == ["out", "2", "8192", "1"] for line in text.splitlines())
-    assert "bad: statistics() failed: ValueError: nope" in text
-
-
-def test_format_status_error_and_empty():
-    assert format_status({"ok": False, "error": "unknown command 'x'"}) == "error: unknown command 'x'"
-    assert format_status({"ok": True, "version": "1", "devices": []}) == "nitro 1: 0 devices"
-    # Unexpected field types do not crash the CLI.
-    assert "cannot display" in format_status({"ok": True, "version": "1", "devices": [{"id": "x", "features": "?"}]})
 
 
 # -- trio server + blocking client over a real socket ---------------------------

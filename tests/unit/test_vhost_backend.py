@@ -714,12 +714,21 @@ def test_affected_vrings(fe):
     assert b.affected_vrings(Message(R.GET_CONFIG, payload=DeviceConfig(0, 0, 0, b""))) == set()
 
 
-def test_every_request_is_handled_or_refused_by_name(fe):
+def test_the_dispatch_table_covers_every_request():
     from nitro.vhost import backend as mod
 
     for request in Request:
-        if request not in mod._UNSUPPORTED:
-            assert callable(getattr(fe.backend, f"_handle_{request.name.lower()}")), request
+        handled, refused = request in mod._HANDLERS, request in mod._UNSUPPORTED
+        assert handled != refused, request
+        if handled:  # the handler for a request carries its name
+            assert mod._HANDLERS[request].__name__ == f"_handle_{request.name.lower()}", request
+    # A request without a decision is caught when the module is imported.
+    partial = {r: h for r, h in mod._HANDLERS.items() if r is not R.SET_VRING_ERR}
+    with pytest.raises(AssertionError, match=r"no handler and not unsupported: \['SET_VRING_ERR'\]"):
+        mod.check_dispatch(partial, mod._UNSUPPORTED)
+    with pytest.raises(AssertionError, match=r"both handled and unsupported: \['GET_FEATURES'\]"):
+        mod.check_dispatch(mod._HANDLERS, {**mod._UNSUPPORTED, R.GET_FEATURES: "no"})
+    mod.check_dispatch(mod._HANDLERS, mod._UNSUPPORTED)
 
 
 def test_close_releases_everything(fe):
@@ -738,14 +747,35 @@ def test_vring_statistics():
                                   "broken": None, "kicks": 0, "calls": 0, "chains": 0}
 
 
-@pytest.mark.parametrize("request_", [R.SET_VRING_KICK, R.SET_VRING_CALL])
-def test_kick_and_call_must_be_eventfds(fe, request_):
+@pytest.mark.parametrize("request_", [R.SET_VRING_KICK, R.SET_VRING_CALL, R.SET_VRING_ERR])
+def test_kick_call_and_err_must_be_eventfds(fe, request_):
     """A memfd reads as always ready: as a kick fd it would spin a worker."""
     negotiate(fe)
     not_an_eventfd = memfd()
     with pytest.raises(ProtocolError, match="not an eventfd"):
         fe.send(request_, VringFd(0), [not_an_eventfd])
     assert is_closed(not_an_eventfd)
+
+
+@pytest.mark.parametrize("request_, kept", [(R.SET_VRING_KICK, "kick_fd"), (R.SET_VRING_CALL, "call_fd"),
+                                            (R.SET_VRING_ERR, "err_fd")])
+def test_blocking_eventfds_are_made_non_blocking(fe, request_, kept):
+    """A frontend may hand a blocking eventfd whose counter is one below
+    saturation: a blocking write of 1 (C's call) would then wait forever."""
+    negotiate(fe)
+    fd = os.eventfd(0, os.EFD_CLOEXEC)  # blocking
+    os.eventfd_write(fd, 0xFFFF_FFFF_FFFF_FFFE)  # the counter's maximum
+    frontend_copy = os.dup(fd)  # the frontend keeps its end: the same file description
+    try:
+        assert os.get_blocking(frontend_copy)
+        fe.send(request_, VringFd(0), [fd])
+        taken = getattr(fe.backend.vrings[0], kept)
+        assert taken == fd and not os.get_blocking(taken)
+        assert not os.get_blocking(frontend_copy)
+        with pytest.raises(BlockingIOError):  # what C's write now gets instead of hanging
+            os.eventfd_write(taken, 1)
+    finally:
+        os.close(frontend_copy)
 
 
 # -- inflight I/O tracking (GET_INFLIGHT_FD / SET_INFLIGHT_FD) -----------------------------

@@ -107,6 +107,12 @@ def fabric():
         d.close()
 
 
+def test_net_devices_implement_the_backend_contract(fabric):
+    from nitro.devices.base import VirtioBackend
+
+    assert fabric.devices and all(isinstance(d, VirtioBackend) for d in fabric.devices)
+
+
 def test_a_frame_that_raises_never_stops_the_punt_loop(fabric, caplog):
     fake = FakePunts()
     real_switch, fabric.switch = fabric.switch, fake

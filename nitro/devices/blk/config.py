@@ -28,6 +28,25 @@ VIRTIO_BLK_F_MQ = 12
 VIRTIO_BLK_F_DISCARD = 13
 VIRTIO_BLK_F_WRITE_ZEROES = 14
 
+#: Every virtio-blk feature bit of virtio 1.2 5.2.3 by name, minus
+#: VIRTIO_BLK_F_ (`nitro status`); the bits without a constant above are
+#: never offered.
+FEATURE_NAMES: dict[int, str] = {
+    VIRTIO_BLK_F_SIZE_MAX: "SIZE_MAX",
+    VIRTIO_BLK_F_SEG_MAX: "SEG_MAX",
+    4: "GEOMETRY",
+    VIRTIO_BLK_F_RO: "RO",
+    VIRTIO_BLK_F_BLK_SIZE: "BLK_SIZE",
+    VIRTIO_BLK_F_FLUSH: "FLUSH",
+    VIRTIO_BLK_F_TOPOLOGY: "TOPOLOGY",
+    11: "CONFIG_WCE",
+    VIRTIO_BLK_F_MQ: "MQ",
+    VIRTIO_BLK_F_DISCARD: "DISCARD",
+    VIRTIO_BLK_F_WRITE_ZEROES: "WRITE_ZEROES",
+    15: "LIFETIME",
+    16: "SECURE_ERASE",
+}
+
 SECTOR_SIZE = 512
 # Largest DISCARD / WRITE_ZEROES a single request may cover: 1 GiB.
 MAX_DISCARD_SECTORS = (1 << 30) // SECTOR_SIZE

@@ -1,0 +1,223 @@
+"""`nitro status`: a status reply rendered as text for people, or as one
+JSON document for scripts (``--json``) with the same content.
+
+The daemon sends numbers (feature bits, counters); names are looked up here,
+on the CLI's side: each device's config module describes its own feature
+bits (``FEATURE_NAMES`` in nitro/devices/blk/config.py and
+nitro/devices/net/config.py), nitro/devices/base.py the bits every device
+shares, nitro/vhost/protocol.py the vhost-user protocol features.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from nitro.devices import base
+from nitro.devices.blk import config as blk_config
+from nitro.devices.net import config as net_config
+from nitro.vhost.protocol import VHOST_USER_F_PROTOCOL_FEATURES, ProtocolFeature
+
+__all__ = ["decode_features", "format_status", "status_document"]
+
+# The bits every device shares, plus vhost-user's bit 30.
+_COMMON_FEATURES = {**base.FEATURE_NAMES, VHOST_USER_F_PROTOCOL_FEATURES: "PROTOCOL_FEATURES"}
+# Keyed by a device's statistics()["kind"].
+_DEVICE_FEATURES = {
+    "blk": blk_config.FEATURE_NAMES,
+    "net": net_config.FEATURE_NAMES,
+}
+
+
+def _protocol_feature_name(bit: int) -> str | None:
+    """vhost-user.rst "Protocol features", minus VHOST_USER_PROTOCOL_F_."""
+    return ProtocolFeature(1 << bit).name
+
+
+def decode_features(bits: int, kind: str | None = None) -> list[str]:
+    """Names of the set virtio feature bits, lowest bit first; device-specific
+    names for ``kind`` ("blk", "net"), ``bitN`` for bits without a name."""
+    table = {**_DEVICE_FEATURES.get(kind or "", {}), **_COMMON_FEATURES}
+    return _decode(bits, table.get)
+
+
+def _decode(bits: int, name_of: Callable[[int], str | None]) -> list[str]:
+    names = []
+    bit = 0
+    while bits >> bit:
+        if (bits >> bit) & 1:
+            names.append(name_of(bit) or f"bit{bit}")
+        bit += 1
+    return names
+
+
+def _yn(value: Any) -> str:
+    return "yes" if value else "no"
+
+
+def _table(headers: Sequence[str], rows: Sequence[Sequence[Any]], indent: str = "    ") -> list[str]:
+    cells = [[str(h) for h in headers]] + [[str(c) for c in row] for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    lines = []
+    for r in cells:
+        first, *rest = r
+        lines.append(indent + "  ".join([first.ljust(widths[0])] + [c.rjust(w) for c, w in zip(rest, widths[1:])]))
+    return lines
+
+
+def _human_bytes(n: int) -> str:
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if value < 1024 or unit == "TiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{n} B"  # pragma: no cover
+
+
+def _describe(d: dict) -> dict:
+    """What the text shows of a device beyond its raw fields: the state and
+    the names of its feature bits, the mean latency. Raises on fields of an
+    unexpected type."""
+    if d.get("broken"):
+        state = "broken"
+    else:
+        state = "connected" if d.get("connected") else "waiting"
+    features = int(d.get("features", 0) or 0)
+    pfeatures = int(d.get("protocol_features", 0) or 0)
+    described: dict[str, Any] = {
+        "state": state,
+        "feature_names": decode_features(features, d.get("kind")),
+        "protocol_feature_names": _decode(pfeatures, _protocol_feature_name),
+    }
+    if "latency_buckets" in d:
+        count = sum(n for _, n in d["latency_buckets"] or [])
+        described["latency_requests"] = count
+        described["latency_mean_us"] = (float(d.get("latency_sum_seconds", 0.0)) / count * 1e6) if count else None
+    return described
+
+
+def _format_device(d: dict) -> list[str]:
+    if "error" in d:
+        return [f"{d.get('id', '?')}: {d['error']}"]
+    kind = d.get("kind", "?")
+    x = _describe(d)
+    lines = [f"{d.get('id', '?')}  ({kind})  {d.get('socket', '')}"]
+    state = {"broken": f"BROKEN ({d.get('broken')})", "waiting": "waiting for frontend"}.get(x["state"], x["state"])
+    lines.append(f"  state:       {state}; connections {d.get('connections', 0)}, "
+                 f"protocol errors {d.get('protocol_errors', 0)}")
+    features = int(d.get("features", 0) or 0)
+    lines.append(f"  features:    {features:#x} {' '.join(x['feature_names'])}".rstrip())
+    pfeatures = int(d.get("protocol_features", 0) or 0)
+    lines.append(f"  protocol:    {pfeatures:#x} {' '.join(x['protocol_feature_names'])}".rstrip())
+    if "capacity_bytes" in d:
+        mode = "read-only" if d.get("readonly") else "read-write"
+        lines.append(f"  capacity:    {d['capacity_bytes']} bytes ({_human_bytes(d['capacity_bytes'])}), {mode}")
+    if "inflight" in d:
+        resubmitted = d.get("resubmitted")
+        extra = f" (resubmitted after restarts: {resubmitted})" if resubmitted else ""
+        lines.append(f"  inflight:    {d['inflight']}{extra}")
+    if x.get("latency_requests"):
+        lines.append(f"  latency:     mean {x['latency_mean_us']:.1f} us over {x['latency_requests']} requests")
+    queues = d.get("queues") or []
+    if queues:
+        lines.append("  queues:")
+        rows = []
+        for q in queues:
+            faults = q.get("faults") or {}
+            nonzero = ",".join(f"{k}={v}" for k, v in faults.items() if v) or "0"
+            rows.append([q.get("index", "?"), _yn(q.get("enabled")), _yn(q.get("running")),
+                         q.get("kicks", 0), q.get("calls", 0), q.get("chains", 0), nonzero])
+        lines += _table(["queue", "enabled", "running", "kicks", "calls", "chains", "faults"], rows)
+    net = d.get("net")
+    if isinstance(net, dict):
+        lines += _format_net(d, net)
+    ops = d.get("ops") or {}
+    if ops:
+        lines.append("  ops:")
+        rows = [[op, c.get("requests", 0), c.get("bytes", 0), c.get("errors", 0)] for op, c in ops.items()]
+        lines += _table(["op", "requests", "bytes", "errors"], rows)
+    return lines
+
+
+def _format_net(d: dict, net: dict) -> list[str]:
+    lines = [f"  interface:   mac {d.get('mac', '?')}  ip {d.get('ip', '?')}  vpc {d.get('vpc', '?')}"]
+    lease = d.get("lease")
+    if lease:
+        lines.append(f"  lease:       {lease.get('state')} (expires in {lease.get('expires_in')} s)")
+    lines += _table(["direction", "packets", "bytes"],
+                    [["in", net.get("packets_in", 0), net.get("bytes_in", 0)],
+                     ["out", net.get("packets_out", 0), net.get("bytes_out", 0)]])
+    drops = net.get("drops") or {}
+    lines.append("  drops:       " + (" ".join(f"{k}={v}" for k, v in drops.items()) or "0"))
+    lines.append(f"  allowance:   bw_in_allowance_exceeded={net.get('bw_in_allowance_exceeded', 0)} "
+                 f"bw_out_allowance_exceeded={net.get('bw_out_allowance_exceeded', 0)} "
+                 f"pps_allowance_exceeded={net.get('pps_allowance_exceeded', 0)}")
+    return lines
+
+
+def _format_vpcs(vpcs: dict) -> list[str]:
+    lines = []
+    for vpc_id, v in vpcs.items():
+        if not isinstance(v, dict) or "counters" not in v:
+            lines.append(f"vpc {vpc_id}: {v}")
+            continue
+        counters = {**v["counters"], "punt_errors": v.get("punt_errors", 0)}
+        c = " ".join(f"{k}={n}" for k, n in counters.items() if n)
+        lines.append(f"vpc {vpc_id}: {c or 'no control traffic yet'}")
+        up = v.get("uplink")
+        if up:
+            state = up.get("state", "up")
+            if up.get("error"):
+                state = f"{state.upper()} ({up['error']})"
+            lines.append(f"  uplink {up.get('name')}: {state}; in {up.get('packets_in', 0)} pkts "
+                         f"{up.get('bytes_in', 0)} B, out {up.get('packets_out', 0)} pkts "
+                         f"{up.get('bytes_out', 0)} B")
+    return lines
+
+
+def format_status(reply: dict) -> str:
+    """A ``status`` reply -> the human-readable text of ``nitro status``:
+    one block per device (id, kind, socket, state, features as hex and by
+    name, capacity, per-queue counters, per-op counters)."""
+    if not reply.get("ok"):
+        return f"error: {reply.get('error', 'unknown error')}"
+    devices = reply.get("devices") or []
+    lines = [f"nitro {reply.get('version', '?')}: {len(devices)} device{'s' if len(devices) != 1 else ''}"]
+    for d in devices:
+        lines.append("")
+        try:
+            lines += _format_device(d)
+        except Exception as exc:  # a field of an unexpected type: show the rest
+            lines.append(f"{d.get('id', '?') if isinstance(d, dict) else '?'}: cannot display: {exc}")
+    vpcs = reply.get("vpcs")
+    if isinstance(vpcs, dict) and vpcs:
+        lines.append("")
+        try:
+            lines += _format_vpcs(vpcs)
+        except Exception as exc:
+            lines.append(f"vpcs: cannot display: {exc}")
+    return "\n".join(lines)
+
+
+def status_document(reply: dict) -> dict:
+    """A ``status`` reply -> what ``nitro status --json`` prints: the reply
+    as the daemon sent it (raw numbers: feature bits, counters), each
+    device with what the text adds: ``state`` ("connected", "waiting" for a
+    frontend, "broken"), ``feature_names``, ``protocol_feature_names`` and,
+    for devices with a latency histogram, ``latency_requests`` and
+    ``latency_mean_us`` (null before the first request). A device whose
+    fields cannot be read gets ``display_error`` instead, as the text shows
+    "cannot display"; an entry with ``error`` (its statistics() failed) is
+    kept as it is."""
+    if not reply.get("ok"):
+        return reply
+    devices = []
+    for d in reply.get("devices") or []:
+        if not isinstance(d, dict) or "error" in d:
+            devices.append(d)
+            continue
+        try:
+            devices.append({**d, **_describe(d)})
+        except Exception as exc:
+            devices.append({**d, "display_error": str(exc)})
+    return {**reply, "devices": devices}
