@@ -15,7 +15,6 @@ import random
 import signal
 import struct
 import time
-from collections import deque
 from collections.abc import Iterator
 
 import pytest
