@@ -9,7 +9,7 @@
  * queue"). A virtio-net RX ring is different: it is popped and pushed by
  * several threads (peers' TX workers, the uplink thread, the trio thread
  * injecting control replies), each holding the switch's RX slot lock
- * (nitro_net.c), while its own worker only drains kicks and reads the fault.
+ * (nitro_switch.c), while its own worker only drains kicks and reads the fault.
  * nitro_vq_stop()/nitro_vq_wake()/nitro_vq_fault() and the stats may be used
  * from any thread: they are atomics or eventfd writes.
  */

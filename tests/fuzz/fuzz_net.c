@@ -1,8 +1,8 @@
 /*
  * fuzz_net.c: libFuzzer harness for the virtio-net TX path of the VPC switch
- * (nitro_net.c): tx_header/tx_gso, classify, TSO segmentation, checksum
- * completion, delivery into RX rings (MRG_RXBUF or not), the uplink and the
- * punt queue.
+ * (nitro_pkt.c, nitro_switch.c, nitro_net_queue.c): tx_header/tx_gso,
+ * classify, TSO segmentation, checksum completion, delivery into RX rings
+ * (MRG_RXBUF or not), the uplink and the punt queue.
  *
  * The harness plays a well-behaved driver (the ring walker has its own
  * target, fuzz_ring.c): it writes valid descriptor chains, so what is fuzzed

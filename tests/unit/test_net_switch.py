@@ -1,4 +1,4 @@
-"""The C switch (nitro_net.c) on fake guest rings: TX classify -> RX copy."""
+"""The C switch (nitro_switch.c) on fake guest rings: TX classify -> RX copy."""
 
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
-"""TCP segmentation offload in the C switch (nitro_net.c): TSO super-frames
-from a HOST_TSO port pass through to a GUEST_TSO port or are cut into
-segments for the others and the uplink TAP; malformed GSO headers are the
-sender's bad_header."""
+"""TCP segmentation offload in the C switch (nitro_pkt.c, nitro_switch.c): TSO
+super-frames from a HOST_TSO port pass through to a GUEST_TSO port or are
+cut into segments for the others and the uplink TAP; malformed GSO headers
+are the sender's bad_header."""
 
 from __future__ import annotations
 

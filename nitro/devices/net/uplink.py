@@ -4,7 +4,7 @@ The TAP is created by opening /dev/net/tun (TUNSETIFF, IFF_TAP|IFF_NO_PI):
 it exists as long as nitro holds the fd, so a crashed daemon leaves nothing
 behind. pyroute2 then sets its address, MTU and brings it up. Frames carry no
 virtio header on the TAP side: the switch completes partial checksums before
-writing (nitro_net.c ``to_uplink``).
+writing (nitro_switch.c ``to_uplink``).
 """
 
 from __future__ import annotations
