@@ -13,7 +13,6 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/eventfd.h>
-#include <time.h>
 #include <unistd.h>
 
 #include "nitro_iov.h"
@@ -24,20 +23,13 @@
 
 /* ---- token buckets (rate limits) ----------------------------------------- */
 
-static uint64_t now_ns(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
-}
-
 static void bucket_init(struct bucket *b, uint64_t rate, uint64_t min_burst)
 {
     b->rate = rate;
     /* 100 ms worth, at least one unit of the largest request. */
     b->burst = rate / 10 > min_burst ? rate / 10 : min_burst;
     b->tokens = (int64_t)b->burst;
-    b->last_ns = now_ns();
+    b->last_ns = nitro_now_ns();
 }
 
 /* Take n tokens if there are; refill by elapsed time first. Caller locks.
@@ -74,7 +66,7 @@ static bool port_admit(struct port *p, uint64_t pkts, uint64_t len, bool in)
     struct bucket *bw = in ? &p->bw_in : &p->bw_out;
     if (bw->rate == 0 && p->pps.rate == 0)
         return true;
-    uint64_t now = now_ns();
+    uint64_t now = nitro_now_ns();
     bool ok_pps, ok_bw = true;
     pthread_mutex_lock(&p->bucket_lock);
     ok_pps = bucket_take(&p->pps, pkts, now);
@@ -529,7 +521,7 @@ static void punt(struct nitro_switch *sw, uint32_t port, struct port *p,
 
 int nitro_switch_punt_fd(const struct nitro_switch *sw)
 {
-    return sw == NULL ? -1 : sw->punt_fd;
+    return sw == NULL ? NITRO_ERR_ARG : sw->punt_fd;
 }
 
 /* Take the oldest entry into buf (at most cap bytes); caller holds the
@@ -742,21 +734,13 @@ int64_t nitro_switch_uplink_serve(struct nitro_switch *sw, uint32_t vpc,
 
 /* ---- counters ------------------------------------------------------------------ */
 
-static void snapshot(const struct nitro_port_stats *s, struct nitro_port_stats *out)
-{
-    const uint64_t *src = (const uint64_t *)s;
-    uint64_t *dst = (uint64_t *)out;
-    for (size_t i = 0; i < sizeof(*s) / sizeof(uint64_t); i++)
-        dst[i] = __atomic_load_n(&src[i], __ATOMIC_RELAXED);
-}
-
 int nitro_switch_port_stats(const struct nitro_switch *sw, uint32_t port,
                             struct nitro_port_stats *out)
 {
     if (sw == NULL || out == NULL || port >= NITRO_NET_MAX_PORTS ||
         !sw->ports[port].used)
         return NITRO_ERR_ARG;
-    snapshot(&sw->ports[port].stats, out);
+    nitro_stats_copy(out, &sw->ports[port].stats, sizeof(*out));
     return NITRO_OK;
 }
 
@@ -766,6 +750,6 @@ int nitro_switch_uplink_stats(const struct nitro_switch *sw, uint32_t vpc,
     if (sw == NULL || out == NULL || vpc >= NITRO_NET_MAX_VPCS ||
         !sw->vpcs[vpc].used)
         return NITRO_ERR_ARG;
-    snapshot(&sw->vpcs[vpc].uplink_stats, out);
+    nitro_stats_copy(out, &sw->vpcs[vpc].uplink_stats, sizeof(*out));
     return NITRO_OK;
 }
