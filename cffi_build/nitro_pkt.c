@@ -45,6 +45,62 @@ static void tcp_set_pseudo(uint8_t *frame, uint32_t l4, bool v6, uint32_t tcplen
     st16be(frame + l4 + TCP_OFF_CHECK, csum_fold(sum));
 }
 
+uint32_t nitro_pkt_l3_end(const uint8_t *frame, uint32_t flen)
+{
+    uint16_t type = ld16be(frame + 12);
+    uint32_t end = flen;
+    if (type == ETH_P_IP && flen >= ETH_HLEN + 20)
+        end = ETH_HLEN + (uint32_t)ld16be(frame + ETH_HLEN + 2);
+    else if (type == ETH_P_IPV6 && flen >= ETH_HLEN + IP6_HLEN)
+        end = ETH_HLEN + IP6_HLEN + (uint32_t)ld16be(frame + ETH_HLEN + 4);
+    return end < flen ? end : flen;
+}
+
+/* RFC 8200 extension header numbers. */
+#define IP6_HOPOPTS 0
+#define IP6_ROUTING 43
+#define IP6_FRAGMENT 44
+#define IP6_AH 51
+#define IP6_DSTOPTS 60
+/* More extension headers than any sane sender uses (RFC 8200 4.1 orders
+ * at most 8 kinds); past this the datagram is refused. */
+#define IP6_MAX_EXT 8
+
+int nitro_pkt_ip6_upper(const uint8_t *frame, uint32_t flen, uint8_t *proto,
+                        uint32_t *off)
+{
+    const uint8_t *ip = frame + ETH_HLEN;
+    if (flen < ETH_HLEN + IP6_HLEN || (ip[0] >> 4) != 6)
+        return NITRO_ERR_ARG;
+    uint32_t end = ETH_HLEN + IP6_HLEN + (uint32_t)ld16be(ip + 4);
+    if (end > flen)
+        return NITRO_ERR_ARG;
+    uint8_t nh = ip[6];
+    uint32_t at = ETH_HLEN + IP6_HLEN;
+    for (int n = 0; n <= IP6_MAX_EXT; n++) {
+        uint32_t len;
+        if (nh == IP6_HOPOPTS || nh == IP6_ROUTING || nh == IP6_DSTOPTS)
+            len = at + 2 <= end ? ((uint32_t)frame[at + 1] + 1) * 8 : 0;
+        else if (nh == IP6_AH)  /* RFC 4302 2.2: in 4-byte units, minus 2 */
+            len = at + 2 <= end ? ((uint32_t)frame[at + 1] + 2) * 4 : 0;
+        else if (nh == IP6_FRAGMENT)
+            len = 8;
+        else {
+            *proto = nh;
+            *off = at;
+            return 1;
+        }
+        if (len == 0 || at + len > end)
+            return NITRO_ERR_ARG;
+        /* A fragment with a nonzero offset: the upper header is elsewhere. */
+        if (nh == IP6_FRAGMENT && (ld16be(frame + at + 2) & 0xfff8) != 0)
+            return 0;
+        nh = frame[at];
+        at += len;
+    }
+    return NITRO_ERR_ARG;
+}
+
 /* NEEDS_CSUM: see nitro_pkt.h. */
 bool nitro_pkt_csum_complete(uint8_t *buf, uint32_t len)
 {

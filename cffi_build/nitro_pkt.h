@@ -39,11 +39,15 @@
 #define IPPROTO_ICMP_ 1
 #define IPPROTO_TCP_ 6
 #define IPPROTO_UDP_ 17
+#define IPPROTO_ICMPV6_ 58
+#define IP6_HLEN 40
 #define TCP_OFF_CHECK 16     /* checksum field in the TCP header */
 #define TCP_FIN 0x01
 #define TCP_PSH 0x08
 #define TCP_CWR 0x80
 #define ICMP_ECHO_REQUEST 8
+#define ND_ROUTER_ADVERT 134  /* RFC 4861 4.2 */
+#define ND_REDIRECT 137       /* RFC 4861 4.5 */
 #define DHCP_SERVER_PORT 67
 
 /* nitro_pkt_tx_header() result for a frame that may go on. */
@@ -95,6 +99,23 @@ NITRO_INTERNAL bool nitro_pkt_csum_complete(uint8_t *buf, uint32_t len);
  * Returns NITRO_PKT_TX_OK or the NITRO_NET_DROP_* reason. */
 NITRO_INTERNAL int nitro_pkt_tx_header(uint8_t *buf, uint32_t flen,
                                        uint64_t feat, uint32_t mtu);
+
+/* Where an IPv4 or IPv6 datagram in frame ends (the Ethernet header plus
+ * its total / payload length), at most flen: Ethernet pads short frames,
+ * and the padding is no part of the datagram or its checksum. flen for
+ * anything else. */
+NITRO_INTERNAL uint32_t nitro_pkt_l3_end(const uint8_t *frame, uint32_t flen);
+
+/* The upper-layer header of the IPv6 datagram in frame (RFC 8200 4):
+ * extension headers (hop-by-hop, routing, fragment, destination options,
+ * AH) are skipped. Returns 1 with *proto and *off (its offset in frame;
+ * *off may equal the datagram's end when it is empty), 0 when it is not in
+ * this frame (a later fragment) and NITRO_ERR_ARG when the datagram is
+ * not well formed: shorter than its header, a version other than 6, a
+ * payload length past the frame, or an extension header chain that runs
+ * past the datagram or is longer than nitro follows. */
+NITRO_INTERNAL int nitro_pkt_ip6_upper(const uint8_t *frame, uint32_t flen,
+                                       uint8_t *proto, uint32_t *off);
 
 /* ---- TCP segmentation offload ------------------------------------------- */
 

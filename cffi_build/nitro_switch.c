@@ -140,6 +140,24 @@ int nitro_switch_add_vpc(struct nitro_switch *sw, uint32_t vpc,
     return NITRO_OK;
 }
 
+/* fe80::/64 with the modified EUI-64 interface identifier of mac
+ * (RFC 4291 2.5.1 and appendix A: the universal/local bit inverted,
+ * ff:fe in the middle). */
+static void set_link_local(uint8_t ll[16], const uint8_t mac[6])
+{
+    memset(ll, 0, 16);
+    ll[0] = 0xfe;
+    ll[1] = 0x80;
+    ll[8] = mac[0] ^ 0x02;
+    ll[9] = mac[1];
+    ll[10] = mac[2];
+    ll[11] = 0xff;
+    ll[12] = 0xfe;
+    ll[13] = mac[3];
+    ll[14] = mac[4];
+    ll[15] = mac[5];
+}
+
 int nitro_switch_add_port(struct nitro_switch *sw, uint32_t port,
                           const struct nitro_port_params *params)
 {
@@ -153,6 +171,7 @@ int nitro_switch_add_port(struct nitro_switch *sw, uint32_t port,
     p->vpc = params->vpc;
     memcpy(p->mac, params->mac, 6);
     memcpy(p->ip, params->ip, 4);
+    set_link_local(p->ip6_ll, p->mac);
     uint64_t frame_max = v->mtu + ETH_HLEN;
     bucket_init(&p->bw_in, params->bw_in_bytes_per_sec, frame_max);
     bucket_init(&p->bw_out, params->bw_out_bytes_per_sec, frame_max);
@@ -579,6 +598,36 @@ static enum verdict drop_as(struct port *p, unsigned reason)
     return DROP;
 }
 
+/* IPv6 from port p. A port has no IPv6 address of its own in the VPC, so
+ * its only legitimate sources are its link-local address (fe80::/64 and
+ * the modified EUI-64 of its MAC, RFC 4291 2.5.6 and appendix A) and the
+ * unspecified address (duplicate address detection, RFC 4862 5.4.2); the
+ * kernel's default addr_gen_mode gives a Linux guest exactly that one.
+ * Router Advertisements and Redirects would make peers and the host route
+ * through the guest (RFC 6105 RA-Guard): refused, also behind extension
+ * headers (RFC 7113), as spoofed sources, since the guest poses as a
+ * router. */
+static enum verdict classify_ip6(struct port *p, const uint8_t *frame,
+                                 uint32_t flen)
+{
+    uint8_t proto;
+    uint32_t off;
+    int rc = nitro_pkt_ip6_upper(frame, flen, &proto, &off);
+    if (rc < 0)
+        return drop_as(p, NITRO_NET_DROP_BAD_HEADER);
+    static const uint8_t unspecified[16];
+    const uint8_t *src = frame + ETH_HLEN + 8;
+    if (memcmp(src, p->ip6_ll, 16) != 0 && memcmp(src, unspecified, 16) != 0)
+        return drop_as(p, NITRO_NET_DROP_SPOOFED_SOURCE);
+    if (rc == 1 && proto == IPPROTO_ICMPV6_) {
+        if (off >= nitro_pkt_l3_end(frame, flen))
+            return drop_as(p, NITRO_NET_DROP_BAD_HEADER);
+        if (frame[off] == ND_ROUTER_ADVERT || frame[off] == ND_REDIRECT)
+            return drop_as(p, NITRO_NET_DROP_SPOOFED_SOURCE);
+    }
+    return FORWARD;
+}
+
 /* Anti-spoofing and control-plane classification of one frame from port p.
  * frame/flen exclude the virtio header; flen >= ETH_HLEN. */
 static enum verdict classify(struct vpc *v, struct port *p,
@@ -641,7 +690,9 @@ static enum verdict classify(struct vpc *v, struct port *p,
         }
         return FORWARD;
     }
-    return FORWARD;  /* IPv6 and others: source MAC checked above */
+    if (type == ETH_P_IPV6)
+        return classify_ip6(p, frame, flen);
+    return FORWARD;  /* other ethertypes: source MAC checked above */
 }
 
 void nitro_sw_tx_frame(struct nitro_switch *sw, uint32_t port_id,

@@ -56,6 +56,7 @@ struct port {
     uint32_t vpc;
     uint8_t mac[6];
     uint8_t ip[4];
+    uint8_t ip6_ll[16];   /* its IPv6 link-local address (from mac) */
     uint64_t features;    /* atomic: set by the trio thread */
     pthread_mutex_t bucket_lock;
     struct bucket bw_in, bw_out, pps;

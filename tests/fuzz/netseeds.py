@@ -37,7 +37,7 @@ GW = bytes.fromhex("020000000001")
 UP = bytes.fromhex("0200000000fe")
 BCAST = b"\xff" * 6
 A_IP, B_IP, GW_IP = bytes([10, 0, 0, 10]), bytes([10, 0, 0, 11]), bytes([10, 0, 0, 1])
-A6 = bytes.fromhex("fd00000000000000000000000000000a")
+A6 = bytes.fromhex("fe80000000000000505400fffe00000a")  # A's link-local: its only IPv6 source
 B6 = bytes.fromhex("fd00000000000000000000000000000b")
 GSO_TCPV4, GSO_TCPV6 = 1, 4
 

@@ -14,14 +14,14 @@ from scapy.layers.inet6 import IPv6
 from scapy.layers.l2 import Ether
 
 from nitro.vpc import packets as pk
-from tests.unit.test_net_switch import A_IP, B_IP, F_GUEST_CSUM, F_MRG, HDR, A, B, Net, ip4
+from tests.unit.test_net_switch import A_IP, B_IP, F_GUEST_CSUM, F_MRG, HDR, A, B, Net, ip4, link_local
 
 V1 = 1 << 32
 F_CSUM = 1 << 0
 F_GUEST_TSO4, F_GUEST_TSO6 = 1 << 7, 1 << 8
 F_HOST_TSO4, F_HOST_TSO6 = 1 << 11, 1 << 12
 GSO_TCPV4, GSO_TCPV6 = 1, 4
-A6, B6 = "fd00::a", "fd00::b"
+A6, B6 = link_local(A), "fd00::b"  # a port's only IPv6 source is its link-local address
 UP_MAC = "02:00:00:00:00:fe"
 MSS = 1448  # 1500 - 20 (IPv4) - 32 (TCP with timestamps)
 MSS6 = 1428  # 1500 - 40 (IPv6) - 32
