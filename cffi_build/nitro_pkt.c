@@ -179,9 +179,16 @@ uint32_t nitro_pkt_gso_cut(const uint8_t *buf, const struct nitro_pkt_gso *g,
     return NITRO_NET_HDR_LEN + g->hlen + n;
 }
 
+/* Linux's smallest TCP MSS (TCP_MIN_MSS): no stack sends smaller segments,
+ * and a tiny gso_size would turn one 64 KiB chain into tens of thousands of
+ * frames for every receiver. */
+#define TSO_MIN_MSS 88
+
 /* A TSO super-frame (gso_type TCPV4/TCPV6, 5.1.6.2): accepted only with
- * the matching HOST_TSO4/6 negotiated, NEEDS_CSUM on the TCP checksum,
- * gso_size > 0, the guest's hdr_len inside the frame (it is only a hint:
+ * the matching HOST_TSO4/6 negotiated, to a unicast MAC (TCP is never
+ * broadcast; a flood would be segmented once per port), NEEDS_CSUM on the
+ * TCP checksum, gso_size >= TSO_MIN_MSS, the guest's hdr_len inside the
+ * frame (it is only a hint:
  * the real header length is measured), and the frame really Ethernet +
  * IPv4 (options allowed, not a fragment) or IPv6 (no extension headers) +
  * TCP whose IP length is exactly the frame's. The MTU applies to a
@@ -201,7 +208,8 @@ static int tx_gso(uint8_t *buf, uint32_t flen, uint64_t feat, uint32_t mtu)
         return NITRO_NET_DROP_BAD_HEADER;
     uint32_t hint_len = ld16le(buf + 2), mss = ld16le(buf + 4);
     uint32_t start = ld16le(buf + 6), off = ld16le(buf + 8);
-    if (!(buf[0] & VIRTIO_NET_HDR_F_NEEDS_CSUM) || mss == 0 || hint_len > flen)
+    if (!(buf[0] & VIRTIO_NET_HDR_F_NEEDS_CSUM) || mss < TSO_MIN_MSS ||
+        hint_len > flen || (frame[0] & 1))
         return NITRO_NET_DROP_BAD_HEADER;
     const uint8_t *ip = frame + ETH_HLEN;
     uint16_t etype = ld16be(frame + 12);
