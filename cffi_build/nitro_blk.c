@@ -417,13 +417,6 @@ static void blk_execute(const struct nitro_blk_params *p,
 
 /* ---- accounting -------------------------------------------------------- */
 
-static uint64_t now_ns(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
-}
-
 static void blk_account(struct nitro_blk_stats *s, const struct blk_done *d,
                         uint64_t ns)
 {
@@ -445,7 +438,7 @@ static int blk_handle(struct nitro_vq *vq, struct nitro_chain *c,
                       const struct nitro_blk_params *p,
                       struct nitro_xts_lane *lane, struct nitro_blk_stats *s)
 {
-    uint64_t start = now_ns();
+    uint64_t start = nitro_now_ns();
     nitro_stat_add(&s->inflight, 1);
     struct blk_req rq;
     if (blk_parse(vq, c, &rq) != NITRO_OK) {
@@ -461,7 +454,7 @@ static int blk_handle(struct nitro_vq *vq, struct nitro_chain *c,
     nitro_stat_sub(&s->inflight, 1);
     if (c->resubmitted)
         nitro_stat_add(&s->resubmitted, 1);
-    blk_account(s, &d, now_ns() - start);
+    blk_account(s, &d, nitro_now_ns() - start);
     return NITRO_OK;
 }
 

@@ -1,0 +1,224 @@
+/*
+ * nitro_net_queue.c: serving virtio-net queues (virtio 1.2 5.1.6): TX rings
+ * through the switch (nitro_switch.c), RX ring workers that only drain
+ * kicks, and the control queue.
+ */
+#define _GNU_SOURCE
+#include <stdlib.h>
+
+#include "nitro_iov.h"
+#include "nitro_pkt.h"
+#include "nitro_switch_internal.h"
+
+/* ---- TX rings --------------------------------------------------------------- */
+
+struct tx_ctx {
+    struct nitro_switch *sw;
+    uint32_t port_id;
+    struct port *p;
+    uint32_t hint;
+    uint8_t *buf;  /* SCRATCH_LEN: the chain, then room for one segment */
+    struct dirty dirty;
+};
+
+static void tx_one(struct tx_ctx *t, const struct nitro_chain *c)
+{
+    if (c->out_len < NITRO_NET_HDR_LEN + ETH_HLEN ||
+        c->out_len > NITRO_NET_HDR_LEN + NITRO_NET_MAX_FRAME) {
+        nitro_sw_drop(&t->p->stats, NITRO_NET_DROP_BAD_HEADER);
+        return;
+    }
+    uint32_t len = (uint32_t)c->out_len;
+    nitro_iov_to_buf(c->iov, (int)c->n_out, t->buf, len);
+    nitro_sw_tx_frame(t->sw, t->port_id, t->p, t->buf, len,
+                      t->buf + FRAME_BUF_LEN, t->hint, &t->dirty);
+}
+
+static int64_t tx_batch(struct tx_ctx *t, struct nitro_vq *vq)
+{
+    uint16_t heads[TX_BATCH];
+    uint32_t lens[TX_BATCH];
+    uint32_t n = 0;
+    int rc = 0;
+    while (n < TX_BATCH) {
+        struct nitro_chain *c;
+        rc = nitro_vq_pop(vq, &c);
+        if (rc <= 0)
+            break;
+        tx_one(t, c);
+        heads[n] = c->head;
+        lens[n] = 0;  /* TX buffers are device-readable: nothing written */
+        n++;
+    }
+    /* Also when the guest broke the ring mid-batch: the chains taken so far
+     * were switched, so they are completed and their receivers called. */
+    nitro_vq_push_batch(vq, heads, lens, n);
+    if (n > 0)
+        nitro_vq_notify(vq);
+    nitro_sw_flush_dirty(&t->dirty);
+    return rc < 0 ? rc : (int64_t)n;
+}
+
+/* A scratch buffer of the port for one TX worker: kept across calls (one
+ * per concurrently served TX ring), so a serve call does not allocate. */
+static uint8_t *scratch_get(struct port *p, int *slot)
+{
+    for (int i = 0; i < NITRO_NET_MAX_PAIRS; i++) {
+        uint32_t bit = 1u << i;
+        if (__atomic_fetch_or(&p->scratch_busy, bit, __ATOMIC_ACQUIRE) & bit)
+            continue;
+        if (p->scratch[i] == NULL)
+            p->scratch[i] = malloc(SCRATCH_LEN);
+        if (p->scratch[i] == NULL) {
+            __atomic_fetch_and(&p->scratch_busy, ~bit, __ATOMIC_RELEASE);
+            return NULL;
+        }
+        *slot = i;
+        return p->scratch[i];
+    }
+    *slot = -1;  /* more TX workers than pairs: not expected, still works */
+    return malloc(SCRATCH_LEN);
+}
+
+static void scratch_put(struct port *p, int slot, uint8_t *buf)
+{
+    if (slot < 0)
+        free(buf);
+    else
+        __atomic_fetch_and(&p->scratch_busy, ~(1u << slot), __ATOMIC_RELEASE);
+}
+
+int64_t nitro_net_tx_serve(struct nitro_switch *sw, uint32_t port,
+                           struct nitro_vq *vq, int idle_ms)
+{
+    struct port *p = nitro_sw_port(sw, port);
+    if (p == NULL || vq == NULL || !nitro_vq_ready(vq))
+        return NITRO_ERR_ARG;
+    if (nitro_vq_fault(vq) != NITRO_FAULT_NONE)
+        return NITRO_ERR_GUEST;
+    struct tx_ctx t = {.sw = sw, .port_id = port, .p = p, .hint = port};
+    int scratch_slot;
+    t.buf = scratch_get(p, &scratch_slot);
+    if (t.buf == NULL)
+        return NITRO_ERR_NOMEM;
+    int64_t total = 0, rc = 0;
+    nitro_vq_disable_notify(vq);
+    while (!nitro_vq_stopping(vq)) {
+        int64_t n = tx_batch(&t, vq);
+        if (n < 0) {
+            rc = n;
+            break;
+        }
+        total += n;
+        if (n > 0)
+            continue;
+        int e = nitro_vq_enable_notify(vq);
+        if (e < 0) {
+            rc = e;
+            break;
+        }
+        if (e == 0) {
+            if (nitro_vq_kick_fd(vq) < 0)
+                break;
+            e = nitro_vq_wait_kick(vq, idle_ms);
+            if (e < 0) {
+                rc = e;
+                break;
+            }
+            if (e != NITRO_VQ_WAIT_KICK)
+                break;  /* notifications stay enabled for the next waiter */
+        }
+        nitro_vq_disable_notify(vq);
+    }
+    if (rc == 0 && nitro_vq_stopping(vq)) {
+        int e = nitro_vq_enable_notify(vq);
+        if (e < 0)
+            rc = e;
+    }
+    scratch_put(p, scratch_slot, t.buf);
+    return rc < 0 ? rc : total;
+}
+
+int64_t nitro_net_rx_serve(struct nitro_vq *vq)
+{
+    if (vq == NULL || !nitro_vq_ready(vq))
+        return NITRO_ERR_ARG;
+    if (nitro_vq_kick_fd(vq) >= 0) {
+        int rc = nitro_vq_wait_kick(vq, 0);
+        if (rc < 0)
+            return rc;
+    }
+    /* After draining the kick: a delivery that broke the ring sets the
+     * fault before it kicks (nitro_vq_wake), so either this sees the fault
+     * or the kick fd is readable again and the next call does. */
+    if (nitro_vq_fault(vq) != NITRO_FAULT_NONE)
+        return NITRO_ERR_GUEST;
+    return 0;
+}
+
+/* ---- control queue ---------------------------------------------------------- */
+
+#define VIRTIO_NET_CTRL_RX 0
+#define VIRTIO_NET_CTRL_MAC 1
+#define VIRTIO_NET_CTRL_MQ 4
+#define VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET 0
+#define VIRTIO_NET_OK 0
+#define VIRTIO_NET_ERR 1
+
+static uint8_t ctrl_answer(const struct nitro_chain *c, uint32_t max_pairs)
+{
+    uint8_t cmd[4] = {0};
+    if (c->out_len < 2)
+        return VIRTIO_NET_ERR;
+    nitro_iov_to_buf(c->iov, (int)c->n_out, cmd, c->out_len < 4 ? c->out_len : 4);
+    if (cmd[0] == VIRTIO_NET_CTRL_RX || cmd[0] == VIRTIO_NET_CTRL_MAC)
+        return VIRTIO_NET_OK;
+    if (cmd[0] == VIRTIO_NET_CTRL_MQ && cmd[1] == VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET &&
+        c->out_len >= 4) {
+        uint16_t pairs = ld16le(cmd + 2);
+        return pairs >= 1 && pairs <= max_pairs ? VIRTIO_NET_OK : VIRTIO_NET_ERR;
+    }
+    return VIRTIO_NET_ERR;
+}
+
+int64_t nitro_net_ctrl_serve(struct nitro_vq *vq, uint32_t max_pairs,
+                             int idle_ms)
+{
+    if (vq == NULL || !nitro_vq_ready(vq))
+        return NITRO_ERR_ARG;
+    int64_t total = 0;
+    for (;;) {
+        struct nitro_chain *c;
+        int rc;
+        uint32_t pushed = 0;
+        while ((rc = nitro_vq_pop(vq, &c)) == 1) {
+            if (c->n_in == 0) {
+                rc = nitro_vq_set_fault(vq, NITRO_FAULT_REQUEST);
+                break;
+            }
+            uint8_t ack = ctrl_answer(c, max_pairs);
+            /* The ack is the last writable byte (5.1.6.5). */
+            const struct iovec *last = &c->iov[c->n_out + c->n_in - 1];
+            ((uint8_t *)last->iov_base)[last->iov_len - 1] = ack;
+            nitro_vq_push(vq, c->head, 1);
+            pushed++;
+            total++;
+        }
+        if (pushed > 0)
+            nitro_vq_notify(vq);
+        if (rc < 0)
+            return rc;
+        int e = nitro_vq_enable_notify(vq);
+        if (e < 0)
+            return e;
+        if (e > 0)
+            continue;
+        if (nitro_vq_kick_fd(vq) < 0 || nitro_vq_stopping(vq))
+            return total;
+        e = nitro_vq_wait_kick(vq, idle_ms);
+        if (e < 0)
+            return e;
+        if (e != NITRO_VQ_WAIT_KICK)
+            return total;
+    }
+}
