@@ -1,15 +1,26 @@
 /*
- * nitro.h: the whole C ABI of nitro's datapath.
+ * nitro.h: the core of the C ABI of nitro's datapath: return codes, guest
+ * memory, split virtqueues, virtio-blk. The whole ABI is three headers,
+ * nitro.h, nitro_crypto.h (keys, AES-XTS) and nitro_net.h (virtio-net and
+ * the VPC switch): build.py's ABI_HEADERS. Every other header in
+ * cffi_build/ is internal to the C files.
  *
- * This file is both the C header and the cffi cdef (cffi_build/build.py feeds
- * it to ffi.cdef() after dropping preprocessor lines other than integer
- * #defines), so it must stay inside what cffi's parser accepts: fixed-width
- * integer types, plain structs, opaque pointers, integer #defines.
+ * Each ABI header is both a C header and a cffi cdef (cffi_build/build.py
+ * feeds it to ffi.cdef() after dropping preprocessor lines other than
+ * integer #defines), so it must stay inside what cffi's parser accepts:
+ * fixed-width integer types, plain structs, opaque pointers, integer
+ * #defines, arrays sized by those #defines.
  *
- * Conventions: every symbol is nitro_-prefixed; functions return an int code
- * (NITRO_OK or a negative NITRO_ERR_*) unless they are pure getters; the
- * caller owns file descriptors (C never closes an fd it was given) and the
- * stats structs it passes in; C owns the objects it returns from *_new().
+ * Conventions: every symbol is nitro_-prefixed. Functions return an int
+ * code (NITRO_OK, a count, or a negative NITRO_ERR_*) unless they are pure
+ * getters; a constructor (*_new) returns the object, or NULL only when
+ * memory or a file descriptor could not be had; anything else that can
+ * fail returns a code. Counters are copied out (atomic loads) into a stats
+ * struct the caller passes, or counted into one the caller owns
+ * (nitro_blk_serve). The caller owns file descriptors (C never closes an fd
+ * it was given); C owns the objects it returns from *_new(). Each set of
+ * codes has a table of names (nitro_*_names, nitro_names.c), the one place
+ * they are spelled, indexed by the code.
  *
  * Vocabulary follows the virtio 1.2 spec (section 2.7 "Split Virtqueues") and
  * QEMU's docs/interop/vhost-user.rst (memory regions, vring addresses).
@@ -40,6 +51,7 @@
 #define NITRO_FAULT_REQUEST 7     /* request without room for header/status */
 #define NITRO_FAULT_INFLIGHT 8    /* the inflight region disagrees with the ring */
 #define NITRO_FAULT_KINDS 9
+extern const char *const nitro_fault_names[NITRO_FAULT_KINDS];
 
 /* ---- guest memory table (SET_MEM_TABLE / ADD_MEM_REG / REM_MEM_REG) ----- */
 struct nitro_mem;
@@ -99,7 +111,8 @@ void nitro_vq_reset(struct nitro_vq *vq);
  * thread. nitro_vq_clear_stop() re-arms the queue before serving again. */
 void nitro_vq_stop(struct nitro_vq *vq);
 void nitro_vq_clear_stop(struct nitro_vq *vq);
-const struct nitro_vq_stats *nitro_vq_stats(const struct nitro_vq *vq);
+/* Copy the queue's counters into *out (atomic loads; safe from any thread). */
+int nitro_vq_stats(const struct nitro_vq *vq, struct nitro_vq_stats *out);
 
 /* Inflight I/O tracking (vhost-user.rst "Inflight I/O tracking", split
  * layout; protocol feature INFLIGHT_SHMFD). region is this queue's
@@ -126,11 +139,12 @@ int nitro_vq_set_inflight(struct nitro_vq *vq, void *region, uint64_t size);
 #define NITRO_BLK_OP_WRITE_ZEROES 5
 #define NITRO_BLK_OP_UNSUPPORTED 6
 #define NITRO_BLK_OPS 7
+extern const char *const nitro_blk_op_names[NITRO_BLK_OPS];
 
 /* Request latency histogram: bucket i counts requests that took at most
  * nitro_lat_bounds_ns[i]; the last bucket is +Inf. */
 #define NITRO_LAT_BUCKETS 15
-extern const uint64_t nitro_lat_bounds_ns[15];
+extern const uint64_t nitro_lat_bounds_ns[NITRO_LAT_BUCKETS];
 
 struct nitro_blk_stats {
     uint64_t requests[NITRO_BLK_OPS];  /* completed requests by operation */

@@ -419,13 +419,6 @@ static void blk_execute(const struct nitro_blk_params *p,
 
 /* ---- accounting -------------------------------------------------------- */
 
-static uint64_t now_ns(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
-}
-
 static void blk_account(struct nitro_blk_stats *s, const struct blk_done *d,
                         uint64_t ns)
 {
@@ -454,7 +447,7 @@ static void blk_finish(struct nitro_vq *vq, uint16_t head, bool resubmitted,
     nitro_stat_sub(&s->inflight, 1);
     if (resubmitted)
         nitro_stat_add(&s->resubmitted, 1);
-    blk_account(s, d, now_ns() - start);
+    blk_account(s, d, nitro_now_ns() - start);
 }
 
 static void blk_handle_sync(struct nitro_vq *vq, struct nitro_chain *c,
@@ -723,7 +716,7 @@ static int blk_ring_poll(struct nitro_ring *r, struct nitro_io *io,
         rc = nitro_vq_pop(r->vq, &c);
         if (rc <= 0)
             break;
-        uint64_t start = now_ns();
+        uint64_t start = nitro_now_ns();
         nitro_stat_add(&b->s->inflight, 1);
         struct blk_req rq;
         if (blk_parse(r->vq, c, &rq) != NITRO_OK) {

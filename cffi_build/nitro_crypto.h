@@ -23,8 +23,9 @@
 /* ---- secrets: key files, passphrases, volume keys ----------------------- */
 struct nitro_secret;
 
-/* A zeroed secret of `capacity` bytes (length 0). NULL if out of memory. */
-struct nitro_secret *nitro_secret_new(uint32_t capacity);
+/* *out = a zeroed secret of `capacity` (1..NITRO_SECRET_MAX) bytes, length
+ * 0. NITRO_ERR_ARG for a bad capacity, NITRO_ERR_SYS if mmap failed. */
+int nitro_secret_new(uint32_t capacity, struct nitro_secret **out);
 /* Wipe, unlock and unmap. NULL is fine. */
 void nitro_secret_free(struct nitro_secret *s);
 /* Read all of fd (the caller's, left open) into s, replacing its contents;
@@ -45,16 +46,16 @@ uint32_t nitro_secret_locked(const struct nitro_secret *s);
 /* ---- AES-XTS sector cipher ---------------------------------------------- */
 struct nitro_xts;
 
-/* key: 32 (AES-128-XTS) or 64 (AES-256-XTS) bytes, which stay the caller's
- * (wipe them once this returns); sector_size 512 or 4096; iv_offset is
- * LUKS2's segment iv_tweak (usually 0). NULL on a bad argument, no memory,
- * or OpenSSL refusing the key (XTS rejects equal halves). */
-struct nitro_xts *nitro_xts_new(const struct nitro_secret *key,
-                                uint32_t sector_size, uint64_t iv_offset);
+/* *out = a cipher for key: 32 (AES-128-XTS) or 64 (AES-256-XTS) bytes,
+ * which stay the caller's (wipe them once this returns); sector_size 512 or
+ * 4096; iv_offset is LUKS2's segment iv_tweak (usually 0). NITRO_ERR_ARG on
+ * a bad argument or when OpenSSL refuses the key (XTS rejects equal
+ * halves), NITRO_ERR_NOMEM. */
+int nitro_xts_new(const struct nitro_secret *key, uint32_t sector_size,
+                  uint64_t iv_offset, struct nitro_xts **out);
 /* Free every cipher context (cleansed) and bounce buffer. Only when no
  * thread serves with it. NULL is fine. */
 void nitro_xts_free(struct nitro_xts *x);
-uint32_t nitro_xts_sector_size(const struct nitro_xts *x);
 /* En- or decrypt len bytes (whole sectors) from in to out (may be equal) as
  * the sectors at byte offset `offset` of the data segment (sector aligned).
  * For tests and benchmarks; the serving loop uses the same code. */

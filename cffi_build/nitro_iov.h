@@ -1,6 +1,7 @@
 /*
  * nitro_iov.h: scatter/gather helpers shared by the device datapaths
- * (nitro_blk.c, nitro_xts.c, nitro_net.c). Internal, not part of the cdef.
+ * (nitro_blk.c, nitro_xts.c, nitro_switch.c, nitro_net_queue.c). Internal,
+ * not part of the cdef.
  *
  * The iovecs come from nitro_vq_pop(): every entry already points inside
  * guest memory and lengths are checked, so these only move bytes.

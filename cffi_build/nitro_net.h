@@ -44,6 +44,7 @@
 #define NITRO_NET_DROP_PUNT_OVERFLOW 5       /* control queue to Python full */
 #define NITRO_NET_DROP_TO_GATEWAY 6          /* IPv4 the gateway does not answer */
 #define NITRO_NET_DROP_KINDS 7
+extern const char *const nitro_net_drop_names[NITRO_NET_DROP_KINDS];
 
 /* "in" is towards the guest (its RX ring), "out" is from the guest. */
 struct nitro_port_stats {
@@ -107,7 +108,8 @@ int64_t nitro_net_rx_serve(struct nitro_vq *vq);
 int64_t nitro_net_ctrl_serve(struct nitro_vq *vq, uint32_t max_pairs,
                              int idle_ms);
 
-/* Punted control frames: an eventfd readable exactly while any wait.
+/* Punted control frames: an eventfd readable exactly while any wait
+ * (nitro_switch_punt_fd: the fd, owned by the switch, or NITRO_ERR_ARG).
  * pop_batch takes up to n frames at once into bufs (n slots of
  * NITRO_NET_PUNT_MAX_FRAME bytes), their ports and lengths, and returns how
  * many (0: empty). */

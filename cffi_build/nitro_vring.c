@@ -366,9 +366,12 @@ void nitro_vq_clear_stop(struct nitro_vq *vq)
     drain_eventfd(vq->stop_fd);
 }
 
-const struct nitro_vq_stats *nitro_vq_stats(const struct nitro_vq *vq)
+int nitro_vq_stats(const struct nitro_vq *vq, struct nitro_vq_stats *out)
 {
-    return vq == NULL ? NULL : &vq->stats;
+    if (vq == NULL || out == NULL)
+        return NITRO_ERR_ARG;
+    nitro_stats_copy(out, &vq->stats, sizeof(*out));
+    return NITRO_OK;
 }
 
 /* ---- internal helpers for device code --------------------------------- */

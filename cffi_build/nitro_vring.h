@@ -9,7 +9,7 @@
  * queue"). A virtio-net RX ring is different: it is popped and pushed by
  * several threads (peers' TX workers, the uplink thread, the trio thread
  * injecting control replies), each holding the switch's RX slot lock
- * (nitro_net.c), while its own worker only drains kicks and reads the fault.
+ * (nitro_switch.c), while its own worker only drains kicks and reads the fault.
  * nitro_vq_stop()/nitro_vq_wake()/nitro_vq_fault() and the stats may be used
  * from any thread: they are atomics or eventfd writes.
  */
@@ -17,8 +17,10 @@
 #define NITRO_VRING_H
 
 #include <stdbool.h>
+#include <stddef.h>
 #include <stdint.h>
 #include <sys/uio.h>
+#include <time.h>
 
 #include "nitro.h"
 
@@ -114,6 +116,24 @@ static inline void nitro_stat_add(uint64_t *counter, uint64_t n)
 static inline void nitro_stat_sub(uint64_t *counter, uint64_t n)
 {
     __atomic_fetch_sub(counter, n, __ATOMIC_RELAXED);
+}
+
+/* Copy a stats struct made only of uint64_t counters (size bytes) for a
+ * *_stats getter: atomic loads, so no counter is read torn. */
+static inline void nitro_stats_copy(void *dst, const void *src, size_t size)
+{
+    const uint64_t *from = src;
+    uint64_t *to = dst;
+    for (size_t i = 0; i < size / sizeof(uint64_t); i++)
+        to[i] = __atomic_load_n(&from[i], __ATOMIC_RELAXED);
+}
+
+/* CLOCK_MONOTONIC in nanoseconds: latencies and rate-limit refills. */
+static inline uint64_t nitro_now_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
 }
 
 #endif

@@ -40,17 +40,17 @@ struct nitro_secret {
     uint8_t data[];
 };
 
-struct nitro_secret *nitro_secret_new(uint32_t capacity)
+int nitro_secret_new(uint32_t capacity, struct nitro_secret **out)
 {
-    if (capacity == 0 || capacity > NITRO_SECRET_MAX)
-        return NULL;
+    if (out == NULL || capacity == 0 || capacity > NITRO_SECRET_MAX)
+        return NITRO_ERR_ARG;
     size_t page = (size_t)sysconf(_SC_PAGESIZE);
     size_t want = sizeof(struct nitro_secret) + capacity;
     size_t map_len = (want + page - 1) / page * page;
     void *m = mmap(NULL, map_len, PROT_READ | PROT_WRITE,
                    MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
     if (m == MAP_FAILED)
-        return NULL;
+        return NITRO_ERR_SYS;
     /* Keep secrets out of swap and core dumps; mlock may be refused by
      * RLIMIT_MEMLOCK for an unprivileged daemon, which we report, not fail. */
     bool locked = mlock(m, map_len) == 0;
@@ -60,7 +60,8 @@ struct nitro_secret *nitro_secret_new(uint32_t capacity)
     s->capacity = capacity;
     s->map_len = map_len;
     s->locked = locked;
-    return s;
+    *out = s;
+    return NITRO_OK;
 }
 
 void nitro_secret_free(struct nitro_secret *s)
@@ -142,43 +143,49 @@ struct nitro_xts {
     struct nitro_xts_lane lanes[NITRO_XTS_LANES];
 };
 
-static EVP_CIPHER_CTX *keyed_ctx(const EVP_CIPHER *cipher, const uint8_t *key,
-                                 int enc)
+static int keyed_ctx(const EVP_CIPHER *cipher, const uint8_t *key, int enc,
+                     EVP_CIPHER_CTX **out)
 {
     EVP_CIPHER_CTX *ctx = EVP_CIPHER_CTX_new();
     if (ctx == NULL)
-        return NULL;
+        return NITRO_ERR_NOMEM;
+    /* OpenSSL refuses an XTS key whose two halves are equal. */
     if (!EVP_CipherInit_ex(ctx, cipher, NULL, key, NULL, enc)) {
         EVP_CIPHER_CTX_free(ctx);
-        return NULL;
+        return NITRO_ERR_ARG;
     }
     EVP_CIPHER_CTX_set_padding(ctx, 0);
-    return ctx;
+    *out = ctx;
+    return NITRO_OK;
 }
 
-struct nitro_xts *nitro_xts_new(const struct nitro_secret *key,
-                                uint32_t sector_size, uint64_t iv_offset)
+int nitro_xts_new(const struct nitro_secret *key, uint32_t sector_size,
+                  uint64_t iv_offset, struct nitro_xts **out)
 {
-    if (key == NULL || (key->len != 32 && key->len != 64) ||
+    if (key == NULL || out == NULL || (key->len != 32 && key->len != 64) ||
         (sector_size != 512 && sector_size != 4096))
-        return NULL;
+        return NITRO_ERR_ARG;
+    /* NULL when this OpenSSL has no such cipher: the key cannot be used. */
     EVP_CIPHER *cipher = EVP_CIPHER_fetch(
         NULL, key->len == 64 ? "AES-256-XTS" : "AES-128-XTS", NULL);
     if (cipher == NULL)
-        return NULL;
+        return NITRO_ERR_ARG;
     struct nitro_xts *x = calloc(1, sizeof(*x));
-    if (x != NULL) {
+    int rc = x == NULL ? NITRO_ERR_NOMEM : NITRO_OK;
+    if (rc == NITRO_OK) {
         x->sector_size = sector_size;
         x->iv_offset = iv_offset;
-        x->tmpl_enc = keyed_ctx(cipher, key->data, 1);
-        x->tmpl_dec = keyed_ctx(cipher, key->data, 0);
+        rc = keyed_ctx(cipher, key->data, 1, &x->tmpl_enc);
     }
+    if (rc == NITRO_OK)
+        rc = keyed_ctx(cipher, key->data, 0, &x->tmpl_dec);
     EVP_CIPHER_free(cipher);
-    if (x != NULL && (x->tmpl_enc == NULL || x->tmpl_dec == NULL)) {
+    if (rc != NITRO_OK) {
         nitro_xts_free(x);
-        return NULL;
+        return rc;
     }
-    return x;
+    *out = x;
+    return NITRO_OK;
 }
 
 void nitro_xts_free(struct nitro_xts *x)

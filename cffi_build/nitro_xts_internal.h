@@ -15,6 +15,9 @@
  * buffer. The buffer only ever holds ciphertext. */
 struct nitro_xts_lane;
 
+/* The cipher's encryption sector size (512 or 4096). */
+uint32_t nitro_xts_sector_size(const struct nitro_xts *x);
+
 /* A free lane for the calling thread, or NULL (all busy, or no memory). */
 struct nitro_xts_lane *nitro_xts_lane_get(struct nitro_xts *x);
 /* Give the lane back. NULL is fine. */

@@ -21,19 +21,24 @@ from typing import Any, Final
 
 from nitro._nitro_c import ffi, lib
 
+
+def _names(table: Any, count: int) -> tuple[str, ...]:
+    """A C name table (cffi_build/nitro_names.c), indexed by code."""
+    names = tuple(ffi.string(table[i]).decode() if table[i] else "" for i in range(count))
+    if not all(names):
+        raise ImportError(f"nitro._nitro_c: a code has no name in {names}")
+    return names
+
+
+#: Guest fault kinds by NITRO_FAULT_* code (0, "none", is left out).
 FAULT_NAMES: Final[dict[int, str]] = {
-    1: "avail_idx",
-    2: "desc_index",
-    3: "desc_addr",
-    4: "desc_loop",
-    5: "indirect",
-    6: "desc_order",
-    7: "request",
-    8: "inflight",
-}
-OP_NAMES: Final[tuple[str, ...]] = (
-    "in", "out", "flush", "get_id", "discard", "write_zeroes", "unsupported",
-)
+    code: name for code, name in enumerate(_names(lib.nitro_fault_names, lib.NITRO_FAULT_KINDS))
+    if code != lib.NITRO_FAULT_NONE}
+#: virtio-blk operations by NITRO_BLK_OP_* code: the ``op`` label values.
+OP_NAMES: Final[tuple[str, ...]] = _names(lib.nitro_blk_op_names, lib.NITRO_BLK_OPS)
+#: Why the switch dropped a frame, by NITRO_NET_DROP_* code.
+NET_DROP_REASONS: Final[tuple[str, ...]] = _names(lib.nitro_net_drop_names,
+                                                  lib.NITRO_NET_DROP_KINDS)
 # Histogram upper bounds in seconds; C marks the +Inf bucket with UINT64_MAX.
 LATENCY_BOUNDS: Final[tuple[float, ...]] = tuple(
     math.inf if b == 2**64 - 1 else b / 1e9 for b in lib.nitro_lat_bounds_ns
@@ -252,7 +257,8 @@ class Virtqueue(_Owned):
         lib.nitro_vq_clear_stop(self.ptr)
 
     def stats(self) -> dict[str, Any]:
-        s = lib.nitro_vq_stats(self.ptr)
+        s = ffi.new("struct nitro_vq_stats *")
+        _check(lib.nitro_vq_stats(self.ptr, s), "nitro_vq_stats")
         return {
             "kicks": int(s.kicks),
             "calls": int(s.calls),
@@ -275,8 +281,9 @@ class Secret(_Owned):
     bytes go in by fd (``read_fd``) or by a C library writing to ``address``."""
 
     def __init__(self, capacity: int) -> None:
-        raw = lib.nitro_secret_new(capacity)
-        super().__init__(ffi.NULL if raw == ffi.NULL else ffi.gc(raw, lib.nitro_secret_free))
+        out = ffi.new("struct nitro_secret **")
+        _check(lib.nitro_secret_new(capacity, out), "nitro_secret_new")
+        super().__init__(ffi.gc(out[0], lib.nitro_secret_free))
 
     def __enter__(self) -> Secret:
         return self
@@ -322,10 +329,12 @@ class XtsCipher(_Owned):
     def __init__(self, key: Secret, sector_size: int, iv_offset: int = 0) -> None:
         if len(key) not in (32, 64) or sector_size not in (512, 4096):
             raise ValueError("XTS needs a 32- or 64-byte key and 512- or 4096-byte sectors")
-        raw = lib.nitro_xts_new(key.ptr, sector_size, iv_offset)
-        if raw == ffi.NULL:
-            raise ValueError("OpenSSL refused the XTS key (equal halves?) or out of memory")
-        super().__init__(ffi.gc(raw, lib.nitro_xts_free))
+        out = ffi.new("struct nitro_xts **")
+        rc = lib.nitro_xts_new(key.ptr, sector_size, iv_offset, out)
+        if rc == lib.NITRO_ERR_ARG:
+            raise ValueError("OpenSSL refused the XTS key (equal halves?)")
+        _check(rc, "nitro_xts_new")
+        super().__init__(ffi.gc(out[0], lib.nitro_xts_free))
         self.sector_size = sector_size
 
     def crypt_into(self, out: Any, data: Any, offset: int, encrypt: bool) -> None:
@@ -416,11 +425,11 @@ def blk_serve(vq: Virtqueue, params: BlkParams, stats: BlkStats, idle_ms: int) -
 # virtio-net and the VPC switch (cffi_build/nitro_net.h)
 # ---------------------------------------------------------------------------
 
-NET_DROP_REASONS: Final[tuple[str, ...]] = (
-    "no_rx_buffer", "spoofed_source", "unknown_destination", "bad_header", "mtu",
-    "punt_overflow", "to_gateway",
-)
-assert len(NET_DROP_REASONS) == lib.NITRO_NET_DROP_KINDS
+
+#: The switch's table sizes (nitro_net.h NITRO_NET_MAX_*): config.py refuses more.
+NET_MAX_VPCS: Final[int] = lib.NITRO_NET_MAX_VPCS
+NET_MAX_PORTS: Final[int] = lib.NITRO_NET_MAX_PORTS
+NET_MAX_PAIRS: Final[int] = lib.NITRO_NET_MAX_PAIRS
 
 
 def _addr(value: bytes, size: int, what: str) -> bytes:
@@ -481,7 +490,7 @@ class Switch(_Owned):
 
     @property
     def punt_fd(self) -> int:
-        return int(lib.nitro_switch_punt_fd(self.ptr))
+        return _check(lib.nitro_switch_punt_fd(self.ptr), "nitro_switch_punt_fd")
 
     def punt_pop(self) -> tuple[int, bytes] | None:
         """The next punted (port, frame), or None when the queue is empty."""

@@ -16,9 +16,7 @@ from pathlib import Path
 import trio
 
 from nitro import __version__, config, volume_cli
-
-EXIT_USAGE = 2
-EXIT_FAILURE = 1
+from nitro.volume_cli import EXIT_FAILURE, EXIT_USAGE
 
 
 def main(argv: list[str] | None = None) -> int:

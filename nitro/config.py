@@ -17,14 +17,14 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from nitro import _datapath
+
 DEFAULT_METRICS_LISTEN = "127.0.0.1:9180"
 MAX_QUEUES = 16
-# These match the C switch's tables (cffi_build/nitro_net.h NITRO_NET_MAX_*;
-# tests/unit/test_vpc_config.py checks it), so a config that passes --check
-# also fits the datapath.
-MAX_VPCS = 64
-MAX_NET_INTERFACES = 256
-MAX_NET_QUEUE_PAIRS = 16
+# The C switch's tables, so a config that passes --check also fits the datapath.
+MAX_VPCS = _datapath.NET_MAX_VPCS
+MAX_NET_INTERFACES = _datapath.NET_MAX_PORTS
+MAX_NET_QUEUE_PAIRS = _datapath.NET_MAX_PAIRS
 MAX_DNS = 63           # DHCP option 6: 4 bytes each, at most 255 bytes
 MAX_RATE = 10**12      # bytes or packets per second; beyond any link here
 _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")

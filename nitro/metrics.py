@@ -42,6 +42,7 @@ from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
 from . import __version__
+from ._datapath import FAULT_NAMES, OP_NAMES
 
 __all__ = [
     "BLK_OPS",
@@ -55,11 +56,10 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 #: ``op`` label values of the nitro_blk_* metrics (keys of statistics()["ops"]).
-BLK_OPS = ("in", "out", "flush", "get_id", "discard", "write_zeroes", "unsupported")
+BLK_OPS = OP_NAMES
 
 #: ``error`` label values of nitro_guest_errors_total (keys of a queue's "faults").
-GUEST_ERRORS = ("avail_idx", "desc_index", "desc_addr", "desc_loop", "indirect", "desc_order", "request",
-                "inflight")
+GUEST_ERRORS = tuple(FAULT_NAMES.values())
 
 #: The per-interface allowances (``<name>_allowance_exceeded`` in statistics()["net"]).
 NET_ALLOWANCES = {

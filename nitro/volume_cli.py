@@ -18,6 +18,7 @@ from pathlib import Path
 
 from nitro import config
 
+# Exit statuses of every `nitro` command (nitro/cli.py uses these too).
 EXIT_USAGE = 2
 EXIT_FAILURE = 1
 

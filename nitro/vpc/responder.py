@@ -1,6 +1,6 @@
 """VpcResponder: nitro's answers for one VPC (sans-IO).
 
-What the switch punts here (cffi_build/nitro_net.c ``classify``):
+What the switch punts here (cffi_build/nitro_switch.c ``classify``):
 - ARP requests from a guest: answered for the gateway address, for every
   other interface of the VPC (nitro knows them all, so guests never see each
   other's ARP broadcasts) and for the uplink's host address; requests for

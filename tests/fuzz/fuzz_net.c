@@ -1,8 +1,8 @@
 /*
  * fuzz_net.c: libFuzzer harness for the virtio-net TX path of the VPC switch
- * (nitro_net.c): tx_header/tx_gso, classify, TSO segmentation, checksum
- * completion, delivery into RX rings (MRG_RXBUF or not), the uplink and the
- * punt queue.
+ * (nitro_pkt.c, nitro_switch.c, nitro_net_queue.c): tx_header/tx_gso,
+ * classify, TSO segmentation, checksum completion, delivery into RX rings
+ * (MRG_RXBUF or not), the uplink and the punt queue.
  *
  * The harness plays a well-behaved driver (the ring walker has its own
  * target, fuzz_ring.c): it writes valid descriptor chains, so what is fuzzed
@@ -317,9 +317,24 @@ static void rx_drain(struct state *s, struct ring *g)
 
 /* ---- TX side ------------------------------------------------------------ */
 
+/* IPv6 from port 0: its link-local source (or ::), and no router
+ * advertisement or redirect right after the fixed header. */
+static bool ip6_from_port0(const uint8_t *f, uint64_t len)
+{
+    static const uint8_t ll0[16] = {0xfe, 0x80, 0, 0, 0, 0, 0, 0,
+                                    0x50, 0x54, 0x00, 0xff, 0xfe, 0, 0, 0x0a};
+    static const uint8_t any6[16];
+    if (len < 14 + 24)
+        return true;
+    if (memcmp(f + 22, ll0, 16) != 0 && memcmp(f + 22, any6, 16) != 0)
+        return false;
+    return len <= 54 || f[20] != 58 || (f[54] != 134 && f[54] != 137);
+}
+
 /* Anti-spoofing holds for what left the switch: frame (len bytes, or its
  * first len bytes) is from port 0's MAC, untagged, and an IPv4 frame has
- * port 0's source address (or 0.0.0.0, DHCP). */
+ * port 0's source address (or 0.0.0.0, DHCP), an IPv6 one its link-local
+ * address (or ::). */
 static bool from_port0(const struct state *s, const uint8_t *f, uint64_t len)
 {
     static const uint8_t ip0[4] = {10, 0, 0, 10}, any[4];
@@ -329,6 +344,8 @@ static bool from_port0(const struct state *s, const uint8_t *f, uint64_t len)
     if (memcmp(f + 6, s->mac[0], 6) != 0 || type == 0x8100 || type == 0x88a8 ||
         type == 0x9100)
         return false;
+    if (type == 0x86dd)
+        return ip6_from_port0(f, len);
     return type != 0x0800 || len < 30 || memcmp(f + 26, ip0, 4) == 0 ||
            memcmp(f + 26, any, 4) == 0;
 }

@@ -37,7 +37,7 @@ GW = bytes.fromhex("020000000001")
 UP = bytes.fromhex("0200000000fe")
 BCAST = b"\xff" * 6
 A_IP, B_IP, GW_IP = bytes([10, 0, 0, 10]), bytes([10, 0, 0, 11]), bytes([10, 0, 0, 1])
-A6 = bytes.fromhex("fd00000000000000000000000000000a")
+A6 = bytes.fromhex("fe80000000000000505400fffe00000a")  # A's link-local: its only IPv6 source
 B6 = bytes.fromhex("fd00000000000000000000000000000b")
 GSO_TCPV4, GSO_TCPV6 = 1, 4
 
@@ -230,11 +230,14 @@ def _seeds() -> dict[str, Prog]:
     s["tso6-segmented"] = Prog().rxbuf(1, 16, 2048).rxbuf(2, 16, 2048).frame(
         hdr(1, GSO_TCPV6, hl, 1428, l4, 16) + head, fill_len=9000, fill=3).serve()
     head, l4, hl = tso6(40000)
-    s["tso6-passthrough-mss-1"] = Prog(features=(SENDER, TSO_PEER, TSO_PEER)).rxbuf(1, 32, 8192) \
-        .frame(hdr(1, GSO_TCPV6, hl, 1, l4, 16) + head, fill_len=40000).serve()
+    s["tso6-passthrough-min-mss"] = Prog(features=(SENDER, TSO_PEER, TSO_PEER)).rxbuf(1, 32, 8192) \
+        .frame(hdr(1, GSO_TCPV6, hl, 88, l4, 16) + head, fill_len=40000).serve()
+    head, l4, hl = tso4(3000)
+    s["tso4-mss-87-refused"] = Prog(setup=PORT2 | UPLINK).rxbuf(1, 32, 2048).frame(
+        hdr(1, GSO_TCPV4, hl, 87, l4, 16) + head, fill_len=3000).serve()
     head, l4, hl = tso4(3000, dst_mac=BCAST)
-    s["tso4-mss-1-to-uplink-and-peer"] = Prog(setup=PORT2 | UPLINK).rxbuf(1, 32, 2048).frame(
-        hdr(1, GSO_TCPV4, hl, 1, l4, 16) + head, fill_len=3000).serve()
+    s["tso4-broadcast-refused"] = Prog(setup=PORT2 | UPLINK).rxbuf(1, 32, 2048).frame(
+        hdr(1, GSO_TCPV4, hl, 1448, l4, 16) + head, fill_len=3000).serve()
     head, l4, hl = tso4(0)
     s["tso4-no-payload"] = Prog().rxbuf(1, 4, 2048).frame(
         hdr(1, GSO_TCPV4, hl, 1448, l4, 16) + head).serve()

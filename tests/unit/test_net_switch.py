@@ -1,11 +1,21 @@
-"""The C switch (nitro_net.c) on fake guest rings: TX classify -> RX copy."""
+"""The C switch (nitro_switch.c) on fake guest rings: TX classify -> RX copy."""
 
 from __future__ import annotations
 
+import ipaddress
+import socket
 import struct
 
 import pytest
 from scapy.layers.inet import ICMP, IP, UDP
+from scapy.layers.inet6 import (
+    ICMPv6ND_NS,
+    ICMPv6ND_RA,
+    ICMPv6ND_Redirect,
+    IPv6,
+    IPv6ExtHdrDestOpt,
+    IPv6ExtHdrHopByHop,
+)
 from scapy.layers.l2 import ARP, Ether
 
 from nitro import _datapath
@@ -570,3 +580,70 @@ def test_tx_rings_of_one_port_served_at_once_keep_their_frames_apart(net):
     finally:
         for ring in rings:
             ring.close()
+
+
+# -- IPv6 from guests: link-local or unspecified sources, no router messages ----
+
+def link_local(mac: str) -> str:
+    """fe80:: with the modified EUI-64 of mac (RFC 4291 appendix A)."""
+    m = pk.mac_bytes(mac)
+    iid = bytes([m[0] ^ 2, m[1], m[2], 0xFF, 0xFE, m[3], m[4], m[5]])
+    return str(ipaddress.IPv6Address(b"\xfe\x80" + bytes(6) + iid))
+
+
+def test_ipv6_sources_other_than_the_ports_link_local_are_spoofed(net):
+    net.attach_rx(1)
+    ok = [bytes(Ether(src=A, dst=B) / IPv6(src=link_local(A), dst=link_local(B)) / UDP(sport=1, dport=2)),
+          bytes(Ether(src=A, dst="33:33:ff:00:00:0a") / IPv6(src="::", dst="ff02::1:ff00:a")
+                / ICMPv6ND_NS(tgt=link_local(A)))]
+    for frame in ok:
+        net.send(frame)
+    assert [f[HDR:] for f in net.received(1)] == ok
+    for src in ("fd00::a", "2001:db8::a", link_local(B), "fe80::1", "::1"):
+        net.send(bytes(Ether(src=A, dst=B) / IPv6(src=src, dst=link_local(B)) / UDP(sport=1, dport=2)))
+    assert net.received(1) == []
+    assert net.sw.port_stats(0)["drops"]["spoofed_source"] == 5
+
+
+def test_router_advertisements_and_redirects_from_guests_are_dropped(net):
+    net.attach_rx(1)
+    tap, peer = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    try:
+        net.sw.set_uplink(0, tap.fileno(), pk.mac_bytes("02:00:00:00:00:fe"))
+        me, all_nodes = link_local(A), "ff02::1"
+        ra = Ether(src=A, dst="33:33:00:00:00:01") / IPv6(src=me, dst=all_nodes) / ICMPv6ND_RA()
+        redirect = (Ether(src=A, dst=B) / IPv6(src=me, dst=link_local(B))
+                    / ICMPv6ND_Redirect(tgt=me, dst="2001:db8::1"))
+        hidden = (Ether(src=A, dst="33:33:00:00:00:01") / IPv6(src=me, dst=all_nodes)
+                  / IPv6ExtHdrDestOpt() / ICMPv6ND_RA())
+        for frame in (ra, redirect, hidden):
+            net.send(bytes(frame))
+        assert net.received(1) == []
+        peer.setblocking(False)
+        with pytest.raises(BlockingIOError):
+            peer.recv(2048)  # nothing reached the host's TAP either
+        assert net.sw.port_stats(0)["drops"]["spoofed_source"] == 3
+        # Neighbour discovery itself goes on (to peers and the host).
+        ns = bytes(Ether(src=A, dst="33:33:ff:00:00:0b") / IPv6(src=me, dst="ff02::1:ff00:b")
+                   / ICMPv6ND_NS(tgt=link_local(B)))
+        net.send(ns)
+        assert [f[HDR:] for f in net.received(1)] == [ns] and peer.recv(2048) == ns
+    finally:
+        net.sw.set_uplink(0, -1, None)
+        tap.close()
+        peer.close()
+
+
+def test_malformed_ipv6_is_bad_header(net):
+    net.attach_rx(1)
+    good = bytes(Ether(src=A, dst=B) / IPv6(src=link_local(A), dst=link_local(B)) / UDP(sport=1, dport=2))
+    v4_version = bytearray(good)
+    v4_version[14] = 0x40
+    long_plen = bytearray(good)
+    struct.pack_into("!H", long_plen, 18, len(good) - 14 - 40 + 1)
+    endless = (Ether(src=A, dst=B) / IPv6(src=link_local(A), dst=link_local(B))
+               / IPv6ExtHdrHopByHop() / IPv6ExtHdrDestOpt(len=200) / UDP())
+    for frame in (good[:14 + 39], bytes(v4_version), bytes(long_plen), bytes(endless)):
+        net.send(frame)
+    assert net.received(1) == []
+    assert net.sw.port_stats(0)["drops"]["bad_header"] == 4

@@ -1,7 +1,7 @@
-"""TCP segmentation offload in the C switch (nitro_net.c): TSO super-frames
-from a HOST_TSO port pass through to a GUEST_TSO port or are cut into
-segments for the others and the uplink TAP; malformed GSO headers are the
-sender's bad_header."""
+"""TCP segmentation offload in the C switch (nitro_pkt.c, nitro_switch.c): TSO
+super-frames from a HOST_TSO port pass through to a GUEST_TSO port or are
+cut into segments for the others and the uplink TAP; malformed GSO headers
+are the sender's bad_header."""
 
 from __future__ import annotations
 
@@ -14,14 +14,14 @@ from scapy.layers.inet6 import IPv6
 from scapy.layers.l2 import Ether
 
 from nitro.vpc import packets as pk
-from tests.unit.test_net_switch import A_IP, B_IP, F_GUEST_CSUM, F_MRG, HDR, A, B, Net, ip4
+from tests.unit.test_net_switch import A_IP, B_IP, F_GUEST_CSUM, F_MRG, HDR, A, B, Net, ip4, link_local
 
 V1 = 1 << 32
 F_CSUM = 1 << 0
 F_GUEST_TSO4, F_GUEST_TSO6 = 1 << 7, 1 << 8
 F_HOST_TSO4, F_HOST_TSO6 = 1 << 11, 1 << 12
 GSO_TCPV4, GSO_TCPV6 = 1, 4
-A6, B6 = "fd00::a", "fd00::b"
+A6, B6 = link_local(A), "fd00::b"  # a port's only IPv6 source is its link-local address
 UP_MAC = "02:00:00:00:00:fe"
 MSS = 1448  # 1500 - 20 (IPv4) - 32 (TCP with timestamps)
 MSS6 = 1428  # 1500 - 40 (IPv6) - 32
@@ -117,9 +117,9 @@ def test_super_frame_passes_through_to_a_guest_tso_peer(net, v6):
 
 
 def check_segments(segs: list[tuple[bytes, bytes]], frame: bytes, n: int, v6: bool,
-                   partial: bool, flags: int, options: bytes = b"") -> None:
+                   partial: bool, flags: int, options: bytes = b"", mss: int = 0) -> None:
     l4 = 14 + (40 if v6 else 20 + len(options))
-    mss = MSS6 if v6 else MSS
+    mss = mss or (MSS6 if v6 else MSS)
     assert len(segs) == -(-n // mss)
     data = b""
     for i, (hdr, seg) in enumerate(segs):
@@ -230,8 +230,15 @@ def _bad_cases():
     struct.pack_into("!H", tot, 16, len(f4) - 14 - 1)
     doff = bytearray(f4)
     doff[l4 + 12] = 0x40
+    bcast, _ = tso_frame(3000, dst_mac="ff:ff:ff:ff:ff:ff")
+    mcast, _ = tso_frame(3000, v6=True, dst_mac="33:33:00:00:00:01")
     return {
         "gso_size 0": (f4, gso_hdr(GSO_TCPV4, 0, l4)),
+        # 64 KiB at gso_size 1 would be ~65,000 segments per receiver.
+        "gso_size 1": (f4, gso_hdr(GSO_TCPV4, 1, l4)),
+        "gso_size 87, below Linux's TCP_MIN_MSS": (f4, gso_hdr(GSO_TCPV4, 87, l4)),
+        "broadcast destination": (bcast, gso_hdr(GSO_TCPV4, MSS, l4)),
+        "multicast destination": (mcast, gso_hdr(GSO_TCPV6, MSS6, l6)),
         "hdr_len beyond the frame": (f4, gso_hdr(GSO_TCPV4, MSS, l4, hdr_len=len(f4) + 1)),
         "csum_start outside": (f4, gso_hdr(GSO_TCPV4, MSS, l4, csum_start=len(f4) + 8)),
         "csum_start not the TCP header": (f4, gso_hdr(GSO_TCPV4, MSS, l4, csum_start=14)),
@@ -263,6 +270,14 @@ def test_malformed_gso_headers_are_bad_header(net, case):
     assert frames(net, 1) == []
     s = net.sw.port_stats(0)
     assert s["drops"]["bad_header"] == 1 and s["packets_out"] == 0
+
+
+def test_smallest_gso_size_is_linuxs_tcp_min_mss(net):
+    net.attach_rx(1, bufs=64, size=2048)
+    frame, l4 = tso_frame(880)
+    net.send(frame, gso_hdr(GSO_TCPV4, 88, l4))
+    check_segments(frames(net, 1), frame, 880, False, partial=False, flags=PSH | ACK, mss=88)
+    assert net.sw.port_stats(0)["packets_out"] == 10
 
 
 def test_gso_type_needs_the_matching_host_tso_feature(net):

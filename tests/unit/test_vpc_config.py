@@ -57,14 +57,6 @@ def test_duplicates():
         load([VPC, VPC], [])
 
 
-def test_limits_match_the_c_switch():
-    from nitro import _datapath
-    from nitro import config as c
-    lib = _datapath.lib
-    assert (c.MAX_VPCS, c.MAX_NET_INTERFACES, c.MAX_NET_QUEUE_PAIRS) == (
-        lib.NITRO_NET_MAX_VPCS, lib.NITRO_NET_MAX_PORTS, lib.NITRO_NET_MAX_PAIRS)
-
-
 def test_limits_are_config_errors_not_startup_crashes():
     vpcs = [VPC | {"id": f"v{i}"} for i in range(65)]
     with pytest.raises(ConfigError) as e:

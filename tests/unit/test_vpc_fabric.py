@@ -299,3 +299,17 @@ def test_tap_mac_comes_from_netlink():
         assert Path(f"/sys/class/net/{name}/mtu").read_text().strip() == "1400"
     finally:
         tap.close()
+
+
+def test_tap_takes_no_ipv6_configuration_from_guests():
+    # Root and /dev/net/tun as above. A guest's router advertisement must not
+    # configure or route the host, even if one got past the switch.
+    name = f"ntra{os.getpid() % 100000}"
+    tap = Tap(UplinkConfig(name, ipaddress.IPv4Interface("10.99.1.254/24")), 1500)
+    try:
+        conf = Path(f"/proc/sys/net/ipv6/conf/{name}")
+        assert {k: (conf / k).read_text().strip() for k in ("accept_ra", "autoconf", "accept_redirects")} == {
+            "accept_ra": "0", "autoconf": "0", "accept_redirects": "0"}
+        assert (conf / "disable_ipv6").read_text().strip() == "0"  # link-local IPv6 still works
+    finally:
+        tap.close()

@@ -1,0 +1,131 @@
+/*
+ * nitro_switch_internal.h: the VPC switch's tables, shared by the switch
+ * (nitro_switch.c: tables, classify, delivery, punt, inject, uplink,
+ * counters) and the virtio-net queue servers (nitro_net_queue.c). Internal,
+ * not part of the cdef; the ABI is nitro_net.h.
+ *
+ * Threads: one per TX ring (nitro_net_tx_serve), one per VPC uplink
+ * (nitro_switch_uplink_serve), the trio thread (inject, attach/detach,
+ * punt_pop_batch), RX ring workers (nitro_net_rx_serve: drain kicks, report a
+ * fault) and metrics scrapes (stats). Tables (VPCs, ports, uplinks) are
+ * written only before traffic starts. What is shared while traffic flows:
+ * - an RX slot (port, pair): its vq pointer and the ring itself, guarded by
+ *   the slot's mutex; every delivery and the attach/detach take it (the
+ *   pointer is also peeked without the lock, so it is stored atomically);
+ * - a port's attached pair count (rx_pairs): atomic, written by the trio
+ *   thread on attach/detach;
+ * - a port's TX scratch buffers: claimed one per TX worker (atomic bitmask);
+ * - a port's token buckets: the port's bucket lock (short, no syscalls);
+ * - the punt queue: its own mutex;
+ * - counters: relaxed atomic adds (nitro_stat_add).
+ * Lock order: a delivery holds at most one slot lock and never a bucket
+ * lock at the same time, so there is no ordering to get wrong.
+ */
+#ifndef NITRO_SWITCH_INTERNAL_H
+#define NITRO_SWITCH_INTERNAL_H
+
+#include <pthread.h>
+#include <stdbool.h>
+#include <stdint.h>
+
+#include "nitro_net.h"
+#include "nitro_vring.h"
+
+#define FRAME_BUF_LEN (NITRO_NET_HDR_LEN + NITRO_NET_MAX_FRAME)
+/* A TX worker's scratch: the chain (header + frame up to 64 KiB, a TSO
+ * super-frame included), then room for one segment cut from it (at most
+ * the VPC MTU + Ethernet header, itself at most NITRO_NET_MAX_FRAME). */
+#define SCRATCH_LEN (2 * FRAME_BUF_LEN)
+#define TX_BATCH 64
+#define DIRTY_MAX 32
+
+struct bucket {
+    uint64_t rate;      /* units per second; 0: unlimited */
+    uint64_t burst;     /* bucket depth */
+    int64_t tokens;     /* < 0: debt of a request larger than burst */
+    uint64_t last_ns;
+};
+
+struct rx_slot {
+    pthread_mutex_t lock;
+    struct nitro_vq *vq;  /* NULL while detached */
+};
+
+struct port {
+    bool used;
+    uint32_t vpc;
+    uint8_t mac[6];
+    uint8_t ip[4];
+    uint8_t ip6_ll[16];   /* its IPv6 link-local address (from mac) */
+    uint64_t features;    /* atomic: set by the trio thread */
+    pthread_mutex_t bucket_lock;
+    struct bucket bw_in, bw_out, pps;
+    struct rx_slot rx[NITRO_NET_MAX_PAIRS];
+    uint32_t rx_pairs;    /* atomic: 1 + highest attached pair (0: none) */
+    /* TX scratch buffers (SCRATCH_LEN each), allocated on first use and
+     * kept: bit i of scratch_busy says a TX worker holds scratch[i]. */
+    uint32_t scratch_busy;
+    uint8_t *scratch[NITRO_NET_MAX_PAIRS];
+    struct nitro_port_stats stats;
+};
+
+struct vpc {
+    bool used;
+    uint8_t gw_mac[6];
+    uint8_t gw_ip[4];
+    uint32_t mtu;
+    uint32_t nports;
+    uint16_t ports[NITRO_NET_MAX_PORTS];
+    int uplink_fd;
+    uint8_t uplink_mac[6];
+    struct nitro_port_stats uplink_stats;
+    uint8_t *uplink_buf;  /* scratch of the uplink thread */
+};
+
+struct punt_entry {
+    uint32_t port;
+    uint32_t len;
+    uint8_t data[NITRO_NET_PUNT_MAX_FRAME];
+};
+
+struct nitro_switch {
+    struct port ports[NITRO_NET_MAX_PORTS];
+    struct vpc vpcs[NITRO_NET_MAX_VPCS];
+    pthread_mutex_t punt_lock;
+    uint32_t punt_head, punt_count;
+    struct punt_entry *punt;
+    int punt_fd;
+};
+
+/* The RX slots a TX batch delivered into: notified once at the batch end. */
+struct dirty {
+    uint32_t n;
+    struct rx_slot *slot[DIRTY_MAX];
+};
+
+/* The port numbered port, or NULL when there is none. */
+static inline struct port *nitro_sw_port(struct nitro_switch *sw, uint32_t port)
+{
+    if (sw == NULL || port >= NITRO_NET_MAX_PORTS || !sw->ports[port].used)
+        return NULL;
+    return &sw->ports[port];
+}
+
+static inline void nitro_sw_drop(struct nitro_port_stats *s, unsigned reason)
+{
+    nitro_stat_add(&s->drops[reason], 1);
+}
+
+/* Switch one TX frame of port port_id (p): buf is the chain as the guest
+ * wrote it (virtio_net_hdr + frame, len bytes, NITRO_NET_HDR_LEN + ETH_HLEN
+ * .. FRAME_BUF_LEN), seg room for one segment (FRAME_BUF_LEN). Checks the
+ * header, rate-limits, classifies, then punts or forwards; RX rings it
+ * filled are added to dirty. Every outcome is counted. */
+NITRO_INTERNAL void nitro_sw_tx_frame(struct nitro_switch *sw, uint32_t port_id,
+                                      struct port *p, uint8_t *buf,
+                                      uint32_t len, uint8_t *seg,
+                                      uint32_t hint, struct dirty *dirty);
+/* Call the guests behind the dirty slots (once each) and empty the set. */
+NITRO_INTERNAL void nitro_sw_flush_dirty(struct dirty *d);
+
+#endif
