@@ -107,11 +107,12 @@ bool nitro_pkt_csum_complete(uint8_t *buf, uint32_t len)
     if (!(buf[0] & VIRTIO_NET_HDR_F_NEEDS_CSUM))
         return true;
     uint8_t *frame = buf + NITRO_NET_HDR_LEN;
-    uint32_t flen = len - NITRO_NET_HDR_LEN;
+    /* The sum covers the datagram, not the Ethernet padding after it. */
+    uint32_t end = nitro_pkt_l3_end(frame, len - NITRO_NET_HDR_LEN);
     uint32_t start = ld16le(buf + 6), off = ld16le(buf + 8);
-    if (start >= flen || (uint64_t)start + off + 2 > flen)
+    if (start >= end || (uint64_t)start + off + 2 > end)
         return false;
-    uint32_t sum = csum_add(0, frame + start, flen - start);
+    uint32_t sum = csum_add(0, frame + start, end - start);
     while (sum >> 16)
         sum = (sum & 0xffff) + (sum >> 16);
     uint16_t c = (uint16_t)~sum;
@@ -288,8 +289,10 @@ int nitro_pkt_tx_header(uint8_t *hdr, uint32_t flen, uint64_t feat,
     if (flags & VIRTIO_NET_HDR_F_NEEDS_CSUM) {
         start = ld16le(hdr + 6);
         off = ld16le(hdr + 8);
-        uint32_t l4 = l4_offset(hdr + NITRO_NET_HDR_LEN, flen);
-        if ((uint32_t)start + off + 2 > flen || l4 == 0 || start < l4)
+        const uint8_t *frame = hdr + NITRO_NET_HDR_LEN;
+        uint32_t l4 = l4_offset(frame, flen);
+        if ((uint32_t)start + off + 2 > nitro_pkt_l3_end(frame, flen) ||
+            l4 == 0 || start < l4)
             return NITRO_NET_DROP_BAD_HEADER;
     }
     if (flen > mtu + ETH_HLEN)

@@ -87,7 +87,8 @@ static inline void st32be(uint8_t *p, uint32_t v)
 }
 
 /* NEEDS_CSUM (5.1.6.2): the field at csum_start + csum_offset holds the
- * pseudo-header sum; fold in everything from csum_start and store it.
+ * pseudo-header sum; fold in everything from csum_start to the datagram's
+ * end (nitro_pkt_l3_end: not the Ethernet padding) and store it.
  * buf is hdr + frame; returns false if the offsets are out of the frame
  * (nitro_pkt_tx_header has checked them for guest frames; this stays
  * defensive). */

@@ -21,57 +21,21 @@
 
 #define MAX_RX_BUFS 64
 
-/* ---- token buckets (rate limits) ----------------------------------------- */
-
-static void bucket_init(struct bucket *b, uint64_t rate, uint64_t min_burst)
-{
-    b->rate = rate;
-    /* 100 ms worth, at least one unit of the largest request. */
-    b->burst = rate / 10 > min_burst ? rate / 10 : min_burst;
-    b->tokens = (int64_t)b->burst;
-    b->last_ns = nitro_now_ns();
-}
-
-/* Take n tokens if there are; refill by elapsed time first. Caller locks.
- * A request larger than the bucket (a TSO super-frame counted as its
- * segments) goes when the bucket is full and leaves it in debt, so the
- * long-run rate holds and such a request is never refused forever. */
-static bool bucket_take(struct bucket *b, uint64_t n, uint64_t now)
-{
-    if (b->rate == 0)
-        return true;
-    if (now > b->last_ns) {
-        uint64_t dt = now - b->last_ns;
-        /* dt * rate may overflow for long idle gaps: cap dt at 1 s. */
-        if (dt > 1000000000u)
-            dt = 1000000000u;
-        uint64_t add = dt * b->rate / 1000000000u;
-        if (add > 0) {
-            int64_t t = b->tokens + (int64_t)add;
-            b->tokens = t > (int64_t)b->burst ? (int64_t)b->burst : t;
-            b->last_ns = now;
-        }
-    }
-    uint64_t need = n < b->burst ? n : b->burst;
-    if (b->tokens < (int64_t)need)
-        return false;
-    b->tokens -= (int64_t)n;
-    return true;
-}
+/* ---- rate limits ----------------------------------------------------------- */
 
 /* Admission of pkts packets (wire segments) of len bytes in all, in
  * direction in/out; counts the ENA-style allowance counter that refused it. */
 static bool port_admit(struct port *p, uint64_t pkts, uint64_t len, bool in)
 {
-    struct bucket *bw = in ? &p->bw_in : &p->bw_out;
+    struct nitro_bucket *bw = in ? &p->bw_in : &p->bw_out;
     if (bw->rate == 0 && p->pps.rate == 0)
         return true;
     uint64_t now = nitro_now_ns();
     bool ok_pps, ok_bw = true;
     pthread_mutex_lock(&p->bucket_lock);
-    ok_pps = bucket_take(&p->pps, pkts, now);
+    ok_pps = nitro_bucket_take(&p->pps, pkts, now);
     if (ok_pps) {
-        ok_bw = bucket_take(bw, len, now);
+        ok_bw = nitro_bucket_take(bw, len, now);
         if (!ok_bw && p->pps.rate)
             p->pps.tokens += (int64_t)pkts;  /* it does not go: give back */
     }
@@ -173,9 +137,9 @@ int nitro_switch_add_port(struct nitro_switch *sw, uint32_t port,
     memcpy(p->ip, params->ip, 4);
     set_link_local(p->ip6_ll, p->mac);
     uint64_t frame_max = v->mtu + ETH_HLEN;
-    bucket_init(&p->bw_in, params->bw_in_bytes_per_sec, frame_max);
-    bucket_init(&p->bw_out, params->bw_out_bytes_per_sec, frame_max);
-    bucket_init(&p->pps, params->pps, 1);
+    nitro_bucket_init(&p->bw_in, params->bw_in_bytes_per_sec, frame_max);
+    nitro_bucket_init(&p->bw_out, params->bw_out_bytes_per_sec, frame_max);
+    nitro_bucket_init(&p->pps, params->pps, 1);
     v->ports[v->nports++] = (uint16_t)port;
     return NITRO_OK;
 }

@@ -28,6 +28,7 @@
 #include <stdbool.h>
 #include <stdint.h>
 
+#include "nitro_bucket.h"
 #include "nitro_net.h"
 #include "nitro_vring.h"
 
@@ -38,13 +39,6 @@
 #define SCRATCH_LEN (2 * FRAME_BUF_LEN)
 #define TX_BATCH 64
 #define DIRTY_MAX 32
-
-struct bucket {
-    uint64_t rate;      /* units per second; 0: unlimited */
-    uint64_t burst;     /* bucket depth */
-    int64_t tokens;     /* < 0: debt of a request larger than burst */
-    uint64_t last_ns;
-};
 
 struct rx_slot {
     pthread_mutex_t lock;
@@ -59,7 +53,7 @@ struct port {
     uint8_t ip6_ll[16];   /* its IPv6 link-local address (from mac) */
     uint64_t features;    /* atomic: set by the trio thread */
     pthread_mutex_t bucket_lock;
-    struct bucket bw_in, bw_out, pps;
+    struct nitro_bucket bw_in, bw_out, pps;
     struct rx_slot rx[NITRO_NET_MAX_PAIRS];
     uint32_t rx_pairs;    /* atomic: 1 + highest attached pair (0: none) */
     /* TX scratch buffers (SCRATCH_LEN each), allocated on first use and

@@ -210,6 +210,48 @@ def test_partial_checksum_completed_for_peer_without_guest_csum(net):
     assert got[0] == 1 and struct.unpack_from("!H", got, HDR + 40)[0] == partial
 
 
+def test_partial_checksum_of_a_padded_frame_covers_the_datagram_only(net):
+    """A short frame padded to 60 bytes: the padding (here not zeros) is no
+    part of the UDP checksum, for a peer and for the host's TAP."""
+    net.attach_rx(1)
+    tap, peer = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    try:
+        net.sw.set_uplink(0, tap.fileno(), pk.mac_bytes("02:00:00:00:00:fe"))
+        for dst_mac, v6 in ((B, False), ("ff:ff:ff:ff:ff:ff", False), (B, True)):
+            if v6:
+                p = Ether(src=A, dst=dst_mac) / IPv6(src=link_local(A), dst=link_local(B)) / UDP(sport=5, dport=6) / b"x"
+            else:
+                p = Ether(src=A, dst=dst_mac) / IP(src=A_IP, dst=B_IP) / UDP(sport=5, dport=6) / b"x"
+            good = Ether(bytes(p))[UDP].chksum
+            l4 = 54 if v6 else 34
+            raw = bytearray(bytes(p))
+            if v6:
+                pseudo = bytes(raw[22:54]) + struct.pack("!IxxxB", 9, 17)
+            else:
+                pseudo = ip4(A_IP) + ip4(B_IP) + struct.pack("!BBH", 0, 17, 9)
+            struct.pack_into("!H", raw, l4 + 6, (~pk.checksum(pseudo)) & 0xFFFF)
+            padded = bytes(raw) + b"\xaa" * max(0, 60 - len(raw)) + (b"\xaa\x55" if v6 else b"")
+            net.send(padded, hdr=struct.pack("<BBHHHHH", 1, 0, 0, 0, l4, 6, 0))
+            (got,) = net.received(1)
+            assert got[HDR:] == padded[:l4 + 6] + struct.pack("!H", good) + padded[l4 + 8:]
+            if dst_mac != B:
+                tapped = peer.recv(2048)
+                assert struct.unpack_from("!H", tapped, l4 + 6)[0] == good
+    finally:
+        net.sw.set_uplink(0, -1, None)
+        tap.close()
+        peer.close()
+
+
+def test_checksum_field_in_the_padding_is_bad_header(net):
+    net.attach_rx(1)
+    p = bytes(Ether(src=A, dst=B) / IP(src=A_IP, dst=B_IP) / UDP(sport=5, dport=6) / b"x")
+    net.send(p + bytes(17), hdr=struct.pack("<BBHHHHH", 1, 0, 0, 0, 34, 10, 0))  # field at 44..45
+    assert net.received(1) == []
+    assert net.sw.port_stats(0)["drops"]["bad_header"] == 1
+    assert net.sw.port_stats(1)["drops"]["bad_header"] == 0
+
+
 def test_detached_ring_is_not_touched(net):
     ring = net.attach_rx(1)
     net.sw.detach_rx(1, 0)
