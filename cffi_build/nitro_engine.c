@@ -100,81 +100,7 @@ static void eventfd_drain(int fd)
     while (n < 0 && errno == EINTR);
 }
 
-/* ---- io_uring ------------------------------------------------------------ */
-
-struct io_uring_sqe *nitro_io_sqe(struct nitro_io *io)
-{
-    struct io_uring_sqe *sqe = io_uring_get_sqe(&io->uring);
-    if (sqe != NULL) {
-        io->unsubmitted++;
-        return sqe;
-    }
-    int rc = io_uring_submit(&io->uring);
-    if (rc < 0)
-        return NULL;
-    io->unsubmitted = 0;
-    sqe = io_uring_get_sqe(&io->uring);
-    if (sqe != NULL)
-        io->unsubmitted++;
-    return sqe;
-}
-
-void nitro_io_init(struct nitro_io *io, uint32_t entries)
-{
-    io->ready = io_uring_queue_init(entries, &io->uring, 0) == 0;
-    io->unsubmitted = 0;
-}
-
-void nitro_io_exit(struct nitro_io *io)
-{
-    if (io->ready)
-        io_uring_queue_exit(&io->uring);
-    io->ready = false;
-}
-
-uint32_t nitro_io_submit(struct nitro_io *io)
-{
-    if (!io->ready || io->unsubmitted == 0)
-        return 0;
-    int rc = io_uring_submit(&io->uring);
-    if (rc <= 0)
-        return 0;
-    io->unsubmitted -= (uint32_t)rc < io->unsubmitted ? (uint32_t)rc
-                                                      : io->unsubmitted;
-    return (uint32_t)rc;
-}
-
-uint32_t nitro_io_reap(struct nitro_io *io)
-{
-    if (!io->ready)
-        return 0;
-    struct io_uring_cqe *cqes[URING_ENTRIES];
-    uint32_t total = 0;
-    for (;;) {
-        unsigned n = io_uring_peek_batch_cqe(&io->uring, cqes, URING_ENTRIES);
-        if (n == 0)
-            return total;
-        for (unsigned i = 0; i < n; i++) {
-            struct nitro_io_op *op = io_uring_cqe_get_data(cqes[i]);
-            int32_t res = cqes[i]->res;
-            io_uring_cqe_seen(&io->uring, cqes[i]);
-            /* complete() may queue a follow-up (a short read's rest). */
-            op->complete(op, res);
-        }
-        total += n;
-    }
-}
-
-void nitro_io_wait(struct nitro_io *io)
-{
-    nitro_io_submit(io);
-    struct io_uring_cqe *cqe;
-    int rc;
-    do
-        rc = io_uring_wait_cqe(&io->uring, &cqe);
-    while (rc == -EINTR);
-    nitro_io_reap(io);
-}
+/* ---- io_uring (nitro_io.c) ---------------------------------------------- */
 
 static void io_submit(struct worker *w)
 {
@@ -602,42 +528,4 @@ int nitro_engine_worker_stats(const struct nitro_engine *e, uint32_t worker,
     for (size_t i = 0; i < sizeof(*s) / sizeof(uint64_t); i++)
         dst[i] = __atomic_load_n(&src[i], __ATOMIC_RELAXED);
     return NITRO_OK;
-}
-
-/* ---- rings: the generic part ---------------------------------------------- */
-
-int nitro_ring_arm_vq(struct nitro_ring *r)
-{
-    return nitro_vq_enable_notify(r->vq);
-}
-
-void nitro_ring_disarm_vq(struct nitro_ring *r)
-{
-    nitro_vq_disable_notify(r->vq);
-}
-
-void nitro_ring_free(struct nitro_ring *r)
-{
-    if (r != NULL && r->worker < 0)
-        r->ops->free(r);
-}
-
-int nitro_ring_status(const struct nitro_ring *r)
-{
-    return __atomic_load_n(&r->status, __ATOMIC_ACQUIRE);
-}
-
-int nitro_ring_errno(const struct nitro_ring *r)
-{
-    return r->sys_errno;
-}
-
-int32_t nitro_ring_worker(const struct nitro_ring *r)
-{
-    return __atomic_load_n(&r->worker, __ATOMIC_ACQUIRE);
-}
-
-uint32_t nitro_ring_in_flight(const struct nitro_ring *r)
-{
-    return r->ops->in_flight(r);
 }

@@ -5,6 +5,7 @@
  */
 #define _GNU_SOURCE
 #include <stdlib.h>
+#include <string.h>
 
 #include "nitro_iov.h"
 #include "nitro_pkt.h"
@@ -20,6 +21,10 @@ struct tx_ctx {
     uint32_t hint;
     uint8_t *buf;  /* SCRATCH_LEN: the chain, then room for one segment */
     struct dirty dirty;
+    /* Fast-path frames of the batch that go to one destination, in order. */
+    struct port *group;
+    uint32_t nfast;
+    struct nitro_sw_fast fast[TX_BATCH];
 };
 
 static void tx_one(struct tx_ctx *t, const struct nitro_chain *c)
@@ -35,6 +40,56 @@ static void tx_one(struct tx_ctx *t, const struct nitro_chain *c)
                       t->buf + FRAME_BUF_LEN, t->hint, &t->dirty);
 }
 
+/* Deliver the pending fast frames (all to t->group). */
+static void tx_flush_group(struct tx_ctx *t)
+{
+    if (t->nfast > 0)
+        nitro_sw_deliver_fast(t->group, t->fast, t->nfast, t->hint, &t->dirty);
+    t->nfast = 0;
+    t->group = NULL;
+}
+
+/* Copy chain c's head into the next fast slot and let the switch decide. */
+static enum nitro_sw_fast_verdict tx_fast(struct tx_ctx *t,
+                                          const struct nitro_chain *c,
+                                          struct port **dst)
+{
+    if (c->n_out > NITRO_SW_FAST_IOV ||
+        c->out_len < NITRO_NET_HDR_LEN + ETH_HLEN ||
+        c->out_len > NITRO_NET_HDR_LEN + NITRO_NET_MAX_FRAME)
+        return NITRO_SW_SLOW;
+    struct nitro_sw_fast *f = &t->fast[t->nfast];
+    f->len = (uint32_t)c->out_len;
+    f->head_len = f->len < sizeof(f->head) ? f->len : (uint32_t)sizeof(f->head);
+    /* One copy of what the switch checks: the guest cannot change it
+     * after the checks (the rest it may: it is only its own payload). */
+    nitro_iov_to_buf(c->iov, (int)c->n_out, f->head, f->head_len);
+    f->cnt = (int)c->n_out;
+    memcpy(f->iov, c->iov, c->n_out * sizeof(c->iov[0]));
+    return nitro_sw_tx_fast(t->sw, t->p, f, dst);
+}
+
+/* Switch one chain: runs of fast frames to one destination are delivered
+ * together (one RX lock and publish), everything else as before, in order. */
+static void tx_chain(struct tx_ctx *t, const struct nitro_chain *c)
+{
+    struct port *dst = NULL;
+    uint32_t slot = t->nfast;  /* where tx_fast() puts the frame */
+    enum nitro_sw_fast_verdict v = tx_fast(t, c, &dst);
+    if (v == NITRO_SW_DONE)
+        return;
+    if (v == NITRO_SW_SLOW || dst != t->group)
+        tx_flush_group(t);
+    if (v == NITRO_SW_SLOW) {
+        tx_one(t, c);
+        return;
+    }
+    if (slot != t->nfast)  /* a new group starts with this frame */
+        memcpy(&t->fast[t->nfast], &t->fast[slot], sizeof(t->fast[0]));
+    t->group = dst;
+    t->nfast++;
+}
+
 static int64_t tx_batch(struct tx_ctx *t, struct nitro_vq *vq)
 {
     uint16_t heads[TX_BATCH];
@@ -46,11 +101,14 @@ static int64_t tx_batch(struct tx_ctx *t, struct nitro_vq *vq)
         rc = nitro_vq_pop(vq, &c);
         if (rc <= 0)
             break;
-        tx_one(t, c);
+        tx_chain(t, c);
         heads[n] = c->head;
         lens[n] = 0;  /* TX buffers are device-readable: nothing written */
         n++;
     }
+    /* The fast frames' payload is read out of these TX buffers: deliver
+     * before giving them back. */
+    tx_flush_group(t);
     /* Also when the guest broke the ring mid-batch: the chains taken so far
      * were switched, so they are completed and their receivers called. */
     nitro_vq_push_batch(vq, heads, lens, n);
