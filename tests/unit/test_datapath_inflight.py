@@ -31,21 +31,17 @@ from nitro._datapath import (
 )
 from nitro.vhost.protocol import inflight_queue_region_size
 from tests.unit.virtq import (
+    CAPACITY,
     VIRTIO_BLK_S_OK,
     VIRTIO_BLK_T_OUT,
     FakeGuest,
-    MiB,
     SplitRing,
     blk_req,
-    disk_file,
     fill,
-    guarded_guest,
     status_of,
 )
 
-GPA = 0x1000_0000
-CAPACITY = 2048  # sectors
-NUM = 16
+NUM = 16  # also the `ring` fixture's size (tests/unit/conftest.py)
 HEADER = struct.Struct("<QHHHH")   # QueueRegionSplit without desc[]
 DESC = struct.Struct("<B5xHQ")     # DescStateSplit
 
@@ -87,42 +83,10 @@ class Region:
 
 
 @pytest.fixture
-def disk() -> Iterator[int]:
-    with disk_file(CAPACITY * 512) as fd:
-        yield fd
-
-
-@pytest.fixture
-def guest() -> Iterator[FakeGuest]:
-    with guarded_guest(GPA, 4 * MiB) as g:
-        yield g
-
-
-@pytest.fixture
-def ring(guest: FakeGuest) -> Iterator[SplitRing]:
-    with SplitRing(guest, num=NUM) as r:
-        yield r
-
-
-@pytest.fixture
 def region() -> Iterator[Region]:
     r = Region()
     yield r
     r.close()
-
-
-@pytest.fixture
-def params(disk: int) -> Iterator[BlkParams]:
-    p = BlkParams(disk, CAPACITY)
-    yield p
-    p.close()
-
-
-@pytest.fixture
-def stats() -> Iterator[BlkStats]:
-    s = BlkStats()
-    yield s
-    s.close()
 
 
 def write_req(guest: FakeGuest, n: int):

@@ -6,8 +6,7 @@ from __future__ import annotations
 
 import os
 import struct
-import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import pytest
 from hypothesis import HealthCheck, event, given, settings
@@ -23,6 +22,7 @@ from nitro._datapath import (
     blk_serve,
 )
 from tests.unit.virtq import (
+    GPA,
     VIRTIO_BLK_S_OK,
     VIRTIO_BLK_T_FLUSH,
     VIRTIO_BLK_T_IN,
@@ -40,41 +40,14 @@ from tests.unit.virtq import (
     blk_header,
     blk_req,
     disk_file,
-    guarded_guest,
     status_of,
 )
 
-GPA = 0x1000_0000
+# Also read by the guest/disk/params fixtures (tests/unit/conftest.py).
 NUM = 8
 CAPACITY = 128  # sectors
+GUEST_SIZE = 2 * MiB
 U64 = 2**64
-
-
-@pytest.fixture
-def disk() -> Iterator[int]:
-    with disk_file(CAPACITY * 512) as fd:
-        yield fd
-
-
-@pytest.fixture
-def guest() -> Iterator[FakeGuest]:
-    with guarded_guest(GPA, 2 * MiB) as g:
-        yield g
-
-
-@pytest.fixture
-def params(disk: int) -> Iterator[BlkParams]:
-    p = BlkParams(disk, CAPACITY, max_discard_sectors=CAPACITY,
-                  max_write_zeroes_sectors=CAPACITY, serial=b"vring-test")
-    yield p
-    p.close()
-
-
-@pytest.fixture
-def stats() -> Iterator[BlkStats]:
-    s = BlkStats()
-    yield s
-    s.close()
 
 
 def make_ring(guest: FakeGuest, features: int = 0, **kw: object) -> SplitRing:
@@ -571,9 +544,8 @@ def test_hostile_rings_complete_or_fault(
             heads[i] = value
         else:
             (ring if where == "ring" else table)[i][field] = value
-    fd, path = tempfile.mkstemp(prefix="nitro-prop-")
-    os.unlink(path)
-    with FakeGuest([(GPA, MiB)]) as g, SplitRing(g, num=num, features=features) as r:
+    with disk_file(0) as fd, FakeGuest([(GPA, MiB)]) as g, \
+            SplitRing(g, num=num, features=features) as r:
         params = BlkParams(fd, CAPACITY, max_discard_sectors=8, max_write_zeroes_sectors=8)
         stats = BlkStats()
         try:
@@ -610,4 +582,3 @@ def test_hostile_rings_complete_or_fault(
         finally:
             params.close()
             stats.close()
-            os.close(fd)

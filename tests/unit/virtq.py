@@ -10,6 +10,10 @@ tests prove C wrote nothing outside guest memory.
 ``SplitRing`` lays out a split ring (virtio 1.2 section 2.7) in a FakeGuest
 and plays the driver: it writes descriptors and the avail ring, reads the
 used ring, and owns kick/call eventfds.
+
+``blk_req``/``blk_params`` build virtio-blk requests and the params the
+datapath tests serve with; tests/unit/conftest.py turns these into the
+guest/ring/disk/params/stats fixtures.
 """
 
 from __future__ import annotations
@@ -23,13 +27,14 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Self
 
-from nitro._datapath import GuestMemory, Virtqueue
+from nitro._datapath import BlkParams, GuestMemory, Virtqueue
 
 KiB = 1 << 10
 MiB = 1 << 20
 GUARD = 64 * KiB
 CANARY = 0xA5
 UADDR_BASE = 0x7F00_0000_0000
+GPA = 0x1000_0000  # where a one-region test guest starts
 
 VRING_DESC_F_NEXT = 1
 VRING_DESC_F_WRITE = 2
@@ -307,6 +312,18 @@ VIRTIO_BLK_S_OK = 0
 VIRTIO_BLK_S_IOERR = 1
 VIRTIO_BLK_S_UNSUPP = 2
 STATUS_UNSET = 0xEE
+
+
+CAPACITY = 2048  # sectors of a test disk: 1 MiB
+SERIAL = b"nitro-serial-0123456"  # exactly 20 bytes: no NUL
+MAX_DWZ = 256  # discard / write-zeroes sectors offered
+
+
+def blk_params(fd: int, capacity: int = CAPACITY, readonly: bool = False, **kw: int) -> BlkParams:
+    """The params the datapath tests serve with: SERIAL, discard and write
+    zeroes offered up to MAX_DWZ sectors; `kw` overrides the limits."""
+    limits = {"max_discard_sectors": MAX_DWZ, "max_write_zeroes_sectors": MAX_DWZ, **kw}
+    return BlkParams(fd, capacity, readonly=readonly, serial=SERIAL, **limits)
 
 
 def blk_header(type_: int, sector: int = 0) -> bytes:
