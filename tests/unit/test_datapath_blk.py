@@ -17,11 +17,7 @@ from nitro._datapath import (
     XtsCipher,
     blk_serve,
 )
-from tests.unit.test_crypto_xts import reference_xts, secret_of
-from tests.unit.virtq import (
-    CAPACITY,
-    MAX_DWZ,
-    SERIAL,
+from tests.ringlayout import (
     VIRTIO_BLK_S_IOERR,
     VIRTIO_BLK_S_OK,
     VIRTIO_BLK_S_UNSUPP,
@@ -35,14 +31,21 @@ from tests.unit.virtq import (
     VRING_DESC_F_INDIRECT,
     VRING_DESC_F_NEXT,
     VRING_DESC_F_WRITE,
+    blk_header,
+    desc_table_size,
+    dwz_segment,
+)
+from tests.unit.test_crypto_xts import reference_xts, secret_of
+from tests.unit.virtq import (
+    CAPACITY,
+    MAX_DWZ,
+    SERIAL,
     Buf,
     FakeGuest,
     SplitRing,
-    blk_header,
     blk_params,
     blk_req,
     disk_file,
-    dwz_segment,
     fill,
     status_of,
 )
@@ -162,7 +165,7 @@ def test_chain_with_more_buffers_than_iov_max(guest: FakeGuest, disk: int, param
                              i - n_direct + 1, table)
             off += size
         r.write_desc(n_table - 1, status, 1, VRING_DESC_F_WRITE, 0, table)
-        r.write_desc(1 + n_direct, table, 16 * n_table, VRING_DESC_F_INDIRECT)
+        r.write_desc(1 + n_direct, table, desc_table_size(n_table), VRING_DESC_F_INDIRECT)
         r.publish(0)
         assert blk_serve(r.vq, params, stats, 0) == 1
         used_len = 16385 if type_ == VIRTIO_BLK_T_IN else 1

@@ -13,7 +13,6 @@ import mmap
 import os
 import random
 import signal
-import struct
 import time
 from collections import deque
 from collections.abc import Iterator
@@ -30,10 +29,15 @@ from nitro._datapath import (
     blk_serve,
 )
 from nitro.vhost.protocol import inflight_queue_region_size
-from tests.unit.virtq import (
-    CAPACITY,
+from tests.ringlayout import (
+    INFLIGHT_DESC,
+    INFLIGHT_HEADER,
     VIRTIO_BLK_S_OK,
     VIRTIO_BLK_T_OUT,
+    inflight_desc_offset,
+)
+from tests.unit.virtq import (
+    CAPACITY,
     FakeGuest,
     SplitRing,
     blk_req,
@@ -42,8 +46,6 @@ from tests.unit.virtq import (
 )
 
 NUM = 16  # also the `ring` fixture's size (tests/unit/conftest.py)
-HEADER = struct.Struct("<QHHHH")   # QueueRegionSplit without desc[]
-DESC = struct.Struct("<B5xHQ")     # DescStateSplit
 
 
 class Region:
@@ -65,21 +67,22 @@ class Region:
         vq.set_inflight(self.mapped, 0, self.size)
 
     def header(self) -> tuple[int, int, int, int, int]:
-        return HEADER.unpack_from(self.mm, 0)
+        return INFLIGHT_HEADER.unpack_from(self.mm, 0)
 
     def set_header(self, **kw: int) -> None:
         names = ("features", "version", "desc_num", "last_batch_head", "used_idx")
         values = dict(zip(names, self.header())) | kw
-        HEADER.pack_into(self.mm, 0, *(values[n] for n in names))
+        INFLIGHT_HEADER.pack_into(self.mm, 0, *(values[n] for n in names))
 
     def desc(self, i: int) -> tuple[int, int, int]:
-        return DESC.unpack_from(self.mm, 16 + 16 * i)
+        return INFLIGHT_DESC.unpack_from(self.mm, inflight_desc_offset(i))
 
     def set_desc(self, i: int, inflight: int, counter: int, next: int = 0) -> None:
-        DESC.pack_into(self.mm, 16 + 16 * i, inflight, next, counter)
+        INFLIGHT_DESC.pack_into(self.mm, inflight_desc_offset(i), inflight, next, counter)
 
     def marked(self) -> list[int]:
-        return [i for i in range((self.size - 16) // 16) if self.desc(i)[0]]
+        entries = (self.size - INFLIGHT_HEADER.size) // INFLIGHT_DESC.size
+        return [i for i in range(entries) if self.desc(i)[0]]
 
 
 @pytest.fixture

@@ -5,7 +5,6 @@ test with hostile descriptor tables."""
 from __future__ import annotations
 
 import os
-import struct
 from collections.abc import Callable
 
 import pytest
@@ -21,8 +20,8 @@ from nitro._datapath import (
     Virtqueue,
     blk_serve,
 )
-from tests.unit.virtq import (
-    GPA,
+from tests.ringlayout import (
+    U16,
     VIRTIO_BLK_S_OK,
     VIRTIO_BLK_T_FLUSH,
     VIRTIO_BLK_T_IN,
@@ -33,11 +32,17 @@ from tests.unit.virtq import (
     VRING_DESC_F_NEXT,
     VRING_DESC_F_WRITE,
     VRING_USED_F_NO_NOTIFY,
+    avail_ring_offset,
+    blk_header,
+    desc_table_size,
+    used_event_offset,
+)
+from tests.unit.virtq import (
+    GPA,
     Buf,
     FakeGuest,
     MiB,
     SplitRing,
-    blk_header,
     blk_req,
     disk_file,
     status_of,
@@ -78,9 +83,9 @@ def test_set_addr_checks(guest: FakeGuest) -> None:
         (u, u + 4096, u + 2 * MiB - 8),  # used ring leaves memory
         (0, u + 4096, u + 8192),  # not a frontend address at all
         (u, u + 4096, u + 4096),  # used over avail: completions would be requests
-        (u, u + 4096, u + 4096 + 4 + 2 * NUM),  # used starts inside avail's tail
+        (u, u + 4096, u + 4096 + used_event_offset(NUM)),  # used starts inside avail's tail
         (u, u + 4096, u),  # used over the descriptor table
-        (u, u + 4096, u + 16 * NUM - 8),  # used starts inside the table's end
+        (u, u + 4096, u + desc_table_size(NUM) - 8),  # used starts inside the table's end
     ]:
         with pytest.raises(FrontendError):
             vq.set_addr(guest.mem, desc, avail, used)
@@ -558,7 +563,7 @@ def test_hostile_rings_complete_or_fault(
                 r.write_desc(i, *desc, table=TABLE_AREA)
             r.rebase(base)
             for i in range(num):
-                g.write(r.avail + 4 + 2 * i, struct.pack("<H", heads[i]))
+                g.write(r.avail + avail_ring_offset(i, num), U16.pack(heads[i]))
             r.set_avail_idx(base + pending)
 
             try:

@@ -7,8 +7,8 @@ offset as ``mmap_offset`` (so C maps the guards too). The guards are filled
 with ``CANARY`` and nothing may ever change them: ``guards_intact()`` is how
 tests prove C wrote nothing outside guest memory.
 
-``SplitRing`` lays out a split ring (virtio 1.2 section 2.7) in a FakeGuest
-and plays the driver: it writes descriptors and the avail ring, reads the
+``SplitRing`` lays out a split ring (virtio 1.2 section 2.7, layout in
+tests/ringlayout.py) in a FakeGuest and plays the driver: it writes descriptors and the avail ring, reads the
 used ring, and owns kick/call eventfds.
 
 ``blk_req``/``blk_params`` build virtio-blk requests and the params the
@@ -21,13 +21,22 @@ from __future__ import annotations
 import contextlib
 import mmap
 import os
-import struct
 import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Self
 
 from nitro._datapath import BlkParams, GuestMemory, Virtqueue
+from tests import ringlayout as rl
+from tests.ringlayout import (
+    DESC,
+    U16,
+    USED_ELEM,
+    VRING_DESC_F_INDIRECT,
+    VRING_DESC_F_NEXT,
+    VRING_DESC_F_WRITE,
+    blk_header,
+)
 
 KiB = 1 << 10
 MiB = 1 << 20
@@ -35,16 +44,6 @@ GUARD = 64 * KiB
 CANARY = 0xA5
 UADDR_BASE = 0x7F00_0000_0000
 GPA = 0x1000_0000  # where a one-region test guest starts
-
-VRING_DESC_F_NEXT = 1
-VRING_DESC_F_WRITE = 2
-VRING_DESC_F_INDIRECT = 4
-VRING_AVAIL_F_NO_INTERRUPT = 1
-VRING_USED_F_NO_NOTIFY = 1
-VIRTIO_RING_F_INDIRECT_DESC = 1 << 28
-VIRTIO_RING_F_EVENT_IDX = 1 << 29
-
-DESC = struct.Struct("<QIHH")
 
 
 @dataclass(frozen=True)
@@ -173,9 +172,9 @@ class SplitRing:
                  kick: bool = True, call: bool = True) -> None:
         self.guest = guest
         self.num = num
-        self.desc = guest.alloc(16 * num, align=16)
-        self.avail = guest.alloc(6 + 2 * num, align=2)
-        self.used = guest.alloc(6 + 8 * num, align=4)
+        self.desc = guest.alloc(rl.desc_table_size(num), align=rl.DESC_ALIGN)
+        self.avail = guest.alloc(rl.avail_size(num), align=rl.AVAIL_ALIGN)
+        self.used = guest.alloc(rl.used_size(num), align=rl.USED_ALIGN)
         self.kick_fd = _eventfd() if kick else -1
         self.call_fd = _eventfd() if call else -1
         self.vq = Virtqueue(0)
@@ -205,7 +204,7 @@ class SplitRing:
         used->idx and the device's last_avail_idx all become idx."""
         self.avail_idx = self.used_seen = idx & 0xFFFF
         self.set_avail_idx(idx)
-        self.guest.write(self.used + 2, struct.pack("<H", idx & 0xFFFF))
+        self.guest.write(self.used + rl.RING_IDX, U16.pack(idx & 0xFFFF))
         self.vq.base = idx & 0xFFFF
         # SET_VRING_ADDR is where the device reads used->idx back.
         self.vq.set_addr(self.guest.mem, self.guest.uaddr(self.desc),
@@ -215,7 +214,7 @@ class SplitRing:
     def write_desc(self, i: int, addr: int, length: int, flags: int = 0, next: int = 0,
                    table: int | None = None) -> None:
         base = self.desc if table is None else table
-        self.guest.write(base + 16 * i, DESC.pack(addr, length, flags, next))
+        self.guest.write(base + DESC.size * i, DESC.pack(addr, length, flags, next))
 
     def _take_descs(self, n: int) -> list[int]:
         idx = [(self._next_desc + k) % self.num for k in range(n)]
@@ -233,10 +232,11 @@ class SplitRing:
         """Write a chain (or one descriptor pointing at an indirect table
         holding it) and, by default, publish it. Returns the head index."""
         if indirect:
-            table = self.guest.alloc(16 * len(bufs), align=16)
+            size = rl.desc_table_size(len(bufs))
+            table = self.guest.alloc(size, align=rl.DESC_ALIGN)
             self._write_chain(bufs, range(len(bufs)), table)
             head = self._take_descs(1)[0]
-            self.write_desc(head, table, 16 * len(bufs), VRING_DESC_F_INDIRECT)
+            self.write_desc(head, table, size, VRING_DESC_F_INDIRECT)
         else:
             ids = self._take_descs(len(bufs))
             self._write_chain(bufs, ids, None)
@@ -248,33 +248,36 @@ class SplitRing:
     # -- avail ring -------------------------------------------------------
     def publish(self, *heads: int) -> None:
         for head in heads:
-            self.guest.write(self.avail + 4 + 2 * (self.avail_idx % self.num),
-                             struct.pack("<H", head))
+            self.guest.write(self.avail + rl.avail_ring_offset(self.avail_idx, self.num),
+                             U16.pack(head))
             self.avail_idx = (self.avail_idx + 1) & 0xFFFF
         self.set_avail_idx(self.avail_idx)
 
     def set_avail_idx(self, idx: int) -> None:
-        self.guest.write(self.avail + 2, struct.pack("<H", idx & 0xFFFF))
+        self.guest.write(self.avail + rl.RING_IDX, U16.pack(idx & 0xFFFF))
 
     def set_avail_flags(self, flags: int) -> None:
-        self.guest.write(self.avail, struct.pack("<H", flags))
+        self.guest.write(self.avail + rl.RING_FLAGS, U16.pack(flags))
 
     def set_used_event(self, idx: int) -> None:
-        self.guest.write(self.avail + 4 + 2 * self.num, struct.pack("<H", idx & 0xFFFF))
+        self.guest.write(self.avail + rl.used_event_offset(self.num), U16.pack(idx & 0xFFFF))
 
     # -- used ring --------------------------------------------------------
+    def _used_u16(self, off: int) -> int:
+        return int(U16.unpack(self.guest.read(self.used + off, U16.size))[0])
+
     def used_idx(self) -> int:
-        return int(struct.unpack("<H", self.guest.read(self.used + 2, 2))[0])
+        return self._used_u16(rl.RING_IDX)
 
     def used_flags(self) -> int:
-        return int(struct.unpack("<H", self.guest.read(self.used, 2))[0])
+        return self._used_u16(rl.RING_FLAGS)
 
     def avail_event(self) -> int:
-        return int(struct.unpack("<H", self.guest.read(self.used + 4 + 8 * self.num, 2))[0])
+        return self._used_u16(rl.avail_event_offset(self.num))
 
     def used_elem(self, i: int) -> tuple[int, int]:
-        off = self.used + 4 + 8 * (i % self.num)
-        return struct.unpack("<II", self.guest.read(off, 8))
+        off = self.used + rl.used_ring_offset(i, self.num)
+        return USED_ELEM.unpack(self.guest.read(off, USED_ELEM.size))
 
     def take_used(self) -> list[tuple[int, int]]:
         """Used elements published since the last call, as (id, len)."""
@@ -301,17 +304,8 @@ def fill(length: int, seed: int = 1) -> bytes:
     return (period * (length // 251 + 1))[:length]
 
 
-# -- virtio-blk requests (virtio 1.2 section 5.2.6) ---------------------------
-VIRTIO_BLK_T_IN = 0
-VIRTIO_BLK_T_OUT = 1
-VIRTIO_BLK_T_FLUSH = 4
-VIRTIO_BLK_T_GET_ID = 8
-VIRTIO_BLK_T_DISCARD = 11
-VIRTIO_BLK_T_WRITE_ZEROES = 13
-VIRTIO_BLK_S_OK = 0
-VIRTIO_BLK_S_IOERR = 1
-VIRTIO_BLK_S_UNSUPP = 2
-STATUS_UNSET = 0xEE
+# -- virtio-blk requests (layout: tests/ringlayout.py) --------------------------
+STATUS_UNSET = 0xEE  # what the status byte holds until the device writes it
 
 
 CAPACITY = 2048  # sectors of a test disk: 1 MiB
@@ -326,14 +320,6 @@ def blk_params(fd: int, capacity: int = CAPACITY, readonly: bool = False, **kw: 
     return BlkParams(fd, capacity, readonly=readonly, serial=SERIAL, **limits)
 
 
-def blk_header(type_: int, sector: int = 0) -> bytes:
-    return struct.pack("<IIQ", type_, 0, sector)
-
-
-def dwz_segment(sector: int, num_sectors: int, flags: int = 0) -> bytes:
-    return struct.pack("<QII", sector, num_sectors, flags)
-
-
 @dataclass
 class BlkReq:
     """A request laid out in guest memory: header (+payload) readable, then
@@ -345,9 +331,9 @@ class BlkReq:
 
 def blk_req(guest: FakeGuest, type_: int, sector: int = 0, out: bytes = b"",
             in_len: int = 0) -> BlkReq:
-    hdr = guest.alloc(16)
+    hdr = guest.alloc(rl.BLK_HEADER.size)
     guest.write(hdr, blk_header(type_, sector))
-    bufs = [Buf(hdr, 16)]
+    bufs = [Buf(hdr, rl.BLK_HEADER.size)]
     data = None
     if out:
         data = guest.alloc(len(out))
