@@ -31,9 +31,9 @@ from pathlib import Path
 
 import pytest
 
+from bench.proc import Nitro
 from tests.guest.build import GuestImage, build_initramfs
 from tests.guest.qemu import GuestProcess
-from tests.nitro_proc import Nitro
 
 REPO = Path(__file__).resolve().parent.parent
 QSD = "qemu-storage-daemon"

@@ -7,13 +7,11 @@ from __future__ import annotations
 import os
 import socket
 import struct
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import pytest
 
+from bench.proc import run_cli
 from nitro.vhost.protocol import Request, VringFd
 from tests.integration.frontend import GPA_BASE, Frontend
 from tests.ringlayout import (
@@ -28,7 +26,6 @@ from tests.ringlayout import (
 )
 
 pytestmark = pytest.mark.integration
-REPO = Path(__file__).resolve().parents[2]
 
 
 TWO_DEVICES = """
@@ -168,8 +165,7 @@ def test_get_vring_base_and_reconnect_resume(nitro, short_tmp_path):
 def test_bad_config_exits_2_with_one_line(short_tmp_path):
     cfg = short_tmp_path / "bad.toml"
     cfg.write_text('[[blk]]\nid = "x"\nqueues = 99\n')
-    r = subprocess.run([sys.executable, "-m", "nitro", "run", "--config", str(cfg)],
-                       cwd=REPO, capture_output=True, text=True, timeout=30)
+    r = run_cli("run", "--config", cfg, timeout=30)
     assert r.returncode == 2
     assert r.stderr.strip() == (
         f"nitro: error: config {cfg}: blk[0].queues: expected an integer in 1..16, got 99")
@@ -178,16 +174,15 @@ def test_bad_config_exits_2_with_one_line(short_tmp_path):
 def test_missing_image_fails_before_listening(short_tmp_path):
     cfg = short_tmp_path / "c.toml"
     cfg.write_text('[metrics]\nlisten = ""\n[[blk]]\nid = "x"\n')
-    r = subprocess.run([sys.executable, "-m", "nitro", "run", "--config", str(cfg),
-                        "--runtime-dir", str(short_tmp_path), "--state-dir", str(short_tmp_path)],
-                       cwd=REPO, capture_output=True, text=True, timeout=30)
+    r = run_cli("run", "--config", cfg, "--runtime-dir", short_tmp_path, "--state-dir", short_tmp_path,
+                timeout=30)
     assert r.returncode == 1 and "device x:" in r.stderr and "cannot open" in r.stderr
     assert not (short_tmp_path / "x.sock").exists()
 
 
 def test_print_capabilities():
-    r = subprocess.run([sys.executable, "-m", "nitro", "--print-capabilities"],
-                       cwd=REPO, capture_output=True, text=True, timeout=30, check=True)
+    r = run_cli("--print-capabilities", timeout=30)
+    assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == '{"type": "block", "features": []}'
 
 

@@ -14,11 +14,11 @@ import hashlib
 import os
 import struct
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
+from bench.proc import run_cli
 from tests.integration.frontend import GPA_BASE, Frontend
 from tests.ringlayout import (
     VIRTIO_BLK_T_DISCARD,
@@ -32,14 +32,12 @@ from tests.ringlayout import (
 from tests.unit.test_crypto_xts import reference_xts
 
 pytestmark = pytest.mark.integration
-REPO = Path(__file__).resolve().parents[2]
 FAST_PBKDF = ["--pbkdf", "pbkdf2", "--pbkdf-force-iterations", "1000"]
 VIRTIO_BLK_F_DISCARD = 13
 
 
 def nitro_cli(*args: str | Path, check: bool = True) -> subprocess.CompletedProcess:
-    r = subprocess.run([sys.executable, "-m", "nitro", *map(str, args)], cwd=REPO,
-                       capture_output=True, text=True, timeout=60, check=False)
+    r = run_cli(*args)
     if check:
         assert r.returncode == 0, r.stderr
     return r
@@ -84,9 +82,7 @@ def encrypted_cfg(dev: str = "vol0", key: str = "vol.key", kind: str = "key_file
 def run_daemon_expect_failure(tmp: Path, cfg_text: str) -> subprocess.CompletedProcess:
     cfg = tmp / "nitro.toml"
     cfg.write_text(cfg_text)
-    return subprocess.run([sys.executable, "-m", "nitro", "run", "--config", cfg,
-                           "--runtime-dir", tmp, "--state-dir", tmp],
-                          cwd=REPO, capture_output=True, text=True, timeout=60, check=False)
+    return run_cli("run", "--config", cfg, "--runtime-dir", tmp, "--state-dir", tmp)
 
 
 def sha(path: Path) -> str:
@@ -199,7 +195,7 @@ def test_info_add_remove_key_and_erase(nitro, short_tmp_path):
     assert "attached:    yes" in nitro_cli("volume", "info", img).stdout
     r = nitro_cli("volume", "erase", img, "--yes", check=False)
     assert r.returncode == 1 and "attached to a running nitro" in r.stderr
-    assert vk not in n.stderr() and vk not in n.metrics() and vk not in n.status()
+    assert vk not in n.output() and vk not in n.metrics() and vk not in n.status()
     assert n.stop() == 0
 
     nitro_cli("volume", "remove-key", img, "--key-file", k1)
