@@ -1,4 +1,4 @@
-# nitro: make demo | test | bench | lint | fuzz-free targets below.
+# nitro's build, test, lint, benchmark and fuzz targets (README.md, "Quick start").
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
