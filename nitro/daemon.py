@@ -294,7 +294,8 @@ def make_directories(cfg: DaemonConfig) -> None:
     wanted = [(cfg.runtime_dir, "runtime directory", 0o755),
               (cfg.state_dir, "state directory", 0o750),  # images: as the unit's StateDirectoryMode
               (cfg.control_socket.parent, "control socket's directory", 0o755)]
-    wanted += [(d.socket.parent, f"directory of device {d.id}'s socket", 0o755) for d in (*cfg.blk, *cfg.net)]
+    sockets = [(d.id, d.socket) for d in cfg.blk] + [(d.id, d.socket) for d in cfg.net]
+    wanted += [(socket.parent, f"directory of device {dev}'s socket", 0o755) for dev, socket in sockets]
     for path, what, mode in wanted:
         try:
             path.mkdir(mode=mode, parents=True, exist_ok=True)
