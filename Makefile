@@ -1,11 +1,14 @@
-# nitro: make demo | test | bench | lint | fuzz-free targets below.
+# nitro's build, test, lint, benchmark and fuzz targets (README.md, "Quick start").
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PIP    := $(VENV)/bin/pip
 STAMP  := $(VENV)/.nitro-installed
+# Pinned: a new release of either may report new things on an unchanged tree.
+RUFF   := ruff==0.17.6
+MYPY   := mypy==2.4.1
 
-.PHONY: all deps venv build test unit system demo bench lint clean fuzz fuzz-short soak
+.PHONY: all deps venv build test unit system demo bench lint typecheck clean fuzz fuzz-short soak
 
 all: build
 
@@ -59,9 +62,16 @@ soak: build
 fuzz-short: deps venv
 	$(PY) -m pytest -q tests/fuzz
 
-lint: venv
-	$(PIP) install -q ruff
+# ruff needs nothing built: it runs first in CI and fails fast.
+lint: $(PY)
+	$(PIP) install -q '$(RUFF)'
 	$(VENV)/bin/ruff check nitro tests bench tools
+
+# mypy on nitro/ (pyproject.toml [tool.mypy]); it reads nitro's dependencies
+# from the venv.
+typecheck: venv
+	$(PIP) install -q '$(MYPY)'
+	$(VENV)/bin/mypy
 
 clean:
 	rm -rf build nitro/_nitro_c*.so nitro/_nitro_c.c tools/bin *.egg-info

@@ -42,7 +42,6 @@ import os
 import platform
 import resource
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -51,7 +50,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from bench.proc import REPO, Child, ChildError, nitro_argv, tail
+
 TOOLS = REPO / "tools"
 VUBLK = TOOLS / "bin" / "vublk"
 OUT_DIR = REPO / "build" / "bench"
@@ -92,11 +92,13 @@ WORKLOADS = [
 # back-ends
 
 
-def nitro_backend_cmd(image: Path, socket: Path) -> list[str]:
-    """argv that serves `image` as a vhost-user-blk device on `socket`.
+def nitro_backend_cmd(image: Path, socket: Path, blk_extra: str = "") -> list[str]:
+    """argv that serves `image` as a vhost-user-blk device on `socket`;
+    `blk_extra` is more TOML for the [[blk]] table (e.g. encryption).
 
     Writes the nitro config next to the socket. This is the one place to
-    change when nitro's command line or config format changes.
+    change when nitro's config format changes (its command line is
+    bench/proc.py's).
     """
     cfg = socket.parent / f"{socket.stem}.toml"
     # runtime_dir/state_dir: nitro's control socket and state stay in the
@@ -112,11 +114,12 @@ def nitro_backend_cmd(image: Path, socket: Path) -> list[str]:
         f"socket = {_toml_str(socket)}\n"
         f"image = {_toml_str(image)}\n"
         "queues = 1\n"
+        f"{blk_extra}"
         "\n"
         "[metrics]\n"
         'listen = ""\n'
     )
-    return [sys.executable, "-m", "nitro", "run", "--config", str(cfg)]
+    return nitro_argv("run", "--config", cfg)
 
 
 def qsd_backend_cmd(image: Path, socket: Path, aio: str) -> list[str]:
@@ -192,16 +195,12 @@ def nitro_config_check(image: Path, socket: Path) -> str | None:
         return "`nitro run --check` did not finish within 60 s"
     if r.returncode != 0:
         return (f"`{' '.join(argv)}` exited {r.returncode}:\n"
-                f"{_tail(r.stdout + r.stderr)}")
+                f"{tail(r.stdout + r.stderr)}")
     return None
 
 
 # --------------------------------------------------------------------------
 # running
-
-
-def _tail(text: str, lines: int = 15) -> str:
-    return "\n".join(text.strip().splitlines()[-lines:])
 
 
 def pick_cpus() -> tuple[list[str], list[str], str]:
@@ -237,65 +236,6 @@ def create_image(path: Path, size: int) -> None:
           "in the page cache)", flush=True)
 
 
-class BackendProcess:
-    def __init__(self, backend: Backend, argv: list[str], log: Path, socket: Path) -> None:
-        self.backend = backend
-        self.argv = argv
-        self.log = log
-        self.socket = socket
-        self._logf = open(log, "wb")  # noqa: SIM115 - lives as long as the process
-        self.proc = subprocess.Popen(
-            argv, stdin=subprocess.DEVNULL, stdout=self._logf, stderr=subprocess.STDOUT,
-            cwd=REPO, start_new_session=True,
-        )
-
-    def wait_ready(self) -> str | None:
-        deadline = time.monotonic() + self.backend.start_timeout
-        while not self.socket.exists():
-            if self.proc.poll() is not None:
-                return f"{self.backend.name} exited with {self.proc.returncode} before " \
-                       f"creating its socket:\n{self.log_tail()}"
-            if time.monotonic() > deadline:
-                return f"{self.backend.name} did not create {self.socket} within " \
-                       f"{self.backend.start_timeout:.0f} s:\n{self.log_tail()}"
-            time.sleep(0.02)
-        return None
-
-    def cpu_seconds(self) -> float | None:
-        """user+system CPU time of the back-end process (all its threads)."""
-        try:
-            with open(f"/proc/{self.proc.pid}/stat") as f:
-                stat = f.read()
-        except OSError:
-            return None
-        fields = stat[stat.rindex(")") + 2:].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-    def log_tail(self) -> str:
-        self._logf.flush()
-        try:
-            return _tail(self.log.read_text(errors="replace"))
-        except OSError:
-            return ""
-
-    def stop(self) -> int | None:
-        """Stop it; the exit status if it had already exited on its own."""
-        early = self.proc.poll()
-        if early is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=10)
-        self._logf.close()
-        try:
-            self.socket.unlink()
-        except FileNotFoundError:
-            pass
-        return early
-
-
 @dataclass
 class Run:
     workload: str
@@ -316,7 +256,7 @@ def run_one(backend: Backend, wl: Workload, rnd: int, args: argparse.Namespace,
     sock = workdir / f"{backend.name}.sock"
     log = workdir / f"{backend.name}.log"
     argv = pin_backend + backend.command(image, sock)
-    bp = BackendProcess(backend, argv, log, sock)
+    bp = Child(argv, log)
     vargv = pin_client + [str(VUBLK), "--socket", str(sock), "--wait", "10",
                           "--timeout", "10", "--seed", str(rnd + 1), *wl.vublk_args()]
     if ios is not None:
@@ -327,9 +267,10 @@ def run_one(backend: Backend, wl: Workload, rnd: int, args: argparse.Namespace,
         vargv.append("--poll")
     run = Run(wl.name, backend.name, rnd, False, vublk_argv=vargv, backend_argv=argv)
     try:
-        err = bp.wait_ready()
-        if err:
-            run.error = err
+        try:
+            bp.wait_for(sock, backend.start_timeout)
+        except ChildError as e:
+            run.error = f"{backend.name}: {e}"
             return run
         limit = (runtime or args.runtime) + 60
         cpu0, t0 = bp.cpu_seconds(), time.monotonic()
@@ -354,7 +295,7 @@ def run_one(backend: Backend, wl: Workload, rnd: int, args: argparse.Namespace,
                 pass
         if r.returncode != 0 or run.result is None:
             run.error = (f"vublk exited {r.returncode}: {r.stderr.strip()}\n"
-                         f"back-end log:\n{bp.log_tail()}")
+                         f"back-end log:\n{tail(bp.output())}")
             return run
         if run.result.get("errors", 0):
             run.error = f"{run.result['errors']} request(s) failed: {r.stderr.strip()}"
@@ -362,10 +303,12 @@ def run_one(backend: Backend, wl: Workload, rnd: int, args: argparse.Namespace,
         run.ok = True
         return run
     finally:
-        early = bp.stop()
+        early = bp.proc.poll()
+        bp.stop(timeout=10)
+        sock.unlink(missing_ok=True)
         if early is not None and run.ok:
             run.ok = False
-            run.error = f"{backend.name} exited on its own with {early}:\n{bp.log_tail()}"
+            run.error = f"{backend.name} exited on its own with {early}:\n{tail(bp.output())}"
 
 
 # --------------------------------------------------------------------------

@@ -40,9 +40,11 @@ from bench.blk import (
     Workload,
     _toml_str,
     build_vublk,
+    nitro_backend_cmd,
     pick_cpus,
     run_one,
 )
+from bench.proc import run_cli
 
 WORKLOADS = [
     Workload("randread-4k", "randread", 4096, 32),
@@ -114,15 +116,8 @@ class NitroVolume(Backend):
         self.key = key
 
     def command(self, image: Path, socket: Path) -> list[str]:
-        cfg = socket.parent / f"{socket.stem}.toml"
         enc = f"encryption = {{ key_file = {_toml_str(self.key)} }}\n" if self.key else ""
-        cfg.write_text(
-            f"[daemon]\nruntime_dir = {_toml_str(socket.parent)}\n"
-            f"state_dir = {_toml_str(socket.parent)}\n\n"
-            f'[[blk]]\nid = "bench0"\nsocket = {_toml_str(socket)}\n'
-            f"image = {_toml_str(image)}\nqueues = 1\n{enc}\n"
-            '[metrics]\nlisten = ""\n')
-        return [sys.executable, "-m", "nitro", "run", "--config", str(cfg)]
+        return nitro_backend_cmd(image, socket, enc)
 
 
 def make_volumes(workdir: Path, size: int) -> list[tuple[NitroVolume, Path]]:
@@ -135,9 +130,10 @@ def make_volumes(workdir: Path, size: int) -> list[tuple[NitroVolume, Path]]:
     out = [(NitroVolume("plain", None), plain)]
     for sector in (4096, 512):
         img = workdir / f"luks{sector}.img"
-        subprocess.run([sys.executable, "-m", "nitro", "volume", "create", str(img), "--size",
-                        str(size), "--encrypt", "--key-file", str(key), "--sector-size", str(sector),
-                        *FAST_PBKDF], check=True, capture_output=True, cwd=REPO)
+        r = run_cli("volume", "create", img, "--size", str(size), "--encrypt", "--key-file", key,
+                    "--sector-size", str(sector), *FAST_PBKDF)
+        if r.returncode != 0:
+            sys.exit(f"bench.crypto: nitro volume create exited {r.returncode}: {r.stderr.strip()}")
         out.append((NitroVolume(f"luks-{sector}", key), img))
     return out
 

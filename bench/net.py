@@ -29,17 +29,15 @@ import json
 import math
 import os
 import re
-import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 from bench import testpmd
+from bench.proc import ChildError, Nitro
 
-REPO = Path(__file__).resolve().parent.parent
 TX_MAC, RX_MAC = "02:00:00:00:00:01", "02:00:00:00:00:02"
 
 
@@ -61,8 +59,6 @@ MODE = "loop"       # set by --mode
 _PPS = re.compile(r"Rx-pps:\s+(\d+)")
 
 NITRO_CONFIG = f"""
-[metrics]
-listen = ""
 [[vpc]]
 id = "bench"
 cidr = "198.18.0.0/24"
@@ -182,39 +178,28 @@ def run_dpdk(tmp: Path, size: int, seconds: float) -> float:
         testpmd.interrupt(ref)
 
 
-def _print_switch_totals(tmp: Path) -> None:
+def _print_switch_totals(n: Nitro) -> None:
     """Where the frames went: switched out of src, written into dst's ring,
     or dropped at dst because the sink's ring was full (no_rx_buffer)."""
-    out = subprocess.run([sys.executable, "-m", "nitro", "status", "--json",
-                          "--control", str(tmp / "control.sock")],
-                         cwd=REPO, capture_output=True, text=True, timeout=30)
-    if out.returncode != 0:
-        print(f"         (nitro status failed: {out.stderr.strip()})")
+    try:
+        status = json.loads(n.status_json())
+    except ChildError as e:
+        print(f"         ({e})")
         return
-    net = {d["id"]: d["net"] for d in json.loads(out.stdout)["devices"]}
+    net = {d["id"]: d["net"] for d in status["devices"]}
     src, dst = net["src"], net["dst"]
     print(f"         nitro: src out {src['packets_out']}, dst in {dst['packets_in']}, "
           f"dst no_rx_buffer {dst['drops']['no_rx_buffer']}", flush=True)
 
 
 def run_nitro(tmp: Path, size: int, seconds: float) -> float:
-    cfg = tmp / "nitro.toml"
-    cfg.write_text(NITRO_CONFIG)
-    log = open(tmp / "nitro.log", "w")
-    proc = subprocess.Popen(["taskset", "-c", str(BACKEND_CPU),
-                             sys.executable, "-m", "nitro", "run", "--config", str(cfg),
-                             "--runtime-dir", str(tmp), "--state-dir", str(tmp)],
-                            cwd=REPO, stderr=log)
-    try:
-        _wait_path(tmp / "src.sock")
-        _wait_path(tmp / "dst.sock")
+    # Nitro returns once the control socket exists: both vhost sockets
+    # listen by then.
+    with Nitro(tmp, NITRO_CONFIG, prefix=["taskset", "-c", str(BACKEND_CPU)], metrics=False) as n:
         pps = _frontends(tmp, tmp / "src.sock", tmp / "dst.sock", size, seconds)
-        _print_switch_totals(tmp)
+        _print_switch_totals(n)
+        n.stop()
         return pps
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(30)
-        log.close()
 
 
 def main() -> int:

@@ -115,7 +115,7 @@ def _cmd_run(args) -> int:
 # vhost-user.json's VHostUserBackendType for each kind of device nitro serves;
 # "block" backends also report "features" (command-line options such as
 # --read-only: nitro has none of them).
-_CAPABILITIES = {"blk": {"type": "block", "features": []}, "net": {"type": "net"}}
+_CAPABILITIES: dict[str, dict[str, object]] = {"blk": {"type": "block", "features": []}, "net": {"type": "net"}}
 
 
 def capabilities(cfg: config.DaemonConfig) -> dict | list[dict]:

@@ -37,6 +37,9 @@ from nitro.sdnotify import Notifier, watchdog_loop
 from nitro.vhost.server import VhostUserServer
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
+    from nitro.devices.base import VirtioBackend
     from nitro.devices.net.fabric import NetFabric
 
 log = logging.getLogger("nitro.daemon")
@@ -110,7 +113,7 @@ class Daemon:
     def open_devices(self) -> None:
         """Open every volume and the network fabric, then start the engine
         and one server per device (a bad volume fails before any thread)."""
-        opened = []
+        opened: list[tuple[VirtioBackend, Path, str]] = []
         make_directories(self.cfg)
         for b in self.cfg.blk:
             try:
@@ -121,11 +124,11 @@ class Daemon:
             opened.append((device, b.socket, b.id))
         if self.cfg.net or any(v.uplink for v in self.cfg.vpc):
             try:
-                self._open_net()
+                fabric = self._open_net()
             except StartupError:
                 self._close_opened(opened)
                 raise
-            opened += [(d, n.socket, n.id) for n, d in zip(self.cfg.net, self.fabric.devices)]
+            opened += [(d, n.socket, n.id) for n, d in zip(self.cfg.net, fabric.devices)]
         try:
             self._start_engine()
         except StartupError:
@@ -138,7 +141,7 @@ class Daemon:
             device.close()
         self.close()
 
-    def _open_net(self) -> None:
+    def _open_net(self) -> NetFabric:
         from nitro.devices.net.fabric import FabricError, NetFabric
         from nitro.devices.net.uplink import UplinkError
 
@@ -148,6 +151,7 @@ class Daemon:
         except (FabricError, UplinkError, _datapath.DatapathError) as e:
             self.close()
             raise StartupError(str(e)) from None
+        return self.fabric
 
     async def run(self, notifier: Notifier) -> None:
         msrv = metrics.start_metrics_server(self.cfg.metrics_listen, lambda: self.devices,
@@ -344,7 +348,8 @@ def make_directories(cfg: DaemonConfig) -> None:
     wanted = [(cfg.runtime_dir, "runtime directory", 0o755),
               (cfg.state_dir, "state directory", 0o750),  # images: as the unit's StateDirectoryMode
               (cfg.control_socket.parent, "control socket's directory", 0o755)]
-    wanted += [(d.socket.parent, f"directory of device {d.id}'s socket", 0o755) for d in (*cfg.blk, *cfg.net)]
+    sockets = [(d.id, d.socket) for d in cfg.blk] + [(d.id, d.socket) for d in cfg.net]
+    wanted += [(socket.parent, f"directory of device {dev}'s socket", 0o755) for dev, socket in sockets]
     for path, what, mode in wanted:
         try:
             path.mkdir(mode=mode, parents=True, exist_ok=True)

@@ -100,8 +100,8 @@ def plan(old: DaemonConfig, new: DaemonConfig) -> ReloadPlan:
     for b in old.blk:
         if b.id not in removed_ids:
             held[b.socket] = held[b.image] = f"running device {b.id!r}"
-    for n in old.net:
-        held[n.socket] = f"running device {n.id!r}"
+    for net in old.net:
+        held[net.socket] = f"running device {net.id!r}"
     for b in remove:
         held.setdefault(b.socket, f"device {b.id!r}, removed by this reload")
         held.setdefault(b.image, f"device {b.id!r}, removed by this reload")

@@ -41,7 +41,7 @@ class Notifier:
         env = os.environ if environ is None else environ
         self._warned = False
         self._sock: socket.socket | None = None
-        self._address: str | bytes | None = None
+        self._address: str = ""
         self._watchdog_usec = env.get("WATCHDOG_USEC")
         self._watchdog_pid = env.get("WATCHDOG_PID")
         self.socket_path = env.get("NOTIFY_SOCKET") or None

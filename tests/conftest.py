@@ -22,21 +22,18 @@ with a message naming the package to install.
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import shutil
-import signal
 import subprocess
 import tempfile
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
+from bench.proc import Child, Nitro
 from tests.guest.build import GuestImage, build_initramfs
 from tests.guest.qemu import GuestProcess
-from tests.nitro_proc import Nitro
 
 REPO = Path(__file__).resolve().parent.parent
 QSD = "qemu-storage-daemon"
@@ -85,66 +82,32 @@ def short_tmp_path() -> Iterator[Path]:
     shutil.rmtree(path, ignore_errors=True)
 
 
-@dataclasses.dataclass
-class StorageDaemon:
-    """A running qemu-storage-daemon exporting one image as vhost-user-blk."""
+class StorageDaemon(Child):
+    """qemu-storage-daemon exporting one raw image as vhost-user-blk at
+    `socket`; returns once the socket exists. Stop it with stop() (SIGTERM:
+    a clean exit flushes the image)."""
 
-    image: Path
-    socket: Path
-    num_queues: int
-    writable: bool
-    process: subprocess.Popen
-    log: Path
-
-    def running(self) -> bool:
-        return self.process.poll() is None
-
-    def output(self) -> str:
-        return self.log.read_text(errors="replace") if self.log.exists() else ""
-
-    def stop(self, timeout: float = 10.0) -> int:
-        """SIGTERM (a clean exit flushes the image), SIGKILL after `timeout`; returns the exit code."""
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        return self.process.returncode
-
-
-def start_storage_daemon(
-    image: Path,
-    socket: Path,
-    *,
-    num_queues: int = 1,
-    writable: bool = True,
-    startup_timeout: float = 10.0,
-) -> StorageDaemon:
-    """Start qemu-storage-daemon serving `image` (raw) at unix socket `socket`."""
-    if shutil.which(QSD) is None:
-        raise RuntimeError(f"{QSD} not found: apt-get install qemu-system-x86 (or qemu-utils)")
-    socket.unlink(missing_ok=True)
-    log = socket.with_name(socket.name + ".log")
-    argv = [
-        QSD,
-        "--blockdev", f"driver=file,node-name=file0,filename={image}",
-        "--blockdev", "driver=raw,node-name=disk0,file=file0",
-        "--export",
-        "type=vhost-user-blk,id=exp0,node-name=disk0,addr.type=unix,"
-        f"addr.path={socket},writable={'on' if writable else 'off'},num-queues={num_queues}",
-    ]  # fmt: skip
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT)
-    daemon = StorageDaemon(Path(image), socket, num_queues, writable, proc, log)
-    deadline = time.monotonic() + startup_timeout
-    while not socket.exists():
-        if proc.poll() is not None or time.monotonic() > deadline:
-            daemon.stop()
-            raise RuntimeError(f"{QSD} did not create {socket}: exit={proc.returncode}\n{daemon.output()}")
-        time.sleep(0.02)
-    return daemon
+    def __init__(self, image: Path, socket: Path, *, num_queues: int = 1, writable: bool = True,
+                 startup_timeout: float = 10.0) -> None:
+        if shutil.which(QSD) is None:
+            raise RuntimeError(f"{QSD} not found: apt-get install qemu-system-x86 (or qemu-utils)")
+        self.image, self.socket = image, socket
+        self.num_queues, self.writable = num_queues, writable
+        socket.unlink(missing_ok=True)
+        argv = [
+            QSD,
+            "--blockdev", f"driver=file,node-name=file0,filename={image}",
+            "--blockdev", "driver=raw,node-name=disk0,file=file0",
+            "--export",
+            "type=vhost-user-blk,id=exp0,node-name=disk0,addr.type=unix,"
+            f"addr.path={socket},writable={'on' if writable else 'off'},num-queues={num_queues}",
+        ]  # fmt: skip
+        super().__init__(argv, socket.with_name(socket.name + ".log"))
+        try:
+            self.wait_for(socket, startup_timeout)
+        except BaseException:
+            self.stop()
+            raise
 
 
 @pytest.fixture
@@ -164,7 +127,7 @@ def qemu_storage_daemon(short_tmp_path: Path) -> Iterator[Callable[..., StorageD
         socket: Path | str | None = None,
     ) -> StorageDaemon:
         sock = Path(socket) if socket is not None else short_tmp_path / f"qsd{len(daemons)}.sock"
-        daemon = start_storage_daemon(Path(image), sock, num_queues=num_queues, writable=writable)
+        daemon = StorageDaemon(Path(image), sock, num_queues=num_queues, writable=writable)
         daemons.append(daemon)
         return daemon
 

@@ -246,6 +246,7 @@ class FrontendConnection:
         del self._buffer[:total]
         self._consumed += total
         flags, request = self._header.flags, self._request
+        assert request is not None  # set together with _header
         self._header = self._request = None
         return self._build(request, flags, body, self._take_fds(self._consumed))
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 import enum
 import struct
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol, Self
 
 # -- header ("Message Specification" > "Header") ------------------------------
 HEADER_SIZE = 12
@@ -383,8 +383,18 @@ class Opaque:
         return self.data
 
 
+class Payload(Protocol):
+    """What every payload class above is: bytes in (a syntax-only check
+    raising PayloadError), bytes out."""
+
+    @classmethod
+    def decode(cls, data: bytes) -> Self: ...
+
+    def encode(self) -> bytes: ...
+
+
 # Request -> payload class; None: "request payload: N/A" (size must be 0).
-PAYLOAD_TYPES: dict[Request, type | None] = {
+PAYLOAD_TYPES: dict[Request, type[Payload] | None] = {
     Request.GET_FEATURES: None,
     Request.SET_FEATURES: U64,
     Request.SET_OWNER: None,

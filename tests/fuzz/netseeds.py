@@ -18,6 +18,7 @@ import struct
 from pathlib import Path
 
 from nitro.vpc.packets import checksum as csum
+from tests.ringlayout import net_hdr
 
 HERE = Path(__file__).resolve().parent
 
@@ -74,13 +75,6 @@ class Prog:
 
 
 # ---- frames ----------------------------------------------------------------------
-
-def hdr(flags: int = 0, gso: int = 0, hdr_len: int = 0, gso_size: int = 0,
-        start: int = 0, off: int = 0) -> bytes:
-    return struct.pack("<BBHHHHH", flags, gso, hdr_len, gso_size, start, off, 0)
-
-
-
 
 def eth(dst: bytes, src: bytes, etype: int) -> bytes:
     return dst + src + struct.pack("!H", etype)
@@ -152,100 +146,101 @@ def tso6(paylen: int, dst_mac: bytes = B) -> tuple[bytes, int, int]:
 
 def _seeds() -> dict[str, Prog]:
     s: dict[str, Prog] = {}
-    s["udp-to-peer"] = Prog().rxbuf(1, 8, 2048).frame(hdr() + udp4_frame()).serve()
+    s["udp-to-peer"] = Prog().rxbuf(1, 8, 2048).frame(net_hdr() + udp4_frame()).serve()
     s["udp-split-8-descs"] = Prog().rxbuf(1, 8, 2048).frame(
-        hdr() + udp4_frame(payload=bytes(200)), ndesc=8, cut=5).serve()
-    s["icmp-echo-to-gateway"] = Prog().frame(hdr() + icmp_echo()).serve()
-    s["ipv4-to-gateway-dropped"] = Prog().frame(hdr() + udp4_frame(GW, GW_IP)).serve()
-    s["arp-request-punted"] = Prog().frame(hdr() + arp(1, GW_IP)).serve()
+        net_hdr() + udp4_frame(payload=bytes(200)), ndesc=8, cut=5).serve()
+    s["icmp-echo-to-gateway"] = Prog().frame(net_hdr() + icmp_echo()).serve()
+    s["ipv4-to-gateway-dropped"] = Prog().frame(net_hdr() + udp4_frame(GW, GW_IP)).serve()
+    s["arp-request-punted"] = Prog().frame(net_hdr() + arp(1, GW_IP)).serve()
     s["arp-reply-forwarded"] = Prog().rxbuf(1, 4, 2048).frame(
-        hdr() + arp(2, B_IP, dst_mac=B, tha=B)).serve()
-    s["dhcp-discover"] = Prog().frame(hdr() + dhcp_discover()).serve()
+        net_hdr() + arp(2, B_IP, dst_mac=B, tha=B)).serve()
+    s["dhcp-discover"] = Prog().frame(net_hdr() + dhcp_discover()).serve()
     s["broadcast-flood"] = Prog().rxbuf(1, 4, 2048).rxbuf(2, 4, 2048).frame(
-        hdr() + udp4_frame(BCAST, b"\xff" * 4)).serve()
-    s["unicast-to-uplink"] = Prog().frame(hdr() + udp4_frame(UP, bytes([8, 8, 8, 8]))).serve()
+        net_hdr() + udp4_frame(BCAST, b"\xff" * 4)).serve()
+    s["unicast-to-uplink"] = Prog().frame(net_hdr() + udp4_frame(UP, bytes([8, 8, 8, 8]))).serve()
     s["other-vpc-unknown"] = Prog(setup=PORT2 | PORT2_OTHER_VPC).rxbuf(2, 4, 2048).frame(
-        hdr() + udp4_frame(C)).serve()
+        net_hdr() + udp4_frame(C)).serve()
     s["spoofed-source"] = Prog().rxbuf(1, 4, 2048).frame(
-        hdr() + B + C + udp4_frame()[12:]).serve()
+        net_hdr() + B + C + udp4_frame()[12:]).serve()
     s["vlan-tag"] = Prog().rxbuf(1, 4, 2048).frame(
-        hdr() + eth(B, A, 0x8100) + b"\x00\x05\x08\x00" + udp4_frame()[14:]).serve()
+        net_hdr() + eth(B, A, 0x8100) + b"\x00\x05\x08\x00" + udp4_frame()[14:]).serve()
     s["ipv6-udp"] = Prog().rxbuf(1, 4, 2048).frame(
-        hdr() + eth(B, A, 0x86DD) + ipv6(17, 13) + udp(1, 2, b"hello")).serve()
-    s["short-frames"] = (Prog().rxbuf(1, 8, 2048).frame(b"\0" * 10).frame(hdr() + A)
-                         .frame(hdr() + B + A + b"\x08\x00").frame(hdr() + udp4_frame()[:30])
+        net_hdr() + eth(B, A, 0x86DD) + ipv6(17, 13) + udp(1, 2, b"hello")).serve()
+    s["short-frames"] = (Prog().rxbuf(1, 8, 2048).frame(b"\0" * 10).frame(net_hdr() + A)
+                         .frame(net_hdr() + B + A + b"\x08\x00").frame(net_hdr() + udp4_frame()[:30])
                          .serve())
     s["oversize-chain"] = Prog(mtu=65535).rxbuf(1, 32, 8192).frame(
-        hdr() + eth(B, A, 0x88B5) + bytes(10), fill_len=65535, fill=0x5A, ndesc=3).serve()
+        net_hdr() + eth(B, A, 0x88B5) + bytes(10), fill_len=65535, fill=0x5A, ndesc=3).serve()
     s["jumbo-mtu-9000"] = Prog(mtu=9000).rxbuf(1, 4, 8192).frame(
-        hdr() + udp4_frame(payload=b"j"), fill_len=8000, fill=1).serve()
+        net_hdr() + udp4_frame(payload=b"j"), fill_len=8000, fill=1).serve()
     s["over-mtu"] = Prog().rxbuf(1, 4, 2048).frame(
-        hdr() + eth(B, A, 0x88B5), fill_len=1501).serve()
+        net_hdr() + eth(B, A, 0x88B5), fill_len=1501).serve()
     # NEEDS_CSUM: UDP checksum at 34 + 6; at the last 2 bytes; past the end;
     # to a peer without GUEST_CSUM (completed) and with it (kept partial).
     f = udp4_frame(payload=b"checksum me")
     s["needs-csum-udp"] = Prog(features=(SENDER, MRG, PEER)).rxbuf(1, 4, 2048).rxbuf(2, 4, 2048) \
-        .frame(hdr(1, start=34, off=6) + f).frame(hdr(1, start=34, off=6) + udp4_frame(C)) \
+        .frame(net_hdr(1, csum_start=34, csum_offset=6) + f) \
+        .frame(net_hdr(1, csum_start=34, csum_offset=6) + udp4_frame(C)) \
         .serve()
     s["needs-csum-offsets"] = (Prog(features=(SENDER, MRG, PEER)).rxbuf(1, 16, 2048)
-                               .frame(hdr(1, start=len(f) - 2, off=0) + f)
-                               .frame(hdr(1, start=len(f) - 1, off=0) + f)
-                               .frame(hdr(1, start=0, off=len(f) - 2) + f)
-                               .frame(hdr(1, start=0xFFFF, off=0xFFFF) + f)
-                               .frame(hdr(3) + f).serve())
+                               .frame(net_hdr(1, csum_start=len(f) - 2, csum_offset=0) + f)
+                               .frame(net_hdr(1, csum_start=len(f) - 1, csum_offset=0) + f)
+                               .frame(net_hdr(1, csum_start=0, csum_offset=len(f) - 2) + f)
+                               .frame(net_hdr(1, csum_start=0xFFFF, csum_offset=0xFFFF) + f)
+                               .frame(net_hdr(3) + f).serve())
     s["needs-csum-to-uplink"] = Prog(setup=UPLINK).frame(
-        hdr(1, start=34, off=6) + udp4_frame(UP, bytes([8, 8, 8, 8]))).serve()
+        net_hdr(1, csum_start=34, csum_offset=6) + udp4_frame(UP, bytes([8, 8, 8, 8]))).serve()
     # RX buffers: header split over two descriptors, too small without
     # MRG_RXBUF, smaller than the header (the ring is broken), none posted.
-    s["rx-header-split"] = Prog().rxbuf(1, 4, 2048, cut=5).frame(hdr() + udp4_frame()).serve()
+    s["rx-header-split"] = Prog().rxbuf(1, 4, 2048, cut=5).frame(net_hdr() + udp4_frame()).serve()
     s["rx-small-no-mrg"] = Prog(features=(SENDER, GUEST_CSUM, PEER)).rxbuf(1, 4, 64).frame(
-        hdr() + udp4_frame(payload=bytes(100))).serve()
+        net_hdr() + udp4_frame(payload=bytes(100))).serve()
     s["rx-small-mrg"] = Prog().rxbuf(1, 32, 64).frame(
-        hdr() + udp4_frame(payload=bytes(1000))).serve()
-    s["rx-buffer-under-header"] = Prog().rxbuf(1, 2, 8).frame(hdr() + udp4_frame()).serve() \
-        .rxbuf(1, 2, 2048).frame(hdr() + udp4_frame()).serve()
-    s["rx-none"] = Prog(setup=PORT2 | NO_RX1).frame(hdr() + udp4_frame()).serve()
-    s["rx-reset-and-features"] = (Prog().rxbuf(1, 4, 2048).frame(hdr() + udp4_frame()).serve()
+        net_hdr() + udp4_frame(payload=bytes(1000))).serve()
+    s["rx-buffer-under-header"] = Prog().rxbuf(1, 2, 8).frame(net_hdr() + udp4_frame()).serve() \
+        .rxbuf(1, 2, 2048).frame(net_hdr() + udp4_frame()).serve()
+    s["rx-none"] = Prog(setup=PORT2 | NO_RX1).frame(net_hdr() + udp4_frame()).serve()
+    s["rx-reset-and-features"] = (Prog().rxbuf(1, 4, 2048).frame(net_hdr() + udp4_frame()).serve()
                                   .rxreset(1).feat(1, 0).rxbuf(1, 4, 2048)
-                                  .frame(hdr(1, start=34, off=6) + udp4_frame()).serve())
+                                  .frame(net_hdr(1, csum_start=34, csum_offset=6) + udp4_frame()).serve())
     s["rate-limits"] = Prog(setup=PORT2 | UPLINK | PPS0 | BW_OUT0 | BW_IN1 | EVENT_IDX) \
         .rxbuf(1, 32, 2048)
     for _ in range(8):
-        s["rate-limits"].frame(hdr() + udp4_frame(payload=b""), fill_len=1400)
+        s["rate-limits"].frame(net_hdr() + udp4_frame(payload=b""), fill_len=1400)
     s["rate-limits"].serve()
     # TSO super-frames.
     head, l4, hl = tso4(20000)
     s["tso4-small-mss-segmented"] = Prog().rxbuf(1, 32, 2048).frame(
-        hdr(1, GSO_TCPV4, hl, 100, l4, 16) + head, fill_len=20000, fill=7).serve()
+        net_hdr(1, GSO_TCPV4, hl, 100, l4, 16) + head, fill_len=20000, fill=7).serve()
     head, l4, hl = tso4(60000, tcp_options=b"\x01\x01\x08\x0a" + bytes(8))
     s["tso4-large-passthrough"] = Prog(features=(SENDER, TSO_PEER, PEER)).rxbuf(1, 32, 8192) \
-        .frame(hdr(1, GSO_TCPV4, hl, 1448, l4, 16) + head, fill_len=60000, fill=9, ndesc=4,
+        .frame(net_hdr(1, GSO_TCPV4, hl, 1448, l4, 16) + head, fill_len=60000, fill=9, ndesc=4,
                cut=hl + 12).serve()
     s["tso4-to-uplink"] = Prog(setup=UPLINK).frame(
-        hdr(1, GSO_TCPV4, 0, 1448, 34, 16) + tso4(6000, dst_mac=UP)[0], fill_len=6000).serve()
+        net_hdr(1, GSO_TCPV4, 0, 1448, 34, 16) + tso4(6000, dst_mac=UP)[0], fill_len=6000).serve()
     head, l4, hl = tso4(3000, options=b"\x01\x01\x01\x00" * 2)
     s["tso4-ip-options"] = Prog().rxbuf(1, 8, 2048).frame(
-        hdr(1, GSO_TCPV4, hl, 1000, l4, 16) + head, fill_len=3000).serve()
+        net_hdr(1, GSO_TCPV4, hl, 1000, l4, 16) + head, fill_len=3000).serve()
     head, l4, hl = tso6(9000)
     s["tso6-segmented"] = Prog().rxbuf(1, 16, 2048).rxbuf(2, 16, 2048).frame(
-        hdr(1, GSO_TCPV6, hl, 1428, l4, 16) + head, fill_len=9000, fill=3).serve()
+        net_hdr(1, GSO_TCPV6, hl, 1428, l4, 16) + head, fill_len=9000, fill=3).serve()
     head, l4, hl = tso6(40000)
     s["tso6-passthrough-min-mss"] = Prog(features=(SENDER, TSO_PEER, TSO_PEER)).rxbuf(1, 32, 8192) \
-        .frame(hdr(1, GSO_TCPV6, hl, 88, l4, 16) + head, fill_len=40000).serve()
+        .frame(net_hdr(1, GSO_TCPV6, hl, 88, l4, 16) + head, fill_len=40000).serve()
     head, l4, hl = tso4(3000)
     s["tso4-mss-87-refused"] = Prog(setup=PORT2 | UPLINK).rxbuf(1, 32, 2048).frame(
-        hdr(1, GSO_TCPV4, hl, 87, l4, 16) + head, fill_len=3000).serve()
+        net_hdr(1, GSO_TCPV4, hl, 87, l4, 16) + head, fill_len=3000).serve()
     head, l4, hl = tso4(3000, dst_mac=BCAST)
     s["tso4-broadcast-refused"] = Prog(setup=PORT2 | UPLINK).rxbuf(1, 32, 2048).frame(
-        hdr(1, GSO_TCPV4, hl, 1448, l4, 16) + head, fill_len=3000).serve()
+        net_hdr(1, GSO_TCPV4, hl, 1448, l4, 16) + head, fill_len=3000).serve()
     head, l4, hl = tso4(0)
     s["tso4-no-payload"] = Prog().rxbuf(1, 4, 2048).frame(
-        hdr(1, GSO_TCPV4, hl, 1448, l4, 16) + head).serve()
+        net_hdr(1, GSO_TCPV4, hl, 1448, l4, 16) + head).serve()
     head, l4, hl = tso4(5000)
     s["tso4-without-host-tso"] = Prog(features=(CSUM | MRG, PEER, PEER)).rxbuf(1, 8, 2048).frame(
-        hdr(1, GSO_TCPV4, hl, 1448, l4, 16) + head, fill_len=5000).serve()
+        net_hdr(1, GSO_TCPV4, hl, 1448, l4, 16) + head, fill_len=5000).serve()
     s["tso4-mss-over-mtu"] = Prog(mtu=576).rxbuf(1, 8, 2048).frame(
-        hdr(1, GSO_TCPV4, hl, 1448, l4, 16) + head, fill_len=5000).serve()
+        net_hdr(1, GSO_TCPV4, hl, 1448, l4, 16) + head, fill_len=5000).serve()
     return s
 
 

@@ -2,7 +2,8 @@
 seeds and a replay of any input through the Python API (nitro._datapath).
 
 The format is documented at the top of fuzz_ring.c; this module mirrors it
-exactly (same constants, same layouts, same op numbers) so an input found by
+exactly (same constants, same op numbers; the ring layouts themselves are
+tests/ringlayout.py's) so an input found by
 libFuzzer can be replayed through cffi: by the regression unit tests and by
 tools/build-sanitized.sh under an ASan build of the extension.
 
@@ -19,6 +20,7 @@ from dataclasses import dataclass, field
 
 from nitro import _datapath
 from nitro._datapath import BlkParams, BlkStats, GuestFault, GuestMemory, Virtqueue
+from tests.ringlayout import DESC, RING_IDX, U16, avail_ring_offset, inflight_region_size
 
 GUARD = 4096
 REGION = 32768
@@ -51,12 +53,7 @@ F_READONLY = 8
 
 OP_WRITE, OP_SERVE, OP_SETMEM, OP_RESET, OP_NUM, OP_DESCS, OP_FILL, OP_INFLIGHT = range(8)
 OPS = 8
-INFLIGHT_LEN = 16 + 16 * 1024  # fuzz_ring.c: one queue's region for 1024 entries
-
-VRING_DESC_F_NEXT = 1
-VRING_DESC_F_WRITE = 2
-VRING_DESC_F_INDIRECT = 4
-DESC = struct.Struct("<QIHH")
+INFLIGHT_LEN = inflight_region_size(1024)  # fuzz_ring.c: one queue's region for 1024 entries
 
 
 def gpa(off: int) -> int:
@@ -134,16 +131,16 @@ class Program:
     def desc_at(self, i: int, addr: int, length: int, flags: int = 0, next_: int = 0,
                 table: int | None = None) -> Program:
         base = self.desc if table is None else table
-        return self.write(base + 16 * i, DESC.pack(addr, length, flags, next_))
+        return self.write(base + DESC.size * i, DESC.pack(addr, length, flags, next_))
 
     def avail_ring(self, heads: list[int], idx: int | None = None, start: int | None = None) -> Program:
         """Put heads in the avail ring from slot ``start`` (default: base)
         and set avail->idx (default base + len(heads))."""
         start = self.base if start is None else start
         for k, h in enumerate(heads):
-            self.write(self.avail + 4 + 2 * ((start + k) % self.num), struct.pack("<H", h))
+            self.write(self.avail + avail_ring_offset(start + k, self.num), U16.pack(h))
         idx = (start + len(heads)) if idx is None else idx
-        return self.write(self.avail + 2, struct.pack("<H", idx & 0xFFFF))
+        return self.write(self.avail + RING_IDX, U16.pack(idx & 0xFFFF))
 
 
 # -- replay through the Python API ------------------------------------------------
@@ -302,7 +299,7 @@ class _Replay:
                     off, count = r.take(2), r.take(1) + 1
                     addr, length, fl = r.take(8), r.take(4), r.take(2)
                     for i in range(count):
-                        self._span_write(off + 16 * i, DESC.pack(addr, length, fl, (i + 1) & 0xFFFF))
+                        self._span_write(off + DESC.size * i, DESC.pack(addr, length, fl, (i + 1) & 0xFFFF))
                 elif op == OP_FILL:
                     off, n, byte = r.take(2), r.take(2), r.take(1)
                     self._span_write(off, bytes([byte]) * n)

@@ -10,37 +10,34 @@ B follows it directly. Rings: desc at span 0x0000, avail 0x1000, used 0x2000.
 
 from __future__ import annotations
 
-import struct
 from collections.abc import Callable
 from pathlib import Path
 
-from tests.fuzz.ringfmt import (
-    F_EVENT_IDX,
-    F_INDIRECT,
-    REGION,
-    Program,
-    gpa,
+from tests.fuzz.ringfmt import F_EVENT_IDX, F_INDIRECT, REGION, Program, gpa
+from tests.ringlayout import (
+    INFLIGHT_DESC,
+    INFLIGHT_HEADER,
+    U16,
+    blk_header,
+    dwz_segment,
+    inflight_desc_offset,
+    used_event_offset,
 )
-from tests.fuzz.ringfmt import (
-    VRING_DESC_F_INDIRECT as IND,
-)
-from tests.fuzz.ringfmt import (
-    VRING_DESC_F_NEXT as NEXT,
-)
-from tests.fuzz.ringfmt import (
-    VRING_DESC_F_WRITE as WRITE,
-)
+from tests.ringlayout import VIRTIO_BLK_T_DISCARD as T_DISCARD
+from tests.ringlayout import VIRTIO_BLK_T_FLUSH as T_FLUSH
+from tests.ringlayout import VIRTIO_BLK_T_GET_ID as T_GET_ID
+from tests.ringlayout import VIRTIO_BLK_T_IN as T_IN
+from tests.ringlayout import VIRTIO_BLK_T_OUT as T_OUT
+from tests.ringlayout import VIRTIO_BLK_T_WRITE_ZEROES as T_WZ
+from tests.ringlayout import VRING_DESC_F_INDIRECT as IND
+from tests.ringlayout import VRING_DESC_F_NEXT as NEXT
+from tests.ringlayout import VRING_DESC_F_WRITE as WRITE
 
 HERE = Path(__file__).resolve().parent
 ANY = object()  # the outcome is not the point (no crash, guards intact is)
 REFUSED = object()  # SET_VRING_ADDR refuses the layout: the queue never serves
 
-T_IN, T_OUT, T_FLUSH, T_GET_ID, T_DISCARD, T_WZ = 0, 1, 4, 8, 11, 13
 HDR, DATA, STATUS = 0x3000, 0x3100, 0x3F00
-
-
-def hdr(type_: int, sector: int = 0) -> bytes:
-    return struct.pack("<IIQ", type_, 0, sector)
 
 
 def request(p: Program, first: int, type_: int, data_len: int = 512, *, sector: int = 0,
@@ -48,7 +45,7 @@ def request(p: Program, first: int, type_: int, data_len: int = 512, *, sector: 
     """A 2- or 3-descriptor request from descriptor ``first`` on, its own
     header/status bytes at slot-dependent addresses."""
     h, st = HDR + 0x20 * slot, STATUS + slot
-    p.write(h, hdr(type_, sector))
+    p.write(h, blk_header(type_, sector))
     p.desc_at(first, gpa(h), 16, NEXT, first + 1)
     i = first + 1
     if payload:
@@ -70,7 +67,7 @@ def _blk_read() -> Program:
 def _blk_write_indirect() -> Program:
     p = Program(flags=F_INDIRECT)
     table = 0x4000
-    p.write(HDR, hdr(T_OUT, 8))
+    p.write(HDR, blk_header(T_OUT, 8))
     p.write(DATA, bytes(range(256)) * 2)
     p.desc_at(0, gpa(HDR), 16, NEXT, 1, table=table)
     p.desc_at(1, gpa(DATA), 512, NEXT, 2, table=table)
@@ -83,8 +80,8 @@ def _blk_mixed() -> Program:
     p = Program(log2_num=4, max_discard=64, max_wz=64)
     request(p, 0, T_GET_ID, 20, slot=0)
     request(p, 3, T_FLUSH, 0, slot=1)
-    request(p, 5, T_DISCARD, payload=struct.pack("<QII", 2, 4, 0), slot=2)
-    request(p, 8, T_WZ, payload=struct.pack("<QII", 6, 2, 1), slot=3)
+    request(p, 5, T_DISCARD, payload=dwz_segment(2, 4, 0), slot=2)
+    request(p, 8, T_WZ, payload=dwz_segment(6, 2, 1), slot=3)
     request(p, 11, 99, 0, slot=4)
     return p.avail_ring([0, 3, 5, 8, 11]).serve()
 
@@ -107,7 +104,7 @@ def _indirect_longer_than_ring() -> Program:
     # A legal indirect table of 32 entries behind a ring of 4.
     p = Program(flags=F_INDIRECT)
     table = 0x4000
-    p.write(HDR, hdr(T_IN))
+    p.write(HDR, blk_header(T_IN))
     p.descs(table, 31, gpa(DATA), 512, NEXT | WRITE)
     p.desc_at(0, gpa(HDR), 16, NEXT, 1, table=table)
     p.desc_at(31, gpa(STATUS), 1, WRITE, table=table)
@@ -182,7 +179,7 @@ def _addr_top_of_space() -> Program:
     top = 2**64 - 1 - REGION
     p = Program(log2_num=3, layout=5)
     request(p, 0, T_IN, 512, data_gpa=top + REGION - 512)
-    p.write(HDR + 0x20, hdr(T_IN))
+    p.write(HDR + 0x20, blk_header(T_IN))
     p.desc_at(3, HDR + 0x20, 16, NEXT, 4)
     p.desc_at(4, top + REGION - 256, 512, NEXT | WRITE, 5)
     p.desc_at(5, STATUS + 1, 1, WRITE)
@@ -208,21 +205,21 @@ def _head_out_of_range() -> Program:
 
 def _next_out_of_range() -> Program:
     p = Program()
-    p.write(HDR, hdr(T_IN))
+    p.write(HDR, blk_header(T_IN))
     p.desc_at(0, gpa(HDR), 16, NEXT, 9)
     return p.avail_ring([0]).serve()
 
 
 def _desc_order() -> Program:
     p = Program()
-    p.write(HDR, hdr(T_OUT))
+    p.write(HDR, blk_header(T_OUT))
     p.desc_at(0, gpa(STATUS), 1, WRITE | NEXT, 1).desc_at(1, gpa(HDR), 16)
     return p.avail_ring([0]).serve()
 
 
 def _request_no_status() -> Program:
     p = Program()
-    p.write(HDR, hdr(T_IN))
+    p.write(HDR, blk_header(T_IN))
     p.desc_at(0, gpa(HDR), 16)
     return p.avail_ring([0]).serve()
 
@@ -235,7 +232,7 @@ def _request_short_header() -> Program:
 
 def _zero_length_descs() -> Program:
     p = Program()
-    p.write(HDR, hdr(T_IN))
+    p.write(HDR, blk_header(T_IN))
     p.desc_at(0, gpa(HDR), 16, NEXT, 1).desc_at(1, gpa(DATA), 0, NEXT | WRITE, 2)
     p.desc_at(2, gpa(STATUS), 1, WRITE)
     return p.avail_ring([0]).serve()
@@ -302,7 +299,7 @@ def _set_num_shrinks() -> Program:
 
 def _ring_of_1024() -> Program:
     p = Program(log2_num=10, desc=0x0000, avail=0x4000, used=0x5000)
-    p.write(HDR + 0x4000, hdr(T_IN))
+    p.write(HDR + 0x4000, blk_header(T_IN))
     p.desc_at(0, gpa(HDR + 0x4000), 16, NEXT, 1023)
     p.desc_at(1023, gpa(0x6000), 1, WRITE)
     return p.avail_ring([0]).serve()
@@ -311,13 +308,13 @@ def _ring_of_1024() -> Program:
 def _event_idx() -> Program:
     p = Program(flags=F_EVENT_IDX | F_INDIRECT)
     request(p, 0, T_IN).avail_ring([0])
-    p.write(p.avail + 4 + 2 * p.num, struct.pack("<H", 0))
+    p.write(p.avail + used_event_offset(p.num), U16.pack(0))
     return p.serve()
 
 
 def _discard_too_many_segments() -> Program:
     p = Program(max_discard=8)
-    request(p, 0, T_DISCARD, payload=struct.pack("<QII", 0, 1, 0) * 257)
+    request(p, 0, T_DISCARD, payload=dwz_segment(0, 1, 0) * 257)
     return p.avail_ring([0]).serve()
 
 
@@ -333,13 +330,13 @@ def _inflight_resubmit() -> Program:
     # the next serve resubmits it from the region.
     p = request(Program(), 0, T_IN).inflight(0).avail_ring([0]).serve()
     p.avail_ring([0], start=1).reset(base=1)
-    return p.inflight(16, struct.pack("<B5xHQ", 1, 0, 5)).serve()
+    return p.inflight(inflight_desc_offset(0), INFLIGHT_DESC.pack(1, 0, 5)).serve()
 
 
 def _inflight_head_out_of_range() -> Program:
     # A version-1 region marking entry 900 of a 16-entry ring.
-    p = Program().inflight(0, struct.pack("<QHHHH", 0, 1, 16, 0, 0))
-    return p.inflight(16 + 16 * 900, struct.pack("<B5xHQ", 1, 0, 1)).serve()
+    p = Program().inflight(0, INFLIGHT_HEADER.pack(0, 1, 16, 0, 0))
+    return p.inflight(inflight_desc_offset(900), INFLIGHT_DESC.pack(1, 0, 1)).serve()
 
 
 SEEDS: dict[str, tuple[Callable[[], Program], object]] = {

@@ -30,12 +30,11 @@ from nitro.vhost.protocol import (
     VringFd,
     VringState,
 )
+from tests import ringlayout as rl
+from tests.ringlayout import DESC, U16, USED_ELEM, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE, blk_header
 
 GPA_BASE = 0x4000_0000
 MEM_SIZE = 16 << 20
-DESC = struct.Struct("<QIHH")
-F_NEXT, F_WRITE, F_INDIRECT = 1, 2, 4
-T_IN, T_OUT, T_FLUSH, T_GET_ID, T_DISCARD = 0, 1, 4, 8, 11
 PROTOCOL_FEATURES_BIT = 1 << 30
 
 
@@ -129,21 +128,21 @@ class Frontend:
         return self.mm[off:off + n]
 
     def write_desc(self, i: int, addr: int, length: int, flags: int, nxt: int = 0) -> None:
-        self.write(GPA_BASE + self.desc + 16 * i, DESC.pack(addr, length, flags, nxt))
+        self.write(GPA_BASE + self.desc + DESC.size * i, DESC.pack(addr, length, flags, nxt))
 
     def publish(self, head: int, *, kick: bool = True) -> None:
-        self.write(GPA_BASE + self.avail + 4 + 2 * (self.avail_idx % self.num),
-                   struct.pack("<H", head))
+        self.write(GPA_BASE + self.avail + rl.avail_ring_offset(self.avail_idx, self.num),
+                   U16.pack(head))
         self.avail_idx = (self.avail_idx + 1) & 0xFFFF
         self.set_avail_idx(self.avail_idx)
         if kick:
             os.eventfd_write(self.kick, 1)
 
     def set_avail_idx(self, idx: int) -> None:
-        self.write(GPA_BASE + self.avail + 2, struct.pack("<H", idx & 0xFFFF))
+        self.write(GPA_BASE + self.avail + rl.RING_IDX, U16.pack(idx & 0xFFFF))
 
     def used_idx(self) -> int:
-        return struct.unpack("<H", self.read(GPA_BASE + self.used + 2, 2))[0]
+        return U16.unpack(self.read(GPA_BASE + self.used + rl.RING_IDX, U16.size))[0]
 
     def wait_used(self, count: int = 1, timeout: float = 5.0) -> list[tuple[int, int]]:
         deadline = time.monotonic() + timeout
@@ -153,8 +152,8 @@ class Frontend:
             select.select([self.call], [], [], 0.05)
         out = []
         for i in range(count):
-            off = GPA_BASE + self.used + 4 + 8 * ((self.used_seen + i) % self.num)
-            out.append(struct.unpack("<II", self.read(off, 8)))
+            off = GPA_BASE + self.used + rl.used_ring_offset(self.used_seen + i, self.num)
+            out.append(USED_ELEM.unpack(self.read(off, USED_ELEM.size)))
         self.used_seen = (self.used_seen + count) & 0xFFFF
         return out
 
@@ -163,19 +162,19 @@ class Frontend:
         """One request as a 3-descriptor chain; returns (status, data read)."""
         base = GPA_BASE + self.data + slot * (1 << 20)
         hdr, buf, status = base, base + 4096, base + 4096 + (1 << 19)
-        self.write(hdr, struct.pack("<IIQ", rtype, 0, sector))
+        self.write(hdr, blk_header(rtype, sector))
         d0, d1, d2 = 3 * slot, 3 * slot + 1, 3 * slot + 2
         self.write(status, b"\xee")
         if data:
             self.write(buf, data)
-            self.write_desc(d0, hdr, 16, F_NEXT, d1)
-            self.write_desc(d1, buf, len(data), F_NEXT, d2)
+            self.write_desc(d0, hdr, 16, VRING_DESC_F_NEXT, d1)
+            self.write_desc(d1, buf, len(data), VRING_DESC_F_NEXT, d2)
         elif read_len:
-            self.write_desc(d0, hdr, 16, F_NEXT, d1)
-            self.write_desc(d1, buf, read_len, F_NEXT | F_WRITE, d2)
+            self.write_desc(d0, hdr, 16, VRING_DESC_F_NEXT, d1)
+            self.write_desc(d1, buf, read_len, VRING_DESC_F_NEXT | VRING_DESC_F_WRITE, d2)
         else:
-            self.write_desc(d0, hdr, 16, F_NEXT, d2)
-        self.write_desc(d2, status, 1, F_WRITE)
+            self.write_desc(d0, hdr, 16, VRING_DESC_F_NEXT, d2)
+        self.write_desc(d2, status, 1, VRING_DESC_F_WRITE)
         self.publish(d0)
         self.wait_used(1)
         return self.read(status, 1)[0], self.read(buf, read_len)

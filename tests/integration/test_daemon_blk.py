@@ -11,25 +11,24 @@ import struct
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
+from bench.proc import REPO, run_cli
 from nitro.vhost.protocol import Request, VringFd
-from tests.integration.frontend import (
-    F_NEXT,
-    F_WRITE,
-    GPA_BASE,
-    T_DISCARD,
-    T_FLUSH,
-    T_GET_ID,
-    T_IN,
-    T_OUT,
-    Frontend,
+from tests.integration.frontend import GPA_BASE, Frontend
+from tests.ringlayout import (
+    VIRTIO_BLK_T_DISCARD,
+    VIRTIO_BLK_T_FLUSH,
+    VIRTIO_BLK_T_GET_ID,
+    VIRTIO_BLK_T_IN,
+    VIRTIO_BLK_T_OUT,
+    VRING_DESC_F_NEXT,
+    VRING_DESC_F_WRITE,
+    dwz_segment,
 )
 
 pytestmark = pytest.mark.integration
-REPO = Path(__file__).resolve().parents[2]
 
 
 TWO_DEVICES = """
@@ -50,17 +49,17 @@ def test_read_write_flush_getid_discard(nitro, short_tmp_path):
         cfg = fe.get_config()
         assert struct.unpack_from("<Q", cfg, 0)[0] == (64 << 20) // 512
         payload = os.urandom(64 << 10)
-        assert fe.blk_request(T_OUT, 2048, data=payload)[0] == 0
-        status, got = fe.blk_request(T_IN, 2048, read_len=len(payload))
+        assert fe.blk_request(VIRTIO_BLK_T_OUT, 2048, data=payload)[0] == 0
+        status, got = fe.blk_request(VIRTIO_BLK_T_IN, 2048, read_len=len(payload))
         assert status == 0 and got == payload
-        assert fe.blk_request(T_FLUSH, 0)[0] == 0
-        status, ident = fe.blk_request(T_GET_ID, 0, read_len=20)
+        assert fe.blk_request(VIRTIO_BLK_T_FLUSH, 0)[0] == 0
+        status, ident = fe.blk_request(VIRTIO_BLK_T_GET_ID, 0, read_len=20)
         assert status == 0 and ident.rstrip(b"\0") == b"a"
         # Out of range: IOERR, and the device keeps serving.
-        assert fe.blk_request(T_IN, (64 << 20) // 512, read_len=512)[0] == 1
-        seg = struct.pack("<QII", 2048, 8, 0)
-        assert fe.blk_request(T_DISCARD, 0, data=seg)[0] == 0
-        assert fe.blk_request(T_IN, 2048, read_len=512)[1] == bytes(512)
+        assert fe.blk_request(VIRTIO_BLK_T_IN, (64 << 20) // 512, read_len=512)[0] == 1
+        seg = dwz_segment(2048, 8, 0)
+        assert fe.blk_request(VIRTIO_BLK_T_DISCARD, 0, data=seg)[0] == 0
+        assert fe.blk_request(VIRTIO_BLK_T_IN, 2048, read_len=512)[1] == bytes(512)
     assert n.stop() == 0
     image = (short_tmp_path / "a.img").read_bytes()
     assert image[2048 * 512 + 65536 - 4096: 2048 * 512 + 65536] == payload[-4096:]
@@ -81,7 +80,7 @@ def test_garbage_message_drops_only_that_connection(nitro, short_tmp_path):
         assert s.recv(100) == b""
     with Frontend(short_tmp_path / "a.sock") as fe:  # the socket still serves
         fe.start()
-        assert fe.blk_request(T_OUT, 0, data=b"x" * 512)[0] == 0
+        assert fe.blk_request(VIRTIO_BLK_T_OUT, 0, data=b"x" * 512)[0] == 0
     m = n.metrics()
     assert 'nitro_vhost_protocol_errors_total{device="a",kind="blk"} 2.0' in m
     assert n.proc.poll() is None
@@ -89,19 +88,19 @@ def test_garbage_message_drops_only_that_connection(nitro, short_tmp_path):
 
 
 def _hostile_loop(fe: Frontend) -> None:
-    fe.write_desc(0, GPA_BASE + 0x10000, 16, F_NEXT, 1)
-    fe.write_desc(1, GPA_BASE + 0x11000, 512, F_NEXT, 0)  # back to 0
+    fe.write_desc(0, GPA_BASE + 0x10000, 16, VRING_DESC_F_NEXT, 1)
+    fe.write_desc(1, GPA_BASE + 0x11000, 512, VRING_DESC_F_NEXT, 0)  # back to 0
     fe.publish(0)
 
 
 def _hostile_wild_address(fe: Frontend) -> None:
-    fe.write_desc(0, 0xFFFF_FFFF_0000, 16, F_NEXT, 1)
-    fe.write_desc(1, GPA_BASE + 0x11000, 1, F_WRITE)
+    fe.write_desc(0, 0xFFFF_FFFF_0000, 16, VRING_DESC_F_NEXT, 1)
+    fe.write_desc(1, GPA_BASE + 0x11000, 1, VRING_DESC_F_WRITE)
     fe.publish(0)
 
 
 def _hostile_bad_next(fe: Frontend) -> None:
-    fe.write_desc(0, GPA_BASE + 0x10000, 16, F_NEXT, 999)
+    fe.write_desc(0, GPA_BASE + 0x10000, 16, VRING_DESC_F_NEXT, 999)
     fe.publish(0)
 
 
@@ -131,11 +130,11 @@ def test_hostile_chain_breaks_only_its_device(nitro, short_tmp_path, attack, fau
             assert 'nitro_device_broken{device="a",kind="blk"} 1.0' in n.metrics()
             assert f"BROKEN ({fault})" in n.status()
             # The other device on the same daemon is untouched.
-            assert good.blk_request(T_OUT, 8, data=b"g" * 4096)[0] == 0
+            assert good.blk_request(VIRTIO_BLK_T_OUT, 8, data=b"g" * 4096)[0] == 0
         # A new frontend (guest reboot, QEMU restart) gets a working device.
         with Frontend(short_tmp_path / "a.sock") as fresh:
             fresh.start()
-            assert fresh.blk_request(T_OUT, 0, data=b"y" * 512)[0] == 0
+            assert fresh.blk_request(VIRTIO_BLK_T_OUT, 0, data=b"y" * 512)[0] == 0
     # Counters survive the reconnect; the broken flag does not.
     assert want in n.metrics()
     assert 'nitro_device_broken{device="a",kind="blk"} 0.0' in n.metrics()
@@ -148,8 +147,8 @@ def test_readonly_device_rejects_writes(nitro, short_tmp_path):
     with Frontend(short_tmp_path / "ro.sock") as fe:
         features = fe.start()
         assert features >> 5 & 1  # VIRTIO_BLK_F_RO
-        assert fe.blk_request(T_OUT, 0, data=b"w" * 512)[0] == 1
-        assert fe.blk_request(T_IN, 0, read_len=512)[1] == b"r" * 512
+        assert fe.blk_request(VIRTIO_BLK_T_OUT, 0, data=b"w" * 512)[0] == 1
+        assert fe.blk_request(VIRTIO_BLK_T_IN, 0, read_len=512)[1] == b"r" * 512
     assert n.stop() == 0
     assert (short_tmp_path / "ro.img").read_bytes() == b"r" * (1 << 20)
 
@@ -159,7 +158,7 @@ def test_get_vring_base_and_reconnect_resume(nitro, short_tmp_path):
     with Frontend(short_tmp_path / "a.sock") as fe:
         fe.start()
         for i in range(3):
-            assert fe.blk_request(T_OUT, i, data=bytes([i]) * 512)[0] == 0
+            assert fe.blk_request(VIRTIO_BLK_T_OUT, i, data=bytes([i]) * 512)[0] == 0
         assert fe.get_vring_base() == 3
     assert n.proc.poll() is None
     assert "connections 1" in n.status() or '"connections": 1' in n.status()
@@ -196,15 +195,14 @@ def test_a_saturated_blocking_call_eventfd_does_not_hang_the_queue(nitro, short_
         fe.get_config()  # a round trip: SET_VRING_CALL has been applied
         assert not os.get_blocking(fe.call)  # one file description, shared with nitro
         for i in range(3):
-            assert fe.blk_request(T_OUT, i, data=bytes([i]) * 512)[0] == 0
+            assert fe.blk_request(VIRTIO_BLK_T_OUT, i, data=bytes([i]) * 512)[0] == 0
     assert n.stop() == 0
 
 
 def test_bad_config_exits_2_with_one_line(short_tmp_path):
     cfg = short_tmp_path / "bad.toml"
     cfg.write_text('[[blk]]\nid = "x"\nqueues = 99\n')
-    r = subprocess.run([sys.executable, "-m", "nitro", "run", "--config", str(cfg)],
-                       cwd=REPO, capture_output=True, text=True, timeout=30)
+    r = run_cli("run", "--config", cfg, timeout=30)
     assert r.returncode == 2
     assert r.stderr.strip() == (
         f"nitro: error: config {cfg}: blk[0].queues: expected an integer in 1..16, got 99")
@@ -213,16 +211,15 @@ def test_bad_config_exits_2_with_one_line(short_tmp_path):
 def test_missing_image_fails_before_listening(short_tmp_path):
     cfg = short_tmp_path / "c.toml"
     cfg.write_text('[metrics]\nlisten = ""\n[[blk]]\nid = "x"\n')
-    r = subprocess.run([sys.executable, "-m", "nitro", "run", "--config", str(cfg),
-                        "--runtime-dir", str(short_tmp_path), "--state-dir", str(short_tmp_path)],
-                       cwd=REPO, capture_output=True, text=True, timeout=30)
+    r = run_cli("run", "--config", cfg, "--runtime-dir", short_tmp_path, "--state-dir", short_tmp_path,
+                timeout=30)
     assert r.returncode == 1 and "device x:" in r.stderr and "cannot open" in r.stderr
     assert not (short_tmp_path / "x.sock").exists()
 
 
 def test_print_capabilities():
-    r = subprocess.run([sys.executable, "-m", "nitro", "--print-capabilities"],
-                       cwd=REPO, capture_output=True, text=True, timeout=30, check=True)
+    r = run_cli("--print-capabilities", timeout=30)
+    assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == '{"type": "block", "features": []}'
 
 

@@ -22,10 +22,11 @@ import pytest
 from scapy.layers.inet import ICMP, IP
 from scapy.layers.l2 import ARP, Ether
 
-from tests.integration.frontend import F_WRITE, GPA_BASE
+from bench.proc import Nitro
+from tests.integration.frontend import GPA_BASE
 from tests.integration.test_daemon_net import A_MAC, B_MAC, NetFrontend
 from tests.integration.test_encrypted_volume import encrypted_cfg, key_file, luks_format
-from tests.nitro_proc import Nitro
+from tests.ringlayout import VRING_DESC_F_WRITE
 from tests.unit.test_systemd_unit import UNIT, allowed_syscalls
 
 pytestmark = pytest.mark.integration
@@ -123,7 +124,7 @@ def _drive_net(n: Nitro, tmp: Path, config: str) -> None:
     a_ip, b_ip = re.findall(r'^ip = "(\S+)"$', config, re.M)
     with NetFrontend(tmp / "a.sock") as a, NetFrontend(tmp / "b.sock") as b:
         b.start_vring(0)
-        b.write_desc(0, GPA_BASE + b.data, 4096, F_WRITE)
+        b.write_desc(0, GPA_BASE + b.data, 4096, VRING_DESC_F_WRITE)
         b.publish(0)
         a.start_vring(1)
         gateway = re.search(r'^gateway = "(\S+)"$', config, re.M).group(1)
@@ -169,7 +170,7 @@ def test_every_system_call_is_allowed_by_the_unit(short_tmp_path, vublk):
         pytest.fail("strace not found: install the Debian package 'strace' (tools/install-deps.sh)")
     trace = short_tmp_path / "strace.out"
     config = _strace_config(short_tmp_path)
-    n = Nitro(short_tmp_path, config, wrapper=[strace, "-f", "-qq", "-o", str(trace)])
+    n = Nitro(short_tmp_path, config, prefix=[strace, "-f", "-qq", "-o", str(trace)])
     daemon = _child_of(n.proc.pid)  # signal nitro itself: strace would detach first
     try:
         for dev in ("plain", "enc"):
@@ -181,11 +182,11 @@ def test_every_system_call_is_allowed_by_the_unit(short_tmp_path, vublk):
         assert "blue" in n.status()
         os.kill(daemon, signal.SIGHUP)
         deadline = time.monotonic() + 20
-        while "msg=reloaded" not in n.stderr():
-            assert time.monotonic() < deadline, n.stderr()
+        while "msg=reloaded" not in n.output():
+            assert time.monotonic() < deadline, n.output()
             time.sleep(0.1)
         os.kill(daemon, signal.SIGTERM)
-        assert n.proc.wait(60) == 0, n.stderr()  # strace exits with nitro's status
+        assert n.proc.wait(60) == 0, n.output()  # strace exits with nitro's status
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.kill(daemon, signal.SIGKILL)

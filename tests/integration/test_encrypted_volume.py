@@ -14,31 +14,30 @@ import hashlib
 import os
 import struct
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from tests.integration.frontend import (
-    F_NEXT,
-    F_WRITE,
-    GPA_BASE,
-    T_DISCARD,
-    T_IN,
-    T_OUT,
-    Frontend,
+from bench.proc import run_cli
+from tests.integration.frontend import GPA_BASE, Frontend
+from tests.ringlayout import (
+    VIRTIO_BLK_T_DISCARD,
+    VIRTIO_BLK_T_IN,
+    VIRTIO_BLK_T_OUT,
+    VRING_DESC_F_NEXT,
+    VRING_DESC_F_WRITE,
+    blk_header,
+    dwz_segment,
 )
 from tests.unit.test_crypto_xts import reference_xts
 
 pytestmark = pytest.mark.integration
-REPO = Path(__file__).resolve().parents[2]
 FAST_PBKDF = ["--pbkdf", "pbkdf2", "--pbkdf-force-iterations", "1000"]
 VIRTIO_BLK_F_DISCARD = 13
 
 
 def nitro_cli(*args: str | Path, check: bool = True) -> subprocess.CompletedProcess:
-    r = subprocess.run([sys.executable, "-m", "nitro", *map(str, args)], cwd=REPO,
-                       capture_output=True, text=True, timeout=60, check=False)
+    r = run_cli(*args)
     if check:
         assert r.returncode == 0, r.stderr
     return r
@@ -83,9 +82,7 @@ def encrypted_cfg(dev: str = "vol0", key: str = "vol.key", kind: str = "key_file
 def run_daemon_expect_failure(tmp: Path, cfg_text: str) -> subprocess.CompletedProcess:
     cfg = tmp / "nitro.toml"
     cfg.write_text(cfg_text)
-    return subprocess.run([sys.executable, "-m", "nitro", "run", "--config", cfg,
-                           "--runtime-dir", tmp, "--state-dir", tmp],
-                          cwd=REPO, capture_output=True, text=True, timeout=60, check=False)
+    return run_cli("run", "--config", cfg, "--runtime-dir", tmp, "--state-dir", tmp)
 
 
 def sha(path: Path) -> str:
@@ -108,12 +105,12 @@ def test_cryptsetup_volume_served_and_ciphertext_matches_its_key(nitro, short_tm
         cfg = fe.get_config()
         assert struct.unpack_from("<Q", cfg, 0)[0] == (8 << 20) // 512
         assert struct.unpack_from("<I", cfg, 20)[0] == sector  # blk_size
-        assert fe.blk_request(T_OUT, 2048, data=payload)[0] == 0
-        status, got = fe.blk_request(T_IN, 2048, read_len=len(payload))
+        assert fe.blk_request(VIRTIO_BLK_T_OUT, 2048, data=payload)[0] == 0
+        status, got = fe.blk_request(VIRTIO_BLK_T_IN, 2048, read_len=len(payload))
         assert status == 0 and got == payload
-        assert fe.blk_request(T_DISCARD, 0, data=struct.pack("<QII", 0, 8, 0))[0] == 2  # UNSUPP
+        assert fe.blk_request(VIRTIO_BLK_T_DISCARD, 0, data=dwz_segment(0, 8, 0))[0] == 2  # UNSUPP
         if sector == 4096:  # half a 4 KiB sector: the guest ignored blk_size
-            assert fe.blk_request(T_IN, 1, read_len=4096)[0] == 1
+            assert fe.blk_request(VIRTIO_BLK_T_IN, 1, read_len=4096)[0] == 1
     assert n.stop() == 0
     data_offset = 16 << 20
     on_disk = img.read_bytes()[data_offset + 2048 * 512: data_offset + 2048 * 512 + len(payload)]
@@ -131,25 +128,25 @@ def test_sectors_straddling_descriptors(nitro, short_tmp_path):
     cuts = [0, 1000, 5000, 8192]
     with Frontend(short_tmp_path / "vol0.sock") as fe:
         fe.start()
-        for rtype, flags in ((T_OUT, 0), (T_IN, F_WRITE)):
+        for rtype, flags in ((VIRTIO_BLK_T_OUT, 0), (VIRTIO_BLK_T_IN, VRING_DESC_F_WRITE)):
             base = GPA_BASE + fe.data
-            fe.write(base, struct.pack("<IIQ", rtype, 0, 64))
+            fe.write(base, blk_header(rtype, 64))
             fe.write(base + 4096 + 8192 + 64, b"\xee")
-            fe.write_desc(0, base, 16, F_NEXT, 1)
+            fe.write_desc(0, base, 16, VRING_DESC_F_NEXT, 1)
             for i in range(3):
                 addr = base + 4096 + cuts[i] + 16 * i  # gaps: not one flat buffer
-                if rtype == T_OUT:
+                if rtype == VIRTIO_BLK_T_OUT:
                     fe.write(addr, payload[cuts[i]:cuts[i + 1]])
                 else:
                     fe.write(addr, bytes(cuts[i + 1] - cuts[i]))
-                fe.write_desc(1 + i, addr, cuts[i + 1] - cuts[i], F_NEXT | flags, 2 + i)
-            fe.write_desc(4, base + 4096 + 8192 + 64, 1, F_WRITE)
+                fe.write_desc(1 + i, addr, cuts[i + 1] - cuts[i], VRING_DESC_F_NEXT | flags, 2 + i)
+            fe.write_desc(4, base + 4096 + 8192 + 64, 1, VRING_DESC_F_WRITE)
             fe.publish(0)
             fe.wait_used(1)
             assert fe.read(base + 4096 + 8192 + 64, 1) == b"\x00"
         got = b"".join(fe.read(base + 4096 + cuts[i] + 16 * i, cuts[i + 1] - cuts[i]) for i in range(3))
         assert got == payload
-        status, flat = fe.blk_request(T_IN, 64, read_len=8192)
+        status, flat = fe.blk_request(VIRTIO_BLK_T_IN, 64, read_len=8192)
         assert status == 0 and flat == payload
 
 
@@ -198,7 +195,7 @@ def test_info_add_remove_key_and_erase(nitro, short_tmp_path):
     assert "attached:    yes" in nitro_cli("volume", "info", img).stdout
     r = nitro_cli("volume", "erase", img, "--yes", check=False)
     assert r.returncode == 1 and "attached to a running nitro" in r.stderr
-    assert vk not in n.stderr() and vk not in n.metrics() and vk not in n.status()
+    assert vk not in n.output() and vk not in n.metrics() and vk not in n.status()
     assert n.stop() == 0
 
     nitro_cli("volume", "remove-key", img, "--key-file", k1)

@@ -30,7 +30,7 @@ from pathlib import Path
 import pytest
 
 from bench import testpmd
-from tests.nitro_proc import Nitro
+from bench.proc import Nitro
 
 pytestmark = pytest.mark.integration
 
@@ -123,7 +123,6 @@ def test_dpdk_virtio_user_counters_agree(short_tmp_path: Path) -> None:
                 p.kill()
                 p.wait()
         nitro.stop()
-        nitro.kill()
     a, b = _net(status, "a"), _net(status, "b")
     # Frames flowed for seconds, not one burst (the old "stall").
     assert got["RX-packets"] > 10_000, (sent, got, a, b)

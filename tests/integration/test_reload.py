@@ -9,13 +9,12 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from tests.nitro_proc import Nitro
+from bench.proc import Nitro, run_cli
 
 pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parents[2]
@@ -24,14 +23,6 @@ VOL0 = '[[blk]]\nid = "vol0"\nsize = "64M"\n'
 VOL1 = '[[blk]]\nid = "vol1"\nsize = "16M"\n'
 
 
-def write_config(n: Nitro, body: str) -> None:
-    # Nitro() wrote the metrics section first; keep it.
-    n.cfg.write_text(f'[metrics]\nlisten = "127.0.0.1:{n.port}"\n' + body)
-
-
-def reload(n: Nitro) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "nitro", "reload", "--control-socket", str(n.tmp / "control.sock")],
-                          cwd=REPO, capture_output=True, text=True, timeout=120, check=False)
 
 
 def devices(n: Nitro) -> dict[str, dict]:
@@ -68,8 +59,8 @@ def test_add_and_remove_a_device_while_another_serves(nitro, short_tmp_path, vub
     try:
         wait_until("vol0 connected and writing", lambda: writes(n, "vol0") > 0)
 
-        write_config(n, VOL0 + VOL1)
-        r = reload(n)
+        n.write_config(VOL0 + VOL1)
+        r = n.reload()
         assert r.returncode == 0, r.stderr
         assert "added: vol1" in r.stdout and "unchanged: vol0" in r.stdout, r.stdout
         # The new device serves: a full write/flush/read-back on it.
@@ -90,8 +81,8 @@ def test_add_and_remove_a_device_while_another_serves(nitro, short_tmp_path, vub
         io1 = start_io(vublk, short_tmp_path / "vol1.sock", seconds=30)
         try:
             wait_until("vol1 connected", lambda: devices(n)["vol1"]["connections"] == 2)
-            write_config(n, VOL0)
-            r = reload(n)
+            n.write_config(VOL0)
+            r = n.reload()
             assert r.returncode == 0, r.stderr
             assert "removed: vol1" in r.stdout, r.stdout
             io1.communicate(timeout=15)  # it ends well before its 30 s: the backend went away
@@ -108,11 +99,11 @@ def test_add_and_remove_a_device_while_another_serves(nitro, short_tmp_path, vub
         res0 = finish_io(io)
         assert res0["errors"] == 0 and res0["len_mismatch"] == 0 and res0["ios"] > 0
         assert devices(n)["vol0"]["connections"] == 1, "vol0's frontend was reconnected"
-        assert n.stop() == 0, n.stderr()
+        assert n.stop() == 0, n.output()
     finally:
         io.kill()
         io.wait()
-    log = n.stderr()
+    log = n.output()
     assert 'msg="reload: device added" device=vol1' in log
     assert 'msg="reload: device removed" device=vol1' in log
 
@@ -121,20 +112,20 @@ def test_bad_config_changes_nothing(nitro, short_tmp_path, vublk):
     n = nitro(VOL0)
     before = devices(n)
 
-    write_config(n, VOL0 + VOL1 + '[[blk]]\nid = "vol2"\nqueue_size = 100\n')
-    r = reload(n)
+    n.write_config(VOL0 + VOL1 + '[[blk]]\nid = "vol2"\nqueue_size = 100\n')
+    r = n.reload()
     assert r.returncode != 0
     assert f"config {n.cfg}: blk[2].queue_size: must be a power of two" in r.stderr, r.stderr
     assert r.stdout == ""
 
     # Valid file, but a new volume cannot be opened: the other addition is not made either.
-    write_config(n, VOL0 + VOL1 + '[[blk]]\nid = "vol2"\n')  # no size and no image
-    r = reload(n)
+    n.write_config(VOL0 + VOL1 + '[[blk]]\nid = "vol2"\n')  # no size and no image
+    r = n.reload()
     assert r.returncode != 0
     assert "device vol2" in r.stderr, r.stderr
 
-    write_config(n, "garbage = [")
-    assert reload(n).returncode != 0
+    n.write_config("garbage = [")
+    assert n.reload().returncode != 0
 
     assert not (short_tmp_path / "vol1.sock").exists() and not (short_tmp_path / "vol2.sock").exists()
     assert devices(n).keys() == before.keys()
@@ -142,13 +133,13 @@ def test_bad_config_changes_nothing(nitro, short_tmp_path, vublk):
     v = subprocess.run([str(vublk), "--socket", str(short_tmp_path / "vol0.sock"), "--rw", "verify",
                         "--size", "1m"], capture_output=True, text=True, timeout=60, check=False)
     assert v.returncode == 0, v.stderr
-    assert 'msg="reload refused"' in n.stderr()
+    assert 'msg="reload refused"' in n.output()
 
 
 def test_changed_device_and_daemon_settings_need_restart(nitro, short_tmp_path):
     n = nitro(VOL0)
     n.cfg.write_text('[metrics]\nlisten = ""\n[[blk]]\nid = "vol0"\nsize = "128M"\n')
-    r = reload(n)
+    r = n.reload()
     assert r.returncode == 0, r.stderr
     assert "needs restart: blk vol0: settings changed (size)" in r.stdout, r.stdout
     assert "needs restart: daemon metrics.listen" in r.stdout, r.stdout
@@ -159,22 +150,21 @@ def test_changed_device_and_daemon_settings_need_restart(nitro, short_tmp_path):
 
 def test_sighup_reloads(nitro, short_tmp_path):
     n = nitro(VOL0)
-    write_config(n, VOL0 + VOL1)
+    n.write_config(VOL0 + VOL1)
     n.proc.send_signal(signal.SIGHUP)
     wait_until("vol1.sock", lambda: (short_tmp_path / "vol1.sock").exists())
     wait_until("vol1 in status", lambda: "vol1" in devices(n))
-    write_config(n, VOL0)
+    n.write_config(VOL0)
     n.proc.send_signal(signal.SIGHUP)
     wait_until("vol1 removed", lambda: "vol1" not in devices(n))
     assert not (short_tmp_path / "vol1.sock").exists()
     assert n.proc.poll() is None
-    assert n.stop() == 0, n.stderr()
-    assert n.stderr().count("msg=reloaded ") == 2
+    assert n.stop() == 0, n.output()
+    assert n.output().count("msg=reloaded ") == 2
 
 
 def test_reload_without_a_daemon_fails_clearly(short_tmp_path):
-    r = subprocess.run([sys.executable, "-m", "nitro", "reload", "--control", str(short_tmp_path / "control.sock")],
-                       cwd=REPO, capture_output=True, text=True, timeout=30, check=False)
+    r = run_cli("reload", "--control", short_tmp_path / "control.sock", timeout=30)
     assert r.returncode == 1
     assert "cannot reach nitro" in r.stderr
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import signal
 import socket
 import struct
 import subprocess
@@ -27,6 +26,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+from bench.proc import Child, ChildError
 
 pytestmark = pytest.mark.integration
 
@@ -101,14 +102,15 @@ def workdir() -> Iterator[Path]:
         shutil.rmtree(d, ignore_errors=True)
 
 
-class Qsd:
+class Qsd(Child):
+    """qemu-storage-daemon serving a fresh sparse image (reads as zeros)."""
+
     def __init__(self, binary: str, workdir: Path, num_queues: int = 1,
                  aio: str = "threads", size: int = IMAGE_SIZE) -> None:
         self.image = workdir / f"disk-{num_queues}.img"
         self.socket = workdir / f"qsd-{num_queues}.sock"
-        self.log = workdir / f"qsd-{num_queues}.log"
         with open(self.image, "wb") as f:
-            f.truncate(size)  # sparse: reads as zeros
+            f.truncate(size)
         argv = [
             binary,
             "--blockdev",
@@ -120,32 +122,12 @@ class Qsd:
                 f"addr.path={self.socket},writable=on,num-queues={num_queues}"
             ),
         ]
-        self._logf = open(self.log, "wb")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL,
-                                     stdout=self._logf, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 10
-        while not self.socket.exists():
-            if self.proc.poll() is not None:
-                self.stop()
-                pytest.fail(f"qemu-storage-daemon exited with {self.proc.returncode}:\n"
-                            f"{self.log.read_text(errors='replace')}")
-            if time.monotonic() > deadline:
-                self.stop()
-                pytest.fail("qemu-storage-daemon did not create its socket within 10 s")
-            time.sleep(0.02)
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=10)
-        self._logf.close()
-
-    def alive(self) -> bool:
-        return self.proc.poll() is None
+        super().__init__(argv, workdir / f"qsd-{num_queues}.log")
+        try:
+            self.wait_for(self.socket, 10)
+        except ChildError as e:
+            self.stop(timeout=10)
+            pytest.fail(str(e))
 
 
 @pytest.fixture
@@ -201,7 +183,7 @@ def test_verify_writes_the_documented_pattern(vublk: Path, qsd: Qsd) -> None:
     assert res["verified_bytes"] == size
     assert res["flushed"] is True
     assert res["ios"] == 2 * size // 4096  # every block written once and read once
-    assert qsd.alive()
+    assert qsd.running()
 
     # the host's view of the image: pattern exactly where vublk wrote, zeros around
     assert read_image(qsd.image, offset, size) == pattern(seed, offset, size)
@@ -289,7 +271,7 @@ def test_random_io(vublk: Path, qsd: Qsd, rw: str, mode: str) -> None:
         assert res["calls"] == 0
     else:
         assert res["calls"] >= 1
-    assert qsd.alive()
+    assert qsd.running()
 
 
 def test_randwrite_stays_in_region(vublk: Path, qsd: Qsd) -> None:

@@ -47,8 +47,8 @@ echo "PATTERN $(sha256sum /tmp/pat | cut -d' ' -f1)"
     image = (short_tmp_path / "vol0.img").read_bytes()
     assert hashlib.sha256(image[: 4 << 20]).hexdigest() == want
     assert hashlib.sha256(image[8 << 20: 12 << 20]).hexdigest() == want
-    m_in = [line for line in n.stderr().splitlines() if "frontend connected" in line]
-    assert m_in, n.stderr()
+    m_in = [line for line in n.output().splitlines() if "frontend connected" in line]
+    assert m_in, n.output()
 
 
 def test_filesystem_survives_qemu_restart_and_driver_reset(nitro, guest_image, short_tmp_path):

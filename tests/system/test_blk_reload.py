@@ -11,13 +11,11 @@ from __future__ import annotations
 import json
 import random
 import re
-import subprocess
-import sys
 import time
 
 import pytest
 
-from tests.nitro_proc import REPO, Nitro
+from bench.proc import Nitro
 
 pytestmark = pytest.mark.system
 
@@ -45,9 +43,8 @@ def _block(i: int) -> bytes:
 
 
 def _reload(n: Nitro, body: str) -> str:
-    n.cfg.write_text(f'[metrics]\nlisten = "127.0.0.1:{n.port}"\n' + body)
-    r = subprocess.run([sys.executable, "-m", "nitro", "reload", "--control", str(n.tmp / "control.sock")],
-                       cwd=REPO, capture_output=True, text=True, timeout=120, check=False)
+    n.write_config(body)
+    r = n.reload()
     assert r.returncode == 0, r.stderr
     return r.stdout
 
@@ -77,7 +74,7 @@ def test_guest_writes_survive_reloads(short_tmp_path, guest_image, start_guest):
             assert vol0["connections"] == 1 and vol0["connected"], vol0
         result = guest.wait(timeout=300)
         vol0 = _devices(n)["vol0"]
-        assert n.stop() == 0, n.stderr()
+        assert n.stop() == 0, n.output()
     finally:
         n.kill()
     out = result.output

@@ -33,7 +33,7 @@ import time
 
 import pytest
 
-from tests.nitro_proc import Nitro
+from bench.proc import Nitro
 
 pytestmark = pytest.mark.system
 
@@ -96,10 +96,10 @@ def attached_with_inflight(n: Nitro, timeout: float = 60) -> dict:
     deadline = time.monotonic() + timeout
     while True:
         dev = _device(n)
-        if dev and dev.get("connected") and 'msg="inflight buffer mapped"' in n.stderr():
+        if dev and dev.get("connected") and 'msg="inflight buffer mapped"' in n.output():
             assert dev["protocol_features"] & INFLIGHT_SHMFD, "QEMU did not negotiate inflight tracking"
             return dev
-        assert time.monotonic() < deadline, f"QEMU did not reconnect: {dev}\n{n.stderr()}"
+        assert time.monotonic() < deadline, f"QEMU did not reconnect: {dev}\n{n.output()}"
         time.sleep(0.2)
 
 
@@ -139,7 +139,7 @@ def test_acknowledged_writes_survive_restart_cycles(short_tmp_path, guest_image,
             windows.append(time.monotonic() - t0)
         resubmitted.append(attached_with_inflight(n).get("resubmitted", 0))
         guest.kill()
-        assert n.stop() == 0, n.stderr()
+        assert n.stop() == 0, n.output()
     finally:
         n.kill()
         guest.kill()

@@ -16,15 +16,14 @@ from __future__ import annotations
 import re
 import secrets
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
+from bench.proc import REPO, nitro_argv
 from tests.guest.qemu import run_guest
 
 pytestmark = pytest.mark.system
-REPO = Path(__file__).resolve().parents[2]
 FAST_PBKDF = ["--pbkdf", "pbkdf2", "--pbkdf-force-iterations", "1000"]
 SIZE = 24 << 20
 # name: (made by, key bits, sector size)
@@ -49,9 +48,8 @@ def make_volume(tmp: Path, name: str) -> str:
         cmd = ["cryptsetup", "--batch-mode", "luksFormat", "--type", "luks2", *FAST_PBKDF,
                "--key-size", str(bits), "--sector-size", str(sector), "--key-file", str(kf), str(img)]
     else:
-        cmd = [sys.executable, "-m", "nitro", "volume", "create", str(img), "--size", str(SIZE),
-               "--encrypt", "--key-file", str(kf), "--key-size", str(bits),
-               "--sector-size", str(sector), *FAST_PBKDF]
+        cmd = nitro_argv("volume", "create", img, "--size", str(SIZE), "--encrypt", "--key-file", kf,
+                         "--key-size", str(bits), "--sector-size", str(sector), *FAST_PBKDF)
     subprocess.run(cmd, check=True, capture_output=True, cwd=REPO, timeout=120)
     return key
 

@@ -34,7 +34,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.nitro_proc import Nitro
+from bench.proc import Nitro
 
 pytestmark = pytest.mark.system
 

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.nitro_proc import Nitro, free_port
+from bench.proc import Nitro, free_port
 
 pytestmark = pytest.mark.system
 
@@ -111,7 +111,7 @@ def test_prometheus_scrapes_what_nitro_counts(nitro, short_tmp_path, vublk):
     prom = Prometheus(short_tmp_path / "prometheus", f"127.0.0.1:{n.port}")
     try:
         def context() -> str:
-            return f"--- prometheus log\n{prom.log()}\n--- nitro log\n{n.stderr()}"
+            return f"--- prometheus log\n{prom.log()}\n--- nitro log\n{n.output()}"
 
         writes = 'nitro_blk_requests_total{device="vol0",op="out"}'
         # Scraped before any I/O: the series starts at 0 in Prometheus too.

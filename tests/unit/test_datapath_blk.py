@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -18,8 +17,7 @@ from nitro._datapath import (
     XtsCipher,
     blk_serve,
 )
-from tests.unit.test_crypto_xts import reference_xts, secret_of
-from tests.unit.virtq import (
+from tests.ringlayout import (
     VIRTIO_BLK_S_IOERR,
     VIRTIO_BLK_S_OK,
     VIRTIO_BLK_S_UNSUPP,
@@ -33,60 +31,26 @@ from tests.unit.virtq import (
     VRING_DESC_F_INDIRECT,
     VRING_DESC_F_NEXT,
     VRING_DESC_F_WRITE,
+    blk_header,
+    desc_table_size,
+    dwz_segment,
+)
+from tests.unit.test_crypto_xts import reference_xts, secret_of
+from tests.unit.virtq import (
+    CAPACITY,
+    MAX_DWZ,
+    SERIAL,
     Buf,
     FakeGuest,
-    MiB,
     SplitRing,
-    blk_header,
+    blk_params,
     blk_req,
     disk_file,
-    dwz_segment,
     fill,
-    guarded_guest,
     status_of,
 )
 
-GPA = 0x1000_0000
-CAPACITY = 2048  # sectors: 1 MiB
-MAX_DWZ = 256
-SERIAL = b"nitro-serial-0123456"  # exactly 20 bytes: no NUL
-
-
-@pytest.fixture
-def disk() -> Iterator[int]:
-    with disk_file(CAPACITY * 512, fill(CAPACITY * 512, seed=3)) as fd:
-        yield fd
-
-
-@pytest.fixture
-def guest() -> Iterator[FakeGuest]:
-    with guarded_guest(GPA, 4 * MiB) as g:
-        yield g
-
-
-@pytest.fixture
-def ring(guest: FakeGuest) -> Iterator[SplitRing]:
-    with SplitRing(guest, num=16) as r:
-        yield r
-
-
-def make_params(fd: int, readonly: bool = False, **kw: int) -> BlkParams:
-    args = {"max_discard_sectors": MAX_DWZ, "max_write_zeroes_sectors": MAX_DWZ, **kw}
-    return BlkParams(fd, CAPACITY, readonly=readonly, serial=SERIAL, **args)
-
-
-@pytest.fixture
-def params(disk: int) -> Iterator[BlkParams]:
-    p = make_params(disk)
-    yield p
-    p.close()
-
-
-@pytest.fixture
-def stats() -> Iterator[BlkStats]:
-    s = BlkStats()
-    yield s
-    s.close()
+DISK_SEED = 3  # the `disk` fixture (tests/unit/conftest.py) starts as fill(..., seed=3)
 
 
 def run_one(ring: SplitRing, bufs: list[Buf], params: BlkParams, stats: BlkStats,
@@ -201,7 +165,7 @@ def test_chain_with_more_buffers_than_iov_max(guest: FakeGuest, disk: int, param
                              i - n_direct + 1, table)
             off += size
         r.write_desc(n_table - 1, status, 1, VRING_DESC_F_WRITE, 0, table)
-        r.write_desc(1 + n_direct, table, 16 * n_table, VRING_DESC_F_INDIRECT)
+        r.write_desc(1 + n_direct, table, desc_table_size(n_table), VRING_DESC_F_INDIRECT)
         r.publish(0)
         assert blk_serve(r.vq, params, stats, 0) == 1
         used_len = 16385 if type_ == VIRTIO_BLK_T_IN else 1
@@ -261,7 +225,7 @@ def test_out_of_range_or_partial_sectors_are_ioerr(
 def test_readonly_refuses_writes_but_reads(guest: FakeGuest, ring: SplitRing, disk: int,
                                            stats: BlkStats) -> None:
     before = os.pread(disk, CAPACITY * 512, 0)
-    p = make_params(disk, readonly=True)
+    p = blk_params(disk, readonly=True)
     try:
         reqs = [
             blk_req(guest, VIRTIO_BLK_T_OUT, 0, out=fill(512, seed=77)),
@@ -392,7 +356,7 @@ def test_bad_discard_or_write_zeroes(guest: FakeGuest, ring: SplitRing, disk: in
 
 def test_discard_not_offered_is_unsupp(guest: FakeGuest, ring: SplitRing, disk: int,
                                        stats: BlkStats) -> None:
-    p = make_params(disk, max_discard_sectors=0, max_write_zeroes_sectors=0)
+    p = blk_params(disk, max_discard_sectors=0, max_write_zeroes_sectors=0)
     try:
         for type_ in (VIRTIO_BLK_T_DISCARD, VIRTIO_BLK_T_WRITE_ZEROES):
             req = blk_req(guest, type_, out=dwz_segment(0, 8))
@@ -453,7 +417,7 @@ def test_disk_ending_at_int64_max_is_served(guest: FakeGuest, ring: SplitRing, d
 def test_requests_must_be_whole_logical_blocks(guest: FakeGuest, ring: SplitRing, disk: int,
                                                stats: BlkStats, type_: int, sector: int,
                                                length: int, status: int) -> None:
-    p = make_params(disk, block_size=4096)
+    p = blk_params(disk, block_size=4096)
     data = fill(length, seed=41)
     try:
         if type_ == VIRTIO_BLK_T_IN:
@@ -476,11 +440,8 @@ XTS_KEY = bytes(range(64))
 
 @pytest.fixture
 def enc_disk() -> Iterator[int]:
-    fd, path = tempfile.mkstemp(prefix="nitro-blk-xts-")
-    os.unlink(path)
-    os.ftruncate(fd, DATA_OFFSET + CAPACITY * 512)
-    yield fd
-    os.close(fd)
+    with disk_file(DATA_OFFSET + CAPACITY * 512) as fd:
+        yield fd
 
 
 @pytest.fixture(params=[512, 4096])

@@ -13,7 +13,6 @@ import mmap
 import os
 import random
 import signal
-import struct
 import time
 from collections.abc import Iterator
 
@@ -29,24 +28,23 @@ from nitro._datapath import (
     blk_serve,
 )
 from nitro.vhost.protocol import inflight_queue_region_size
-from tests.unit.virtq import (
+from tests.ringlayout import (
+    INFLIGHT_DESC,
+    INFLIGHT_HEADER,
     VIRTIO_BLK_S_OK,
     VIRTIO_BLK_T_OUT,
+    inflight_desc_offset,
+)
+from tests.unit.virtq import (
+    CAPACITY,
     FakeGuest,
-    MiB,
     SplitRing,
     blk_req,
-    disk_file,
     fill,
-    guarded_guest,
     status_of,
 )
 
-GPA = 0x1000_0000
-CAPACITY = 2048  # sectors
-NUM = 16
-HEADER = struct.Struct("<QHHHH")   # QueueRegionSplit without desc[]
-DESC = struct.Struct("<B5xHQ")     # DescStateSplit
+NUM = 16  # also the `ring` fixture's size (tests/unit/conftest.py)
 
 
 class Region:
@@ -68,39 +66,22 @@ class Region:
         vq.set_inflight(self.mapped, 0, self.size)
 
     def header(self) -> tuple[int, int, int, int, int]:
-        return HEADER.unpack_from(self.mm, 0)
+        return INFLIGHT_HEADER.unpack_from(self.mm, 0)
 
     def set_header(self, **kw: int) -> None:
         names = ("features", "version", "desc_num", "last_batch_head", "used_idx")
         values = dict(zip(names, self.header())) | kw
-        HEADER.pack_into(self.mm, 0, *(values[n] for n in names))
+        INFLIGHT_HEADER.pack_into(self.mm, 0, *(values[n] for n in names))
 
     def desc(self, i: int) -> tuple[int, int, int]:
-        return DESC.unpack_from(self.mm, 16 + 16 * i)
+        return INFLIGHT_DESC.unpack_from(self.mm, inflight_desc_offset(i))
 
     def set_desc(self, i: int, inflight: int, counter: int, next: int = 0) -> None:
-        DESC.pack_into(self.mm, 16 + 16 * i, inflight, next, counter)
+        INFLIGHT_DESC.pack_into(self.mm, inflight_desc_offset(i), inflight, next, counter)
 
     def marked(self) -> list[int]:
-        return [i for i in range((self.size - 16) // 16) if self.desc(i)[0]]
-
-
-@pytest.fixture
-def disk() -> Iterator[int]:
-    with disk_file(CAPACITY * 512) as fd:
-        yield fd
-
-
-@pytest.fixture
-def guest() -> Iterator[FakeGuest]:
-    with guarded_guest(GPA, 4 * MiB) as g:
-        yield g
-
-
-@pytest.fixture
-def ring(guest: FakeGuest) -> Iterator[SplitRing]:
-    with SplitRing(guest, num=NUM) as r:
-        yield r
+        entries = (self.size - INFLIGHT_HEADER.size) // INFLIGHT_DESC.size
+        return [i for i in range(entries) if self.desc(i)[0]]
 
 
 @pytest.fixture
@@ -108,20 +89,6 @@ def region() -> Iterator[Region]:
     r = Region()
     yield r
     r.close()
-
-
-@pytest.fixture
-def params(disk: int) -> Iterator[BlkParams]:
-    p = BlkParams(disk, CAPACITY)
-    yield p
-    p.close()
-
-
-@pytest.fixture
-def stats() -> Iterator[BlkStats]:
-    s = BlkStats()
-    yield s
-    s.close()
 
 
 def write_req(guest: FakeGuest, n: int):

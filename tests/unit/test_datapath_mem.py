@@ -8,9 +8,8 @@ from collections.abc import Iterator
 import pytest
 
 from nitro._datapath import FrontendError, GuestMemory, HostError
-from tests.unit.virtq import UADDR_BASE, FakeGuest, MiB
+from tests.unit.virtq import GPA, UADDR_BASE, FakeGuest, MiB
 
-GPA = 0x1000_0000
 SIZE = 1 * MiB
 U64 = 2**64
 

@@ -5,9 +5,7 @@ test with hostile descriptor tables."""
 from __future__ import annotations
 
 import os
-import struct
-import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import pytest
 from hypothesis import HealthCheck, event, given, settings
@@ -22,7 +20,8 @@ from nitro._datapath import (
     Virtqueue,
     blk_serve,
 )
-from tests.unit.virtq import (
+from tests.ringlayout import (
+    U16,
     VIRTIO_BLK_S_OK,
     VIRTIO_BLK_T_FLUSH,
     VIRTIO_BLK_T_GET_ID,
@@ -34,48 +33,27 @@ from tests.unit.virtq import (
     VRING_DESC_F_NEXT,
     VRING_DESC_F_WRITE,
     VRING_USED_F_NO_NOTIFY,
+    avail_ring_offset,
+    blk_header,
+    desc_table_size,
+    used_event_offset,
+)
+from tests.unit.virtq import (
+    GPA,
     Buf,
     FakeGuest,
     MiB,
     SplitRing,
-    blk_header,
     blk_req,
     disk_file,
-    guarded_guest,
     status_of,
 )
 
-GPA = 0x1000_0000
+# Also read by the guest/disk/params fixtures (tests/unit/conftest.py).
 NUM = 8
 CAPACITY = 128  # sectors
+GUEST_SIZE = 2 * MiB
 U64 = 2**64
-
-
-@pytest.fixture
-def disk() -> Iterator[int]:
-    with disk_file(CAPACITY * 512) as fd:
-        yield fd
-
-
-@pytest.fixture
-def guest() -> Iterator[FakeGuest]:
-    with guarded_guest(GPA, 2 * MiB) as g:
-        yield g
-
-
-@pytest.fixture
-def params(disk: int) -> Iterator[BlkParams]:
-    p = BlkParams(disk, CAPACITY, max_discard_sectors=CAPACITY,
-                  max_write_zeroes_sectors=CAPACITY, serial=b"vring-test")
-    yield p
-    p.close()
-
-
-@pytest.fixture
-def stats() -> Iterator[BlkStats]:
-    s = BlkStats()
-    yield s
-    s.close()
 
 
 def make_ring(guest: FakeGuest, features: int = 0, **kw: object) -> SplitRing:
@@ -106,9 +84,9 @@ def test_set_addr_checks(guest: FakeGuest) -> None:
         (u, u + 4096, u + 2 * MiB - 8),  # used ring leaves memory
         (0, u + 4096, u + 8192),  # not a frontend address at all
         (u, u + 4096, u + 4096),  # used over avail: completions would be requests
-        (u, u + 4096, u + 4096 + 4 + 2 * NUM),  # used starts inside avail's tail
+        (u, u + 4096, u + 4096 + used_event_offset(NUM)),  # used starts inside avail's tail
         (u, u + 4096, u),  # used over the descriptor table
-        (u, u + 4096, u + 16 * NUM - 8),  # used starts inside the table's end
+        (u, u + 4096, u + desc_table_size(NUM) - 8),  # used starts inside the table's end
     ]:
         with pytest.raises(FrontendError):
             vq.set_addr(guest.mem, desc, avail, used)
@@ -575,9 +553,8 @@ def test_hostile_rings_complete_or_fault(
             heads[i] = value
         else:
             (ring if where == "ring" else table)[i][field] = value
-    fd, path = tempfile.mkstemp(prefix="nitro-prop-")
-    os.unlink(path)
-    with FakeGuest([(GPA, MiB)]) as g, SplitRing(g, num=num, features=features) as r:
+    with disk_file(0) as fd, FakeGuest([(GPA, MiB)]) as g, \
+            SplitRing(g, num=num, features=features) as r:
         params = BlkParams(fd, CAPACITY, max_discard_sectors=8, max_write_zeroes_sectors=8)
         stats = BlkStats()
         try:
@@ -590,7 +567,7 @@ def test_hostile_rings_complete_or_fault(
                 r.write_desc(i, *desc, table=TABLE_AREA)
             r.rebase(base)
             for i in range(num):
-                g.write(r.avail + 4 + 2 * i, struct.pack("<H", heads[i]))
+                g.write(r.avail + avail_ring_offset(i, num), U16.pack(heads[i]))
             r.set_avail_idx(base + pending)
 
             try:
@@ -614,4 +591,3 @@ def test_hostile_rings_complete_or_fault(
         finally:
             params.close()
             stats.close()
-            os.close(fd)

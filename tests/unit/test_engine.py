@@ -16,17 +16,19 @@ import trio
 from nitro import _datapath
 from nitro._datapath import BlkParams, BlkStats, GuestFault, Ring
 from nitro.engine import Engine
-from tests.unit.test_datapath_inflight import Region
-from tests.unit.virtq import (
+from tests.ringlayout import (
     VIRTIO_BLK_S_OK,
     VIRTIO_BLK_T_GET_ID,
     VIRTIO_BLK_T_IN,
     VIRTIO_BLK_T_OUT,
+    blk_header,
+)
+from tests.unit.test_datapath_inflight import Region
+from tests.unit.virtq import (
     Buf,
     FakeGuest,
     MiB,
     SplitRing,
-    blk_header,
     blk_req,
     disk_file,
     fill,

@@ -21,14 +21,15 @@ from scapy.layers.l2 import ARP, Ether
 from nitro import _datapath
 from nitro.vpc import gateway_mac
 from nitro.vpc import packets as pk
-from tests.unit.virtq import VRING_USED_F_NO_NOTIFY, Buf, FakeGuest, SplitRing
+from tests.ringlayout import NET_HDR, VRING_USED_F_NO_NOTIFY, net_hdr, num_buffers
+from tests.unit.virtq import Buf, FakeGuest, SplitRing
 
 A, B, C = "52:54:00:00:00:0a", "52:54:00:00:00:0b", "52:54:00:00:00:0c"
 A_IP, B_IP, C_IP = "10.0.0.10", "10.0.0.11", "10.0.0.12"
 GW_MAC = gateway_mac("blue")
 F_MRG = 1 << 15
 F_GUEST_CSUM = 1 << 1
-HDR = 12
+HDR = NET_HDR.size
 
 
 def ip4(s: str) -> bytes:
@@ -105,7 +106,7 @@ def test_unicast_to_peer_is_copied_with_header(net):
     assert net.send(frame) == 1
     (got,) = net.received(1)
     assert got[HDR:] == frame
-    assert struct.unpack_from("<H", got, 10)[0] == 1  # num_buffers
+    assert num_buffers(got) == 1
     assert net.tx.take_used() == [(0, 0)]
     a, b = net.sw.port_stats(0), net.sw.port_stats(1)
     assert a["packets_out"] == 1 and a["bytes_out"] == len(frame)
@@ -172,7 +173,7 @@ def test_mergeable_buffers_span_chains_and_small_buffers_without_mrg_drop(net):
     net.send(frame)
     got = net.received(1)
     assert len(got) == 3 and b"".join(got)[HDR:] == frame
-    assert struct.unpack_from("<H", got[0], 10)[0] == 3
+    assert num_buffers(got[0]) == 3
     net.sw.set_port_features(1, 1 << 32)  # no MRG_RXBUF: one buffer must fit
     net.send(frame)
     assert net.received(1) == []
@@ -199,7 +200,7 @@ def test_partial_checksum_completed_for_peer_without_guest_csum(net):
     pseudo = ip4(A_IP) + ip4(B_IP) + struct.pack("!BBH", 0, 17, 8 + 11)
     partial = (~pk.checksum(pseudo)) & 0xFFFF
     struct.pack_into("!H", raw, 34 + 6, partial)
-    hdr = struct.pack("<BBHHHHH", 1, 0, 0, 0, 34, 6, 0)  # NEEDS_CSUM, start 34, offset 6
+    hdr = net_hdr(1, 0, 0, 0, 34, 6, 0)  # NEEDS_CSUM, start 34, offset 6
     net.send(bytes(raw), hdr=hdr)
     (got,) = net.received(1)
     assert struct.unpack_from("!H", got, HDR + 40)[0] == good and got[0] == 0
@@ -345,10 +346,10 @@ def test_tx_header_flags_and_checksum_offsets_are_charged_to_the_sender(net):
     net.attach_rx(1)
     frame = bytes(Ether(src=A, dst=B) / IP(src=A_IP, dst=B_IP) / UDP(sport=5, dport=6) / b"x")
     for flags in (2, 4, 0x80):  # DATA_VALID, RSC_INFO: device -> driver only
-        net.send(frame, hdr=struct.pack("<BBHHHHH", flags, 0, 0, 0, 0, 0, 0))
+        net.send(frame, hdr=net_hdr(flags, 0, 0, 0, 0, 0, 0))
     # NEEDS_CSUM with the checksum field past the end of the frame.
-    net.send(frame, hdr=struct.pack("<BBHHHHH", 1, 0, 0, 0, len(frame) - 1, 0, 0))
-    net.send(frame, hdr=struct.pack("<BBHHHHH", 1, 0, 0, 0, 34, 0xFFFF, 0))
+    net.send(frame, hdr=net_hdr(1, 0, 0, 0, len(frame) - 1, 0, 0))
+    net.send(frame, hdr=net_hdr(1, 0, 0, 0, 34, 0xFFFF, 0))
     assert net.received(1) == []
     assert net.sw.port_stats(0)["drops"]["bad_header"] == 5
     assert net.sw.port_stats(1)["drops"] == dict.fromkeys(_datapath.NET_DROP_REASONS, 0)
@@ -371,11 +372,11 @@ def test_checksum_offsets_before_the_l4_header_are_bad_header(net, guest_csum):
                               (udp, 0, 0),    # on the destination MAC
                               (udp, 33, 0),   # one byte before UDP
                               (other, 20, 0)):  # not IP at all
-        net.send(frame, hdr=struct.pack("<BBHHHHH", 1, 0, 0, 0, start, off, 0))
+        net.send(frame, hdr=net_hdr(1, 0, 0, 0, start, off, 0))
     assert net.received(1) == []
     assert net.sw.port_stats(0)["drops"]["bad_header"] == 5
     # At the L4 header it is fine (UDP checksum field: 34 + 6).
-    net.send(udp, hdr=struct.pack("<BBHHHHH", 1, 0, 0, 0, 34, 6, 0))
+    net.send(udp, hdr=net_hdr(1, 0, 0, 0, 34, 6, 0))
     (got,) = net.received(1)
     assert got[HDR:HDR + 34] == udp[:34]
 
@@ -384,14 +385,14 @@ def test_receiver_gets_a_fresh_header_not_the_senders(net):
     net.attach_rx(1)
     frame = icmp()
     # hdr_len, gso_size and num_buffers are the sender's junk.
-    net.send(frame, hdr=struct.pack("<BBHHHHH", 0, 0, 0x1234, 0x5678, 0, 0, 0x4242))
+    net.send(frame, hdr=net_hdr(0, 0, 0x1234, 0x5678, 0, 0, 0x4242))
     (got,) = net.received(1)
-    assert got[:HDR] == struct.pack("<BBHHHHH", 0, 0, 0, 0, 0, 0, 1)
+    assert got[:HDR] == net_hdr(0, 0, 0, 0, 0, 0, 1)
     net.sw.set_port_features(1, (1 << 32) | F_MRG | F_GUEST_CSUM)
     udp = bytes(Ether(src=A, dst=B) / IP(src=A_IP, dst=B_IP) / UDP(sport=5, dport=6) / b"x")
-    net.send(udp, hdr=struct.pack("<BBHHHHH", 1, 0, 0x1234, 0x5678, 34, 6, 0x4242))
+    net.send(udp, hdr=net_hdr(1, 0, 0x1234, 0x5678, 34, 6, 0x4242))
     (got,) = net.received(1)
-    assert got[:HDR] == struct.pack("<BBHHHHH", 1, 0, 0, 0, 34, 6, 1)
+    assert got[:HDR] == net_hdr(1, 0, 0, 0, 34, 6, 1)
 
 
 def attach_split_rx(net: Net, port: int, cuts: tuple[int, ...], bufs: int = 4,
@@ -417,7 +418,7 @@ def test_rx_header_split_over_descriptors(net):
     frame = icmp()
     net.send(frame)
     (got,) = net.received(1)
-    assert got[HDR:] == frame and struct.unpack_from("<H", got, 10)[0] == 1
+    assert got[HDR:] == frame and num_buffers(got) == 1
     # Mergeable: header split in the first buffer, the frame over several.
     net.close_rx(1)
     attach_split_rx(net, 1, cuts=(5, 10), bufs=8, size=512)
@@ -425,7 +426,7 @@ def test_rx_header_split_over_descriptors(net):
     net.send(big)
     got = net.received(1)
     assert len(got) == 3 and b"".join(got)[HDR:] == big
-    assert struct.unpack_from("<H", got[0], 10)[0] == 3
+    assert num_buffers(got[0]) == 3
     assert net.sw.port_stats(1)["drops"]["no_rx_buffer"] == 0
     assert net.guest.guards_intact()
 

@@ -14,6 +14,7 @@ from scapy.layers.inet6 import IPv6
 from scapy.layers.l2 import Ether
 
 from nitro.vpc import packets as pk
+from tests.ringlayout import NET_HDR, net_hdr, num_buffers
 from tests.unit.test_net_switch import A_IP, B_IP, F_GUEST_CSUM, F_MRG, HDR, A, B, Net, ip4, link_local
 
 V1 = 1 << 32
@@ -61,7 +62,7 @@ def pseudo_sum(frame: bytes, l4: int, tcplen: int, v6: bool) -> int:
 def gso_hdr(gso_type: int, mss: int, l4: int, hdr_len: int = 0, flags: int = 1,
             csum_start: int | None = None, csum_offset: int = 16) -> bytes:
     start = l4 if csum_start is None else csum_start
-    return struct.pack("<BBHHHHH", flags, gso_type, hdr_len, mss, start, csum_offset, 0)
+    return net_hdr(flags, gso_type, hdr_len, mss, start, csum_offset, 0)
 
 
 def tcp_csum_ok(frame: bytes, v6: bool) -> bool:
@@ -77,7 +78,7 @@ def frames(net: Net, port: int) -> list[tuple[bytes, bytes]]:
     bufs = net.received(port)
     out = []
     while bufs:
-        nb = struct.unpack_from("<H", bufs[0], 10)[0]
+        nb = num_buffers(bufs[0])
         whole = b"".join(bufs[:nb])
         bufs = bufs[nb:]
         out.append((whole[:HDR], whole[HDR:]))
@@ -103,7 +104,7 @@ def test_super_frame_passes_through_to_a_guest_tso_peer(net, v6):
     assert net.send(frame, gso_hdr(GSO_TCPV6 if v6 else GSO_TCPV4, mss, l4, hdr_len=l4)) == 1
     ((hdr, got),) = frames(net, 1)
     hlen = l4 + 32
-    flags, gso_type, hdr_len, gso_size, start, off, nbuf = struct.unpack("<BBHHHHH", hdr)
+    flags, gso_type, hdr_len, gso_size, start, off, nbuf = NET_HDR.unpack(hdr)
     assert (flags, gso_type, hdr_len, gso_size, start, off) == (
         1, GSO_TCPV6 if v6 else GSO_TCPV4, hlen, mss, l4, 16)
     assert nbuf > 1

@@ -7,9 +7,13 @@ offset as ``mmap_offset`` (so C maps the guards too). The guards are filled
 with ``CANARY`` and nothing may ever change them: ``guards_intact()`` is how
 tests prove C wrote nothing outside guest memory.
 
-``SplitRing`` lays out a split ring (virtio 1.2 section 2.7) in a FakeGuest
-and plays the driver: it writes descriptors and the avail ring, reads the
+``SplitRing`` lays out a split ring (virtio 1.2 section 2.7, layout in
+tests/ringlayout.py) in a FakeGuest and plays the driver: it writes descriptors and the avail ring, reads the
 used ring, and owns kick/call eventfds.
+
+``blk_req``/``blk_params`` build virtio-blk requests and the params the
+datapath tests serve with; tests/unit/conftest.py turns these into the
+guest/ring/disk/params/stats fixtures.
 """
 
 from __future__ import annotations
@@ -17,29 +21,29 @@ from __future__ import annotations
 import contextlib
 import mmap
 import os
-import struct
 import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Self
 
-from nitro._datapath import GuestMemory, Virtqueue
+from nitro._datapath import BlkParams, GuestMemory, Virtqueue
+from tests import ringlayout as rl
+from tests.ringlayout import (
+    DESC,
+    U16,
+    USED_ELEM,
+    VRING_DESC_F_INDIRECT,
+    VRING_DESC_F_NEXT,
+    VRING_DESC_F_WRITE,
+    blk_header,
+)
 
 KiB = 1 << 10
 MiB = 1 << 20
 GUARD = 64 * KiB
 CANARY = 0xA5
 UADDR_BASE = 0x7F00_0000_0000
-
-VRING_DESC_F_NEXT = 1
-VRING_DESC_F_WRITE = 2
-VRING_DESC_F_INDIRECT = 4
-VRING_AVAIL_F_NO_INTERRUPT = 1
-VRING_USED_F_NO_NOTIFY = 1
-VIRTIO_RING_F_INDIRECT_DESC = 1 << 28
-VIRTIO_RING_F_EVENT_IDX = 1 << 29
-
-DESC = struct.Struct("<QIHH")
+GPA = 0x1000_0000  # where a one-region test guest starts
 
 
 @dataclass(frozen=True)
@@ -168,9 +172,9 @@ class SplitRing:
                  kick: bool = True, call: bool = True) -> None:
         self.guest = guest
         self.num = num
-        self.desc = guest.alloc(16 * num, align=16)
-        self.avail = guest.alloc(6 + 2 * num, align=2)
-        self.used = guest.alloc(6 + 8 * num, align=4)
+        self.desc = guest.alloc(rl.desc_table_size(num), align=rl.DESC_ALIGN)
+        self.avail = guest.alloc(rl.avail_size(num), align=rl.AVAIL_ALIGN)
+        self.used = guest.alloc(rl.used_size(num), align=rl.USED_ALIGN)
         self.kick_fd = _eventfd() if kick else -1
         self.call_fd = _eventfd() if call else -1
         self.vq = Virtqueue(0)
@@ -200,7 +204,7 @@ class SplitRing:
         used->idx and the device's last_avail_idx all become idx."""
         self.avail_idx = self.used_seen = idx & 0xFFFF
         self.set_avail_idx(idx)
-        self.guest.write(self.used + 2, struct.pack("<H", idx & 0xFFFF))
+        self.guest.write(self.used + rl.RING_IDX, U16.pack(idx & 0xFFFF))
         self.vq.base = idx & 0xFFFF
         # SET_VRING_ADDR is where the device reads used->idx back.
         self.vq.set_addr(self.guest.mem, self.guest.uaddr(self.desc),
@@ -210,7 +214,7 @@ class SplitRing:
     def write_desc(self, i: int, addr: int, length: int, flags: int = 0, next: int = 0,
                    table: int | None = None) -> None:
         base = self.desc if table is None else table
-        self.guest.write(base + 16 * i, DESC.pack(addr, length, flags, next))
+        self.guest.write(base + DESC.size * i, DESC.pack(addr, length, flags, next))
 
     def _take_descs(self, n: int) -> list[int]:
         idx = [(self._next_desc + k) % self.num for k in range(n)]
@@ -228,10 +232,11 @@ class SplitRing:
         """Write a chain (or one descriptor pointing at an indirect table
         holding it) and, by default, publish it. Returns the head index."""
         if indirect:
-            table = self.guest.alloc(16 * len(bufs), align=16)
+            size = rl.desc_table_size(len(bufs))
+            table = self.guest.alloc(size, align=rl.DESC_ALIGN)
             self._write_chain(bufs, range(len(bufs)), table)
             head = self._take_descs(1)[0]
-            self.write_desc(head, table, 16 * len(bufs), VRING_DESC_F_INDIRECT)
+            self.write_desc(head, table, size, VRING_DESC_F_INDIRECT)
         else:
             ids = self._take_descs(len(bufs))
             self._write_chain(bufs, ids, None)
@@ -243,33 +248,36 @@ class SplitRing:
     # -- avail ring -------------------------------------------------------
     def publish(self, *heads: int) -> None:
         for head in heads:
-            self.guest.write(self.avail + 4 + 2 * (self.avail_idx % self.num),
-                             struct.pack("<H", head))
+            self.guest.write(self.avail + rl.avail_ring_offset(self.avail_idx, self.num),
+                             U16.pack(head))
             self.avail_idx = (self.avail_idx + 1) & 0xFFFF
         self.set_avail_idx(self.avail_idx)
 
     def set_avail_idx(self, idx: int) -> None:
-        self.guest.write(self.avail + 2, struct.pack("<H", idx & 0xFFFF))
+        self.guest.write(self.avail + rl.RING_IDX, U16.pack(idx & 0xFFFF))
 
     def set_avail_flags(self, flags: int) -> None:
-        self.guest.write(self.avail, struct.pack("<H", flags))
+        self.guest.write(self.avail + rl.RING_FLAGS, U16.pack(flags))
 
     def set_used_event(self, idx: int) -> None:
-        self.guest.write(self.avail + 4 + 2 * self.num, struct.pack("<H", idx & 0xFFFF))
+        self.guest.write(self.avail + rl.used_event_offset(self.num), U16.pack(idx & 0xFFFF))
 
     # -- used ring --------------------------------------------------------
+    def _used_u16(self, off: int) -> int:
+        return int(U16.unpack(self.guest.read(self.used + off, U16.size))[0])
+
     def used_idx(self) -> int:
-        return int(struct.unpack("<H", self.guest.read(self.used + 2, 2))[0])
+        return self._used_u16(rl.RING_IDX)
 
     def used_flags(self) -> int:
-        return int(struct.unpack("<H", self.guest.read(self.used, 2))[0])
+        return self._used_u16(rl.RING_FLAGS)
 
     def avail_event(self) -> int:
-        return int(struct.unpack("<H", self.guest.read(self.used + 4 + 8 * self.num, 2))[0])
+        return self._used_u16(rl.avail_event_offset(self.num))
 
     def used_elem(self, i: int) -> tuple[int, int]:
-        off = self.used + 4 + 8 * (i % self.num)
-        return struct.unpack("<II", self.guest.read(off, 8))
+        off = self.used + rl.used_ring_offset(i, self.num)
+        return USED_ELEM.unpack(self.guest.read(off, USED_ELEM.size))
 
     def take_used(self) -> list[tuple[int, int]]:
         """Used elements published since the last call, as (id, len)."""
@@ -296,25 +304,20 @@ def fill(length: int, seed: int = 1) -> bytes:
     return (period * (length // 251 + 1))[:length]
 
 
-# -- virtio-blk requests (virtio 1.2 section 5.2.6) ---------------------------
-VIRTIO_BLK_T_IN = 0
-VIRTIO_BLK_T_OUT = 1
-VIRTIO_BLK_T_FLUSH = 4
-VIRTIO_BLK_T_GET_ID = 8
-VIRTIO_BLK_T_DISCARD = 11
-VIRTIO_BLK_T_WRITE_ZEROES = 13
-VIRTIO_BLK_S_OK = 0
-VIRTIO_BLK_S_IOERR = 1
-VIRTIO_BLK_S_UNSUPP = 2
-STATUS_UNSET = 0xEE
+# -- virtio-blk requests (layout: tests/ringlayout.py) --------------------------
+STATUS_UNSET = 0xEE  # what the status byte holds until the device writes it
 
 
-def blk_header(type_: int, sector: int = 0) -> bytes:
-    return struct.pack("<IIQ", type_, 0, sector)
+CAPACITY = 2048  # sectors of a test disk: 1 MiB
+SERIAL = b"nitro-serial-0123456"  # exactly 20 bytes: no NUL
+MAX_DWZ = 256  # discard / write-zeroes sectors offered
 
 
-def dwz_segment(sector: int, num_sectors: int, flags: int = 0) -> bytes:
-    return struct.pack("<QII", sector, num_sectors, flags)
+def blk_params(fd: int, capacity: int = CAPACITY, readonly: bool = False, **kw: int) -> BlkParams:
+    """The params the datapath tests serve with: SERIAL, discard and write
+    zeroes offered up to MAX_DWZ sectors; `kw` overrides the limits."""
+    limits = {"max_discard_sectors": MAX_DWZ, "max_write_zeroes_sectors": MAX_DWZ, **kw}
+    return BlkParams(fd, capacity, readonly=readonly, serial=SERIAL, **limits)
 
 
 @dataclass
@@ -328,9 +331,9 @@ class BlkReq:
 
 def blk_req(guest: FakeGuest, type_: int, sector: int = 0, out: bytes = b"",
             in_len: int = 0) -> BlkReq:
-    hdr = guest.alloc(16)
+    hdr = guest.alloc(rl.BLK_HEADER.size)
     guest.write(hdr, blk_header(type_, sector))
-    bufs = [Buf(hdr, 16)]
+    bufs = [Buf(hdr, rl.BLK_HEADER.size)]
     data = None
     if out:
         data = guest.alloc(len(out))

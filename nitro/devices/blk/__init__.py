@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from nitro.config import BlkConfig
 
+if TYPE_CHECKING:
+    from nitro.devices.blk.backends.luks import LuksVolume
+    from nitro.devices.blk.device import BlkDevice
 
-def open_device(cfg: BlkConfig):
+
+def open_device(cfg: BlkConfig) -> BlkDevice:
     """Open the volume behind a [[blk]] entry and wrap it in a BlkDevice.
 
     Raises VolumeError (nothing written to the image) when it cannot be served.
@@ -13,6 +19,7 @@ def open_device(cfg: BlkConfig):
     from nitro.devices.blk.backends.raw import RawImage
     from nitro.devices.blk.device import BlkDevice
 
+    volume: RawImage | LuksVolume
     if cfg.encryption is not None:
         from nitro.devices.blk.backends.luks import LuksVolume
 
