@@ -139,8 +139,8 @@ def parse_cpu_list(text: str) -> tuple[int, ...]:
     """'0-3,6' -> (0, 1, 2, 3, 6), as the kernel's cpulist format; ValueError."""
     cpus: list[int] = []
     for part in text.split(","):
-        lo, _, hi = part.strip().partition("-")
-        first, last = int(lo), int(hi) if hi else int(lo)
+        lo, dash, hi = part.strip().partition("-")
+        first, last = int(lo), int(hi) if dash else int(lo)
         if first < 0 or last < first:
             raise ValueError(f"bad range {part.strip()!r}")
         cpus.extend(range(first, last + 1))
@@ -248,10 +248,12 @@ def _engine(daemon: dict, source: str) -> EngineConfig:
     default = min(MAX_WORKERS, len(cpus)) if cpus else default_workers()
     workers = _int(daemon, "workers", source, "daemon.", default, 1, MAX_WORKERS)
     poll = daemon.get("poll_us", "adaptive")
-    if poll == "adaptive":
-        poll_us = None
-    else:
-        poll_us = _int(daemon, "poll_us", source, "daemon.", 0, 0, MAX_POLL_US)
+    poll_us = None
+    if poll != "adaptive":
+        if isinstance(poll, bool) or not isinstance(poll, int) or not 0 <= poll <= MAX_POLL_US:
+            raise ConfigError(source, "daemon.poll_us",
+                              f'expected "adaptive" or microseconds 0..{MAX_POLL_US}, got {poll!r}')
+        poll_us = poll
     return EngineConfig(workers, cpus, poll_us)
 
 
