@@ -57,7 +57,8 @@ def make_builder() -> cffi.FFI:
         sources=[_path(s) for s in SOURCES],
         depends=[_path(h) for h in HEADERS],
         include_dirs=[str(HERE)],
-        libraries=["crypto"],  # OpenSSL EVP for the AES-XTS datapath
+        # OpenSSL EVP for the AES-XTS datapath; liburing for the engine's blk I/O.
+        libraries=["crypto", "uring"],
         # -Werror: a warning in the datapath is a bug until shown otherwise.
         # Hidden visibility: Python reaches C only through cffi, inside this
         # object, so the module init is its one exported symbol.

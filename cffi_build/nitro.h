@@ -195,4 +195,83 @@ int64_t nitro_blk_serve(struct nitro_vq *vq,
                         const struct nitro_blk_params *params,
                         struct nitro_blk_stats *stats, int idle_ms);
 
+/* ---- the engine: worker threads that serve every ring ------------------- */
+/* A fixed set of C worker threads (not one per ring). Each ring of each
+ * device is attached to one worker, which polls all its rings in turn,
+ * busy-polls for a while when they go quiet, then sleeps on one epoll set
+ * covering all its kick fds. blk I/O goes through the worker's io_uring
+ * (many requests in flight, completed out of order) unless io_uring is
+ * unavailable or NITRO_ENGINE_SYNC_IO is given. The control plane decides
+ * which worker serves which ring; attach and detach are synchronous
+ * hand-offs to that worker. */
+#define NITRO_ENGINE_MAX_WORKERS 64
+#define NITRO_ENGINE_POLL_ADAPTIVE -1   /* poll_us: grow/shrink like halt-polling */
+#define NITRO_ENGINE_POLL_MAX_US 1000   /* largest (and adaptive ceiling) poll_us */
+#define NITRO_ENGINE_SYNC_IO 1          /* flags: never use io_uring */
+
+#define NITRO_RING_BLK 0
+#define NITRO_RING_NET_TX 1
+#define NITRO_RING_NET_RX 2
+#define NITRO_RING_NET_CTRL 3
+
+struct nitro_engine;
+struct nitro_ring;
+struct nitro_switch;
+
+struct nitro_worker_stats {
+    uint64_t rings;       /* rings attached now */
+    uint64_t chains;      /* chains served */
+    uint64_t wakeups;     /* returns from epoll_wait */
+    uint64_t busy_ns;     /* time in loop iterations that did work */
+    uint64_t poll_ns;     /* time busy-polling with nothing to do */
+    uint64_t sleep_ns;    /* time asleep in epoll_wait */
+    uint64_t io_submitted;   /* io_uring requests submitted */
+    uint64_t poll_us;     /* the current busy-poll window */
+    uint64_t uring;       /* 1: this worker does blk I/O through io_uring */
+};
+
+/* workers: 1..NITRO_ENGINE_MAX_WORKERS threads; cpus: one CPU number per
+ * worker to pin it to (-1: not pinned), or NULL; poll_us: 0..POLL_MAX_US or
+ * NITRO_ENGINE_POLL_ADAPTIVE. NULL when a thread cannot be started (errno). */
+struct nitro_engine *nitro_engine_new(uint32_t workers, const int32_t *cpus,
+                                      int32_t poll_us, uint32_t flags);
+/* Stops and joins every worker; every ring must have been detached. */
+void nitro_engine_free(struct nitro_engine *e);
+uint32_t nitro_engine_workers(const struct nitro_engine *e);
+/* An eventfd that becomes readable when a ring stops on an error (read
+ * nitro_ring_status of the attached rings, then drain the fd). */
+int nitro_engine_event_fd(const struct nitro_engine *e);
+/* Hand r to worker `worker` and wait until it serves it; NITRO_ERR_ARG if r
+ * is attached already or the queue is not set up. */
+int nitro_engine_attach(struct nitro_engine *e, struct nitro_ring *r,
+                        uint32_t worker);
+/* Take r back and wait until its worker let go of it: its in-flight I/O has
+ * completed (and been pushed to the used ring) and notifications are
+ * re-enabled. No-op for a detached ring. */
+int nitro_engine_detach(struct nitro_engine *e, struct nitro_ring *r);
+int nitro_engine_worker_stats(const struct nitro_engine *e, uint32_t worker,
+                              struct nitro_worker_stats *out);
+
+/* Rings. The objects they name (vq, params, stats, switch) are the caller's
+ * and must outlive the ring. NULL if out of memory or an argument is NULL. */
+struct nitro_ring *nitro_ring_blk_new(struct nitro_vq *vq,
+                                      const struct nitro_blk_params *params,
+                                      struct nitro_blk_stats *stats);
+struct nitro_ring *nitro_ring_net_tx_new(struct nitro_switch *sw,
+                                         uint32_t port, struct nitro_vq *vq);
+struct nitro_ring *nitro_ring_net_rx_new(struct nitro_vq *vq);
+struct nitro_ring *nitro_ring_net_ctrl_new(struct nitro_vq *vq,
+                                           uint32_t max_pairs);
+/* Only for a detached ring. NULL is fine. */
+void nitro_ring_free(struct nitro_ring *r);
+/* NITRO_OK while it may serve; else the NITRO_ERR_* that stopped it
+ * (ERR_GUEST: see nitro_vq_fault). Cleared by the next attach. */
+int nitro_ring_status(const struct nitro_ring *r);
+/* The errno behind NITRO_ERR_SYS. */
+int nitro_ring_errno(const struct nitro_ring *r);
+/* Worker serving it, -1 when detached. */
+int32_t nitro_ring_worker(const struct nitro_ring *r);
+/* Requests submitted and not yet completed (blk); 0 for others. */
+uint32_t nitro_ring_in_flight(const struct nitro_ring *r);
+
 #endif

@@ -14,12 +14,14 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <limits.h>
+#include <stdlib.h>
 #include <string.h>
 #include <sys/uio.h>
 #include <time.h>
 #include <unistd.h>
 
 #include "nitro_iov.h"
+#include "nitro_ring.h"
 #include "nitro_vring.h"
 #include "nitro_xts_internal.h"
 
@@ -431,89 +433,366 @@ static void blk_account(struct nitro_blk_stats *s, const struct blk_done *d,
     nitro_stat_add(&s->latency_sum_ns, ns);
 }
 
-/* ---- the serving loop -------------------------------------------------- */
+/* ---- synchronous requests ------------------------------------------------ */
 
-/* Parse, execute and complete one chain; NITRO_ERR_GUEST if malformed. */
-static int blk_handle(struct nitro_vq *vq, struct nitro_chain *c,
-                      const struct nitro_blk_params *p,
-                      struct nitro_xts_lane *lane, struct nitro_blk_stats *s)
+/* Write the status byte, complete the chain, account. */
+static void blk_finish(struct nitro_vq *vq, uint16_t head, bool resubmitted,
+                       uint8_t *status, const struct blk_done *d,
+                       struct nitro_blk_stats *s, uint64_t start)
 {
-    uint64_t start = nitro_now_ns();
-    nitro_stat_add(&s->inflight, 1);
-    struct blk_req rq;
-    if (blk_parse(vq, c, &rq) != NITRO_OK) {
-        nitro_stat_sub(&s->inflight, 1);
-        return NITRO_ERR_GUEST;
-    }
-    struct blk_done d = {.status = VIRTIO_BLK_S_IOERR, .used_len = 1};
-    blk_execute(p, lane, &rq, &d);
     /* Guest memory: one untorn store. nitro_vq_push() orders it before
      * the used->idx update. */
-    __atomic_store_n(rq.status, d.status, __ATOMIC_RELAXED);
-    nitro_vq_push(vq, c->head, d.used_len);
+    __atomic_store_n(status, d->status, __ATOMIC_RELAXED);
+    nitro_vq_push(vq, head, d->used_len);
     nitro_stat_sub(&s->inflight, 1);
-    if (c->resubmitted)
+    if (resubmitted)
         nitro_stat_add(&s->resubmitted, 1);
-    blk_account(s, &d, nitro_now_ns() - start);
+    blk_account(s, d, nitro_now_ns() - start);
+}
+
+static void blk_handle_sync(struct nitro_vq *vq, struct nitro_chain *c,
+                            const struct nitro_blk_params *p,
+                            struct nitro_xts_lane *lane, struct blk_req *rq,
+                            struct nitro_blk_stats *s, uint64_t start)
+{
+    struct blk_done d = {.status = VIRTIO_BLK_S_IOERR, .used_len = 1};
+    blk_execute(p, lane, rq, &d);
+    blk_finish(vq, c->head, c->resubmitted, rq->status, &d, s, start);
+}
+
+/* ---- the engine's blk ring: many requests in flight through io_uring ----- */
+
+/* An encrypted request needs a ciphertext buffer of its size while in
+ * flight; above this it is served synchronously through the lane's. */
+#define ASYNC_MAX_CRYPT_BYTES (1u << 20)
+#define INLINE_IOV 8
+
+enum blk_io_kind { IO_READ, IO_WRITE, IO_FLUSH };
+
+struct blk_ring;
+
+/* One request in flight. */
+struct blk_io {
+    struct nitro_io_op op;      /* user_data of its SQEs */
+    struct blk_ring *ring;
+    struct blk_io *next_free;
+    enum blk_io_kind kind;
+    uint16_t head;
+    bool resubmitted;
+    uint64_t start;
+    uint8_t *status;
+    struct blk_done d;
+    /* The guest buffers (a copy of the chain's iovecs: the chain is reused
+     * by the next pop) and the transfer cursor over them or the bounce. */
+    struct iovec inline_iov[INLINE_IOV];
+    struct iovec *giov;
+    int gcnt;
+    struct iovec *iov;          /* what the next SQE moves */
+    int cnt;
+    struct iovec bounce_iov;
+    uint8_t *bounce;            /* ciphertext only (NULL: plain volume) */
+    uint64_t off;               /* byte offset in the data segment (IVs) */
+    uint64_t pos;               /* file offset of the next SQE */
+    uint64_t left;              /* bytes the next SQE still has to move */
+};
+
+struct blk_ring {
+    struct nitro_ring r;
+    const struct nitro_blk_params *p;
+    struct nitro_blk_stats *s;
+    struct nitro_xts_lane *lane;
+    struct nitro_io *io;        /* the owner's, set by each poll */
+    struct blk_io *ios;
+    uint32_t nios;
+    struct blk_io *free;
+    uint32_t in_flight;
+    bool notify;                /* completions since the last call */
+};
+
+static void blk_io_release(struct blk_io *io)
+{
+    struct blk_ring *b = io->ring;
+    if (io->giov != io->inline_iov)
+        free(io->giov);
+    free(io->bounce);
+    io->giov = NULL;
+    io->bounce = NULL;
+    io->next_free = b->free;
+    b->free = io;
+    b->in_flight--;
+}
+
+static void blk_io_finish(struct blk_io *io, uint8_t status)
+{
+    struct blk_ring *b = io->ring;
+    io->d.status = status;
+    if (status != VIRTIO_BLK_S_OK) {
+        io->d.bytes = 0;
+        io->d.used_len = 1;
+    }
+    blk_finish(b->r.vq, io->head, io->resubmitted, io->status, &io->d, b->s,
+               io->start);
+    b->notify = true;
+    blk_io_release(io);
+}
+
+/* Queue the SQE that moves what is left; false if no SQE could be had. */
+static bool blk_io_queue(struct blk_io *io)
+{
+    struct io_uring_sqe *sqe = nitro_io_sqe(io->ring->io);
+    if (sqe == NULL)
+        return false;
+    int fd = io->ring->p->fd;
+    if (io->kind == IO_FLUSH)
+        io_uring_prep_fsync(sqe, fd, IORING_FSYNC_DATASYNC);
+    else if (io->kind == IO_READ)
+        io_uring_prep_readv(sqe, fd, io->iov, (unsigned)io->cnt, io->pos);
+    else
+        io_uring_prep_writev(sqe, fd, io->iov, (unsigned)io->cnt, io->pos);
+    io_uring_sqe_set_data(sqe, &io->op);
+    return true;
+}
+
+/* The transfer is done: decrypt a read out of the bounce into the guest. */
+static uint8_t blk_io_done(struct blk_io *io)
+{
+    struct blk_ring *b = io->ring;
+    if (io->kind != IO_READ || io->bounce == NULL)
+        return VIRTIO_BLK_S_OK;
+    struct iovec *g = io->giov;
+    int gc = io->gcnt;
+    int rc = nitro_xts_iov_buf(b->p->xts, b->lane, io->bounce, &g, &gc,
+                               io->d.bytes, io->off, false);
+    return rc == NITRO_OK ? VIRTIO_BLK_S_OK : VIRTIO_BLK_S_IOERR;
+}
+
+static void blk_io_complete(struct nitro_io_op *op, int32_t res)
+{
+    struct blk_io *io = (struct blk_io *)op;
+    if (res == -EINTR || res == -EAGAIN) {
+        if (!blk_io_queue(io))
+            blk_io_finish(io, VIRTIO_BLK_S_IOERR);
+        return;
+    }
+    if (io->kind == IO_FLUSH || res < 0) {
+        blk_io_finish(io, res < 0 ? VIRTIO_BLK_S_IOERR : VIRTIO_BLK_S_OK);
+        return;
+    }
+    if (res == 0 && io->kind == IO_WRITE) {
+        blk_io_finish(io, VIRTIO_BLK_S_IOERR);  /* no progress: do not spin */
+        return;
+    }
+    if (res == 0) {
+        /* EOF: a file shorter than the capacity is a sparse tail. */
+        nitro_iov_zero(io->iov, io->cnt);
+        io->left = 0;
+    } else {
+        io->left -= (uint64_t)res;
+        io->pos += (uint64_t)res;
+        nitro_iov_advance(&io->iov, &io->cnt, (uint64_t)res);
+    }
+    if (io->left > 0) {
+        /* A short transfer (a signal, or a page-cache boundary): the rest. */
+        if (!blk_io_queue(io))
+            blk_io_finish(io, VIRTIO_BLK_S_IOERR);
+        return;
+    }
+    blk_io_finish(io, blk_io_done(io));
+}
+
+/* Can this request be put in flight, and how? Everything else (errors,
+ * GET_ID, DISCARD, WRITE_ZEROES, huge encrypted or >IOV_MAX transfers)
+ * is served synchronously: rare, or cheap. */
+static bool blk_async_ok(const struct blk_ring *b, const struct blk_req *rq)
+{
+    const struct nitro_blk_params *p = b->p;
+    if (rq->type == VIRTIO_BLK_T_FLUSH)
+        return true;
+    bool in = rq->type == VIRTIO_BLK_T_IN;
+    if (!in && rq->type != VIRTIO_BLK_T_OUT)
+        return false;
+    uint64_t len = in ? rq->wr_len : rq->rd_len;
+    int cnt = in ? rq->n_wr : rq->n_rd;
+    if (len == 0 || cnt > IOV_MAX || (!in && p->readonly) ||
+        (in && len >= UINT32_MAX) || !blk_range_ok(p, rq->sector, len))
+        return false;
+    return p->xts == NULL || len <= ASYNC_MAX_CRYPT_BYTES;
+}
+
+static bool blk_io_setup_iov(struct blk_io *io, const struct iovec *iov, int cnt)
+{
+    io->giov = io->inline_iov;
+    if (cnt > INLINE_IOV) {
+        io->giov = malloc((size_t)cnt * sizeof(*iov));
+        if (io->giov == NULL)
+            return false;
+    }
+    memcpy(io->giov, iov, (size_t)cnt * sizeof(*iov));
+    io->gcnt = cnt;
+    io->iov = io->giov;
+    io->cnt = cnt;
+    return true;
+}
+
+/* Fill io for a read or write; encrypted writes are encrypted now, into
+ * the request's own ciphertext buffer. */
+static bool blk_io_setup_rw(struct blk_ring *b, struct blk_io *io,
+                            const struct blk_req *rq)
+{
+    const struct nitro_blk_params *p = b->p;
+    bool in = rq->type == VIRTIO_BLK_T_IN;
+    io->kind = in ? IO_READ : IO_WRITE;
+    io->d.op = in ? NITRO_BLK_OP_IN : NITRO_BLK_OP_OUT;
+    io->d.bytes = in ? rq->wr_len : rq->rd_len;
+    io->d.used_len = in ? (uint32_t)rq->wr_len + 1 : 1;
+    io->off = rq->sector << SECTOR_SHIFT;
+    io->pos = p->data_offset + io->off;
+    io->left = io->d.bytes;
+    if (!blk_io_setup_iov(io, in ? rq->wr : rq->rd, in ? rq->n_wr : rq->n_rd))
+        return false;
+    if (p->xts == NULL)
+        return true;
+    io->bounce = malloc(io->d.bytes);
+    if (io->bounce == NULL)
+        return false;
+    if (!in) {
+        struct iovec *g = io->giov;
+        int gc = io->gcnt;
+        if (nitro_xts_iov_buf(p->xts, b->lane, io->bounce, &g, &gc,
+                              io->d.bytes, io->off, true) != NITRO_OK)
+            return false;
+    }
+    io->bounce_iov = (struct iovec){.iov_base = io->bounce,
+                                    .iov_len = io->d.bytes};
+    io->iov = &io->bounce_iov;
+    io->cnt = 1;
+    return true;
+}
+
+/* Start one parsed request in flight; false: serve it synchronously. */
+static bool blk_start_async(struct blk_ring *b, struct nitro_chain *c,
+                            struct blk_req *rq, uint64_t start)
+{
+    struct blk_io *io = b->free;
+    b->free = io->next_free;
+    b->in_flight++;
+    *io = (struct blk_io){.op.complete = blk_io_complete, .ring = b,
+                          .head = c->head, .resubmitted = c->resubmitted,
+                          .start = start, .status = rq->status};
+    bool ok;
+    if (rq->type == VIRTIO_BLK_T_FLUSH) {
+        io->kind = IO_FLUSH;
+        io->d.op = NITRO_BLK_OP_FLUSH;
+        io->d.used_len = 1;
+        io->giov = io->inline_iov;
+        ok = true;
+    } else {
+        ok = blk_io_setup_rw(b, io, rq);
+    }
+    if (ok && blk_io_queue(io))
+        return true;
+    blk_io_release(io);
+    return false;
+}
+
+static void blk_ring_notify(struct blk_ring *b)
+{
+    if (b->notify) {
+        b->notify = false;
+        nitro_vq_notify(b->r.vq);
+    }
+}
+
+static int blk_ring_poll(struct nitro_ring *r, struct nitro_io *io,
+                         uint32_t budget)
+{
+    struct blk_ring *b = (struct blk_ring *)r;
+    b->io = io;
+    blk_ring_notify(b);  /* completions reaped since the last poll */
+    uint32_t done = 0;
+    int rc = 0;
+    while (done < budget && b->free != NULL) {
+        struct nitro_chain *c;
+        rc = nitro_vq_pop(r->vq, &c);
+        if (rc <= 0)
+            break;
+        uint64_t start = nitro_now_ns();
+        nitro_stat_add(&b->s->inflight, 1);
+        struct blk_req rq;
+        if (blk_parse(r->vq, c, &rq) != NITRO_OK) {
+            nitro_stat_sub(&b->s->inflight, 1);
+            rc = NITRO_ERR_GUEST;
+            break;
+        }
+        done++;
+        if (io->ready && blk_async_ok(b, &rq) &&
+            blk_start_async(b, c, &rq, start))
+            continue;
+        blk_handle_sync(r->vq, c, b->p, b->lane, &rq, b->s, start);
+        b->notify = true;
+    }
+    blk_ring_notify(b);
+    return rc < 0 ? rc : (int)done;
+}
+
+static uint32_t blk_ring_in_flight(const struct nitro_ring *r)
+{
+    return ((const struct blk_ring *)r)->in_flight;
+}
+
+/* One request slot per ring entry: the ring size bounds what the guest can
+ * have outstanding. Sized at attach, when the ring size is final. */
+static int blk_ring_attach(struct nitro_ring *r)
+{
+    struct blk_ring *b = (struct blk_ring *)r;
+    if (nitro_vq_fault(r->vq) != NITRO_FAULT_NONE)
+        return NITRO_ERR_GUEST;
+    uint32_t num = nitro_vq_num(r->vq);
+    if (b->nios != num) {
+        free(b->ios);
+        b->ios = calloc(num, sizeof(*b->ios));
+        b->nios = b->ios != NULL ? num : 0;
+        if (b->ios == NULL)
+            return NITRO_ERR_NOMEM;
+    }
+    b->free = NULL;
+    for (uint32_t i = num; i-- > 0;) {
+        b->ios[i].next_free = b->free;
+        b->free = &b->ios[i];
+    }
+    b->in_flight = 0;
+    if (b->p->xts != NULL) {
+        b->lane = nitro_xts_lane_get(b->p->xts);
+        if (b->lane == NULL)
+            return NITRO_ERR_NOMEM;
+    }
     return NITRO_OK;
 }
 
-/* Complete up to one ring's worth of chains, then notify once. Returns the
- * number completed or NITRO_ERR_GUEST (after notifying for the others). */
-static int64_t blk_batch(struct nitro_vq *vq, const struct nitro_blk_params *p,
-                         struct nitro_xts_lane *lane, struct nitro_blk_stats *s)
+static void blk_ring_detach(struct nitro_ring *r)
 {
-    int64_t done = 0;
-    int rc = NITRO_OK;
-    while (done < nitro_vq_num(vq)) {
-        struct nitro_chain *c;
-        rc = nitro_vq_pop(vq, &c);
-        if (rc <= 0)
-            break;
-        rc = blk_handle(vq, c, p, lane, s);
-        if (rc < 0)
-            break;
-        done++;
-    }
-    if (done > 0)
-        nitro_vq_notify(vq);
-    return rc < 0 ? rc : done;
+    struct blk_ring *b = (struct blk_ring *)r;
+    blk_ring_notify(b);
+    nitro_xts_lane_put(b->lane);
+    b->lane = NULL;
 }
 
-static int64_t blk_serve_loop(struct nitro_vq *vq,
-                              const struct nitro_blk_params *params,
-                              struct nitro_xts_lane *lane,
-                              struct nitro_blk_stats *stats, int idle_ms)
+static void blk_ring_free(struct nitro_ring *r)
 {
-    int64_t total = 0;
-    /* We are about to look at the ring anyway: kicks would be wasted. */
-    nitro_vq_disable_notify(vq);
-    while (!nitro_vq_stopping(vq)) {
-        int64_t n = blk_batch(vq, params, lane, stats);
-        if (n < 0)
-            return n;
-        total += n;
-        if (n > 0)
-            continue;
-        int rc = nitro_vq_enable_notify(vq);
-        if (rc < 0)
-            return rc;
-        if (rc == 0 && nitro_vq_kick_fd(vq) < 0)
-            return total;
-        if (rc == 0) {
-            rc = nitro_vq_wait_kick(vq, idle_ms);
-            if (rc < 0)
-                return rc;
-            /* Timeout or stop: notifications stay enabled, so the next
-             * kick reaches whoever waits on the kick fd after us. */
-            if (rc != NITRO_VQ_WAIT_KICK)
-                return total;
-        }
-        nitro_vq_disable_notify(vq);
-    }
-    int rc = nitro_vq_enable_notify(vq);
-    return rc < 0 ? rc : total;
+    struct blk_ring *b = (struct blk_ring *)r;
+    free(b->ios);
+    free(b);
 }
+
+static const struct nitro_ring_ops blk_ring_ops = {
+    .poll = blk_ring_poll,
+    .arm = nitro_ring_arm_vq,
+    .disarm = nitro_ring_disarm_vq,
+    .in_flight = blk_ring_in_flight,
+    .attach = blk_ring_attach,
+    .detach = blk_ring_detach,
+    .free = blk_ring_free,
+};
 
 /* The parameters the request checks rely on: a power-of-two block size of
  * whole encryption sectors, and every byte of the disk at an offset in fd
@@ -530,6 +809,75 @@ static bool blk_params_ok(const struct nitro_blk_params *p)
            p->data_offset <= max - (p->capacity << SECTOR_SHIFT);
 }
 
+struct nitro_ring *nitro_ring_blk_new(struct nitro_vq *vq,
+                                      const struct nitro_blk_params *params,
+                                      struct nitro_blk_stats *stats)
+{
+    if (vq == NULL || params == NULL || stats == NULL || !blk_params_ok(params))
+        return NULL;
+    struct blk_ring *b = calloc(1, sizeof(*b));
+    if (b == NULL)
+        return NULL;
+    b->r = (struct nitro_ring){.ops = &blk_ring_ops, .vq = vq,
+                               .kind = NITRO_RING_BLK, .worker = -1,
+                               .kick_fd = -1};
+    b->p = params;
+    b->s = stats;
+    return &b->r;
+}
+
+/* ---- one queue on the calling thread (tests, fuzzing) --------------------- */
+
+/* Drive a blk ring the way a worker does, alone, until idle_ms without a
+ * kick or a stop; every request it took is complete when it returns. */
+static int64_t blk_serve_loop(struct nitro_ring *r, struct nitro_io *io,
+                              int idle_ms)
+{
+    struct nitro_vq *vq = r->vq;
+    int64_t total = 0;
+    int rc = NITRO_OK;
+    nitro_vq_disable_notify(vq);
+    while (!nitro_vq_stopping(vq)) {
+        int n = blk_ring_poll(r, io, nitro_vq_num(vq));
+        if (n < 0) {
+            rc = n;
+            break;
+        }
+        total += n;
+        nitro_io_submit(io);
+        uint32_t reaped = nitro_io_reap(io);
+        if (n > 0 || reaped > 0)
+            continue;
+        if (blk_ring_in_flight(r) > 0) {
+            nitro_io_wait(io);
+            continue;
+        }
+        int e = nitro_vq_enable_notify(vq);
+        if (e < 0) {
+            rc = e;
+            break;
+        }
+        if (e == 0 && nitro_vq_kick_fd(vq) < 0)
+            break;
+        if (e == 0) {
+            e = nitro_vq_wait_kick(vq, idle_ms);
+            if (e < 0) {
+                rc = e;
+                break;
+            }
+            if (e != NITRO_VQ_WAIT_KICK)
+                break;  /* notifications stay enabled for the next waiter */
+        }
+        nitro_vq_disable_notify(vq);
+    }
+    while (blk_ring_in_flight(r) > 0)
+        nitro_io_wait(io);
+    blk_ring_notify((struct blk_ring *)r);
+    if (rc == NITRO_OK && nitro_vq_stopping(vq))
+        rc = nitro_vq_enable_notify(vq) < 0 ? NITRO_ERR_GUEST : NITRO_OK;
+    return rc < 0 ? rc : total;
+}
+
 int64_t nitro_blk_serve(struct nitro_vq *vq,
                         const struct nitro_blk_params *params,
                         struct nitro_blk_stats *stats, int idle_ms)
@@ -539,14 +887,17 @@ int64_t nitro_blk_serve(struct nitro_vq *vq,
         return NITRO_ERR_ARG;
     if (nitro_vq_fault(vq) != NITRO_FAULT_NONE)
         return NITRO_ERR_GUEST;
-    /* One cipher lane per serving thread, held for the whole call. */
-    struct nitro_xts_lane *lane = NULL;
-    if (params->xts != NULL) {
-        lane = nitro_xts_lane_get(params->xts);
-        if (lane == NULL)
-            return NITRO_ERR_NOMEM;
+    struct nitro_ring *r = nitro_ring_blk_new(vq, params, stats);
+    if (r == NULL)
+        return NITRO_ERR_NOMEM;
+    int64_t rc = blk_ring_attach(r);
+    if (rc == NITRO_OK) {
+        struct nitro_io io;
+        nitro_io_init(&io, nitro_vq_num(vq));
+        rc = blk_serve_loop(r, &io, idle_ms);
+        nitro_io_exit(&io);
     }
-    int64_t rc = blk_serve_loop(vq, params, lane, stats, idle_ms);
-    nitro_xts_lane_put(lane);
+    blk_ring_detach(r);
+    blk_ring_free(r);
     return rc;
 }

@@ -5,9 +5,11 @@
  */
 #define _GNU_SOURCE
 #include <stdlib.h>
+#include <string.h>
 
 #include "nitro_iov.h"
 #include "nitro_pkt.h"
+#include "nitro_ring.h"
 #include "nitro_switch_internal.h"
 
 /* ---- TX rings --------------------------------------------------------------- */
@@ -19,6 +21,10 @@ struct tx_ctx {
     uint32_t hint;
     uint8_t *buf;  /* SCRATCH_LEN: the chain, then room for one segment */
     struct dirty dirty;
+    /* Fast-path frames of the batch that go to one destination, in order. */
+    struct port *group;
+    uint32_t nfast;
+    struct nitro_sw_fast fast[TX_BATCH];
 };
 
 static void tx_one(struct tx_ctx *t, const struct nitro_chain *c)
@@ -34,6 +40,56 @@ static void tx_one(struct tx_ctx *t, const struct nitro_chain *c)
                       t->buf + FRAME_BUF_LEN, t->hint, &t->dirty);
 }
 
+/* Deliver the pending fast frames (all to t->group). */
+static void tx_flush_group(struct tx_ctx *t)
+{
+    if (t->nfast > 0)
+        nitro_sw_deliver_fast(t->group, t->fast, t->nfast, t->hint, &t->dirty);
+    t->nfast = 0;
+    t->group = NULL;
+}
+
+/* Copy chain c's head into the next fast slot and let the switch decide. */
+static enum nitro_sw_fast_verdict tx_fast(struct tx_ctx *t,
+                                          const struct nitro_chain *c,
+                                          struct port **dst)
+{
+    if (c->n_out > NITRO_SW_FAST_IOV ||
+        c->out_len < NITRO_NET_HDR_LEN + ETH_HLEN ||
+        c->out_len > NITRO_NET_HDR_LEN + NITRO_NET_MAX_FRAME)
+        return NITRO_SW_SLOW;
+    struct nitro_sw_fast *f = &t->fast[t->nfast];
+    f->len = (uint32_t)c->out_len;
+    f->head_len = f->len < sizeof(f->head) ? f->len : (uint32_t)sizeof(f->head);
+    /* One copy of what the switch checks: the guest cannot change it
+     * after the checks (the rest it may: it is only its own payload). */
+    nitro_iov_to_buf(c->iov, (int)c->n_out, f->head, f->head_len);
+    f->cnt = (int)c->n_out;
+    memcpy(f->iov, c->iov, c->n_out * sizeof(c->iov[0]));
+    return nitro_sw_tx_fast(t->sw, t->p, f, dst);
+}
+
+/* Switch one chain: runs of fast frames to one destination are delivered
+ * together (one RX lock and publish), everything else as before, in order. */
+static void tx_chain(struct tx_ctx *t, const struct nitro_chain *c)
+{
+    struct port *dst = NULL;
+    uint32_t slot = t->nfast;  /* where tx_fast() puts the frame */
+    enum nitro_sw_fast_verdict v = tx_fast(t, c, &dst);
+    if (v == NITRO_SW_DONE)
+        return;
+    if (v == NITRO_SW_SLOW || dst != t->group)
+        tx_flush_group(t);
+    if (v == NITRO_SW_SLOW) {
+        tx_one(t, c);
+        return;
+    }
+    if (slot != t->nfast)  /* a new group starts with this frame */
+        memcpy(&t->fast[t->nfast], &t->fast[slot], sizeof(t->fast[0]));
+    t->group = dst;
+    t->nfast++;
+}
+
 static int64_t tx_batch(struct tx_ctx *t, struct nitro_vq *vq)
 {
     uint16_t heads[TX_BATCH];
@@ -45,11 +101,14 @@ static int64_t tx_batch(struct tx_ctx *t, struct nitro_vq *vq)
         rc = nitro_vq_pop(vq, &c);
         if (rc <= 0)
             break;
-        tx_one(t, c);
+        tx_chain(t, c);
         heads[n] = c->head;
         lens[n] = 0;  /* TX buffers are device-readable: nothing written */
         n++;
     }
+    /* The fast frames' payload is read out of these TX buffers: deliver
+     * before giving them back. */
+    tx_flush_group(t);
     /* Also when the guest broke the ring mid-batch: the chains taken so far
      * were switched, so they are completed and their receivers called. */
     nitro_vq_push_batch(vq, heads, lens, n);
@@ -181,6 +240,16 @@ static uint8_t ctrl_answer(const struct nitro_chain *c, uint32_t max_pairs)
     return VIRTIO_NET_ERR;
 }
 
+/* Answer one control command: the ack is the last writable byte (5.1.6.5). */
+static void ctrl_complete(struct nitro_vq *vq, const struct nitro_chain *c,
+                          uint32_t max_pairs)
+{
+    uint8_t ack = ctrl_answer(c, max_pairs);
+    const struct iovec *last = &c->iov[c->n_out + c->n_in - 1];
+    ((uint8_t *)last->iov_base)[last->iov_len - 1] = ack;
+    nitro_vq_push(vq, c->head, 1);
+}
+
 int64_t nitro_net_ctrl_serve(struct nitro_vq *vq, uint32_t max_pairs,
                              int idle_ms)
 {
@@ -196,11 +265,7 @@ int64_t nitro_net_ctrl_serve(struct nitro_vq *vq, uint32_t max_pairs,
                 rc = nitro_vq_set_fault(vq, NITRO_FAULT_REQUEST);
                 break;
             }
-            uint8_t ack = ctrl_answer(c, max_pairs);
-            /* The ack is the last writable byte (5.1.6.5). */
-            const struct iovec *last = &c->iov[c->n_out + c->n_in - 1];
-            ((uint8_t *)last->iov_base)[last->iov_len - 1] = ack;
-            nitro_vq_push(vq, c->head, 1);
+            ctrl_complete(vq, c, max_pairs);
             pushed++;
             total++;
         }
@@ -221,4 +286,175 @@ int64_t nitro_net_ctrl_serve(struct nitro_vq *vq, uint32_t max_pairs,
         if (e != NITRO_VQ_WAIT_KICK)
             return total;
     }
+}
+
+/* ---- engine rings (nitro_ring.h) -------------------------------------------- */
+
+/* A TX ring as an engine worker serves it: up to budget chains a poll, the
+ * scratch buffer held from attach to detach. */
+struct net_tx_ring {
+    struct nitro_ring r;
+    int scratch_slot;
+    struct tx_ctx t;
+};
+
+static int tx_ring_poll(struct nitro_ring *r, struct nitro_io *io,
+                        uint32_t budget)
+{
+    (void)io;
+    struct net_tx_ring *x = (struct net_tx_ring *)r;
+    uint32_t done = 0;
+    while (done < budget) {
+        int64_t n = tx_batch(&x->t, r->vq);
+        if (n < 0)
+            return (int)n;
+        if (n == 0)
+            break;
+        done += (uint32_t)n;
+    }
+    return (int)done;
+}
+
+static int tx_ring_attach(struct nitro_ring *r)
+{
+    struct net_tx_ring *x = (struct net_tx_ring *)r;
+    if (nitro_vq_fault(r->vq) != NITRO_FAULT_NONE)
+        return NITRO_ERR_GUEST;
+    x->t.buf = scratch_get(x->t.p, &x->scratch_slot);
+    return x->t.buf == NULL ? NITRO_ERR_NOMEM : NITRO_OK;
+}
+
+static void tx_ring_detach(struct nitro_ring *r)
+{
+    struct net_tx_ring *x = (struct net_tx_ring *)r;
+    if (x->t.buf != NULL)
+        scratch_put(x->t.p, x->scratch_slot, x->t.buf);
+    x->t.buf = NULL;
+}
+
+static uint32_t no_io_in_flight(const struct nitro_ring *r)
+{
+    (void)r;
+    return 0;
+}
+
+static void ring_free_plain(struct nitro_ring *r)
+{
+    free(r);
+}
+
+static const struct nitro_ring_ops tx_ring_ops = {
+    .poll = tx_ring_poll,
+    .arm = nitro_ring_arm_vq,
+    .disarm = nitro_ring_disarm_vq,
+    .in_flight = no_io_in_flight,
+    .attach = tx_ring_attach,
+    .detach = tx_ring_detach,
+    .free = ring_free_plain,
+};
+
+struct nitro_ring *nitro_ring_net_tx_new(struct nitro_switch *sw,
+                                         uint32_t port, struct nitro_vq *vq)
+{
+    struct port *p = sw != NULL ? nitro_sw_port(sw, port) : NULL;
+    if (p == NULL || vq == NULL)
+        return NULL;
+    struct net_tx_ring *x = calloc(1, sizeof(*x));
+    if (x == NULL)
+        return NULL;
+    x->r = (struct nitro_ring){.ops = &tx_ring_ops, .vq = vq,
+                               .kind = NITRO_RING_NET_TX, .worker = -1,
+                               .kick_fd = -1};
+    x->t = (struct tx_ctx){.sw = sw, .port_id = port, .p = p, .hint = port};
+    return &x->r;
+}
+
+/* An RX ring is filled by other workers under its slot lock; its owner only
+ * reports a fault a delivery found (the deliverer kicks it awake). Its kicks
+ * (new buffers) need no action, and it never asks the guest to stop them. */
+static int rx_ring_poll(struct nitro_ring *r, struct nitro_io *io,
+                        uint32_t budget)
+{
+    (void)io;
+    (void)budget;
+    return nitro_vq_fault(r->vq) != NITRO_FAULT_NONE ? NITRO_ERR_GUEST : 0;
+}
+
+static int rx_ring_arm(struct nitro_ring *r)
+{
+    return nitro_vq_fault(r->vq) != NITRO_FAULT_NONE ? NITRO_ERR_GUEST : 0;
+}
+
+static void rx_ring_disarm(struct nitro_ring *r)
+{
+    (void)r;
+}
+
+static const struct nitro_ring_ops rx_ring_ops = {
+    .poll = rx_ring_poll,
+    .arm = rx_ring_arm,
+    .disarm = rx_ring_disarm,
+    .in_flight = no_io_in_flight,
+    .free = ring_free_plain,
+};
+
+struct nitro_ring *nitro_ring_net_rx_new(struct nitro_vq *vq)
+{
+    if (vq == NULL)
+        return NULL;
+    struct nitro_ring *r = calloc(1, sizeof(*r));
+    if (r != NULL)
+        *r = (struct nitro_ring){.ops = &rx_ring_ops, .vq = vq,
+                                 .kind = NITRO_RING_NET_RX, .worker = -1,
+                                 .kick_fd = -1};
+    return r;
+}
+
+struct net_ctrl_ring {
+    struct nitro_ring r;
+    uint32_t max_pairs;
+};
+
+static int ctrl_ring_poll(struct nitro_ring *r, struct nitro_io *io,
+                          uint32_t budget)
+{
+    (void)io;
+    struct net_ctrl_ring *x = (struct net_ctrl_ring *)r;
+    uint32_t done = 0;
+    int rc = 0;
+    struct nitro_chain *c;
+    while (done < budget && (rc = nitro_vq_pop(r->vq, &c)) == 1) {
+        if (c->n_in == 0) {
+            rc = nitro_vq_set_fault(r->vq, NITRO_FAULT_REQUEST);
+            break;
+        }
+        ctrl_complete(r->vq, c, x->max_pairs);
+        done++;
+    }
+    if (done > 0)
+        nitro_vq_notify(r->vq);
+    return rc < 0 ? rc : (int)done;
+}
+
+static const struct nitro_ring_ops ctrl_ring_ops = {
+    .poll = ctrl_ring_poll,
+    .arm = nitro_ring_arm_vq,
+    .disarm = nitro_ring_disarm_vq,
+    .in_flight = no_io_in_flight,
+    .free = ring_free_plain,
+};
+
+struct nitro_ring *nitro_ring_net_ctrl_new(struct nitro_vq *vq,
+                                           uint32_t max_pairs)
+{
+    if (vq == NULL)
+        return NULL;
+    struct net_ctrl_ring *x = calloc(1, sizeof(*x));
+    if (x == NULL)
+        return NULL;
+    x->r = (struct nitro_ring){.ops = &ctrl_ring_ops, .vq = vq,
+                               .kind = NITRO_RING_NET_CTRL, .worker = -1,
+                               .kick_fd = -1};
+    x->max_pairs = max_pairs;
+    return &x->r;
 }

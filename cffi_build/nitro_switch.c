@@ -263,16 +263,64 @@ static uint8_t *iov_byte(const struct iovec *iov, uint32_t cnt, uint64_t off)
     return NULL;
 }
 
-/* Copy hdr+frame (buf, len) into one ring; caller holds slot->lock.
- * Returns 1 delivered, 0 no room, NITRO_ERR_GUEST. */
-static int fill_ring(struct nitro_vq *vq, bool mrg, const uint8_t *buf,
-                     uint32_t len)
+/* Where a frame's bytes are: `head` holds the first head_len, the rest is
+ * still in the sender's iovecs (which also hold the head: offsets count
+ * from their start). A frame in one buffer is all head. */
+struct frame_src {
+    uint32_t len;
+    const uint8_t *head;
+    uint32_t head_len;
+    const struct iovec *iov;
+    int cnt;
+};
+
+/* Copy n bytes of the frame, from byte `from` on, into dst iovecs. */
+static void src_copy(const struct frame_src *f, uint64_t from,
+                     const struct iovec *dst, int dcnt, uint64_t n)
 {
-    uint16_t heads[MAX_RX_BUFS];
-    uint32_t lens[MAX_RX_BUFS];
+    int di = 0;
+    uint64_t doff = 0, soff = from;
+    while (n > 0 && di < dcnt) {
+        const uint8_t *src;
+        uint64_t avail;
+        if (soff < f->head_len) {
+            src = f->head + soff;
+            avail = f->head_len - soff;
+        } else {
+            uint64_t skip = soff;
+            int si = 0;
+            while (si < f->cnt && skip >= f->iov[si].iov_len)
+                skip -= f->iov[si++].iov_len;
+            if (si == f->cnt)
+                return;
+            src = (const uint8_t *)f->iov[si].iov_base + skip;
+            avail = f->iov[si].iov_len - skip;
+        }
+        uint64_t k = dst[di].iov_len - doff;
+        if (k > avail)
+            k = avail;
+        if (k > n)
+            k = n;
+        memcpy((uint8_t *)dst[di].iov_base + doff, src, k);
+        n -= k;
+        soff += k;
+        doff += k;
+        if (doff == dst[di].iov_len) {
+            di++;
+            doff = 0;
+        }
+    }
+}
+
+/* Copy a frame into RX buffers of vq without publishing them: their heads
+ * and lengths are appended at heads/lens[*nb]. The caller holds the slot
+ * lock. 1 delivered, 0 no room (nothing taken), NITRO_ERR_GUEST. */
+static int fill_frame(struct nitro_vq *vq, bool mrg, const struct frame_src *f,
+                      uint16_t *heads, uint32_t *lens, uint32_t *nb)
+{
     uint8_t *nb_lo = NULL, *nb_hi = NULL;  /* num_buffers in the 1st buffer */
     uint32_t n = 0, done = 0;
-    while (done < len) {
+    while (done < f->len) {
         struct nitro_chain *c;
         int rc = n < MAX_RX_BUFS ? nitro_vq_pop(vq, &c) : 0;
         if (rc <= 0) {
@@ -286,27 +334,41 @@ static int fill_ring(struct nitro_vq *vq, bool mrg, const uint8_t *buf,
             nitro_vq_unpop(vq, (uint16_t)(n + 1));
             return nitro_vq_set_fault(vq, NITRO_FAULT_REQUEST);
         }
-        uint64_t room = c->in_len < len - done ? c->in_len : len - done;
+        uint64_t room = c->in_len < f->len - done ? c->in_len : f->len - done;
         if (n == 0) {
             /* num_buffers: le16 at offset 10 of virtio_net_hdr_v1. The
              * chain's iovecs are gone after the next pop: keep where. */
             nb_lo = iov_byte(c->iov, c->n_in, 10);
             nb_hi = iov_byte(c->iov, c->n_in, 11);
         }
-        nitro_buf_to_iov(c->iov, (int)c->n_in, buf + done, room);
-        heads[n] = c->head;
-        lens[n] = (uint32_t)room;
+        src_copy(f, done, c->iov, (int)c->n_in, room);
+        heads[*nb + n] = c->head;
+        lens[*nb + n] = (uint32_t)room;
         n++;
         done += (uint32_t)room;
-        if (!mrg && done < len) {
+        if (!mrg && done < f->len) {
             nitro_vq_unpop(vq, (uint16_t)n);
             return 0;  /* one buffer must hold the whole frame */
         }
     }
     *nb_lo = (uint8_t)n;
     *nb_hi = (uint8_t)(n >> 8);
-    nitro_vq_push_batch(vq, heads, lens, n);
+    *nb += n;
     return 1;
+}
+
+/* Copy hdr+frame (buf, len) into one ring and publish it. */
+static int fill_ring(struct nitro_vq *vq, bool mrg, const uint8_t *buf,
+                     uint32_t len)
+{
+    uint16_t heads[MAX_RX_BUFS];
+    uint32_t lens[MAX_RX_BUFS];
+    uint32_t nb = 0;
+    struct frame_src f = {.len = len, .head = buf, .head_len = len};
+    int rc = fill_frame(vq, mrg, &f, heads, lens, &nb);
+    if (rc == 1)
+        nitro_vq_push_batch(vq, heads, lens, nb);
+    return rc;
 }
 
 /* Deliver hdr+frame to port dst as one frame, counted as pkts packets of
@@ -702,6 +764,139 @@ void nitro_sw_tx_frame(struct nitro_switch *sw, uint32_t port_id,
         return;
     }
     forward(sw, v, p, buf, len, seg, hint, dirty);
+}
+
+/* ---- the fast path ---------------------------------------------------------- */
+
+/* The receiving guest port of a unicast frame inside VPC v that can take
+ * it unchanged, or NULL (anything else goes the slow way). */
+static struct port *fast_destination(struct nitro_switch *sw, struct vpc *v,
+                                     struct port *src, const uint8_t *hdr)
+{
+    const uint8_t *dmac = hdr + NITRO_NET_HDR_LEN;
+    if (dmac[0] & 1)
+        return NULL;
+    for (uint32_t i = 0; i < v->nports; i++) {
+        struct port *p = &sw->ports[v->ports[i]];
+        if (memcmp(p->mac, dmac, 6) != 0)
+            continue;
+        if (p == src)
+            return NULL;
+        uint64_t feat = __atomic_load_n(&p->features, __ATOMIC_RELAXED);
+        bool csum_ok = !(hdr[0] & VIRTIO_NET_HDR_F_NEEDS_CSUM) ||
+                       ((feat >> VIRTIO_NET_F_GUEST_CSUM) & 1);
+        return csum_ok ? p : NULL;
+    }
+    return NULL;
+}
+
+/* Plain IPv4 whose checked part is all in the head copy and that classify()
+ * can only forward or drop (never punt: no DHCP, nothing to the gateway). */
+static bool fast_ipv4(const struct vpc *v, const struct nitro_sw_fast *f)
+{
+    const uint8_t *frame = f->head + NITRO_NET_HDR_LEN;
+    uint32_t flen = f->len - NITRO_NET_HDR_LEN;
+    uint32_t have = f->head_len - NITRO_NET_HDR_LEN;
+    if (f->head[1] != VIRTIO_NET_HDR_GSO_NONE || flen < ETH_HLEN + 20 ||
+        ld16be(frame + 12) != ETH_P_IP)
+        return false;
+    const uint8_t *ip = frame + ETH_HLEN;
+    uint32_t ihl = (uint32_t)(ip[0] & 0xf) * 4;
+    if (ETH_HLEN + ihl + 8 > have || memcmp(ip + 16, v->gw_ip, 4) == 0)
+        return false;
+    const uint8_t *l4 = ip + ihl;
+    return !(ip[9] == IPPROTO_UDP_ && ld16be(l4 + 2) == DHCP_SERVER_PORT);
+}
+
+enum nitro_sw_fast_verdict nitro_sw_tx_fast(struct nitro_switch *sw,
+                                            struct port *p,
+                                            struct nitro_sw_fast *f,
+                                            struct port **dst)
+{
+    struct vpc *v = &sw->vpcs[p->vpc];
+    if (!fast_ipv4(v, f) || (*dst = fast_destination(sw, v, p, f->head)) == NULL)
+        return NITRO_SW_SLOW;
+    /* From here as nitro_sw_tx_frame, on the checked copy of the head. */
+    uint32_t flen = f->len - NITRO_NET_HDR_LEN;
+    uint64_t feat = __atomic_load_n(&p->features, __ATOMIC_RELAXED);
+    int bad = nitro_pkt_tx_header(f->head, flen, feat, v->mtu);
+    if (bad != NITRO_PKT_TX_OK) {
+        nitro_sw_drop(&p->stats, (unsigned)bad);
+        return NITRO_SW_DONE;
+    }
+    if (!port_admit(p, 1, flen, false))
+        return NITRO_SW_DONE;
+    enum verdict vd = classify(v, p, f->head + NITRO_NET_HDR_LEN, flen);
+    if (vd == DROP)
+        return NITRO_SW_DONE;
+    if (vd == PUNT) {  /* fast_ipv4() rules it out: defensive */
+        nitro_sw_drop(&p->stats, NITRO_NET_DROP_BAD_HEADER);
+        return NITRO_SW_DONE;
+    }
+    nitro_stat_add(&p->stats.packets_out, 1);
+    nitro_stat_add(&p->stats.bytes_out, flen);
+    return NITRO_SW_FAST;
+}
+
+/* The RX slot a delivery to dst uses (hint spreads senders over pairs). */
+static struct rx_slot *fast_slot(struct port *dst, uint32_t hint)
+{
+    uint32_t pairs = __atomic_load_n(&dst->rx_pairs, __ATOMIC_RELAXED);
+    for (uint32_t k = 0; k < pairs; k++) {
+        struct rx_slot *slot = &dst->rx[(hint + k) % pairs];
+        if (__atomic_load_n(&slot->vq, __ATOMIC_RELAXED) != NULL)
+            return slot;
+    }
+    return NULL;
+}
+
+#define FAST_MAX_BUFS (TX_BATCH + MAX_RX_BUFS)
+
+void nitro_sw_deliver_fast(struct port *dst, struct nitro_sw_fast *frames,
+                           uint32_t n, uint32_t hint, struct dirty *dirty)
+{
+    uint64_t feat = __atomic_load_n(&dst->features, __ATOMIC_RELAXED);
+    bool mrg = (feat >> VIRTIO_NET_F_MRG_RXBUF) & 1;
+    struct rx_slot *slot = fast_slot(dst, hint);
+    uint16_t heads[FAST_MAX_BUFS];
+    uint32_t lens[FAST_MAX_BUFS];
+    uint32_t nb = 0, delivered = 0, i = 0;
+    uint64_t bytes = 0;
+    if (slot != NULL) {
+        pthread_mutex_lock(&slot->lock);
+        struct nitro_vq *vq = slot->vq;
+        bool healthy = vq != NULL && nitro_vq_fault(vq) == NITRO_FAULT_NONE;
+        for (; vq != NULL && i < n; i++) {
+            struct nitro_sw_fast *f = &frames[i];
+            if (!port_admit(dst, 1, f->len - NITRO_NET_HDR_LEN, true))
+                continue;
+            if (nb + MAX_RX_BUFS > FAST_MAX_BUFS) {  /* publish what we have */
+                nitro_vq_push_batch(vq, heads, lens, nb);
+                nb = 0;
+            }
+            struct frame_src src = {.len = f->len, .head = f->head,
+                                    .head_len = f->head_len, .iov = f->iov,
+                                    .cnt = f->cnt};
+            int rc = fill_frame(vq, mrg, &src, heads, lens, &nb);
+            if (rc < 0 && healthy)
+                nitro_vq_wake(vq);  /* its owner reports the fault */
+            if (rc != 1)
+                break;  /* ring full or broken: the rest is dropped */
+            delivered++;
+            bytes += f->len - NITRO_NET_HDR_LEN;
+        }
+        if (vq != NULL)
+            nitro_vq_push_batch(vq, heads, lens, nb);
+        pthread_mutex_unlock(&slot->lock);
+    }
+    if (delivered > 0) {
+        mark_dirty(dirty, slot);
+        nitro_stat_add(&dst->stats.packets_in, delivered);
+        nitro_stat_add(&dst->stats.bytes_in, bytes);
+    }
+    /* Frames after a full or broken ring (or to a port with no RX ring). */
+    for (; i < n; i++)
+        nitro_sw_drop(&dst->stats, NITRO_NET_DROP_NO_RX_BUFFER);
 }
 
 /* ---- uplink (TAP) ------------------------------------------------------------ */

@@ -25,6 +25,7 @@
 #define NITRO_SWITCH_INTERNAL_H
 
 #include <pthread.h>
+#include <sys/uio.h>
 #include <stdbool.h>
 #include <stdint.h>
 
@@ -119,6 +120,43 @@ NITRO_INTERNAL void nitro_sw_tx_frame(struct nitro_switch *sw, uint32_t port_id,
                                       struct port *p, uint8_t *buf,
                                       uint32_t len, uint8_t *seg,
                                       uint32_t hint, struct dirty *dirty);
+/* ---- the fast path: one copy from the TX chain into the RX chain ---------- */
+
+/* Bytes of a frame the switch copies out of the sender's memory and checks
+ * (IPv4 headers with options and the start of L4 fit); the rest of the
+ * payload moves straight from the TX buffers into the receiver's. */
+#define NITRO_SW_HEAD_COPY 128
+#define NITRO_SW_FAST_IOV 8
+
+/* A frame on the fast path: its checked virtio header and head, and the
+ * sender's iovecs the rest of it still lives in. */
+struct nitro_sw_fast {
+    uint32_t len;        /* virtio header + frame */
+    uint32_t head_len;   /* bytes of head[] that hold it */
+    uint8_t head[NITRO_NET_HDR_LEN + NITRO_SW_HEAD_COPY];
+    int cnt;
+    struct iovec iov[NITRO_SW_FAST_IOV];
+};
+
+enum nitro_sw_fast_verdict {
+    NITRO_SW_SLOW,   /* use nitro_sw_tx_frame: nothing was done or counted */
+    NITRO_SW_DONE,   /* dropped and counted */
+    NITRO_SW_FAST,   /* checked, admitted, counted out: deliver to *dst */
+};
+
+/* Decide whether f (head filled, len set) can take the fast path: a plain
+ * IPv4 unicast frame to another guest port of the VPC that takes it as it
+ * is (no segmentation, no checksum to complete, nothing to punt). If so,
+ * check and count it as nitro_sw_tx_frame would. */
+NITRO_INTERNAL enum nitro_sw_fast_verdict
+nitro_sw_tx_fast(struct nitro_switch *sw, struct port *p,
+                 struct nitro_sw_fast *f, struct port **dst);
+/* Deliver n fast frames to dst: one RX slot lock, one used->idx publish. */
+NITRO_INTERNAL void nitro_sw_deliver_fast(struct port *dst,
+                                          struct nitro_sw_fast *frames,
+                                          uint32_t n, uint32_t hint,
+                                          struct dirty *dirty);
+
 /* Call the guests behind the dirty slots (once each) and empty the set. */
 NITRO_INTERNAL void nitro_sw_flush_dirty(struct dirty *d);
 

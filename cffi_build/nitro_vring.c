@@ -722,6 +722,11 @@ void nitro_vq_wake(struct nitro_vq *vq)
     /* EAGAIN: the counter is saturated, so the fd is readable anyway. */
 }
 
+void nitro_vq_count_kick(struct nitro_vq *vq)
+{
+    nitro_stat_add(&vq->stats.kicks, 1);
+}
+
 int nitro_vq_wait_kick(struct nitro_vq *vq, int timeout_ms)
 {
     struct pollfd fds[2] = {

@@ -103,6 +103,8 @@ NITRO_INTERNAL int nitro_vq_wait_kick(struct nitro_vq *vq, int timeout_ms);
  * Safe from any thread while the kick fd cannot change (the caller holds
  * what keeps the queue attached). */
 NITRO_INTERNAL void nitro_vq_wake(struct nitro_vq *vq);
+/* Count a kick the engine drained from the kick fd on the queue's behalf. */
+NITRO_INTERNAL void nitro_vq_count_kick(struct nitro_vq *vq);
 
 /* Counters are read by other threads (metrics scrapes) and a blk stats
  * struct may be shared by several queue threads: add atomically. */

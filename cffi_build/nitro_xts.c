@@ -310,13 +310,20 @@ int nitro_xts_iov(struct nitro_xts *x, struct nitro_xts_lane *l,
 {
     if (len > NITRO_XTS_BOUNCE)
         return NITRO_ERR_ARG;
+    return nitro_xts_iov_buf(x, l, l->bounce, iov, cnt, len, offset, enc);
+}
+
+int nitro_xts_iov_buf(struct nitro_xts *x, struct nitro_xts_lane *l,
+                      uint8_t *bounce, struct iovec **iov, int *cnt,
+                      uint64_t len, uint64_t offset, bool enc)
+{
     uint32_t n = x->sector_size;
     EVP_CIPHER_CTX *ctx = enc ? l->enc : l->dec;
     uint8_t tmp[MAX_SECTOR];  /* plaintext of a sector that straddles iovecs */
     bool used_tmp = false;
     int rc = NITRO_OK;
     for (uint64_t done = 0; done < len && rc == NITRO_OK; done += n) {
-        uint8_t *b = l->bounce + done;
+        uint8_t *b = bounce + done;
         uint8_t *g = iov_sector(*iov, *cnt, n);
         if (g == NULL) {
             used_tmp = true;

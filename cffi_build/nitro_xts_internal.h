@@ -34,5 +34,10 @@ uint8_t *nitro_xts_lane_bounce(struct nitro_xts_lane *l);
 int nitro_xts_iov(struct nitro_xts *x, struct nitro_xts_lane *l,
                   struct iovec **iov, int *cnt, uint64_t len, uint64_t offset,
                   bool enc);
+/* The same with a ciphertext buffer of the caller's (len bytes, any size):
+ * the engine's in-flight requests each have their own. */
+int nitro_xts_iov_buf(struct nitro_xts *x, struct nitro_xts_lane *l,
+                      uint8_t *bounce, struct iovec **iov, int *cnt,
+                      uint64_t len, uint64_t offset, bool enc);
 
 #endif

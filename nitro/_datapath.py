@@ -551,3 +551,100 @@ def net_ctrl_serve(vq: Virtqueue, max_pairs: int, idle_ms: int) -> int:
     """Serve a virtio-net control queue (ACK MQ/RX/MAC class commands)."""
     ptr = vq.ptr
     return _check(lib.nitro_net_ctrl_serve(ptr, max_pairs, idle_ms), "nitro_net_ctrl_serve", ptr)
+
+
+# ---------------------------------------------------------------------------
+# The engine: C worker threads that serve every ring (nitro.h "the engine")
+# ---------------------------------------------------------------------------
+
+POLL_ADAPTIVE: Final[int] = lib.NITRO_ENGINE_POLL_ADAPTIVE
+POLL_MAX_US: Final[int] = lib.NITRO_ENGINE_POLL_MAX_US
+MAX_WORKERS: Final[int] = lib.NITRO_ENGINE_MAX_WORKERS
+RING_KINDS: Final[dict[int, str]] = {
+    lib.NITRO_RING_BLK: "blk",
+    lib.NITRO_RING_NET_TX: "net_tx",
+    lib.NITRO_RING_NET_RX: "net_rx",
+    lib.NITRO_RING_NET_CTRL: "net_ctrl",
+}
+_WORKER_STAT_FIELDS: Final[tuple[str, ...]] = (
+    "rings", "chains", "wakeups", "busy_ns", "poll_ns", "sleep_ns", "io_submitted",
+    "poll_us", "uring",
+)
+
+
+class Ring(_Owned):
+    """One virtqueue as the engine serves it. The objects it names (the
+    Virtqueue and the device's params/stats/switch) must outlive it; it is
+    freed only while detached (``Engine.detach`` first)."""
+
+    def __init__(self, cdata: Any, vq: Virtqueue, kind: str, keep: tuple[Any, ...]) -> None:
+        super().__init__(ffi.gc(cdata, lib.nitro_ring_free))
+        self.vq = vq
+        self.kind = kind
+        self._keep = keep  # what C points at: alive as long as the ring
+
+    @classmethod
+    def blk(cls, vq: Virtqueue, params: BlkParams, stats: BlkStats) -> Ring:
+        return cls(lib.nitro_ring_blk_new(vq.ptr, params.ptr, stats.ptr), vq, "blk", (params, stats))
+
+    @classmethod
+    def net_tx(cls, switch: Switch, port: int, vq: Virtqueue) -> Ring:
+        return cls(lib.nitro_ring_net_tx_new(switch.ptr, port, vq.ptr), vq, "net_tx", (switch,))
+
+    @classmethod
+    def net_rx(cls, vq: Virtqueue) -> Ring:
+        return cls(lib.nitro_ring_net_rx_new(vq.ptr), vq, "net_rx", ())
+
+    @classmethod
+    def net_ctrl(cls, vq: Virtqueue, max_pairs: int) -> Ring:
+        return cls(lib.nitro_ring_net_ctrl_new(vq.ptr, max_pairs), vq, "net_ctrl", ())
+
+    @property
+    def worker(self) -> int | None:
+        w = int(lib.nitro_ring_worker(self.ptr))
+        return None if w < 0 else w
+
+    @property
+    def in_flight(self) -> int:
+        return int(lib.nitro_ring_in_flight(self.ptr))
+
+    def check(self) -> None:
+        """Raise the error that stopped the ring (GuestFault, HostError...),
+        or return while it may serve."""
+        rc = int(lib.nitro_ring_status(self.ptr))
+        if rc == lib.NITRO_ERR_SYS:
+            raise HostError(rc, "ring", int(lib.nitro_ring_errno(self.ptr)))
+        _check(rc, "ring", self.vq.ptr)
+
+
+class Engine(_Owned):
+    """The C worker threads (nitro_engine_new). ``attach``/``detach`` block
+    until the worker has taken or let go of the ring: call them off the
+    trio thread. ``event_fd`` turns readable when a ring stops on an error."""
+
+    def __init__(self, workers: int, cpus: list[int] | None = None,
+                 poll_us: int = POLL_ADAPTIVE, sync_io: bool = False) -> None:
+        if cpus is not None and len(cpus) != workers:
+            raise ValueError("one CPU per worker")
+        c_cpus = ffi.new("int32_t[]", cpus) if cpus is not None else ffi.NULL
+        ptr = lib.nitro_engine_new(workers, c_cpus, poll_us, 1 if sync_io else 0)
+        if ptr == ffi.NULL:
+            err = ffi.errno
+            raise HostError(lib.NITRO_ERR_SYS, "nitro_engine_new", err)
+        super().__init__(ffi.gc(ptr, lib.nitro_engine_free))
+        self.workers = int(lib.nitro_engine_workers(ptr))
+
+    @property
+    def event_fd(self) -> int:
+        return int(lib.nitro_engine_event_fd(self.ptr))
+
+    def attach(self, ring: Ring, worker: int) -> None:
+        _check(lib.nitro_engine_attach(self.ptr, ring.ptr, worker), "nitro_engine_attach", ring.vq.ptr)
+
+    def detach(self, ring: Ring) -> None:
+        _check(lib.nitro_engine_detach(self.ptr, ring.ptr), "nitro_engine_detach")
+
+    def worker_stats(self, worker: int) -> dict[str, int]:
+        out = ffi.new("struct nitro_worker_stats *")
+        _check(lib.nitro_engine_worker_stats(self.ptr, worker, out), "nitro_engine_worker_stats")
+        return {f: int(getattr(out, f)) for f in _WORKER_STAT_FIELDS}

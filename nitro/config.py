@@ -109,6 +109,44 @@ class DaemonConfig:
     source: str  # the file the config came from, for messages
     vpc: tuple[VpcConfig, ...] = ()
     net: tuple[NetConfig, ...] = ()
+    engine: EngineConfig = dataclasses.field(default_factory=lambda: EngineConfig(default_workers(), None, None))
+
+
+MAX_WORKERS = 64  # NITRO_ENGINE_MAX_WORKERS
+MAX_POLL_US = 1000  # NITRO_ENGINE_POLL_MAX_US
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineConfig:
+    """[daemon] workers / cpus / poll_us: the C worker threads that serve
+    every ring (docs/architecture.md "The engine")."""
+    workers: int
+    cpus: tuple[int, ...] | None  # worker i runs on cpus[i % len(cpus)]; None: not pinned
+    poll_us: int | None           # busy-poll window; None: adaptive
+
+    def worker_cpus(self) -> list[int] | None:
+        if self.cpus is None:
+            return None
+        return [self.cpus[i % len(self.cpus)] for i in range(self.workers)]
+
+
+def default_workers() -> int:
+    """One worker per CPU nitro may run on (its affinity mask)."""
+    return max(1, min(MAX_WORKERS, len(os.sched_getaffinity(0))))
+
+
+def parse_cpu_list(text: str) -> tuple[int, ...]:
+    """'0-3,6' -> (0, 1, 2, 3, 6), as the kernel's cpulist format; ValueError."""
+    cpus: list[int] = []
+    for part in text.split(","):
+        lo, dash, hi = part.strip().partition("-")
+        first, last = int(lo), int(hi) if dash else int(lo)
+        if first < 0 or last < first:
+            raise ValueError(f"bad range {part.strip()!r}")
+        cpus.extend(range(first, last + 1))
+    if not cpus or len(set(cpus)) != len(cpus):
+        raise ValueError("empty or repeated CPUs")
+    return tuple(cpus)
 
 
 def default_dirs() -> tuple[Path, Path]:
@@ -173,7 +211,8 @@ def from_dict(doc: dict, source: str, *, runtime_dir: Path | None = None,
               state_dir: Path | None = None) -> DaemonConfig:
     _check_keys(doc, {"daemon", "metrics", "blk", "vpc", "net"}, source, "")
     daemon = _table(doc, "daemon", source)
-    _check_keys(daemon, {"runtime_dir", "state_dir", "control_socket", "log_level"}, source, "daemon.")
+    _check_keys(daemon, {"runtime_dir", "state_dir", "control_socket", "log_level",
+                         "workers", "cpus", "poll_us"}, source, "daemon.")
     metrics = _table(doc, "metrics", source)
     _check_keys(metrics, {"listen"}, source, "metrics.")
     def_runtime, def_state = default_dirs()
@@ -189,7 +228,33 @@ def from_dict(doc: dict, source: str, *, runtime_dir: Path | None = None,
     nets = tuple(_net(t, i, source, runtime, vpcs)
                  for i, t in enumerate(_array(doc, "net", source, MAX_NET_INTERFACES)))
     _check_unique(blks, vpcs, nets, source)
-    return DaemonConfig(runtime, state, control, listen, level, blks, source, vpcs, nets)
+    engine = _engine(daemon, source)
+    return DaemonConfig(runtime, state, control, listen, level, blks, source, vpcs, nets, engine)
+
+
+def _engine(daemon: dict, source: str) -> EngineConfig:
+    cpus = None
+    if "cpus" in daemon:
+        text = _str(daemon, "cpus", source, "daemon.", None)
+        try:
+            cpus = parse_cpu_list(text)
+        except ValueError as e:
+            raise ConfigError(source, "daemon.cpus", f"expected a CPU list like \"0-3,6\": {e}") from None
+        usable = os.sched_getaffinity(0)
+        if not set(cpus) <= usable:
+            raise ConfigError(source, "daemon.cpus",
+                              f"CPUs {sorted(set(cpus) - usable)} are not available to nitro "
+                              f"(its CPUs: {sorted(usable)})")
+    default = min(MAX_WORKERS, len(cpus)) if cpus else default_workers()
+    workers = _int(daemon, "workers", source, "daemon.", default, 1, MAX_WORKERS)
+    poll = daemon.get("poll_us", "adaptive")
+    poll_us = None
+    if poll != "adaptive":
+        if isinstance(poll, bool) or not isinstance(poll, int) or not 0 <= poll <= MAX_POLL_US:
+            raise ConfigError(source, "daemon.poll_us",
+                              f'expected "adaptive" or microseconds 0..{MAX_POLL_US}, got {poll!r}')
+        poll_us = poll
+    return EngineConfig(workers, cpus, poll_us)
 
 
 _MAC_RE = re.compile(r"^[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}$")

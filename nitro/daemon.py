@@ -31,11 +31,15 @@ from nitro.control.protocol import CommandRefused
 from nitro.control.server import serve_control
 from nitro.devices import blk
 from nitro.devices.blk.backends.raw import VolumeError
+from nitro.engine import Engine
 from nitro.log import log_event
 from nitro.sdnotify import Notifier, watchdog_loop
 from nitro.vhost.server import VhostUserServer
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
+    from nitro.devices.base import VirtioBackend
     from nitro.devices.net.fabric import NetFabric
 
 log = logging.getLogger("nitro.daemon")
@@ -57,6 +61,7 @@ class Daemon:
     servers: list[VhostUserServer] = field(default_factory=list)
     version: str = __version__
     fabric: NetFabric | None = None  # when [[net]] (or a VPC uplink) is configured
+    engine: Engine | None = None  # the C workers serving every ring (open_devices)
     # Re-reads the config file with the command line's overrides; None when
     # the daemon runs on the embedded default (nothing to re-read).
     load_config: Callable[[], DaemonConfig] | None = None
@@ -73,7 +78,32 @@ class Daemon:
 
     def status_sections(self) -> dict[str, Callable[[], Any]]:
         """Parts of a status reply beyond the devices (control.commands.DaemonView)."""
-        return {"vpcs": self.vpc_statistics} if self.fabric is not None else {}
+        sections: dict[str, Callable[[], Any]] = {}
+        if self.engine is not None:
+            sections["engine"] = self.engine.statistics
+        if self.fabric is not None:
+            sections["vpcs"] = self.vpc_statistics
+        return sections
+
+    def _server(self, device, socket, device_id: str) -> VhostUserServer:
+        assert self.engine is not None, "open_devices() starts the engine first"
+        return VhostUserServer(device, socket, device_id=device_id, engine=self.engine)
+
+    def _start_engine(self) -> None:
+        e = self.cfg.engine
+        try:
+            self.engine = Engine(e.workers, e.worker_cpus(), e.poll_us)
+        except (_datapath.DatapathError, ValueError) as err:
+            raise StartupError(f"cannot start {e.workers} engine workers: {err}") from None
+        log_event(log, logging.INFO, "engine started", workers=e.workers,
+                  cpus=",".join(map(str, e.cpus)) if e.cpus else "any",
+                  poll_us=e.poll_us if e.poll_us is not None else "adaptive",
+                  blk_io=self.engine.statistics()["blk_io"])
+
+    def engine_statistics(self) -> dict | None:
+        """The engine's workers and their rings; any thread (metrics)."""
+        engine = self.engine  # read once: close() clears it
+        return engine.statistics() if engine is not None else None
 
     def vpc_statistics(self) -> dict:
         """Per-VPC control plane and uplink counters; any thread (metrics)."""
@@ -81,18 +111,37 @@ class Daemon:
         return fabric.statistics() if fabric is not None else {}
 
     def open_devices(self) -> None:
+        """Open every volume and the network fabric, then start the engine
+        and one server per device (a bad volume fails before any thread)."""
+        opened: list[tuple[VirtioBackend, Path, str]] = []
         make_directories(self.cfg)
         for b in self.cfg.blk:
             try:
                 device = blk.open_device(b)
             except VolumeError as e:
-                self.close()
+                self._close_opened(opened)
                 raise StartupError(f"device {b.id}: {e}") from None
-            self.servers.append(VhostUserServer(device, b.socket, device_id=b.id))
+            opened.append((device, b.socket, b.id))
         if self.cfg.net or any(v.uplink for v in self.cfg.vpc):
-            self._open_net()
+            try:
+                fabric = self._open_net()
+            except StartupError:
+                self._close_opened(opened)
+                raise
+            opened += [(d, n.socket, n.id) for n, d in zip(self.cfg.net, fabric.devices)]
+        try:
+            self._start_engine()
+        except StartupError:
+            self._close_opened(opened)
+            raise
+        self.servers = [self._server(*o) for o in opened]
 
-    def _open_net(self) -> None:
+    def _close_opened(self, opened) -> None:
+        for device, _, _ in opened:
+            device.close()
+        self.close()
+
+    def _open_net(self) -> NetFabric:
         from nitro.devices.net.fabric import FabricError, NetFabric
         from nitro.devices.net.uplink import UplinkError
 
@@ -102,18 +151,20 @@ class Daemon:
         except (FabricError, UplinkError, _datapath.DatapathError) as e:
             self.close()
             raise StartupError(str(e)) from None
-        for n, device in zip(self.cfg.net, self.fabric.devices):
-            self.servers.append(VhostUserServer(device, n.socket, device_id=n.id))
+        return self.fabric
 
     async def run(self, notifier: Notifier) -> None:
         msrv = metrics.start_metrics_server(self.cfg.metrics_listen, lambda: self.devices,
-                                            self.vpc_statistics, devices_lock=self.devices_lock)
+                                            self.vpc_statistics, devices_lock=self.devices_lock,
+                                            get_engine=self.engine_statistics)
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
                 for s in self.servers:
                     await nursery.start(s.serve)
                 await nursery.start(serve_control, self.cfg.control_socket, self)
+                if self.engine is not None:
+                    nursery.start_soon(self.engine.watch)
                 if self.fabric is not None:
                     nursery.start_soon(self.fabric.serve_punts)
                     self.fabric.start_uplink_threads()
@@ -205,7 +256,7 @@ class Daemon:
                     device = await trio.to_thread.run_sync(blk.open_device, b)
                 except VolumeError as e:
                     raise self._refuse(f"device {b.id}: {e}") from None
-                server = VhostUserServer(device, b.socket, device_id=b.id)
+                server = self._server(device, b.socket, b.id)
                 try:
                     await self._nursery.start(server.serve)
                 except OSError as e:
@@ -282,6 +333,9 @@ class Daemon:
         if self.fabric is not None:
             self.fabric.close()
             self.fabric = None
+        if self.engine is not None:  # every ring was detached by now
+            self.engine.close()
+            self.engine = None
 
 
 def make_directories(cfg: DaemonConfig) -> None:

@@ -71,6 +71,18 @@ NET_ALLOWANCES = {
 GetDevices = Callable[[], Iterable[Any]]
 #: Returns ``{vpc_id: NetFabric.statistics()[vpc_id]}`` (``{}`` without VPCs).
 GetVpcs = Callable[[], dict]
+#: Returns ``Engine.statistics()`` (nitro/engine.py), or None before it starts.
+GetEngine = Callable[[], dict | None]
+
+#: Per-worker engine counters: statistics key -> (metric name, help, nanoseconds?).
+ENGINE_COUNTERS = {
+    "chains": ("nitro_engine_chains", "Descriptor chains an engine worker served.", False),
+    "wakeups": ("nitro_engine_wakeups", "Times an engine worker woke from its epoll sleep.", False),
+    "busy_ns": ("nitro_engine_busy_seconds", "Time an engine worker spent in loop passes that moved work.", True),
+    "poll_ns": ("nitro_engine_poll_seconds", "Time an engine worker busy-polled with nothing to do.", True),
+    "sleep_ns": ("nitro_engine_sleep_seconds", "Time an engine worker slept waiting for kicks or I/O.", True),
+    "io_submitted": ("nitro_engine_io_submitted", "io_uring requests an engine worker submitted.", False),
+}
 
 
 class _Families:
@@ -121,6 +133,18 @@ class _Families:
             "nitro_virtqueue_calls", "Call (used buffer) notifications sent to the guest.", labels=["device", "queue"])
         self.vq_chains = CounterMetricFamily(
             "nitro_virtqueue_chains", "Descriptor chains processed.", labels=["device", "queue"])
+        self.vq_worker = GaugeMetricFamily(
+            "nitro_virtqueue_worker", "The engine worker serving the virtqueue (absent while it is not served).",
+            labels=["device", "queue"])
+        wl = ["worker"]
+        self.engine_rings = GaugeMetricFamily(
+            "nitro_engine_rings", "Virtqueues assigned to an engine worker.", labels=wl)
+        self.engine_poll_window = GaugeMetricFamily(
+            "nitro_engine_poll_window_seconds",
+            "How long an engine worker busy-polls before it sleeps (adaptive unless daemon.poll_us is set).",
+            labels=wl)
+        self.engine = {key: CounterMetricFamily(name, text, labels=wl)
+                       for key, (name, text, _) in ENGINE_COUNTERS.items()}
         il = ["interface"]
         self.net_packets = CounterMetricFamily(
             "nitro_net_packets", "Frames switched for a virtio-net interface; direction in = into the guest.",
@@ -211,6 +235,8 @@ def _add_device(f: _Families, stats: dict) -> None:
     for q in stats.get("queues", ()):
         qlabel = _labels(dev, q["index"])
         adds += [(f.vq_kicks, qlabel, q["kicks"]), (f.vq_calls, qlabel, q["calls"]), (f.vq_chains, qlabel, q["chains"])]
+        if q.get("worker") is not None:
+            adds.append((f.vq_worker, qlabel, q["worker"]))
         for name, n in q.get("faults", {}).items():
             faults[name] = faults.get(name, 0) + n
     adds += [(f.guest_errors, _labels(dev, kind, name), n) for name, n in faults.items()]
@@ -255,6 +281,17 @@ def _add_all(adds: list[tuple[Metric, list[str], Any]]) -> None:
         family.add_metric(labels, value)
 
 
+def _add_engine(f: _Families, stats: dict) -> None:
+    """Engine.statistics(): one series per worker; all or nothing."""
+    adds: list[tuple[Metric, list[str], Any]] = []
+    for w in stats["workers"]:
+        label = [str(w["id"])]
+        adds += [(f.engine_rings, label, w["rings"]), (f.engine_poll_window, label, w["poll_us"] / 1e6)]
+        for key, (_, _, ns) in ENGINE_COUNTERS.items():
+            adds.append((f.engine[key], label, w[key] / 1e9 if ns else w[key]))
+    _add_all(adds)
+
+
 def _add_vpc(f: _Families, vpc_id: str, stats: dict) -> None:
     """One VPC (NetFabric.statistics()[vpc_id]); all or nothing like _add_device."""
     vpc = str(vpc_id)
@@ -282,8 +319,10 @@ class NitroCollector(Collector):
 
     def __init__(self, get_devices: GetDevices, get_vpcs: GetVpcs | None = None,
                  version: str = __version__, *,
-                 devices_lock: AbstractContextManager[Any] | None = None) -> None:
+                 devices_lock: AbstractContextManager[Any] | None = None,
+                 get_engine: GetEngine | None = None) -> None:
         self._get_devices = get_devices
+        self._get_engine = get_engine
         self._devices_lock = devices_lock if devices_lock is not None else contextlib.nullcontext()
         self._get_vpcs = get_vpcs
         self._version = version
@@ -326,11 +365,24 @@ class NitroCollector(Collector):
             else:
                 self._record_success(key)
 
+    def _collect_engine(self, families: _Families) -> None:
+        if self._get_engine is None:
+            return
+        try:
+            stats = self._get_engine()
+            if stats is not None:
+                _add_engine(families, stats)
+        except Exception as exc:
+            self._record_failure("<engine>", "engine statistics", exc)
+        else:
+            self._record_success("<engine>")
+
     def collect(self) -> Iterator[Metric]:
         families = _Families()
         with self._devices_lock:
             self._collect_devices(families)
         self._collect_vpcs(families)
+        self._collect_engine(families)
 
         yield from families.all()
 
@@ -367,11 +419,12 @@ class NitroCollector(Collector):
 
 def make_registry(get_devices: GetDevices, get_vpcs: GetVpcs | None = None, *,
                   process_metrics: bool = True,
-                  devices_lock: AbstractContextManager[Any] | None = None) -> CollectorRegistry:
+                  devices_lock: AbstractContextManager[Any] | None = None,
+                  get_engine: GetEngine | None = None) -> CollectorRegistry:
     """A private registry (not prometheus_client's global one) holding the
     nitro collector and, by default, the standard ``process_*`` metrics."""
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(NitroCollector(get_devices, get_vpcs, devices_lock=devices_lock))
+    registry.register(NitroCollector(get_devices, get_vpcs, devices_lock=devices_lock, get_engine=get_engine))
     if process_metrics:
         ProcessCollector(registry=registry)
     return registry
@@ -411,7 +464,8 @@ def parse_listen(listen: str) -> tuple[str, int] | None:
 
 
 def start_metrics_server(listen: str, get_devices: GetDevices, get_vpcs: GetVpcs | None = None, *,
-                         devices_lock: AbstractContextManager[Any] | None = None):
+                         devices_lock: AbstractContextManager[Any] | None = None,
+                         get_engine: GetEngine | None = None):
     """Serve ``/metrics`` on ``listen`` (see :func:`parse_listen`) from a
     private registry, in prometheus-client's own daemon thread.
 
@@ -424,7 +478,7 @@ def start_metrics_server(listen: str, get_devices: GetDevices, get_vpcs: GetVpcs
     if parsed is None:
         return None
     host, port = parsed
-    registry = make_registry(get_devices, get_vpcs, devices_lock=devices_lock)
+    registry = make_registry(get_devices, get_vpcs, devices_lock=devices_lock, get_engine=get_engine)
     try:
         started = start_http_server(port, addr=host, registry=registry)
     except OSError as exc:

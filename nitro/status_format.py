@@ -125,9 +125,11 @@ def _format_device(d: dict) -> list[str]:
         for q in queues:
             faults = q.get("faults") or {}
             nonzero = ",".join(f"{k}={v}" for k, v in faults.items() if v) or "0"
+            worker = q.get("worker")
             rows.append([q.get("index", "?"), _yn(q.get("enabled")), _yn(q.get("running")),
+                         "-" if worker is None else worker,
                          q.get("kicks", 0), q.get("calls", 0), q.get("chains", 0), nonzero])
-        lines += _table(["queue", "enabled", "running", "kicks", "calls", "chains", "faults"], rows)
+        lines += _table(["queue", "enabled", "running", "worker", "kicks", "calls", "chains", "faults"], rows)
     net = d.get("net")
     if isinstance(net, dict):
         lines += _format_net(d, net)
@@ -175,6 +177,20 @@ def _format_vpcs(vpcs: dict) -> list[str]:
     return lines
 
 
+def _format_engine(engine: dict) -> list[str]:
+    workers = engine.get("workers") or []
+    poll = engine.get("poll_us")
+    lines = [f"engine: {len(workers)} worker{'s' if len(workers) != 1 else ''}, "
+             f"blk I/O {engine.get('blk_io', '?')}, busy-poll "
+             f"{poll if poll == 'adaptive' else f'{poll} us'}"]
+    rows = [[w.get("id", "?"), "-" if w.get("cpu") is None else w["cpu"], w.get("rings", 0), w.get("chains", 0),
+             f"{w.get('busy_ns', 0) / 1e9:.2f}", f"{w.get('poll_ns', 0) / 1e9:.2f}",
+             f"{w.get('sleep_ns', 0) / 1e9:.2f}", w.get("wakeups", 0), w.get("poll_us", 0)] for w in workers]
+    lines += _table(["worker", "cpu", "rings", "chains", "busy s", "poll s", "sleep s", "wakeups", "window us"],
+                    rows, indent="  ")
+    return lines
+
+
 def format_status(reply: dict) -> str:
     """A ``status`` reply -> the human-readable text of ``nitro status``:
     one block per device (id, kind, socket, state, features as hex and by
@@ -189,6 +205,13 @@ def format_status(reply: dict) -> str:
             lines += _format_device(d)
         except Exception as exc:  # a field of an unexpected type: show the rest
             lines.append(f"{d.get('id', '?') if isinstance(d, dict) else '?'}: cannot display: {exc}")
+    engine = reply.get("engine")
+    if isinstance(engine, dict):
+        lines.append("")
+        try:
+            lines += _format_engine(engine)
+        except Exception as exc:
+            lines.append(f"engine: cannot display: {exc}")
     vpcs = reply.get("vpcs")
     if isinstance(vpcs, dict) and vpcs:
         lines.append("")

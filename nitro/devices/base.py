@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 if TYPE_CHECKING:
+    from nitro._datapath import Ring
     from nitro.vhost.vring import Vring
 
 VIRTIO_RING_F_INDIRECT_DESC = 28
@@ -78,17 +79,17 @@ class VirtioBackend(Protocol):
         """SET_FEATURES: the negotiated virtio bits (vhost-user's bit 30 removed)."""
         ...
 
-    def serve_vring_blocking(self, vring: Vring, idle_ms: int) -> int:
-        """Serve one started ring in a worker thread until it is stopped or
-        idle for ``idle_ms``; the C loop's return code."""
+    def make_ring(self, vring: Vring) -> Ring:
+        """The C ring (``_datapath.Ring``) an engine worker serves this
+        started vring through; the server attaches and detaches it."""
         ...
 
     def on_vring_start(self, vring: Vring) -> None:
-        """Before the vring's worker starts."""
+        """Before the vring's ring is attached to the engine."""
         ...
 
     def on_vring_stop(self, vring: Vring) -> None:
-        """Before the vring's worker is stopped."""
+        """Before the vring's ring is detached from the engine."""
         ...
 
     def flush(self) -> None:
@@ -117,11 +118,11 @@ class VirtioDevice:
         return None
 
     def on_vring_start(self, vring) -> None:
-        """Before the vring's worker starts (on the trio thread)."""
+        """Before the vring's ring is attached to the engine (trio thread)."""
         return None
 
     def on_vring_stop(self, vring) -> None:
-        """Before the vring's worker is stopped (on the trio thread)."""
+        """Before the vring's ring is detached from the engine (trio thread)."""
         return None
 
     def flush(self) -> None:

@@ -2,13 +2,15 @@
 
 One VhostUserServer per device socket. It accepts one frontend at a time
 (vhost-user is one front-end to one back-end), reads exactly one message at
-a time so SCM_RIGHTS fds can never be attributed to the wrong message, feeds
-the sans-IO codec and dispatcher, and runs one worker task per started vring.
+a time so SCM_RIGHTS fds can never be attributed to the wrong message, and
+feeds the sans-IO codec and dispatcher. It serves no ring itself: each
+started vring becomes a C ring attached to one of the engine's workers
+(nitro/engine.py), which serve every ring of every device.
 
 Before applying a message that changes a running vring (or the memory table
-under all of them) the affected workers are stopped and awaited: C never
+under all of them) the affected rings are detached and awaited: C never
 sees a ring or mapping change under its feet. After the message, vrings
-whose `should_run` became true are started ("quiesce, apply, reconcile").
+whose `should_run` became true are attached ("quiesce, apply, reconcile").
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from pathlib import Path
 import trio
 
 from nitro import _datapath
+from nitro.engine import Engine
 from nitro.log import log_event
 from nitro.vhost.backend import VhostUserBackend
 from nitro.vhost.codec import NEED_DATA, FrontendConnection, ProtocolError
@@ -32,21 +35,22 @@ log = logging.getLogger("nitro.vhost")
 
 HEADER_SIZE = 12
 MAX_FDS = 32           # SET_MEM_TABLE carries at most 8; be generous, then check
-IDLE_MS = 200          # C keeps polling a quiet queue this long before returning
 
 
-class VringWorker:
-    """One trio task serving one vring through its C loop."""
+class AttachedRing:
+    """A vring the engine serves: its C ring, and while it is being taken
+    back, the event that says it is gone."""
 
-    def __init__(self, vring) -> None:
+    def __init__(self, vring, ring: _datapath.Ring) -> None:
         self.vring = vring
-        self.cancel_scope = trio.CancelScope()
-        self.done = trio.Event()
+        self.ring = ring
+        self.stopping: trio.Event | None = None
 
 
 class VhostUserServer:
-    def __init__(self, device, socket_path: Path, *, device_id: str) -> None:
+    def __init__(self, device, socket_path: Path, *, device_id: str, engine: Engine) -> None:
         self.device = device
+        self.engine = engine
         self.socket_path = Path(socket_path)
         self.device_id = device_id
         self.connected = False
@@ -54,7 +58,8 @@ class VhostUserServer:
         self.protocol_errors = 0
         self.broken: str | None = None
         self._backend: VhostUserBackend | None = None
-        self._workers: dict[int, VringWorker] = {}
+        self._rings: dict[int, AttachedRing] = {}
+        self._session_nursery: trio.Nursery | None = None
         # Queue counters of past sessions, so counters stay monotonic across
         # reconnects (each session gets fresh C queues).
         self._retired: dict[int, dict] = {}
@@ -95,16 +100,17 @@ class VhostUserServer:
         return sock
 
     def stop_accepting(self) -> None:
-        """No new frontend and no new vring worker from now on (drain)."""
+        """No new frontend and no new ring served from now on (drain)."""
         self._accepting = False
 
     async def stop_all_workers(self) -> None:
-        await self._stop_workers(list(self._workers))
+        """Take every ring back from the engine (in-flight requests complete)."""
+        await self._detach(list(self._rings))
 
     async def shutdown(self) -> None:
         """End this device's serving for good (reload removed it): stop
-        accepting, stop the vring workers (each C loop completes the batch it
-        holds), then end the session (the frontend sees a disconnect) and
+        accepting, take the rings back from the engine (in-flight requests
+        complete), then end the session (the frontend sees a disconnect) and
         close the listener. The caller flushes and closes the device and
         unlinks the socket. Only for a server whose serve() has started."""
         self.stop_accepting()
@@ -124,8 +130,9 @@ class VhostUserServer:
         log_event(log, logging.INFO, "frontend connected", **fields)
         try:
             async with trio.open_nursery() as nursery:
+                self._session_nursery = nursery
                 try:
-                    await self._message_loop(conn, codec, backend, nursery)
+                    await self._message_loop(conn, codec, backend)
                 except ProtocolError as e:
                     self.protocol_errors += 1
                     log_event(log, logging.WARNING, "frontend protocol error; disconnecting",
@@ -134,12 +141,13 @@ class VhostUserServer:
                     log_event(log, logging.WARNING, "frontend socket error",
                               error=str(e), **fields)
                 finally:
-                    # Shielded: on shutdown we are cancelled, yet the C loops
-                    # must still finish their batch before memory is unmapped.
+                    # Shielded: on shutdown we are cancelled, yet the workers
+                    # must let go of the rings before memory is unmapped.
                     with trio.CancelScope(shield=True):
                         await self.stop_all_workers()
                     nursery.cancel_scope.cancel()
         finally:
+            self._session_nursery = None
             self.connected = False
             self._backend = None
             self._retire(backend)
@@ -147,7 +155,7 @@ class VhostUserServer:
             self.device.reset()
             log_event(log, logging.INFO, "frontend disconnected", **fields)
 
-    async def _message_loop(self, conn, codec, backend, nursery) -> None:
+    async def _message_loop(self, conn, codec, backend) -> None:
         while True:
             got = await _recv_message(conn)
             if got is None:
@@ -156,63 +164,67 @@ class VhostUserServer:
             codec.receive_data(data, fds)
             while (msg := codec.next_event()) is not NEED_DATA:
                 affected = backend.affected_vrings(msg)
-                await self._stop_workers(
-                    list(self._workers) if affected == "all" else list(affected))
+                await self._detach(list(self._rings) if affected == "all" else list(affected))
                 reply = backend.handle(msg)
                 if reply:
                     await _send_all(conn, reply, getattr(reply, "fds", ()))
-                self._reconcile(backend, nursery)
+                await self._reconcile(backend)
 
-    # -- vring workers -----------------------------------------------------
-    def _reconcile(self, backend, nursery) -> None:
+    # -- rings on the engine -------------------------------------------------
+    async def _reconcile(self, backend) -> None:
         if self.broken or not self._accepting:
             return
         for vring in backend.vrings:
-            if vring.should_run and vring.index not in self._workers:
-                worker = VringWorker(vring)
-                self._workers[vring.index] = worker
-                self.device.on_vring_start(vring)
-                nursery.start_soon(self._run_worker, worker, nursery)
+            if vring.should_run and vring.index not in self._rings:
+                await self._attach(vring)
 
-    async def _stop_workers(self, indexes: list[int]) -> None:
-        for i in indexes:
-            worker = self._workers.get(i)
-            if worker is None:
-                continue
-            self.device.on_vring_stop(worker.vring)
-            worker.vring.vq.stop()       # wakes the C loop out of poll()
-            worker.cancel_scope.cancel()  # wakes trio out of wait_readable()
-            await worker.done.wait()
-            # Drain and session teardown may both stop the same worker.
-            if self._workers.get(i) is worker:
-                worker.vring.vq.clear_stop()
-                del self._workers[i]
-
-    async def _run_worker(self, worker: VringWorker, nursery) -> None:
-        vring = worker.vring
+    async def _attach(self, vring) -> None:
+        ring = self.device.make_ring(vring)
+        self.device.on_vring_start(vring)
+        attached = AttachedRing(vring, ring)
+        self._rings[vring.index] = attached
         try:
-            with worker.cancel_scope:
-                while True:
-                    # Serve first: chains may be pending from before this start.
-                    await trio.to_thread.run_sync(
-                        self.device.serve_vring_blocking, vring, IDLE_MS)
-                    await trio.lowlevel.wait_readable(vring.kick_fd)
-        except _datapath.GuestFault as e:
-            self._mark_broken(vring, e.kind, nursery)
+            await self.engine.attach(ring, lambda e: self._ring_failed(vring, e),
+                                     label=f"{self.device_id}/{vring.index}")
         except _datapath.DatapathError as e:
-            self._mark_broken(vring, f"host:{e}", nursery)
-        finally:
-            worker.done.set()
+            del self._rings[vring.index]
+            self.device.on_vring_stop(vring)
+            ring.close()
+            self._mark_broken(vring, _fault_kind(e))
 
-    def _mark_broken(self, vring, kind: str, nursery) -> None:
+    async def _detach(self, indexes: list[int]) -> None:
+        for i in indexes:
+            attached = self._rings.get(i)
+            if attached is None:
+                continue
+            if attached.stopping is not None:
+                # Another task is taking it back: wait, so that whatever we
+                # do next (a new memory table) never runs under a served ring.
+                await attached.stopping.wait()
+                continue
+            attached.stopping = trio.Event()
+            try:
+                self.device.on_vring_stop(attached.vring)
+                await self.engine.detach(attached.ring)
+            finally:
+                attached.ring.close()
+                del self._rings[i]
+                attached.stopping.set()
+
+    def _ring_failed(self, vring, error: _datapath.DatapathError) -> None:
+        """The engine found the ring stopped on an error (trio thread)."""
+        self._mark_broken(vring, _fault_kind(error))
+        nursery = self._session_nursery
+        if nursery is not None:
+            nursery.start_soon(self._detach, list(self._rings))
+
+    def _mark_broken(self, vring, kind: str) -> None:
         """A guest fault breaks the device (not the daemon): stop every queue
         until the frontend resets or reconnects."""
         self.broken = kind
         vring.broken = kind
         log_event(log, logging.ERROR, "guest broke the device; queues stopped",
                   device=self.device_id, queue=vring.index, fault=kind)
-        others = [i for i in self._workers if i != vring.index]
-        nursery.start_soon(self._stop_workers, others)
 
     # -- observation -------------------------------------------------------
     def _retire(self, backend) -> None:
@@ -227,8 +239,10 @@ class VhostUserServer:
         for index in sorted(set(live) | set(self._retired)):
             v = live.get(index)
             q = _add_queue_stats(self._retired.get(index), v.vq.stats() if v else None)
+            attached = self._rings.get(index)
+            worker = self.engine.worker_of(attached.ring) if attached is not None else None
             queues.append({"index": index, "enabled": bool(v and v.enabled),
-                           "running": index in self._workers, **q})
+                           "running": attached is not None, "worker": worker, **q})
         stats.update({
             "id": self.device_id,
             "socket": str(self.socket_path),
@@ -241,6 +255,12 @@ class VhostUserServer:
             "connections": self.connections,
         })
         return stats
+
+
+def _fault_kind(error: _datapath.DatapathError) -> str:
+    if isinstance(error, _datapath.GuestFault):
+        return error.kind
+    return f"host:{error}"
 
 
 def _add_queue_stats(a: dict | None, b: dict | None) -> dict:

@@ -10,7 +10,7 @@ def blk_stats(dev="vol0", **over):
         "id": dev, "kind": "blk", "socket": f"/run/nitro/{dev}.sock", "connected": True, "broken": None,
         "features": 0x130000044, "protocol_features": 0x8 | 0x200, "readonly": False,
         "capacity_bytes": 1 << 30,
-        "queues": [{"index": 0, "enabled": True, "running": True, "kicks": 11, "calls": 10, "chains": 12,
+        "queues": [{"index": 0, "enabled": True, "running": True, "worker": 1, "kicks": 11, "calls": 10, "chains": 12,
                     "faults": {**faults, "desc_loop": 1}}],
         "ops": {"in": {"requests": 7, "bytes": 28672, "errors": 0}, "out": {"requests": 2, "bytes": 8192, "errors": 1},
                 "flush": {"requests": 1, "bytes": 0, "errors": 0}},
@@ -28,3 +28,11 @@ VPCS = {
                         "bytes_in": 400, "packets_out": 5, "bytes_out": 500}},
     "red": {"id": "red", "counters": {"arp_replies": 0}, "leases": {}, "punt_errors": 0},
 }
+
+ENGINE = {"blk_io": "io_uring", "poll_us": "adaptive",
+          "workers": [{"id": 0, "cpu": None, "ring_labels": ["vol0/0"], "rings": 1, "chains": 40, "wakeups": 3,
+                       "busy_ns": 1_500_000_000, "poll_ns": 250_000_000, "sleep_ns": 9_000_000_000,
+                       "io_submitted": 30, "poll_us": 80, "uring": 1},
+                      {"id": 1, "cpu": None, "ring_labels": [], "rings": 0, "chains": 0, "wakeups": 1,
+                       "busy_ns": 0, "poll_ns": 0, "sleep_ns": 10_000_000_000, "io_submitted": 0, "poll_us": 0,
+                       "uring": 1}]}

@@ -24,6 +24,7 @@ from tests.ringlayout import (
     U16,
     VIRTIO_BLK_S_OK,
     VIRTIO_BLK_T_FLUSH,
+    VIRTIO_BLK_T_GET_ID,
     VIRTIO_BLK_T_IN,
     VIRTIO_RING_F_EVENT_IDX,
     VIRTIO_RING_F_INDIRECT_DESC,
@@ -127,14 +128,15 @@ def test_set_mem_retranslates(guest: FakeGuest, params: BlkParams, stats: BlkSta
 
 # -- completing chains ---------------------------------------------------------
 
-def test_chains_complete_in_order_across_index_wrap(
+def test_chains_complete_across_index_wrap(
         guest: FakeGuest, params: BlkParams, stats: BlkStats) -> None:
     with make_ring(guest) as r:
         r.rebase(65533)
         reqs = [blk_req(guest, VIRTIO_BLK_T_FLUSH) for _ in range(4)]  # 8 descriptors
         heads = [r.add_chain(q.bufs) for q in reqs]
         assert blk_serve(r.vq, params, stats, 0) == 4
-        assert r.take_used() == [(h, 1) for h in heads]
+        # In flight together (io_uring): any completion order is the device's right.
+        assert sorted(r.take_used()) == sorted((h, 1) for h in heads)
         assert r.used_idx() == (65533 + 4) & 0xFFFF
         assert r.vq.base == r.used_idx()
         assert all(status_of(guest, q) == VIRTIO_BLK_S_OK for q in reqs)
@@ -425,9 +427,11 @@ def test_no_event_idx_honours_no_interrupt(
 
 
 def test_one_call_per_batch(guest: FakeGuest, params: BlkParams, stats: BlkStats) -> None:
-    with make_ring(guest) as r:
+    # GET_ID completes while the ring is polled: the five are one batch (requests
+    # in flight complete in whatever batches the kernel hands back).
+    with SplitRing(guest, num=4 * NUM) as r:
         for _ in range(5):
-            r.add_chain(blk_req(guest, VIRTIO_BLK_T_FLUSH).bufs)
+            r.add_chain(blk_req(guest, VIRTIO_BLK_T_GET_ID, in_len=20).bufs)
         assert blk_serve(r.vq, params, stats, 0) == 5
         assert r.calls() == 1
 

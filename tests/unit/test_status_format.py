@@ -5,7 +5,7 @@ import json
 
 from nitro.control.protocol import encode_reply
 from nitro.status_format import decode_features, format_status, status_document
-from tests.unit.status_samples import VPCS, blk_stats
+from tests.unit.status_samples import ENGINE, VPCS, blk_stats
 
 
 def wire(reply: dict) -> dict:
@@ -97,9 +97,18 @@ def test_format_status():
     assert "mean 50.0 us over 10 requests" in text
     assert "desc_loop=1" in text
     # per-queue and per-op tables
-    assert any(line.split()[:7] == ["0", "yes", "yes", "11", "10", "12", "desc_loop=1"] for line in text.splitlines())
+    assert any(line.split()[:8] == ["0", "yes", "yes", "1", "11", "10", "12", "desc_loop=1"]
+               for line in text.splitlines())
     assert any(line.split() == ["out", "2", "8192", "1"] for line in text.splitlines())
     assert "bad: statistics() failed: ValueError: nope" in text
+
+
+def test_format_status_shows_the_engine():
+    text = format_status({**status(blk_stats("vol0")), "engine": ENGINE})
+    assert "engine: 2 workers, blk I/O io_uring, busy-poll adaptive" in text
+    rows = [line.split() for line in text.splitlines()]
+    assert ["0", "-", "1", "40", "1.50", "0.25", "9.00", "3", "80"] in rows
+    assert ["1", "-", "0", "0", "0.00", "0.00", "10.00", "1", "0"] in rows
 
 
 def test_format_status_error_and_empty():

@@ -1,8 +1,9 @@
 """BlkDevice: the virtio-blk device as the vhost-user layer sees it.
 
 It owns the volume (a backend such as RawImage), the C request parameters
-and one C stats block per queue. Serving a queue is one C call per batch
-(nitro_blk_serve) in a worker thread; nothing here walks descriptors.
+and one C stats block per queue. Each started queue becomes a C ring that
+an engine worker serves (requests in flight through io_uring); nothing here
+walks descriptors.
 """
 
 from __future__ import annotations
@@ -70,9 +71,9 @@ class BlkDevice(VirtioDevice):
     def set_features(self, acked: int) -> None:
         self.acked_features = acked
 
-    def serve_vring_blocking(self, vring, idle_ms: int) -> int:
-        """Runs in a worker thread; the C loop releases the GIL."""
-        return _datapath.blk_serve(vring.vq, self.params, self.stats[vring.index], idle_ms)
+    def make_ring(self, vring) -> _datapath.Ring:
+        """The C ring an engine worker serves this queue through."""
+        return _datapath.Ring.blk(vring.vq, self.params, self.stats[vring.index])
 
     def reset(self) -> None:
         self.acked_features = 0

@@ -1,11 +1,11 @@
 """NetDevice: one [[net]] interface as the vhost-user layer sees it.
 
 Queue layout (virtio 1.2 5.1.2): receiveq1, transmitq1, ..., receiveqN,
-transmitqN, controlq. TX rings are served by the C switch in their worker
-thread (nitro_net_tx_serve); RX rings are filled by *other* threads (peers'
-TX workers, the uplink thread, injected control replies), so they are
-attached to the switch when their worker starts and detached, under the
-RX slot lock, before it stops (``on_vring_start`` / ``on_vring_stop``). The
+transmitqN, controlq. TX rings are served by the C switch on an engine
+worker; RX rings are filled by *other* threads (the workers serving peers'
+TX rings, the uplink thread, injected control replies), so they are
+attached to the switch before the engine takes them and detached, under
+the RX slot lock, before it lets go (``on_vring_start`` / ``on_vring_stop``). The
 control queue is normally kept by the frontend (QEMU and DPDK virtio-user
 emulate it and send SET_VRING_ENABLE per pair); if a frontend passes it on,
 C answers it.
@@ -62,13 +62,14 @@ class NetDevice(VirtioDevice):
             return "ctrl"
         return "rx" if index % 2 == 0 else "tx"
 
-    def serve_vring_blocking(self, vring, idle_ms: int) -> int:
+    def make_ring(self, vring) -> _datapath.Ring:
+        """The C ring an engine worker serves this queue through."""
         role = self._role(vring.index)
         if role == "tx":
-            return _datapath.net_tx_serve(self.switch, self.port, vring.vq, idle_ms)
+            return _datapath.Ring.net_tx(self.switch, self.port, vring.vq)
         if role == "rx":
-            return _datapath.net_rx_serve(vring.vq)
-        return _datapath.net_ctrl_serve(vring.vq, self.pairs, idle_ms)
+            return _datapath.Ring.net_rx(vring.vq)
+        return _datapath.Ring.net_ctrl(vring.vq, self.pairs)
 
     def on_vring_start(self, vring) -> None:
         if self._role(vring.index) == "rx":

@@ -1,0 +1,531 @@
+/*
+ * nitro_engine.c: a fixed set of worker threads that serve every ring of
+ * every device (the shape of SPDK's reactors and OVS-DPDK's PMD threads).
+ *
+ * A worker loops over its rings calling poll(); while anything moves it
+ * keeps looping, when nothing does it busy-polls for poll_us (fixed, or
+ * adaptive as KVM's halt-polling: grow the window when a wake-up came soon
+ * after falling asleep, shrink it when the sleep was long), then arms its
+ * rings and sleeps in epoll_wait on their kick fds, its io_uring's eventfd
+ * and its command eventfd.
+ *
+ * Commands (attach, detach, quit) are synchronous: the caller fills the
+ * worker's one command slot under its mutex, writes the command eventfd and
+ * waits on a condition variable until the worker executed it between two
+ * loop iterations. So a ring changes owner only while no poll() of it runs.
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <pthread.h>
+#include <sched.h>
+#include <stdatomic.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/epoll.h>
+#include <sys/eventfd.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "nitro_ring.h"
+
+/* Chains one poll() may serve before the worker moves to its next ring:
+ * small enough that a busy ring cannot starve the others for long, large
+ * enough to amortise the call. */
+#define RING_BUDGET 64
+#define MAX_RINGS_PER_WORKER 1024
+#define EPOLL_BATCH 64
+#define URING_ENTRIES 256
+#define ADAPTIVE_START_US 0
+#define ADAPTIVE_GROW_FROM_US 10
+
+enum cmd { CMD_NONE, CMD_ATTACH, CMD_DETACH, CMD_QUIT };
+
+struct worker {
+    struct nitro_engine *engine;
+    uint32_t id;
+    int32_t cpu;
+    pthread_t thread;
+    bool started;
+    int epfd;
+    int cmd_fd;       /* eventfd: a command is waiting */
+    int uring_fd;     /* eventfd registered with the io_uring, -1: none */
+    struct nitro_io io;
+    struct nitro_ring *rings[MAX_RINGS_PER_WORKER];
+    uint32_t nrings;
+    uint32_t poll_us;   /* current busy-poll window */
+    /* The command slot. */
+    pthread_mutex_t lock;
+    pthread_cond_t cond;
+    atomic_bool cmd_pending;
+    enum cmd cmd;
+    struct nitro_ring *cmd_ring;
+    int cmd_rc;
+    bool cmd_done;
+    struct nitro_worker_stats stats;
+};
+
+struct nitro_engine {
+    uint32_t nworkers;
+    int32_t poll_us;        /* configured: fixed, or NITRO_ENGINE_POLL_ADAPTIVE */
+    uint32_t flags;
+    int event_fd;           /* a ring stopped on an error */
+    pthread_mutex_t call_lock;  /* one command in flight per engine */
+    struct worker workers[];
+};
+
+static uint64_t now_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
+}
+
+static void eventfd_signal(int fd)
+{
+    uint64_t one = 1;
+    ssize_t n;
+    do
+        n = write(fd, &one, sizeof(one));
+    while (n < 0 && errno == EINTR);
+    /* EAGAIN: the counter is saturated, the fd is readable anyway. */
+}
+
+static void eventfd_drain(int fd)
+{
+    uint64_t v;
+    ssize_t n;
+    do
+        n = read(fd, &v, sizeof(v));
+    while (n < 0 && errno == EINTR);
+}
+
+/* ---- io_uring (nitro_io.c) ---------------------------------------------- */
+
+static void io_submit(struct worker *w)
+{
+    nitro_stat_add(&w->stats.io_submitted, nitro_io_submit(&w->io));
+}
+
+static uint32_t io_reap(struct worker *w)
+{
+    return nitro_io_reap(&w->io);
+}
+
+static void io_init(struct worker *w, bool sync_io)
+{
+    w->uring_fd = -1;
+    if (sync_io)
+        return;
+    nitro_io_init(&w->io, URING_ENTRIES);
+    if (!w->io.ready)
+        return;
+    w->uring_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+    if (w->uring_fd < 0 ||
+        io_uring_register_eventfd(&w->io.uring, w->uring_fd) < 0) {
+        if (w->uring_fd >= 0)
+            close(w->uring_fd);
+        w->uring_fd = -1;
+        nitro_io_exit(&w->io);
+        return;
+    }
+    w->stats.uring = 1;
+}
+
+/* ---- rings on a worker --------------------------------------------------- */
+
+static void ring_stop(struct worker *w, struct nitro_ring *r, int rc)
+{
+    if (r->status != NITRO_OK)
+        return;
+    r->sys_errno = rc == NITRO_ERR_SYS ? errno : 0;
+    __atomic_store_n(&r->status, rc, __ATOMIC_RELEASE);
+    eventfd_signal(w->engine->event_fd);
+}
+
+static int epoll_watch(struct worker *w, struct nitro_ring *r)
+{
+    r->kick_fd = nitro_vq_kick_fd(r->vq);
+    if (r->kick_fd < 0)
+        return NITRO_OK;  /* the frontend polls: so do we, while busy */
+    struct epoll_event ev = {.events = EPOLLIN, .data.ptr = r};
+    if (epoll_ctl(w->epfd, EPOLL_CTL_ADD, r->kick_fd, &ev) < 0) {
+        r->kick_fd = -1;
+        return NITRO_ERR_SYS;
+    }
+    return NITRO_OK;
+}
+
+static int worker_attach(struct worker *w, struct nitro_ring *r)
+{
+    if (w->nrings == MAX_RINGS_PER_WORKER)
+        return NITRO_ERR_NOMEM;
+    r->status = NITRO_OK;
+    int rc = r->ops->attach ? r->ops->attach(r) : NITRO_OK;
+    if (rc == NITRO_OK)
+        rc = epoll_watch(w, r);
+    if (rc != NITRO_OK) {
+        if (r->ops->detach)
+            r->ops->detach(r);
+        return rc;
+    }
+    r->worker = (int32_t)w->id;
+    w->rings[w->nrings++] = r;
+    r->ops->disarm(r);
+    nitro_stat_add(&w->stats.rings, 1);
+    return NITRO_OK;
+}
+
+/* Wait until every request r submitted has completed (other rings' may
+ * complete meanwhile too: they are handed back as usual). */
+/* Wait until every request r submitted has completed (other rings' may
+ * complete meanwhile too: they are handed back as usual). */
+static void ring_wait_idle(struct worker *w, struct nitro_ring *r)
+{
+    while (w->io.ready && r->ops->in_flight(r) > 0)
+        nitro_io_wait(&w->io);
+}
+
+static int worker_detach(struct worker *w, struct nitro_ring *r)
+{
+    uint32_t i = 0;
+    while (i < w->nrings && w->rings[i] != r)
+        i++;
+    if (i == w->nrings)
+        return NITRO_ERR_ARG;
+    ring_wait_idle(w, r);
+    if (r->kick_fd >= 0)
+        epoll_ctl(w->epfd, EPOLL_CTL_DEL, r->kick_fd, NULL);
+    r->kick_fd = -1;
+    /* Notifications on, so the next owner (or none) gets the next kick. */
+    if (r->status == NITRO_OK)
+        r->ops->arm(r);
+    if (r->ops->detach)
+        r->ops->detach(r);
+    w->rings[i] = w->rings[--w->nrings];
+    r->worker = -1;
+    nitro_stat_sub(&w->stats.rings, 1);
+    return NITRO_OK;
+}
+
+/* Returns false on CMD_QUIT. */
+static bool worker_command(struct worker *w)
+{
+    pthread_mutex_lock(&w->lock);
+    atomic_store(&w->cmd_pending, false);
+    bool go_on = true;
+    switch (w->cmd) {
+    case CMD_ATTACH:
+        w->cmd_rc = worker_attach(w, w->cmd_ring);
+        break;
+    case CMD_DETACH:
+        w->cmd_rc = worker_detach(w, w->cmd_ring);
+        break;
+    case CMD_QUIT:
+        w->cmd_rc = NITRO_OK;
+        go_on = false;
+        break;
+    case CMD_NONE:
+        break;
+    }
+    if (w->cmd != CMD_NONE) {
+        w->cmd = CMD_NONE;
+        w->cmd_done = true;
+        pthread_cond_broadcast(&w->cond);
+    }
+    pthread_mutex_unlock(&w->lock);
+    return go_on;
+}
+
+/* ---- the loop ------------------------------------------------------------ */
+
+static uint32_t poll_rings(struct worker *w)
+{
+    uint32_t work = io_reap(w);
+    for (uint32_t i = 0; i < w->nrings; i++) {
+        struct nitro_ring *r = w->rings[i];
+        if (r->status != NITRO_OK)
+            continue;
+        int n = r->ops->poll(r, &w->io, RING_BUDGET);
+        if (n < 0) {
+            ring_stop(w, r, n);
+            continue;
+        }
+        if (n > 0)
+            nitro_stat_add(&r->chains, (uint64_t)n);
+        work += (uint32_t)n;
+    }
+    io_submit(w);
+    work += io_reap(w);
+    return work;
+}
+
+/* Re-enable notifications everywhere; false if work arrived meanwhile. */
+static bool arm_all(struct worker *w)
+{
+    bool quiet = true;
+    for (uint32_t i = 0; i < w->nrings; i++) {
+        struct nitro_ring *r = w->rings[i];
+        if (r->status != NITRO_OK)
+            continue;
+        int rc = r->ops->arm(r);
+        if (rc < 0)
+            ring_stop(w, r, rc);
+        else if (rc > 0)
+            quiet = false;
+    }
+    return quiet;
+}
+
+static void disarm_all(struct worker *w)
+{
+    for (uint32_t i = 0; i < w->nrings; i++)
+        if (w->rings[i]->status == NITRO_OK)
+            w->rings[i]->ops->disarm(w->rings[i]);
+}
+
+static void sleep_on_epoll(struct worker *w)
+{
+    struct epoll_event evs[EPOLL_BATCH];
+    int n;
+    do
+        n = epoll_wait(w->epfd, evs, EPOLL_BATCH, -1);
+    while (n < 0 && errno == EINTR);
+    nitro_stat_add(&w->stats.wakeups, 1);
+    for (int i = 0; i < n; i++) {
+        struct nitro_ring *r = evs[i].data.ptr;
+        if (r == NULL)
+            continue;  /* the command or io_uring eventfd: drained below */
+        eventfd_drain(r->kick_fd);
+        nitro_vq_count_kick(r->vq);
+    }
+    if (w->uring_fd >= 0)
+        eventfd_drain(w->uring_fd);
+}
+
+/* halt-polling's rule: a wake-up within the ceiling means polling longer
+ * would have caught it; a long sleep means polling was wasted. */
+static void adapt_poll(struct worker *w, uint64_t slept_ns)
+{
+    if (w->engine->poll_us != NITRO_ENGINE_POLL_ADAPTIVE)
+        return;
+    uint64_t ceiling = NITRO_ENGINE_POLL_MAX_US * 1000ull;
+    if (slept_ns < ceiling) {
+        uint32_t grown = w->poll_us ? w->poll_us * 2 : ADAPTIVE_GROW_FROM_US;
+        w->poll_us = grown > NITRO_ENGINE_POLL_MAX_US ? NITRO_ENGINE_POLL_MAX_US
+                                                      : grown;
+    } else {
+        w->poll_us /= 2;
+    }
+    __atomic_store_n(&w->stats.poll_us, w->poll_us, __ATOMIC_RELAXED);
+}
+
+static void idle_step(struct worker *w, uint64_t *last_work)
+{
+    uint64_t t = now_ns();
+    if (t - *last_work < (uint64_t)w->poll_us * 1000) {
+        __builtin_ia32_pause();
+        nitro_stat_add(&w->stats.poll_ns, now_ns() - t);
+        return;
+    }
+    /* In-flight I/O needs no kick: its CQE wakes the uring eventfd. */
+    if (!arm_all(w)) {
+        disarm_all(w);
+        return;
+    }
+    if (atomic_load(&w->cmd_pending)) {
+        disarm_all(w);
+        return;
+    }
+    sleep_on_epoll(w);
+    uint64_t woke = now_ns();
+    nitro_stat_add(&w->stats.sleep_ns, woke - t);
+    adapt_poll(w, woke - t);
+    disarm_all(w);
+    *last_work = woke;
+}
+
+static void *worker_main(void *arg)
+{
+    struct worker *w = arg;
+    if (w->cpu >= 0) {
+        cpu_set_t set;
+        CPU_ZERO(&set);
+        CPU_SET(w->cpu, &set);
+        pthread_setaffinity_np(pthread_self(), sizeof(set), &set);
+    }
+    uint64_t last_work = now_ns();
+    for (;;) {
+        if (atomic_load(&w->cmd_pending) && !worker_command(w))
+            break;
+        uint64_t t = now_ns();
+        uint32_t work = poll_rings(w);
+        if (work > 0) {
+            nitro_stat_add(&w->stats.chains, work);
+            last_work = now_ns();
+            nitro_stat_add(&w->stats.busy_ns, last_work - t);
+            continue;
+        }
+        idle_step(w, &last_work);
+    }
+    return NULL;
+}
+
+/* ---- commands ------------------------------------------------------------- */
+
+static int worker_call(struct nitro_engine *e, struct worker *w, enum cmd c,
+                       struct nitro_ring *r)
+{
+    pthread_mutex_lock(&e->call_lock);
+    pthread_mutex_lock(&w->lock);
+    w->cmd = c;
+    w->cmd_ring = r;
+    w->cmd_done = false;
+    atomic_store(&w->cmd_pending, true);
+    eventfd_signal(w->cmd_fd);
+    while (!w->cmd_done)
+        pthread_cond_wait(&w->cond, &w->lock);
+    int rc = w->cmd_rc;
+    eventfd_drain(w->cmd_fd);
+    pthread_mutex_unlock(&w->lock);
+    pthread_mutex_unlock(&e->call_lock);
+    return rc;
+}
+
+int nitro_engine_attach(struct nitro_engine *e, struct nitro_ring *r,
+                        uint32_t worker)
+{
+    if (e == NULL || r == NULL || worker >= e->nworkers || r->worker >= 0 ||
+        !nitro_vq_ready(r->vq))
+        return NITRO_ERR_ARG;
+    return worker_call(e, &e->workers[worker], CMD_ATTACH, r);
+}
+
+int nitro_engine_detach(struct nitro_engine *e, struct nitro_ring *r)
+{
+    if (e == NULL || r == NULL)
+        return NITRO_ERR_ARG;
+    int32_t owner = __atomic_load_n(&r->worker, __ATOMIC_ACQUIRE);
+    if (owner < 0)
+        return NITRO_OK;
+    return worker_call(e, &e->workers[owner], CMD_DETACH, r);
+}
+
+/* ---- life cycle ------------------------------------------------------------ */
+
+static int worker_init(struct nitro_engine *e, uint32_t id, int32_t cpu)
+{
+    struct worker *w = &e->workers[id];
+    w->engine = e;
+    w->id = id;
+    w->cpu = cpu;
+    w->poll_us = e->poll_us == NITRO_ENGINE_POLL_ADAPTIVE ? ADAPTIVE_START_US
+                                                          : (uint32_t)e->poll_us;
+    w->stats.poll_us = w->poll_us;
+    pthread_mutex_init(&w->lock, NULL);
+    pthread_cond_init(&w->cond, NULL);
+    w->epfd = epoll_create1(EPOLL_CLOEXEC);
+    w->cmd_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+    if (w->epfd < 0 || w->cmd_fd < 0)
+        return NITRO_ERR_SYS;
+    struct epoll_event ev = {.events = EPOLLIN, .data.ptr = NULL};
+    if (epoll_ctl(w->epfd, EPOLL_CTL_ADD, w->cmd_fd, &ev) < 0)
+        return NITRO_ERR_SYS;
+    io_init(w, e->flags & NITRO_ENGINE_SYNC_IO);
+    if (w->uring_fd >= 0 &&
+        epoll_ctl(w->epfd, EPOLL_CTL_ADD, w->uring_fd, &ev) < 0)
+        return NITRO_ERR_SYS;
+    if (pthread_create(&w->thread, NULL, worker_main, w) != 0)
+        return NITRO_ERR_SYS;
+    w->started = true;
+    /* Named, so top -H and /proc/PID/task/TID/comm show which is which. */
+    char name[16];
+    snprintf(name, sizeof(name), "nitro-w%u", id);
+    pthread_setname_np(w->thread, name);
+    return NITRO_OK;
+}
+
+static void worker_fini(struct nitro_engine *e, struct worker *w)
+{
+    if (w->started) {
+        worker_call(e, w, CMD_QUIT, NULL);
+        pthread_join(w->thread, NULL);
+    }
+    nitro_io_exit(&w->io);
+    if (w->uring_fd >= 0)
+        close(w->uring_fd);
+    if (w->epfd >= 0)
+        close(w->epfd);
+    if (w->cmd_fd >= 0)
+        close(w->cmd_fd);
+    pthread_mutex_destroy(&w->lock);
+    pthread_cond_destroy(&w->cond);
+}
+
+struct nitro_engine *nitro_engine_new(uint32_t workers, const int32_t *cpus,
+                                      int32_t poll_us, uint32_t flags)
+{
+    if (workers == 0 || workers > NITRO_ENGINE_MAX_WORKERS ||
+        poll_us > NITRO_ENGINE_POLL_MAX_US ||
+        (poll_us < 0 && poll_us != NITRO_ENGINE_POLL_ADAPTIVE)) {
+        errno = EINVAL;
+        return NULL;
+    }
+    struct nitro_engine *e =
+        calloc(1, sizeof(*e) + workers * sizeof(struct worker));
+    if (e == NULL)
+        return NULL;
+    e->poll_us = poll_us;
+    e->flags = flags;
+    pthread_mutex_init(&e->call_lock, NULL);
+    for (uint32_t i = 0; i < workers; i++)
+        e->workers[i].epfd = e->workers[i].cmd_fd = e->workers[i].uring_fd = -1;
+    e->event_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+    int rc = e->event_fd < 0 ? NITRO_ERR_SYS : NITRO_OK;
+    for (uint32_t i = 0; i < workers && rc == NITRO_OK; i++) {
+        rc = worker_init(e, i, cpus ? cpus[i] : -1);
+        e->nworkers = i + 1;
+    }
+    if (rc != NITRO_OK) {
+        int saved = errno;
+        nitro_engine_free(e);
+        errno = saved;
+        return NULL;
+    }
+    return e;
+}
+
+void nitro_engine_free(struct nitro_engine *e)
+{
+    if (e == NULL)
+        return;
+    for (uint32_t i = 0; i < e->nworkers; i++)
+        worker_fini(e, &e->workers[i]);
+    if (e->event_fd >= 0)
+        close(e->event_fd);
+    pthread_mutex_destroy(&e->call_lock);
+    free(e);
+}
+
+uint32_t nitro_engine_workers(const struct nitro_engine *e)
+{
+    return e->nworkers;
+}
+
+int nitro_engine_event_fd(const struct nitro_engine *e)
+{
+    return e->event_fd;
+}
+
+int nitro_engine_worker_stats(const struct nitro_engine *e, uint32_t worker,
+                              struct nitro_worker_stats *out)
+{
+    if (e == NULL || out == NULL || worker >= e->nworkers)
+        return NITRO_ERR_ARG;
+    const struct nitro_worker_stats *s = &e->workers[worker].stats;
+    const uint64_t *src = (const uint64_t *)s;
+    uint64_t *dst = (uint64_t *)out;
+    for (size_t i = 0; i < sizeof(*s) / sizeof(uint64_t); i++)
+        dst[i] = __atomic_load_n(&src[i], __ATOMIC_RELAXED);
+    return NITRO_OK;
+}

@@ -1,0 +1,93 @@
+/*
+ * nitro_ring.h: internal (non-ABI) contract between the engine's workers
+ * (nitro_engine.c) and the device code that serves one kind of ring
+ * (nitro_blk.c, nitro_net.c). Not part of the cdef.
+ *
+ * A worker owns a set of rings and calls each ring's poll() in turn. poll()
+ * never blocks on the guest: it does at most `budget` chains of work and
+ * returns how many it did; slow host I/O goes through the worker's io_uring
+ * (struct nitro_io), whose completions the worker hands back to the ring
+ * that submitted them. When nothing moved for a while the worker arms every
+ * ring (re-enables guest notifications) and sleeps on one epoll set holding
+ * every ring's kick fd, the io_uring's eventfd and its own wake-up eventfd.
+ *
+ * A ring is touched only by its owning worker between attach and detach:
+ * the control plane (Python) hands rings over with synchronous commands
+ * (nitro_engine_attach/detach), never by sharing them. The one exception is
+ * delivery into a virtio-net RX ring by other workers, which the switch does
+ * under that ring's slot lock (nitro_net.c).
+ */
+#ifndef NITRO_RING_H
+#define NITRO_RING_H
+
+#include <liburing.h>
+#include <stdbool.h>
+#include <stdint.h>
+
+#include "nitro.h"
+#include "nitro_vring.h"
+
+/* A worker's asynchronous I/O: one io_uring shared by its blk rings. */
+struct nitro_io {
+    struct io_uring uring;
+    bool ready;            /* io_uring_queue_init succeeded */
+    uint32_t unsubmitted;  /* SQEs prepared since the last submit */
+};
+
+/* Every io_uring request's user_data points at one of these; the worker
+ * calls complete(op, res) when its CQE arrives. */
+struct nitro_io_op {
+    void (*complete)(struct nitro_io_op *op, int32_t res);
+};
+
+/* A free SQE, submitting what is queued first if the SQ is full; NULL only
+ * if the kernel refuses the submit (then the caller falls back to sync I/O). */
+NITRO_INTERNAL struct io_uring_sqe *nitro_io_sqe(struct nitro_io *io);
+/* Set up an io_uring of `entries`; io->ready tells whether it worked. */
+NITRO_INTERNAL void nitro_io_init(struct nitro_io *io, uint32_t entries);
+NITRO_INTERNAL void nitro_io_exit(struct nitro_io *io);
+/* Submit what was prepared; returns how many the kernel took. */
+NITRO_INTERNAL uint32_t nitro_io_submit(struct nitro_io *io);
+/* Hand every available completion to its op; returns how many. */
+NITRO_INTERNAL uint32_t nitro_io_reap(struct nitro_io *io);
+/* Block until at least one completion is available (then reap it). */
+NITRO_INTERNAL void nitro_io_wait(struct nitro_io *io);
+
+struct nitro_ring;
+
+struct nitro_ring_ops {
+    /* Serve up to budget chains; >= 0 chains done, or NITRO_ERR_* (the ring
+     * then stops: ERR_GUEST means the guest broke it). */
+    int (*poll)(struct nitro_ring *r, struct nitro_io *io, uint32_t budget);
+    /* Before the worker sleeps: re-enable notifications; 1 if work arrived
+     * meanwhile (do not sleep), 0, or NITRO_ERR_GUEST. */
+    int (*arm)(struct nitro_ring *r);
+    /* Woken (or about to poll again): suppress notifications. */
+    void (*disarm)(struct nitro_ring *r);
+    /* Requests submitted to io and not yet completed. */
+    uint32_t (*in_flight)(const struct nitro_ring *r);
+    /* The worker takes or gives up the ring (its thread: per-thread state
+     * such as a cipher lane lives from attach to detach). */
+    int (*attach)(struct nitro_ring *r);
+    void (*detach)(struct nitro_ring *r);
+    void (*free)(struct nitro_ring *r);
+};
+
+/* The engine's view of one ring; device code embeds it first in its own
+ * struct and casts. */
+struct nitro_ring {
+    const struct nitro_ring_ops *ops;
+    struct nitro_vq *vq;
+    uint32_t kind;        /* NITRO_RING_* */
+    int32_t worker;       /* owner, -1 while detached */
+    int status;           /* NITRO_OK, or the error that stopped it */
+    int sys_errno;        /* with NITRO_ERR_SYS */
+    int kick_fd;          /* the fd in the owner's epoll set, -1: none */
+    uint64_t chains;      /* chains served by poll() (atomic) */
+};
+
+/* Shared by blk and net rings: enable/disable notifications on the vq. */
+NITRO_INTERNAL int nitro_ring_arm_vq(struct nitro_ring *r);
+NITRO_INTERNAL void nitro_ring_disarm_vq(struct nitro_ring *r);
+
+#endif
