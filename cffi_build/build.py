@@ -2,9 +2,9 @@
 
 setup.py names ``cffi_build/build.py:ffibuilder``; ``python cffi_build/build.py``
 builds the extension in place (next to the ``nitro`` package) for quick
-iteration. nitro.h is both the C header and the cdef: cffi's parser takes the
-declarations and integer ``#define`` lines, so every other preprocessor line
-is dropped here.
+iteration. The ABI headers (nitro.h, nitro_crypto.h, nitro_net.h) are both C
+headers and the cdef: cffi's parser takes the declarations and integer
+``#define`` lines, so every other preprocessor line is dropped here.
 """
 
 from __future__ import annotations

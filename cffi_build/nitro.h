@@ -206,7 +206,7 @@ int64_t nitro_blk_serve(struct nitro_vq *vq,
  * hand-offs to that worker. */
 #define NITRO_ENGINE_MAX_WORKERS 64
 #define NITRO_ENGINE_POLL_ADAPTIVE -1   /* poll_us: grow/shrink like halt-polling */
-#define NITRO_ENGINE_POLL_MAX_US 1000   /* largest (and adaptive ceiling) poll_us */
+#define NITRO_ENGINE_POLL_MAX_US 1000   /* largest fixed poll_us (adaptive: at most 200) */
 #define NITRO_ENGINE_SYNC_IO 1          /* flags: never use io_uring */
 
 #define NITRO_RING_BLK 0

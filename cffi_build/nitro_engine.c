@@ -38,6 +38,9 @@
 #define URING_ENTRIES 256
 #define ADAPTIVE_START_US 0
 #define ADAPTIVE_GROW_FROM_US 10
+/* The adaptive window's ceiling: KVM's halt_poll_ns default (200 us). A
+ * wake-up later than this is not worth a core spinning for it. */
+#define ADAPTIVE_MAX_US 200
 
 enum cmd { CMD_NONE, CMD_ATTACH, CMD_DETACH, CMD_QUIT };
 
@@ -309,11 +312,10 @@ static void adapt_poll(struct worker *w, uint64_t slept_ns)
 {
     if (w->engine->poll_us != NITRO_ENGINE_POLL_ADAPTIVE)
         return;
-    uint64_t ceiling = NITRO_ENGINE_POLL_MAX_US * 1000ull;
+    uint64_t ceiling = ADAPTIVE_MAX_US * 1000ull;
     if (slept_ns < ceiling) {
         uint32_t grown = w->poll_us ? w->poll_us * 2 : ADAPTIVE_GROW_FROM_US;
-        w->poll_us = grown > NITRO_ENGINE_POLL_MAX_US ? NITRO_ENGINE_POLL_MAX_US
-                                                      : grown;
+        w->poll_us = grown > ADAPTIVE_MAX_US ? ADAPTIVE_MAX_US : grown;
     } else {
         w->poll_us /= 2;
     }
