@@ -302,7 +302,10 @@ def report(results: dict[int, dict[str, list[float]]]) -> None:
                 continue
             ratio, rounds = same_mode_ratio(res[num], res[den], size)
             goal = _target(target, size)
-            verdict = "" if goal is None else f"  target >= {goal:.2f}: {'met' if ratio >= goal else 'NOT met'}"
+            verdict = ""
+            if goal is not None:
+                met = "n/a" if math.isnan(ratio) else "met" if ratio >= goal else "NOT met"
+                verdict = f"  target >= {goal:.2f}: {met}"
             same = f"  ({rounds} of {len(res[num])} rounds in the same mode)" if size in BIMODAL_SIZES else ""
             print(f"  {num + '/' + den:18s} {ratio:5.2f}{same}{verdict}")
 
