@@ -7,6 +7,7 @@ PKGS="qemu-system-x86 qemu-utils busybox-static linux-image-amd64 kmod cpio
       systemd e2fsprogs gcc make iproute2
       prometheus strace
       dpdk dpdk-dev librte-net-vhost23 librte-net-virtio23 librte-mempool-ring23
+      openvswitch-switch-dpdk
       clang-14 libclang-rt-14-dev"  # libFuzzer + sanitizer runtimes (tests/fuzz)
 missing=""
 for p in $PKGS; do
