@@ -164,13 +164,21 @@ class GuestMemory(_Owned):
 
 
 NO_LIMIT: Final[int] = 2**64 - 1
+_guest_memory_limit: int | None = None
 
 
 def set_guest_memory_limit(limit: int | None) -> None:
     """Cap the bytes every GuestMemory of the process maps together (None:
     no cap); a region past it raises LimitError. Lowering it below what is
     mapped refuses only new regions."""
+    global _guest_memory_limit
     lib.nitro_mem_set_limit(NO_LIMIT if limit is None else limit)
+    _guest_memory_limit = limit
+
+
+def guest_memory_limit() -> int | None:
+    """The cap set_guest_memory_limit set; None: none."""
+    return _guest_memory_limit
 
 
 def guest_memory_mapped() -> int:
