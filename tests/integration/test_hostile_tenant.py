@@ -11,16 +11,8 @@ import time
 from pathlib import Path
 
 from tests.integration.frontend import GPA_BASE, MEM_SIZE, Frontend
+from tests.integration.test_daemon_blk import TWO_DEVICES
 from tests.ringlayout import VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT, blk_header
-
-TWO_DEVICES = """
-[[blk]]
-id = "a"
-size = "64M"
-[[blk]]
-id = "b"
-size = "64M"
-"""
 
 
 def wait_for(n, text: str, timeout: float = 10.0) -> str:
