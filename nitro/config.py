@@ -119,10 +119,13 @@ MAX_POLL_US = 1000  # NITRO_ENGINE_POLL_MAX_US
 @dataclasses.dataclass(frozen=True)
 class EngineConfig:
     """[daemon] workers / cpus / poll_us: the C worker threads that serve
-    every ring (docs/architecture.md "The engine")."""
+    every ring (docs/architecture.md "The engine"); seccomp and
+    max_guest_memory: what a hostile tenant is denied (docs/security.md)."""
     workers: int
     cpus: tuple[int, ...] | None  # worker i runs on cpus[i % len(cpus)]; None: not pinned
     poll_us: int | None           # busy-poll window; None: adaptive
+    seccomp: bool = True          # workers confine themselves to the calls they make
+    max_guest_memory: int | None = None  # bytes all guests' memory tables may map; None: no cap
 
     def worker_cpus(self) -> list[int] | None:
         if self.cpus is None:
@@ -212,7 +215,8 @@ def from_dict(doc: dict, source: str, *, runtime_dir: Path | None = None,
     _check_keys(doc, {"daemon", "metrics", "blk", "vpc", "net"}, source, "")
     daemon = _table(doc, "daemon", source)
     _check_keys(daemon, {"runtime_dir", "state_dir", "control_socket", "log_level",
-                         "workers", "cpus", "poll_us"}, source, "daemon.")
+                         "workers", "cpus", "poll_us", "seccomp", "max_guest_memory"},
+                source, "daemon.")
     metrics = _table(doc, "metrics", source)
     _check_keys(metrics, {"listen"}, source, "metrics.")
     def_runtime, def_state = default_dirs()
@@ -254,7 +258,13 @@ def _engine(daemon: dict, source: str) -> EngineConfig:
             raise ConfigError(source, "daemon.poll_us",
                               f'expected "adaptive" or microseconds 0..{MAX_POLL_US}, got {poll!r}')
         poll_us = poll
-    return EngineConfig(workers, cpus, poll_us)
+    seccomp = daemon.get("seccomp", True)
+    if not isinstance(seccomp, bool):
+        raise ConfigError(source, "daemon.seccomp", f"expected true or false, got {seccomp!r}")
+    cap = None
+    if "max_guest_memory" in daemon:
+        cap = parse_size(daemon["max_guest_memory"], source, "daemon.max_guest_memory")
+    return EngineConfig(workers, cpus, poll_us, seccomp, cap)
 
 
 _MAC_RE = re.compile(r"^[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}$")
