@@ -82,13 +82,6 @@ def params(disk: int) -> Iterator[BlkParams]:
     p.close()
 
 
-@pytest.fixture
-def stats() -> Iterator[BlkStats]:
-    s = BlkStats()
-    yield s
-    s.close()
-
-
 def run_one(ring: SplitRing, bufs: list[Buf], params: BlkParams, stats: BlkStats,
             indirect: bool = False) -> int:
     """Submit one chain, serve it, and return its used length."""

@@ -36,7 +36,6 @@ from tests.unit.virtq import (
     MiB,
     SplitRing,
     blk_req,
-    disk_file,
     fill,
     guarded_guest,
     status_of,
@@ -86,12 +85,6 @@ class Region:
 
 
 @pytest.fixture
-def disk() -> Iterator[int]:
-    with disk_file(CAPACITY * 512) as fd:
-        yield fd
-
-
-@pytest.fixture
 def guest() -> Iterator[FakeGuest]:
     with guarded_guest(GPA, 4 * MiB) as g:
         yield g
@@ -108,20 +101,6 @@ def region() -> Iterator[Region]:
     r = Region()
     yield r
     r.close()
-
-
-@pytest.fixture
-def params(disk: int) -> Iterator[BlkParams]:
-    p = BlkParams(disk, CAPACITY)
-    yield p
-    p.close()
-
-
-@pytest.fixture
-def stats() -> Iterator[BlkStats]:
-    s = BlkStats()
-    yield s
-    s.close()
 
 
 def write_req(guest: FakeGuest, n: int):

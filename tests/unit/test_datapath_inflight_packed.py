@@ -25,7 +25,6 @@ from tests.unit.virtq import (
     FakeGuest,
     MiB,
     PackedRing,
-    disk_file,
     fill,
     guarded_guest,
     status_of,
@@ -76,9 +75,10 @@ def guest() -> Iterator[FakeGuest]:
 
 
 @pytest.fixture
-def disk() -> Iterator[int]:
-    with disk_file(CAPACITY * 512) as fd:
-        yield fd
+def region() -> Iterator[PackedRegion]:
+    r = PackedRegion()
+    yield r
+    r.close()
 
 
 def restarted(ring: PackedRing, region: PackedRegion, base: int = STALE_BASE) -> Virtqueue:
@@ -95,82 +95,54 @@ def restarted(ring: PackedRing, region: PackedRegion, base: int = STALE_BASE) ->
     return vq
 
 
-def test_a_served_ring_leaves_a_committed_region(guest, disk):
-    region = PackedRegion()
-    params, stats = BlkParams(disk, CAPACITY), BlkStats()
-    try:
-        with PackedRing(guest, num=NUM) as ring:
-            region.attach(ring.vq)
-            for k in range(7):  # 21 descriptors: past the end of the 16-slot ring
-                ids = [ring.add_chain(write_req(guest, k).bufs)]
-                assert blk_serve(ring.vq, params, stats, 0) == 1
-                assert [i for i, _ in ring.take_used()] == ids
-            h = region.header()
-            assert (h["version"], h["desc_num"]) == (1, NUM)
-            assert (h["used_idx"], h["used_wrap"]) == (21 % NUM, 0)
-            assert (h["old_used_idx"], h["old_used_wrap"]) == (h["used_idx"], h["used_wrap"])
-            assert h["free_head"] == h["old_free_head"] < NUM
-            assert region.marked() == []
-            # A clean restart with the base GET_VRING_BASE gave resubmits nothing.
-            base = ring.vq.base
-            vq = restarted(ring, region, base)
-            try:
-                assert blk_serve(vq, params, stats, 0) == 0
-                assert vq.base == base and stats.snapshot()["resubmitted"] == 0
-            finally:
-                vq.close()
-    finally:
-        region.close()
-        params.close()
-        stats.close()
+def test_a_served_ring_leaves_a_committed_region(guest, params, stats, region):
+    with PackedRing(guest, num=NUM) as ring:
+        region.attach(ring.vq)
+        for k in range(7):  # 21 descriptors: past the end of the 16-slot ring
+            ids = [ring.add_chain(write_req(guest, k).bufs)]
+            assert blk_serve(ring.vq, params, stats, 0) == 1
+            assert [i for i, _ in ring.take_used()] == ids
+        h = region.header()
+        assert (h["version"], h["desc_num"]) == (1, NUM)
+        assert (h["used_idx"], h["used_wrap"]) == (21 % NUM, 0)
+        assert (h["old_used_idx"], h["old_used_wrap"]) == (h["used_idx"], h["used_wrap"])
+        assert h["free_head"] == h["old_free_head"] < NUM
+        assert region.marked() == []
+        # A clean restart with the base GET_VRING_BASE gave resubmits nothing.
+        base = ring.vq.base
+        vq = restarted(ring, region, base)
+        try:
+            assert blk_serve(vq, params, stats, 0) == 0
+            assert vq.base == base and stats.snapshot()["resubmitted"] == 0
+        finally:
+            vq.close()
+
+
+def _loop_the_free_list(region: PackedRegion) -> None:
+    free = region.header()["free_head"]
+    struct.pack_into("<H", region.mm, 32 + ENTRY * free + 2, free)  # next -> itself
 
 
 @pytest.mark.parametrize("corrupt", [
     {"version": 7}, {"desc_num": NUM // 2}, {"used_idx": NUM}, {"used_wrap": 2},
-    {"free_head": NUM + 1},
-], ids=lambda kw: next(iter(kw)))
-def test_a_hostile_region_is_a_guest_fault(guest, disk, corrupt):
-    region = PackedRegion()
-    params, stats = BlkParams(disk, CAPACITY), BlkStats()
-    try:
-        with PackedRing(guest, num=NUM) as ring:
-            region.attach(ring.vq)
-            ring.add_chain(write_req(guest, 1).bufs)
-            assert blk_serve(ring.vq, params, stats, 0) == 1
+    {"free_head": NUM + 1}, _loop_the_free_list,
+], ids=lambda c: c.__name__.strip("_") if callable(c) else next(iter(c)))
+def test_a_hostile_region_is_a_guest_fault(guest, params, stats, region, corrupt):
+    with PackedRing(guest, num=NUM) as ring:
+        region.attach(ring.vq)
+        ring.add_chain(write_req(guest, 1).bufs)
+        assert blk_serve(ring.vq, params, stats, 0) == 1
+        if callable(corrupt):
+            corrupt(region)
+        else:
             region.set_header(**corrupt)
-            vq = restarted(ring, region)
-            try:
-                with pytest.raises(GuestFault) as e:
-                    blk_serve(vq, params, stats, 0)
-                assert e.value.kind == "inflight" and vq.fault == "inflight"
-            finally:
-                vq.close()
-    finally:
-        region.close()
-        params.close()
-        stats.close()
-
-
-def test_a_free_list_that_loops_is_a_guest_fault(guest, disk):
-    region = PackedRegion()
-    params, stats = BlkParams(disk, CAPACITY), BlkStats()
-    try:
-        with PackedRing(guest, num=NUM) as ring:
-            region.attach(ring.vq)
-            ring.add_chain(write_req(guest, 1).bufs)
-            assert blk_serve(ring.vq, params, stats, 0) == 1
-            free = region.header()["free_head"]
-            struct.pack_into("<H", region.mm, 32 + ENTRY * free + 2, free)  # next -> itself
-            vq = restarted(ring, region)
-            try:
-                with pytest.raises(GuestFault, match="inflight"):
-                    blk_serve(vq, params, stats, 0)
-            finally:
-                vq.close()
-    finally:
-        region.close()
-        params.close()
-        stats.close()
+        vq = restarted(ring, region)
+        try:
+            with pytest.raises(GuestFault) as e:
+                blk_serve(vq, params, stats, 0)
+            assert e.value.kind == "inflight" and vq.fault == "inflight"
+        finally:
+            vq.close()
 
 
 def test_sigkill_while_serving_loses_and_repeats_no_completion(guest, disk):

@@ -14,8 +14,6 @@ import pytest
 
 from nitro import _datapath
 from nitro._datapath import (
-    BlkParams,
-    BlkStats,
     FrontendError,
     GuestFault,
     Ring,
@@ -47,14 +45,13 @@ from tests.unit.virtq import (
     PackedRing,
     blk_header,
     blk_req,
-    disk_file,
     fill,
     guarded_guest,
     status_of,
 )
 
 GPA = 0x1000_0000
-CAPACITY = 256  # sectors
+
 WRAP = 1 << 15
 
 
@@ -62,26 +59,6 @@ WRAP = 1 << 15
 def guest() -> Iterator[FakeGuest]:
     with guarded_guest(GPA, 4 * MiB) as g:
         yield g
-
-
-@pytest.fixture
-def disk() -> Iterator[int]:
-    with disk_file(CAPACITY * 512) as fd:
-        yield fd
-
-
-@pytest.fixture
-def params(disk: int) -> Iterator[BlkParams]:
-    p = BlkParams(disk, CAPACITY)
-    yield p
-    p.close()
-
-
-@pytest.fixture
-def stats() -> Iterator[BlkStats]:
-    s = BlkStats()
-    yield s
-    s.close()
 
 
 def write_req(guest: FakeGuest, sector: int):

@@ -71,13 +71,6 @@ def params(disk: int) -> Iterator[BlkParams]:
     p.close()
 
 
-@pytest.fixture
-def stats() -> Iterator[BlkStats]:
-    s = BlkStats()
-    yield s
-    s.close()
-
-
 def make_ring(guest: FakeGuest, features: int = 0, **kw: object) -> SplitRing:
     return SplitRing(guest, num=NUM, features=features, **kw)  # type: ignore[arg-type]
 
