@@ -37,10 +37,14 @@ DESC = struct.Struct("<QIHH")
 F_NEXT, F_WRITE, F_INDIRECT = 1, 2, 4
 T_IN, T_OUT, T_FLUSH, T_GET_ID, T_DISCARD = 0, 1, 4, 8, 11
 PROTOCOL_FEATURES_BIT = 1 << 30
+VIRTIO_F_RING_PACKED = 1 << 34
+# This frontend drives split rings: like any driver it acks only the ring
+# format it implements (nitro offers packed ones too).
+SPLIT_RINGS_ONLY = ~VIRTIO_F_RING_PACKED
 
 
 class Frontend:
-    def __init__(self, path, *, num: int = 64, features_mask: int = ~0) -> None:
+    def __init__(self, path, *, num: int = 64, features_mask: int = SPLIT_RINGS_ONLY) -> None:
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.sock.settimeout(10)
         self.sock.connect(str(path))
