@@ -22,8 +22,9 @@
  * codes has a table of names (nitro_*_names, nitro_names.c), the one place
  * they are spelled, indexed by the code.
  *
- * Vocabulary follows the virtio 1.2 spec (section 2.7 "Split Virtqueues") and
- * QEMU's docs/interop/vhost-user.rst (memory regions, vring addresses).
+ * Vocabulary follows the virtio 1.2 spec (sections 2.7 "Split Virtqueues"
+ * and 2.8 "Packed Virtqueues") and QEMU's docs/interop/vhost-user.rst
+ * (memory regions, vring addresses).
  */
 #ifndef NITRO_H
 #define NITRO_H
@@ -39,12 +40,16 @@
 
 /* ---- limits ------------------------------------------------------------ */
 #define NITRO_MAX_MEM_REGIONS 32   /* VHOST_USER_GET_MAX_MEM_SLOTS answer */
-#define NITRO_MAX_QUEUE_SIZE 1024  /* largest split ring we accept */
+#define NITRO_MAX_QUEUE_SIZE 1024  /* largest ring (split or packed) we accept */
 
 /* ---- guest faults: why a queue was marked broken ------------------------ */
 #define NITRO_FAULT_NONE 0
-#define NITRO_FAULT_AVAIL_IDX 1   /* avail->idx moved by more than the ring size */
-#define NITRO_FAULT_DESC_INDEX 2  /* a head or next index >= the ring size */
+/* avail->idx moved by more than the ring size; packed: more descriptors in
+ * flight than the ring holds, or one after a NEXT is not available */
+#define NITRO_FAULT_AVAIL_IDX 1
+/* a head or next index >= the ring size; packed: a buffer id >= the ring
+ * size or already in flight */
+#define NITRO_FAULT_DESC_INDEX 2
 #define NITRO_FAULT_DESC_ADDR 3   /* a buffer not inside one mapped region */
 #define NITRO_FAULT_DESC_LOOP 4   /* chain longer than the ring: a cycle */
 #define NITRO_FAULT_INDIRECT 5    /* bad indirect table (nested, size, NEXT) */
@@ -89,7 +94,7 @@ void *nitro_mem_gpa_to_host(const struct nitro_mem *mem, uint64_t gpa,
 void *nitro_mem_uaddr_to_host(const struct nitro_mem *mem, uint64_t uaddr,
                               uint64_t len);
 
-/* ---- split virtqueue ---------------------------------------------------- */
+/* ---- virtqueues (split, or packed when VIRTIO_F_RING_PACKED) ------------- */
 struct nitro_vq_stats {
     uint64_t kicks;    /* kick eventfd wake-ups seen by the serving loop */
     uint64_t calls;    /* call eventfd signals sent */
@@ -105,18 +110,31 @@ void nitro_vq_free(struct nitro_vq *vq);
 int nitro_vq_set_num(struct nitro_vq *vq, uint32_t num);
 /* Ring addresses are frontend virtual addresses (vhost-user SET_VRING_ADDR);
  * they are translated now and again on nitro_vq_set_mem(). Each ring part
- * must lie wholly inside one region and be aligned as the spec requires. */
+ * must lie wholly inside one region and be aligned as the spec requires.
+ * Packed rings: desc is the descriptor ring, avail the driver and used the
+ * device event suppression structure (4 bytes each). */
 int nitro_vq_set_addr(struct nitro_vq *vq, const struct nitro_mem *mem,
                       uint64_t desc_uaddr, uint64_t avail_uaddr,
                       uint64_t used_uaddr);
 /* Swap the memory table (after the queue was stopped); re-translates. */
 int nitro_vq_set_mem(struct nitro_vq *vq, const struct nitro_mem *mem);
-void nitro_vq_set_base(struct nitro_vq *vq, uint16_t last_avail_idx);
-uint16_t nitro_vq_get_base(const struct nitro_vq *vq);
+/* SET_VRING_BASE / GET_VRING_BASE. Split: last_avail_idx (ERR_ARG above
+ * 0xFFFF). Packed (vhost-user "Vring descriptor indices for packed
+ * virtqueues"): the avail position in bits 0-14 and its wrap counter in bit
+ * 15, the used position and wrap counter in bits 16-31; bits 16-31 all zero
+ * mean "the same as the avail half" (what DPDK's virtio-user sends).
+ * ERR_ARG when a position is outside the ring size set. */
+int nitro_vq_set_base(struct nitro_vq *vq, uint32_t base);
+uint32_t nitro_vq_get_base(const struct nitro_vq *vq);
 /* -1 means none. The fds stay the caller's. */
 void nitro_vq_set_fds(struct nitro_vq *vq, int kick_fd, int call_fd);
-/* Negotiated virtio feature bits (EVENT_IDX = 29, INDIRECT_DESC = 28). */
-void nitro_vq_set_features(struct nitro_vq *vq, uint64_t features);
+/* Negotiated virtio feature bits (INDIRECT_DESC = 28, EVENT_IDX = 29,
+ * RING_PACKED = 34). RING_PACKED chooses the layout; changing it starts
+ * the ring afresh (base 0, or position 0 with wrap counters 1) and checks
+ * ring addresses already set again: ERR_ARG (and the addresses are
+ * forgotten) when they do not fit the new layout, ERR_NOMEM when the
+ * packed state cannot be allocated. */
+int nitro_vq_set_features(struct nitro_vq *vq, uint64_t features);
 /* NITRO_FAULT_* that broke the queue, NITRO_FAULT_NONE while healthy. */
 uint32_t nitro_vq_fault(const struct nitro_vq *vq);
 /* Forget the fault, addresses and base (device reset / new frontend). */
@@ -128,19 +146,24 @@ void nitro_vq_clear_stop(struct nitro_vq *vq);
 /* Copy the queue's counters into *out (atomic loads; safe from any thread). */
 int nitro_vq_stats(const struct nitro_vq *vq, struct nitro_vq_stats *out);
 
-/* Inflight I/O tracking (vhost-user.rst "Inflight I/O tracking", split
- * layout; protocol feature INFLIGHT_SHMFD). region is this queue's
- * QueueRegionSplit inside the shared inflight buffer (16-byte header, then
- * 16-byte DescStateSplit entries) and size its length in bytes; NULL
- * detaches. The mapping stays the caller's and must outlive the queue's use
- * of it (detach, or nitro_vq_reset(), before unmapping). ERR_ARG when region
- * is not 8-byte aligned or size cannot hold the ring size's entries (also
- * checked again by nitro_vq_set_num()).
+/* Inflight I/O tracking (vhost-user.rst "Inflight I/O tracking"; protocol
+ * feature INFLIGHT_SHMFD). region is this queue's part of the shared
+ * inflight buffer, in the layout of the features set (so set them first):
+ * split, a QueueRegionSplit (16-byte header, then 16-byte DescStateSplit
+ * entries); packed, a QueueRegionPacked (32-byte header, then 32-byte
+ * DescStatePacked entries). size is its length in bytes; NULL detaches.
+ * The mapping stays the caller's and must outlive the queue's use of it
+ * (detach, or nitro_vq_reset(), before unmapping). ERR_ARG when region is
+ * not 8-byte aligned or size cannot hold the ring size's entries (also
+ * checked again by nitro_vq_set_num(), and at the next pop for a layout
+ * changed since: a fault then).
  * With a region attached, the next pop first repairs a torn last batch,
- * then resubmits the heads still marked in flight (oldest counter first)
- * and sets last_avail_idx to used->idx plus their number; a version-0
- * region is initialised instead. A region the ring contradicts is a guest
- * fault (NITRO_FAULT_INFLIGHT). Queues that give chains back
+ * then resubmits the chains still marked in flight (oldest counter first).
+ * Split: last_avail_idx becomes used->idx plus their number. Packed: the
+ * used position is the region's (the frontend's base is stale after a
+ * crash), the avail position that plus the descriptors in flight. A
+ * version-0 region is initialised instead. A region the ring contradicts
+ * is a guest fault (NITRO_FAULT_INFLIGHT). Queues that give chains back
  * (nitro_vq_unpop: virtio-net RX) must not use it. */
 int nitro_vq_set_inflight(struct nitro_vq *vq, void *region, uint64_t size);
 

@@ -220,7 +220,8 @@ class InflightRegion:
 
 
 class Virtqueue(_Owned):
-    """One split virtqueue's C state (nitro_vq)."""
+    """One virtqueue's C state (nitro_vq): split, or packed once
+    VIRTIO_F_RING_PACKED is among the features set."""
 
     def __init__(self, index: int) -> None:
         raw = lib.nitro_vq_new(index)
@@ -246,19 +247,26 @@ class Virtqueue(_Owned):
 
     @property
     def base(self) -> int:
-        """last_avail_idx (SET_VRING_BASE / GET_VRING_BASE)."""
+        """SET_VRING_BASE / GET_VRING_BASE: split, last_avail_idx; packed,
+        avail position and wrap counter in bits 0-15, used ones in 16-31."""
         return int(lib.nitro_vq_get_base(self.ptr))
 
     @base.setter
-    def base(self, last_avail_idx: int) -> None:
-        lib.nitro_vq_set_base(self.ptr, last_avail_idx)
+    def base(self, value: int) -> None:
+        """FrontendError when it does not fit the layout or the ring size."""
+        if not 0 <= value <= 0xFFFF_FFFF:
+            raise FrontendError(lib.NITRO_ERR_ARG, f"ring base {value} is not a u32")
+        _check(lib.nitro_vq_set_base(self.ptr, value), "nitro_vq_set_base")
 
     def set_fds(self, kick: int, call: int) -> None:
         """Kick and call eventfds, -1 for none; they stay the caller's."""
         lib.nitro_vq_set_fds(self.ptr, kick, call)
 
     def set_features(self, bits: int) -> None:
-        lib.nitro_vq_set_features(self.ptr, bits)
+        """The negotiated bits; VIRTIO_F_RING_PACKED (34) picks the layout.
+        FrontendError when ring addresses already set do not fit a changed
+        layout (C forgets them)."""
+        _check(lib.nitro_vq_set_features(self.ptr, bits), "nitro_vq_set_features")
 
     def set_inflight(self, region: InflightRegion | None, offset: int = 0,
                      size: int = 0) -> None:

@@ -44,7 +44,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from nitro.devices.base import VirtioBackend
+from nitro.devices.base import VIRTIO_F_RING_PACKED, VirtioBackend
 from nitro.vhost.codec import (
     Message,
     RemoteProtocolError,
@@ -71,6 +71,9 @@ log = logging.getLogger("nitro.vhost")
 
 MAX_MEM_SLOTS = 32  # NITRO_MAX_MEM_REGIONS (cffi_build/nitro.h): GET_MAX_MEM_SLOTS
 MAX_SPLIT_RING_BASE = 0xFFFF  # a split ring's last_avail_idx is 16 bits
+# A packed ring's base is 32 bits: avail and used positions with their wrap
+# counters (vhost-user "Vring descriptor indices for packed virtqueues").
+MAX_PACKED_RING_BASE = 0xFFFF_FFFF
 
 _PF = ProtocolFeature
 # The protocol features this dispatcher implements; a device's offer is
@@ -454,12 +457,21 @@ class VhostUserBackend:
             raise BackendError(f"{where}: ring size unknown (SET_VRING_NUM first)")
         vring.set_addr(addr, self.memory)
 
+    @property
+    def packed(self) -> bool:
+        """VIRTIO_F_RING_PACKED was negotiated: every ring is packed."""
+        return bool(self.acked_features >> VIRTIO_F_RING_PACKED & 1)
+
     def _handle_set_vring_base(self, m: Message) -> None:
+        """Split: the 16-bit last_avail_idx. Packed: 32 bits (C checks the
+        positions against the ring size)."""
         state = m.payload
         vring = self._vring(m.request, state.index)
-        if state.num > MAX_SPLIT_RING_BASE:
+        limit = MAX_PACKED_RING_BASE if self.packed else MAX_SPLIT_RING_BASE
+        if state.num > limit:
+            kind = "a packed ring's 32-bit" if self.packed else "a split ring's 16-bit"
             raise BackendError(f"SET_VRING_BASE: vring {vring.index}: base {state.num} "
-                               f"does not fit a split ring's 16-bit index")
+                               f"does not fit {kind} index")
         vring.base = state.num
 
     def _handle_get_vring_base(self, m: Message) -> VringState:
@@ -494,7 +506,8 @@ class VhostUserBackend:
     # -- inflight I/O tracking (vhost-user.rst "Inflight I/O tracking") --------------------
     def _inflight_layout(self, m: Message) -> tuple[Inflight, int]:
         """The request's description checked against the device; and the
-        bytes of one queue's region (split layout)."""
+        bytes of one queue's region, in the layout of the ring format
+        negotiated (QEMU sends SET_FEATURES before GET_INFLIGHT_FD)."""
         i = m.payload
         where = m.request.name
         if not 1 <= i.num_queues <= len(self.vrings):
@@ -503,10 +516,10 @@ class VhostUserBackend:
         limit = self.device.max_queue_size
         if not 1 <= i.queue_size <= limit:
             raise BackendError(f"{where}: queue_size {i.queue_size} is not 1 to {limit}")
-        return i, inflight_queue_region_size(i.queue_size)
+        return i, inflight_queue_region_size(i.queue_size, self.packed)
 
     def _handle_get_inflight_fd(self, m: Message) -> _WithFds:
-        """A zeroed, sealed memfd for num_queues split regions; the reply
+        """A zeroed, sealed memfd for num_queues regions; the reply
         carries it and its size. QEMU keeps it across our restarts and gives
         it back with SET_INFLIGHT_FD."""
         i, per_queue = self._inflight_layout(m)

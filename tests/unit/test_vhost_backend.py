@@ -983,3 +983,48 @@ def test_the_trio_layer_sends_a_replys_fds_and_closes_them():
     finally:
         a.close()
         b.close()
+
+
+# -- packed virtqueues (VIRTIO_F_RING_PACKED) ------------------------------------------------
+VIRTIO_F_RING_PACKED = 1 << 34
+REGION_128_PACKED = 4160  # align64(32 + 32 * 128): QueueRegionPacked
+
+
+def packed_frontend() -> Frontend:
+    device = FakeBlkDevice(protocol_features=INFLIGHT_PF)
+    device.device_features |= VIRTIO_F_RING_PACKED
+    frontend = Frontend(device)
+    negotiate(frontend)
+    return frontend
+
+
+def test_a_packed_ring_base_is_32_bits_and_a_split_one_16():
+    fe = packed_frontend()
+    try:
+        fe.send(R.SET_FEATURES, U64(VIRTIO_F_VERSION_1 | F_PROTOCOL_FEATURES))
+        with pytest.raises(BackendError, match="split ring's 16-bit"):
+            fe.send(R.SET_VRING_BASE, VringState(0, 0x8000_8000))
+        fe.send(R.SET_FEATURES, U64(VIRTIO_F_VERSION_1 | VIRTIO_F_RING_PACKED))
+        assert fe.backend.vrings[0].vq.features & VIRTIO_F_RING_PACKED
+        fe.send(R.SET_VRING_BASE, VringState(0, 0x8005_8007))
+        assert fe.backend.vrings[0].vq.base == 0x8005_8007
+        assert fe.call(R.GET_VRING_BASE, VringState(0, 0)) == 0x8005_8007 << 32  # index 0, num
+    finally:
+        fe.close()
+
+
+def test_the_inflight_buffer_takes_the_packed_layout_once_negotiated():
+    """QEMU sends SET_FEATURES before GET_INFLIGHT_FD (vhost_dev_prepare_inflight)
+    so that the back-end knows which layout to size."""
+    fe = packed_frontend()
+    try:
+        info, fd = get_inflight(fe, num_queues=2)
+        assert info.mmap_size == 2 * REGION_128
+        os.close(fd)
+        fe.send(R.SET_FEATURES, U64(VIRTIO_F_VERSION_1 | VIRTIO_F_RING_PACKED))
+        info, fd = get_inflight(fe, num_queues=2)
+        assert info.mmap_size == 2 * REGION_128_PACKED
+        assert fe.call(R.SET_INFLIGHT_FD, info, [fd], need_reply=True) == 0
+        assert fe.backend.vrings[1].vq.inflight[1:] == (REGION_128_PACKED, REGION_128_PACKED)
+    finally:
+        fe.close()

@@ -11,6 +11,7 @@ import dataclasses
 import struct
 
 from nitro.devices.base import (
+    VIRTIO_F_RING_PACKED,
     VIRTIO_F_VERSION_1,
     VIRTIO_RING_F_EVENT_IDX,
     VIRTIO_RING_F_INDIRECT_DESC,
@@ -91,7 +92,7 @@ def device_features(*, readonly: bool, num_queues: int,
     DISCARD and WRITE_ZEROES are offered exactly when their limit is nonzero
     (and the disk is writable)."""
     bits = [VIRTIO_F_VERSION_1, VIRTIO_RING_F_INDIRECT_DESC, VIRTIO_RING_F_EVENT_IDX,
-            VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_FLUSH]
+            VIRTIO_F_RING_PACKED, VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_FLUSH]
     if num_queues > 1:
         bits.append(VIRTIO_BLK_F_MQ)
     if readonly:
