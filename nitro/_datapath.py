@@ -430,6 +430,7 @@ def blk_serve(vq: Virtqueue, params: BlkParams, stats: BlkStats, idle_ms: int) -
 NET_MAX_VPCS: Final[int] = lib.NITRO_NET_MAX_VPCS
 NET_MAX_PORTS: Final[int] = lib.NITRO_NET_MAX_PORTS
 NET_MAX_PAIRS: Final[int] = lib.NITRO_NET_MAX_PAIRS
+NET_PUNT_PORT_SLOTS: Final[int] = lib.NITRO_NET_PUNT_PORT_SLOTS
 
 
 def _addr(value: bytes, size: int, what: str) -> bytes:
@@ -447,6 +448,7 @@ def _net_stats_dict(s: Any) -> dict[str, Any]:
         "bw_in_allowance_exceeded": int(s.bw_in_allowance_exceeded),
         "bw_out_allowance_exceeded": int(s.bw_out_allowance_exceeded),
         "pps_allowance_exceeded": int(s.pps_allowance_exceeded),
+        "linklocal_allowance_exceeded": int(s.linklocal_allowance_exceeded),
         "punted": int(s.punted),
     }
 
@@ -467,10 +469,11 @@ class Switch(_Owned):
                "nitro_switch_add_vpc")
 
     def add_port(self, port: int, vpc: int, mac: bytes, ip: bytes, *, bw_in: int = 0,
-                 bw_out: int = 0, pps: int = 0) -> None:
+                 bw_out: int = 0, pps: int = 0, linklocal_pps: int = 0) -> None:
         params = ffi.new("struct nitro_port_params *", {
             "vpc": vpc, "mac": list(_addr(mac, 6, "MAC")), "ip": list(_addr(ip, 4, "IPv4")),
-            "bw_in_bytes_per_sec": bw_in, "bw_out_bytes_per_sec": bw_out, "pps": pps})
+            "bw_in_bytes_per_sec": bw_in, "bw_out_bytes_per_sec": bw_out, "pps": pps,
+            "linklocal_pps": linklocal_pps})
         _check(lib.nitro_switch_add_port(self.ptr, port, params), "nitro_switch_add_port")
 
     def set_uplink(self, vpc: int, fd: int, mac: bytes | None) -> None:
