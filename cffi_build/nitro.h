@@ -173,6 +173,14 @@ struct nitro_blk_params {
      * and such requests complete with UNSUPP. */
     uint32_t max_discard_sectors;
     uint32_t max_write_zeroes_sectors;
+    /* VIRTIO_BLK_F_SEG_MAX / SIZE_MAX as offered: a request of more than
+     * seg_max data descriptors (plus header and status), of a descriptor
+     * longer than size_max (plus the header or status it may share), or
+     * of more than seg_max * size_max data bytes completes with IOERR.
+     * This bounds the work one request makes (a synchronous one holds its
+     * worker). 0: no limit. */
+    uint32_t seg_max;
+    uint32_t size_max;
     uint8_t serial[20];     /* GET_ID answer, NUL-padded */
     struct nitro_xts *xts;  /* encrypted volumes (LUKS2); NULL: plain */
     /* Bytes: where sector 0 lives in fd. data_offset + capacity * 512 must

@@ -466,6 +466,9 @@ static int chain_add(struct nitro_vq *vq, struct walk *w,
     if (!writable && w->seen_write)
         return nitro_vq_set_fault(vq, NITRO_FAULT_DESC_ORDER);
     w->seen_write |= writable;
+    c->n_desc++;
+    if (d->len > c->max_desc_len)
+        c->max_desc_len = d->len;
     uint64_t gpa = d->addr, left = d->len;
     while (left > 0) {
         uint64_t span;
@@ -500,6 +503,8 @@ static int walk_chain(struct nitro_vq *vq, uint16_t head,
     c->head = head;
     c->n_out = c->n_in = 0;
     c->out_len = c->in_len = 0;
+    c->n_desc = 0;
+    c->max_desc_len = 0;
     struct walk w = {.table = vq->desc, .size = vq->num, .budget = vq->num};
     uint32_t i = head;
     if (i >= w.size)

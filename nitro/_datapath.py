@@ -366,6 +366,8 @@ class BlkParams(_Owned):
     whole blocks); a zero discard/write-zeroes limit means not offered.
     With ``xts`` the payload is encrypted (kept alive here as long as the
     params are); ``data_offset`` is where sector 0 starts in the file.
+    ``seg_max``/``size_max`` (0: none) are the limits offered to the driver:
+    a request beyond them completes with IOERR.
     ``blk_serve`` refuses (FrontendError) a block size that is not a power of
     two >= 512 (and whole encryption sectors), or a disk whose last byte,
     plus data_offset, is past 2**63 - 1."""
@@ -373,7 +375,8 @@ class BlkParams(_Owned):
     def __init__(self, fd: int, capacity_sectors: int, readonly: bool = False,
                  max_discard_sectors: int = 0, max_write_zeroes_sectors: int = 0,
                  serial: bytes = b"", xts: XtsCipher | None = None,
-                 data_offset: int = 0, block_size: int = 512) -> None:
+                 data_offset: int = 0, block_size: int = 512,
+                 seg_max: int = 0, size_max: int = 0) -> None:
         if len(serial) > 20:
             raise ValueError("virtio-blk serial is at most 20 bytes")
         super().__init__(ffi.new("struct nitro_blk_params *", {
@@ -383,6 +386,8 @@ class BlkParams(_Owned):
             "block_size": block_size,
             "max_discard_sectors": max_discard_sectors,
             "max_write_zeroes_sectors": max_write_zeroes_sectors,
+            "seg_max": seg_max,
+            "size_max": size_max,
             "xts": xts.ptr if xts is not None else ffi.NULL,
             "data_offset": data_offset,
         }))
