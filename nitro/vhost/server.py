@@ -59,6 +59,7 @@ class VhostUserServer:
         self.broken: str | None = None
         self._backend: VhostUserBackend | None = None
         self._rings: dict[int, AttachedRing] = {}
+        self._err_pending: set[int] = set()  # rings whose err eventfd is being signalled
         self._session_nursery: trio.Nursery | None = None
         # Queue counters of past sessions, so counters stay monotonic across
         # reconnects (each session gets fresh C queues).
@@ -165,10 +166,22 @@ class VhostUserServer:
             while (msg := codec.next_event()) is not NEED_DATA:
                 affected = backend.affected_vrings(msg)
                 await self._detach(list(self._rings) if affected == "all" else list(affected))
+                resets = backend.resets
                 reply = backend.handle(msg)
+                if backend.resets != resets:
+                    self._revive()
                 if reply:
                     await _send_all(conn, reply, getattr(reply, "fds", ()))
                 await self._reconcile(backend)
+
+    def _revive(self) -> None:
+        """The front-end reset the device (RESET_DEVICE, RESET_OWNER, SET_STATUS
+        0: a driver reset or guest reboot): every ring was detached and its C
+        queue reset, faults included, so the next start serves again."""
+        if self.broken is not None:
+            log_event(log, logging.INFO, "device reset by the frontend; no longer broken",
+                      device=self.device_id, fault=self.broken)
+        self.broken = None
 
     # -- rings on the engine -------------------------------------------------
     async def _reconcile(self, backend) -> None:
@@ -220,11 +233,26 @@ class VhostUserServer:
 
     def _mark_broken(self, vring, kind: str) -> None:
         """A guest fault breaks the device (not the daemon): stop every queue
-        until the frontend resets or reconnects."""
+        until the frontend resets or reconnects, and tell it through the
+        ring's SET_VRING_ERR eventfd."""
         self.broken = kind
         vring.broken = kind
         log_event(log, logging.ERROR, "guest broke the device; queues stopped",
                   device=self.device_id, queue=vring.index, fault=kind)
+        nursery = self._session_nursery
+        if vring.err_fd is not None and nursery is not None and vring.index not in self._err_pending:
+            self._err_pending.add(vring.index)
+            nursery.start_soon(self._signal_err, vring.index, os.dup(vring.err_fd))
+
+    async def _signal_err(self, index: int, fd: int) -> None:
+        """Write 1 to a ring's err eventfd (our own dup: the ring may close
+        its fd meanwhile). In a thread: the front-end can make its eventfd
+        blocking again and hold its counter full, and the trio thread must
+        never wait on a front-end. One pending signal per ring at most."""
+        try:
+            await trio.to_thread.run_sync(_signal_eventfd, fd, abandon_on_cancel=True)
+        finally:
+            self._err_pending.discard(index)
 
     # -- observation -------------------------------------------------------
     def _retire(self, backend) -> None:
@@ -255,6 +283,18 @@ class VhostUserServer:
             "connections": self.connections,
         })
         return stats
+
+
+def _signal_eventfd(fd: int) -> None:
+    """eventfd_write(fd, 1) without blocking if the file still lets us, then
+    close fd. EAGAIN (counter saturated) means it is readable anyway."""
+    try:
+        os.set_blocking(fd, False)
+        os.eventfd_write(fd, 1)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def _fault_kind(error: _datapath.DatapathError) -> str:
