@@ -84,13 +84,13 @@ class Frontend:
         return struct.unpack("<Q", self.recv_reply(request))[0]
 
     # -- the start sequence QEMU uses -------------------------------------------
-    def start(self, queues: int = 1, protocol_features: ProtocolFeature = ProtocolFeature(0)) -> int:
+    def start(self, queues: int = 1, protocol_features: int = 0) -> int:
         """Negotiate (REPLY_ACK, CONFIG, MQ and `protocol_features` if
         offered), share the memory and start vring 0."""
         features = self.call_u64(Request.GET_FEATURES) & self.features_mask
         pf = self.call_u64(Request.GET_PROTOCOL_FEATURES)
         self.send(Request.SET_PROTOCOL_FEATURES, U64(pf & int(
-            ProtocolFeature.REPLY_ACK | ProtocolFeature.CONFIG | ProtocolFeature.MQ | protocol_features)))
+            ProtocolFeature.REPLY_ACK | ProtocolFeature.CONFIG | ProtocolFeature.MQ) | protocol_features))
         self.send(Request.SET_OWNER)
         self.send(Request.SET_FEATURES, U64(features), need_reply=True)
         self.ack(Request.SET_FEATURES)
