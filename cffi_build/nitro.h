@@ -268,6 +268,8 @@ struct nitro_ring *nitro_ring_blk_new(struct nitro_vq *vq,
 struct nitro_ring *nitro_ring_net_tx_new(struct nitro_switch *sw,
                                          uint32_t port, struct nitro_vq *vq);
 struct nitro_ring *nitro_ring_net_rx_new(struct nitro_vq *vq);
+/* Control queue (virtio 1.2 5.1.6.5): ACK MQ_VQ_PAIRS_SET (1..max_pairs),
+ * RX and MAC class commands; others get VIRTIO_NET_ERR. */
 struct nitro_ring *nitro_ring_net_ctrl_new(struct nitro_vq *vq,
                                            uint32_t max_pairs);
 /* Only for a detached ring. NULL is fine. */

@@ -110,10 +110,6 @@ int64_t nitro_net_tx_serve(struct nitro_switch *sw, uint32_t port,
  * NITRO_ERR_GUEST once a delivery found the ring broken (the delivering
  * thread kicks the worker awake to report it), else 0. */
 int64_t nitro_net_rx_serve(struct nitro_vq *vq);
-/* Control queue (virtio 1.2 5.1.6.5): ACK MQ_VQ_PAIRS_SET, RX and MAC
- * class commands; others get VIRTIO_NET_ERR. */
-int64_t nitro_net_ctrl_serve(struct nitro_vq *vq, uint32_t max_pairs,
-                             int idle_ms);
 
 /* Punted control frames: an eventfd readable exactly while any wait
  * (nitro_switch_punt_fd: the fd, owned by the switch, or NITRO_ERR_ARG).

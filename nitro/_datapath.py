@@ -555,12 +555,6 @@ def net_rx_serve(vq: Virtqueue) -> int:
     return _check(lib.nitro_net_rx_serve(ptr), "nitro_net_rx_serve", ptr)
 
 
-def net_ctrl_serve(vq: Virtqueue, max_pairs: int, idle_ms: int) -> int:
-    """Serve a virtio-net control queue (ACK MQ/RX/MAC class commands)."""
-    ptr = vq.ptr
-    return _check(lib.nitro_net_ctrl_serve(ptr, max_pairs, idle_ms), "nitro_net_ctrl_serve", ptr)
-
-
 # ---------------------------------------------------------------------------
 # The engine: C worker threads that serve every ring (nitro.h "the engine")
 # ---------------------------------------------------------------------------

@@ -20,6 +20,7 @@ import errno
 import logging
 import os
 import socket
+import threading
 from pathlib import Path
 
 import trio
@@ -64,6 +65,12 @@ class VhostUserServer:
         # Queue counters of past sessions, so counters stay monotonic across
         # reconnects (each session gets fresh C queues).
         self._retired: dict[int, dict] = {}
+        # statistics() runs on other threads (metrics scrapes) and reads the
+        # session's C queues: it holds this while it does, and the session
+        # ends (C queues freed) only under it. Held for microseconds on
+        # either side; the daemon's devices_lock is taken before it, never
+        # after.
+        self._stats_lock = threading.Lock()
         self._accepting = True
         self._listener: trio.socket.SocketType | None = None
         self._serve_scope = trio.CancelScope()
@@ -150,11 +157,17 @@ class VhostUserServer:
         finally:
             self._session_nursery = None
             self.connected = False
-            self._backend = None
-            self._retire(backend)
-            backend.close()
+            self._end_session(backend)
             self.device.reset()
             log_event(log, logging.INFO, "frontend disconnected", **fields)
+
+    def _end_session(self, backend: VhostUserBackend) -> None:
+        """Fold the session's queue counters into the retired ones and free
+        its C queues and memory, never under a statistics() in progress."""
+        with self._stats_lock:
+            self._backend = None
+            self._retire(backend)
+        backend.close()  # no statistics() can reach it any more
 
     async def _message_loop(self, conn, codec, backend) -> None:
         while True:
@@ -261,12 +274,16 @@ class VhostUserServer:
 
     def statistics(self) -> dict:
         stats = self.device.statistics()
-        backend = self._backend
-        live = {v.index: v for v in backend.vrings} if backend is not None else {}
+        with self._stats_lock:
+            backend = self._backend
+            live = {v.index: v for v in backend.vrings} if backend is not None else {}
+            counters = {}
+            for index in sorted(set(live) | set(self._retired)):
+                v = live.get(index)
+                counters[index] = _add_queue_stats(self._retired.get(index), v.vq.stats() if v else None)
         queues = []
-        for index in sorted(set(live) | set(self._retired)):
+        for index, q in counters.items():
             v = live.get(index)
-            q = _add_queue_stats(self._retired.get(index), v.vq.stats() if v else None)
             attached = self._rings.get(index)
             worker = self.engine.worker_of(attached.ring) if attached is not None else None
             queues.append({"index": index, "enabled": bool(v and v.enabled),
@@ -325,7 +342,13 @@ async def _recv_message(conn) -> tuple[bytes, list[int]] | None:
         return header, fds
     payload = b""
     if size:
-        payload, _ = await _recv_exact(conn, size, with_fds=False)
+        try:
+            payload, _ = await _recv_exact(conn, size, with_fds=False)
+        except BaseException:
+            # Cancelled (shutdown, reload) or a socket error while the
+            # frontend held back the payload: the header's fds are ours.
+            _close_all(fds)
+            raise
         if payload is None:
             _close_all(fds)
             return None
