@@ -36,50 +36,21 @@ from pathlib import Path
 
 from bench.blk import OUT_DIR, VUBLK, build_vublk
 from bench.proc import Nitro
+from tests.integration import attacker as at
 
-ATTACKER_MAC, ATTACKER_IP = "52:54:00:00:00:66", "10.0.0.66"
-VICTIM_MAC, VICTIM_IP = "52:54:00:00:00:10", "10.0.0.10"
+VICTIM_MAC = "52:54:00:00:00:10"
 IOPS_TARGET, P99_TARGET = 0.8, 3.0
-
-CONFIG = f"""
-[[blk]]
-id = "vvol"
-size = "256M"
-
-[[blk]]
-id = "avol"
-size = "16M"
-
-[[vpc]]
-id = "blue"
-cidr = "10.0.0.0/24"
-gateway = "10.0.0.1"
-
-[[net]]
-id = "vnet"
-vpc = "blue"
-mac = "{VICTIM_MAC}"
-ip = "{VICTIM_IP}"
-
-[[net]]
-id = "anet"
-vpc = "blue"
-mac = "{ATTACKER_MAC}"
-ip = "{ATTACKER_IP}"
-"""
 
 
 def attack_loop(workdir: Path | str, seconds: float) -> None:
     """The attacker process: every attack in turn until `seconds` passed."""
-    from tests.integration import attacker as at
-
     workdir = Path(workdir)
     anet, avol = workdir / "anet.sock", workdir / "avol.sock"
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
         left = max(0.5, min(2.0, deadline - time.monotonic()))
-        at.flood_link_local(anet, ATTACKER_MAC, ATTACKER_IP, left)
-        at.tiny_mss_tso(anet, ATTACKER_MAC, ATTACKER_IP, VICTIM_MAC, VICTIM_IP, left)
+        at.flood_link_local(anet, at.ATTACKER_MAC, at.ATTACKER_IP, left)
+        at.tiny_mss_tso(anet, at.ATTACKER_MAC, at.ATTACKER_IP, VICTIM_MAC, at.VICTIM_IP, left)
         at.kick_storm(avol, left)
         at.blocking_call_eventfd(avol)
 
@@ -140,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     runs = []
     with tempfile.TemporaryDirectory(prefix="nitro-tenant-", dir="/tmp") as tmp:
         workdir = Path(tmp)
-        n = Nitro(workdir, CONFIG)
+        n = Nitro(workdir, at.tenant_config(VICTIM_MAC, "256M"))
         try:
             for rnd in range(args.rounds):
                 for mode in MODES:

@@ -29,6 +29,41 @@ TX_RING = 1  # a virtio-net device's vring 1 is its first TX queue
 SLOT = 1 << 16  # guest memory per TX slot: a whole super-frame fits
 
 
+ATTACKER_MAC, ATTACKER_IP = "52:54:00:00:00:66", "10.0.0.66"
+VICTIM_IP = "10.0.0.10"
+
+
+def tenant_config(victim_mac: str, victim_disk: str = "64M") -> str:
+    """nitro's config for a victim (disk vvol, interface vnet) and an
+    attacker (disk avol, interface anet) on one VPC."""
+    return f"""
+[[blk]]
+id = "vvol"
+size = "{victim_disk}"
+
+[[blk]]
+id = "avol"
+size = "16M"
+
+[[vpc]]
+id = "blue"
+cidr = "10.0.0.0/24"
+gateway = "10.0.0.1"
+
+[[net]]
+id = "vnet"
+vpc = "blue"
+mac = "{victim_mac}"
+ip = "{VICTIM_IP}"
+
+[[net]]
+id = "anet"
+vpc = "blue"
+mac = "{ATTACKER_MAC}"
+ip = "{ATTACKER_IP}"
+"""
+
+
 def arp_request(mac: str, ip: str, target: str) -> bytes:
     return bytes(Ether(src=mac, dst="ff:ff:ff:ff:ff:ff") / ARP(op=1, hwsrc=mac, psrc=ip, pdst=target))
 

@@ -21,34 +21,8 @@ from tests.integration import attacker as at
 pytestmark = pytest.mark.system
 
 VICTIM_MAC = mac_address(0)
-ATTACKER_MAC, ATTACKER_IP = "52:54:00:00:00:66", "10.0.0.66"
-
-CONFIG = f"""
-[[blk]]
-id = "vvol"
-size = "64M"
-
-[[blk]]
-id = "avol"
-size = "16M"
-
-[[vpc]]
-id = "blue"
-cidr = "10.0.0.0/24"
-gateway = "10.0.0.1"
-
-[[net]]
-id = "vnet"
-vpc = "blue"
-mac = "{VICTIM_MAC}"
-ip = "10.0.0.10"
-
-[[net]]
-id = "anet"
-vpc = "blue"
-mac = "{ATTACKER_MAC}"
-ip = "{ATTACKER_IP}"
-"""
+ATTACKER_MAC, ATTACKER_IP = at.ATTACKER_MAC, at.ATTACKER_IP
+CONFIG = at.tenant_config(VICTIM_MAC)
 
 # fio and a ping to the gateway (answered by nitro's trio thread, the path
 # a link-local flood competes for) for RUNTIME seconds, started together.
@@ -128,7 +102,7 @@ def test_one_hostile_tenant_does_not_hurt_another(nitro, guest_image_fio, short_
             anet, ATTACKER_MAC, ATTACKER_IP, 6, least=1000)
     # TSO super-frames of mss 1 to the victim: refused before any segmenting.
     _attack(n, at.tiny_mss_tso, "nitro_net_drops_total", {"interface": "anet", "reason": "bad_header"},
-            anet, ATTACKER_MAC, ATTACKER_IP, VICTIM_MAC, "10.0.0.10", 5, least=100)
+            anet, ATTACKER_MAC, ATTACKER_IP, VICTIM_MAC, at.VICTIM_IP, 5, least=100)
     # Kicks with nothing behind them: counted, served as empty passes.
     _attack(n, at.kick_storm, "nitro_virtqueue_kicks_total", {"device": "avol", "queue": "0"}, avol, 5)
     # A blocking call eventfd one below saturation: its requests still complete.
