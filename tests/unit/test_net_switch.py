@@ -812,12 +812,14 @@ def test_linklocal_budget_drops_and_counts_a_flood_of_punts():
     """Issue 11 item 2: frames to nitro's own services (everything punted)
     are limited per port; the excess is linklocal_allowance_exceeded, and
     the other ports' ARP still gets through."""
-    net = Net(linklocal_pps=100)  # port A: 100 frames/s, 10 deep
+    net = Net(linklocal_pps=10)  # port A: 10 frames/s, 1 deep
     try:
+        start = time.monotonic()
         for i in range(40):
             net.send(_arp_request(A, A_IP, f"10.0.0.{100 + i}"))
+        refilled = int(10 * (time.monotonic() - start)) + 1
         a = net.sw.port_stats(0)
-        assert 10 <= a["punted"] <= 14, a
+        assert 1 <= a["punted"] <= 1 + refilled, (a, refilled)
         assert a["linklocal_allowance_exceeded"] == 40 - a["punted"]
         assert a["drops"]["punt_overflow"] == 0
         _send_from(net, 1, _arp_request(B, B_IP, "10.0.0.1"))
