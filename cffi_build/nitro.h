@@ -35,6 +35,7 @@
 #define NITRO_ERR_SYS -2    /* a host system call failed; errno is kept */
 #define NITRO_ERR_GUEST -3  /* the guest broke the ring; see nitro_vq_fault() */
 #define NITRO_ERR_NOMEM -4  /* allocation failed */
+#define NITRO_ERR_LIMIT -5  /* a configured cap would be exceeded */
 
 /* ---- limits ------------------------------------------------------------ */
 #define NITRO_MAX_MEM_REGIONS 32   /* VHOST_USER_GET_MAX_MEM_SLOTS answer */
@@ -50,7 +51,10 @@
 #define NITRO_FAULT_DESC_ORDER 6  /* device-readable after device-writable */
 #define NITRO_FAULT_REQUEST 7     /* request without room for header/status */
 #define NITRO_FAULT_INFLIGHT 8    /* the inflight region disagrees with the ring */
-#define NITRO_FAULT_KINDS 9
+/* Guest memory raised SIGBUS when touched: the frontend truncated the file
+ * behind it, or the file could not supply a page (nitro_guard.h). */
+#define NITRO_FAULT_MEMORY 9
+#define NITRO_FAULT_KINDS 10
 extern const char *const nitro_fault_names[NITRO_FAULT_KINDS];
 
 /* ---- guest memory table (SET_MEM_TABLE / ADD_MEM_REG / REM_MEM_REG) ----- */
@@ -59,8 +63,10 @@ struct nitro_mem;
 struct nitro_mem *nitro_mem_new(void);
 /* Unmaps every region. */
 void nitro_mem_free(struct nitro_mem *mem);
-/* mmap(fd) MAP_SHARED from 0 to mmap_offset + memory_size and record the
- * region; fd stays the caller's. Overlapping or empty regions: ERR_ARG. */
+/* mmap(fd) MAP_SHARED [mmap_offset, mmap_offset + memory_size) (from the
+ * page holding mmap_offset) and record the region; fd stays the caller's.
+ * Overlapping or empty regions, or a file too short: ERR_ARG. ERR_LIMIT
+ * when every table's mappings together would exceed nitro_mem_set_limit. */
 int nitro_mem_add(struct nitro_mem *mem, int fd, uint64_t guest_phys_addr,
                   uint64_t memory_size, uint64_t userspace_addr,
                   uint64_t mmap_offset);
@@ -68,6 +74,14 @@ int nitro_mem_add(struct nitro_mem *mem, int fd, uint64_t guest_phys_addr,
 int nitro_mem_remove(struct nitro_mem *mem, uint64_t guest_phys_addr,
                      uint64_t memory_size);
 uint32_t nitro_mem_count(const struct nitro_mem *mem);
+/* How many of the regions' files are sealed against shrinking. */
+uint32_t nitro_mem_sealed(const struct nitro_mem *mem);
+/* The cap on the bytes all memory tables of the process map together
+ * ([daemon] max_guest_memory); UINT64_MAX (the default) is no cap. A
+ * lower cap than what is mapped already refuses only new regions. */
+void nitro_mem_set_limit(uint64_t bytes);
+/* Bytes all memory tables of the process map now. */
+uint64_t nitro_mem_mapped_bytes(void);
 /* Host pointer for [gpa, gpa+len) if wholly inside one region, else NULL. */
 void *nitro_mem_gpa_to_host(const struct nitro_mem *mem, uint64_t gpa,
                             uint64_t len);
@@ -214,8 +228,11 @@ int64_t nitro_blk_serve(struct nitro_vq *vq,
  * hand-offs to that worker. */
 #define NITRO_ENGINE_MAX_WORKERS 64
 #define NITRO_ENGINE_POLL_ADAPTIVE -1   /* poll_us: grow/shrink like halt-polling */
-#define NITRO_ENGINE_POLL_MAX_US 1000   /* largest (and adaptive ceiling) poll_us */
+#define NITRO_ENGINE_POLL_MAX_US 1000   /* largest fixed poll_us (adaptive: at most 200) */
 #define NITRO_ENGINE_SYNC_IO 1          /* flags: never use io_uring */
+/* flags: each worker confines itself with a seccomp filter to the system
+ * calls it makes (nitro_seccomp.c); any other call aborts the process. */
+#define NITRO_ENGINE_SECCOMP 2
 
 #define NITRO_RING_BLK 0
 #define NITRO_RING_NET_TX 1
@@ -259,6 +276,13 @@ int nitro_engine_attach(struct nitro_engine *e, struct nitro_ring *r,
 int nitro_engine_detach(struct nitro_engine *e, struct nitro_ring *r);
 int nitro_engine_worker_stats(const struct nitro_engine *e, uint32_t worker,
                               struct nitro_worker_stats *out);
+/* TEST ONLY (tests/unit/test_seccomp.py): make worker `worker` issue the
+ * raw system call nr with zero arguments, and wait for it. Proves that the
+ * filter is active: a call outside it never returns (the process aborts).
+ * Returns what the call returned (-errno on failure). Nothing in nitro
+ * calls it. */
+int64_t nitro_engine_test_syscall(struct nitro_engine *e, uint32_t worker,
+                                  int64_t nr);
 
 /* Rings. The objects they name (vq, params, stats, switch) are the caller's
  * and must outlive the ring. NULL if out of memory or an argument is NULL. */

@@ -483,9 +483,9 @@ static uint64_t blk_handle_sync(struct nitro_vq *vq, struct nitro_chain *c,
 
 /* Bytes of synchronous I/O after which a pass over the ring ends early:
  * the worker then serves its other rings and its commands (a detach)
- * before this ring's next request, so a guest queueing many large
- * encrypted or >IOV_MAX requests holds the worker for one such batch
- * (milliseconds), not for its whole ring. */
+ * before this ring's next request, so a guest queueing many large writes
+ * (served inline), encrypted or >IOV_MAX requests holds the worker for
+ * one such batch (milliseconds), not for its whole ring. */
 #define SYNC_PASS_BYTES (8u << 20)
 
 /* An encrypted request needs a ciphertext buffer of its size while in
@@ -493,7 +493,7 @@ static uint64_t blk_handle_sync(struct nitro_vq *vq, struct nitro_chain *c,
 #define ASYNC_MAX_CRYPT_BYTES (1u << 20)
 #define INLINE_IOV 8
 
-enum blk_io_kind { IO_READ, IO_WRITE, IO_FLUSH };
+enum blk_io_kind { IO_READ, IO_FLUSH };
 
 struct blk_ring;
 
@@ -571,10 +571,8 @@ static bool blk_io_queue(struct blk_io *io)
     int fd = io->ring->p->fd;
     if (io->kind == IO_FLUSH)
         io_uring_prep_fsync(sqe, fd, IORING_FSYNC_DATASYNC);
-    else if (io->kind == IO_READ)
-        io_uring_prep_readv(sqe, fd, io->iov, (unsigned)io->cnt, io->pos);
     else
-        io_uring_prep_writev(sqe, fd, io->iov, (unsigned)io->cnt, io->pos);
+        io_uring_prep_readv(sqe, fd, io->iov, (unsigned)io->cnt, io->pos);
     io_uring_sqe_set_data(sqe, &io->op);
     return true;
 }
@@ -604,10 +602,6 @@ static void blk_io_complete(struct nitro_io_op *op, int32_t res)
         blk_io_finish(io, res < 0 ? VIRTIO_BLK_S_IOERR : VIRTIO_BLK_S_OK);
         return;
     }
-    if (res == 0 && io->kind == IO_WRITE) {
-        blk_io_finish(io, VIRTIO_BLK_S_IOERR);  /* no progress: do not spin */
-        return;
-    }
     if (res == 0) {
         /* EOF: a file shorter than the capacity is a sparse tail. */
         nitro_iov_zero(io->iov, io->cnt);
@@ -626,21 +620,24 @@ static void blk_io_complete(struct nitro_io_op *op, int32_t res)
     blk_io_finish(io, blk_io_done(io));
 }
 
-/* Can this request be put in flight, and how? Everything else (errors,
- * GET_ID, DISCARD, WRITE_ZEROES, huge encrypted or >IOV_MAX transfers)
- * is served synchronously: rare, or cheap. */
+/* Can this request be put in flight? Reads and flushes are. Writes are
+ * done on the worker itself (pwritev): the 6.1 kernels this runs on cannot
+ * do a buffered ext4 or tmpfs write without blocking (no IOCB_NOWAIT), so
+ * io_uring hands every one to an io-wq thread, and io-wq serialises writes
+ * to one file behind a single thread: measured 0.6x of qemu-storage-daemon
+ * that way, against 1.1-1.4x inline (docs/performance.md). Everything else
+ * (errors, GET_ID, DISCARD, WRITE_ZEROES, huge encrypted or >IOV_MAX
+ * transfers) is rare or cheap, and synchronous too. */
 static bool blk_async_ok(const struct blk_ring *b, const struct blk_req *rq)
 {
     const struct nitro_blk_params *p = b->p;
     if (rq->type == VIRTIO_BLK_T_FLUSH)
         return true;
-    bool in = rq->type == VIRTIO_BLK_T_IN;
-    if (!in && rq->type != VIRTIO_BLK_T_OUT)
+    if (rq->type != VIRTIO_BLK_T_IN)
         return false;
-    uint64_t len = in ? rq->wr_len : rq->rd_len;
-    int cnt = in ? rq->n_wr : rq->n_rd;
-    if (rq->oversize || len == 0 || cnt > IOV_MAX || (!in && p->readonly) ||
-        (in && len >= UINT32_MAX) || !blk_range_ok(p, rq->sector, len))
+    uint64_t len = rq->wr_len;
+    if (rq->oversize || len == 0 || rq->n_wr > IOV_MAX || len >= UINT32_MAX ||
+        !blk_range_ok(p, rq->sector, len))
         return false;
     return p->xts == NULL || len <= ASYNC_MAX_CRYPT_BYTES;
 }
@@ -660,34 +657,26 @@ static bool blk_io_setup_iov(struct blk_io *io, const struct iovec *iov, int cnt
     return true;
 }
 
-/* Fill io for a read or write; encrypted writes are encrypted now, into
- * the request's own ciphertext buffer. */
-static bool blk_io_setup_rw(struct blk_ring *b, struct blk_io *io,
-                            const struct blk_req *rq)
+/* Fill io for a read; an encrypted one reads into its own ciphertext
+ * buffer and is decrypted out of it on completion. */
+static bool blk_io_setup_read(struct blk_ring *b, struct blk_io *io,
+                              const struct blk_req *rq)
 {
     const struct nitro_blk_params *p = b->p;
-    bool in = rq->type == VIRTIO_BLK_T_IN;
-    io->kind = in ? IO_READ : IO_WRITE;
-    io->d.op = in ? NITRO_BLK_OP_IN : NITRO_BLK_OP_OUT;
-    io->d.bytes = in ? rq->wr_len : rq->rd_len;
-    io->d.used_len = in ? (uint32_t)rq->wr_len + 1 : 1;
+    io->kind = IO_READ;
+    io->d.op = NITRO_BLK_OP_IN;
+    io->d.bytes = rq->wr_len;
+    io->d.used_len = (uint32_t)rq->wr_len + 1;
     io->off = rq->sector << SECTOR_SHIFT;
     io->pos = p->data_offset + io->off;
     io->left = io->d.bytes;
-    if (!blk_io_setup_iov(io, in ? rq->wr : rq->rd, in ? rq->n_wr : rq->n_rd))
+    if (!blk_io_setup_iov(io, rq->wr, rq->n_wr))
         return false;
     if (p->xts == NULL)
         return true;
     io->bounce = malloc(io->d.bytes);
     if (io->bounce == NULL)
         return false;
-    if (!in) {
-        struct iovec *g = io->giov;
-        int gc = io->gcnt;
-        if (nitro_xts_iov_buf(p->xts, b->lane, io->bounce, &g, &gc,
-                              io->d.bytes, io->off, true) != NITRO_OK)
-            return false;
-    }
     io->bounce_iov = (struct iovec){.iov_base = io->bounce,
                                     .iov_len = io->d.bytes};
     io->iov = &io->bounce_iov;
@@ -713,7 +702,7 @@ static bool blk_start_async(struct blk_ring *b, struct nitro_chain *c,
         io->giov = io->inline_iov;
         ok = true;
     } else {
-        ok = blk_io_setup_rw(b, io, rq);
+        ok = blk_io_setup_read(b, io, rq);
     }
     if (ok && blk_io_queue(io))
         return true;

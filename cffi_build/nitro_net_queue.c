@@ -294,6 +294,17 @@ static void tx_ring_detach(struct nitro_ring *r)
     x->t.buf = NULL;
 }
 
+/* A fault in guest memory cut a batch short: its fast frames point into
+ * memory that is gone (the sender's, or they were headed for a receiver
+ * whose ring broke); the receivers already filled still get their call. */
+static void tx_ring_abandon(struct nitro_ring *r)
+{
+    struct net_tx_ring *x = (struct net_tx_ring *)r;
+    x->t.nfast = 0;
+    x->t.group = NULL;
+    nitro_sw_flush_dirty(&x->t.dirty);
+}
+
 static uint32_t no_io_in_flight(const struct nitro_ring *r)
 {
     (void)r;
@@ -313,6 +324,7 @@ static const struct nitro_ring_ops tx_ring_ops = {
     .attach = tx_ring_attach,
     .detach = tx_ring_detach,
     .free = ring_free_plain,
+    .abandon = tx_ring_abandon,
 };
 
 struct nitro_ring *nitro_ring_net_tx_new(struct nitro_switch *sw,

@@ -34,6 +34,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "nitro_guard.h"
 #include "nitro_vring.h"
 
 /* Split ring layout (2.7.5-2.7.8), as byte offsets. */
@@ -255,17 +256,35 @@ int nitro_vq_set_addr(struct nitro_vq *vq, const struct nitro_mem *mem,
                              used_uaddr, &p);
     if (rc != NITRO_OK)
         return rc;
+    /* used->idx is ours to write; after a reconnect the value in guest
+     * memory is where the previous backend stopped. Read on the control
+     * plane's thread, before any worker looks at the ring: memory the
+     * frontend truncated breaks the queue here, not the daemon. */
+    struct nitro_guard g;
+    if (NITRO_GUARD_ENTER(&g, nitro_guard_covers_mem, mem)) {
+        nitro_guard_leave(&g);
+        return nitro_vq_set_fault(vq, NITRO_FAULT_MEMORY);
+    }
+    uint16_t used_idx = guest_ld16(p.used + USED_IDX);
+    nitro_guard_leave(&g);
     attach_rings(vq, &p);
     vq->mem = mem;
     vq->desc_uaddr = desc_uaddr;
     vq->avail_uaddr = avail_uaddr;
     vq->used_uaddr = used_uaddr;
     vq->addr_set = true;
-    /* used->idx is ours to write; after a reconnect the value in guest
-     * memory is where the previous backend stopped. */
-    vq->used_idx = guest_ld16(vq->used + USED_IDX);
+    vq->used_idx = used_idx;
     vq->inflight_check = true;
     return NITRO_OK;
+}
+
+bool nitro_vq_covers(const struct nitro_vq *vq, const void *addr)
+{
+    if (nitro_mem_covers(vq->mem, addr))
+        return true;
+    uintptr_t off = (uintptr_t)addr - (uintptr_t)vq->inflight;
+    return vq->inflight != NULL &&
+           off < INFLIGHT_HEADER + (uintptr_t)vq->inflight_entries * INFLIGHT_DESC;
 }
 
 int nitro_vq_set_mem(struct nitro_vq *vq, const struct nitro_mem *mem)

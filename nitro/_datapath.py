@@ -58,6 +58,11 @@ class FrontendError(DatapathError):
     frontend) was rejected. Refuse the request that carried it."""
 
 
+class LimitError(FrontendError):
+    """NITRO_ERR_LIMIT: granting the request would exceed a configured cap
+    (``[daemon] max_guest_memory``). Refuse the request that asked."""
+
+
 class HostError(DatapathError):
     """NITRO_ERR_SYS: a host system call failed (``errno``, ``strerror``)."""
 
@@ -91,6 +96,8 @@ def _check(rc: int, what: str, vq: Any = None) -> int:
         raise GuestFault(rc, what, FAULT_NAMES.get(code, "unknown"))
     if rc == lib.NITRO_ERR_NOMEM:
         raise DatapathError(rc, f"{what}: out of memory")
+    if rc == lib.NITRO_ERR_LIMIT:
+        raise LimitError(rc, f"{what}: over the configured limit")
     raise DatapathError(rc, f"{what}: unexpected return code {rc}")
 
 
@@ -150,6 +157,34 @@ class GuestMemory(_Owned):
     def __len__(self) -> int:
         return int(lib.nitro_mem_count(self.ptr))
 
+    @property
+    def sealed(self) -> int:
+        """How many regions' files are sealed against shrinking (F_SEAL_SHRINK)."""
+        return int(lib.nitro_mem_sealed(self.ptr))
+
+
+NO_LIMIT: Final[int] = 2**64 - 1
+_guest_memory_limit: int | None = None
+
+
+def set_guest_memory_limit(limit: int | None) -> None:
+    """Cap the bytes every GuestMemory of the process maps together (None:
+    no cap); a region past it raises LimitError. Lowering it below what is
+    mapped refuses only new regions."""
+    global _guest_memory_limit
+    lib.nitro_mem_set_limit(NO_LIMIT if limit is None else limit)
+    _guest_memory_limit = limit
+
+
+def guest_memory_limit() -> int | None:
+    """The cap set_guest_memory_limit set; None: none."""
+    return _guest_memory_limit
+
+
+def guest_memory_mapped() -> int:
+    """Bytes every GuestMemory of the process maps now."""
+    return int(lib.nitro_mem_mapped_bytes())
+
 
 class InflightRegion:
     """The shared inflight buffer (SET_INFLIGHT_FD) mapped MAP_SHARED.
@@ -200,7 +235,7 @@ class Virtqueue(_Owned):
     def set_addr(self, mem: GuestMemory, desc: int, avail: int, used: int) -> None:
         """Ring addresses as frontend virtual addresses (SET_VRING_ADDR)."""
         _check(lib.nitro_vq_set_addr(self.ptr, mem.ptr, desc, avail, used),
-               "nitro_vq_set_addr")
+               "nitro_vq_set_addr", self.ptr)
         self._mem = mem
 
     def set_mem(self, mem: GuestMemory) -> None:
@@ -625,11 +660,16 @@ class Engine(_Owned):
     trio thread. ``event_fd`` turns readable when a ring stops on an error."""
 
     def __init__(self, workers: int, cpus: list[int] | None = None,
-                 poll_us: int = POLL_ADAPTIVE, sync_io: bool = False) -> None:
+                 poll_us: int = POLL_ADAPTIVE, sync_io: bool = False,
+                 seccomp: bool = False) -> None:
+        """``seccomp``: each worker confines itself to the system calls it
+        makes (cffi_build/nitro_seccomp.c); any other aborts the process."""
         if cpus is not None and len(cpus) != workers:
             raise ValueError("one CPU per worker")
         c_cpus = ffi.new("int32_t[]", cpus) if cpus is not None else ffi.NULL
-        ptr = lib.nitro_engine_new(workers, c_cpus, poll_us, 1 if sync_io else 0)
+        flags = ((lib.NITRO_ENGINE_SYNC_IO if sync_io else 0)
+                 | (lib.NITRO_ENGINE_SECCOMP if seccomp else 0))
+        ptr = lib.nitro_engine_new(workers, c_cpus, poll_us, flags)
         if ptr == ffi.NULL:
             err = ffi.errno
             raise HostError(lib.NITRO_ERR_SYS, "nitro_engine_new", err)
@@ -645,6 +685,12 @@ class Engine(_Owned):
 
     def detach(self, ring: Ring) -> None:
         _check(lib.nitro_engine_detach(self.ptr, ring.ptr), "nitro_engine_detach")
+
+    def test_syscall(self, worker: int, nr: int) -> int:
+        """TEST ONLY: worker ``worker`` makes raw system call ``nr`` (no
+        arguments); its result, -errno on failure. Under the seccomp filter
+        a call outside it aborts the process (tests/unit/test_seccomp.py)."""
+        return int(lib.nitro_engine_test_syscall(self.ptr, worker, nr))
 
     def worker_stats(self, worker: int) -> dict[str, int]:
         out = ffi.new("struct nitro_worker_stats *")

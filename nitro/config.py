@@ -125,10 +125,13 @@ MAX_POLL_US = 1000  # NITRO_ENGINE_POLL_MAX_US
 @dataclasses.dataclass(frozen=True)
 class EngineConfig:
     """[daemon] workers / cpus / poll_us: the C worker threads that serve
-    every ring (docs/architecture.md "The engine")."""
+    every ring (docs/architecture.md "The engine"); seccomp and
+    max_guest_memory: what a hostile tenant is denied (docs/security.md)."""
     workers: int
     cpus: tuple[int, ...] | None  # worker i runs on cpus[i % len(cpus)]; None: not pinned
     poll_us: int | None           # busy-poll window; None: adaptive
+    seccomp: bool = True          # workers confine themselves to the calls they make
+    max_guest_memory: int | None = None  # bytes all guests' memory tables may map; None: no cap
 
     def worker_cpus(self) -> list[int] | None:
         if self.cpus is None:
@@ -145,8 +148,8 @@ def parse_cpu_list(text: str) -> tuple[int, ...]:
     """'0-3,6' -> (0, 1, 2, 3, 6), as the kernel's cpulist format; ValueError."""
     cpus: list[int] = []
     for part in text.split(","):
-        lo, _, hi = part.strip().partition("-")
-        first, last = int(lo), int(hi) if hi else int(lo)
+        lo, dash, hi = part.strip().partition("-")
+        first, last = int(lo), int(hi) if dash else int(lo)
         if first < 0 or last < first:
             raise ValueError(f"bad range {part.strip()!r}")
         cpus.extend(range(first, last + 1))
@@ -218,7 +221,8 @@ def from_dict(doc: dict, source: str, *, runtime_dir: Path | None = None,
     _check_keys(doc, {"daemon", "metrics", "blk", "vpc", "net"}, source, "")
     daemon = _table(doc, "daemon", source)
     _check_keys(daemon, {"runtime_dir", "state_dir", "control_socket", "log_level",
-                         "workers", "cpus", "poll_us"}, source, "daemon.")
+                         "workers", "cpus", "poll_us", "seccomp", "max_guest_memory"},
+                source, "daemon.")
     metrics = _table(doc, "metrics", source)
     _check_keys(metrics, {"listen"}, source, "metrics.")
     def_runtime, def_state = default_dirs()
@@ -254,11 +258,19 @@ def _engine(daemon: dict, source: str) -> EngineConfig:
     default = min(MAX_WORKERS, len(cpus)) if cpus else default_workers()
     workers = _int(daemon, "workers", source, "daemon.", default, 1, MAX_WORKERS)
     poll = daemon.get("poll_us", "adaptive")
-    if poll == "adaptive":
-        poll_us = None
-    else:
-        poll_us = _int(daemon, "poll_us", source, "daemon.", 0, 0, MAX_POLL_US)
-    return EngineConfig(workers, cpus, poll_us)
+    poll_us = None
+    if poll != "adaptive":
+        if isinstance(poll, bool) or not isinstance(poll, int) or not 0 <= poll <= MAX_POLL_US:
+            raise ConfigError(source, "daemon.poll_us",
+                              f'expected "adaptive" or microseconds 0..{MAX_POLL_US}, got {poll!r}')
+        poll_us = poll
+    seccomp = daemon.get("seccomp", True)
+    if not isinstance(seccomp, bool):
+        raise ConfigError(source, "daemon.seccomp", f"expected true or false, got {seccomp!r}")
+    cap = None
+    if "max_guest_memory" in daemon:
+        cap = parse_size(daemon["max_guest_memory"], source, "daemon.max_guest_memory")
+    return EngineConfig(workers, cpus, poll_us, seccomp, cap)
 
 
 _MAC_RE = re.compile(r"^[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}$")

@@ -147,6 +147,9 @@ class _Families:
             labels=wl)
         self.engine = {key: CounterMetricFamily(name, text, labels=wl)
                        for key, (name, text, _) in ENGINE_COUNTERS.items()}
+        self.guest_memory = GaugeMetricFamily(
+            "nitro_guest_memory_mapped_bytes",
+            "Guest memory every frontend's memory table maps together (capped by daemon.max_guest_memory).")
         il = ["interface"]
         self.net_packets = CounterMetricFamily(
             "nitro_net_packets", "Frames switched for a virtio-net interface; direction in = into the guest.",
@@ -285,7 +288,7 @@ def _add_all(adds: list[tuple[Metric, list[str], Any]]) -> None:
 
 def _add_engine(f: _Families, stats: dict) -> None:
     """Engine.statistics(): one series per worker; all or nothing."""
-    adds: list[tuple[Metric, list[str], Any]] = []
+    adds: list[tuple[Metric, list[str], Any]] = [(f.guest_memory, [], stats["guest_memory_bytes"])]
     for w in stats["workers"]:
         label = [str(w["id"])]
         adds += [(f.engine_rings, label, w["rings"]), (f.engine_poll_window, label, w["poll_us"] / 1e6)]

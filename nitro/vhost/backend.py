@@ -149,6 +149,49 @@ class _WithFds:
     fds: list[int] = field(default_factory=list)
 
 
+def _add_region(request: Request, memory: Any, fd: int, r: Any) -> None:
+    """Map one region; the cap on mapped guest memory refused by name."""
+    from nitro import _datapath
+
+    try:
+        memory.add_region(fd, r.guest_address, r.size, r.user_address, r.mmap_offset)
+    except _datapath.LimitError as e:
+        cap = _datapath.guest_memory_limit()
+        raise BackendError(
+            f"{request.name}: region of {r.size} bytes refused: nitro maps "
+            f"{_datapath.guest_memory_mapped()} bytes of guest memory already and "
+            f"[daemon] max_guest_memory is {cap} bytes") from e
+
+
+def _log_unsealed(memory: Any) -> None:
+    """Memory whose file can shrink is served all the same (a truncation
+    breaks the device, nitro_guard.h); say so once per table."""
+    unsealed = len(memory) - memory.sealed
+    if unsealed:
+        log.info("guest memory is not sealed against shrinking; a truncation by the "
+                 "frontend breaks the device", extra={"fields": {"regions": unsealed}})
+
+
+def _require_sealed_memfd(fd: int, where: str) -> None:
+    """SET_INFLIGHT_FD's buffer must be a memfd that cannot shrink (what
+    GET_INFLIGHT_FD hands out, nitro's or libvhost-user's): a file that can
+    be truncated under the mapping would fault the datapath. An unsealed
+    memfd that allows sealing is sealed here (a frontend must not resize
+    the buffer anyway); anything else is refused."""
+    try:
+        seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
+    except OSError:
+        raise BackendError(f"{where}: the fd is not a memfd (no file seals); the inflight "
+                           f"buffer must be the memfd GET_INFLIGHT_FD handed out") from None
+    if seals & fcntl.F_SEAL_SHRINK:
+        return
+    try:
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW)
+    except OSError as e:
+        raise BackendError(f"{where}: the memfd is not sealed against shrinking and cannot "
+                           f"be sealed ({e.strerror})") from None
+
+
 def _datapath_errors() -> tuple[type[BaseException], ...]:
     try:
         from nitro import _datapath
@@ -348,11 +391,11 @@ class VhostUserBackend:
         memory = self._memory_factory()
         try:
             for region, fd in zip(m.payload.regions, m.fds):
-                memory.add_region(fd, region.guest_address, region.size,
-                                  region.user_address, region.mmap_offset)
+                _add_region(m.request, memory, fd, region)
         except BaseException:
             memory.close()
             raise
+        _log_unsealed(memory)
         old, self.memory = self.memory, memory
         try:
             self._remap_vrings(m.request)
@@ -369,7 +412,7 @@ class VhostUserBackend:
             self.memory = self._memory_factory()
         if len(self.memory) >= MAX_MEM_SLOTS:
             raise BackendError(f"ADD_MEM_REG: all {MAX_MEM_SLOTS} memory slots are in use")
-        self.memory.add_region(m.fds[0], r.guest_address, r.size, r.user_address, r.mmap_offset)
+        _add_region(m.request, self.memory, m.fds[0], r)
         self._remap_vrings(m.request)
 
     def _handle_rem_mem_reg(self, m: Message) -> None:
@@ -499,6 +542,7 @@ class VhostUserBackend:
         if st.st_size < i.mmap_offset + need:
             raise BackendError(f"{where}: the fd holds {st.st_size} bytes, less than "
                                f"mmap_offset {i.mmap_offset} + {need}")
+        _require_sealed_memfd(fd, where)
         try:
             region = self._inflight_factory(fd, need, i.mmap_offset)  # fd closed by handle()
         except (OSError, ValueError) as e:

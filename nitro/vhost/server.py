@@ -30,11 +30,10 @@ from nitro.engine import Engine
 from nitro.log import log_event
 from nitro.vhost.backend import VhostUserBackend
 from nitro.vhost.codec import NEED_DATA, FrontendConnection, ProtocolError
-from nitro.vhost.protocol import MAX_PAYLOAD_SIZE
+from nitro.vhost.protocol import HEADER_SIZE, MAX_PAYLOAD_SIZE
 
 log = logging.getLogger("nitro.vhost")
 
-HEADER_SIZE = 12
 MAX_FDS = 32           # SET_MEM_TABLE carries at most 8; be generous, then check
 
 

@@ -116,8 +116,8 @@ def test_one_hostile_tenant_does_not_hurt_another(nitro, guest_image_fio, short_
 def test_a_tenant_truncating_its_memory_hurts_only_itself(nitro, guest_image_fio, short_tmp_path, start_guest):
     """The attacker shrinks its shared guest memory under a started queue:
     the worker's next access is a SIGBUS. The worker must recover (the
-    device breaks), the daemon and the victim go on. Needs the C workers'
-    SIGBUS recovery (developed in parallel); without it the daemon dies."""
+    device breaks, fault `memory`), the daemon and the victim go on: the
+    SIGBUS guards of cffi_build/nitro_guard.c; without them the daemon dies."""
     runtime = 20
     n, guest = _start_victim(nitro, guest_image_fio, short_tmp_path, start_guest, runtime)
     broken = at.truncate_memory(short_tmp_path / "avol.sock", until=lambda: _broken_or_dead(n, "avol"))

@@ -1,5 +1,6 @@
 """Config parsing: every bad input names the file, the key and the reason."""
 
+import os
 from pathlib import Path
 
 import pytest
@@ -61,6 +62,14 @@ id = "b"
     ("[daemon]\nlog_level='loud'", "daemon.log_level", "expected debug"),
     ("[[blk]]\nid='a'\nserial='x'\nsize=", "-", "invalid TOML"),
     ("bogus = 1", "bogus", "unknown key"),
+    ("[daemon]\nworkers=0", "daemon.workers", "1..64"),
+    ("[daemon]\nworkers=65", "daemon.workers", "1..64"),
+    ("[daemon]\ncpus='0-'", "daemon.cpus", "CPU list"),
+    ("[daemon]\ncpus='3-1'", "daemon.cpus", "CPU list"),
+    ("[daemon]\ncpus='0,0'", "daemon.cpus", "CPU list"),
+    ("[daemon]\ncpus='4095'", "daemon.cpus", "not available to nitro"),
+    ("[daemon]\npoll_us=1001", "daemon.poll_us", "adaptive"),
+    ("[daemon]\npoll_us='fast'", "daemon.poll_us", "adaptive"),
 ])
 def test_bad_config_names_file_key_reason(tmp_path, text, key, reason):
     with pytest.raises(config.ConfigError) as ei:
@@ -83,3 +92,32 @@ def test_encryption_table(tmp_path):
                      ('{ cipher = "x" }', "unknown key")]:
         with pytest.raises(config.ConfigError, match=why):
             load_text(tmp_path, f'[[blk]]\nid="e"\nencryption = {bad}\n')
+
+
+def test_engine_settings(tmp_path):
+    cfg = load_text(tmp_path, "[daemon]\nworkers = 3\ncpus = '0'\npoll_us = 50\n")
+    assert (cfg.engine.workers, cfg.engine.cpus, cfg.engine.poll_us) == (3, (0,), 50)
+    assert cfg.engine.worker_cpus() == [0, 0, 0]
+    assert config.parse_cpu_list("0-2,5") == (0, 1, 2, 5)
+    default = load_text(tmp_path, "")
+    assert default.engine.poll_us is None and default.engine.cpus is None
+    assert default.engine.workers == len(os.sched_getaffinity(0))
+    assert load_text(tmp_path, "[daemon]\ncpus = '0'\n").engine.workers == 1
+
+
+def test_hostile_tenant_limits_default_to_seccomp_on_and_no_memory_cap(tmp_path):
+    e = load_text(tmp_path, "").engine
+    assert e.seccomp is True and e.max_guest_memory is None
+    e = load_text(tmp_path, '[daemon]\nseccomp = false\nmax_guest_memory = "64G"\n').engine
+    assert e.seccomp is False and e.max_guest_memory == 64 << 30
+
+
+@pytest.mark.parametrize("line,key", [
+    ('seccomp = "yes"', "daemon.seccomp"),
+    ('max_guest_memory = "lots"', "daemon.max_guest_memory"),
+    ("max_guest_memory = 0", "daemon.max_guest_memory"),
+])
+def test_hostile_tenant_limits_are_checked(tmp_path, line, key):
+    with pytest.raises(config.ConfigError) as e:
+        load_text(tmp_path, f"[daemon]\n{line}\n")
+    assert e.value.key == key

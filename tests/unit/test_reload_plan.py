@@ -62,6 +62,14 @@ def test_daemon_wide_settings_need_restart():
     assert p.running.control_socket == old.control_socket
 
 
+def test_engine_settings_need_restart():
+    old = cfg({"id": "a", "size": "1M"})
+    new = cfg({"id": "a", "size": "1M"}, daemon={"workers": 1, "poll_us": 20})
+    p = reload.plan(old, new)
+    assert [c.id for c in p.needs_restart] == ["daemon.workers/cpus/poll_us/seccomp/max_guest_memory"]
+    assert p.running.engine == old.engine
+
+
 def test_net_and_vpc_changes_need_restart():
     old = cfg(vpc=[VPC], net=[NET])
     new = cfg({"id": "a", "size": "1M"}, vpc=[VPC, VPC | {"id": "red", "cidr": "10.1.0.0/24", "gateway": "10.1.0.1"}],

@@ -12,6 +12,7 @@ from __future__ import annotations
 import fcntl
 import os
 import struct
+import tempfile
 
 import pytest
 
@@ -65,6 +66,8 @@ class FakeDatapathError(Exception):
 
 
 class FakeMemory:
+    sealed = 0  # regions whose file cannot shrink (test memfds are not sealed)
+
     def __init__(self) -> None:
         self.regions: list[tuple[int, int, int, int]] = []
         self.closed = False
@@ -894,6 +897,44 @@ def test_set_inflight_fd_bad_descriptions_are_refused(fei, payload, make_fd, tex
     fd = make_fd()
     assert fei.call(R.SET_INFLIGHT_FD, payload, [fd], need_reply=True) == 1
     assert is_closed(fd)
+
+
+def _regular_file(size: int) -> int:
+    fd, path = tempfile.mkstemp(prefix="nitro-inflight-")
+    os.unlink(path)
+    os.ftruncate(fd, size)
+    return fd
+
+
+def _unsealable_memfd(size: int) -> int:
+    fd = os.memfd_create("not-sealable", os.MFD_CLOEXEC)  # no MFD_ALLOW_SEALING
+    os.ftruncate(fd, size)
+    return fd
+
+
+@pytest.mark.parametrize("make_fd,text", [
+    (_regular_file, "the fd is not a memfd"),
+    (_unsealable_memfd, "the memfd is not sealed against shrinking and cannot be sealed"),
+], ids=["regular-file", "unsealable-memfd"])
+def test_set_inflight_fd_takes_only_a_memfd_that_cannot_shrink(fei, make_fd, text):
+    """A file the frontend could truncate under the mapping is refused: the
+    datapath would fault on the inflight region."""
+    info = Inflight(REGION_128, 0, 1, QUEUE_SIZE)
+    with pytest.raises(BackendError, match=f"SET_INFLIGHT_FD: {text}"):
+        fei.send(R.SET_INFLIGHT_FD, info, [make_fd(REGION_128)])
+    assert fei.backend.inflight is None
+
+
+def test_set_inflight_fd_seals_a_sealable_memfd_against_shrinking(fei):
+    fd = os.memfd_create("sealable", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    os.ftruncate(fd, REGION_128)
+    keep = os.dup(fd)
+    fei.send(R.SET_INFLIGHT_FD, Inflight(REGION_128, 0, 1, QUEUE_SIZE), [fd])
+    assert fei.backend.inflight is not None
+    assert fcntl.fcntl(keep, fcntl.F_GET_SEALS) & fcntl.F_SEAL_SHRINK
+    with pytest.raises(PermissionError):
+        os.ftruncate(keep, 0)
+    os.close(keep)
 
 
 def test_get_inflight_fd_bad_descriptions_are_refused(fei):

@@ -12,7 +12,7 @@ import fcntl
 import os
 from pathlib import Path
 
-SECTOR_SIZE = 512
+from nitro.devices.blk.config import SECTOR_SIZE
 
 
 class VolumeError(Exception):
