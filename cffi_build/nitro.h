@@ -210,6 +210,14 @@ struct nitro_blk_params {
      * and such requests complete with UNSUPP. */
     uint32_t max_discard_sectors;
     uint32_t max_write_zeroes_sectors;
+    /* VIRTIO_BLK_F_SEG_MAX / SIZE_MAX as offered: a request of more than
+     * seg_max data descriptors (plus header and status), of a descriptor
+     * longer than size_max (plus the header or status it may share), or
+     * of more than seg_max * size_max data bytes completes with IOERR.
+     * This bounds the work one request makes (a synchronous one holds its
+     * worker). 0: no limit. */
+    uint32_t seg_max;
+    uint32_t size_max;
     uint8_t serial[20];     /* GET_ID answer, NUL-padded */
     struct nitro_xts *xts;  /* encrypted volumes (LUKS2); NULL: plain */
     /* Bytes: where sector 0 lives in fd. data_offset + capacity * 512 must
@@ -307,6 +315,8 @@ struct nitro_ring *nitro_ring_blk_new(struct nitro_vq *vq,
 struct nitro_ring *nitro_ring_net_tx_new(struct nitro_switch *sw,
                                          uint32_t port, struct nitro_vq *vq);
 struct nitro_ring *nitro_ring_net_rx_new(struct nitro_vq *vq);
+/* Control queue (virtio 1.2 5.1.6.5): ACK MQ_VQ_PAIRS_SET (1..max_pairs),
+ * RX and MAC class commands; others get VIRTIO_NET_ERR. */
 struct nitro_ring *nitro_ring_net_ctrl_new(struct nitro_vq *vq,
                                            uint32_t max_pairs);
 /* Only for a detached ring. NULL is fine. */

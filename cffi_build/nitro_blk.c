@@ -65,6 +65,7 @@ struct blk_req {
     int n_wr;
     uint64_t wr_len;
     uint8_t *status;
+    bool oversize;      /* beyond seg_max / size_max: IOERR, no I/O */
 };
 
 /* What a request did, for the used ring and the stats. */
@@ -77,8 +78,22 @@ struct blk_done {
 
 /* ---- parsing ----------------------------------------------------------- */
 
-static int blk_parse(struct nitro_vq *vq, struct nitro_chain *c,
-                     struct blk_req *rq)
+/* Does the chain respect the seg_max / size_max the device offered? The
+ * header and the status byte are descriptors of their own, or share one
+ * with the data (ANY_LAYOUT): they are not data segments. */
+static bool blk_within_limits(const struct nitro_blk_params *p,
+                              const struct nitro_chain *c)
+{
+    if (p->seg_max == 0 || p->size_max == 0)
+        return true;
+    uint64_t data = c->out_len + c->in_len - OUTHDR_LEN - 1;
+    return c->n_desc <= (uint64_t)p->seg_max + 2 &&
+           c->max_desc_len <= (uint64_t)p->size_max + OUTHDR_LEN + 1 &&
+           data <= (uint64_t)p->seg_max * p->size_max;
+}
+
+static int blk_parse(struct nitro_vq *vq, const struct nitro_blk_params *p,
+                     struct nitro_chain *c, struct blk_req *rq)
 {
     /* Without a header we cannot know the request; without a status byte
      * we cannot complete it. Either way the driver is broken. */
@@ -92,6 +107,7 @@ static int blk_parse(struct nitro_vq *vq, struct nitro_chain *c,
     memcpy(&sector, hdr + 8, sizeof(sector));
     rq->type = le32toh(type);
     rq->sector = le64toh(sector);
+    rq->oversize = !blk_within_limits(p, c);
 
     rq->rd = c->iov;
     rq->n_rd = (int)c->n_out;
@@ -264,7 +280,8 @@ static uint8_t blk_in(const struct nitro_blk_params *p,
                       struct blk_done *d)
 {
     /* used_len is 32 bits and a chain is capped at 2^32 bytes (2.7.5.2). */
-    if (rq->wr_len >= UINT32_MAX || !blk_range_ok(p, rq->sector, rq->wr_len))
+    if (rq->oversize || rq->wr_len >= UINT32_MAX ||
+        !blk_range_ok(p, rq->sector, rq->wr_len))
         return VIRTIO_BLK_S_IOERR;
     if (blk_payload(p, lane, rq->wr, rq->n_wr, rq->sector, rq->wr_len, false) < 0)
         return VIRTIO_BLK_S_IOERR;
@@ -277,7 +294,7 @@ static uint8_t blk_out(const struct nitro_blk_params *p,
                        struct nitro_xts_lane *lane, struct blk_req *rq,
                        struct blk_done *d)
 {
-    if (p->readonly || !blk_range_ok(p, rq->sector, rq->rd_len))
+    if (rq->oversize || p->readonly || !blk_range_ok(p, rq->sector, rq->rd_len))
         return VIRTIO_BLK_S_IOERR;
     if (blk_payload(p, lane, rq->rd, rq->n_rd, rq->sector, rq->rd_len, true) < 0)
         return VIRTIO_BLK_S_IOERR;
@@ -450,17 +467,26 @@ static void blk_finish(struct nitro_vq *vq, uint16_t head, bool resubmitted,
     blk_account(s, d, nitro_now_ns() - start);
 }
 
-static void blk_handle_sync(struct nitro_vq *vq, struct nitro_chain *c,
-                            const struct nitro_blk_params *p,
-                            struct nitro_xts_lane *lane, struct blk_req *rq,
-                            struct nitro_blk_stats *s, uint64_t start)
+/* Serve one request on the calling thread; returns the bytes it moved. */
+static uint64_t blk_handle_sync(struct nitro_vq *vq, struct nitro_chain *c,
+                                const struct nitro_blk_params *p,
+                                struct nitro_xts_lane *lane, struct blk_req *rq,
+                                struct nitro_blk_stats *s, uint64_t start)
 {
     struct blk_done d = {.status = VIRTIO_BLK_S_IOERR, .used_len = 1};
     blk_execute(p, lane, rq, &d);
     blk_finish(vq, c->head, c->resubmitted, rq->status, &d, s, start);
+    return d.bytes;
 }
 
 /* ---- the engine's blk ring: many requests in flight through io_uring ----- */
+
+/* Bytes of synchronous I/O after which a pass over the ring ends early:
+ * the worker then serves its other rings and its commands (a detach)
+ * before this ring's next request, so a guest queueing many large writes
+ * (served inline), encrypted or >IOV_MAX requests holds the worker for
+ * one such batch (milliseconds), not for its whole ring. */
+#define SYNC_PASS_BYTES (8u << 20)
 
 /* An encrypted request needs a ciphertext buffer of its size while in
  * flight; above this it is served synchronously through the lane's. */
@@ -610,7 +636,7 @@ static bool blk_async_ok(const struct blk_ring *b, const struct blk_req *rq)
     if (rq->type != VIRTIO_BLK_T_IN)
         return false;
     uint64_t len = rq->wr_len;
-    if (len == 0 || rq->n_wr > IOV_MAX || len >= UINT32_MAX ||
+    if (rq->oversize || len == 0 || rq->n_wr > IOV_MAX || len >= UINT32_MAX ||
         !blk_range_ok(p, rq->sector, len))
         return false;
     return p->xts == NULL || len <= ASYNC_MAX_CRYPT_BYTES;
@@ -699,8 +725,9 @@ static int blk_ring_poll(struct nitro_ring *r, struct nitro_io *io,
     b->io = io;
     blk_ring_notify(b);  /* completions reaped since the last poll */
     uint32_t done = 0;
+    uint64_t sync_bytes = 0;
     int rc = 0;
-    while (done < budget && b->free != NULL) {
+    while (done < budget && b->free != NULL && sync_bytes < SYNC_PASS_BYTES) {
         struct nitro_chain *c;
         rc = nitro_vq_pop(r->vq, &c);
         if (rc <= 0)
@@ -708,7 +735,7 @@ static int blk_ring_poll(struct nitro_ring *r, struct nitro_io *io,
         uint64_t start = nitro_now_ns();
         nitro_stat_add(&b->s->inflight, 1);
         struct blk_req rq;
-        if (blk_parse(r->vq, c, &rq) != NITRO_OK) {
+        if (blk_parse(r->vq, b->p, c, &rq) != NITRO_OK) {
             nitro_stat_sub(&b->s->inflight, 1);
             rc = NITRO_ERR_GUEST;
             break;
@@ -717,7 +744,7 @@ static int blk_ring_poll(struct nitro_ring *r, struct nitro_io *io,
         if (io->ready && blk_async_ok(b, &rq) &&
             blk_start_async(b, c, &rq, start))
             continue;
-        blk_handle_sync(r->vq, c, b->p, b->lane, &rq, b->s, start);
+        sync_bytes += blk_handle_sync(r->vq, c, b->p, b->lane, &rq, b->s, start);
         b->notify = true;
     }
     blk_ring_notify(b);

@@ -49,6 +49,23 @@ static bool port_admit(struct port *p, uint64_t pkts, uint64_t len, bool in)
     return ok_pps && ok_bw;
 }
 
+/* The port's budget for frames to the card's own services (what is
+ * punted to the trio thread): EC2 gives each ENI 1024 packets per second
+ * and counts the excess as linklocal_allowance_exceeded. Without it one
+ * guest's ARP/DHCP flood would take the trio thread (and the punt queue)
+ * from every other guest. */
+static bool port_admit_linklocal(struct port *p)
+{
+    if (p->linklocal.rate == 0)
+        return true;
+    pthread_mutex_lock(&p->bucket_lock);
+    bool ok = nitro_bucket_take(&p->linklocal, 1, nitro_now_ns());
+    pthread_mutex_unlock(&p->bucket_lock);
+    if (!ok)
+        nitro_stat_add(&p->stats.linklocal_allowance_exceeded, 1);
+    return ok;
+}
+
 /* ---- switch tables ------------------------------------------------------- */
 
 struct nitro_switch *nitro_switch_new(void)
@@ -141,6 +158,7 @@ int nitro_switch_add_port(struct nitro_switch *sw, uint32_t port,
     nitro_bucket_init(&p->bw_in, params->bw_in_bytes_per_sec, frame_max);
     nitro_bucket_init(&p->bw_out, params->bw_out_bytes_per_sec, frame_max);
     nitro_bucket_init(&p->pps, params->pps, 1);
+    nitro_bucket_init(&p->linklocal, params->linklocal_pps, 1);
     v->ports[v->nports++] = (uint16_t)port;
     return NITRO_OK;
 }
@@ -608,7 +626,9 @@ static bool forward(struct nitro_switch *sw, struct vpc *v, struct port *src,
 
 /* The eventfd is readable exactly while the queue is non-empty: written on
  * empty -> non-empty, drained on non-empty -> empty, both under punt_lock,
- * so a busy queue costs no syscalls per frame. */
+ * so a busy queue costs no syscalls per frame. A port holds at most
+ * NITRO_NET_PUNT_PORT_SLOTS entries: past that its own frames overflow,
+ * and the queue keeps room for the ports below their share. */
 static void punt(struct nitro_switch *sw, uint32_t port, struct port *p,
                  const uint8_t *frame, uint32_t flen)
 {
@@ -617,8 +637,10 @@ static void punt(struct nitro_switch *sw, uint32_t port, struct port *p,
         return;
     }
     pthread_mutex_lock(&sw->punt_lock);
-    bool full = sw->punt_count == NITRO_NET_PUNT_SLOTS;
+    bool full = sw->punt_count == NITRO_NET_PUNT_SLOTS ||
+                p->punt_queued >= NITRO_NET_PUNT_PORT_SLOTS;
     if (!full) {
+        p->punt_queued++;
         struct punt_entry *e =
             &sw->punt[(sw->punt_head + sw->punt_count) % NITRO_NET_PUNT_SLOTS];
         e->port = port;
@@ -651,6 +673,7 @@ static uint32_t punt_take(struct nitro_switch *sw, uint32_t *port, uint8_t *buf)
     uint32_t len = e->len;  /* at most NITRO_NET_PUNT_MAX_FRAME (punt checks) */
     memcpy(buf, e->data, len);
     *port = e->port;
+    sw->ports[e->port].punt_queued--;
     sw->punt_head = (sw->punt_head + 1) % NITRO_NET_PUNT_SLOTS;
     if (--sw->punt_count == 0) {
         uint64_t v;
@@ -826,6 +849,8 @@ void nitro_sw_tx_frame(struct nitro_switch *sw, uint32_t port_id,
         nitro_sw_drop(&p->stats, NITRO_NET_DROP_BAD_HEADER);
         return;
     }
+    if (vd == PUNT && !port_admit_linklocal(p))
+        return;
     nitro_stat_add(&p->stats.packets_out, pkts);
     nitro_stat_add(&p->stats.bytes_out, wire);
     if (vd == PUNT) {

@@ -496,6 +496,10 @@ int nitro_chain_add(struct nitro_vq *vq, struct nitro_chain *c, uint64_t gpa,
     if (!writable && *seen_write)
         return nitro_vq_set_fault(vq, NITRO_FAULT_DESC_ORDER);
     *seen_write |= writable;
+    /* What seg_max / size_max bound (virtio 1.2 5.2.3): blk checks them. */
+    c->n_desc++;
+    if (len > c->max_desc_len)
+        c->max_desc_len = len;
     uint64_t left = len;
     while (left > 0) {
         uint64_t span;

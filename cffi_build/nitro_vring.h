@@ -54,6 +54,8 @@ struct nitro_chain {
     uint32_t n_in;
     uint64_t out_len;
     uint64_t in_len;
+    uint32_t n_desc;        /* data descriptors (not indirect tables) */
+    uint64_t max_desc_len;  /* the longest of them */
     struct iovec iov[NITRO_VQ_MAX_IOV];
 };
 

@@ -137,6 +137,8 @@ static inline void chain_reset(struct nitro_chain *c, uint16_t head)
     c->head = head;
     c->n_out = c->n_in = 0;
     c->out_len = c->in_len = 0;
+    c->n_desc = 0;
+    c->max_desc_len = 0;
 }
 
 /* Append one data descriptor (gpa, len) to the chain as one iovec per

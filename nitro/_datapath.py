@@ -409,6 +409,8 @@ class BlkParams(_Owned):
     whole blocks); a zero discard/write-zeroes limit means not offered.
     With ``xts`` the payload is encrypted (kept alive here as long as the
     params are); ``data_offset`` is where sector 0 starts in the file.
+    ``seg_max``/``size_max`` (0: none) are the limits offered to the driver:
+    a request beyond them completes with IOERR.
     ``blk_serve`` refuses (FrontendError) a block size that is not a power of
     two >= 512 (and whole encryption sectors), or a disk whose last byte,
     plus data_offset, is past 2**63 - 1."""
@@ -416,7 +418,8 @@ class BlkParams(_Owned):
     def __init__(self, fd: int, capacity_sectors: int, readonly: bool = False,
                  max_discard_sectors: int = 0, max_write_zeroes_sectors: int = 0,
                  serial: bytes = b"", xts: XtsCipher | None = None,
-                 data_offset: int = 0, block_size: int = 512) -> None:
+                 data_offset: int = 0, block_size: int = 512,
+                 seg_max: int = 0, size_max: int = 0) -> None:
         if len(serial) > 20:
             raise ValueError("virtio-blk serial is at most 20 bytes")
         super().__init__(ffi.new("struct nitro_blk_params *", {
@@ -426,6 +429,8 @@ class BlkParams(_Owned):
             "block_size": block_size,
             "max_discard_sectors": max_discard_sectors,
             "max_write_zeroes_sectors": max_write_zeroes_sectors,
+            "seg_max": seg_max,
+            "size_max": size_max,
             "xts": xts.ptr if xts is not None else ffi.NULL,
             "data_offset": data_offset,
         }))
@@ -473,6 +478,7 @@ def blk_serve(vq: Virtqueue, params: BlkParams, stats: BlkStats, idle_ms: int) -
 NET_MAX_VPCS: Final[int] = lib.NITRO_NET_MAX_VPCS
 NET_MAX_PORTS: Final[int] = lib.NITRO_NET_MAX_PORTS
 NET_MAX_PAIRS: Final[int] = lib.NITRO_NET_MAX_PAIRS
+NET_PUNT_PORT_SLOTS: Final[int] = lib.NITRO_NET_PUNT_PORT_SLOTS
 
 
 def _addr(value: bytes, size: int, what: str) -> bytes:
@@ -490,6 +496,7 @@ def _net_stats_dict(s: Any) -> dict[str, Any]:
         "bw_in_allowance_exceeded": int(s.bw_in_allowance_exceeded),
         "bw_out_allowance_exceeded": int(s.bw_out_allowance_exceeded),
         "pps_allowance_exceeded": int(s.pps_allowance_exceeded),
+        "linklocal_allowance_exceeded": int(s.linklocal_allowance_exceeded),
         "punted": int(s.punted),
     }
 
@@ -510,10 +517,11 @@ class Switch(_Owned):
                "nitro_switch_add_vpc")
 
     def add_port(self, port: int, vpc: int, mac: bytes, ip: bytes, *, bw_in: int = 0,
-                 bw_out: int = 0, pps: int = 0) -> None:
+                 bw_out: int = 0, pps: int = 0, linklocal_pps: int = 0) -> None:
         params = ffi.new("struct nitro_port_params *", {
             "vpc": vpc, "mac": list(_addr(mac, 6, "MAC")), "ip": list(_addr(ip, 4, "IPv4")),
-            "bw_in_bytes_per_sec": bw_in, "bw_out_bytes_per_sec": bw_out, "pps": pps})
+            "bw_in_bytes_per_sec": bw_in, "bw_out_bytes_per_sec": bw_out, "pps": pps,
+            "linklocal_pps": linklocal_pps})
         _check(lib.nitro_switch_add_port(self.ptr, port, params), "nitro_switch_add_port")
 
     def set_uplink(self, vpc: int, fd: int, mac: bytes | None) -> None:
@@ -588,12 +596,6 @@ def net_rx_serve(vq: Virtqueue) -> int:
     thread kicks the ring's fd so that this call runs and reports it)."""
     ptr = vq.ptr
     return _check(lib.nitro_net_rx_serve(ptr), "nitro_net_rx_serve", ptr)
-
-
-def net_ctrl_serve(vq: Virtqueue, max_pairs: int, idle_ms: int) -> int:
-    """Serve a virtio-net control queue (ACK MQ/RX/MAC class commands)."""
-    ptr = vq.ptr
-    return _check(lib.nitro_net_ctrl_serve(ptr, max_pairs, idle_ms), "nitro_net_ctrl_serve", ptr)
 
 
 # ---------------------------------------------------------------------------

@@ -84,6 +84,9 @@ class VpcConfig:
     uplink: UplinkConfig | None = None
 
 
+DEFAULT_LINKLOCAL_PPS = 1024
+
+
 @dataclasses.dataclass(frozen=True)
 class NetConfig:
     id: str
@@ -96,6 +99,9 @@ class NetConfig:
     bw_in_bytes_per_sec: int = 0  # 0: unlimited
     bw_out_bytes_per_sec: int = 0
     pps: int = 0
+    # Frames per second to nitro's own services (ARP, DHCP, ICMP to the
+    # gateway), as EC2's 1024 per ENI; 0: unlimited (docs/security.md).
+    linklocal_pps: int = DEFAULT_LINKLOCAL_PPS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -355,9 +361,9 @@ def _vpc(t: Any, i: int, source: str) -> VpcConfig:
     return VpcConfig(vpc_id, cidr, gw, mtu, dns, lease, uplink)
 
 
-def _rate(t: dict, key: str, source: str, p: str) -> int:
+def _rate(t: dict, key: str, source: str, p: str, default: int = 0) -> int:
     """A rate limit: an integer or '10M' (decimal units, as line rates are)."""
-    v = t.get(key, 0)
+    v = t.get(key, default)
     if isinstance(v, str):
         v = _with_unit(v, _RATE_UNITS, source, p + key, "a number such as 125000 or '10M'")
     if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= MAX_RATE:
@@ -367,7 +373,8 @@ def _rate(t: dict, key: str, source: str, p: str) -> int:
 
 def _net(t: Any, i: int, source: str, runtime: Path, vpcs: tuple[VpcConfig, ...]) -> NetConfig:
     p = _entry(t, i, "net", source, {"id", "socket", "vpc", "mac", "ip", "queues", "queue_size",
-                                     "bw_in_bytes_per_sec", "bw_out_bytes_per_sec", "pps"})
+                                     "bw_in_bytes_per_sec", "bw_out_bytes_per_sec", "pps",
+                                     "linklocal_pps"})
     dev_id = _id(t, source, p)
     vpc_id = _str(t, "vpc", source, p, None)
     vpc = next((v for v in vpcs if v.id == vpc_id), None)
@@ -391,7 +398,8 @@ def _net(t: Any, i: int, source: str, runtime: Path, vpcs: tuple[VpcConfig, ...]
         queues=_int(t, "queues", source, p, 1, 1, MAX_NET_QUEUE_PAIRS), queue_size=qsize,
         bw_in_bytes_per_sec=_rate(t, "bw_in_bytes_per_sec", source, p),
         bw_out_bytes_per_sec=_rate(t, "bw_out_bytes_per_sec", source, p),
-        pps=_rate(t, "pps", source, p))
+        pps=_rate(t, "pps", source, p),
+        linklocal_pps=_rate(t, "linklocal_pps", source, p, DEFAULT_LINKLOCAL_PPS))
 
 
 def _blk(t: Any, i: int, source: str, runtime: Path, state: Path) -> BlkConfig:

@@ -66,6 +66,8 @@ NET_ALLOWANCES = {
     "bw_in": "Frames towards the guest dropped because the interface's inbound bandwidth allowance was exceeded.",
     "bw_out": "Frames from the guest dropped because the interface's outbound bandwidth allowance was exceeded.",
     "pps": "Frames (either direction) dropped because the interface's packets-per-second allowance was exceeded.",
+    "linklocal": "Frames to nitro's own services (ARP, DHCP, ICMP to the gateway) dropped because the "
+                 "interface's link-local packets-per-second allowance was exceeded.",
 }
 
 GetDevices = Callable[[], Iterable[Any]]

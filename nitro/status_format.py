@@ -153,7 +153,8 @@ def _format_net(d: dict, net: dict) -> list[str]:
     lines.append("  drops:       " + (" ".join(f"{k}={v}" for k, v in drops.items()) or "0"))
     lines.append(f"  allowance:   bw_in_allowance_exceeded={net.get('bw_in_allowance_exceeded', 0)} "
                  f"bw_out_allowance_exceeded={net.get('bw_out_allowance_exceeded', 0)} "
-                 f"pps_allowance_exceeded={net.get('pps_allowance_exceeded', 0)}")
+                 f"pps_allowance_exceeded={net.get('pps_allowance_exceeded', 0)} "
+                 f"linklocal_allowance_exceeded={net.get('linklocal_allowance_exceeded', 0)}")
     return lines
 
 

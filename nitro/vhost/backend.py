@@ -231,6 +231,9 @@ class VhostUserBackend:
         self.acked_features = 0
         self.acked_protocol_features = ProtocolFeature(0)
         self.status = 0
+        #: Device resets so far (RESET_DEVICE, RESET_OWNER, SET_STATUS 0):
+        #: the trio layer revives a broken device when this moves.
+        self.resets = 0
 
     # -- what we offer ---------------------------------------------------------
     @property
@@ -341,6 +344,7 @@ class VhostUserBackend:
         self._drop_inflight()  # the frontend sends a new one (SET_INFLIGHT_FD)
         self.acked_features = 0
         self.status = 0
+        self.resets += 1
         self.device.reset()
 
     # -- features and session (spec: GET_FEATURES ... RESET_DEVICE) ---------------------

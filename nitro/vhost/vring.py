@@ -132,7 +132,8 @@ class Vring:
         _close_unless(old, fd)
 
     def set_err(self, fd: int | None) -> None:
-        """SET_VRING_ERR: kept for ownership; nitro reports errors by breaking the device."""
+        """SET_VRING_ERR: the trio layer signals it when this ring breaks
+        (the front-end logs it; QEMU: "Guest says index ... is available")."""
         old, self.err_fd = self.err_fd, fd
         _close_unless(old, fd)
 

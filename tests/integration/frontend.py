@@ -88,11 +88,13 @@ class Frontend:
         return struct.unpack("<Q", self.recv_reply(request))[0]
 
     # -- the start sequence QEMU uses -------------------------------------------
-    def start(self, queues: int = 1) -> int:
+    def start(self, queues: int = 1, protocol_features: int = 0) -> int:
+        """Negotiate (REPLY_ACK, CONFIG, MQ and `protocol_features` if
+        offered), share the memory and start vring 0."""
         features = self.call_u64(Request.GET_FEATURES) & self.features_mask
         pf = self.call_u64(Request.GET_PROTOCOL_FEATURES)
         self.send(Request.SET_PROTOCOL_FEATURES, U64(pf & int(
-            ProtocolFeature.REPLY_ACK | ProtocolFeature.CONFIG | ProtocolFeature.MQ)))
+            ProtocolFeature.REPLY_ACK | ProtocolFeature.CONFIG | ProtocolFeature.MQ) | protocol_features))
         self.send(Request.SET_OWNER)
         self.send(Request.SET_FEATURES, U64(features), need_reply=True)
         self.ack(Request.SET_FEATURES)
@@ -121,6 +123,12 @@ class Frontend:
     def get_vring_base(self) -> int:
         self.send(Request.GET_VRING_BASE, VringState(0, 0))
         return VringState.decode(self.recv_reply(Request.GET_VRING_BASE)).num
+
+    def forget_ring(self) -> None:
+        """After a device reset: an empty ring, indexes from 0 (the driver
+        lays it out again before the next start)."""
+        self.write(GPA_BASE + self.desc, bytes(self.used + 0x1000 - self.desc))
+        self.avail_idx = self.used_seen = 0
 
     # -- guest memory and the ring ---------------------------------------------
     def write(self, gpa: int, data: bytes) -> None:

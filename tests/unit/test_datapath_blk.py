@@ -40,6 +40,7 @@ from tests.unit.virtq import (
     CAPACITY,
     MAX_DWZ,
     SERIAL,
+    BlkReq,
     Buf,
     FakeGuest,
     SplitRing,
@@ -666,3 +667,70 @@ def test_stats_snapshot(guest: FakeGuest, ring: SplitRing, params: BlkParams,
     assert 0 < snap["latency_sum_seconds"] < 5
     assert snap["inflight"] == 0
     assert ring.vq.stats()["chains"] == 5
+
+
+# -- seg_max / size_max: the work of one request is bounded (issue 11 item 5) --
+
+LIMITS = {"seg_max": 4, "size_max": 4096}
+
+
+def _segmented(guest: FakeGuest, type_: int, sector: int, sizes: list[int],
+               data: bytes = b"", same_buffer: bool = False) -> BlkReq:
+    """header, one descriptor per size, status; same_buffer: every data
+    descriptor points at one buffer (what a hostile driver may do)."""
+    hdr = guest.alloc(16)
+    guest.write(hdr, blk_header(type_, sector))
+    bufs = [Buf(hdr, 16)]
+    base = guest.alloc(max(sizes) if same_buffer else sum(sizes))
+    if data:
+        guest.write(base, data)
+    off = 0
+    for size in sizes:
+        bufs.append(Buf(base + off, size, writable=type_ == VIRTIO_BLK_T_IN))
+        off += 0 if same_buffer else size
+    status = guest.alloc(1, align=1)
+    guest.write(status, b"\xee")
+    bufs.append(Buf(status, 1, writable=True))
+    return BlkReq(bufs, status, base)
+
+
+def test_a_request_within_seg_max_and_size_max_is_served(guest: FakeGuest, ring: SplitRing,
+                                                         disk: int, stats: BlkStats) -> None:
+    data = fill(4 * 4096, seed=41)
+    p = blk_params(disk, **LIMITS)
+    req = _segmented(guest, VIRTIO_BLK_T_OUT, 64, [4096] * 4, data)
+    assert run_one(ring, req.bufs, p, stats) == 1
+    assert status_of(guest, req) == VIRTIO_BLK_S_OK
+    p.close()
+    assert file_bytes(disk, 64, len(data)) == data
+
+
+@pytest.mark.parametrize("type_", [VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT])
+@pytest.mark.parametrize("sizes", [[512] * 5, [8192]], ids=["seg_max+1", "size_max*2"])
+def test_a_request_beyond_seg_max_or_size_max_is_ioerr(guest: FakeGuest, ring: SplitRing, disk: int,
+                                                       stats: BlkStats, type_: int,
+                                                       sizes: list[int]) -> None:
+    before = file_bytes(disk, 64, 8192)
+    p = blk_params(disk, **LIMITS)
+    req = _segmented(guest, type_, 64, sizes, fill(sum(sizes), seed=42))
+    assert run_one(ring, req.bufs, p, stats) == 1
+    assert status_of(guest, req) == VIRTIO_BLK_S_IOERR
+    p.close()
+    assert file_bytes(disk, 64, 8192) == before
+    op = "in" if type_ == VIRTIO_BLK_T_IN else "out"
+    assert stats.snapshot()["ops"][op]["errors"] == 1
+
+
+def test_many_descriptors_on_one_buffer_do_not_write_the_disk(guest: FakeGuest, disk: int,
+                                                              stats: BlkStats) -> None:
+    """The issue's case: a ring's worth of descriptors all pointing at one
+    buffer made one write span the disk. Past seg_max it is IOERR at once."""
+    before = file_bytes(disk, 0, 200 * 4096)
+    p = blk_params(disk, seg_max=64, size_max=65536)
+    with SplitRing(guest, num=256) as r:
+        req = _segmented(guest, VIRTIO_BLK_T_OUT, 0, [4096] * 200, fill(4096, seed=43),
+                         same_buffer=True)
+        assert run_one(r, req.bufs, p, stats) == 1
+        assert status_of(guest, req) == VIRTIO_BLK_S_IOERR
+    p.close()
+    assert file_bytes(disk, 0, 200 * 4096) == before
