@@ -18,8 +18,10 @@ The targets of issue 9 ("Encryption that keeps up") can be read off one run:
    the same size (4096- and 512-byte sectors), alternated per round, images
    in tmpfs. Targets: LUKS2/plain IOPS >= 0.90 for 4 KiB random read and
    write, >= 0.75 for 128 KiB sequential reads. Also printed: nitro's CPU
-   time per request (all its threads), which shows the cost of encryption
-   even when the frontend, not nitro, limits IOPS.
+   time per request (all its threads, io_uring's io-wq workers included).
+   It includes the engine's busy-polling, so it is an upper bound on the
+   work per request, not the work itself (docs/encryption.md has a perf
+   breakdown without the polling).
 
 Machines here have slow periods: read the ratios of medians (and the
 median of the per-round ratios), not absolutes.
@@ -217,13 +219,13 @@ def _median(rs: list[dict], key: str) -> float:
 
 
 def _cpu_us_per_io(r: dict) -> float:
-    """nitro's CPU time (all threads) per request, microseconds."""
+    """nitro's CPU time (all threads, busy-polling included) per request, us."""
     return (r.get("nitro_cpu_util") or 0) / r["iops"] * 1e6 if r.get("iops") else float("nan")
 
 
 def _io_summary(results: dict, note: str) -> dict:
     print(f"\nvublk -> nitro, plain vs LUKS2 aes-xts-plain64 (512-bit key); {note}")
-    print(f"  {'workload':<14} {'volume':<10} {'IOPS':>9} {'MB/s':>8} {'nitro us/IO':>11}"
+    print(f"  {'workload':<14} {'volume':<10} {'IOPS':>9} {'MB/s':>8} {'CPU us/IO':>11}"
           f"  {'ratio':>5} {'per-round':>9}  target")
     summary: dict = {}
     for wl, per in results.items():
