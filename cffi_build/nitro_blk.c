@@ -492,6 +492,13 @@ static uint64_t blk_handle_sync(struct nitro_vq *vq, struct nitro_chain *c,
  * flight; above this it is served synchronously through the lane's. */
 #define ASYNC_MAX_CRYPT_BYTES (1u << 20)
 #define INLINE_IOV 8
+/* Ciphertext buffers stay with their request slot for the next request, up
+ * to this many bytes per ring: a buffer malloc'd and freed per request came
+ * back from the kernel every time (glibc returns large blocks with munmap
+ * or MADV_DONTNEED), so each 128 KiB read took 32 page faults, zeroing and
+ * memcg charging, on the io_uring worker that copies into it. They only
+ * ever hold ciphertext, so keeping them is safe. */
+#define BOUNCE_KEEP_BYTES (4u << 20)
 
 enum blk_io_kind { IO_READ, IO_FLUSH };
 
@@ -517,6 +524,7 @@ struct blk_io {
     int cnt;
     struct iovec bounce_iov;
     uint8_t *bounce;            /* ciphertext only (NULL: plain volume) */
+    size_t bounce_cap;          /* its size; it outlives the request */
     uint64_t off;               /* byte offset in the data segment (IVs) */
     uint64_t pos;               /* file offset of the next SQE */
     uint64_t left;              /* bytes the next SQE still has to move */
@@ -531,18 +539,41 @@ struct blk_ring {
     struct blk_io *ios;
     uint32_t nios;
     struct blk_io *free;
+    size_t bounce_bytes;        /* held by all slots, see BOUNCE_KEEP_BYTES */
     uint32_t in_flight;
     bool notify;                /* completions since the last call */
 };
+
+static void blk_bounce_free(struct blk_ring *b, struct blk_io *io)
+{
+    free(io->bounce);
+    b->bounce_bytes -= io->bounce_cap;
+    io->bounce = NULL;
+    io->bounce_cap = 0;
+}
+
+/* io->bounce = a buffer of at least len bytes, the slot's own if it fits. */
+static bool blk_bounce_get(struct blk_ring *b, struct blk_io *io, size_t len)
+{
+    if (io->bounce_cap >= len)
+        return true;
+    blk_bounce_free(b, io);
+    io->bounce = malloc(len);
+    if (io->bounce == NULL)
+        return false;
+    io->bounce_cap = len;
+    b->bounce_bytes += len;
+    return true;
+}
 
 static void blk_io_release(struct blk_io *io)
 {
     struct blk_ring *b = io->ring;
     if (io->giov != io->inline_iov)
         free(io->giov);
-    free(io->bounce);
     io->giov = NULL;
-    io->bounce = NULL;
+    if (b->bounce_bytes > BOUNCE_KEEP_BYTES)
+        blk_bounce_free(b, io);
     io->next_free = b->free;
     b->free = io;
     b->in_flight--;
@@ -581,7 +612,7 @@ static bool blk_io_queue(struct blk_io *io)
 static uint8_t blk_io_done(struct blk_io *io)
 {
     struct blk_ring *b = io->ring;
-    if (io->kind != IO_READ || io->bounce == NULL)
+    if (io->kind != IO_READ || b->p->xts == NULL)
         return VIRTIO_BLK_S_OK;
     struct iovec *g = io->giov;
     int gc = io->gcnt;
@@ -674,8 +705,7 @@ static bool blk_io_setup_read(struct blk_ring *b, struct blk_io *io,
         return false;
     if (p->xts == NULL)
         return true;
-    io->bounce = malloc(io->d.bytes);
-    if (io->bounce == NULL)
+    if (!blk_bounce_get(b, io, io->d.bytes))
         return false;
     io->bounce_iov = (struct iovec){.iov_base = io->bounce,
                                     .iov_len = io->d.bytes};
@@ -691,9 +721,12 @@ static bool blk_start_async(struct blk_ring *b, struct nitro_chain *c,
     struct blk_io *io = b->free;
     b->free = io->next_free;
     b->in_flight++;
+    uint8_t *bounce = io->bounce;  /* the slot keeps its buffer */
+    size_t bounce_cap = io->bounce_cap;
     *io = (struct blk_io){.op.complete = blk_io_complete, .ring = b,
                           .head = c->head, .resubmitted = c->resubmitted,
-                          .start = start, .status = rq->status};
+                          .start = start, .status = rq->status,
+                          .bounce = bounce, .bounce_cap = bounce_cap};
     bool ok;
     if (rq->type == VIRTIO_BLK_T_FLUSH) {
         io->kind = IO_FLUSH;
@@ -751,6 +784,12 @@ static int blk_ring_poll(struct nitro_ring *r, struct nitro_io *io,
     return rc < 0 ? rc : (int)done;
 }
 
+static void blk_bounces_free(struct blk_ring *b)
+{
+    for (uint32_t i = 0; i < b->nios; i++)
+        blk_bounce_free(b, &b->ios[i]);
+}
+
 static uint32_t blk_ring_in_flight(const struct nitro_ring *r)
 {
     return ((const struct blk_ring *)r)->in_flight;
@@ -765,6 +804,7 @@ static int blk_ring_attach(struct nitro_ring *r)
         return NITRO_ERR_GUEST;
     uint32_t num = nitro_vq_num(r->vq);
     if (b->nios != num) {
+        blk_bounces_free(b);
         free(b->ios);
         b->ios = calloc(num, sizeof(*b->ios));
         b->nios = b->ios != NULL ? num : 0;
@@ -796,6 +836,7 @@ static void blk_ring_detach(struct nitro_ring *r)
 static void blk_ring_free(struct nitro_ring *r)
 {
     struct blk_ring *b = (struct blk_ring *)r;
+    blk_bounces_free(b);
     free(b->ios);
     free(b);
 }

@@ -380,6 +380,19 @@ class XtsCipher(_Owned):
         super().__init__(ffi.gc(out[0], lib.nitro_xts_free))
         self.sector_size = sector_size
 
+    @property
+    def direct_iv(self) -> bool:
+        """True when sector IVs are written straight into OpenSSL's context
+        (the fast path nitro_xts_new proved), False through EVP_CipherInit_ex2."""
+        return bool(lib.nitro_xts_direct_iv(self.ptr))
+
+    @direct_iv.setter
+    def direct_iv(self, on: bool) -> None:
+        """Tests and benchmarks only, before the cipher is in use. Turning it
+        on raises ValueError when this OpenSSL failed the probe."""
+        if lib.nitro_xts_set_direct_iv(self.ptr, int(on)) == lib.NITRO_ERR_ARG:
+            raise ValueError("this OpenSSL does not take IVs written in place")
+
     def crypt_into(self, out: Any, data: Any, offset: int, encrypt: bool) -> None:
         """En-/decrypt the buffer ``data`` into the writable buffer ``out``
         (same length, may be the same object) as the sectors at byte
