@@ -57,8 +57,9 @@ def make_builder() -> cffi.FFI:
         sources=[_path(s) for s in SOURCES],
         depends=[_path(h) for h in HEADERS],
         include_dirs=[str(HERE)],
-        # OpenSSL EVP for the AES-XTS datapath; liburing for the engine's blk I/O.
-        libraries=["crypto", "uring"],
+        # OpenSSL EVP for the AES-XTS datapath; liburing for the engine's blk
+        # I/O; libseccomp for the workers' system call filter.
+        libraries=["crypto", "uring", "seccomp"],
         # -Werror: a warning in the datapath is a bug until shown otherwise.
         # Hidden visibility: Python reaches C only through cffi, inside this
         # object, so the module init is its one exported symbol.

@@ -22,8 +22,9 @@
  * codes has a table of names (nitro_*_names, nitro_names.c), the one place
  * they are spelled, indexed by the code.
  *
- * Vocabulary follows the virtio 1.2 spec (section 2.7 "Split Virtqueues") and
- * QEMU's docs/interop/vhost-user.rst (memory regions, vring addresses).
+ * Vocabulary follows the virtio 1.2 spec (sections 2.7 "Split Virtqueues"
+ * and 2.8 "Packed Virtqueues") and QEMU's docs/interop/vhost-user.rst
+ * (memory regions, vring addresses).
  */
 #ifndef NITRO_H
 #define NITRO_H
@@ -35,22 +36,30 @@
 #define NITRO_ERR_SYS -2    /* a host system call failed; errno is kept */
 #define NITRO_ERR_GUEST -3  /* the guest broke the ring; see nitro_vq_fault() */
 #define NITRO_ERR_NOMEM -4  /* allocation failed */
+#define NITRO_ERR_LIMIT -5  /* a configured cap would be exceeded */
 
 /* ---- limits ------------------------------------------------------------ */
 #define NITRO_MAX_MEM_REGIONS 32   /* VHOST_USER_GET_MAX_MEM_SLOTS answer */
-#define NITRO_MAX_QUEUE_SIZE 1024  /* largest split ring we accept */
+#define NITRO_MAX_QUEUE_SIZE 1024  /* largest ring (split or packed) we accept */
 
 /* ---- guest faults: why a queue was marked broken ------------------------ */
 #define NITRO_FAULT_NONE 0
-#define NITRO_FAULT_AVAIL_IDX 1   /* avail->idx moved by more than the ring size */
-#define NITRO_FAULT_DESC_INDEX 2  /* a head or next index >= the ring size */
+/* avail->idx moved by more than the ring size; packed: more descriptors in
+ * flight than the ring holds, or one after a NEXT is not available */
+#define NITRO_FAULT_AVAIL_IDX 1
+/* a head or next index >= the ring size; packed: a buffer id >= the ring
+ * size or already in flight */
+#define NITRO_FAULT_DESC_INDEX 2
 #define NITRO_FAULT_DESC_ADDR 3   /* a buffer not inside one mapped region */
 #define NITRO_FAULT_DESC_LOOP 4   /* chain longer than the ring: a cycle */
 #define NITRO_FAULT_INDIRECT 5    /* bad indirect table (nested, size, NEXT) */
 #define NITRO_FAULT_DESC_ORDER 6  /* device-readable after device-writable */
 #define NITRO_FAULT_REQUEST 7     /* request without room for header/status */
 #define NITRO_FAULT_INFLIGHT 8    /* the inflight region disagrees with the ring */
-#define NITRO_FAULT_KINDS 9
+/* Guest memory raised SIGBUS when touched: the frontend truncated the file
+ * behind it, or the file could not supply a page (nitro_guard.h). */
+#define NITRO_FAULT_MEMORY 9
+#define NITRO_FAULT_KINDS 10
 extern const char *const nitro_fault_names[NITRO_FAULT_KINDS];
 
 /* ---- guest memory table (SET_MEM_TABLE / ADD_MEM_REG / REM_MEM_REG) ----- */
@@ -59,8 +68,10 @@ struct nitro_mem;
 struct nitro_mem *nitro_mem_new(void);
 /* Unmaps every region. */
 void nitro_mem_free(struct nitro_mem *mem);
-/* mmap(fd) MAP_SHARED from 0 to mmap_offset + memory_size and record the
- * region; fd stays the caller's. Overlapping or empty regions: ERR_ARG. */
+/* mmap(fd) MAP_SHARED [mmap_offset, mmap_offset + memory_size) (from the
+ * page holding mmap_offset) and record the region; fd stays the caller's.
+ * Overlapping or empty regions, or a file too short: ERR_ARG. ERR_LIMIT
+ * when every table's mappings together would exceed nitro_mem_set_limit. */
 int nitro_mem_add(struct nitro_mem *mem, int fd, uint64_t guest_phys_addr,
                   uint64_t memory_size, uint64_t userspace_addr,
                   uint64_t mmap_offset);
@@ -68,6 +79,14 @@ int nitro_mem_add(struct nitro_mem *mem, int fd, uint64_t guest_phys_addr,
 int nitro_mem_remove(struct nitro_mem *mem, uint64_t guest_phys_addr,
                      uint64_t memory_size);
 uint32_t nitro_mem_count(const struct nitro_mem *mem);
+/* How many of the regions' files are sealed against shrinking. */
+uint32_t nitro_mem_sealed(const struct nitro_mem *mem);
+/* The cap on the bytes all memory tables of the process map together
+ * ([daemon] max_guest_memory); UINT64_MAX (the default) is no cap. A
+ * lower cap than what is mapped already refuses only new regions. */
+void nitro_mem_set_limit(uint64_t bytes);
+/* Bytes all memory tables of the process map now. */
+uint64_t nitro_mem_mapped_bytes(void);
 /* Host pointer for [gpa, gpa+len) if wholly inside one region, else NULL. */
 void *nitro_mem_gpa_to_host(const struct nitro_mem *mem, uint64_t gpa,
                             uint64_t len);
@@ -75,7 +94,7 @@ void *nitro_mem_gpa_to_host(const struct nitro_mem *mem, uint64_t gpa,
 void *nitro_mem_uaddr_to_host(const struct nitro_mem *mem, uint64_t uaddr,
                               uint64_t len);
 
-/* ---- split virtqueue ---------------------------------------------------- */
+/* ---- virtqueues (split, or packed when VIRTIO_F_RING_PACKED) ------------- */
 struct nitro_vq_stats {
     uint64_t kicks;    /* kick eventfd wake-ups seen by the serving loop */
     uint64_t calls;    /* call eventfd signals sent */
@@ -91,18 +110,31 @@ void nitro_vq_free(struct nitro_vq *vq);
 int nitro_vq_set_num(struct nitro_vq *vq, uint32_t num);
 /* Ring addresses are frontend virtual addresses (vhost-user SET_VRING_ADDR);
  * they are translated now and again on nitro_vq_set_mem(). Each ring part
- * must lie wholly inside one region and be aligned as the spec requires. */
+ * must lie wholly inside one region and be aligned as the spec requires.
+ * Packed rings: desc is the descriptor ring, avail the driver and used the
+ * device event suppression structure (4 bytes each). */
 int nitro_vq_set_addr(struct nitro_vq *vq, const struct nitro_mem *mem,
                       uint64_t desc_uaddr, uint64_t avail_uaddr,
                       uint64_t used_uaddr);
 /* Swap the memory table (after the queue was stopped); re-translates. */
 int nitro_vq_set_mem(struct nitro_vq *vq, const struct nitro_mem *mem);
-void nitro_vq_set_base(struct nitro_vq *vq, uint16_t last_avail_idx);
-uint16_t nitro_vq_get_base(const struct nitro_vq *vq);
+/* SET_VRING_BASE / GET_VRING_BASE. Split: last_avail_idx (ERR_ARG above
+ * 0xFFFF). Packed (vhost-user "Vring descriptor indices for packed
+ * virtqueues"): the avail position in bits 0-14 and its wrap counter in bit
+ * 15, the used position and wrap counter in bits 16-31; bits 16-31 all zero
+ * mean "the same as the avail half" (what DPDK's virtio-user sends).
+ * ERR_ARG when a position is outside the ring size set. */
+int nitro_vq_set_base(struct nitro_vq *vq, uint32_t base);
+uint32_t nitro_vq_get_base(const struct nitro_vq *vq);
 /* -1 means none. The fds stay the caller's. */
 void nitro_vq_set_fds(struct nitro_vq *vq, int kick_fd, int call_fd);
-/* Negotiated virtio feature bits (EVENT_IDX = 29, INDIRECT_DESC = 28). */
-void nitro_vq_set_features(struct nitro_vq *vq, uint64_t features);
+/* Negotiated virtio feature bits (INDIRECT_DESC = 28, EVENT_IDX = 29,
+ * RING_PACKED = 34). RING_PACKED chooses the layout; changing it starts
+ * the ring afresh (base 0, or position 0 with wrap counters 1) and checks
+ * ring addresses already set again: ERR_ARG (and the addresses are
+ * forgotten) when they do not fit the new layout, ERR_NOMEM when the
+ * packed state cannot be allocated. */
+int nitro_vq_set_features(struct nitro_vq *vq, uint64_t features);
 /* NITRO_FAULT_* that broke the queue, NITRO_FAULT_NONE while healthy. */
 uint32_t nitro_vq_fault(const struct nitro_vq *vq);
 /* Forget the fault, addresses and base (device reset / new frontend). */
@@ -114,19 +146,24 @@ void nitro_vq_clear_stop(struct nitro_vq *vq);
 /* Copy the queue's counters into *out (atomic loads; safe from any thread). */
 int nitro_vq_stats(const struct nitro_vq *vq, struct nitro_vq_stats *out);
 
-/* Inflight I/O tracking (vhost-user.rst "Inflight I/O tracking", split
- * layout; protocol feature INFLIGHT_SHMFD). region is this queue's
- * QueueRegionSplit inside the shared inflight buffer (16-byte header, then
- * 16-byte DescStateSplit entries) and size its length in bytes; NULL
- * detaches. The mapping stays the caller's and must outlive the queue's use
- * of it (detach, or nitro_vq_reset(), before unmapping). ERR_ARG when region
- * is not 8-byte aligned or size cannot hold the ring size's entries (also
- * checked again by nitro_vq_set_num()).
+/* Inflight I/O tracking (vhost-user.rst "Inflight I/O tracking"; protocol
+ * feature INFLIGHT_SHMFD). region is this queue's part of the shared
+ * inflight buffer, in the layout of the features set (so set them first):
+ * split, a QueueRegionSplit (16-byte header, then 16-byte DescStateSplit
+ * entries); packed, a QueueRegionPacked (32-byte header, then 32-byte
+ * DescStatePacked entries). size is its length in bytes; NULL detaches.
+ * The mapping stays the caller's and must outlive the queue's use of it
+ * (detach, or nitro_vq_reset(), before unmapping). ERR_ARG when region is
+ * not 8-byte aligned or size cannot hold the ring size's entries (also
+ * checked again by nitro_vq_set_num(), and at the next pop for a layout
+ * changed since: a fault then).
  * With a region attached, the next pop first repairs a torn last batch,
- * then resubmits the heads still marked in flight (oldest counter first)
- * and sets last_avail_idx to used->idx plus their number; a version-0
- * region is initialised instead. A region the ring contradicts is a guest
- * fault (NITRO_FAULT_INFLIGHT). Queues that give chains back
+ * then resubmits the chains still marked in flight (oldest counter first).
+ * Split: last_avail_idx becomes used->idx plus their number. Packed: the
+ * used position is the region's (the frontend's base is stale after a
+ * crash), the avail position that plus the descriptors in flight. A
+ * version-0 region is initialised instead. A region the ring contradicts
+ * is a guest fault (NITRO_FAULT_INFLIGHT). Queues that give chains back
  * (nitro_vq_unpop: virtio-net RX) must not use it. */
 int nitro_vq_set_inflight(struct nitro_vq *vq, void *region, uint64_t size);
 
@@ -173,6 +210,14 @@ struct nitro_blk_params {
      * and such requests complete with UNSUPP. */
     uint32_t max_discard_sectors;
     uint32_t max_write_zeroes_sectors;
+    /* VIRTIO_BLK_F_SEG_MAX / SIZE_MAX as offered: a request of more than
+     * seg_max data descriptors (plus header and status), of a descriptor
+     * longer than size_max (plus the header or status it may share), or
+     * of more than seg_max * size_max data bytes completes with IOERR.
+     * This bounds the work one request makes (a synchronous one holds its
+     * worker). 0: no limit. */
+    uint32_t seg_max;
+    uint32_t size_max;
     uint8_t serial[20];     /* GET_ID answer, NUL-padded */
     struct nitro_xts *xts;  /* encrypted volumes (LUKS2); NULL: plain */
     /* Bytes: where sector 0 lives in fd. data_offset + capacity * 512 must
@@ -208,6 +253,9 @@ int64_t nitro_blk_serve(struct nitro_vq *vq,
 #define NITRO_ENGINE_POLL_ADAPTIVE -1   /* poll_us: grow/shrink like halt-polling */
 #define NITRO_ENGINE_POLL_MAX_US 1000   /* largest fixed poll_us (adaptive: at most 200) */
 #define NITRO_ENGINE_SYNC_IO 1          /* flags: never use io_uring */
+/* flags: each worker confines itself with a seccomp filter to the system
+ * calls it makes (nitro_seccomp.c); any other call aborts the process. */
+#define NITRO_ENGINE_SECCOMP 2
 
 #define NITRO_RING_BLK 0
 #define NITRO_RING_NET_TX 1
@@ -251,6 +299,13 @@ int nitro_engine_attach(struct nitro_engine *e, struct nitro_ring *r,
 int nitro_engine_detach(struct nitro_engine *e, struct nitro_ring *r);
 int nitro_engine_worker_stats(const struct nitro_engine *e, uint32_t worker,
                               struct nitro_worker_stats *out);
+/* TEST ONLY (tests/unit/test_seccomp.py): make worker `worker` issue the
+ * raw system call nr with zero arguments, and wait for it. Proves that the
+ * filter is active: a call outside it never returns (the process aborts).
+ * Returns what the call returned (-errno on failure). Nothing in nitro
+ * calls it. */
+int64_t nitro_engine_test_syscall(struct nitro_engine *e, uint32_t worker,
+                                  int64_t nr);
 
 /* Rings. The objects they name (vq, params, stats, switch) are the caller's
  * and must outlive the ring. NULL if out of memory or an argument is NULL. */
@@ -260,6 +315,8 @@ struct nitro_ring *nitro_ring_blk_new(struct nitro_vq *vq,
 struct nitro_ring *nitro_ring_net_tx_new(struct nitro_switch *sw,
                                          uint32_t port, struct nitro_vq *vq);
 struct nitro_ring *nitro_ring_net_rx_new(struct nitro_vq *vq);
+/* Control queue (virtio 1.2 5.1.6.5): ACK MQ_VQ_PAIRS_SET (1..max_pairs),
+ * RX and MAC class commands; others get VIRTIO_NET_ERR. */
 struct nitro_ring *nitro_ring_net_ctrl_new(struct nitro_vq *vq,
                                            uint32_t max_pairs);
 /* Only for a detached ring. NULL is fine. */

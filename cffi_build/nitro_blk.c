@@ -65,6 +65,7 @@ struct blk_req {
     int n_wr;
     uint64_t wr_len;
     uint8_t *status;
+    bool oversize;      /* beyond seg_max / size_max: IOERR, no I/O */
 };
 
 /* What a request did, for the used ring and the stats. */
@@ -77,8 +78,22 @@ struct blk_done {
 
 /* ---- parsing ----------------------------------------------------------- */
 
-static int blk_parse(struct nitro_vq *vq, struct nitro_chain *c,
-                     struct blk_req *rq)
+/* Does the chain respect the seg_max / size_max the device offered? The
+ * header and the status byte are descriptors of their own, or share one
+ * with the data (ANY_LAYOUT): they are not data segments. */
+static bool blk_within_limits(const struct nitro_blk_params *p,
+                              const struct nitro_chain *c)
+{
+    if (p->seg_max == 0 || p->size_max == 0)
+        return true;
+    uint64_t data = c->out_len + c->in_len - OUTHDR_LEN - 1;
+    return c->n_desc <= (uint64_t)p->seg_max + 2 &&
+           c->max_desc_len <= (uint64_t)p->size_max + OUTHDR_LEN + 1 &&
+           data <= (uint64_t)p->seg_max * p->size_max;
+}
+
+static int blk_parse(struct nitro_vq *vq, const struct nitro_blk_params *p,
+                     struct nitro_chain *c, struct blk_req *rq)
 {
     /* Without a header we cannot know the request; without a status byte
      * we cannot complete it. Either way the driver is broken. */
@@ -92,6 +107,7 @@ static int blk_parse(struct nitro_vq *vq, struct nitro_chain *c,
     memcpy(&sector, hdr + 8, sizeof(sector));
     rq->type = le32toh(type);
     rq->sector = le64toh(sector);
+    rq->oversize = !blk_within_limits(p, c);
 
     rq->rd = c->iov;
     rq->n_rd = (int)c->n_out;
@@ -264,7 +280,8 @@ static uint8_t blk_in(const struct nitro_blk_params *p,
                       struct blk_done *d)
 {
     /* used_len is 32 bits and a chain is capped at 2^32 bytes (2.7.5.2). */
-    if (rq->wr_len >= UINT32_MAX || !blk_range_ok(p, rq->sector, rq->wr_len))
+    if (rq->oversize || rq->wr_len >= UINT32_MAX ||
+        !blk_range_ok(p, rq->sector, rq->wr_len))
         return VIRTIO_BLK_S_IOERR;
     if (blk_payload(p, lane, rq->wr, rq->n_wr, rq->sector, rq->wr_len, false) < 0)
         return VIRTIO_BLK_S_IOERR;
@@ -277,7 +294,7 @@ static uint8_t blk_out(const struct nitro_blk_params *p,
                        struct nitro_xts_lane *lane, struct blk_req *rq,
                        struct blk_done *d)
 {
-    if (p->readonly || !blk_range_ok(p, rq->sector, rq->rd_len))
+    if (rq->oversize || p->readonly || !blk_range_ok(p, rq->sector, rq->rd_len))
         return VIRTIO_BLK_S_IOERR;
     if (blk_payload(p, lane, rq->rd, rq->n_rd, rq->sector, rq->rd_len, true) < 0)
         return VIRTIO_BLK_S_IOERR;
@@ -450,22 +467,38 @@ static void blk_finish(struct nitro_vq *vq, uint16_t head, bool resubmitted,
     blk_account(s, d, nitro_now_ns() - start);
 }
 
-static void blk_handle_sync(struct nitro_vq *vq, struct nitro_chain *c,
-                            const struct nitro_blk_params *p,
-                            struct nitro_xts_lane *lane, struct blk_req *rq,
-                            struct nitro_blk_stats *s, uint64_t start)
+/* Serve one request on the calling thread; returns the bytes it moved. */
+static uint64_t blk_handle_sync(struct nitro_vq *vq, struct nitro_chain *c,
+                                const struct nitro_blk_params *p,
+                                struct nitro_xts_lane *lane, struct blk_req *rq,
+                                struct nitro_blk_stats *s, uint64_t start)
 {
     struct blk_done d = {.status = VIRTIO_BLK_S_IOERR, .used_len = 1};
     blk_execute(p, lane, rq, &d);
     blk_finish(vq, c->head, c->resubmitted, rq->status, &d, s, start);
+    return d.bytes;
 }
 
 /* ---- the engine's blk ring: many requests in flight through io_uring ----- */
+
+/* Bytes of synchronous I/O after which a pass over the ring ends early:
+ * the worker then serves its other rings and its commands (a detach)
+ * before this ring's next request, so a guest queueing many large writes
+ * (served inline), encrypted or >IOV_MAX requests holds the worker for
+ * one such batch (milliseconds), not for its whole ring. */
+#define SYNC_PASS_BYTES (8u << 20)
 
 /* An encrypted request needs a ciphertext buffer of its size while in
  * flight; above this it is served synchronously through the lane's. */
 #define ASYNC_MAX_CRYPT_BYTES (1u << 20)
 #define INLINE_IOV 8
+/* Ciphertext buffers stay with their request slot for the next request, up
+ * to this many bytes per ring: a buffer malloc'd and freed per request came
+ * back from the kernel every time (glibc returns large blocks with munmap
+ * or MADV_DONTNEED), so each 128 KiB read took 32 page faults, zeroing and
+ * memcg charging, on the io_uring worker that copies into it. They only
+ * ever hold ciphertext, so keeping them is safe. */
+#define BOUNCE_KEEP_BYTES (4u << 20)
 
 enum blk_io_kind { IO_READ, IO_FLUSH };
 
@@ -491,6 +524,7 @@ struct blk_io {
     int cnt;
     struct iovec bounce_iov;
     uint8_t *bounce;            /* ciphertext only (NULL: plain volume) */
+    size_t bounce_cap;          /* its size; it outlives the request */
     uint64_t off;               /* byte offset in the data segment (IVs) */
     uint64_t pos;               /* file offset of the next SQE */
     uint64_t left;              /* bytes the next SQE still has to move */
@@ -505,18 +539,41 @@ struct blk_ring {
     struct blk_io *ios;
     uint32_t nios;
     struct blk_io *free;
+    size_t bounce_bytes;        /* held by all slots, see BOUNCE_KEEP_BYTES */
     uint32_t in_flight;
     bool notify;                /* completions since the last call */
 };
+
+static void blk_bounce_free(struct blk_ring *b, struct blk_io *io)
+{
+    free(io->bounce);
+    b->bounce_bytes -= io->bounce_cap;
+    io->bounce = NULL;
+    io->bounce_cap = 0;
+}
+
+/* io->bounce = a buffer of at least len bytes, the slot's own if it fits. */
+static bool blk_bounce_get(struct blk_ring *b, struct blk_io *io, size_t len)
+{
+    if (io->bounce_cap >= len)
+        return true;
+    blk_bounce_free(b, io);
+    io->bounce = malloc(len);
+    if (io->bounce == NULL)
+        return false;
+    io->bounce_cap = len;
+    b->bounce_bytes += len;
+    return true;
+}
 
 static void blk_io_release(struct blk_io *io)
 {
     struct blk_ring *b = io->ring;
     if (io->giov != io->inline_iov)
         free(io->giov);
-    free(io->bounce);
     io->giov = NULL;
-    io->bounce = NULL;
+    if (b->bounce_bytes > BOUNCE_KEEP_BYTES)
+        blk_bounce_free(b, io);
     io->next_free = b->free;
     b->free = io;
     b->in_flight--;
@@ -555,7 +612,7 @@ static bool blk_io_queue(struct blk_io *io)
 static uint8_t blk_io_done(struct blk_io *io)
 {
     struct blk_ring *b = io->ring;
-    if (io->kind != IO_READ || io->bounce == NULL)
+    if (io->kind != IO_READ || b->p->xts == NULL)
         return VIRTIO_BLK_S_OK;
     struct iovec *g = io->giov;
     int gc = io->gcnt;
@@ -610,7 +667,7 @@ static bool blk_async_ok(const struct blk_ring *b, const struct blk_req *rq)
     if (rq->type != VIRTIO_BLK_T_IN)
         return false;
     uint64_t len = rq->wr_len;
-    if (len == 0 || rq->n_wr > IOV_MAX || len >= UINT32_MAX ||
+    if (rq->oversize || len == 0 || rq->n_wr > IOV_MAX || len >= UINT32_MAX ||
         !blk_range_ok(p, rq->sector, len))
         return false;
     return p->xts == NULL || len <= ASYNC_MAX_CRYPT_BYTES;
@@ -648,8 +705,7 @@ static bool blk_io_setup_read(struct blk_ring *b, struct blk_io *io,
         return false;
     if (p->xts == NULL)
         return true;
-    io->bounce = malloc(io->d.bytes);
-    if (io->bounce == NULL)
+    if (!blk_bounce_get(b, io, io->d.bytes))
         return false;
     io->bounce_iov = (struct iovec){.iov_base = io->bounce,
                                     .iov_len = io->d.bytes};
@@ -665,9 +721,12 @@ static bool blk_start_async(struct blk_ring *b, struct nitro_chain *c,
     struct blk_io *io = b->free;
     b->free = io->next_free;
     b->in_flight++;
+    uint8_t *bounce = io->bounce;  /* the slot keeps its buffer */
+    size_t bounce_cap = io->bounce_cap;
     *io = (struct blk_io){.op.complete = blk_io_complete, .ring = b,
                           .head = c->head, .resubmitted = c->resubmitted,
-                          .start = start, .status = rq->status};
+                          .start = start, .status = rq->status,
+                          .bounce = bounce, .bounce_cap = bounce_cap};
     bool ok;
     if (rq->type == VIRTIO_BLK_T_FLUSH) {
         io->kind = IO_FLUSH;
@@ -699,8 +758,9 @@ static int blk_ring_poll(struct nitro_ring *r, struct nitro_io *io,
     b->io = io;
     blk_ring_notify(b);  /* completions reaped since the last poll */
     uint32_t done = 0;
+    uint64_t sync_bytes = 0;
     int rc = 0;
-    while (done < budget && b->free != NULL) {
+    while (done < budget && b->free != NULL && sync_bytes < SYNC_PASS_BYTES) {
         struct nitro_chain *c;
         rc = nitro_vq_pop(r->vq, &c);
         if (rc <= 0)
@@ -708,7 +768,7 @@ static int blk_ring_poll(struct nitro_ring *r, struct nitro_io *io,
         uint64_t start = nitro_now_ns();
         nitro_stat_add(&b->s->inflight, 1);
         struct blk_req rq;
-        if (blk_parse(r->vq, c, &rq) != NITRO_OK) {
+        if (blk_parse(r->vq, b->p, c, &rq) != NITRO_OK) {
             nitro_stat_sub(&b->s->inflight, 1);
             rc = NITRO_ERR_GUEST;
             break;
@@ -717,11 +777,17 @@ static int blk_ring_poll(struct nitro_ring *r, struct nitro_io *io,
         if (io->ready && blk_async_ok(b, &rq) &&
             blk_start_async(b, c, &rq, start))
             continue;
-        blk_handle_sync(r->vq, c, b->p, b->lane, &rq, b->s, start);
+        sync_bytes += blk_handle_sync(r->vq, c, b->p, b->lane, &rq, b->s, start);
         b->notify = true;
     }
     blk_ring_notify(b);
     return rc < 0 ? rc : (int)done;
+}
+
+static void blk_bounces_free(struct blk_ring *b)
+{
+    for (uint32_t i = 0; i < b->nios; i++)
+        blk_bounce_free(b, &b->ios[i]);
 }
 
 static uint32_t blk_ring_in_flight(const struct nitro_ring *r)
@@ -738,6 +804,7 @@ static int blk_ring_attach(struct nitro_ring *r)
         return NITRO_ERR_GUEST;
     uint32_t num = nitro_vq_num(r->vq);
     if (b->nios != num) {
+        blk_bounces_free(b);
         free(b->ios);
         b->ios = calloc(num, sizeof(*b->ios));
         b->nios = b->ios != NULL ? num : 0;
@@ -769,6 +836,7 @@ static void blk_ring_detach(struct nitro_ring *r)
 static void blk_ring_free(struct nitro_ring *r)
 {
     struct blk_ring *b = (struct blk_ring *)r;
+    blk_bounces_free(b);
     free(b->ios);
     free(b);
 }

@@ -61,5 +61,13 @@ void nitro_xts_free(struct nitro_xts *x);
  * For tests and benchmarks; the serving loop uses the same code. */
 int nitro_xts_crypt(struct nitro_xts *x, uint8_t *out, const uint8_t *in,
                     uint64_t len, uint64_t offset, uint32_t encrypt);
+/* 1 when each sector's IV is written straight into OpenSSL's context (the
+ * fast path, chosen by nitro_xts_new when it proved to work with this
+ * OpenSSL), 0 when it goes through EVP_CipherInit_ex2. */
+uint32_t nitro_xts_direct_iv(const struct nitro_xts *x);
+/* For tests and benchmarks, before any thread crypts with x: on = 0 forces
+ * the EVP_CipherInit_ex2 path; on = 1 is NITRO_ERR_ARG unless the fast path
+ * proved to work. */
+int nitro_xts_set_direct_iv(struct nitro_xts *x, uint32_t on);
 
 #endif

@@ -13,20 +13,41 @@
  * worker's one command slot under its mutex, writes the command eventfd and
  * waits on a condition variable until the worker executed it between two
  * loop iterations. So a ring changes owner only while no poll() of it runs.
+ *
+ * Every call that touches a ring's guest memory (poll, arm, disarm, the
+ * detach hand-off, completions) runs inside a guard (nitro_guard.h): if
+ * the memory is gone (SIGBUS: a frontend truncated its memfd) the ring
+ * breaks with NITRO_FAULT_MEMORY and the worker goes on with its other
+ * rings. What a jump out of such a call can leave behind, and why each is
+ * safe:
+ * - chains popped and never completed: the ring is broken for good; a
+ *   device reset (nitro_vq_reset) forgets them;
+ * - a blk completion cut short (its request never freed, in_flight never
+ *   decremented): detaching a broken ring waits until this worker has no
+ *   SQE in the kernel at all (io.pending), not for the ring's count; the
+ *   next attach rebuilds the request slots;
+ * - a lock: only the switch's RX slot locks are taken around guest memory,
+ *   inside guards of their own that release them (nitro_switch.c);
+ * - a TX batch half switched: the ring's abandon() drops it.
+ * Workers block every asynchronous signal (Python's handlers run on its
+ * own threads); SIGBUS and the other synchronous ones stay deliverable.
  */
 #define _GNU_SOURCE
 #include <errno.h>
 #include <pthread.h>
 #include <sched.h>
+#include <signal.h>
 #include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/epoll.h>
 #include <sys/eventfd.h>
+#include <sys/syscall.h>
 #include <time.h>
 #include <unistd.h>
 
+#include "nitro_guard.h"
 #include "nitro_ring.h"
 
 /* Chains one poll() may serve before the worker moves to its next ring:
@@ -42,7 +63,8 @@
  * wake-up later than this is not worth a core spinning for it. */
 #define ADAPTIVE_MAX_US 200
 
-enum cmd { CMD_NONE, CMD_ATTACH, CMD_DETACH, CMD_QUIT };
+enum cmd { CMD_NONE, CMD_ATTACH, CMD_DETACH, CMD_QUIT, CMD_SECCOMP,
+           CMD_TEST_SYSCALL };
 
 struct worker {
     struct nitro_engine *engine;
@@ -63,7 +85,8 @@ struct worker {
     atomic_bool cmd_pending;
     enum cmd cmd;
     struct nitro_ring *cmd_ring;
-    int cmd_rc;
+    int64_t cmd_arg;
+    int64_t cmd_rc;
     bool cmd_done;
     struct nitro_worker_stats stats;
 };
@@ -110,9 +133,34 @@ static void io_submit(struct worker *w)
     nitro_stat_add(&w->stats.io_submitted, nitro_io_submit(&w->io));
 }
 
+static void ring_memory_fault(struct worker *w, struct nitro_ring *r);
+static bool worker_covers(const void *ctx, const void *addr);
+static struct nitro_ring *ring_covering(const struct worker *w,
+                                        const void *addr);
+
+/* Reap completions inside a guard over every ring of the worker; false
+ * when a fault cut it short (the faulting ring is broken by then). */
+static bool io_reap_guarded(struct worker *w, uint32_t *n)
+{
+    struct nitro_guard g;
+    if (NITRO_GUARD_ENTER(&g, worker_covers, w)) {
+        const void *addr = g.fault_addr;
+        nitro_guard_leave(&g);
+        ring_memory_fault(w, ring_covering(w, addr));
+        (*n)++;  /* a completion was handled, if only in part */
+        return false;
+    }
+    *n += nitro_io_reap(&w->io);
+    nitro_guard_leave(&g);
+    return true;
+}
+
 static uint32_t io_reap(struct worker *w)
 {
-    return nitro_io_reap(&w->io);
+    uint32_t n = 0;
+    while (!io_reap_guarded(w, &n))
+        continue;  /* the CQEs after the faulting one */
+    return n;
 }
 
 static void io_init(struct worker *w, bool sync_io)
@@ -146,6 +194,61 @@ static void ring_stop(struct worker *w, struct nitro_ring *r, int rc)
     eventfd_signal(w->engine->event_fd);
 }
 
+/* A guard (nitro_guard.h) caught a fault in r's guest memory. */
+static void ring_memory_fault(struct worker *w, struct nitro_ring *r)
+{
+    nitro_vq_set_fault(r->vq, NITRO_FAULT_MEMORY);
+    if (r->ops->abandon)
+        r->ops->abandon(r);
+    ring_stop(w, r, NITRO_ERR_GUEST);
+}
+
+enum ring_call { CALL_POLL, CALL_ARM, CALL_DISARM, CALL_DETACH };
+
+/* One call into r's device code, guarded by r's memory: a fault breaks r
+ * (NITRO_ERR_GUEST) instead of the process. */
+static int ring_call(struct worker *w, struct nitro_ring *r, enum ring_call c)
+{
+    struct nitro_guard g;
+    if (NITRO_GUARD_ENTER(&g, nitro_guard_covers_vq, r->vq)) {
+        nitro_guard_leave(&g);
+        ring_memory_fault(w, r);
+        return NITRO_ERR_GUEST;
+    }
+    int rc = 0;
+    switch (c) {
+    case CALL_POLL:
+        rc = r->ops->poll(r, &w->io, RING_BUDGET);
+        break;
+    case CALL_ARM:
+        rc = r->ops->arm(r);
+        break;
+    case CALL_DISARM:
+        r->ops->disarm(r);
+        break;
+    case CALL_DETACH:
+        if (r->ops->detach)
+            r->ops->detach(r);
+        break;
+    }
+    nitro_guard_leave(&g);
+    return rc;
+}
+
+/* What a guard around completions answers for: any ring of the worker. */
+static struct nitro_ring *ring_covering(const struct worker *w, const void *addr)
+{
+    for (uint32_t i = 0; i < w->nrings; i++)
+        if (nitro_vq_covers(w->rings[i]->vq, addr))
+            return w->rings[i];
+    return NULL;
+}
+
+static bool worker_covers(const void *ctx, const void *addr)
+{
+    return ring_covering(ctx, addr) != NULL;
+}
+
 static int epoll_watch(struct worker *w, struct nitro_ring *r)
 {
     r->kick_fd = nitro_vq_kick_fd(r->vq);
@@ -174,19 +277,23 @@ static int worker_attach(struct worker *w, struct nitro_ring *r)
     }
     r->worker = (int32_t)w->id;
     w->rings[w->nrings++] = r;
-    r->ops->disarm(r);
+    ring_call(w, r, CALL_DISARM);
     nitro_stat_add(&w->stats.rings, 1);
     return NITRO_OK;
 }
 
 /* Wait until every request r submitted has completed (other rings' may
- * complete meanwhile too: they are handed back as usual). */
-/* Wait until every request r submitted has completed (other rings' may
- * complete meanwhile too: they are handed back as usual). */
+ * complete meanwhile too: they are handed back as usual). A broken ring's
+ * count may be wrong (a fault cut a completion short): then wait until
+ * the worker has nothing in the kernel at all, so that no CQE can name
+ * one of its requests after it is freed. */
 static void ring_wait_idle(struct worker *w, struct nitro_ring *r)
 {
-    while (w->io.ready && r->ops->in_flight(r) > 0)
-        nitro_io_wait(&w->io);
+    while (w->io.ready && (r->status == NITRO_OK ? r->ops->in_flight(r) > 0
+                                                 : w->io.pending > 0)) {
+        nitro_io_wait_cqe(&w->io);
+        io_reap(w);
+    }
 }
 
 static int worker_detach(struct worker *w, struct nitro_ring *r)
@@ -202,9 +309,11 @@ static int worker_detach(struct worker *w, struct nitro_ring *r)
     r->kick_fd = -1;
     /* Notifications on, so the next owner (or none) gets the next kick. */
     if (r->status == NITRO_OK)
-        r->ops->arm(r);
-    if (r->ops->detach)
-        r->ops->detach(r);
+        ring_call(w, r, CALL_ARM);
+    /* A fault inside detach() (blk: its last call to the guest, whose
+     * flag it clears first) leaves the rest undone: once more. */
+    if (ring_call(w, r, CALL_DETACH) < 0)
+        ring_call(w, r, CALL_DETACH);
     w->rings[i] = w->rings[--w->nrings];
     r->worker = -1;
     nitro_stat_sub(&w->stats.rings, 1);
@@ -228,6 +337,16 @@ static bool worker_command(struct worker *w)
         w->cmd_rc = NITRO_OK;
         go_on = false;
         break;
+    case CMD_SECCOMP:
+        w->cmd_rc = nitro_seccomp_worker();
+        if (w->cmd_rc == NITRO_ERR_SYS)
+            w->cmd_arg = errno;
+        break;
+    case CMD_TEST_SYSCALL: {
+        long rc = syscall(w->cmd_arg, 0, 0, 0, 0, 0, 0);
+        w->cmd_rc = rc < 0 ? -errno : rc;
+        break;
+    }
     case CMD_NONE:
         break;
     }
@@ -249,7 +368,7 @@ static uint32_t poll_rings(struct worker *w)
         struct nitro_ring *r = w->rings[i];
         if (r->status != NITRO_OK)
             continue;
-        int n = r->ops->poll(r, &w->io, RING_BUDGET);
+        int n = ring_call(w, r, CALL_POLL);
         if (n < 0) {
             ring_stop(w, r, n);
             continue;
@@ -271,7 +390,7 @@ static bool arm_all(struct worker *w)
         struct nitro_ring *r = w->rings[i];
         if (r->status != NITRO_OK)
             continue;
-        int rc = r->ops->arm(r);
+        int rc = ring_call(w, r, CALL_ARM);
         if (rc < 0)
             ring_stop(w, r, rc);
         else if (rc > 0)
@@ -284,7 +403,7 @@ static void disarm_all(struct worker *w)
 {
     for (uint32_t i = 0; i < w->nrings; i++)
         if (w->rings[i]->status == NITRO_OK)
-            w->rings[i]->ops->disarm(w->rings[i]);
+            ring_call(w, w->rings[i], CALL_DISARM);
 }
 
 static void sleep_on_epoll(struct worker *w)
@@ -347,9 +466,22 @@ static void idle_step(struct worker *w, uint64_t *last_work)
     *last_work = woke;
 }
 
+/* Asynchronous signals go to Python's threads; faults stay ours. */
+static void worker_sigmask(void)
+{
+    sigset_t set;
+    sigfillset(&set);
+    static const int synchronous[] = {SIGBUS, SIGSEGV, SIGFPE, SIGILL,
+                                      SIGSYS, SIGABRT, SIGTRAP};
+    for (size_t i = 0; i < sizeof(synchronous) / sizeof(int); i++)
+        sigdelset(&set, synchronous[i]);
+    pthread_sigmask(SIG_SETMASK, &set, NULL);
+}
+
 static void *worker_main(void *arg)
 {
     struct worker *w = arg;
+    worker_sigmask();
     if (w->cpu >= 0) {
         cpu_set_t set;
         CPU_ZERO(&set);
@@ -375,22 +507,26 @@ static void *worker_main(void *arg)
 
 /* ---- commands ------------------------------------------------------------- */
 
-static int worker_call(struct nitro_engine *e, struct worker *w, enum cmd c,
-                       struct nitro_ring *r)
+static int64_t worker_call(struct nitro_engine *e, struct worker *w,
+                           enum cmd c, struct nitro_ring *r, int64_t arg)
 {
     pthread_mutex_lock(&e->call_lock);
     pthread_mutex_lock(&w->lock);
     w->cmd = c;
     w->cmd_ring = r;
+    w->cmd_arg = arg;
     w->cmd_done = false;
     atomic_store(&w->cmd_pending, true);
     eventfd_signal(w->cmd_fd);
     while (!w->cmd_done)
         pthread_cond_wait(&w->cond, &w->lock);
-    int rc = w->cmd_rc;
+    int64_t rc = w->cmd_rc;
+    int err = (int)w->cmd_arg;
     eventfd_drain(w->cmd_fd);
     pthread_mutex_unlock(&w->lock);
     pthread_mutex_unlock(&e->call_lock);
+    if (c == CMD_SECCOMP && rc == NITRO_ERR_SYS)
+        errno = err;
     return rc;
 }
 
@@ -400,7 +536,7 @@ int nitro_engine_attach(struct nitro_engine *e, struct nitro_ring *r,
     if (e == NULL || r == NULL || worker >= e->nworkers || r->worker >= 0 ||
         !nitro_vq_ready(r->vq))
         return NITRO_ERR_ARG;
-    return worker_call(e, &e->workers[worker], CMD_ATTACH, r);
+    return (int)worker_call(e, &e->workers[worker], CMD_ATTACH, r, 0);
 }
 
 int nitro_engine_detach(struct nitro_engine *e, struct nitro_ring *r)
@@ -410,7 +546,7 @@ int nitro_engine_detach(struct nitro_engine *e, struct nitro_ring *r)
     int32_t owner = __atomic_load_n(&r->worker, __ATOMIC_ACQUIRE);
     if (owner < 0)
         return NITRO_OK;
-    return worker_call(e, &e->workers[owner], CMD_DETACH, r);
+    return (int)worker_call(e, &e->workers[owner], CMD_DETACH, r, 0);
 }
 
 /* ---- life cycle ------------------------------------------------------------ */
@@ -442,7 +578,7 @@ static int worker_init(struct nitro_engine *e, uint32_t id, int32_t cpu)
     w->started = true;
     /* Named, so top -H and /proc/PID/task/TID/comm show which is which. */
     char name[16];
-    snprintf(name, sizeof(name), "nitro-w%u", id);
+    snprintf(name, sizeof(name), "nitro-w%hu", (unsigned short)id);
     pthread_setname_np(w->thread, name);
     return NITRO_OK;
 }
@@ -450,7 +586,7 @@ static int worker_init(struct nitro_engine *e, uint32_t id, int32_t cpu)
 static void worker_fini(struct nitro_engine *e, struct worker *w)
 {
     if (w->started) {
-        worker_call(e, w, CMD_QUIT, NULL);
+        worker_call(e, w, CMD_QUIT, NULL, 0);
         pthread_join(w->thread, NULL);
     }
     nitro_io_exit(&w->io);
@@ -479,6 +615,7 @@ struct nitro_engine *nitro_engine_new(uint32_t workers, const int32_t *cpus,
         return NULL;
     e->poll_us = poll_us;
     e->flags = flags;
+    nitro_guard_install();
     pthread_mutex_init(&e->call_lock, NULL);
     for (uint32_t i = 0; i < workers; i++)
         e->workers[i].epfd = e->workers[i].cmd_fd = e->workers[i].uring_fd = -1;
@@ -487,6 +624,9 @@ struct nitro_engine *nitro_engine_new(uint32_t workers, const int32_t *cpus,
     for (uint32_t i = 0; i < workers && rc == NITRO_OK; i++) {
         rc = worker_init(e, i, cpus ? cpus[i] : -1);
         e->nworkers = i + 1;
+        /* Confined before it is handed any ring. */
+        if (rc == NITRO_OK && (flags & NITRO_ENGINE_SECCOMP))
+            rc = (int)worker_call(e, &e->workers[i], CMD_SECCOMP, NULL, 0);
     }
     if (rc != NITRO_OK) {
         int saved = errno;
@@ -530,4 +670,12 @@ int nitro_engine_worker_stats(const struct nitro_engine *e, uint32_t worker,
     for (size_t i = 0; i < sizeof(*s) / sizeof(uint64_t); i++)
         dst[i] = __atomic_load_n(&src[i], __ATOMIC_RELAXED);
     return NITRO_OK;
+}
+
+int64_t nitro_engine_test_syscall(struct nitro_engine *e, uint32_t worker,
+                                  int64_t nr)
+{
+    if (e == NULL || worker >= e->nworkers)
+        return NITRO_ERR_ARG;
+    return worker_call(e, &e->workers[worker], CMD_TEST_SYSCALL, NULL, nr);
 }

@@ -9,21 +9,29 @@
  */
 #define _GNU_SOURCE
 #include <errno.h>
+#include <fcntl.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
+#include <unistd.h>
 
-#include "nitro_vring.h"
+#include "nitro_guard.h"
 
 struct nitro_region {
     uint64_t gpa;     /* guest physical address of the first byte */
     uint64_t uaddr;   /* the frontend's (QEMU's) virtual address of it */
     uint64_t size;
-    uint8_t *host;    /* our address of it: map + mmap_offset */
+    uint8_t *host;    /* our address of it: map + (mmap_offset - map_off) */
     void *map;        /* what mmap returned, for munmap */
     size_t map_len;
+    bool sealed;      /* the file cannot shrink (F_SEAL_SHRINK) */
 };
+
+/* Every table's mappings together, against [daemon] max_guest_memory:
+ * bytes mapped now, and the most that may be (UINT64_MAX: no cap). */
+static uint64_t mapped_total;
+static uint64_t mapped_limit = UINT64_MAX;
 
 struct nitro_mem {
     uint32_t count;
@@ -32,7 +40,15 @@ struct nitro_mem {
 
 struct nitro_mem *nitro_mem_new(void)
 {
+    /* Guest memory exists from here on: so must the SIGBUS recovery. */
+    nitro_guard_install();
     return calloc(1, sizeof(struct nitro_mem));
+}
+
+static void region_unmap(struct nitro_region *r)
+{
+    munmap(r->map, r->map_len);
+    __atomic_fetch_sub(&mapped_total, r->map_len, __ATOMIC_RELAXED);
 }
 
 void nitro_mem_free(struct nitro_mem *mem)
@@ -40,8 +56,39 @@ void nitro_mem_free(struct nitro_mem *mem)
     if (mem == NULL)
         return;
     for (uint32_t i = 0; i < mem->count; i++)
-        munmap(mem->regions[i].map, mem->regions[i].map_len);
+        region_unmap(&mem->regions[i]);
     free(mem);
+}
+
+void nitro_mem_set_limit(uint64_t bytes)
+{
+    __atomic_store_n(&mapped_limit, bytes, __ATOMIC_RELAXED);
+}
+
+uint64_t nitro_mem_mapped_bytes(void)
+{
+    return __atomic_load_n(&mapped_total, __ATOMIC_RELAXED);
+}
+
+uint32_t nitro_mem_sealed(const struct nitro_mem *mem)
+{
+    uint32_t n = 0;
+    for (uint32_t i = 0; mem != NULL && i < mem->count; i++)
+        n += mem->regions[i].sealed;
+    return n;
+}
+
+/* Count len bytes against the cap; false (nothing counted) past it. */
+static bool reserve(uint64_t len)
+{
+    uint64_t cur = __atomic_load_n(&mapped_total, __ATOMIC_RELAXED);
+    do {
+        uint64_t limit = __atomic_load_n(&mapped_limit, __ATOMIC_RELAXED);
+        if (len > limit || cur > limit - len)
+            return false;
+    } while (!__atomic_compare_exchange_n(&mapped_total, &cur, cur + len, true,
+                                          __ATOMIC_RELAXED, __ATOMIC_RELAXED));
+    return true;
 }
 
 uint32_t nitro_mem_count(const struct nitro_mem *mem)
@@ -89,6 +136,15 @@ static int check_file_size(int fd, uint64_t len)
     return NITRO_OK;
 }
 
+/* A sealed file keeps the size check above true for good: it cannot
+ * shrink under the mapping. Unsealed memory relies on the guards
+ * (nitro_guard.h) alone, as does a sealed file that cannot supply a page. */
+static bool shrink_sealed(int fd)
+{
+    int seals = fcntl(fd, F_GET_SEALS);
+    return seals >= 0 && (seals & F_SEAL_SHRINK);
+}
+
 int nitro_mem_add(struct nitro_mem *mem, int fd, uint64_t guest_phys_addr,
                   uint64_t memory_size, uint64_t userspace_addr,
                   uint64_t mmap_offset)
@@ -97,21 +153,33 @@ int nitro_mem_add(struct nitro_mem *mem, int fd, uint64_t guest_phys_addr,
         !region_args_ok(mem, guest_phys_addr, memory_size, userspace_addr,
                         mmap_offset))
         return NITRO_ERR_ARG;
-    /* Map from file offset 0: mmap_offset need not be page aligned. */
-    size_t len = (size_t)(mmap_offset + memory_size);
-    int rc = check_file_size(fd, len);
+    int rc = check_file_size(fd, mmap_offset + memory_size);
     if (rc != NITRO_OK)
         return rc;
-    void *map = mmap(NULL, len, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
-    if (map == MAP_FAILED)
+    /* Map from the page holding mmap_offset (which need not be aligned):
+     * QEMU backs several regions with one file at growing offsets, and
+     * mapping each from 0 would map (and count) the ones before it too. */
+    uint64_t page = (uint64_t)sysconf(_SC_PAGESIZE);
+    uint64_t map_off = mmap_offset - mmap_offset % page;
+    size_t len = (size_t)(mmap_offset - map_off + memory_size);
+    if (!reserve(len))
+        return NITRO_ERR_LIMIT;
+    void *map = mmap(NULL, len, PROT_READ | PROT_WRITE, MAP_SHARED, fd,
+                     (off_t)map_off);
+    if (map == MAP_FAILED) {
+        int saved = errno;
+        __atomic_fetch_sub(&mapped_total, len, __ATOMIC_RELAXED);
+        errno = saved;
         return NITRO_ERR_SYS;
+    }
     mem->regions[mem->count++] = (struct nitro_region){
         .gpa = guest_phys_addr,
         .uaddr = userspace_addr,
         .size = memory_size,
-        .host = (uint8_t *)map + mmap_offset,
+        .host = (uint8_t *)map + (mmap_offset - map_off),
         .map = map,
         .map_len = len,
+        .sealed = shrink_sealed(fd),
     };
     return NITRO_OK;
 }
@@ -125,7 +193,7 @@ int nitro_mem_remove(struct nitro_mem *mem, uint64_t guest_phys_addr,
         struct nitro_region *r = &mem->regions[i];
         if (r->gpa != guest_phys_addr || r->size != memory_size)
             continue;
-        munmap(r->map, r->map_len);
+        region_unmap(r);
         /* Keep the table dense; order carries no meaning. */
         *r = mem->regions[--mem->count];
         return NITRO_OK;
@@ -178,4 +246,14 @@ void *nitro_mem_uaddr_to_host(const struct nitro_mem *mem, uint64_t uaddr,
             return r->host + off;
     }
     return NULL;
+}
+
+bool nitro_mem_covers(const struct nitro_mem *mem, const void *addr)
+{
+    for (uint32_t i = 0; mem != NULL && i < mem->count; i++) {
+        const struct nitro_region *r = &mem->regions[i];
+        if ((uintptr_t)addr - (uintptr_t)r->map < r->map_len)
+            return true;
+    }
+    return false;
 }

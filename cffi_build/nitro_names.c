@@ -18,6 +18,7 @@ const char *const nitro_fault_names[NITRO_FAULT_KINDS] = {
     [NITRO_FAULT_DESC_ORDER] = "desc_order",
     [NITRO_FAULT_REQUEST] = "request",
     [NITRO_FAULT_INFLIGHT] = "inflight",
+    [NITRO_FAULT_MEMORY] = "memory",
 };
 
 const char *const nitro_blk_op_names[NITRO_BLK_OPS] = {

@@ -34,6 +34,9 @@
 #define NITRO_NET_MAX_FRAME 65550    /* 64 KiB payload + Ethernet header */
 #define NITRO_NET_PUNT_MAX_FRAME 2048
 #define NITRO_NET_PUNT_SLOTS 256
+/* Most punt queue entries one port may hold at once: a port flooding its
+ * link-local services overflows its own share, never the others'. */
+#define NITRO_NET_PUNT_PORT_SLOTS 16
 
 /* Drop reasons (index into nitro_port_stats.drops). */
 #define NITRO_NET_DROP_NO_RX_BUFFER 0        /* destination ring absent/full */
@@ -56,6 +59,9 @@ struct nitro_port_stats {
     uint64_t bw_in_allowance_exceeded;
     uint64_t bw_out_allowance_exceeded;
     uint64_t pps_allowance_exceeded;
+    /* Frames to the card's own services (ARP requests, DHCP, ICMP echo to
+     * the gateway: everything punted) over linklocal_pps (ENA's name). */
+    uint64_t linklocal_allowance_exceeded;
     uint64_t punted;
 };
 
@@ -66,6 +72,7 @@ struct nitro_port_params {
     uint64_t bw_in_bytes_per_sec;   /* 0: unlimited */
     uint64_t bw_out_bytes_per_sec;
     uint64_t pps;                   /* packets in + out per second */
+    uint64_t linklocal_pps;         /* frames punted per second; 0: unlimited */
 };
 
 struct nitro_switch;
@@ -103,10 +110,6 @@ int64_t nitro_net_tx_serve(struct nitro_switch *sw, uint32_t port,
  * NITRO_ERR_GUEST once a delivery found the ring broken (the delivering
  * thread kicks the worker awake to report it), else 0. */
 int64_t nitro_net_rx_serve(struct nitro_vq *vq);
-/* Control queue (virtio 1.2 5.1.6.5): ACK MQ_VQ_PAIRS_SET, RX and MAC
- * class commands; others get VIRTIO_NET_ERR. */
-int64_t nitro_net_ctrl_serve(struct nitro_vq *vq, uint32_t max_pairs,
-                             int idle_ms);
 
 /* Punted control frames: an eventfd readable exactly while any wait
  * (nitro_switch_punt_fd: the fd, owned by the switch, or NITRO_ERR_ARG).

@@ -250,44 +250,6 @@ static void ctrl_complete(struct nitro_vq *vq, const struct nitro_chain *c,
     nitro_vq_push(vq, c->head, 1);
 }
 
-int64_t nitro_net_ctrl_serve(struct nitro_vq *vq, uint32_t max_pairs,
-                             int idle_ms)
-{
-    if (vq == NULL || !nitro_vq_ready(vq))
-        return NITRO_ERR_ARG;
-    int64_t total = 0;
-    for (;;) {
-        struct nitro_chain *c;
-        int rc;
-        uint32_t pushed = 0;
-        while ((rc = nitro_vq_pop(vq, &c)) == 1) {
-            if (c->n_in == 0) {
-                rc = nitro_vq_set_fault(vq, NITRO_FAULT_REQUEST);
-                break;
-            }
-            ctrl_complete(vq, c, max_pairs);
-            pushed++;
-            total++;
-        }
-        if (pushed > 0)
-            nitro_vq_notify(vq);
-        if (rc < 0)
-            return rc;
-        int e = nitro_vq_enable_notify(vq);
-        if (e < 0)
-            return e;
-        if (e > 0)
-            continue;
-        if (nitro_vq_kick_fd(vq) < 0 || nitro_vq_stopping(vq))
-            return total;
-        e = nitro_vq_wait_kick(vq, idle_ms);
-        if (e < 0)
-            return e;
-        if (e != NITRO_VQ_WAIT_KICK)
-            return total;
-    }
-}
-
 /* ---- engine rings (nitro_ring.h) -------------------------------------------- */
 
 /* A TX ring as an engine worker serves it: up to budget chains a poll, the
@@ -332,6 +294,17 @@ static void tx_ring_detach(struct nitro_ring *r)
     x->t.buf = NULL;
 }
 
+/* A fault in guest memory cut a batch short: its fast frames point into
+ * memory that is gone (the sender's, or they were headed for a receiver
+ * whose ring broke); the receivers already filled still get their call. */
+static void tx_ring_abandon(struct nitro_ring *r)
+{
+    struct net_tx_ring *x = (struct net_tx_ring *)r;
+    x->t.nfast = 0;
+    x->t.group = NULL;
+    nitro_sw_flush_dirty(&x->t.dirty);
+}
+
 static uint32_t no_io_in_flight(const struct nitro_ring *r)
 {
     (void)r;
@@ -351,6 +324,7 @@ static const struct nitro_ring_ops tx_ring_ops = {
     .attach = tx_ring_attach,
     .detach = tx_ring_detach,
     .free = ring_free_plain,
+    .abandon = tx_ring_abandon,
 };
 
 struct nitro_ring *nitro_ring_net_tx_new(struct nitro_switch *sw,

@@ -32,6 +32,7 @@ struct nitro_io {
     struct io_uring uring;
     bool ready;            /* io_uring_queue_init succeeded */
     uint32_t unsubmitted;  /* SQEs prepared since the last submit */
+    uint32_t pending;      /* SQEs prepared whose CQE was not reaped yet */
 };
 
 /* Every io_uring request's user_data points at one of these; the worker
@@ -52,6 +53,8 @@ NITRO_INTERNAL uint32_t nitro_io_submit(struct nitro_io *io);
 NITRO_INTERNAL uint32_t nitro_io_reap(struct nitro_io *io);
 /* Block until at least one completion is available (then reap it). */
 NITRO_INTERNAL void nitro_io_wait(struct nitro_io *io);
+/* Submit, then block until a completion is available; reap nothing. */
+NITRO_INTERNAL void nitro_io_wait_cqe(struct nitro_io *io);
 
 struct nitro_ring;
 
@@ -71,6 +74,10 @@ struct nitro_ring_ops {
     int (*attach)(struct nitro_ring *r);
     void (*detach)(struct nitro_ring *r);
     void (*free)(struct nitro_ring *r);
+    /* Optional. A fault in guest memory (nitro_guard.h) cut a call short
+     * and broke the ring: drop state that call left half done (it still
+     * points into that memory). Runs outside any guard. */
+    void (*abandon)(struct nitro_ring *r);
 };
 
 /* The engine's view of one ring; device code embeds it first in its own
@@ -85,6 +92,10 @@ struct nitro_ring {
     int kick_fd;          /* the fd in the owner's epoll set, -1: none */
     uint64_t chains;      /* chains served by poll() (atomic) */
 };
+
+/* Confine the calling thread (an engine worker) to the system calls
+ * workers make (nitro_seccomp.c). NITRO_ERR_SYS (errno) if it cannot. */
+NITRO_INTERNAL int nitro_seccomp_worker(void);
 
 /* Shared by blk and net rings: enable/disable notifications on the vq. */
 NITRO_INTERNAL int nitro_ring_arm_vq(struct nitro_ring *r);

@@ -15,6 +15,7 @@
 #include <sys/eventfd.h>
 #include <unistd.h>
 
+#include "nitro_guard.h"
 #include "nitro_iov.h"
 #include "nitro_pkt.h"
 #include "nitro_switch_internal.h"
@@ -46,6 +47,23 @@ static bool port_admit(struct port *p, uint64_t pkts, uint64_t len, bool in)
         nitro_stat_add(in ? &p->stats.bw_in_allowance_exceeded
                           : &p->stats.bw_out_allowance_exceeded, 1);
     return ok_pps && ok_bw;
+}
+
+/* The port's budget for frames to the card's own services (what is
+ * punted to the trio thread): EC2 gives each ENI 1024 packets per second
+ * and counts the excess as linklocal_allowance_exceeded. Without it one
+ * guest's ARP/DHCP flood would take the trio thread (and the punt queue)
+ * from every other guest. */
+static bool port_admit_linklocal(struct port *p)
+{
+    if (p->linklocal.rate == 0)
+        return true;
+    pthread_mutex_lock(&p->bucket_lock);
+    bool ok = nitro_bucket_take(&p->linklocal, 1, nitro_now_ns());
+    pthread_mutex_unlock(&p->bucket_lock);
+    if (!ok)
+        nitro_stat_add(&p->stats.linklocal_allowance_exceeded, 1);
+    return ok;
 }
 
 /* ---- switch tables ------------------------------------------------------- */
@@ -140,6 +158,7 @@ int nitro_switch_add_port(struct nitro_switch *sw, uint32_t port,
     nitro_bucket_init(&p->bw_in, params->bw_in_bytes_per_sec, frame_max);
     nitro_bucket_init(&p->bw_out, params->bw_out_bytes_per_sec, frame_max);
     nitro_bucket_init(&p->pps, params->pps, 1);
+    nitro_bucket_init(&p->linklocal, params->linklocal_pps, 1);
     v->ports[v->nports++] = (uint16_t)port;
     return NITRO_OK;
 }
@@ -184,19 +203,74 @@ static void update_rx_pairs(struct port *p)
     __atomic_store_n(&p->rx_pairs, n, __ATOMIC_RELAXED);
 }
 
+/* ---- guest memory that vanishes under a delivery (nitro_guard.h) -------- */
+
+/* What an RX slot's guard answers for: the memory of the ring attached to
+ * it (stable: the guard's owner holds the slot lock). */
+static bool slot_covers(const void *ctx, const void *addr)
+{
+    const struct rx_slot *slot = ctx;
+    const struct nitro_vq *vq = __atomic_load_n(&slot->vq, __ATOMIC_RELAXED);
+    return vq != NULL && nitro_vq_covers(vq, addr);
+}
+
+/* The recovery path of a slot's guard; the slot lock is held. A fault in
+ * the receiver's memory breaks the receiver's ring (its worker is kicked
+ * to report it) and the delivery ends: NITRO_ERR_GUEST. A fault in the
+ * sender's memory (the fast path copies straight out of its TX buffers):
+ * the RX buffers popped since the last publish are given back untouched
+ * as far as the driver can tell (used->idx never covered them), the lock
+ * is released, and the sender's guard breaks the sender's ring. */
+static int slot_fault(struct nitro_guard *g, struct nitro_vq *vq)
+{
+    if (!nitro_guard_mine(g)) {
+        if (vq != NULL)
+            nitro_vq_unpop(vq, UINT16_MAX);
+        nitro_guard_rethrow(g);
+    }
+    if (nitro_vq_fault(vq) == NITRO_FAULT_NONE) {
+        nitro_vq_set_fault(vq, NITRO_FAULT_MEMORY);
+        nitro_vq_wake(vq);
+    }
+    nitro_guard_leave(g);
+    return NITRO_ERR_GUEST;
+}
+
+/* Lock a slot inside its guard (entered by the caller). */
+static void slot_lock(struct nitro_guard *g, struct rx_slot *slot)
+{
+    pthread_mutex_lock(&slot->lock);
+    nitro_guard_hold(g, &slot->lock);
+}
+
+static void slot_unlock(struct nitro_guard *g, struct rx_slot *slot)
+{
+    nitro_guard_drop(g);
+    pthread_mutex_unlock(&slot->lock);
+    nitro_guard_leave(g);
+}
+
 static void set_rx(struct port *p, uint32_t pair, struct nitro_vq *vq)
 {
+    struct rx_slot *slot = &p->rx[pair];
+    struct nitro_guard g;
     /* Taking the lock waits out a delivery in progress. */
-    pthread_mutex_lock(&p->rx[pair].lock);
+    if (NITRO_GUARD_ENTER(&g, slot_covers, slot)) {
+        slot_fault(&g, __atomic_load_n(&slot->vq, __ATOMIC_RELAXED));
+        update_rx_pairs(p);
+        return;
+    }
+    slot_lock(&g, slot);
     /* Deliveries take RX buffers when a frame comes and drop it when there
      * are none; nothing waits for the driver to add buffers, so its kicks
      * would only wake the worker for nothing (a polling driver such as
      * DPDK's kicks on every refill). With EVENT_IDX avail_event is simply
-     * never advanced, which has the same effect. */
+     * never advanced, which has the same effect. The store comes first so
+     * that the guard covers the ring's memory. */
+    __atomic_store_n(&slot->vq, vq, __ATOMIC_RELAXED);
     if (vq != NULL && nitro_vq_ready(vq))
         nitro_vq_disable_notify(vq);
-    __atomic_store_n(&p->rx[pair].vq, vq, __ATOMIC_RELAXED);
-    pthread_mutex_unlock(&p->rx[pair].lock);
+    slot_unlock(&g, slot);
     update_rx_pairs(p);
 }
 
@@ -225,11 +299,16 @@ int nitro_switch_detach_rx(struct nitro_switch *sw, uint32_t port,
 /* Call the guest behind a slot if it is still attached. */
 static void slot_notify(struct rx_slot *slot)
 {
-    pthread_mutex_lock(&slot->lock);
+    struct nitro_guard g;
+    if (NITRO_GUARD_ENTER(&g, slot_covers, slot)) {
+        slot_fault(&g, __atomic_load_n(&slot->vq, __ATOMIC_RELAXED));
+        return;
+    }
+    slot_lock(&g, slot);
     /* A ring re-attached meanwhile gets a spurious call: harmless. */
     if (slot->vq != NULL)
         nitro_vq_notify(slot->vq);
-    pthread_mutex_unlock(&slot->lock);
+    slot_unlock(&g, slot);
 }
 
 static void mark_dirty(struct dirty *d, struct rx_slot *slot)
@@ -371,6 +450,22 @@ static int fill_ring(struct nitro_vq *vq, bool mrg, const uint8_t *buf,
     return rc;
 }
 
+/* fill_ring under the slot lock; call the guest now if asked. */
+static int fill_ring_locked(struct nitro_vq *vq, bool mrg, const uint8_t *buf,
+                            uint32_t len, bool notify)
+{
+    bool healthy = nitro_vq_fault(vq) == NITRO_FAULT_NONE;
+    int rc = fill_ring(vq, mrg, buf, len);
+    /* This delivery broke the ring: its worker sleeps on the kick fd, so
+     * kick it to report the fault (Python then stops the device and
+     * detaches the ring). */
+    if (rc < 0 && healthy)
+        nitro_vq_wake(vq);
+    if (rc == 1 && notify)
+        nitro_vq_notify(vq);
+    return rc;
+}
+
 /* Deliver hdr+frame to port dst as one frame, counted as pkts packets of
  * bytes bytes in all (a passed-through super-frame: its wire segments).
  * `hint` spreads senders over the destination's queue pairs. If the
@@ -395,21 +490,18 @@ static bool deliver_one(struct port *dst, uint8_t *buf, uint32_t len,
         /* Unlocked peek: a detached slot is skipped cheaply. */
         if (__atomic_load_n(&slot->vq, __ATOMIC_RELAXED) == NULL)
             continue;
-        pthread_mutex_lock(&slot->lock);
-        struct nitro_vq *vq = slot->vq;
-        int rc = 0;
-        if (vq != NULL) {
-            bool healthy = nitro_vq_fault(vq) == NITRO_FAULT_NONE;
-            rc = fill_ring(vq, mrg, buf, len);
-            /* This delivery broke the ring: its worker sleeps on the kick
-             * fd, so kick it to report the fault (Python then stops the
-             * device and detaches the ring). */
-            if (rc < 0 && healthy)
-                nitro_vq_wake(vq);
-            if (rc == 1 && dirty == NULL)
-                nitro_vq_notify(vq);
+        struct nitro_guard g;
+        struct nitro_vq *vq;
+        int rc;
+        if (NITRO_GUARD_ENTER(&g, slot_covers, slot)) {
+            vq = __atomic_load_n(&slot->vq, __ATOMIC_RELAXED);
+            rc = slot_fault(&g, vq);
+        } else {
+            slot_lock(&g, slot);
+            vq = slot->vq;
+            rc = vq != NULL ? fill_ring_locked(vq, mrg, buf, len, dirty == NULL) : 0;
+            slot_unlock(&g, slot);
         }
-        pthread_mutex_unlock(&slot->lock);
         if (vq == NULL)
             continue;
         if (rc == 1) {
@@ -534,7 +626,9 @@ static bool forward(struct nitro_switch *sw, struct vpc *v, struct port *src,
 
 /* The eventfd is readable exactly while the queue is non-empty: written on
  * empty -> non-empty, drained on non-empty -> empty, both under punt_lock,
- * so a busy queue costs no syscalls per frame. */
+ * so a busy queue costs no syscalls per frame. A port holds at most
+ * NITRO_NET_PUNT_PORT_SLOTS entries: past that its own frames overflow,
+ * and the queue keeps room for the ports below their share. */
 static void punt(struct nitro_switch *sw, uint32_t port, struct port *p,
                  const uint8_t *frame, uint32_t flen)
 {
@@ -543,8 +637,10 @@ static void punt(struct nitro_switch *sw, uint32_t port, struct port *p,
         return;
     }
     pthread_mutex_lock(&sw->punt_lock);
-    bool full = sw->punt_count == NITRO_NET_PUNT_SLOTS;
+    bool full = sw->punt_count == NITRO_NET_PUNT_SLOTS ||
+                p->punt_queued >= NITRO_NET_PUNT_PORT_SLOTS;
     if (!full) {
+        p->punt_queued++;
         struct punt_entry *e =
             &sw->punt[(sw->punt_head + sw->punt_count) % NITRO_NET_PUNT_SLOTS];
         e->port = port;
@@ -577,6 +673,7 @@ static uint32_t punt_take(struct nitro_switch *sw, uint32_t *port, uint8_t *buf)
     uint32_t len = e->len;  /* at most NITRO_NET_PUNT_MAX_FRAME (punt checks) */
     memcpy(buf, e->data, len);
     *port = e->port;
+    sw->ports[e->port].punt_queued--;
     sw->punt_head = (sw->punt_head + 1) % NITRO_NET_PUNT_SLOTS;
     if (--sw->punt_count == 0) {
         uint64_t v;
@@ -752,6 +849,8 @@ void nitro_sw_tx_frame(struct nitro_switch *sw, uint32_t port_id,
         nitro_sw_drop(&p->stats, NITRO_NET_DROP_BAD_HEADER);
         return;
     }
+    if (vd == PUNT && !port_admit_linklocal(p))
+        return;
     nitro_stat_add(&p->stats.packets_out, pkts);
     nitro_stat_add(&p->stats.bytes_out, wire);
     if (vd == PUNT) {
@@ -852,50 +951,78 @@ static struct rx_slot *fast_slot(struct port *dst, uint32_t hint)
 
 #define FAST_MAX_BUFS (TX_BATCH + MAX_RX_BUFS)
 
+/* Fill frames[*i, n) into slot's ring, publishing as the batch grows;
+ * the caller holds the slot lock. *i, *delivered and *bytes say how far it
+ * got, also when a fault cuts it short (they live in the caller's frame:
+ * volatile, C11 7.13.2.1). */
+static void fast_fill(struct port *dst, struct nitro_vq *vq, bool mrg,
+                      struct nitro_sw_fast *frames, uint32_t n,
+                      volatile uint32_t *i, volatile uint32_t *delivered,
+                      volatile uint64_t *bytes)
+{
+    uint16_t heads[FAST_MAX_BUFS];
+    uint32_t lens[FAST_MAX_BUFS];
+    uint32_t nb = 0;
+    bool healthy = nitro_vq_fault(vq) == NITRO_FAULT_NONE;
+    for (; *i < n; (*i)++) {
+        struct nitro_sw_fast *f = &frames[*i];
+        if (!port_admit(dst, 1, f->len - NITRO_NET_HDR_LEN, true))
+            continue;
+        if (nb + MAX_RX_BUFS > FAST_MAX_BUFS) {  /* publish what we have */
+            nitro_vq_push_batch(vq, heads, lens, nb);
+            nb = 0;
+        }
+        struct frame_src src = {.len = f->len, .head = f->head,
+                                .head_len = f->head_len, .iov = f->iov,
+                                .cnt = f->cnt};
+        int rc = fill_frame(vq, mrg, &src, heads, lens, &nb);
+        if (rc < 0 && healthy)
+            nitro_vq_wake(vq);  /* its owner reports the fault */
+        if (rc != 1)
+            break;  /* ring full or broken: the rest is dropped */
+        (*delivered)++;
+        *bytes += f->len - NITRO_NET_HDR_LEN;
+    }
+    nitro_vq_push_batch(vq, heads, lens, nb);
+}
+
+/* fast_fill into the ring of slot, locked and guarded. */
+static void fast_fill_slot(struct port *dst, struct rx_slot *slot, bool mrg,
+                           struct nitro_sw_fast *frames, uint32_t n,
+                           volatile uint32_t *i, volatile uint32_t *delivered,
+                           volatile uint64_t *bytes)
+{
+    struct nitro_guard g;
+    if (NITRO_GUARD_ENTER(&g, slot_covers, slot)) {
+        /* The receiver's memory: frames filled but not published are lost
+         * with its ring; the caller drops the rest. */
+        slot_fault(&g, __atomic_load_n(&slot->vq, __ATOMIC_RELAXED));
+        return;
+    }
+    slot_lock(&g, slot);
+    struct nitro_vq *vq = slot->vq;
+    if (vq != NULL)
+        fast_fill(dst, vq, mrg, frames, n, i, delivered, bytes);
+    slot_unlock(&g, slot);
+}
+
 void nitro_sw_deliver_fast(struct port *dst, struct nitro_sw_fast *frames,
                            uint32_t n, uint32_t hint, struct dirty *dirty)
 {
     uint64_t feat = __atomic_load_n(&dst->features, __ATOMIC_RELAXED);
     bool mrg = (feat >> VIRTIO_NET_F_MRG_RXBUF) & 1;
     struct rx_slot *slot = fast_slot(dst, hint);
-    uint16_t heads[FAST_MAX_BUFS];
-    uint32_t lens[FAST_MAX_BUFS];
-    uint32_t nb = 0, delivered = 0, i = 0;
-    uint64_t bytes = 0;
-    if (slot != NULL) {
-        pthread_mutex_lock(&slot->lock);
-        struct nitro_vq *vq = slot->vq;
-        bool healthy = vq != NULL && nitro_vq_fault(vq) == NITRO_FAULT_NONE;
-        for (; vq != NULL && i < n; i++) {
-            struct nitro_sw_fast *f = &frames[i];
-            if (!port_admit(dst, 1, f->len - NITRO_NET_HDR_LEN, true))
-                continue;
-            if (nb + MAX_RX_BUFS > FAST_MAX_BUFS) {  /* publish what we have */
-                nitro_vq_push_batch(vq, heads, lens, nb);
-                nb = 0;
-            }
-            struct frame_src src = {.len = f->len, .head = f->head,
-                                    .head_len = f->head_len, .iov = f->iov,
-                                    .cnt = f->cnt};
-            int rc = fill_frame(vq, mrg, &src, heads, lens, &nb);
-            if (rc < 0 && healthy)
-                nitro_vq_wake(vq);  /* its owner reports the fault */
-            if (rc != 1)
-                break;  /* ring full or broken: the rest is dropped */
-            delivered++;
-            bytes += f->len - NITRO_NET_HDR_LEN;
-        }
-        if (vq != NULL)
-            nitro_vq_push_batch(vq, heads, lens, nb);
-        pthread_mutex_unlock(&slot->lock);
-    }
+    volatile uint32_t i = 0, delivered = 0;
+    volatile uint64_t bytes = 0;
+    if (slot != NULL)
+        fast_fill_slot(dst, slot, mrg, frames, n, &i, &delivered, &bytes);
     if (delivered > 0) {
         mark_dirty(dirty, slot);
         nitro_stat_add(&dst->stats.packets_in, delivered);
         nitro_stat_add(&dst->stats.bytes_in, bytes);
     }
     /* Frames after a full or broken ring (or to a port with no RX ring). */
-    for (; i < n; i++)
+    for (uint32_t k = i; k < n; k++)
         nitro_sw_drop(&dst->stats, NITRO_NET_DROP_NO_RX_BUFFER);
 }
 

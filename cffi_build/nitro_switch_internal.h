@@ -54,7 +54,8 @@ struct port {
     uint8_t ip6_ll[16];   /* its IPv6 link-local address (from mac) */
     uint64_t features;    /* atomic: set by the trio thread */
     pthread_mutex_t bucket_lock;
-    struct nitro_bucket bw_in, bw_out, pps;
+    struct nitro_bucket bw_in, bw_out, pps, linklocal;
+    uint32_t punt_queued; /* its entries in the punt queue (punt_lock) */
     struct rx_slot rx[NITRO_NET_MAX_PAIRS];
     uint32_t rx_pairs;    /* atomic: 1 + highest attached pair (0: none) */
     /* TX scratch buffers (SCRATCH_LEN each), allocated on first use and

@@ -1,8 +1,10 @@
 /*
- * nitro_vring.c: the device side of a split virtqueue (virtio 1.2 section
- * 2.7): ring setup from vhost-user messages, chain walking with indirect
- * tables, the used ring, and notification suppression (EVENT_IDX or the
- * NO_NOTIFY / NO_INTERRUPT flags).
+ * nitro_vring.c: the device side of a virtqueue: ring setup from vhost-user
+ * messages for both layouts, and the split layout (virtio 1.2 section 2.7):
+ * chain walking with indirect tables, the used ring, and notification
+ * suppression (EVENT_IDX or the NO_NOTIFY / NO_INTERRUPT flags). The packed
+ * layout (2.8) is nitro_vring_packed.c; the entry points of nitro_vring.h
+ * dispatch to it when VIRTIO_F_RING_PACKED was negotiated.
  *
  * The rings live in memory the guest can rewrite at any moment. Rules:
  * - every guest value is loaded exactly once (relaxed atomics for ring
@@ -34,10 +36,10 @@
 #include <time.h>
 #include <unistd.h>
 
-#include "nitro_vring.h"
+#include "nitro_guard.h"
+#include "nitro_vring_internal.h"
 
 /* Split ring layout (2.7.5-2.7.8), as byte offsets. */
-#define DESC_SIZE 16
 #define AVAIL_FLAGS 0
 #define AVAIL_IDX 2
 #define AVAIL_RING(i) (4 + 2 * (size_t)(i))
@@ -77,58 +79,6 @@ struct inflight_region {
 _Static_assert(sizeof(struct inflight_desc) == 16, "DescStateSplit is 16 bytes");
 _Static_assert(sizeof(struct inflight_region) == 16, "QueueRegionSplit header is 16 bytes");
 
-struct nitro_vq {
-    uint32_t index;
-    uint32_t num;
-    uint64_t features;
-    bool addr_set;
-    uint64_t desc_uaddr, avail_uaddr, used_uaddr;
-    const struct nitro_mem *mem;
-    const uint8_t *desc;
-    const uint8_t *avail;  /* flags, idx, ring[num], used_event */
-    uint8_t *used;         /* flags, idx, ring[num] {id, len}, avail_event */
-    uint16_t last_avail_idx;    /* next avail slot we will consume */
-    uint16_t shadow_avail_idx;  /* last avail->idx we read and checked */
-    uint16_t used_idx;          /* next used slot we will fill */
-    uint16_t unpushed;          /* chains popped since the last push */
-    uint16_t signalled_used;    /* used_idx at the last call (EVENT_IDX) */
-    bool signalled_used_valid;
-    uint16_t used_flags;        /* our copy: the guest must not own them */
-    int kick_fd, call_fd;
-    int stop_fd;                /* eventfd that wakes poll() on stop */
-    atomic_bool stop;
-    uint32_t fault;
-    struct nitro_vq_stats stats;
-    /* Inflight tracking: the region (NULL: none), how many entries it
-     * holds, whether the next pop must first check it (after a new region,
-     * base or ring address), the fetch counter, and the heads to serve
-     * again before the avail ring, oldest first. */
-    struct inflight_region *inflight;
-    uint32_t inflight_entries;
-    bool inflight_check;
-    uint64_t inflight_counter;
-    uint32_t resubmit_n, resubmit_pos;
-    uint16_t resubmit[NITRO_MAX_QUEUE_SIZE];
-    struct nitro_chain chain;   /* scratch for nitro_vq_pop() */
-};
-
-/* ---- guest memory accessors ------------------------------------------- */
-
-static inline uint16_t guest_ld16(const uint8_t *p)
-{
-    return le16toh(__atomic_load_n((const uint16_t *)p, __ATOMIC_RELAXED));
-}
-
-static inline void guest_st16(uint8_t *p, uint16_t v)
-{
-    __atomic_store_n((uint16_t *)p, htole16(v), __ATOMIC_RELAXED);
-}
-
-static inline void guest_st32(uint8_t *p, uint32_t v)
-{
-    __atomic_store_n((uint32_t *)p, htole32(v), __ATOMIC_RELAXED);
-}
-
 /* Copy descriptor i out of a table once. Indirect tables may be unaligned,
  * hence memcpy; the compiler barrier stops it from dropping the copy and
  * re-reading guest memory (which may have changed) at each later use. */
@@ -143,11 +93,6 @@ static void read_desc(const uint8_t *table, uint32_t i, struct vring_desc *d)
 }
 
 static void drain_eventfd(int fd);
-
-static bool has_feature(const struct nitro_vq *vq, unsigned bit)
-{
-    return (vq->features >> bit) & 1;
-}
 
 /* ---- lifecycle and control-plane setters ------------------------------- */
 
@@ -173,6 +118,7 @@ void nitro_vq_free(struct nitro_vq *vq)
     if (vq == NULL)
         return;
     close(vq->stop_fd);
+    free(vq->pk);
     free(vq);
 }
 
@@ -182,37 +128,46 @@ struct ring_ptrs {
     uint8_t *used;
 };
 
-/* Translate and check the three ring parts for a ring of num entries
- * (2.7: alignment 16/2/4; sizes 16*num, 6+2*num, 6+8*num). */
 static bool host_overlap(const void *a, uint64_t alen, const void *b, uint64_t blen)
 {
     uintptr_t x = (uintptr_t)a, y = (uintptr_t)b;
     return x < y + blen && y < x + alen;
 }
 
+/* Translate and check the three ring parts for a ring of num entries.
+ * Split (2.7): alignment 16/2/4, sizes 16*num, 6+2*num, 6+8*num. Packed
+ * (2.8.10): descriptor ring 16*num aligned 16, then the driver and device
+ * event suppression structures, 4 bytes aligned 4 each. */
 static int translate_rings(const struct nitro_mem *mem, uint32_t num,
-                           uint64_t desc, uint64_t avail, uint64_t used,
-                           struct ring_ptrs *out)
+                           bool packed, uint64_t desc, uint64_t avail,
+                           uint64_t used, struct ring_ptrs *out)
 {
-    if (mem == NULL || num == 0 || desc % 16 || avail % 2 || used % 4)
+    uint64_t desc_len = (uint64_t)DESC_SIZE * num;
+    uint64_t avail_len = packed ? 4 : 6 + 2 * (uint64_t)num;
+    uint64_t used_len = packed ? 4 : 6 + 8 * (uint64_t)num;
+    uint64_t avail_align = packed ? 4 : 2;
+    if (mem == NULL || num == 0 || desc % 16 || avail % avail_align ||
+        used % 4)
         return NITRO_ERR_ARG;
-    out->desc = nitro_mem_uaddr_to_host(mem, desc, (uint64_t)DESC_SIZE * num);
-    out->avail = nitro_mem_uaddr_to_host(mem, avail, 6 + 2 * (uint64_t)num);
-    out->used = nitro_mem_uaddr_to_host(mem, used, 6 + 8 * (uint64_t)num);
+    out->desc = nitro_mem_uaddr_to_host(mem, desc, desc_len);
+    out->avail = nitro_mem_uaddr_to_host(mem, avail, avail_len);
+    out->used = nitro_mem_uaddr_to_host(mem, used, used_len);
     if (out->desc == NULL || out->avail == NULL || out->used == NULL)
         return NITRO_ERR_ARG;
     /* Ring fields are accessed with aligned atomics; a region whose
      * mmap_offset disagrees with its uaddr alignment would break that. */
-    if ((uintptr_t)out->avail % 2 || (uintptr_t)out->used % 4)
+    if ((uintptr_t)out->desc % 16 || (uintptr_t)out->avail % avail_align ||
+        (uintptr_t)out->used % 4)
         return NITRO_ERR_ARG;
-    /* The used ring is the one part the device writes. Over the avail ring
-     * every completion would also bump avail->idx, a request the guest
-     * never made, and the device would serve its own writes forever; over
-     * the descriptor table it would rewrite chains. A driver that lays the
-     * rings out like that is broken: refuse the layout (fuzz finding). */
-    uint64_t used_len = 6 + 8 * (uint64_t)num;
-    if (host_overlap(out->used, used_len, out->avail, 6 + 2 * (uint64_t)num) ||
-        host_overlap(out->used, used_len, out->desc, (uint64_t)DESC_SIZE * num))
+    /* The used ring (packed: the device event suppression) is a part only
+     * the device writes. Over the avail ring every completion would also
+     * bump avail->idx, a request the guest never made, and the device
+     * would serve its own writes forever; over the descriptor table it
+     * would rewrite chains. A driver that lays the rings out like that is
+     * broken: refuse the layout (fuzz finding). A packed descriptor ring
+     * is written by both sides by design. */
+    if (host_overlap(out->used, used_len, out->avail, avail_len) ||
+        host_overlap(out->used, used_len, out->desc, desc_len))
         return NITRO_ERR_ARG;
     return NITRO_OK;
 }
@@ -229,12 +184,13 @@ int nitro_vq_set_num(struct nitro_vq *vq, uint32_t num)
     if (vq == NULL || num == 0 || num > NITRO_MAX_QUEUE_SIZE ||
         (num & (num - 1)) != 0)
         return NITRO_ERR_ARG;
-    if (vq->inflight != NULL && num > vq->inflight_entries)
+    if (vq->inflight != NULL &&
+        num > nitro_vq_inflight_capacity(vq, vq->inflight_size))
         return NITRO_ERR_ARG;
     if (vq->addr_set) {
         /* The rings were checked for the old size; check them again. */
         struct ring_ptrs p;
-        int rc = translate_rings(vq->mem, num, vq->desc_uaddr,
+        int rc = translate_rings(vq->mem, num, vq->packed, vq->desc_uaddr,
                                  vq->avail_uaddr, vq->used_uaddr, &p);
         if (rc != NITRO_OK)
             return rc;
@@ -251,21 +207,40 @@ int nitro_vq_set_addr(struct nitro_vq *vq, const struct nitro_mem *mem,
     if (vq == NULL)
         return NITRO_ERR_ARG;
     struct ring_ptrs p;
-    int rc = translate_rings(mem, vq->num, desc_uaddr, avail_uaddr,
-                             used_uaddr, &p);
+    int rc = translate_rings(mem, vq->num, vq->packed, desc_uaddr,
+                             avail_uaddr, used_uaddr, &p);
     if (rc != NITRO_OK)
         return rc;
+    /* used->idx is ours to write; after a reconnect the value in guest
+     * memory is where the previous backend stopped. Read on the control
+     * plane's thread, before any worker looks at the ring: memory the
+     * frontend truncated breaks the queue here, not the daemon. */
+    struct nitro_guard g;
+    if (NITRO_GUARD_ENTER(&g, nitro_guard_covers_mem, mem)) {
+        nitro_guard_leave(&g);
+        return nitro_vq_set_fault(vq, NITRO_FAULT_MEMORY);
+    }
+    uint16_t used_idx = guest_ld16(p.used + USED_IDX);
+    nitro_guard_leave(&g);
     attach_rings(vq, &p);
     vq->mem = mem;
     vq->desc_uaddr = desc_uaddr;
     vq->avail_uaddr = avail_uaddr;
     vq->used_uaddr = used_uaddr;
     vq->addr_set = true;
-    /* used->idx is ours to write; after a reconnect the value in guest
-     * memory is where the previous backend stopped. */
-    vq->used_idx = guest_ld16(vq->used + USED_IDX);
+    /* A packed ring keeps no used index in memory: SET_VRING_BASE carries it. */
+    if (!vq->packed)
+        vq->used_idx = used_idx;
     vq->inflight_check = true;
     return NITRO_OK;
+}
+
+bool nitro_vq_covers(const struct nitro_vq *vq, const void *addr)
+{
+    if (nitro_mem_covers(vq->mem, addr))
+        return true;
+    uintptr_t off = (uintptr_t)addr - (uintptr_t)vq->inflight;
+    return vq->inflight != NULL && off < vq->inflight_size;
 }
 
 int nitro_vq_set_mem(struct nitro_vq *vq, const struct nitro_mem *mem)
@@ -274,7 +249,7 @@ int nitro_vq_set_mem(struct nitro_vq *vq, const struct nitro_mem *mem)
         return NITRO_ERR_ARG;
     if (vq->addr_set) {
         struct ring_ptrs p;
-        int rc = translate_rings(mem, vq->num, vq->desc_uaddr,
+        int rc = translate_rings(mem, vq->num, vq->packed, vq->desc_uaddr,
                                  vq->avail_uaddr, vq->used_uaddr, &p);
         if (rc != NITRO_OK) {
             /* The old table is going away: never keep pointers into it. */
@@ -289,20 +264,53 @@ int nitro_vq_set_mem(struct nitro_vq *vq, const struct nitro_mem *mem)
     return NITRO_OK;
 }
 
-void nitro_vq_set_base(struct nitro_vq *vq, uint16_t last_avail_idx)
+/* The ring's starting state: the base of a fresh ring for the layout. */
+#define PACKED_BASE_INITIAL 0x8000u  /* position 0, wrap counter 1 (2.8.1) */
+
+static void start_at(struct nitro_vq *vq, uint16_t avail, uint16_t used)
 {
-    if (vq == NULL)
-        return;
-    vq->last_avail_idx = last_avail_idx;
-    vq->shadow_avail_idx = last_avail_idx;
+    vq->last_avail_idx = vq->shadow_avail_idx = avail;
+    if (vq->packed) {
+        vq->used_idx = used;
+        nitro_vq_packed_clear(vq);
+    }
     vq->unpushed = 0;
     vq->signalled_used_valid = false;
+    vq->unsignalled = 0;
     vq->inflight_check = true;
 }
 
-uint16_t nitro_vq_get_base(const struct nitro_vq *vq)
+int nitro_vq_set_base(struct nitro_vq *vq, uint32_t base)
 {
-    return vq == NULL ? 0 : vq->last_avail_idx;
+    if (vq == NULL)
+        return NITRO_ERR_ARG;
+    if (!vq->packed) {
+        if (base > 0xFFFF)
+            return NITRO_ERR_ARG;
+        start_at(vq, (uint16_t)base, vq->used_idx);
+        return NITRO_OK;
+    }
+    /* vhost-user "Vring descriptor indices for packed virtqueues": avail
+     * position and wrap counter in bits 0-15, used ones in bits 16-31.
+     * DPDK's virtio-user (and the older spec text) send only bits 0-15;
+     * at a clean start nothing is in flight and used equals avail. */
+    uint16_t avail = (uint16_t)base, used = (uint16_t)(base >> 16);
+    if (used == 0)
+        used = avail;
+    if (vq->num != 0 && ((avail & 0x7FFF) >= vq->num ||
+                         (used & 0x7FFF) >= vq->num))
+        return NITRO_ERR_ARG;
+    start_at(vq, avail, used);
+    return NITRO_OK;
+}
+
+uint32_t nitro_vq_get_base(const struct nitro_vq *vq)
+{
+    if (vq == NULL)
+        return 0;
+    if (vq->packed)
+        return vq->last_avail_idx | (uint32_t)vq->used_idx << 16;
+    return vq->last_avail_idx;
 }
 
 void nitro_vq_set_fds(struct nitro_vq *vq, int kick_fd, int call_fd)
@@ -313,10 +321,34 @@ void nitro_vq_set_fds(struct nitro_vq *vq, int kick_fd, int call_fd)
     vq->call_fd = call_fd;
 }
 
-void nitro_vq_set_features(struct nitro_vq *vq, uint64_t features)
+int nitro_vq_set_features(struct nitro_vq *vq, uint64_t features)
 {
-    if (vq != NULL)
-        vq->features = features;
+    if (vq == NULL)
+        return NITRO_ERR_ARG;
+    bool packed = (features >> VIRTIO_F_RING_PACKED) & 1;
+    if (packed && nitro_vq_packed_init(vq) != NITRO_OK)
+        return NITRO_ERR_NOMEM;
+    vq->features = features;
+    if (packed == vq->packed)
+        return NITRO_OK;
+    /* A new layout: the base and the ring parts mean something else now. */
+    vq->packed = packed;
+    start_at(vq, packed ? PACKED_BASE_INITIAL : 0,
+             packed ? PACKED_BASE_INITIAL : 0);
+    if (!vq->addr_set)
+        return NITRO_OK;
+    struct ring_ptrs p;
+    int rc = translate_rings(vq->mem, vq->num, packed, vq->desc_uaddr,
+                             vq->avail_uaddr, vq->used_uaddr, &p);
+    if (rc != NITRO_OK) {
+        vq->addr_set = false;
+        attach_rings(vq, &(struct ring_ptrs){0});
+        return rc;
+    }
+    attach_rings(vq, &p);
+    if (!packed)
+        vq->used_idx = guest_ld16(vq->used + USED_IDX);
+    return NITRO_OK;
 }
 
 uint32_t nitro_vq_fault(const struct nitro_vq *vq)
@@ -334,12 +366,12 @@ void nitro_vq_reset(struct nitro_vq *vq)
     vq->desc_uaddr = vq->avail_uaddr = vq->used_uaddr = 0;
     attach_rings(vq, &(struct ring_ptrs){0});
     vq->mem = NULL;
-    vq->last_avail_idx = vq->shadow_avail_idx = vq->used_idx = 0;
-    vq->unpushed = 0;
-    vq->signalled_used_valid = false;
+    uint16_t base = vq->packed ? PACKED_BASE_INITIAL : 0;
+    start_at(vq, base, base);
+    vq->used_idx = base;
     vq->used_flags = 0;
     vq->inflight = NULL;
-    vq->inflight_entries = 0;
+    vq->inflight_size = 0;
     vq->inflight_check = false;
     vq->resubmit_n = vq->resubmit_pos = 0;
 }
@@ -457,16 +489,18 @@ static int enter_indirect(struct nitro_vq *vq, struct walk *w,
     return NITRO_OK;
 }
 
-/* Append one data descriptor to the chain as one iovec per region. */
-static int chain_add(struct nitro_vq *vq, struct walk *w,
-                     struct nitro_chain *c, const struct vring_desc *d)
+int nitro_chain_add(struct nitro_vq *vq, struct nitro_chain *c, uint64_t gpa,
+                    uint32_t len, bool writable, bool *seen_write)
 {
-    bool writable = d->flags & VRING_DESC_F_WRITE;
-    /* 2.7.4.2: all device-readable descriptors come first. */
-    if (!writable && w->seen_write)
+    /* 2.7.4.2, 2.8.7: all device-readable descriptors come first. */
+    if (!writable && *seen_write)
         return nitro_vq_set_fault(vq, NITRO_FAULT_DESC_ORDER);
-    w->seen_write |= writable;
-    uint64_t gpa = d->addr, left = d->len;
+    *seen_write |= writable;
+    /* What seg_max / size_max bound (virtio 1.2 5.2.3): blk checks them. */
+    c->n_desc++;
+    if (len > c->max_desc_len)
+        c->max_desc_len = len;
+    uint64_t left = len;
     while (left > 0) {
         uint64_t span;
         uint8_t *host = nitro_mem_gpa_span(vq->mem, gpa, &span);
@@ -496,10 +530,7 @@ static int chain_add(struct nitro_vq *vq, struct walk *w,
 static int walk_chain(struct nitro_vq *vq, uint16_t head,
                       struct nitro_chain *c)
 {
-    /* Reset only the header: the iovec array is large and gets overwritten. */
-    c->head = head;
-    c->n_out = c->n_in = 0;
-    c->out_len = c->in_len = 0;
+    chain_reset(c, head);
     struct walk w = {.table = vq->desc, .size = vq->num, .budget = vq->num};
     uint32_t i = head;
     if (i >= w.size)
@@ -512,7 +543,9 @@ static int walk_chain(struct nitro_vq *vq, uint16_t head,
         read_desc(w.table, i, &d);
         int rc = (d.flags & VRING_DESC_F_INDIRECT)
                      ? enter_indirect(vq, &w, &d)
-                     : chain_add(vq, &w, c, &d);
+                     : nitro_chain_add(vq, c, d.addr, d.len,
+                                       d.flags & VRING_DESC_F_WRITE,
+                                       &w.seen_write);
         if (rc != NITRO_OK)
             return rc;
         if (d.flags & VRING_DESC_F_INDIRECT) {
@@ -534,6 +567,8 @@ int nitro_vq_pop(struct nitro_vq *vq, struct nitro_chain **out)
 {
     if (nitro_vq_fault(vq) != NITRO_FAULT_NONE)
         return NITRO_ERR_GUEST;
+    if (vq->packed)
+        return nitro_vq_packed_pop(vq, out);
     if (vq->inflight != NULL && vq->inflight_check) {
         int rc = inflight_restart(vq);
         if (rc != NITRO_OK)
@@ -580,6 +615,10 @@ void nitro_vq_unpop(struct nitro_vq *vq, uint16_t n)
      * anything older may already be on the used ring. */
     if (n > vq->unpushed)
         n = vq->unpushed;
+    if (vq->packed) {
+        nitro_vq_packed_unpop(vq, n);
+        return;
+    }
     vq->last_avail_idx -= n;
     vq->unpushed -= n;
 }
@@ -594,6 +633,10 @@ void nitro_vq_push_batch(struct nitro_vq *vq, const uint16_t *heads,
 {
     if (n == 0)
         return;
+    if (vq->packed) {
+        nitro_vq_packed_push_batch(vq, heads, lens, n);
+        return;
+    }
     if (vq->inflight != NULL)
         inflight_batch_begin(vq, heads, n);
     for (uint32_t i = 0; i < n; i++) {
@@ -623,6 +666,8 @@ static bool vring_need_event(uint16_t event_idx, uint16_t new_idx,
 
 static bool driver_wants_call(struct nitro_vq *vq)
 {
+    if (vq->packed)
+        return nitro_vq_packed_wants_call(vq);
     if (!has_feature(vq, VIRTIO_RING_F_EVENT_IDX))
         return !(guest_ld16(vq->avail + AVAIL_FLAGS) &
                  VRING_AVAIL_F_NO_INTERRUPT);
@@ -657,6 +702,10 @@ void nitro_vq_notify(struct nitro_vq *vq)
 
 void nitro_vq_disable_notify(struct nitro_vq *vq)
 {
+    if (vq->packed) {
+        nitro_vq_packed_disable_notify(vq);
+        return;
+    }
     /* With EVENT_IDX, leaving avail_event behind is enough: the driver
      * kicks at most once more. */
     if (has_feature(vq, VIRTIO_RING_F_EVENT_IDX))
@@ -667,6 +716,8 @@ void nitro_vq_disable_notify(struct nitro_vq *vq)
 
 int nitro_vq_enable_notify(struct nitro_vq *vq)
 {
+    if (vq->packed)
+        return nitro_vq_packed_enable_notify(vq);
     if (has_feature(vq, VIRTIO_RING_F_EVENT_IDX)) {
         guest_st16(vq->used + USED_RING(vq->num), vq->last_avail_idx);
     } else {
@@ -766,34 +817,19 @@ int nitro_vq_wait_kick(struct nitro_vq *vq, int timeout_ms)
  * region and reads it after we are gone), but they survive a crash of this
  * process: every store below is a single untorn store, and the fences
  * order them as the recovery in inflight_restart() needs. */
-static inline void region_st8(uint8_t *p, uint8_t v)
-{
-    __atomic_store_n(p, v, __ATOMIC_RELAXED);
-}
 
-static inline void region_st16(uint16_t *p, uint16_t v)
+uint64_t nitro_vq_inflight_capacity(const struct nitro_vq *vq, uint64_t size)
 {
-    __atomic_store_n(p, htole16(v), __ATOMIC_RELAXED);
-}
-
-static inline void region_st64(uint64_t *p, uint64_t v)
-{
-    __atomic_store_n(p, htole64(v), __ATOMIC_RELAXED);
-}
-
-static inline uint8_t region_ld8(const uint8_t *p)
-{
-    return __atomic_load_n(p, __ATOMIC_RELAXED);
-}
-
-static inline uint16_t region_ld16(const uint16_t *p)
-{
-    return le16toh(__atomic_load_n(p, __ATOMIC_RELAXED));
-}
-
-static inline uint64_t region_ld64(const uint64_t *p)
-{
-    return le64toh(__atomic_load_n(p, __ATOMIC_RELAXED));
+    uint64_t entries = 0;
+    if (vq->packed) {
+        uint64_t header = nitro_vq_packed_region_size(0);
+        uint64_t entry = nitro_vq_packed_region_size(1) - header;
+        entries = size < header ? 0 : (size - header) / entry;
+    } else {
+        entries = size < INFLIGHT_HEADER ? 0
+                                         : (size - INFLIGHT_HEADER) / INFLIGHT_DESC;
+    }
+    return entries > NITRO_MAX_QUEUE_SIZE ? NITRO_MAX_QUEUE_SIZE : entries;
 }
 
 int nitro_vq_set_inflight(struct nitro_vq *vq, void *region, uint64_t size)
@@ -802,20 +838,20 @@ int nitro_vq_set_inflight(struct nitro_vq *vq, void *region, uint64_t size)
         return NITRO_ERR_ARG;
     if (region == NULL) {
         vq->inflight = NULL;
-        vq->inflight_entries = 0;
+        vq->inflight_size = 0;
         vq->resubmit_n = vq->resubmit_pos = 0;
         return NITRO_OK;
     }
-    /* The counters are 64-bit fields accessed atomically. */
-    if ((uintptr_t)region % 8 != 0 || size < INFLIGHT_HEADER + INFLIGHT_DESC)
+    /* The counters are 64-bit fields accessed atomically. The layout is
+     * the one negotiated now (QEMU sends SET_FEATURES first); a layout
+     * changed later is checked again when the region is next used. */
+    uint64_t entries = nitro_vq_inflight_capacity(vq, size);
+    if ((uintptr_t)region % 8 != 0 || entries == 0)
         return NITRO_ERR_ARG;
-    uint64_t entries = (size - INFLIGHT_HEADER) / INFLIGHT_DESC;
-    if (entries > NITRO_MAX_QUEUE_SIZE)
-        entries = NITRO_MAX_QUEUE_SIZE;
     if (vq->num != 0 && vq->num > entries)
         return NITRO_ERR_ARG;
     vq->inflight = region;
-    vq->inflight_entries = (uint32_t)entries;
+    vq->inflight_size = size;
     vq->inflight_check = true;
     vq->resubmit_n = vq->resubmit_pos = 0;
     return NITRO_OK;
@@ -827,7 +863,8 @@ int nitro_vq_set_inflight(struct nitro_vq *vq, void *region, uint64_t size)
  * I/O for it before we return. */
 static void inflight_fetched(struct nitro_vq *vq, uint16_t head)
 {
-    struct inflight_desc *d = &vq->inflight->desc[head];
+    struct inflight_region *r = vq->inflight;
+    struct inflight_desc *d = &r->desc[head];
     region_st64(&d->counter, ++vq->inflight_counter);
     __atomic_store_n(&d->inflight, 1, __ATOMIC_RELEASE);
 }
@@ -886,7 +923,8 @@ static int cmp_inflight(const void *a, const void *b)
 static void inflight_init(struct nitro_vq *vq, uint16_t used)
 {
     struct inflight_region *r = vq->inflight;
-    for (uint32_t i = 0; i < vq->inflight_entries; i++)
+    uint64_t entries = nitro_vq_inflight_capacity(vq, vq->inflight_size);
+    for (uint32_t i = 0; i < entries; i++)
         region_st8(&r->desc[i].inflight, 0);
     region_st64(&r->features, 0);
     region_st16(&r->desc_num, (uint16_t)vq->num);
@@ -908,6 +946,8 @@ static int inflight_restart(struct nitro_vq *vq)
     vq->inflight_check = false;
     vq->resubmit_n = vq->resubmit_pos = 0;
     vq->used_idx = used;
+    if (vq->num > nitro_vq_inflight_capacity(vq, vq->inflight_size))
+        return nitro_vq_set_fault(vq, NITRO_FAULT_INFLIGHT);
     uint16_t version = region_ld16(&r->version);
     if (version == 0) {
         inflight_init(vq, used);
@@ -933,7 +973,8 @@ static int inflight_restart(struct nitro_vq *vq)
     struct inflight_head found[NITRO_MAX_QUEUE_SIZE];
     uint32_t n = 0;
     uint64_t top = 0;
-    for (uint32_t h = 0; h < vq->inflight_entries; h++) {
+    uint64_t entries = nitro_vq_inflight_capacity(vq, vq->inflight_size);
+    for (uint32_t h = 0; h < entries; h++) {
         if (region_ld8(&r->desc[h].inflight) == 0)
             continue;
         /* A head outside the ring cannot have been fetched. */

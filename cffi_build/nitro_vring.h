@@ -1,7 +1,9 @@
 /*
- * nitro_vring.h: internal (non-ABI) interface between the split-ring walker
- * (nitro_vring.c, nitro_mem.c) and device code (nitro_blk.c). Not part of the
- * cffi cdef; Python never sees these symbols.
+ * nitro_vring.h: internal (non-ABI) interface between the ring walkers
+ * (nitro_vring.c for split rings, nitro_vring_packed.c for packed ones,
+ * nitro_mem.c) and device code (nitro_blk.c, nitro_net_queue.c,
+ * nitro_switch.c). The layout is the queue's business: the same calls serve
+ * both. Not part of the cffi cdef; Python never sees these symbols.
  *
  * Nothing below locks: the caller serialises every call that walks or
  * writes a ring (pop, unpop, push, notify, enable/disable_notify). A blk or
@@ -41,7 +43,8 @@
  * below absorbs those splits. */
 #define NITRO_VQ_MAX_IOV (2 * NITRO_MAX_QUEUE_SIZE + NITRO_MAX_MEM_REGIONS)
 
-/* One popped chain. iov[0, n_out) are device-readable, then
+/* One popped chain; head is the split head index or the packed buffer id,
+ * which push takes back. iov[0, n_out) are device-readable, then
  * iov[n_out, n_out + n_in) device-writable; every iovec is non-empty and
  * points into guest memory. */
 struct nitro_chain {
@@ -51,6 +54,8 @@ struct nitro_chain {
     uint32_t n_in;
     uint64_t out_len;
     uint64_t in_len;
+    uint32_t n_desc;        /* data descriptors (not indirect tables) */
+    uint64_t max_desc_len;  /* the longest of them */
     struct iovec iov[NITRO_VQ_MAX_IOV];
 };
 

@@ -58,6 +58,11 @@ class FrontendError(DatapathError):
     frontend) was rejected. Refuse the request that carried it."""
 
 
+class LimitError(FrontendError):
+    """NITRO_ERR_LIMIT: granting the request would exceed a configured cap
+    (``[daemon] max_guest_memory``). Refuse the request that asked."""
+
+
 class HostError(DatapathError):
     """NITRO_ERR_SYS: a host system call failed (``errno``, ``strerror``)."""
 
@@ -91,6 +96,8 @@ def _check(rc: int, what: str, vq: Any = None) -> int:
         raise GuestFault(rc, what, FAULT_NAMES.get(code, "unknown"))
     if rc == lib.NITRO_ERR_NOMEM:
         raise DatapathError(rc, f"{what}: out of memory")
+    if rc == lib.NITRO_ERR_LIMIT:
+        raise LimitError(rc, f"{what}: over the configured limit")
     raise DatapathError(rc, f"{what}: unexpected return code {rc}")
 
 
@@ -150,6 +157,34 @@ class GuestMemory(_Owned):
     def __len__(self) -> int:
         return int(lib.nitro_mem_count(self.ptr))
 
+    @property
+    def sealed(self) -> int:
+        """How many regions' files are sealed against shrinking (F_SEAL_SHRINK)."""
+        return int(lib.nitro_mem_sealed(self.ptr))
+
+
+NO_LIMIT: Final[int] = 2**64 - 1
+_guest_memory_limit: int | None = None
+
+
+def set_guest_memory_limit(limit: int | None) -> None:
+    """Cap the bytes every GuestMemory of the process maps together (None:
+    no cap); a region past it raises LimitError. Lowering it below what is
+    mapped refuses only new regions."""
+    global _guest_memory_limit
+    lib.nitro_mem_set_limit(NO_LIMIT if limit is None else limit)
+    _guest_memory_limit = limit
+
+
+def guest_memory_limit() -> int | None:
+    """The cap set_guest_memory_limit set; None: none."""
+    return _guest_memory_limit
+
+
+def guest_memory_mapped() -> int:
+    """Bytes every GuestMemory of the process maps now."""
+    return int(lib.nitro_mem_mapped_bytes())
+
 
 class InflightRegion:
     """The shared inflight buffer (SET_INFLIGHT_FD) mapped MAP_SHARED.
@@ -185,7 +220,8 @@ class InflightRegion:
 
 
 class Virtqueue(_Owned):
-    """One split virtqueue's C state (nitro_vq)."""
+    """One virtqueue's C state (nitro_vq): split, or packed once
+    VIRTIO_F_RING_PACKED is among the features set."""
 
     def __init__(self, index: int) -> None:
         raw = lib.nitro_vq_new(index)
@@ -200,7 +236,7 @@ class Virtqueue(_Owned):
     def set_addr(self, mem: GuestMemory, desc: int, avail: int, used: int) -> None:
         """Ring addresses as frontend virtual addresses (SET_VRING_ADDR)."""
         _check(lib.nitro_vq_set_addr(self.ptr, mem.ptr, desc, avail, used),
-               "nitro_vq_set_addr")
+               "nitro_vq_set_addr", self.ptr)
         self._mem = mem
 
     def set_mem(self, mem: GuestMemory) -> None:
@@ -211,19 +247,26 @@ class Virtqueue(_Owned):
 
     @property
     def base(self) -> int:
-        """last_avail_idx (SET_VRING_BASE / GET_VRING_BASE)."""
+        """SET_VRING_BASE / GET_VRING_BASE: split, last_avail_idx; packed,
+        avail position and wrap counter in bits 0-15, used ones in 16-31."""
         return int(lib.nitro_vq_get_base(self.ptr))
 
     @base.setter
-    def base(self, last_avail_idx: int) -> None:
-        lib.nitro_vq_set_base(self.ptr, last_avail_idx)
+    def base(self, value: int) -> None:
+        """FrontendError when it does not fit the layout or the ring size."""
+        if not 0 <= value <= 0xFFFF_FFFF:
+            raise FrontendError(lib.NITRO_ERR_ARG, f"ring base {value} is not a u32")
+        _check(lib.nitro_vq_set_base(self.ptr, value), "nitro_vq_set_base")
 
     def set_fds(self, kick: int, call: int) -> None:
         """Kick and call eventfds, -1 for none; they stay the caller's."""
         lib.nitro_vq_set_fds(self.ptr, kick, call)
 
     def set_features(self, bits: int) -> None:
-        lib.nitro_vq_set_features(self.ptr, bits)
+        """The negotiated bits; VIRTIO_F_RING_PACKED (34) picks the layout.
+        FrontendError when ring addresses already set do not fit a changed
+        layout (C forgets them)."""
+        _check(lib.nitro_vq_set_features(self.ptr, bits), "nitro_vq_set_features")
 
     def set_inflight(self, region: InflightRegion | None, offset: int = 0,
                      size: int = 0) -> None:
@@ -337,6 +380,19 @@ class XtsCipher(_Owned):
         super().__init__(ffi.gc(out[0], lib.nitro_xts_free))
         self.sector_size = sector_size
 
+    @property
+    def direct_iv(self) -> bool:
+        """True when sector IVs are written straight into OpenSSL's context
+        (the fast path nitro_xts_new proved), False through EVP_CipherInit_ex2."""
+        return bool(lib.nitro_xts_direct_iv(self.ptr))
+
+    @direct_iv.setter
+    def direct_iv(self, on: bool) -> None:
+        """Tests and benchmarks only, before the cipher is in use. Turning it
+        on raises ValueError when this OpenSSL failed the probe."""
+        if lib.nitro_xts_set_direct_iv(self.ptr, int(on)) == lib.NITRO_ERR_ARG:
+            raise ValueError("this OpenSSL does not take IVs written in place")
+
     def crypt_into(self, out: Any, data: Any, offset: int, encrypt: bool) -> None:
         """En-/decrypt the buffer ``data`` into the writable buffer ``out``
         (same length, may be the same object) as the sectors at byte
@@ -366,6 +422,8 @@ class BlkParams(_Owned):
     whole blocks); a zero discard/write-zeroes limit means not offered.
     With ``xts`` the payload is encrypted (kept alive here as long as the
     params are); ``data_offset`` is where sector 0 starts in the file.
+    ``seg_max``/``size_max`` (0: none) are the limits offered to the driver:
+    a request beyond them completes with IOERR.
     ``blk_serve`` refuses (FrontendError) a block size that is not a power of
     two >= 512 (and whole encryption sectors), or a disk whose last byte,
     plus data_offset, is past 2**63 - 1."""
@@ -373,7 +431,8 @@ class BlkParams(_Owned):
     def __init__(self, fd: int, capacity_sectors: int, readonly: bool = False,
                  max_discard_sectors: int = 0, max_write_zeroes_sectors: int = 0,
                  serial: bytes = b"", xts: XtsCipher | None = None,
-                 data_offset: int = 0, block_size: int = 512) -> None:
+                 data_offset: int = 0, block_size: int = 512,
+                 seg_max: int = 0, size_max: int = 0) -> None:
         if len(serial) > 20:
             raise ValueError("virtio-blk serial is at most 20 bytes")
         super().__init__(ffi.new("struct nitro_blk_params *", {
@@ -383,6 +442,8 @@ class BlkParams(_Owned):
             "block_size": block_size,
             "max_discard_sectors": max_discard_sectors,
             "max_write_zeroes_sectors": max_write_zeroes_sectors,
+            "seg_max": seg_max,
+            "size_max": size_max,
             "xts": xts.ptr if xts is not None else ffi.NULL,
             "data_offset": data_offset,
         }))
@@ -430,6 +491,7 @@ def blk_serve(vq: Virtqueue, params: BlkParams, stats: BlkStats, idle_ms: int) -
 NET_MAX_VPCS: Final[int] = lib.NITRO_NET_MAX_VPCS
 NET_MAX_PORTS: Final[int] = lib.NITRO_NET_MAX_PORTS
 NET_MAX_PAIRS: Final[int] = lib.NITRO_NET_MAX_PAIRS
+NET_PUNT_PORT_SLOTS: Final[int] = lib.NITRO_NET_PUNT_PORT_SLOTS
 
 
 def _addr(value: bytes, size: int, what: str) -> bytes:
@@ -447,6 +509,7 @@ def _net_stats_dict(s: Any) -> dict[str, Any]:
         "bw_in_allowance_exceeded": int(s.bw_in_allowance_exceeded),
         "bw_out_allowance_exceeded": int(s.bw_out_allowance_exceeded),
         "pps_allowance_exceeded": int(s.pps_allowance_exceeded),
+        "linklocal_allowance_exceeded": int(s.linklocal_allowance_exceeded),
         "punted": int(s.punted),
     }
 
@@ -467,10 +530,11 @@ class Switch(_Owned):
                "nitro_switch_add_vpc")
 
     def add_port(self, port: int, vpc: int, mac: bytes, ip: bytes, *, bw_in: int = 0,
-                 bw_out: int = 0, pps: int = 0) -> None:
+                 bw_out: int = 0, pps: int = 0, linklocal_pps: int = 0) -> None:
         params = ffi.new("struct nitro_port_params *", {
             "vpc": vpc, "mac": list(_addr(mac, 6, "MAC")), "ip": list(_addr(ip, 4, "IPv4")),
-            "bw_in_bytes_per_sec": bw_in, "bw_out_bytes_per_sec": bw_out, "pps": pps})
+            "bw_in_bytes_per_sec": bw_in, "bw_out_bytes_per_sec": bw_out, "pps": pps,
+            "linklocal_pps": linklocal_pps})
         _check(lib.nitro_switch_add_port(self.ptr, port, params), "nitro_switch_add_port")
 
     def set_uplink(self, vpc: int, fd: int, mac: bytes | None) -> None:
@@ -547,12 +611,6 @@ def net_rx_serve(vq: Virtqueue) -> int:
     return _check(lib.nitro_net_rx_serve(ptr), "nitro_net_rx_serve", ptr)
 
 
-def net_ctrl_serve(vq: Virtqueue, max_pairs: int, idle_ms: int) -> int:
-    """Serve a virtio-net control queue (ACK MQ/RX/MAC class commands)."""
-    ptr = vq.ptr
-    return _check(lib.nitro_net_ctrl_serve(ptr, max_pairs, idle_ms), "nitro_net_ctrl_serve", ptr)
-
-
 # ---------------------------------------------------------------------------
 # The engine: C worker threads that serve every ring (nitro.h "the engine")
 # ---------------------------------------------------------------------------
@@ -623,11 +681,16 @@ class Engine(_Owned):
     trio thread. ``event_fd`` turns readable when a ring stops on an error."""
 
     def __init__(self, workers: int, cpus: list[int] | None = None,
-                 poll_us: int = POLL_ADAPTIVE, sync_io: bool = False) -> None:
+                 poll_us: int = POLL_ADAPTIVE, sync_io: bool = False,
+                 seccomp: bool = False) -> None:
+        """``seccomp``: each worker confines itself to the system calls it
+        makes (cffi_build/nitro_seccomp.c); any other aborts the process."""
         if cpus is not None and len(cpus) != workers:
             raise ValueError("one CPU per worker")
         c_cpus = ffi.new("int32_t[]", cpus) if cpus is not None else ffi.NULL
-        ptr = lib.nitro_engine_new(workers, c_cpus, poll_us, 1 if sync_io else 0)
+        flags = ((lib.NITRO_ENGINE_SYNC_IO if sync_io else 0)
+                 | (lib.NITRO_ENGINE_SECCOMP if seccomp else 0))
+        ptr = lib.nitro_engine_new(workers, c_cpus, poll_us, flags)
         if ptr == ffi.NULL:
             err = ffi.errno
             raise HostError(lib.NITRO_ERR_SYS, "nitro_engine_new", err)
@@ -643,6 +706,12 @@ class Engine(_Owned):
 
     def detach(self, ring: Ring) -> None:
         _check(lib.nitro_engine_detach(self.ptr, ring.ptr), "nitro_engine_detach")
+
+    def test_syscall(self, worker: int, nr: int) -> int:
+        """TEST ONLY: worker ``worker`` makes raw system call ``nr`` (no
+        arguments); its result, -errno on failure. Under the seccomp filter
+        a call outside it aborts the process (tests/unit/test_seccomp.py)."""
+        return int(lib.nitro_engine_test_syscall(self.ptr, worker, nr))
 
     def worker_stats(self, worker: int) -> dict[str, int]:
         out = ffi.new("struct nitro_worker_stats *")

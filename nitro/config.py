@@ -84,6 +84,9 @@ class VpcConfig:
     uplink: UplinkConfig | None = None
 
 
+DEFAULT_LINKLOCAL_PPS = 1024
+
+
 @dataclasses.dataclass(frozen=True)
 class NetConfig:
     id: str
@@ -96,6 +99,9 @@ class NetConfig:
     bw_in_bytes_per_sec: int = 0  # 0: unlimited
     bw_out_bytes_per_sec: int = 0
     pps: int = 0
+    # Frames per second to nitro's own services (ARP, DHCP, ICMP to the
+    # gateway), as EC2's 1024 per ENI; 0: unlimited (docs/security.md).
+    linklocal_pps: int = DEFAULT_LINKLOCAL_PPS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,10 +125,13 @@ MAX_POLL_US = 1000  # NITRO_ENGINE_POLL_MAX_US
 @dataclasses.dataclass(frozen=True)
 class EngineConfig:
     """[daemon] workers / cpus / poll_us: the C worker threads that serve
-    every ring (docs/architecture.md "The engine")."""
+    every ring (docs/architecture.md "The engine"); seccomp and
+    max_guest_memory: what a hostile tenant is denied (docs/security.md)."""
     workers: int
     cpus: tuple[int, ...] | None  # worker i runs on cpus[i % len(cpus)]; None: not pinned
     poll_us: int | None           # busy-poll window; None: adaptive
+    seccomp: bool = True          # workers confine themselves to the calls they make
+    max_guest_memory: int | None = None  # bytes all guests' memory tables may map; None: no cap
 
     def worker_cpus(self) -> list[int] | None:
         if self.cpus is None:
@@ -212,7 +221,8 @@ def from_dict(doc: dict, source: str, *, runtime_dir: Path | None = None,
     _check_keys(doc, {"daemon", "metrics", "blk", "vpc", "net"}, source, "")
     daemon = _table(doc, "daemon", source)
     _check_keys(daemon, {"runtime_dir", "state_dir", "control_socket", "log_level",
-                         "workers", "cpus", "poll_us"}, source, "daemon.")
+                         "workers", "cpus", "poll_us", "seccomp", "max_guest_memory"},
+                source, "daemon.")
     metrics = _table(doc, "metrics", source)
     _check_keys(metrics, {"listen"}, source, "metrics.")
     def_runtime, def_state = default_dirs()
@@ -254,7 +264,13 @@ def _engine(daemon: dict, source: str) -> EngineConfig:
             raise ConfigError(source, "daemon.poll_us",
                               f'expected "adaptive" or microseconds 0..{MAX_POLL_US}, got {poll!r}')
         poll_us = poll
-    return EngineConfig(workers, cpus, poll_us)
+    seccomp = daemon.get("seccomp", True)
+    if not isinstance(seccomp, bool):
+        raise ConfigError(source, "daemon.seccomp", f"expected true or false, got {seccomp!r}")
+    cap = None
+    if "max_guest_memory" in daemon:
+        cap = parse_size(daemon["max_guest_memory"], source, "daemon.max_guest_memory")
+    return EngineConfig(workers, cpus, poll_us, seccomp, cap)
 
 
 _MAC_RE = re.compile(r"^[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}$")
@@ -345,9 +361,9 @@ def _vpc(t: Any, i: int, source: str) -> VpcConfig:
     return VpcConfig(vpc_id, cidr, gw, mtu, dns, lease, uplink)
 
 
-def _rate(t: dict, key: str, source: str, p: str) -> int:
+def _rate(t: dict, key: str, source: str, p: str, default: int = 0) -> int:
     """A rate limit: an integer or '10M' (decimal units, as line rates are)."""
-    v = t.get(key, 0)
+    v = t.get(key, default)
     if isinstance(v, str):
         v = _with_unit(v, _RATE_UNITS, source, p + key, "a number such as 125000 or '10M'")
     if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= MAX_RATE:
@@ -357,7 +373,8 @@ def _rate(t: dict, key: str, source: str, p: str) -> int:
 
 def _net(t: Any, i: int, source: str, runtime: Path, vpcs: tuple[VpcConfig, ...]) -> NetConfig:
     p = _entry(t, i, "net", source, {"id", "socket", "vpc", "mac", "ip", "queues", "queue_size",
-                                     "bw_in_bytes_per_sec", "bw_out_bytes_per_sec", "pps"})
+                                     "bw_in_bytes_per_sec", "bw_out_bytes_per_sec", "pps",
+                                     "linklocal_pps"})
     dev_id = _id(t, source, p)
     vpc_id = _str(t, "vpc", source, p, None)
     vpc = next((v for v in vpcs if v.id == vpc_id), None)
@@ -381,7 +398,8 @@ def _net(t: Any, i: int, source: str, runtime: Path, vpcs: tuple[VpcConfig, ...]
         queues=_int(t, "queues", source, p, 1, 1, MAX_NET_QUEUE_PAIRS), queue_size=qsize,
         bw_in_bytes_per_sec=_rate(t, "bw_in_bytes_per_sec", source, p),
         bw_out_bytes_per_sec=_rate(t, "bw_out_bytes_per_sec", source, p),
-        pps=_rate(t, "pps", source, p))
+        pps=_rate(t, "pps", source, p),
+        linklocal_pps=_rate(t, "linklocal_pps", source, p, DEFAULT_LINKLOCAL_PPS))
 
 
 def _blk(t: Any, i: int, source: str, runtime: Path, state: Path) -> BlkConfig:

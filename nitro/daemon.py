@@ -91,14 +91,16 @@ class Daemon:
 
     def _start_engine(self) -> None:
         e = self.cfg.engine
+        _datapath.set_guest_memory_limit(e.max_guest_memory)
         try:
-            self.engine = Engine(e.workers, e.worker_cpus(), e.poll_us)
+            self.engine = Engine(e.workers, e.worker_cpus(), e.poll_us, seccomp=e.seccomp)
         except (_datapath.DatapathError, ValueError) as err:
             raise StartupError(f"cannot start {e.workers} engine workers: {err}") from None
         log_event(log, logging.INFO, "engine started", workers=e.workers,
                   cpus=",".join(map(str, e.cpus)) if e.cpus else "any",
                   poll_us=e.poll_us if e.poll_us is not None else "adaptive",
-                  blk_io=self.engine.statistics()["blk_io"])
+                  blk_io=self.engine.statistics()["blk_io"], seccomp=e.seccomp,
+                  max_guest_memory=e.max_guest_memory or "none")
 
     def engine_statistics(self) -> dict | None:
         """The engine's workers and their rings; any thread (metrics)."""

@@ -42,13 +42,15 @@ class Engine:
     """Assigns rings to a fixed set of C worker threads and watches them."""
 
     def __init__(self, workers: int, cpus: list[int] | None = None,
-                 poll_us: int | None = None, *, sync_io: bool = False) -> None:
+                 poll_us: int | None = None, *, sync_io: bool = False,
+                 seccomp: bool = False) -> None:
         self._c = _datapath.Engine(workers, cpus,
                                    _datapath.POLL_ADAPTIVE if poll_us is None else poll_us,
-                                   sync_io=sync_io)
+                                   sync_io=sync_io, seccomp=seccomp)
         self.workers = self._c.workers
         self.cpus = cpus
         self.poll_us = poll_us
+        self.seccomp = seccomp
         self._assigned: dict[int, _Assignment] = {}  # id(ring) -> where it runs
         # C serialises hand-offs anyway; one thread for them is enough.
         self._limiter = trio.CapacityLimiter(1)
@@ -154,7 +156,10 @@ class Engine:
                             "ring_labels": rings, **self._c.worker_stats(w)})
         io = "io_uring" if workers and all(w["uring"] for w in workers) else "sync"
         return {"workers": workers, "blk_io": io,
-                "poll_us": "adaptive" if self.poll_us is None else self.poll_us}
+                "poll_us": "adaptive" if self.poll_us is None else self.poll_us,
+                "seccomp": self.seccomp,
+                "guest_memory_bytes": _datapath.guest_memory_mapped(),
+                "max_guest_memory": _datapath.guest_memory_limit()}
 
     def close(self) -> None:
         """Stop the worker threads; every ring must be detached."""

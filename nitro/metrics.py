@@ -66,6 +66,8 @@ NET_ALLOWANCES = {
     "bw_in": "Frames towards the guest dropped because the interface's inbound bandwidth allowance was exceeded.",
     "bw_out": "Frames from the guest dropped because the interface's outbound bandwidth allowance was exceeded.",
     "pps": "Frames (either direction) dropped because the interface's packets-per-second allowance was exceeded.",
+    "linklocal": "Frames to nitro's own services (ARP, DHCP, ICMP to the gateway) dropped because the "
+                 "interface's link-local packets-per-second allowance was exceeded.",
 }
 
 GetDevices = Callable[[], Iterable[Any]]
@@ -145,6 +147,9 @@ class _Families:
             labels=wl)
         self.engine = {key: CounterMetricFamily(name, text, labels=wl)
                        for key, (name, text, _) in ENGINE_COUNTERS.items()}
+        self.guest_memory = GaugeMetricFamily(
+            "nitro_guest_memory_mapped_bytes",
+            "Guest memory every frontend's memory table maps together (capped by daemon.max_guest_memory).")
         il = ["interface"]
         self.net_packets = CounterMetricFamily(
             "nitro_net_packets", "Frames switched for a virtio-net interface; direction in = into the guest.",
@@ -283,7 +288,7 @@ def _add_all(adds: list[tuple[Metric, list[str], Any]]) -> None:
 
 def _add_engine(f: _Families, stats: dict) -> None:
     """Engine.statistics(): one series per worker; all or nothing."""
-    adds: list[tuple[Metric, list[str], Any]] = []
+    adds: list[tuple[Metric, list[str], Any]] = [(f.guest_memory, [], stats["guest_memory_bytes"])]
     for w in stats["workers"]:
         label = [str(w["id"])]
         adds += [(f.engine_rings, label, w["rings"]), (f.engine_poll_window, label, w["poll_us"] / 1e6)]

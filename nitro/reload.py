@@ -43,7 +43,7 @@ _DAEMON_KEYS = (
     ("control_socket", "daemon.control_socket"),
     ("log_level", "daemon.log_level"),
     ("metrics_listen", "metrics.listen"),
-    ("engine", "daemon.workers/cpus/poll_us"),
+    ("engine", "daemon.workers/cpus/poll_us/seccomp/max_guest_memory"),
 )
 
 

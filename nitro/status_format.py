@@ -153,7 +153,8 @@ def _format_net(d: dict, net: dict) -> list[str]:
     lines.append("  drops:       " + (" ".join(f"{k}={v}" for k, v in drops.items()) or "0"))
     lines.append(f"  allowance:   bw_in_allowance_exceeded={net.get('bw_in_allowance_exceeded', 0)} "
                  f"bw_out_allowance_exceeded={net.get('bw_out_allowance_exceeded', 0)} "
-                 f"pps_allowance_exceeded={net.get('pps_allowance_exceeded', 0)}")
+                 f"pps_allowance_exceeded={net.get('pps_allowance_exceeded', 0)} "
+                 f"linklocal_allowance_exceeded={net.get('linklocal_allowance_exceeded', 0)}")
     return lines
 
 
@@ -177,12 +178,21 @@ def _format_vpcs(vpcs: dict) -> list[str]:
     return lines
 
 
+def _mib(n: int) -> str:
+    return f"{n / (1 << 20):.0f} MiB"
+
+
 def _format_engine(engine: dict) -> list[str]:
     workers = engine.get("workers") or []
     poll = engine.get("poll_us")
     lines = [f"engine: {len(workers)} worker{'s' if len(workers) != 1 else ''}, "
              f"blk I/O {engine.get('blk_io', '?')}, busy-poll "
-             f"{poll if poll == 'adaptive' else f'{poll} us'}"]
+             f"{poll if poll == 'adaptive' else f'{poll} us'}"
+             f"{', seccomp' if engine.get('seccomp') else ''}"]
+    if "guest_memory_bytes" in engine:
+        cap = engine.get("max_guest_memory")
+        lines.append(f"guest memory mapped: {_mib(engine['guest_memory_bytes'])}"
+                     f"{f' of max_guest_memory {_mib(cap)}' if cap else ' (no cap)'}")
     rows = [[w.get("id", "?"), "-" if w.get("cpu") is None else w["cpu"], w.get("rings", 0), w.get("chains", 0),
              f"{w.get('busy_ns', 0) / 1e9:.2f}", f"{w.get('poll_ns', 0) / 1e9:.2f}",
              f"{w.get('sleep_ns', 0) / 1e9:.2f}", w.get("wakeups", 0), w.get("poll_us", 0)] for w in workers]

@@ -28,6 +28,17 @@ DESC = struct.Struct("<QIHH")
 VRING_DESC_F_NEXT = 1
 VRING_DESC_F_WRITE = 2
 VRING_DESC_F_INDIRECT = 4
+# Packed rings (2.8): a descriptor is addr, len, buffer id, flags; AVAIL and
+# USED are flag bits whose values against the wrap counters say who owns it.
+PDESC = struct.Struct("<QIHH")
+VIRTQ_DESC_F_AVAIL = 1 << 7
+VIRTQ_DESC_F_USED = 1 << 15
+VIRTIO_F_RING_PACKED = 1 << 34
+# struct pvirtq_event_suppress (2.8.10): off_wrap, flags.
+EVENT = struct.Struct("<HH")
+RING_EVENT_FLAGS_ENABLE = 0
+RING_EVENT_FLAGS_DISABLE = 1
+RING_EVENT_FLAGS_DESC = 2
 
 # struct virtq_avail { le16 flags; le16 idx; le16 ring[num]; le16 used_event; }
 # struct virtq_used  { le16 flags; le16 idx; struct virtq_used_elem ring[num]; le16 avail_event; }

@@ -5,8 +5,9 @@ set -eu
 PKGS="qemu-system-x86 qemu-utils busybox-static linux-image-amd64 kmod cpio
       liburing-dev libssl-dev libcryptsetup-dev cryptsetup-bin fio
       systemd e2fsprogs gcc make iproute2
-      prometheus strace
+      prometheus strace libseccomp-dev
       dpdk dpdk-dev librte-net-vhost23 librte-net-virtio23 librte-mempool-ring23
+      openvswitch-switch-dpdk
       clang-14 libclang-rt-14-dev"  # libFuzzer + sanitizer runtimes (tests/fuzz)
 missing=""
 for p in $PKGS; do

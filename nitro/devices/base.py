@@ -17,6 +17,7 @@ if TYPE_CHECKING:
 VIRTIO_RING_F_INDIRECT_DESC = 28
 VIRTIO_RING_F_EVENT_IDX = 29
 VIRTIO_F_VERSION_1 = 32
+VIRTIO_F_RING_PACKED = 34
 
 #: Every reserved (device-independent) feature bit of virtio 1.2 section 6 by
 #: name, minus VIRTIO_F_; the ring bits as RING_*. Most are never offered:
@@ -28,7 +29,7 @@ FEATURE_NAMES: dict[int, str] = {
     VIRTIO_RING_F_EVENT_IDX: "RING_EVENT_IDX",
     VIRTIO_F_VERSION_1: "VERSION_1",
     33: "ACCESS_PLATFORM",
-    34: "RING_PACKED",
+    VIRTIO_F_RING_PACKED: "RING_PACKED",
     35: "IN_ORDER",
     36: "ORDER_PLATFORM",
     37: "SR_IOV",

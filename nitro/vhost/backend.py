@@ -44,7 +44,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from nitro.devices.base import VirtioBackend
+from nitro.devices.base import VIRTIO_F_RING_PACKED, VirtioBackend
 from nitro.vhost.codec import (
     Message,
     RemoteProtocolError,
@@ -71,6 +71,9 @@ log = logging.getLogger("nitro.vhost")
 
 MAX_MEM_SLOTS = 32  # NITRO_MAX_MEM_REGIONS (cffi_build/nitro.h): GET_MAX_MEM_SLOTS
 MAX_SPLIT_RING_BASE = 0xFFFF  # a split ring's last_avail_idx is 16 bits
+# A packed ring's base is 32 bits: avail and used positions with their wrap
+# counters (vhost-user "Vring descriptor indices for packed virtqueues").
+MAX_PACKED_RING_BASE = 0xFFFF_FFFF
 
 _PF = ProtocolFeature
 # The protocol features this dispatcher implements; a device's offer is
@@ -149,6 +152,49 @@ class _WithFds:
     fds: list[int] = field(default_factory=list)
 
 
+def _add_region(request: Request, memory: Any, fd: int, r: Any) -> None:
+    """Map one region; the cap on mapped guest memory refused by name."""
+    from nitro import _datapath
+
+    try:
+        memory.add_region(fd, r.guest_address, r.size, r.user_address, r.mmap_offset)
+    except _datapath.LimitError as e:
+        cap = _datapath.guest_memory_limit()
+        raise BackendError(
+            f"{request.name}: region of {r.size} bytes refused: nitro maps "
+            f"{_datapath.guest_memory_mapped()} bytes of guest memory already and "
+            f"[daemon] max_guest_memory is {cap} bytes") from e
+
+
+def _log_unsealed(memory: Any) -> None:
+    """Memory whose file can shrink is served all the same (a truncation
+    breaks the device, nitro_guard.h); say so once per table."""
+    unsealed = len(memory) - memory.sealed
+    if unsealed:
+        log.info("guest memory is not sealed against shrinking; a truncation by the "
+                 "frontend breaks the device", extra={"fields": {"regions": unsealed}})
+
+
+def _require_sealed_memfd(fd: int, where: str) -> None:
+    """SET_INFLIGHT_FD's buffer must be a memfd that cannot shrink (what
+    GET_INFLIGHT_FD hands out, nitro's or libvhost-user's): a file that can
+    be truncated under the mapping would fault the datapath. An unsealed
+    memfd that allows sealing is sealed here (a frontend must not resize
+    the buffer anyway); anything else is refused."""
+    try:
+        seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
+    except OSError:
+        raise BackendError(f"{where}: the fd is not a memfd (no file seals); the inflight "
+                           f"buffer must be the memfd GET_INFLIGHT_FD handed out") from None
+    if seals & fcntl.F_SEAL_SHRINK:
+        return
+    try:
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW)
+    except OSError as e:
+        raise BackendError(f"{where}: the memfd is not sealed against shrinking and cannot "
+                           f"be sealed ({e.strerror})") from None
+
+
 def _datapath_errors() -> tuple[type[BaseException], ...]:
     try:
         from nitro import _datapath
@@ -185,6 +231,9 @@ class VhostUserBackend:
         self.acked_features = 0
         self.acked_protocol_features = ProtocolFeature(0)
         self.status = 0
+        #: Device resets so far (RESET_DEVICE, RESET_OWNER, SET_STATUS 0):
+        #: the trio layer revives a broken device when this moves.
+        self.resets = 0
 
     # -- what we offer ---------------------------------------------------------
     @property
@@ -295,6 +344,7 @@ class VhostUserBackend:
         self._drop_inflight()  # the frontend sends a new one (SET_INFLIGHT_FD)
         self.acked_features = 0
         self.status = 0
+        self.resets += 1
         self.device.reset()
 
     # -- features and session (spec: GET_FEATURES ... RESET_DEVICE) ---------------------
@@ -344,11 +394,11 @@ class VhostUserBackend:
         memory = self._memory_factory()
         try:
             for region, fd in zip(m.payload.regions, m.fds):
-                memory.add_region(fd, region.guest_address, region.size,
-                                  region.user_address, region.mmap_offset)
+                _add_region(m.request, memory, fd, region)
         except BaseException:
             memory.close()
             raise
+        _log_unsealed(memory)
         old, self.memory = self.memory, memory
         try:
             self._remap_vrings(m.request)
@@ -365,7 +415,7 @@ class VhostUserBackend:
             self.memory = self._memory_factory()
         if len(self.memory) >= MAX_MEM_SLOTS:
             raise BackendError(f"ADD_MEM_REG: all {MAX_MEM_SLOTS} memory slots are in use")
-        self.memory.add_region(m.fds[0], r.guest_address, r.size, r.user_address, r.mmap_offset)
+        _add_region(m.request, self.memory, m.fds[0], r)
         self._remap_vrings(m.request)
 
     def _handle_rem_mem_reg(self, m: Message) -> None:
@@ -411,12 +461,21 @@ class VhostUserBackend:
             raise BackendError(f"{where}: ring size unknown (SET_VRING_NUM first)")
         vring.set_addr(addr, self.memory)
 
+    @property
+    def packed(self) -> bool:
+        """VIRTIO_F_RING_PACKED was negotiated: every ring is packed."""
+        return bool(self.acked_features >> VIRTIO_F_RING_PACKED & 1)
+
     def _handle_set_vring_base(self, m: Message) -> None:
+        """Split: the 16-bit last_avail_idx. Packed: 32 bits (C checks the
+        positions against the ring size)."""
         state = m.payload
         vring = self._vring(m.request, state.index)
-        if state.num > MAX_SPLIT_RING_BASE:
+        limit = MAX_PACKED_RING_BASE if self.packed else MAX_SPLIT_RING_BASE
+        if state.num > limit:
+            kind = "a packed ring's 32-bit" if self.packed else "a split ring's 16-bit"
             raise BackendError(f"SET_VRING_BASE: vring {vring.index}: base {state.num} "
-                               f"does not fit a split ring's 16-bit index")
+                               f"does not fit {kind} index")
         vring.base = state.num
 
     def _handle_get_vring_base(self, m: Message) -> VringState:
@@ -451,7 +510,8 @@ class VhostUserBackend:
     # -- inflight I/O tracking (vhost-user.rst "Inflight I/O tracking") --------------------
     def _inflight_layout(self, m: Message) -> tuple[Inflight, int]:
         """The request's description checked against the device; and the
-        bytes of one queue's region (split layout)."""
+        bytes of one queue's region, in the layout of the ring format
+        negotiated (QEMU sends SET_FEATURES before GET_INFLIGHT_FD)."""
         i = m.payload
         where = m.request.name
         if not 1 <= i.num_queues <= len(self.vrings):
@@ -460,10 +520,10 @@ class VhostUserBackend:
         limit = self.device.max_queue_size
         if not 1 <= i.queue_size <= limit:
             raise BackendError(f"{where}: queue_size {i.queue_size} is not 1 to {limit}")
-        return i, inflight_queue_region_size(i.queue_size)
+        return i, inflight_queue_region_size(i.queue_size, self.packed)
 
     def _handle_get_inflight_fd(self, m: Message) -> _WithFds:
-        """A zeroed, sealed memfd for num_queues split regions; the reply
+        """A zeroed, sealed memfd for num_queues regions; the reply
         carries it and its size. QEMU keeps it across our restarts and gives
         it back with SET_INFLIGHT_FD."""
         i, per_queue = self._inflight_layout(m)
@@ -495,6 +555,7 @@ class VhostUserBackend:
         if st.st_size < i.mmap_offset + need:
             raise BackendError(f"{where}: the fd holds {st.st_size} bytes, less than "
                                f"mmap_offset {i.mmap_offset} + {need}")
+        _require_sealed_memfd(fd, where)
         try:
             region = self._inflight_factory(fd, need, i.mmap_offset)  # fd closed by handle()
         except (OSError, ValueError) as e:

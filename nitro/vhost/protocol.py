@@ -352,18 +352,26 @@ class Inflight:
         return raw + bytes(_INFLIGHT_PADDED - len(raw))
 
 
-# "Inflight I/O tracking", split virtqueue: a QueueRegionSplit header (u64
+# "Inflight I/O tracking". Split virtqueue: a QueueRegionSplit header (u64
 # features, u16 version, desc_num, last_batch_head, used_idx) and one
-# 16-byte DescStateSplit per ring entry; each queue's region is padded to
-# 64 bytes, as QEMU's libvhost-user and DPDK lay the buffer out.
+# 16-byte DescStateSplit per ring entry. Packed virtqueue: a 32-byte
+# QueueRegionPacked header and one 32-byte DescStatePacked per entry. Each
+# queue's region is padded to 64 bytes, as QEMU's libvhost-user and DPDK lay
+# the buffer out.
 INFLIGHT_REGION_HEADER = 16
 INFLIGHT_DESC_SIZE = 16
+INFLIGHT_PACKED_REGION_HEADER = 32
+INFLIGHT_PACKED_DESC_SIZE = 32
 INFLIGHT_REGION_ALIGN = 64
 
 
-def inflight_queue_region_size(queue_size: int) -> int:
-    """Bytes of one queue's region in the inflight buffer."""
-    n = INFLIGHT_REGION_HEADER + INFLIGHT_DESC_SIZE * queue_size
+def inflight_queue_region_size(queue_size: int, packed: bool = False) -> int:
+    """Bytes of one queue's region in the inflight buffer, in the layout of
+    the ring format negotiated (VIRTIO_F_RING_PACKED: ``packed``)."""
+    if packed:
+        n = INFLIGHT_PACKED_REGION_HEADER + INFLIGHT_PACKED_DESC_SIZE * queue_size
+    else:
+        n = INFLIGHT_REGION_HEADER + INFLIGHT_DESC_SIZE * queue_size
     return -(-n // INFLIGHT_REGION_ALIGN) * INFLIGHT_REGION_ALIGN
 
 

@@ -20,6 +20,7 @@ import errno
 import logging
 import os
 import socket
+import threading
 from pathlib import Path
 
 import trio
@@ -58,10 +59,17 @@ class VhostUserServer:
         self.broken: str | None = None
         self._backend: VhostUserBackend | None = None
         self._rings: dict[int, AttachedRing] = {}
+        self._err_pending: set[int] = set()  # rings whose err eventfd is being signalled
         self._session_nursery: trio.Nursery | None = None
         # Queue counters of past sessions, so counters stay monotonic across
         # reconnects (each session gets fresh C queues).
         self._retired: dict[int, dict] = {}
+        # statistics() runs on other threads (metrics scrapes) and reads the
+        # session's C queues: it holds this while it does, and the session
+        # ends (C queues freed) only under it. Held for microseconds on
+        # either side; the daemon's devices_lock is taken before it, never
+        # after.
+        self._stats_lock = threading.Lock()
         self._accepting = True
         self._listener: trio.socket.SocketType | None = None
         self._serve_scope = trio.CancelScope()
@@ -148,11 +156,17 @@ class VhostUserServer:
         finally:
             self._session_nursery = None
             self.connected = False
-            self._backend = None
-            self._retire(backend)
-            backend.close()
+            self._end_session(backend)
             self.device.reset()
             log_event(log, logging.INFO, "frontend disconnected", **fields)
+
+    def _end_session(self, backend: VhostUserBackend) -> None:
+        """Fold the session's queue counters into the retired ones and free
+        its C queues and memory, never under a statistics() in progress."""
+        with self._stats_lock:
+            self._backend = None
+            self._retire(backend)
+        backend.close()  # no statistics() can reach it any more
 
     async def _message_loop(self, conn, codec, backend) -> None:
         while True:
@@ -164,10 +178,22 @@ class VhostUserServer:
             while (msg := codec.next_event()) is not NEED_DATA:
                 affected = backend.affected_vrings(msg)
                 await self._detach(list(self._rings) if affected == "all" else list(affected))
+                resets = backend.resets
                 reply = backend.handle(msg)
+                if backend.resets != resets:
+                    self._revive()
                 if reply:
                     await _send_all(conn, reply, getattr(reply, "fds", ()))
                 await self._reconcile(backend)
+
+    def _revive(self) -> None:
+        """The front-end reset the device (RESET_DEVICE, RESET_OWNER, SET_STATUS
+        0: a driver reset or guest reboot): every ring was detached and its C
+        queue reset, faults included, so the next start serves again."""
+        if self.broken is not None:
+            log_event(log, logging.INFO, "device reset by the frontend; no longer broken",
+                      device=self.device_id, fault=self.broken)
+        self.broken = None
 
     # -- rings on the engine -------------------------------------------------
     async def _reconcile(self, backend) -> None:
@@ -219,11 +245,26 @@ class VhostUserServer:
 
     def _mark_broken(self, vring, kind: str) -> None:
         """A guest fault breaks the device (not the daemon): stop every queue
-        until the frontend resets or reconnects."""
+        until the frontend resets or reconnects, and tell it through the
+        ring's SET_VRING_ERR eventfd."""
         self.broken = kind
         vring.broken = kind
         log_event(log, logging.ERROR, "guest broke the device; queues stopped",
                   device=self.device_id, queue=vring.index, fault=kind)
+        nursery = self._session_nursery
+        if vring.err_fd is not None and nursery is not None and vring.index not in self._err_pending:
+            self._err_pending.add(vring.index)
+            nursery.start_soon(self._signal_err, vring.index, os.dup(vring.err_fd))
+
+    async def _signal_err(self, index: int, fd: int) -> None:
+        """Write 1 to a ring's err eventfd (our own dup: the ring may close
+        its fd meanwhile). In a thread: the front-end can make its eventfd
+        blocking again and hold its counter full, and the trio thread must
+        never wait on a front-end. One pending signal per ring at most."""
+        try:
+            await trio.to_thread.run_sync(_signal_eventfd, fd, abandon_on_cancel=True)
+        finally:
+            self._err_pending.discard(index)
 
     # -- observation -------------------------------------------------------
     def _retire(self, backend) -> None:
@@ -232,12 +273,16 @@ class VhostUserServer:
 
     def statistics(self) -> dict:
         stats = self.device.statistics()
-        backend = self._backend
-        live = {v.index: v for v in backend.vrings} if backend is not None else {}
+        with self._stats_lock:
+            backend = self._backend
+            live = {v.index: v for v in backend.vrings} if backend is not None else {}
+            counters = {}
+            for index in sorted(set(live) | set(self._retired)):
+                v = live.get(index)
+                counters[index] = _add_queue_stats(self._retired.get(index), v.vq.stats() if v else None)
         queues = []
-        for index in sorted(set(live) | set(self._retired)):
+        for index, q in counters.items():
             v = live.get(index)
-            q = _add_queue_stats(self._retired.get(index), v.vq.stats() if v else None)
             attached = self._rings.get(index)
             worker = self.engine.worker_of(attached.ring) if attached is not None else None
             queues.append({"index": index, "enabled": bool(v and v.enabled),
@@ -254,6 +299,18 @@ class VhostUserServer:
             "connections": self.connections,
         })
         return stats
+
+
+def _signal_eventfd(fd: int) -> None:
+    """eventfd_write(fd, 1) without blocking if the file still lets us, then
+    close fd. EAGAIN (counter saturated) means it is readable anyway."""
+    try:
+        os.set_blocking(fd, False)
+        os.eventfd_write(fd, 1)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def _fault_kind(error: _datapath.DatapathError) -> str:
@@ -284,7 +341,13 @@ async def _recv_message(conn) -> tuple[bytes, list[int]] | None:
         return header, fds
     payload = b""
     if size:
-        payload, _ = await _recv_exact(conn, size, with_fds=False)
+        try:
+            payload, _ = await _recv_exact(conn, size, with_fds=False)
+        except BaseException:
+            # Cancelled (shutdown, reload) or a socket error while the
+            # frontend held back the payload: the header's fds are ours.
+            _close_all(fds)
+            raise
         if payload is None:
             _close_all(fds)
             return None

@@ -59,7 +59,8 @@ class Vring:
     # -- state ---------------------------------------------------------------
     @property
     def base(self) -> int:
-        """The next available ring index to process (C keeps it current)."""
+        """The next available ring index to process (C keeps it current);
+        packed rings: both positions and wrap counters (32 bits)."""
         return self.vq.base
 
     @base.setter
@@ -80,9 +81,15 @@ class Vring:
 
     # -- what the front-end sets -----------------------------------------------
     def set_features(self, features: int) -> None:
-        """SET_FEATURES: the negotiated bits, as acked (bit 30 included)."""
+        """SET_FEATURES: the negotiated bits, as acked (bit 30 included).
+        VIRTIO_F_RING_PACKED switches the C queue's layout; ring addresses
+        set already that do not fit the new layout are forgotten."""
         self._protocol_features = bool(features & _PROTOCOL_FEATURES_BIT)
-        self.vq.set_features(features & ~_PROTOCOL_FEATURES_BIT)
+        try:
+            self.vq.set_features(features & ~_PROTOCOL_FEATURES_BIT)
+        except BaseException:
+            self.addr = None
+            raise
 
     def set_num(self, num: int) -> None:
         """SET_VRING_NUM. C checks addresses already set against the new
@@ -125,7 +132,8 @@ class Vring:
         _close_unless(old, fd)
 
     def set_err(self, fd: int | None) -> None:
-        """SET_VRING_ERR: kept for ownership; nitro reports errors by breaking the device."""
+        """SET_VRING_ERR: the trio layer signals it when this ring breaks
+        (the front-end logs it; QEMU: "Guest says index ... is available")."""
         old, self.err_fd = self.err_fd, fd
         _close_unless(old, fd)
 

@@ -1,6 +1,7 @@
 /*
- * fuzz_ring.c: libFuzzer harness for the split-ring walker (nitro_vring.c,
- * nitro_mem.c) and the virtio-blk request parser (nitro_blk.c).
+ * fuzz_ring.c: libFuzzer harness for the ring walkers, split and packed
+ * (nitro_vring.c, nitro_vring_packed.c, nitro_mem.c), and the virtio-blk
+ * request parser (nitro_blk.c).
  *
  * The C files are compiled straight into the fuzzer (tests/fuzz/Makefile);
  * the same source builds two targets:
@@ -16,9 +17,12 @@
  *   header (16 bytes)
  *     u8  flags   bit0 INDIRECT_DESC, bit1 EVENT_IDX, bit2 ring addresses
  *                 used unaligned as given, bit3 read-only disk, bits 4-6
- *                 the memory layout (LAYOUTS below)
+ *                 the memory layout (LAYOUTS below), bit7 packed ring
+ *                 (VIRTIO_F_RING_PACKED: desc/avail/used are then the
+ *                 descriptor ring and the driver/device event areas)
  *     u8  log2 of the ring size (mod 11: 1..1024)
- *     u16 base (last_avail_idx, as SET_VRING_BASE)
+ *     u16 base (SET_VRING_BASE: split last_avail_idx; packed, position in
+ *                 bits 0-14 and wrap counter in bit 15, used = avail)
  *     u16 desc, avail, used: ring offsets in the 64 KiB guest span
  *     u16 capacity in sectors (mod 256); u16 max_discard, u16 max_wz
  *                 (each mod 33: write-zeroes falls back to writing zeros
@@ -34,11 +38,13 @@
  *     4 NUM    u8 log2                                 SET_VRING_NUM
  *     5 DESCS  u16 table offset, u8 count, u64 addr, u32 len, u16 flags:
  *              count descriptors, descriptor i's next = i + 1 (long chains
- *              and loops without long inputs)
+ *              and loops without long inputs); packed: id = i + 1 and the
+ *              flags as given (long lists when they carry AVAIL and NEXT)
  *     6 FILL   u16 offset, u16 len, u8 byte            memset
  *     7 INFLIGHT u16 offset, u8 len, len bytes         the frontend writes
  *              the inflight region (offset mod its size, which holds 1024
- *              entries), then SET_INFLIGHT_FD: the queue (re)attaches it
+ *              entries of either layout), then SET_INFLIGHT_FD: the queue
+ *              (re)attaches it
  *              and its next pop repairs and resubmits from it
  *   and a final SERVE.
  *
@@ -76,9 +82,12 @@
 #define UADDR 0x7f0000000000ull
 #define DISK_LEN (256u * 512u)
 #define OPS 8
-/* One queue's inflight region (vhost-user "Inflight I/O tracking"): a
- * 16-byte header and 16 bytes per entry, for the largest ring. */
-#define INFLIGHT_LEN (16u + 16u * 1024u)
+/* One queue's inflight region (vhost-user "Inflight I/O tracking") for the
+ * largest ring in either layout: packed is the larger, a 32-byte header and
+ * 32 bytes per entry. */
+#define INFLIGHT_LEN (32u + 32u * 1024u)
+#define F_PACKED 0x80
+#define RING_PACKED_BIT 34
 #define MAX_OPS 4096
 #define MAX_SERVES 16  /* per input, the final one included */
 
@@ -279,7 +288,8 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     s.params.readonly = (flags >> 3) & 1;
     memcpy(s.params.serial, "fuzz-serial-0123456", 20);
     s.features = ((uint64_t)(flags & 1) << VIRTIO_RING_F_INDIRECT_DESC) |
-                 ((uint64_t)((flags >> 1) & 1) << VIRTIO_RING_F_EVENT_IDX);
+                 ((uint64_t)((flags >> 1) & 1) << VIRTIO_RING_F_EVENT_IDX) |
+                 ((uint64_t)((flags & F_PACKED) != 0) << RING_PACKED_BIT);
     s.raw_addr = (flags >> 2) & 1;
     s.mem = make_mem((flags >> 4) & 7, s.host);
     s.vq = nitro_vq_new(0);
@@ -325,13 +335,14 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
             uint64_t addr = take(&in, 8);
             uint32_t len = (uint32_t)take(&in, 4);
             uint16_t fl = (uint16_t)take(&in, 2);
+            int packed = (s.features >> RING_PACKED_BIT) & 1;
             for (uint32_t i = 0; i < count; i++) {
                 uint8_t d[16];
                 uint16_t next = (uint16_t)(i + 1);
                 memcpy(d, &addr, 8);
                 memcpy(d + 8, &len, 4);
-                memcpy(d + 12, &fl, 2);
-                memcpy(d + 14, &next, 2);
+                memcpy(d + 12, packed ? &next : &fl, 2);
+                memcpy(d + 14, packed ? &fl : &next, 2);
                 span_write(off + 16 * i, d, 16, -1);
             }
             break;

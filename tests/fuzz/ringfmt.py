@@ -20,7 +20,15 @@ from dataclasses import dataclass, field
 
 from nitro import _datapath
 from nitro._datapath import BlkParams, BlkStats, GuestFault, GuestMemory, Virtqueue
-from tests.ringlayout import DESC, RING_IDX, U16, avail_ring_offset, inflight_region_size
+from tests.ringlayout import (
+    DESC,
+    PDESC,
+    RING_IDX,
+    U16,
+    VIRTQ_DESC_F_AVAIL,
+    VIRTQ_DESC_F_USED,
+    avail_ring_offset,
+)
 
 GUARD = 4096
 REGION = 32768
@@ -50,10 +58,13 @@ F_INDIRECT = 1
 F_EVENT_IDX = 2
 F_RAW_ADDR = 4
 F_READONLY = 8
+F_PACKED = 0x80  # VIRTIO_F_RING_PACKED
 
 OP_WRITE, OP_SERVE, OP_SETMEM, OP_RESET, OP_NUM, OP_DESCS, OP_FILL, OP_INFLIGHT = range(8)
 OPS = 8
-INFLIGHT_LEN = inflight_region_size(1024)  # fuzz_ring.c: one queue's region for 1024 entries
+# fuzz_ring.c: one queue's region for 1024 entries of the larger (packed) layout
+INFLIGHT_LEN = 32 + 32 * 1024
+PACKED_BASE = 0x8000  # slot 0, wrap counter 1: a fresh packed ring
 
 
 def gpa(off: int) -> int:
@@ -132,6 +143,18 @@ class Program:
                 table: int | None = None) -> Program:
         base = self.desc if table is None else table
         return self.write(base + DESC.size * i, DESC.pack(addr, length, flags, next_))
+
+    def packed_list(self, slot: int, descs: list[tuple[int, int, int]], id_: int,
+                    wrap: int = 1) -> Program:
+        """A packed ring list (addr, len, flags) from ``slot`` on, each made
+        available for the driver's lap ``wrap`` (AVAIL/USED added), the id
+        in the last one; the head is written last."""
+        avail = VIRTQ_DESC_F_AVAIL if wrap else VIRTQ_DESC_F_USED
+        for k in range(len(descs) - 1, -1, -1):
+            addr, length, flags = descs[k]
+            self.write(self.desc + 16 * ((slot + k) % self.num),
+                       PDESC.pack(addr, length, id_, flags | avail))
+        return self
 
     def avail_ring(self, heads: list[int], idx: int | None = None, start: int | None = None) -> Program:
         """Put heads in the avail ring from slot ``start`` (default: base)
@@ -230,7 +253,10 @@ class _Replay:
                 step()
             except _datapath.FrontendError:
                 pass  # refused, as in C; serving must then refuse too
-        self.vq.base = base
+        try:
+            self.vq.base = base
+        except _datapath.FrontendError:
+            pass  # a packed position outside the ring: refused, as in C
         self.vq.set_fds(-1, self.call_fd)
 
     def _serve(self) -> None:
@@ -258,7 +284,8 @@ class _Replay:
         self.desc, self.avail, self.used = r.take(2), r.take(2), r.take(2)
         capacity = r.take(2) % 256
         max_discard, max_wz = r.take(2) % 33, r.take(2) % 33
-        self.features = ((flags & 1) << 28) | (((flags >> 1) & 1) << 29)
+        self.features = ((flags & 1) << 28) | (((flags >> 1) & 1) << 29) | (
+            (1 << 34) if flags & F_PACKED else 0)
         self.raw_addr = bool(flags & F_RAW_ADDR)
         self.params = BlkParams(self.disk_fd, capacity, readonly=bool(flags & F_READONLY),
                                 max_discard_sectors=max_discard,
@@ -299,7 +326,10 @@ class _Replay:
                     off, count = r.take(2), r.take(1) + 1
                     addr, length, fl = r.take(8), r.take(4), r.take(2)
                     for i in range(count):
-                        self._span_write(off + DESC.size * i, DESC.pack(addr, length, fl, (i + 1) & 0xFFFF))
+                        n = (i + 1) & 0xFFFF
+                        packed = self.features >> 34 & 1
+                        self._span_write(off + DESC.size * i, DESC.pack(addr, length, n if packed else fl,
+                                                                 fl if packed else n))
                 elif op == OP_FILL:
                     off, n, byte = r.take(2), r.take(2), r.take(1)
                     self._span_write(off, bytes([byte]) * n)

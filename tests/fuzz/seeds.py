@@ -13,8 +13,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-from tests.fuzz.ringfmt import F_EVENT_IDX, F_INDIRECT, REGION, Program, gpa
+from tests.fuzz.ringfmt import F_EVENT_IDX, F_INDIRECT, F_PACKED, PACKED_BASE, REGION, Program, gpa
 from tests.ringlayout import (
+    DESC,
     INFLIGHT_DESC,
     INFLIGHT_HEADER,
     U16,
@@ -339,7 +340,68 @@ def _inflight_head_out_of_range() -> Program:
     return p.inflight(inflight_desc_offset(900), INFLIGHT_DESC.pack(1, 0, 1)).serve()
 
 
+# -- packed rings (flags bit 7) --------------------------------------------------
+def _packed_request(p: Program, slot: int, id_: int, type_: int, data_len: int = 512,
+                    sub: int = 0) -> Program:
+    """A 3-descriptor blk request as a packed list from ``slot``."""
+    h, st, data = HDR + 0x20 * sub, STATUS + sub, DATA + 0x1000 * sub
+    p.write(h, blk_header(type_, 8 * sub))
+    write = WRITE if type_ == T_IN else 0
+    return p.packed_list(slot, [(gpa(h), 16, NEXT), (gpa(data), data_len, NEXT | write),
+                                (gpa(st), 1, WRITE)], id_)
+
+
+def _packed_requests_over_laps() -> Program:
+    # Ring of 4, 3-descriptor lists: the second one wraps (its last two
+    # descriptors carry the flipped wrap counter).
+    p = Program(flags=F_PACKED, base=PACKED_BASE)
+    _packed_request(p, 0, 0, T_OUT).serve()
+    p.write(HDR + 0x20, blk_header(T_IN, 8))
+    p.packed_list(3, [(gpa(HDR + 0x20), 16, NEXT)], 1)
+    p.packed_list(0, [(gpa(DATA + 0x1000), 512, NEXT | WRITE), (gpa(STATUS + 1), 1, WRITE)],
+                  1, wrap=0)
+    return p.serve()
+
+
+def _packed_indirect() -> Program:
+    p = Program(flags=F_PACKED | F_INDIRECT, base=PACKED_BASE)
+    table = 0x4000
+    p.write(HDR, blk_header(T_OUT, 8))
+    for i, (addr, length, flags) in enumerate([(gpa(HDR), 16, 0), (gpa(DATA), 512, 0),
+                                               (gpa(STATUS), 1, WRITE)]):
+        p.write(table + 16 * i, DESC.pack(addr, length, 0, flags))
+    return p.packed_list(0, [(gpa(table), 48, IND)], 2).serve()
+
+
+def _packed_next_not_available() -> Program:
+    p = Program(flags=F_PACKED, base=PACKED_BASE)
+    _packed_request(p, 0, 0, T_IN)
+    return p.write(16 * 1 + 14, b"\0\0").serve()  # descriptor 1 never made available
+
+
+def _packed_id_out_of_range() -> Program:
+    return _packed_request(Program(flags=F_PACKED, base=PACKED_BASE), 0, 9, T_IN).serve()
+
+
+def _packed_list_longer_than_ring() -> Program:
+    p = Program(flags=F_PACKED, base=PACKED_BASE)
+    return p.packed_list(0, [(gpa(DATA), 16, NEXT)] * 4, 0).serve()
+
+
+def _packed_inflight() -> Program:
+    # A region attached to a packed ring: initialised, recorded, committed.
+    p = Program(flags=F_PACKED, base=PACKED_BASE, log2_num=3).inflight(0)
+    _packed_request(p, 0, 0, T_OUT)
+    return _packed_request(p, 3, 1, T_IN, sub=1).serve()
+
+
 SEEDS: dict[str, tuple[Callable[[], Program], object]] = {
+    "packed-requests-over-laps": (_packed_requests_over_laps, None),
+    "packed-indirect": (_packed_indirect, None),
+    "packed-next-not-available": (_packed_next_not_available, "avail_idx"),
+    "packed-id-out-of-range": (_packed_id_out_of_range, "desc_index"),
+    "packed-list-longer-than-ring": (_packed_list_longer_than_ring, "desc_loop"),
+    "packed-inflight": (_packed_inflight, None),
     "blk-read": (_blk_read, None),
     "inflight-resubmit": (_inflight_resubmit, None),
     "inflight-head-out-of-range": (_inflight_head_out_of_range, "inflight"),

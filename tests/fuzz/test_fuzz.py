@@ -78,6 +78,9 @@ def test_ring_seeds_that_complete_requests_do(name="blk-mixed"):
     assert out.served >= 2, out  # served before and after a table swap
     out = replay(ring_seeds.SEEDS["inflight-resubmit"][0]().encode())
     assert out.served == 2 and out.fault is None, out  # the second one resubmitted
+    for packed in ("packed-requests-over-laps", "packed-inflight"):
+        out = replay(ring_seeds.SEEDS[packed][0]().encode())
+        assert out.served == 2 and out.fault is None, out  # a packed ring, wrapping
 
 
 VHOST_EXPECT = {

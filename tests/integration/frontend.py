@@ -36,10 +36,14 @@ from tests.ringlayout import DESC, U16, USED_ELEM, VRING_DESC_F_NEXT, VRING_DESC
 GPA_BASE = 0x4000_0000
 MEM_SIZE = 16 << 20
 PROTOCOL_FEATURES_BIT = 1 << 30
+VIRTIO_F_RING_PACKED = 1 << 34
+# This frontend drives split rings: like any driver it acks only the ring
+# format it implements (nitro offers packed ones too).
+SPLIT_RINGS_ONLY = ~VIRTIO_F_RING_PACKED
 
 
 class Frontend:
-    def __init__(self, path, *, num: int = 64, features_mask: int = ~0) -> None:
+    def __init__(self, path, *, num: int = 64, features_mask: int = SPLIT_RINGS_ONLY) -> None:
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.sock.settimeout(10)
         self.sock.connect(str(path))
@@ -84,11 +88,13 @@ class Frontend:
         return struct.unpack("<Q", self.recv_reply(request))[0]
 
     # -- the start sequence QEMU uses -------------------------------------------
-    def start(self, queues: int = 1) -> int:
+    def start(self, queues: int = 1, protocol_features: int = 0) -> int:
+        """Negotiate (REPLY_ACK, CONFIG, MQ and `protocol_features` if
+        offered), share the memory and start vring 0."""
         features = self.call_u64(Request.GET_FEATURES) & self.features_mask
         pf = self.call_u64(Request.GET_PROTOCOL_FEATURES)
         self.send(Request.SET_PROTOCOL_FEATURES, U64(pf & int(
-            ProtocolFeature.REPLY_ACK | ProtocolFeature.CONFIG | ProtocolFeature.MQ)))
+            ProtocolFeature.REPLY_ACK | ProtocolFeature.CONFIG | ProtocolFeature.MQ) | protocol_features))
         self.send(Request.SET_OWNER)
         self.send(Request.SET_FEATURES, U64(features), need_reply=True)
         self.ack(Request.SET_FEATURES)
@@ -117,6 +123,12 @@ class Frontend:
     def get_vring_base(self) -> int:
         self.send(Request.GET_VRING_BASE, VringState(0, 0))
         return VringState.decode(self.recv_reply(Request.GET_VRING_BASE)).num
+
+    def forget_ring(self) -> None:
+        """After a device reset: an empty ring, indexes from 0 (the driver
+        lays it out again before the next start)."""
+        self.write(GPA_BASE + self.desc, bytes(self.used + 0x1000 - self.desc))
+        self.avail_idx = self.used_seen = 0
 
     # -- guest memory and the ring ---------------------------------------------
     def write(self, gpa: int, data: bytes) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import select
 import socket
 import struct
 import subprocess
@@ -15,7 +16,7 @@ import time
 import pytest
 
 from bench.proc import REPO, run_cli
-from nitro.vhost.protocol import Request, VringFd
+from nitro.vhost.protocol import U64, ProtocolFeature, Request, VringFd
 from tests.integration.frontend import GPA_BASE, Frontend
 from tests.ringlayout import (
     VIRTIO_BLK_T_DISCARD,
@@ -138,6 +139,47 @@ def test_hostile_chain_breaks_only_its_device(nitro, short_tmp_path, attack, fau
     # Counters survive the reconnect; the broken flag does not.
     assert want in n.metrics()
     assert 'nitro_device_broken{device="a",kind="blk"} 0.0' in n.metrics()
+    assert n.stop() == 0
+
+
+def _wait_metric(n, line: str, timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while line not in n.metrics():
+        assert time.monotonic() < deadline, n.metrics()
+        time.sleep(0.1)
+
+
+@pytest.mark.parametrize("reset", ["RESET_DEVICE", "RESET_OWNER", "SET_STATUS 0"])
+def test_a_reset_revives_a_broken_device_on_the_same_connection(nitro, short_tmp_path, reset):
+    """Issue 11 item 6: a driver reset or guest reboot arrives on the same
+    connection (QEMU 7.2 sends SET_STATUS 0, others RESET_DEVICE or
+    RESET_OWNER); it must serve the device again. The fault is signalled on
+    the ring's SET_VRING_ERR eventfd first."""
+    n = nitro(TWO_DEVICES)
+    with Frontend(short_tmp_path / "a.sock") as fe:
+        err = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        try:
+            fe.start(protocol_features=ProtocolFeature.STATUS)
+            fe.send(Request.SET_VRING_ERR, VringFd(0), fds=[err])
+            fe.get_config()  # a round trip: the err fd is in place
+            _hostile_loop(fe)
+            _wait_metric(n, 'nitro_device_broken{device="a",kind="blk"} 1.0')
+            assert select.select([err], [], [], 5)[0] == [err]
+            assert os.eventfd_read(err) == 1
+        finally:
+            os.close(err)
+        if reset == "SET_STATUS 0":
+            fe.send(Request.SET_STATUS, U64(0), need_reply=True)
+            fe.ack(Request.SET_STATUS)
+        else:
+            fe.send(Request[reset], need_reply=True)
+            fe.ack(Request[reset])
+        fe.forget_ring()
+        fe.start(protocol_features=ProtocolFeature.STATUS)
+        assert fe.blk_request(VIRTIO_BLK_T_OUT, 0, data=b"z" * 512)[0] == 0
+        assert fe.blk_request(VIRTIO_BLK_T_IN, 0, read_len=512)[1] == b"z" * 512
+        assert 'nitro_device_broken{device="a",kind="blk"} 0.0' in n.metrics()
+        assert '"connections": 1' in n.status_json()
     assert n.stop() == 0
 
 

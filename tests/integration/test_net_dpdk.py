@@ -75,10 +75,11 @@ def _interrupt(proc: subprocess.Popen, log: Path) -> str:
 
 
 def _forward_stats(text: str) -> dict[str, int]:
-    """RX-packets/TX-packets/TX-dropped of the final 'Forward statistics for port 0'."""
-    block = text.rsplit("Forward statistics for port 0", 1)
-    assert len(block) == 2, f"no forward statistics in testpmd output:\n{text[-3000:]}"
-    return {k: int(v) for k, v in re.findall(r"(RX-packets|TX-packets|TX-dropped):\s+(\d+)", block[1])[:3]}
+    """Port 0's counters in testpmd's final forward statistics."""
+    try:
+        return testpmd.forward_stats(text, 0)
+    except KeyError:
+        pytest.fail(f"no forward statistics in testpmd output:\n{text[-3000:]}")
 
 
 def _net(status: dict, dev_id: str) -> dict:
@@ -94,7 +95,9 @@ def _charged(net: dict) -> int:
             + net["bw_out_allowance_exceeded"])
 
 
-def test_dpdk_virtio_user_counters_agree(short_tmp_path: Path) -> None:
+@pytest.mark.parametrize("packed", [False, True], ids=["split", "packed"])
+def test_dpdk_virtio_user_counters_agree(short_tmp_path: Path, packed: bool) -> None:
+    """Also with packed virtqueues (virtio_user's packed_vq=1)."""
     if shutil.which(testpmd.TESTPMD) is None:
         pytest.fail(f"{testpmd.TESTPMD} not found: install the Debian package 'dpdk' (tools/install-deps.sh)")
     tmp = short_tmp_path
@@ -102,16 +105,22 @@ def test_dpdk_virtio_user_counters_agree(short_tmp_path: Path) -> None:
     procs: list[subprocess.Popen] = []
     try:
         rx_log, tx_log = tmp / "rx.log", tmp / "tx.log"
-        rx = testpmd.start("ntrx", "0@1,1@0", [f"net_virtio_user0,path={tmp / 'b.sock'},mac={B_MAC}"],
+        ring = ",packed_vq=1" if packed else ""
+        rx = testpmd.start("ntrx", "0@1,1@0",
+                           [f"net_virtio_user0,path={tmp / 'b.sock'},mac={B_MAC}{ring}"],
                            ["--forward-mode=rxonly"], rx_log, mbufs=8192)
         procs.append(rx)
         _wait_for(rx_log, r"Rx-pps", rx)  # the sink is forwarding
         # --tx-ip must be A's and B's addresses: nitro drops spoofed sources.
-        tx = testpmd.start("nttx", "0@0,1@1", [f"net_virtio_user0,path={tmp / 'a.sock'},mac={A_MAC}"],
+        tx = testpmd.start("nttx", "0@0,1@1",
+                           [f"net_virtio_user0,path={tmp / 'a.sock'},mac={A_MAC}{ring}"],
                            ["--forward-mode=txonly", f"--eth-peer=0,{B_MAC}", f"--tx-ip={A_IP},{B_IP}",
                             "--txpkts=60"], tx_log, mbufs=8192)
         procs.append(tx)
         _wait_for(rx_log, r"Rx-pps:\s+[1-9]", rx)  # frames arrive
+        live = json.loads(nitro.status_json())
+        acked = {d["id"]: int(d.get("features", 0)) for d in live["devices"] if "id" in d}
+        assert all(bool(acked[dev] >> 34 & 1) == packed for dev in ("a", "b")), acked
         time.sleep(RUN_SECONDS)
         sent = _forward_stats(_interrupt(tx, tx_log))
         time.sleep(0.5)  # the sink drains what is left in B's RX ring

@@ -55,7 +55,8 @@ def writes(n: Nitro, device: str) -> int:
 
 def test_add_and_remove_a_device_while_another_serves(nitro, short_tmp_path, vublk):
     n = nitro(VOL0)
-    io = start_io(vublk, short_tmp_path / "vol0.sock", seconds=8)
+    # Long enough to outlast both reloads on a loaded machine (8 s did not).
+    io = start_io(vublk, short_tmp_path / "vol0.sock", seconds=25)
     try:
         wait_until("vol0 connected and writing", lambda: writes(n, "vol0") > 0)
 

@@ -32,3 +32,16 @@ def test_features():
     assert not rw >> c.VIRTIO_BLK_F_RO & 1 and not rw >> c.VIRTIO_BLK_F_MQ & 1
     assert ro >> c.VIRTIO_BLK_F_RO & 1 and ro >> c.VIRTIO_BLK_F_MQ & 1
     assert not ro >> c.VIRTIO_BLK_F_DISCARD & 1
+
+
+def test_seg_max_and_size_max_bound_a_request_to_max_request_bytes():
+    """Issue 11 item 5: a driver that respects the offered limits never
+    makes a request nitro refuses, and no request moves more than 4 MiB."""
+    rw = c.device_features(readonly=False, num_queues=1)
+    assert rw >> c.VIRTIO_BLK_F_SIZE_MAX & 1 and rw >> c.VIRTIO_BLK_F_SEG_MAX & 1
+    for queue_size in (2, 4, 64, 128, 256, 1024):
+        seg_max = c.seg_max_for(queue_size)
+        assert 1 <= seg_max <= max(1, queue_size - 2)
+        assert seg_max * c.SIZE_MAX <= c.MAX_REQUEST_BYTES
+    raw = c.BlkConfigSpace(capacity_sectors=8, seg_max=c.seg_max_for(256), num_queues=1).pack()
+    assert struct.unpack_from("<II", raw, 8) == (c.SIZE_MAX, 64)  # size_max, seg_max

@@ -103,3 +103,21 @@ def test_engine_settings(tmp_path):
     assert default.engine.poll_us is None and default.engine.cpus is None
     assert default.engine.workers == len(os.sched_getaffinity(0))
     assert load_text(tmp_path, "[daemon]\ncpus = '0'\n").engine.workers == 1
+
+
+def test_hostile_tenant_limits_default_to_seccomp_on_and_no_memory_cap(tmp_path):
+    e = load_text(tmp_path, "").engine
+    assert e.seccomp is True and e.max_guest_memory is None
+    e = load_text(tmp_path, '[daemon]\nseccomp = false\nmax_guest_memory = "64G"\n').engine
+    assert e.seccomp is False and e.max_guest_memory == 64 << 30
+
+
+@pytest.mark.parametrize("line,key", [
+    ('seccomp = "yes"', "daemon.seccomp"),
+    ('max_guest_memory = "lots"', "daemon.max_guest_memory"),
+    ("max_guest_memory = 0", "daemon.max_guest_memory"),
+])
+def test_hostile_tenant_limits_are_checked(tmp_path, line, key):
+    with pytest.raises(config.ConfigError) as e:
+        load_text(tmp_path, f"[daemon]\n{line}\n")
+    assert e.value.key == key

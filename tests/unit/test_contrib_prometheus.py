@@ -189,7 +189,8 @@ def test_dashboard_covers_the_issue():
     assert {"nitro_blk_requests_total", "nitro_blk_bytes_total", "nitro_blk_request_duration_seconds_bucket",
             "nitro_net_packets_total", "nitro_net_bytes_total", "nitro_net_drops_total",
             "nitro_net_bw_in_allowance_exceeded_total", "nitro_net_bw_out_allowance_exceeded_total",
-            "nitro_net_pps_allowance_exceeded_total", "nitro_guest_errors_total", "nitro_device_broken"} <= used
+            "nitro_net_pps_allowance_exceeded_total", "nitro_net_linklocal_allowance_exceeded_total",
+            "nitro_guest_errors_total", "nitro_device_broken"} <= used
 
 
 def test_dashboard_datasource_and_variables():

@@ -14,7 +14,7 @@ import pytest
 import trio
 
 from nitro import _datapath
-from nitro._datapath import BlkParams, BlkStats, GuestFault, Ring
+from nitro._datapath import BlkParams, GuestFault, Ring
 from nitro.engine import Engine
 from tests.ringlayout import (
     VIRTIO_BLK_S_OK,
@@ -53,13 +53,6 @@ def params() -> Iterator[BlkParams]:
         p = BlkParams(fd, CAPACITY)
         yield p
         p.close()
-
-
-@pytest.fixture
-def stats() -> Iterator[BlkStats]:
-    s = BlkStats()
-    yield s
-    s.close()
 
 
 def wait_used(ring: SplitRing, n: int, timeout: float = 5.0) -> list[tuple[int, int]]:

@@ -278,7 +278,7 @@ def net_stats(dev="web", **over):
              "queues": [], "protocol_errors": 0, "connections": 1,
              "net": {"packets_in": 10, "bytes_in": 1000, "packets_out": 20, "bytes_out": 2000, "drops": drops,
                      "bw_in_allowance_exceeded": 3, "bw_out_allowance_exceeded": 4,
-                     "pps_allowance_exceeded": 5, "punted": 6}}
+                     "pps_allowance_exceeded": 5, "linklocal_allowance_exceeded": 8, "punted": 6}}
     stats.update(over)
     return stats
 
@@ -299,7 +299,7 @@ def test_scrape_net_device(serve):
     drops = {dict(k)["reason"]: v for k, v in samples(fams, "nitro_net_drops_total").items()}
     assert drops == {"no_rx_buffer": 1, "spoofed_source": 2, "unknown_destination": 0, "bad_header": 0, "mtu": 0,
                      "punt_overflow": 0, "a_new_reason": 7}  # whatever C reports, nothing else
-    for name, n in (("bw_in", 3), ("bw_out", 4), ("pps", 5)):
+    for name, n in (("bw_in", 3), ("bw_out", 4), ("pps", 5), ("linklocal", 8)):
         assert fams[f"nitro_net_{name}_allowance_exceeded"].type == "counter"
         assert value(fams, f"nitro_net_{name}_allowance_exceeded_total", interface="web") == n
     assert value(fams, "nitro_net_punted_total", interface="web") == 6

@@ -5,6 +5,7 @@ from __future__ import annotations
 import ipaddress
 import socket
 import struct
+import time
 
 import pytest
 from scapy.layers.inet import ICMP, IP, UDP
@@ -551,17 +552,32 @@ def test_tx_ring_fault_mid_batch_completes_what_was_switched(net):
 
 
 def test_ctrl_queue_calls_only_when_it_answered():
+    """The control queue as an engine worker serves it (the only way: a
+    serving loop of its own ignored stops while the ring was non-empty)."""
     guest = FakeGuest()
     ring = SplitRing(guest, num=16)
+    engine = _datapath.Engine(1)
+    r = _datapath.Ring.net_ctrl(ring.vq, 1)
+    engine.attach(r, 0)
     try:
-        assert _datapath.net_ctrl_serve(ring.vq, 1, 0) == 0
-        assert ring.calls() == 0
-        cmd, ack = guest.alloc(4), guest.alloc(1)
-        guest.write(cmd, struct.pack("<BBH", 4, 0, 1))  # MQ VQ_PAIRS_SET 1
-        ring.add_chain([Buf(cmd, 4), Buf(ack, 1, writable=True)])
-        assert _datapath.net_ctrl_serve(ring.vq, 1, 0) == 1
-        assert ring.calls() == 1 and guest.read(ack, 1) == b"\x00"
+        cmds = []
+        for pairs in (1, 2):  # MQ VQ_PAIRS_SET: 1 is fine, 2 is more than the device has
+            cmd, ack = guest.alloc(4), guest.alloc(1)
+            guest.write(cmd, struct.pack("<BBH", 4, 0, pairs))
+            guest.write(ack, b"\xee")
+            ring.add_chain([Buf(cmd, 4), Buf(ack, 1, writable=True)])
+            cmds.append(ack)
+        ring.kick()
+        deadline = time.monotonic() + 5
+        while ring.used_idx() < 2:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        assert [guest.read(a, 1) for a in cmds] == [b"\x00", b"\x01"]
+        assert ring.calls() >= 1
     finally:
+        engine.detach(r)
+        r.close()
+        engine.close()
         ring.close()
         guest.close()
 
@@ -773,3 +789,61 @@ def test_a_spoofed_frame_in_a_burst_is_dropped_alone(net):
     _datapath.net_tx_serve(net.sw, 0, net.tx.vq, 0)
     assert [g[HDR:] for g in net.received(1)] == good
     assert net.sw.port_stats(0)["drops"]["spoofed_source"] == 1
+
+
+def _arp_request(src_mac: str, src_ip: str, target: str) -> bytes:
+    return bytes(Ether(src=src_mac, dst="ff:ff:ff:ff:ff:ff")
+                 / ARP(op=1, hwsrc=src_mac, psrc=src_ip, pdst=target))
+
+
+def _send_from(net: Net, port: int, frame: bytes) -> None:
+    """One frame from `port` through a TX ring of its own."""
+    tx = SplitRing(net.guest, num=16)
+    try:
+        gpa = net.guest.alloc(HDR + len(frame))
+        net.guest.write(gpa, bytes(HDR) + frame)
+        tx.add_chain([Buf(gpa, HDR + len(frame))])
+        assert _datapath.net_tx_serve(net.sw, port, tx.vq, 0) == 1
+    finally:
+        tx.close()
+
+
+def test_linklocal_budget_drops_and_counts_a_flood_of_punts():
+    """Issue 11 item 2: frames to nitro's own services (everything punted)
+    are limited per port; the excess is linklocal_allowance_exceeded, and
+    the other ports' ARP still gets through."""
+    net = Net(linklocal_pps=10)  # port A: 10 frames/s, 1 deep
+    try:
+        start = time.monotonic()
+        for i in range(40):
+            net.send(_arp_request(A, A_IP, f"10.0.0.{100 + i}"))
+        refilled = int(10 * (time.monotonic() - start)) + 1
+        a = net.sw.port_stats(0)
+        assert 1 <= a["punted"] <= 1 + refilled, (a, refilled)
+        assert a["linklocal_allowance_exceeded"] == 40 - a["punted"]
+        assert a["drops"]["punt_overflow"] == 0
+        _send_from(net, 1, _arp_request(B, B_IP, "10.0.0.1"))
+        assert net.sw.port_stats(1)["punted"] == 1
+        ports = [p for p, _ in net.sw.punt_pop_batch()]
+        assert ports.count(1) == 1 and ports.count(0) == a["punted"]
+    finally:
+        net.close()
+
+
+def test_one_port_cannot_fill_the_punt_queue(net):
+    """A port holds at most PUNT_PORT_SLOTS entries of the shared punt
+    queue: a flood with no link-local budget overflows its own share, and
+    another port's ARP request is still punted."""
+    for i in range(300):
+        net.send(_arp_request(A, A_IP, f"10.0.{i // 250}.{i % 250 + 2}"))
+    a = net.sw.port_stats(0)
+    assert a["punted"] == _datapath.NET_PUNT_PORT_SLOTS
+    assert a["drops"]["punt_overflow"] == 300 - a["punted"]
+    _send_from(net, 1, _arp_request(B, B_IP, "10.0.0.1"))
+    assert net.sw.port_stats(1)["punted"] == 1
+    assert net.sw.port_stats(1)["drops"]["punt_overflow"] == 0
+    got = net.sw.punt_pop_batch()
+    assert [p for p, _ in got].count(1) == 1
+    # Popping gives the port its share back.
+    net.send(_arp_request(A, A_IP, "10.0.0.1"))
+    assert net.sw.port_stats(0)["punted"] == a["punted"] + 1

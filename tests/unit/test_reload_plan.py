@@ -66,7 +66,7 @@ def test_engine_settings_need_restart():
     old = cfg({"id": "a", "size": "1M"})
     new = cfg({"id": "a", "size": "1M"}, daemon={"workers": 1, "poll_us": 20})
     p = reload.plan(old, new)
-    assert [c.id for c in p.needs_restart] == ["daemon.workers/cpus/poll_us"]
+    assert [c.id for c in p.needs_restart] == ["daemon.workers/cpus/poll_us/seccomp/max_guest_memory"]
     assert p.running.engine == old.engine
 
 

@@ -44,7 +44,7 @@ def test_feature_names_come_from_the_device_modules():
     assert decode_features(netcfg.device_features(), "net") == [
         "CSUM", "GUEST_CSUM", "MTU", "MAC", "GUEST_TSO4", "GUEST_TSO6", "HOST_TSO4", "HOST_TSO6",
         "MRG_RXBUF", "STATUS", "CTRL_VQ", "MQ",
-        "RING_INDIRECT_DESC", "RING_EVENT_IDX", "VERSION_1"]
+        "RING_INDIRECT_DESC", "RING_EVENT_IDX", "VERSION_1", "RING_PACKED"]
     assert decode_features(1 << netcfg.VIRTIO_NET_F_HOST_TSO4, "net") == ["HOST_TSO4"]
     assert decode_features(1 << blkcfg.VIRTIO_BLK_F_DISCARD | 1 << 11, "blk") == ["CONFIG_WCE", "DISCARD"]
     assert decode_features(1 << 30 | 1 << 34) == ["PROTOCOL_FEATURES", "RING_PACKED"]

@@ -12,6 +12,7 @@ from __future__ import annotations
 import fcntl
 import os
 import struct
+import tempfile
 
 import pytest
 
@@ -65,6 +66,8 @@ class FakeDatapathError(Exception):
 
 
 class FakeMemory:
+    sealed = 0  # regions whose file cannot shrink (test memfds are not sealed)
+
     def __init__(self) -> None:
         self.regions: list[tuple[int, int, int, int]] = []
         self.closed = False
@@ -896,6 +899,44 @@ def test_set_inflight_fd_bad_descriptions_are_refused(fei, payload, make_fd, tex
     assert is_closed(fd)
 
 
+def _regular_file(size: int) -> int:
+    fd, path = tempfile.mkstemp(prefix="nitro-inflight-")
+    os.unlink(path)
+    os.ftruncate(fd, size)
+    return fd
+
+
+def _unsealable_memfd(size: int) -> int:
+    fd = os.memfd_create("not-sealable", os.MFD_CLOEXEC)  # no MFD_ALLOW_SEALING
+    os.ftruncate(fd, size)
+    return fd
+
+
+@pytest.mark.parametrize("make_fd,text", [
+    (_regular_file, "the fd is not a memfd"),
+    (_unsealable_memfd, "the memfd is not sealed against shrinking and cannot be sealed"),
+], ids=["regular-file", "unsealable-memfd"])
+def test_set_inflight_fd_takes_only_a_memfd_that_cannot_shrink(fei, make_fd, text):
+    """A file the frontend could truncate under the mapping is refused: the
+    datapath would fault on the inflight region."""
+    info = Inflight(REGION_128, 0, 1, QUEUE_SIZE)
+    with pytest.raises(BackendError, match=f"SET_INFLIGHT_FD: {text}"):
+        fei.send(R.SET_INFLIGHT_FD, info, [make_fd(REGION_128)])
+    assert fei.backend.inflight is None
+
+
+def test_set_inflight_fd_seals_a_sealable_memfd_against_shrinking(fei):
+    fd = os.memfd_create("sealable", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    os.ftruncate(fd, REGION_128)
+    keep = os.dup(fd)
+    fei.send(R.SET_INFLIGHT_FD, Inflight(REGION_128, 0, 1, QUEUE_SIZE), [fd])
+    assert fei.backend.inflight is not None
+    assert fcntl.fcntl(keep, fcntl.F_GET_SEALS) & fcntl.F_SEAL_SHRINK
+    with pytest.raises(PermissionError):
+        os.ftruncate(keep, 0)
+    os.close(keep)
+
+
 def test_get_inflight_fd_bad_descriptions_are_refused(fei):
     for bad, text in ((Inflight(0, 0, 5, 128), "num_queues 5"), (Inflight(0, 0, 1, 4096), "queue_size 4096")):
         with pytest.raises(BackendError, match=f"GET_INFLIGHT_FD: {text}"):
@@ -942,3 +983,48 @@ def test_the_trio_layer_sends_a_replys_fds_and_closes_them():
     finally:
         a.close()
         b.close()
+
+
+# -- packed virtqueues (VIRTIO_F_RING_PACKED) ------------------------------------------------
+VIRTIO_F_RING_PACKED = 1 << 34
+REGION_128_PACKED = 4160  # align64(32 + 32 * 128): QueueRegionPacked
+
+
+def packed_frontend() -> Frontend:
+    device = FakeBlkDevice(protocol_features=INFLIGHT_PF)
+    device.device_features |= VIRTIO_F_RING_PACKED
+    frontend = Frontend(device)
+    negotiate(frontend)
+    return frontend
+
+
+def test_a_packed_ring_base_is_32_bits_and_a_split_one_16():
+    fe = packed_frontend()
+    try:
+        fe.send(R.SET_FEATURES, U64(VIRTIO_F_VERSION_1 | F_PROTOCOL_FEATURES))
+        with pytest.raises(BackendError, match="split ring's 16-bit"):
+            fe.send(R.SET_VRING_BASE, VringState(0, 0x8000_8000))
+        fe.send(R.SET_FEATURES, U64(VIRTIO_F_VERSION_1 | VIRTIO_F_RING_PACKED))
+        assert fe.backend.vrings[0].vq.features & VIRTIO_F_RING_PACKED
+        fe.send(R.SET_VRING_BASE, VringState(0, 0x8005_8007))
+        assert fe.backend.vrings[0].vq.base == 0x8005_8007
+        assert fe.call(R.GET_VRING_BASE, VringState(0, 0)) == 0x8005_8007 << 32  # index 0, num
+    finally:
+        fe.close()
+
+
+def test_the_inflight_buffer_takes_the_packed_layout_once_negotiated():
+    """QEMU sends SET_FEATURES before GET_INFLIGHT_FD (vhost_dev_prepare_inflight)
+    so that the back-end knows which layout to size."""
+    fe = packed_frontend()
+    try:
+        info, fd = get_inflight(fe, num_queues=2)
+        assert info.mmap_size == 2 * REGION_128
+        os.close(fd)
+        fe.send(R.SET_FEATURES, U64(VIRTIO_F_VERSION_1 | VIRTIO_F_RING_PACKED))
+        info, fd = get_inflight(fe, num_queues=2)
+        assert info.mmap_size == 2 * REGION_128_PACKED
+        assert fe.call(R.SET_INFLIGHT_FD, info, [fd], need_reply=True) == 0
+        assert fe.backend.vrings[1].vq.inflight[1:] == (REGION_128_PACKED, REGION_128_PACKED)
+    finally:
+        fe.close()

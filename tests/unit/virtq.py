@@ -30,8 +30,13 @@ from nitro._datapath import BlkParams, GuestMemory, Virtqueue
 from tests import ringlayout as rl
 from tests.ringlayout import (
     DESC,
+    EVENT,
+    PDESC,
     U16,
     USED_ELEM,
+    VIRTIO_F_RING_PACKED,
+    VIRTQ_DESC_F_AVAIL,
+    VIRTQ_DESC_F_USED,
     VRING_DESC_F_INDIRECT,
     VRING_DESC_F_NEXT,
     VRING_DESC_F_WRITE,
@@ -165,27 +170,16 @@ def _eventfd() -> int:
     return os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
 
 
-class SplitRing:
-    """A split virtqueue in guest memory plus the nitro Virtqueue serving it."""
+class _Ring:
+    """What both layouts' fake drivers share: the nitro Virtqueue serving
+    the ring and the kick/call eventfds."""
 
-    def __init__(self, guest: FakeGuest, num: int = 16, features: int = 0,
-                 kick: bool = True, call: bool = True) -> None:
+    def __init__(self, guest: FakeGuest, num: int, kick: bool, call: bool) -> None:
         self.guest = guest
         self.num = num
-        self.desc = guest.alloc(rl.desc_table_size(num), align=rl.DESC_ALIGN)
-        self.avail = guest.alloc(rl.avail_size(num), align=rl.AVAIL_ALIGN)
-        self.used = guest.alloc(rl.used_size(num), align=rl.USED_ALIGN)
         self.kick_fd = _eventfd() if kick else -1
         self.call_fd = _eventfd() if call else -1
         self.vq = Virtqueue(0)
-        self.vq.set_num(num)
-        self.vq.set_addr(guest.mem, guest.uaddr(self.desc), guest.uaddr(self.avail),
-                         guest.uaddr(self.used))
-        self.vq.set_features(features)
-        self.vq.set_fds(self.kick_fd, self.call_fd)
-        self.avail_idx = 0
-        self.used_seen = 0
-        self._next_desc = 0
 
     def close(self) -> None:
         self.vq.close()
@@ -198,6 +192,35 @@ class SplitRing:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    def kick(self) -> None:
+        os.eventfd_write(self.kick_fd, 1)
+
+    def calls(self) -> int:
+        """How many times the device signalled the call fd since last asked."""
+        try:
+            return os.eventfd_read(self.call_fd)
+        except BlockingIOError:
+            return 0
+
+
+class SplitRing(_Ring):
+    """A split virtqueue in guest memory plus the nitro Virtqueue serving it."""
+
+    def __init__(self, guest: FakeGuest, num: int = 16, features: int = 0,
+                 kick: bool = True, call: bool = True) -> None:
+        super().__init__(guest, num, kick, call)
+        self.desc = guest.alloc(rl.desc_table_size(num), align=rl.DESC_ALIGN)
+        self.avail = guest.alloc(rl.avail_size(num), align=rl.AVAIL_ALIGN)
+        self.used = guest.alloc(rl.used_size(num), align=rl.USED_ALIGN)
+        self.vq.set_num(num)
+        self.vq.set_addr(guest.mem, guest.uaddr(self.desc), guest.uaddr(self.avail),
+                         guest.uaddr(self.used))
+        self.vq.set_features(features)
+        self.vq.set_fds(self.kick_fd, self.call_fd)
+        self.avail_idx = 0
+        self.used_seen = 0
+        self._next_desc = 0
 
     def rebase(self, idx: int) -> None:
         """Start the ring at index idx (as after a reconnect): avail->idx,
@@ -287,15 +310,123 @@ class SplitRing:
         return out
 
     # -- notifications ----------------------------------------------------
-    def kick(self) -> None:
-        os.eventfd_write(self.kick_fd, 1)
 
-    def calls(self) -> int:
-        """How many times the device signalled the call fd since last asked."""
-        try:
-            return os.eventfd_read(self.call_fd)
-        except BlockingIOError:
-            return 0
+
+
+class PackedRing(_Ring):
+    """A packed virtqueue (virtio 1.2 section 2.8) in guest memory plus the
+    nitro Virtqueue serving it, with the driver's side played here: buffer
+    ids from a free list, wrap counters starting at 1, the head of a list
+    made available last."""
+
+    def __init__(self, guest: FakeGuest, num: int = 16, features: int = 0,
+                 kick: bool = True, call: bool = True) -> None:
+        super().__init__(guest, num, kick, call)
+        self.desc = guest.alloc(16 * num, align=16)
+        self.driver = guest.alloc(4, align=4)   # driver event suppression
+        self.device = guest.alloc(4, align=4)   # device event suppression
+        self.vq.set_num(num)
+        self.vq.set_features(features | VIRTIO_F_RING_PACKED)
+        self.vq.set_addr(guest.mem, guest.uaddr(self.desc), guest.uaddr(self.driver),
+                         guest.uaddr(self.device))
+        self.vq.set_fds(self.kick_fd, self.call_fd)
+        self.avail_pos, self.avail_wrap = 0, 1
+        self.used_pos, self.used_wrap = 0, 1
+        self.free_ids = list(range(num))
+        self.sizes: dict[int, int] = {}   # id -> descriptors of its list
+        self.pending: list[tuple[int, int]] = []  # (slot, flags) of unpublished heads
+
+    @property
+    def outstanding(self) -> int:
+        """Descriptors made available and not yet used."""
+        return sum(self.sizes.values())
+
+    # -- descriptors ------------------------------------------------------
+    def write_desc(self, slot: int, addr: int, length: int, id_: int, flags: int,
+                   table: int | None = None) -> None:
+        base = self.desc if table is None else table
+        self.guest.write(base + 16 * slot, PDESC.pack(addr, length, id_, flags))
+
+    def read_desc(self, slot: int) -> tuple[int, int, int, int]:
+        return PDESC.unpack(self.guest.read(self.desc + 16 * slot, 16))
+
+    def _avail_flags(self) -> int:
+        return VIRTQ_DESC_F_AVAIL if self.avail_wrap else VIRTQ_DESC_F_USED
+
+    def place(self, entries: Sequence[tuple[int, int, int]], id_: int | None = None,
+              publish: bool = True) -> int:
+        """Put a list of raw (addr, len, flags) descriptors in the ring from
+        the driver's position (AVAIL/USED added), the id in each; the head's
+        flags last. Returns the id."""
+        if self.outstanding + len(entries) > self.num:
+            raise RuntimeError("driver would overfill the ring")
+        id_ = self.free_ids.pop(0) if id_ is None else id_
+        head = None
+        for addr, length, flags in entries:
+            flags |= self._avail_flags()
+            if head is None:
+                head = (self.avail_pos, flags)
+                self.write_desc(self.avail_pos, addr, length, id_, 0)
+            else:
+                self.write_desc(self.avail_pos, addr, length, id_, flags)
+            self.avail_pos += 1
+            if self.avail_pos == self.num:
+                self.avail_pos, self.avail_wrap = 0, self.avail_wrap ^ 1
+        self.sizes[id_] = self.sizes.get(id_, 0) + len(entries)
+        assert head is not None
+        self.pending.append(head)
+        if publish:
+            self.publish()
+        return id_
+
+    def publish(self) -> None:
+        """Expose the heads written so far (their flags), oldest first."""
+        for slot, flags in self.pending:
+            self.guest.write(self.desc + 16 * slot + 14, U16.pack(flags))
+        self.pending = []
+
+    def add_chain(self, bufs: Sequence[Buf], indirect: bool = False, publish: bool = True,
+                  id_: int | None = None) -> int:
+        """A list of descriptors (or one pointing at an indirect table of
+        them) for bufs, made available; returns its buffer id."""
+        entries = [(b.gpa, b.length, VRING_DESC_F_WRITE if b.writable else 0) for b in bufs]
+        if indirect:
+            table = self.guest.alloc(16 * len(bufs), align=16)
+            for i, (addr, length, flags) in enumerate(entries):
+                self.write_desc(i, addr, length, 0, flags, table=table)
+            entries = [(table, 16 * len(bufs), VRING_DESC_F_INDIRECT)]
+        else:
+            entries = [(a, n, f | (VRING_DESC_F_NEXT if k < len(entries) - 1 else 0))
+                       for k, (a, n, f) in enumerate(entries)]
+        return self.place(entries, id_, publish)
+
+    # -- used descriptors ---------------------------------------------------
+    def take_used(self) -> list[tuple[int, int]]:
+        """Used descriptors written since the last call, as (id, len), read
+        as a driver does (2.8.22): at its used position, skipping each
+        list's size."""
+        out = []
+        while True:
+            _, length, id_, flags = self.read_desc(self.used_pos)
+            used = bool(flags & VIRTQ_DESC_F_USED)
+            if used != bool(self.used_wrap) or bool(flags & VIRTQ_DESC_F_AVAIL) != used:
+                return out
+            assert id_ in self.sizes, f"used id {id_} was not available"
+            out.append((id_, length))
+            self.used_pos += self.sizes.pop(id_)
+            if self.used_pos >= self.num:
+                self.used_pos, self.used_wrap = self.used_pos - self.num, self.used_wrap ^ 1
+            self.free_ids.append(id_)
+
+    # -- event suppression ----------------------------------------------------
+    def set_driver_event(self, flags: int, off: int = 0, wrap: int = 1) -> None:
+        """When the device should call (2.8.14): ENABLE, DISABLE or DESC at
+        (off, wrap)."""
+        self.guest.write(self.driver, EVENT.pack(off | wrap << 15, flags))
+
+    def device_event(self) -> tuple[int, int]:
+        """(off_wrap, flags) the device wrote: when it wants kicks."""
+        return EVENT.unpack(self.guest.read(self.device, 4))
 
 
 def fill(length: int, seed: int = 1) -> bytes:

@@ -20,10 +20,6 @@ if TYPE_CHECKING:
     from nitro.devices.blk.backends.luks import LuksVolume
 from nitro.vhost.protocol import ProtocolFeature
 
-# Ring entries kept free so a chain of seg_max data buffers plus header and
-# status still fits (Linux requires seg_max <= queue size - 2).
-_RING_OVERHEAD = 2
-
 
 class BlkDevice(VirtioDevice):
     kind = "blk"
@@ -39,7 +35,7 @@ class BlkDevice(VirtioDevice):
         limit = blkcfg.MAX_DISCARD_SECTORS if volume.supports_discard else 0
         self.config_space = blkcfg.BlkConfigSpace(
             capacity_sectors=volume.capacity_sectors,
-            seg_max=cfg.queue_size - _RING_OVERHEAD,
+            seg_max=blkcfg.seg_max_for(cfg.queue_size),
             num_queues=cfg.queues,
             blk_size=volume.block_size,
             max_discard_sectors=limit,
@@ -60,6 +56,7 @@ class BlkDevice(VirtioDevice):
             readonly=cfg.readonly, block_size=volume.block_size,
             max_discard_sectors=self.config_space.max_discard_sectors,
             max_write_zeroes_sectors=self.config_space.max_write_zeroes_sectors,
+            seg_max=self.config_space.seg_max, size_max=self.config_space.size_max,
             serial=cfg.serial.encode(),
             xts=volume.xts, data_offset=volume.data_offset)
         self.stats = [_datapath.BlkStats() for _ in range(cfg.queues)]

@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import struct
 
-from nitro.devices.base import VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC
+from nitro.devices.base import (
+    VIRTIO_F_RING_PACKED,
+    VIRTIO_F_VERSION_1,
+    VIRTIO_RING_F_EVENT_IDX,
+    VIRTIO_RING_F_INDIRECT_DESC,
+)
 
 # Every VIRTIO_NET_F_* bit up to 23; only those in device_features() are
 # offered.
@@ -82,7 +87,7 @@ def device_features() -> int:
             VIRTIO_NET_F_MRG_RXBUF, VIRTIO_NET_F_CSUM, VIRTIO_NET_F_GUEST_CSUM,
             VIRTIO_NET_F_HOST_TSO4, VIRTIO_NET_F_HOST_TSO6, VIRTIO_NET_F_GUEST_TSO4,
             VIRTIO_NET_F_GUEST_TSO6, VIRTIO_NET_F_CTRL_VQ, VIRTIO_NET_F_MQ,
-            VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC)
+            VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC, VIRTIO_F_RING_PACKED)
     return sum(1 << b for b in bits)
 
 

@@ -75,7 +75,8 @@ class NetFabric:
             mac = pk.mac_bytes(n.mac)
             try:
                 self.switch.add_port(port, vi, mac, n.ip.packed, bw_in=n.bw_in_bytes_per_sec,
-                                     bw_out=n.bw_out_bytes_per_sec, pps=n.pps)
+                                     bw_out=n.bw_out_bytes_per_sec, pps=n.pps,
+                                     linklocal_pps=n.linklocal_pps)
             except _datapath.DatapathError as e:
                 raise FabricError(f"net {n.id}: cannot add it to the switch as port {port}: {e}") from None
             responder = self.responders[n.vpc]
