@@ -61,7 +61,8 @@ class Vring:
     def base(self) -> int:
         """The next available ring index to process (C keeps it current);
         packed rings: both positions and wrap counters (32 bits)."""
-        return self.vq.base
+        base: int = self.vq.base
+        return base
 
     @base.setter
     def base(self, value: int) -> None:
@@ -166,7 +167,7 @@ class Vring:
         self._close_fds()
         self.started = False
 
-    def statistics(self) -> dict:
+    def statistics(self) -> dict[str, Any]:
         """Control-plane state plus the C counters (``vq.stats()``)."""
         return {"index": self.index, "num": self.num, "started": self.started,
                 "enabled": self.enabled, "broken": self.broken, **self.vq.stats()}
