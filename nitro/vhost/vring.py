@@ -19,7 +19,6 @@ at once, the rest at ``reset()`` or ``close()``.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 from nitro.vhost.codec import close_fds
@@ -28,23 +27,13 @@ from nitro.vhost.protocol import VHOST_USER_F_PROTOCOL_FEATURES, VringAddr
 _PROTOCOL_FEATURES_BIT = 1 << VHOST_USER_F_PROTOCOL_FEATURES
 
 
-def _datapath_virtqueue(index: int) -> Any:
-    # Imported here: the cffi extension is only needed once a queue exists.
-    from nitro import _datapath
-
-    return _datapath.Virtqueue(index)
-
-
 class Vring:
-    """One virtqueue: what the front-end configured, and the C queue ``vq``.
+    """One virtqueue: what the front-end configured, and its C queue ``vq``
+    (a ``nitro._datapath.Virtqueue``, or a test's fake), which it owns."""
 
-    ``vq_factory(index)`` builds the C queue wrapper (default
-    ``nitro._datapath.Virtqueue``); tests pass a fake.
-    """
-
-    def __init__(self, index: int, *, vq_factory: Callable[[int], Any] | None = None) -> None:
+    def __init__(self, index: int, vq: Any) -> None:
         self.index = index
-        self.vq = (vq_factory or _datapath_virtqueue)(index)
+        self.vq = vq
         self.num = 0                      # SET_VRING_NUM; 0: not set
         self.addr: VringAddr | None = None  # SET_VRING_ADDR, once translated by C
         self.kick_fd: int | None = None
