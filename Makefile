@@ -45,8 +45,8 @@ demo: build
 # Each bench module runs nitro and its reference in one run and prints ratios.
 bench: build
 	$(PY) -m bench.blk --backend both
-	@for m in crypto net tenant; do \
-	    if [ -f bench/$$m.py ]; then $(PY) -m bench.$$m || exit 1; fi; \
+	@for m in crypto net density tenant; do \
+	    $(PY) -m bench.$$m || exit 1; \
 	done
 
 # docs/reliability.md "Fuzzing": 10^6 cases per target (vring, blk, vhost, net),

@@ -210,7 +210,8 @@ class InflightRegion:
 
     def read(self, offset: int, size: int) -> bytes:
         """A copy of part of the region (debugging and tests)."""
-        return ffi.buffer(self.pointer(offset, size), size)[:]
+        data: bytes = ffi.buffer(self.pointer(offset, size), size)[:]
+        return data
 
     def close(self) -> None:
         if self._mm is not None:

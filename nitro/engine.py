@@ -18,6 +18,7 @@ import logging
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import trio
 
@@ -94,7 +95,7 @@ class Engine:
                 self._assigned.pop(id(ring), None)
                 await self._rebalance()
 
-    async def _call(self, fn: Callable, *args: object) -> None:
+    async def _call(self, fn: Callable[..., None], *args: object) -> None:
         await trio.to_thread.run_sync(fn, *args, limiter=self._limiter)
 
     async def _rebalance(self) -> None:
@@ -147,7 +148,7 @@ class Engine:
                 a.on_error(e)
 
     # -- observation -------------------------------------------------------------
-    def statistics(self) -> dict:
+    def statistics(self) -> dict[str, Any]:
         """Per worker: its rings (by label) and counters; any thread."""
         workers = []
         for w in range(self.workers):

@@ -44,6 +44,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from nitro import _datapath
 from nitro.devices.base import VIRTIO_F_RING_PACKED, VirtioBackend
 from nitro.vhost.codec import (
     Message,
@@ -132,18 +133,6 @@ class BackendError(RemoteProtocolError):
     answered with REPLY_ACK: close the connection then."""
 
 
-def _datapath_memory() -> Any:
-    from nitro import _datapath  # lazily: the cffi extension may not be built
-
-    return _datapath.GuestMemory()
-
-
-def _datapath_inflight(fd: int, size: int, offset: int) -> Any:
-    from nitro import _datapath
-
-    return _datapath.InflightRegion(fd, size, offset)
-
-
 @dataclass
 class _WithFds:
     """A handler's reply payload plus fds to send with it (owned until sent)."""
@@ -152,17 +141,15 @@ class _WithFds:
     fds: list[int] = field(default_factory=list)
 
 
-def _add_region(request: Request, memory: Any, fd: int, r: Any) -> None:
+def _add_region(datapath: Any, request: Request, memory: Any, fd: int, r: Any) -> None:
     """Map one region; the cap on mapped guest memory refused by name."""
-    from nitro import _datapath
-
     try:
         memory.add_region(fd, r.guest_address, r.size, r.user_address, r.mmap_offset)
-    except _datapath.LimitError as e:
-        cap = _datapath.guest_memory_limit()
+    except datapath.LimitError as e:
+        cap = datapath.guest_memory_limit()
         raise BackendError(
             f"{request.name}: region of {r.size} bytes refused: nitro maps "
-            f"{_datapath.guest_memory_mapped()} bytes of guest memory already and "
+            f"{datapath.guest_memory_mapped()} bytes of guest memory already and "
             f"[daemon] max_guest_memory is {cap} bytes") from e
 
 
@@ -195,36 +182,22 @@ def _require_sealed_memfd(fd: int, where: str) -> None:
                            f"be sealed ({e.strerror})") from None
 
 
-def _datapath_errors() -> tuple[type[BaseException], ...]:
-    try:
-        from nitro import _datapath
-    except ImportError:
-        return ()
-    return (_datapath.DatapathError,)
-
-
 class VhostUserBackend:
     """Dispatches one session's requests to ``device`` and its vrings.
 
-    ``memory_factory()`` builds an empty guest memory table (default
-    ``nitro._datapath.GuestMemory``), ``vq_factory(index)`` a C queue
-    (default ``nitro._datapath.Virtqueue``), ``inflight_factory(fd, size,
-    offset)`` maps a SET_INFLIGHT_FD buffer (default
-    ``nitro._datapath.InflightRegion``); ``datapath_errors`` are the
-    exception types treated as a failed request (default
-    ``(nitro._datapath.DatapathError,)``).
+    ``datapath`` is what the session builds its C objects from: the
+    ``nitro._datapath`` module by default (GuestMemory for SET_MEM_TABLE,
+    Virtqueue per vring, InflightRegion for SET_INFLIGHT_FD, DatapathError
+    for a refused request, LimitError and the guest memory figures for the
+    mapped-memory cap); tests inject a fake with the same names.
     """
 
-    def __init__(self, device: VirtioBackend, memory_factory: Callable[[], Any] | None = None, *,
-                 vq_factory: Callable[[int], Any] | None = None,
-                 inflight_factory: Callable[[int, int, int], Any] | None = None,
-                 datapath_errors: tuple[type[BaseException], ...] | None = None) -> None:
+    def __init__(self, device: VirtioBackend, *, datapath: Any = _datapath) -> None:
         self.device = device
-        self._memory_factory = memory_factory or _datapath_memory
-        self._inflight_factory = inflight_factory or _datapath_inflight
+        self.datapath = datapath
         self.inflight: Any = None  # the mapped SET_INFLIGHT_FD buffer
-        self._datapath_errors = _datapath_errors() if datapath_errors is None else datapath_errors
-        self.vrings: list[Vring] = [Vring(i, vq_factory=vq_factory)
+        self._datapath_errors: tuple[type[BaseException], ...] = (datapath.DatapathError,)
+        self.vrings: list[Vring] = [Vring(i, datapath.Virtqueue(i))
                                     for i in range(device.num_queues)]
         self.memory: Any = None
         self.owner = False
@@ -391,10 +364,10 @@ class VhostUserBackend:
     def _handle_set_mem_table(self, m: Message) -> None:
         """A new table from the regions and their fds (closed once mapped),
         swapped into every ring; the old table is freed."""
-        memory = self._memory_factory()
+        memory = self.datapath.GuestMemory()
         try:
             for region, fd in zip(m.payload.regions, m.fds):
-                _add_region(m.request, memory, fd, region)
+                _add_region(self.datapath, m.request, memory, fd, region)
         except BaseException:
             memory.close()
             raise
@@ -412,10 +385,10 @@ class VhostUserBackend:
     def _handle_add_mem_reg(self, m: Message) -> None:
         r = m.payload
         if self.memory is None:
-            self.memory = self._memory_factory()
+            self.memory = self.datapath.GuestMemory()
         if len(self.memory) >= MAX_MEM_SLOTS:
             raise BackendError(f"ADD_MEM_REG: all {MAX_MEM_SLOTS} memory slots are in use")
-        _add_region(m.request, self.memory, m.fds[0], r)
+        _add_region(self.datapath, m.request, self.memory, m.fds[0], r)
         self._remap_vrings(m.request)
 
     def _handle_rem_mem_reg(self, m: Message) -> None:
@@ -557,7 +530,7 @@ class VhostUserBackend:
                                f"mmap_offset {i.mmap_offset} + {need}")
         _require_sealed_memfd(fd, where)
         try:
-            region = self._inflight_factory(fd, need, i.mmap_offset)  # fd closed by handle()
+            region = self.datapath.InflightRegion(fd, need, i.mmap_offset)  # fd closed by handle()
         except (OSError, ValueError) as e:
             raise BackendError(f"{where}: cannot map the buffer: {e}") from e
         try:

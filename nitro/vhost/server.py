@@ -21,7 +21,9 @@ import logging
 import os
 import socket
 import threading
+from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import trio
 
@@ -29,8 +31,14 @@ from nitro import _datapath
 from nitro.engine import Engine
 from nitro.log import log_event
 from nitro.vhost.backend import VhostUserBackend
-from nitro.vhost.codec import NEED_DATA, FrontendConnection, ProtocolError
+from nitro.vhost.codec import FrontendConnection, Message, ProtocolError
 from nitro.vhost.protocol import HEADER_SIZE, MAX_PAYLOAD_SIZE
+from nitro.vhost.vring import Vring
+
+if TYPE_CHECKING:
+    from nitro.devices.base import VirtioBackend
+
+Socket = trio.socket.SocketType
 
 log = logging.getLogger("nitro.vhost")
 
@@ -41,14 +49,14 @@ class AttachedRing:
     """A vring the engine serves: its C ring, and while it is being taken
     back, the event that says it is gone."""
 
-    def __init__(self, vring, ring: _datapath.Ring) -> None:
+    def __init__(self, vring: Vring, ring: _datapath.Ring) -> None:
         self.vring = vring
         self.ring = ring
         self.stopping: trio.Event | None = None
 
 
 class VhostUserServer:
-    def __init__(self, device, socket_path: Path, *, device_id: str, engine: Engine) -> None:
+    def __init__(self, device: VirtioBackend, socket_path: Path, *, device_id: str, engine: Engine) -> None:
         self.device = device
         self.engine = engine
         self.socket_path = Path(socket_path)
@@ -63,7 +71,7 @@ class VhostUserServer:
         self._session_nursery: trio.Nursery | None = None
         # Queue counters of past sessions, so counters stay monotonic across
         # reconnects (each session gets fresh C queues).
-        self._retired: dict[int, dict] = {}
+        self._retired: dict[int, dict[str, Any]] = {}
         # statistics() runs on other threads (metrics scrapes) and reads the
         # session's C queues: it holds this while it does, and the session
         # ends (C queues freed) only under it. Held for microseconds on
@@ -76,7 +84,7 @@ class VhostUserServer:
         self._served = trio.Event()  # set when serve() has returned
 
     # -- lifecycle ---------------------------------------------------------
-    async def serve(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+    async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         self._listener = await self._listen()
         task_status.started()
         try:
@@ -126,7 +134,7 @@ class VhostUserServer:
         await self._served.wait()
 
     # -- one frontend ------------------------------------------------------
-    async def _run_session(self, conn) -> None:
+    async def _run_session(self, conn: Socket) -> None:
         self.connections += 1
         self.connected = True
         self.broken = None
@@ -168,14 +176,16 @@ class VhostUserServer:
             self._retire(backend)
         backend.close()  # no statistics() can reach it any more
 
-    async def _message_loop(self, conn, codec, backend) -> None:
+    async def _message_loop(self, conn: Socket, codec: FrontendConnection,
+                            backend: VhostUserBackend) -> None:
         while True:
             got = await _recv_message(conn)
             if got is None:
                 return  # EOF: QEMU exited or the guest went away
             data, fds = got
             codec.receive_data(data, fds)
-            while (msg := codec.next_event()) is not NEED_DATA:
+            # next_event() gives Messages until it needs more bytes (NEED_DATA).
+            while isinstance(msg := codec.next_event(), Message):
                 affected = backend.affected_vrings(msg)
                 await self._detach(list(self._rings) if affected == "all" else list(affected))
                 resets = backend.resets
@@ -196,14 +206,14 @@ class VhostUserServer:
         self.broken = None
 
     # -- rings on the engine -------------------------------------------------
-    async def _reconcile(self, backend) -> None:
+    async def _reconcile(self, backend: VhostUserBackend) -> None:
         if self.broken or not self._accepting:
             return
         for vring in backend.vrings:
             if vring.should_run and vring.index not in self._rings:
                 await self._attach(vring)
 
-    async def _attach(self, vring) -> None:
+    async def _attach(self, vring: Vring) -> None:
         ring = self.device.make_ring(vring)
         self.device.on_vring_start(vring)
         attached = AttachedRing(vring, ring)
@@ -236,14 +246,14 @@ class VhostUserServer:
                 del self._rings[i]
                 attached.stopping.set()
 
-    def _ring_failed(self, vring, error: _datapath.DatapathError) -> None:
+    def _ring_failed(self, vring: Vring, error: _datapath.DatapathError) -> None:
         """The engine found the ring stopped on an error (trio thread)."""
         self._mark_broken(vring, _fault_kind(error))
         nursery = self._session_nursery
         if nursery is not None:
             nursery.start_soon(self._detach, list(self._rings))
 
-    def _mark_broken(self, vring, kind: str) -> None:
+    def _mark_broken(self, vring: Vring, kind: str) -> None:
         """A guest fault breaks the device (not the daemon): stop every queue
         until the frontend resets or reconnects, and tell it through the
         ring's SET_VRING_ERR eventfd."""
@@ -267,11 +277,11 @@ class VhostUserServer:
             self._err_pending.discard(index)
 
     # -- observation -------------------------------------------------------
-    def _retire(self, backend) -> None:
+    def _retire(self, backend: VhostUserBackend) -> None:
         for v in backend.vrings:
             self._retired[v.index] = _add_queue_stats(self._retired.get(v.index), v.vq.stats())
 
-    def statistics(self) -> dict:
+    def statistics(self) -> dict[str, Any]:
         stats = self.device.statistics()
         with self._stats_lock:
             backend = self._backend
@@ -319,8 +329,8 @@ def _fault_kind(error: _datapath.DatapathError) -> str:
     return f"host:{error}"
 
 
-def _add_queue_stats(a: dict | None, b: dict | None) -> dict:
-    zero = {"kicks": 0, "calls": 0, "chains": 0, "faults": {}}
+def _add_queue_stats(a: dict[str, Any] | None, b: dict[str, Any] | None) -> dict[str, Any]:
+    zero: dict[str, Any] = {"kicks": 0, "calls": 0, "chains": 0, "faults": {}}
     a, b = a or zero, b or zero
     faults = dict(a["faults"])
     for k, n in b["faults"].items():
@@ -329,7 +339,7 @@ def _add_queue_stats(a: dict | None, b: dict | None) -> dict:
             "chains": a["chains"] + b["chains"], "faults": faults}
 
 
-async def _recv_message(conn) -> tuple[bytes, list[int]] | None:
+async def _recv_message(conn: Socket) -> tuple[bytes, list[int]] | None:
     """Read one whole vhost-user message and the fds sent with it."""
     header, fds = await _recv_exact(conn, HEADER_SIZE, with_fds=True)
     if header is None:
@@ -342,19 +352,20 @@ async def _recv_message(conn) -> tuple[bytes, list[int]] | None:
     payload = b""
     if size:
         try:
-            payload, _ = await _recv_exact(conn, size, with_fds=False)
+            got, _ = await _recv_exact(conn, size, with_fds=False)
         except BaseException:
             # Cancelled (shutdown, reload) or a socket error while the
             # frontend held back the payload: the header's fds are ours.
             _close_all(fds)
             raise
-        if payload is None:
+        if got is None:
             _close_all(fds)
             return None
+        payload = got
     return header + payload, fds
 
 
-async def _recv_exact(conn, n: int, *, with_fds: bool):
+async def _recv_exact(conn: Socket, n: int, *, with_fds: bool) -> tuple[bytes | None, list[int]]:
     buf = bytearray()
     fds: list[int] = []
     while len(buf) < n:
@@ -375,7 +386,7 @@ async def _recv_exact(conn, n: int, *, with_fds: bool):
     return bytes(buf), fds
 
 
-async def _send_all(conn, data: bytes, fds=()) -> None:
+async def _send_all(conn: Socket, data: bytes, fds: Sequence[int] = ()) -> None:
     """Send every byte; fds go with the first sendmsg (SCM_RIGHTS) and are
     closed afterwards, sent or not (they belong to the reply)."""
     view = memoryview(data)
@@ -391,7 +402,7 @@ async def _send_all(conn, data: bytes, fds=()) -> None:
         _close_all(list(fds))
 
 
-def _fds_from(ancdata) -> list[int]:
+def _fds_from(ancdata: list[tuple[int, int, bytes]]) -> list[int]:
     fds: list[int] = []
     for level, kind, data in ancdata:
         if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:

@@ -19,7 +19,6 @@ at once, the rest at ``reset()`` or ``close()``.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 from nitro.vhost.codec import close_fds
@@ -28,23 +27,13 @@ from nitro.vhost.protocol import VHOST_USER_F_PROTOCOL_FEATURES, VringAddr
 _PROTOCOL_FEATURES_BIT = 1 << VHOST_USER_F_PROTOCOL_FEATURES
 
 
-def _datapath_virtqueue(index: int) -> Any:
-    # Imported here: the cffi extension is only needed once a queue exists.
-    from nitro import _datapath
-
-    return _datapath.Virtqueue(index)
-
-
 class Vring:
-    """One virtqueue: what the front-end configured, and the C queue ``vq``.
+    """One virtqueue: what the front-end configured, and its C queue ``vq``
+    (a ``nitro._datapath.Virtqueue``, or a test's fake), which it owns."""
 
-    ``vq_factory(index)`` builds the C queue wrapper (default
-    ``nitro._datapath.Virtqueue``); tests pass a fake.
-    """
-
-    def __init__(self, index: int, *, vq_factory: Callable[[int], Any] | None = None) -> None:
+    def __init__(self, index: int, vq: Any) -> None:
         self.index = index
-        self.vq = (vq_factory or _datapath_virtqueue)(index)
+        self.vq = vq
         self.num = 0                      # SET_VRING_NUM; 0: not set
         self.addr: VringAddr | None = None  # SET_VRING_ADDR, once translated by C
         self.kick_fd: int | None = None
@@ -61,7 +50,8 @@ class Vring:
     def base(self) -> int:
         """The next available ring index to process (C keeps it current);
         packed rings: both positions and wrap counters (32 bits)."""
-        return self.vq.base
+        base: int = self.vq.base
+        return base
 
     @base.setter
     def base(self, value: int) -> None:
@@ -166,7 +156,7 @@ class Vring:
         self._close_fds()
         self.started = False
 
-    def statistics(self) -> dict:
+    def statistics(self) -> dict[str, Any]:
         """Control-plane state plus the C counters (``vq.stats()``)."""
         return {"index": self.index, "num": self.num, "started": self.started,
                 "enabled": self.enabled, "broken": self.broken, **self.vq.stats()}

@@ -13,9 +13,11 @@ import fcntl
 import os
 import struct
 import tempfile
+from types import SimpleNamespace
 
 import pytest
 
+from nitro import _datapath
 from nitro.vhost.backend import (
     MAX_MEM_SLOTS,
     SUPPORTED_PROTOCOL_FEATURES,
@@ -226,12 +228,21 @@ def is_closed(fd: int) -> bool:
     return False
 
 
+def fake_datapath(**over: object) -> SimpleNamespace:
+    """What VhostUserBackend builds its C objects from, faked (the real
+    InflightRegion and cap figures: they touch no C queue)."""
+    names = dict(GuestMemory=FakeMemory, Virtqueue=FakeVq, DatapathError=FakeDatapathError,
+                 InflightRegion=_datapath.InflightRegion, LimitError=_datapath.LimitError,
+                 guest_memory_limit=_datapath.guest_memory_limit,
+                 guest_memory_mapped=_datapath.guest_memory_mapped)
+    return SimpleNamespace(**{**names, **over})
+
+
 class Frontend:
-    def __init__(self, device=None, *, memory_factory=FakeMemory) -> None:
+    def __init__(self, device=None) -> None:
         self.device = device or FakeBlkDevice()
         self.codec = FrontendConnection()
-        self.backend = VhostUserBackend(self.device, memory_factory, vq_factory=FakeVq,
-                                        datapath_errors=(FakeDatapathError,))
+        self.backend = VhostUserBackend(self.device, datapath=fake_datapath())
         self.running: set[int] = set()
         self.stopped_by: dict[Request, set[int]] = {}
         self.fds: list[int] = []
@@ -614,7 +625,7 @@ def test_ring_setup_order_and_values_are_checked(fe):
 # -- memory -----------------------------------------------------------------------------------
 def test_set_mem_table_swaps_and_frees_the_old_table(fe):
     tables = []
-    fe.backend._memory_factory = lambda: tables.append(FakeMemory()) or tables[-1]
+    fe.backend.datapath.GuestMemory = lambda: tables.append(FakeMemory()) or tables[-1]
     fe.send(R.SET_MEM_TABLE, MemoryTable((LOW,)), [memfd()])
     fe.send(R.SET_MEM_TABLE, MemoryTable((LOW, HIGH)), [memfd(), memfd()])
     assert [t.closed for t in tables] == [True, False]
@@ -745,7 +756,7 @@ def test_close_releases_everything(fe):
 
 
 def test_vring_statistics():
-    vring = Vring(3, vq_factory=FakeVq)
+    vring = Vring(3, FakeVq(3))
     assert vring.statistics() == {"index": 3, "num": 0, "started": False, "enabled": False,
                                   "broken": None, "kicks": 0, "calls": 0, "chains": 0}
 

@@ -16,7 +16,7 @@ import trio
 from nitro.vhost import server as srv
 from nitro.vhost.backend import VhostUserBackend
 from nitro.vhost.protocol import Request
-from tests.unit.test_vhost_backend import FakeBlkDevice, FakeVq
+from tests.unit.test_vhost_backend import FakeBlkDevice, FakeVq, fake_datapath
 
 
 class SlowVq(FakeVq):
@@ -54,7 +54,7 @@ def test_a_session_ends_only_after_a_statistics_read_in_progress(tmp_path):
     ends the session (frees them): the end waits for the read."""
     device = StatsDevice(num_queues=1)
     server = srv.VhostUserServer(device, tmp_path / "s.sock", device_id="d", engine=None)
-    backend = VhostUserBackend(device, vq_factory=SlowVq)
+    backend = VhostUserBackend(device, datapath=fake_datapath(Virtqueue=SlowVq))
     server._backend = backend
     SlowVq.reading.clear()
     got: list[dict] = []
