@@ -875,9 +875,7 @@ struct nitro_ring *nitro_ring_blk_new(struct nitro_vq *vq,
     struct blk_ring *b = calloc(1, sizeof(*b));
     if (b == NULL)
         return NULL;
-    b->r = (struct nitro_ring){.ops = &blk_ring_ops, .vq = vq,
-                               .kind = NITRO_RING_BLK, .worker = -1,
-                               .kick_fd = -1};
+    b->r = nitro_ring_detached(&blk_ring_ops, vq, NITRO_RING_BLK);
     b->p = params;
     b->s = stats;
     return &b->r;

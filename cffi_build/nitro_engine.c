@@ -100,32 +100,6 @@ struct nitro_engine {
     struct worker workers[];
 };
 
-static uint64_t now_ns(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
-}
-
-static void eventfd_signal(int fd)
-{
-    uint64_t one = 1;
-    ssize_t n;
-    do
-        n = write(fd, &one, sizeof(one));
-    while (n < 0 && errno == EINTR);
-    /* EAGAIN: the counter is saturated, the fd is readable anyway. */
-}
-
-static void eventfd_drain(int fd)
-{
-    uint64_t v;
-    ssize_t n;
-    do
-        n = read(fd, &v, sizeof(v));
-    while (n < 0 && errno == EINTR);
-}
-
 /* ---- io_uring (nitro_io.c) ---------------------------------------------- */
 
 static void io_submit(struct worker *w)
@@ -191,7 +165,7 @@ static void ring_stop(struct worker *w, struct nitro_ring *r, int rc)
         return;
     r->sys_errno = rc == NITRO_ERR_SYS ? errno : 0;
     __atomic_store_n(&r->status, rc, __ATOMIC_RELEASE);
-    eventfd_signal(w->engine->event_fd);
+    nitro_eventfd_signal(w->engine->event_fd);
 }
 
 /* A guard (nitro_guard.h) caught a fault in r's guest memory. */
@@ -418,11 +392,11 @@ static void sleep_on_epoll(struct worker *w)
         struct nitro_ring *r = evs[i].data.ptr;
         if (r == NULL)
             continue;  /* the command or io_uring eventfd: drained below */
-        eventfd_drain(r->kick_fd);
+        nitro_eventfd_drain(r->kick_fd);
         nitro_vq_count_kick(r->vq);
     }
     if (w->uring_fd >= 0)
-        eventfd_drain(w->uring_fd);
+        nitro_eventfd_drain(w->uring_fd);
 }
 
 /* halt-polling's rule: a wake-up within the ceiling means polling longer
@@ -443,10 +417,10 @@ static void adapt_poll(struct worker *w, uint64_t slept_ns)
 
 static void idle_step(struct worker *w, uint64_t *last_work)
 {
-    uint64_t t = now_ns();
+    uint64_t t = nitro_now_ns();
     if (t - *last_work < (uint64_t)w->poll_us * 1000) {
         __builtin_ia32_pause();
-        nitro_stat_add(&w->stats.poll_ns, now_ns() - t);
+        nitro_stat_add(&w->stats.poll_ns, nitro_now_ns() - t);
         return;
     }
     /* In-flight I/O needs no kick: its CQE wakes the uring eventfd. */
@@ -459,7 +433,7 @@ static void idle_step(struct worker *w, uint64_t *last_work)
         return;
     }
     sleep_on_epoll(w);
-    uint64_t woke = now_ns();
+    uint64_t woke = nitro_now_ns();
     nitro_stat_add(&w->stats.sleep_ns, woke - t);
     adapt_poll(w, woke - t);
     disarm_all(w);
@@ -488,15 +462,15 @@ static void *worker_main(void *arg)
         CPU_SET(w->cpu, &set);
         pthread_setaffinity_np(pthread_self(), sizeof(set), &set);
     }
-    uint64_t last_work = now_ns();
+    uint64_t last_work = nitro_now_ns();
     for (;;) {
         if (atomic_load(&w->cmd_pending) && !worker_command(w))
             break;
-        uint64_t t = now_ns();
+        uint64_t t = nitro_now_ns();
         uint32_t work = poll_rings(w);
         if (work > 0) {
             nitro_stat_add(&w->stats.chains, work);
-            last_work = now_ns();
+            last_work = nitro_now_ns();
             nitro_stat_add(&w->stats.busy_ns, last_work - t);
             continue;
         }
@@ -517,12 +491,12 @@ static int64_t worker_call(struct nitro_engine *e, struct worker *w,
     w->cmd_arg = arg;
     w->cmd_done = false;
     atomic_store(&w->cmd_pending, true);
-    eventfd_signal(w->cmd_fd);
+    nitro_eventfd_signal(w->cmd_fd);
     while (!w->cmd_done)
         pthread_cond_wait(&w->cond, &w->lock);
     int64_t rc = w->cmd_rc;
     int err = (int)w->cmd_arg;
-    eventfd_drain(w->cmd_fd);
+    nitro_eventfd_drain(w->cmd_fd);
     pthread_mutex_unlock(&w->lock);
     pthread_mutex_unlock(&e->call_lock);
     if (c == CMD_SECCOMP && rc == NITRO_ERR_SYS)
@@ -664,11 +638,7 @@ int nitro_engine_worker_stats(const struct nitro_engine *e, uint32_t worker,
 {
     if (e == NULL || out == NULL || worker >= e->nworkers)
         return NITRO_ERR_ARG;
-    const struct nitro_worker_stats *s = &e->workers[worker].stats;
-    const uint64_t *src = (const uint64_t *)s;
-    uint64_t *dst = (uint64_t *)out;
-    for (size_t i = 0; i < sizeof(*s) / sizeof(uint64_t); i++)
-        dst[i] = __atomic_load_n(&src[i], __ATOMIC_RELAXED);
+    nitro_stats_copy(out, &e->workers[worker].stats, sizeof(*out));
     return NITRO_OK;
 }
 

@@ -336,9 +336,7 @@ struct nitro_ring *nitro_ring_net_tx_new(struct nitro_switch *sw,
     struct net_tx_ring *x = calloc(1, sizeof(*x));
     if (x == NULL)
         return NULL;
-    x->r = (struct nitro_ring){.ops = &tx_ring_ops, .vq = vq,
-                               .kind = NITRO_RING_NET_TX, .worker = -1,
-                               .kick_fd = -1};
+    x->r = nitro_ring_detached(&tx_ring_ops, vq, NITRO_RING_NET_TX);
     x->t = (struct tx_ctx){.sw = sw, .port_id = port, .p = p, .hint = port};
     return &x->r;
 }
@@ -378,9 +376,7 @@ struct nitro_ring *nitro_ring_net_rx_new(struct nitro_vq *vq)
         return NULL;
     struct nitro_ring *r = calloc(1, sizeof(*r));
     if (r != NULL)
-        *r = (struct nitro_ring){.ops = &rx_ring_ops, .vq = vq,
-                                 .kind = NITRO_RING_NET_RX, .worker = -1,
-                                 .kick_fd = -1};
+        *r = nitro_ring_detached(&rx_ring_ops, vq, NITRO_RING_NET_RX);
     return r;
 }
 
@@ -426,9 +422,7 @@ struct nitro_ring *nitro_ring_net_ctrl_new(struct nitro_vq *vq,
     struct net_ctrl_ring *x = calloc(1, sizeof(*x));
     if (x == NULL)
         return NULL;
-    x->r = (struct nitro_ring){.ops = &ctrl_ring_ops, .vq = vq,
-                               .kind = NITRO_RING_NET_CTRL, .worker = -1,
-                               .kick_fd = -1};
+    x->r = nitro_ring_detached(&ctrl_ring_ops, vq, NITRO_RING_NET_CTRL);
     x->max_pairs = max_pairs;
     return &x->r;
 }

@@ -97,6 +97,15 @@ struct nitro_ring {
  * workers make (nitro_seccomp.c). NITRO_ERR_SYS (errno) if it cannot. */
 NITRO_INTERNAL int nitro_seccomp_worker(void);
 
+/* A detached ring of `kind` serving vq through ops (device constructors). */
+static inline struct nitro_ring nitro_ring_detached(const struct nitro_ring_ops *ops,
+                                                    struct nitro_vq *vq,
+                                                    uint32_t kind)
+{
+    return (struct nitro_ring){.ops = ops, .vq = vq, .kind = kind,
+                               .worker = -1, .kick_fd = -1};
+}
+
 /* Shared by blk and net rings: enable/disable notifications on the vq. */
 NITRO_INTERNAL int nitro_ring_arm_vq(struct nitro_ring *r);
 NITRO_INTERNAL void nitro_ring_disarm_vq(struct nitro_ring *r);

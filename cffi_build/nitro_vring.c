@@ -92,7 +92,6 @@ static void read_desc(const uint8_t *table, uint32_t i, struct vring_desc *d)
     d->next = le16toh(d->next);
 }
 
-static void drain_eventfd(int fd);
 
 /* ---- lifecycle and control-plane setters ------------------------------- */
 
@@ -395,7 +394,7 @@ void nitro_vq_clear_stop(struct nitro_vq *vq)
     atomic_store(&vq->stop, false);
     /* Drain so the next poll() does not wake at once (non-blocking:
      * EAGAIN just means no stop was pending). */
-    drain_eventfd(vq->stop_fd);
+    nitro_eventfd_drain(vq->stop_fd);
 }
 
 int nitro_vq_stats(const struct nitro_vq *vq, struct nitro_vq_stats *out)
@@ -749,28 +748,10 @@ static int poll_timeout(int64_t deadline)
     return left < 0 ? 0 : (int)left;
 }
 
-/* Consume an eventfd's counter so it stops being readable. Only called on
- * our non-blocking stop eventfd or on a kick fd poll() found readable, so
- * it cannot block. */
-static void drain_eventfd(int fd)
-{
-    uint64_t v;
-    ssize_t n;
-    do
-        n = read(fd, &v, sizeof(v));
-    while (n < 0 && errno == EINTR);
-}
-
 void nitro_vq_wake(struct nitro_vq *vq)
 {
-    if (vq->kick_fd < 0)
-        return;
-    uint64_t one = 1;
-    ssize_t n;
-    do
-        n = write(vq->kick_fd, &one, sizeof(one));
-    while (n < 0 && errno == EINTR);
-    /* EAGAIN: the counter is saturated, so the fd is readable anyway. */
+    if (vq->kick_fd >= 0)
+        nitro_eventfd_signal(vq->kick_fd);
 }
 
 void nitro_vq_count_kick(struct nitro_vq *vq)
@@ -798,9 +779,9 @@ int nitro_vq_wait_kick(struct nitro_vq *vq, int timeout_ms)
         if (n == 0)
             return NITRO_VQ_WAIT_TIMEOUT;
         if (fds[1].revents != 0 && !nitro_vq_stopping(vq))
-            drain_eventfd(vq->stop_fd);  /* a stop already cleared */
+            nitro_eventfd_drain(vq->stop_fd);  /* a stop already cleared */
         if (fds[0].revents & POLLIN) {
-            drain_eventfd(vq->kick_fd);
+            nitro_eventfd_drain(vq->kick_fd);
             nitro_stat_add(&vq->stats.kicks, 1);
             return NITRO_VQ_WAIT_KICK;
         }

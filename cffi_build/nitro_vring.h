@@ -18,11 +18,13 @@
 #ifndef NITRO_VRING_H
 #define NITRO_VRING_H
 
+#include <errno.h>
 #include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
 #include <sys/uio.h>
 #include <time.h>
+#include <unistd.h>
 
 #include "nitro.h"
 
@@ -131,6 +133,29 @@ static inline void nitro_stats_copy(void *dst, const void *src, size_t size)
     uint64_t *to = dst;
     for (size_t i = 0; i < size / sizeof(uint64_t); i++)
         to[i] = __atomic_load_n(&from[i], __ATOMIC_RELAXED);
+}
+
+/* Add 1 to an eventfd (a kick, a wake-up). EAGAIN is fine: the counter
+ * is saturated, so the fd is readable anyway. */
+static inline void nitro_eventfd_signal(int fd)
+{
+    uint64_t one = 1;
+    ssize_t n;
+    do
+        n = write(fd, &one, sizeof(one));
+    while (n < 0 && errno == EINTR);
+}
+
+/* Consume an eventfd's counter so it stops being readable. Only for fds
+ * that cannot block here: our own non-blocking ones, or one that poll()
+ * or epoll just reported readable. */
+static inline void nitro_eventfd_drain(int fd)
+{
+    uint64_t v;
+    ssize_t n;
+    do
+        n = read(fd, &v, sizeof(v));
+    while (n < 0 && errno == EINTR);
 }
 
 /* CLOCK_MONOTONIC in nanoseconds: latencies and rate-limit refills. */
