@@ -79,10 +79,12 @@ class Engine:
         async with self._lock:
             worker = self._least_loaded()
             await self._call(self._c.attach, ring, worker)
-            self._assigned[id(ring)] = _Assignment(ring, worker, on_error, label)
+            assignment = _Assignment(ring, worker, on_error, label)
+            self._assigned[id(ring)] = assignment
         # The ring may have stopped before it was recorded here, its event
-        # already consumed by watch(): look now.
-        self.report_errors()
+        # already consumed by watch(): look at it now (only it: the others
+        # were looked at when their event came).
+        self._report(assignment)
         return worker
 
     async def detach(self, ring: _datapath.Ring) -> None:
@@ -139,13 +141,18 @@ class Engine:
 
     def report_errors(self) -> None:
         for a in list(self._assigned.values()):
-            if a.reported:
-                continue
-            try:
-                a.ring.check()
-            except _datapath.DatapathError as e:
-                a.reported = True
-                a.on_error(e)
+            self._report(a)
+
+    @staticmethod
+    def _report(a: _Assignment) -> None:
+        """Call a's owner back once if its ring stopped on an error."""
+        if a.reported:
+            return
+        try:
+            a.ring.check()
+        except _datapath.DatapathError as e:
+            a.reported = True
+            a.on_error(e)
 
     # -- observation -------------------------------------------------------------
     def statistics(self) -> dict[str, Any]:
