@@ -12,7 +12,6 @@ from __future__ import annotations
 import mmap
 import os
 import random
-import signal
 import time
 from collections.abc import Iterator
 
@@ -42,7 +41,9 @@ from tests.unit.virtq import (
     FakeGuest,
     SplitRing,
     blk_req,
+    crash,
     fill,
+    fork_server,
     status_of,
 )
 
@@ -345,12 +346,7 @@ def test_sigkill_while_serving_loses_and_repeats_no_completion(guest, region, di
 
     try:
         for _ in range(kills):
-            pid = os.fork()
-            if pid == 0:  # the backend that is going to die
-                try:
-                    blk_serve(ring.vq, params, stats, -1)
-                finally:
-                    os._exit(0)
+            pid = fork_server(ring.vq, params, stats)
             target = done + rng.randint(1, 40)
             while done < target:
                 submit_up_to_five()
@@ -360,8 +356,7 @@ def test_sigkill_while_serving_loses_and_repeats_no_completion(guest, region, di
             submit_up_to_five()
             ring.kick()
             time.sleep(rng.random() * 0.001)
-            os.kill(pid, signal.SIGKILL)
-            os.waitpid(pid, 0)
+            crash(pid)
             done += complete_used()
             old = ring.vq
             ring.vq = restarted(ring, region_big)
@@ -429,12 +424,7 @@ def test_sigkill_with_requests_completing_out_of_order(guest, disk):
 
     try:
         for _ in range(6):
-            pid = os.fork()
-            if pid == 0:  # the backend that is going to die
-                try:
-                    blk_serve(ring.vq, params, stats, -1)
-                finally:
-                    os._exit(0)
+            pid = fork_server(ring.vq, params, stats)
             for _ in range(rng.randint(1, 20)):
                 submit_batch()
                 deadline = time.monotonic() + 5
@@ -443,8 +433,7 @@ def test_sigkill_with_requests_completing_out_of_order(guest, disk):
                     complete_used()
             submit_batch()
             time.sleep(rng.random() * 0.0005)
-            os.kill(pid, signal.SIGKILL)
-            os.waitpid(pid, 0)
+            crash(pid)
             complete_used()
             old = ring.vq
             ring.vq = restarted(ring, region)

@@ -9,7 +9,6 @@ from __future__ import annotations
 import mmap
 import os
 import random
-import signal
 import struct
 import time
 from collections.abc import Iterator
@@ -27,7 +26,9 @@ from tests.unit.virtq import (
     FakeGuest,
     MiB,
     PackedRing,
+    crash,
     fill,
+    fork_server,
     guarded_guest,
     status_of,
 )
@@ -180,12 +181,7 @@ def test_sigkill_while_serving_loses_and_repeats_no_completion(guest, disk):
 
     try:
         for _ in range(4):
-            pid = os.fork()
-            if pid == 0:
-                try:
-                    blk_serve(ring.vq, params, stats, -1)
-                finally:
-                    os._exit(0)
+            pid = fork_server(ring.vq, params, stats)
             target = done + rng.randint(1, 40)
             while done < target:
                 submit_up_to_five()
@@ -194,8 +190,7 @@ def test_sigkill_while_serving_loses_and_repeats_no_completion(guest, disk):
             submit_up_to_five()
             ring.kick()
             time.sleep(rng.random() * 0.001)
-            os.kill(pid, signal.SIGKILL)
-            os.waitpid(pid, 0)
+            crash(pid)
             done += complete_used()
             old, ring.vq = ring.vq, restarted(ring, region)
             old.close()

@@ -21,12 +21,13 @@ from __future__ import annotations
 import contextlib
 import mmap
 import os
+import signal
 import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Self
+from typing import Any, Self
 
-from nitro._datapath import BlkParams, GuestMemory, Virtqueue
+from nitro._datapath import BlkParams, GuestMemory, Virtqueue, blk_serve
 from tests import ringlayout as rl
 from tests.ringlayout import (
     DESC,
@@ -427,6 +428,24 @@ class PackedRing(_Ring):
     def device_event(self) -> tuple[int, int]:
         """(off_wrap, flags) the device wrote: when it wants kicks."""
         return EVENT.unpack(self.guest.read(self.device, 4))
+
+
+def fork_server(vq: Virtqueue, params: BlkParams, stats: Any) -> int:
+    """A child process serving vq with blk_serve until it is killed (the
+    backend that is going to crash); returns its pid."""
+    pid = os.fork()
+    if pid == 0:
+        try:
+            blk_serve(vq, params, stats, -1)
+        finally:
+            os._exit(0)
+    return pid
+
+
+def crash(pid: int) -> None:
+    """SIGKILL a fork_server() child wherever it is, and reap it."""
+    os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
 
 
 def fill(length: int, seed: int = 1) -> bytes:
