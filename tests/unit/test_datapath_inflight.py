@@ -9,7 +9,6 @@ anywhere; only what must hold wherever it lands is asserted).
 
 from __future__ import annotations
 
-import mmap
 import os
 import random
 import time
@@ -22,11 +21,9 @@ from nitro._datapath import (
     BlkStats,
     FrontendError,
     GuestFault,
-    InflightRegion,
     Virtqueue,
     blk_serve,
 )
-from nitro.vhost.protocol import inflight_queue_region_size
 from tests.ringlayout import (
     INFLIGHT_DESC,
     INFLIGHT_HEADER,
@@ -39,6 +36,7 @@ from tests.ringlayout import (
 from tests.unit.virtq import (
     CAPACITY,
     FakeGuest,
+    InflightBuffer,
     SplitRing,
     blk_req,
     crash,
@@ -50,23 +48,11 @@ from tests.unit.virtq import (
 NUM = 16  # also the `ring` fixture's size (tests/unit/conftest.py)
 
 
-class Region:
-    """One queue's region in a memfd: the test's own view plus the mapping C uses."""
+class Region(InflightBuffer):
+    """A split ring's inflight region, read and written field by field."""
 
     def __init__(self, queue_size: int = NUM) -> None:
-        self.size = inflight_queue_region_size(queue_size)
-        self.fd = os.memfd_create("test-inflight", os.MFD_CLOEXEC)
-        os.ftruncate(self.fd, self.size)
-        self.mm = mmap.mmap(self.fd, self.size)
-        self.mapped = InflightRegion(self.fd, self.size)
-
-    def close(self) -> None:
-        self.mapped.close()
-        self.mm.close()
-        os.close(self.fd)
-
-    def attach(self, vq: Virtqueue) -> None:
-        vq.set_inflight(self.mapped, 0, self.size)
+        super().__init__(queue_size)
 
     def header(self) -> tuple[int, int, int, int, int]:
         return INFLIGHT_HEADER.unpack_from(self.mm, 0)

@@ -6,7 +6,6 @@ guest memory: the region is the truth)."""
 
 from __future__ import annotations
 
-import mmap
 import os
 import random
 import struct
@@ -15,8 +14,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from nitro._datapath import BlkParams, BlkStats, GuestFault, InflightRegion, Virtqueue, blk_serve
-from nitro.vhost.protocol import inflight_queue_region_size
+from nitro._datapath import BlkParams, BlkStats, GuestFault, Virtqueue, blk_serve
 from tests.ringlayout import (
     VIRTIO_BLK_S_OK,
     VIRTIO_F_RING_PACKED,
@@ -24,6 +22,7 @@ from tests.ringlayout import (
 from tests.unit.test_datapath_inflight import CAPACITY, write_req
 from tests.unit.virtq import (
     FakeGuest,
+    InflightBuffer,
     MiB,
     PackedRing,
     crash,
@@ -42,21 +41,11 @@ ENTRY = 32  # DescStatePacked
 STALE_BASE = 0x8000_8000  # QEMU's view of a packed ring it never saw move
 
 
-class PackedRegion:
+class PackedRegion(InflightBuffer):
+    """A packed ring's inflight region (QueueRegionPacked)."""
+
     def __init__(self, queue_size: int = NUM) -> None:
-        self.size = inflight_queue_region_size(queue_size, packed=True)
-        self.fd = os.memfd_create("test-inflight-packed", os.MFD_CLOEXEC)
-        os.ftruncate(self.fd, self.size)
-        self.mm = mmap.mmap(self.fd, self.size)
-        self.mapped = InflightRegion(self.fd, self.size)
-
-    def close(self) -> None:
-        self.mapped.close()
-        self.mm.close()
-        os.close(self.fd)
-
-    def attach(self, vq: Virtqueue) -> None:
-        vq.set_inflight(self.mapped, 0, self.size)
+        super().__init__(queue_size, packed=True)
 
     def header(self) -> dict[str, int]:
         names = ("features", "version", "desc_num", "free_head", "old_free_head",

@@ -27,7 +27,8 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Self
 
-from nitro._datapath import BlkParams, GuestMemory, Virtqueue, blk_serve
+from nitro._datapath import BlkParams, GuestMemory, InflightRegion, Virtqueue, blk_serve
+from nitro.vhost.protocol import inflight_queue_region_size
 from tests import ringlayout as rl
 from tests.ringlayout import (
     DESC,
@@ -428,6 +429,26 @@ class PackedRing(_Ring):
     def device_event(self) -> tuple[int, int]:
         """(off_wrap, flags) the device wrote: when it wants kicks."""
         return EVENT.unpack(self.guest.read(self.device, 4))
+
+
+class InflightBuffer:
+    """One queue's inflight region (vhost-user.rst "Inflight I/O tracking")
+    in a memfd: the test's own view (mm) plus the mapping C uses."""
+
+    def __init__(self, queue_size: int, *, packed: bool = False) -> None:
+        self.size = inflight_queue_region_size(queue_size, packed=packed)
+        self.fd = os.memfd_create("test-inflight", os.MFD_CLOEXEC)
+        os.ftruncate(self.fd, self.size)
+        self.mm = mmap.mmap(self.fd, self.size)
+        self.mapped = InflightRegion(self.fd, self.size)
+
+    def close(self) -> None:
+        self.mapped.close()
+        self.mm.close()
+        os.close(self.fd)
+
+    def attach(self, vq: Virtqueue) -> None:
+        vq.set_inflight(self.mapped, 0, self.size)
 
 
 def fork_server(vq: Virtqueue, params: BlkParams, stats: Any) -> int:
