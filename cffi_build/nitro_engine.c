@@ -347,8 +347,10 @@ static uint32_t poll_rings(struct worker *w)
             ring_stop(w, r, n);
             continue;
         }
-        if (n > 0)
+        if (n > 0) {
             nitro_stat_add(&r->chains, (uint64_t)n);
+            nitro_stat_add(&w->stats.chains, (uint64_t)n);
+        }
         work += (uint32_t)n;
     }
     io_submit(w);
@@ -469,7 +471,6 @@ static void *worker_main(void *arg)
         uint64_t t = nitro_now_ns();
         uint32_t work = poll_rings(w);
         if (work > 0) {
-            nitro_stat_add(&w->stats.chains, work);
             last_work = nitro_now_ns();
             nitro_stat_add(&w->stats.busy_ns, last_work - t);
             continue;

@@ -102,7 +102,8 @@ def test_a_worker_serves_kicked_requests(guest, params, stats) -> None:
             for k, q in enumerate(reads):
                 assert status_of(guest, q) == VIRTIO_BLK_S_OK
                 assert guest.read(q.data_gpa, 4096) == DISK[8 * k * 512:(8 * k + 8) * 512]
-            assert e.worker_stats(0)["chains"] >= 4
+            # Chains served, each once (a read is not counted again when it completes).
+            assert e.worker_stats(0)["chains"] == 4
         finally:
             e.detach(r)
             r.close()
