@@ -53,6 +53,7 @@ def attack_loop(workdir: Path | str, seconds: float) -> None:
         at.tiny_mss_tso(anet, at.ATTACKER_MAC, at.ATTACKER_IP, VICTIM_MAC, at.VICTIM_IP, left)
         at.kick_storm(avol, left)
         at.blocking_call_eventfd(avol)
+        at.jammed_call_eventfd(avol)
 
 
 def victim_run(workdir: Path, runtime: float, seed: int) -> dict:

@@ -59,7 +59,10 @@
 /* Guest memory raised SIGBUS when touched: the frontend truncated the file
  * behind it, or the file could not supply a page (nitro_guard.h). */
 #define NITRO_FAULT_MEMORY 9
-#define NITRO_FAULT_KINDS 10
+/* A read or write of the frontend's kick or call eventfd would not end:
+ * the frontend made it blocking and parked its counter (nitro_efd.h). */
+#define NITRO_FAULT_EVENTFD 10
+#define NITRO_FAULT_KINDS 11
 extern const char *const nitro_fault_names[NITRO_FAULT_KINDS];
 
 /* ---- guest memory table (SET_MEM_TABLE / ADD_MEM_REG / REM_MEM_REG) ----- */

@@ -47,6 +47,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "nitro_efd.h"
 #include "nitro_guard.h"
 #include "nitro_ring.h"
 
@@ -394,8 +395,11 @@ static void sleep_on_epoll(struct worker *w)
         struct nitro_ring *r = evs[i].data.ptr;
         if (r == NULL)
             continue;  /* the command or io_uring eventfd: drained below */
-        nitro_eventfd_drain(r->kick_fd);
-        nitro_vq_count_kick(r->vq);
+        /* A stuck read breaks the ring; its next poll reports it. */
+        if (nitro_efd_drain(r->kick_fd) < 0)
+            nitro_vq_set_fault(r->vq, NITRO_FAULT_EVENTFD);
+        else
+            nitro_vq_count_kick(r->vq);
     }
     if (w->uring_fd >= 0)
         nitro_eventfd_drain(w->uring_fd);
@@ -451,6 +455,7 @@ static void worker_sigmask(void)
                                       SIGSYS, SIGABRT, SIGTRAP};
     for (size_t i = 0; i < sizeof(synchronous) / sizeof(int); i++)
         sigdelset(&set, synchronous[i]);
+    sigdelset(&set, nitro_efd_signo());  /* ends a stuck eventfd access */
     pthread_sigmask(SIG_SETMASK, &set, NULL);
 }
 
@@ -591,6 +596,10 @@ struct nitro_engine *nitro_engine_new(uint32_t workers, const int32_t *cpus,
     e->poll_us = poll_us;
     e->flags = flags;
     nitro_guard_install();
+    if (nitro_efd_watch_start() != NITRO_OK) {
+        free(e);
+        return NULL;
+    }
     pthread_mutex_init(&e->call_lock, NULL);
     for (uint32_t i = 0; i < workers; i++)
         e->workers[i].epfd = e->workers[i].cmd_fd = e->workers[i].uring_fd = -1;

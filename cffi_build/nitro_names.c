@@ -19,6 +19,7 @@ const char *const nitro_fault_names[NITRO_FAULT_KINDS] = {
     [NITRO_FAULT_REQUEST] = "request",
     [NITRO_FAULT_INFLIGHT] = "inflight",
     [NITRO_FAULT_MEMORY] = "memory",
+    [NITRO_FAULT_EVENTFD] = "eventfd",
 };
 
 const char *const nitro_blk_op_names[NITRO_BLK_OPS] = {

@@ -34,6 +34,9 @@ def _names(table: Any, count: int) -> tuple[str, ...]:
 FAULT_NAMES: Final[dict[int, str]] = {
     code: name for code, name in enumerate(_names(lib.nitro_fault_names, lib.NITRO_FAULT_KINDS))
     if code != lib.NITRO_FAULT_NONE}
+#: The fault of a frontend whose kick or call eventfd would block a thread
+#: (cffi_build/nitro_efd.h): it did it on purpose, so a reset does not revive it.
+FAULT_EVENTFD: Final[str] = FAULT_NAMES[lib.NITRO_FAULT_EVENTFD]
 #: virtio-blk operations by NITRO_BLK_OP_* code: the ``op`` label values.
 OP_NAMES: Final[tuple[str, ...]] = _names(lib.nitro_blk_op_names, lib.NITRO_BLK_OPS)
 #: Why the switch dropped a frame, by NITRO_NET_DROP_* code.
