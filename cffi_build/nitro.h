@@ -279,6 +279,8 @@ struct nitro_worker_stats {
     uint64_t io_submitted;   /* io_uring requests submitted */
     uint64_t poll_us;     /* the current busy-poll window */
     uint64_t uring;       /* 1: this worker does blk I/O through io_uring */
+    uint64_t muted;       /* rings whose kicks are ignored now (kick storms) */
+    uint64_t mutes;       /* times a ring was muted */
 };
 
 /* workers: 1..NITRO_ENGINE_MAX_WORKERS threads; cpus: one CPU number per

@@ -63,6 +63,19 @@
 /* The adaptive window's ceiling: KVM's halt_poll_ns default (200 us). A
  * wake-up later than this is not worth a core spinning for it. */
 #define ADAPTIVE_MAX_US 200
+/* Kick storms. A driver kicks after it published chains, and only while
+ * notifications are on; a kick whose ring then holds nothing is rare and
+ * harmless once. A frontend that writes its kick eventfd in a loop would
+ * wake the worker at every attempt to sleep, so it spins for good: a core
+ * taken from every ring on it. A ring whose kicks keep finding nothing
+ * (MUTE_AFTER of them, halved by each poll that found work) has its kick
+ * fd taken out of the wake-up set; the worker then polls it on waking and
+ * at least every MUTED_POLL_MS, and gives it its kicks back when a poll
+ * finds work. Only for rings whose kick is the only news of work (blk,
+ * net TX); an RX ring's kick says "buffers added", which a poll does not
+ * count as chains. */
+#define MUTE_AFTER 64
+#define MUTED_POLL_MS 1
 
 enum cmd { CMD_NONE, CMD_ATTACH, CMD_DETACH, CMD_QUIT, CMD_SECCOMP,
            CMD_TEST_SYSCALL };
@@ -80,6 +93,7 @@ struct worker {
     struct nitro_ring *rings[MAX_RINGS_PER_WORKER];
     uint32_t nrings;
     uint32_t poll_us;   /* current busy-poll window */
+    uint32_t nmuted;    /* rings muted for kick storms */
     /* The command slot. */
     pthread_mutex_t lock;
     pthread_cond_t cond;
@@ -237,11 +251,39 @@ static int epoll_watch(struct worker *w, struct nitro_ring *r)
     return NITRO_OK;
 }
 
+static void ring_set_muted(struct worker *w, struct nitro_ring *r, bool muted)
+{
+    struct epoll_event ev = {.events = muted ? 0 : EPOLLIN, .data.ptr = r};
+    if (r->kick_fd < 0 || epoll_ctl(w->epfd, EPOLL_CTL_MOD, r->kick_fd, &ev) < 0)
+        return;
+    r->muted = muted;
+    w->nmuted += muted ? 1 : (uint32_t)-1;
+    __atomic_store_n(&w->stats.muted, w->nmuted, __ATOMIC_RELAXED);
+    if (muted)
+        nitro_stat_add(&w->stats.mutes, 1);
+}
+
+/* After r's poll found n chains: the kick storm rule (MUTE_AFTER). */
+static void ring_count_kick(struct worker *w, struct nitro_ring *r, int n)
+{
+    if (n > 0) {
+        r->empty_kicks /= 2;
+        if (r->muted)
+            ring_set_muted(w, r, false);
+    } else if (r->kicked && ++r->empty_kicks >= MUTE_AFTER && !r->muted &&
+               (r->kind == NITRO_RING_BLK || r->kind == NITRO_RING_NET_TX)) {
+        ring_set_muted(w, r, true);
+    }
+    r->kicked = false;
+}
+
 static int worker_attach(struct worker *w, struct nitro_ring *r)
 {
     if (w->nrings == MAX_RINGS_PER_WORKER)
         return NITRO_ERR_NOMEM;
     r->status = NITRO_OK;
+    r->kicked = r->muted = false;
+    r->empty_kicks = 0;
     int rc = r->ops->attach ? r->ops->attach(r) : NITRO_OK;
     if (rc == NITRO_OK)
         rc = epoll_watch(w, r);
@@ -279,6 +321,8 @@ static int worker_detach(struct worker *w, struct nitro_ring *r)
     if (i == w->nrings)
         return NITRO_ERR_ARG;
     ring_wait_idle(w, r);
+    if (r->muted)
+        ring_set_muted(w, r, false);
     if (r->kick_fd >= 0)
         epoll_ctl(w->epfd, EPOLL_CTL_DEL, r->kick_fd, NULL);
     r->kick_fd = -1;
@@ -348,6 +392,7 @@ static uint32_t poll_rings(struct worker *w)
             ring_stop(w, r, n);
             continue;
         }
+        ring_count_kick(w, r, n);
         if (n > 0) {
             nitro_stat_add(&r->chains, (uint64_t)n);
             nitro_stat_add(&w->stats.chains, (uint64_t)n);
@@ -388,7 +433,7 @@ static void sleep_on_epoll(struct worker *w)
     struct epoll_event evs[EPOLL_BATCH];
     int n;
     do
-        n = epoll_wait(w->epfd, evs, EPOLL_BATCH, -1);
+        n = epoll_wait(w->epfd, evs, EPOLL_BATCH, w->nmuted ? MUTED_POLL_MS : -1);
     while (n < 0 && errno == EINTR);
     nitro_stat_add(&w->stats.wakeups, 1);
     for (int i = 0; i < n; i++) {
@@ -400,6 +445,7 @@ static void sleep_on_epoll(struct worker *w)
             nitro_vq_set_fault(r->vq, NITRO_FAULT_EVENTFD);
         else
             nitro_vq_count_kick(r->vq);
+        r->kicked = true;
     }
     if (w->uring_fd >= 0)
         nitro_eventfd_drain(w->uring_fd);

@@ -91,6 +91,10 @@ struct nitro_ring {
     int sys_errno;        /* with NITRO_ERR_SYS */
     int kick_fd;          /* the fd in the owner's epoll set, -1: none */
     uint64_t chains;      /* chains served by poll() (atomic) */
+    /* The owner's kick accounting (nitro_engine.c, "kick storms"). */
+    bool kicked;          /* woken by this ring's kick since its last poll */
+    bool muted;           /* kick fd out of the wake-up set: polled on a timer */
+    uint32_t empty_kicks; /* kicks after which poll found nothing (decaying) */
 };
 
 /* Confine the calling thread (an engine worker) to the system calls

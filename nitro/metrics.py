@@ -84,6 +84,8 @@ ENGINE_COUNTERS = {
     "poll_ns": ("nitro_engine_poll_seconds", "Time an engine worker busy-polled with nothing to do.", True),
     "sleep_ns": ("nitro_engine_sleep_seconds", "Time an engine worker slept waiting for kicks or I/O.", True),
     "io_submitted": ("nitro_engine_io_submitted", "io_uring requests an engine worker submitted.", False),
+    "mutes": ("nitro_engine_kick_mutes", "Times an engine worker stopped waking for a ring whose kicks kept "
+              "finding nothing (a kick storm; the ring is then polled every millisecond).", False),
 }
 
 
