@@ -43,10 +43,12 @@
 #define SECTOR_SIZE (1u << SECTOR_SHIFT)
 #define OUTHDR_LEN 16
 #define SEGMENT_LEN 16
-/* Most discard/write-zeroes segments per request we accept; Linux clamps
- * its own to 256 as well. The config space's max_discard_seg and
- * max_write_zeroes_seg must not advertise more. */
-#define MAX_SEGMENTS 256
+/* Most discard/write-zeroes segments per request: what the config space
+ * advertises as max_discard_seg and max_write_zeroes_seg (DWZ_SEG_MAX in
+ * nitro/devices/blk/config.py). One segment of at most max_discard_sectors
+ * (1 GiB) bounds the work one request can ask of the filesystem. */
+#define MAX_SEGMENTS 1
+#define SEGMENT_BUF 16   /* the copy-out buffer's segments (> MAX_SEGMENTS) */
 
 const uint64_t nitro_lat_bounds_ns[NITRO_LAT_BUCKETS] = {
     25000,     50000,     100000,     250000,    500000,
@@ -336,7 +338,7 @@ static uint8_t blk_segments(const struct nitro_blk_params *p,
     if (rq->rd_len == 0 || rq->rd_len % SEGMENT_LEN != 0 ||
         rq->rd_len / SEGMENT_LEN > MAX_SEGMENTS)
         return VIRTIO_BLK_S_IOERR;
-    uint8_t raw[MAX_SEGMENTS * SEGMENT_LEN];
+    uint8_t raw[SEGMENT_BUF * SEGMENT_LEN];
     nitro_iov_to_buf(rq->rd, rq->n_rd, raw, rq->rd_len);
     *count = (int)(rq->rd_len / SEGMENT_LEN);
     uint32_t max = zeroes ? p->max_write_zeroes_sectors : p->max_discard_sectors;
@@ -370,7 +372,7 @@ static uint8_t blk_discard_zeroes(const struct nitro_blk_params *p,
         return VIRTIO_BLK_S_UNSUPP;
     if (p->readonly)
         return VIRTIO_BLK_S_IOERR;
-    struct segment seg[MAX_SEGMENTS];
+    struct segment seg[SEGMENT_BUF];
     int count = 0;
     uint8_t st = blk_segments(p, rq, zeroes, seg, &count);
     if (st != VIRTIO_BLK_S_OK)
@@ -767,7 +769,7 @@ static int blk_ring_poll(struct nitro_ring *r, struct nitro_io *io,
             break;
         uint64_t start = nitro_now_ns();
         nitro_stat_add(&b->s->inflight, 1);
-        struct blk_req rq;
+        struct blk_req rq = {0};  /* all set by blk_parse; gcc cannot see it */
         if (blk_parse(r->vq, b->p, c, &rq) != NITRO_OK) {
             nitro_stat_sub(&b->s->inflight, 1);
             rc = NITRO_ERR_GUEST;
