@@ -2,9 +2,10 @@
 
 setup.py names ``cffi_build/build.py:ffibuilder``; ``python cffi_build/build.py``
 builds the extension in place (next to the ``nitro`` package) for quick
-iteration. The ABI headers (nitro.h, nitro_crypto.h, nitro_net.h) are both C
-headers and the cdef: cffi's parser takes the declarations and integer
-``#define`` lines, so every other preprocessor line is dropped here.
+iteration. The ABI headers (nitro.h, nitro_crypto.h, nitro_net.h,
+nitro_tunnel.h) are both C headers and the cdef: cffi's parser takes the
+declarations and integer ``#define`` lines, so every other preprocessor line
+is dropped here.
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ ROOT = HERE.parent
 # (nitro_vring.h, nitro_pkt.h, ...) are internal to the C files.
 SOURCES = sorted(p.name for p in HERE.glob("nitro_*.c"))
 HEADERS = sorted(p.name for p in HERE.glob("nitro*.h"))
-ABI_HEADERS = [h for h in ("nitro.h", "nitro_crypto.h", "nitro_net.h") if (HERE / h).exists()]
+ABI_HEADERS = [h for h in ("nitro.h", "nitro_crypto.h", "nitro_net.h", "nitro_tunnel.h")
+               if (HERE / h).exists()]
 
 _INT_DEFINE = re.compile(r"#\s*define\s+\w+\s+-?(0x[0-9a-fA-F]+|\d+)[uUlL]*\b")
 

@@ -1,8 +1,9 @@
 /*
  * nitro.h: the core of the C ABI of nitro's datapath: return codes, guest
- * memory, split virtqueues, virtio-blk. The whole ABI is three headers,
- * nitro.h, nitro_crypto.h (keys, AES-XTS) and nitro_net.h (virtio-net and
- * the VPC switch): build.py's ABI_HEADERS. Every other header in
+ * memory, split virtqueues, virtio-blk. The whole ABI is four headers,
+ * nitro.h, nitro_crypto.h (keys, AES-XTS), nitro_net.h (virtio-net and
+ * the VPC switch) and nitro_tunnel.h (Geneve/ESP between hosts):
+ * build.py's ABI_HEADERS. Every other header in
  * cffi_build/ is internal to the C files.
  *
  * Each ABI header is both a C header and a cffi cdef (cffi_build/build.py

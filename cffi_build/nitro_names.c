@@ -7,6 +7,7 @@
  */
 #include "nitro.h"
 #include "nitro_net.h"
+#include "nitro_tunnel.h"
 
 const char *const nitro_fault_names[NITRO_FAULT_KINDS] = {
     [NITRO_FAULT_NONE] = "none",
@@ -40,4 +41,16 @@ const char *const nitro_net_drop_names[NITRO_NET_DROP_KINDS] = {
     [NITRO_NET_DROP_MTU] = "mtu",
     [NITRO_NET_DROP_PUNT_OVERFLOW] = "punt_overflow",
     [NITRO_NET_DROP_TO_GATEWAY] = "to_gateway",
+};
+
+const char *const nitro_tunnel_drop_names[NITRO_TUNNEL_DROP_KINDS] = {
+    [NITRO_TUNNEL_DROP_MALFORMED] = "malformed",
+    [NITRO_TUNNEL_DROP_UNKNOWN_SPI] = "unknown_spi",
+    [NITRO_TUNNEL_DROP_REPLAY] = "replay",
+    [NITRO_TUNNEL_DROP_AUTH] = "auth",
+    [NITRO_TUNNEL_DROP_WRONG_VNI] = "wrong_vni",
+    [NITRO_TUNNEL_DROP_MTU] = "mtu",
+    [NITRO_TUNNEL_DROP_NO_SA] = "no_sa",
+    [NITRO_TUNNEL_DROP_POLICY] = "policy",
+    [NITRO_TUNNEL_DROP_UNKNOWN_PEER] = "unknown_peer",
 };

@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 import mmap
 import os
-from typing import Any, Final
+from typing import Any, Final, NamedTuple
 
 from nitro._nitro_c import ffi, lib
 
@@ -613,6 +613,207 @@ def net_rx_serve(vq: Virtqueue) -> int:
     thread kicks the ring's fd so that this call runs and reports it)."""
     ptr = vq.ptr
     return _check(lib.nitro_net_rx_serve(ptr), "nitro_net_rx_serve", ptr)
+
+
+# ---------------------------------------------------------------------------
+# Frames between hosts: Geneve in ESP (cffi_build/nitro_tunnel.h)
+# ---------------------------------------------------------------------------
+
+#: Why the tunnel dropped a packet, by NITRO_TUNNEL_DROP_* code.
+TUNNEL_DROP_REASONS: Final[tuple[str, ...]] = _names(lib.nitro_tunnel_drop_names,
+                                                     lib.NITRO_TUNNEL_DROP_KINDS)
+TUNNEL_KEYMAT_LEN: Final[int] = lib.NITRO_TUNNEL_KEYMAT_LEN
+TUNNEL_MAX_PEERS: Final[int] = lib.NITRO_TUNNEL_MAX_PEERS
+TUNNEL_ESP_OVERHEAD: Final[int] = lib.NITRO_TUNNEL_ESP_OVERHEAD
+TUNNEL_PLAIN_OVERHEAD: Final[int] = lib.NITRO_TUNNEL_PLAIN_OVERHEAD
+TUNNEL_REPLAY_WINDOW: Final[int] = lib.NITRO_TUNNEL_REPLAY_WINDOW
+X25519_LEN: Final[int] = lib.NITRO_TUNNEL_X25519_LEN
+
+
+def x25519_public_key(private_key: Secret) -> bytes:
+    """The X25519 public key of a 32-byte private key held in C."""
+    out = ffi.new("uint8_t[]", X25519_LEN)
+    _check(lib.nitro_tunnel_public_key(private_key.ptr, out), "nitro_tunnel_public_key")
+    return bytes(ffi.buffer(out))
+
+
+def derive_keymat(private_key: Secret, peer_public: bytes, salt: bytes, info: bytes) -> Secret:
+    """HKDF-SHA256(X25519(private_key, peer_public), salt, info): an SA's
+    36 bytes (AES-256 key || GCM salt), computed and kept in C. FrontendError
+    for a malformed key or a low-order peer key."""
+    if len(peer_public) != X25519_LEN:
+        raise ValueError(f"an X25519 public key is {X25519_LEN} bytes")
+    out = Secret(TUNNEL_KEYMAT_LEN)
+    try:
+        _check(lib.nitro_tunnel_derive(private_key.ptr, peer_public, salt, len(salt), info,
+                                       len(info), out.ptr), "nitro_tunnel_derive")
+    except BaseException:
+        out.close()
+        raise
+    return out
+
+
+class TunnelBatch:
+    """Reusable C arrays for up to ``size`` packets of ``stride`` bytes:
+    the frames to encapsulate (pointers into the caller's buffers, set by
+    :meth:`set_frames`), the output or input slots, and the results."""
+
+    def __init__(self, size: int, stride: int) -> None:
+        self.size = size
+        self.stride = stride
+        self.frames = ffi.new("uint8_t *[]", size)
+        self.lens = ffi.new("uint32_t[]", size)
+        self.slots = ffi.new("uint8_t[]", size * stride)
+        self.pkts = ffi.new("struct nitro_tunnel_pkt[]", size)
+        self._keep: list[Any] = []
+
+    def set_frames(self, frames: list[bytes]) -> int:
+        """Point the frame array at ``frames`` (kept alive until the next call)."""
+        if len(frames) > self.size:
+            raise ValueError(f"at most {self.size} frames per batch")
+        self._keep = [ffi.from_buffer(f) for f in frames]
+        for i, buf in enumerate(self._keep):
+            self.frames[i] = ffi.cast("uint8_t *", buf)
+            self.lens[i] = len(frames[i])
+        return len(frames)
+
+    def set_packets(self, packets: list[bytes]) -> int:
+        """Copy received outer packets into the slots (for decap)."""
+        if len(packets) > self.size:
+            raise ValueError(f"at most {self.size} packets per batch")
+        for i, p in enumerate(packets):
+            if len(p) > self.stride:
+                raise ValueError(f"packet {i} is longer than a slot ({self.stride} bytes)")
+            ffi.memmove(self.slots + i * self.stride, p, len(p))
+            self.lens[i] = len(p)
+        return len(packets)
+
+    def slot(self, i: int, offset: int, length: int) -> bytes:
+        data: bytes = ffi.buffer(self.slots + i * self.stride + offset, length)[:]
+        return data
+
+
+def _tunnel_stats_dict(s: Any) -> dict[str, Any]:
+    return {
+        "packets_out": int(s.packets_out), "bytes_out": int(s.bytes_out),
+        "packets_in": int(s.packets_in), "bytes_in": int(s.bytes_in),
+        "drops": {name: int(s.drops[i]) for i, name in enumerate(TUNNEL_DROP_REASONS)},
+    }
+
+
+class Tunnel(_Owned):
+    """One host's end of the Geneve/ESP tunnels (struct nitro_tunnel).
+    Peers are slots 0..TUNNEL_MAX_PEERS-1 the caller chooses; addresses are
+    wire-order bytes. Tables may change while other threads encap/decap."""
+
+    def __init__(self, local_ip: bytes, mtu: int, encrypt: bool = True) -> None:
+        raw = lib.nitro_tunnel_new(_addr(local_ip, 4, "underlay IPv4"), mtu, int(encrypt))
+        if raw == ffi.NULL:
+            raise ValueError(f"nitro_tunnel_new refused MTU {mtu} (576..65535) or ran out of memory")
+        super().__init__(ffi.gc(raw, lib.nitro_tunnel_free))
+        self.mtu = mtu
+        self.encrypt = encrypt
+
+    def add_vni(self, vni: int, vpc: int) -> None:
+        _check(lib.nitro_tunnel_add_vni(self.ptr, vni, vpc), "nitro_tunnel_add_vni")
+
+    def remove_vni(self, vni: int) -> None:
+        _check(lib.nitro_tunnel_remove_vni(self.ptr, vni), "nitro_tunnel_remove_vni")
+
+    def set_peer(self, peer: int, ip: bytes) -> None:
+        _check(lib.nitro_tunnel_set_peer(self.ptr, peer, _addr(ip, 4, "peer IPv4")),
+               "nitro_tunnel_set_peer")
+
+    def remove_peer(self, peer: int) -> None:
+        _check(lib.nitro_tunnel_remove_peer(self.ptr, peer), "nitro_tunnel_remove_peer")
+
+    def set_outbound(self, peer: int, keymat: Secret | None, spi: int = 0, epoch: int = 0) -> None:
+        """The SA frames to ``peer`` go out with (None: none); sequence from 1."""
+        _check(lib.nitro_tunnel_set_outbound(
+            self.ptr, peer, keymat.ptr if keymat is not None else ffi.NULL, spi, epoch),
+            "nitro_tunnel_set_outbound")
+
+    def add_inbound(self, peer: int, keymat: Secret, spi: int, epoch: int) -> None:
+        """FrontendError when the SPI is taken (or 0), LimitError when full."""
+        _check(lib.nitro_tunnel_add_inbound(self.ptr, peer, keymat.ptr, spi, epoch),
+               "nitro_tunnel_add_inbound")
+
+    def remove_inbound(self, spi: int) -> None:
+        _check(lib.nitro_tunnel_remove_inbound(self.ptr, spi), "nitro_tunnel_remove_inbound")
+
+    def encap_batch(self, peer: int, vni: int, batch: TunnelBatch, n: int) -> int:
+        """Encapsulate the batch's first n frames into its slots; how many
+        passed (batch.pkts says which, and why the others were dropped).
+        The GIL is released while C works."""
+        return _check(lib.nitro_tunnel_encap(self.ptr, peer, vni, batch.frames, batch.lens, n,
+                                             batch.slots, batch.stride, batch.pkts),
+                      "nitro_tunnel_encap")
+
+    def decap_batch(self, batch: TunnelBatch, n: int) -> int:
+        """Decapsulate the batch's first n received packets in place."""
+        return _check(lib.nitro_tunnel_decap(self.ptr, batch.slots, batch.lens, batch.stride, n,
+                                             batch.pkts), "nitro_tunnel_decap")
+
+    def encap(self, peer: int, vni: int, frames: list[bytes]) -> list[bytes | str]:
+        """Each frame's outer IPv4 packet, or the name of its drop reason."""
+        batch = TunnelBatch(max(1, len(frames)), self.mtu)
+        self.encap_batch(peer, vni, batch, batch.set_frames(frames))
+        return [batch.slot(i, 0, batch.pkts[i].len) if batch.pkts[i].drop < 0
+                else TUNNEL_DROP_REASONS[batch.pkts[i].drop] for i in range(len(frames))]
+
+    def decap(self, packets: list[bytes]) -> list[TunnelFrame | str]:
+        """Each packet's inner frame with its VNI, VPC and peer, or the name
+        of its drop reason."""
+        batch = TunnelBatch(max(1, len(packets)), max([len(p) for p in packets] + [1]))
+        self.decap_batch(batch, batch.set_packets(packets))
+        out: list[TunnelFrame | str] = []
+        for i in range(len(packets)):
+            p = batch.pkts[i]
+            out.append(TunnelFrame(batch.slot(i, p.offset, p.len), int(p.vni), int(p.vpc),
+                                   int(p.peer)) if p.drop < 0
+                       else TUNNEL_DROP_REASONS[p.drop])
+        return out
+
+    def stats(self) -> dict[str, Any]:
+        """Every packet and drop of the tunnel."""
+        out = ffi.new("struct nitro_tunnel_stats *")
+        _check(lib.nitro_tunnel_stats(self.ptr, out), "nitro_tunnel_stats")
+        return _tunnel_stats_dict(out)
+
+    def peer_stats(self, peer: int) -> dict[str, Any]:
+        out = ffi.new("struct nitro_tunnel_stats *")
+        _check(lib.nitro_tunnel_peer_stats(self.ptr, peer, out), "nitro_tunnel_peer_stats")
+        return _tunnel_stats_dict(out)
+
+    def outbound_info(self, peer: int) -> dict[str, int] | None:
+        """The peer's outbound SA (spi, epoch, seq, packets, age_ns, rekey), or None."""
+        out = ffi.new("struct nitro_tunnel_sa_info *")
+        if lib.nitro_tunnel_outbound_info(self.ptr, peer, out) < 0:
+            return None
+        return _sa_info_dict(out)
+
+    def test_set_seq(self, peer: int, seq: int) -> None:
+        """TEST ONLY: the last sequence number the outbound SA sent."""
+        _check(lib.nitro_tunnel_test_set_seq(self.ptr, peer, seq), "nitro_tunnel_test_set_seq")
+
+    def inbound_info(self, spi: int) -> dict[str, int] | None:
+        out = ffi.new("struct nitro_tunnel_sa_info *")
+        if lib.nitro_tunnel_inbound_info(self.ptr, spi, out) < 0:
+            return None
+        return _sa_info_dict(out)
+
+
+class TunnelFrame(NamedTuple):
+    """An inner Ethernet frame that passed decapsulation."""
+
+    frame: bytes
+    vni: int
+    vpc: int
+    peer: int
+
+
+def _sa_info_dict(s: Any) -> dict[str, int]:
+    return {f: int(getattr(s, f)) for f in ("spi", "epoch", "seq", "packets", "age_ns", "rekey")}
 
 
 # ---------------------------------------------------------------------------
