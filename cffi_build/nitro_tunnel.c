@@ -27,6 +27,7 @@
 #include "nitro_crypto.h"
 #include "nitro_pkt.h"
 #include "nitro_tunnel.h"
+#include "nitro_vring.h"  /* nitro_now_ns */
 
 #define IP4_HLEN 20
 #define UDP_HLEN 8
@@ -106,13 +107,6 @@ struct nitro_tunnel {
 };
 
 /* ---- small helpers ----------------------------------------------------- */
-
-static uint64_t now_ns(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
-}
 
 static uint32_t hash32(uint32_t k)
 {
@@ -296,7 +290,7 @@ static int sa_new(const struct nitro_tunnel *t, const struct nitro_secret *keyma
     sa->spi = spi;
     sa->epoch = epoch;
     sa->peer = (uint16_t)peer;
-    sa->created_ns = now_ns();
+    sa->created_ns = nitro_now_ns();
     memcpy(sa->salt, km + KEY_LEN, SALT_LEN);
     sa->ctx = EVP_CIPHER_CTX_new();
     if (sa->ctx == NULL ||
@@ -314,7 +308,7 @@ static void sa_info(const struct esp_sa *sa, struct nitro_tunnel_sa_info *out, b
     out->epoch = sa->epoch;
     out->seq = __atomic_load_n(&sa->seq, __ATOMIC_RELAXED);
     out->packets = __atomic_load_n(&sa->packets, __ATOMIC_RELAXED);
-    out->age_ns = now_ns() - sa->created_ns;
+    out->age_ns = nitro_now_ns() - sa->created_ns;
     out->rekey = outbound && out->seq >= NITRO_TUNNEL_SEQ_SOFT_LIMIT;
 }
 
