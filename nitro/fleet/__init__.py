@@ -1,0 +1,1 @@
+"""The fleet: hosts, VPCs and interfaces shared through etcd (docs/fleet.md)."""
