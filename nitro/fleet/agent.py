@@ -70,7 +70,8 @@ class FleetAgent:
         self.revoke_on_exit = True
         self.state = FleetState(host)
         self.lease = 0
-        # "connecting" until the first watch is established, then "up" or "down".
+        # "connecting" until the first watch is established or the first
+        # failure, then "up" (watch open) or "down".
         self.etcd_state = "connecting"
         self.endpoint = ""
         self.last_error = ""
@@ -240,8 +241,7 @@ class FleetAgent:
                       error=str(e), revision=self.state.revision)
         elif str(e) != self.last_error:
             log_event(log, logging.WARNING, "fleet cannot reach etcd", error=str(e))
-        if self.etcd_state != "connecting":
-            self.etcd_state = "down"
+        self.etcd_state = "down"
         self.last_error = str(e)
 
     def _notify(self, changes: list[Change]) -> None:

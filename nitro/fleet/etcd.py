@@ -71,6 +71,12 @@ def _transport_error(e: httpx.TransportError) -> str:
     return f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
 
 
+def _request(http: httpx.AsyncClient, url: str, body: dict, timeout: httpx.Timeout | None = None) -> httpx.Request:
+    if timeout is None:
+        return http.build_request("POST", url, json=body)
+    return http.build_request("POST", url, json=body, timeout=timeout)
+
+
 class WatchStream:
     """One open /v3/watch: ``async for response in stream``. Ends with
     :class:`EtcdUnavailable` when the connection breaks; close it with
@@ -145,7 +151,7 @@ class EtcdClient:
         last: object = "no endpoint tried"
         for i in self._order():
             try:
-                r = await self._http.post(f"{self.endpoints[i]}/v3/{path}", json=body)
+                r = await self._http.send(_request(self._http, f"{self.endpoints[i]}/v3/{path}", body))
             except httpx.TransportError as e:
                 last = f"{self.endpoints[i]}: {_transport_error(e)}"
                 continue
@@ -210,13 +216,11 @@ class EtcdClient:
         ``start_revision``; close the stream with ``aclose()``. Its first
         response says ``created`` (or ``canceled`` with ``compact_revision``
         when that revision is gone)."""
-        body = json.dumps(codec.watch_request(key, prefix=prefix, start_revision=start_revision,
-                                              prev_kv=prev_kv)).encode()
+        body = codec.watch_request(key, prefix=prefix, start_revision=start_revision, prev_kv=prev_kv)
         timeout = httpx.Timeout(self.timeout, read=None)  # events come when they come
         last: object = "no endpoint tried"
         for i in self._order():
-            url = f"{self.endpoints[i]}/v3/watch"
-            request = self._http.build_request("POST", url, content=body, timeout=timeout)
+            request = _request(self._http, f"{self.endpoints[i]}/v3/watch", body, timeout)
             try:
                 response = await self._http.send(request, stream=True)
             except httpx.TransportError as e:
