@@ -1,4 +1,4 @@
-"""`nitro` command line: run the daemon, query and reload it, manage volumes.
+"""`nitro` command line: run the daemon, query and reload it, manage volumes and the fleet's VPCs.
 
 Errors end in one line on stderr and a non-zero exit: 2 for bad arguments or
 configuration, 1 for runtime failures. Following vhost-user.rst's "Backend
@@ -16,6 +16,7 @@ from pathlib import Path
 import trio
 
 from nitro import __version__, config, volume_cli
+from nitro.fleet import vpc_cli
 from nitro.volume_cli import EXIT_FAILURE, EXIT_USAGE
 
 
@@ -66,6 +67,7 @@ def _parser() -> argparse.ArgumentParser:
     rl.set_defaults(func=_cmd_reload)
 
     volume_cli.add_parser(sub)
+    vpc_cli.add_parser(sub)
     return p
 
 

@@ -13,6 +13,7 @@ import ipaddress
 import os
 import re
 import tomllib
+from collections.abc import Sequence
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -82,6 +83,7 @@ class VpcConfig:
     dns: tuple[ipaddress.IPv4Address, ...] = ()
     lease_seconds: int = 3600
     uplink: UplinkConfig | None = None
+    vni: int | None = None  # set for a fleet VPC (from etcd), None for a local [[vpc]]
 
 
 DEFAULT_LINKLOCAL_PPS = 1024
@@ -116,6 +118,36 @@ class DaemonConfig:
     vpc: tuple[VpcConfig, ...] = ()
     net: tuple[NetConfig, ...] = ()
     engine: EngineConfig = dataclasses.field(default_factory=lambda: EngineConfig(default_workers(), None, None))
+    fleet: FleetConfig | None = None
+
+    def fleet_vpc_names(self) -> list[str]:
+        """VPCs [[net]] entries name that no [[vpc]] defines: the fleet's,
+        resolved from etcd at start-up (with_fleet_vpcs)."""
+        local = {v.id for v in self.vpc}
+        return list(dict.fromkeys(n.vpc for n in self.net if n.vpc not in local))
+
+
+DEFAULT_LEASE_TTL = 10  # seconds: a dead host's entries are gone this long after it stopped
+_URL_RE = re.compile(r"^https?://[^/\s]+$")
+
+
+@dataclasses.dataclass(frozen=True)
+class FleetConfig:
+    """[fleet]: this host's place in a fleet whose state is in etcd
+    (docs/fleet.md). Absent: a single host, nothing is read from etcd."""
+    etcd: tuple[str, ...]          # client URLs, tried in order
+    host: str                      # /nitro/hosts/<host>
+    underlay: ipaddress.IPv4Address  # where other hosts send this host's tunnels
+    key_file: Path                 # X25519 private key (nitro/fleet/keys.py reads or creates it)
+    encrypt: bool = True           # ESP between hosts; false only to measure or debug
+    lease_ttl: int = DEFAULT_LEASE_TTL
+
+
+def check_etcd_url(url: Any, file: str, key: str) -> str:
+    """An etcd client URL, "http://10.0.0.1:2379" (no path)."""
+    if not isinstance(url, str) or not _URL_RE.match(url):
+        raise ConfigError(file, key, f"expected an etcd URL such as 'http://10.0.0.1:2379', got {url!r}")
+    return url
 
 
 MAX_WORKERS = 64  # NITRO_ENGINE_MAX_WORKERS
@@ -218,7 +250,7 @@ def load(path: str | Path | None, *, runtime_dir: Path | None = None,
 
 def from_dict(doc: dict, source: str, *, runtime_dir: Path | None = None,
               state_dir: Path | None = None) -> DaemonConfig:
-    _check_keys(doc, {"daemon", "metrics", "blk", "vpc", "net"}, source, "")
+    _check_keys(doc, {"daemon", "metrics", "blk", "vpc", "net", "fleet"}, source, "")
     daemon = _table(doc, "daemon", source)
     _check_keys(daemon, {"runtime_dir", "state_dir", "control_socket", "log_level",
                          "workers", "cpus", "poll_us", "seccomp", "max_guest_memory"},
@@ -235,11 +267,61 @@ def from_dict(doc: dict, source: str, *, runtime_dir: Path | None = None,
     listen = _str(metrics, "listen", source, "metrics.", DEFAULT_METRICS_LISTEN)
     blks = tuple(_blk(t, i, source, runtime, state) for i, t in enumerate(_array(doc, "blk", source)))
     vpcs = tuple(_vpc(t, i, source) for i, t in enumerate(_array(doc, "vpc", source, MAX_VPCS)))
-    nets = tuple(_net(t, i, source, runtime, vpcs)
+    fleet = _fleet(doc["fleet"], source, state) if "fleet" in doc else None
+    nets = tuple(_net(t, i, source, runtime, vpcs, fleet is not None)
                  for i, t in enumerate(_array(doc, "net", source, MAX_NET_INTERFACES)))
     _check_unique(blks, vpcs, nets, source)
     engine = _engine(daemon, source)
-    return DaemonConfig(runtime, state, control, listen, level, blks, source, vpcs, nets, engine)
+    return DaemonConfig(runtime, state, control, listen, level, blks, source, vpcs, nets, engine, fleet)
+
+
+def _fleet(t: Any, source: str, state: Path) -> FleetConfig:
+    if not isinstance(t, dict):
+        raise ConfigError(source, "fleet", "expected a table")
+    p = "fleet."
+    _check_keys(t, {"etcd", "host", "underlay", "key_file", "encrypt", "lease_ttl"}, source, p)
+    urls = t.get("etcd")
+    if isinstance(urls, str):
+        urls = [urls]
+    if not isinstance(urls, list) or not urls:
+        raise ConfigError(source, p + "etcd", 'expected a list of URLs such as ["http://10.0.0.1:2379"]')
+    etcd = tuple(check_etcd_url(u, source, p + "etcd") for u in urls)
+    host = _str(t, "host", source, p, None)
+    if not _ID_RE.match(host):
+        raise ConfigError(source, p + "host", f"must match {_ID_RE.pattern}, got {host!r}")
+    underlay = _ipv4(t, "underlay", source, p, ipaddress.IPv4Address)
+    if underlay.is_unspecified or underlay.is_multicast:
+        raise ConfigError(source, p + "underlay", f"{underlay} cannot be a tunnel endpoint")
+    key_file = state / _str(t, "key_file", source, p, "fleet.key")
+    if key_file.is_dir():
+        raise ConfigError(source, p + "key_file", f"{key_file} is a directory")
+    if not key_file.parent.is_dir() and key_file.parent != state:
+        raise ConfigError(source, p + "key_file", f"directory {key_file.parent} does not exist")
+    encrypt = t.get("encrypt", True)
+    if not isinstance(encrypt, bool):
+        raise ConfigError(source, p + "encrypt", f"expected true or false, got {encrypt!r}")
+    ttl = _int(t, "lease_ttl", source, p, DEFAULT_LEASE_TTL, 2, 3600)
+    return FleetConfig(etcd, host, underlay, key_file, encrypt, ttl)
+
+
+def with_fleet_vpcs(cfg: DaemonConfig, vpcs: Sequence[VpcConfig]) -> DaemonConfig:
+    """``cfg`` with the fleet VPCs its [[net]] entries name appended to its
+    VPCs (after the local ones: their switch indices do not move), each
+    interface checked against its VPC as a local one is. ConfigError when
+    a named VPC is missing from ``vpcs`` or an address does not fit."""
+    by_name = {v.id: v for v in vpcs}
+    added = []
+    for name in cfg.fleet_vpc_names():
+        if name not in by_name:
+            raise ConfigError(cfg.source, "net", f"vpc {name!r} is neither a [[vpc]] here nor a VPC of the fleet "
+                              f"(have {sorted(by_name)})")
+        added.append(by_name[name])
+    if len(cfg.vpc) + len(added) > MAX_VPCS:
+        raise ConfigError(cfg.source, "vpc", f"at most {MAX_VPCS} VPCs, local and fleet together")
+    all_vpcs = {v.id: v for v in (*cfg.vpc, *added)}
+    for i, n in enumerate(cfg.net):
+        _check_net_ip(n.ip, all_vpcs[n.vpc], cfg.source, f"net[{i}].")
+    return dataclasses.replace(cfg, vpc=(*cfg.vpc, *added))
 
 
 def _engine(daemon: dict, source: str) -> EngineConfig:
@@ -371,25 +453,25 @@ def _rate(t: dict, key: str, source: str, p: str, default: int = 0) -> int:
     return v
 
 
-def _net(t: Any, i: int, source: str, runtime: Path, vpcs: tuple[VpcConfig, ...]) -> NetConfig:
+def _net(t: Any, i: int, source: str, runtime: Path, vpcs: tuple[VpcConfig, ...], fleet: bool) -> NetConfig:
     p = _entry(t, i, "net", source, {"id", "socket", "vpc", "mac", "ip", "queues", "queue_size",
                                      "bw_in_bytes_per_sec", "bw_out_bytes_per_sec", "pps",
                                      "linklocal_pps"})
     dev_id = _id(t, source, p)
     vpc_id = _str(t, "vpc", source, p, None)
     vpc = next((v for v in vpcs if v.id == vpc_id), None)
-    if vpc is None:
+    if vpc is None and not fleet:
         raise ConfigError(source, p + "vpc", f"no [[vpc]] with id {vpc_id!r} (have {[v.id for v in vpcs]})")
+    if vpc is None and not _ID_RE.match(vpc_id):  # a fleet VPC's name, checked when etcd is read
+        raise ConfigError(source, p + "vpc", f"must match {_ID_RE.pattern}, got {vpc_id!r}")
     mac = _str(t, "mac", source, p, None)
     if not _MAC_RE.match(mac):
         raise ConfigError(source, p + "mac", f"expected a MAC such as '52:54:00:12:34:56', got {mac!r}")
     if int(mac[:2], 16) & 1 or mac == "00:00:00:00:00:00":
         raise ConfigError(source, p + "mac", f"{mac} is a multicast or zero address")
     ip = _ipv4(t, "ip", source, p, ipaddress.IPv4Address)
-    if ip not in vpc.cidr or ip in (vpc.cidr.network_address, vpc.cidr.broadcast_address, vpc.gateway):
-        raise ConfigError(source, p + "ip", f"{ip} is not a free host address of vpc {vpc.id} ({vpc.cidr})")
-    if vpc.uplink is not None and ip == vpc.uplink.address.ip:
-        raise ConfigError(source, p + "ip", f"{ip} is vpc {vpc.id}'s uplink address")
+    if vpc is not None:
+        _check_net_ip(ip, vpc, source, p)
     # QEMU's virtio-net-pci refuses rings smaller than 256 entries.
     qsize = _queue_size(t, source, p, least=256)
     return NetConfig(
@@ -400,6 +482,13 @@ def _net(t: Any, i: int, source: str, runtime: Path, vpcs: tuple[VpcConfig, ...]
         bw_out_bytes_per_sec=_rate(t, "bw_out_bytes_per_sec", source, p),
         pps=_rate(t, "pps", source, p),
         linklocal_pps=_rate(t, "linklocal_pps", source, p, DEFAULT_LINKLOCAL_PPS))
+
+
+def _check_net_ip(ip: ipaddress.IPv4Address, vpc: VpcConfig, source: str, p: str) -> None:
+    if ip not in vpc.cidr or ip in (vpc.cidr.network_address, vpc.cidr.broadcast_address, vpc.gateway):
+        raise ConfigError(source, p + "ip", f"{ip} is not a free host address of vpc {vpc.id} ({vpc.cidr})")
+    if vpc.uplink is not None and ip == vpc.uplink.address.ip:
+        raise ConfigError(source, p + "ip", f"{ip} is vpc {vpc.id}'s uplink address")
 
 
 def _blk(t: Any, i: int, source: str, runtime: Path, state: Path) -> BlkConfig:

@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import signal
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -41,6 +41,8 @@ if TYPE_CHECKING:
 
     from nitro.devices.base import VirtioBackend
     from nitro.devices.net.fabric import NetFabric
+    from nitro.fleet.agent import FleetAgent
+    from nitro.fleet.state import Change, FleetState
 
 log = logging.getLogger("nitro.daemon")
 
@@ -62,6 +64,7 @@ class Daemon:
     version: str = __version__
     fabric: NetFabric | None = None  # when [[net]] (or a VPC uplink) is configured
     engine: Engine | None = None  # the C workers serving every ring (open_devices)
+    fleet: FleetAgent | None = None  # with [fleet]: this host's link to etcd (open_devices)
     # Re-reads the config file with the command line's overrides; None when
     # the daemon runs on the embedded default (nothing to re-read).
     load_config: Callable[[], DaemonConfig] | None = None
@@ -83,7 +86,32 @@ class Daemon:
             sections["engine"] = self.engine.statistics
         if self.fabric is not None:
             sections["vpcs"] = self.vpc_statistics
+        if self.fleet is not None:
+            sections["fleet"] = self.fleet.statistics
         return sections
+
+    def fleet_statistics(self) -> dict | None:
+        """The fleet agent's state; any thread (metrics)."""
+        fleet = self.fleet
+        return fleet.statistics() if fleet is not None else None
+
+    def _open_fleet(self) -> None:
+        """[fleet]: read the fleet VPCs the interfaces name (before the
+        switch is built from them) and make the agent (not started yet)."""
+        from nitro.fleet import node
+
+        try:
+            cfg = node.resolve_vpcs(self.cfg)
+            self.fleet = node.make_agent(cfg, on_change=self._fleet_changed)
+        except node.FleetStartupError as e:
+            raise StartupError(str(e)) from None
+        self.cfg = cfg
+
+    def _fleet_changed(self, changes: Sequence[Change], state: FleetState) -> None:
+        # The switch's remote tables are fed from here (issue 12, the
+        # integration step); until then the changes are only logged.
+        for c in changes:
+            log_event(log, logging.DEBUG, "fleet change", view=c.view, kind=c.kind, key=str(c.key))
 
     def _server(self, device, socket, device_id: str) -> VhostUserServer:
         assert self.engine is not None, "open_devices() starts the engine first"
@@ -117,6 +145,8 @@ class Daemon:
         and one server per device (a bad volume fails before any thread)."""
         opened: list[tuple[VirtioBackend, Path, str]] = []
         make_directories(self.cfg)
+        if self.cfg.fleet is not None:
+            self._open_fleet()
         for b in self.cfg.blk:
             try:
                 device = blk.open_device(b)
@@ -158,7 +188,8 @@ class Daemon:
     async def run(self, notifier: Notifier) -> None:
         msrv = metrics.start_metrics_server(self.cfg.metrics_listen, lambda: self.devices,
                                             self.vpc_statistics, devices_lock=self.devices_lock,
-                                            get_engine=self.engine_statistics)
+                                            get_engine=self.engine_statistics,
+                                            get_fleet=self.fleet_statistics)
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
@@ -167,6 +198,9 @@ class Daemon:
                 await nursery.start(serve_control, self.cfg.control_socket, self)
                 if self.engine is not None:
                     nursery.start_soon(self.engine.watch)
+                if self.fleet is not None:
+                    # Cancelled after the drain: it revokes its lease then.
+                    await nursery.start(self.fleet.run)
                 if self.fabric is not None:
                     nursery.start_soon(self.fabric.serve_punts)
                     self.fabric.start_uplink_threads()
@@ -209,6 +243,18 @@ class Daemon:
                 raise self._refuse("the daemon is stopping")
             return await self._reload_locked(self.load_config)
 
+    def _with_running_fleet_vpcs(self, new: DaemonConfig) -> DaemonConfig:
+        """A reloaded config's fleet VPCs as they run (resolved at start-up),
+        else as the agent knows them now: the plan then sees only real
+        [[net]] changes (which need a restart anyway)."""
+        from nitro.config import with_fleet_vpcs
+        from nitro.fleet.node import vpc_config
+
+        assert self.fleet is not None
+        running = {v.id: v for v in self.cfg.vpc if v.vni is not None}
+        known = {name: vpc_config(r) for name, r in self.fleet.state.vpcs.items()}
+        return with_fleet_vpcs(new, list({**known, **running}.values()))
+
     def _refuse(self, reason: str) -> ReloadError:
         log_event(log, logging.WARNING, "reload refused", config=self.cfg.source, error=reason)
         return ReloadError(reason)
@@ -217,6 +263,8 @@ class Daemon:
         log_event(log, logging.INFO, "reload", config=self.cfg.source)
         try:
             new = await trio.to_thread.run_sync(load)
+            if self.fleet is not None and new.fleet_vpc_names():
+                new = self._with_running_fleet_vpcs(new)
         except ConfigError as e:
             raise self._refuse(f"config {e}") from None
         plan = reload_plan.plan(self.cfg, new)

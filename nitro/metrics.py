@@ -75,6 +75,26 @@ GetDevices = Callable[[], Iterable[Any]]
 GetVpcs = Callable[[], dict]
 #: Returns ``Engine.statistics()`` (nitro/engine.py), or None before it starts.
 GetEngine = Callable[[], dict | None]
+#: Returns ``FleetAgent.statistics()`` (nitro/fleet/agent.py), or None without [fleet].
+GetFleet = Callable[[], dict | None]
+
+#: Fleet gauges: statistics key -> (metric name, help).
+FLEET_GAUGES = {
+    "watch_lag_seconds": ("nitro_fleet_watch_lag_seconds",
+                          "How far behind etcd the fleet state may be: 0 while the watch is open, else "
+                          "the time since it was lost."),
+    "revision": ("nitro_fleet_revision", "The etcd revision the fleet state is at."),
+    "peers": ("nitro_fleet_peers", "Other hosts registered in etcd (leases alive)."),
+    "vpcs": ("nitro_fleet_vpcs", "VPCs defined in etcd."),
+    "remotes": ("nitro_fleet_remote_interfaces", "Interfaces on other hosts this host can reach."),
+}
+#: Fleet counters: statistics key -> (metric name, help).
+FLEET_COUNTERS = {
+    "disconnects": ("nitro_fleet_etcd_disconnects", "Times the watch on etcd was lost after being established."),
+    "reloads": ("nitro_fleet_reloads", "Full reads of the fleet state (the first, and after a compaction)."),
+    "invalid_records": ("nitro_fleet_invalid_records", "Values under /nitro/ skipped because they break the schema."),
+    "callback_errors": ("nitro_fleet_listener_errors", "Fleet changes whose listener (the switch update) raised."),
+}
 
 #: Per-worker engine counters: statistics key -> (metric name, help, nanoseconds?).
 ENGINE_COUNTERS = {
@@ -191,6 +211,13 @@ class _Families:
         self.vpc_uplink_drops = CounterMetricFamily(
             "nitro_vpc_uplink_drops", "Frames read from a VPC's host uplink and dropped by the switch, by reason.",
             labels=[*vu, "reason"])
+
+        self.fleet_up = GaugeMetricFamily(
+            "nitro_fleet_etcd_up", "1 while the fleet's watch on etcd is established, else 0.", labels=["host"])
+        self.fleet_gauges = {key: GaugeMetricFamily(name, text, labels=["host"])
+                             for key, (name, text) in FLEET_GAUGES.items()}
+        self.fleet_counters = {key: CounterMetricFamily(name, text, labels=["host"])
+                               for key, (name, text) in FLEET_COUNTERS.items()}
 
     def all(self) -> list[Metric]:
         out: list[Metric] = []
@@ -316,6 +343,15 @@ def _add_vpc(f: _Families, vpc_id: str, stats: dict) -> None:
     _add_all(adds)
 
 
+def _add_fleet(f: _Families, stats: dict) -> None:
+    """FleetAgent.statistics(); all or nothing."""
+    host = [str(stats["host"])]
+    adds: list[tuple[Metric, list[str], Any]] = [(f.fleet_up, host, 1 if stats["etcd"] == "up" else 0)]
+    adds += [(f.fleet_gauges[key], host, stats[key]) for key in FLEET_GAUGES]
+    adds += [(f.fleet_counters[key], host, stats[key]) for key in FLEET_COUNTERS]
+    _add_all(adds)
+
+
 class NitroCollector(Collector):
     """Reads ``statistics()`` of every device from ``get_devices()`` at each
     scrape. ``get_devices`` is called in the metrics HTTP thread; it should
@@ -327,8 +363,9 @@ class NitroCollector(Collector):
     def __init__(self, get_devices: GetDevices, get_vpcs: GetVpcs | None = None,
                  version: str = __version__, *,
                  devices_lock: AbstractContextManager[Any] | None = None,
-                 get_engine: GetEngine | None = None) -> None:
+                 get_engine: GetEngine | None = None, get_fleet: GetFleet | None = None) -> None:
         self._get_devices = get_devices
+        self._get_fleet = get_fleet
         self._get_engine = get_engine
         self._devices_lock = devices_lock if devices_lock is not None else contextlib.nullcontext()
         self._get_vpcs = get_vpcs
@@ -372,24 +409,28 @@ class NitroCollector(Collector):
             else:
                 self._record_success(key)
 
-    def _collect_engine(self, families: _Families) -> None:
-        if self._get_engine is None:
+    def _collect_section(self, families: _Families, key: str, what: str,
+                         get: Callable[[], dict | None] | None, add: Callable[[_Families, dict], None]) -> None:
+        """One part beyond the devices (engine, fleet): absent when ``get``
+        is None or returns None; a failure is recorded like a device's."""
+        if get is None:
             return
         try:
-            stats = self._get_engine()
+            stats = get()
             if stats is not None:
-                _add_engine(families, stats)
+                add(families, stats)
         except Exception as exc:
-            self._record_failure("<engine>", "engine statistics", exc)
+            self._record_failure(key, what, exc)
         else:
-            self._record_success("<engine>")
+            self._record_success(key)
 
     def collect(self) -> Iterator[Metric]:
         families = _Families()
         with self._devices_lock:
             self._collect_devices(families)
         self._collect_vpcs(families)
-        self._collect_engine(families)
+        self._collect_section(families, "<engine>", "engine statistics", self._get_engine, _add_engine)
+        self._collect_section(families, "<fleet>", "fleet statistics", self._get_fleet, _add_fleet)
 
         yield from families.all()
 
@@ -427,11 +468,12 @@ class NitroCollector(Collector):
 def make_registry(get_devices: GetDevices, get_vpcs: GetVpcs | None = None, *,
                   process_metrics: bool = True,
                   devices_lock: AbstractContextManager[Any] | None = None,
-                  get_engine: GetEngine | None = None) -> CollectorRegistry:
+                  get_engine: GetEngine | None = None, get_fleet: GetFleet | None = None) -> CollectorRegistry:
     """A private registry (not prometheus_client's global one) holding the
     nitro collector and, by default, the standard ``process_*`` metrics."""
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(NitroCollector(get_devices, get_vpcs, devices_lock=devices_lock, get_engine=get_engine))
+    registry.register(NitroCollector(get_devices, get_vpcs, devices_lock=devices_lock, get_engine=get_engine,
+                                     get_fleet=get_fleet))
     if process_metrics:
         ProcessCollector(registry=registry)
     return registry
@@ -472,7 +514,7 @@ def parse_listen(listen: str) -> tuple[str, int] | None:
 
 def start_metrics_server(listen: str, get_devices: GetDevices, get_vpcs: GetVpcs | None = None, *,
                          devices_lock: AbstractContextManager[Any] | None = None,
-                         get_engine: GetEngine | None = None):
+                         get_engine: GetEngine | None = None, get_fleet: GetFleet | None = None):
     """Serve ``/metrics`` on ``listen`` (see :func:`parse_listen`) from a
     private registry, in prometheus-client's own daemon thread.
 
@@ -485,7 +527,8 @@ def start_metrics_server(listen: str, get_devices: GetDevices, get_vpcs: GetVpcs
     if parsed is None:
         return None
     host, port = parsed
-    registry = make_registry(get_devices, get_vpcs, devices_lock=devices_lock, get_engine=get_engine)
+    registry = make_registry(get_devices, get_vpcs, devices_lock=devices_lock, get_engine=get_engine,
+                             get_fleet=get_fleet)
     try:
         started = start_http_server(port, addr=host, registry=registry)
     except OSError as exc:

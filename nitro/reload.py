@@ -44,6 +44,7 @@ _DAEMON_KEYS = (
     ("log_level", "daemon.log_level"),
     ("metrics_listen", "metrics.listen"),
     ("engine", "daemon.workers/cpus/poll_us/seccomp/max_guest_memory"),
+    ("fleet", "fleet"),
 )
 
 

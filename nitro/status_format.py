@@ -201,6 +201,26 @@ def _format_engine(engine: dict) -> list[str]:
     return lines
 
 
+def _format_fleet(f: dict) -> list[str]:
+    etcd = f.get("etcd", "?")
+    lag = f.get("watch_lag_seconds", 0)
+    if etcd == "up":
+        link = f"etcd up via {f.get('endpoint', '?')}"
+    else:
+        link = (f"etcd {etcd.upper()} for {lag:.1f} s, keeping the last known state "
+                f"(last error: {f.get('last_error') or '-'})")
+    lines = [f"fleet: host {f.get('host', '?')} (underlay {f.get('underlay', '?')}), {link}",
+             f"  watch:       revision {f.get('revision', 0)}, lag {lag:.1f} s, "
+             f"disconnects {f.get('disconnects', 0)}, reloads {f.get('reloads', 0)}",
+             f"  state:       {f.get('peers', 0)} peer hosts, {f.get('vpcs', 0)} VPCs, "
+             f"{f.get('interfaces', 0)} interfaces ({f.get('remotes', 0)} remote)"]
+    if f.get("invalid_records"):
+        lines.append(f"  invalid:     {f['invalid_records']} records skipped; last: {f.get('last_invalid')}")
+    for key, holder in (f.get("conflicts") or {}).items():
+        lines.append(f"  conflict:    {key} is held by host {holder}; not published")
+    return lines
+
+
 def format_status(reply: dict) -> str:
     """A ``status`` reply -> the human-readable text of ``nitro status``:
     one block per device (id, kind, socket, state, features as hex and by
@@ -229,6 +249,13 @@ def format_status(reply: dict) -> str:
             lines += _format_vpcs(vpcs)
         except Exception as exc:
             lines.append(f"vpcs: cannot display: {exc}")
+    fleet = reply.get("fleet")
+    if isinstance(fleet, dict):
+        lines.append("")
+        try:
+            lines += _format_fleet(fleet) if "error" not in fleet else [f"fleet: {fleet['error']}"]
+        except Exception as exc:
+            lines.append(f"fleet: cannot display: {exc}")
     return "\n".join(lines)
 
 

@@ -1,2 +1,3 @@
-"""A VPC across hosts: fleet state in etcd, Geneve/ESP tunnels between
-nitro hosts and the keys that protect them (docs/fleet.md)."""
+"""A VPC across hosts: fleet state in etcd (hosts, VPCs, interfaces), the
+Geneve/ESP tunnels between nitro hosts and the keys that protect them
+(docs/fleet.md)."""
