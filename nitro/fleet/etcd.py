@@ -107,7 +107,7 @@ class WatchStream:
         return codec.decode_watch_line(line)
 
     async def aclose(self) -> None:
-        await self._chunks.aclose()
+        await self._chunks.aclose()  # type: ignore[attr-defined]  # an async generator
         await self._response.aclose()
 
 

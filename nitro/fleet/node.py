@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import ipaddress
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -17,13 +18,17 @@ import trio
 
 from nitro import config
 from nitro.config import DaemonConfig, VpcConfig
-from nitro.fleet import schema
+from nitro.crypto.keys import KeyMaterialError
+from nitro.fleet import keys, schema
 from nitro.fleet.agent import FleetAgent, OnChange
 from nitro.fleet.etcd import EtcdClient
 from nitro.fleet.etcd_codec import EtcdError
 from nitro.fleet.schema import InterfaceRecord, RecordError, VpcRecord
+from nitro.log import log_event
 
 __all__ = ["FleetStartupError", "load_public_key", "make_agent", "resolve_vpcs", "vpc_config"]
+
+log = logging.getLogger(__name__)
 
 RESOLVE_TIMEOUT = 10.0  # seconds to read the VPCs at start-up before giving up
 
@@ -77,26 +82,21 @@ def local_interfaces(cfg: DaemonConfig) -> list[InterfaceRecord]:
 
 
 def load_public_key(key_file: Path) -> bytes:
-    """The X25519 public key of the private key in ``key_file`` (raw 32
-    bytes or PEM). The switch integration replaces this with
-    nitro/fleet/keys.py, which also creates a missing key file."""
-    from cryptography.hazmat.primitives import serialization
-    from cryptography.hazmat.primitives.asymmetric import x25519
-
+    """This host's X25519 public key. The private key file (32 raw bytes,
+    mode 0600: nitro/fleet/keys.py) is created on the first start; the
+    private half never leaves it except into C-held memory."""
     try:
-        data = key_file.read_bytes()
-    except OSError as e:
-        raise FleetStartupError(f"fleet key_file {key_file}: cannot read: {e.strerror}") from None
-    try:
-        if data.startswith(b"-----BEGIN"):
-            key = serialization.load_pem_private_key(data, password=None)
-        else:
-            key = x25519.X25519PrivateKey.from_private_bytes(data)
-    except ValueError as e:
-        raise FleetStartupError(f"fleet key_file {key_file}: not an X25519 private key: {e}") from None
-    if not isinstance(key, x25519.X25519PrivateKey):
-        raise FleetStartupError(f"fleet key_file {key_file}: not an X25519 private key")
-    return key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+        if not key_file.exists():
+            public = keys.generate_private_key(key_file)
+            log_event(log, logging.INFO, "created the fleet key pair", key_file=str(key_file))
+            return public
+        secret = keys.load_private_key(key_file)
+        try:
+            return keys.public_key(secret)
+        finally:
+            secret.close()
+    except (keys.FleetKeyError, KeyMaterialError) as e:
+        raise FleetStartupError(f"fleet key_file: {e}") from None
 
 
 def make_agent(cfg: DaemonConfig, on_change: OnChange | None = None) -> FleetAgent:

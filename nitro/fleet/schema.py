@@ -233,7 +233,8 @@ def decode_value(kind: str, ident: Any, value: bytes) -> Any:
     if kind == "vpc":
         return VpcRecord.decode(ident, value)
     if kind == "interface":
-        return InterfaceRecord.decode(*ident, value)
+        vpc, ip = ident
+        return InterfaceRecord.decode(vpc, ip, value)
     if kind == "vni":
         return _name(value.decode(errors="replace"), "VPC name of a VNI")
     raise RecordError(f"unknown record kind {kind!r}")  # pragma: no cover - decode_key's kinds

@@ -139,7 +139,8 @@ class FleetState:
         self.revision = max(self.revision, revision)
 
     def _table(self, kind: str) -> dict | None:
-        return {"host": self.hosts, "vpc": self.vpcs, "interface": self.interfaces}.get(kind)
+        tables: dict[str, dict] = {"host": self.hosts, "vpc": self.vpcs, "interface": self.interfaces}
+        return tables.get(kind)
 
     def _put(self, key: bytes, value: bytes) -> None:
         try:

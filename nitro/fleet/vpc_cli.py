@@ -15,6 +15,7 @@ import ipaddress
 import json
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import trio
 
@@ -135,7 +136,7 @@ async def _list(etcd: EtcdClient, args: argparse.Namespace) -> int:
             count[name] += 1
         except RecordError:
             pass
-    rows = []
+    rows: list[dict[str, Any]] = []
     for kv in vpcs.kvs:
         try:
             _, name = schema.decode_key(kv.key)

@@ -291,9 +291,7 @@ def test_daemon_status_and_metrics_follow_etcd(etcd: Etcd, short_tmp_path: Path)
     from cryptography.hazmat.primitives.asymmetric import x25519
 
     assert vpc(etcd, "create", "blue", "--cidr", "10.1.0.0/24", "--vni", "100", "--mtu", "1450").returncode == 0
-    key = x25519.X25519PrivateKey.generate()
-    (short_tmp_path / "fleet.key").write_bytes(key.private_bytes(
-        serialization.Encoding.Raw, serialization.PrivateFormat.Raw, serialization.NoEncryption()))
+    # No key file yet: nitro creates the host's key pair on its first start.
     config = f"""
 [daemon]
 workers = 1
@@ -319,6 +317,9 @@ ip = "10.1.0.5"
         assert 'nitro_fleet_etcd_up{host="host-a"} 1.0' in nitro.metrics()
         host = etcd.call("kv/range", {"key": b64("/nitro/hosts/host-a")})["kvs"][0]
         record = json.loads(base64.b64decode(host["value"]))
+        key_file = short_tmp_path / "fleet.key"
+        assert key_file.stat().st_mode & 0o777 == 0o600
+        key = x25519.X25519PrivateKey.from_private_bytes(key_file.read_bytes())
         public = key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
         assert record == {"version": 1, "id": "host-a", "underlay": "192.0.2.1",
                           "public_key": base64.b64encode(public).decode()}
