@@ -21,6 +21,7 @@
 #include <unistd.h>
 
 #include "nitro_iov.h"
+#include "nitro_qos.h"
 #include "nitro_ring.h"
 #include "nitro_vring.h"
 #include "nitro_xts_internal.h"
@@ -448,8 +449,8 @@ static void blk_account(struct nitro_blk_stats *s, const struct blk_done *d,
     int b = 0;
     while (ns > nitro_lat_bounds_ns[b])  /* the last bound is UINT64_MAX */
         b++;
-    nitro_stat_add(&s->latency_buckets[b], 1);
-    nitro_stat_add(&s->latency_sum_ns, ns);
+    nitro_stat_add(&s->latency_buckets[d->op][b], 1);
+    nitro_stat_add(&s->latency_sum_ns[d->op], ns);
 }
 
 /* ---- synchronous requests ------------------------------------------------ */
@@ -544,6 +545,14 @@ struct blk_ring {
     size_t bounce_bytes;        /* held by all slots, see BOUNCE_KEEP_BYTES */
     uint32_t in_flight;
     bool notify;                /* completions since the last call */
+    /* QoS: the request popped and held until the volume's budget allows
+     * it (its chain stays valid: nothing else is popped meanwhile). */
+    bool held;
+    struct nitro_chain *held_chain;
+    struct blk_req held_rq;
+    uint64_t held_start;
+    uint32_t held_queued;       /* what this ring adds to the qos' queued */
+    uint32_t qos_generation;    /* of the limits wake_ns was computed under */
 };
 
 static void blk_bounce_free(struct blk_ring *b, struct blk_io *io)
@@ -753,28 +762,109 @@ static void blk_ring_notify(struct blk_ring *b)
     }
 }
 
+/* ---- QoS: hold a request until the volume's budget allows it ----------- */
+
+/* The data bytes a request counts against the throughput limit. */
+static uint64_t blk_qos_bytes(const struct blk_req *rq)
+{
+    if (rq->type == VIRTIO_BLK_T_IN)
+        return rq->wr_len;
+    if (rq->type == VIRTIO_BLK_T_OUT)
+        return rq->rd_len;
+    return 0;
+}
+
+/* A queue waiting for a deadline looks again at least this often, so a
+ * limit raised live (nitro_qos_set) applies to a sleeping worker too. */
+#define QOS_MAX_WAIT_NS 100000000ull
+
+static void blk_qos_set_queued(struct blk_ring *b, uint32_t n)
+{
+    if (n != b->held_queued) {
+        nitro_qos_queued_add(b->p->qos, (int64_t)n - (int64_t)b->held_queued);
+        b->held_queued = n;
+    }
+}
+
+/* Admit rq, or hold it (with its chain) and set the ring's deadline. */
+static bool blk_qos_admit(struct blk_ring *b, struct nitro_chain *c,
+                          const struct blk_req *rq, uint64_t start, bool retry)
+{
+    struct nitro_qos *q = b->p->qos;
+    uint32_t gen = nitro_qos_generation(q);
+    uint64_t now = nitro_now_ns(), ready = 0;
+    if (nitro_qos_admit(q, blk_qos_bytes(rq), now, retry, &ready)) {
+        blk_qos_set_queued(b, 0);
+        return true;
+    }
+    b->held = true;
+    b->held_chain = c;
+    b->held_rq = *rq;
+    b->held_start = start;
+    b->qos_generation = gen;
+    b->r.wake_ns = ready < now + QOS_MAX_WAIT_NS ? ready : now + QOS_MAX_WAIT_NS;
+    blk_qos_set_queued(b, 1 + nitro_vq_backlog(b->r.vq));
+    return false;
+}
+
+/* Still before the deadline of limits that did not change since? */
+static bool blk_qos_waiting(struct blk_ring *b)
+{
+    if (b->r.wake_ns == 0)
+        return false;
+    if (nitro_now_ns() < b->r.wake_ns &&
+        nitro_qos_generation(b->p->qos) == b->qos_generation)
+        return true;
+    b->r.wake_ns = 0;
+    return false;
+}
+
+/* The next request: the one held, else one popped and parsed. 1, 0 (none)
+ * or NITRO_ERR_GUEST. */
+static int blk_next(struct blk_ring *b, struct nitro_chain **c,
+                    struct blk_req *rq, uint64_t *start, bool *retry)
+{
+    *retry = b->held;
+    if (b->held) {
+        b->held = false;
+        *c = b->held_chain;
+        *rq = b->held_rq;
+        *start = b->held_start;
+        return 1;
+    }
+    int rc = nitro_vq_pop(b->r.vq, c);
+    if (rc <= 0)
+        return rc;
+    *start = nitro_now_ns();
+    nitro_stat_add(&b->s->inflight, 1);
+    if (blk_parse(b->r.vq, b->p, *c, rq) != NITRO_OK) {
+        nitro_stat_sub(&b->s->inflight, 1);
+        return NITRO_ERR_GUEST;
+    }
+    return 1;
+}
+
 static int blk_ring_poll(struct nitro_ring *r, struct nitro_io *io,
                          uint32_t budget)
 {
     struct blk_ring *b = (struct blk_ring *)r;
     b->io = io;
     blk_ring_notify(b);  /* completions reaped since the last poll */
+    if (blk_qos_waiting(b))
+        return 0;
     uint32_t done = 0;
     uint64_t sync_bytes = 0;
     int rc = 0;
     while (done < budget && b->free != NULL && sync_bytes < SYNC_PASS_BYTES) {
         struct nitro_chain *c;
-        rc = nitro_vq_pop(r->vq, &c);
+        struct blk_req rq = {0};  /* set by blk_next; gcc cannot always see it */
+        uint64_t start;
+        bool retry;
+        rc = blk_next(b, &c, &rq, &start, &retry);
         if (rc <= 0)
             break;
-        uint64_t start = nitro_now_ns();
-        nitro_stat_add(&b->s->inflight, 1);
-        struct blk_req rq = {0};  /* all set by blk_parse; gcc cannot see it */
-        if (blk_parse(r->vq, b->p, c, &rq) != NITRO_OK) {
-            nitro_stat_sub(&b->s->inflight, 1);
-            rc = NITRO_ERR_GUEST;
+        if (b->p->qos != NULL && !blk_qos_admit(b, c, &rq, start, retry))
             break;
-        }
         done++;
         if (io->ready && blk_async_ok(b, &rq) &&
             blk_start_async(b, c, &rq, start))
@@ -830,6 +920,21 @@ static int blk_ring_attach(struct nitro_ring *r)
 static void blk_ring_detach(struct nitro_ring *r)
 {
     struct blk_ring *b = (struct blk_ring *)r;
+    /* A held request points into guest memory, which may be replaced
+     * before the next attach: serve it now, over the budget (detaching is
+     * rare). A broken ring's is dropped with the ring. */
+    if (b->held) {
+        b->held = false;
+        if (r->status == NITRO_OK)
+            blk_handle_sync(r->vq, b->held_chain, b->p, b->lane, &b->held_rq,
+                            b->s, b->held_start);
+        else
+            nitro_stat_sub(&b->s->inflight, 1);
+        b->notify = true;
+    }
+    if (b->p->qos != NULL)
+        blk_qos_set_queued(b, 0);
+    r->wake_ns = 0;
     blk_ring_notify(b);
     nitro_xts_lane_put(b->lane);
     b->lane = NULL;
@@ -907,6 +1012,12 @@ static int64_t blk_serve_loop(struct nitro_ring *r, struct nitro_io *io,
             continue;
         if (blk_ring_in_flight(r) > 0) {
             nitro_io_wait(io);
+            continue;
+        }
+        if (r->wake_ns != 0) {  /* QoS: the held request's time */
+            struct timespec ts = {.tv_sec = (time_t)(r->wake_ns / 1000000000u),
+                                  .tv_nsec = (long)(r->wake_ns % 1000000000u)};
+            clock_nanosleep(CLOCK_MONOTONIC, TIMER_ABSTIME, &ts, NULL);
             continue;
         }
         int e = nitro_vq_enable_notify(vq);

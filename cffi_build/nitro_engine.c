@@ -7,7 +7,10 @@
  * adaptive as KVM's halt-polling: grow the window when a wake-up came soon
  * after falling asleep, shrink it when the sleep was long), then arms its
  * rings and sleeps in epoll_wait on their kick fds, its io_uring's eventfd
- * and its command eventfd.
+ * and its command eventfd. A ring waiting for a rate limit (blk QoS) sets
+ * its wake_ns (nitro_ring.h): it is not armed, and the worker sleeps at
+ * most until the earliest such deadline (epoll_pwait2: nanoseconds, as a
+ * millisecond timeout would sleep past a limit of thousands per second).
  *
  * Commands (attach, detach, quit) are synchronous: the caller fills the
  * worker's one command slot under its mutex, writes the command eventfd and
@@ -284,6 +287,7 @@ static int worker_attach(struct worker *w, struct nitro_ring *r)
     r->status = NITRO_OK;
     r->kicked = r->muted = false;
     r->empty_kicks = 0;
+    r->wake_ns = 0;
     int rc = r->ops->attach ? r->ops->attach(r) : NITRO_OK;
     if (rc == NITRO_OK)
         rc = epoll_watch(w, r);
@@ -404,13 +408,34 @@ static uint32_t poll_rings(struct worker *w)
     return work;
 }
 
-/* Re-enable notifications everywhere; false if work arrived meanwhile. */
-static bool arm_all(struct worker *w)
+/* A ring with a deadline still ahead waits for time, not for the guest:
+ * its pending chains are not work, and no kick is needed to find them. */
+static bool ring_waiting(const struct nitro_ring *r, uint64_t now)
+{
+    return r->wake_ns != 0 && r->wake_ns > now;
+}
+
+/* The earliest wake_ns of w's serving rings; 0: none. */
+static uint64_t next_deadline(const struct worker *w)
+{
+    uint64_t first = 0;
+    for (uint32_t i = 0; i < w->nrings; i++) {
+        const struct nitro_ring *r = w->rings[i];
+        if (r->status == NITRO_OK && r->wake_ns != 0 &&
+            (first == 0 || r->wake_ns < first))
+            first = r->wake_ns;
+    }
+    return first;
+}
+
+/* Re-enable notifications everywhere (but on rings waiting for a deadline
+ * after now); false if work arrived meanwhile. */
+static bool arm_all(struct worker *w, uint64_t now)
 {
     bool quiet = true;
     for (uint32_t i = 0; i < w->nrings; i++) {
         struct nitro_ring *r = w->rings[i];
-        if (r->status != NITRO_OK)
+        if (r->status != NITRO_OK || ring_waiting(r, now))
             continue;
         int rc = ring_call(w, r, CALL_ARM);
         if (rc < 0)
@@ -428,13 +453,29 @@ static void disarm_all(struct worker *w)
             ring_call(w, w->rings[i], CALL_DISARM);
 }
 
-static void sleep_on_epoll(struct worker *w)
+/* Sleep until a kick, a completion, a command or the deadline (0: none);
+ * true when the deadline ended it. */
+static bool sleep_on_epoll(struct worker *w, uint64_t deadline)
 {
     struct epoll_event evs[EPOLL_BATCH];
     int n;
-    do
-        n = epoll_wait(w->epfd, evs, EPOLL_BATCH, w->nmuted ? MUTED_POLL_MS : -1);
-    while (n < 0 && errno == EINTR);
+    /* Muted rings (kick storms) are polled at least every MUTED_POLL_MS. */
+    if (w->nmuted) {
+        uint64_t muted = nitro_now_ns() + MUTED_POLL_MS * 1000000ull;
+        if (deadline == 0 || muted < deadline)
+            deadline = muted;
+    }
+    do {
+        struct timespec ts, *timeout = NULL;
+        if (deadline != 0) {
+            uint64_t now = nitro_now_ns();
+            uint64_t left = deadline > now ? deadline - now : 0;
+            ts = (struct timespec){.tv_sec = (time_t)(left / 1000000000u),
+                                   .tv_nsec = (long)(left % 1000000000u)};
+            timeout = &ts;
+        }
+        n = epoll_pwait2(w->epfd, evs, EPOLL_BATCH, timeout, NULL);
+    } while (n < 0 && errno == EINTR);
     nitro_stat_add(&w->stats.wakeups, 1);
     for (int i = 0; i < n; i++) {
         struct nitro_ring *r = evs[i].data.ptr;
@@ -449,6 +490,7 @@ static void sleep_on_epoll(struct worker *w)
     }
     if (w->uring_fd >= 0)
         nitro_eventfd_drain(w->uring_fd);
+    return n == 0;
 }
 
 /* halt-polling's rule: a wake-up within the ceiling means polling longer
@@ -476,18 +518,23 @@ static void idle_step(struct worker *w, uint64_t *last_work)
         return;
     }
     /* In-flight I/O needs no kick: its CQE wakes the uring eventfd. */
-    if (!arm_all(w)) {
+    if (!arm_all(w, t)) {
         disarm_all(w);
         return;
     }
-    if (atomic_load(&w->cmd_pending)) {
+    uint64_t deadline = next_deadline(w);
+    if (atomic_load(&w->cmd_pending) ||
+        (deadline != 0 && deadline <= nitro_now_ns())) {
         disarm_all(w);
         return;
     }
-    sleep_on_epoll(w);
+    bool timed_out = sleep_on_epoll(w, deadline);
     uint64_t woke = nitro_now_ns();
     nitro_stat_add(&w->stats.sleep_ns, woke - t);
-    adapt_poll(w, woke - t);
+    /* A deadline that ended the sleep says nothing about when the guest
+     * kicks: polling longer would not have caught it. */
+    if (!timed_out)
+        adapt_poll(w, woke - t);
     disarm_all(w);
     *last_work = woke;
 }

@@ -9,7 +9,9 @@
  * (struct nitro_io), whose completions the worker hands back to the ring
  * that submitted them. When nothing moved for a while the worker arms every
  * ring (re-enables guest notifications) and sleeps on one epoll set holding
- * every ring's kick fd, the io_uring's eventfd and its own wake-up eventfd.
+ * every ring's kick fd, the io_uring's eventfd and its own wake-up eventfd,
+ * at most until the earliest wake_ns of its rings (a ring that is waiting
+ * for a rate limit says until when with it).
  *
  * A ring is touched only by its owning worker between attach and detach:
  * the control plane (Python) hands rings over with synchronous commands
@@ -95,6 +97,11 @@ struct nitro_ring {
     bool kicked;          /* woken by this ring's kick since its last poll */
     bool muted;           /* kick fd out of the wake-up set: polled on a timer */
     uint32_t empty_kicks; /* kicks after which poll found nothing (decaying) */
+    /* Set by poll() (CLOCK_MONOTONIC ns; 0: none): the ring holds work it
+     * may not do before then (a rate limit: blk QoS). Until then the worker
+     * neither arms the ring (its pending chains are not "work arrived")
+     * nor sleeps past it; poll() is called again at the latest then. */
+    uint64_t wake_ns;
 };
 
 /* Confine the calling thread (an engine worker) to the system calls

@@ -418,6 +418,13 @@ uint32_t nitro_vq_num(const struct nitro_vq *vq)
     return vq->num;
 }
 
+uint32_t nitro_vq_backlog(const struct nitro_vq *vq)
+{
+    if (vq->packed)
+        return 0;  /* counting would walk the descriptor flags */
+    return (uint16_t)(vq->shadow_avail_idx - vq->last_avail_idx);
+}
+
 int nitro_vq_kick_fd(const struct nitro_vq *vq)
 {
     return vq->kick_fd;

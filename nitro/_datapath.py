@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 import mmap
 import os
+import time
 from typing import Any, Final, NamedTuple
 
 from nitro._nitro_c import ffi, lib
@@ -420,6 +421,44 @@ class XtsCipher(_Owned):
         return bytes(out)
 
 
+class Qos(_Owned):
+    """struct nitro_qos: one volume's QoS limits, shared by its queues (the
+    rings of every queue whose BlkParams name it). Unlimited until
+    ``set``; ``set`` again at any time changes the limits live. Times are
+    CLOCK_MONOTONIC nanoseconds (``time.monotonic_ns()``); ``now`` is for
+    tests that drive the buckets with a clock of their own."""
+
+    def __init__(self) -> None:
+        raw = lib.nitro_qos_new()
+        super().__init__(ffi.NULL if raw == ffi.NULL else ffi.gc(raw, lib.nitro_qos_free))
+
+    def set(self, iops: int = 0, throughput: int = 0, burst_iops: int = 0, burst_seconds: int = 0,
+            now: int | None = None) -> None:
+        """FrontendError for limits C refuses (see nitro.h nitro_qos_set)."""
+        limits = ffi.new("struct nitro_qos_limits *", {
+            "iops": iops, "throughput": throughput, "burst_iops": burst_iops,
+            "burst_seconds": burst_seconds})
+        _check(lib.nitro_qos_set(self.ptr, limits, _now(now)), "nitro_qos_set")
+
+    def admit(self, nbytes: int, now: int, retry: bool = False) -> int | None:
+        """Admit one request of ``nbytes`` data bytes at ``now``: None when
+        admitted (and charged), else the time it would be."""
+        ready = ffi.new("uint64_t *")
+        if lib.nitro_qos_admit(self.ptr, nbytes, now, int(retry), ready):
+            return None
+        return int(ready[0])
+
+    def statistics(self, now: int | None = None) -> dict[str, int]:
+        out = ffi.new("struct nitro_qos_stats *")
+        _check(lib.nitro_qos_stats(self.ptr, _now(now), out), "nitro_qos_stats")
+        return {name: int(getattr(out, name)) for name in (
+            "exceeded_iops_ns", "exceeded_throughput_ns", "credits", "credits_max", "queued", "delayed")}
+
+
+def _now(now: int | None) -> int:
+    return time.monotonic_ns() if now is None else now
+
+
 class BlkParams(_Owned):
     """struct nitro_blk_params: the backing fd (the caller's) and limits.
     ``block_size`` is the guest's logical block size (every request must be
@@ -430,13 +469,15 @@ class BlkParams(_Owned):
     a request beyond them completes with IOERR.
     ``blk_serve`` refuses (FrontendError) a block size that is not a power of
     two >= 512 (and whole encryption sectors), or a disk whose last byte,
-    plus data_offset, is past 2**63 - 1."""
+    plus data_offset, is past 2**63 - 1.
+    ``qos`` (kept alive here too) limits every ring made with these params
+    together."""
 
     def __init__(self, fd: int, capacity_sectors: int, readonly: bool = False,
                  max_discard_sectors: int = 0, max_write_zeroes_sectors: int = 0,
                  serial: bytes = b"", xts: XtsCipher | None = None,
                  data_offset: int = 0, block_size: int = 512,
-                 seg_max: int = 0, size_max: int = 0) -> None:
+                 seg_max: int = 0, size_max: int = 0, qos: Qos | None = None) -> None:
         if len(serial) > 20:
             raise ValueError("virtio-blk serial is at most 20 bytes")
         super().__init__(ffi.new("struct nitro_blk_params *", {
@@ -450,9 +491,11 @@ class BlkParams(_Owned):
             "size_max": size_max,
             "xts": xts.ptr if xts is not None else ffi.NULL,
             "data_offset": data_offset,
+            "qos": qos.ptr if qos is not None else ffi.NULL,
         }))
         ffi.memmove(self._cdata.serial, serial, len(serial))
         self._xts = xts
+        self._qos = qos
 
 
 class BlkStats(_Owned):
@@ -469,9 +512,12 @@ class BlkStats(_Owned):
                        "errors": int(s.errors[i])}
                 for i, name in enumerate(OP_NAMES)
             },
-            "latency_buckets": [(b, int(s.latency_buckets[i]))
-                                for i, b in enumerate(LATENCY_BOUNDS)],
-            "latency_sum_seconds": s.latency_sum_ns / 1e9,
+            # Per operation, as NITRO_BLK_OP_* (the ``op`` label values).
+            "latency": {
+                name: {"buckets": [(b, int(s.latency_buckets[o][i])) for i, b in enumerate(LATENCY_BOUNDS)],
+                       "sum_seconds": s.latency_sum_ns[o] / 1e9}
+                for o, name in enumerate(OP_NAMES)
+            },
             "inflight": int(s.inflight),
             "resubmitted": int(s.resubmitted),
         }

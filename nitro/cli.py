@@ -66,9 +66,24 @@ def _parser() -> argparse.ArgumentParser:
     rl.add_argument("--json", action="store_true", help="raw JSON")
     rl.set_defaults(func=_cmd_reload)
 
-    volume_cli.add_parser(sub)
+    _add_volume_qos(volume_cli.add_parser(sub))
     vpc_cli.add_parser(sub)
     return p
+
+
+def _add_volume_qos(vsub) -> None:
+    qos = vsub.add_parser("qos", help="show or change a running volume's QoS limits, live "
+                          "(docs/volumes.md \"QoS\"); options not given stay as they are")
+    qos.add_argument("device", help="the [[blk]] id")
+    qos.add_argument("--iops", help="I/O requests per second (0: unlimited)")
+    qos.add_argument("--throughput", help="data bytes per second, e.g. 100M (decimal units; 0: unlimited)")
+    qos.add_argument("--burst-iops", help="IOPS while burst credits last (0: no burst)")
+    qos.add_argument("--burst-seconds", type=int, help="how long a full credit bucket lasts at --burst-iops")
+    qos.add_argument("--control", type=Path, help="control socket (default: from the config)")
+    qos.add_argument("--config", type=Path)
+    qos.add_argument("--runtime-dir", type=Path)
+    qos.add_argument("--json", action="store_true", help="raw JSON")
+    qos.set_defaults(func=_cmd_volume_qos)
 
 
 def _fail(msg: str, code: int) -> int:
@@ -186,6 +201,25 @@ def _cmd_status(args) -> int:
     else:
         print(status_format.format_status(reply))
     return 0 if reply.get("ok") else EXIT_FAILURE
+
+
+def _cmd_volume_qos(args) -> int:
+    request: dict = {"cmd": "volume_qos", "device": args.device}
+    for key in config.QOS_KEYS:
+        value = getattr(args, key)
+        if value is not None:
+            # Plain numbers as integers; "100M" as is (the daemon parses units).
+            request[key] = int(value) if isinstance(value, int) or value.isdigit() else value
+    reply = _query(args, request)
+    if isinstance(reply, int):
+        return reply
+    if not reply.get("ok"):
+        return _fail(reply.get("error", "unknown error"), EXIT_FAILURE)
+    if args.json:
+        print(json.dumps(reply, indent=2))
+    else:
+        print(f"{reply['device']}: " + " ".join(f"{k}={v}" for k, v in reply["qos"].items()))
+    return 0
 
 
 def _cmd_reload(args) -> int:

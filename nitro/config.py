@@ -53,6 +53,21 @@ class EncryptionConfig:
     passphrase_file: Path | None = None
 
 
+MAX_BURST_SECONDS = 10**6  # the C limit (nitro_qos_set)
+QOS_KEYS = ("iops", "throughput", "burst_iops", "burst_seconds")
+
+
+@dataclasses.dataclass(frozen=True)
+class QosConfig:
+    """`qos = { iops = 2000, throughput = "100M", burst_iops = 3000,
+    burst_seconds = 60 }`: the volume's limits (docs/volumes.md "QoS"); 0
+    is unlimited, and no burst. Changed live by reload and `nitro volume qos`."""
+    iops: int = 0
+    throughput: int = 0  # data bytes per second
+    burst_iops: int = 0
+    burst_seconds: int = 0
+
+
 @dataclasses.dataclass(frozen=True)
 class BlkConfig:
     id: str
@@ -64,6 +79,7 @@ class BlkConfig:
     queue_size: int = 256
     serial: str = ""
     encryption: EncryptionConfig | None = None
+    qos: QosConfig = QosConfig()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -493,7 +509,7 @@ def _check_net_ip(ip: ipaddress.IPv4Address, vpc: VpcConfig, source: str, p: str
 
 def _blk(t: Any, i: int, source: str, runtime: Path, state: Path) -> BlkConfig:
     p = _entry(t, i, "blk", source, {"id", "socket", "image", "size", "readonly", "queues",
-                                     "queue_size", "serial", "encryption"})
+                                     "queue_size", "serial", "encryption", "qos"})
     dev_id = _id(t, source, p)
     size = parse_size(t["size"], source, p + "size") if "size" in t else None
     queues = _int(t, "queues", source, p, 1, 1, MAX_QUEUES)
@@ -509,7 +525,39 @@ def _blk(t: Any, i: int, source: str, runtime: Path, state: Path) -> BlkConfig:
         socket=runtime / _str(t, "socket", source, p, f"{dev_id}.sock"),
         image=state / _str(t, "image", source, p, f"{dev_id}.img"),
         size=size, readonly=readonly, queues=queues, queue_size=qsize, serial=serial,
-        encryption=_encryption(t, source, p, state))
+        encryption=_encryption(t, source, p, state), qos=_qos(t, source, p))
+
+
+def _qos(t: dict, source: str, prefix: str) -> QosConfig:
+    if "qos" not in t:
+        return QosConfig()
+    q = t["qos"]
+    if not isinstance(q, dict):
+        raise ConfigError(source, prefix + "qos", "expected a table such as { iops = 2000, throughput = \"100M\" }")
+    return parse_qos(q, QosConfig(), source, prefix + "qos.")
+
+
+def parse_qos(values: dict, base: QosConfig, source: str, prefix: str = "") -> QosConfig:
+    """``values`` (some of QOS_KEYS) over ``base`` -> checked QosConfig.
+    Also what `nitro volume qos` sends: the keys it names change, the others
+    stay. Rates take decimal units ('100M'); ConfigError names the key."""
+    _check_keys(values, set(QOS_KEYS), source, prefix)
+    merged = {k: getattr(base, k) for k in QOS_KEYS}
+    for key in ("iops", "throughput", "burst_iops"):
+        if key in values:
+            merged[key] = _rate(values, key, source, prefix)
+    if "burst_seconds" in values:
+        merged["burst_seconds"] = _int(values, "burst_seconds", source, prefix, 0, 0, MAX_BURST_SECONDS)
+    qos = QosConfig(**merged)
+    if qos.burst_iops and not qos.iops:
+        raise ConfigError(source, prefix + "burst_iops", "a burst needs a baseline: set iops too")
+    if qos.burst_iops and qos.burst_iops <= qos.iops:
+        raise ConfigError(source, prefix + "burst_iops",
+                          f"must be above iops ({qos.iops}), got {qos.burst_iops}")
+    if bool(qos.burst_iops) != bool(qos.burst_seconds):
+        raise ConfigError(source, prefix + ("burst_seconds" if qos.burst_iops else "burst_iops"),
+                          "burst_iops and burst_seconds go together (both 0: no burst)")
+    return qos
 
 
 def _encryption(t: dict, source: str, prefix: str, state: Path) -> EncryptionConfig | None:

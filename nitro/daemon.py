@@ -15,6 +15,7 @@ else is touched. Reloads run one at a time, and not once a stop signal came.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import signal
 import threading
@@ -26,11 +27,12 @@ import trio
 
 from nitro import __version__, _datapath, metrics
 from nitro import reload as reload_plan
-from nitro.config import ConfigError, DaemonConfig
+from nitro.config import ConfigError, DaemonConfig, parse_qos
 from nitro.control.protocol import CommandRefused
 from nitro.control.server import serve_control
 from nitro.devices import blk
 from nitro.devices.blk.backends.raw import VolumeError
+from nitro.devices.blk.device import BlkDevice
 from nitro.engine import Engine
 from nitro.log import log_event
 from nitro.sdnotify import Notifier, watchdog_loop
@@ -280,6 +282,9 @@ class Daemon:
             log_event(log, logging.INFO, "reload: device removed", device=b.id, socket=str(b.socket))
         for s in added:
             log_event(log, logging.INFO, "reload: device added", device=s.device_id, socket=str(s.socket_path))
+        for b in plan.qos:
+            self._blk_device(b.id).set_qos(b.qos)
+            log_event(log, logging.INFO, "reload: qos changed", device=b.id, **dataclasses.asdict(b.qos))
         for device_id in plan.unchanged:
             log_event(log, logging.DEBUG, "reload: device unchanged", device=device_id)
         self.cfg = plan.running
@@ -288,9 +293,36 @@ class Daemon:
                   needs_restart=len(plan.needs_restart), refused=len(plan.refused))
         return {"config": self.cfg.source,
                 "added": [b.id for b in plan.add], "removed": [b.id for b in plan.remove],
+                "qos": [b.id for b in plan.qos],
                 "unchanged": list(plan.unchanged),
                 "needs_restart": [c.as_dict() for c in plan.needs_restart],
                 "refused": [c.as_dict() for c in plan.refused]}
+
+    def _blk_device(self, device_id: str) -> BlkDevice:
+        device = next(s for s in self.servers if s.device_id == device_id).device
+        if not isinstance(device, BlkDevice):
+            raise TypeError(f"device {device_id} is not a [[blk]] device")
+        return device
+
+    async def set_qos(self, device_id: str, values: dict) -> dict:
+        """`nitro volume qos`: change some of a volume's QoS limits live
+        (the keys of ``values``; the others stay). The running
+        configuration records them, so a later reload applies the file's
+        again. CommandRefused (nothing changed) for an unknown device or a
+        bad value."""
+        async with self._reload_lock:
+            blks = {b.id: b for b in self.cfg.blk}
+            if device_id not in blks:
+                raise CommandRefused(f"no [[blk]] device {device_id!r} (have: {', '.join(blks) or 'none'})")
+            try:
+                qos = parse_qos(values, blks[device_id].qos, "volume qos")
+            except ConfigError as e:
+                raise CommandRefused(str(e)) from None
+            self._blk_device(device_id).set_qos(qos)
+            self.cfg = dataclasses.replace(self.cfg, blk=tuple(
+                dataclasses.replace(b, qos=qos) if b.id == device_id else b for b in self.cfg.blk))
+            log_event(log, logging.INFO, "qos changed", device=device_id, **dataclasses.asdict(qos))
+            return {"device": device_id, "qos": dataclasses.asdict(qos)}
 
     async def _add_devices(self, cfgs) -> list[VhostUserServer]:
         """Open every new volume, then make each listen. If any fails, the

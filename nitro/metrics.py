@@ -109,6 +109,28 @@ ENGINE_COUNTERS = {
 }
 
 
+#: A volume's QoS counters: statistics()["qos"] key -> (family, name, help, nanoseconds?).
+BLK_QOS = {
+    "exceeded_iops_ns": (
+        CounterMetricFamily, "nitro_blk_qos_exceeded_iops_seconds",
+        "Time requests of the volume waited for its IOPS limit (baseline or burst), like EBS's "
+        "exceeded_iops.", True),
+    "exceeded_throughput_ns": (
+        CounterMetricFamily, "nitro_blk_qos_exceeded_throughput_seconds",
+        "Time requests of the volume waited for its throughput limit, like EBS's exceeded_tp.", True),
+    "credits": (GaugeMetricFamily, "nitro_blk_qos_burst_credits",
+                "I/O credits in the volume's burst bucket (docs/volumes.md).", False),
+    "credits_max": (GaugeMetricFamily, "nitro_blk_qos_burst_credits_max",
+                    "The burst bucket's size: (burst_iops - iops) * burst_seconds.", False),
+    "queued": (GaugeMetricFamily, "nitro_blk_qos_queue_length",
+               "Requests the guest queued that wait for the volume's QoS budget now.", False),
+    "delayed": (CounterMetricFamily, "nitro_blk_qos_delayed_requests",
+                "Requests held back by the volume's QoS before they were served (never failed).", False),
+}
+#: ``limit`` label values of nitro_blk_qos_limit (keys of statistics()["qos"]).
+BLK_QOS_LIMITS = ("iops", "throughput", "burst_iops", "burst_seconds")
+
+
 class _Families:
     """The metric families of one scrape, built fresh each time."""
 
@@ -131,8 +153,14 @@ class _Families:
             labels=["device"])
         self.blk_duration = HistogramMetricFamily(
             "nitro_blk_request_duration_seconds",
-            "Time from taking a virtio-blk request off the avail ring to publishing it on the used ring.",
-            labels=["device"])
+            "Time from taking a virtio-blk request off the avail ring to publishing it on the used ring "
+            "(time held back by QoS included), by request type.",
+            labels=["device", "op"])
+        self.blk_qos = {key: family(name, text, labels=["device"])
+                        for key, (family, name, text, _) in BLK_QOS.items()}
+        self.blk_qos_limit = GaugeMetricFamily(
+            "nitro_blk_qos_limit", "The volume's QoS limits (0: unlimited); limit = iops, throughput "
+            "(bytes/s), burst_iops, burst_seconds.", labels=["device", "limit"])
         self.blk_capacity = GaugeMetricFamily(
             "nitro_blk_capacity_bytes", "Size of the virtio-blk device as presented to the guest.", labels=["device"])
         self.vhost_connected = GaugeMetricFamily(
@@ -275,7 +303,7 @@ def _add_device(f: _Families, stats: dict) -> None:
             faults[name] = faults.get(name, 0) + n
     adds += [(f.guest_errors, _labels(dev, kind, name), n) for name, n in faults.items()]
 
-    histogram = None
+    histograms: list[tuple[list[str], list, float]] = []
     if kind == "blk":
         ops = stats.get("ops", {})
         for op in dict.fromkeys((*BLK_OPS, *ops)):
@@ -290,9 +318,14 @@ def _add_device(f: _Families, stats: dict) -> None:
         adds.append((f.blk_resubmitted, [dev], stats.get("resubmitted", 0)))
         if "capacity_bytes" in stats:
             adds.append((f.blk_capacity, [dev], stats["capacity_bytes"]))
-        if "latency_buckets" in stats:
-            buckets, _ = _cumulative_buckets(stats["latency_buckets"])
-            histogram = (buckets, float(stats.get("latency_sum_seconds", 0.0)))
+        for op, h in stats.get("latency", {}).items():
+            buckets, _ = _cumulative_buckets(h["buckets"])
+            histograms.append(([dev, str(op)], buckets, float(h["sum_seconds"])))
+        qos = stats.get("qos")
+        if qos is not None:
+            adds += [(f.blk_qos[key], [dev], qos[key] / 1e9 if ns else qos[key])
+                     for key, (_, _, _, ns) in BLK_QOS.items()]
+            adds += [(f.blk_qos_limit, [dev, limit], qos[limit]) for limit in BLK_QOS_LIMITS]
 
     if kind == "net" and isinstance(stats.get("net"), dict):
         net = stats["net"]
@@ -305,8 +338,8 @@ def _add_device(f: _Families, stats: dict) -> None:
         adds.append((f.net_punted, [dev], net.get("punted", 0)))
 
     _add_all(adds)
-    if histogram is not None:
-        f.blk_duration.add_metric([dev], histogram[0], histogram[1])
+    for labels, buckets, total in histograms:
+        f.blk_duration.add_metric(labels, buckets, total)
 
 
 def _add_all(adds: list[tuple[Metric, list[str], Any]]) -> None:

@@ -96,6 +96,20 @@ def _describe(d: dict) -> dict:
     return described
 
 
+def _format_qos(q: dict) -> str:
+    """A volume's QoS limits and where it stands (docs/volumes.md "QoS")."""
+    if not (q.get("iops") or q.get("throughput")):
+        return "unlimited"
+    limits = [f"{q['iops']} IOPS" if q.get("iops") else "", f"{q['throughput']} B/s" if q.get("throughput") else ""]
+    text = ", ".join(x for x in limits if x)
+    if q.get("burst_iops"):
+        text += (f", burst {q['burst_iops']} IOPS for {q.get('burst_seconds', 0)} s "
+                 f"(credits {q.get('credits', 0)}/{q.get('credits_max', 0)})")
+    return (f"{text}; exceeded iops {q.get('exceeded_iops_ns', 0) / 1e9:.1f} s, "
+            f"throughput {q.get('exceeded_throughput_ns', 0) / 1e9:.1f} s; delayed {q.get('delayed', 0)}, "
+            f"queued {q.get('queued', 0)}")
+
+
 def _format_device(d: dict) -> list[str]:
     if "error" in d:
         return [f"{d.get('id', '?')}: {d['error']}"]
@@ -118,6 +132,9 @@ def _format_device(d: dict) -> list[str]:
         lines.append(f"  inflight:    {d['inflight']}{extra}")
     if x.get("latency_requests"):
         lines.append(f"  latency:     mean {x['latency_mean_us']:.1f} us over {x['latency_requests']} requests")
+    qos = d.get("qos")
+    if isinstance(qos, dict):
+        lines.append(f"  qos:         {_format_qos(qos)}")
     queues = d.get("queues") or []
     if queues:
         lines.append("  queues:")

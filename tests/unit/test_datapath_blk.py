@@ -698,11 +698,14 @@ def test_stats_snapshot(guest: FakeGuest, ring: SplitRing, params: BlkParams,
     assert ops["unsupported"] == {"requests": 1, "bytes": 0, "errors": 1}
     assert ops["flush"] == ops["discard"] == ops["write_zeroes"] == {
         "requests": 0, "bytes": 0, "errors": 0}
-    buckets = snap["latency_buckets"]
-    assert [b for b, _ in buckets] == list(LATENCY_BOUNDS)
-    assert buckets[-1][0] == float("inf")
-    assert sum(n for _, n in buckets) == 5
-    assert 0 < snap["latency_sum_seconds"] < 5
+    latency = snap["latency"]
+    assert all([b for b, _ in h["buckets"]] == list(LATENCY_BOUNDS) for h in latency.values())
+    assert LATENCY_BOUNDS[-1] == float("inf")
+    # One histogram per operation: each request in its own.
+    assert {op: sum(n for _, n in h["buckets"]) for op, h in latency.items()} == {
+        "in": 1, "out": 2, "flush": 0, "get_id": 1, "discard": 0, "write_zeroes": 0, "unsupported": 1}
+    assert 0 < sum(h["sum_seconds"] for h in latency.values()) < 5
+    assert latency["flush"]["sum_seconds"] == 0
     assert snap["inflight"] == 0
     assert ring.vq.stats()["chains"] == 5
 

@@ -173,3 +173,14 @@ def test_cli_prints_one_document_and_exits_1_on_an_error_reply(monkeypatch, caps
     assert doc["devices"][0]["id"] == "vol0" and doc["devices"][0]["state"] == "connected"
     assert cli.main(["status", "--json", "--control", "/nonexistent"]) == 1
     assert json.loads(capsys.readouterr().out) == {"ok": False, "error": "command 'status' failed: X"}
+
+
+def test_format_status_shows_qos():
+    limited = {"iops": 2000, "throughput": 100_000_000, "burst_iops": 3000, "burst_seconds": 60,
+               "exceeded_iops_ns": 2_500_000_000, "exceeded_throughput_ns": 0, "credits": 41000,
+               "credits_max": 60000, "queued": 3, "delayed": 77}
+    unlimited = dict.fromkeys(limited, 0)
+    text = format_status(status(blk_stats("vol0", qos=limited), blk_stats("vol1", qos=unlimited)))
+    assert ("  qos:         2000 IOPS, 100000000 B/s, burst 3000 IOPS for 60 s (credits 41000/60000); "
+            "exceeded iops 2.5 s, throughput 0.0 s; delayed 77, queued 3") in text.splitlines()
+    assert "  qos:         unlimited" in text.splitlines()
