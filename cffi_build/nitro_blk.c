@@ -20,22 +20,12 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "nitro_blk_internal.h"
 #include "nitro_iov.h"
 #include "nitro_qos.h"
 #include "nitro_ring.h"
 #include "nitro_vring.h"
 #include "nitro_xts_internal.h"
-
-#define VIRTIO_BLK_T_IN 0
-#define VIRTIO_BLK_T_OUT 1
-#define VIRTIO_BLK_T_FLUSH 4
-#define VIRTIO_BLK_T_GET_ID 8
-#define VIRTIO_BLK_T_DISCARD 11
-#define VIRTIO_BLK_T_WRITE_ZEROES 13
-
-#define VIRTIO_BLK_S_OK 0
-#define VIRTIO_BLK_S_IOERR 1
-#define VIRTIO_BLK_S_UNSUPP 2
 
 #define VIRTIO_BLK_ID_BYTES 20
 #define VIRTIO_BLK_WZ_FLAG_UNMAP 1u
@@ -57,28 +47,6 @@ const uint64_t nitro_lat_bounds_ns[NITRO_LAT_BUCKETS] = {
     50000000,  100000000, 250000000,  1000000000, UINT64_MAX,
 };
 
-/* A parsed request: views into the chain's iovecs (edited in place). */
-struct blk_req {
-    uint32_t type;
-    uint64_t sector;
-    struct iovec *rd;   /* device-readable payload after the header */
-    int n_rd;
-    uint64_t rd_len;
-    struct iovec *wr;   /* device-writable data before the status byte */
-    int n_wr;
-    uint64_t wr_len;
-    uint8_t *status;
-    bool oversize;      /* beyond seg_max / size_max: IOERR, no I/O */
-};
-
-/* What a request did, for the used ring and the stats. */
-struct blk_done {
-    int op;             /* NITRO_BLK_OP_* */
-    uint8_t status;
-    uint64_t bytes;     /* payload bytes moved */
-    uint32_t used_len;  /* bytes written into the device-writable part */
-};
-
 /* ---- parsing ----------------------------------------------------------- */
 
 /* Does the chain respect the seg_max / size_max the device offered? The
@@ -95,8 +63,8 @@ static bool blk_within_limits(const struct nitro_blk_params *p,
            data <= (uint64_t)p->seg_max * p->size_max;
 }
 
-static int blk_parse(struct nitro_vq *vq, const struct nitro_blk_params *p,
-                     struct nitro_chain *c, struct blk_req *rq)
+int blk_parse(struct nitro_vq *vq, const struct nitro_blk_params *p,
+              struct nitro_chain *c, struct blk_req *rq)
 {
     /* Without a header we cannot know the request; without a status byte
      * we cannot complete it. Either way the driver is broken. */
@@ -134,8 +102,8 @@ static int blk_parse(struct nitro_vq *vq, const struct nitro_blk_params *p,
  * whole number of encryption sectors (blk_params_ok), so the cipher never
  * sees a partial one. Written so nothing overflows; blk_params_ok made every
  * byte offset inside the disk, plus data_offset, fit off_t. */
-static bool blk_range_ok(const struct nitro_blk_params *p, uint64_t sector,
-                         uint64_t len)
+bool blk_range_ok(const struct nitro_blk_params *p, uint64_t sector,
+                  uint64_t len)
 {
     /* sector << 9 may wrap, but only its low bits matter here. */
     if (((sector << SECTOR_SHIFT) | len) & (p->block_size - 1))
@@ -314,8 +282,8 @@ static uint8_t blk_flush(const struct nitro_blk_params *p)
     return rc < 0 ? VIRTIO_BLK_S_IOERR : VIRTIO_BLK_S_OK;
 }
 
-static uint8_t blk_get_id(const struct nitro_blk_params *p, struct blk_req *rq,
-                          struct blk_done *d)
+uint8_t blk_get_id(const struct nitro_blk_params *p, struct blk_req *rq,
+                   struct blk_done *d)
 {
     size_t n = rq->wr_len < VIRTIO_BLK_ID_BYTES ? rq->wr_len
                                                 : VIRTIO_BLK_ID_BYTES;
@@ -324,17 +292,11 @@ static uint8_t blk_get_id(const struct nitro_blk_params *p, struct blk_req *rq,
     return VIRTIO_BLK_S_OK;
 }
 
-struct segment {
-    uint64_t sector;
-    uint32_t num_sectors;
-    uint32_t flags;
-};
-
 /* Copy all segments out of guest memory once and check every one before
  * touching the disk (parse, then act). Returns a VIRTIO_BLK_S_* status. */
-static uint8_t blk_segments(const struct nitro_blk_params *p,
-                            const struct blk_req *rq, bool zeroes,
-                            struct segment *seg, int *count)
+uint8_t blk_segments(const struct nitro_blk_params *p,
+                     const struct blk_req *rq, bool zeroes,
+                     struct segment *seg, int *count)
 {
     if (rq->rd_len == 0 || rq->rd_len % SEGMENT_LEN != 0 ||
         rq->rd_len / SEGMENT_LEN > MAX_SEGMENTS)
@@ -456,9 +418,9 @@ static void blk_account(struct nitro_blk_stats *s, const struct blk_done *d,
 /* ---- synchronous requests ------------------------------------------------ */
 
 /* Write the status byte, complete the chain, account. */
-static void blk_finish(struct nitro_vq *vq, uint16_t head, bool resubmitted,
-                       uint8_t *status, const struct blk_done *d,
-                       struct nitro_blk_stats *s, uint64_t start)
+void blk_finish(struct nitro_vq *vq, uint16_t head, bool resubmitted,
+                uint8_t *status, const struct blk_done *d,
+                struct nitro_blk_stats *s, uint64_t start)
 {
     /* Guest memory: one untorn store. nitro_vq_push() orders it before
      * the used->idx update. */

@@ -69,6 +69,18 @@ class QosConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class RbdSource:
+    """`source = "rbd:POOL/IMAGE"` with `ceph_conf`, `user` and `keyring`:
+    the volume is a Ceph RBD image (docs/volumes.md). The image must exist
+    (`rbd create`); its size is its own."""
+    pool: str
+    image: str
+    ceph_conf: Path = Path("/etc/ceph/ceph.conf")
+    user: str = "admin"              # the cephx client name without "client."
+    keyring: Path | None = None      # None: the one ceph_conf names
+
+
+@dataclasses.dataclass(frozen=True)
 class BlkConfig:
     id: str
     socket: Path
@@ -80,6 +92,7 @@ class BlkConfig:
     serial: str = ""
     encryption: EncryptionConfig | None = None
     qos: QosConfig = QosConfig()
+    rbd: RbdSource | None = None     # a remote volume instead of `image`
 
 
 @dataclasses.dataclass(frozen=True)
@@ -509,7 +522,7 @@ def _check_net_ip(ip: ipaddress.IPv4Address, vpc: VpcConfig, source: str, p: str
 
 def _blk(t: Any, i: int, source: str, runtime: Path, state: Path) -> BlkConfig:
     p = _entry(t, i, "blk", source, {"id", "socket", "image", "size", "readonly", "queues",
-                                     "queue_size", "serial", "encryption", "qos"})
+                                     "queue_size", "serial", "encryption", "qos", *SOURCE_KEYS})
     dev_id = _id(t, source, p)
     size = parse_size(t["size"], source, p + "size") if "size" in t else None
     queues = _int(t, "queues", source, p, 1, 1, MAX_QUEUES)
@@ -520,12 +533,18 @@ def _blk(t: Any, i: int, source: str, runtime: Path, state: Path) -> BlkConfig:
     readonly = t.get("readonly", False)
     if not isinstance(readonly, bool):
         raise ConfigError(source, p + "readonly", f"expected true or false, got {readonly!r}")
-    return BlkConfig(
+    blk = BlkConfig(
         id=dev_id,
         socket=runtime / _str(t, "socket", source, p, f"{dev_id}.sock"),
         image=state / _str(t, "image", source, p, f"{dev_id}.img"),
         size=size, readonly=readonly, queues=queues, queue_size=qsize, serial=serial,
-        encryption=_encryption(t, source, p, state), qos=_qos(t, source, p))
+        encryption=_encryption(t, source, p, state), qos=_qos(t, source, p),
+        rbd=_rbd_source(t, source, p, state))
+    if blk.rbd is not None and blk.qos != QosConfig():
+        # The limits live in the local-file ring (nitro_blk.c); the librbd
+        # ring does not apply them yet, and a limit silently ignored is worse.
+        raise ConfigError(source, p + "qos", "not with source yet: QoS applies to local volumes only")
+    return blk
 
 
 def _qos(t: dict, source: str, prefix: str) -> QosConfig:
@@ -560,6 +579,33 @@ def parse_qos(values: dict, base: QosConfig, source: str, prefix: str = "") -> Q
     return qos
 
 
+SOURCE_KEYS = ("source", "ceph_conf", "user", "keyring")
+_RBD_NAME_RE = re.compile(r"^[^/@\s]+$")
+
+
+def _rbd_source(t: dict, source: str, prefix: str, state: Path) -> RbdSource | None:
+    """`source = "rbd:pool/image"` and its options; None for a local image."""
+    if "source" not in t:
+        for key in SOURCE_KEYS[1:]:
+            if key in t:
+                raise ConfigError(source, prefix + key, 'only with source = "rbd:POOL/IMAGE"')
+        return None
+    spec = _str(t, "source", source, prefix, None)
+    pool, _, image = spec.removeprefix("rbd:").partition("/")
+    if not spec.startswith("rbd:") or not _RBD_NAME_RE.match(pool) or not _RBD_NAME_RE.match(image):
+        raise ConfigError(source, prefix + "source", f'expected "rbd:POOL/IMAGE", got {spec!r}')
+    for key, why in (("image", "the volume is the RBD image"),
+                     ("size", "an RBD image's size is its own (rbd create/resize)"),
+                     ("encryption", "encrypted RBD volumes are not supported yet")):
+        if key in t:
+            raise ConfigError(source, prefix + key, f"not with source: {why}")
+    keyring = _str(t, "keyring", source, prefix, "")
+    return RbdSource(pool=pool, image=image,
+                     ceph_conf=state / _str(t, "ceph_conf", source, prefix, "/etc/ceph/ceph.conf"),
+                     user=_str(t, "user", source, prefix, "admin"),
+                     keyring=state / keyring if keyring else None)
+
+
 def _encryption(t: dict, source: str, prefix: str, state: Path) -> EncryptionConfig | None:
     if "encryption" not in t:
         return None
@@ -587,6 +633,8 @@ def _check_unique(blks: tuple[BlkConfig, ...], vpcs: tuple[VpcConfig, ...],
     _no_duplicates(source, "socket", [(f"blk[{i}].socket", b.socket) for i, b in blk]
                    + [(f"net[{i}].socket", n.socket) for i, n in net])
     _no_duplicates(source, "image", [(f"blk[{i}].image", b.image) for i, b in blk])
+    _no_duplicates(source, "source", [(f"blk[{i}].source", f"rbd:{b.rbd.pool}/{b.rbd.image}")
+                                      for i, b in blk if b.rbd is not None])
     _no_duplicates(source, "id", [(f"vpc[{i}].id", v.id) for i, v in vpc])
     _no_duplicates(source, "interface", [(f"vpc[{i}].uplink.name", v.uplink.name)
                                          for i, v in vpc if v.uplink is not None])

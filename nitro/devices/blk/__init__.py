@@ -8,6 +8,7 @@ from nitro.config import BlkConfig
 
 if TYPE_CHECKING:
     from nitro.devices.blk.backends.luks import LuksVolume
+    from nitro.devices.blk.backends.rbd import RbdVolume
     from nitro.devices.blk.device import BlkDevice
 
 
@@ -19,8 +20,12 @@ def open_device(cfg: BlkConfig) -> BlkDevice:
     from nitro.devices.blk.backends.raw import RawImage
     from nitro.devices.blk.device import BlkDevice
 
-    volume: RawImage | LuksVolume
-    if cfg.encryption is not None:
+    volume: RawImage | LuksVolume | RbdVolume
+    if cfg.rbd is not None:
+        from nitro.devices.blk.backends.rbd import RbdVolume
+
+        volume = RbdVolume.open(cfg.rbd, readonly=cfg.readonly)
+    elif cfg.encryption is not None:
         from nitro.devices.blk.backends.luks import LuksVolume
 
         volume = LuksVolume.open(cfg.image, cfg.encryption, size=cfg.size,

@@ -17,6 +17,7 @@ from nitro.config import BlkConfig, QosConfig
 from nitro.devices.base import VirtioDevice
 from nitro.devices.blk import config as blkcfg
 from nitro.devices.blk.backends.raw import RawImage
+from nitro.devices.blk.backends.rbd import RbdVolume
 
 if TYPE_CHECKING:
     from nitro.devices.blk.backends.luks import LuksVolume
@@ -26,7 +27,7 @@ from nitro.vhost.protocol import ProtocolFeature
 class BlkDevice(VirtioDevice):
     kind = "blk"
 
-    def __init__(self, cfg: BlkConfig, volume: RawImage | LuksVolume) -> None:
+    def __init__(self, cfg: BlkConfig, volume: RawImage | LuksVolume | RbdVolume) -> None:
         self.cfg = cfg
         self.volume = volume
         self.num_queues = cfg.queues
@@ -79,6 +80,8 @@ class BlkDevice(VirtioDevice):
 
     def make_ring(self, vring) -> _datapath.Ring:
         """The C ring an engine worker serves this queue through."""
+        if isinstance(self.volume, RbdVolume):
+            return _datapath.Ring.blk_rbd(vring.vq, self.volume.rbd, self.params, self.stats[vring.index])
         return _datapath.Ring.blk(vring.vq, self.params, self.stats[vring.index])
 
     def reset(self) -> None:

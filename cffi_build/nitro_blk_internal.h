@@ -1,0 +1,79 @@
+/*
+ * nitro_blk_internal.h: what nitro_blk.c shares with the other virtio-blk
+ * ring (nitro_rbd.c, a volume on librbd): request parsing, the checks
+ * before any I/O, GET_ID, and completing a request. Internal, not ABI.
+ */
+#ifndef NITRO_BLK_INTERNAL_H
+#define NITRO_BLK_INTERNAL_H
+
+#include <stdbool.h>
+#include <stdint.h>
+#include <sys/uio.h>
+
+#include "nitro.h"
+#include "nitro_vring.h"
+
+/* virtio 1.2 5.2.6 */
+#define VIRTIO_BLK_T_IN 0
+#define VIRTIO_BLK_T_OUT 1
+#define VIRTIO_BLK_T_FLUSH 4
+#define VIRTIO_BLK_T_GET_ID 8
+#define VIRTIO_BLK_T_DISCARD 11
+#define VIRTIO_BLK_T_WRITE_ZEROES 13
+
+#define VIRTIO_BLK_S_OK 0
+#define VIRTIO_BLK_S_IOERR 1
+#define VIRTIO_BLK_S_UNSUPP 2
+
+/* blk_segments fills at most this many segments. */
+#define BLK_SEGMENTS_CAP 256
+
+/* A parsed request: views into the chain's iovecs (edited in place). */
+struct blk_req {
+    uint32_t type;
+    uint64_t sector;
+    struct iovec *rd;   /* device-readable payload after the header */
+    int n_rd;
+    uint64_t rd_len;
+    struct iovec *wr;   /* device-writable data before the status byte */
+    int n_wr;
+    uint64_t wr_len;
+    uint8_t *status;
+    bool oversize;      /* beyond seg_max / size_max: IOERR, no I/O */
+};
+
+/* What a request did, for the used ring and the stats. */
+struct blk_done {
+    int op;             /* NITRO_BLK_OP_* */
+    uint8_t status;
+    uint64_t bytes;     /* payload bytes moved */
+    uint32_t used_len;  /* bytes written into the device-writable part */
+};
+
+/* A DISCARD / WRITE_ZEROES segment (virtio_blk_discard_write_zeroes). */
+struct segment {
+    uint64_t sector;
+    uint32_t num_sectors;
+    uint32_t flags;
+};
+
+/* Parse chain c into rq; NITRO_ERR_GUEST (the ring breaks) if it has no
+ * room for the header or the status byte. */
+NITRO_INTERNAL int blk_parse(struct nitro_vq *vq, const struct nitro_blk_params *p,
+                             struct nitro_chain *c, struct blk_req *rq);
+/* [sector, sector + len bytes) is whole logical blocks inside the disk. */
+NITRO_INTERNAL bool blk_range_ok(const struct nitro_blk_params *p, uint64_t sector,
+                                 uint64_t len);
+NITRO_INTERNAL uint8_t blk_get_id(const struct nitro_blk_params *p, struct blk_req *rq,
+                                  struct blk_done *d);
+/* Copy a DISCARD / WRITE_ZEROES request's segments out of guest memory
+ * into seg (BLK_SEGMENTS_CAP entries) and check them all; a status. */
+NITRO_INTERNAL uint8_t blk_segments(const struct nitro_blk_params *p,
+                                    const struct blk_req *rq, bool zeroes,
+                                    struct segment *seg, int *count);
+/* Write the status byte, complete the chain, account. */
+NITRO_INTERNAL void blk_finish(struct nitro_vq *vq, uint16_t head, bool resubmitted,
+                               uint8_t *status, const struct blk_done *d,
+                               struct nitro_blk_stats *s, uint64_t start);
+
+#endif
