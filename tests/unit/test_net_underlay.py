@@ -386,3 +386,28 @@ def roundtrip_under_seccomp(tmp: str) -> None:
 def test_both_directions_are_served_by_workers_under_the_filter(tmp_path):
     p = run_child(f"from tests.unit.test_net_underlay import *; roundtrip_under_seccomp({str(tmp_path)!r})")
     assert p.returncode == 0 and "served" in p.stdout, (p.stdout, p.stderr)
+
+
+# -- an outside implementation: scapy builds the packet as docs/fleet.md says -----------------
+
+def test_a_packet_scapy_builds_reaches_the_guest(fleet, rx):
+    from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+    from scapy.contrib.geneve import GENEVE
+    from scapy.layers.ipsec import ESP, SecurityAssociation
+
+    from tests.unit.test_fleet_tunnel import documented_keymat, documented_spi
+
+    key = X25519PrivateKey.generate()
+    l3 = fleet.l1 + 2
+    slot = fleet.fleet1.set_peer(Peer("outside", 3, key.public_key().public_bytes_raw(), l3.packed, EPOCH))
+    fleet.sw.set_remote(0, ip4("10.0.0.30"), pk.mac_bytes("52:54:00:00:00:30"), slot)
+    ring = fleet.net.attach_rx(0)
+    frame = from_r(src_mac="52:54:00:00:00:30", src="10.0.0.30", size=100)
+    sa = SecurityAssociation(ESP, spi=documented_spi(3, EPOCH), crypt_algo="AES-GCM", auth_algo="NULL",
+                             crypt_key=documented_keymat(key, fleet.fleet1.public_key, "outside", "h1", EPOCH))
+    clear = (IP(src=str(l3), dst=str(fleet.l1)) / UDP(sport=50000, dport=6081)
+             / GENEVE(vni=VNI, proto=0x6558) / Ether(frame))
+    rx.send([bytes(sa.encrypt(clear, seq_num=1))])
+    (head, length), = wait_used(ring, 1)
+    assert fleet.net.guest.read(ring.bufs[head], length)[HDR:] == frame
+    assert fleet.sw.underlay_stats(slot)["packets_in"] == 1
