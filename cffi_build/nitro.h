@@ -324,6 +324,7 @@ int64_t nitro_blk_serve(struct nitro_vq *vq,
 #define NITRO_RING_NET_TX 1
 #define NITRO_RING_NET_RX 2
 #define NITRO_RING_NET_CTRL 3
+#define NITRO_RING_UNDERLAY 4   /* frames from other hosts (nitro_net.h) */
 
 struct nitro_engine;
 struct nitro_ring;

@@ -190,7 +190,8 @@ static void ring_stop(struct worker *w, struct nitro_ring *r, int rc)
 /* A guard (nitro_guard.h) caught a fault in r's guest memory. */
 static void ring_memory_fault(struct worker *w, struct nitro_ring *r)
 {
-    nitro_vq_set_fault(r->vq, NITRO_FAULT_MEMORY);
+    if (r->vq != NULL)  /* a ring without one (the underlay) covers no memory */
+        nitro_vq_set_fault(r->vq, NITRO_FAULT_MEMORY);
     if (r->ops->abandon)
         r->ops->abandon(r);
     ring_stop(w, r, NITRO_ERR_GUEST);
@@ -232,7 +233,7 @@ static int ring_call(struct worker *w, struct nitro_ring *r, enum ring_call c)
 static struct nitro_ring *ring_covering(const struct worker *w, const void *addr)
 {
     for (uint32_t i = 0; i < w->nrings; i++)
-        if (nitro_vq_covers(w->rings[i]->vq, addr))
+        if (w->rings[i]->vq != NULL && nitro_vq_covers(w->rings[i]->vq, addr))
             return w->rings[i];
     return NULL;
 }
@@ -244,7 +245,7 @@ static bool worker_covers(const void *ctx, const void *addr)
 
 static int epoll_watch(struct worker *w, struct nitro_ring *r)
 {
-    r->kick_fd = nitro_vq_kick_fd(r->vq);
+    r->kick_fd = r->ops->wait_fd ? r->ops->wait_fd(r) : nitro_vq_kick_fd(r->vq);
     if (r->kick_fd < 0)
         return NITRO_OK;  /* the frontend polls: so do we, while busy */
     struct epoll_event ev = {.events = EPOLLIN, .data.ptr = r};
@@ -524,6 +525,8 @@ static bool sleep_on_epoll(struct worker *w, uint64_t deadline)
             r->aux_revents |= evs[i].events;  /* the ring drains its fd */
             continue;
         }
+        if (r->ops->wait_fd)
+            continue;  /* readable means "poll me": poll() reads it */
         /* A stuck read breaks the ring; its next poll reports it. */
         if (nitro_efd_drain(r->kick_fd) < 0)
             nitro_vq_set_fault(r->vq, NITRO_FAULT_EVENTFD);
@@ -650,7 +653,7 @@ int nitro_engine_attach(struct nitro_engine *e, struct nitro_ring *r,
                         uint32_t worker)
 {
     if (e == NULL || r == NULL || worker >= e->nworkers || r->worker >= 0 ||
-        !nitro_vq_ready(r->vq))
+        (r->vq != NULL ? !nitro_vq_ready(r->vq) : r->ops->wait_fd == NULL))
         return NITRO_ERR_ARG;
     return (int)worker_call(e, &e->workers[worker], CMD_ATTACH, r, 0);
 }

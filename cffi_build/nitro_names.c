@@ -54,3 +54,13 @@ const char *const nitro_tunnel_drop_names[NITRO_TUNNEL_DROP_KINDS] = {
     [NITRO_TUNNEL_DROP_POLICY] = "policy",
     [NITRO_TUNNEL_DROP_UNKNOWN_PEER] = "unknown_peer",
 };
+
+const char *const nitro_underlay_drop_names[NITRO_UNDERLAY_DROP_KINDS] = {
+    [NITRO_UNDERLAY_DROP_SPOOFED_SOURCE] = "spoofed_source",
+    [NITRO_UNDERLAY_DROP_UNKNOWN_DESTINATION] = "unknown_destination",
+    [NITRO_UNDERLAY_DROP_BAD_FRAME] = "bad_frame",
+    [NITRO_UNDERLAY_DROP_MTU] = "mtu",
+    [NITRO_UNDERLAY_DROP_SOCKET_FULL] = "socket_full",
+    [NITRO_UNDERLAY_DROP_SEND_ERROR] = "send_error",
+    [NITRO_UNDERLAY_DROP_NO_UNDERLAY] = "no_underlay",
+};

@@ -80,6 +80,10 @@ struct nitro_ring_ops {
      * and broke the ring: drop state that call left half done (it still
      * points into that memory). Runs outside any guard. */
     void (*abandon)(struct nitro_ring *r);
+    /* Optional: a ring with no virtqueue (the underlay's socket) names
+     * the fd its worker waits on instead of a kick fd. Readable means
+     * "poll me": the worker never reads it (poll() does). */
+    int (*wait_fd)(const struct nitro_ring *r);
 };
 
 /* The engine's view of one ring; device code embeds it first in its own

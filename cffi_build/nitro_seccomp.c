@@ -40,6 +40,10 @@ static const int worker_syscalls[] = {
     /* eventfds (kick, call, command, io_uring), the uplink TAP, the log
      * line of the SIGSYS handler */
     SCMP_SYS(read), SCMP_SYS(write), SCMP_SYS(readv), SCMP_SYS(writev),
+    /* the underlay's sockets (nitro_underlay.c): frames to and from
+     * other hosts */
+    SCMP_SYS(sendmmsg), SCMP_SYS(recvmmsg), SCMP_SYS(sendmsg), SCMP_SYS(recvmsg),
+    SCMP_SYS(sendto), SCMP_SYS(recvfrom),
     /* sleeping and commands */
     SCMP_SYS(epoll_wait), SCMP_SYS(epoll_pwait), SCMP_SYS(epoll_pwait2),
     SCMP_SYS(epoll_ctl),

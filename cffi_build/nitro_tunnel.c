@@ -856,6 +856,11 @@ int nitro_tunnel_decap(struct nitro_tunnel *t, uint8_t *bufs, const uint32_t *le
 
 /* ---- counters ----------------------------------------------------------- */
 
+uint32_t nitro_tunnel_mtu(const struct nitro_tunnel *t)
+{
+    return t->mtu;  /* fixed at nitro_tunnel_new */
+}
+
 static void load_counters(const struct counters *c, struct nitro_tunnel_stats *out)
 {
     out->packets_out = __atomic_load_n(&c->packets_out, __ATOMIC_RELAXED);

@@ -168,6 +168,9 @@ int nitro_tunnel_decap(struct nitro_tunnel *t, uint8_t *bufs,
                        const uint32_t *lens, uint32_t stride, uint32_t n,
                        struct nitro_tunnel_pkt *pkts);
 
+/* The underlay MTU the tunnel was made with (the largest outer packet). */
+uint32_t nitro_tunnel_mtu(const struct nitro_tunnel *t);
+
 /* Counters (atomic loads): of the whole tunnel (every drop, also those no
  * peer can be blamed for), or of one peer. */
 int nitro_tunnel_stats(const struct nitro_tunnel *t,

@@ -603,6 +603,17 @@ def _net_stats_dict(s: Any) -> dict[str, Any]:
     }
 
 
+#: Why the switch dropped a frame to or from another host, by NITRO_UNDERLAY_DROP_* code.
+UNDERLAY_DROP_REASONS: Final[tuple[str, ...]] = _names(lib.nitro_underlay_drop_names,
+                                                       lib.NITRO_UNDERLAY_DROP_KINDS)
+NET_MAX_REMOTES: Final[int] = lib.NITRO_NET_MAX_REMOTES
+#: How the underlay ring's socket delivers datagrams (nitro_ring_underlay_new).
+UNDERLAY_RAW: Final[int] = lib.NITRO_UNDERLAY_RAW
+UNDERLAY_UDP: Final[int] = lib.NITRO_UNDERLAY_UDP
+UNDERLAY_NO_VNI: Final[int] = 0xFFFF_FFFF
+_ALL_PEERS: Final[int] = 0xFFFF_FFFF
+
+
 class Switch(_Owned):
     """The VPC switch (struct nitro_switch). Tables (add_vpc, add_port,
     set_uplink) are filled before traffic flows; MAC/IP arguments are bytes
@@ -612,6 +623,7 @@ class Switch(_Owned):
         raw = lib.nitro_switch_new()
         super().__init__(ffi.NULL if raw == ffi.NULL else ffi.gc(raw, lib.nitro_switch_free))
         self._batch: tuple[Any, Any, Any] | None = None
+        self._tunnel: Tunnel | None = None  # C points at it while set
 
     def add_vpc(self, vpc: int, gateway_mac: bytes, gateway_ip: bytes, mtu: int) -> None:
         _check(lib.nitro_switch_add_vpc(self.ptr, vpc, _addr(gateway_mac, 6, "gateway MAC"),
@@ -684,6 +696,46 @@ class Switch(_Owned):
         out = ffi.new("struct nitro_port_stats *")
         _check(lib.nitro_switch_uplink_stats(self.ptr, vpc, out), "nitro_switch_uplink_stats")
         return _net_stats_dict(out)
+
+    # -- the underlay: VPCs across hosts (nitro_net.h "the underlay") ----------
+    def set_underlay(self, tunnel: Tunnel | None, send_fd: int = -1) -> None:
+        """Frames to other hosts go through ``tunnel`` and out on ``send_fd``
+        (a raw IPv4 socket with IP_HDRINCL, still the caller's); None removes
+        it, returning once no worker uses it. The switch keeps the tunnel
+        alive while it is set."""
+        _check(lib.nitro_switch_set_underlay(self.ptr, tunnel.ptr if tunnel is not None else ffi.NULL,
+                                             send_fd), "nitro_switch_set_underlay")
+        self._tunnel = tunnel
+
+    def set_vni(self, vpc: int, vni: int | None) -> None:
+        """The VNI the VPC's frames carry between hosts; None: none."""
+        _check(lib.nitro_switch_set_vni(self.ptr, vpc, UNDERLAY_NO_VNI if vni is None else vni),
+               "nitro_switch_set_vni")
+
+    def set_remote(self, vpc: int, ip: bytes, mac: bytes, peer: int) -> None:
+        """(ip, mac) of VPC vpc lives on the host in tunnel peer slot peer.
+        FrontendError for a multicast MAC or a local interface's address,
+        LimitError past NET_MAX_REMOTES."""
+        _check(lib.nitro_switch_set_remote(self.ptr, vpc, _addr(ip, 4, "IPv4"), _addr(mac, 6, "MAC"),
+                                           peer), "nitro_switch_set_remote")
+
+    def remove_remote(self, vpc: int, ip: bytes) -> None:
+        _check(lib.nitro_switch_remove_remote(self.ptr, vpc, _addr(ip, 4, "IPv4")),
+               "nitro_switch_remove_remote")
+
+    @property
+    def remote_count(self) -> int:
+        return int(lib.nitro_switch_remote_count(self.ptr))
+
+    def underlay_stats(self, peer: int | None = None) -> dict[str, Any]:
+        """Frames sent to / delivered from one tunnel peer slot (None: all),
+        and the switch's drops of them by UNDERLAY_DROP_REASONS."""
+        out = ffi.new("struct nitro_underlay_stats *")
+        _check(lib.nitro_switch_underlay_stats(self.ptr, _ALL_PEERS if peer is None else peer, out),
+               "nitro_switch_underlay_stats")
+        return {"packets_out": int(out.packets_out), "bytes_out": int(out.bytes_out),
+                "packets_in": int(out.packets_in), "bytes_in": int(out.bytes_in),
+                "drops": {name: int(out.drops[i]) for i, name in enumerate(UNDERLAY_DROP_REASONS)}}
 
 
 def net_tx_serve(switch: Switch, port: int, vq: Virtqueue, idle_ms: int) -> int:
@@ -913,6 +965,7 @@ RING_KINDS: Final[dict[int, str]] = {
     lib.NITRO_RING_NET_TX: "net_tx",
     lib.NITRO_RING_NET_RX: "net_rx",
     lib.NITRO_RING_NET_CTRL: "net_ctrl",
+    lib.NITRO_RING_UNDERLAY: "underlay",
 }
 _WORKER_STAT_FIELDS: Final[tuple[str, ...]] = (
     "rings", "chains", "wakeups", "busy_ns", "poll_ns", "sleep_ns", "io_submitted",
@@ -925,7 +978,7 @@ class Ring(_Owned):
     Virtqueue and the device's params/stats/switch) must outlive it; it is
     freed only while detached (``Engine.detach`` first)."""
 
-    def __init__(self, cdata: Any, vq: Virtqueue, kind: str, keep: tuple[Any, ...]) -> None:
+    def __init__(self, cdata: Any, vq: Virtqueue | None, kind: str, keep: tuple[Any, ...]) -> None:
         super().__init__(ffi.gc(cdata, lib.nitro_ring_free))
         self.vq = vq
         self.kind = kind
@@ -953,6 +1006,16 @@ class Ring(_Owned):
     def net_ctrl(cls, vq: Virtqueue, max_pairs: int) -> Ring:
         return cls(lib.nitro_ring_net_ctrl_new(vq.ptr, max_pairs), vq, "net_ctrl", ())
 
+    @classmethod
+    def underlay(cls, switch: Switch, fd: int, mode: int) -> Ring:
+        """Frames from other hosts on socket fd (UNDERLAY_RAW or _UDP; the
+        caller's, non-blocking): no virtqueue, its worker waits on fd."""
+        return cls(lib.nitro_ring_underlay_new(switch.ptr, fd, mode), None, "underlay", (switch,))
+
+    @property
+    def _vq_ptr(self) -> Any:
+        return self.vq.ptr if self.vq is not None else None
+
     @property
     def worker(self) -> int | None:
         w = int(lib.nitro_ring_worker(self.ptr))
@@ -968,7 +1031,7 @@ class Ring(_Owned):
         rc = int(lib.nitro_ring_status(self.ptr))
         if rc == lib.NITRO_ERR_SYS:
             raise HostError(rc, "ring", int(lib.nitro_ring_errno(self.ptr)))
-        _check(rc, "ring", self.vq.ptr)
+        _check(rc, "ring", self._vq_ptr)
 
 
 class Engine(_Owned):
@@ -998,7 +1061,7 @@ class Engine(_Owned):
         return int(lib.nitro_engine_event_fd(self.ptr))
 
     def attach(self, ring: Ring, worker: int) -> None:
-        _check(lib.nitro_engine_attach(self.ptr, ring.ptr, worker), "nitro_engine_attach", ring.vq.ptr)
+        _check(lib.nitro_engine_attach(self.ptr, ring.ptr, worker), "nitro_engine_attach", ring._vq_ptr)
 
     def detach(self, ring: Ring) -> None:
         _check(lib.nitro_engine_detach(self.ptr, ring.ptr), "nitro_engine_detach")

@@ -89,6 +89,10 @@ class FleetTunnel:
         state = self._peers.get(host)
         return state.slot if state is not None else None
 
+    def peers(self) -> dict[str, tuple[Peer, int]]:
+        """Every peer with its slot (a snapshot: safe from any thread)."""
+        return {host: (s.peer, s.slot) for host, s in list(self._peers.items())}
+
     def set_peer(self, peer: Peer) -> int:
         """Add or update a peer; its slot. A new key or index re-derives its SAs."""
         if peer.host == self.host:
