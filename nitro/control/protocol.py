@@ -12,8 +12,11 @@ each with one JSON object per line, in order::
     <- {"ok": true, "config": FILE, "added": [ids], "removed": [ids], "unchanged": [ids],
         "needs_restart": [{"kind", "id", "reason"}], "refused": [...]}
     <- {"ok": false, "error": "config FILE: blk[1].size: ..."}
+    -> {"cmd": "fleet-rekey"}
+    <- {"ok": true, "host": "a", "old_epoch": 1800000000, "epoch": 1800000001, "reason": "manual",
+        "published": true}
     -> {"cmd": "nope"}
-    <- {"ok": false, "error": "unknown command 'nope' (known: ping, reload, status)"}
+    <- {"ok": false, "error": "unknown command 'nope' (known: fleet-rekey, ping, reload, status)"}
 
 A request line is at most :data:`MAX_LINE` bytes; a longer one gets an error
 reply and the connection is closed. Replies are strict JSON: infinities in
@@ -43,7 +46,7 @@ __all__ = [
 ]
 
 #: Every command the protocol knows; commands.py implements exactly these.
-COMMANDS = frozenset({"ping", "status", "reload"})
+COMMANDS = frozenset({"ping", "status", "reload", "fleet-rekey"})
 
 #: Longest accepted request line in bytes, newline excluded.
 MAX_LINE = 64 * 1024
