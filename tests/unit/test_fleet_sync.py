@@ -13,6 +13,8 @@ import json
 from pathlib import Path
 
 import pytest
+import trio
+import trio.testing
 
 from nitro.fleet import identity, keys
 from nitro.fleet.agent import FleetAgent
@@ -21,7 +23,7 @@ from nitro.fleet.identity import IdentityError, LocalState, choose_index, index_
 from nitro.fleet.node import FleetNode, RekeyRefused
 from nitro.fleet.schema import HostRecord, InterfaceRecord, VpcRecord, index_key
 from nitro.fleet.state import FleetState
-from nitro.fleet.sync import TunnelSync, rekey_reason
+from nitro.fleet.sync import TunnelSync, peer_of, rekey_reason
 from nitro.fleet.tunnel import FleetTunnel
 
 MTU = 1500
@@ -210,3 +212,26 @@ def test_rekey_refused_without_encryption(tmp_path):
     with pytest.raises(RekeyRefused, match="encryption is off"):
         n.rekey("manual")
     n.close()
+
+
+def test_schedule_rekeys_when_the_sequence_space_is_half_used(tmp_path):
+    n = node(tmp_path)
+    b = Host(tmp_path, "b", 2, 2, {"blue": 3})
+    n.tunnel.set_peer(peer_of(b.record))
+    n.agent.published = n.agent.record
+    old = n.epoch
+    n.tunnel.tunnel.test_set_seq(n.tunnel.slot("b"), 2**31 + 1)
+    assert n.tunnel.rekey_wanted()
+
+    async def main():
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(n._rekey_loop)
+            await trio.sleep(10)  # the loop looks every second; the clock jumps
+            nursery.cancel_scope.cancel()
+
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+    # Exactly one move: the new epoch is not published (no etcd here), so the loop waits.
+    assert (n.epoch, n.rekeys, n.last_rekey_reason) == (old + 1, 1, "sequence")
+    assert not n.tunnel.rekey_wanted()  # the new SA counts from 1
+    n.close()
+    b.tunnel.close()
