@@ -66,6 +66,15 @@ def _parser() -> argparse.ArgumentParser:
     rl.add_argument("--json", action="store_true", help="raw JSON")
     rl.set_defaults(func=_cmd_reload)
 
+    fl = sub.add_parser("fleet", help="this host in the fleet (a running daemon with [fleet])")
+    fl_sub = fl.add_subparsers(metavar="ACTION", required=True)
+    rk = fl_sub.add_parser("rekey", help="move this host to its next key epoch now (docs/fleet.md)")
+    rk.add_argument("--control", type=Path, help="control socket (default: from the config)")
+    rk.add_argument("--config", type=Path)
+    rk.add_argument("--runtime-dir", type=Path)
+    rk.add_argument("--json", action="store_true", help="raw JSON")
+    rk.set_defaults(func=_cmd_fleet_rekey)
+
     _add_volume_qos(volume_cli.add_parser(sub))
     vpc_cli.add_parser(sub)
     return p
@@ -222,18 +231,33 @@ def _cmd_volume_qos(args) -> int:
     return 0
 
 
-def _cmd_reload(args) -> int:
-    from nitro import reload
-
-    # Generous: new volumes are opened (a LUKS unlock takes seconds) and
-    # removed ones drained before the daemon answers.
-    reply = _query(args, {"cmd": "reload"}, timeout=120)
+def _change(args, cmd: str, what: str, describe, timeout: float) -> int:
+    """A command that changes the daemon: its reply (raw with --json, else
+    ``describe(reply)``), or "<what> refused: ..." and exit 1."""
+    reply = _query(args, {"cmd": cmd}, timeout=timeout)
     if isinstance(reply, int):
         return reply
     if args.json:
         print(json.dumps(reply, indent=2))
     elif reply.get("ok"):
-        print(reload.format_result(reply))
+        print(describe(reply))
     if not reply.get("ok"):
-        return _fail(f"reload refused: {reply.get('error', 'unknown error')}", EXIT_FAILURE)
+        return _fail(f"{what} refused: {reply.get('error', 'unknown error')}", EXIT_FAILURE)
     return 0
+
+
+def _cmd_reload(args) -> int:
+    from nitro import reload
+
+    # Generous: new volumes are opened (a LUKS unlock takes seconds) and
+    # removed ones drained before the daemon answers.
+    return _change(args, "reload", "reload", reload.format_result, timeout=120)
+
+
+def _rekey_result(reply: dict) -> str:
+    where = "published in etcd" if reply.get("published") else "NOT yet in etcd: peers follow once it is"
+    return f"host {reply.get('host')}: epoch {reply.get('old_epoch')} -> {reply.get('epoch')} ({where})"
+
+
+def _cmd_fleet_rekey(args) -> int:
+    return _change(args, "fleet-rekey", "rekey", _rekey_result, timeout=30)

@@ -157,6 +157,8 @@ class DaemonConfig:
 
 
 DEFAULT_LEASE_TTL = 10  # seconds: a dead host's entries are gone this long after it stopped
+DEFAULT_REKEY_INTERVAL = 3600  # seconds a host sends under one key epoch (docs/fleet.md "Key schedule")
+DEFAULT_UNDERLAY_MTU = 1500
 _URL_RE = re.compile(r"^https?://[^/\s]+$")
 
 
@@ -170,6 +172,8 @@ class FleetConfig:
     key_file: Path                 # X25519 private key (nitro/fleet/keys.py reads or creates it)
     encrypt: bool = True           # ESP between hosts; false only to measure or debug
     lease_ttl: int = DEFAULT_LEASE_TTL
+    rekey_interval: int = DEFAULT_REKEY_INTERVAL  # seconds between scheduled rekeys
+    underlay_mtu: int = DEFAULT_UNDERLAY_MTU      # the largest outer packet the underlay carries
 
 
 def check_etcd_url(url: Any, file: str, key: str) -> str:
@@ -308,7 +312,8 @@ def _fleet(t: Any, source: str, state: Path) -> FleetConfig:
     if not isinstance(t, dict):
         raise ConfigError(source, "fleet", "expected a table")
     p = "fleet."
-    _check_keys(t, {"etcd", "host", "underlay", "key_file", "encrypt", "lease_ttl"}, source, p)
+    _check_keys(t, {"etcd", "host", "underlay", "key_file", "encrypt", "lease_ttl", "rekey_interval",
+                    "underlay_mtu"}, source, p)
     urls = t.get("etcd")
     if isinstance(urls, str):
         urls = [urls]
@@ -330,7 +335,9 @@ def _fleet(t: Any, source: str, state: Path) -> FleetConfig:
     if not isinstance(encrypt, bool):
         raise ConfigError(source, p + "encrypt", f"expected true or false, got {encrypt!r}")
     ttl = _int(t, "lease_ttl", source, p, DEFAULT_LEASE_TTL, 2, 3600)
-    return FleetConfig(etcd, host, underlay, key_file, encrypt, ttl)
+    rekey = _int(t, "rekey_interval", source, p, DEFAULT_REKEY_INTERVAL, 1, 7 * 86400)
+    mtu = _int(t, "underlay_mtu", source, p, DEFAULT_UNDERLAY_MTU, 576, 65535)
+    return FleetConfig(etcd, host, underlay, key_file, encrypt, ttl, rekey, mtu)
 
 
 def with_fleet_vpcs(cfg: DaemonConfig, vpcs: Sequence[VpcConfig]) -> DaemonConfig:

@@ -44,6 +44,7 @@ if TYPE_CHECKING:
     from nitro.devices.base import VirtioBackend
     from nitro.devices.net.fabric import NetFabric
     from nitro.fleet.agent import FleetAgent
+    from nitro.fleet.node import FleetNode
     from nitro.fleet.state import Change, FleetState
 
 log = logging.getLogger("nitro.daemon")
@@ -67,6 +68,7 @@ class Daemon:
     fabric: NetFabric | None = None  # when [[net]] (or a VPC uplink) is configured
     engine: Engine | None = None  # the C workers serving every ring (open_devices)
     fleet: FleetAgent | None = None  # with [fleet]: this host's link to etcd (open_devices)
+    fleet_node: FleetNode | None = None  # with [fleet]: the agent, the tunnel and its SAs, the rekeys
     # Re-reads the config file with the command line's overrides; None when
     # the daemon runs on the embedded default (nothing to re-read).
     load_config: Callable[[], DaemonConfig] | None = None
@@ -88,14 +90,20 @@ class Daemon:
             sections["engine"] = self.engine.statistics
         if self.fabric is not None:
             sections["vpcs"] = self.vpc_statistics
-        if self.fleet is not None:
-            sections["fleet"] = self.fleet.statistics
+        if self.fleet_node is not None:
+            sections["fleet"] = self.fleet_node.statistics
         return sections
 
     def fleet_statistics(self) -> dict | None:
-        """The fleet agent's state; any thread (metrics)."""
-        fleet = self.fleet
-        return fleet.statistics() if fleet is not None else None
+        """The fleet agent's state and the SAs; any thread (metrics)."""
+        node = self.fleet_node
+        return node.statistics() if node is not None else None
+
+    async def fleet_rekey(self) -> dict:
+        """`nitro fleet rekey`: this host moves to its next key epoch now."""
+        if self.fleet_node is None:
+            raise CommandRefused("this daemon has no [fleet]: there are no keys to renew")
+        return await self.fleet_node.rekey_and_publish("manual")
 
     def _open_fleet(self) -> None:
         """[fleet]: read the fleet VPCs the interfaces name (before the
@@ -104,14 +112,16 @@ class Daemon:
 
         try:
             cfg = node.resolve_vpcs(self.cfg)
-            self.fleet = node.make_agent(cfg, on_change=self._fleet_changed)
+            self.fleet_node = node.open_node(cfg, listener=self._fleet_changed)
         except node.FleetStartupError as e:
             raise StartupError(str(e)) from None
+        self.fleet = self.fleet_node.agent
         self.cfg = cfg
 
     def _fleet_changed(self, changes: Sequence[Change], state: FleetState) -> None:
-        # The switch's remote tables are fed from here (issue 12, the
-        # integration step); until then the changes are only logged.
+        # Called after fleet_node applied the changes to the tunnel (peers,
+        # SAs, served VNIs). The switch's remote tables are fed from here
+        # (issue 12, the integration step); until then they are only logged.
         for c in changes:
             log_event(log, logging.DEBUG, "fleet change", view=c.view, kind=c.kind, key=str(c.key))
 
@@ -200,9 +210,9 @@ class Daemon:
                 await nursery.start(serve_control, self.cfg.control_socket, self)
                 if self.engine is not None:
                     nursery.start_soon(self.engine.watch)
-                if self.fleet is not None:
-                    # Cancelled after the drain: it revokes its lease then.
-                    await nursery.start(self.fleet.run)
+                if self.fleet_node is not None:
+                    # Cancelled after the drain: the agent revokes its lease then.
+                    await nursery.start(self.fleet_node.run)
                 if self.fabric is not None:
                     nursery.start_soon(self.fabric.serve_punts)
                     self.fabric.start_uplink_threads()
@@ -418,6 +428,9 @@ class Daemon:
         if self.engine is not None:  # every ring was detached by now
             self.engine.close()
             self.engine = None
+        if self.fleet_node is not None:  # after the switch and the engine: they send through it
+            self.fleet_node.close()
+            self.fleet_node = None
 
 
 def make_directories(cfg: DaemonConfig) -> None:

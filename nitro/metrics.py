@@ -75,7 +75,7 @@ GetDevices = Callable[[], Iterable[Any]]
 GetVpcs = Callable[[], dict]
 #: Returns ``Engine.statistics()`` (nitro/engine.py), or None before it starts.
 GetEngine = Callable[[], dict | None]
-#: Returns ``FleetAgent.statistics()`` (nitro/fleet/agent.py), or None without [fleet].
+#: Returns ``FleetNode.statistics()`` (nitro/fleet/node.py), or None without [fleet].
 GetFleet = Callable[[], dict | None]
 
 #: Fleet gauges: statistics key -> (metric name, help).
@@ -246,6 +246,16 @@ class _Families:
                              for key, (name, text) in FLEET_GAUGES.items()}
         self.fleet_counters = {key: CounterMetricFamily(name, text, labels=["host"])
                                for key, (name, text) in FLEET_COUNTERS.items()}
+        self.fleet_rekeys = CounterMetricFamily(
+            "nitro_fleet_rekeys", "Times this host moved to its next key epoch (schedule, sequence space, "
+            "`nitro fleet rekey`).", labels=["host"])
+        sa = ["host", "peer", "direction"]
+        self.fleet_sa_epoch = GaugeMetricFamily(
+            "nitro_fleet_sa_epoch", "Key epoch of the SA with a peer host: direction out = this host's "
+            "sending epoch, in = the epoch the peer published.", labels=sa)
+        self.fleet_sa_age = GaugeMetricFamily(
+            "nitro_fleet_sa_age_seconds", "Seconds since the SA with a peer host was installed "
+            "(out: this host's; in: the one of the peer's published epoch).", labels=sa)
 
     def all(self) -> list[Metric]:
         out: list[Metric] = []
@@ -377,11 +387,19 @@ def _add_vpc(f: _Families, vpc_id: str, stats: dict) -> None:
 
 
 def _add_fleet(f: _Families, stats: dict) -> None:
-    """FleetAgent.statistics(); all or nothing."""
+    """FleetNode.statistics(); all or nothing."""
     host = [str(stats["host"])]
     adds: list[tuple[Metric, list[str], Any]] = [(f.fleet_up, host, 1 if stats["etcd"] == "up" else 0)]
     adds += [(f.fleet_gauges[key], host, stats[key]) for key in FLEET_GAUGES]
     adds += [(f.fleet_counters[key], host, stats[key]) for key in FLEET_COUNTERS]
+    if "rekeys" in stats:
+        adds.append((f.fleet_rekeys, host, stats["rekeys"]))
+    for sa in stats.get("sas", ()):
+        for direction in ("out", "in"):
+            info = sa[direction]
+            if info:
+                labels = [*host, str(sa["peer"]), direction]
+                adds += [(f.fleet_sa_epoch, labels, info["epoch"]), (f.fleet_sa_age, labels, info["age_ns"] / 1e9)]
     _add_all(adds)
 
 

@@ -235,6 +235,33 @@ def _format_fleet(f: dict) -> list[str]:
         lines.append(f"  invalid:     {f['invalid_records']} records skipped; last: {f.get('last_invalid')}")
     for key, holder in (f.get("conflicts") or {}).items():
         lines.append(f"  conflict:    {key} is held by host {holder}; not published")
+    if "index" in f:
+        lines += _format_fleet_keys(f)
+    return lines
+
+
+def _sa_text(sa: dict | None) -> str:
+    if not sa:
+        return "none"
+    return f"epoch {sa.get('epoch')} (age {sa.get('age_ns', 0) / 1e9:.1f} s, {sa.get('packets', 0)} packets)"
+
+
+def _format_fleet_keys(f: dict) -> list[str]:
+    """This host's index and epoch, then one line per peer's SAs."""
+    published = f.get("published_epoch")
+    if not f.get("encrypt", True):
+        keyline = "encryption OFF ([fleet] encrypt = false)"
+    else:
+        keyline = (f"epoch {f.get('epoch')} ({'published' if published == f.get('epoch') else 'NOT yet in etcd'}, "
+                   f"age {f.get('epoch_age_seconds', 0):.1f} s, rekey every {f.get('rekey_interval')} s), "
+                   f"{f.get('rekeys', 0)} rekeys" + (f", last: {f['last_rekey_reason']}"
+                                                      if f.get("last_rekey_reason") else ""))
+    lines = [f"  keys:        index {f.get('index')}, {keyline}"]
+    if f.get("tunnel_errors"):
+        lines.append(f"  tunnel:      {f['tunnel_errors']} peer/VNI updates failed")
+    for sa in f.get("sas") or []:
+        lines.append(f"  sa {sa.get('peer')}: index {sa.get('index')}, publishes epoch {sa.get('peer_epoch')}; "
+                     f"out {_sa_text(sa.get('out'))}; in {_sa_text(sa.get('in'))}")
     return lines
 
 

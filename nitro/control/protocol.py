@@ -15,8 +15,11 @@ each with one JSON object per line, in order::
     -> {"cmd": "volume_qos", "device": "vol0", "iops": 2000, "throughput": "100M"}
     <- {"ok": true, "device": "vol0", "qos": {"iops": 2000, "throughput": 100000000,
         "burst_iops": 0, "burst_seconds": 0}}
+    -> {"cmd": "fleet-rekey"}
+    <- {"ok": true, "host": "a", "old_epoch": 1800000000, "epoch": 1800000001, "reason": "manual",
+        "published": true}
     -> {"cmd": "nope"}
-    <- {"ok": false, "error": "unknown command 'nope' (known: ping, reload, status, volume_qos)"}
+    <- {"ok": false, "error": "unknown command 'nope' (known: fleet-rekey, ping, reload, status, volume_qos)"}
 
 A request line is at most :data:`MAX_LINE` bytes; a longer one gets an error
 reply and the connection is closed. Replies are strict JSON: infinities in
@@ -46,7 +49,7 @@ __all__ = [
 ]
 
 #: Every command the protocol knows; commands.py implements exactly these.
-COMMANDS = frozenset({"ping", "status", "reload", "volume_qos"})
+COMMANDS = frozenset({"ping", "status", "reload", "volume_qos", "fleet-rekey"})
 
 #: Longest accepted request line in bytes, newline excluded.
 MAX_LINE = 64 * 1024

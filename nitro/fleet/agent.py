@@ -5,10 +5,14 @@ One session, repeated after every failure:
 1. register: keep the lease if it is still alive, else grant a new one
    (``lease_ttl`` seconds); put ``/nitro/hosts/<host>`` and this host's
    interfaces under it (so etcd deletes them when the host stops renewing);
+   make sure ``/nitro/index/<n>`` still names this host (it has no lease;
+   claimed at start-up: nitro/fleet/identity.py);
 2. load: the first time (or after a compaction), read every key under
    /nitro/ into the FleetState at one revision;
 3. watch /nitro/ from the state's revision + 1 and apply each batch of
-   events; meanwhile renew the lease every ``lease_ttl / 3`` seconds.
+   events; meanwhile renew the lease every ``lease_ttl / 3`` seconds and
+   put the host record again whenever :meth:`FleetAgent.set_epoch` changed
+   it (a rekey).
 
 Any EtcdError ends the session: the state is kept as it was (the datapath
 keeps forwarding with it), ``etcd_state`` becomes "down", and the next
@@ -26,6 +30,7 @@ counted, never ends the agent.
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import logging
 import time
@@ -54,11 +59,13 @@ class FleetAgent:
     is False: peers then see the host go only when the lease expires)."""
 
     def __init__(self, *, endpoints: Sequence[str], host: str, underlay: ipaddress.IPv4Address,
-                 public_key: bytes, interfaces: Sequence[InterfaceRecord] = (), lease_ttl: int = 10,
+                 public_key: bytes, index: int, epoch: int = 0,
+                 interfaces: Sequence[InterfaceRecord] = (), lease_ttl: int = 10,
                  on_change: OnChange | None = None, timeout: float = 2.0,
                  backoff: Backoff | None = None) -> None:
         self.endpoints = list(endpoints)
-        self.record = HostRecord(host, underlay, public_key)
+        self.record = HostRecord(host, underlay, public_key, index, epoch)
+        self.published: HostRecord | None = None  # the record etcd holds, as far as we know
         self.interfaces = list(interfaces)
         for i in self.interfaces:
             if i.host != host:
@@ -82,6 +89,8 @@ class FleetAgent:
         self._since = time.monotonic()  # when the state was last known current
         self._loaded = False
         self._up = trio.Event()
+        self._record_changed = trio.Event()  # set (and replaced) by set_epoch
+        self._record_published = trio.Event()  # set (and replaced) after each put of the record
 
     # -- observation (any thread) --------------------------------------------------
     def watch_lag_seconds(self) -> float:
@@ -91,7 +100,10 @@ class FleetAgent:
         return 0.0 if self.etcd_state == "up" else time.monotonic() - self._since
 
     def statistics(self) -> dict:
+        published = self.published
         return {"host": self.record.id, "underlay": str(self.record.underlay), "etcd": self.etcd_state,
+                "index": self.record.index, "epoch": self.record.epoch,
+                "published_epoch": published.epoch if published is not None else None,
                 "endpoint": self.endpoint, "endpoints": list(self.endpoints),
                 "watch_lag_seconds": round(self.watch_lag_seconds(), 3), "lease": f"{self.lease:x}",
                 "disconnects": self.disconnects, "reloads": self.reloads,
@@ -102,6 +114,30 @@ class FleetAgent:
         """Return once the watch is established (the state is current)."""
         while self.etcd_state != "up":
             await self._up.wait()
+
+    # -- this host's record ------------------------------------------------------------
+    def set_epoch(self, epoch: int) -> None:
+        """Publish a new sending epoch (after a rekey): the record is put
+        again as soon as etcd answers. Trio thread only."""
+        self.record = dataclasses.replace(self.record, epoch=epoch)
+        self._record_changed.set()
+        self._record_changed = trio.Event()
+
+    @property
+    def record_published(self) -> bool:
+        """etcd holds the record as it is now (its epoch is known to peers
+        that watch)."""
+        return self.published == self.record
+
+    async def wait_published(self) -> None:
+        """Return once etcd holds the current record."""
+        while not self.record_published:
+            await self._record_published.wait()
+
+    def _mark_published(self, record: HostRecord) -> None:
+        self.published = record
+        self._record_published.set()
+        self._record_published = trio.Event()
 
     # -- the loop --------------------------------------------------------------------
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -124,6 +160,7 @@ class FleetAgent:
             await self._reload(etcd)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._keepalive_loop, etcd)
+            nursery.start_soon(self._record_loop, etcd)
             await self._watch_loop(etcd)
 
     async def _register(self, etcd: EtcdClient) -> None:
@@ -136,12 +173,43 @@ class FleetAgent:
                 self.lease = 0
         if not self.lease:
             self.lease = await etcd.lease_grant(self.lease_ttl)
-        await etcd.put(self.record.key, self.record.encode(), lease=self.lease)
+        await self._put_record(etcd)
+        await self._keep_index(etcd)
         for i in self.interfaces:
             await self._publish(etcd, i)
         log_event(log, logging.INFO, "fleet host registered", host=self.record.id,
                   underlay=str(self.record.underlay), lease=f"{self.lease:x}",
                   interfaces=len(self.interfaces), endpoint=etcd.endpoint)
+
+    async def _put_record(self, etcd: EtcdClient) -> None:
+        record = self.record
+        await etcd.put(record.key, record.encode(), lease=self.lease)
+        self._mark_published(record)
+
+    async def _record_loop(self, etcd: EtcdClient) -> None:
+        """Put the host record again each time set_epoch changes it."""
+        while True:
+            changed = self._record_changed  # set by any change from here on
+            if not self.record_published:
+                await self._put_record(etcd)
+                log_event(log, logging.INFO, "fleet epoch published", host=self.record.id,
+                          epoch=self.record.epoch)
+                continue
+            await changed.wait()
+
+    async def _keep_index(self, etcd: EtcdClient) -> None:
+        """/nitro/index/<n> names this host (claimed at start-up; put back
+        if someone deleted it, e.g. an etcd restored from an old backup).
+        Held by another host: a conflict, shown, never overwritten."""
+        key = schema.index_key(self.record.index)
+        r = await etcd.txn([Compare.missing(key)], [op_put(key, self.record.id.encode())], [op_range(key)])
+        holders = [kv.value.decode(errors="replace") for rr in r.ranges() for kv in rr.kvs]
+        if r.succeeded or holders == [self.record.id]:
+            self.conflicts.pop(key.decode(), None)
+            return
+        self.conflicts[key.decode()] = holders[0] if holders else "?"
+        log_event(log, logging.ERROR, "fleet host index held by another host; SPIs may collide",
+                  index=self.record.index, holder=self.conflicts[key.decode()])
 
     async def _publish(self, etcd: EtcdClient, i: InterfaceRecord) -> None:
         """Put an interface under our lease unless another host holds its

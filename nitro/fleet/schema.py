@@ -1,6 +1,7 @@
 """The fleet's keys and values in etcd (docs/fleet.md "etcd schema"), sans-IO.
 
     /nitro/hosts/<host>              HostRecord       held by the host's lease
+    /nitro/index/<n>                 the host's id    claims host index n (no lease: kept for good)
     /nitro/vpcs/<vpc>                VpcRecord        written by `nitro vpc create`
     /nitro/vnis/<vni>                the VPC's name   makes a VNI unique (same txn)
     /nitro/interfaces/<vpc>/<ip>     InterfaceRecord  held by its host's lease
@@ -34,12 +35,15 @@ PREFIX = "/nitro/"
 HOSTS = PREFIX + "hosts/"
 VPCS = PREFIX + "vpcs/"
 VNIS = PREFIX + "vnis/"
+INDEXES = PREFIX + "index/"
 INTERFACES = PREFIX + "interfaces/"
 SCHEMA_VERSION = 1
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")  # as config.py's ids
 MAC_RE = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
 MAX_VNI = (1 << 24) - 1  # RFC 8926: 24 bits
+MAX_HOST_INDEX = (1 << 24) - 1  # the high 24 bits of an SPI (nitro/fleet/keys.py)
+MAX_EPOCH = (1 << 32) - 1  # the SA's epoch in the C tunnel is 32 bits
 X25519_KEY_BYTES = 32
 
 
@@ -96,10 +100,18 @@ def check_cidr(text: Any) -> ipaddress.IPv4Network:
 
 @dataclasses.dataclass(frozen=True)
 class HostRecord:
-    """``/nitro/hosts/<id>``: where a host's tunnels end and its key."""
+    """``/nitro/hosts/<id>``: where a host's tunnels end, its key, its
+    fleet-unique index (the high bits of its SPIs) and the key epoch it
+    sends under (docs/fleet.md "Key schedule")."""
     id: str
     underlay: ipaddress.IPv4Address
     public_key: bytes  # X25519, 32 bytes (base64 in JSON)
+    index: int
+    epoch: int = 0
+
+    def __post_init__(self) -> None:
+        _int(self.index, "index", 1, MAX_HOST_INDEX)
+        _int(self.epoch, "epoch", 0, MAX_EPOCH)
 
     @property
     def key(self) -> bytes:
@@ -107,7 +119,8 @@ class HostRecord:
 
     def encode(self) -> bytes:
         return _dump({"id": self.id, "underlay": str(self.underlay),
-                      "public_key": base64.b64encode(self.public_key).decode()})
+                      "public_key": base64.b64encode(self.public_key).decode(),
+                      "index": self.index, "epoch": self.epoch})
 
     @classmethod
     def decode(cls, host_id: str, value: bytes) -> HostRecord:
@@ -120,7 +133,13 @@ class HostRecord:
             raise RecordError("public_key is not base64") from None
         if len(key) != X25519_KEY_BYTES:
             raise RecordError(f"public_key must be {X25519_KEY_BYTES} bytes, got {len(key)}")
-        return cls(host_id, _ipv4(doc.get("underlay"), "underlay"), key)
+        return cls(host_id, _ipv4(doc.get("underlay"), "underlay"), key, doc.get("index"),  # type: ignore[arg-type]
+                   doc.get("epoch"))  # type: ignore[arg-type]
+
+
+def index_key(index: int) -> bytes:
+    """``/nitro/index/<n>``: whose host index n is (its value: the host id)."""
+    return f"{INDEXES}{_int(index, 'index', 1, MAX_HOST_INDEX)}".encode()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -202,7 +221,7 @@ def interfaces_prefix(vpc: str) -> bytes:
 
 
 # What a key under /nitro/ names: ("host", id), ("vpc", name), ("vni", n),
-# ("interface", (vpc, ip)).
+# ("interface", (vpc, ip)), ("index", n).
 Key = tuple[str, Any]
 
 
@@ -216,6 +235,9 @@ def decode_key(key: bytes) -> Key:
         return "host", _name(text[len(HOSTS):], "host id")
     if text.startswith(VPCS):
         return "vpc", _name(text[len(VPCS):], "VPC name")
+    if text.startswith(INDEXES):
+        n = text[len(INDEXES):]
+        return "index", _int(int(n) if n.isdigit() else None, "host index", 1, MAX_HOST_INDEX)
     if text.startswith(VNIS):
         return "vni", _int(int(text[len(VNIS):]) if text[len(VNIS):].isdigit() else None, "vni", 1, MAX_VNI)
     if text.startswith(INTERFACES):
@@ -237,4 +259,6 @@ def decode_value(kind: str, ident: Any, value: bytes) -> Any:
         return InterfaceRecord.decode(vpc, ip, value)
     if kind == "vni":
         return _name(value.decode(errors="replace"), "VPC name of a VNI")
+    if kind == "index":
+        return _name(value.decode(errors="replace"), "host id of a host index")
     raise RecordError(f"unknown record kind {kind!r}")  # pragma: no cover - decode_key's kinds

@@ -151,7 +151,7 @@ class FleetState:
             self._delete(key)
             return
         table = self._table(kind)
-        if table is not None:  # /nitro/vnis/ is the CLI's uniqueness index only
+        if table is not None:  # /nitro/vnis/ and /nitro/index/ only keep numbers unique
             table[ident] = record
 
     def _delete(self, key: bytes) -> None:

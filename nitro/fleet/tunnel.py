@@ -132,6 +132,23 @@ class FleetTunnel:
         return any((self.tunnel.outbound_info(s.slot) or {}).get("rekey")
                    for s in self._peers.values())
 
+    def sa_statistics(self) -> list[dict[str, Any]]:
+        """Per peer (by host id): its slot, index and published epoch, the
+        epochs of its inbound SAs, and the C tunnel's info (spi, epoch,
+        seq, packets, age_ns) of the outbound SA (``out``) and of the
+        inbound SA of its published epoch (``in``); None where there is
+        none. Any thread: it reads copies of the tables (list() and dict()
+        of them run under the GIL), the C tunnel locks its own."""
+        out = []
+        for state in list(self._peers.values()):
+            p, inbound = state.peer, dict(state.inbound)
+            spi_in = inbound.get(p.epoch)
+            out.append({"peer": p.host, "slot": state.slot, "index": p.index, "peer_epoch": p.epoch,
+                        "inbound_epochs": sorted(inbound),
+                        "out": self.tunnel.outbound_info(state.slot) if self.encrypt else None,
+                        "in": self.tunnel.inbound_info(spi_in) if spi_in is not None else None})
+        return sorted(out, key=lambda e: e["peer"])
+
     def _drop_sas(self, state: _PeerState) -> None:
         for spi in state.inbound.values():
             self.tunnel.remove_inbound(spi)

@@ -59,7 +59,7 @@ def iface(host: str, last: int, vpc_name: str = "blue") -> InterfaceRecord:
 
 def agent(url: str, host: str, last: int, seen: list, **kw) -> FleetAgent:
     return FleetAgent(endpoints=[url], host=host, underlay=ipaddress.IPv4Address(f"192.0.2.{last}"),
-                      public_key=os.urandom(32), interfaces=[iface(host, last)],
+                      public_key=os.urandom(32), index=last, epoch=1000 + last, interfaces=[iface(host, last)],
                       on_change=lambda changes, state: seen.extend(changes),
                       backoff=Backoff(initial=0.05, maximum=0.5), **kw)
 
@@ -129,6 +129,8 @@ def test_two_agents_see_each_other_within_a_second(etcd: Etcd):
             assert (remote.vni, remote.mac, remote.host, str(remote.underlay)) == (100, "52:54:00:00:00:02", "b",
                                                                                    "192.0.2.2")
             assert remote.public_key == b.record.public_key
+            assert (a.state.peers["b"].index, a.state.peers["b"].epoch) == (2, 1002)
+            assert (b.state.peers["a"].index, b.state.peers["a"].epoch) == (1, 1001)
             assert set(a.state.peers) == {"b"} and set(b.state.peers) == {"a"}
             assert [(c.view, c.kind) for c in seen_a] == [("vpcs", "add"), ("peers", "add"), ("remotes", "add")]
             # b stops cleanly: its lease is revoked, a sees it go at once.
@@ -286,13 +288,9 @@ def test_a_host_cut_off_catches_up_on_what_changed_meanwhile(etcd: Etcd, compact
     trio.run(main)
 
 
-def test_daemon_status_and_metrics_follow_etcd(etcd: Etcd, short_tmp_path: Path):
-    from cryptography.hazmat.primitives import serialization
-    from cryptography.hazmat.primitives.asymmetric import x25519
-
-    assert vpc(etcd, "create", "blue", "--cidr", "10.1.0.0/24", "--vni", "100", "--mtu", "1450").returncode == 0
-    # No key file yet: nitro creates the host's key pair on its first start.
-    config = f"""
+def host_a_config(etcd: Etcd) -> str:
+    """`nitro run` as host-a (underlay 192.0.2.1) with one interface in blue."""
+    return f"""
 [daemon]
 workers = 1
 [fleet]
@@ -306,6 +304,16 @@ vpc = "blue"
 mac = "52:54:00:00:01:05"
 ip = "10.1.0.5"
 """
+
+
+def test_daemon_status_and_metrics_follow_etcd(etcd: Etcd, short_tmp_path: Path):
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import x25519
+
+    assert vpc(etcd, "create", "blue", "--cidr", "10.1.0.0/24", "--vni", "100", "--mtu", "1450").returncode == 0
+    # No key file yet: nitro creates the host's key pair on its first start.
+    config = host_a_config(etcd)
+    started = int(time.time())
     nitro = Nitro(short_tmp_path, config)
     try:
         deadline = time.monotonic() + 10
@@ -322,7 +330,9 @@ ip = "10.1.0.5"
         key = x25519.X25519PrivateKey.from_private_bytes(key_file.read_bytes())
         public = key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
         assert record == {"version": 1, "id": "host-a", "underlay": "192.0.2.1",
-                          "public_key": base64.b64encode(public).decode()}
+                          "public_key": base64.b64encode(public).decode(), "index": 1,
+                          "epoch": record["epoch"]}
+        assert record["epoch"] >= started  # start_epoch: at least the Unix time
         assert int(host["lease"]) != 0
         published = etcd.call("kv/range", {"key": b64("/nitro/interfaces/blue/10.1.0.5")})["kvs"][0]
         assert json.loads(base64.b64decode(published["value"]))["host"] == "host-a"

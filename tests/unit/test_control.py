@@ -62,7 +62,7 @@ def call(line, view=None):
 def test_request_round_trip():
     assert parse_request(encode_request({"cmd": "status", "x": 1})) == ("status", {"cmd": "status", "x": 1})
     assert parse_request(b'{"cmd": "reload"}') == ("reload", {"cmd": "reload"})  # newline optional
-    assert COMMANDS == {"ping", "status", "reload", "volume_qos"}
+    assert COMMANDS == {"ping", "status", "reload", "volume_qos", "fleet-rekey"}
 
 
 def test_bad_request_is_a_request_error():
@@ -134,7 +134,7 @@ def test_status_sections():
         (b'"status"', "must be a JSON object"),
         (b"{}", 'no "cmd"'),
         (b'{"cmd": 5}', 'no "cmd"'),
-        (b'{"cmd": "reboot"}', "unknown command 'reboot' (known: ping, reload, status, volume_qos)"),
+        (b'{"cmd": "reboot"}', "unknown command 'reboot' (known: fleet-rekey, ping, reload, status, volume_qos)"),
         (b'{"cmd": "' + b"x" * MAX_LINE + b'"}', "longer than 65536 bytes"),
     ],
 )
@@ -369,3 +369,23 @@ def test_volume_qos_refusals_change_nothing():
     assert "needs a \"device\" string" in call_async(b'{"cmd": "volume_qos", "iops": 1}', view)["error"]
     assert view.calls == [("nope", {"iops": 1})]
     assert "event loop" in call(b'{"cmd": "volume_qos", "device": "vol0"}', view)["error"]
+
+
+class RekeyView(View):
+    def __init__(self, outcome):
+        super().__init__()
+        self.outcome = outcome
+
+    async def fleet_rekey(self):
+        await trio.lowlevel.checkpoint()
+        if isinstance(self.outcome, Exception):
+            raise self.outcome
+        return self.outcome
+
+
+def test_fleet_rekey_reply_and_refusal():
+    moved = {"host": "a", "old_epoch": 7, "epoch": 8, "reason": "manual", "published": True}
+    assert call_async(b'{"cmd": "fleet-rekey"}', RekeyView(moved)) == {"ok": True, **moved}
+    refused = call_async(b'{"cmd": "fleet-rekey"}', RekeyView(CommandRefused("this daemon has no [fleet]")))
+    assert refused == {"ok": False, "error": "this daemon has no [fleet]"}
+    assert "event loop" in call(b'{"cmd": "fleet-rekey"}', RekeyView(moved))["error"]

@@ -37,6 +37,9 @@ def test_fleet_defaults_and_a_net_in_a_fleet_vpc(tmp_path):
     assert f.etcd == tuple(FLEET["etcd"]) and f.host == "host-a"
     assert f.underlay == ipaddress.IPv4Address("192.0.2.1")
     assert f.key_file == tmp_path / "fleet.key" and f.encrypt is True and f.lease_ttl == 10
+    assert f.rekey_interval == 3600 and f.underlay_mtu == 1500
+    tuned = load({"fleet": {**FLEET, "rekey_interval": 60, "underlay_mtu": 9000}}, state=tmp_path).fleet
+    assert (tuned.rekey_interval, tuned.underlay_mtu) == (60, 9000)
     assert cfg.vpc == () and cfg.fleet_vpc_names() == ["blue"]
     resolved = with_fleet_vpcs(cfg, [BLUE])
     assert resolved.vpc == (BLUE,) and resolved.net == cfg.net
@@ -68,6 +71,8 @@ def test_a_local_vpc_of_the_same_name_wins(tmp_path):
     ({**FLEET, "key_file": "."}, "fleet.key_file"),
     ({**FLEET, "encrypt": "yes"}, "fleet.encrypt"),
     ({**FLEET, "lease_ttl": 1}, "fleet.lease_ttl"),
+    ({**FLEET, "rekey_interval": 0}, "fleet.rekey_interval"),
+    ({**FLEET, "underlay_mtu": 575}, "fleet.underlay_mtu"),
     ({**FLEET, "bogus": 1}, "fleet.bogus"),
 ])
 def test_bad_fleet_settings(tmp_path, fleet, key):
@@ -139,6 +144,15 @@ def test_fleet_metrics():
     assert 'nitro_fleet_revision{host="host-a"} 42.0' in text
     assert 'nitro_fleet_remote_interfaces{host="host-a"} 2.0' in text
     assert 'nitro_fleet_etcd_disconnects_total{host="host-a"} 1.0' in text
+    sa = {"spi": 0x105, "epoch": 9, "seq": 3, "packets": 3, "age_ns": 2_500_000_000, "rekey": 0}
+    keyed = {**FLEET_STATS, "rekeys": 2, "sas": [{"peer": "host-b", "index": 2, "peer_epoch": 7,
+                                                  "inbound_epochs": [6, 7, 8], "out": sa, "in": None}]}
+    text = generate_latest(metrics.make_registry(lambda: [], process_metrics=False,
+                                                 get_fleet=lambda: keyed)).decode()
+    assert 'nitro_fleet_rekeys_total{host="host-a"} 2.0' in text
+    assert 'nitro_fleet_sa_epoch{direction="out",host="host-a",peer="host-b"} 9.0' in text
+    assert 'nitro_fleet_sa_age_seconds{direction="out",host="host-a",peer="host-b"} 2.5' in text
+    assert 'direction="in"' not in text  # no inbound SA of its epoch: no sample, not a 0
     none = generate_latest(metrics.make_registry(lambda: [], process_metrics=False,
                                                  get_fleet=lambda: None)).decode()
     assert 'nitro_fleet_etcd_up{' not in none

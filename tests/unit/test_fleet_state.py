@@ -13,8 +13,8 @@ from nitro.fleet.schema import HostRecord, InterfaceRecord, RecordError, VpcReco
 from nitro.fleet.state import FleetState, Remote
 
 KEY_A, KEY_B = bytes(range(32)), bytes(range(1, 33))
-HOST_A = HostRecord("a", IPv4Address("192.0.2.1"), KEY_A)
-HOST_B = HostRecord("b", IPv4Address("192.0.2.2"), KEY_B)
+HOST_A = HostRecord("a", IPv4Address("192.0.2.1"), KEY_A, 1, 1_800_000_000)
+HOST_B = HostRecord("b", IPv4Address("192.0.2.2"), KEY_B, 2, 1_800_000_005)
 BLUE = VpcRecord("blue", IPv4Network("10.1.0.0/24"), 100, IPv4Address("10.1.0.1"), 1450, (IPv4Address("10.1.0.2"),))
 IF_A = InterfaceRecord("blue", IPv4Address("10.1.0.5"), "52:54:00:00:00:05", "a")
 IF_B = InterfaceRecord("blue", IPv4Address("10.1.0.6"), "52:54:00:00:00:06", "b")
@@ -43,9 +43,12 @@ def test_records_round_trip_through_their_keys(record):
 def test_the_documented_host_value():
     doc = json.loads(HOST_A.encode())
     assert doc == {"version": 1, "id": "a", "underlay": "192.0.2.1",
-                   "public_key": "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8="}
+                   "public_key": "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=",
+                   "index": 1, "epoch": 1_800_000_000}
     assert HOST_A.key == b"/nitro/hosts/a" and IF_A.key == b"/nitro/interfaces/blue/10.1.0.5"
     assert BLUE.vni_key == b"/nitro/vnis/100"
+    assert schema.index_key(7) == b"/nitro/index/7"
+    assert schema.decode_value(*schema.decode_key(b"/nitro/index/7"), b"a") == "a"
 
 
 @pytest.mark.parametrize(("key", "value", "why"), [
@@ -61,6 +64,17 @@ def test_the_documented_host_value():
                                       "gateway": "10.1.0.1"}).encode(), "vni"),
     (b"/nitro/interfaces/blue/10.1.0.5", json.dumps({"version": 1, "vpc": "blue", "ip": "10.1.0.5",
                                                      "mac": "52:54:00:00:00:0G", "host": "a"}).encode(), "mac"),
+    (b"/nitro/hosts/a", json.dumps({"version": 1, "id": "a", "underlay": "192.0.2.1", "index": 0, "epoch": 0,
+                                    "public_key": "A" * 43 + "="}).encode(), "index"),
+    (b"/nitro/hosts/a", json.dumps({"version": 1, "id": "a", "underlay": "192.0.2.1", "index": 1 << 24,
+                                    "epoch": 0, "public_key": "A" * 43 + "="}).encode(), "index"),
+    (b"/nitro/hosts/a", json.dumps({"version": 1, "id": "a", "underlay": "192.0.2.1", "index": 1,
+                                    "public_key": "A" * 43 + "="}).encode(), "epoch"),
+    (b"/nitro/hosts/a", json.dumps({"version": 1, "id": "a", "underlay": "192.0.2.1", "index": 1, "epoch": -1,
+                                    "public_key": "A" * 43 + "="}).encode(), "epoch"),
+    (b"/nitro/index/0", b"a", "host index"),
+    (b"/nitro/index/x", b"a", "host index"),
+    (b"/nitro/index/5", b"not a host", "host id"),
     (b"/nitro/other/x", b"{}", "not part of the schema"),
     (b"/nitro/interfaces/blue", b"{}", "expected"),
 ])
@@ -104,7 +118,7 @@ def test_updates_and_order_of_changes():
     moved = InterfaceRecord("blue", IF_B.ip, "52:54:00:00:00:99", "b")
     (c,) = s.apply([put(moved, 6)])
     assert c.kind == "update" and c.old.mac == IF_B.mac and c.new.mac == moved.mac
-    new_b = HostRecord("b", IPv4Address("192.0.2.20"), KEY_B)
+    new_b = HostRecord("b", IPv4Address("192.0.2.20"), KEY_B, 2)
     changes = s.apply([put(new_b, 7)])
     assert [(c.view, c.kind) for c in changes] == [("peers", "update"), ("remotes", "update")]
     assert s.remotes[("blue", IF_B.ip)].underlay == IPv4Address("192.0.2.20")
@@ -127,4 +141,16 @@ def test_invalid_values_are_counted_and_forget_the_old_value():
     assert s.invalid == 1 and "schema version" in s.last_invalid
     s.apply([WatchEvent(EventType.PUT, KeyValue(b"/nitro/vnis/100", b"blue", 1, 7))])
     assert s.invalid == 1  # the VNI index is part of the schema, not of the state
-    assert s.statistics()["revision"] == 7
+    s.apply([WatchEvent(EventType.PUT, KeyValue(b"/nitro/index/2", b"b", 1, 8))])
+    assert s.invalid == 1  # nor are the host index claims
+    assert s.statistics()["revision"] == 8
+
+
+def test_a_rekey_changes_only_the_peer():
+    """A host's new epoch reaches the listener as one peers update; its
+    interfaces (remotes) do not move."""
+    s = FleetState("a")
+    s.load([kv(HOST_B), kv(BLUE), kv(IF_B)], revision=5)
+    rekeyed = HostRecord("b", HOST_B.underlay, KEY_B, 2, HOST_B.epoch + 1)
+    (c,) = s.apply([put(rekeyed, 6)])
+    assert (c.view, c.kind, c.old.epoch, c.new.epoch) == ("peers", "update", HOST_B.epoch, HOST_B.epoch + 1)
