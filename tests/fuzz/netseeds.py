@@ -9,7 +9,9 @@ plain forwarding, each punted control frame, flooding, the uplink, TSO
 super-frames (IPv4/IPv6, options, small and large gso_size, passed through
 or segmented), NEEDS_CSUM at various offsets, VLAN tags, short and oversize
 chains, RX buffers that are too small, split or missing, rate limits,
-feature changes and RX ring resets between serves.
+feature changes and RX ring resets between serves; then frames from the
+uplink TAP and from inject, ports with two queue pairs, and hostile split
+and packed RX rings (EXPECT says what each of those must do).
 """
 
 from __future__ import annotations
@@ -487,6 +489,83 @@ def _all_seeds() -> dict[str, Prog]:
 
 
 SEEDS = _all_seeds()
+
+# What a seed must do, as the harness counts it (FUZZ_NET_STATS=1: frames
+# read back per source, uplink datagrams read, inject results, hostile
+# rings attached or refused, ring faults by NITRO_FAULT_* number, frames in
+# per port; "faults" is their sum). Checked by tests/fuzz/test_fuzz.py.
+AVAIL_IDX, DESC_INDEX, DESC_ADDR, DESC_LOOP, BAD_INDIRECT, REQUEST = 1, 2, 3, 4, 5, 7
+
+
+def _fault(kind: int) -> dict[str, int]:
+    return {"raw_attached": 1, f"fault_{kind}": 1, "faults": 1}
+
+
+def _clean(frames: int) -> dict[str, int]:
+    return {"raw_attached": 1, "faults": 0, "in_1": frames}
+
+
+EXPECT: dict[str, dict[str, int]] = {
+    "uplink-to-peer": {"up_read": 1, "rx_uplink": 1},
+    "uplink-flood": {"up_read": 1, "rx_uplink": 3},
+    "uplink-other-vpc": {"up_read": 2, "rx_uplink": 1, "in_2": 0},
+    "uplink-bad-datagrams": {"up_read": 5, "rx_uplink": 1},
+    "uplink-absent": {"up_read": 0, "rx_uplink": 0, "in_1": 0},
+    "uplink-max-frame-merged": {"rx_uplink": 1},
+    "uplink-many": {"up_read": 6, "rx_uplink": 6},
+    "uplink-and-tx-interleaved": {"rx_tx": 1, "rx_uplink": 1},
+    "inject-arp-reply": {"inject_1": 1, "rx_inject": 1},
+    "inject-no-ring": {"inject_0": 1},
+    "inject-no-buffers": {"inject_0": 1},
+    "inject-bad-lengths": {"inject_arg": 3, "inject_1": 1, "rx_inject": 1},
+    "inject-pair-1": {"inject_1": 1, "rx_inject": 1},
+    "inject-over-mtu": {"inject_1": 1, "rx_inject": 1},
+    "pairs-spread-by-sender": {"tx_chains": 2, "rx_tx": 2, "in_0": 1, "in_1": 1},
+    "pairs-gap": {"rx_tx": 1},
+    "pairs-full-ring-no-spill": {"tx_chains": 3, "rx_tx": 1},
+    "pairs-tx-on-pair-1": {"tx_chains": 1, "rx_tx": 1},
+    "pairs-tx-several-rings": {"tx_chains": 4, "rx_tx": 5},
+    "pairs-other-vpc-sender": {"tx_chains": 1, "rx_tx": 0},
+    "pairs-fast-path-batch": {"tx_chains": 8, "rx_tx": 8},
+    "pairs-detach-between-serves": {"tx_chains": 3, "rx_tx": 2},
+    "raw-split-valid": _clean(4),
+    "raw-desc-out-of-memory": _fault(DESC_ADDR),
+    "raw-desc-top-of-space": _fault(DESC_ADDR),
+    "raw-desc-straddles-region-end": _fault(DESC_ADDR),
+    "raw-desc-loop": _fault(DESC_LOOP),
+    "raw-desc-next-out-of-range": _fault(DESC_INDEX),
+    "raw-head-out-of-range": _fault(DESC_INDEX),
+    "raw-avail-idx-jump": _fault(AVAIL_IDX),
+    "raw-zero-length": _fault(REQUEST),
+    "raw-too-short": _fault(REQUEST),
+    "raw-device-readable": _fault(REQUEST),
+    "raw-indirect-out-of-range": _fault(BAD_INDIRECT),
+    "raw-indirect-bad-len": _fault(BAD_INDIRECT),
+    "raw-indirect-nested": _fault(BAD_INDIRECT),
+    "raw-indirect-not-negotiated": _fault(BAD_INDIRECT),
+    "raw-indirect-valid": _clean(1),
+    "raw-used-outside-memory": {"raw_refused": 1, "raw_attached": 0},
+    "raw-used-at-region-end": {"raw_refused": 1, "raw_attached": 0},
+    "raw-rings-in-tx-buffers": _clean(1),
+    "raw-buffer-over-desc-table": _fault(DESC_ADDR),
+    "raw-buffer-over-avail-ring": _clean(4),
+    "raw-buffer-over-used-ring": _fault(REQUEST),
+    "raw-buffer-in-tx-buffers": _clean(1),
+    "raw-event-idx": _clean(1),
+    "raw-packed-valid": _clean(4),
+    "raw-packed-next-not-available": _fault(AVAIL_IDX),
+    "raw-packed-id-out-of-range": _fault(DESC_INDEX),
+    "raw-packed-loop": _fault(DESC_LOOP),
+    "raw-packed-out-of-memory": _fault(DESC_ADDR),
+    "raw-packed-zero-length": _fault(REQUEST),
+    "raw-packed-too-short": _fault(REQUEST),
+    "raw-packed-indirect-out-of-range": _fault(BAD_INDIRECT),
+    "raw-packed-indirect-valid": _clean(1),
+    "raw-packed-used-at-region-end": _clean(4),
+    "raw-packed-in-tx-buffers": _clean(2),
+    "raw-packed-wrap-event-idx": _clean(4),
+    "raw-packed-merged-buffers": _clean(3),
+}
 
 
 def build() -> dict[str, bytes]:
