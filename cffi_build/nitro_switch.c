@@ -362,7 +362,11 @@ struct frame_src {
     int cnt;
 };
 
-/* Copy n bytes of the frame, from byte `from` on, into dst iovecs. */
+/* Copy n bytes of the frame, from byte `from` on, into dst iovecs. On the
+ * fast path this copies guest memory to guest memory, and the two may be
+ * one: a VM with two NICs on the switch has one memory for both, so NIC B's
+ * RX buffer can overlap NIC A's TX buffer. memcpy of overlapping ranges is
+ * undefined behaviour: memmove (fuzz finding). */
 static void src_copy(const struct frame_src *f, uint64_t from,
                      const struct iovec *dst, int dcnt, uint64_t n)
 {
@@ -389,7 +393,7 @@ static void src_copy(const struct frame_src *f, uint64_t from,
             k = avail;
         if (k > n)
             k = n;
-        memcpy((uint8_t *)dst[di].iov_base + doff, src, k);
+        memmove((uint8_t *)dst[di].iov_base + doff, src, k);
         n -= k;
         soff += k;
         doff += k;
