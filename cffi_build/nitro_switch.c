@@ -285,7 +285,9 @@ int nitro_switch_attach_rx(struct nitro_switch *sw, uint32_t port,
                            uint32_t pair, struct nitro_vq *vq)
 {
     struct port *p = nitro_sw_port(sw, port);
-    if (p == NULL || pair >= NITRO_NET_MAX_PAIRS || vq == NULL)
+    /* A ring without addresses would be walked from NULL by the first
+     * delivery: the daemon attaches only started rings, and so must anyone. */
+    if (p == NULL || pair >= NITRO_NET_MAX_PAIRS || vq == NULL || !nitro_vq_ready(vq))
         return NITRO_ERR_ARG;
     set_rx(p, pair, vq);
     return NITRO_OK;
