@@ -289,14 +289,16 @@ def test_a_host_cut_off_catches_up_on_what_changed_meanwhile(etcd: Etcd, compact
 
 
 def host_a_config(etcd: Etcd) -> str:
-    """`nitro run` as host-a (underlay 192.0.2.1) with one interface in blue."""
+    """`nitro run` as host-a with one interface in blue. Its underlay address
+    must be one of this host's (the daemon opens the underlay sockets on
+    it): a loopback one, no traffic crosses hosts here."""
     return f"""
 [daemon]
 workers = 1
 [fleet]
 etcd = ["{etcd.url}"]
 host = "host-a"
-underlay = "192.0.2.1"
+underlay = "127.0.2.1"
 lease_ttl = 4
 [[net]]
 id = "n1"
@@ -320,7 +322,8 @@ def test_daemon_status_and_metrics_follow_etcd(etcd: Etcd, short_tmp_path: Path)
         while "etcd up via" not in (text := nitro.status()):
             assert time.monotonic() < deadline, text
             time.sleep(0.1)
-        assert "fleet: host host-a (underlay 192.0.2.1)" in text
+        assert "fleet: host host-a (underlay 127.0.2.1)" in text
+        assert "  underlay:    127.0.2.1 up, ring on worker 0; blue vni 100; 0 remote interfaces" in text
         assert "vpc blue" in text and "ip 10.1.0.5" in text  # the switch got the fleet VPC
         assert 'nitro_fleet_etcd_up{host="host-a"} 1.0' in nitro.metrics()
         host = etcd.call("kv/range", {"key": b64("/nitro/hosts/host-a")})["kvs"][0]
@@ -329,7 +332,7 @@ def test_daemon_status_and_metrics_follow_etcd(etcd: Etcd, short_tmp_path: Path)
         assert key_file.stat().st_mode & 0o777 == 0o600
         key = x25519.X25519PrivateKey.from_private_bytes(key_file.read_bytes())
         public = key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
-        assert record == {"version": 1, "id": "host-a", "underlay": "192.0.2.1",
+        assert record == {"version": 1, "id": "host-a", "underlay": "127.0.2.1",
                           "public_key": base64.b64encode(public).decode(), "index": 1,
                           "epoch": record["epoch"]}
         assert record["epoch"] >= started  # start_epoch: at least the Unix time
