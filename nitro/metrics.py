@@ -413,7 +413,9 @@ def _add_fleet(f: _Families, stats: dict) -> None:
     adds += [(f.fleet_gauges[key], host, stats[key]) for key in FLEET_GAUGES]
     adds += [(f.fleet_counters[key], host, stats[key]) for key in FLEET_COUNTERS]
     if "rekeys" in stats:
-        adds += [(f.fleet_rekeys, host, stats["rekeys"]), (f.fleet_update_errors, host, stats["tunnel_errors"])]
+        adds.append((f.fleet_rekeys, host, stats["rekeys"]))
+    if "tunnel_errors" in stats:
+        adds.append((f.fleet_update_errors, host, stats["tunnel_errors"]))
     for sa in stats.get("sas", ()):
         for direction in ("out", "in"):
             info = sa[direction]

@@ -19,7 +19,7 @@ import pytest
 import trio
 
 from bench.etcd import Etcd
-from bench.proc import Nitro, run_cli
+from bench.proc import ChildError, Nitro, run_cli
 from nitro.fleet.agent import FleetAgent
 from nitro.fleet.etcd import Backoff
 from nitro.fleet.schema import InterfaceRecord
@@ -306,6 +306,15 @@ vpc = "blue"
 mac = "52:54:00:00:01:05"
 ip = "10.1.0.5"
 """
+
+
+def test_an_underlay_address_not_on_this_host_stops_the_daemon(etcd: Etcd, short_tmp_path: Path):
+    assert vpc(etcd, "create", "blue", "--cidr", "10.1.0.0/24", "--vni", "100").returncode == 0
+    config = host_a_config(etcd).replace('underlay = "127.0.2.1"', 'underlay = "203.0.113.77"')
+    with pytest.raises(ChildError) as e:
+        Nitro(short_tmp_path, config)
+    assert ("underlay 203.0.113.77: cannot open its receive socket: Cannot assign requested address "
+            "(it must be an address of this host)") in str(e.value)
 
 
 def test_daemon_status_and_metrics_follow_etcd(etcd: Etcd, short_tmp_path: Path):
