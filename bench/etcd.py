@@ -5,6 +5,10 @@ the fleet's tests (and anything that needs a throw-away etcd).
 ``stop()`` ends it by its PID (SIGTERM); ``start()`` again on the same data
 directory and ports brings the same cluster back (leases keep their
 remaining TTL, as after any etcd restart).
+
+``Etcd(tmp, host=ADDR, netns=NS)`` runs it in network namespace NS (the
+underlay's wire, bench/netns.py) with its clients' URL on ADDR there; the
+test's own requests (health, ``call``) enter NS too.
 """
 
 from __future__ import annotations
@@ -16,25 +20,28 @@ import urllib.request
 from pathlib import Path
 from typing import Self
 
+from bench.netns import exec_prefix, in_netns
 from bench.proc import Child, ChildError, free_port, tail
 
 ETCD = "/usr/bin/etcd"
 
 
 class Etcd:
-    def __init__(self, tmp: Path, *, name: str = "etcd") -> None:
+    def __init__(self, tmp: Path, *, name: str = "etcd", host: str = "127.0.0.1", netns: str | None = None) -> None:
         self.dir = tmp / name
         self.dir.mkdir(parents=True, exist_ok=True)
         self.name = name
+        self.netns = netns
         self.client_port = free_port()
         self.peer_port = free_port()
-        self.url = f"http://127.0.0.1:{self.client_port}"
+        self.url = f"http://{host}:{self.client_port}"
         self.child: Child | None = None
         self.starts = 0
 
     def argv(self) -> list[str]:
         peer = f"http://127.0.0.1:{self.peer_port}"
-        return [ETCD, "--name", self.name, "--data-dir", str(self.dir / "data"),
+        prefix = exec_prefix(self.netns) if self.netns else []
+        return [*prefix, ETCD, "--name", self.name, "--data-dir", str(self.dir / "data"),
                 "--listen-client-urls", self.url, "--advertise-client-urls", self.url,
                 "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
                 "--initial-cluster", f"{self.name}={peer}", "--log-level", "warn"]
@@ -53,6 +60,11 @@ class Etcd:
         return self
 
     def healthy(self) -> bool:
+        if self.netns:
+            return in_netns(self.netns, self._healthy)
+        return self._healthy()
+
+    def _healthy(self) -> bool:
         try:
             with urllib.request.urlopen(f"{self.url}/health", timeout=1) as r:
                 return json.loads(r.read()).get("health") == "true"
@@ -78,6 +90,11 @@ class Etcd:
 
     def call(self, path: str, body: dict) -> dict:
         """One gateway request from the test's side (plain urllib, no nitro code)."""
+        if self.netns:
+            return in_netns(self.netns, self._call, path, body)
+        return self._call(path, body)
+
+    def _call(self, path: str, body: dict) -> dict:
         req = urllib.request.Request(f"{self.url}/v3/{path}", data=json.dumps(body).encode(), method="POST")
         with urllib.request.urlopen(req, timeout=5) as r:
             return json.loads(r.read())

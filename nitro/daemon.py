@@ -43,6 +43,7 @@ if TYPE_CHECKING:
 
     from nitro.devices.base import VirtioBackend
     from nitro.devices.net.fabric import NetFabric
+    from nitro.devices.net.underlay import Underlay
     from nitro.fleet.agent import FleetAgent
     from nitro.fleet.node import FleetNode
     from nitro.fleet.state import Change, FleetState
@@ -69,6 +70,7 @@ class Daemon:
     engine: Engine | None = None  # the C workers serving every ring (open_devices)
     fleet: FleetAgent | None = None  # with [fleet]: this host's link to etcd (open_devices)
     fleet_node: FleetNode | None = None  # with [fleet]: the agent, the tunnel and its SAs, the rekeys
+    underlay: Underlay | None = None  # with [fleet] and [[net]] in a fleet VPC: frames to and from other hosts
     # Re-reads the config file with the command line's overrides; None when
     # the daemon runs on the embedded default (nothing to re-read).
     load_config: Callable[[], DaemonConfig] | None = None
@@ -119,11 +121,25 @@ class Daemon:
         self.cfg = cfg
 
     def _fleet_changed(self, changes: Sequence[Change], state: FleetState) -> None:
-        # Called after fleet_node applied the changes to the tunnel (peers,
-        # SAs, served VNIs). The switch's remote tables are fed from here
-        # (issue 12, the integration step); until then they are only logged.
+        # Called after fleet_node's TunnelSync applied the changes to the
+        # tunnel and the switch (peers, SAs, VNIs, remote interfaces).
         for c in changes:
             log_event(log, logging.DEBUG, "fleet change", view=c.view, kind=c.kind, key=str(c.key))
+
+    def _open_underlay(self) -> None:
+        """[fleet] with a fleet VPC on the switch: the underlay sockets on
+        [fleet] underlay, fed by the fleet node from now on (its ring is
+        attached to a worker in run())."""
+        from nitro.devices.net.underlay import Underlay, UnderlayError
+
+        assert self.fleet_node is not None and self.fabric is not None and self.cfg.fleet is not None
+        try:
+            self.underlay = Underlay(self.fabric, self.fleet_node.tunnel, self.cfg.fleet.underlay)
+        except UnderlayError as e:
+            raise StartupError(str(e)) from None
+        self.fleet_node.attach_underlay(self.underlay)
+        log_event(log, logging.INFO, "underlay open", underlay=str(self.underlay.local),
+                  encrypt=self.fleet_node.tunnel.encrypt)
 
     def _server(self, device, socket, device_id: str) -> VhostUserServer:
         assert self.engine is not None, "open_devices() starts the engine first"
@@ -175,6 +191,8 @@ class Daemon:
             opened += [(d, n.socket, n.id) for n, d in zip(self.cfg.net, fabric.devices)]
         try:
             self._start_engine()
+            if self.fleet_node is not None and self.fabric is not None and self.fleet_node.sync.served:
+                self._open_underlay()
         except StartupError:
             self._close_opened(opened)
             raise
@@ -210,6 +228,9 @@ class Daemon:
                 await nursery.start(serve_control, self.cfg.control_socket, self)
                 if self.engine is not None:
                     nursery.start_soon(self.engine.watch)
+                if self.underlay is not None:
+                    assert self.engine is not None
+                    await self.underlay.start(self.engine)  # before the agent feeds it remotes
                 if self.fleet_node is not None:
                     # Cancelled after the drain: the agent revokes its lease then.
                     await nursery.start(self.fleet_node.run)
@@ -236,6 +257,7 @@ class Daemon:
                     await trio.to_thread.run_sync(msrv[0].shutdown)
                     msrv[0].server_close()
                 await self._stop_uplinks()
+                await self._stop_underlay()
             self.close()
 
     # -- reload ------------------------------------------------------------
@@ -399,6 +421,7 @@ class Daemon:
         """Stop fetching new requests, complete what C holds, flush volumes."""
         log_event(log, logging.INFO, "draining")
         await self._stop_uplinks()  # no more frames from the host TAPs into RX rings
+        await self._stop_underlay()  # nor from other hosts
         for s in self.servers:
             s.stop_accepting()
             await s.stop_all_workers()
@@ -408,6 +431,10 @@ class Daemon:
     async def _stop_uplinks(self) -> None:
         if self.fabric is not None:
             await trio.to_thread.run_sync(self.fabric.stop)
+
+    async def _stop_underlay(self) -> None:
+        if self.underlay is not None:
+            await self.underlay.stop()
 
     def close(self) -> None:
         """Release everything. Synchronous: by now run() has stopped the
@@ -422,13 +449,18 @@ class Daemon:
             except OSError:
                 pass
         self.servers = []
+        if self.underlay is not None:  # its ring was detached by run(); the switch is still there
+            if self.fleet_node is not None:
+                self.fleet_node.detach_underlay()
+            self.underlay.close()
+            self.underlay = None
         if self.fabric is not None:
             self.fabric.close()
             self.fabric = None
         if self.engine is not None:  # every ring was detached by now
             self.engine.close()
             self.engine = None
-        if self.fleet_node is not None:  # after the switch and the engine: they send through it
+        if self.fleet_node is not None:  # after the underlay and the engine: they send through its tunnel
             self.fleet_node.close()
             self.fleet_node = None
 

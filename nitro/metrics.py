@@ -249,6 +249,10 @@ class _Families:
         self.fleet_rekeys = CounterMetricFamily(
             "nitro_fleet_rekeys", "Times this host moved to its next key epoch (schedule, sequence space, "
             "`nitro fleet rekey`).", labels=["host"])
+        self.fleet_update_errors = CounterMetricFamily(
+            "nitro_fleet_datapath_update_errors", "Fleet changes the tunnel or the switch refused (a peer "
+            "whose key makes no SA, a remote interface that claims a local address); see the logs.",
+            labels=["host"])
         sa = ["host", "peer", "direction"]
         self.fleet_sa_epoch = GaugeMetricFamily(
             "nitro_fleet_sa_epoch", "Key epoch of the SA with a peer host: direction out = this host's "
@@ -256,6 +260,22 @@ class _Families:
         self.fleet_sa_age = GaugeMetricFamily(
             "nitro_fleet_sa_age_seconds", "Seconds since the SA with a peer host was installed "
             "(out: this host's; in: the one of the peer's published epoch).", labels=sa)
+        self.fleet_underlay_up = GaugeMetricFamily(
+            "nitro_fleet_underlay_up", "1 while the underlay ring (frames from other hosts) is served by "
+            "an engine worker.", labels=["host"])
+        self.fleet_peer_packets = CounterMetricFamily(
+            "nitro_fleet_peer_packets", "Guest frames carried across the underlay to (direction out) and "
+            "delivered from (in) a peer host.", labels=sa)
+        self.fleet_peer_bytes = CounterMetricFamily(
+            "nitro_fleet_peer_bytes", "Ethernet bytes of those frames.", labels=sa)
+        self.fleet_peer_drops = CounterMetricFamily(
+            "nitro_fleet_peer_drops", "Packets to or from a peer host dropped, by reason (docs/fleet.md: the "
+            "tunnel's auth, replay, unknown_spi, wrong_vni, mtu, ... and the switch's spoofed_source, "
+            "unknown_destination, ...).", labels=["host", "peer", "reason"])
+        self.fleet_underlay_drops = CounterMetricFamily(
+            "nitro_fleet_underlay_drops", "Every packet the underlay dropped, by reason, including those "
+            "that name no known peer (an unknown SPI or source, a malformed packet).",
+            labels=["host", "reason"])
 
     def all(self) -> list[Metric]:
         out: list[Metric] = []
@@ -394,13 +414,34 @@ def _add_fleet(f: _Families, stats: dict) -> None:
     adds += [(f.fleet_counters[key], host, stats[key]) for key in FLEET_COUNTERS]
     if "rekeys" in stats:
         adds.append((f.fleet_rekeys, host, stats["rekeys"]))
+    if "tunnel_errors" in stats:
+        adds.append((f.fleet_update_errors, host, stats["tunnel_errors"]))
     for sa in stats.get("sas", ()):
         for direction in ("out", "in"):
             info = sa[direction]
             if info:
                 labels = [*host, str(sa["peer"]), direction]
                 adds += [(f.fleet_sa_epoch, labels, info["epoch"]), (f.fleet_sa_age, labels, info["age_ns"] / 1e9)]
+    if stats.get("datapath"):
+        adds += _fleet_datapath(f, host, stats["datapath"])
     _add_all(adds)
+
+
+def _fleet_datapath(f: _Families, host: list[str], u: dict) -> list[tuple[Metric, list[str], Any]]:
+    """Underlay.statistics(): the ring, per peer host packets/bytes/drops."""
+    adds: list[tuple[Metric, list[str], Any]] = [(f.fleet_underlay_up, host, 1 if u["state"] == "up" else 0)]
+    for peer, p in u["peers"].items():
+        for direction in ("in", "out"):
+            labels = [*host, str(peer), direction]
+            adds += [(f.fleet_peer_packets, labels, p[f"packets_{direction}"]),
+                     (f.fleet_peer_bytes, labels, p[f"bytes_{direction}"])]
+        adds += [(f.fleet_peer_drops, [*host, str(peer), reason], n) for reason, n in p["drops"].items()]
+    totals: dict[str, int] = {}
+    for part in u["drops"].values():  # the tunnel's and the switch's
+        for reason, n in part.items():
+            totals[reason] = totals.get(reason, 0) + n
+    adds += [(f.fleet_underlay_drops, [*host, reason], n) for reason, n in totals.items()]
+    return adds
 
 
 class NitroCollector(Collector):

@@ -262,6 +262,27 @@ def _format_fleet_keys(f: dict) -> list[str]:
     for sa in f.get("sas") or []:
         lines.append(f"  sa {sa.get('peer')}: index {sa.get('index')}, publishes epoch {sa.get('peer_epoch')}; "
                      f"out {_sa_text(sa.get('out'))}; in {_sa_text(sa.get('in'))}")
+    if isinstance(f.get("datapath"), dict):
+        lines += _format_underlay(f["datapath"])
+    return lines
+
+
+def _drops_text(drops: dict) -> str:
+    return ", ".join(f"{reason} {n}" for reason, n in sorted(drops.items()) if n) or "none"
+
+
+def _format_underlay(u: dict) -> list[str]:
+    """The Underlay: its address and ring, then per peer host its counters."""
+    state = u.get("state", "?")
+    ring = f"ring on worker {u['worker']}" if u.get("worker") is not None else "ring not attached"
+    vnis = ", ".join(f"{vpc} vni {vni}" for vpc, vni in sorted((u.get("vnis") or {}).items())) or "no VNI"
+    lines = [f"  underlay:    {u.get('underlay')} {state}, {ring}"
+             + (f" ({u['error']})" if u.get("error") else "")
+             + f"; {vnis}; {u.get('remote_interfaces', 0)} remote interfaces"]
+    for host, p in sorted((u.get("peers") or {}).items()):
+        lines.append(f"  peer {host} ({p.get('underlay')}): out {p.get('packets_out', 0)} frames "
+                     f"{p.get('bytes_out', 0)} B, in {p.get('packets_in', 0)} frames {p.get('bytes_in', 0)} B; "
+                     f"drops: {_drops_text(p.get('drops') or {})}")
     return lines
 
 

@@ -27,6 +27,7 @@ from nitro import _datapath, config
 from nitro.config import DaemonConfig, VpcConfig
 from nitro.control.protocol import CommandRefused
 from nitro.crypto.keys import KeyMaterialError
+from nitro.devices.net.underlay import Underlay
 from nitro.fleet import identity, keys, schema
 from nitro.fleet.agent import FleetAgent, OnChange
 from nitro.fleet.etcd import EtcdClient
@@ -174,11 +175,15 @@ class FleetNode:
     - ``tunnel``: the FleetTunnel; ``tunnel.tunnel`` is the C tunnel
       (nitro._datapath.Tunnel) the switch sends through, and
       ``tunnel.slot(host)`` the peer slot of a host;
-    - ``sync``: the TunnelSync that keeps the tunnel equal to the fleet state.
+    - ``sync``: the TunnelSync that keeps the tunnel, and the switch's side
+      once an Underlay is attached (:meth:`attach_underlay`), equal to the
+      fleet state;
+    - ``underlay``: that Underlay, or None (no [[net]] in a fleet VPC here,
+      or not yet / no longer).
 
-    Each change the agent reports is applied to the tunnel first (peers and
-    VNIs exist before any remote that needs them), then handed to
-    ``listener`` (the switch's remote tables)."""
+    Each change the agent reports is applied by ``sync`` (in the order the
+    state gives: peers and VNIs exist before any remote that needs them),
+    then handed to ``listener``."""
 
     def __init__(self, agent: FleetAgent, tunnel: FleetTunnel, sync: TunnelSync, state_path: Path, *,
                  rekey_interval: float, listener: OnChange | None = None) -> None:
@@ -191,7 +196,18 @@ class FleetNode:
         self.rekeys = 0
         self.last_rekey_reason = ""
         self.epoch_since = time.monotonic()  # when this host began sending under its epoch
+        self.underlay: Underlay | None = None
         agent.on_change = self.on_change
+
+    def attach_underlay(self, underlay: Underlay) -> None:
+        """The switch's side follows the fleet state from now on. Trio thread."""
+        self.sync.attach(underlay, self.agent.state)
+        self.underlay = underlay
+
+    def detach_underlay(self) -> Underlay | None:
+        """Stop feeding the switch; the Underlay, for its owner to close."""
+        self.underlay = None
+        return self.sync.detach()
 
     def on_change(self, changes: Sequence[Change], state: FleetState) -> None:
         self.sync.apply(changes)
@@ -259,15 +275,19 @@ class FleetNode:
 
     def statistics(self) -> dict[str, Any]:
         """The agent's statistics plus the keys': epoch, rekeys, one entry
-        per peer's SAs (``sas``). Any thread (metrics)."""
+        per peer's SAs (``sas``), and the Underlay's (``datapath``: its
+        address and ring, per-peer packets, bytes and drops) while one is
+        attached. Any thread (metrics)."""
         sas = []
         for e in self.tunnel.sa_statistics():
             sas.append({"peer": e["peer"], "index": e["index"], "peer_epoch": e["peer_epoch"],
                         "inbound_epochs": e["inbound_epochs"], "out": e["out"], "in": e["in"]})
+        underlay = self.underlay
         return {**self.agent.statistics(), "encrypt": self.tunnel.encrypt, "rekeys": self.rekeys,
                 "rekey_interval": self.rekey_interval, "last_rekey_reason": self.last_rekey_reason,
                 "epoch_age_seconds": round(time.monotonic() - self.epoch_since, 3),
-                "tunnel_errors": self.sync.errors, "sas": sas}
+                "tunnel_errors": self.sync.errors, "last_tunnel_error": self.sync.last_error, "sas": sas,
+                **({"datapath": underlay.statistics()} if underlay is not None else {})}
 
     def close(self) -> None:
         self.tunnel.close()

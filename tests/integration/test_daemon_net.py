@@ -38,7 +38,8 @@ ip = "10.0.0.11"
 class NetFrontend(Frontend):
     """Frontend.start() brings up vring 0; a net device's TX ring is vring 1."""
 
-    def start_vring(self, index: int) -> None:
+    def negotiate(self) -> None:
+        """Features, protocol features (REPLY_ACK, MQ), owner, memory."""
         features = self.call_u64(Request.GET_FEATURES) & self.features_mask
         pf = self.call_u64(Request.GET_PROTOCOL_FEATURES)
         self.send(Request.SET_PROTOCOL_FEATURES, U64(pf & int(PF.REPLY_ACK | PF.MQ)))
@@ -48,14 +49,21 @@ class NetFrontend(Frontend):
         region = MemoryRegion(GPA_BASE, MEM_SIZE, self.uaddr, 0)
         self.send(Request.SET_MEM_TABLE, MemoryTable((region,)), fds=[self.memfd], need_reply=True)
         self.ack(Request.SET_MEM_TABLE)
+
+    def enable_vring(self, index: int, desc: int, avail: int, used: int, call: int, kick: int) -> None:
+        """One split ring at those offsets of the shared memory, enabled."""
         self.send(Request.SET_VRING_NUM, VringState(index, self.num))
         self.send(Request.SET_VRING_BASE, VringState(index, 0))
         self.send(Request.SET_VRING_ADDR, VringAddr(
-            index, 0, self.uaddr + self.desc, self.uaddr + self.used, self.uaddr + self.avail, 0))
-        self.send(Request.SET_VRING_CALL, VringFd(index), fds=[self.call])
-        self.send(Request.SET_VRING_KICK, VringFd(index), fds=[self.kick])
+            index, 0, self.uaddr + desc, self.uaddr + used, self.uaddr + avail, 0))
+        self.send(Request.SET_VRING_CALL, VringFd(index), fds=[call])
+        self.send(Request.SET_VRING_KICK, VringFd(index), fds=[kick])
         self.send(Request.SET_VRING_ENABLE, VringState(index, 1), need_reply=True)
         self.ack(Request.SET_VRING_ENABLE)
+
+    def start_vring(self, index: int) -> None:
+        self.negotiate()
+        self.enable_vring(index, self.desc, self.avail, self.used, self.call, self.kick)
 
 
 def _mac(text: str) -> bytes:

@@ -19,7 +19,7 @@ import pytest
 import trio
 
 from bench.etcd import Etcd
-from bench.proc import Nitro, run_cli
+from bench.proc import ChildError, Nitro, run_cli
 from nitro.fleet.agent import FleetAgent
 from nitro.fleet.etcd import Backoff
 from nitro.fleet.schema import InterfaceRecord
@@ -289,14 +289,16 @@ def test_a_host_cut_off_catches_up_on_what_changed_meanwhile(etcd: Etcd, compact
 
 
 def host_a_config(etcd: Etcd) -> str:
-    """`nitro run` as host-a (underlay 192.0.2.1) with one interface in blue."""
+    """`nitro run` as host-a with one interface in blue. Its underlay address
+    must be one of this host's (the daemon opens the underlay sockets on
+    it): a loopback one, no traffic crosses hosts here."""
     return f"""
 [daemon]
 workers = 1
 [fleet]
 etcd = ["{etcd.url}"]
 host = "host-a"
-underlay = "192.0.2.1"
+underlay = "127.0.2.1"
 lease_ttl = 4
 [[net]]
 id = "n1"
@@ -304,6 +306,15 @@ vpc = "blue"
 mac = "52:54:00:00:01:05"
 ip = "10.1.0.5"
 """
+
+
+def test_an_underlay_address_not_on_this_host_stops_the_daemon(etcd: Etcd, short_tmp_path: Path):
+    assert vpc(etcd, "create", "blue", "--cidr", "10.1.0.0/24", "--vni", "100").returncode == 0
+    config = host_a_config(etcd).replace('underlay = "127.0.2.1"', 'underlay = "203.0.113.77"')
+    with pytest.raises(ChildError) as e:
+        Nitro(short_tmp_path, config)
+    assert ("underlay 203.0.113.77: cannot open its receive socket: Cannot assign requested address "
+            "(it must be an address of this host)") in str(e.value)
 
 
 def test_daemon_status_and_metrics_follow_etcd(etcd: Etcd, short_tmp_path: Path):
@@ -320,7 +331,8 @@ def test_daemon_status_and_metrics_follow_etcd(etcd: Etcd, short_tmp_path: Path)
         while "etcd up via" not in (text := nitro.status()):
             assert time.monotonic() < deadline, text
             time.sleep(0.1)
-        assert "fleet: host host-a (underlay 192.0.2.1)" in text
+        assert "fleet: host host-a (underlay 127.0.2.1)" in text
+        assert "  underlay:    127.0.2.1 up, ring on worker 0; blue vni 100; 0 remote interfaces" in text
         assert "vpc blue" in text and "ip 10.1.0.5" in text  # the switch got the fleet VPC
         assert 'nitro_fleet_etcd_up{host="host-a"} 1.0' in nitro.metrics()
         host = etcd.call("kv/range", {"key": b64("/nitro/hosts/host-a")})["kvs"][0]
@@ -329,7 +341,7 @@ def test_daemon_status_and_metrics_follow_etcd(etcd: Etcd, short_tmp_path: Path)
         assert key_file.stat().st_mode & 0o777 == 0o600
         key = x25519.X25519PrivateKey.from_private_bytes(key_file.read_bytes())
         public = key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
-        assert record == {"version": 1, "id": "host-a", "underlay": "192.0.2.1",
+        assert record == {"version": 1, "id": "host-a", "underlay": "127.0.2.1",
                           "public_key": base64.b64encode(public).decode(), "index": 1,
                           "epoch": record["epoch"]}
         assert record["epoch"] >= started  # start_epoch: at least the Unix time

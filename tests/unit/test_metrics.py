@@ -359,3 +359,35 @@ def test_broken_vpc_statistics_are_skipped(serve):
     fams = families(scrape(serve(lambda: [], get_vpcs=lambda: {"blue": vpc_stats(), "red": bad})))
     assert {dict(k)["vpc"] for k in samples(fams, "nitro_vpc_punt_errors_total")} == {"blue"}
     assert value(fams, "nitro_metrics_collect_errors_total") == 1
+
+
+def fleet_stats(**over):
+    """FleetNode.statistics() with an Underlay attached (``datapath``)."""
+    drops = {"auth": 2, "replay": 1, "spoofed_source": 3, "wrong_vni": 0}
+    peer = {"slot": 0, "underlay": "192.0.2.2", "epoch": 7, "packets_out": 10, "bytes_out": 980,
+            "packets_in": 9, "bytes_in": 882, "drops": drops, "sa": None}
+    datapath = {"host": "a", "underlay": "192.0.2.1", "encrypt": True, "epoch": 5, "state": "up", "worker": 0,
+                "vnis": {"blue": 100}, "remote_interfaces": 1, "peers": {"b": peer},
+                "drops": {"tunnel": {"auth": 2, "unknown_spi": 4}, "switch": {"spoofed_source": 3}}}
+    stats = {"host": "a", "etcd": "up", "watch_lag_seconds": 0, "revision": 9, "peers": 1, "vpcs": 1,
+             "remotes": 1, "disconnects": 0, "reloads": 1, "invalid_records": 0, "callback_errors": 0,
+             "rekeys": 0, "tunnel_errors": 1, "sas": [], "datapath": datapath}
+    return {**stats, **over}
+
+
+def test_fleet_datapath_per_peer_and_totals():
+    fams = {m.name: m for m in NitroCollector(lambda: [], get_fleet=fleet_stats).collect()}
+
+    def v(name, **labels):
+        (s,) = [s for s in fams[name].samples if s.labels == labels and not s.name.endswith("_created")]
+        return s.value
+    assert v("nitro_fleet_underlay_up", host="a") == 1
+    assert v("nitro_fleet_peer_packets", host="a", peer="b", direction="out") == 10
+    assert v("nitro_fleet_peer_bytes", host="a", peer="b", direction="in") == 882
+    assert v("nitro_fleet_peer_drops", host="a", peer="b", reason="auth") == 2
+    assert v("nitro_fleet_peer_drops", host="a", peer="b", reason="spoofed_source") == 3
+    assert v("nitro_fleet_underlay_drops", host="a", reason="unknown_spi") == 4  # no peer to name
+    assert v("nitro_fleet_datapath_update_errors", host="a") == 1
+    # Without an Underlay (no fleet VPC here) none of them is exported.
+    fams = {m.name: m for m in NitroCollector(lambda: [], get_fleet=lambda: fleet_stats(datapath=None)).collect()}
+    assert not fams["nitro_fleet_peer_packets"].samples and not fams["nitro_fleet_underlay_up"].samples

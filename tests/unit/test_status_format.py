@@ -199,3 +199,15 @@ def test_format_fleet_keys_one_line_per_peer():
     assert "  sa b: index 2, publishes epoch 7; out epoch 1800000005 (age 12.3 s, 9 packets); in none" in text
     plain = format_status(status(fleet={**fleet, "encrypt": False, "sas": []}))
     assert "index 1, encryption OFF ([fleet] encrypt = false)" in plain
+
+
+def test_format_fleet_underlay_and_its_peers():
+    datapath = {"underlay": "192.0.2.1", "state": "up", "worker": 1, "vnis": {"blue": 100}, "remote_interfaces": 2,
+                "peers": {"b": {"underlay": "192.0.2.2", "packets_out": 5, "bytes_out": 490, "packets_in": 4,
+                                "bytes_in": 392, "drops": {"auth": 1, "replay": 0, "spoofed_source": 2}}}}
+    fleet = {"host": "a", "underlay": "192.0.2.1", "etcd": "up", "index": 1, "epoch": 9, "published_epoch": 9,
+             "encrypt": True, "sas": [], "datapath": datapath}
+    lines = format_status(status(fleet=fleet)).splitlines()
+    assert "  underlay:    192.0.2.1 up, ring on worker 1; blue vni 100; 2 remote interfaces" in lines
+    assert ("  peer b (192.0.2.2): out 5 frames 490 B, in 4 frames 392 B; drops: auth 1, spoofed_source 2"
+            in lines)

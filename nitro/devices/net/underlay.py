@@ -1,17 +1,20 @@
 """The underlay: this host's end of VPCs that span hosts (docs/fleet.md "Datapath").
 
 :class:`Underlay` owns the underlay sockets and the underlay ring, and keeps
-three things in step: the FleetTunnel's peers and SAs, the C switch's remote
-table (which host each remote interface lives on) and the VPC responders
-(ARP answers for remote interfaces, so no broadcast crosses hosts). The
-fleet's control plane calls it on the trio thread, in this order::
+the switch's side of the fleet: the VNI each fleet VPC crosses hosts with,
+the remote table (which peer each remote interface lives on) and the VPC
+responders' ARP answers for remote interfaces (so no broadcast crosses
+hosts). The peers and their SAs are the FleetTunnel's, which the FleetNode
+owns and keeps (nitro/fleet/sync.py); the Underlay only borrows it (its C
+tunnel to send through, a host's peer slot). One caller drives both, in
+order (TunnelSync, on the trio thread)::
 
     u = Underlay(fabric, fleet_tunnel, local)     # opens the sockets
     await u.start(engine)                          # the ring on a worker
-    u.serve_vpc("blue", vni=100)                   # VNIs of the VPCs here
-    u.set_peer(Peer(...))                          # a host before its interfaces
+    u.serve_vpc("blue", vni=100)                   # frames of blue cross with VNI 100
+    fleet_tunnel.set_peer(Peer(...))               # a host before its interfaces
     u.set_remote("blue", ip, mac, "host-b")        # live, any time
-    u.remove_remote("blue", ip); u.remove_peer("host-b"); u.set_epoch(e)
+    u.remove_remote("blue", ip); u.forget_host("host-b")   # before the peer goes
     await u.stop(engine)                           # then u.close()
 
 Sockets. Encrypted: a raw IPPROTO_ESP socket bound to the local address
@@ -22,23 +25,17 @@ datagram of the host, and the kernel would still answer "port unreachable"
 without a bound socket). Sending, both modes: one raw IPPROTO_RAW socket
 (IP_HDRINCL): the tunnel writes whole outer packets (DF set, the flow-hash
 UDP source port of RFC 8926) and one socket serves every peer.
-
-:func:`load_test_fleet` is a TEST-ONLY way to install peers and mappings
-from a JSON file (``NITRO_TEST_FLEET``) until the etcd agent does it.
 """
 
 from __future__ import annotations
 
 import ipaddress
-import json
 import logging
 import socket
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from nitro import _datapath
-from nitro.fleet import keys
-from nitro.fleet.tunnel import FleetTunnel, Peer
+from nitro.fleet.tunnel import FleetTunnel
 from nitro.log import log_event
 from nitro.vpc import packets as pk
 
@@ -69,7 +66,8 @@ def open_receive_socket(local: ipaddress.IPv4Address, encrypt: bool) -> socket.s
             s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
             s.bind((str(local), GENEVE_PORT))
     except OSError as e:
-        raise UnderlayError(f"underlay {local}: cannot open its receive socket: {e.strerror}") from None
+        raise UnderlayError(f"underlay {local}: cannot open its receive socket: {e.strerror} "
+                            f"(it must be an address of this host)") from None
     s.setblocking(False)
     s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RCVBUF)
     return s
@@ -107,13 +105,14 @@ class Underlay:
         self.switch.set_underlay(fleet.tunnel, self._send.fileno())
         mode = _datapath.UNDERLAY_RAW if fleet.encrypt else _datapath.UNDERLAY_UDP
         self.ring = _datapath.Ring.underlay(self.switch, self._recv.fileno(), mode)
-        self._worker: int | None = None
+        self._engine: Engine | None = None
 
     # -- life cycle ------------------------------------------------------------
     async def start(self, engine: Engine) -> None:
         """Attach the underlay ring to an engine worker: frames from other
         hosts flow from now on."""
-        self._worker = await engine.attach(self.ring, self._on_ring_error, label="underlay")
+        await engine.attach(self.ring, self._on_ring_error, label="underlay")
+        self._engine = engine
 
     def _on_ring_error(self, exc: _datapath.DatapathError) -> None:
         # Not a guest's doing: nothing on this ring touches a guest's rings
@@ -121,20 +120,21 @@ class Underlay:
         self.error = f"{type(exc).__name__}: {exc}"
         log_event(log, logging.ERROR, "underlay ring stopped", error=self.error)
 
-    async def stop(self, engine: Engine) -> None:
-        """Detach the ring (no more frames from other hosts)."""
-        await engine.detach(self.ring)
-        self._worker = None
+    async def stop(self) -> None:
+        """Detach the ring (no more frames from other hosts); again: nothing."""
+        engine, self._engine = self._engine, None
+        if engine is not None:
+            await engine.detach(self.ring)
 
     def close(self) -> None:
         """After stop(): take the underlay from the switch (waits for TX
-        workers sending through it), close the sockets and the FleetTunnel
-        (the Underlay owns it from its constructor on)."""
+        workers sending through it) and close the sockets. The FleetTunnel
+        is its owner's to close, after this."""
+        assert self._engine is None, "stop() first: a worker polls the ring"
         self.switch.set_underlay(None)
         self.ring.close()
         self._recv.close()
         self._send.close()
-        self.fleet.close()
 
     # -- what the control plane changes ------------------------------------------
     def _index(self, vpc: str) -> int:
@@ -144,34 +144,21 @@ class Underlay:
             raise UnderlayError(f"vpc {vpc} is not served on this host") from None
 
     def serve_vpc(self, vpc: str, vni: int) -> None:
-        """Frames of VPC vpc cross hosts with VNI vni (RFC 8926 3.4)."""
-        i = self._index(vpc)
-        self.switch.set_vni(i, vni)
-        self.fleet.serve_vni(vni, i)
+        """Frames of VPC vpc leave this host with VNI vni (RFC 8926 3.4).
+        Which VNIs are accepted on arrival is the tunnel's (serve_vni)."""
+        self.switch.set_vni(self._index(vpc), vni)
         self._vnis[vpc] = vni
 
     def stop_serving_vpc(self, vpc: str) -> None:
-        i = self._index(vpc)
-        vni = self._vnis.pop(vpc, None)
-        self.switch.set_vni(i, None)
-        if vni is not None:
-            self.fleet.stop_serving(vni)
+        self.switch.set_vni(self._index(vpc), None)
+        self._vnis.pop(vpc, None)
 
-    def set_peer(self, peer: Peer) -> int:
-        """Add or update another host (its key, index, address, epoch); its
-        tunnel slot."""
-        return self.fleet.set_peer(peer)
-
-    def remove_peer(self, host: str) -> None:
-        """Forget a host and every interface mapped to it."""
+    def forget_host(self, host: str) -> None:
+        """Remove every interface mapped to host: before its peer slot is
+        freed (and maybe given to another host)."""
         for (vpc, ip), (_, h) in list(self._remotes.items()):
             if h == host:
                 self.remove_remote(vpc, ip)
-        self.fleet.remove_peer(host)
-
-    def set_epoch(self, epoch: int) -> None:
-        """Send under a new key epoch (a rekey); publish it afterwards."""
-        self.fleet.set_epoch(epoch)
 
     def set_remote(self, vpc: str, ip: ipaddress.IPv4Address | str, mac: bytes | str, host: str) -> None:
         """Interface (ip, mac) of vpc lives on host (set_peer first)."""
@@ -217,47 +204,14 @@ class Underlay:
                 "sa": None if sa is None else {"spi": sa["spi"], "epoch": sa["epoch"], "seq": sa["seq"],
                                                "age_seconds": sa["age_ns"] / 1e9},
             }
+        engine = self._engine
         return {
             "host": self.fleet.host, "underlay": str(self.local), "encrypt": self.fleet.encrypt,
-            "epoch": self.fleet.epoch, "state": "down" if self.error else "up",
+            "epoch": self.fleet.epoch, "state": "down" if self.error else "up" if engine else "stopped",
+            "worker": engine.worker_of(self.ring) if engine is not None else None,
             **({"error": self.error} if self.error else {}),
             "vnis": dict(self._vnis), "remote_interfaces": self.switch.remote_count,
             "drops": {"tunnel": tunnel.stats()["drops"], "switch": self.switch.underlay_stats()["drops"]},
             "peers": peers,
         }
 
-
-# ---------------------------------------------------------------------------
-# TEST ONLY: the fleet from a file, until the etcd agent installs it
-# ---------------------------------------------------------------------------
-
-def load_test_fleet(path: Path, fabric: NetFabric) -> Underlay:
-    """An Underlay as the JSON file at path describes it (TEST ONLY; the
-    etcd agent replaces this)::
-
-        {"host": "h1", "index": 1, "private_key": "/k/h1.key",
-         "underlay": "192.0.2.1", "mtu": 1500, "encrypt": true, "epoch": 7,
-         "vpcs": {"blue": 100},
-         "peers": [{"host": "h2", "index": 2, "public_key": "<hex>",
-                    "underlay": "192.0.2.2", "epoch": 7}],
-         "remotes": [{"vpc": "blue", "ip": "10.0.0.20", "mac": "52:54:...",
-                      "host": "h2"}]}
-    """
-    spec = json.loads(path.read_text())
-    local = ipaddress.IPv4Address(spec["underlay"])
-    fleet = FleetTunnel.from_key_file(spec["host"], spec["index"], Path(spec["private_key"]), local.packed,
-                                      spec.get("mtu", 1500), encrypt=spec.get("encrypt", True),
-                                      epoch=spec.get("epoch", 0))
-    try:
-        u = Underlay(fabric, fleet, local)
-    except BaseException:
-        fleet.close()
-        raise
-    for vpc, vni in spec.get("vpcs", {}).items():
-        u.serve_vpc(vpc, vni)
-    for p in spec.get("peers", []):
-        u.set_peer(Peer(keys.check_host_id(p["host"]), p["index"], bytes.fromhex(p["public_key"]),
-                        ipaddress.IPv4Address(p["underlay"]).packed, p.get("epoch", 0)))
-    for r in spec.get("remotes", []):
-        u.set_remote(r["vpc"], r["ip"], r["mac"], r["host"])
-    return u
