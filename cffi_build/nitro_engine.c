@@ -6,8 +6,8 @@
  * keeps looping, when nothing does it busy-polls for poll_us (fixed, or
  * adaptive as KVM's halt-polling: grow the window when a wake-up came soon
  * after falling asleep, shrink it when the sleep was long), then arms its
- * rings and sleeps in epoll_wait on their kick fds, its io_uring's eventfd
- * and its command eventfd.
+ * rings and sleeps in epoll_wait on their kick fds (and aux fds, see
+ * nitro_ring.h), its io_uring's eventfd and its command eventfd.
  *
  * Commands (attach, detach, quit) are synchronous: the caller fills the
  * worker's one command slot under its mutex, writes the command eventfd and
@@ -236,6 +236,37 @@ static int epoll_watch(struct worker *w, struct nitro_ring *r)
     return NITRO_OK;
 }
 
+/* epoll data of a ring's aux fd: the ring's address with the low bit set
+ * (rings are at least 8-byte aligned), so a wake-up tells which fd of the
+ * ring fired. */
+#define AUX_TAG 1u
+
+/* Bring the epoll set up to date with what r wants on its aux fd. */
+static void aux_sync(struct worker *w, struct nitro_ring *r)
+{
+    int fd = r->status == NITRO_OK && r->aux_events ? r->aux_fd : -1;
+    uint32_t ev = fd >= 0 ? r->aux_events : 0;
+    if (fd == r->aux_watched_fd && ev == r->aux_watched_events)
+        return;
+    if (r->aux_watched_fd >= 0 && fd != r->aux_watched_fd) {
+        epoll_ctl(w->epfd, EPOLL_CTL_DEL, r->aux_watched_fd, NULL);
+        r->aux_watched_fd = -1;
+    }
+    if (fd >= 0) {
+        struct epoll_event e = {.events = ev,
+                                .data.ptr = (void *)((uintptr_t)r | AUX_TAG)};
+        int op = r->aux_watched_fd == fd ? EPOLL_CTL_MOD : EPOLL_CTL_ADD;
+        if (epoll_ctl(w->epfd, op, fd, &e) < 0) {
+            /* Not watched: the ring is polled while busy anyway, and
+             * stopping it here would fail requests a retry may serve. */
+            fd = -1;
+            ev = 0;
+        }
+    }
+    r->aux_watched_fd = fd;
+    r->aux_watched_events = ev;
+}
+
 static int worker_attach(struct worker *w, struct nitro_ring *r)
 {
     if (w->nrings == MAX_RINGS_PER_WORKER)
@@ -281,6 +312,10 @@ static int worker_detach(struct worker *w, struct nitro_ring *r)
     if (r->kick_fd >= 0)
         epoll_ctl(w->epfd, EPOLL_CTL_DEL, r->kick_fd, NULL);
     r->kick_fd = -1;
+    if (r->aux_watched_fd >= 0)
+        epoll_ctl(w->epfd, EPOLL_CTL_DEL, r->aux_watched_fd, NULL);
+    r->aux_watched_fd = -1;
+    r->aux_watched_events = 0;
     /* Notifications on, so the next owner (or none) gets the next kick. */
     if (r->status == NITRO_OK)
         ring_call(w, r, CALL_ARM);
@@ -343,6 +378,7 @@ static uint32_t poll_rings(struct worker *w)
         if (r->status != NITRO_OK)
             continue;
         int n = ring_call(w, r, CALL_POLL);
+        aux_sync(w, r);
         if (n < 0) {
             ring_stop(w, r, n);
             continue;
@@ -371,6 +407,7 @@ static bool arm_all(struct worker *w)
             ring_stop(w, r, rc);
         else if (rc > 0)
             quiet = false;
+        aux_sync(w, r);
     }
     return quiet;
 }
@@ -394,6 +431,11 @@ static void sleep_on_epoll(struct worker *w)
         struct nitro_ring *r = evs[i].data.ptr;
         if (r == NULL)
             continue;  /* the command or io_uring eventfd: drained below */
+        if ((uintptr_t)r & AUX_TAG) {
+            r = (struct nitro_ring *)((uintptr_t)r & ~(uintptr_t)AUX_TAG);
+            r->aux_revents |= evs[i].events;  /* the ring drains its fd */
+            continue;
+        }
         nitro_eventfd_drain(r->kick_fd);
         nitro_vq_count_kick(r->vq);
     }

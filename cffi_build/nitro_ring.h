@@ -91,6 +91,18 @@ struct nitro_ring {
     int sys_errno;        /* with NITRO_ERR_SYS */
     int kick_fd;          /* the fd in the owner's epoll set, -1: none */
     uint64_t chains;      /* chains served by poll() (atomic) */
+    /* Optional: one more fd the owner sleeps on (a remote volume's
+     * socket), -1: none, and the EPOLLIN/EPOLLOUT it waits for (0: none).
+     * The ring may change both in poll() and arm(); the worker brings its
+     * epoll set up to date after each poll() and before it sleeps, and
+     * ORs the events that woke it into aux_revents, which the ring clears
+     * once it has looked. Between polls the worker removes the old fd from
+     * its epoll set before the ring can let go of it (close it). */
+    int aux_fd;
+    uint32_t aux_events;
+    uint32_t aux_revents;
+    int aux_watched_fd;           /* the worker's: what its epoll set holds */
+    uint32_t aux_watched_events;
 };
 
 /* Confine the calling thread (an engine worker) to the system calls
@@ -103,7 +115,8 @@ static inline struct nitro_ring nitro_ring_detached(const struct nitro_ring_ops 
                                                     uint32_t kind)
 {
     return (struct nitro_ring){.ops = ops, .vq = vq, .kind = kind,
-                               .worker = -1, .kick_fd = -1};
+                               .worker = -1, .kick_fd = -1, .aux_fd = -1,
+                               .aux_watched_fd = -1};
 }
 
 /* Shared by blk and net rings: enable/disable notifications on the vq. */
