@@ -419,12 +419,32 @@ static void disarm_all(struct worker *w)
             ring_call(w, w->rings[i], CALL_DISARM);
 }
 
+/* epoll_wait's timeout: until the earliest wake_ns of the rings (rounded
+ * up to whole ms, so the ring finds its deadline passed), or -1. */
+static int sleep_timeout_ms(const struct worker *w)
+{
+    uint64_t first = 0;
+    for (uint32_t i = 0; i < w->nrings; i++) {
+        const struct nitro_ring *r = w->rings[i];
+        if (r->status == NITRO_OK && r->wake_ns && (!first || r->wake_ns < first))
+            first = r->wake_ns;
+    }
+    if (first == 0)
+        return -1;
+    uint64_t now = nitro_now_ns();
+    if (first <= now)
+        return 0;
+    uint64_t ms = (first - now + 999999) / 1000000;
+    return ms > INT32_MAX ? INT32_MAX : (int)ms;
+}
+
 static void sleep_on_epoll(struct worker *w)
 {
     struct epoll_event evs[EPOLL_BATCH];
+    int timeout = sleep_timeout_ms(w);
     int n;
     do
-        n = epoll_wait(w->epfd, evs, EPOLL_BATCH, -1);
+        n = epoll_wait(w->epfd, evs, EPOLL_BATCH, timeout);
     while (n < 0 && errno == EINTR);
     nitro_stat_add(&w->stats.wakeups, 1);
     for (int i = 0; i < n; i++) {

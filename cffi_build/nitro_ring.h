@@ -103,6 +103,10 @@ struct nitro_ring {
     uint32_t aux_revents;
     int aux_watched_fd;           /* the worker's: what its epoll set holds */
     uint32_t aux_watched_events;
+    /* A deadline (CLOCK_MONOTONIC ns, 0: none) by which the ring wants
+     * poll() called again even if nothing wakes its worker (timeouts,
+     * retries): a worker never sleeps past the smallest of its rings'. */
+    uint64_t wake_ns;
 };
 
 /* Confine the calling thread (an engine worker) to the system calls
