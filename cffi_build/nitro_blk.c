@@ -23,57 +23,13 @@
 #include "nitro_iov.h"
 #include "nitro_ring.h"
 #include "nitro_vring.h"
+#include "nitro_blk_internal.h"
 #include "nitro_xts_internal.h"
-
-#define VIRTIO_BLK_T_IN 0
-#define VIRTIO_BLK_T_OUT 1
-#define VIRTIO_BLK_T_FLUSH 4
-#define VIRTIO_BLK_T_GET_ID 8
-#define VIRTIO_BLK_T_DISCARD 11
-#define VIRTIO_BLK_T_WRITE_ZEROES 13
-
-#define VIRTIO_BLK_S_OK 0
-#define VIRTIO_BLK_S_IOERR 1
-#define VIRTIO_BLK_S_UNSUPP 2
-
-#define VIRTIO_BLK_ID_BYTES 20
-#define VIRTIO_BLK_WZ_FLAG_UNMAP 1u
-
-#define SECTOR_SHIFT 9
-#define SECTOR_SIZE (1u << SECTOR_SHIFT)
-#define OUTHDR_LEN 16
-#define SEGMENT_LEN 16
-/* Most discard/write-zeroes segments per request we accept; Linux clamps
- * its own to 256 as well. The config space's max_discard_seg and
- * max_write_zeroes_seg must not advertise more. */
-#define MAX_SEGMENTS 256
 
 const uint64_t nitro_lat_bounds_ns[NITRO_LAT_BUCKETS] = {
     25000,     50000,     100000,     250000,    500000,
     1000000,   2500000,   5000000,    10000000,  25000000,
     50000000,  100000000, 250000000,  1000000000, UINT64_MAX,
-};
-
-/* A parsed request: views into the chain's iovecs (edited in place). */
-struct blk_req {
-    uint32_t type;
-    uint64_t sector;
-    struct iovec *rd;   /* device-readable payload after the header */
-    int n_rd;
-    uint64_t rd_len;
-    struct iovec *wr;   /* device-writable data before the status byte */
-    int n_wr;
-    uint64_t wr_len;
-    uint8_t *status;
-    bool oversize;      /* beyond seg_max / size_max: IOERR, no I/O */
-};
-
-/* What a request did, for the used ring and the stats. */
-struct blk_done {
-    int op;             /* NITRO_BLK_OP_* */
-    uint8_t status;
-    uint64_t bytes;     /* payload bytes moved */
-    uint32_t used_len;  /* bytes written into the device-writable part */
 };
 
 /* ---- parsing ----------------------------------------------------------- */
@@ -131,7 +87,7 @@ static int blk_parse(struct nitro_vq *vq, const struct nitro_blk_params *p,
  * whole number of encryption sectors (blk_params_ok), so the cipher never
  * sees a partial one. Written so nothing overflows; blk_params_ok made every
  * byte offset inside the disk, plus data_offset, fit off_t. */
-static bool blk_range_ok(const struct nitro_blk_params *p, uint64_t sector,
+bool blk_range_ok(const struct nitro_blk_params *p, uint64_t sector,
                          uint64_t len)
 {
     /* sector << 9 may wrap, but only its low bits matter here. */
@@ -321,15 +277,9 @@ static uint8_t blk_get_id(const struct nitro_blk_params *p, struct blk_req *rq,
     return VIRTIO_BLK_S_OK;
 }
 
-struct segment {
-    uint64_t sector;
-    uint32_t num_sectors;
-    uint32_t flags;
-};
-
 /* Copy all segments out of guest memory once and check every one before
  * touching the disk (parse, then act). Returns a VIRTIO_BLK_S_* status. */
-static uint8_t blk_segments(const struct nitro_blk_params *p,
+uint8_t blk_segments(const struct nitro_blk_params *p,
                             const struct blk_req *rq, bool zeroes,
                             struct segment *seg, int *count)
 {
@@ -453,7 +403,7 @@ static void blk_account(struct nitro_blk_stats *s, const struct blk_done *d,
 /* ---- synchronous requests ------------------------------------------------ */
 
 /* Write the status byte, complete the chain, account. */
-static void blk_finish(struct nitro_vq *vq, uint16_t head, bool resubmitted,
+void blk_finish(struct nitro_vq *vq, uint16_t head, bool resubmitted,
                        uint8_t *status, const struct blk_done *d,
                        struct nitro_blk_stats *s, uint64_t start)
 {
@@ -468,7 +418,7 @@ static void blk_finish(struct nitro_vq *vq, uint16_t head, bool resubmitted,
 }
 
 /* Serve one request on the calling thread; returns the bytes it moved. */
-static uint64_t blk_handle_sync(struct nitro_vq *vq, struct nitro_chain *c,
+uint64_t blk_handle_sync(struct nitro_vq *vq, struct nitro_chain *c,
                                 const struct nitro_blk_params *p,
                                 struct nitro_xts_lane *lane, struct blk_req *rq,
                                 struct nitro_blk_stats *s, uint64_t start)
@@ -477,6 +427,22 @@ static uint64_t blk_handle_sync(struct nitro_vq *vq, struct nitro_chain *c,
     blk_execute(p, lane, rq, &d);
     blk_finish(vq, c->head, c->resubmitted, rq->status, &d, s, start);
     return d.bytes;
+}
+
+int blk_pop_request(struct nitro_vq *vq, const struct nitro_blk_params *p,
+                    struct nitro_blk_stats *s, struct nitro_chain **c,
+                    struct blk_req *rq, uint64_t *start)
+{
+    int rc = nitro_vq_pop(vq, c);
+    if (rc <= 0)
+        return rc;
+    *start = nitro_now_ns();
+    nitro_stat_add(&s->inflight, 1);
+    if (blk_parse(vq, p, *c, rq) != NITRO_OK) {
+        nitro_stat_sub(&s->inflight, 1);
+        return NITRO_ERR_GUEST;
+    }
+    return 1;
 }
 
 /* ---- the engine's blk ring: many requests in flight through io_uring ----- */
@@ -762,17 +728,11 @@ static int blk_ring_poll(struct nitro_ring *r, struct nitro_io *io,
     int rc = 0;
     while (done < budget && b->free != NULL && sync_bytes < SYNC_PASS_BYTES) {
         struct nitro_chain *c;
-        rc = nitro_vq_pop(r->vq, &c);
+        struct blk_req rq;
+        uint64_t start;
+        rc = blk_pop_request(r->vq, b->p, b->s, &c, &rq, &start);
         if (rc <= 0)
             break;
-        uint64_t start = nitro_now_ns();
-        nitro_stat_add(&b->s->inflight, 1);
-        struct blk_req rq;
-        if (blk_parse(r->vq, b->p, c, &rq) != NITRO_OK) {
-            nitro_stat_sub(&b->s->inflight, 1);
-            rc = NITRO_ERR_GUEST;
-            break;
-        }
         done++;
         if (io->ready && blk_async_ok(b, &rq) &&
             blk_start_async(b, c, &rq, start))
@@ -854,10 +814,10 @@ static const struct nitro_ring_ops blk_ring_ops = {
 /* The parameters the request checks rely on: a power-of-two block size of
  * whole encryption sectors, and every byte of the disk at an offset in fd
  * that fits off_t (data_offset + capacity * 512 <= INT64_MAX). */
-static bool blk_params_ok(const struct nitro_blk_params *p)
+bool blk_params_ok(const struct nitro_blk_params *p)
 {
     uint32_t bs = p->block_size;
-    if (p->fd < 0 || bs < SECTOR_SIZE || (bs & (bs - 1)) != 0)
+    if (bs < SECTOR_SIZE || (bs & (bs - 1)) != 0)
         return false;
     if (p->xts != NULL && bs % nitro_xts_sector_size(p->xts) != 0)
         return false;
@@ -870,7 +830,8 @@ struct nitro_ring *nitro_ring_blk_new(struct nitro_vq *vq,
                                       const struct nitro_blk_params *params,
                                       struct nitro_blk_stats *stats)
 {
-    if (vq == NULL || params == NULL || stats == NULL || !blk_params_ok(params))
+    if (vq == NULL || params == NULL || stats == NULL || params->fd < 0 ||
+        !blk_params_ok(params))
         return NULL;
     struct blk_ring *b = calloc(1, sizeof(*b));
     if (b == NULL)
@@ -937,7 +898,7 @@ int64_t nitro_blk_serve(struct nitro_vq *vq,
                         const struct nitro_blk_params *params,
                         struct nitro_blk_stats *stats, int idle_ms)
 {
-    if (vq == NULL || params == NULL || stats == NULL ||
+    if (vq == NULL || params == NULL || stats == NULL || params->fd < 0 ||
         !blk_params_ok(params) || !nitro_vq_ready(vq))
         return NITRO_ERR_ARG;
     if (nitro_vq_fault(vq) != NITRO_FAULT_NONE)

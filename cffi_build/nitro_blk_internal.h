@@ -1,0 +1,102 @@
+/*
+ * nitro_blk_internal.h: what nitro_blk.c shares with the other virtio-blk
+ * ring (nitro_nbd.c, volumes on an NBD export): the request vocabulary,
+ * parsing, range checks and completion. Internal, not part of the cdef.
+ */
+#ifndef NITRO_BLK_INTERNAL_H
+#define NITRO_BLK_INTERNAL_H
+
+#include <stdbool.h>
+#include <stdint.h>
+#include <sys/uio.h>
+
+#include "nitro_vring.h"
+#include "nitro_xts_internal.h"
+
+#define VIRTIO_BLK_T_IN 0
+#define VIRTIO_BLK_T_OUT 1
+#define VIRTIO_BLK_T_FLUSH 4
+#define VIRTIO_BLK_T_GET_ID 8
+#define VIRTIO_BLK_T_DISCARD 11
+#define VIRTIO_BLK_T_WRITE_ZEROES 13
+
+#define VIRTIO_BLK_S_OK 0
+#define VIRTIO_BLK_S_IOERR 1
+#define VIRTIO_BLK_S_UNSUPP 2
+
+#define VIRTIO_BLK_ID_BYTES 20
+#define VIRTIO_BLK_WZ_FLAG_UNMAP 1u
+
+#define SECTOR_SHIFT 9
+#define SECTOR_SIZE (1u << SECTOR_SHIFT)
+#define OUTHDR_LEN 16
+#define SEGMENT_LEN 16
+/* Most discard/write-zeroes segments per request we accept; Linux clamps
+ * its own to 256 as well. The config space's max_discard_seg and
+ * max_write_zeroes_seg must not advertise more. */
+#define MAX_SEGMENTS 256
+
+/* A parsed request: views into the chain's iovecs (edited in place). */
+struct blk_req {
+    uint32_t type;
+    uint64_t sector;
+    struct iovec *rd;   /* device-readable payload after the header */
+    int n_rd;
+    uint64_t rd_len;
+    struct iovec *wr;   /* device-writable data before the status byte */
+    int n_wr;
+    uint64_t wr_len;
+    uint8_t *status;
+    bool oversize;      /* beyond seg_max / size_max: IOERR, no I/O */
+};
+
+/* What a request did, for the used ring and the stats. */
+struct blk_done {
+    int op;             /* NITRO_BLK_OP_* */
+    uint8_t status;
+    uint64_t bytes;     /* payload bytes moved */
+    uint32_t used_len;  /* bytes written into the device-writable part */
+};
+
+struct segment {
+    uint64_t sector;
+    uint32_t num_sectors;
+    uint32_t flags;
+};
+
+/* Pop the next chain and parse it (counting it in stats' inflight from
+ * *start on): 1 with *c, *rq and *start set, 0 when the ring is empty, or
+ * NITRO_ERR_GUEST (the guest broke the ring). */
+NITRO_INTERNAL int blk_pop_request(struct nitro_vq *vq,
+                                   const struct nitro_blk_params *p,
+                                   struct nitro_blk_stats *s,
+                                   struct nitro_chain **c, struct blk_req *rq,
+                                   uint64_t *start);
+/* Is [sector, sector + len bytes) whole logical blocks inside the disk? */
+NITRO_INTERNAL bool blk_range_ok(const struct nitro_blk_params *p,
+                                 uint64_t sector, uint64_t len);
+/* A DISCARD / WRITE_ZEROES request's segments, copied and checked:
+ * a VIRTIO_BLK_S_* status; seg holds MAX_SEGMENTS. */
+NITRO_INTERNAL uint8_t blk_segments(const struct nitro_blk_params *p,
+                                    const struct blk_req *rq, bool zeroes,
+                                    struct segment *seg, int *count);
+/* Write the status byte, complete the chain, account. */
+NITRO_INTERNAL void blk_finish(struct nitro_vq *vq, uint16_t head,
+                               bool resubmitted, uint8_t *status,
+                               const struct blk_done *d,
+                               struct nitro_blk_stats *s, uint64_t start);
+/* Serve one request on the calling thread (with p->fd); returns the
+ * bytes it moved. The remote ring uses it for GET_ID and for requests that
+ * fail their checks, which touch no fd. */
+NITRO_INTERNAL uint64_t blk_handle_sync(struct nitro_vq *vq,
+                                        struct nitro_chain *c,
+                                        const struct nitro_blk_params *p,
+                                        struct nitro_xts_lane *lane,
+                                        struct blk_req *rq,
+                                        struct nitro_blk_stats *s,
+                                        uint64_t start);
+/* The block size, encryption sector and offset limits every request
+ * check relies on (the fd is the caller's to check). */
+NITRO_INTERNAL bool blk_params_ok(const struct nitro_blk_params *p);
+
+#endif
