@@ -7,7 +7,7 @@
  * bug in that code ever let a guest run code on the worker, the filter
  * leaves it the system calls below and nothing else: no open, no socket,
  * no exec, no ptrace, no mprotect to PROT_EXEC... The list is what a
- * worker does (nitro_engine.c, nitro_io.c, nitro_blk.c, nitro_net_queue.c,
+ * worker does (nitro_engine.c, nitro_io.c, nitro_blk.c, nitro_nbd.c, nitro_net_queue.c,
  * nitro_switch.c, nitro_xts.c through OpenSSL, glibc's malloc and thread
  * exit); tests/unit/test_seccomp.py serves blk (io_uring and sync), net and
  * encrypted rings under the filter.
@@ -49,6 +49,14 @@ static const int worker_syscalls[] = {
     SCMP_SYS(preadv2), SCMP_SYS(pwritev2), SCMP_SYS(pread64),
     SCMP_SYS(pwrite64), SCMP_SYS(fdatasync), SCMP_SYS(fsync),
     SCMP_SYS(fallocate),
+    /* blk on an NBD export (nitro_nbd.c): libnbd and GnuTLS on the
+     * connected socket; poll while a detach waits for answers; shutdown
+     * hangs up on a server that stopped answering; libnbd closes its
+     * socket when the connection dies (the epoll set watches a duplicate
+     * the control plane closes) */
+    SCMP_SYS(sendto), SCMP_SYS(recvfrom), SCMP_SYS(sendmsg),
+    SCMP_SYS(recvmsg), SCMP_SYS(poll), SCMP_SYS(ppoll), SCMP_SYS(shutdown),
+    SCMP_SYS(close),
     /* malloc/free (arenas grow with mmap/mprotect, shrink with madvise) */
     SCMP_SYS(mmap), SCMP_SYS(munmap), SCMP_SYS(mremap), SCMP_SYS(madvise),
     SCMP_SYS(mprotect), SCMP_SYS(brk), SCMP_SYS(getrandom),
