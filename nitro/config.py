@@ -63,6 +63,11 @@ class BlkConfig:
     queue_size: int = 256
     serial: str = ""
     encryption: EncryptionConfig | None = None
+    # A remote volume (`source = "nbd://..."`, backends/nbd.py's NbdSource):
+    # then `image` is unused; io_timeout is how long a request may wait
+    # for the server before the guest gets an I/O error.
+    source: Any = None
+    io_timeout: float = 30.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -404,7 +409,9 @@ def _net(t: Any, i: int, source: str, runtime: Path, vpcs: tuple[VpcConfig, ...]
 
 def _blk(t: Any, i: int, source: str, runtime: Path, state: Path) -> BlkConfig:
     p = _entry(t, i, "blk", source, {"id", "socket", "image", "size", "readonly", "queues",
-                                     "queue_size", "serial", "encryption"})
+                                     "queue_size", "serial", "encryption", "source",
+                                     "tls_psk_file", "tls_username", "tls_certificates",
+                                     "io_timeout"})
     dev_id = _id(t, source, p)
     size = parse_size(t["size"], source, p + "size") if "size" in t else None
     queues = _int(t, "queues", source, p, 1, 1, MAX_QUEUES)
@@ -420,7 +427,33 @@ def _blk(t: Any, i: int, source: str, runtime: Path, state: Path) -> BlkConfig:
         socket=runtime / _str(t, "socket", source, p, f"{dev_id}.sock"),
         image=state / _str(t, "image", source, p, f"{dev_id}.img"),
         size=size, readonly=readonly, queues=queues, queue_size=qsize, serial=serial,
-        encryption=_encryption(t, source, p, state))
+        encryption=_encryption(t, source, p, state), **_remote(t, source, p, state))
+
+
+def _remote(t: dict, source: str, p: str, state: Path) -> dict[str, Any]:
+    """`source` (a remote volume) with its TLS keys and io_timeout."""
+    from nitro.devices.blk.backends import nbd
+
+    remote_keys = {"tls_psk_file", "tls_username", "tls_certificates", "io_timeout"}
+    if "source" not in t:
+        for k in sorted(remote_keys & t.keys()):
+            raise ConfigError(source, p + k, "only for a remote volume (source = ...)")
+        return {}
+    for k in ("image", "size"):
+        if k in t:
+            raise ConfigError(source, p + k, "not with source: the export is the volume")
+    files = {k: state / _str(t, k, source, p, None)
+             for k in ("tls_psk_file", "tls_certificates") if k in t}
+    user = _str(t, "tls_username", source, p, None) if "tls_username" in t else None
+    try:
+        src = nbd.parse_source(_str(t, "source", source, p, None), tls_username=user, **files)
+    except ValueError as e:
+        raise ConfigError(source, p + "source", str(e)) from None
+    try:
+        timeout = nbd.io_timeout_from(t.get("io_timeout", nbd.DEFAULT_IO_TIMEOUT))
+    except ValueError as e:
+        raise ConfigError(source, p + "io_timeout", str(e)) from None
+    return {"source": src, "io_timeout": timeout}
 
 
 def _encryption(t: dict, source: str, prefix: str, state: Path) -> EncryptionConfig | None:
@@ -449,7 +482,10 @@ def _check_unique(blks: tuple[BlkConfig, ...], vpcs: tuple[VpcConfig, ...],
                    + [(f"net[{i}].id", n.id) for i, n in net])
     _no_duplicates(source, "socket", [(f"blk[{i}].socket", b.socket) for i, b in blk]
                    + [(f"net[{i}].socket", n.socket) for i, n in net])
-    _no_duplicates(source, "image", [(f"blk[{i}].image", b.image) for i, b in blk])
+    _no_duplicates(source, "image", [(f"blk[{i}].image", b.image) for i, b in blk
+                                     if b.source is None])
+    _no_duplicates(source, "source", [(f"blk[{i}].source", str(b.source)) for i, b in blk
+                                      if b.source is not None])
     _no_duplicates(source, "id", [(f"vpc[{i}].id", v.id) for i, v in vpc])
     _no_duplicates(source, "interface", [(f"vpc[{i}].uplink.name", v.uplink.name)
                                          for i, v in vpc if v.uplink is not None])

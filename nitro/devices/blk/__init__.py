@@ -8,6 +8,7 @@ from nitro.config import BlkConfig
 
 if TYPE_CHECKING:
     from nitro.devices.blk.backends.luks import LuksVolume
+    from nitro.devices.blk.backends.nbd import NbdVolume
     from nitro.devices.blk.device import BlkDevice
 
 
@@ -16,11 +17,19 @@ def open_device(cfg: BlkConfig) -> BlkDevice:
 
     Raises VolumeError (nothing written to the image) when it cannot be served.
     """
-    from nitro.devices.blk.backends.raw import RawImage
+    from nitro.devices.blk.backends.raw import RawImage, VolumeError
     from nitro.devices.blk.device import BlkDevice
 
-    volume: RawImage | LuksVolume
-    if cfg.encryption is not None:
+    volume: RawImage | LuksVolume | NbdVolume
+    if cfg.source is not None:
+        from nitro.devices.blk.backends.nbd import NbdVolume
+
+        if cfg.encryption is not None:
+            raise VolumeError(f"{cfg.source}: encrypted volumes on a remote source are not "
+                              "served yet (docs/volumes.md)")
+        volume = NbdVolume.open(cfg.source, queues=cfg.queues, io_timeout=cfg.io_timeout,
+                                readonly=cfg.readonly)
+    elif cfg.encryption is not None:
         from nitro.devices.blk.backends.luks import LuksVolume
 
         volume = LuksVolume.open(cfg.image, cfg.encryption, size=cfg.size,

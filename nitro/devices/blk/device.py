@@ -18,13 +18,14 @@ from nitro.devices.blk.backends.raw import RawImage
 
 if TYPE_CHECKING:
     from nitro.devices.blk.backends.luks import LuksVolume
+    from nitro.devices.blk.backends.nbd import NbdVolume
 from nitro.vhost.protocol import ProtocolFeature
 
 
 class BlkDevice(VirtioDevice):
     kind = "blk"
 
-    def __init__(self, cfg: BlkConfig, volume: RawImage | LuksVolume) -> None:
+    def __init__(self, cfg: BlkConfig, volume: RawImage | LuksVolume | NbdVolume) -> None:
         self.cfg = cfg
         self.volume = volume
         self.num_queues = cfg.queues
@@ -70,7 +71,8 @@ class BlkDevice(VirtioDevice):
 
     def make_ring(self, vring) -> _datapath.Ring:
         """The C ring an engine worker serves this queue through."""
-        return _datapath.Ring.blk(vring.vq, self.params, self.stats[vring.index])
+        i = vring.index
+        return self.volume.make_ring(vring.vq, self.params, self.stats[i], i)
 
     def reset(self) -> None:
         self.acked_features = 0
@@ -113,4 +115,5 @@ class BlkDevice(VirtioDevice):
             "latency_sum_seconds": lat_sum,
             "inflight": inflight,
             "resubmitted": resubmitted,
+            **({"remote": self.volume.statistics()} if hasattr(self.volume, "statistics") else {}),
         }
