@@ -126,6 +126,7 @@ def run_one(argv: list[str], tmp: Path, rw: str, bs: int, qd: int, runtime: floa
     sock.unlink(missing_ok=True)
     with Child(argv, tmp / "backend.log") as backend:
         backend.wait_for(sock, 20)
+        time.sleep(0.2)  # bound is not yet listening (qsd binds, then listens)
         r = subprocess.run([str(VUBLK), "--socket", str(sock), "--rw", rw, "--bs", str(bs),
                             "--iodepth", str(qd), "--runtime", str(runtime), "--size", "256m"],
                            capture_output=True, text=True, timeout=runtime + 60, check=False)
