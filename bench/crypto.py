@@ -67,12 +67,12 @@ FAST_PBKDF = ["--pbkdf", "pbkdf2", "--pbkdf-force-iterations", "1000"]
 
 # ---- 1. raw XTS ------------------------------------------------------------
 
-def openssl_speed(cpu: int, seconds: int, block: int) -> float:
-    """AES-256-XTS bytes/s at `block`-byte blocks, as `openssl speed` reports."""
-    r = subprocess.run(["taskset", "-c", str(cpu), "openssl", "speed", "-evp", "aes-256-xts",
+def openssl_speed(cpu: int, seconds: int, block: int, cipher: str = "aes-256-xts") -> float:
+    """`cipher` bytes/s at `block`-byte blocks, as `openssl speed -evp` reports."""
+    r = subprocess.run(["taskset", "-c", str(cpu), "openssl", "speed", "-evp", cipher,
                         "-bytes", str(block), "-seconds", str(seconds)],
                        capture_output=True, text=True, check=True)
-    m = re.search(r"^aes-256-xts\s+([\d.]+)k\s*$", r.stdout, re.MULTILINE | re.IGNORECASE)
+    m = re.search(rf"^{cipher}\s+([\d.]+)k\s*$", r.stdout, re.MULTILINE | re.IGNORECASE)
     if not m:
         sys.exit(f"bench.crypto: cannot parse openssl speed output:\n{r.stdout}")
     return float(m.group(1)) * 1000
@@ -121,19 +121,25 @@ XTS_RATIOS = [
 
 
 def bench_xts(args: argparse.Namespace) -> dict:
+    return run_series("AES-256-XTS", XTS_SERIES, XTS_RATIOS, args.rounds, args.seconds)
+
+
+def run_series(title: str, series: list, ratio_specs: list, rounds: int, seconds: float) -> dict:
+    """Run every series once per round, in order, on one CPU; print the
+    medians and the ratios (label, numerator, denominator, target)."""
     cpu = min(os.sched_getaffinity(0))
-    runs: dict[str, list[float]] = {name: [] for name, _ in XTS_SERIES}
-    for _ in range(args.rounds):
-        for name, measure in XTS_SERIES:
-            runs[name].append(measure(cpu, args.seconds))
+    runs: dict[str, list[float]] = {name: [] for name, _ in series}
+    for _ in range(rounds):
+        for name, measure in series:
+            runs[name].append(measure(cpu, seconds))
     med = {k: statistics.median(v) for k, v in runs.items()}
-    print(f"\nAES-256-XTS, one core (CPU {cpu}), median of {args.rounds} alternated rounds")
-    for name, _ in XTS_SERIES:
+    print(f"\n{title}, one core (CPU {cpu}), median of {rounds} alternated rounds")
+    for name, _ in series:
         print(f"  {name:<16} {med[name] / 1e9:6.2f} GB/s   "
               f"rounds: {' '.join(f'{v / 1e9:.2f}' for v in runs[name])}")
     ratios = {}
     print(f"  {'ratio':<30} {'of medians':>10} {'per-round median':>17}  target")
-    for label, num, den, target in XTS_RATIOS:
+    for label, num, den, target in ratio_specs:
         of_medians = med[num] / med[den]
         per_round = statistics.median(a / b for a, b in zip(runs[num], runs[den], strict=True))
         ratios[label] = {"of_medians": of_medians, "per_round_median": per_round,
@@ -255,14 +261,20 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if not VUBLK.parent.exists():
         VUBLK.parent.mkdir(parents=True)
-    report = {"when": _dt.datetime.now().isoformat(timespec="seconds"), "xts": bench_xts(args)}
+    report = {"xts": bench_xts(args)}
     if not args.skip_io:
         report["io"] = bench_io(args)
+    save_report("crypto", report)
+    return 0
+
+
+def save_report(name: str, report: dict) -> None:
+    """build/bench/<name>-<timestamp>.json, with the time of the run."""
+    report = {"when": _dt.datetime.now().isoformat(timespec="seconds"), **report}
     OUT_DIR.mkdir(parents=True, exist_ok=True)
-    out = OUT_DIR / f"crypto-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    out = OUT_DIR / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}.json"
     out.write_text(json.dumps(report, indent=2))
     print(f"\nresults: {out}")
-    return 0
 
 
 if __name__ == "__main__":

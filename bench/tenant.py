@@ -11,7 +11,10 @@ on its own disk and requests through a saturated blocking call eventfd.
 
 Runs cycle quiet, burn, attacked (--rounds times) on one daemon; "burn"
 is a process that only spins a CPU for the run, as the attacker process
-does. Reported: the victim's IOPS and p99 latency (median per mode), the
+does. Both are held to --attacker-cpus of CPU time (a cgroup, default
+half a CPU), as a host holds a tenant's QEMU to its vCPUs; on a 2-CPU
+machine an unconfined attacker takes a whole core of two. Reported: the
+victim's IOPS and p99 latency (median per mode), the
 ratios attacked/quiet (issue 11's targets: IOPS >= 80%, p99 within 3x)
 and attacked/burn. On a machine with few cores the attacker's own CPU
 takes a share from the victim and the daemon that no isolation inside
@@ -53,6 +56,7 @@ def attack_loop(workdir: Path | str, seconds: float) -> None:
         at.tiny_mss_tso(anet, at.ATTACKER_MAC, at.ATTACKER_IP, VICTIM_MAC, at.VICTIM_IP, left)
         at.kick_storm(avol, left)
         at.blocking_call_eventfd(avol)
+        at.jammed_call_eventfd(avol)
 
 
 def victim_run(workdir: Path, runtime: float, seed: int) -> dict:
@@ -76,9 +80,53 @@ def burn_loop(seconds: float) -> None:
 
 
 MODES = ("quiet", "burn", "attacked")
+CGROUP_V1, CGROUP_V2 = Path("/sys/fs/cgroup/cpu"), Path("/sys/fs/cgroup/unified")
 
 
-def one_round(n: Nitro, workdir: Path, runtime: float, seed: int, mode: str) -> dict:
+class CpuQuota:
+    """A cgroup that holds its processes to `cpus` CPUs' worth of time per
+    100 ms period, as a host holds a tenant's QEMU to its vCPUs: the
+    attacker (and the burner standing in for it) get what a tenant would
+    get, not every core of a 2-CPU machine. cgroup v1's cpu controller or
+    v2's cpu.max; None from create() when neither can be used (the run is
+    then unconfined, and says so)."""
+
+    def __init__(self, path: Path, v2: bool) -> None:
+        self.path, self.v2 = path, v2
+
+    @classmethod
+    def create(cls, cpus: float) -> CpuQuota | None:
+        period = 100_000
+        quota = max(1000, int(cpus * period))
+        for root, v2 in ((CGROUP_V2, True), (CGROUP_V1, False)):
+            path = root / f"nitro-bench-tenant-{os.getpid()}"
+            try:
+                if v2 and "cpu" not in (root / "cgroup.controllers").read_text().split():
+                    continue
+                path.mkdir()
+                if v2:
+                    (path / "cpu.max").write_text(f"{quota} {period}\n")
+                else:
+                    (path / "cpu.cfs_period_us").write_text(f"{period}\n")
+                    (path / "cpu.cfs_quota_us").write_text(f"{quota}\n")
+                return cls(path, v2)
+            except OSError:
+                if path.exists():
+                    path.rmdir()
+        return None
+
+    def add(self, pid: int) -> None:
+        (self.path / "cgroup.procs").write_text(f"{pid}\n")
+
+    def remove(self) -> None:
+        try:
+            self.path.rmdir()
+        except OSError:
+            pass  # a process still in it: left for the operator, named in the output
+
+
+def one_round(n: Nitro, workdir: Path, runtime: float, seed: int, mode: str,
+              quota: CpuQuota | None = None) -> dict:
     attacker = None
     if mode != "quiet":
         call = (f"attack_loop({str(workdir)!r}, {runtime + 2})" if mode == "attacked"
@@ -86,6 +134,8 @@ def one_round(n: Nitro, workdir: Path, runtime: float, seed: int, mode: str) -> 
         code = f"from bench.tenant import attack_loop, burn_loop; {call}"
         attacker = subprocess.Popen([sys.executable, "-c", code], cwd=Path(__file__).resolve().parent.parent,
                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        if quota is not None:
+            quota.add(attacker.pid)
         time.sleep(1)  # the attack is under way before the victim starts
     try:
         result = victim_run(workdir, runtime, seed)
@@ -106,22 +156,31 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--runtime", type=float, default=8.0, help="seconds per run (default 8)")
     ap.add_argument("--rounds", type=int, default=2, help="quiet/attacked pairs (default 2)")
     ap.add_argument("--out", type=Path, help="JSON results (default build/bench/tenant-<ts>.json)")
+    ap.add_argument("--attacker-cpus", type=float, default=0.5,
+                    help="CPU time the attacker (and the burner) may use, in CPUs, as a host confines a "
+                         "tenant's QEMU (default 0.5; 0: unconfined)")
     args = ap.parse_args(argv)
     build_vublk()
     runs = []
+    quota = CpuQuota.create(args.attacker_cpus) if args.attacker_cpus > 0 else None
+    confined = (f"the attacker and the burner confined to {args.attacker_cpus:g} CPU ({quota.path})"
+                if quota else "the attacker and the burner unconfined")
+    print(confined, flush=True)
     with tempfile.TemporaryDirectory(prefix="nitro-tenant-", dir="/tmp") as tmp:
         workdir = Path(tmp)
         n = Nitro(workdir, at.tenant_config(VICTIM_MAC, "256M"))
         try:
             for rnd in range(args.rounds):
                 for mode in MODES:
-                    run = one_round(n, workdir, args.runtime, rnd + 1, mode)
+                    run = one_round(n, workdir, args.runtime, rnd + 1, mode, quota)
                     runs.append(run)
                     print(f"round {rnd + 1} {mode:>8}: "
                           f"{run['iops']:>10.0f} IOPS  p99 {run['p99_us']:>8.1f} us", flush=True)
             metrics = n.metrics()
         finally:
             n.stop()
+            if quota is not None:
+                quota.remove()
     def median(mode: str, key: str) -> float:
         return statistics.median(r[key] for r in runs if r["mode"] == mode)
 
@@ -137,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
     ok = iops_ratio >= IOPS_TARGET and p99_ratio <= P99_TARGET
     print(f"victim IOPS attacked/quiet {iops_ratio:.2f} (target >= {IOPS_TARGET}), "
           f"p99 attacked/quiet {p99_ratio:.2f} (target <= {P99_TARGET}): {'met' if ok else 'NOT met'}; "
-          f"{os.cpu_count()} CPUs")
+          f"{os.cpu_count()} CPUs, {confined}")
     print(f"against a CPU burner of the same size: IOPS {iops_vs_burn:.2f}, p99 {p99_vs_burn:.2f}")
     for name, value in sorted(counters.items()):
         print(f"  {name} {value:.0f}")
@@ -145,7 +204,9 @@ def main(argv: list[str] | None = None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"runs": runs, "iops_ratio": iops_ratio, "p99_ratio": p99_ratio,
                                "iops_vs_burn": iops_vs_burn, "p99_vs_burn": p99_vs_burn,
-                               "targets_met": ok, "cpus": os.cpu_count(), "attacker_counters": counters},
+                               "targets_met": ok, "cpus": os.cpu_count(),
+                               "attacker_cpus": args.attacker_cpus if quota else None,
+                               "attacker_counters": counters},
                               indent=2))
     print(f"results: {out}")
     return 0

@@ -1,8 +1,9 @@
 /*
  * nitro.h: the core of the C ABI of nitro's datapath: return codes, guest
- * memory, split virtqueues, virtio-blk. The whole ABI is three headers,
- * nitro.h, nitro_crypto.h (keys, AES-XTS) and nitro_net.h (virtio-net and
- * the VPC switch): build.py's ABI_HEADERS. Every other header in
+ * memory, split virtqueues, virtio-blk. The whole ABI is four headers,
+ * nitro.h, nitro_crypto.h (keys, AES-XTS), nitro_net.h (virtio-net and
+ * the VPC switch) and nitro_tunnel.h (Geneve/ESP between hosts):
+ * build.py's ABI_HEADERS. Every other header in
  * cffi_build/ is internal to the C files.
  *
  * Each ABI header is both a C header and a cffi cdef (cffi_build/build.py
@@ -59,7 +60,10 @@
 /* Guest memory raised SIGBUS when touched: the frontend truncated the file
  * behind it, or the file could not supply a page (nitro_guard.h). */
 #define NITRO_FAULT_MEMORY 9
-#define NITRO_FAULT_KINDS 10
+/* A read or write of the frontend's kick or call eventfd would not end:
+ * the frontend made it blocking and parked its counter (nitro_efd.h). */
+#define NITRO_FAULT_EVENTFD 10
+#define NITRO_FAULT_KINDS 11
 extern const char *const nitro_fault_names[NITRO_FAULT_KINDS];
 
 /* ---- guest memory table (SET_MEM_TABLE / ADD_MEM_REG / REM_MEM_REG) ----- */
@@ -187,8 +191,10 @@ struct nitro_blk_stats {
     uint64_t requests[NITRO_BLK_OPS];  /* completed requests by operation */
     uint64_t bytes[NITRO_BLK_OPS];     /* payload bytes moved by operation */
     uint64_t errors[NITRO_BLK_OPS];    /* completed with a non-OK status */
-    uint64_t latency_buckets[NITRO_LAT_BUCKETS];
-    uint64_t latency_sum_ns;
+    /* Per operation: from the pop (so time held back by QoS counts) to
+     * the used ring. */
+    uint64_t latency_buckets[NITRO_BLK_OPS][NITRO_LAT_BUCKETS];
+    uint64_t latency_sum_ns[NITRO_BLK_OPS];
     uint64_t inflight;                 /* fetched but not yet completed */
     /* Requests found in flight in the inflight region on (re)start and
      * served again (vhost-user inflight I/O tracking). */
@@ -197,6 +203,62 @@ struct nitro_blk_stats {
 
 /* nitro_crypto.h: an AES-XTS key with its per-thread cipher contexts. */
 struct nitro_xts;
+
+/* Volume QoS (docs/volumes.md "QoS"): limits shared by every queue of one
+ * volume, enforced by holding requests back (never failing them). IOPS
+ * counts every request as one I/O; throughput counts the data bytes of
+ * reads and writes. The baseline is a token bucket of `iops` per second
+ * (100 ms deep); with burst_iops, tokens that do not fit in it become I/O
+ * credits, up to (burst_iops - iops) * burst_seconds, and a request that
+ * finds the baseline empty spends one credit, at most burst_iops requests
+ * per second in all (a second bucket, 100 ms deep). So from a full bucket
+ * a volume runs at burst_iops for burst_seconds, draining credits at
+ * burst_iops - iops per second, and earns them back at iops - (its rate)
+ * per second below the baseline. The credit bucket starts full. */
+struct nitro_qos_limits {
+    uint64_t iops;           /* I/O requests per second; 0: unlimited */
+    uint64_t throughput;     /* data bytes per second; 0: unlimited */
+    uint64_t burst_iops;     /* 0: no burst; else > iops (and iops > 0) */
+    uint64_t burst_seconds;  /* with burst_iops: > 0 */
+};
+
+struct nitro_qos_stats {
+    /* Time some request of the volume waited for the IOPS (baseline or
+     * burst) or the throughput limit: EBS's exceeded_iops / _tp. */
+    uint64_t exceeded_iops_ns;
+    uint64_t exceeded_throughput_ns;
+    uint64_t credits;       /* burst balance now, in I/Os */
+    uint64_t credits_max;   /* (burst_iops - iops) * burst_seconds */
+    /* Requests the guest queued that wait for the budget now: the one each
+     * throttled queue holds, plus (split rings) those behind it in the
+     * avail ring. */
+    uint64_t queued;
+    uint64_t delayed;       /* requests that had to wait, each counted once */
+};
+
+struct nitro_qos;
+
+/* Unlimited until nitro_qos_set. NULL: out of memory. */
+struct nitro_qos *nitro_qos_new(void);
+/* Only once no ring whose params name it is attached. NULL is fine. */
+void nitro_qos_free(struct nitro_qos *q);
+/* New limits, effective at once for every queue (a queue waiting for the
+ * old budget looks again within 100 ms); now_ns is CLOCK_MONOTONIC (Python:
+ * time.monotonic_ns()). Buckets keep their fill, cut to the new depths; a
+ * credit bucket that did not exist starts full. NITRO_ERR_ARG: burst_iops
+ * not above iops, or without iops or burst_seconds; iops, throughput,
+ * burst_iops above 10^12 or burst_seconds above 10^6. */
+int nitro_qos_set(struct nitro_qos *q, const struct nitro_qos_limits *limits,
+                  uint64_t now_ns);
+/* Admit one request moving `bytes` of data at now_ns: 1 (charged), or 0
+ * and *ready_ns = when it would be admitted if nothing else is. What the
+ * blk rings call; exposed for tests with a chosen clock. `retry`: the same
+ * request was refused before (counted in `delayed` only once). */
+int nitro_qos_admit(struct nitro_qos *q, uint64_t bytes, uint64_t now_ns,
+                    uint32_t retry, uint64_t *ready_ns);
+/* The counters, with the credit balance brought up to now_ns. */
+int nitro_qos_stats(struct nitro_qos *q, uint64_t now_ns,
+                    struct nitro_qos_stats *out);
 
 struct nitro_blk_params {
     int fd;                 /* the backing file, opened by Python */
@@ -223,6 +285,7 @@ struct nitro_blk_params {
     /* Bytes: where sector 0 lives in fd. data_offset + capacity * 512 must
      * not exceed INT64_MAX. */
     uint64_t data_offset;
+    struct nitro_qos *qos;  /* the volume's QoS, shared by its queues; NULL: none */
 };
 
 /* Serve one virtio-blk queue: fetch every available chain (first those an
@@ -261,6 +324,7 @@ int64_t nitro_blk_serve(struct nitro_vq *vq,
 #define NITRO_RING_NET_TX 1
 #define NITRO_RING_NET_RX 2
 #define NITRO_RING_NET_CTRL 3
+#define NITRO_RING_UNDERLAY 4   /* frames from other hosts (nitro_net.h) */
 
 struct nitro_engine;
 struct nitro_ring;
@@ -276,6 +340,8 @@ struct nitro_worker_stats {
     uint64_t io_submitted;   /* io_uring requests submitted */
     uint64_t poll_us;     /* the current busy-poll window */
     uint64_t uring;       /* 1: this worker does blk I/O through io_uring */
+    uint64_t muted;       /* rings whose kicks are ignored now (kick storms) */
+    uint64_t mutes;       /* times a ring was muted */
 };
 
 /* workers: 1..NITRO_ENGINE_MAX_WORKERS threads; cpus: one CPU number per

@@ -20,10 +20,11 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "nitro_blk_internal.h"
 #include "nitro_iov.h"
+#include "nitro_qos.h"
 #include "nitro_ring.h"
 #include "nitro_vring.h"
-#include "nitro_blk_internal.h"
 #include "nitro_xts_internal.h"
 
 const uint64_t nitro_lat_bounds_ns[NITRO_LAT_BUCKETS] = {
@@ -48,8 +49,8 @@ static bool blk_within_limits(const struct nitro_blk_params *p,
            data <= (uint64_t)p->seg_max * p->size_max;
 }
 
-static int blk_parse(struct nitro_vq *vq, const struct nitro_blk_params *p,
-                     struct nitro_chain *c, struct blk_req *rq)
+int blk_parse(struct nitro_vq *vq, const struct nitro_blk_params *p,
+              struct nitro_chain *c, struct blk_req *rq)
 {
     /* Without a header we cannot know the request; without a status byte
      * we cannot complete it. Either way the driver is broken. */
@@ -88,7 +89,7 @@ static int blk_parse(struct nitro_vq *vq, const struct nitro_blk_params *p,
  * sees a partial one. Written so nothing overflows; blk_params_ok made every
  * byte offset inside the disk, plus data_offset, fit off_t. */
 bool blk_range_ok(const struct nitro_blk_params *p, uint64_t sector,
-                         uint64_t len)
+                  uint64_t len)
 {
     /* sector << 9 may wrap, but only its low bits matter here. */
     if (((sector << SECTOR_SHIFT) | len) & (p->block_size - 1))
@@ -267,8 +268,8 @@ static uint8_t blk_flush(const struct nitro_blk_params *p)
     return rc < 0 ? VIRTIO_BLK_S_IOERR : VIRTIO_BLK_S_OK;
 }
 
-static uint8_t blk_get_id(const struct nitro_blk_params *p, struct blk_req *rq,
-                          struct blk_done *d)
+uint8_t blk_get_id(const struct nitro_blk_params *p, struct blk_req *rq,
+                   struct blk_done *d)
 {
     size_t n = rq->wr_len < VIRTIO_BLK_ID_BYTES ? rq->wr_len
                                                 : VIRTIO_BLK_ID_BYTES;
@@ -280,13 +281,13 @@ static uint8_t blk_get_id(const struct nitro_blk_params *p, struct blk_req *rq,
 /* Copy all segments out of guest memory once and check every one before
  * touching the disk (parse, then act). Returns a VIRTIO_BLK_S_* status. */
 uint8_t blk_segments(const struct nitro_blk_params *p,
-                            const struct blk_req *rq, bool zeroes,
-                            struct segment *seg, int *count)
+                     const struct blk_req *rq, bool zeroes,
+                     struct segment *seg, int *count)
 {
     if (rq->rd_len == 0 || rq->rd_len % SEGMENT_LEN != 0 ||
         rq->rd_len / SEGMENT_LEN > MAX_SEGMENTS)
         return VIRTIO_BLK_S_IOERR;
-    uint8_t raw[MAX_SEGMENTS * SEGMENT_LEN];
+    uint8_t raw[BLK_SEGMENTS_CAP * SEGMENT_LEN];
     nitro_iov_to_buf(rq->rd, rq->n_rd, raw, rq->rd_len);
     *count = (int)(rq->rd_len / SEGMENT_LEN);
     uint32_t max = zeroes ? p->max_write_zeroes_sectors : p->max_discard_sectors;
@@ -320,7 +321,7 @@ static uint8_t blk_discard_zeroes(const struct nitro_blk_params *p,
         return VIRTIO_BLK_S_UNSUPP;
     if (p->readonly)
         return VIRTIO_BLK_S_IOERR;
-    struct segment seg[MAX_SEGMENTS];
+    struct segment seg[BLK_SEGMENTS_CAP];
     int count = 0;
     uint8_t st = blk_segments(p, rq, zeroes, seg, &count);
     if (st != VIRTIO_BLK_S_OK)
@@ -396,16 +397,16 @@ static void blk_account(struct nitro_blk_stats *s, const struct blk_done *d,
     int b = 0;
     while (ns > nitro_lat_bounds_ns[b])  /* the last bound is UINT64_MAX */
         b++;
-    nitro_stat_add(&s->latency_buckets[b], 1);
-    nitro_stat_add(&s->latency_sum_ns, ns);
+    nitro_stat_add(&s->latency_buckets[d->op][b], 1);
+    nitro_stat_add(&s->latency_sum_ns[d->op], ns);
 }
 
 /* ---- synchronous requests ------------------------------------------------ */
 
 /* Write the status byte, complete the chain, account. */
 void blk_finish(struct nitro_vq *vq, uint16_t head, bool resubmitted,
-                       uint8_t *status, const struct blk_done *d,
-                       struct nitro_blk_stats *s, uint64_t start)
+                uint8_t *status, const struct blk_done *d,
+                struct nitro_blk_stats *s, uint64_t start)
 {
     /* Guest memory: one untorn store. nitro_vq_push() orders it before
      * the used->idx update. */
@@ -419,9 +420,9 @@ void blk_finish(struct nitro_vq *vq, uint16_t head, bool resubmitted,
 
 /* Serve one request on the calling thread; returns the bytes it moved. */
 uint64_t blk_handle_sync(struct nitro_vq *vq, struct nitro_chain *c,
-                                const struct nitro_blk_params *p,
-                                struct nitro_xts_lane *lane, struct blk_req *rq,
-                                struct nitro_blk_stats *s, uint64_t start)
+                         const struct nitro_blk_params *p,
+                         struct nitro_xts_lane *lane, struct blk_req *rq,
+                         struct nitro_blk_stats *s, uint64_t start)
 {
     struct blk_done d = {.status = VIRTIO_BLK_S_IOERR, .used_len = 1};
     blk_execute(p, lane, rq, &d);
@@ -508,6 +509,14 @@ struct blk_ring {
     size_t bounce_bytes;        /* held by all slots, see BOUNCE_KEEP_BYTES */
     uint32_t in_flight;
     bool notify;                /* completions since the last call */
+    /* QoS: the request popped and held until the volume's budget allows
+     * it (its chain stays valid: nothing else is popped meanwhile). */
+    bool held;
+    struct nitro_chain *held_chain;
+    struct blk_req held_rq;
+    uint64_t held_start;
+    uint32_t held_queued;       /* what this ring adds to the qos' queued */
+    uint32_t qos_generation;    /* of the limits wake_ns was computed under */
 };
 
 static void blk_bounce_free(struct blk_ring *b, struct blk_io *io)
@@ -717,21 +726,99 @@ static void blk_ring_notify(struct blk_ring *b)
     }
 }
 
+/* ---- QoS: hold a request until the volume's budget allows it ----------- */
+
+/* The data bytes a request counts against the throughput limit. */
+static uint64_t blk_qos_bytes(const struct blk_req *rq)
+{
+    if (rq->type == VIRTIO_BLK_T_IN)
+        return rq->wr_len;
+    if (rq->type == VIRTIO_BLK_T_OUT)
+        return rq->rd_len;
+    return 0;
+}
+
+/* A queue waiting for a deadline looks again at least this often, so a
+ * limit raised live (nitro_qos_set) applies to a sleeping worker too. */
+#define QOS_MAX_WAIT_NS 100000000ull
+
+static void blk_qos_set_queued(struct blk_ring *b, uint32_t n)
+{
+    if (n != b->held_queued) {
+        nitro_qos_queued_add(b->p->qos, (int64_t)n - (int64_t)b->held_queued);
+        b->held_queued = n;
+    }
+}
+
+/* Admit rq, or hold it (with its chain) and set the ring's deadline. */
+static bool blk_qos_admit(struct blk_ring *b, struct nitro_chain *c,
+                          const struct blk_req *rq, uint64_t start, bool retry)
+{
+    struct nitro_qos *q = b->p->qos;
+    uint32_t gen = nitro_qos_generation(q);
+    uint64_t now = nitro_now_ns(), ready = 0;
+    if (nitro_qos_admit(q, blk_qos_bytes(rq), now, retry, &ready)) {
+        blk_qos_set_queued(b, 0);
+        return true;
+    }
+    b->held = true;
+    b->held_chain = c;
+    b->held_rq = *rq;
+    b->held_start = start;
+    b->qos_generation = gen;
+    b->r.wake_ns = ready < now + QOS_MAX_WAIT_NS ? ready : now + QOS_MAX_WAIT_NS;
+    blk_qos_set_queued(b, 1 + nitro_vq_backlog(b->r.vq));
+    return false;
+}
+
+/* Still before the deadline of limits that did not change since? */
+static bool blk_qos_waiting(struct blk_ring *b)
+{
+    if (b->r.wake_ns == 0)
+        return false;
+    if (nitro_now_ns() < b->r.wake_ns &&
+        nitro_qos_generation(b->p->qos) == b->qos_generation)
+        return true;
+    b->r.wake_ns = 0;
+    return false;
+}
+
+/* The next request: the one held, else one popped and parsed. 1, 0 (none)
+ * or NITRO_ERR_GUEST. */
+static int blk_next(struct blk_ring *b, struct nitro_chain **c,
+                    struct blk_req *rq, uint64_t *start, bool *retry)
+{
+    *retry = b->held;
+    if (b->held) {
+        b->held = false;
+        *c = b->held_chain;
+        *rq = b->held_rq;
+        *start = b->held_start;
+        return 1;
+    }
+    return blk_pop_request(b->r.vq, b->p, b->s, c, rq, start);
+}
+
 static int blk_ring_poll(struct nitro_ring *r, struct nitro_io *io,
                          uint32_t budget)
 {
     struct blk_ring *b = (struct blk_ring *)r;
     b->io = io;
     blk_ring_notify(b);  /* completions reaped since the last poll */
+    if (blk_qos_waiting(b))
+        return 0;
     uint32_t done = 0;
     uint64_t sync_bytes = 0;
     int rc = 0;
     while (done < budget && b->free != NULL && sync_bytes < SYNC_PASS_BYTES) {
         struct nitro_chain *c;
-        struct blk_req rq;
+        struct blk_req rq = {0};  /* set by blk_next; gcc cannot always see it */
         uint64_t start;
-        rc = blk_pop_request(r->vq, b->p, b->s, &c, &rq, &start);
+        bool retry;
+        rc = blk_next(b, &c, &rq, &start, &retry);
         if (rc <= 0)
+            break;
+        if (b->p->qos != NULL && !blk_qos_admit(b, c, &rq, start, retry))
             break;
         done++;
         if (io->ready && blk_async_ok(b, &rq) &&
@@ -788,6 +875,21 @@ static int blk_ring_attach(struct nitro_ring *r)
 static void blk_ring_detach(struct nitro_ring *r)
 {
     struct blk_ring *b = (struct blk_ring *)r;
+    /* A held request points into guest memory, which may be replaced
+     * before the next attach: serve it now, over the budget (detaching is
+     * rare). A broken ring's is dropped with the ring. */
+    if (b->held) {
+        b->held = false;
+        if (r->status == NITRO_OK)
+            blk_handle_sync(r->vq, b->held_chain, b->p, b->lane, &b->held_rq,
+                            b->s, b->held_start);
+        else
+            nitro_stat_sub(&b->s->inflight, 1);
+        b->notify = true;
+    }
+    if (b->p->qos != NULL)
+        blk_qos_set_queued(b, 0);
+    r->wake_ns = 0;
     blk_ring_notify(b);
     nitro_xts_lane_put(b->lane);
     b->lane = NULL;
@@ -866,6 +968,12 @@ static int64_t blk_serve_loop(struct nitro_ring *r, struct nitro_io *io,
             continue;
         if (blk_ring_in_flight(r) > 0) {
             nitro_io_wait(io);
+            continue;
+        }
+        if (r->wake_ns != 0) {  /* QoS: the held request's time */
+            struct timespec ts = {.tv_sec = (time_t)(r->wake_ns / 1000000000u),
+                                  .tv_nsec = (long)(r->wake_ns % 1000000000u)};
+            clock_nanosleep(CLOCK_MONOTONIC, TIMER_ABSTIME, &ts, NULL);
             continue;
         }
         int e = nitro_vq_enable_notify(vq);

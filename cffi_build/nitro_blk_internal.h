@@ -1,7 +1,8 @@
 /*
- * nitro_blk_internal.h: what nitro_blk.c shares with the other virtio-blk
- * ring (nitro_nbd.c, volumes on an NBD export): the request vocabulary,
- * parsing, range checks and completion. Internal, not part of the cdef.
+ * nitro_blk_internal.h: what nitro_blk.c shares with the remote virtio-blk
+ * rings (nitro_nbd.c, a volume on an NBD export; nitro_rbd.c, one on
+ * librbd): the request vocabulary, parsing, the checks before any I/O,
+ * GET_ID, and completing a request. Internal, not ABI.
  */
 #ifndef NITRO_BLK_INTERNAL_H
 #define NITRO_BLK_INTERNAL_H
@@ -10,9 +11,11 @@
 #include <stdint.h>
 #include <sys/uio.h>
 
+#include "nitro.h"
 #include "nitro_vring.h"
 #include "nitro_xts_internal.h"
 
+/* virtio 1.2 5.2.6 */
 #define VIRTIO_BLK_T_IN 0
 #define VIRTIO_BLK_T_OUT 1
 #define VIRTIO_BLK_T_FLUSH 4
@@ -31,10 +34,13 @@
 #define SECTOR_SIZE (1u << SECTOR_SHIFT)
 #define OUTHDR_LEN 16
 #define SEGMENT_LEN 16
-/* Most discard/write-zeroes segments per request we accept; Linux clamps
- * its own to 256 as well. The config space's max_discard_seg and
- * max_write_zeroes_seg must not advertise more. */
-#define MAX_SEGMENTS 256
+/* Most discard/write-zeroes segments per request: what the config space
+ * advertises as max_discard_seg and max_write_zeroes_seg (DWZ_SEG_MAX in
+ * nitro/devices/blk/config.py). One segment of at most max_discard_sectors
+ * (1 GiB) bounds the work one request can ask of the filesystem. */
+#define MAX_SEGMENTS 1
+/* The segments a caller's array for blk_segments holds (> MAX_SEGMENTS). */
+#define BLK_SEGMENTS_CAP 16
 
 /* A parsed request: views into the chain's iovecs (edited in place). */
 struct blk_req {
@@ -58,12 +64,17 @@ struct blk_done {
     uint32_t used_len;  /* bytes written into the device-writable part */
 };
 
+/* A DISCARD / WRITE_ZEROES segment (virtio_blk_discard_write_zeroes). */
 struct segment {
     uint64_t sector;
     uint32_t num_sectors;
     uint32_t flags;
 };
 
+/* Parse chain c into rq; NITRO_ERR_GUEST (the ring breaks) if it has no
+ * room for the header or the status byte. */
+NITRO_INTERNAL int blk_parse(struct nitro_vq *vq, const struct nitro_blk_params *p,
+                             struct nitro_chain *c, struct blk_req *rq);
 /* Pop the next chain and parse it (counting it in stats' inflight from
  * *start on): 1 with *c, *rq and *start set, 0 when the ring is empty, or
  * NITRO_ERR_GUEST (the guest broke the ring). */
@@ -72,21 +83,22 @@ NITRO_INTERNAL int blk_pop_request(struct nitro_vq *vq,
                                    struct nitro_blk_stats *s,
                                    struct nitro_chain **c, struct blk_req *rq,
                                    uint64_t *start);
-/* Is [sector, sector + len bytes) whole logical blocks inside the disk? */
-NITRO_INTERNAL bool blk_range_ok(const struct nitro_blk_params *p,
-                                 uint64_t sector, uint64_t len);
-/* A DISCARD / WRITE_ZEROES request's segments, copied and checked:
- * a VIRTIO_BLK_S_* status; seg holds MAX_SEGMENTS. */
+/* [sector, sector + len bytes) is whole logical blocks inside the disk. */
+NITRO_INTERNAL bool blk_range_ok(const struct nitro_blk_params *p, uint64_t sector,
+                                 uint64_t len);
+NITRO_INTERNAL uint8_t blk_get_id(const struct nitro_blk_params *p, struct blk_req *rq,
+                                  struct blk_done *d);
+/* Copy a DISCARD / WRITE_ZEROES request's segments out of guest memory
+ * into seg (BLK_SEGMENTS_CAP entries) and check them all; a status. */
 NITRO_INTERNAL uint8_t blk_segments(const struct nitro_blk_params *p,
                                     const struct blk_req *rq, bool zeroes,
                                     struct segment *seg, int *count);
 /* Write the status byte, complete the chain, account. */
-NITRO_INTERNAL void blk_finish(struct nitro_vq *vq, uint16_t head,
-                               bool resubmitted, uint8_t *status,
-                               const struct blk_done *d,
+NITRO_INTERNAL void blk_finish(struct nitro_vq *vq, uint16_t head, bool resubmitted,
+                               uint8_t *status, const struct blk_done *d,
                                struct nitro_blk_stats *s, uint64_t start);
 /* Serve one request on the calling thread (with p->fd); returns the
- * bytes it moved. The remote ring uses it for GET_ID and for requests that
+ * bytes it moved. The NBD ring uses it for GET_ID and for requests that
  * fail their checks, which touch no fd. */
 NITRO_INTERNAL uint64_t blk_handle_sync(struct nitro_vq *vq,
                                         struct nitro_chain *c,

@@ -7,7 +7,12 @@
  * adaptive as KVM's halt-polling: grow the window when a wake-up came soon
  * after falling asleep, shrink it when the sleep was long), then arms its
  * rings and sleeps in epoll_wait on their kick fds (and aux fds, see
- * nitro_ring.h), its io_uring's eventfd and its command eventfd.
+ * nitro_ring.h), its io_uring's eventfd and its command eventfd. A ring
+ * waiting for a rate limit (blk QoS) sets its wake_ns (nitro_ring.h): it
+ * is not armed, and the worker sleeps at most until the earliest such
+ * deadline (epoll_pwait2: nanoseconds, as a millisecond timeout would
+ * sleep past a limit of thousands per second). A ring whose wake_ns is a
+ * timeout (NBD's io_timeout: armed_while_waiting) is armed all the same.
  *
  * Commands (attach, detach, quit) are synchronous: the caller fills the
  * worker's one command slot under its mutex, writes the command eventfd and
@@ -47,6 +52,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "nitro_efd.h"
 #include "nitro_guard.h"
 #include "nitro_ring.h"
 
@@ -62,6 +68,19 @@
 /* The adaptive window's ceiling: KVM's halt_poll_ns default (200 us). A
  * wake-up later than this is not worth a core spinning for it. */
 #define ADAPTIVE_MAX_US 200
+/* Kick storms. A driver kicks after it published chains, and only while
+ * notifications are on; a kick whose ring then holds nothing is rare and
+ * harmless once. A frontend that writes its kick eventfd in a loop would
+ * wake the worker at every attempt to sleep, so it spins for good: a core
+ * taken from every ring on it. A ring whose kicks keep finding nothing
+ * (MUTE_AFTER of them, halved by each poll that found work) has its kick
+ * fd taken out of the wake-up set; the worker then polls it on waking and
+ * at least every MUTED_POLL_MS, and gives it its kicks back when a poll
+ * finds work. Only for rings whose kick is the only news of work (blk,
+ * net TX); an RX ring's kick says "buffers added", which a poll does not
+ * count as chains. */
+#define MUTE_AFTER 64
+#define MUTED_POLL_MS 1
 
 enum cmd { CMD_NONE, CMD_ATTACH, CMD_DETACH, CMD_QUIT, CMD_SECCOMP,
            CMD_TEST_SYSCALL };
@@ -79,6 +98,7 @@ struct worker {
     struct nitro_ring *rings[MAX_RINGS_PER_WORKER];
     uint32_t nrings;
     uint32_t poll_us;   /* current busy-poll window */
+    uint32_t nmuted;    /* rings muted for kick storms */
     /* The command slot. */
     pthread_mutex_t lock;
     pthread_cond_t cond;
@@ -171,7 +191,8 @@ static void ring_stop(struct worker *w, struct nitro_ring *r, int rc)
 /* A guard (nitro_guard.h) caught a fault in r's guest memory. */
 static void ring_memory_fault(struct worker *w, struct nitro_ring *r)
 {
-    nitro_vq_set_fault(r->vq, NITRO_FAULT_MEMORY);
+    if (r->vq != NULL)  /* a ring without one (the underlay) covers no memory */
+        nitro_vq_set_fault(r->vq, NITRO_FAULT_MEMORY);
     if (r->ops->abandon)
         r->ops->abandon(r);
     ring_stop(w, r, NITRO_ERR_GUEST);
@@ -213,7 +234,7 @@ static int ring_call(struct worker *w, struct nitro_ring *r, enum ring_call c)
 static struct nitro_ring *ring_covering(const struct worker *w, const void *addr)
 {
     for (uint32_t i = 0; i < w->nrings; i++)
-        if (nitro_vq_covers(w->rings[i]->vq, addr))
+        if (w->rings[i]->vq != NULL && nitro_vq_covers(w->rings[i]->vq, addr))
             return w->rings[i];
     return NULL;
 }
@@ -225,7 +246,7 @@ static bool worker_covers(const void *ctx, const void *addr)
 
 static int epoll_watch(struct worker *w, struct nitro_ring *r)
 {
-    r->kick_fd = nitro_vq_kick_fd(r->vq);
+    r->kick_fd = r->ops->wait_fd ? r->ops->wait_fd(r) : nitro_vq_kick_fd(r->vq);
     if (r->kick_fd < 0)
         return NITRO_OK;  /* the frontend polls: so do we, while busy */
     struct epoll_event ev = {.events = EPOLLIN, .data.ptr = r};
@@ -234,6 +255,32 @@ static int epoll_watch(struct worker *w, struct nitro_ring *r)
         return NITRO_ERR_SYS;
     }
     return NITRO_OK;
+}
+
+static void ring_set_muted(struct worker *w, struct nitro_ring *r, bool muted)
+{
+    struct epoll_event ev = {.events = muted ? 0 : EPOLLIN, .data.ptr = r};
+    if (r->kick_fd < 0 || epoll_ctl(w->epfd, EPOLL_CTL_MOD, r->kick_fd, &ev) < 0)
+        return;
+    r->muted = muted;
+    w->nmuted += muted ? 1 : (uint32_t)-1;
+    __atomic_store_n(&w->stats.muted, w->nmuted, __ATOMIC_RELAXED);
+    if (muted)
+        nitro_stat_add(&w->stats.mutes, 1);
+}
+
+/* After r's poll found n chains: the kick storm rule (MUTE_AFTER). */
+static void ring_count_kick(struct worker *w, struct nitro_ring *r, int n)
+{
+    if (n > 0) {
+        r->empty_kicks /= 2;
+        if (r->muted)
+            ring_set_muted(w, r, false);
+    } else if (r->kicked && ++r->empty_kicks >= MUTE_AFTER && !r->muted &&
+               (r->kind == NITRO_RING_BLK || r->kind == NITRO_RING_NET_TX)) {
+        ring_set_muted(w, r, true);
+    }
+    r->kicked = false;
 }
 
 /* epoll data of a ring's aux fd: the ring's address with the low bit set
@@ -272,6 +319,9 @@ static int worker_attach(struct worker *w, struct nitro_ring *r)
     if (w->nrings == MAX_RINGS_PER_WORKER)
         return NITRO_ERR_NOMEM;
     r->status = NITRO_OK;
+    r->kicked = r->muted = false;
+    r->empty_kicks = 0;
+    r->wake_ns = 0;
     int rc = r->ops->attach ? r->ops->attach(r) : NITRO_OK;
     if (rc == NITRO_OK)
         rc = epoll_watch(w, r);
@@ -309,6 +359,8 @@ static int worker_detach(struct worker *w, struct nitro_ring *r)
     if (i == w->nrings)
         return NITRO_ERR_ARG;
     ring_wait_idle(w, r);
+    if (r->muted)
+        ring_set_muted(w, r, false);
     if (r->kick_fd >= 0)
         epoll_ctl(w->epfd, EPOLL_CTL_DEL, r->kick_fd, NULL);
     r->kick_fd = -1;
@@ -383,6 +435,7 @@ static uint32_t poll_rings(struct worker *w)
             ring_stop(w, r, n);
             continue;
         }
+        ring_count_kick(w, r, n);
         if (n > 0) {
             nitro_stat_add(&r->chains, (uint64_t)n);
             nitro_stat_add(&w->stats.chains, (uint64_t)n);
@@ -394,13 +447,35 @@ static uint32_t poll_rings(struct worker *w)
     return work;
 }
 
-/* Re-enable notifications everywhere; false if work arrived meanwhile. */
-static bool arm_all(struct worker *w)
+/* A ring with a deadline still ahead waits for time, not for the guest:
+ * its pending chains are not work, and no kick is needed to find them
+ * (unless its deadline is only a timeout: armed_while_waiting). */
+static bool ring_waiting(const struct nitro_ring *r, uint64_t now)
+{
+    return r->wake_ns != 0 && r->wake_ns > now && !r->armed_while_waiting;
+}
+
+/* The earliest wake_ns of w's serving rings; 0: none. */
+static uint64_t next_deadline(const struct worker *w)
+{
+    uint64_t first = 0;
+    for (uint32_t i = 0; i < w->nrings; i++) {
+        const struct nitro_ring *r = w->rings[i];
+        if (r->status == NITRO_OK && r->wake_ns != 0 &&
+            (first == 0 || r->wake_ns < first))
+            first = r->wake_ns;
+    }
+    return first;
+}
+
+/* Re-enable notifications everywhere (but on rings waiting for a deadline
+ * after now); false if work arrived meanwhile. */
+static bool arm_all(struct worker *w, uint64_t now)
 {
     bool quiet = true;
     for (uint32_t i = 0; i < w->nrings; i++) {
         struct nitro_ring *r = w->rings[i];
-        if (r->status != NITRO_OK)
+        if (r->status != NITRO_OK || ring_waiting(r, now))
             continue;
         int rc = ring_call(w, r, CALL_ARM);
         if (rc < 0)
@@ -419,33 +494,29 @@ static void disarm_all(struct worker *w)
             ring_call(w, w->rings[i], CALL_DISARM);
 }
 
-/* epoll_wait's timeout: until the earliest wake_ns of the rings (rounded
- * up to whole ms, so the ring finds its deadline passed), or -1. */
-static int sleep_timeout_ms(const struct worker *w)
-{
-    uint64_t first = 0;
-    for (uint32_t i = 0; i < w->nrings; i++) {
-        const struct nitro_ring *r = w->rings[i];
-        if (r->status == NITRO_OK && r->wake_ns && (!first || r->wake_ns < first))
-            first = r->wake_ns;
-    }
-    if (first == 0)
-        return -1;
-    uint64_t now = nitro_now_ns();
-    if (first <= now)
-        return 0;
-    uint64_t ms = (first - now + 999999) / 1000000;
-    return ms > INT32_MAX ? INT32_MAX : (int)ms;
-}
-
-static void sleep_on_epoll(struct worker *w)
+/* Sleep until a kick, a completion, a command or the deadline (0: none);
+ * true when the deadline ended it. */
+static bool sleep_on_epoll(struct worker *w, uint64_t deadline)
 {
     struct epoll_event evs[EPOLL_BATCH];
-    int timeout = sleep_timeout_ms(w);
     int n;
-    do
-        n = epoll_wait(w->epfd, evs, EPOLL_BATCH, timeout);
-    while (n < 0 && errno == EINTR);
+    /* Muted rings (kick storms) are polled at least every MUTED_POLL_MS. */
+    if (w->nmuted) {
+        uint64_t muted = nitro_now_ns() + MUTED_POLL_MS * 1000000ull;
+        if (deadline == 0 || muted < deadline)
+            deadline = muted;
+    }
+    do {
+        struct timespec ts, *timeout = NULL;
+        if (deadline != 0) {
+            uint64_t now = nitro_now_ns();
+            uint64_t left = deadline > now ? deadline - now : 0;
+            ts = (struct timespec){.tv_sec = (time_t)(left / 1000000000u),
+                                   .tv_nsec = (long)(left % 1000000000u)};
+            timeout = &ts;
+        }
+        n = epoll_pwait2(w->epfd, evs, EPOLL_BATCH, timeout, NULL);
+    } while (n < 0 && errno == EINTR);
     nitro_stat_add(&w->stats.wakeups, 1);
     for (int i = 0; i < n; i++) {
         struct nitro_ring *r = evs[i].data.ptr;
@@ -456,11 +527,18 @@ static void sleep_on_epoll(struct worker *w)
             r->aux_revents |= evs[i].events;  /* the ring drains its fd */
             continue;
         }
-        nitro_eventfd_drain(r->kick_fd);
-        nitro_vq_count_kick(r->vq);
+        if (r->ops->wait_fd)
+            continue;  /* readable means "poll me": poll() reads it */
+        /* A stuck read breaks the ring; its next poll reports it. */
+        if (nitro_efd_drain(r->kick_fd) < 0)
+            nitro_vq_set_fault(r->vq, NITRO_FAULT_EVENTFD);
+        else
+            nitro_vq_count_kick(r->vq);
+        r->kicked = true;
     }
     if (w->uring_fd >= 0)
         nitro_eventfd_drain(w->uring_fd);
+    return n == 0;
 }
 
 /* halt-polling's rule: a wake-up within the ceiling means polling longer
@@ -488,18 +566,23 @@ static void idle_step(struct worker *w, uint64_t *last_work)
         return;
     }
     /* In-flight I/O needs no kick: its CQE wakes the uring eventfd. */
-    if (!arm_all(w)) {
+    if (!arm_all(w, t)) {
         disarm_all(w);
         return;
     }
-    if (atomic_load(&w->cmd_pending)) {
+    uint64_t deadline = next_deadline(w);
+    if (atomic_load(&w->cmd_pending) ||
+        (deadline != 0 && deadline <= nitro_now_ns())) {
         disarm_all(w);
         return;
     }
-    sleep_on_epoll(w);
+    bool timed_out = sleep_on_epoll(w, deadline);
     uint64_t woke = nitro_now_ns();
     nitro_stat_add(&w->stats.sleep_ns, woke - t);
-    adapt_poll(w, woke - t);
+    /* A deadline that ended the sleep says nothing about when the guest
+     * kicks: polling longer would not have caught it. */
+    if (!timed_out)
+        adapt_poll(w, woke - t);
     disarm_all(w);
     *last_work = woke;
 }
@@ -513,6 +596,7 @@ static void worker_sigmask(void)
                                       SIGSYS, SIGABRT, SIGTRAP};
     for (size_t i = 0; i < sizeof(synchronous) / sizeof(int); i++)
         sigdelset(&set, synchronous[i]);
+    sigdelset(&set, nitro_efd_signo());  /* ends a stuck eventfd access */
     pthread_sigmask(SIG_SETMASK, &set, NULL);
 }
 
@@ -571,7 +655,7 @@ int nitro_engine_attach(struct nitro_engine *e, struct nitro_ring *r,
                         uint32_t worker)
 {
     if (e == NULL || r == NULL || worker >= e->nworkers || r->worker >= 0 ||
-        !nitro_vq_ready(r->vq))
+        (r->vq != NULL ? !nitro_vq_ready(r->vq) : r->ops->wait_fd == NULL))
         return NITRO_ERR_ARG;
     return (int)worker_call(e, &e->workers[worker], CMD_ATTACH, r, 0);
 }
@@ -653,6 +737,10 @@ struct nitro_engine *nitro_engine_new(uint32_t workers, const int32_t *cpus,
     e->poll_us = poll_us;
     e->flags = flags;
     nitro_guard_install();
+    if (nitro_efd_watch_start() != NITRO_OK) {
+        free(e);
+        return NULL;
+    }
     pthread_mutex_init(&e->call_lock, NULL);
     for (uint32_t i = 0; i < workers; i++)
         e->workers[i].epfd = e->workers[i].cmd_fd = e->workers[i].uring_fd = -1;

@@ -123,7 +123,7 @@ void nitro_guard_drop(struct nitro_guard *g)
 
 bool nitro_guard_covers_vq(const void *vq, const void *addr)
 {
-    return nitro_vq_covers(vq, addr);
+    return vq != NULL && nitro_vq_covers(vq, addr);
 }
 
 bool nitro_guard_covers_mem(const void *mem, const void *addr)

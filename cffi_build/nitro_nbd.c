@@ -561,7 +561,7 @@ static uint8_t prep_segments(struct nbd_ring *b, struct nbd_io *io,
         return VIRTIO_BLK_S_UNSUPP;
     if (b->p->readonly)
         return VIRTIO_BLK_S_IOERR;
-    struct segment seg[MAX_SEGMENTS];
+    struct segment seg[BLK_SEGMENTS_CAP];
     int count = 0;
     uint8_t st = blk_segments(b->p, rq, zeroes, seg, &count);
     if (st != VIRTIO_BLK_S_OK)
@@ -925,6 +925,7 @@ struct nitro_ring *nitro_ring_nbd_new(struct nitro_vq *vq,
     if (b == NULL)
         return NULL;
     b->r = nitro_ring_detached(&nbd_ring_ops, vq, NITRO_RING_BLK);
+    b->r.armed_while_waiting = true;  /* wake_ns: io_timeout, not a hold */
     b->p = params;
     b->s = stats;
     b->c = c;

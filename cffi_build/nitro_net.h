@@ -135,4 +135,86 @@ int nitro_switch_port_stats(const struct nitro_switch *sw, uint32_t port,
 int nitro_switch_uplink_stats(const struct nitro_switch *sw, uint32_t vpc,
                               struct nitro_port_stats *out);
 
+/* ---- the underlay: VPCs across hosts (docs/fleet.md "Datapath") ---------
+ *
+ * A frame from a guest whose destination lives on another host (a unicast
+ * IPv4 frame whose destination MAC is no local port's and whose destination
+ * IP the VPC's remote table maps to that MAC) is staged by the TX worker,
+ * encapsulated per peer (nitro_tunnel_encap, one batch per run of frames to
+ * one peer) and sent by the same worker with sendmmsg on the underlay's send
+ * socket, non-blocking: a full socket buffer drops and counts, never waits.
+ * Frames from other hosts arrive on an engine ring of their own
+ * (nitro_ring_underlay_new): the worker reads them in batches (recvmmsg),
+ * decapsulates them, checks them as strictly as local frames (the inner
+ * source must be an interface the remote table places on the sending
+ * host) and delivers them like local frames, batched per destination.
+ *
+ * The remote table and the underlay may change while traffic flows (a
+ * read-write lock: TX lookups and RX batches read, changes write). */
+#define NITRO_NET_MAX_REMOTES 16384   /* remote interfaces, all VPCs together */
+
+/* Why the switch dropped a frame to or from another host (index into
+ * nitro_underlay_stats.drops); the tunnel counts its own (nitro_tunnel.h). */
+#define NITRO_UNDERLAY_DROP_SPOOFED_SOURCE 0     /* inner source not an interface the
+                                                  * remote table places on the sender */
+#define NITRO_UNDERLAY_DROP_UNKNOWN_DESTINATION 1 /* no local port has the destination
+                                                  * MAC in the VPC (or no such VPC) */
+#define NITRO_UNDERLAY_DROP_BAD_FRAME 2          /* inner frame not plain IPv4 */
+#define NITRO_UNDERLAY_DROP_MTU 3                /* over the VPC MTU, over what the
+                                                  * tunnel carries, or EMSGSIZE */
+#define NITRO_UNDERLAY_DROP_SOCKET_FULL 4        /* send buffer or queue full */
+#define NITRO_UNDERLAY_DROP_SEND_ERROR 5         /* any other send error */
+#define NITRO_UNDERLAY_DROP_NO_UNDERLAY 6        /* a remote destination, no underlay set */
+#define NITRO_UNDERLAY_DROP_KINDS 7
+extern const char *const nitro_underlay_drop_names[NITRO_UNDERLAY_DROP_KINDS];
+
+/* How the underlay ring's socket delivers datagrams. */
+#define NITRO_UNDERLAY_RAW 0   /* a raw IPv4 socket (IPPROTO_ESP): outer IPv4 header first */
+#define NITRO_UNDERLAY_UDP 1   /* a UDP socket bound to 6081: the Geneve payload only */
+
+/* Per peer slot of the tunnel: "out" sent on the underlay socket, "in"
+ * delivered to a local port (bytes: inner frames). */
+struct nitro_underlay_stats {
+    uint64_t packets_out;
+    uint64_t bytes_out;
+    uint64_t packets_in;
+    uint64_t bytes_in;
+    uint64_t drops[NITRO_UNDERLAY_DROP_KINDS];
+};
+
+struct nitro_tunnel;
+struct nitro_ring;
+
+/* Frames to other hosts go through tunnel t and out on send_fd (a raw
+ * IPv4 socket with IP_HDRINCL: the tunnel writes whole outer packets; the
+ * fd stays the caller's). t NULL removes it and returns once no worker
+ * uses it any more. */
+int nitro_switch_set_underlay(struct nitro_switch *sw, struct nitro_tunnel *t,
+                              int send_fd);
+/* The VNI frames of VPC vpc carry across hosts (< 2^24); -1 (0xffffffff):
+ * none, its frames stay on this host. */
+int nitro_switch_set_vni(struct nitro_switch *sw, uint32_t vpc, uint32_t vni);
+/* The interface (ip, mac) of VPC vpc lives on the host in the tunnel's
+ * peer slot `peer`; again for the same (vpc, ip) replaces it.
+ * NITRO_ERR_LIMIT past NITRO_NET_MAX_REMOTES, NITRO_ERR_ARG for a
+ * multicast MAC, a VPC that does not exist or an IP a local port of the
+ * VPC has. */
+int nitro_switch_set_remote(struct nitro_switch *sw, uint32_t vpc,
+                            const uint8_t *ip, const uint8_t *mac,
+                            uint32_t peer);
+/* NITRO_ERR_ARG when there is no such entry. */
+int nitro_switch_remove_remote(struct nitro_switch *sw, uint32_t vpc,
+                               const uint8_t *ip);
+/* Remote entries now (all VPCs). */
+uint32_t nitro_switch_remote_count(const struct nitro_switch *sw);
+/* Counters of one peer slot (< NITRO_TUNNEL_MAX_PEERS), or of all peers
+ * together with peer = 0xffffffff. */
+int nitro_switch_underlay_stats(const struct nitro_switch *sw, uint32_t peer,
+                                struct nitro_underlay_stats *out);
+/* The engine ring that receives from other hosts on fd (mode
+ * NITRO_UNDERLAY_RAW or _UDP; the fd, non-blocking, stays the caller's).
+ * Its worker waits for fd to be readable instead of a kick. */
+struct nitro_ring *nitro_ring_underlay_new(struct nitro_switch *sw, int fd,
+                                           uint32_t mode);
+
 #endif

@@ -156,6 +156,8 @@ int64_t nitro_net_tx_serve(struct nitro_switch *sw, uint32_t port,
     if (nitro_vq_fault(vq) != NITRO_FAULT_NONE)
         return NITRO_ERR_GUEST;
     struct tx_ctx t = {.sw = sw, .port_id = port, .p = p, .hint = port};
+    struct nitro_ul_tx ul = {.sw = sw};
+    t.dirty.ul = &ul;
     int scratch_slot;
     t.buf = scratch_get(p, &scratch_slot);
     if (t.buf == NULL)
@@ -195,6 +197,7 @@ int64_t nitro_net_tx_serve(struct nitro_switch *sw, uint32_t port,
             rc = e;
     }
     scratch_put(p, scratch_slot, t.buf);
+    nitro_ul_tx_free(&ul);
     return rc < 0 ? rc : total;
 }
 
@@ -258,6 +261,7 @@ struct net_tx_ring {
     struct nitro_ring r;
     int scratch_slot;
     struct tx_ctx t;
+    struct nitro_ul_tx ul;  /* frames for other hosts (nitro_underlay.c) */
 };
 
 static int tx_ring_poll(struct nitro_ring *r, struct nitro_io *io,
@@ -316,6 +320,12 @@ static void ring_free_plain(struct nitro_ring *r)
     free(r);
 }
 
+static void tx_ring_free(struct nitro_ring *r)
+{
+    nitro_ul_tx_free(&((struct net_tx_ring *)r)->ul);
+    free(r);
+}
+
 static const struct nitro_ring_ops tx_ring_ops = {
     .poll = tx_ring_poll,
     .arm = nitro_ring_arm_vq,
@@ -323,7 +333,7 @@ static const struct nitro_ring_ops tx_ring_ops = {
     .in_flight = no_io_in_flight,
     .attach = tx_ring_attach,
     .detach = tx_ring_detach,
-    .free = ring_free_plain,
+    .free = tx_ring_free,
     .abandon = tx_ring_abandon,
 };
 
@@ -338,6 +348,8 @@ struct nitro_ring *nitro_ring_net_tx_new(struct nitro_switch *sw,
         return NULL;
     x->r = nitro_ring_detached(&tx_ring_ops, vq, NITRO_RING_NET_TX);
     x->t = (struct tx_ctx){.sw = sw, .port_id = port, .p = p, .hint = port};
+    x->ul.sw = sw;
+    x->t.dirty.ul = &x->ul;
     return &x->r;
 }
 

@@ -9,7 +9,9 @@
  * (struct nitro_io), whose completions the worker hands back to the ring
  * that submitted them. When nothing moved for a while the worker arms every
  * ring (re-enables guest notifications) and sleeps on one epoll set holding
- * every ring's kick fd, the io_uring's eventfd and its own wake-up eventfd.
+ * every ring's kick fd, the io_uring's eventfd and its own wake-up eventfd,
+ * at most until the earliest wake_ns of its rings (a ring that is waiting
+ * for a rate limit says until when with it).
  *
  * A ring is touched only by its owning worker between attach and detach:
  * the control plane (Python) hands rings over with synchronous commands
@@ -78,6 +80,10 @@ struct nitro_ring_ops {
      * and broke the ring: drop state that call left half done (it still
      * points into that memory). Runs outside any guard. */
     void (*abandon)(struct nitro_ring *r);
+    /* Optional: a ring with no virtqueue (the underlay's socket) names
+     * the fd its worker waits on instead of a kick fd. Readable means
+     * "poll me": the worker never reads it (poll() does). */
+    int (*wait_fd)(const struct nitro_ring *r);
 };
 
 /* The engine's view of one ring; device code embeds it first in its own
@@ -91,6 +97,19 @@ struct nitro_ring {
     int sys_errno;        /* with NITRO_ERR_SYS */
     int kick_fd;          /* the fd in the owner's epoll set, -1: none */
     uint64_t chains;      /* chains served by poll() (atomic) */
+    /* The owner's kick accounting (nitro_engine.c, "kick storms"). */
+    bool kicked;          /* woken by this ring's kick since its last poll */
+    bool muted;           /* kick fd out of the wake-up set: polled on a timer */
+    uint32_t empty_kicks; /* kicks after which poll found nothing (decaying) */
+    /* Set by poll() (CLOCK_MONOTONIC ns; 0: none): the ring holds work it
+     * may not do before then (a rate limit: blk QoS). Until then the worker
+     * neither arms the ring (its pending chains are not "work arrived")
+     * nor sleeps past it; poll() is called again at the latest then. */
+    uint64_t wake_ns;
+    /* Set by the constructor of a ring whose wake_ns is a timeout, not a
+     * hold (an NBD ring's io_timeout): it takes new requests meanwhile,
+     * so the worker arms it as usual and only never sleeps past wake_ns. */
+    bool armed_while_waiting;
     /* Optional: one more fd the owner sleeps on (a remote volume's
      * socket), -1: none, and the EPOLLIN/EPOLLOUT it waits for (0: none).
      * The ring may change both in poll() and arm(); the worker brings its
@@ -103,10 +122,6 @@ struct nitro_ring {
     uint32_t aux_revents;
     int aux_watched_fd;           /* the worker's: what its epoll set holds */
     uint32_t aux_watched_events;
-    /* A deadline (CLOCK_MONOTONIC ns, 0: none) by which the ring wants
-     * poll() called again even if nothing wakes its worker (timeouts,
-     * retries): a worker never sleeps past the smallest of its rings'. */
-    uint64_t wake_ns;
 };
 
 /* Confine the calling thread (an engine worker) to the system calls

@@ -88,8 +88,14 @@ struct nitro_switch *nitro_switch_new(void)
         for (uint32_t q = 0; q < NITRO_NET_MAX_PAIRS; q++)
             pthread_mutex_init(&sw->ports[i].rx[q].lock, NULL);
     }
-    for (uint32_t v = 0; v < NITRO_NET_MAX_VPCS; v++)
+    for (uint32_t v = 0; v < NITRO_NET_MAX_VPCS; v++) {
         sw->vpcs[v].uplink_fd = -1;
+        sw->vpcs[v].vni = UINT32_MAX;
+    }
+    if (nitro_ul_init(sw) != NITRO_OK) {
+        nitro_switch_free(sw);
+        return NULL;
+    }
     return sw;
 }
 
@@ -102,6 +108,7 @@ void nitro_switch_free(struct nitro_switch *sw)
     for (uint32_t i = 0; i < NITRO_NET_MAX_PORTS; i++)
         for (uint32_t q = 0; q < NITRO_NET_MAX_PAIRS; q++)
             free(sw->ports[i].scratch[q]);
+    nitro_ul_fini(sw);
     close(sw->punt_fd);
     free(sw->punt);
     free(sw);
@@ -328,6 +335,8 @@ void nitro_sw_flush_dirty(struct dirty *d)
     for (uint32_t i = 0; i < d->n; i++)
         slot_notify(d->slot[i]);
     d->n = 0;
+    if (d->ul != NULL)
+        nitro_ul_tx_flush(d->ul);
 }
 
 /* Host address of byte `off` of a chain's writable iovecs (NULL past the
@@ -618,6 +627,10 @@ static bool forward(struct nitro_switch *sw, struct vpc *v, struct port *src,
         to_uplink(v, buf, len, seg);
         return true;
     }
+    /* A guest on another host (the uplink's frames stay on this host). */
+    if (src != NULL &&
+        nitro_ul_tx_remote(sw, (uint32_t)(v - sw->vpcs), buf, len, seg, dirty))
+        return true;
     nitro_sw_drop(ss, NITRO_NET_DROP_UNKNOWN_DESTINATION);
     return false;
 }

@@ -24,13 +24,16 @@
 #ifndef NITRO_SWITCH_INTERNAL_H
 #define NITRO_SWITCH_INTERNAL_H
 
+#include <netinet/in.h>
 #include <pthread.h>
+#include <sys/socket.h>
 #include <sys/uio.h>
 #include <stdbool.h>
 #include <stdint.h>
 
 #include "nitro_bucket.h"
 #include "nitro_net.h"
+#include "nitro_tunnel.h"
 #include "nitro_vring.h"
 
 #define FRAME_BUF_LEN (NITRO_NET_HDR_LEN + NITRO_NET_MAX_FRAME)
@@ -76,12 +79,34 @@ struct vpc {
     uint8_t uplink_mac[6];
     struct nitro_port_stats uplink_stats;
     uint8_t *uplink_buf;  /* scratch of the uplink thread */
+    uint32_t vni;         /* atomic: its VNI across hosts, UINT32_MAX none */
 };
 
 struct punt_entry {
     uint32_t port;
     uint32_t len;
     uint8_t data[NITRO_NET_PUNT_MAX_FRAME];
+};
+
+/* One interface on another host (nitro_underlay.c's table). */
+struct remote {
+    bool used;
+    uint8_t ip[4];
+    uint8_t mac[6];
+    uint16_t vpc;
+    uint16_t peer;        /* the tunnel's peer slot of its host */
+};
+
+/* The switch's side of the underlay (nitro_net.h): guarded by lock, read
+ * by TX lookups and flushes and by RX batches, written by the trio thread. */
+struct underlay {
+    pthread_rwlock_t lock;
+    struct nitro_tunnel *tunnel;  /* NULL: frames stay on this host */
+    int send_fd;
+    uint32_t count;
+    struct remote *table;         /* REMOTE_SLOTS, open addressing */
+    struct nitro_underlay_stats total;
+    struct nitro_underlay_stats peer[NITRO_TUNNEL_MAX_PEERS];
 };
 
 struct nitro_switch {
@@ -91,12 +116,37 @@ struct nitro_switch {
     uint32_t punt_head, punt_count;
     struct punt_entry *punt;
     int punt_fd;
+    struct underlay ul;
 };
 
-/* The RX slots a TX batch delivered into: notified once at the batch end. */
+/* Frames of a TX ring for other hosts, staged until the batch ends (or
+ * the stage fills): then encapsulated per peer and sent in one sendmmsg.
+ * Buffers are allocated on first use, sized for the tunnel's MTU. */
+struct nitro_ul_tx {
+    struct nitro_switch *sw;
+    uint32_t n;
+    uint32_t stride;              /* bytes per slot of inner[] and outer[] */
+    uint8_t *inner;               /* TX_BATCH staged frames (no virtio header) */
+    uint8_t *outer;               /* TX_BATCH outer packets */
+    uint32_t lens[TX_BATCH];
+    uint32_t vni[TX_BATCH];
+    uint16_t peer[TX_BATCH];
+    const uint8_t *frames[TX_BATCH];
+    struct nitro_tunnel_pkt pkts[TX_BATCH];
+    uint16_t sent_peer[TX_BATCH];  /* per outer packet queued for sendmmsg */
+    uint32_t sent_len[TX_BATCH];
+    struct mmsghdr msgs[TX_BATCH];
+    struct iovec iov[TX_BATCH];
+    struct sockaddr_in addr[TX_BATCH];
+};
+
+/* The RX slots a TX batch delivered into: notified once at the batch end;
+ * and (ul, NULL for senders that never reach other hosts: the uplink
+ * thread) the frames it staged for other hosts, sent at the same time. */
 struct dirty {
     uint32_t n;
     struct rx_slot *slot[DIRTY_MAX];
+    struct nitro_ul_tx *ul;
 };
 
 /* The port numbered port, or NULL when there is none. */
@@ -158,7 +208,23 @@ NITRO_INTERNAL void nitro_sw_deliver_fast(struct port *dst,
                                           uint32_t n, uint32_t hint,
                                           struct dirty *dirty);
 
-/* Call the guests behind the dirty slots (once each) and empty the set. */
+/* Call the guests behind the dirty slots (once each) and empty the set;
+ * send what d->ul staged. */
 NITRO_INTERNAL void nitro_sw_flush_dirty(struct dirty *d);
+
+/* ---- the underlay (nitro_underlay.c) -------------------------------------- */
+
+NITRO_INTERNAL int nitro_ul_init(struct nitro_switch *sw);
+NITRO_INTERNAL void nitro_ul_fini(struct nitro_switch *sw);
+/* hdr+frame (buf, len) from a port of VPC vpc whose destination MAC is no
+ * local port's: if the remote table says it lives on another host, stage
+ * it in dirty->ul (a super-frame as its segments, cut in seg) or drop and
+ * count it, and return true; false when it is not for another host. */
+NITRO_INTERNAL bool nitro_ul_tx_remote(struct nitro_switch *sw, uint32_t vpc,
+                                       uint8_t *buf, uint32_t len,
+                                       uint8_t *seg, struct dirty *dirty);
+/* Encapsulate and send what ul staged. */
+NITRO_INTERNAL void nitro_ul_tx_flush(struct nitro_ul_tx *ul);
+NITRO_INTERNAL void nitro_ul_tx_free(struct nitro_ul_tx *ul);
 
 #endif

@@ -36,6 +36,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "nitro_efd.h"
 #include "nitro_guard.h"
 #include "nitro_vring_internal.h"
 
@@ -417,6 +418,13 @@ uint32_t nitro_vq_num(const struct nitro_vq *vq)
     return vq->num;
 }
 
+uint32_t nitro_vq_backlog(const struct nitro_vq *vq)
+{
+    if (vq->packed)
+        return 0;  /* counting would walk the descriptor flags */
+    return (uint16_t)(vq->shadow_avail_idx - vq->last_avail_idx);
+}
+
 int nitro_vq_kick_fd(const struct nitro_vq *vq)
 {
     return vq->kick_fd;
@@ -689,14 +697,11 @@ void nitro_vq_notify(struct nitro_vq *vq)
     atomic_thread_fence(memory_order_seq_cst);
     if (!driver_wants_call(vq) || vq->call_fd < 0)
         return;
-    uint64_t one = 1;
-    ssize_t n;
-    do
-        n = write(vq->call_fd, &one, sizeof(one));
-    while (n < 0 && errno == EINTR);
-    /* EAGAIN means the counter is saturated: the driver is woken anyway. */
-    if (n == (ssize_t)sizeof(one))
+    int rc = nitro_efd_signal(vq->call_fd);
+    if (rc == 1)
         nitro_stat_add(&vq->stats.calls, 1);
+    else if (rc < 0)
+        nitro_vq_set_fault(vq, NITRO_FAULT_EVENTFD);
 }
 
 void nitro_vq_disable_notify(struct nitro_vq *vq)
@@ -750,8 +755,8 @@ static int poll_timeout(int64_t deadline)
 
 void nitro_vq_wake(struct nitro_vq *vq)
 {
-    if (vq->kick_fd >= 0)
-        nitro_eventfd_signal(vq->kick_fd);
+    if (vq->kick_fd >= 0 && nitro_efd_signal(vq->kick_fd) < 0)
+        nitro_vq_set_fault(vq, NITRO_FAULT_EVENTFD);
 }
 
 void nitro_vq_count_kick(struct nitro_vq *vq)
@@ -781,7 +786,8 @@ int nitro_vq_wait_kick(struct nitro_vq *vq, int timeout_ms)
         if (fds[1].revents != 0 && !nitro_vq_stopping(vq))
             nitro_eventfd_drain(vq->stop_fd);  /* a stop already cleared */
         if (fds[0].revents & POLLIN) {
-            nitro_eventfd_drain(vq->kick_fd);
+            if (nitro_efd_drain(vq->kick_fd) < 0)
+                return nitro_vq_set_fault(vq, NITRO_FAULT_EVENTFD);
             nitro_stat_add(&vq->stats.kicks, 1);
             return NITRO_VQ_WAIT_KICK;
         }

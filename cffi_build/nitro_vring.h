@@ -74,6 +74,9 @@ NITRO_INTERNAL void *nitro_mem_gpa_span(const struct nitro_mem *mem,
 /* Rings translated, size set, memory attached. */
 NITRO_INTERNAL bool nitro_vq_ready(const struct nitro_vq *vq);
 NITRO_INTERNAL uint32_t nitro_vq_num(const struct nitro_vq *vq);
+/* Chains known to wait in the avail ring after the last pop, without
+ * reading guest memory (split: from the avail->idx last read; packed: 0). */
+NITRO_INTERNAL uint32_t nitro_vq_backlog(const struct nitro_vq *vq);
 NITRO_INTERNAL int nitro_vq_kick_fd(const struct nitro_vq *vq);
 NITRO_INTERNAL bool nitro_vq_stopping(const struct nitro_vq *vq);
 /* Mark the queue broken (first fault wins); returns NITRO_ERR_GUEST. */

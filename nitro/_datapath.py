@@ -17,7 +17,8 @@ from __future__ import annotations
 import math
 import mmap
 import os
-from typing import Any, Final
+import time
+from typing import Any, Final, NamedTuple
 
 from nitro._nitro_c import ffi, lib
 
@@ -34,6 +35,9 @@ def _names(table: Any, count: int) -> tuple[str, ...]:
 FAULT_NAMES: Final[dict[int, str]] = {
     code: name for code, name in enumerate(_names(lib.nitro_fault_names, lib.NITRO_FAULT_KINDS))
     if code != lib.NITRO_FAULT_NONE}
+#: The fault of a frontend whose kick or call eventfd would block a thread
+#: (cffi_build/nitro_efd.h): it did it on purpose, so a reset does not revive it.
+FAULT_EVENTFD: Final[str] = FAULT_NAMES[lib.NITRO_FAULT_EVENTFD]
 #: virtio-blk operations by NITRO_BLK_OP_* code: the ``op`` label values.
 OP_NAMES: Final[tuple[str, ...]] = _names(lib.nitro_blk_op_names, lib.NITRO_BLK_OPS)
 #: Why the switch dropped a frame, by NITRO_NET_DROP_* code.
@@ -417,6 +421,44 @@ class XtsCipher(_Owned):
         return bytes(out)
 
 
+class Qos(_Owned):
+    """struct nitro_qos: one volume's QoS limits, shared by its queues (the
+    rings of every queue whose BlkParams name it). Unlimited until
+    ``set``; ``set`` again at any time changes the limits live. Times are
+    CLOCK_MONOTONIC nanoseconds (``time.monotonic_ns()``); ``now`` is for
+    tests that drive the buckets with a clock of their own."""
+
+    def __init__(self) -> None:
+        raw = lib.nitro_qos_new()
+        super().__init__(ffi.NULL if raw == ffi.NULL else ffi.gc(raw, lib.nitro_qos_free))
+
+    def set(self, iops: int = 0, throughput: int = 0, burst_iops: int = 0, burst_seconds: int = 0,
+            now: int | None = None) -> None:
+        """FrontendError for limits C refuses (see nitro.h nitro_qos_set)."""
+        limits = ffi.new("struct nitro_qos_limits *", {
+            "iops": iops, "throughput": throughput, "burst_iops": burst_iops,
+            "burst_seconds": burst_seconds})
+        _check(lib.nitro_qos_set(self.ptr, limits, _now(now)), "nitro_qos_set")
+
+    def admit(self, nbytes: int, now: int, retry: bool = False) -> int | None:
+        """Admit one request of ``nbytes`` data bytes at ``now``: None when
+        admitted (and charged), else the time it would be."""
+        ready = ffi.new("uint64_t *")
+        if lib.nitro_qos_admit(self.ptr, nbytes, now, int(retry), ready):
+            return None
+        return int(ready[0])
+
+    def statistics(self, now: int | None = None) -> dict[str, int]:
+        out = ffi.new("struct nitro_qos_stats *")
+        _check(lib.nitro_qos_stats(self.ptr, _now(now), out), "nitro_qos_stats")
+        return {name: int(getattr(out, name)) for name in (
+            "exceeded_iops_ns", "exceeded_throughput_ns", "credits", "credits_max", "queued", "delayed")}
+
+
+def _now(now: int | None) -> int:
+    return time.monotonic_ns() if now is None else now
+
+
 class BlkParams(_Owned):
     """struct nitro_blk_params: the backing fd (the caller's) and limits.
     ``block_size`` is the guest's logical block size (every request must be
@@ -427,13 +469,15 @@ class BlkParams(_Owned):
     a request beyond them completes with IOERR.
     ``blk_serve`` refuses (FrontendError) a block size that is not a power of
     two >= 512 (and whole encryption sectors), or a disk whose last byte,
-    plus data_offset, is past 2**63 - 1."""
+    plus data_offset, is past 2**63 - 1.
+    ``qos`` (kept alive here too) limits every ring made with these params
+    together."""
 
     def __init__(self, fd: int, capacity_sectors: int, readonly: bool = False,
                  max_discard_sectors: int = 0, max_write_zeroes_sectors: int = 0,
                  serial: bytes = b"", xts: XtsCipher | None = None,
                  data_offset: int = 0, block_size: int = 512,
-                 seg_max: int = 0, size_max: int = 0) -> None:
+                 seg_max: int = 0, size_max: int = 0, qos: Qos | None = None) -> None:
         if len(serial) > 20:
             raise ValueError("virtio-blk serial is at most 20 bytes")
         super().__init__(ffi.new("struct nitro_blk_params *", {
@@ -447,9 +491,11 @@ class BlkParams(_Owned):
             "size_max": size_max,
             "xts": xts.ptr if xts is not None else ffi.NULL,
             "data_offset": data_offset,
+            "qos": qos.ptr if qos is not None else ffi.NULL,
         }))
         ffi.memmove(self._cdata.serial, serial, len(serial))
         self._xts = xts
+        self._qos = qos
 
 
 class BlkStats(_Owned):
@@ -457,6 +503,7 @@ class BlkStats(_Owned):
 
     def __init__(self) -> None:
         super().__init__(ffi.new("struct nitro_blk_stats *"))
+
 
     def snapshot(self) -> dict[str, Any]:
         s = self.ptr
@@ -466,12 +513,53 @@ class BlkStats(_Owned):
                        "errors": int(s.errors[i])}
                 for i, name in enumerate(OP_NAMES)
             },
-            "latency_buckets": [(b, int(s.latency_buckets[i]))
-                                for i, b in enumerate(LATENCY_BOUNDS)],
-            "latency_sum_seconds": s.latency_sum_ns / 1e9,
+            # Per operation, as NITRO_BLK_OP_* (the ``op`` label values).
+            "latency": {
+                name: {"buckets": [(b, int(s.latency_buckets[o][i])) for i, b in enumerate(LATENCY_BOUNDS)],
+                       "sum_seconds": s.latency_sum_ns[o] / 1e9}
+                for o, name in enumerate(OP_NAMES)
+            },
             "inflight": int(s.inflight),
             "resubmitted": int(s.resubmitted),
         }
+
+
+#: nitro_rbd_open's failing step by NITRO_RBD_STAGE_* code.
+RBD_STAGES: Final[tuple[str, ...]] = _names(lib.nitro_rbd_stage_names, lib.NITRO_RBD_STAGES)
+
+
+class RbdOpenError(OSError):
+    """nitro_rbd_open failed: ``stage`` (one of RBD_STAGES: "connect",
+    "image", "lock"...) says which step, ``errno`` what librados/librbd
+    said. At "lock", another client holds the image's exclusive lock."""
+
+    def __init__(self, stage: str, err: int) -> None:
+        super().__init__(err, f"{stage}: {os.strerror(err)}")
+        self.stage = stage
+
+
+class RbdImage(_Owned):
+    """An open RBD image (struct nitro_rbd), its exclusive lock held unless
+    read-only. Opening blocks on the network: not on the trio thread."""
+
+    def __init__(self, conf: str, user: str, keyring: str, pool: str, image: str,
+                 readonly: bool) -> None:
+        out = ffi.new("struct nitro_rbd **")
+        err = ffi.new("int *")
+        stage = lib.nitro_rbd_open(conf.encode(), user.encode(), keyring.encode(), pool.encode(),
+                                   image.encode(), int(readonly), out, err)
+        if stage != lib.NITRO_RBD_OK:
+            raise RbdOpenError(RBD_STAGES[stage], -int(err[0]))
+        super().__init__(ffi.gc(out[0], lib.nitro_rbd_close))
+
+    @property
+    def size(self) -> int:
+        return int(lib.nitro_rbd_size(self.ptr))
+
+    def flush(self) -> None:
+        rc = int(lib.nitro_rbd_flush(self.ptr))
+        if rc < 0:
+            raise OSError(-rc, f"rbd flush: {os.strerror(-rc)}")
 
 
 def blk_serve(vq: Virtqueue, params: BlkParams, stats: BlkStats, idle_ms: int) -> int:
@@ -515,6 +603,17 @@ def _net_stats_dict(s: Any) -> dict[str, Any]:
     }
 
 
+#: Why the switch dropped a frame to or from another host, by NITRO_UNDERLAY_DROP_* code.
+UNDERLAY_DROP_REASONS: Final[tuple[str, ...]] = _names(lib.nitro_underlay_drop_names,
+                                                       lib.NITRO_UNDERLAY_DROP_KINDS)
+NET_MAX_REMOTES: Final[int] = lib.NITRO_NET_MAX_REMOTES
+#: How the underlay ring's socket delivers datagrams (nitro_ring_underlay_new).
+UNDERLAY_RAW: Final[int] = lib.NITRO_UNDERLAY_RAW
+UNDERLAY_UDP: Final[int] = lib.NITRO_UNDERLAY_UDP
+UNDERLAY_NO_VNI: Final[int] = 0xFFFF_FFFF
+_ALL_PEERS: Final[int] = 0xFFFF_FFFF
+
+
 class Switch(_Owned):
     """The VPC switch (struct nitro_switch). Tables (add_vpc, add_port,
     set_uplink) are filled before traffic flows; MAC/IP arguments are bytes
@@ -524,6 +623,7 @@ class Switch(_Owned):
         raw = lib.nitro_switch_new()
         super().__init__(ffi.NULL if raw == ffi.NULL else ffi.gc(raw, lib.nitro_switch_free))
         self._batch: tuple[Any, Any, Any] | None = None
+        self._tunnel: Tunnel | None = None  # C points at it while set
 
     def add_vpc(self, vpc: int, gateway_mac: bytes, gateway_ip: bytes, mtu: int) -> None:
         _check(lib.nitro_switch_add_vpc(self.ptr, vpc, _addr(gateway_mac, 6, "gateway MAC"),
@@ -597,6 +697,46 @@ class Switch(_Owned):
         _check(lib.nitro_switch_uplink_stats(self.ptr, vpc, out), "nitro_switch_uplink_stats")
         return _net_stats_dict(out)
 
+    # -- the underlay: VPCs across hosts (nitro_net.h "the underlay") ----------
+    def set_underlay(self, tunnel: Tunnel | None, send_fd: int = -1) -> None:
+        """Frames to other hosts go through ``tunnel`` and out on ``send_fd``
+        (a raw IPv4 socket with IP_HDRINCL, still the caller's); None removes
+        it, returning once no worker uses it. The switch keeps the tunnel
+        alive while it is set."""
+        _check(lib.nitro_switch_set_underlay(self.ptr, tunnel.ptr if tunnel is not None else ffi.NULL,
+                                             send_fd), "nitro_switch_set_underlay")
+        self._tunnel = tunnel
+
+    def set_vni(self, vpc: int, vni: int | None) -> None:
+        """The VNI the VPC's frames carry between hosts; None: none."""
+        _check(lib.nitro_switch_set_vni(self.ptr, vpc, UNDERLAY_NO_VNI if vni is None else vni),
+               "nitro_switch_set_vni")
+
+    def set_remote(self, vpc: int, ip: bytes, mac: bytes, peer: int) -> None:
+        """(ip, mac) of VPC vpc lives on the host in tunnel peer slot peer.
+        FrontendError for a multicast MAC or a local interface's address,
+        LimitError past NET_MAX_REMOTES."""
+        _check(lib.nitro_switch_set_remote(self.ptr, vpc, _addr(ip, 4, "IPv4"), _addr(mac, 6, "MAC"),
+                                           peer), "nitro_switch_set_remote")
+
+    def remove_remote(self, vpc: int, ip: bytes) -> None:
+        _check(lib.nitro_switch_remove_remote(self.ptr, vpc, _addr(ip, 4, "IPv4")),
+               "nitro_switch_remove_remote")
+
+    @property
+    def remote_count(self) -> int:
+        return int(lib.nitro_switch_remote_count(self.ptr))
+
+    def underlay_stats(self, peer: int | None = None) -> dict[str, Any]:
+        """Frames sent to / delivered from one tunnel peer slot (None: all),
+        and the switch's drops of them by UNDERLAY_DROP_REASONS."""
+        out = ffi.new("struct nitro_underlay_stats *")
+        _check(lib.nitro_switch_underlay_stats(self.ptr, _ALL_PEERS if peer is None else peer, out),
+               "nitro_switch_underlay_stats")
+        return {"packets_out": int(out.packets_out), "bytes_out": int(out.bytes_out),
+                "packets_in": int(out.packets_in), "bytes_in": int(out.bytes_in),
+                "drops": {name: int(out.drops[i]) for i, name in enumerate(UNDERLAY_DROP_REASONS)}}
+
 
 def net_tx_serve(switch: Switch, port: int, vq: Virtqueue, idle_ms: int) -> int:
     """Serve a virtio-net TX ring through the switch; like blk_serve."""
@@ -613,6 +753,207 @@ def net_rx_serve(vq: Virtqueue) -> int:
 
 
 # ---------------------------------------------------------------------------
+# Frames between hosts: Geneve in ESP (cffi_build/nitro_tunnel.h)
+# ---------------------------------------------------------------------------
+
+#: Why the tunnel dropped a packet, by NITRO_TUNNEL_DROP_* code.
+TUNNEL_DROP_REASONS: Final[tuple[str, ...]] = _names(lib.nitro_tunnel_drop_names,
+                                                     lib.NITRO_TUNNEL_DROP_KINDS)
+TUNNEL_KEYMAT_LEN: Final[int] = lib.NITRO_TUNNEL_KEYMAT_LEN
+TUNNEL_MAX_PEERS: Final[int] = lib.NITRO_TUNNEL_MAX_PEERS
+TUNNEL_ESP_OVERHEAD: Final[int] = lib.NITRO_TUNNEL_ESP_OVERHEAD
+TUNNEL_PLAIN_OVERHEAD: Final[int] = lib.NITRO_TUNNEL_PLAIN_OVERHEAD
+TUNNEL_REPLAY_WINDOW: Final[int] = lib.NITRO_TUNNEL_REPLAY_WINDOW
+X25519_LEN: Final[int] = lib.NITRO_TUNNEL_X25519_LEN
+
+
+def x25519_public_key(private_key: Secret) -> bytes:
+    """The X25519 public key of a 32-byte private key held in C."""
+    out = ffi.new("uint8_t[]", X25519_LEN)
+    _check(lib.nitro_tunnel_public_key(private_key.ptr, out), "nitro_tunnel_public_key")
+    return bytes(ffi.buffer(out))
+
+
+def derive_keymat(private_key: Secret, peer_public: bytes, salt: bytes, info: bytes) -> Secret:
+    """HKDF-SHA256(X25519(private_key, peer_public), salt, info): an SA's
+    36 bytes (AES-256 key || GCM salt), computed and kept in C. FrontendError
+    for a malformed key or a low-order peer key."""
+    if len(peer_public) != X25519_LEN:
+        raise ValueError(f"an X25519 public key is {X25519_LEN} bytes")
+    out = Secret(TUNNEL_KEYMAT_LEN)
+    try:
+        _check(lib.nitro_tunnel_derive(private_key.ptr, peer_public, salt, len(salt), info,
+                                       len(info), out.ptr), "nitro_tunnel_derive")
+    except BaseException:
+        out.close()
+        raise
+    return out
+
+
+class TunnelBatch:
+    """Reusable C arrays for up to ``size`` packets of ``stride`` bytes:
+    the frames to encapsulate (pointers into the caller's buffers, set by
+    :meth:`set_frames`), the output or input slots, and the results."""
+
+    def __init__(self, size: int, stride: int) -> None:
+        self.size = size
+        self.stride = stride
+        self.frames = ffi.new("uint8_t *[]", size)
+        self.lens = ffi.new("uint32_t[]", size)
+        self.slots = ffi.new("uint8_t[]", size * stride)
+        self.pkts = ffi.new("struct nitro_tunnel_pkt[]", size)
+        self._keep: list[Any] = []
+
+    def set_frames(self, frames: list[bytes]) -> int:
+        """Point the frame array at ``frames`` (kept alive until the next call)."""
+        if len(frames) > self.size:
+            raise ValueError(f"at most {self.size} frames per batch")
+        self._keep = [ffi.from_buffer(f) for f in frames]
+        for i, buf in enumerate(self._keep):
+            self.frames[i] = ffi.cast("uint8_t *", buf)
+            self.lens[i] = len(frames[i])
+        return len(frames)
+
+    def set_packets(self, packets: list[bytes]) -> int:
+        """Copy received outer packets into the slots (for decap)."""
+        if len(packets) > self.size:
+            raise ValueError(f"at most {self.size} packets per batch")
+        for i, p in enumerate(packets):
+            if len(p) > self.stride:
+                raise ValueError(f"packet {i} is longer than a slot ({self.stride} bytes)")
+            ffi.memmove(self.slots + i * self.stride, p, len(p))
+            self.lens[i] = len(p)
+        return len(packets)
+
+    def slot(self, i: int, offset: int, length: int) -> bytes:
+        data: bytes = ffi.buffer(self.slots + i * self.stride + offset, length)[:]
+        return data
+
+
+def _tunnel_stats_dict(s: Any) -> dict[str, Any]:
+    return {
+        "packets_out": int(s.packets_out), "bytes_out": int(s.bytes_out),
+        "packets_in": int(s.packets_in), "bytes_in": int(s.bytes_in),
+        "drops": {name: int(s.drops[i]) for i, name in enumerate(TUNNEL_DROP_REASONS)},
+    }
+
+
+class Tunnel(_Owned):
+    """One host's end of the Geneve/ESP tunnels (struct nitro_tunnel).
+    Peers are slots 0..TUNNEL_MAX_PEERS-1 the caller chooses; addresses are
+    wire-order bytes. Tables may change while other threads encap/decap."""
+
+    def __init__(self, local_ip: bytes, mtu: int, encrypt: bool = True) -> None:
+        raw = lib.nitro_tunnel_new(_addr(local_ip, 4, "underlay IPv4"), mtu, int(encrypt))
+        if raw == ffi.NULL:
+            raise ValueError(f"nitro_tunnel_new refused MTU {mtu} (576..65535) or ran out of memory")
+        super().__init__(ffi.gc(raw, lib.nitro_tunnel_free))
+        self.mtu = mtu
+        self.encrypt = encrypt
+
+    def add_vni(self, vni: int, vpc: int) -> None:
+        _check(lib.nitro_tunnel_add_vni(self.ptr, vni, vpc), "nitro_tunnel_add_vni")
+
+    def remove_vni(self, vni: int) -> None:
+        _check(lib.nitro_tunnel_remove_vni(self.ptr, vni), "nitro_tunnel_remove_vni")
+
+    def set_peer(self, peer: int, ip: bytes) -> None:
+        _check(lib.nitro_tunnel_set_peer(self.ptr, peer, _addr(ip, 4, "peer IPv4")),
+               "nitro_tunnel_set_peer")
+
+    def remove_peer(self, peer: int) -> None:
+        _check(lib.nitro_tunnel_remove_peer(self.ptr, peer), "nitro_tunnel_remove_peer")
+
+    def set_outbound(self, peer: int, keymat: Secret | None, spi: int = 0, epoch: int = 0) -> None:
+        """The SA frames to ``peer`` go out with (None: none); sequence from 1."""
+        _check(lib.nitro_tunnel_set_outbound(
+            self.ptr, peer, keymat.ptr if keymat is not None else ffi.NULL, spi, epoch),
+            "nitro_tunnel_set_outbound")
+
+    def add_inbound(self, peer: int, keymat: Secret, spi: int, epoch: int) -> None:
+        """FrontendError when the SPI is taken (or 0), LimitError when full."""
+        _check(lib.nitro_tunnel_add_inbound(self.ptr, peer, keymat.ptr, spi, epoch),
+               "nitro_tunnel_add_inbound")
+
+    def remove_inbound(self, spi: int) -> None:
+        _check(lib.nitro_tunnel_remove_inbound(self.ptr, spi), "nitro_tunnel_remove_inbound")
+
+    def encap_batch(self, peer: int, vni: int, batch: TunnelBatch, n: int) -> int:
+        """Encapsulate the batch's first n frames into its slots; how many
+        passed (batch.pkts says which, and why the others were dropped).
+        The GIL is released while C works."""
+        return _check(lib.nitro_tunnel_encap(self.ptr, peer, vni, batch.frames, batch.lens, n,
+                                             batch.slots, batch.stride, batch.pkts),
+                      "nitro_tunnel_encap")
+
+    def decap_batch(self, batch: TunnelBatch, n: int) -> int:
+        """Decapsulate the batch's first n received packets in place."""
+        return _check(lib.nitro_tunnel_decap(self.ptr, batch.slots, batch.lens, batch.stride, n,
+                                             batch.pkts), "nitro_tunnel_decap")
+
+    def encap(self, peer: int, vni: int, frames: list[bytes]) -> list[bytes | str]:
+        """Each frame's outer IPv4 packet, or the name of its drop reason."""
+        batch = TunnelBatch(max(1, len(frames)), self.mtu)
+        self.encap_batch(peer, vni, batch, batch.set_frames(frames))
+        return [batch.slot(i, 0, batch.pkts[i].len) if batch.pkts[i].drop < 0
+                else TUNNEL_DROP_REASONS[batch.pkts[i].drop] for i in range(len(frames))]
+
+    def decap(self, packets: list[bytes]) -> list[TunnelFrame | str]:
+        """Each packet's inner frame with its VNI, VPC and peer, or the name
+        of its drop reason."""
+        batch = TunnelBatch(max(1, len(packets)), max([len(p) for p in packets] + [1]))
+        self.decap_batch(batch, batch.set_packets(packets))
+        out: list[TunnelFrame | str] = []
+        for i in range(len(packets)):
+            p = batch.pkts[i]
+            out.append(TunnelFrame(batch.slot(i, p.offset, p.len), int(p.vni), int(p.vpc),
+                                   int(p.peer)) if p.drop < 0
+                       else TUNNEL_DROP_REASONS[p.drop])
+        return out
+
+    def stats(self) -> dict[str, Any]:
+        """Every packet and drop of the tunnel."""
+        out = ffi.new("struct nitro_tunnel_stats *")
+        _check(lib.nitro_tunnel_stats(self.ptr, out), "nitro_tunnel_stats")
+        return _tunnel_stats_dict(out)
+
+    def peer_stats(self, peer: int) -> dict[str, Any]:
+        out = ffi.new("struct nitro_tunnel_stats *")
+        _check(lib.nitro_tunnel_peer_stats(self.ptr, peer, out), "nitro_tunnel_peer_stats")
+        return _tunnel_stats_dict(out)
+
+    def outbound_info(self, peer: int) -> dict[str, int] | None:
+        """The peer's outbound SA (spi, epoch, seq, packets, age_ns, rekey), or None."""
+        out = ffi.new("struct nitro_tunnel_sa_info *")
+        if lib.nitro_tunnel_outbound_info(self.ptr, peer, out) < 0:
+            return None
+        return _sa_info_dict(out)
+
+    def test_set_seq(self, peer: int, seq: int) -> None:
+        """TEST ONLY: the last sequence number the outbound SA sent."""
+        _check(lib.nitro_tunnel_test_set_seq(self.ptr, peer, seq), "nitro_tunnel_test_set_seq")
+
+    def inbound_info(self, spi: int) -> dict[str, int] | None:
+        out = ffi.new("struct nitro_tunnel_sa_info *")
+        if lib.nitro_tunnel_inbound_info(self.ptr, spi, out) < 0:
+            return None
+        return _sa_info_dict(out)
+
+
+class TunnelFrame(NamedTuple):
+    """An inner Ethernet frame that passed decapsulation."""
+
+    frame: bytes
+    vni: int
+    vpc: int
+    peer: int
+
+
+def _sa_info_dict(s: Any) -> dict[str, int]:
+    return {f: int(getattr(s, f)) for f in ("spi", "epoch", "seq", "packets", "age_ns", "rekey")}
+
+
+# ---------------------------------------------------------------------------
 # The engine: C worker threads that serve every ring (nitro.h "the engine")
 # ---------------------------------------------------------------------------
 
@@ -624,10 +965,11 @@ RING_KINDS: Final[dict[int, str]] = {
     lib.NITRO_RING_NET_TX: "net_tx",
     lib.NITRO_RING_NET_RX: "net_rx",
     lib.NITRO_RING_NET_CTRL: "net_ctrl",
+    lib.NITRO_RING_UNDERLAY: "underlay",
 }
 _WORKER_STAT_FIELDS: Final[tuple[str, ...]] = (
     "rings", "chains", "wakeups", "busy_ns", "poll_ns", "sleep_ns", "io_submitted",
-    "poll_us", "uring",
+    "poll_us", "uring", "muted", "mutes",
 )
 
 
@@ -636,7 +978,7 @@ class Ring(_Owned):
     Virtqueue and the device's params/stats/switch) must outlive it; it is
     freed only while detached (``Engine.detach`` first)."""
 
-    def __init__(self, cdata: Any, vq: Virtqueue, kind: str, keep: tuple[Any, ...]) -> None:
+    def __init__(self, cdata: Any, vq: Virtqueue | None, kind: str, keep: tuple[Any, ...]) -> None:
         super().__init__(ffi.gc(cdata, lib.nitro_ring_free))
         self.vq = vq
         self.kind = kind
@@ -653,6 +995,12 @@ class Ring(_Owned):
                    (params, stats, conn))
 
     @classmethod
+    def blk_rbd(cls, vq: Virtqueue, image: RbdImage, params: BlkParams, stats: BlkStats) -> Ring:
+        """A blk ring whose I/O is librbd's aio on `image`."""
+        return cls(lib.nitro_ring_blk_rbd_new(vq.ptr, image.ptr, params.ptr, stats.ptr), vq, "blk",
+                   (image, params, stats))
+
+    @classmethod
     def net_tx(cls, switch: Switch, port: int, vq: Virtqueue) -> Ring:
         return cls(lib.nitro_ring_net_tx_new(switch.ptr, port, vq.ptr), vq, "net_tx", (switch,))
 
@@ -663,6 +1011,16 @@ class Ring(_Owned):
     @classmethod
     def net_ctrl(cls, vq: Virtqueue, max_pairs: int) -> Ring:
         return cls(lib.nitro_ring_net_ctrl_new(vq.ptr, max_pairs), vq, "net_ctrl", ())
+
+    @classmethod
+    def underlay(cls, switch: Switch, fd: int, mode: int) -> Ring:
+        """Frames from other hosts on socket fd (UNDERLAY_RAW or _UDP; the
+        caller's, non-blocking): no virtqueue, its worker waits on fd."""
+        return cls(lib.nitro_ring_underlay_new(switch.ptr, fd, mode), None, "underlay", (switch,))
+
+    @property
+    def _vq_ptr(self) -> Any:
+        return self.vq.ptr if self.vq is not None else None
 
     @property
     def worker(self) -> int | None:
@@ -679,7 +1037,7 @@ class Ring(_Owned):
         rc = int(lib.nitro_ring_status(self.ptr))
         if rc == lib.NITRO_ERR_SYS:
             raise HostError(rc, "ring", int(lib.nitro_ring_errno(self.ptr)))
-        _check(rc, "ring", self.vq.ptr)
+        _check(rc, "ring", self._vq_ptr)
 
 
 class NbdError(Exception):
@@ -797,7 +1155,7 @@ class Engine(_Owned):
         return int(lib.nitro_engine_event_fd(self.ptr))
 
     def attach(self, ring: Ring, worker: int) -> None:
-        _check(lib.nitro_engine_attach(self.ptr, ring.ptr, worker), "nitro_engine_attach", ring.vq.ptr)
+        _check(lib.nitro_engine_attach(self.ptr, ring.ptr, worker), "nitro_engine_attach", ring._vq_ptr)
 
     def detach(self, ring: Ring) -> None:
         _check(lib.nitro_engine_detach(self.ptr, ring.ptr), "nitro_engine_detach")

@@ -1,4 +1,4 @@
-"""`nitro` command line: run the daemon, query and reload it, manage volumes.
+"""`nitro` command line: run the daemon, query and reload it, manage volumes and the fleet's VPCs.
 
 Errors end in one line on stderr and a non-zero exit: 2 for bad arguments or
 configuration, 1 for runtime failures. Following vhost-user.rst's "Backend
@@ -16,6 +16,7 @@ from pathlib import Path
 import trio
 
 from nitro import __version__, config, volume_cli
+from nitro.fleet import vpc_cli
 from nitro.volume_cli import EXIT_FAILURE, EXIT_USAGE
 
 
@@ -65,8 +66,33 @@ def _parser() -> argparse.ArgumentParser:
     rl.add_argument("--json", action="store_true", help="raw JSON")
     rl.set_defaults(func=_cmd_reload)
 
-    volume_cli.add_parser(sub)
+    fl = sub.add_parser("fleet", help="this host in the fleet (a running daemon with [fleet])")
+    fl_sub = fl.add_subparsers(metavar="ACTION", required=True)
+    rk = fl_sub.add_parser("rekey", help="move this host to its next key epoch now (docs/fleet.md)")
+    rk.add_argument("--control", type=Path, help="control socket (default: from the config)")
+    rk.add_argument("--config", type=Path)
+    rk.add_argument("--runtime-dir", type=Path)
+    rk.add_argument("--json", action="store_true", help="raw JSON")
+    rk.set_defaults(func=_cmd_fleet_rekey)
+
+    _add_volume_qos(volume_cli.add_parser(sub))
+    vpc_cli.add_parser(sub)
     return p
+
+
+def _add_volume_qos(vsub) -> None:
+    qos = vsub.add_parser("qos", help="show or change a running volume's QoS limits, live "
+                          "(docs/volumes.md \"QoS\"); options not given stay as they are")
+    qos.add_argument("device", help="the [[blk]] id")
+    qos.add_argument("--iops", help="I/O requests per second (0: unlimited)")
+    qos.add_argument("--throughput", help="data bytes per second, e.g. 100M (decimal units; 0: unlimited)")
+    qos.add_argument("--burst-iops", help="IOPS while burst credits last (0: no burst)")
+    qos.add_argument("--burst-seconds", type=int, help="how long a full credit bucket lasts at --burst-iops")
+    qos.add_argument("--control", type=Path, help="control socket (default: from the config)")
+    qos.add_argument("--config", type=Path)
+    qos.add_argument("--runtime-dir", type=Path)
+    qos.add_argument("--json", action="store_true", help="raw JSON")
+    qos.set_defaults(func=_cmd_volume_qos)
 
 
 def _fail(msg: str, code: int) -> int:
@@ -186,18 +212,52 @@ def _cmd_status(args) -> int:
     return 0 if reply.get("ok") else EXIT_FAILURE
 
 
-def _cmd_reload(args) -> int:
-    from nitro import reload
+def _cmd_volume_qos(args) -> int:
+    request: dict = {"cmd": "volume_qos", "device": args.device}
+    for key in config.QOS_KEYS:
+        value = getattr(args, key)
+        if value is not None:
+            # Plain numbers as integers; "100M" as is (the daemon parses units).
+            request[key] = int(value) if isinstance(value, int) or value.isdigit() else value
+    reply = _query(args, request)
+    if isinstance(reply, int):
+        return reply
+    if not reply.get("ok"):
+        return _fail(reply.get("error", "unknown error"), EXIT_FAILURE)
+    if args.json:
+        print(json.dumps(reply, indent=2))
+    else:
+        print(f"{reply['device']}: " + " ".join(f"{k}={v}" for k, v in reply["qos"].items()))
+    return 0
 
-    # Generous: new volumes are opened (a LUKS unlock takes seconds) and
-    # removed ones drained before the daemon answers.
-    reply = _query(args, {"cmd": "reload"}, timeout=120)
+
+def _change(args, cmd: str, what: str, describe, timeout: float) -> int:
+    """A command that changes the daemon: its reply (raw with --json, else
+    ``describe(reply)``), or "<what> refused: ..." and exit 1."""
+    reply = _query(args, {"cmd": cmd}, timeout=timeout)
     if isinstance(reply, int):
         return reply
     if args.json:
         print(json.dumps(reply, indent=2))
     elif reply.get("ok"):
-        print(reload.format_result(reply))
+        print(describe(reply))
     if not reply.get("ok"):
-        return _fail(f"reload refused: {reply.get('error', 'unknown error')}", EXIT_FAILURE)
+        return _fail(f"{what} refused: {reply.get('error', 'unknown error')}", EXIT_FAILURE)
     return 0
+
+
+def _cmd_reload(args) -> int:
+    from nitro import reload
+
+    # Generous: new volumes are opened (a LUKS unlock takes seconds) and
+    # removed ones drained before the daemon answers.
+    return _change(args, "reload", "reload", reload.format_result, timeout=120)
+
+
+def _rekey_result(reply: dict) -> str:
+    where = "published in etcd" if reply.get("published") else "NOT yet in etcd: peers follow once it is"
+    return f"host {reply.get('host')}: epoch {reply.get('old_epoch')} -> {reply.get('epoch')} ({where})"
+
+
+def _cmd_fleet_rekey(args) -> int:
+    return _change(args, "fleet-rekey", "rekey", _rekey_result, timeout=30)

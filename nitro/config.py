@@ -13,11 +13,15 @@ import ipaddress
 import os
 import re
 import tomllib
+from collections.abc import Sequence
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from nitro import _datapath
+
+if TYPE_CHECKING:
+    from nitro.devices.blk.backends.nbd import NbdSource
 
 DEFAULT_METRICS_LISTEN = "127.0.0.1:9180"
 MAX_QUEUES = 16
@@ -27,6 +31,9 @@ MAX_NET_INTERFACES = _datapath.NET_MAX_PORTS
 MAX_NET_QUEUE_PAIRS = _datapath.NET_MAX_PAIRS
 MAX_DNS = 63           # DHCP option 6: 4 bytes each, at most 255 bytes
 MAX_RATE = 10**12      # bytes or packets per second; beyond any link here
+# A remote volume's io_timeout, seconds: EBS's default NVMe I/O timeout is 30 s too.
+DEFAULT_IO_TIMEOUT = 30.0
+MAX_IO_TIMEOUT = 86400.0
 _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 _UNIT_RE = re.compile(r"^\s*(\d+)\s*([KMGTP]?)(i?B)?\s*$", re.IGNORECASE)
 _SIZE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40, "P": 1 << 50}
@@ -52,6 +59,36 @@ class EncryptionConfig:
     passphrase_file: Path | None = None
 
 
+MAX_BURST_SECONDS = 10**6  # the C limit (nitro_qos_set)
+QOS_KEYS = ("iops", "throughput", "burst_iops", "burst_seconds")
+
+
+@dataclasses.dataclass(frozen=True)
+class QosConfig:
+    """`qos = { iops = 2000, throughput = "100M", burst_iops = 3000,
+    burst_seconds = 60 }`: the volume's limits (docs/volumes.md "QoS"); 0
+    is unlimited, and no burst. Changed live by reload and `nitro volume qos`."""
+    iops: int = 0
+    throughput: int = 0  # data bytes per second
+    burst_iops: int = 0
+    burst_seconds: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class RbdSource:
+    """`source = "rbd:POOL/IMAGE"` with `ceph_conf`, `user` and `keyring`:
+    the volume is a Ceph RBD image (docs/volumes.md). The image must exist
+    (`rbd create`); its size is its own."""
+    pool: str
+    image: str
+    ceph_conf: Path = Path("/etc/ceph/ceph.conf")
+    user: str = "admin"              # the cephx client name without "client."
+    keyring: Path | None = None      # None: the one ceph_conf names
+
+    def __str__(self) -> str:
+        return f"rbd:{self.pool}/{self.image}"
+
+
 @dataclasses.dataclass(frozen=True)
 class BlkConfig:
     id: str
@@ -63,11 +100,18 @@ class BlkConfig:
     queue_size: int = 256
     serial: str = ""
     encryption: EncryptionConfig | None = None
-    # A remote volume (`source = "nbd://..."`, backends/nbd.py's NbdSource):
-    # then `image` is unused; io_timeout is how long a request may wait
-    # for the server before the guest gets an I/O error.
-    source: Any = None
-    io_timeout: float = 30.0
+    qos: QosConfig = QosConfig()
+    # A remote volume instead of `image` (`source`, at most one of these):
+    # an NBD export (backends/nbd.py) or a Ceph RBD image (backends/rbd.py).
+    nbd: NbdSource | None = None
+    rbd: RbdSource | None = None
+    # How long a request to a remote volume may wait for the server before
+    # the guest gets an I/O error (NBD; the RBD ring does not apply it yet).
+    io_timeout: float = DEFAULT_IO_TIMEOUT
+
+    @property
+    def remote(self) -> NbdSource | RbdSource | None:
+        return self.nbd or self.rbd
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,6 +131,7 @@ class VpcConfig:
     dns: tuple[ipaddress.IPv4Address, ...] = ()
     lease_seconds: int = 3600
     uplink: UplinkConfig | None = None
+    vni: int | None = None  # set for a fleet VPC (from etcd), None for a local [[vpc]]
 
 
 DEFAULT_LINKLOCAL_PPS = 1024
@@ -121,6 +166,40 @@ class DaemonConfig:
     vpc: tuple[VpcConfig, ...] = ()
     net: tuple[NetConfig, ...] = ()
     engine: EngineConfig = dataclasses.field(default_factory=lambda: EngineConfig(default_workers(), None, None))
+    fleet: FleetConfig | None = None
+
+    def fleet_vpc_names(self) -> list[str]:
+        """VPCs [[net]] entries name that no [[vpc]] defines: the fleet's,
+        resolved from etcd at start-up (with_fleet_vpcs)."""
+        local = {v.id for v in self.vpc}
+        return list(dict.fromkeys(n.vpc for n in self.net if n.vpc not in local))
+
+
+DEFAULT_LEASE_TTL = 10  # seconds: a dead host's entries are gone this long after it stopped
+DEFAULT_REKEY_INTERVAL = 3600  # seconds a host sends under one key epoch (docs/fleet.md "Key schedule")
+DEFAULT_UNDERLAY_MTU = 1500
+_URL_RE = re.compile(r"^https?://[^/\s]+$")
+
+
+@dataclasses.dataclass(frozen=True)
+class FleetConfig:
+    """[fleet]: this host's place in a fleet whose state is in etcd
+    (docs/fleet.md). Absent: a single host, nothing is read from etcd."""
+    etcd: tuple[str, ...]          # client URLs, tried in order
+    host: str                      # /nitro/hosts/<host>
+    underlay: ipaddress.IPv4Address  # where other hosts send this host's tunnels
+    key_file: Path                 # X25519 private key (nitro/fleet/keys.py reads or creates it)
+    encrypt: bool = True           # ESP between hosts; false only to measure or debug
+    lease_ttl: int = DEFAULT_LEASE_TTL
+    rekey_interval: int = DEFAULT_REKEY_INTERVAL  # seconds between scheduled rekeys
+    underlay_mtu: int = DEFAULT_UNDERLAY_MTU      # the largest outer packet the underlay carries
+
+
+def check_etcd_url(url: Any, file: str, key: str) -> str:
+    """An etcd client URL, "http://10.0.0.1:2379" (no path)."""
+    if not isinstance(url, str) or not _URL_RE.match(url):
+        raise ConfigError(file, key, f"expected an etcd URL such as 'http://10.0.0.1:2379', got {url!r}")
+    return url
 
 
 MAX_WORKERS = 64  # NITRO_ENGINE_MAX_WORKERS
@@ -223,7 +302,7 @@ def load(path: str | Path | None, *, runtime_dir: Path | None = None,
 
 def from_dict(doc: dict, source: str, *, runtime_dir: Path | None = None,
               state_dir: Path | None = None) -> DaemonConfig:
-    _check_keys(doc, {"daemon", "metrics", "blk", "vpc", "net"}, source, "")
+    _check_keys(doc, {"daemon", "metrics", "blk", "vpc", "net", "fleet"}, source, "")
     daemon = _table(doc, "daemon", source)
     _check_keys(daemon, {"runtime_dir", "state_dir", "control_socket", "log_level",
                          "workers", "cpus", "poll_us", "seccomp", "max_guest_memory"},
@@ -240,11 +319,64 @@ def from_dict(doc: dict, source: str, *, runtime_dir: Path | None = None,
     listen = _str(metrics, "listen", source, "metrics.", DEFAULT_METRICS_LISTEN)
     blks = tuple(_blk(t, i, source, runtime, state) for i, t in enumerate(_array(doc, "blk", source)))
     vpcs = tuple(_vpc(t, i, source) for i, t in enumerate(_array(doc, "vpc", source, MAX_VPCS)))
-    nets = tuple(_net(t, i, source, runtime, vpcs)
+    fleet = _fleet(doc["fleet"], source, state) if "fleet" in doc else None
+    nets = tuple(_net(t, i, source, runtime, vpcs, fleet is not None)
                  for i, t in enumerate(_array(doc, "net", source, MAX_NET_INTERFACES)))
     _check_unique(blks, vpcs, nets, source)
     engine = _engine(daemon, source)
-    return DaemonConfig(runtime, state, control, listen, level, blks, source, vpcs, nets, engine)
+    return DaemonConfig(runtime, state, control, listen, level, blks, source, vpcs, nets, engine, fleet)
+
+
+def _fleet(t: Any, source: str, state: Path) -> FleetConfig:
+    if not isinstance(t, dict):
+        raise ConfigError(source, "fleet", "expected a table")
+    p = "fleet."
+    _check_keys(t, {"etcd", "host", "underlay", "key_file", "encrypt", "lease_ttl", "rekey_interval",
+                    "underlay_mtu"}, source, p)
+    urls = t.get("etcd")
+    if isinstance(urls, str):
+        urls = [urls]
+    if not isinstance(urls, list) or not urls:
+        raise ConfigError(source, p + "etcd", 'expected a list of URLs such as ["http://10.0.0.1:2379"]')
+    etcd = tuple(check_etcd_url(u, source, p + "etcd") for u in urls)
+    host = _str(t, "host", source, p, None)
+    if not _ID_RE.match(host):
+        raise ConfigError(source, p + "host", f"must match {_ID_RE.pattern}, got {host!r}")
+    underlay = _ipv4(t, "underlay", source, p, ipaddress.IPv4Address)
+    if underlay.is_unspecified or underlay.is_multicast:
+        raise ConfigError(source, p + "underlay", f"{underlay} cannot be a tunnel endpoint")
+    key_file = state / _str(t, "key_file", source, p, "fleet.key")
+    if key_file.is_dir():
+        raise ConfigError(source, p + "key_file", f"{key_file} is a directory")
+    if not key_file.parent.is_dir() and key_file.parent != state:
+        raise ConfigError(source, p + "key_file", f"directory {key_file.parent} does not exist")
+    encrypt = t.get("encrypt", True)
+    if not isinstance(encrypt, bool):
+        raise ConfigError(source, p + "encrypt", f"expected true or false, got {encrypt!r}")
+    ttl = _int(t, "lease_ttl", source, p, DEFAULT_LEASE_TTL, 2, 3600)
+    rekey = _int(t, "rekey_interval", source, p, DEFAULT_REKEY_INTERVAL, 1, 7 * 86400)
+    mtu = _int(t, "underlay_mtu", source, p, DEFAULT_UNDERLAY_MTU, 576, 65535)
+    return FleetConfig(etcd, host, underlay, key_file, encrypt, ttl, rekey, mtu)
+
+
+def with_fleet_vpcs(cfg: DaemonConfig, vpcs: Sequence[VpcConfig]) -> DaemonConfig:
+    """``cfg`` with the fleet VPCs its [[net]] entries name appended to its
+    VPCs (after the local ones: their switch indices do not move), each
+    interface checked against its VPC as a local one is. ConfigError when
+    a named VPC is missing from ``vpcs`` or an address does not fit."""
+    by_name = {v.id: v for v in vpcs}
+    added = []
+    for name in cfg.fleet_vpc_names():
+        if name not in by_name:
+            raise ConfigError(cfg.source, "net", f"vpc {name!r} is neither a [[vpc]] here nor a VPC of the fleet "
+                              f"(have {sorted(by_name)})")
+        added.append(by_name[name])
+    if len(cfg.vpc) + len(added) > MAX_VPCS:
+        raise ConfigError(cfg.source, "vpc", f"at most {MAX_VPCS} VPCs, local and fleet together")
+    all_vpcs = {v.id: v for v in (*cfg.vpc, *added)}
+    for i, n in enumerate(cfg.net):
+        _check_net_ip(n.ip, all_vpcs[n.vpc], cfg.source, f"net[{i}].")
+    return dataclasses.replace(cfg, vpc=(*cfg.vpc, *added))
 
 
 def _engine(daemon: dict, source: str) -> EngineConfig:
@@ -376,25 +508,25 @@ def _rate(t: dict, key: str, source: str, p: str, default: int = 0) -> int:
     return v
 
 
-def _net(t: Any, i: int, source: str, runtime: Path, vpcs: tuple[VpcConfig, ...]) -> NetConfig:
+def _net(t: Any, i: int, source: str, runtime: Path, vpcs: tuple[VpcConfig, ...], fleet: bool) -> NetConfig:
     p = _entry(t, i, "net", source, {"id", "socket", "vpc", "mac", "ip", "queues", "queue_size",
                                      "bw_in_bytes_per_sec", "bw_out_bytes_per_sec", "pps",
                                      "linklocal_pps"})
     dev_id = _id(t, source, p)
     vpc_id = _str(t, "vpc", source, p, None)
     vpc = next((v for v in vpcs if v.id == vpc_id), None)
-    if vpc is None:
+    if vpc is None and not fleet:
         raise ConfigError(source, p + "vpc", f"no [[vpc]] with id {vpc_id!r} (have {[v.id for v in vpcs]})")
+    if vpc is None and not _ID_RE.match(vpc_id):  # a fleet VPC's name, checked when etcd is read
+        raise ConfigError(source, p + "vpc", f"must match {_ID_RE.pattern}, got {vpc_id!r}")
     mac = _str(t, "mac", source, p, None)
     if not _MAC_RE.match(mac):
         raise ConfigError(source, p + "mac", f"expected a MAC such as '52:54:00:12:34:56', got {mac!r}")
     if int(mac[:2], 16) & 1 or mac == "00:00:00:00:00:00":
         raise ConfigError(source, p + "mac", f"{mac} is a multicast or zero address")
     ip = _ipv4(t, "ip", source, p, ipaddress.IPv4Address)
-    if ip not in vpc.cidr or ip in (vpc.cidr.network_address, vpc.cidr.broadcast_address, vpc.gateway):
-        raise ConfigError(source, p + "ip", f"{ip} is not a free host address of vpc {vpc.id} ({vpc.cidr})")
-    if vpc.uplink is not None and ip == vpc.uplink.address.ip:
-        raise ConfigError(source, p + "ip", f"{ip} is vpc {vpc.id}'s uplink address")
+    if vpc is not None:
+        _check_net_ip(ip, vpc, source, p)
     # QEMU's virtio-net-pci refuses rings smaller than 256 entries.
     qsize = _queue_size(t, source, p, least=256)
     return NetConfig(
@@ -407,11 +539,16 @@ def _net(t: Any, i: int, source: str, runtime: Path, vpcs: tuple[VpcConfig, ...]
         linklocal_pps=_rate(t, "linklocal_pps", source, p, DEFAULT_LINKLOCAL_PPS))
 
 
+def _check_net_ip(ip: ipaddress.IPv4Address, vpc: VpcConfig, source: str, p: str) -> None:
+    if ip not in vpc.cidr or ip in (vpc.cidr.network_address, vpc.cidr.broadcast_address, vpc.gateway):
+        raise ConfigError(source, p + "ip", f"{ip} is not a free host address of vpc {vpc.id} ({vpc.cidr})")
+    if vpc.uplink is not None and ip == vpc.uplink.address.ip:
+        raise ConfigError(source, p + "ip", f"{ip} is vpc {vpc.id}'s uplink address")
+
+
 def _blk(t: Any, i: int, source: str, runtime: Path, state: Path) -> BlkConfig:
     p = _entry(t, i, "blk", source, {"id", "socket", "image", "size", "readonly", "queues",
-                                     "queue_size", "serial", "encryption", "source",
-                                     "tls_psk_file", "tls_username", "tls_certificates",
-                                     "io_timeout"})
+                                     "queue_size", "serial", "encryption", "qos", *SOURCE_KEYS})
     dev_id = _id(t, source, p)
     size = parse_size(t["size"], source, p + "size") if "size" in t else None
     queues = _int(t, "queues", source, p, 1, 1, MAX_QUEUES)
@@ -422,38 +559,126 @@ def _blk(t: Any, i: int, source: str, runtime: Path, state: Path) -> BlkConfig:
     readonly = t.get("readonly", False)
     if not isinstance(readonly, bool):
         raise ConfigError(source, p + "readonly", f"expected true or false, got {readonly!r}")
-    return BlkConfig(
+    blk = BlkConfig(
         id=dev_id,
         socket=runtime / _str(t, "socket", source, p, f"{dev_id}.sock"),
         image=state / _str(t, "image", source, p, f"{dev_id}.img"),
         size=size, readonly=readonly, queues=queues, queue_size=qsize, serial=serial,
-        encryption=_encryption(t, source, p, state), **_remote(t, source, p, state))
+        encryption=_encryption(t, source, p, state), qos=_qos(t, source, p),
+        **_remote(t, source, p, state))
+    if blk.remote is not None and blk.qos != QosConfig():
+        # The limits live in the local-file ring (nitro_blk.c); the NBD and
+        # librbd rings do not apply them yet, and a limit silently ignored
+        # is worse.
+        raise ConfigError(source, p + "qos", "not with source yet: QoS applies to local volumes only")
+    return blk
 
 
-def _remote(t: dict, source: str, p: str, state: Path) -> dict[str, Any]:
-    """`source` (a remote volume) with its TLS keys and io_timeout."""
+def _qos(t: dict, source: str, prefix: str) -> QosConfig:
+    if "qos" not in t:
+        return QosConfig()
+    q = t["qos"]
+    if not isinstance(q, dict):
+        raise ConfigError(source, prefix + "qos", "expected a table such as { iops = 2000, throughput = \"100M\" }")
+    return parse_qos(q, QosConfig(), source, prefix + "qos.")
+
+
+def parse_qos(values: dict, base: QosConfig, source: str, prefix: str = "") -> QosConfig:
+    """``values`` (some of QOS_KEYS) over ``base`` -> checked QosConfig.
+    Also what `nitro volume qos` sends: the keys it names change, the others
+    stay. Rates take decimal units ('100M'); ConfigError names the key."""
+    _check_keys(values, set(QOS_KEYS), source, prefix)
+    merged = {k: getattr(base, k) for k in QOS_KEYS}
+    for key in ("iops", "throughput", "burst_iops"):
+        if key in values:
+            merged[key] = _rate(values, key, source, prefix)
+    if "burst_seconds" in values:
+        merged["burst_seconds"] = _int(values, "burst_seconds", source, prefix, 0, 0, MAX_BURST_SECONDS)
+    qos = QosConfig(**merged)
+    if qos.burst_iops and not qos.iops:
+        raise ConfigError(source, prefix + "burst_iops", "a burst needs a baseline: set iops too")
+    if qos.burst_iops and qos.burst_iops <= qos.iops:
+        raise ConfigError(source, prefix + "burst_iops",
+                          f"must be above iops ({qos.iops}), got {qos.burst_iops}")
+    if bool(qos.burst_iops) != bool(qos.burst_seconds):
+        raise ConfigError(source, prefix + ("burst_seconds" if qos.burst_iops else "burst_iops"),
+                          "burst_iops and burst_seconds go together (both 0: no burst)")
+    return qos
+
+
+# `source` and the keys that go with it: for any remote volume, an NBD
+# export's (nbds:// only) and an RBD image's. The dict maps a key to the
+# source kind it belongs to (None: either).
+_REMOTE_KEYS: dict[str, str | None] = {
+    "io_timeout": None,
+    "tls_psk_file": "nbds", "tls_username": "nbds", "tls_certificates": "nbds",
+    "ceph_conf": "rbd", "user": "rbd", "keyring": "rbd",
+}
+SOURCE_KEYS = ("source", *_REMOTE_KEYS)
+_SOURCE_FORMS = {None: '"nbd://HOST[:PORT]/EXPORT", "nbds://..." or "rbd:POOL/IMAGE"',
+                 "nbds": '"nbds://HOST[:PORT]/EXPORT"', "rbd": '"rbd:POOL/IMAGE"'}
+_RBD_NAME_RE = re.compile(r"^[^/@\s]+$")
+
+
+def _remote(t: dict, source: str, prefix: str, state: Path) -> dict[str, Any]:
+    """`source` (a remote volume: an NBD export or an RBD image) and its
+    keys -> BlkConfig's nbd or rbd and io_timeout; {} for a local image."""
+    spec = _str(t, "source", source, prefix, None) if "source" in t else None
+    scheme = spec.partition(":")[0].lower() if spec is not None else None
+    if scheme is not None and scheme not in ("nbd", "nbds", "rbd"):
+        raise ConfigError(source, prefix + "source",
+                          f"expected nbd://HOST[:PORT]/EXPORT, nbds://... or rbd:POOL/IMAGE, got {spec!r}")
+    for key, kind in _REMOTE_KEYS.items():
+        if key in t and (scheme is None or kind not in (None, scheme)):
+            raise ConfigError(source, prefix + key, f"only with source = {_SOURCE_FORMS[kind]}")
+    if spec is None:
+        return {}
+    fields: dict[str, Any] = {"io_timeout": _io_timeout(t, source, prefix)}
+    if scheme == "rbd":
+        fields["rbd"] = _rbd_source(t, spec, source, prefix, state)
+    else:
+        fields["nbd"] = _nbd_source(t, spec, source, prefix, state)
+    return fields
+
+
+def _io_timeout(t: dict, source: str, prefix: str) -> float:
+    v = t.get("io_timeout", DEFAULT_IO_TIMEOUT)
+    if isinstance(v, bool) or not isinstance(v, int | float) or not 0 < v <= MAX_IO_TIMEOUT:
+        raise ConfigError(source, prefix + "io_timeout", f"expected seconds in (0, {MAX_IO_TIMEOUT:g}], got {v!r}")
+    return float(v)
+
+
+def _nbd_source(t: dict, spec: str, source: str, prefix: str, state: Path) -> NbdSource:
+    """`source = "nbd://..."` / `"nbds://..."` with its TLS keys."""
     from nitro.devices.blk.backends import nbd
 
-    remote_keys = {"tls_psk_file", "tls_username", "tls_certificates", "io_timeout"}
-    if "source" not in t:
-        for k in sorted(remote_keys & t.keys()):
-            raise ConfigError(source, p + k, "only for a remote volume (source = ...)")
-        return {}
-    for k in ("image", "size"):
-        if k in t:
-            raise ConfigError(source, p + k, "not with source: the export is the volume")
-    files = {k: state / _str(t, k, source, p, None)
+    for key in ("image", "size"):
+        if key in t:
+            raise ConfigError(source, prefix + key, "not with source: the export is the volume")
+    files = {k: state / _str(t, k, source, prefix, None)
              for k in ("tls_psk_file", "tls_certificates") if k in t}
-    user = _str(t, "tls_username", source, p, None) if "tls_username" in t else None
+    user = _str(t, "tls_username", source, prefix, None) if "tls_username" in t else None
     try:
-        src = nbd.parse_source(_str(t, "source", source, p, None), tls_username=user, **files)
+        return nbd.parse_source(spec, tls_username=user, **files)
     except ValueError as e:
-        raise ConfigError(source, p + "source", str(e)) from None
-    try:
-        timeout = nbd.io_timeout_from(t.get("io_timeout", nbd.DEFAULT_IO_TIMEOUT))
-    except ValueError as e:
-        raise ConfigError(source, p + "io_timeout", str(e)) from None
-    return {"source": src, "io_timeout": timeout}
+        raise ConfigError(source, prefix + "source", str(e)) from None
+
+
+def _rbd_source(t: dict, spec: str, source: str, prefix: str, state: Path) -> RbdSource:
+    """`source = "rbd:POOL/IMAGE"` with its options."""
+    pool, _, image = spec.removeprefix("rbd:").partition("/")
+    if not spec.startswith("rbd:") or not _RBD_NAME_RE.match(pool) or not _RBD_NAME_RE.match(image):
+        raise ConfigError(source, prefix + "source", f'expected "rbd:POOL/IMAGE", got {spec!r}')
+    for key, why in (("image", "the volume is the RBD image"),
+                     ("size", "an RBD image's size is its own (rbd create/resize)"),
+                     ("encryption", "encrypted RBD volumes are not supported yet")):
+        if key in t:
+            raise ConfigError(source, prefix + key, f"not with source: {why}")
+    keyring = _str(t, "keyring", source, prefix, "")
+    return RbdSource(pool=pool, image=image,
+                     ceph_conf=state / _str(t, "ceph_conf", source, prefix, "/etc/ceph/ceph.conf"),
+                     user=_str(t, "user", source, prefix, "admin"),
+                     keyring=state / keyring if keyring else None)
 
 
 def _encryption(t: dict, source: str, prefix: str, state: Path) -> EncryptionConfig | None:
@@ -483,9 +708,9 @@ def _check_unique(blks: tuple[BlkConfig, ...], vpcs: tuple[VpcConfig, ...],
     _no_duplicates(source, "socket", [(f"blk[{i}].socket", b.socket) for i, b in blk]
                    + [(f"net[{i}].socket", n.socket) for i, n in net])
     _no_duplicates(source, "image", [(f"blk[{i}].image", b.image) for i, b in blk
-                                     if b.source is None])
-    _no_duplicates(source, "source", [(f"blk[{i}].source", str(b.source)) for i, b in blk
-                                      if b.source is not None])
+                                     if b.remote is None])
+    _no_duplicates(source, "source", [(f"blk[{i}].source", str(b.remote)) for i, b in blk
+                                      if b.remote is not None])
     _no_duplicates(source, "id", [(f"vpc[{i}].id", v.id) for i, v in vpc])
     _no_duplicates(source, "interface", [(f"vpc[{i}].uplink.name", v.uplink.name)
                                          for i, v in vpc if v.uplink is not None])

@@ -15,10 +15,11 @@ else is touched. Reloads run one at a time, and not once a stop signal came.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import signal
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -26,11 +27,12 @@ import trio
 
 from nitro import __version__, _datapath, metrics
 from nitro import reload as reload_plan
-from nitro.config import ConfigError, DaemonConfig
+from nitro.config import ConfigError, DaemonConfig, parse_qos
 from nitro.control.protocol import CommandRefused
 from nitro.control.server import serve_control
 from nitro.devices import blk
 from nitro.devices.blk.backends.raw import VolumeError
+from nitro.devices.blk.device import BlkDevice
 from nitro.engine import Engine
 from nitro.log import log_event
 from nitro.sdnotify import Notifier, watchdog_loop
@@ -41,6 +43,9 @@ if TYPE_CHECKING:
 
     from nitro.devices.base import VirtioBackend
     from nitro.devices.net.fabric import NetFabric
+    from nitro.fleet.agent import FleetAgent
+    from nitro.fleet.node import FleetNode
+    from nitro.fleet.state import Change, FleetState
 
 log = logging.getLogger("nitro.daemon")
 
@@ -62,6 +67,8 @@ class Daemon:
     version: str = __version__
     fabric: NetFabric | None = None  # when [[net]] (or a VPC uplink) is configured
     engine: Engine | None = None  # the C workers serving every ring (open_devices)
+    fleet: FleetAgent | None = None  # with [fleet]: this host's link to etcd (open_devices)
+    fleet_node: FleetNode | None = None  # with [fleet]: the agent, the tunnel and its SAs, the rekeys
     # Re-reads the config file with the command line's overrides; None when
     # the daemon runs on the embedded default (nothing to re-read).
     load_config: Callable[[], DaemonConfig] | None = None
@@ -83,7 +90,40 @@ class Daemon:
             sections["engine"] = self.engine.statistics
         if self.fabric is not None:
             sections["vpcs"] = self.vpc_statistics
+        if self.fleet_node is not None:
+            sections["fleet"] = self.fleet_node.statistics
         return sections
+
+    def fleet_statistics(self) -> dict | None:
+        """The fleet agent's state and the SAs; any thread (metrics)."""
+        node = self.fleet_node
+        return node.statistics() if node is not None else None
+
+    async def fleet_rekey(self) -> dict:
+        """`nitro fleet rekey`: this host moves to its next key epoch now."""
+        if self.fleet_node is None:
+            raise CommandRefused("this daemon has no [fleet]: there are no keys to renew")
+        return await self.fleet_node.rekey_and_publish("manual")
+
+    def _open_fleet(self) -> None:
+        """[fleet]: read the fleet VPCs the interfaces name (before the
+        switch is built from them) and make the agent (not started yet)."""
+        from nitro.fleet import node
+
+        try:
+            cfg = node.resolve_vpcs(self.cfg)
+            self.fleet_node = node.open_node(cfg, listener=self._fleet_changed)
+        except node.FleetStartupError as e:
+            raise StartupError(str(e)) from None
+        self.fleet = self.fleet_node.agent
+        self.cfg = cfg
+
+    def _fleet_changed(self, changes: Sequence[Change], state: FleetState) -> None:
+        # Called after fleet_node applied the changes to the tunnel (peers,
+        # SAs, served VNIs). The switch's remote tables are fed from here
+        # (issue 12, the integration step); until then they are only logged.
+        for c in changes:
+            log_event(log, logging.DEBUG, "fleet change", view=c.view, kind=c.kind, key=str(c.key))
 
     def _server(self, device, socket, device_id: str) -> VhostUserServer:
         assert self.engine is not None, "open_devices() starts the engine first"
@@ -117,6 +157,8 @@ class Daemon:
         and one server per device (a bad volume fails before any thread)."""
         opened: list[tuple[VirtioBackend, Path, str]] = []
         make_directories(self.cfg)
+        if self.cfg.fleet is not None:
+            self._open_fleet()
         for b in self.cfg.blk:
             try:
                 device = blk.open_device(b)
@@ -158,7 +200,8 @@ class Daemon:
     async def run(self, notifier: Notifier) -> None:
         msrv = metrics.start_metrics_server(self.cfg.metrics_listen, lambda: self.devices,
                                             self.vpc_statistics, devices_lock=self.devices_lock,
-                                            get_engine=self.engine_statistics)
+                                            get_engine=self.engine_statistics,
+                                            get_fleet=self.fleet_statistics)
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
@@ -167,6 +210,9 @@ class Daemon:
                 await nursery.start(serve_control, self.cfg.control_socket, self)
                 if self.engine is not None:
                     nursery.start_soon(self.engine.watch)
+                if self.fleet_node is not None:
+                    # Cancelled after the drain: the agent revokes its lease then.
+                    await nursery.start(self.fleet_node.run)
                 if self.fabric is not None:
                     nursery.start_soon(self.fabric.serve_punts)
                     self.fabric.start_uplink_threads()
@@ -209,6 +255,18 @@ class Daemon:
                 raise self._refuse("the daemon is stopping")
             return await self._reload_locked(self.load_config)
 
+    def _with_running_fleet_vpcs(self, new: DaemonConfig) -> DaemonConfig:
+        """A reloaded config's fleet VPCs as they run (resolved at start-up),
+        else as the agent knows them now: the plan then sees only real
+        [[net]] changes (which need a restart anyway)."""
+        from nitro.config import with_fleet_vpcs
+        from nitro.fleet.node import vpc_config
+
+        assert self.fleet is not None
+        running = {v.id: v for v in self.cfg.vpc if v.vni is not None}
+        known = {name: vpc_config(r) for name, r in self.fleet.state.vpcs.items()}
+        return with_fleet_vpcs(new, list({**known, **running}.values()))
+
     def _refuse(self, reason: str) -> ReloadError:
         log_event(log, logging.WARNING, "reload refused", config=self.cfg.source, error=reason)
         return ReloadError(reason)
@@ -217,6 +275,8 @@ class Daemon:
         log_event(log, logging.INFO, "reload", config=self.cfg.source)
         try:
             new = await trio.to_thread.run_sync(load)
+            if self.fleet is not None and new.fleet_vpc_names():
+                new = self._with_running_fleet_vpcs(new)
         except ConfigError as e:
             raise self._refuse(f"config {e}") from None
         plan = reload_plan.plan(self.cfg, new)
@@ -232,6 +292,9 @@ class Daemon:
             log_event(log, logging.INFO, "reload: device removed", device=b.id, socket=str(b.socket))
         for s in added:
             log_event(log, logging.INFO, "reload: device added", device=s.device_id, socket=str(s.socket_path))
+        for b in plan.qos:
+            self._blk_device(b.id).set_qos(b.qos)
+            log_event(log, logging.INFO, "reload: qos changed", device=b.id, **dataclasses.asdict(b.qos))
         for device_id in plan.unchanged:
             log_event(log, logging.DEBUG, "reload: device unchanged", device=device_id)
         self.cfg = plan.running
@@ -240,9 +303,36 @@ class Daemon:
                   needs_restart=len(plan.needs_restart), refused=len(plan.refused))
         return {"config": self.cfg.source,
                 "added": [b.id for b in plan.add], "removed": [b.id for b in plan.remove],
+                "qos": [b.id for b in plan.qos],
                 "unchanged": list(plan.unchanged),
                 "needs_restart": [c.as_dict() for c in plan.needs_restart],
                 "refused": [c.as_dict() for c in plan.refused]}
+
+    def _blk_device(self, device_id: str) -> BlkDevice:
+        device = next(s for s in self.servers if s.device_id == device_id).device
+        if not isinstance(device, BlkDevice):
+            raise TypeError(f"device {device_id} is not a [[blk]] device")
+        return device
+
+    async def set_qos(self, device_id: str, values: dict) -> dict:
+        """`nitro volume qos`: change some of a volume's QoS limits live
+        (the keys of ``values``; the others stay). The running
+        configuration records them, so a later reload applies the file's
+        again. CommandRefused (nothing changed) for an unknown device or a
+        bad value."""
+        async with self._reload_lock:
+            blks = {b.id: b for b in self.cfg.blk}
+            if device_id not in blks:
+                raise CommandRefused(f"no [[blk]] device {device_id!r} (have: {', '.join(blks) or 'none'})")
+            try:
+                qos = parse_qos(values, blks[device_id].qos, "volume qos")
+            except ConfigError as e:
+                raise CommandRefused(str(e)) from None
+            self._blk_device(device_id).set_qos(qos)
+            self.cfg = dataclasses.replace(self.cfg, blk=tuple(
+                dataclasses.replace(b, qos=qos) if b.id == device_id else b for b in self.cfg.blk))
+            log_event(log, logging.INFO, "qos changed", device=device_id, **dataclasses.asdict(qos))
+            return {"device": device_id, "qos": dataclasses.asdict(qos)}
 
     async def _add_devices(self, cfgs) -> list[VhostUserServer]:
         """Open every new volume, then make each listen. If any fails, the
@@ -338,6 +428,9 @@ class Daemon:
         if self.engine is not None:  # every ring was detached by now
             self.engine.close()
             self.engine = None
+        if self.fleet_node is not None:  # after the switch and the engine: they send through it
+            self.fleet_node.close()
+            self.fleet_node = None
 
 
 def make_directories(cfg: DaemonConfig) -> None:

@@ -75,6 +75,26 @@ GetDevices = Callable[[], Iterable[Any]]
 GetVpcs = Callable[[], dict]
 #: Returns ``Engine.statistics()`` (nitro/engine.py), or None before it starts.
 GetEngine = Callable[[], dict | None]
+#: Returns ``FleetNode.statistics()`` (nitro/fleet/node.py), or None without [fleet].
+GetFleet = Callable[[], dict | None]
+
+#: Fleet gauges: statistics key -> (metric name, help).
+FLEET_GAUGES = {
+    "watch_lag_seconds": ("nitro_fleet_watch_lag_seconds",
+                          "How far behind etcd the fleet state may be: 0 while the watch is open, else "
+                          "the time since it was lost."),
+    "revision": ("nitro_fleet_revision", "The etcd revision the fleet state is at."),
+    "peers": ("nitro_fleet_peers", "Other hosts registered in etcd (leases alive)."),
+    "vpcs": ("nitro_fleet_vpcs", "VPCs defined in etcd."),
+    "remotes": ("nitro_fleet_remote_interfaces", "Interfaces on other hosts this host can reach."),
+}
+#: Fleet counters: statistics key -> (metric name, help).
+FLEET_COUNTERS = {
+    "disconnects": ("nitro_fleet_etcd_disconnects", "Times the watch on etcd was lost after being established."),
+    "reloads": ("nitro_fleet_reloads", "Full reads of the fleet state (the first, and after a compaction)."),
+    "invalid_records": ("nitro_fleet_invalid_records", "Values under /nitro/ skipped because they break the schema."),
+    "callback_errors": ("nitro_fleet_listener_errors", "Fleet changes whose listener (the switch update) raised."),
+}
 
 #: Per-worker engine counters: statistics key -> (metric name, help, nanoseconds?).
 ENGINE_COUNTERS = {
@@ -84,7 +104,31 @@ ENGINE_COUNTERS = {
     "poll_ns": ("nitro_engine_poll_seconds", "Time an engine worker busy-polled with nothing to do.", True),
     "sleep_ns": ("nitro_engine_sleep_seconds", "Time an engine worker slept waiting for kicks or I/O.", True),
     "io_submitted": ("nitro_engine_io_submitted", "io_uring requests an engine worker submitted.", False),
+    "mutes": ("nitro_engine_kick_mutes", "Times an engine worker stopped waking for a ring whose kicks kept "
+              "finding nothing (a kick storm; the ring is then polled every millisecond).", False),
 }
+
+
+#: A volume's QoS counters: statistics()["qos"] key -> (family, name, help, nanoseconds?).
+BLK_QOS = {
+    "exceeded_iops_ns": (
+        CounterMetricFamily, "nitro_blk_qos_exceeded_iops_seconds",
+        "Time requests of the volume waited for its IOPS limit (baseline or burst), like EBS's "
+        "exceeded_iops.", True),
+    "exceeded_throughput_ns": (
+        CounterMetricFamily, "nitro_blk_qos_exceeded_throughput_seconds",
+        "Time requests of the volume waited for its throughput limit, like EBS's exceeded_tp.", True),
+    "credits": (GaugeMetricFamily, "nitro_blk_qos_burst_credits",
+                "I/O credits in the volume's burst bucket (docs/volumes.md).", False),
+    "credits_max": (GaugeMetricFamily, "nitro_blk_qos_burst_credits_max",
+                    "The burst bucket's size: (burst_iops - iops) * burst_seconds.", False),
+    "queued": (GaugeMetricFamily, "nitro_blk_qos_queue_length",
+               "Requests the guest queued that wait for the volume's QoS budget now.", False),
+    "delayed": (CounterMetricFamily, "nitro_blk_qos_delayed_requests",
+                "Requests held back by the volume's QoS before they were served (never failed).", False),
+}
+#: ``limit`` label values of nitro_blk_qos_limit (keys of statistics()["qos"]).
+BLK_QOS_LIMITS = ("iops", "throughput", "burst_iops", "burst_seconds")
 
 
 class _Families:
@@ -109,8 +153,14 @@ class _Families:
             labels=["device"])
         self.blk_duration = HistogramMetricFamily(
             "nitro_blk_request_duration_seconds",
-            "Time from taking a virtio-blk request off the avail ring to publishing it on the used ring.",
-            labels=["device"])
+            "Time from taking a virtio-blk request off the avail ring to publishing it on the used ring "
+            "(time held back by QoS included), by request type.",
+            labels=["device", "op"])
+        self.blk_qos = {key: family(name, text, labels=["device"])
+                        for key, (family, name, text, _) in BLK_QOS.items()}
+        self.blk_qos_limit = GaugeMetricFamily(
+            "nitro_blk_qos_limit", "The volume's QoS limits (0: unlimited); limit = iops, throughput "
+            "(bytes/s), burst_iops, burst_seconds.", labels=["device", "limit"])
         self.blk_capacity = GaugeMetricFamily(
             "nitro_blk_capacity_bytes", "Size of the virtio-blk device as presented to the guest.", labels=["device"])
         self.vhost_connected = GaugeMetricFamily(
@@ -190,6 +240,23 @@ class _Families:
             "nitro_vpc_uplink_drops", "Frames read from a VPC's host uplink and dropped by the switch, by reason.",
             labels=[*vu, "reason"])
 
+        self.fleet_up = GaugeMetricFamily(
+            "nitro_fleet_etcd_up", "1 while the fleet's watch on etcd is established, else 0.", labels=["host"])
+        self.fleet_gauges = {key: GaugeMetricFamily(name, text, labels=["host"])
+                             for key, (name, text) in FLEET_GAUGES.items()}
+        self.fleet_counters = {key: CounterMetricFamily(name, text, labels=["host"])
+                               for key, (name, text) in FLEET_COUNTERS.items()}
+        self.fleet_rekeys = CounterMetricFamily(
+            "nitro_fleet_rekeys", "Times this host moved to its next key epoch (schedule, sequence space, "
+            "`nitro fleet rekey`).", labels=["host"])
+        sa = ["host", "peer", "direction"]
+        self.fleet_sa_epoch = GaugeMetricFamily(
+            "nitro_fleet_sa_epoch", "Key epoch of the SA with a peer host: direction out = this host's "
+            "sending epoch, in = the epoch the peer published.", labels=sa)
+        self.fleet_sa_age = GaugeMetricFamily(
+            "nitro_fleet_sa_age_seconds", "Seconds since the SA with a peer host was installed "
+            "(out: this host's; in: the one of the peer's published epoch).", labels=sa)
+
     def all(self) -> list[Metric]:
         out: list[Metric] = []
         for value in vars(self).values():
@@ -246,7 +313,7 @@ def _add_device(f: _Families, stats: dict) -> None:
             faults[name] = faults.get(name, 0) + n
     adds += [(f.guest_errors, _labels(dev, kind, name), n) for name, n in faults.items()]
 
-    histogram = None
+    histograms: list[tuple[list[str], list, float]] = []
     if kind == "blk":
         ops = stats.get("ops", {})
         for op in dict.fromkeys((*BLK_OPS, *ops)):
@@ -261,9 +328,14 @@ def _add_device(f: _Families, stats: dict) -> None:
         adds.append((f.blk_resubmitted, [dev], stats.get("resubmitted", 0)))
         if "capacity_bytes" in stats:
             adds.append((f.blk_capacity, [dev], stats["capacity_bytes"]))
-        if "latency_buckets" in stats:
-            buckets, _ = _cumulative_buckets(stats["latency_buckets"])
-            histogram = (buckets, float(stats.get("latency_sum_seconds", 0.0)))
+        for op, h in stats.get("latency", {}).items():
+            buckets, _ = _cumulative_buckets(h["buckets"])
+            histograms.append(([dev, str(op)], buckets, float(h["sum_seconds"])))
+        qos = stats.get("qos")
+        if qos is not None:
+            adds += [(f.blk_qos[key], [dev], qos[key] / 1e9 if ns else qos[key])
+                     for key, (_, _, _, ns) in BLK_QOS.items()]
+            adds += [(f.blk_qos_limit, [dev, limit], qos[limit]) for limit in BLK_QOS_LIMITS]
 
     if kind == "net" and isinstance(stats.get("net"), dict):
         net = stats["net"]
@@ -276,8 +348,8 @@ def _add_device(f: _Families, stats: dict) -> None:
         adds.append((f.net_punted, [dev], net.get("punted", 0)))
 
     _add_all(adds)
-    if histogram is not None:
-        f.blk_duration.add_metric([dev], histogram[0], histogram[1])
+    for labels, buckets, total in histograms:
+        f.blk_duration.add_metric(labels, buckets, total)
 
 
 def _add_all(adds: list[tuple[Metric, list[str], Any]]) -> None:
@@ -314,6 +386,23 @@ def _add_vpc(f: _Families, vpc_id: str, stats: dict) -> None:
     _add_all(adds)
 
 
+def _add_fleet(f: _Families, stats: dict) -> None:
+    """FleetNode.statistics(); all or nothing."""
+    host = [str(stats["host"])]
+    adds: list[tuple[Metric, list[str], Any]] = [(f.fleet_up, host, 1 if stats["etcd"] == "up" else 0)]
+    adds += [(f.fleet_gauges[key], host, stats[key]) for key in FLEET_GAUGES]
+    adds += [(f.fleet_counters[key], host, stats[key]) for key in FLEET_COUNTERS]
+    if "rekeys" in stats:
+        adds.append((f.fleet_rekeys, host, stats["rekeys"]))
+    for sa in stats.get("sas", ()):
+        for direction in ("out", "in"):
+            info = sa[direction]
+            if info:
+                labels = [*host, str(sa["peer"]), direction]
+                adds += [(f.fleet_sa_epoch, labels, info["epoch"]), (f.fleet_sa_age, labels, info["age_ns"] / 1e9)]
+    _add_all(adds)
+
+
 class NitroCollector(Collector):
     """Reads ``statistics()`` of every device from ``get_devices()`` at each
     scrape. ``get_devices`` is called in the metrics HTTP thread; it should
@@ -325,8 +414,9 @@ class NitroCollector(Collector):
     def __init__(self, get_devices: GetDevices, get_vpcs: GetVpcs | None = None,
                  version: str = __version__, *,
                  devices_lock: AbstractContextManager[Any] | None = None,
-                 get_engine: GetEngine | None = None) -> None:
+                 get_engine: GetEngine | None = None, get_fleet: GetFleet | None = None) -> None:
         self._get_devices = get_devices
+        self._get_fleet = get_fleet
         self._get_engine = get_engine
         self._devices_lock = devices_lock if devices_lock is not None else contextlib.nullcontext()
         self._get_vpcs = get_vpcs
@@ -370,24 +460,28 @@ class NitroCollector(Collector):
             else:
                 self._record_success(key)
 
-    def _collect_engine(self, families: _Families) -> None:
-        if self._get_engine is None:
+    def _collect_section(self, families: _Families, key: str, what: str,
+                         get: Callable[[], dict | None] | None, add: Callable[[_Families, dict], None]) -> None:
+        """One part beyond the devices (engine, fleet): absent when ``get``
+        is None or returns None; a failure is recorded like a device's."""
+        if get is None:
             return
         try:
-            stats = self._get_engine()
+            stats = get()
             if stats is not None:
-                _add_engine(families, stats)
+                add(families, stats)
         except Exception as exc:
-            self._record_failure("<engine>", "engine statistics", exc)
+            self._record_failure(key, what, exc)
         else:
-            self._record_success("<engine>")
+            self._record_success(key)
 
     def collect(self) -> Iterator[Metric]:
         families = _Families()
         with self._devices_lock:
             self._collect_devices(families)
         self._collect_vpcs(families)
-        self._collect_engine(families)
+        self._collect_section(families, "<engine>", "engine statistics", self._get_engine, _add_engine)
+        self._collect_section(families, "<fleet>", "fleet statistics", self._get_fleet, _add_fleet)
 
         yield from families.all()
 
@@ -425,11 +519,12 @@ class NitroCollector(Collector):
 def make_registry(get_devices: GetDevices, get_vpcs: GetVpcs | None = None, *,
                   process_metrics: bool = True,
                   devices_lock: AbstractContextManager[Any] | None = None,
-                  get_engine: GetEngine | None = None) -> CollectorRegistry:
+                  get_engine: GetEngine | None = None, get_fleet: GetFleet | None = None) -> CollectorRegistry:
     """A private registry (not prometheus_client's global one) holding the
     nitro collector and, by default, the standard ``process_*`` metrics."""
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(NitroCollector(get_devices, get_vpcs, devices_lock=devices_lock, get_engine=get_engine))
+    registry.register(NitroCollector(get_devices, get_vpcs, devices_lock=devices_lock, get_engine=get_engine,
+                                     get_fleet=get_fleet))
     if process_metrics:
         ProcessCollector(registry=registry)
     return registry
@@ -470,7 +565,7 @@ def parse_listen(listen: str) -> tuple[str, int] | None:
 
 def start_metrics_server(listen: str, get_devices: GetDevices, get_vpcs: GetVpcs | None = None, *,
                          devices_lock: AbstractContextManager[Any] | None = None,
-                         get_engine: GetEngine | None = None):
+                         get_engine: GetEngine | None = None, get_fleet: GetFleet | None = None):
     """Serve ``/metrics`` on ``listen`` (see :func:`parse_listen`) from a
     private registry, in prometheus-client's own daemon thread.
 
@@ -483,7 +578,8 @@ def start_metrics_server(listen: str, get_devices: GetDevices, get_vpcs: GetVpcs
     if parsed is None:
         return None
     host, port = parsed
-    registry = make_registry(get_devices, get_vpcs, devices_lock=devices_lock, get_engine=get_engine)
+    registry = make_registry(get_devices, get_vpcs, devices_lock=devices_lock, get_engine=get_engine,
+                             get_fleet=get_fleet)
     try:
         started = start_http_server(port, addr=host, registry=registry)
     except OSError as exc:

@@ -8,10 +8,12 @@ loaded (and therefore fully validated) one and says what to do; the daemon
 - a ``[[blk]]`` id only in the running config is *removed* (drained, its
   frontend disconnected, volume flushed and closed, socket unlinked);
 - an id in both with equal settings is *unchanged* and not touched at all;
-- an id in both with different settings *needs a restart*: it keeps
-  running with its old settings. Changing a disk under a guest is never done
-  silently; removing it (one reload) and adding it back (another) is the
-  operator's explicit choice;
+- an id in both whose ``qos`` differs gets the new limits *live* (``qos``):
+  the device keeps serving, its queues see the new budget at once;
+- an id in both with other settings different *needs a restart*: it keeps
+  running with its old settings (its ``qos`` change, if any, still applies).
+  Changing a disk under a guest is never done silently; removing it (one
+  reload) and adding it back (another) is the operator's explicit choice;
 - an added device whose socket or image is in use by a running device
   (including one removed by the same reload) is *refused*: two devices must
   never share a socket or an image lock, and removing first would leave the
@@ -44,6 +46,7 @@ _DAEMON_KEYS = (
     ("log_level", "daemon.log_level"),
     ("metrics_listen", "metrics.listen"),
     ("engine", "daemon.workers/cpus/poll_us/seccomp/max_guest_memory"),
+    ("fleet", "fleet"),
 )
 
 
@@ -63,6 +66,7 @@ class Change:
 class ReloadPlan:
     add: tuple[BlkConfig, ...]
     remove: tuple[BlkConfig, ...]
+    qos: tuple[BlkConfig, ...]         # running devices whose QoS changes live (their new config)
     unchanged: tuple[str, ...]
     needs_restart: tuple[Change, ...]  # valid changes that only a restart applies
     refused: tuple[Change, ...]        # additions that conflict with running devices
@@ -70,7 +74,7 @@ class ReloadPlan:
 
     @property
     def empty(self) -> bool:
-        return not (self.add or self.remove)
+        return not (self.add or self.remove or self.qos)
 
 
 def plan(old: DaemonConfig, new: DaemonConfig) -> ReloadPlan:
@@ -85,9 +89,16 @@ def plan(old: DaemonConfig, new: DaemonConfig) -> ReloadPlan:
     new_blk = {b.id: b for b in new.blk}
     remove = tuple(b for b in old.blk if b.id not in new_blk)
     unchanged = tuple(b.id for b in old.blk if new_blk.get(b.id) == b)
+    qos: list[BlkConfig] = []
+    kept: dict[str, BlkConfig] = {}  # what runs after this reload, by id
     for b in old.blk:
         n = new_blk.get(b.id)
-        if n is not None and n != b:
+        if n is None or n == b:
+            continue
+        if n.qos != b.qos:
+            qos.append(n)
+            kept[b.id] = b = dataclasses.replace(b, qos=n.qos)
+        if n != b:
             restart.append(Change("blk", b.id, f"settings changed ({_fields_changed(b, n)}); "
                                   "needs a restart, or remove it in one reload and add it in another"))
 
@@ -121,8 +132,8 @@ def plan(old: DaemonConfig, new: DaemonConfig) -> ReloadPlan:
         else:
             add.append(b)
 
-    running_blk = tuple(b for b in old.blk if b.id not in removed_ids) + tuple(add)
-    return ReloadPlan(add=tuple(add), remove=remove, unchanged=unchanged,
+    running_blk = tuple(kept.get(b.id, b) for b in old.blk if b.id not in removed_ids) + tuple(add)
+    return ReloadPlan(add=tuple(add), remove=remove, qos=tuple(qos), unchanged=unchanged,
                       needs_restart=tuple(restart), refused=tuple(refused),
                       running=dataclasses.replace(old, blk=running_blk))
 
@@ -151,7 +162,7 @@ def format_result(reply: dict) -> str:
     if not reply.get("ok"):
         return f"reload refused: {reply.get('error', 'unknown error')}"
     lines = [f"reloaded {reply.get('config', '?')}"]
-    for key, label in (("added", "added"), ("removed", "removed")):
+    for key, label in (("added", "added"), ("removed", "removed"), ("qos", "qos changed")):
         for dev in reply.get(key) or []:
             lines.append(f"  {label}: {dev}")
     unchanged = reply.get("unchanged") or []
@@ -159,6 +170,6 @@ def format_result(reply: dict) -> str:
     for key, label in (("needs_restart", "needs restart"), ("refused", "not applied")):
         for c in reply.get(key) or []:
             lines.append(f"  {label}: {c.get('kind')} {c.get('id')}: {c.get('reason')}")
-    if not (reply.get("added") or reply.get("removed")):
+    if not (reply.get("added") or reply.get("removed") or reply.get("qos")):
         lines.append("  nothing applied")
     return "\n".join(lines)

@@ -96,6 +96,20 @@ def _describe(d: dict) -> dict:
     return described
 
 
+def _format_qos(q: dict) -> str:
+    """A volume's QoS limits and where it stands (docs/volumes.md "QoS")."""
+    if not (q.get("iops") or q.get("throughput")):
+        return "unlimited"
+    limits = [f"{q['iops']} IOPS" if q.get("iops") else "", f"{q['throughput']} B/s" if q.get("throughput") else ""]
+    text = ", ".join(x for x in limits if x)
+    if q.get("burst_iops"):
+        text += (f", burst {q['burst_iops']} IOPS for {q.get('burst_seconds', 0)} s "
+                 f"(credits {q.get('credits', 0)}/{q.get('credits_max', 0)})")
+    return (f"{text}; exceeded iops {q.get('exceeded_iops_ns', 0) / 1e9:.1f} s, "
+            f"throughput {q.get('exceeded_throughput_ns', 0) / 1e9:.1f} s; delayed {q.get('delayed', 0)}, "
+            f"queued {q.get('queued', 0)}")
+
+
 def _format_device(d: dict) -> list[str]:
     if "error" in d:
         return [f"{d.get('id', '?')}: {d['error']}"]
@@ -118,6 +132,9 @@ def _format_device(d: dict) -> list[str]:
         lines.append(f"  inflight:    {d['inflight']}{extra}")
     if x.get("latency_requests"):
         lines.append(f"  latency:     mean {x['latency_mean_us']:.1f} us over {x['latency_requests']} requests")
+    qos = d.get("qos")
+    if isinstance(qos, dict):
+        lines.append(f"  qos:         {_format_qos(qos)}")
     queues = d.get("queues") or []
     if queues:
         lines.append("  queues:")
@@ -201,6 +218,53 @@ def _format_engine(engine: dict) -> list[str]:
     return lines
 
 
+def _format_fleet(f: dict) -> list[str]:
+    etcd = f.get("etcd", "?")
+    lag = f.get("watch_lag_seconds", 0)
+    if etcd == "up":
+        link = f"etcd up via {f.get('endpoint', '?')}"
+    else:
+        link = (f"etcd {etcd.upper()} for {lag:.1f} s, keeping the last known state "
+                f"(last error: {f.get('last_error') or '-'})")
+    lines = [f"fleet: host {f.get('host', '?')} (underlay {f.get('underlay', '?')}), {link}",
+             f"  watch:       revision {f.get('revision', 0)}, lag {lag:.1f} s, "
+             f"disconnects {f.get('disconnects', 0)}, reloads {f.get('reloads', 0)}",
+             f"  state:       {f.get('peers', 0)} peer hosts, {f.get('vpcs', 0)} VPCs, "
+             f"{f.get('interfaces', 0)} interfaces ({f.get('remotes', 0)} remote)"]
+    if f.get("invalid_records"):
+        lines.append(f"  invalid:     {f['invalid_records']} records skipped; last: {f.get('last_invalid')}")
+    for key, holder in (f.get("conflicts") or {}).items():
+        lines.append(f"  conflict:    {key} is held by host {holder}; not published")
+    if "index" in f:
+        lines += _format_fleet_keys(f)
+    return lines
+
+
+def _sa_text(sa: dict | None) -> str:
+    if not sa:
+        return "none"
+    return f"epoch {sa.get('epoch')} (age {sa.get('age_ns', 0) / 1e9:.1f} s, {sa.get('packets', 0)} packets)"
+
+
+def _format_fleet_keys(f: dict) -> list[str]:
+    """This host's index and epoch, then one line per peer's SAs."""
+    published = f.get("published_epoch")
+    if not f.get("encrypt", True):
+        keyline = "encryption OFF ([fleet] encrypt = false)"
+    else:
+        keyline = (f"epoch {f.get('epoch')} ({'published' if published == f.get('epoch') else 'NOT yet in etcd'}, "
+                   f"age {f.get('epoch_age_seconds', 0):.1f} s, rekey every {f.get('rekey_interval')} s), "
+                   f"{f.get('rekeys', 0)} rekeys" + (f", last: {f['last_rekey_reason']}"
+                                                      if f.get("last_rekey_reason") else ""))
+    lines = [f"  keys:        index {f.get('index')}, {keyline}"]
+    if f.get("tunnel_errors"):
+        lines.append(f"  tunnel:      {f['tunnel_errors']} peer/VNI updates failed")
+    for sa in f.get("sas") or []:
+        lines.append(f"  sa {sa.get('peer')}: index {sa.get('index')}, publishes epoch {sa.get('peer_epoch')}; "
+                     f"out {_sa_text(sa.get('out'))}; in {_sa_text(sa.get('in'))}")
+    return lines
+
+
 def format_status(reply: dict) -> str:
     """A ``status`` reply -> the human-readable text of ``nitro status``:
     one block per device (id, kind, socket, state, features as hex and by
@@ -229,6 +293,13 @@ def format_status(reply: dict) -> str:
             lines += _format_vpcs(vpcs)
         except Exception as exc:
             lines.append(f"vpcs: cannot display: {exc}")
+    fleet = reply.get("fleet")
+    if isinstance(fleet, dict):
+        lines.append("")
+        try:
+            lines += _format_fleet(fleet) if "error" not in fleet else [f"fleet: {fleet['error']}"]
+        except Exception as exc:
+            lines.append(f"fleet: cannot display: {exc}")
     return "\n".join(lines)
 
 

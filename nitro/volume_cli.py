@@ -31,7 +31,9 @@ class CliError(Exception):
         self.code = code
 
 
-def add_parser(sub) -> None:
+def add_parser(sub):
+    """The `volume` command and its offline actions; returns its
+    subparsers (cli.py adds `qos`, which talks to the daemon)."""
     vol = sub.add_parser("volume", help="create and manage volumes")
     vsub = vol.add_subparsers(metavar="ACTION")
 
@@ -69,6 +71,7 @@ def add_parser(sub) -> None:
     erase.add_argument("path", type=Path)
     erase.add_argument("--yes", action="store_true", help="confirm: the data becomes unrecoverable")
     erase.set_defaults(func=cmd_erase)
+    return vsub
 
 
 def _key_args(p: argparse.ArgumentParser, *, required: bool) -> None:

@@ -2,9 +2,9 @@
 in and a reply line out.
 
 :func:`handle_request` answers the commands that only read the daemon
-(``ping``, ``status``). ``reload`` changes the daemon and awaits it, so it is
-answered by :func:`handle_request_async`, which the trio server calls for
-every line. Neither raises: every failure is an ``{"ok": false, "error": ...}``
+(``ping``, ``status``). ``reload``, ``volume_qos`` and ``fleet-rekey`` change
+the daemon and await it, so they are answered by :func:`handle_request_async`,
+which the trio server calls for every line. Neither raises: every failure is an ``{"ok": false, "error": ...}``
 reply.
 """
 
@@ -14,6 +14,7 @@ import logging
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, Protocol
 
+from nitro.config import QOS_KEYS
 from nitro.control.protocol import (
     COMMANDS,
     CommandRefused,
@@ -38,6 +39,18 @@ class DaemonView(Protocol):
         """Re-read the config file and apply it; the reply body. Raises
         :class:`~nitro.control.protocol.CommandRefused` when nothing was
         changed."""
+        ...
+
+    async def set_qos(self, device_id: str, values: dict) -> dict:
+        """Change some QoS limits of a running volume (``values``: some of
+        config.QOS_KEYS); the reply body. Raises CommandRefused when
+        nothing was changed."""
+        ...
+
+    async def fleet_rekey(self) -> dict:
+        """Move this host to its next fleet key epoch; the reply body.
+        Raises CommandRefused when it did not (no [fleet], encryption
+        off, the current epoch not in etcd yet)."""
         ...
 
     def status_sections(self) -> Mapping[str, Callable[[], Any]]:
@@ -78,11 +91,30 @@ def _cmd_status(view: DaemonView, request: dict) -> dict:
     return reply
 
 
-async def _cmd_reload(view: DaemonView, request: dict) -> dict:
+async def _refusable(change: Awaitable[dict]) -> dict:
+    """A command that changes the daemon: its body, or its refusal as a plain error reply."""
     try:
-        return {"ok": True, **await view.reload()}
+        return {"ok": True, **await change}
     except CommandRefused as exc:
         return {"ok": False, "error": str(exc)}
+
+
+async def _cmd_volume_qos(view: DaemonView, request: dict) -> dict:
+    device = request.get("device")
+    if not isinstance(device, str):
+        return {"ok": False, "error": 'volume_qos needs a "device" string'}
+    unknown = sorted(set(request) - {"cmd", "device", *QOS_KEYS})
+    if unknown:
+        return {"ok": False, "error": f"volume_qos: unknown keys {unknown} (allowed: {', '.join(QOS_KEYS)})"}
+    return await _refusable(view.set_qos(device, {k: request[k] for k in QOS_KEYS if k in request}))
+
+
+async def _cmd_reload(view: DaemonView, request: dict) -> dict:
+    return await _refusable(view.reload())
+
+
+async def _cmd_fleet_rekey(view: DaemonView, request: dict) -> dict:
+    return await _refusable(view.fleet_rekey())
 
 
 _COMMANDS: dict[str, Callable[[DaemonView, dict], dict]] = {
@@ -92,6 +124,8 @@ _COMMANDS: dict[str, Callable[[DaemonView, dict], dict]] = {
 # Commands that await the daemon: answered by handle_request_async only.
 _ASYNC_COMMANDS: dict[str, Callable[[DaemonView, dict], Awaitable[dict]]] = {
     "reload": _cmd_reload,
+    "volume_qos": _cmd_volume_qos,
+    "fleet-rekey": _cmd_fleet_rekey,
 }
 # Every command of the protocol has exactly one implementation (checked at
 # import, not with assert: that would vanish under python -O).

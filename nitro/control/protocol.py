@@ -12,8 +12,14 @@ each with one JSON object per line, in order::
     <- {"ok": true, "config": FILE, "added": [ids], "removed": [ids], "unchanged": [ids],
         "needs_restart": [{"kind", "id", "reason"}], "refused": [...]}
     <- {"ok": false, "error": "config FILE: blk[1].size: ..."}
+    -> {"cmd": "volume_qos", "device": "vol0", "iops": 2000, "throughput": "100M"}
+    <- {"ok": true, "device": "vol0", "qos": {"iops": 2000, "throughput": 100000000,
+        "burst_iops": 0, "burst_seconds": 0}}
+    -> {"cmd": "fleet-rekey"}
+    <- {"ok": true, "host": "a", "old_epoch": 1800000000, "epoch": 1800000001, "reason": "manual",
+        "published": true}
     -> {"cmd": "nope"}
-    <- {"ok": false, "error": "unknown command 'nope' (known: ping, reload, status)"}
+    <- {"ok": false, "error": "unknown command 'nope' (known: fleet-rekey, ping, reload, status, volume_qos)"}
 
 A request line is at most :data:`MAX_LINE` bytes; a longer one gets an error
 reply and the connection is closed. Replies are strict JSON: infinities in
@@ -43,7 +49,7 @@ __all__ = [
 ]
 
 #: Every command the protocol knows; commands.py implements exactly these.
-COMMANDS = frozenset({"ping", "status", "reload"})
+COMMANDS = frozenset({"ping", "status", "reload", "volume_qos", "fleet-rekey"})
 
 #: Longest accepted request line in bytes, newline excluded.
 MAX_LINE = 64 * 1024
@@ -73,7 +79,8 @@ class ReplyError(ValueError):
 
 
 class CommandRefused(Exception):
-    """Raised by the daemon's side of a command (``DaemonView.reload``) when
+    """Raised by the daemon's side of a command (``DaemonView.reload``,
+    ``DaemonView.set_qos``) when
     it refuses or fails without changing anything; the message becomes the
     ``error`` of the reply as is."""
 

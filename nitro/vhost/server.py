@@ -199,7 +199,13 @@ class VhostUserServer:
     def _revive(self) -> None:
         """The front-end reset the device (RESET_DEVICE, RESET_OWNER, SET_STATUS
         0: a driver reset or guest reboot): every ring was detached and its C
-        queue reset, faults included, so the next start serves again."""
+        queue reset, faults included, so the next start serves again. Except
+        a frontend that jammed its own eventfd: that was no driver bug, and
+        reviving it would let it stall a worker again at every reset."""
+        if self.broken == _datapath.FAULT_EVENTFD:
+            log_event(log, logging.WARNING, "device reset by the frontend; stays broken "
+                      "until it reconnects", device=self.device_id, fault=self.broken)
+            return
         if self.broken is not None:
             log_event(log, logging.INFO, "device reset by the frontend; no longer broken",
                       device=self.device_id, fault=self.broken)

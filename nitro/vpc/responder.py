@@ -3,7 +3,9 @@
 What the switch punts here (cffi_build/nitro_switch.c ``classify``):
 - ARP requests from a guest: answered for the gateway address, for every
   other interface of the VPC (nitro knows them all, so guests never see each
-  other's ARP broadcasts) and for the uplink's host address; requests for
+  other's ARP broadcasts), for the VPC's interfaces on other hosts (the
+  fleet's mapping, :meth:`set_remote`: no broadcast crosses hosts) and for
+  the uplink's host address; requests for
   the sender's own address (duplicate address detection) or unknown ones get
   no answer;
 - DHCP (UDP to port 67): DISCOVER -> OFFER, REQUEST -> ACK or NAK, RELEASE,
@@ -69,6 +71,9 @@ class VpcResponder:
         # (metrics scrapes) may iterate them.
         self.interfaces: dict[int, Interface] = {}
         self._by_ip: dict[bytes, Interface] = {}
+        # Interfaces on other hosts: IPv4 packed -> MAC. Changed live by the
+        # fleet's control plane, on the trio thread like every lookup here.
+        self._remote: dict[bytes, bytes] = {}
         # Written on the trio thread only; read elsewhere by single lookups.
         self.leases: dict[int, Lease] = {}
         self.counters = dict.fromkeys(
@@ -82,6 +87,13 @@ class VpcResponder:
 
     def set_uplink(self, ip: ipaddress.IPv4Address, mac: bytes) -> None:
         self.uplink = (ip.packed, mac)
+
+    def set_remote(self, ip: ipaddress.IPv4Address, mac: bytes) -> None:
+        """An interface of this VPC on another host: ARP for ip answers mac."""
+        self._remote[ip.packed] = mac
+
+    def remove_remote(self, ip: ipaddress.IPv4Address) -> None:
+        self._remote.pop(ip.packed, None)
 
     # -- entry point ----------------------------------------------------------
     def handle(self, port: int, frame: bytes) -> list[bytes]:
@@ -110,7 +122,7 @@ class VpcResponder:
         other = self._by_ip.get(target)
         if other is not None and other.port != asker.port:
             return other.mac
-        return None
+        return self._remote.get(target)
 
     def _arp(self, iface: Interface, arp: pk.Arp) -> list[bytes]:
         if arp.op != 1:
@@ -230,5 +242,6 @@ class VpcResponder:
         return {
             "id": self.vpc_id,
             "counters": dict(self.counters),
+            "remote_interfaces": len(self._remote),
             "leases": {port: lease for port, lease in leases.items() if lease is not None},
         }

@@ -155,6 +155,22 @@ def blocking_call_eventfd(sock: Path | str, requests: int = 3) -> int:
         return done
 
 
+def jammed_call_eventfd(sock: Path | str) -> int:
+    """Take back the call eventfd nitro made non-blocking (the frontend
+    shares its file description), park its counter one below saturation and
+    complete a request: nitro's call after it would sleep in write() for
+    good. Stays connected while nitro cuts that write short (its device
+    breaks, fault "eventfd"). Returns the requests completed (1)."""
+    with Frontend(sock) as fe:
+        fe.start()
+        fe.get_config()  # a round trip: nitro holds the call fd
+        os.set_blocking(fe.call, True)
+        os.eventfd_write(fe.call, 0xFFFF_FFFF_FFFF_FFFE)
+        status, _ = fe.blk_request(VIRTIO_BLK_T_OUT, 0, data=b"j" * 4096)
+        time.sleep(0.2)
+        return int(status == 0)
+
+
 def truncate_memory(sock: Path | str, until: Callable[[], bool], timeout: float = 10) -> bool:
     """Start a queue, shrink the shared guest memory to nothing, kick: the
     device's next read of the ring is past the end of the file (SIGBUS).

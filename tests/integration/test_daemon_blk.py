@@ -241,6 +241,39 @@ def test_a_saturated_blocking_call_eventfd_does_not_hang_the_queue(nitro, short_
     assert n.stop() == 0
 
 
+ONE_WORKER = "[daemon]\nworkers = 1\n" + TWO_DEVICES
+
+
+def test_a_call_eventfd_made_blocking_again_breaks_only_its_device(nitro, short_tmp_path):
+    """Issue 11 item 1, the rest of it: the frontend shares the call fd's
+    file description, so it can clear the O_NONBLOCK nitro set and park the
+    counter at 2^64-2. nitro's next call then sleeps in write(): before the
+    watchdog (cffi_build/nitro_efd.h) that hung the one worker serving both
+    devices for good. Now the write is cut short, the jamming device breaks
+    with fault "eventfd", the other device on the same worker goes on, and
+    a reset does not revive the jammer (a reconnect does)."""
+    n = nitro(ONE_WORKER)
+    with Frontend(short_tmp_path / "b.sock") as good, Frontend(short_tmp_path / "a.sock") as evil:
+        good.start()
+        evil.start()
+        evil.get_config()  # a round trip: nitro holds the call fd
+        os.set_blocking(evil.call, True)  # for nitro's copy too
+        os.eventfd_write(evil.call, 0xFFFF_FFFF_FFFF_FFFE)
+        assert evil.blk_request(VIRTIO_BLK_T_OUT, 0, data=b"e" * 512)[0] == 0  # used ring first
+        _wait_metric(n, 'nitro_device_broken{device="a",kind="blk"} 1.0')
+        assert "BROKEN (eventfd)" in n.status()
+        for i in range(4):
+            assert good.blk_request(VIRTIO_BLK_T_OUT, 8 * i, data=bytes([i]) * 512)[0] == 0
+        evil.send(Request.RESET_OWNER, need_reply=True)
+        evil.ack(Request.RESET_OWNER)
+        assert 'nitro_device_broken{device="a",kind="blk"} 1.0' in n.metrics()
+    with Frontend(short_tmp_path / "a.sock") as fresh:
+        fresh.start()
+        assert fresh.blk_request(VIRTIO_BLK_T_IN, 0, read_len=512)[1] == b"e" * 512
+    assert n.proc.poll() is None
+    assert n.stop() == 0
+
+
 def test_bad_config_exits_2_with_one_line(short_tmp_path):
     cfg = short_tmp_path / "bad.toml"
     cfg.write_text('[[blk]]\nid = "x"\nqueues = 99\n')

@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import os
 import re
+import threading
 import time
 from pathlib import Path
 
+from tests.integration.attacker import kick_storm
 from tests.integration.frontend import GPA_BASE, MEM_SIZE, Frontend
 from tests.integration.test_daemon_blk import TWO_DEVICES
 from tests.ringlayout import VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT, blk_header
@@ -120,4 +122,40 @@ def test_seccomp_can_be_turned_off_for_debugging(nitro, short_tmp_path):
     modes = _worker_seccomp_modes(n.proc.pid)
     workers = {k: v for k, v in modes.items() if k.startswith("nitro-w")}
     assert workers and set(workers.values()) == {0}, modes
+    assert n.stop() == 0
+
+
+def _worker_counter(n, name: str) -> float:
+    return sum(float(line.split()[-1]) for line in n.metrics().splitlines()
+               if line.startswith(name + "{"))
+
+
+def test_a_kick_storm_gets_its_ring_muted_not_a_spinning_worker(nitro, short_tmp_path):
+    """A frontend writing its kick eventfd in a loop would wake the worker at
+    every attempt to sleep: a core spinning for nothing, taken from every
+    ring on that worker. After MUTE_AFTER empty kicks the engine stops waking
+    for that ring (nitro_engine_kick_mutes_total) and polls it every
+    millisecond instead; a request the stormer does publish is still served,
+    and so is the other tenant."""
+    n = nitro("[daemon]\nworkers = 1\n" + TWO_DEVICES)
+    storm = threading.Thread(target=kick_storm, args=(short_tmp_path / "a.sock", 3.0))
+    storm.start()
+    try:
+        deadline = time.monotonic() + 10
+        while _worker_counter(n, "nitro_engine_kick_mutes_total") < 1:
+            assert time.monotonic() < deadline and storm.is_alive(), n.metrics()
+            time.sleep(0.1)
+        with Frontend(short_tmp_path / "b.sock") as good:
+            good.start()
+            for i in range(8):
+                assert good.blk_request(VIRTIO_BLK_T_OUT, 8 * i, data=bytes([i]) * 4096)[0] == 0
+    finally:
+        storm.join()
+    # The stormer's next connection is served at once (its ring unmuted by work).
+    with Frontend(short_tmp_path / "a.sock") as fe:
+        fe.start()
+        for _ in range(200):
+            os.eventfd_write(fe.kick, 1)
+        assert fe.blk_request(VIRTIO_BLK_T_OUT, 0, data=b"k" * 4096)[0] == 0
+    assert n.proc.poll() is None
     assert n.stop() == 0

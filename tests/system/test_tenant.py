@@ -108,6 +108,10 @@ def test_one_hostile_tenant_does_not_hurt_another(nitro, guest_image_fio, short_
     # A blocking call eventfd one below saturation: its requests still complete.
     _attack(n, at.blocking_call_eventfd, "nitro_blk_requests_total", {"device": "avol", "op": "out"},
             avol, least=3)
+    # ... and one made blocking again after the hand-over: the write is cut
+    # short (cffi_build/nitro_efd.h) and the attacker's device breaks.
+    _attack(n, at.jammed_call_eventfd, "nitro_guest_errors_total", {"device": "avol", "error": "eventfd"},
+            avol)
     assert time.monotonic() - started < runtime, "the attacks outlasted the victim's workload"
     _check_victim(n, guest, runtime)
     assert n.stop() == 0

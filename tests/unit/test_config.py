@@ -121,3 +121,44 @@ def test_hostile_tenant_limits_are_checked(tmp_path, line, key):
     with pytest.raises(config.ConfigError) as e:
         load_text(tmp_path, f"[daemon]\n{line}\n")
     assert e.value.key == key
+
+
+def test_qos_table(tmp_path):
+    cfg = load_text(tmp_path, """
+[[blk]]
+id = "a"
+qos = { iops = 2000, throughput = "100M", burst_iops = 3000, burst_seconds = 60 }
+[[blk]]
+id = "b"
+[blk.qos]
+iops = 500
+""")
+    a, b = cfg.blk
+    assert a.qos == config.QosConfig(iops=2000, throughput=100_000_000, burst_iops=3000, burst_seconds=60)
+    assert b.qos == config.QosConfig(iops=500)
+    assert load_text(tmp_path, "[[blk]]\nid = 'c'\n").blk[0].qos == config.QosConfig()  # unlimited
+
+
+@pytest.mark.parametrize("qos, key, reason", [
+    ("{ iops = -1 }", "iops", "0..1000000000000"),
+    ("{ throughput = '1X' }", "throughput", "such as 125000"),
+    ("{ iops = 10, burst_iops = 10, burst_seconds = 1 }", "burst_iops", "above iops"),
+    ("{ burst_iops = 10, burst_seconds = 1 }", "burst_iops", "needs a baseline"),
+    ("{ iops = 10, burst_iops = 20 }", "burst_seconds", "go together"),
+    ("{ iops = 10, burst_seconds = 20 }", "burst_iops", "go together"),
+    ("{ iops = 10, burst_iops = 20, burst_seconds = 1000001 }", "burst_seconds", "0..1000000"),
+    ("{ latency = 1 }", "latency", "unknown key"),
+    ("5", "", "expected a table"),
+])
+def test_bad_qos(tmp_path, qos, key, reason):
+    with pytest.raises(config.ConfigError) as ei:
+        load_text(tmp_path, f"[[blk]]\nid = 'a'\nqos = {qos}\n")
+    assert ei.value.key == "blk[0].qos" + (f".{key}" if key else "") and reason in ei.value.reason
+
+
+def test_parse_qos_changes_only_the_keys_given():
+    base = config.QosConfig(iops=100, burst_iops=200, burst_seconds=5)
+    assert config.parse_qos({"throughput": "1M"}, base, "cli") == config.QosConfig(
+        iops=100, throughput=1_000_000, burst_iops=200, burst_seconds=5)
+    with pytest.raises(config.ConfigError, match="above iops"):
+        config.parse_qos({"iops": 300}, base, "cli")

@@ -62,7 +62,7 @@ def call(line, view=None):
 def test_request_round_trip():
     assert parse_request(encode_request({"cmd": "status", "x": 1})) == ("status", {"cmd": "status", "x": 1})
     assert parse_request(b'{"cmd": "reload"}') == ("reload", {"cmd": "reload"})  # newline optional
-    assert COMMANDS == {"ping", "status", "reload"}
+    assert COMMANDS == {"ping", "status", "reload", "volume_qos", "fleet-rekey"}
 
 
 def test_bad_request_is_a_request_error():
@@ -134,7 +134,7 @@ def test_status_sections():
         (b'"status"', "must be a JSON object"),
         (b"{}", 'no "cmd"'),
         (b'{"cmd": 5}', 'no "cmd"'),
-        (b'{"cmd": "reboot"}', "unknown command 'reboot' (known: ping, reload, status)"),
+        (b'{"cmd": "reboot"}', "unknown command 'reboot' (known: fleet-rekey, ping, reload, status, volume_qos)"),
         (b'{"cmd": "' + b"x" * MAX_LINE + b'"}', "longer than 65536 bytes"),
     ],
 )
@@ -335,3 +335,57 @@ def test_sync_core_does_not_run_reload_and_async_answers_the_rest():
     assert view.calls == 0
     assert call_async(b'{"cmd": "ping"}', view) == {"ok": True, "version": "9.9.9"}
     assert "unknown command" in call_async(b'{"cmd": "nope"}', view)["error"]
+
+
+# -- volume_qos: answered by the transport too -------------------------------------
+
+
+class QosView(View):
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    async def set_qos(self, device_id, values):
+        self.calls.append((device_id, values))
+        await trio.lowlevel.checkpoint()
+        if device_id != "vol0":
+            raise CommandRefused(f"no [[blk]] device {device_id!r} (have: vol0)")
+        return {"device": device_id, "qos": {"iops": values.get("iops", 0)}}
+
+
+def test_volume_qos_passes_only_the_limits_given():
+    view = QosView()
+    reply = call_async(b'{"cmd": "volume_qos", "device": "vol0", "iops": 2000}', view)
+    assert reply == {"ok": True, "device": "vol0", "qos": {"iops": 2000}}
+    assert view.calls == [("vol0", {"iops": 2000})]
+
+
+def test_volume_qos_refusals_change_nothing():
+    view = QosView()
+    assert call_async(b'{"cmd": "volume_qos", "device": "nope", "iops": 1}', view) == {
+        "ok": False, "error": "no [[blk]] device 'nope' (have: vol0)"}
+    assert "unknown keys ['bogus']" in call_async(
+        b'{"cmd": "volume_qos", "device": "vol0", "bogus": 1}', view)["error"]
+    assert "needs a \"device\" string" in call_async(b'{"cmd": "volume_qos", "iops": 1}', view)["error"]
+    assert view.calls == [("nope", {"iops": 1})]
+    assert "event loop" in call(b'{"cmd": "volume_qos", "device": "vol0"}', view)["error"]
+
+
+class RekeyView(View):
+    def __init__(self, outcome):
+        super().__init__()
+        self.outcome = outcome
+
+    async def fleet_rekey(self):
+        await trio.lowlevel.checkpoint()
+        if isinstance(self.outcome, Exception):
+            raise self.outcome
+        return self.outcome
+
+
+def test_fleet_rekey_reply_and_refusal():
+    moved = {"host": "a", "old_epoch": 7, "epoch": 8, "reason": "manual", "published": True}
+    assert call_async(b'{"cmd": "fleet-rekey"}', RekeyView(moved)) == {"ok": True, **moved}
+    refused = call_async(b'{"cmd": "fleet-rekey"}', RekeyView(CommandRefused("this daemon has no [fleet]")))
+    assert refused == {"ok": False, "error": "this daemon has no [fleet]"}
+    assert "event loop" in call(b'{"cmd": "fleet-rekey"}', RekeyView(moved))["error"]

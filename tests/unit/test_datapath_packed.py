@@ -306,8 +306,9 @@ def test_every_guest_fault_kind_on_a_packed_ring(guest, params, stats, corrupt, 
 
 def test_every_fault_kind_is_reachable_on_a_packed_ring():
     # inflight: test_datapath_inflight_packed.py; memory (a truncated memfd,
-    # either layout): test_guest_memory.py
-    kinds = {k for _, k in FAULTS} | {"inflight", "memory"}
+    # either layout): test_guest_memory.py; eventfd (a jammed kick or call
+    # fd, either layout): tests/integration/test_daemon_blk.py
+    kinds = {k for _, k in FAULTS} | {"inflight", "memory", "eventfd"}
     assert kinds == set(_datapath.FAULT_NAMES.values())
 
 

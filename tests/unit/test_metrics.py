@@ -26,8 +26,14 @@ def blk_stats(dev="vol0", **over):
              "faults": {**faults, "desc_loop": 2, "indirect": 3}},
         ],
         "ops": {op: {"requests": 0, "bytes": 0, "errors": 0} for op in BLK_OPS},
-        "latency_buckets": [(2.5e-05, 1), (5e-05, 2), (1e-04, 0), (1e-03, 4), (INF, 1)],
-        "latency_sum_seconds": 0.0125, "inflight": 3, "resubmitted": 2,
+        "latency": {
+            "in": {"buckets": [(2.5e-05, 1), (5e-05, 2), (1e-04, 0), (1e-03, 4), (INF, 1)], "sum_seconds": 0.0125},
+            "flush": {"buckets": [(2.5e-05, 0), (5e-05, 0), (1e-04, 0), (1e-03, 0), (INF, 2)], "sum_seconds": 3.5},
+        },
+        "inflight": 3, "resubmitted": 2,
+        "qos": {"iops": 2000, "throughput": 0, "burst_iops": 3000, "burst_seconds": 60,
+                "exceeded_iops_ns": 1_500_000_000, "exceeded_throughput_ns": 0, "credits": 12345,
+                "credits_max": 60000, "queued": 7, "delayed": 99},
         "protocol_errors": 2, "connections": 4,
     }
     stats["ops"]["in"] = {"requests": 7, "bytes": 7 * 4096, "errors": 1}
@@ -137,14 +143,30 @@ def test_scrape_blk_device(serve):
 
 def test_histogram_buckets_are_cumulative(serve):
     fams = families(scrape(serve(lambda: [FakeDevice(blk_stats())])))
-    buckets = {dict(k)["le"]: v for k, v in samples(fams, "nitro_blk_request_duration_seconds_bucket").items()}
+    buckets = {dict(k)["le"]: v for k, v in samples(fams, "nitro_blk_request_duration_seconds_bucket").items()
+               if dict(k)["op"] == "in"}
     assert buckets == {"2.5e-05": 1, "5e-05": 3, "0.0001": 3, "0.001": 7, "+Inf": 8}
-    assert value(fams, "nitro_blk_request_duration_seconds_count", device="vol0") == 8
-    assert value(fams, "nitro_blk_request_duration_seconds_sum", device="vol0") == pytest.approx(0.0125)
+    assert value(fams, "nitro_blk_request_duration_seconds_count", device="vol0", op="in") == 8
+    assert value(fams, "nitro_blk_request_duration_seconds_sum", device="vol0", op="in") == pytest.approx(0.0125)
+    # One histogram per operation.
+    assert value(fams, "nitro_blk_request_duration_seconds_count", device="vol0", op="flush") == 2
+    assert value(fams, "nitro_blk_request_duration_seconds_sum", device="vol0", op="flush") == 3.5
+
+
+def test_qos_counters(serve):
+    fams = families(scrape(serve(lambda: [FakeDevice(blk_stats())])))
+    assert value(fams, "nitro_blk_qos_exceeded_iops_seconds_total", device="vol0") == 1.5
+    assert value(fams, "nitro_blk_qos_exceeded_throughput_seconds_total", device="vol0") == 0
+    assert value(fams, "nitro_blk_qos_burst_credits", device="vol0") == 12345
+    assert value(fams, "nitro_blk_qos_burst_credits_max", device="vol0") == 60000
+    assert value(fams, "nitro_blk_qos_queue_length", device="vol0") == 7
+    assert value(fams, "nitro_blk_qos_delayed_requests_total", device="vol0") == 99
+    assert value(fams, "nitro_blk_qos_limit", device="vol0", limit="iops") == 2000
+    assert value(fams, "nitro_blk_qos_limit", device="vol0", limit="burst_seconds") == 60
 
 
 def test_histogram_without_inf_bucket_gets_one(serve):
-    stats = blk_stats(latency_buckets=[(0.001, 2), (0.01, 3)])
+    stats = blk_stats(latency={"in": {"buckets": [(0.001, 2), (0.01, 3)], "sum_seconds": 0.0}})
     fams = families(scrape(serve(lambda: [FakeDevice(stats)])))
     buckets = {dict(k)["le"]: v for k, v in samples(fams, "nitro_blk_request_duration_seconds_bucket").items()}
     assert buckets == {"0.001": 2, "0.01": 5, "+Inf": 5}
@@ -265,8 +287,8 @@ def test_bind_failure_names_the_address(serve):
 def test_collector_directly():
     fams = {m.name: m for m in NitroCollector(lambda: [FakeDevice(blk_stats())]).collect()}
     hist = fams["nitro_blk_request_duration_seconds"]
-    inf = [s for s in hist.samples if s.labels.get("le") == "+Inf"]
-    count = [s for s in hist.samples if s.name.endswith("_count")]
+    inf = [s for s in hist.samples if s.labels.get("le") == "+Inf" and s.labels["op"] == "in"]
+    count = [s for s in hist.samples if s.name.endswith("_count") and s.labels["op"] == "in"]
     assert inf[0].value == count[0].value == 8
     assert not math.isnan(fams["nitro_blk_inflight_requests"].samples[0].value)
 

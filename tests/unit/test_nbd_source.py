@@ -45,19 +45,29 @@ def load(tmp_path: Path, blk: str) -> config.DaemonConfig:
 def test_config_remote_volume(tmp_path):
     cfg = load(tmp_path, 'source = "nbds://s:1/e"\ntls_psk_file = "k.psk"\ntls_username = "u"\n'
                          'io_timeout = 2.5\n').blk[0]
-    assert cfg.source.uri == "nbds://s:1/e" and cfg.source.tls_username == "u"
-    assert cfg.source.tls_psk_file == tmp_path / "k.psk"  # relative to the state dir
-    assert cfg.io_timeout == 2.5
+    assert cfg.nbd.uri == "nbds://s:1/e" and cfg.nbd.tls_username == "u"
+    assert cfg.nbd.tls_psk_file == tmp_path / "k.psk"  # relative to the state dir
+    assert cfg.io_timeout == 2.5 and cfg.rbd is None and cfg.remote is cfg.nbd
     assert load(tmp_path, 'source = "nbd://s/e"\n').blk[0].io_timeout == 30.0
+
+
+def test_io_timeout_for_either_remote_kind(tmp_path):
+    cfg = load(tmp_path, 'source = "rbd:p/i"\nio_timeout = 5\n').blk[0]
+    assert (cfg.io_timeout, cfg.nbd, str(cfg.remote)) == (5.0, None, "rbd:p/i")
+    assert load(tmp_path, '').blk[0].remote is None
 
 
 @pytest.mark.parametrize(("blk", "key", "words"), [
     ('source = "nbd://s/e"\nsize = "1G"\n', "size", "export is the volume"),
     ('source = "nbd://s/e"\nimage = "x.img"\n', "image", "export is the volume"),
-    ('io_timeout = 3\n', "io_timeout", "only for a remote volume"),
+    ('io_timeout = 3\n', "io_timeout", "only with source"),
     ('source = "nbd://s/e"\nio_timeout = 0\n', "io_timeout", "seconds"),
     ('source = "nbd://s/e"\nio_timeout = true\n', "io_timeout", "seconds"),
     ('source = "http://s/e"\n', "source", "expected nbd://"),
+    ('source = "nbd://s/e"\ntls_psk_file = "k"\n', "tls_psk_file", "only with source = \"nbds://"),
+    ('source = "nbds://s/e"\nceph_conf = "c"\n', "ceph_conf", "only with source = \"rbd:"),
+    ('source = "rbd:p/i"\ntls_username = "u"\n', "tls_username", "only with source = \"nbds://"),
+    ('source = "nbd://s/e"\nqos = { iops = 100 }\n', "qos", "local volumes only"),
 ])
 def test_config_errors(tmp_path, blk, key, words):
     with pytest.raises(config.ConfigError, match=words) as e:

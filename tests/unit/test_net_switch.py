@@ -276,7 +276,7 @@ def test_pps_allowance_drops_and_counts():
 
 
 def test_bw_out_allowance_drops_and_counts():
-    n = Net(bw_out=20000)  # burst max(rate/10, one frame) = 1518 B
+    n = Net(bw_out=2000)  # burst max(rate/10, one frame) = 1518 B; 2 B/ms refill
     try:
         n.attach_rx(1, bufs=60)
         for _ in range(10):

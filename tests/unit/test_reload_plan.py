@@ -128,3 +128,23 @@ def test_format_result():
     assert text.splitlines() == ["reloaded t.toml", "  added: b", "  unchanged: a",
                                  "  needs restart: daemon metrics.listen: r"]
     assert "nothing applied" in reload.format_result({"ok": True, "config": "t.toml"})
+
+
+def test_qos_changes_apply_live_and_other_changes_still_need_a_restart():
+    old = cfg({"id": "a", "size": "1M"}, {"id": "b", "size": "1M", "qos": {"iops": 100}},
+              {"id": "c", "size": "1M"})
+    new = cfg({"id": "a", "size": "1M", "qos": {"iops": 2000, "throughput": "1M"}},
+              {"id": "b", "size": "2M", "qos": {"iops": 200}}, {"id": "c", "size": "1M"})
+    p = reload.plan(old, new)
+    assert not p.empty and ids(p.qos) == ["a", "b"]
+    assert p.qos[0].qos.iops == 2000 and p.qos[0].qos.throughput == 1_000_000
+    assert p.unchanged == ("c",) and not p.add and not p.remove
+    (c,) = p.needs_restart  # b's size; its qos applies anyway
+    assert c.id == "b" and "size" in c.reason and "qos" not in c.reason
+    a, b, _ = p.running.blk
+    assert a == new.blk[0]
+    assert b.qos.iops == 200 and b.size == 1 << 20
+    # Against what runs, only b's size is left.
+    again = reload.plan(p.running, new)
+    assert again.empty and ids(again.needs_restart) == ["b"]
+    assert "qos changed: a" in reload.format_result({"ok": True, "config": "t.toml", "qos": ["a", "b"]})

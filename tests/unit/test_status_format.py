@@ -173,3 +173,29 @@ def test_cli_prints_one_document_and_exits_1_on_an_error_reply(monkeypatch, caps
     assert doc["devices"][0]["id"] == "vol0" and doc["devices"][0]["state"] == "connected"
     assert cli.main(["status", "--json", "--control", "/nonexistent"]) == 1
     assert json.loads(capsys.readouterr().out) == {"ok": False, "error": "command 'status' failed: X"}
+
+
+def test_format_status_shows_qos():
+    limited = {"iops": 2000, "throughput": 100_000_000, "burst_iops": 3000, "burst_seconds": 60,
+               "exceeded_iops_ns": 2_500_000_000, "exceeded_throughput_ns": 0, "credits": 41000,
+               "credits_max": 60000, "queued": 3, "delayed": 77}
+    unlimited = dict.fromkeys(limited, 0)
+    text = format_status(status(blk_stats("vol0", qos=limited), blk_stats("vol1", qos=unlimited)))
+    assert ("  qos:         2000 IOPS, 100000000 B/s, burst 3000 IOPS for 60 s (credits 41000/60000); "
+            "exceeded iops 2.5 s, throughput 0.0 s; delayed 77, queued 3") in text.splitlines()
+    assert "  qos:         unlimited" in text.splitlines()
+
+
+def test_format_fleet_keys_one_line_per_peer():
+    sa_out = {"spi": 0x105, "epoch": 1_800_000_005, "seq": 9, "packets": 9, "age_ns": 12_300_000_000, "rekey": 0}
+    fleet = {"host": "a", "underlay": "192.0.2.1", "etcd": "down", "watch_lag_seconds": 2.0, "index": 1,
+             "epoch": 1_800_000_005, "published_epoch": 1_800_000_004, "encrypt": True, "rekeys": 1,
+             "rekey_interval": 3600, "last_rekey_reason": "manual", "epoch_age_seconds": 12.3,
+             "sas": [{"peer": "b", "index": 2, "peer_epoch": 7, "inbound_epochs": [6, 7, 8], "out": sa_out,
+                      "in": None}]}
+    text = format_status(status(fleet=fleet))
+    assert ("  keys:        index 1, epoch 1800000005 (NOT yet in etcd, age 12.3 s, rekey every 3600 s), "
+            "1 rekeys, last: manual") in text
+    assert "  sa b: index 2, publishes epoch 7; out epoch 1800000005 (age 12.3 s, 9 packets); in none" in text
+    plain = format_status(status(fleet={**fleet, "encrypt": False, "sas": []}))
+    assert "index 1, encryption OFF ([fleet] encrypt = false)" in plain

@@ -9,6 +9,7 @@ from nitro.config import BlkConfig
 if TYPE_CHECKING:
     from nitro.devices.blk.backends.luks import LuksVolume
     from nitro.devices.blk.backends.nbd import NbdVolume
+    from nitro.devices.blk.backends.rbd import RbdVolume
     from nitro.devices.blk.device import BlkDevice
 
 
@@ -20,15 +21,19 @@ def open_device(cfg: BlkConfig) -> BlkDevice:
     from nitro.devices.blk.backends.raw import RawImage, VolumeError
     from nitro.devices.blk.device import BlkDevice
 
-    volume: RawImage | LuksVolume | NbdVolume
-    if cfg.source is not None:
+    volume: RawImage | LuksVolume | NbdVolume | RbdVolume
+    if cfg.nbd is not None:
         from nitro.devices.blk.backends.nbd import NbdVolume
 
         if cfg.encryption is not None:
-            raise VolumeError(f"{cfg.source}: encrypted volumes on a remote source are not "
+            raise VolumeError(f"{cfg.nbd}: encrypted volumes on a remote source are not "
                               "served yet (docs/volumes.md)")
-        volume = NbdVolume.open(cfg.source, queues=cfg.queues, io_timeout=cfg.io_timeout,
+        volume = NbdVolume.open(cfg.nbd, queues=cfg.queues, io_timeout=cfg.io_timeout,
                                 readonly=cfg.readonly)
+    elif cfg.rbd is not None:
+        from nitro.devices.blk.backends.rbd import RbdVolume
+
+        volume = RbdVolume.open(cfg.rbd, readonly=cfg.readonly)
     elif cfg.encryption is not None:
         from nitro.devices.blk.backends.luks import LuksVolume
 

@@ -72,6 +72,9 @@ def seg_max_for(queue_size: int) -> int:
 
 # Largest DISCARD / WRITE_ZEROES a single request may cover: 1 GiB.
 MAX_DISCARD_SECTORS = (1 << 30) // SECTOR_SIZE
+#: max_discard_seg and max_write_zeroes_seg: C refuses more (MAX_SEGMENTS in
+#: cffi_build/nitro_blk.c), so one request's work is bounded (issue 11 item 5).
+DWZ_SEG_MAX = 1
 
 # capacity, size_max, seg_max, geometry(c,h,s), blk_size,
 # topology(physical_block_exp, alignment_offset, min_io_size, opt_io_size),
@@ -98,8 +101,8 @@ class BlkConfigSpace:
             self.capacity_sectors, self.size_max, self.seg_max, 0, 0, 0, self.blk_size,
             0, 0, 0, 0,            # topology: nothing to advertise for a file
             0, 0, self.num_queues,
-            self.max_discard_sectors, 1, 1,
-            self.max_write_zeroes_sectors, 1, 1,
+            self.max_discard_sectors, DWZ_SEG_MAX, 1,
+            self.max_write_zeroes_sectors, DWZ_SEG_MAX, 1,
             0, 0, 0)
 
     def read(self, offset: int, size: int) -> bytes:

@@ -1,17 +1,19 @@
 """BlkDevice: the virtio-blk device as the vhost-user layer sees it.
 
-It owns the volume (a backend such as RawImage), the C request parameters
-and one C stats block per queue. Each started queue becomes a C ring that
+It owns the volume (a backend such as RawImage), the C request parameters,
+the volume's QoS state (one for all its queues) and one C stats block per
+queue. Each started queue becomes a C ring that
 an engine worker serves (requests in flight through io_uring); nothing here
 walks descriptors.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import TYPE_CHECKING
 
 from nitro import _datapath
-from nitro.config import BlkConfig
+from nitro.config import BlkConfig, QosConfig
 from nitro.devices.base import VirtioDevice
 from nitro.devices.blk import config as blkcfg
 from nitro.devices.blk.backends.raw import RawImage
@@ -19,13 +21,14 @@ from nitro.devices.blk.backends.raw import RawImage
 if TYPE_CHECKING:
     from nitro.devices.blk.backends.luks import LuksVolume
     from nitro.devices.blk.backends.nbd import NbdVolume
+    from nitro.devices.blk.backends.rbd import RbdVolume
 from nitro.vhost.protocol import ProtocolFeature
 
 
 class BlkDevice(VirtioDevice):
     kind = "blk"
 
-    def __init__(self, cfg: BlkConfig, volume: RawImage | LuksVolume | NbdVolume) -> None:
+    def __init__(self, cfg: BlkConfig, volume: RawImage | LuksVolume | NbdVolume | RbdVolume) -> None:
         self.cfg = cfg
         self.volume = volume
         self.num_queues = cfg.queues
@@ -52,6 +55,8 @@ class BlkDevice(VirtioDevice):
             | ProtocolFeature.CONFIGURE_MEM_SLOTS | ProtocolFeature.STATUS
             | ProtocolFeature.RESET_DEVICE | ProtocolFeature.INFLIGHT_SHMFD)
         self.acked_features = 0
+        self.qos = _datapath.Qos()
+        self.set_qos(cfg.qos)
         self.params = _datapath.BlkParams(
             fd=volume.fd, capacity_sectors=volume.capacity_sectors,
             readonly=cfg.readonly, block_size=volume.block_size,
@@ -59,8 +64,13 @@ class BlkDevice(VirtioDevice):
             max_write_zeroes_sectors=self.config_space.max_write_zeroes_sectors,
             seg_max=self.config_space.seg_max, size_max=self.config_space.size_max,
             serial=cfg.serial.encode(),
-            xts=volume.xts, data_offset=volume.data_offset)
+            xts=volume.xts, data_offset=volume.data_offset, qos=self.qos)
         self.stats = [_datapath.BlkStats() for _ in range(cfg.queues)]
+
+    def set_qos(self, qos: QosConfig) -> None:
+        """New limits for every queue, live (docs/volumes.md "QoS")."""
+        self.qos.set(qos.iops, qos.throughput, qos.burst_iops, qos.burst_seconds)
+        self.qos_config = qos
 
     # -- backend contract ------------------------------------------------
     def get_config(self, offset: int, size: int) -> bytes:
@@ -83,6 +93,7 @@ class BlkDevice(VirtioDevice):
 
     def close(self) -> None:
         self.params.close()
+        self.qos.close()
         for s in self.stats:
             s.close()
         self.volume.close()
@@ -90,8 +101,7 @@ class BlkDevice(VirtioDevice):
     # -- observation -------------------------------------------------------
     def statistics(self) -> dict:
         ops: dict[str, dict[str, int]] = {}
-        buckets: list[list] = []
-        lat_sum = 0.0
+        latency: dict[str, dict] = {}
         inflight = resubmitted = 0
         for s in self.stats:
             snap = s.snapshot()
@@ -99,21 +109,31 @@ class BlkDevice(VirtioDevice):
                 tot = ops.setdefault(op, {"requests": 0, "bytes": 0, "errors": 0})
                 for k in tot:
                     tot[k] += c[k]
-            if not buckets:
-                buckets = [[b, 0] for b, _ in snap["latency_buckets"]]
-            for agg, (_, n) in zip(buckets, snap["latency_buckets"]):
-                agg[1] += n
-            lat_sum += snap["latency_sum_seconds"]
+            for op, h in snap["latency"].items():
+                _add_histogram(latency.setdefault(op, {"buckets": [], "sum_seconds": 0.0}), h)
             inflight += snap["inflight"]
             resubmitted += snap["resubmitted"]
+        every_op = {"buckets": [], "sum_seconds": 0.0}
+        for h in latency.values():
+            _add_histogram(every_op, h)
         return {
             "kind": self.kind,
             "readonly": self.cfg.readonly,
             "capacity_bytes": self.volume.size,
             "ops": ops,
-            "latency_buckets": [tuple(b) for b in buckets],
-            "latency_sum_seconds": lat_sum,
+            "latency_buckets": every_op["buckets"],
+            "latency_sum_seconds": every_op["sum_seconds"],
+            "latency": latency,
             "inflight": inflight,
             "resubmitted": resubmitted,
+            "qos": {**dataclasses.asdict(self.qos_config), **self.qos.statistics()},
             **({"remote": self.volume.statistics()} if hasattr(self.volume, "statistics") else {}),
         }
+
+
+def _add_histogram(total: dict, h: dict) -> None:
+    """Add histogram h ({"buckets": [(bound, n)...], "sum_seconds"}) into total."""
+    if not total["buckets"]:
+        total["buckets"] = [(b, 0) for b, _ in h["buckets"]]
+    total["buckets"] = [(b, n + m) for (b, n), (_, m) in zip(total["buckets"], h["buckets"])]
+    total["sum_seconds"] += h["sum_seconds"]

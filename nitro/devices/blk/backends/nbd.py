@@ -25,7 +25,6 @@ import logging
 import os
 import threading
 from pathlib import Path
-from typing import Any
 from urllib.parse import quote, unquote, urlsplit
 
 import trio
@@ -39,7 +38,6 @@ log = logging.getLogger("nitro.blk.nbd")
 
 DEFAULT_PORT = 10809  # the IANA port of NBD
 SCHEMES = {"nbd": False, "nbds": True}  # scheme -> TLS required
-DEFAULT_IO_TIMEOUT = 30.0  # seconds: EBS's default NVMe I/O timeout is 30 s too
 BACKOFF_START = 0.05       # seconds between failed connects: doubled up to
 BACKOFF_MAX = 5.0
 
@@ -286,10 +284,3 @@ def _drain(fd: int) -> None:
         os.eventfd_read(fd)
     except BlockingIOError:
         pass
-
-
-def io_timeout_from(value: Any) -> float:
-    """`io_timeout` seconds: a number > 0 (ValueError otherwise)."""
-    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value <= 86400:
-        raise ValueError(f"expected seconds in (0, 86400], got {value!r}")
-    return float(value)

@@ -1,0 +1,60 @@
+/*
+ * nitro_rbd.h: virtio-blk volumes on Ceph RBD images (librbd's C API),
+ * part of the C ABI (also a cffi cdef, see nitro.h).
+ *
+ * nitro_rbd_open connects to the cluster (librados), opens pool/image and,
+ * unless read-only, takes the image's exclusive lock for good
+ * (rbd_lock_acquire: unlike librbd's cooperative default, another client
+ * asking for it is refused while this one lives), so two daemons never
+ * write one volume. The ring (nitro_ring_blk_rbd_new) puts every request
+ * in flight with librbd's aio calls from the worker; librbd completes them
+ * on its own threads, which only queue them and write an eventfd (the
+ * ring's aux fd in the worker's epoll set); the worker writes the status
+ * and the used ring. Guest memory is touched by the worker only: data goes
+ * through a buffer of the request's own (librbd's threads never see guest
+ * memory, which may vanish under them).
+ */
+#ifndef NITRO_RBD_H
+#define NITRO_RBD_H
+
+#include <stdint.h>
+
+#include "nitro.h"
+
+/* Which step of nitro_rbd_open failed (nitro_rbd_open's return value). */
+#define NITRO_RBD_OK 0
+#define NITRO_RBD_STAGE_CREATE 1   /* rados_create2 (the user name) */
+#define NITRO_RBD_STAGE_CONF 2     /* reading ceph_conf, setting keyring */
+#define NITRO_RBD_STAGE_CONNECT 3  /* rados_connect (mons, auth) */
+#define NITRO_RBD_STAGE_POOL 4     /* rados_ioctx_create */
+#define NITRO_RBD_STAGE_IMAGE 5    /* rbd_open */
+#define NITRO_RBD_STAGE_LOCK 6     /* rbd_lock_acquire (exclusive) */
+#define NITRO_RBD_STAGE_SIZE 7     /* rbd_get_size */
+#define NITRO_RBD_STAGES 8
+extern const char *const nitro_rbd_stage_names[NITRO_RBD_STAGES];
+
+struct nitro_rbd;
+
+/* Open pool/image as client `user` (e.g. "admin") with the cluster named
+ * by `conf` (a ceph.conf path) and `keyring` (NULL or "": the conf's).
+ * Returns NITRO_RBD_OK with *out set, or the NITRO_RBD_STAGE_* that failed
+ * with *err the negative errno librados/librbd gave (-EBUSY/-EROFS at
+ * STAGE_LOCK: another client holds the image's lock). Blocks (network):
+ * call it off the trio thread. */
+int nitro_rbd_open(const char *conf, const char *user, const char *keyring,
+                   const char *pool, const char *image, uint32_t readonly,
+                   struct nitro_rbd **out, int *err);
+/* The image's size in bytes, read at open. */
+uint64_t nitro_rbd_size(const struct nitro_rbd *v);
+/* rbd_flush: every write acknowledged so far is on the OSDs; 0 or -errno. */
+int nitro_rbd_flush(struct nitro_rbd *v);
+/* Release the lock, close the image, disconnect. No ring may use it. */
+void nitro_rbd_close(struct nitro_rbd *v);
+
+/* A virtio-blk ring on image v (params: limits, serial; fd, xts and
+ * data_offset unused). NULL if out of memory or an argument is invalid. */
+struct nitro_ring *nitro_ring_blk_rbd_new(struct nitro_vq *vq, struct nitro_rbd *v,
+                                          const struct nitro_blk_params *params,
+                                          struct nitro_blk_stats *stats);
+
+#endif

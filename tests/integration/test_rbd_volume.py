@@ -1,0 +1,82 @@
+"""A [[blk]] volume on a Ceph RBD image (source = "rbd:POOL/IMAGE").
+
+The daemon serves an image of a throwaway cluster (bench/ceph.py) to
+vublk, which writes its verify pattern, flushes and reads it back; the
+cluster's own view of the image (`rbd export`) must hold exactly that
+pattern (the data really went to RADOS, not to a local file). While the
+first daemon holds the image, a second daemon configured with the same
+image must refuse to start, naming the lock, and must not have written.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from bench.ceph import CephCluster, ceph_cluster
+from bench.proc import ChildError, Nitro
+from tests.integration.test_vublk_reference import pattern, run_vublk
+
+pytestmark = pytest.mark.integration
+
+IMAGE_MIB = 64
+REGION = 8 << 20  # what vublk writes and the test checks (pattern() is pure Python)
+SEED = 7
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[CephCluster]:
+    with ceph_cluster() as c:
+        yield c
+
+
+def _config(c: CephCluster, image: str) -> str:
+    return f"""
+[[blk]]
+id = "vol0"
+socket = "vol0.sock"
+source = "rbd:{c.pool}/{image}"
+ceph_conf = "{c.conf}"
+user = "{c.user}"
+keyring = "{c.keyring}"
+queues = 2
+"""
+
+
+def _export(c: CephCluster, image: str) -> bytes:
+    return c.rbd("export", f"{c.pool}/{image}", "-")
+
+
+def test_vublk_verify_lands_in_rados(cluster: CephCluster, vublk: Path, short_tmp_path: Path) -> None:
+    cluster.rbd("create", "--size", f"{IMAGE_MIB}M", f"{cluster.pool}/verify")
+    with Nitro(short_tmp_path, _config(cluster, "verify")) as daemon:
+        rc, res, err = run_vublk(vublk, "--socket", str(short_tmp_path / "vol0.sock"), "--rw", "verify",
+                                 "--bs", "64k", "--size", str(REGION), "--iodepth", "16",
+                                 "--queues", "2", "--seed", str(SEED), "--timeout", "30", timeout=120)
+        assert rc == 0, err
+        assert res is not None and res["errors"] == 0, res
+        assert daemon.stop() == 0, daemon.output()
+    data = _export(cluster, "verify")
+    assert len(data) == IMAGE_MIB << 20
+    assert data[:REGION] == pattern(SEED, 0, REGION)
+    assert data[REGION:] == bytes(len(data) - REGION)
+
+
+def test_second_attach_is_refused(cluster: CephCluster, vublk: Path, short_tmp_path: Path) -> None:
+    cluster.rbd("create", "--size", f"{IMAGE_MIB}M", f"{cluster.pool}/locked")
+    (short_tmp_path / "a").mkdir()
+    (short_tmp_path / "b").mkdir()
+    with Nitro(short_tmp_path / "a", _config(cluster, "locked")):
+        with pytest.raises(ChildError) as refused:
+            Nitro(short_tmp_path / "b", _config(cluster, "locked"), timeout=60).kill()
+        assert "attached elsewhere" in str(refused.value), refused.value
+        # The first daemon still serves the image.
+        rc, res, err = run_vublk(vublk, "--socket", str(short_tmp_path / "a" / "vol0.sock"), "--rw",
+                                 "verify", "--bs", "4k", "--size", "1M", "--seed", str(SEED),
+                                 "--timeout", "30", timeout=120)
+        assert rc == 0 and res is not None and res["errors"] == 0, err
+    # Once it is gone, the image is free again: the lock went with it.
+    with Nitro(short_tmp_path / "b", _config(cluster, "locked"), timeout=60) as again:
+        assert again.running()

@@ -1,0 +1,51 @@
+"""[[blk]] source = "rbd:POOL/IMAGE" and its options (nitro/config.py)."""
+
+from pathlib import Path
+
+import pytest
+
+from nitro import config
+from tests.unit.test_config import load_text
+
+
+def test_rbd_source_with_its_options(tmp_path: Path) -> None:
+    cfg = load_text(tmp_path, """
+[[blk]]
+id = "vol0"
+source = "rbd:volumes/vm-17"
+ceph_conf = "/run/ceph/ceph.conf"
+user = "nitro"
+keyring = "/run/ceph/client.nitro.keyring"
+""")
+    (b,) = cfg.blk
+    assert b.rbd == config.RbdSource(pool="volumes", image="vm-17", ceph_conf=Path("/run/ceph/ceph.conf"),
+                                     user="nitro", keyring=Path("/run/ceph/client.nitro.keyring"))
+
+
+def test_rbd_source_defaults(tmp_path: Path) -> None:
+    cfg = load_text(tmp_path, '[[blk]]\nid = "v"\nsource = "rbd:rbd/img"\n')
+    assert cfg.blk[0].rbd == config.RbdSource(pool="rbd", image="img")
+    assert load_text(tmp_path, '[[blk]]\nid = "v"\n').blk[0].rbd is None
+
+
+@pytest.mark.parametrize("lines, key, reason", [
+    ('source = "rbd:pool"', "source", "rbd:POOL/IMAGE"),
+    ('source = "rbd:/img"', "source", "rbd:POOL/IMAGE"),
+    ('source = "rbd:a/b/c"', "source", "rbd:POOL/IMAGE"),
+    ('source = "file:/x"', "source", "rbd:POOL/IMAGE"),
+    ('source = "rbd:p/i"\nsize = "1G"', "size", "its own"),
+    ('source = "rbd:p/i"\nimage = "x.img"', "image", "not with source"),
+    ('source = "rbd:p/i"\nencryption = { key_file = "k" }', "encryption", "not supported yet"),
+    ('user = "nitro"', "user", "only with source"),
+    ('source = "rbd:p/i"\nqos = { iops = 100 }', "qos", "local volumes only"),
+])
+def test_rbd_source_errors(tmp_path: Path, lines: str, key: str, reason: str) -> None:
+    with pytest.raises(config.ConfigError) as e:
+        load_text(tmp_path, f'[[blk]]\nid = "v"\n{lines}\n')
+    assert e.value.key.endswith(key) and reason in e.value.reason, e.value
+
+
+def test_one_rbd_image_per_daemon(tmp_path: Path) -> None:
+    with pytest.raises(config.ConfigError, match="duplicate source 'rbd:p/i'"):
+        load_text(tmp_path, '[[blk]]\nid = "a"\nsource = "rbd:p/i"\n[[blk]]\nid = "b"\nsource = "rbd:p/i"\n')
+
