@@ -285,7 +285,9 @@ int nitro_switch_attach_rx(struct nitro_switch *sw, uint32_t port,
                            uint32_t pair, struct nitro_vq *vq)
 {
     struct port *p = nitro_sw_port(sw, port);
-    if (p == NULL || pair >= NITRO_NET_MAX_PAIRS || vq == NULL)
+    /* A ring without addresses would be walked from NULL by the first
+     * delivery: the daemon attaches only started rings, and so must anyone. */
+    if (p == NULL || pair >= NITRO_NET_MAX_PAIRS || vq == NULL || !nitro_vq_ready(vq))
         return NITRO_ERR_ARG;
     set_rx(p, pair, vq);
     return NITRO_OK;
@@ -362,7 +364,11 @@ struct frame_src {
     int cnt;
 };
 
-/* Copy n bytes of the frame, from byte `from` on, into dst iovecs. */
+/* Copy n bytes of the frame, from byte `from` on, into dst iovecs. On the
+ * fast path this copies guest memory to guest memory, and the two may be
+ * one: a VM with two NICs on the switch has one memory for both, so NIC B's
+ * RX buffer can overlap NIC A's TX buffer. memcpy of overlapping ranges is
+ * undefined behaviour: memmove (fuzz finding). */
 static void src_copy(const struct frame_src *f, uint64_t from,
                      const struct iovec *dst, int dcnt, uint64_t n)
 {
@@ -389,7 +395,7 @@ static void src_copy(const struct frame_src *f, uint64_t from,
             k = avail;
         if (k > n)
             k = n;
-        memcpy((uint8_t *)dst[di].iov_base + doff, src, k);
+        memmove((uint8_t *)dst[di].iov_base + doff, src, k);
         n -= k;
         soff += k;
         doff += k;

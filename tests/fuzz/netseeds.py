@@ -9,7 +9,9 @@ plain forwarding, each punted control frame, flooding, the uplink, TSO
 super-frames (IPv4/IPv6, options, small and large gso_size, passed through
 or segmented), NEEDS_CSUM at various offsets, VLAN tags, short and oversize
 chains, RX buffers that are too small, split or missing, rate limits,
-feature changes and RX ring resets between serves.
+feature changes and RX ring resets between serves; then frames from the
+uplink TAP and from inject, ports with two queue pairs, and hostile split
+and packed RX rings (EXPECT says what each of those must do).
 """
 
 from __future__ import annotations
@@ -41,6 +43,20 @@ A_IP, B_IP, GW_IP = bytes([10, 0, 0, 10]), bytes([10, 0, 0, 11]), bytes([10, 0, 
 A6 = bytes.fromhex("fe80000000000000505400fffe00000a")  # A's link-local: its only IPv6 source
 B6 = bytes.fromhex("fd00000000000000000000000000000b")
 GSO_TCPV4, GSO_TCPV6 = 1, 4
+# RAWRING mode bits and placements; RAWDESC address kinds (fuzz_net.c).
+PACKED, INDIRECT, EVT = 1, 2, 4
+USED_IN_HOLE, USED_AT_END, RINGS_IN_TX = 1 << 3, 2 << 3, 3 << 3
+OWN, TX_BUFS, REGION_END, NO_MEMORY = range(4)
+# Where a hostile ring puts its parts and first buffer in its region.
+RAW_AVAIL, RAW_USED, RAW_BUF = 0x4000, 0x5000, 0x10000
+# Descriptor flags: split (2.7.5) and packed (2.8.1).
+NEXT, WRITE, INDIRECT_F = 1, 2, 4
+P_AVAIL = 1 << 7
+
+
+def rx(port: int, pair: int = 0) -> int:
+    """fuzz_net.c's RX ring byte: 0..2 pair 0 of ports 1, 2, 0; 3..5 pair 1."""
+    return 3 * pair + (port + 2) % 3
 
 
 class Prog:
@@ -58,16 +74,58 @@ class Prog:
         self.b.append(1)
         return self
 
-    def rxbuf(self, port: int, count: int, size: int, cut: int = 0) -> Prog:
-        self.b += struct.pack("<BBBHH", 2, port - 1, count, size - 1, cut)
+    def rxbuf(self, port: int, count: int, size: int, cut: int = 0, pair: int = 0) -> Prog:
+        self.b += struct.pack("<BBBHH", 2, rx(port, pair), count, size - 1, cut)
         return self
 
     def feat(self, port: int, features: int) -> Prog:
         self.b += struct.pack("<BBB", 3, port, features)
         return self
 
-    def rxreset(self, port: int) -> Prog:
-        self.b += struct.pack("<BB", 4, port - 1)
+    def rxreset(self, port: int, pair: int = 0) -> Prog:
+        self.b += struct.pack("<BB", 4, rx(port, pair))
+        return self
+
+    def txsel(self, port: int, pair: int = 0) -> Prog:
+        self.b += struct.pack("<BB", 5, port | pair << 2)
+        return self
+
+    def rxdetach(self, port: int, pair: int = 0) -> Prog:
+        self.b += struct.pack("<BB", 6, rx(port, pair))
+        return self
+
+    def uplink(self, data: bytes, fill_len: int = 0, fill: int = 0) -> Prog:
+        self.b += struct.pack("<BH", 7, len(data)) + data + struct.pack("<HB", fill_len, fill)
+        return self
+
+    def upserve(self) -> Prog:
+        self.b.append(8)
+        return self
+
+    def inject(self, port: int, data: bytes, fill_len: int = 0, fill: int = 0) -> Prog:
+        self.b += struct.pack("<BBH", 9, port, len(data)) + data + struct.pack("<HB", fill_len, fill)
+        return self
+
+    def rawring(self, port: int, mode: int = 0, log2: int = 3, desc: int = 0,
+                avail: int = RAW_AVAIL, used: int = RAW_USED, pair: int = 0) -> Prog:
+        """A hostile RX ring; desc/avail/used are byte offsets in its region."""
+        self.b += struct.pack("<BBBBHHH", 10, rx(port, pair), mode, log2, desc // 16,
+                              avail // 2, used // 4)
+        return self
+
+    def rawdesc(self, port: int, index: int, count: int = 1, kind: int = 0,
+                off: int = RAW_BUF, length: int = 2048, flags: int = WRITE, nxt: int = 0,
+                pair: int = 0) -> Prog:
+        self.b += struct.pack("<BBHBBIIHH", 11, rx(port, pair), index, count, kind, off,
+                              length, flags, nxt)
+        return self
+
+    def rawavail(self, port: int, head: int, delta: int = 1, pair: int = 0) -> Prog:
+        self.b += struct.pack("<BBHH", 12, rx(port, pair), head, delta)
+        return self
+
+    def rawwrite(self, port: int, off: int, data: bytes, pair: int = 0) -> Prog:
+        self.b += struct.pack("<BBHB", 13, rx(port, pair), off // 4, len(data)) + data
         return self
 
     def encode(self) -> bytes:
@@ -102,9 +160,15 @@ def tcp_hdr(flags: int = 0x18, options: bytes = b"") -> bytes:
                        65535, 0, 0) + options
 
 
-def udp4_frame(dst_mac: bytes = B, dst: bytes = B_IP, payload: bytes = b"hello") -> bytes:
+def udp4_frame(dst_mac: bytes = B, dst: bytes = B_IP, payload: bytes = b"hello",
+               src_mac: bytes = A, src: bytes = A_IP) -> bytes:
     u = udp(1234, 5678, payload)
-    return eth(dst_mac, A, 0x0800) + ipv4(17, len(u), dst=dst) + u
+    return eth(dst_mac, src_mac, 0x0800) + ipv4(17, len(u), src=src, dst=dst) + u
+
+
+def up_frame(dst_mac: bytes = B, dst: bytes = B_IP, payload: bytes = b"from the host") -> bytes:
+    """A frame the host sends through the uplink TAP (any source is fine)."""
+    return udp4_frame(dst_mac, dst, payload, src_mac=UP, src=bytes([8, 8, 8, 8]))
 
 
 def icmp_echo(dst: bytes = GW_IP, dst_mac: bytes = GW) -> bytes:
@@ -244,7 +308,264 @@ def _seeds() -> dict[str, Prog]:
     return s
 
 
-SEEDS = _seeds()
+# ---- frames from the uplink and the control plane, several queue pairs -----------------
+
+def _uplink_seeds() -> dict[str, Prog]:
+    s: dict[str, Prog] = {}
+    s["uplink-to-peer"] = Prog().rxbuf(1, 4, 2048).uplink(up_frame()).upserve()
+    s["uplink-flood"] = (Prog().rxreset(0).rxbuf(0, 4, 2048).rxbuf(1, 4, 2048).rxbuf(2, 4, 2048)
+                         .uplink(up_frame(BCAST, b"\xff" * 4)).upserve())
+    s["uplink-other-vpc"] = (Prog(setup=PORT2 | PORT2_OTHER_VPC | UPLINK).rxbuf(1, 4, 2048)
+                             .rxbuf(2, 4, 2048).uplink(up_frame(C)).uplink(up_frame(BCAST))
+                             .upserve())
+    s["uplink-bad-datagrams"] = (Prog().rxbuf(1, 4, 2048).uplink(b"").uplink(bytes(10))
+                                 .uplink(eth(B, UP, 0x8100) + b"\x00\x05\x08\x00" + up_frame()[14:])
+                                 .uplink(eth(B, UP, 0x88B5), fill_len=1501)
+                                 .uplink(up_frame()).upserve())
+    s["uplink-absent"] = Prog(setup=PORT2).rxbuf(1, 4, 2048).uplink(up_frame()).upserve()
+    s["uplink-max-frame-merged"] = (Prog(mtu=65535).rxbuf(1, 32, 8192)
+                                    .uplink(eth(B, UP, 0x88B5), fill_len=65535, fill=0x77).upserve())
+    s["uplink-many"] = Prog().rxbuf(1, 8, 2048)
+    for i in range(6):
+        s["uplink-many"].uplink(up_frame(payload=bytes([i]) * (100 * i)))
+    s["uplink-many"].upserve()
+    s["uplink-and-tx-interleaved"] = (Prog().rxbuf(1, 8, 2048).frame(net_hdr() + udp4_frame())
+                                      .uplink(up_frame()).serve().upserve())
+    s["uplink-rate-limited"] = Prog(setup=PORT2 | UPLINK | BW_IN1).rxbuf(1, 8, 2048)
+    for _ in range(3):
+        s["uplink-rate-limited"].uplink(up_frame(payload=bytes(1400)))
+    s["uplink-rate-limited"].upserve()
+    return s
+
+
+def _inject_seeds() -> dict[str, Prog]:
+    reply = arp(2, A_IP, dst_mac=B, tha=B)
+    s: dict[str, Prog] = {}
+    s["inject-arp-reply"] = Prog().rxbuf(1, 4, 2048).inject(1, reply)
+    s["inject-no-ring"] = Prog().inject(0, reply)
+    s["inject-no-buffers"] = Prog().inject(1, reply)
+    s["inject-bad-lengths"] = (Prog().rxbuf(1, 4, 2048).inject(1, bytes(13))
+                               .inject(1, eth(B, GW, 0x88B5), fill_len=2035)
+                               .inject(3, reply)
+                               .inject(1, eth(B, GW, 0x88B5), fill_len=2034))
+    s["inject-pair-1"] = (Prog().rxdetach(1).rxreset(1, 1).rxbuf(1, 4, 2048, pair=1)
+                          .inject(1, reply))
+    s["inject-over-mtu"] = Prog(mtu=576).rxbuf(1, 4, 2048).inject(1, eth(B, GW, 0x88B5),
+                                                                  fill_len=1900)
+    return s
+
+
+def _pair_seeds() -> dict[str, Prog]:
+    from_b = udp4_frame(A, A_IP, src_mac=B, src=B_IP)
+    s: dict[str, Prog] = {}
+    # Port 1 sends (hint 1: port 0's pair 1 first), port 0 sends (hint 0: pair 0).
+    s["pairs-spread-by-sender"] = (Prog().rxreset(0).rxreset(0, 1).rxbuf(0, 4, 2048)
+                                   .rxbuf(0, 4, 2048, pair=1).rxreset(1, 1).rxbuf(1, 4, 2048)
+                                   .rxbuf(1, 4, 2048, pair=1).txsel(1).frame(net_hdr() + from_b)
+                                   .txsel(0).frame(net_hdr() + udp4_frame()).serve())
+    s["pairs-gap"] = (Prog().rxdetach(1).rxreset(1, 1).rxbuf(1, 4, 2048, pair=1)
+                      .frame(net_hdr() + udp4_frame()).serve())
+    s["pairs-full-ring-no-spill"] = (Prog().rxreset(1, 1).rxbuf(1, 1, 2048).rxbuf(1, 4, 2048, pair=1)
+                                     .frame(net_hdr() + udp4_frame()).frame(net_hdr() + udp4_frame())
+                                     .frame(net_hdr() + udp4_frame(BCAST, b"\xff" * 4)).serve())
+    s["pairs-tx-on-pair-1"] = Prog().rxbuf(1, 4, 2048).txsel(0, 1).frame(net_hdr() + udp4_frame()).serve()
+    s["pairs-tx-several-rings"] = (Prog().rxreset(0).rxbuf(0, 4, 2048).rxbuf(1, 4, 2048).rxbuf(2, 4, 2048)
+                                   .frame(net_hdr() + udp4_frame())
+                                   .txsel(0, 1).frame(net_hdr() + udp4_frame(C, bytes([10, 0, 0, 12])))
+                                   .txsel(1, 0).frame(net_hdr() + from_b)
+                                   .txsel(1, 1).frame(net_hdr() + udp4_frame(
+                                       BCAST, b"\xff" * 4, src_mac=B, src=B_IP)).serve())
+    s["pairs-other-vpc-sender"] = (Prog(setup=PORT2 | PORT2_OTHER_VPC | UPLINK).rxbuf(1, 4, 2048)
+                                   .txsel(2).frame(net_hdr() + udp4_frame(
+                                       BCAST, b"\xff" * 4, src_mac=C, src=bytes([10, 0, 0, 12])))
+                                   .serve())
+    s["pairs-fast-path-batch"] = Prog().rxreset(1, 1).rxbuf(1, 16, 2048).rxbuf(1, 16, 2048, pair=1)
+    for i in range(8):
+        s["pairs-fast-path-batch"].frame(net_hdr() + udp4_frame(payload=bytes(50 * i)),
+                                         ndesc=1 + i, cut=20)
+    s["pairs-fast-path-batch"].serve()
+    s["pairs-detach-between-serves"] = (Prog().rxbuf(1, 4, 2048).frame(net_hdr() + udp4_frame())
+                                        .serve().rxdetach(1).frame(net_hdr() + udp4_frame()).serve()
+                                        .rxreset(1).rxbuf(1, 4, 2048)
+                                        .frame(net_hdr() + udp4_frame()).serve())
+    return s
+
+
+# ---- hostile RX rings ---------------------------------------------------------------------
+
+def _hit(p: Prog) -> Prog:
+    """Send port 1 a frame from each source: port 0's TX ring (fast path,
+    then a flooded one: the slow path), the uplink, inject."""
+    return (p.frame(net_hdr() + udp4_frame(payload=bytes(300)))
+            .frame(net_hdr() + udp4_frame(BCAST, b"\xff" * 4)).serve()
+            .uplink(up_frame()).upserve().inject(1, arp(2, A_IP, dst_mac=B, tha=B)))
+
+
+def _raw(mode: int = 0, log2: int = 3, **ring) -> Prog:
+    return Prog().rawring(1, mode, log2, **ring)
+
+
+def _raw_split_seeds() -> dict[str, Prog]:
+    def one(p: Prog = None, **desc) -> Prog:  # one buffer, made available
+        return (p or _raw()).rawdesc(1, 0, **desc).rawavail(1, 0)
+
+    s: dict[str, Prog] = {}
+    s["raw-split-valid"] = _raw().rawdesc(1, 0, 4, length=2048)
+    for head in range(4):
+        s["raw-split-valid"].rawavail(1, head)
+    s["raw-desc-out-of-memory"] = one(kind=NO_MEMORY, off=0x2000)
+    s["raw-desc-top-of-space"] = one(kind=NO_MEMORY, off=2 * 100 + 1, length=4096)
+    s["raw-desc-straddles-region-end"] = one(kind=REGION_END, off=100)
+    s["raw-desc-loop"] = one(flags=WRITE | NEXT, nxt=0)
+    s["raw-desc-next-out-of-range"] = one(flags=WRITE | NEXT, nxt=100)
+    s["raw-head-out-of-range"] = _raw().rawdesc(1, 0).rawavail(1, 9999)
+    s["raw-avail-idx-jump"] = _raw().rawdesc(1, 0).rawavail(1, 0, delta=1000)
+    s["raw-zero-length"] = one(length=0)
+    s["raw-too-short"] = one(length=8)
+    s["raw-device-readable"] = one(flags=0)
+    s["raw-indirect-out-of-range"] = one(_raw(INDIRECT), kind=NO_MEMORY, length=32, flags=INDIRECT_F)
+    s["raw-indirect-bad-len"] = one(_raw(INDIRECT), off=0x8000, length=17, flags=INDIRECT_F)
+    s["raw-indirect-nested"] = one(_raw(INDIRECT).rawdesc(1, 0x8000 | 0x800, flags=INDIRECT_F),
+                                   off=0x8000, length=16, flags=INDIRECT_F)
+    s["raw-indirect-valid"] = one(_raw(INDIRECT).rawdesc(1, 0x8000 | 0x800, length=1024,
+                                                         flags=WRITE | NEXT, nxt=1)
+                                  .rawdesc(1, 0x8000 | 0x801, off=RAW_BUF + 1024, length=1024),
+                                  off=0x8000, length=32, flags=INDIRECT_F)
+    s["raw-indirect-not-negotiated"] = one(off=0x8000, length=32, flags=INDIRECT_F)
+    s["raw-used-outside-memory"] = one(_raw(USED_IN_HOLE))
+    s["raw-used-at-region-end"] = one(_raw(USED_AT_END))
+    s["raw-rings-in-tx-buffers"] = one(_raw(RINGS_IN_TX))
+    # Buffers over the descriptor table, the avail ring, the used ring: the
+    # frame's own bytes become the ring.
+    s["raw-buffer-over-desc-table"] = _raw().rawdesc(1, 0, 4, off=0, length=64)
+    s["raw-buffer-over-avail-ring"] = _raw().rawdesc(1, 0, 2, off=RAW_AVAIL, length=1024)
+    s["raw-buffer-over-used-ring"] = _raw().rawdesc(1, 0, 2, off=RAW_USED, length=1024)
+    for name in ("raw-buffer-over-desc-table", "raw-buffer-over-avail-ring", "raw-buffer-over-used-ring"):
+        for head in range(4):
+            s[name].rawavail(1, head)
+    # One VM, two NICs: port 1's RX buffer is port 0's TX buffer (64 bytes
+    # on, so that the fast path's copy reads and writes overlapping bytes).
+    s["raw-buffer-in-tx-buffers"] = one(kind=TX_BUFS, off=64, length=4096)
+    s["raw-event-idx"] = one(_raw(EVT)).rawwrite(1, RAW_AVAIL + 4 + 2 * 8, b"\x00\x00")
+    return s
+
+
+def _raw_packed_seeds() -> dict[str, Prog]:
+    avail = WRITE | P_AVAIL
+
+    def one(mode: int = 0, log2: int = 3, **desc) -> Prog:
+        desc.setdefault("flags", avail)
+        return _raw(PACKED | mode, log2).rawdesc(1, 0, **desc)
+
+    s: dict[str, Prog] = {}
+    s["raw-packed-valid"] = one(count=4)
+    s["raw-packed-next-not-available"] = one(flags=avail | NEXT)
+    s["raw-packed-id-out-of-range"] = one(nxt=99)
+    s["raw-packed-loop"] = one(count=8, flags=avail | NEXT)
+    s["raw-packed-out-of-memory"] = one(kind=NO_MEMORY, off=0x2000)
+    s["raw-packed-zero-length"] = one(length=0)
+    s["raw-packed-too-short"] = one(length=8)
+    s["raw-packed-indirect-out-of-range"] = one(INDIRECT, kind=NO_MEMORY, length=32,
+                                                flags=P_AVAIL | INDIRECT_F)
+    s["raw-packed-indirect-valid"] = (one(INDIRECT, off=0x8000, length=32, flags=P_AVAIL | INDIRECT_F)
+                                      .rawdesc(1, 0x8000 | 0x800, 2, length=1024, flags=WRITE))
+    s["raw-packed-used-at-region-end"] = one(USED_AT_END, count=4)
+    s["raw-packed-in-tx-buffers"] = _raw(PACKED | RINGS_IN_TX).rawdesc(1, 0, 2, flags=avail)
+    # A ring of 2 that wraps: the second lap's descriptors carry wrap counter
+    # 0 (AVAIL clear, USED set), and the driver asks for a call at slot 1.
+    s["raw-packed-wrap-event-idx"] = _hit(one(EVT, log2=1, count=2)).rawdesc(
+        1, 0, 2, flags=WRITE | 1 << 15).rawavail(1, 1 | 0x8000, 2)
+    s["raw-packed-merged-buffers"] = one(count=8, length=64)
+    return s
+
+
+def _hostile_seeds() -> dict[str, Prog]:
+    seeds = {**_raw_split_seeds(), **_raw_packed_seeds()}
+    return {name: _hit(p) for name, p in seeds.items()}
+
+
+def _all_seeds() -> dict[str, Prog]:
+    return {**_seeds(), **_uplink_seeds(), **_inject_seeds(), **_pair_seeds(), **_hostile_seeds()}
+
+
+SEEDS = _all_seeds()
+
+# What a seed must do, as the harness counts it (FUZZ_NET_STATS=1: frames
+# read back per source, uplink datagrams read, inject results, hostile
+# rings attached or refused, ring faults by NITRO_FAULT_* number, frames in
+# per port; "faults" is their sum). Checked by tests/fuzz/test_fuzz.py.
+AVAIL_IDX, DESC_INDEX, DESC_ADDR, DESC_LOOP, BAD_INDIRECT, REQUEST = 1, 2, 3, 4, 5, 7
+
+
+def _fault(kind: int) -> dict[str, int]:
+    return {"raw_attached": 1, f"fault_{kind}": 1, "faults": 1}
+
+
+def _clean(frames: int) -> dict[str, int]:
+    return {"raw_attached": 1, "faults": 0, "in_1": frames}
+
+
+EXPECT: dict[str, dict[str, int]] = {
+    "uplink-to-peer": {"up_read": 1, "rx_uplink": 1},
+    "uplink-flood": {"up_read": 1, "rx_uplink": 3},
+    "uplink-other-vpc": {"up_read": 2, "rx_uplink": 1, "in_2": 0},
+    "uplink-bad-datagrams": {"up_read": 5, "rx_uplink": 1},
+    "uplink-absent": {"up_read": 0, "rx_uplink": 0, "in_1": 0},
+    "uplink-max-frame-merged": {"rx_uplink": 1},
+    "uplink-many": {"up_read": 6, "rx_uplink": 6},
+    "uplink-and-tx-interleaved": {"rx_tx": 1, "rx_uplink": 1},
+    "inject-arp-reply": {"inject_1": 1, "rx_inject": 1},
+    "inject-no-ring": {"inject_0": 1},
+    "inject-no-buffers": {"inject_0": 1},
+    "inject-bad-lengths": {"inject_arg": 3, "inject_1": 1, "rx_inject": 1},
+    "inject-pair-1": {"inject_1": 1, "rx_inject": 1},
+    "inject-over-mtu": {"inject_1": 1, "rx_inject": 1},
+    "pairs-spread-by-sender": {"tx_chains": 2, "rx_tx": 2, "in_0": 1, "in_1": 1},
+    "pairs-gap": {"rx_tx": 1},
+    "pairs-full-ring-no-spill": {"tx_chains": 3, "rx_tx": 1},
+    "pairs-tx-on-pair-1": {"tx_chains": 1, "rx_tx": 1},
+    "pairs-tx-several-rings": {"tx_chains": 4, "rx_tx": 5},
+    "pairs-other-vpc-sender": {"tx_chains": 1, "rx_tx": 0},
+    "pairs-fast-path-batch": {"tx_chains": 8, "rx_tx": 8},
+    "pairs-detach-between-serves": {"tx_chains": 3, "rx_tx": 2},
+    "raw-split-valid": _clean(4),
+    "raw-desc-out-of-memory": _fault(DESC_ADDR),
+    "raw-desc-top-of-space": _fault(DESC_ADDR),
+    "raw-desc-straddles-region-end": _fault(DESC_ADDR),
+    "raw-desc-loop": _fault(DESC_LOOP),
+    "raw-desc-next-out-of-range": _fault(DESC_INDEX),
+    "raw-head-out-of-range": _fault(DESC_INDEX),
+    "raw-avail-idx-jump": _fault(AVAIL_IDX),
+    "raw-zero-length": _fault(REQUEST),
+    "raw-too-short": _fault(REQUEST),
+    "raw-device-readable": _fault(REQUEST),
+    "raw-indirect-out-of-range": _fault(BAD_INDIRECT),
+    "raw-indirect-bad-len": _fault(BAD_INDIRECT),
+    "raw-indirect-nested": _fault(BAD_INDIRECT),
+    "raw-indirect-not-negotiated": _fault(BAD_INDIRECT),
+    "raw-indirect-valid": _clean(1),
+    "raw-used-outside-memory": {"raw_refused": 1, "raw_attached": 0},
+    "raw-used-at-region-end": {"raw_refused": 1, "raw_attached": 0},
+    "raw-rings-in-tx-buffers": _clean(1),
+    "raw-buffer-over-desc-table": _fault(DESC_ADDR),
+    "raw-buffer-over-avail-ring": _clean(4),
+    "raw-buffer-over-used-ring": _fault(REQUEST),
+    "raw-buffer-in-tx-buffers": _clean(1),
+    "raw-event-idx": _clean(1),
+    "raw-packed-valid": _clean(4),
+    "raw-packed-next-not-available": _fault(AVAIL_IDX),
+    "raw-packed-id-out-of-range": _fault(DESC_INDEX),
+    "raw-packed-loop": _fault(DESC_LOOP),
+    "raw-packed-out-of-memory": _fault(DESC_ADDR),
+    "raw-packed-zero-length": _fault(REQUEST),
+    "raw-packed-too-short": _fault(REQUEST),
+    "raw-packed-indirect-out-of-range": _fault(BAD_INDIRECT),
+    "raw-packed-indirect-valid": _clean(1),
+    "raw-packed-used-at-region-end": _clean(4),
+    "raw-packed-in-tx-buffers": _clean(2),
+    "raw-packed-wrap-event-idx": _clean(4),
+    "raw-packed-merged-buffers": _clean(3),
+}
 
 
 def build() -> dict[str, bytes]:

@@ -143,6 +143,42 @@ def test_net_inputs_replay_through_the_fuzzer(fuzzers):
     assert proc.returncode == 0, proc.stderr[-4000:]
 
 
+def _net_stats(fuzzers, files) -> dict[str, dict[str, int]]:
+    """Run the net fuzzer once over files with FUZZ_NET_STATS=1: per file,
+    the harness's counters (its "harness k=v ..." line)."""
+    env = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"} | {"FUZZ_NET_STATS": "1"}
+    proc = subprocess.run([str(fuzzers / "fuzz_net"), *map(str, files)],
+                          capture_output=True, text=True, cwd=fuzzers, env=env)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    stats, last = {}, None
+    for line in proc.stderr.splitlines():
+        if line.startswith("harness "):
+            last = {k: int(v) for k, v in (t.split("=") for t in line.split()[1:])}
+            last["faults"] = sum(v for k, v in last.items() if k.startswith("fault_"))
+        elif line.startswith("Executed ") and last is not None:
+            stats[line.split()[1].rsplit("/", 1)[1]] = last
+            last = None
+    return stats
+
+
+def test_net_seeds_reach_their_paths(fuzzers):
+    """Each uplink, inject, queue-pair and hostile-ring seed does what it is
+    named for (frames read back per source, faults by kind, refusals)."""
+    names = sorted(netseeds.EXPECT)
+    stats = _net_stats(fuzzers, [HERE / "corpus" / "net" / f"seed-{n}" for n in names])
+    for name in names:
+        got = stats[f"seed-{name}"]
+        want = netseeds.EXPECT[name]
+        assert {k: got[k] for k in want} == want, (name, got)
+
+
+def test_every_net_op_is_in_a_seed(fuzzers):
+    stats = _net_stats(fuzzers, sorted((HERE / "corpus" / "net").glob("seed-*")))
+    ops = [k for k in next(iter(stats.values())) if k.startswith("op_")]
+    assert len(ops) == 14
+    assert [op for op in ops if not any(s[op] for s in stats.values())] == []
+
+
 @pytest.mark.parametrize("target", fuzz_run.TARGETS)
 def test_short_fuzz_run_finds_nothing(target, fuzzers):
     if target == "vhost":

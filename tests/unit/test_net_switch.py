@@ -847,3 +847,17 @@ def test_one_port_cannot_fill_the_punt_queue(net):
     # Popping gives the port its share back.
     net.send(_arp_request(A, A_IP, "10.0.0.1"))
     assert net.sw.port_stats(0)["punted"] == a["punted"] + 1
+
+
+def test_an_rx_ring_without_addresses_cannot_be_attached():
+    """A delivery into it would walk the ring from NULL (found by the net
+    fuzz target's review): the switch refuses it instead of trusting callers."""
+    n = Net()
+    vq = _datapath.Virtqueue(0)
+    try:
+        with pytest.raises(_datapath.DatapathError):
+            n.sw.attach_rx(1, 0, vq)
+        n.send(icmp())  # nothing attached to B: dropped, not a crash
+    finally:
+        vq.close()
+        n.close()
