@@ -121,3 +121,22 @@ def test_io_timeout_turns_an_outage_into_ioerr(nitro, vublk, short_tmp_path):
     waited = time.monotonic() - t0
     assert rc == 1 and "IOERR" in err, (rc, err)
     assert 1.9 <= waited < 10, f"the error came after {waited:.1f} s, io_timeout is 2 s"
+
+
+def test_new_requests_do_not_wait_for_a_slow_one(nitro, vublk, short_tmp_path):
+    """A request the server is slow on holds the ring's wake_ns (its
+    io_timeout) but not the queue: the ring stays armed, so a request the
+    guest adds while the worker sleeps kicks it (poll_us = 0: no busy-poll
+    window to find it instead). Without that, every read here waits for
+    the slow one."""
+    plugin = ["eval", "get_size=echo 1048576", "thread_model=echo parallel",
+              # the read at offset 0 takes 4 s, every other one is answered at once
+              'pread=if [ "$4" -eq 0 ]; then sleep 4; fi; head -c "$3" /dev/zero']
+    with NbdKit(short_tmp_path, plugin) as server:
+        nitro("[daemon]\npoll_us = 0\n" + blk(server.url(), "readonly = true\n"))
+        rc, res, err = vublk_run(vublk, short_tmp_path / "r0.sock", "--rw", "read", "--bs", "4k",
+                                 "--iodepth", "2", "--runtime", "2", "--timeout", "10")
+    assert rc == 0 and res is not None, err
+    assert res["errors"] == 0, res
+    # the 255 other blocks of the 1 MiB export pass the slow read at offset 0
+    assert res["ios"] >= 100, res
