@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from bench.nbd import PSK_USER, NbdKit, QemuNbd, write_psk
-from bench.proc import tail
+from bench.proc import run_cli, tail
 
 pytestmark = pytest.mark.integration
 
@@ -140,3 +140,12 @@ def test_new_requests_do_not_wait_for_a_slow_one(nitro, vublk, short_tmp_path):
     assert res["errors"] == 0, res
     # the 255 other blocks of the 1 MiB export pass the slow read at offset 0
     assert res["ios"] >= 100, res
+
+
+def test_volume_qos_refused_on_a_remote_volume(nitro, short_tmp_path):
+    """Its ring does not apply limits: `nitro volume qos` says so, as the
+    config check does for `qos` with `source`."""
+    with NbdKit(short_tmp_path, ["memory", "8M"]) as server:
+        n = nitro(blk(server.url()))
+        r = run_cli("volume", "qos", "r0", "--iops", "100", "--control", n.control, timeout=30)
+    assert r.returncode != 0 and "local volumes only" in r.stderr, (r.returncode, r.stdout, r.stderr)
