@@ -23,7 +23,8 @@ ROOT = HERE.parent
 # (nitro_vring.h, nitro_pkt.h, ...) are internal to the C files.
 SOURCES = sorted(p.name for p in HERE.glob("nitro_*.c"))
 HEADERS = sorted(p.name for p in HERE.glob("nitro*.h"))
-ABI_HEADERS = [h for h in ("nitro.h", "nitro_crypto.h", "nitro_net.h", "nitro_tunnel.h", "nitro_rbd.h")
+ABI_HEADERS = [h for h in ("nitro.h", "nitro_crypto.h", "nitro_net.h", "nitro_tunnel.h",
+                          "nitro_nbd.h", "nitro_rbd.h")
                if (HERE / h).exists()]
 
 _INT_DEFINE = re.compile(r"#\s*define\s+\w+\s+-?(0x[0-9a-fA-F]+|\d+)[uUlL]*\b")
@@ -60,9 +61,10 @@ def make_builder() -> cffi.FFI:
         depends=[_path(h) for h in HEADERS],
         include_dirs=[str(HERE)],
         # OpenSSL EVP for the AES-XTS datapath; liburing for the engine's blk
-        # I/O; libseccomp for the workers' system call filter; librbd and
-        # librados (Debian librbd-dev) for RBD volumes.
-        libraries=["crypto", "uring", "seccomp", "rbd", "rados"],
+        # I/O; libseccomp for the workers' system call filter; libnbd for
+        # volumes on an NBD export; librbd and librados (Debian librbd-dev)
+        # for RBD volumes.
+        libraries=["crypto", "uring", "seccomp", "nbd", "rbd", "rados"],
         # -Werror: a warning in the datapath is a bug until shown otherwise.
         # Hidden visibility: Python reaches C only through cffi, inside this
         # object, so the module init is its one exported symbol.

@@ -27,20 +27,6 @@
 #include "nitro_vring.h"
 #include "nitro_xts_internal.h"
 
-#define VIRTIO_BLK_ID_BYTES 20
-#define VIRTIO_BLK_WZ_FLAG_UNMAP 1u
-
-#define SECTOR_SHIFT 9
-#define SECTOR_SIZE (1u << SECTOR_SHIFT)
-#define OUTHDR_LEN 16
-#define SEGMENT_LEN 16
-/* Most discard/write-zeroes segments per request: what the config space
- * advertises as max_discard_seg and max_write_zeroes_seg (DWZ_SEG_MAX in
- * nitro/devices/blk/config.py). One segment of at most max_discard_sectors
- * (1 GiB) bounds the work one request can ask of the filesystem. */
-#define MAX_SEGMENTS 1
-#define SEGMENT_BUF 16   /* the copy-out buffer's segments (> MAX_SEGMENTS) */
-
 const uint64_t nitro_lat_bounds_ns[NITRO_LAT_BUCKETS] = {
     25000,     50000,     100000,     250000,    500000,
     1000000,   2500000,   5000000,    10000000,  25000000,
@@ -301,7 +287,7 @@ uint8_t blk_segments(const struct nitro_blk_params *p,
     if (rq->rd_len == 0 || rq->rd_len % SEGMENT_LEN != 0 ||
         rq->rd_len / SEGMENT_LEN > MAX_SEGMENTS)
         return VIRTIO_BLK_S_IOERR;
-    uint8_t raw[SEGMENT_BUF * SEGMENT_LEN];
+    uint8_t raw[BLK_SEGMENTS_CAP * SEGMENT_LEN];
     nitro_iov_to_buf(rq->rd, rq->n_rd, raw, rq->rd_len);
     *count = (int)(rq->rd_len / SEGMENT_LEN);
     uint32_t max = zeroes ? p->max_write_zeroes_sectors : p->max_discard_sectors;
@@ -335,7 +321,7 @@ static uint8_t blk_discard_zeroes(const struct nitro_blk_params *p,
         return VIRTIO_BLK_S_UNSUPP;
     if (p->readonly)
         return VIRTIO_BLK_S_IOERR;
-    struct segment seg[SEGMENT_BUF];
+    struct segment seg[BLK_SEGMENTS_CAP];
     int count = 0;
     uint8_t st = blk_segments(p, rq, zeroes, seg, &count);
     if (st != VIRTIO_BLK_S_OK)
@@ -433,15 +419,31 @@ void blk_finish(struct nitro_vq *vq, uint16_t head, bool resubmitted,
 }
 
 /* Serve one request on the calling thread; returns the bytes it moved. */
-static uint64_t blk_handle_sync(struct nitro_vq *vq, struct nitro_chain *c,
-                                const struct nitro_blk_params *p,
-                                struct nitro_xts_lane *lane, struct blk_req *rq,
-                                struct nitro_blk_stats *s, uint64_t start)
+uint64_t blk_handle_sync(struct nitro_vq *vq, struct nitro_chain *c,
+                         const struct nitro_blk_params *p,
+                         struct nitro_xts_lane *lane, struct blk_req *rq,
+                         struct nitro_blk_stats *s, uint64_t start)
 {
     struct blk_done d = {.status = VIRTIO_BLK_S_IOERR, .used_len = 1};
     blk_execute(p, lane, rq, &d);
     blk_finish(vq, c->head, c->resubmitted, rq->status, &d, s, start);
     return d.bytes;
+}
+
+int blk_pop_request(struct nitro_vq *vq, const struct nitro_blk_params *p,
+                    struct nitro_blk_stats *s, struct nitro_chain **c,
+                    struct blk_req *rq, uint64_t *start)
+{
+    int rc = nitro_vq_pop(vq, c);
+    if (rc <= 0)
+        return rc;
+    *start = nitro_now_ns();
+    nitro_stat_add(&s->inflight, 1);
+    if (blk_parse(vq, p, *c, rq) != NITRO_OK) {
+        nitro_stat_sub(&s->inflight, 1);
+        return NITRO_ERR_GUEST;
+    }
+    return 1;
 }
 
 /* ---- the engine's blk ring: many requests in flight through io_uring ----- */
@@ -794,16 +796,7 @@ static int blk_next(struct blk_ring *b, struct nitro_chain **c,
         *start = b->held_start;
         return 1;
     }
-    int rc = nitro_vq_pop(b->r.vq, c);
-    if (rc <= 0)
-        return rc;
-    *start = nitro_now_ns();
-    nitro_stat_add(&b->s->inflight, 1);
-    if (blk_parse(b->r.vq, b->p, *c, rq) != NITRO_OK) {
-        nitro_stat_sub(&b->s->inflight, 1);
-        return NITRO_ERR_GUEST;
-    }
-    return 1;
+    return blk_pop_request(b->r.vq, b->p, b->s, c, rq, start);
 }
 
 static int blk_ring_poll(struct nitro_ring *r, struct nitro_io *io,
@@ -923,10 +916,10 @@ static const struct nitro_ring_ops blk_ring_ops = {
 /* The parameters the request checks rely on: a power-of-two block size of
  * whole encryption sectors, and every byte of the disk at an offset in fd
  * that fits off_t (data_offset + capacity * 512 <= INT64_MAX). */
-static bool blk_params_ok(const struct nitro_blk_params *p)
+bool blk_params_ok(const struct nitro_blk_params *p)
 {
     uint32_t bs = p->block_size;
-    if (p->fd < 0 || bs < SECTOR_SIZE || (bs & (bs - 1)) != 0)
+    if (bs < SECTOR_SIZE || (bs & (bs - 1)) != 0)
         return false;
     if (p->xts != NULL && bs % nitro_xts_sector_size(p->xts) != 0)
         return false;
@@ -939,7 +932,8 @@ struct nitro_ring *nitro_ring_blk_new(struct nitro_vq *vq,
                                       const struct nitro_blk_params *params,
                                       struct nitro_blk_stats *stats)
 {
-    if (vq == NULL || params == NULL || stats == NULL || !blk_params_ok(params))
+    if (vq == NULL || params == NULL || stats == NULL || params->fd < 0 ||
+        !blk_params_ok(params))
         return NULL;
     struct blk_ring *b = calloc(1, sizeof(*b));
     if (b == NULL)
@@ -1012,7 +1006,7 @@ int64_t nitro_blk_serve(struct nitro_vq *vq,
                         const struct nitro_blk_params *params,
                         struct nitro_blk_stats *stats, int idle_ms)
 {
-    if (vq == NULL || params == NULL || stats == NULL ||
+    if (vq == NULL || params == NULL || stats == NULL || params->fd < 0 ||
         !blk_params_ok(params) || !nitro_vq_ready(vq))
         return NITRO_ERR_ARG;
     if (nitro_vq_fault(vq) != NITRO_FAULT_NONE)

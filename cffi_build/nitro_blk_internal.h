@@ -1,7 +1,8 @@
 /*
- * nitro_blk_internal.h: what nitro_blk.c shares with the other virtio-blk
- * ring (nitro_rbd.c, a volume on librbd): request parsing, the checks
- * before any I/O, GET_ID, and completing a request. Internal, not ABI.
+ * nitro_blk_internal.h: what nitro_blk.c shares with the remote virtio-blk
+ * rings (nitro_nbd.c, a volume on an NBD export; nitro_rbd.c, one on
+ * librbd): the request vocabulary, parsing, the checks before any I/O,
+ * GET_ID, and completing a request. Internal, not ABI.
  */
 #ifndef NITRO_BLK_INTERNAL_H
 #define NITRO_BLK_INTERNAL_H
@@ -12,6 +13,7 @@
 
 #include "nitro.h"
 #include "nitro_vring.h"
+#include "nitro_xts_internal.h"
 
 /* virtio 1.2 5.2.6 */
 #define VIRTIO_BLK_T_IN 0
@@ -25,8 +27,20 @@
 #define VIRTIO_BLK_S_IOERR 1
 #define VIRTIO_BLK_S_UNSUPP 2
 
-/* blk_segments fills at most this many segments. */
-#define BLK_SEGMENTS_CAP 256
+#define VIRTIO_BLK_ID_BYTES 20
+#define VIRTIO_BLK_WZ_FLAG_UNMAP 1u
+
+#define SECTOR_SHIFT 9
+#define SECTOR_SIZE (1u << SECTOR_SHIFT)
+#define OUTHDR_LEN 16
+#define SEGMENT_LEN 16
+/* Most discard/write-zeroes segments per request: what the config space
+ * advertises as max_discard_seg and max_write_zeroes_seg (DWZ_SEG_MAX in
+ * nitro/devices/blk/config.py). One segment of at most max_discard_sectors
+ * (1 GiB) bounds the work one request can ask of the filesystem. */
+#define MAX_SEGMENTS 1
+/* The segments a caller's array for blk_segments holds (> MAX_SEGMENTS). */
+#define BLK_SEGMENTS_CAP 16
 
 /* A parsed request: views into the chain's iovecs (edited in place). */
 struct blk_req {
@@ -61,6 +75,14 @@ struct segment {
  * room for the header or the status byte. */
 NITRO_INTERNAL int blk_parse(struct nitro_vq *vq, const struct nitro_blk_params *p,
                              struct nitro_chain *c, struct blk_req *rq);
+/* Pop the next chain and parse it (counting it in stats' inflight from
+ * *start on): 1 with *c, *rq and *start set, 0 when the ring is empty, or
+ * NITRO_ERR_GUEST (the guest broke the ring). */
+NITRO_INTERNAL int blk_pop_request(struct nitro_vq *vq,
+                                   const struct nitro_blk_params *p,
+                                   struct nitro_blk_stats *s,
+                                   struct nitro_chain **c, struct blk_req *rq,
+                                   uint64_t *start);
 /* [sector, sector + len bytes) is whole logical blocks inside the disk. */
 NITRO_INTERNAL bool blk_range_ok(const struct nitro_blk_params *p, uint64_t sector,
                                  uint64_t len);
@@ -75,5 +97,18 @@ NITRO_INTERNAL uint8_t blk_segments(const struct nitro_blk_params *p,
 NITRO_INTERNAL void blk_finish(struct nitro_vq *vq, uint16_t head, bool resubmitted,
                                uint8_t *status, const struct blk_done *d,
                                struct nitro_blk_stats *s, uint64_t start);
+/* Serve one request on the calling thread (with p->fd); returns the
+ * bytes it moved. The NBD ring uses it for GET_ID and for requests that
+ * fail their checks, which touch no fd. */
+NITRO_INTERNAL uint64_t blk_handle_sync(struct nitro_vq *vq,
+                                        struct nitro_chain *c,
+                                        const struct nitro_blk_params *p,
+                                        struct nitro_xts_lane *lane,
+                                        struct blk_req *rq,
+                                        struct nitro_blk_stats *s,
+                                        uint64_t start);
+/* The block size, encryption sector and offset limits every request
+ * check relies on (the fd is the caller's to check). */
+NITRO_INTERNAL bool blk_params_ok(const struct nitro_blk_params *p);
 
 #endif

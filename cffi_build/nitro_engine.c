@@ -11,7 +11,8 @@
  * waiting for a rate limit (blk QoS) sets its wake_ns (nitro_ring.h): it
  * is not armed, and the worker sleeps at most until the earliest such
  * deadline (epoll_pwait2: nanoseconds, as a millisecond timeout would
- * sleep past a limit of thousands per second).
+ * sleep past a limit of thousands per second). A ring whose wake_ns is a
+ * timeout (NBD's io_timeout: armed_while_waiting) is armed all the same.
  *
  * Commands (attach, detach, quit) are synchronous: the caller fills the
  * worker's one command slot under its mutex, writes the command eventfd and
@@ -447,10 +448,11 @@ static uint32_t poll_rings(struct worker *w)
 }
 
 /* A ring with a deadline still ahead waits for time, not for the guest:
- * its pending chains are not work, and no kick is needed to find them. */
+ * its pending chains are not work, and no kick is needed to find them
+ * (unless its deadline is only a timeout: armed_while_waiting). */
 static bool ring_waiting(const struct nitro_ring *r, uint64_t now)
 {
-    return r->wake_ns != 0 && r->wake_ns > now;
+    return r->wake_ns != 0 && r->wake_ns > now && !r->armed_while_waiting;
 }
 
 /* The earliest wake_ns of w's serving rings; 0: none. */

@@ -29,7 +29,6 @@
 #include "nitro_rbd.h"
 #include "nitro_ring.h"
 
-#define SECTOR_SHIFT 9
 /* A request's buffer stays with its slot for the next request up to this
  * size; larger ones are freed on completion (a ring of 256 slots keeps at
  * most 32 MiB). */

@@ -106,6 +106,10 @@ struct nitro_ring {
      * neither arms the ring (its pending chains are not "work arrived")
      * nor sleeps past it; poll() is called again at the latest then. */
     uint64_t wake_ns;
+    /* Set by the constructor of a ring whose wake_ns is a timeout, not a
+     * hold (an NBD ring's io_timeout): it takes new requests meanwhile,
+     * so the worker arms it as usual and only never sleeps past wake_ns. */
+    bool armed_while_waiting;
     /* Optional: one more fd the owner sleeps on (a remote volume's
      * socket), -1: none, and the EPOLLIN/EPOLLOUT it waits for (0: none).
      * The ring may change both in poll() and arm(); the worker brings its

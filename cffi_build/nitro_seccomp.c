@@ -7,10 +7,10 @@
  * bug in that code ever let a guest run code on the worker, the filter
  * leaves it the system calls below and nothing else: no open, no socket,
  * no exec, no ptrace, no mprotect to PROT_EXEC... The list is what a
- * worker does (nitro_engine.c, nitro_io.c, nitro_blk.c, nitro_net_queue.c,
- * nitro_switch.c, nitro_xts.c through OpenSSL, glibc's malloc and thread
- * exit); tests/unit/test_seccomp.py serves blk (io_uring and sync), net and
- * encrypted rings under the filter.
+ * worker does (nitro_engine.c, nitro_io.c, nitro_blk.c, nitro_nbd.c,
+ * nitro_net_queue.c, nitro_switch.c, nitro_underlay.c, nitro_xts.c through
+ * OpenSSL, glibc's malloc and thread exit); tests/unit/test_seccomp.py
+ * serves blk (io_uring and sync), net and encrypted rings under the filter.
  *
  * A call outside the list traps (SECCOMP_RET_TRAP): the SIGSYS handler
  * writes one line naming the system call to stderr and aborts the whole
@@ -40,8 +40,9 @@ static const int worker_syscalls[] = {
     /* eventfds (kick, call, command, io_uring), the uplink TAP, the log
      * line of the SIGSYS handler */
     SCMP_SYS(read), SCMP_SYS(write), SCMP_SYS(readv), SCMP_SYS(writev),
-    /* the underlay's sockets (nitro_underlay.c): frames to and from
-     * other hosts */
+    /* sockets: the underlay's (nitro_underlay.c: frames to and from
+     * other hosts), and an NBD volume's (nitro_nbd.c: libnbd and GnuTLS
+     * on the connected socket) */
     SCMP_SYS(sendmmsg), SCMP_SYS(recvmmsg), SCMP_SYS(sendmsg), SCMP_SYS(recvmsg),
     SCMP_SYS(sendto), SCMP_SYS(recvfrom),
     /* sleeping and commands */
@@ -54,6 +55,12 @@ static const int worker_syscalls[] = {
     SCMP_SYS(preadv2), SCMP_SYS(pwritev2), SCMP_SYS(pread64),
     SCMP_SYS(pwrite64), SCMP_SYS(fdatasync), SCMP_SYS(fsync),
     SCMP_SYS(fallocate),
+    /* blk on an NBD export (nitro_nbd.c; its socket calls are above):
+     * poll while a detach waits for answers; shutdown hangs up on a
+     * server that stopped answering; libnbd closes its socket when the
+     * connection dies (the epoll set watches a duplicate the control
+     * plane closes) */
+    SCMP_SYS(poll), SCMP_SYS(ppoll), SCMP_SYS(shutdown), SCMP_SYS(close),
     /* malloc/free (arenas grow with mmap/mprotect, shrink with madvise) */
     SCMP_SYS(mmap), SCMP_SYS(munmap), SCMP_SYS(mremap), SCMP_SYS(madvise),
     SCMP_SYS(mprotect), SCMP_SYS(brk), SCMP_SYS(getrandom),

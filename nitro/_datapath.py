@@ -989,6 +989,12 @@ class Ring(_Owned):
         return cls(lib.nitro_ring_blk_new(vq.ptr, params.ptr, stats.ptr), vq, "blk", (params, stats))
 
     @classmethod
+    def nbd(cls, vq: Virtqueue, params: BlkParams, stats: BlkStats, conn: NbdConn) -> Ring:
+        """A blk ring whose I/O goes to an NBD export through ``conn``."""
+        return cls(lib.nitro_ring_nbd_new(vq.ptr, params.ptr, stats.ptr, conn.ptr), vq, "blk",
+                   (params, stats, conn))
+
+    @classmethod
     def blk_rbd(cls, vq: Virtqueue, image: RbdImage, params: BlkParams, stats: BlkStats) -> Ring:
         """A blk ring whose I/O is librbd's aio on `image`."""
         return cls(lib.nitro_ring_blk_rbd_new(vq.ptr, image.ptr, params.ptr, stats.ptr), vq, "blk",
@@ -1032,6 +1038,94 @@ class Ring(_Owned):
         if rc == lib.NITRO_ERR_SYS:
             raise HostError(rc, "ring", int(lib.nitro_ring_errno(self.ptr)))
         _check(rc, "ring", self._vq_ptr)
+
+
+class NbdError(Exception):
+    """libnbd refused: connecting, or a blocking read/write (the message is
+    libnbd's, which names the server and the cause)."""
+
+
+_NBD_INFO_FIELDS = ("size", "readonly", "can_flush", "can_trim", "can_zero",
+                    "can_multi_conn", "can_fua", "min_block", "max_block")
+_NBD_STAT_FIELDS = ("connected", "connects", "disconnects", "resent", "timeouts")
+
+
+class NbdHandle(_Owned):
+    """A connected libnbd handle (cffi_build/nitro_nbd.h) the caller owns
+    until ``NbdConn.offer`` takes it. Every call blocks: not on the trio
+    thread."""
+
+    def __init__(self, uri: str, *, tls_psk_file: str | None = None,
+                 tls_username: str | None = None, tls_certificates: str | None = None) -> None:
+        err = ffi.new("char[]", 512)
+        h = lib.nitro_nbd_connect(uri.encode(), _cstr(tls_psk_file), _cstr(tls_username),
+                                  _cstr(tls_certificates), err, 512)
+        if h == ffi.NULL:
+            raise NbdError(ffi.string(err).decode(errors="replace"))
+        super().__init__(ffi.gc(h, lib.nitro_nbd_close))
+
+    def info(self) -> dict[str, int]:
+        out = ffi.new("struct nitro_nbd_info *")
+        _check(lib.nitro_nbd_info(self.ptr, out), "nitro_nbd_info")
+        return {f: int(getattr(out, f)) for f in _NBD_INFO_FIELDS}
+
+    def pread(self, count: int, offset: int) -> bytes:
+        buf = ffi.new("uint8_t[]", count)
+        err = ffi.new("char[]", 512)
+        if lib.nitro_nbd_pread(self.ptr, buf, count, offset, err, 512) < 0:
+            raise NbdError(ffi.string(err).decode(errors="replace"))
+        return bytes(ffi.buffer(buf, count))
+
+    def pwrite(self, data: bytes, offset: int) -> None:
+        """Write and flush (a header must be durable before it is used)."""
+        err = ffi.new("char[]", 512)
+        if lib.nitro_nbd_pwrite(self.ptr, data, len(data), offset, err, 512) < 0:
+            raise NbdError(ffi.string(err).decode(errors="replace"))
+
+    def detach(self) -> Any:
+        """Give up ownership of the C handle (for NbdConn.offer)."""
+        h = ffi.gc(self.ptr, None)
+        self._cdata = None
+        return h
+
+
+def _cstr(value: str | None) -> Any:
+    return value.encode() if value is not None else ffi.NULL
+
+
+class NbdConn(_Owned):
+    """One queue's NBD connection as an engine worker uses it: the control
+    plane offers connected handles, the worker takes them and retires dead
+    ones; ``want_fd`` (the caller's eventfd) turns readable when it needs
+    a handle or has one to close (``reap``)."""
+
+    def __init__(self, want_fd: int, io_timeout_ns: int) -> None:
+        super().__init__(ffi.gc(lib.nitro_nbd_new(want_fd, io_timeout_ns), lib.nitro_nbd_free))
+
+    def offer(self, handle: NbdHandle) -> None:
+        h = handle.ptr
+        _check(lib.nitro_nbd_offer(self.ptr, h), "nitro_nbd_offer")
+        handle.detach()
+
+    @property
+    def wants(self) -> bool:
+        return bool(lib.nitro_nbd_wants(self.ptr))
+
+    def reap(self) -> None:
+        lib.nitro_nbd_reap(self.ptr)
+
+    def flush(self) -> bool:
+        """Flush the live connection (ring detached; blocking). False when
+        there is none; NbdError when the server failed the flush."""
+        rc = int(lib.nitro_nbd_flush(self.ptr))
+        if rc < 0:
+            raise NbdError("flush failed")
+        return rc == 0
+
+    def stats(self) -> dict[str, int]:
+        out = ffi.new("struct nitro_nbd_stats *")
+        lib.nitro_nbd_stats(self.ptr, out)
+        return {f: int(getattr(out, f)) for f in _NBD_STAT_FIELDS}
 
 
 class Engine(_Owned):

@@ -16,9 +16,12 @@ import tomllib
 from collections.abc import Sequence
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from nitro import _datapath
+
+if TYPE_CHECKING:
+    from nitro.devices.blk.backends.nbd import NbdSource
 
 DEFAULT_METRICS_LISTEN = "127.0.0.1:9180"
 MAX_QUEUES = 16
@@ -28,6 +31,9 @@ MAX_NET_INTERFACES = _datapath.NET_MAX_PORTS
 MAX_NET_QUEUE_PAIRS = _datapath.NET_MAX_PAIRS
 MAX_DNS = 63           # DHCP option 6: 4 bytes each, at most 255 bytes
 MAX_RATE = 10**12      # bytes or packets per second; beyond any link here
+# A remote volume's io_timeout, seconds: EBS's default NVMe I/O timeout is 30 s too.
+DEFAULT_IO_TIMEOUT = 30.0
+MAX_IO_TIMEOUT = 86400.0
 _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 _UNIT_RE = re.compile(r"^\s*(\d+)\s*([KMGTP]?)(i?B)?\s*$", re.IGNORECASE)
 _SIZE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40, "P": 1 << 50}
@@ -79,6 +85,9 @@ class RbdSource:
     user: str = "admin"              # the cephx client name without "client."
     keyring: Path | None = None      # None: the one ceph_conf names
 
+    def __str__(self) -> str:
+        return f"rbd:{self.pool}/{self.image}"
+
 
 @dataclasses.dataclass(frozen=True)
 class BlkConfig:
@@ -92,7 +101,17 @@ class BlkConfig:
     serial: str = ""
     encryption: EncryptionConfig | None = None
     qos: QosConfig = QosConfig()
-    rbd: RbdSource | None = None     # a remote volume instead of `image`
+    # A remote volume instead of `image` (`source`, at most one of these):
+    # an NBD export (backends/nbd.py) or a Ceph RBD image (backends/rbd.py).
+    nbd: NbdSource | None = None
+    rbd: RbdSource | None = None
+    # How long a request to a remote volume may wait for the server before
+    # the guest gets an I/O error (NBD; the RBD ring does not apply it yet).
+    io_timeout: float = DEFAULT_IO_TIMEOUT
+
+    @property
+    def remote(self) -> NbdSource | RbdSource | None:
+        return self.nbd or self.rbd
 
 
 @dataclasses.dataclass(frozen=True)
@@ -546,10 +565,11 @@ def _blk(t: Any, i: int, source: str, runtime: Path, state: Path) -> BlkConfig:
         image=state / _str(t, "image", source, p, f"{dev_id}.img"),
         size=size, readonly=readonly, queues=queues, queue_size=qsize, serial=serial,
         encryption=_encryption(t, source, p, state), qos=_qos(t, source, p),
-        rbd=_rbd_source(t, source, p, state))
-    if blk.rbd is not None and blk.qos != QosConfig():
-        # The limits live in the local-file ring (nitro_blk.c); the librbd
-        # ring does not apply them yet, and a limit silently ignored is worse.
+        **_remote(t, source, p, state))
+    if blk.remote is not None and blk.qos != QosConfig():
+        # The limits live in the local-file ring (nitro_blk.c); the NBD and
+        # librbd rings do not apply them yet, and a limit silently ignored
+        # is worse.
         raise ConfigError(source, p + "qos", "not with source yet: QoS applies to local volumes only")
     return blk
 
@@ -586,18 +606,66 @@ def parse_qos(values: dict, base: QosConfig, source: str, prefix: str = "") -> Q
     return qos
 
 
-SOURCE_KEYS = ("source", "ceph_conf", "user", "keyring")
+# `source` and the keys that go with it: for any remote volume, an NBD
+# export's (nbds:// only) and an RBD image's. The dict maps a key to the
+# source kind it belongs to (None: either).
+_REMOTE_KEYS: dict[str, str | None] = {
+    "io_timeout": None,
+    "tls_psk_file": "nbds", "tls_username": "nbds", "tls_certificates": "nbds",
+    "ceph_conf": "rbd", "user": "rbd", "keyring": "rbd",
+}
+SOURCE_KEYS = ("source", *_REMOTE_KEYS)
+_SOURCE_FORMS = {None: '"nbd://HOST[:PORT]/EXPORT", "nbds://..." or "rbd:POOL/IMAGE"',
+                 "nbds": '"nbds://HOST[:PORT]/EXPORT"', "rbd": '"rbd:POOL/IMAGE"'}
 _RBD_NAME_RE = re.compile(r"^[^/@\s]+$")
 
 
-def _rbd_source(t: dict, source: str, prefix: str, state: Path) -> RbdSource | None:
-    """`source = "rbd:pool/image"` and its options; None for a local image."""
-    if "source" not in t:
-        for key in SOURCE_KEYS[1:]:
-            if key in t:
-                raise ConfigError(source, prefix + key, 'only with source = "rbd:POOL/IMAGE"')
-        return None
-    spec = _str(t, "source", source, prefix, None)
+def _remote(t: dict, source: str, prefix: str, state: Path) -> dict[str, Any]:
+    """`source` (a remote volume: an NBD export or an RBD image) and its
+    keys -> BlkConfig's nbd or rbd and io_timeout; {} for a local image."""
+    spec = _str(t, "source", source, prefix, None) if "source" in t else None
+    scheme = spec.partition(":")[0].lower() if spec is not None else None
+    if scheme is not None and scheme not in ("nbd", "nbds", "rbd"):
+        raise ConfigError(source, prefix + "source",
+                          f"expected nbd://HOST[:PORT]/EXPORT, nbds://... or rbd:POOL/IMAGE, got {spec!r}")
+    for key, kind in _REMOTE_KEYS.items():
+        if key in t and (scheme is None or kind not in (None, scheme)):
+            raise ConfigError(source, prefix + key, f"only with source = {_SOURCE_FORMS[kind]}")
+    if spec is None:
+        return {}
+    fields: dict[str, Any] = {"io_timeout": _io_timeout(t, source, prefix)}
+    if scheme == "rbd":
+        fields["rbd"] = _rbd_source(t, spec, source, prefix, state)
+    else:
+        fields["nbd"] = _nbd_source(t, spec, source, prefix, state)
+    return fields
+
+
+def _io_timeout(t: dict, source: str, prefix: str) -> float:
+    v = t.get("io_timeout", DEFAULT_IO_TIMEOUT)
+    if isinstance(v, bool) or not isinstance(v, int | float) or not 0 < v <= MAX_IO_TIMEOUT:
+        raise ConfigError(source, prefix + "io_timeout", f"expected seconds in (0, {MAX_IO_TIMEOUT:g}], got {v!r}")
+    return float(v)
+
+
+def _nbd_source(t: dict, spec: str, source: str, prefix: str, state: Path) -> NbdSource:
+    """`source = "nbd://..."` / `"nbds://..."` with its TLS keys."""
+    from nitro.devices.blk.backends import nbd
+
+    for key in ("image", "size"):
+        if key in t:
+            raise ConfigError(source, prefix + key, "not with source: the export is the volume")
+    files = {k: state / _str(t, k, source, prefix, None)
+             for k in ("tls_psk_file", "tls_certificates") if k in t}
+    user = _str(t, "tls_username", source, prefix, None) if "tls_username" in t else None
+    try:
+        return nbd.parse_source(spec, tls_username=user, **files)
+    except ValueError as e:
+        raise ConfigError(source, prefix + "source", str(e)) from None
+
+
+def _rbd_source(t: dict, spec: str, source: str, prefix: str, state: Path) -> RbdSource:
+    """`source = "rbd:POOL/IMAGE"` with its options."""
     pool, _, image = spec.removeprefix("rbd:").partition("/")
     if not spec.startswith("rbd:") or not _RBD_NAME_RE.match(pool) or not _RBD_NAME_RE.match(image):
         raise ConfigError(source, prefix + "source", f'expected "rbd:POOL/IMAGE", got {spec!r}')
@@ -639,9 +707,10 @@ def _check_unique(blks: tuple[BlkConfig, ...], vpcs: tuple[VpcConfig, ...],
                    + [(f"net[{i}].id", n.id) for i, n in net])
     _no_duplicates(source, "socket", [(f"blk[{i}].socket", b.socket) for i, b in blk]
                    + [(f"net[{i}].socket", n.socket) for i, n in net])
-    _no_duplicates(source, "image", [(f"blk[{i}].image", b.image) for i, b in blk])
-    _no_duplicates(source, "source", [(f"blk[{i}].source", f"rbd:{b.rbd.pool}/{b.rbd.image}")
-                                      for i, b in blk if b.rbd is not None])
+    _no_duplicates(source, "image", [(f"blk[{i}].image", b.image) for i, b in blk
+                                     if b.remote is None])
+    _no_duplicates(source, "source", [(f"blk[{i}].source", str(b.remote)) for i, b in blk
+                                      if b.remote is not None])
     _no_duplicates(source, "id", [(f"vpc[{i}].id", v.id) for i, v in vpc])
     _no_duplicates(source, "interface", [(f"vpc[{i}].uplink.name", v.uplink.name)
                                          for i, v in vpc if v.uplink is not None])

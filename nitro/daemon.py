@@ -346,6 +346,9 @@ class Daemon:
             blks = {b.id: b for b in self.cfg.blk}
             if device_id not in blks:
                 raise CommandRefused(f"no [[blk]] device {device_id!r} (have: {', '.join(blks) or 'none'})")
+            if blks[device_id].remote is not None:
+                # As the config check says: a remote volume's ring ignores limits.
+                raise CommandRefused(f"{device_id} has a source: QoS applies to local volumes only")
             try:
                 qos = parse_qos(values, blks[device_id].qos, "volume qos")
             except ConfigError as e:

@@ -8,6 +8,7 @@ from nitro.config import BlkConfig
 
 if TYPE_CHECKING:
     from nitro.devices.blk.backends.luks import LuksVolume
+    from nitro.devices.blk.backends.nbd import NbdVolume
     from nitro.devices.blk.backends.rbd import RbdVolume
     from nitro.devices.blk.device import BlkDevice
 
@@ -17,11 +18,19 @@ def open_device(cfg: BlkConfig) -> BlkDevice:
 
     Raises VolumeError (nothing written to the image) when it cannot be served.
     """
-    from nitro.devices.blk.backends.raw import RawImage
+    from nitro.devices.blk.backends.raw import RawImage, VolumeError
     from nitro.devices.blk.device import BlkDevice
 
-    volume: RawImage | LuksVolume | RbdVolume
-    if cfg.rbd is not None:
+    volume: RawImage | LuksVolume | NbdVolume | RbdVolume
+    if cfg.nbd is not None:
+        from nitro.devices.blk.backends.nbd import NbdVolume
+
+        if cfg.encryption is not None:
+            raise VolumeError(f"{cfg.nbd}: encrypted volumes on a remote source are not "
+                              "served yet (docs/volumes.md)")
+        volume = NbdVolume.open(cfg.nbd, queues=cfg.queues, io_timeout=cfg.io_timeout,
+                                readonly=cfg.readonly)
+    elif cfg.rbd is not None:
         from nitro.devices.blk.backends.rbd import RbdVolume
 
         volume = RbdVolume.open(cfg.rbd, readonly=cfg.readonly)

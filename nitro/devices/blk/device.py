@@ -17,17 +17,18 @@ from nitro.config import BlkConfig, QosConfig
 from nitro.devices.base import VirtioDevice
 from nitro.devices.blk import config as blkcfg
 from nitro.devices.blk.backends.raw import RawImage
-from nitro.devices.blk.backends.rbd import RbdVolume
 
 if TYPE_CHECKING:
     from nitro.devices.blk.backends.luks import LuksVolume
+    from nitro.devices.blk.backends.nbd import NbdVolume
+    from nitro.devices.blk.backends.rbd import RbdVolume
 from nitro.vhost.protocol import ProtocolFeature
 
 
 class BlkDevice(VirtioDevice):
     kind = "blk"
 
-    def __init__(self, cfg: BlkConfig, volume: RawImage | LuksVolume | RbdVolume) -> None:
+    def __init__(self, cfg: BlkConfig, volume: RawImage | LuksVolume | NbdVolume | RbdVolume) -> None:
         self.cfg = cfg
         self.volume = volume
         self.num_queues = cfg.queues
@@ -80,9 +81,8 @@ class BlkDevice(VirtioDevice):
 
     def make_ring(self, vring) -> _datapath.Ring:
         """The C ring an engine worker serves this queue through."""
-        if isinstance(self.volume, RbdVolume):
-            return _datapath.Ring.blk_rbd(vring.vq, self.volume.rbd, self.params, self.stats[vring.index])
-        return _datapath.Ring.blk(vring.vq, self.params, self.stats[vring.index])
+        i = vring.index
+        return self.volume.make_ring(vring.vq, self.params, self.stats[i], i)
 
     def reset(self) -> None:
         self.acked_features = 0
@@ -127,6 +127,7 @@ class BlkDevice(VirtioDevice):
             "inflight": inflight,
             "resubmitted": resubmitted,
             "qos": {**dataclasses.asdict(self.qos_config), **self.qos.statistics()},
+            **({"remote": self.volume.statistics()} if hasattr(self.volume, "statistics") else {}),
         }
 
 

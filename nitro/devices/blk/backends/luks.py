@@ -89,6 +89,10 @@ class LuksVolume:
     def capacity_sectors(self) -> int:
         return self.size // SECTOR_SIZE
 
+    def make_ring(self, vq: _datapath.Virtqueue, params: _datapath.BlkParams,
+                  stats: _datapath.BlkStats, index: int) -> _datapath.Ring:
+        return self.raw.make_ring(vq, params, stats, index)
+
     def flush(self) -> None:
         self.raw.flush()
 

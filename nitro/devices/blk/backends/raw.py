@@ -12,6 +12,7 @@ import fcntl
 import os
 from pathlib import Path
 
+from nitro import _datapath
 from nitro.devices.blk.config import SECTOR_SIZE
 
 
@@ -73,6 +74,11 @@ class RawImage:
     @property
     def capacity_sectors(self) -> int:
         return self.size // SECTOR_SIZE
+
+    def make_ring(self, vq: _datapath.Virtqueue, params: _datapath.BlkParams,
+                  stats: _datapath.BlkStats, index: int) -> _datapath.Ring:
+        """Queue `index`'s ring: I/O on the file through the worker's io_uring."""
+        return _datapath.Ring.blk(vq, params, stats)
 
     def grow(self, size: int) -> None:
         """Extend the file to `size` bytes (sparse: nothing is written); a

@@ -59,6 +59,11 @@ class RbdVolume:
     def capacity_sectors(self) -> int:
         return self.size // SECTOR_SIZE
 
+    def make_ring(self, vq: _datapath.Virtqueue, params: _datapath.BlkParams,
+                  stats: _datapath.BlkStats, index: int) -> _datapath.Ring:
+        """Queue `index`'s ring: librbd's aio on the image."""
+        return _datapath.Ring.blk_rbd(vq, self.rbd, params, stats)
+
     def flush(self) -> None:
         if not self.readonly:
             self.rbd.flush()

@@ -1,0 +1,151 @@
+"""Volumes on an NBD export: the real daemon, real NBD servers (nbdkit's
+memory and file plugins, nbdkit --tls=require with a PSK file, qemu-nbd)
+and the vublk front-end. Servers run on free loopback ports in the test's
+directory and are stopped by PID (bench/nbd.py's launchers)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from bench.nbd import PSK_USER, NbdKit, QemuNbd, write_psk
+from bench.proc import run_cli, tail
+
+pytestmark = pytest.mark.integration
+
+MiB = 1 << 20
+
+
+def blk(url: str, extra: str = "") -> str:
+    return f'[[blk]]\nid = "r0"\nsource = "{url}"\n{extra}'
+
+
+def vublk_run(vublk: Path, sock: Path, *args: str, timeout: float = 90) -> tuple[int, dict | None, str]:
+    r = subprocess.run([str(vublk), "--socket", str(sock), *args], capture_output=True,
+                       text=True, timeout=timeout, check=False)
+    out = json.loads(r.stdout) if r.stdout.strip() else None
+    return r.returncode, out, r.stderr
+
+
+def verify(vublk: Path, sock: Path, *args: str) -> dict:
+    rc, res, err = vublk_run(vublk, sock, "--rw", "verify", *args)
+    assert rc == 0 and res is not None, err
+    assert res["errors"] == 0 and res["mismatches"] == 0, res
+    return res
+
+
+def test_nbdkit_memory_data_and_discard(nitro, vublk, short_tmp_path):
+    with NbdKit(short_tmp_path, ["memory", "64M"]) as server:
+        nitro(blk(server.url(), "queues = 2\n"))
+        sock = short_tmp_path / "r0.sock"
+        res = verify(vublk, sock, "--size", "16m", "--bs", "64k", "--queues", "2")
+        assert res["capacity_bytes"] == 64 * MiB
+        # the memory plugin trims and zeroes: both offered to the driver
+        assert int(res["backend_features"], 16) >> 13 & 3 == 3
+        # a guest's scattered pages, unaligned to the request size
+        verify(vublk, sock, "--size", "8m", "--offset", "20m", "--bs", "128k",
+               "--seg-size", "4k", "--seed", "7", "--iodepth", "7",
+               "--queue-size", "256")
+
+
+def test_nbdkit_restart_under_writes_loses_no_acked_write(nitro, vublk, short_tmp_path):
+    """The server goes away while a writer writes: requests wait, nitro
+    reconnects and resends, the writer sees no error, and every block it
+    got an ack for reads back (the file plugin keeps the data across the
+    restart; the read-back is through the restarted server)."""
+    image = short_tmp_path / "disk.img"
+    subprocess.run(["truncate", "-s", "128M", str(image)], check=True)
+    server = NbdKit(short_tmp_path, ["file", str(image)])
+    n = nitro(blk(server.url(), "io_timeout = 20\n"))
+    writer = subprocess.Popen([str(vublk), "--socket", str(short_tmp_path / "r0.sock"), "--rw",
+                               "verify", "--size", "128m", "--bs", "4k", "--timeout", "25"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # Started and stopped from this thread: nbdkit exits when the thread
+    # that started it ends.
+    time.sleep(0.4)
+    # SIGKILL: the server vanishes mid-request (nbdkit's SIGTERM waits for
+    # its clients to leave: that is a hung server, not a gone one).
+    server.kill()
+    time.sleep(1.0)
+    with NbdKit(short_tmp_path, ["file", str(image)], port=server.port):
+        out, err = writer.communicate(timeout=90)
+    res = json.loads(out) if out.strip() else None
+    assert writer.returncode == 0 and res is not None, f"{err}\nnitro:\n{tail(n.output())}"
+    assert res["errors"] == 0 and res["mismatches"] == 0, res
+    assert res["verified_bytes"] == 128 * MiB
+    remote = json.loads(n.status_json())["devices"][0]["remote"]
+    assert remote["disconnects"] >= 1 and remote["connects"] >= 2, remote
+    assert remote["timeouts"] == 0, remote
+    assert res["lat_max_us"] > 500_000, "the writer never waited: the restart missed it"
+
+
+def test_tls_psk_required(nitro, vublk, short_tmp_path):
+    psk = write_psk(short_tmp_path / "keys.psk")
+    with NbdKit(short_tmp_path, ["memory", "32M"], tls_psk=psk) as server:
+        url = server.url().replace("nbd://", "nbds://")
+        nitro(blk(url, f'tls_psk_file = "{psk}"\ntls_username = "{PSK_USER}"\n'))
+        verify(vublk, short_tmp_path / "r0.sock", "--size", "8m", "--bs", "32k")
+
+
+def test_tls_required_refuses_plaintext(nitro, short_tmp_path):
+    psk = write_psk(short_tmp_path / "keys.psk")
+    with NbdKit(short_tmp_path, ["memory", "32M"], tls_psk=psk) as server:
+        with pytest.raises(Exception) as e:
+            nitro(blk(server.url()))
+        assert "cannot connect" in str(e.value)
+
+
+def test_qemu_nbd(nitro, vublk, short_tmp_path):
+    image = short_tmp_path / "q.img"
+    subprocess.run(["truncate", "-s", "64M", str(image)], check=True)
+    with QemuNbd(short_tmp_path, image) as server:
+        nitro(blk(server.url()))
+        verify(vublk, short_tmp_path / "r0.sock", "--size", "16m", "--bs", "16k")
+    # what the guest wrote is in the image qemu-nbd served
+    assert image.read_bytes()[:512] != bytes(512)
+
+
+def test_io_timeout_turns_an_outage_into_ioerr(nitro, vublk, short_tmp_path):
+    server = NbdKit(short_tmp_path, ["memory", "32M"])
+    nitro(blk(server.url(), "io_timeout = 2\n"))
+    sock = short_tmp_path / "r0.sock"
+    verify(vublk, sock, "--size", "1m")  # connected and serving
+    server.kill()
+    t0 = time.monotonic()
+    rc, res, err = vublk_run(vublk, sock, "--rw", "randwrite", "--ios", "4", "--iodepth", "4",
+                             "--timeout", "20")
+    waited = time.monotonic() - t0
+    assert rc == 1 and "IOERR" in err, (rc, err)
+    assert 1.9 <= waited < 10, f"the error came after {waited:.1f} s, io_timeout is 2 s"
+
+
+def test_new_requests_do_not_wait_for_a_slow_one(nitro, vublk, short_tmp_path):
+    """A request the server is slow on holds the ring's wake_ns (its
+    io_timeout) but not the queue: the ring stays armed, so a request the
+    guest adds while the worker sleeps kicks it (poll_us = 0: no busy-poll
+    window to find it instead). Without that, every read here waits for
+    the slow one."""
+    plugin = ["eval", "get_size=echo 1048576", "thread_model=echo parallel",
+              # the read at offset 0 takes 4 s, every other one is answered at once
+              'pread=if [ "$4" -eq 0 ]; then sleep 4; fi; head -c "$3" /dev/zero']
+    with NbdKit(short_tmp_path, plugin) as server:
+        nitro("[daemon]\npoll_us = 0\n" + blk(server.url(), "readonly = true\n"))
+        rc, res, err = vublk_run(vublk, short_tmp_path / "r0.sock", "--rw", "read", "--bs", "4k",
+                                 "--iodepth", "2", "--runtime", "2", "--timeout", "10")
+    assert rc == 0 and res is not None, err
+    assert res["errors"] == 0, res
+    # the 255 other blocks of the 1 MiB export pass the slow read at offset 0
+    assert res["ios"] >= 100, res
+
+
+def test_volume_qos_refused_on_a_remote_volume(nitro, short_tmp_path):
+    """Its ring does not apply limits: `nitro volume qos` says so, as the
+    config check does for `qos` with `source`."""
+    with NbdKit(short_tmp_path, ["memory", "8M"]) as server:
+        n = nitro(blk(server.url()))
+        r = run_cli("volume", "qos", "r0", "--iops", "100", "--control", n.control, timeout=30)
+    assert r.returncode != 0 and "local volumes only" in r.stderr, (r.returncode, r.stdout, r.stderr)
