@@ -319,7 +319,7 @@ static int worker_attach(struct worker *w, struct nitro_ring *r)
     r->status = NITRO_OK;
     r->kicked = r->muted = false;
     r->empty_kicks = 0;
-    r->wake_ns = 0;
+    r->wake_ns = r->timer_ns = 0;
     int rc = r->ops->attach ? r->ops->attach(r) : NITRO_OK;
     if (rc == NITRO_OK)
         rc = epoll_watch(w, r);
@@ -452,15 +452,19 @@ static bool ring_waiting(const struct nitro_ring *r, uint64_t now)
     return r->wake_ns != 0 && r->wake_ns > now;
 }
 
-/* The earliest wake_ns of w's serving rings; 0: none. */
+static uint64_t earliest(uint64_t a, uint64_t b)
+{
+    return a == 0 || (b != 0 && b < a) ? b : a;
+}
+
+/* The earliest wake_ns or timer_ns of w's serving rings; 0: none. */
 static uint64_t next_deadline(const struct worker *w)
 {
     uint64_t first = 0;
     for (uint32_t i = 0; i < w->nrings; i++) {
         const struct nitro_ring *r = w->rings[i];
-        if (r->status == NITRO_OK && r->wake_ns != 0 &&
-            (first == 0 || r->wake_ns < first))
-            first = r->wake_ns;
+        if (r->status == NITRO_OK)
+            first = earliest(earliest(first, r->wake_ns), r->timer_ns);
     }
     return first;
 }

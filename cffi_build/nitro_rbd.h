@@ -13,6 +13,13 @@
  * and the used ring. Guest memory is touched by the worker only: data goes
  * through a buffer of the request's own (librbd's threads never see guest
  * memory, which may vanish under them).
+ *
+ * Failures: librbd's write-back cache is off (a write is acknowledged once
+ * the OSDs have it). While the cluster is away librbd waits and resends on
+ * its own; the ring answers IOERR for a request still unanswered
+ * params->io_timeout_ns after it was sent, keeps its buffer until librbd
+ * completes it, and gives the guest's queue a new slot meanwhile. Detach
+ * waits for the guest's requests at most until their deadlines.
  */
 #ifndef NITRO_RBD_H
 #define NITRO_RBD_H

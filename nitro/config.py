@@ -80,6 +80,10 @@ class RbdSource:
     keyring: Path | None = None      # None: the one ceph_conf names
 
 
+DEFAULT_IO_TIMEOUT = 30.0  # seconds, like the Linux NVMe driver's io_timeout for EBS
+MAX_IO_TIMEOUT = 86400.0
+
+
 @dataclasses.dataclass(frozen=True)
 class BlkConfig:
     id: str
@@ -93,6 +97,9 @@ class BlkConfig:
     encryption: EncryptionConfig | None = None
     qos: QosConfig = QosConfig()
     rbd: RbdSource | None = None     # a remote volume instead of `image`
+    # Remote sources: a request the storage has not answered after this
+    # many seconds fails (IOERR) instead of waiting on (docs/volumes.md).
+    io_timeout: float = DEFAULT_IO_TIMEOUT
 
 
 @dataclasses.dataclass(frozen=True)
@@ -522,7 +529,8 @@ def _check_net_ip(ip: ipaddress.IPv4Address, vpc: VpcConfig, source: str, p: str
 
 def _blk(t: Any, i: int, source: str, runtime: Path, state: Path) -> BlkConfig:
     p = _entry(t, i, "blk", source, {"id", "socket", "image", "size", "readonly", "queues",
-                                     "queue_size", "serial", "encryption", "qos", *SOURCE_KEYS})
+                                     "queue_size", "serial", "encryption", "qos", "io_timeout",
+                                     *SOURCE_KEYS})
     dev_id = _id(t, source, p)
     size = parse_size(t["size"], source, p + "size") if "size" in t else None
     queues = _int(t, "queues", source, p, 1, 1, MAX_QUEUES)
@@ -539,12 +547,26 @@ def _blk(t: Any, i: int, source: str, runtime: Path, state: Path) -> BlkConfig:
         image=state / _str(t, "image", source, p, f"{dev_id}.img"),
         size=size, readonly=readonly, queues=queues, queue_size=qsize, serial=serial,
         encryption=_encryption(t, source, p, state), qos=_qos(t, source, p),
-        rbd=_rbd_source(t, source, p, state))
+        rbd=_rbd_source(t, source, p, state), io_timeout=_io_timeout(t, source, p))
     if blk.rbd is not None and blk.qos != QosConfig():
         # The limits live in the local-file ring (nitro_blk.c); the librbd
         # ring does not apply them yet, and a limit silently ignored is worse.
         raise ConfigError(source, p + "qos", "not with source yet: QoS applies to local volumes only")
     return blk
+
+
+def _io_timeout(t: dict, source: str, prefix: str) -> float:
+    """`io_timeout = 30` (seconds, > 0): only with a remote `source`;
+    a local file's I/O does not wait for a server."""
+    if "io_timeout" not in t:
+        return DEFAULT_IO_TIMEOUT
+    if "source" not in t:
+        raise ConfigError(source, prefix + "io_timeout", "only with a remote source (source = ...)")
+    v = t["io_timeout"]
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v <= MAX_IO_TIMEOUT:
+        raise ConfigError(source, prefix + "io_timeout",
+                          f"expected seconds in (0, {MAX_IO_TIMEOUT:.0f}], got {v!r}")
+    return float(v)
 
 
 def _qos(t: dict, source: str, prefix: str) -> QosConfig:

@@ -393,7 +393,10 @@ class Daemon:
             s.stop_accepting()
             await s.stop_all_workers()
         for s in self.servers:
-            await trio.to_thread.run_sync(s.device.flush)
+            try:
+                await trio.to_thread.run_sync(s.device.flush)
+            except OSError as e:  # a remote volume's storage is away: stop anyway
+                log_event(log, logging.ERROR, "drain: flush failed", device=s.device_id, error=str(e))
 
     async def _stop_uplinks(self) -> None:
         if self.fabric is not None:

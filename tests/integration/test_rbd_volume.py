@@ -33,16 +33,7 @@ def cluster() -> Iterator[CephCluster]:
 
 
 def _config(c: CephCluster, image: str) -> str:
-    return f"""
-[[blk]]
-id = "vol0"
-socket = "vol0.sock"
-source = "rbd:{c.pool}/{image}"
-ceph_conf = "{c.conf}"
-user = "{c.user}"
-keyring = "{c.keyring}"
-queues = 2
-"""
+    return c.blk_config(image, extra="queues = 2\n")
 
 
 def _export(c: CephCluster, image: str) -> bytes:

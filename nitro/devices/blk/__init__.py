@@ -24,7 +24,7 @@ def open_device(cfg: BlkConfig) -> BlkDevice:
     if cfg.rbd is not None:
         from nitro.devices.blk.backends.rbd import RbdVolume
 
-        volume = RbdVolume.open(cfg.rbd, readonly=cfg.readonly)
+        volume = RbdVolume.open(cfg.rbd, readonly=cfg.readonly, io_timeout=cfg.io_timeout)
     elif cfg.encryption is not None:
         from nitro.devices.blk.backends.luks import LuksVolume
 
