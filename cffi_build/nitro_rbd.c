@@ -45,6 +45,7 @@ struct nitro_rbd {
     rbd_image_t image;
     uint64_t size;
     bool locked;
+    char owner[NITRO_RBD_OWNER_MAX];  /* this client as the lock's owner */
 };
 
 /* ---- the image --------------------------------------------------------- */
@@ -55,9 +56,44 @@ static int rbd_stage(int *err, int rc, int stage)
     return rc < 0 ? stage : NITRO_RBD_OK;
 }
 
+/* The image's lock owners (at most 4 reported); each call gets them anew. */
+#define OWNERS_MAX 4
+
+/* A lock held by `stale` (what nitro_rbd_lock_owner said in a daemon
+ * that is gone) is broken now: librbd would wait for the dead client's
+ * watch to time out on the OSD (30 s) before taking it over. Breaking
+ * blocklists that client, so even a late write of it is refused. */
+static void rbd_break_stale(rbd_image_t image, const char *stale)
+{
+    if (stale == NULL || stale[0] == '\0')
+        return;
+    char *owners[OWNERS_MAX];
+    size_t n = OWNERS_MAX;
+    rbd_lock_mode_t mode;
+    if (rbd_lock_get_owners(image, &mode, owners, &n) < 0)
+        return;
+    for (size_t i = 0; i < n; i++)
+        if (strcmp(owners[i], stale) == 0)
+            rbd_lock_break(image, mode, owners[i]);
+    rbd_lock_get_owners_cleanup(owners, n);
+}
+
+/* Remember who this client is as the lock's owner. */
+static void rbd_note_owner(struct nitro_rbd *v)
+{
+    char *owners[OWNERS_MAX];
+    size_t n = OWNERS_MAX;
+    rbd_lock_mode_t mode;
+    if (rbd_lock_get_owners(v->image, &mode, owners, &n) < 0)
+        return;
+    if (n == 1 && strlen(owners[0]) < sizeof(v->owner))
+        strcpy(v->owner, owners[0]);
+    rbd_lock_get_owners_cleanup(owners, n);
+}
+
 int nitro_rbd_open(const char *conf, const char *user, const char *keyring,
                    const char *pool, const char *image, uint32_t readonly,
-                   struct nitro_rbd **out, int *err)
+                   const char *stale_owner, struct nitro_rbd **out, int *err)
 {
     struct nitro_rbd *v = calloc(1, sizeof(*v));
     if (v == NULL)
@@ -87,9 +123,12 @@ int nitro_rbd_open(const char *conf, const char *user, const char *keyring,
                                      : rbd_open(v->ioctx, image, &v->image, NULL),
                        NITRO_RBD_STAGE_IMAGE);
     if (st == NITRO_RBD_OK && !readonly) {
+        rbd_break_stale(v->image, stale_owner);
         st = rbd_stage(err, rbd_lock_acquire(v->image, RBD_LOCK_MODE_EXCLUSIVE),
                        NITRO_RBD_STAGE_LOCK);
         v->locked = st == NITRO_RBD_OK;
+        if (v->locked)
+            rbd_note_owner(v);
     }
     if (st == NITRO_RBD_OK)
         st = rbd_stage(err, rbd_get_size(v->image, &v->size), NITRO_RBD_STAGE_SIZE);
@@ -107,6 +146,11 @@ int nitro_rbd_open(const char *conf, const char *user, const char *keyring,
 uint64_t nitro_rbd_size(const struct nitro_rbd *v)
 {
     return v->size;
+}
+
+const char *nitro_rbd_lock_owner(const struct nitro_rbd *v)
+{
+    return v->owner;
 }
 
 int nitro_rbd_flush(struct nitro_rbd *v)

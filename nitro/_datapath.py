@@ -549,11 +549,11 @@ class RbdImage(_Owned):
     read-only. Opening blocks on the network: not on the trio thread."""
 
     def __init__(self, conf: str, user: str, keyring: str, pool: str, image: str,
-                 readonly: bool) -> None:
+                 readonly: bool, stale_owner: str = "") -> None:
         out = ffi.new("struct nitro_rbd **")
         err = ffi.new("int *")
         stage = lib.nitro_rbd_open(conf.encode(), user.encode(), keyring.encode(), pool.encode(),
-                                   image.encode(), int(readonly), out, err)
+                                   image.encode(), int(readonly), stale_owner.encode(), out, err)
         if stage != lib.NITRO_RBD_OK:
             raise RbdOpenError(RBD_STAGES[stage], -int(err[0]))
         super().__init__(ffi.gc(out[0], lib.nitro_rbd_close))
@@ -561,6 +561,11 @@ class RbdImage(_Owned):
     @property
     def size(self) -> int:
         return int(lib.nitro_rbd_size(self.ptr))
+
+    @property
+    def lock_owner(self) -> str:
+        """This client as the lock's owner (librbd's name); "" if read-only."""
+        return ffi.string(lib.nitro_rbd_lock_owner(self.ptr)).decode()
 
     def flush(self, timeout: float | None = None) -> None:
         """rbd_flush; TimeoutError after `timeout` s (the cluster is away:
