@@ -217,6 +217,7 @@ struct rbd_ring {
     struct rbd_io *oldest;
     struct rbd_io *newest;
     struct rbd_io *done;        /* completed by librbd, not yet finished */
+    struct blk_queue q;         /* the next request, through QoS */
     /* The owner's reference and one per request librbd holds (atomic):
      * whoever drops the last frees the ring, so a ring freed while librbd
      * still holds orphans goes when the last of them completes. */
@@ -468,7 +469,8 @@ static struct rbd_io *rbd_io_take(struct rbd_ring *b, const struct nitro_chain *
     io->head = c->head;
     io->resubmitted = c->resubmitted;
     io->start = start;
-    io->deadline = b->p->io_timeout_ns != 0 ? start + b->p->io_timeout_ns : 0;
+    /* From the send: time QoS held the request back is not the cluster's. */
+    io->deadline = b->p->io_timeout_ns != 0 ? nitro_now_ns() + b->p->io_timeout_ns : 0;
     io->status = rq->status;
     io->d = (struct blk_done){.op = op, .used_len = 1};
     io->failed = 0;
@@ -613,19 +615,13 @@ static int rbd_ring_poll(struct nitro_ring *r, struct nitro_io *uring, uint32_t 
     rbd_expire(b, nitro_now_ns());
     int rc = 0;
     uint32_t popped = 0;
-    while (popped < budget && rbd_slot(b) != NULL) {
+    while (popped < budget && !blk_queue_waiting(&b->q) && rbd_slot(b) != NULL) {
         struct nitro_chain *c;
-        rc = nitro_vq_pop(r->vq, &c);
+        struct blk_req rq = {0};  /* set by blk_queue_next; gcc cannot always see it */
+        uint64_t start;
+        rc = blk_queue_next(&b->q, &c, &rq, &start);
         if (rc <= 0)
             break;
-        uint64_t start = nitro_now_ns();
-        nitro_stat_add(&b->s->inflight, 1);
-        struct blk_req rq = {0};
-        if (blk_parse(r->vq, b->p, c, &rq) != NITRO_OK) {
-            nitro_stat_sub(&b->s->inflight, 1);
-            rc = NITRO_ERR_GUEST;
-            break;
-        }
         popped++;
         rbd_start(b, c, &rq, start);
     }
@@ -668,6 +664,28 @@ static int rbd_ring_attach(struct nitro_ring *r)
     return NITRO_OK;
 }
 
+/* A request QoS held back points into guest memory that may be replaced
+ * before the next attach: send it now, over the budget (detaching is
+ * rare); a broken ring's is dropped with the ring. */
+static void rbd_release_held(struct rbd_ring *b, bool live)
+{
+    struct nitro_chain *c;
+    struct blk_req rq;
+    uint64_t start;
+    if (!blk_queue_release(&b->q, &c, &rq, &start))
+        return;
+    if (!live) {
+        nitro_stat_sub(&b->s->inflight, 1);
+    } else if (rbd_slot(b) != NULL) {  /* it was popped into a free slot */
+        rbd_start(b, c, &rq, start);
+    } else {  /* out of memory: answered, if under no op's name */
+        struct blk_done d = {.op = NITRO_BLK_OP_UNSUPPORTED, .status = VIRTIO_BLK_S_IOERR,
+                             .used_len = 1};
+        blk_finish(b->r.vq, c->head, c->resubmitted, rq.status, &d, b->s, start);
+        b->notify = true;
+    }
+}
+
 /* How long detach sleeps between looks for completions. */
 #define DETACH_POLL_NS 200000
 
@@ -680,6 +698,7 @@ static void rbd_ring_detach(struct nitro_ring *r)
     struct rbd_ring *b = (struct rbd_ring *)r;
     bool live = r->status == NITRO_OK;
     rbd_reap(b, live);
+    rbd_release_held(b, live);
     while (b->oldest != NULL) {
         if (!live) {
             nitro_stat_sub(&b->s->inflight, 1);
@@ -753,5 +772,6 @@ struct nitro_ring *nitro_ring_blk_rbd_new(struct nitro_vq *vq, struct nitro_rbd 
     b->v = v;
     b->p = params;
     b->s = stats;
+    b->q = blk_queue_of(&b->r, params, stats);
     return &b->r;
 }

@@ -541,18 +541,13 @@ def _blk(t: Any, i: int, source: str, runtime: Path, state: Path) -> BlkConfig:
     readonly = t.get("readonly", False)
     if not isinstance(readonly, bool):
         raise ConfigError(source, p + "readonly", f"expected true or false, got {readonly!r}")
-    blk = BlkConfig(
+    return BlkConfig(
         id=dev_id,
         socket=runtime / _str(t, "socket", source, p, f"{dev_id}.sock"),
         image=state / _str(t, "image", source, p, f"{dev_id}.img"),
         size=size, readonly=readonly, queues=queues, queue_size=qsize, serial=serial,
         encryption=_encryption(t, source, p, state), qos=_qos(t, source, p),
         rbd=_rbd_source(t, source, p, state), io_timeout=_io_timeout(t, source, p))
-    if blk.rbd is not None and blk.qos != QosConfig():
-        # The limits live in the local-file ring (nitro_blk.c); the librbd
-        # ring does not apply them yet, and a limit silently ignored is worse.
-        raise ConfigError(source, p + "qos", "not with source yet: QoS applies to local volumes only")
-    return blk
 
 
 def _io_timeout(t: dict, source: str, prefix: str) -> float:

@@ -38,7 +38,6 @@ def test_rbd_source_defaults(tmp_path: Path) -> None:
     ('source = "rbd:p/i"\nimage = "x.img"', "image", "not with source"),
     ('source = "rbd:p/i"\nencryption = { key_file = "k" }', "encryption", "not supported yet"),
     ('user = "nitro"', "user", "only with source"),
-    ('source = "rbd:p/i"\nqos = { iops = 100 }', "qos", "local volumes only"),
     ('io_timeout = 5', "io_timeout", "only with a remote source"),
     ('source = "rbd:p/i"\nio_timeout = 0', "io_timeout", "expected seconds"),
     ('source = "rbd:p/i"\nio_timeout = "5s"', "io_timeout", "expected seconds"),
