@@ -39,7 +39,7 @@
  * nitro/devices/blk/config.py). One segment of at most max_discard_sectors
  * (1 GiB) bounds the work one request can ask of the filesystem. */
 #define MAX_SEGMENTS 1
-#define SEGMENT_BUF 16   /* the copy-out buffer's segments (> MAX_SEGMENTS) */
+_Static_assert(MAX_SEGMENTS <= BLK_SEGMENTS_CAP, "blk_segments' callers hold them all");
 
 const uint64_t nitro_lat_bounds_ns[NITRO_LAT_BUCKETS] = {
     25000,     50000,     100000,     250000,    500000,
@@ -298,10 +298,16 @@ uint8_t blk_segments(const struct nitro_blk_params *p,
                      const struct blk_req *rq, bool zeroes,
                      struct segment *seg, int *count)
 {
+    /* A zero limit means the feature is not offered to the driver (an
+     * encrypted volume offers neither: the control plane's decision). */
+    if ((zeroes ? p->max_write_zeroes_sectors : p->max_discard_sectors) == 0)
+        return VIRTIO_BLK_S_UNSUPP;
+    if (p->readonly)
+        return VIRTIO_BLK_S_IOERR;
     if (rq->rd_len == 0 || rq->rd_len % SEGMENT_LEN != 0 ||
         rq->rd_len / SEGMENT_LEN > MAX_SEGMENTS)
         return VIRTIO_BLK_S_IOERR;
-    uint8_t raw[SEGMENT_BUF * SEGMENT_LEN];
+    uint8_t raw[BLK_SEGMENTS_CAP * SEGMENT_LEN];
     nitro_iov_to_buf(rq->rd, rq->n_rd, raw, rq->rd_len);
     *count = (int)(rq->rd_len / SEGMENT_LEN);
     uint32_t max = zeroes ? p->max_write_zeroes_sectors : p->max_discard_sectors;
@@ -329,13 +335,7 @@ static uint8_t blk_discard_zeroes(const struct nitro_blk_params *p,
                                   const struct blk_req *rq, bool zeroes,
                                   struct blk_done *d)
 {
-    /* A zero limit means the feature is not offered to the driver (an
-     * encrypted volume offers neither: the control plane's decision). */
-    if ((zeroes ? p->max_write_zeroes_sectors : p->max_discard_sectors) == 0)
-        return VIRTIO_BLK_S_UNSUPP;
-    if (p->readonly)
-        return VIRTIO_BLK_S_IOERR;
-    struct segment seg[SEGMENT_BUF];
+    struct segment seg[BLK_SEGMENTS_CAP];
     int count = 0;
     uint8_t st = blk_segments(p, rq, zeroes, seg, &count);
     if (st != VIRTIO_BLK_S_OK)

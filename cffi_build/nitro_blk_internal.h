@@ -26,8 +26,9 @@
 #define VIRTIO_BLK_S_IOERR 1
 #define VIRTIO_BLK_S_UNSUPP 2
 
-/* blk_segments fills at most this many segments. */
-#define BLK_SEGMENTS_CAP 256
+/* blk_segments fills at most this many segments (the copy-out buffer;
+ * nitro_blk.c's MAX_SEGMENTS, what the config space offers, is fewer). */
+#define BLK_SEGMENTS_CAP 16
 
 /* A parsed request: views into the chain's iovecs (edited in place). */
 struct blk_req {
@@ -68,7 +69,8 @@ NITRO_INTERNAL bool blk_range_ok(const struct nitro_blk_params *p, uint64_t sect
 NITRO_INTERNAL uint8_t blk_get_id(const struct nitro_blk_params *p, struct blk_req *rq,
                                   struct blk_done *d);
 /* Copy a DISCARD / WRITE_ZEROES request's segments out of guest memory
- * into seg (BLK_SEGMENTS_CAP entries) and check them all; a status. */
+ * into seg (BLK_SEGMENTS_CAP entries) and check them all; a status
+ * (UNSUPP if the feature is not offered, IOERR on a read-only disk). */
 NITRO_INTERNAL uint8_t blk_segments(const struct nitro_blk_params *p,
                                     const struct blk_req *rq, bool zeroes,
                                     struct segment *seg, int *count);

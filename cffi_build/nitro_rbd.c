@@ -506,14 +506,9 @@ static bool rbd_start_rw(struct rbd_io *io, const struct blk_req *rq)
 static uint8_t rbd_start_segments(struct rbd_ring *b, struct rbd_io *io,
                                   const struct blk_req *rq, bool zeroes, bool *started)
 {
-    const struct nitro_blk_params *p = b->p;
-    if ((zeroes ? p->max_write_zeroes_sectors : p->max_discard_sectors) == 0)
-        return VIRTIO_BLK_S_UNSUPP;
-    if (p->readonly)
-        return VIRTIO_BLK_S_IOERR;
     struct segment seg[BLK_SEGMENTS_CAP];
     int count = 0;
-    uint8_t st = blk_segments(p, rq, zeroes, seg, &count);
+    uint8_t st = blk_segments(b->p, rq, zeroes, seg, &count);
     if (st != VIRTIO_BLK_S_OK)
         return st;
     int calls = 0;
