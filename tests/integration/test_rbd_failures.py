@@ -6,9 +6,10 @@ its objects. vublk writes its verify pattern while the OSD is SIGKILLed
 and restarted: every request waits for it (librbd resends) and succeeds,
 the read-back and the cluster's own copy (`rbd export`) hold every block.
 With the OSD gone for good and io_timeout = 3 s, requests fail with IOERR
-about 3 s after they were sent, the daemon keeps serving (GET_ID, and I/O
-again once the OSD is back), and it still stops cleanly while the cluster
-is away (flush and close bounded by io_timeout).
+about 3 s after they were sent, the daemon keeps serving (GET_ID, a new
+frontend after one that left requests stuck in librbd, and I/O again once
+the OSD is back), and it still stops cleanly while the cluster is away
+(flush and close bounded by io_timeout).
 """
 
 from __future__ import annotations
@@ -88,6 +89,16 @@ def test_osd_gone_fails_requests_after_io_timeout(cluster: CephCluster, vublk: P
             # The daemon goes on serving what needs no cluster.
             rc, res, err = _vublk(vublk, sock, "--check-id")
             assert rc == 0 and res is not None and res["id"] == "vol0", err
+            # A frontend that gives up (vublk's 1 s timeout) leaves its
+            # requests stuck in librbd: detaching its ring waits for them
+            # at most until their deadline, then the next frontend is served.
+            rc, res, err = _vublk(vublk, sock, "--rw", "randwrite", "--bs", "4k", "--iodepth", "8",
+                                  "--ios", "8", "--timeout", "1")
+            assert rc == 3, (rc, res, err)
+            left = time.monotonic()
+            rc, res, err = _vublk(vublk, sock, "--check-id", "--timeout", "30")
+            assert rc == 0 and res is not None and res["id"] == "vol0", err
+            assert time.monotonic() - left < IO_TIMEOUT + 3
             assert daemon.running()
         finally:
             cluster.restart_osd()
