@@ -136,6 +136,12 @@ class CephCluster:
     def rbd(self, *args: str, timeout: float = CLI_TIMEOUT) -> bytes:
         return self.run("rbd", *args, timeout=timeout)
 
+    def blk_config(self, image: str, *, extra: str = "") -> str:
+        """A nitro [[blk]] entry "vol0" (socket vol0.sock) serving
+        pool/image of this cluster; `extra`: more keys, one per line."""
+        return (f'[[blk]]\nid = "vol0"\nsocket = "vol0.sock"\nsource = "rbd:{self.pool}/{image}"\n'
+                f'ceph_conf = "{self.conf}"\nuser = "{self.user}"\nkeyring = "{self.keyring}"\n{extra}')
+
     def pids(self) -> dict[str, int]:
         """Each daemon's PID (name -> pid), for tests and RSS figures."""
         return {name: child.proc.pid for name, child in self.daemons.items()}

@@ -286,6 +286,10 @@ struct nitro_blk_params {
      * not exceed INT64_MAX. */
     uint64_t data_offset;
     struct nitro_qos *qos;  /* the volume's QoS, shared by its queues; NULL: none */
+    /* Remote volumes (nitro_rbd.h): a request the storage has not answered
+     * this long after it was sent completes with IOERR (the remote I/O
+     * goes on; its buffer stays the ring's until it ends). 0: never. */
+    uint64_t io_timeout_ns;
 };
 
 /* Serve one virtio-blk queue: fetch every available chain (first those an

@@ -284,6 +284,12 @@ uint8_t blk_segments(const struct nitro_blk_params *p,
                      const struct blk_req *rq, bool zeroes,
                      struct segment *seg, int *count)
 {
+    /* A zero limit means the feature is not offered to the driver (an
+     * encrypted volume offers neither: the control plane's decision). */
+    if ((zeroes ? p->max_write_zeroes_sectors : p->max_discard_sectors) == 0)
+        return VIRTIO_BLK_S_UNSUPP;
+    if (p->readonly)
+        return VIRTIO_BLK_S_IOERR;
     if (rq->rd_len == 0 || rq->rd_len % SEGMENT_LEN != 0 ||
         rq->rd_len / SEGMENT_LEN > MAX_SEGMENTS)
         return VIRTIO_BLK_S_IOERR;
@@ -315,12 +321,6 @@ static uint8_t blk_discard_zeroes(const struct nitro_blk_params *p,
                                   const struct blk_req *rq, bool zeroes,
                                   struct blk_done *d)
 {
-    /* A zero limit means the feature is not offered to the driver (an
-     * encrypted volume offers neither: the control plane's decision). */
-    if ((zeroes ? p->max_write_zeroes_sectors : p->max_discard_sectors) == 0)
-        return VIRTIO_BLK_S_UNSUPP;
-    if (p->readonly)
-        return VIRTIO_BLK_S_IOERR;
     struct segment seg[BLK_SEGMENTS_CAP];
     int count = 0;
     uint8_t st = blk_segments(p, rq, zeroes, seg, &count);
@@ -509,14 +509,7 @@ struct blk_ring {
     size_t bounce_bytes;        /* held by all slots, see BOUNCE_KEEP_BYTES */
     uint32_t in_flight;
     bool notify;                /* completions since the last call */
-    /* QoS: the request popped and held until the volume's budget allows
-     * it (its chain stays valid: nothing else is popped meanwhile). */
-    bool held;
-    struct nitro_chain *held_chain;
-    struct blk_req held_rq;
-    uint64_t held_start;
-    uint32_t held_queued;       /* what this ring adds to the qos' queued */
-    uint32_t qos_generation;    /* of the limits wake_ns was computed under */
+    struct blk_queue q;         /* the next request, through QoS */
 };
 
 static void blk_bounce_free(struct blk_ring *b, struct blk_io *io)
@@ -726,7 +719,7 @@ static void blk_ring_notify(struct blk_ring *b)
     }
 }
 
-/* ---- QoS: hold a request until the volume's budget allows it ----------- */
+/* ---- the next request, through the volume's QoS (every blk ring) ------- */
 
 /* The data bytes a request counts against the throughput limit. */
 static uint64_t blk_qos_bytes(const struct blk_req *rq)
@@ -742,61 +735,79 @@ static uint64_t blk_qos_bytes(const struct blk_req *rq)
  * limit raised live (nitro_qos_set) applies to a sleeping worker too. */
 #define QOS_MAX_WAIT_NS 100000000ull
 
-static void blk_qos_set_queued(struct blk_ring *b, uint32_t n)
+static void blk_qos_set_queued(struct blk_queue *q, uint32_t n)
 {
-    if (n != b->held_queued) {
-        nitro_qos_queued_add(b->p->qos, (int64_t)n - (int64_t)b->held_queued);
-        b->held_queued = n;
+    if (n != q->held_queued) {
+        nitro_qos_queued_add(q->p->qos, (int64_t)n - (int64_t)q->held_queued);
+        q->held_queued = n;
     }
 }
 
 /* Admit rq, or hold it (with its chain) and set the ring's deadline. */
-static bool blk_qos_admit(struct blk_ring *b, struct nitro_chain *c,
+static bool blk_qos_admit(struct blk_queue *q, struct nitro_chain *c,
                           const struct blk_req *rq, uint64_t start, bool retry)
 {
-    struct nitro_qos *q = b->p->qos;
-    uint32_t gen = nitro_qos_generation(q);
+    struct nitro_qos *qos = q->p->qos;
+    uint32_t gen = nitro_qos_generation(qos);
     uint64_t now = nitro_now_ns(), ready = 0;
-    if (nitro_qos_admit(q, blk_qos_bytes(rq), now, retry, &ready)) {
-        blk_qos_set_queued(b, 0);
+    if (nitro_qos_admit(qos, blk_qos_bytes(rq), now, retry, &ready)) {
+        blk_qos_set_queued(q, 0);
         return true;
     }
-    b->held = true;
-    b->held_chain = c;
-    b->held_rq = *rq;
-    b->held_start = start;
-    b->qos_generation = gen;
-    b->r.wake_ns = ready < now + QOS_MAX_WAIT_NS ? ready : now + QOS_MAX_WAIT_NS;
-    blk_qos_set_queued(b, 1 + nitro_vq_backlog(b->r.vq));
+    q->held = true;
+    q->held_chain = c;
+    q->held_rq = *rq;
+    q->held_start = start;
+    q->qos_generation = gen;
+    q->r->wake_ns = ready < now + QOS_MAX_WAIT_NS ? ready : now + QOS_MAX_WAIT_NS;
+    blk_qos_set_queued(q, 1 + nitro_vq_backlog(q->r->vq));
     return false;
 }
 
-/* Still before the deadline of limits that did not change since? */
-static bool blk_qos_waiting(struct blk_ring *b)
+bool blk_queue_waiting(struct blk_queue *q)
 {
-    if (b->r.wake_ns == 0)
+    if (q->r->wake_ns == 0)
         return false;
-    if (nitro_now_ns() < b->r.wake_ns &&
-        nitro_qos_generation(b->p->qos) == b->qos_generation)
+    if (nitro_now_ns() < q->r->wake_ns &&
+        nitro_qos_generation(q->p->qos) == q->qos_generation)
         return true;
-    b->r.wake_ns = 0;
+    q->r->wake_ns = 0;
     return false;
 }
 
-/* The next request: the one held, else one popped and parsed. 1, 0 (none)
- * or NITRO_ERR_GUEST. */
-static int blk_next(struct blk_ring *b, struct nitro_chain **c,
-                    struct blk_req *rq, uint64_t *start, bool *retry)
+int blk_queue_next(struct blk_queue *q, struct nitro_chain **c, struct blk_req *rq,
+                   uint64_t *start)
 {
-    *retry = b->held;
-    if (b->held) {
-        b->held = false;
-        *c = b->held_chain;
-        *rq = b->held_rq;
-        *start = b->held_start;
-        return 1;
+    bool retry = q->held;
+    if (q->held) {
+        q->held = false;
+        *c = q->held_chain;
+        *rq = q->held_rq;
+        *start = q->held_start;
+    } else {
+        int rc = blk_pop_request(q->r->vq, q->p, q->s, c, rq, start);
+        if (rc <= 0)
+            return rc;
     }
-    return blk_pop_request(b->r.vq, b->p, b->s, c, rq, start);
+    if (q->p->qos != NULL && !blk_qos_admit(q, *c, rq, *start, retry))
+        return 0;
+    return 1;
+}
+
+bool blk_queue_release(struct blk_queue *q, struct nitro_chain **c, struct blk_req *rq,
+                       uint64_t *start)
+{
+    bool held = q->held;
+    if (held) {
+        q->held = false;
+        *c = q->held_chain;
+        *rq = q->held_rq;
+        *start = q->held_start;
+    }
+    if (q->p->qos != NULL)
+        blk_qos_set_queued(q, 0);
+    q->r->wake_ns = 0;
+    return held;
 }
 
 static int blk_ring_poll(struct nitro_ring *r, struct nitro_io *io,
@@ -805,20 +816,17 @@ static int blk_ring_poll(struct nitro_ring *r, struct nitro_io *io,
     struct blk_ring *b = (struct blk_ring *)r;
     b->io = io;
     blk_ring_notify(b);  /* completions reaped since the last poll */
-    if (blk_qos_waiting(b))
+    if (blk_queue_waiting(&b->q))
         return 0;
     uint32_t done = 0;
     uint64_t sync_bytes = 0;
     int rc = 0;
     while (done < budget && b->free != NULL && sync_bytes < SYNC_PASS_BYTES) {
         struct nitro_chain *c;
-        struct blk_req rq = {0};  /* set by blk_next; gcc cannot always see it */
+        struct blk_req rq = {0};  /* set by blk_queue_next; gcc cannot always see it */
         uint64_t start;
-        bool retry;
-        rc = blk_next(b, &c, &rq, &start, &retry);
+        rc = blk_queue_next(&b->q, &c, &rq, &start);
         if (rc <= 0)
-            break;
-        if (b->p->qos != NULL && !blk_qos_admit(b, c, &rq, start, retry))
             break;
         done++;
         if (io->ready && blk_async_ok(b, &rq) &&
@@ -878,18 +886,16 @@ static void blk_ring_detach(struct nitro_ring *r)
     /* A held request points into guest memory, which may be replaced
      * before the next attach: serve it now, over the budget (detaching is
      * rare). A broken ring's is dropped with the ring. */
-    if (b->held) {
-        b->held = false;
+    struct nitro_chain *c;
+    struct blk_req rq;
+    uint64_t start;
+    if (blk_queue_release(&b->q, &c, &rq, &start)) {
         if (r->status == NITRO_OK)
-            blk_handle_sync(r->vq, b->held_chain, b->p, b->lane, &b->held_rq,
-                            b->s, b->held_start);
+            blk_handle_sync(r->vq, c, b->p, b->lane, &rq, b->s, start);
         else
             nitro_stat_sub(&b->s->inflight, 1);
         b->notify = true;
     }
-    if (b->p->qos != NULL)
-        blk_qos_set_queued(b, 0);
-    r->wake_ns = 0;
     blk_ring_notify(b);
     nitro_xts_lane_put(b->lane);
     b->lane = NULL;
@@ -941,6 +947,7 @@ struct nitro_ring *nitro_ring_blk_new(struct nitro_vq *vq,
     b->r = nitro_ring_detached(&blk_ring_ops, vq, NITRO_RING_BLK);
     b->p = params;
     b->s = stats;
+    b->q = blk_queue_of(&b->r, params, stats);
     return &b->r;
 }
 

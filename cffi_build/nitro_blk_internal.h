@@ -12,6 +12,7 @@
 #include <sys/uio.h>
 
 #include "nitro.h"
+#include "nitro_ring.h"
 #include "nitro_vring.h"
 #include "nitro_xts_internal.h"
 
@@ -41,6 +42,7 @@
 #define MAX_SEGMENTS 1
 /* The segments a caller's array for blk_segments holds (> MAX_SEGMENTS). */
 #define BLK_SEGMENTS_CAP 16
+_Static_assert(MAX_SEGMENTS <= BLK_SEGMENTS_CAP, "blk_segments' callers hold them all");
 
 /* A parsed request: views into the chain's iovecs (edited in place). */
 struct blk_req {
@@ -89,7 +91,8 @@ NITRO_INTERNAL bool blk_range_ok(const struct nitro_blk_params *p, uint64_t sect
 NITRO_INTERNAL uint8_t blk_get_id(const struct nitro_blk_params *p, struct blk_req *rq,
                                   struct blk_done *d);
 /* Copy a DISCARD / WRITE_ZEROES request's segments out of guest memory
- * into seg (BLK_SEGMENTS_CAP entries) and check them all; a status. */
+ * into seg (BLK_SEGMENTS_CAP entries) and check them all; a status
+ * (UNSUPP if the feature is not offered, IOERR on a read-only disk). */
 NITRO_INTERNAL uint8_t blk_segments(const struct nitro_blk_params *p,
                                     const struct blk_req *rq, bool zeroes,
                                     struct segment *seg, int *count);
@@ -110,5 +113,40 @@ NITRO_INTERNAL uint64_t blk_handle_sync(struct nitro_vq *vq,
 /* The block size, encryption sector and offset limits every request
  * check relies on (the fd is the caller's to check). */
 NITRO_INTERNAL bool blk_params_ok(const struct nitro_blk_params *p);
+
+/* The front of every blk ring: the next request, popped and parsed, or
+ * the one the volume's QoS held back (with its chain: nothing else is
+ * popped meanwhile) once its budget allows it. Holding sets r->wake_ns. */
+struct blk_queue {
+    struct nitro_ring *r;
+    const struct nitro_blk_params *p;
+    struct nitro_blk_stats *s;
+    bool held;
+    struct nitro_chain *held_chain;
+    struct blk_req held_rq;
+    uint64_t held_start;
+    uint32_t held_queued;       /* what this ring adds to the qos' queued */
+    uint32_t qos_generation;    /* of the limits wake_ns was computed under */
+};
+
+static inline struct blk_queue blk_queue_of(struct nitro_ring *r,
+                                            const struct nitro_blk_params *p,
+                                            struct nitro_blk_stats *s)
+{
+    return (struct blk_queue){.r = r, .p = p, .s = s};
+}
+
+/* Still before the QoS deadline of limits that did not change since? */
+NITRO_INTERNAL bool blk_queue_waiting(struct blk_queue *q);
+/* 1: *c, *rq (from *start) admitted, to serve now; 0: none (the ring is
+ * empty, or QoS holds the request: r->wake_ns); NITRO_ERR_GUEST. */
+NITRO_INTERNAL int blk_queue_next(struct blk_queue *q, struct nitro_chain **c,
+                                  struct blk_req *rq, uint64_t *start);
+/* Detaching: true with the held request, if any, to serve or drop now
+ * (its chain points into guest memory that may be replaced before the
+ * next attach); the queue's share of the QoS' queued count and wake_ns
+ * go back to 0. */
+NITRO_INTERNAL bool blk_queue_release(struct blk_queue *q, struct nitro_chain **c,
+                                      struct blk_req *rq, uint64_t *start);
 
 #endif

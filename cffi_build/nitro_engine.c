@@ -11,8 +11,9 @@
  * waiting for a rate limit (blk QoS) sets its wake_ns (nitro_ring.h): it
  * is not armed, and the worker sleeps at most until the earliest such
  * deadline (epoll_pwait2: nanoseconds, as a millisecond timeout would
- * sleep past a limit of thousands per second). A ring whose wake_ns is a
- * timeout (NBD's io_timeout: armed_while_waiting) is armed all the same.
+ * sleep past a limit of thousands per second). A remote volume's ring
+ * sets timer_ns for its requests' io_timeout: the worker sleeps past it
+ * neither, but arms that ring as usual (new requests keep coming).
  *
  * Commands (attach, detach, quit) are synchronous: the caller fills the
  * worker's one command slot under its mutex, writes the command eventfd and
@@ -321,7 +322,7 @@ static int worker_attach(struct worker *w, struct nitro_ring *r)
     r->status = NITRO_OK;
     r->kicked = r->muted = false;
     r->empty_kicks = 0;
-    r->wake_ns = 0;
+    r->wake_ns = r->timer_ns = 0;
     int rc = r->ops->attach ? r->ops->attach(r) : NITRO_OK;
     if (rc == NITRO_OK)
         rc = epoll_watch(w, r);
@@ -447,23 +448,26 @@ static uint32_t poll_rings(struct worker *w)
     return work;
 }
 
-/* A ring with a deadline still ahead waits for time, not for the guest:
- * its pending chains are not work, and no kick is needed to find them
- * (unless its deadline is only a timeout: armed_while_waiting). */
+/* A ring with a hold still ahead waits for time, not for the guest: its
+ * pending chains are not work, and no kick is needed to find them. */
 static bool ring_waiting(const struct nitro_ring *r, uint64_t now)
 {
-    return r->wake_ns != 0 && r->wake_ns > now && !r->armed_while_waiting;
+    return r->wake_ns != 0 && r->wake_ns > now;
 }
 
-/* The earliest wake_ns of w's serving rings; 0: none. */
+static uint64_t earliest(uint64_t a, uint64_t b)
+{
+    return a == 0 || (b != 0 && b < a) ? b : a;
+}
+
+/* The earliest wake_ns or timer_ns of w's serving rings; 0: none. */
 static uint64_t next_deadline(const struct worker *w)
 {
     uint64_t first = 0;
     for (uint32_t i = 0; i < w->nrings; i++) {
         const struct nitro_ring *r = w->rings[i];
-        if (r->status == NITRO_OK && r->wake_ns != 0 &&
-            (first == 0 || r->wake_ns < first))
-            first = r->wake_ns;
+        if (r->status == NITRO_OK)
+            first = earliest(earliest(first, r->wake_ns), r->timer_ns);
     }
     return first;
 }

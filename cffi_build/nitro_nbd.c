@@ -602,7 +602,7 @@ static void ring_deadline(struct nbd_ring *b, uint64_t deadline)
 {
     if (b->next_deadline == 0 || deadline < b->next_deadline) {
         b->next_deadline = deadline;
-        b->r.wake_ns = deadline;
+        b->r.timer_ns = deadline;
     }
 }
 
@@ -739,7 +739,7 @@ static void ring_timeouts(struct nbd_ring *b, uint64_t now)
             (next == 0 || b->ios[i].deadline < next))
             next = b->ios[i].deadline;
     b->next_deadline = next;
-    b->r.wake_ns = next;
+    b->r.timer_ns = next;
 }
 
 /* What the worker should wait for on the aux fd. */
@@ -853,7 +853,7 @@ static int nbd_ring_attach(struct nitro_ring *r)
     b->done = NULL;
     b->outstanding = 0;
     b->next_deadline = 0;
-    r->wake_ns = 0;
+    r->timer_ns = 0;
     if (b->p->xts != NULL) {
         b->lane = nitro_xts_lane_get(b->p->xts);
         if (b->lane == NULL)
@@ -889,7 +889,7 @@ static void nbd_ring_detach(struct nitro_ring *r)
     nbd_publish(b->c);
     r->aux_fd = -1;
     r->aux_events = 0;
-    r->wake_ns = 0;
+    r->timer_ns = 0;
     nitro_xts_lane_put(b->lane);
     b->lane = NULL;
 }
@@ -925,7 +925,6 @@ struct nitro_ring *nitro_ring_nbd_new(struct nitro_vq *vq,
     if (b == NULL)
         return NULL;
     b->r = nitro_ring_detached(&nbd_ring_ops, vq, NITRO_RING_BLK);
-    b->r.armed_while_waiting = true;  /* wake_ns: io_timeout, not a hold */
     b->p = params;
     b->s = stats;
     b->c = c;

@@ -44,6 +44,7 @@ struct nitro_rbd {
     rbd_image_t image;
     uint64_t size;
     bool locked;
+    char owner[NITRO_RBD_OWNER_MAX];  /* this client as the lock's owner */
 };
 
 /* ---- the image --------------------------------------------------------- */
@@ -54,9 +55,44 @@ static int rbd_stage(int *err, int rc, int stage)
     return rc < 0 ? stage : NITRO_RBD_OK;
 }
 
+/* The image's lock owners (at most 4 reported); each call gets them anew. */
+#define OWNERS_MAX 4
+
+/* A lock held by `stale` (what nitro_rbd_lock_owner said in a daemon
+ * that is gone) is broken now: librbd would wait for the dead client's
+ * watch to time out on the OSD (30 s) before taking it over. Breaking
+ * blocklists that client, so even a late write of it is refused. */
+static void rbd_break_stale(rbd_image_t image, const char *stale)
+{
+    if (stale == NULL || stale[0] == '\0')
+        return;
+    char *owners[OWNERS_MAX];
+    size_t n = OWNERS_MAX;
+    rbd_lock_mode_t mode;
+    if (rbd_lock_get_owners(image, &mode, owners, &n) < 0)
+        return;
+    for (size_t i = 0; i < n; i++)
+        if (strcmp(owners[i], stale) == 0)
+            rbd_lock_break(image, mode, owners[i]);
+    rbd_lock_get_owners_cleanup(owners, n);
+}
+
+/* Remember who this client is as the lock's owner. */
+static void rbd_note_owner(struct nitro_rbd *v)
+{
+    char *owners[OWNERS_MAX];
+    size_t n = OWNERS_MAX;
+    rbd_lock_mode_t mode;
+    if (rbd_lock_get_owners(v->image, &mode, owners, &n) < 0)
+        return;
+    if (n == 1 && strlen(owners[0]) < sizeof(v->owner))
+        strcpy(v->owner, owners[0]);
+    rbd_lock_get_owners_cleanup(owners, n);
+}
+
 int nitro_rbd_open(const char *conf, const char *user, const char *keyring,
                    const char *pool, const char *image, uint32_t readonly,
-                   struct nitro_rbd **out, int *err)
+                   const char *stale_owner, struct nitro_rbd **out, int *err)
 {
     struct nitro_rbd *v = calloc(1, sizeof(*v));
     if (v == NULL)
@@ -67,6 +103,12 @@ int nitro_rbd_open(const char *conf, const char *user, const char *keyring,
         return st;
     }
     st = rbd_stage(err, rados_conf_read_file(v->cluster, conf), NITRO_RBD_STAGE_CONF);
+    /* No librbd write-back cache: a write is acknowledged to the guest only
+     * once the OSDs have it, so a daemon killed with unflushed writes loses
+     * none the guest was told about (the file ring's are in the page cache). */
+    if (st == NITRO_RBD_OK)
+        st = rbd_stage(err, rados_conf_set(v->cluster, "rbd_cache", "false"),
+                       NITRO_RBD_STAGE_CONF);
     if (st == NITRO_RBD_OK && keyring != NULL && keyring[0] != '\0')
         st = rbd_stage(err, rados_conf_set(v->cluster, "keyring", keyring),
                        NITRO_RBD_STAGE_CONF);
@@ -80,9 +122,12 @@ int nitro_rbd_open(const char *conf, const char *user, const char *keyring,
                                      : rbd_open(v->ioctx, image, &v->image, NULL),
                        NITRO_RBD_STAGE_IMAGE);
     if (st == NITRO_RBD_OK && !readonly) {
+        rbd_break_stale(v->image, stale_owner);
         st = rbd_stage(err, rbd_lock_acquire(v->image, RBD_LOCK_MODE_EXCLUSIVE),
                        NITRO_RBD_STAGE_LOCK);
         v->locked = st == NITRO_RBD_OK;
+        if (v->locked)
+            rbd_note_owner(v);
     }
     if (st == NITRO_RBD_OK)
         st = rbd_stage(err, rbd_get_size(v->image, &v->size), NITRO_RBD_STAGE_SIZE);
@@ -100,6 +145,11 @@ int nitro_rbd_open(const char *conf, const char *user, const char *keyring,
 uint64_t nitro_rbd_size(const struct nitro_rbd *v)
 {
     return v->size;
+}
+
+const char *nitro_rbd_lock_owner(const struct nitro_rbd *v)
+{
+    return v->owner;
 }
 
 int nitro_rbd_flush(struct nitro_rbd *v)
@@ -127,13 +177,21 @@ void nitro_rbd_close(struct nitro_rbd *v)
 
 struct rbd_ring;
 
-/* One request slot. */
+/* One request slot, allocated on its own. A request librbd has not
+ * completed by its deadline is answered IOERR and leaves the ring's slots
+ * as an orphan: librbd may still write into its buffer, so it lives until
+ * librbd completes it, then is freed (and the ring allocates a new slot in
+ * its place: a cluster that is away does not starve the guest's queue). */
 struct rbd_io {
     struct rbd_ring *ring;
     struct rbd_io *next;        /* the free list, or the done stack */
+    struct rbd_io *older;       /* the ring's awaited list, by deadline */
+    struct rbd_io *newer;
     uint16_t head;
     bool resubmitted;
+    bool orphan;                /* answered already; librbd still holds it */
     uint64_t start;
+    uint64_t deadline;          /* IOERR to the guest then; 0: never */
     uint8_t *status;
     struct blk_done d;
     struct iovec *giov;         /* a read's guest buffers (a copy) */
@@ -149,14 +207,46 @@ struct rbd_ring {
     struct nitro_rbd *v;
     const struct nitro_blk_params *p;
     struct nitro_blk_stats *s;
-    struct rbd_io *ios;
-    uint32_t nios;
     struct rbd_io *free;
-    uint32_t in_flight;         /* the worker's count of slots in use */
+    uint32_t num;               /* the ring's size: at most this many slots */
+    uint32_t nslots;            /* slots the ring owns (orphans are not) */
+    uint32_t in_flight;         /* of them, in use */
+    /* Sent to librbd and awaited by the guest, oldest first: one timeout
+     * for all, so the order of sending is the order of deadlines. */
+    struct rbd_io *oldest;
+    struct rbd_io *newest;
     struct rbd_io *done;        /* completed by librbd, not yet finished */
+    struct blk_queue q;         /* the next request, through QoS */
+    /* The owner's reference and one per request librbd holds (atomic):
+     * whoever drops the last frees the ring, so a ring freed while librbd
+     * still holds orphans goes when the last of them completes. */
+    int refs;
     int efd;
     bool notify;
 };
+
+static void rbd_ring_destroy(struct rbd_ring *b);
+
+static void rbd_ring_put(struct rbd_ring *b)
+{
+    if (__atomic_sub_fetch(&b->refs, 1, __ATOMIC_ACQ_REL) == 0)
+        rbd_ring_destroy(b);
+}
+
+/* librbd let go of io: hand it to the worker (lock-free push, many
+ * producers), wake it when the stack was empty. */
+static void rbd_io_complete(struct rbd_io *io)
+{
+    struct rbd_ring *b = io->ring;
+    struct rbd_io *old = __atomic_load_n(&b->done, __ATOMIC_RELAXED);
+    do
+        io->next = old;
+    while (!__atomic_compare_exchange_n(&b->done, &old, io, true, __ATOMIC_RELEASE,
+                                        __ATOMIC_RELAXED));
+    if (old == NULL)
+        nitro_eventfd_signal(b->efd);
+    rbd_ring_put(b);
+}
 
 /* librbd's thread: the last completion of a request hands it over. */
 static void rbd_done(rbd_completion_t c, void *arg)
@@ -166,16 +256,8 @@ static void rbd_done(rbd_completion_t c, void *arg)
     rbd_aio_release(c);
     if (rv < 0)
         __atomic_store_n(&io->failed, 1, __ATOMIC_RELAXED);
-    if (__atomic_sub_fetch(&io->pending, 1, __ATOMIC_ACQ_REL) != 0)
-        return;
-    struct rbd_ring *b = io->ring;
-    struct rbd_io *old = __atomic_load_n(&b->done, __ATOMIC_RELAXED);
-    do
-        io->next = old;
-    while (!__atomic_compare_exchange_n(&b->done, &old, io, true, __ATOMIC_RELEASE,
-                                        __ATOMIC_RELAXED));
-    if (old == NULL)
-        nitro_eventfd_signal(b->efd);
+    if (__atomic_sub_fetch(&io->pending, 1, __ATOMIC_ACQ_REL) == 0)
+        rbd_io_complete(io);
 }
 
 static bool rbd_buf_get(struct rbd_io *io, size_t len)
@@ -186,6 +268,28 @@ static bool rbd_buf_get(struct rbd_io *io, size_t len)
     io->buf = malloc(len);
     io->cap = io->buf != NULL ? len : 0;
     return io->buf != NULL;
+}
+
+static void rbd_io_free(struct rbd_io *io)
+{
+    free(io->giov);
+    free(io->buf);
+    free(io);
+}
+
+/* A free slot, allocated if the ring owns fewer than its size; NULL: none
+ * now (every slot in use, or no memory: the guest's requests wait). */
+static struct rbd_io *rbd_slot(struct rbd_ring *b)
+{
+    if (b->free == NULL && b->nslots < b->num) {
+        struct rbd_io *io = calloc(1, sizeof(*io));
+        if (io != NULL) {
+            io->ring = b;
+            b->free = io;
+            b->nslots++;
+        }
+    }
+    return b->free;
 }
 
 static void rbd_io_release(struct rbd_io *io)
@@ -203,33 +307,93 @@ static void rbd_io_release(struct rbd_io *io)
     b->in_flight--;
 }
 
-/* The worker: copy a read's data into the guest, complete the chain. */
-static void rbd_io_finish(struct rbd_io *io)
+/* ---- the awaited list and io_timeout ------------------------------------ */
+
+static void rbd_await(struct rbd_ring *b, struct rbd_io *io)
+{
+    io->newer = NULL;
+    io->older = b->newest;
+    if (b->newest != NULL)
+        b->newest->newer = io;
+    else
+        b->oldest = io;
+    b->newest = io;
+}
+
+static void rbd_unawait(struct rbd_ring *b, struct rbd_io *io)
+{
+    if (io->older != NULL)
+        io->older->newer = io->newer;
+    else
+        b->oldest = io->newer;
+    if (io->newer != NULL)
+        io->newer->older = io->older;
+    else
+        b->newest = io->older;
+    io->older = io->newer = NULL;
+}
+
+/* io leaves the ring's slots for good; librbd still holds it. */
+static void rbd_orphan(struct rbd_ring *b, struct rbd_io *io)
+{
+    rbd_unawait(b, io);
+    io->orphan = true;
+    free(io->giov);
+    io->giov = NULL;
+    b->in_flight--;
+    b->nslots--;
+}
+
+/* The worker: complete io's chain with its status (a read's data copied
+ * into the guest first). */
+static void rbd_io_answer(struct rbd_io *io, uint8_t status)
 {
     struct rbd_ring *b = io->ring;
-    io->d.status = __atomic_load_n(&io->failed, __ATOMIC_RELAXED) ? VIRTIO_BLK_S_IOERR
-                                                                    : VIRTIO_BLK_S_OK;
-    if (io->d.status == VIRTIO_BLK_S_OK && io->d.op == NITRO_BLK_OP_IN)
+    io->d.status = status;
+    if (status == VIRTIO_BLK_S_OK && io->d.op == NITRO_BLK_OP_IN)
         nitro_buf_to_iov(io->giov, io->gcnt, io->buf, io->d.bytes);
-    if (io->d.status != VIRTIO_BLK_S_OK) {
+    if (status != VIRTIO_BLK_S_OK) {
         io->d.bytes = 0;
         io->d.used_len = 1;
     }
     blk_finish(b->r.vq, io->head, io->resubmitted, io->status, &io->d, b->s, io->start);
     b->notify = true;
-    rbd_io_release(io);
 }
 
-/* Finish every request librbd completed; how many. */
-static uint32_t rbd_reap(struct rbd_ring *b)
+/* Every awaited request past its deadline gets IOERR and is orphaned:
+ * the guest sees the error io_timeout after sending, whatever librbd
+ * (which retries for as long as the cluster is away) does with it. */
+static void rbd_expire(struct rbd_ring *b, uint64_t now)
+{
+    struct rbd_io *io;
+    while ((io = b->oldest) != NULL && io->deadline != 0 && io->deadline <= now) {
+        rbd_io_answer(io, VIRTIO_BLK_S_IOERR);
+        rbd_orphan(b, io);
+    }
+    b->r.timer_ns = b->oldest != NULL ? b->oldest->deadline : 0;
+}
+
+/* Finish every request librbd completed (touching the guest only if
+ * `live`: a broken ring's memory may be gone); how many. */
+static uint32_t rbd_reap(struct rbd_ring *b, bool live)
 {
     struct rbd_io *io = __atomic_exchange_n(&b->done, NULL, __ATOMIC_ACQUIRE);
     uint32_t n = 0;
     while (io != NULL) {
         struct rbd_io *next = io->next;
-        rbd_io_finish(io);
+        if (io->orphan) {
+            rbd_io_free(io);
+        } else {
+            rbd_unawait(b, io);
+            if (live)
+                rbd_io_answer(io, __atomic_load_n(&io->failed, __ATOMIC_RELAXED)
+                                      ? VIRTIO_BLK_S_IOERR : VIRTIO_BLK_S_OK);
+            else
+                nitro_stat_sub(&b->s->inflight, 1);
+            rbd_io_release(io);
+            n++;
+        }
         io = next;
-        n++;
     }
     return n;
 }
@@ -266,8 +430,18 @@ static int submit_zeroes(struct rbd_io *io, rbd_completion_t c, uint64_t off, ui
     return rbd_aio_write_zeroes(io->ring->v->image, off, len, c, 0, 0);
 }
 
-/* One aio call for io (whose pending count already includes it). A call
- * librbd refuses counts as a failed completion. */
+/* io is about to go to librbd as `calls` aio calls: all counted before
+ * the first, so none can complete it early; the ring stays alive for it. */
+static void rbd_send(struct rbd_io *io, int calls)
+{
+    struct rbd_ring *b = io->ring;
+    io->pending = calls;
+    __atomic_add_fetch(&b->refs, 1, __ATOMIC_RELAXED);
+    rbd_await(b, io);
+}
+
+/* One aio call for io (counted by rbd_send). A call librbd refuses counts
+ * as a failed completion. */
 static void rbd_submit(struct rbd_io *io, rbd_submit_fn fn, uint64_t off, uint64_t len)
 {
     rbd_completion_t c;
@@ -280,7 +454,7 @@ static void rbd_submit(struct rbd_io *io, rbd_submit_fn fn, uint64_t off, uint64
     if (rc < 0) {
         __atomic_store_n(&io->failed, 1, __ATOMIC_RELAXED);
         if (__atomic_sub_fetch(&io->pending, 1, __ATOMIC_ACQ_REL) == 0)
-            rbd_io_finish(io);
+            rbd_io_complete(io);
     }
 }
 
@@ -294,6 +468,8 @@ static struct rbd_io *rbd_io_take(struct rbd_ring *b, const struct nitro_chain *
     io->head = c->head;
     io->resubmitted = c->resubmitted;
     io->start = start;
+    /* From the send: time QoS held the request back is not the cluster's. */
+    io->deadline = b->p->io_timeout_ns != 0 ? nitro_now_ns() + b->p->io_timeout_ns : 0;
     io->status = rq->status;
     io->d = (struct blk_done){.op = op, .used_len = 1};
     io->failed = 0;
@@ -319,24 +495,19 @@ static bool rbd_start_rw(struct rbd_io *io, const struct blk_req *rq)
         io->d.used_len = (uint32_t)len + 1;
     }
     io->d.bytes = len;
-    io->pending = 1;
+    rbd_send(io, 1);
     rbd_submit(io, write ? submit_write : submit_read, rq->sector << SECTOR_SHIFT, len);
     return true;
 }
 
 /* DISCARD / WRITE_ZEROES: one aio call per non-empty segment. *started:
- * io is in flight (it may even be finished already: do not touch it). */
+ * io went to librbd (it may even be complete already: do not touch it). */
 static uint8_t rbd_start_segments(struct rbd_ring *b, struct rbd_io *io,
                                   const struct blk_req *rq, bool zeroes, bool *started)
 {
-    const struct nitro_blk_params *p = b->p;
-    if ((zeroes ? p->max_write_zeroes_sectors : p->max_discard_sectors) == 0)
-        return VIRTIO_BLK_S_UNSUPP;
-    if (p->readonly)
-        return VIRTIO_BLK_S_IOERR;
     struct segment seg[BLK_SEGMENTS_CAP];
     int count = 0;
-    uint8_t st = blk_segments(p, rq, zeroes, seg, &count);
+    uint8_t st = blk_segments(b->p, rq, zeroes, seg, &count);
     if (st != VIRTIO_BLK_S_OK)
         return st;
     int calls = 0;
@@ -346,8 +517,7 @@ static uint8_t rbd_start_segments(struct rbd_ring *b, struct rbd_io *io,
     }
     if (calls == 0)
         return VIRTIO_BLK_S_OK;
-    /* Every call counted before the first: none can finish io early. */
-    io->pending = calls;
+    rbd_send(io, calls);
     *started = true;
     for (int i = 0; i < count; i++)
         if (seg[i].num_sectors > 0)
@@ -384,7 +554,7 @@ static void rbd_start(struct rbd_ring *b, struct nitro_chain *c, struct blk_req 
     }
     case VIRTIO_BLK_T_FLUSH:
         io = rbd_io_take(b, c, rq, start, NITRO_BLK_OP_FLUSH);
-        io->pending = 1;
+        rbd_send(io, 1);
         rbd_submit(io, submit_flush, 0, 0);
         return;
     case VIRTIO_BLK_T_GET_ID:
@@ -435,25 +605,21 @@ static int rbd_ring_poll(struct nitro_ring *r, struct nitro_io *uring, uint32_t 
         r->aux_revents = 0;
         nitro_eventfd_drain(b->efd);
     }
-    uint32_t done = rbd_reap(b);
+    uint32_t done = rbd_reap(b, true);
+    rbd_expire(b, nitro_now_ns());
     int rc = 0;
     uint32_t popped = 0;
-    while (popped < budget && b->free != NULL) {
+    while (popped < budget && !blk_queue_waiting(&b->q) && rbd_slot(b) != NULL) {
         struct nitro_chain *c;
-        rc = nitro_vq_pop(r->vq, &c);
+        struct blk_req rq = {0};  /* set by blk_queue_next; gcc cannot always see it */
+        uint64_t start;
+        rc = blk_queue_next(&b->q, &c, &rq, &start);
         if (rc <= 0)
             break;
-        uint64_t start = nitro_now_ns();
-        nitro_stat_add(&b->s->inflight, 1);
-        struct blk_req rq = {0};
-        if (blk_parse(r->vq, b->p, c, &rq) != NITRO_OK) {
-            nitro_stat_sub(&b->s->inflight, 1);
-            rc = NITRO_ERR_GUEST;
-            break;
-        }
         popped++;
         rbd_start(b, c, &rq, start);
     }
+    r->timer_ns = b->oldest != NULL ? b->oldest->deadline : 0;
     rbd_ring_notify(b);
     return rc < 0 ? rc : (int)(done + popped);
 }
@@ -475,72 +641,95 @@ static uint32_t rbd_ring_in_flight(const struct nitro_ring *r)
     return 0;
 }
 
+/* Slots are allocated as requests need them, up to the ring's size. */
 static int rbd_ring_attach(struct nitro_ring *r)
 {
     struct rbd_ring *b = (struct rbd_ring *)r;
     if (nitro_vq_fault(r->vq) != NITRO_FAULT_NONE)
         return NITRO_ERR_GUEST;
-    uint32_t num = nitro_vq_num(r->vq);
-    if (b->nios != num) {
-        for (uint32_t i = 0; i < b->nios; i++)
-            free(b->ios[i].buf);
-        free(b->ios);
-        b->ios = calloc(num, sizeof(*b->ios));
-        b->nios = b->ios != NULL ? num : 0;
-        if (b->ios == NULL)
-            return NITRO_ERR_NOMEM;
+    b->num = nitro_vq_num(r->vq);
+    while (b->nslots > b->num && b->free != NULL) {
+        struct rbd_io *io = b->free;
+        b->free = io->next;
+        rbd_io_free(io);
+        b->nslots--;
     }
-    b->free = NULL;
-    for (uint32_t i = num; i-- > 0;) {
-        b->ios[i].ring = b;
-        b->ios[i].next = b->free;
-        b->free = &b->ios[i];
-    }
-    b->in_flight = 0;
     r->aux_events = EPOLLIN;
     return NITRO_OK;
 }
 
-/* Wait for librbd to complete what is in flight (librbd retries while
- * the cluster is away: this waits as long as the requests do). */
-static void rbd_wait_idle(struct rbd_ring *b, bool finish)
+/* A request QoS held back points into guest memory that may be replaced
+ * before the next attach: send it now, over the budget (detaching is
+ * rare); a broken ring's is dropped with the ring. */
+static void rbd_release_held(struct rbd_ring *b, bool live)
 {
-    while (b->in_flight > 0) {
-        struct rbd_io *io = __atomic_exchange_n(&b->done, NULL, __ATOMIC_ACQUIRE);
-        if (io == NULL) {
-            struct timespec ts = {.tv_nsec = 100000};
-            nanosleep(&ts, NULL);
-        }
-        while (io != NULL) {
-            struct rbd_io *next = io->next;
-            if (finish)
-                rbd_io_finish(io);
-            else
-                rbd_io_release(io);
-            io = next;
-        }
+    struct nitro_chain *c;
+    struct blk_req rq;
+    uint64_t start;
+    if (!blk_queue_release(&b->q, &c, &rq, &start))
+        return;
+    if (!live) {
+        nitro_stat_sub(&b->s->inflight, 1);
+    } else if (rbd_slot(b) != NULL) {  /* it was popped into a free slot */
+        rbd_start(b, c, &rq, start);
+    } else {  /* out of memory: answered, if under no op's name */
+        struct blk_done d = {.op = NITRO_BLK_OP_UNSUPPORTED, .status = VIRTIO_BLK_S_IOERR,
+                             .used_len = 1};
+        blk_finish(b->r.vq, c->head, c->resubmitted, rq.status, &d, b->s, start);
+        b->notify = true;
     }
 }
 
-/* The worker lets go: every request completes to the guest first. */
+/* How long detach sleeps between looks for completions. */
+#define DETACH_POLL_NS 200000
+
+/* The worker lets go: every request the guest awaits is answered first,
+ * by librbd or, at the latest, at its deadline (so a cluster that is gone
+ * holds the worker io_timeout at most); what librbd still holds then is
+ * orphaned. A broken ring's requests are orphaned at once, unanswered. */
 static void rbd_ring_detach(struct nitro_ring *r)
 {
     struct rbd_ring *b = (struct rbd_ring *)r;
-    rbd_wait_idle(b, r->status == NITRO_OK);
+    bool live = r->status == NITRO_OK;
+    rbd_reap(b, live);
+    rbd_release_held(b, live);
+    while (b->oldest != NULL) {
+        if (!live) {
+            nitro_stat_sub(&b->s->inflight, 1);
+            rbd_orphan(b, b->oldest);
+            continue;
+        }
+        struct timespec ts = {.tv_nsec = DETACH_POLL_NS};
+        nanosleep(&ts, NULL);
+        rbd_reap(b, true);
+        rbd_expire(b, nitro_now_ns());
+    }
+    r->timer_ns = 0;
     rbd_ring_notify(b);
     nitro_eventfd_drain(b->efd);
 }
 
-static void rbd_ring_free(struct nitro_ring *r)
+static void rbd_ring_destroy(struct rbd_ring *b)
 {
-    struct rbd_ring *b = (struct rbd_ring *)r;
-    /* librbd must not complete into freed slots; guest memory may be gone. */
-    rbd_wait_idle(b, false);
-    for (uint32_t i = 0; i < b->nios; i++)
-        free(b->ios[i].buf);
-    free(b->ios);
+    struct rbd_io *io = __atomic_exchange_n(&b->done, NULL, __ATOMIC_ACQUIRE);
+    while (io != NULL) {
+        struct rbd_io *next = io->next;
+        rbd_io_free(io);
+        io = next;
+    }
+    while ((io = b->free) != NULL) {
+        b->free = io->next;
+        rbd_io_free(io);
+    }
     close(b->efd);
     free(b);
+}
+
+/* Detached: nothing the guest awaits is left. Orphans librbd still holds
+ * keep the ring (its done stack and eventfd) until they complete. */
+static void rbd_ring_free(struct nitro_ring *r)
+{
+    rbd_ring_put((struct rbd_ring *)r);
 }
 
 static const struct nitro_ring_ops rbd_ring_ops = {
@@ -573,8 +762,10 @@ struct nitro_ring *nitro_ring_blk_rbd_new(struct nitro_vq *vq, struct nitro_rbd 
     }
     b->r = nitro_ring_detached(&rbd_ring_ops, vq, NITRO_RING_BLK);
     b->r.aux_fd = b->efd;
+    b->refs = 1;
     b->v = v;
     b->p = params;
     b->s = stats;
+    b->q = blk_queue_of(&b->r, params, stats);
     return &b->r;
 }

@@ -13,6 +13,13 @@
  * and the used ring. Guest memory is touched by the worker only: data goes
  * through a buffer of the request's own (librbd's threads never see guest
  * memory, which may vanish under them).
+ *
+ * Failures: librbd's write-back cache is off (a write is acknowledged once
+ * the OSDs have it). While the cluster is away librbd waits and resends on
+ * its own; the ring answers IOERR for a request still unanswered
+ * params->io_timeout_ns after it was sent, keeps its buffer until librbd
+ * completes it, and gives the guest's queue a new slot meanwhile. Detach
+ * waits for the guest's requests at most until their deadlines.
  */
 #ifndef NITRO_RBD_H
 #define NITRO_RBD_H
@@ -35,17 +42,25 @@ extern const char *const nitro_rbd_stage_names[NITRO_RBD_STAGES];
 
 struct nitro_rbd;
 
+#define NITRO_RBD_OWNER_MAX 128
+
 /* Open pool/image as client `user` (e.g. "admin") with the cluster named
  * by `conf` (a ceph.conf path) and `keyring` (NULL or "": the conf's).
  * Returns NITRO_RBD_OK with *out set, or the NITRO_RBD_STAGE_* that failed
  * with *err the negative errno librados/librbd gave (-EBUSY/-EROFS at
- * STAGE_LOCK: another client holds the image's lock). Blocks (network):
- * call it off the trio thread. */
+ * STAGE_LOCK: another client holds the image's lock). `stale_owner` (NULL
+ * or "": none) is the nitro_rbd_lock_owner of a previous daemon of this
+ * volume that died: if it still holds the lock, the lock is broken (and
+ * that client blocklisted) at once instead of after its watch times out.
+ * Blocks (network): call it off the trio thread. */
 int nitro_rbd_open(const char *conf, const char *user, const char *keyring,
                    const char *pool, const char *image, uint32_t readonly,
-                   struct nitro_rbd **out, int *err);
+                   const char *stale_owner, struct nitro_rbd **out, int *err);
 /* The image's size in bytes, read at open. */
 uint64_t nitro_rbd_size(const struct nitro_rbd *v);
+/* This client as the exclusive lock's owner ("ADDRESS" as librbd names
+ * it); "" if read-only. */
+const char *nitro_rbd_lock_owner(const struct nitro_rbd *v);
 /* rbd_flush: every write acknowledged so far is on the OSDs; 0 or -errno. */
 int nitro_rbd_flush(struct nitro_rbd *v);
 /* Release the lock, close the image, disconnect. No ring may use it. */

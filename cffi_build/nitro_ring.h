@@ -106,10 +106,11 @@ struct nitro_ring {
      * neither arms the ring (its pending chains are not "work arrived")
      * nor sleeps past it; poll() is called again at the latest then. */
     uint64_t wake_ns;
-    /* Set by the constructor of a ring whose wake_ns is a timeout, not a
-     * hold (an NBD ring's io_timeout): it takes new requests meanwhile,
-     * so the worker arms it as usual and only never sleeps past wake_ns. */
-    bool armed_while_waiting;
+    /* Set by poll() (CLOCK_MONOTONIC ns; 0: none): poll() wants to be
+     * called again by then (a remote request's io_timeout), but unlike
+     * wake_ns holds nothing back: the ring is armed and kicks wake the
+     * worker as usual. The worker sleeps past neither deadline. */
+    uint64_t timer_ns;
     /* Optional: one more fd the owner sleeps on (a remote volume's
      * socket), -1: none, and the EPOLLIN/EPOLLOUT it waits for (0: none).
      * The ring may change both in poll() and arm(); the worker brings its

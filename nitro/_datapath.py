@@ -14,10 +14,13 @@ Lifetimes the C side relies on, which callers must respect:
 
 from __future__ import annotations
 
+import errno
 import math
 import mmap
 import os
+import threading
 import time
+from collections.abc import Callable
 from typing import Any, Final, NamedTuple
 
 from nitro._nitro_c import ffi, lib
@@ -471,13 +474,15 @@ class BlkParams(_Owned):
     two >= 512 (and whole encryption sectors), or a disk whose last byte,
     plus data_offset, is past 2**63 - 1.
     ``qos`` (kept alive here too) limits every ring made with these params
-    together."""
+    together. ``io_timeout_ns`` (remote volumes; 0: never): a request
+    unanswered that long after it was sent completes with IOERR."""
 
     def __init__(self, fd: int, capacity_sectors: int, readonly: bool = False,
                  max_discard_sectors: int = 0, max_write_zeroes_sectors: int = 0,
                  serial: bytes = b"", xts: XtsCipher | None = None,
                  data_offset: int = 0, block_size: int = 512,
-                 seg_max: int = 0, size_max: int = 0, qos: Qos | None = None) -> None:
+                 seg_max: int = 0, size_max: int = 0, qos: Qos | None = None,
+                 io_timeout_ns: int = 0) -> None:
         if len(serial) > 20:
             raise ValueError("virtio-blk serial is at most 20 bytes")
         super().__init__(ffi.new("struct nitro_blk_params *", {
@@ -492,6 +497,7 @@ class BlkParams(_Owned):
             "xts": xts.ptr if xts is not None else ffi.NULL,
             "data_offset": data_offset,
             "qos": qos.ptr if qos is not None else ffi.NULL,
+            "io_timeout_ns": io_timeout_ns,
         }))
         ffi.memmove(self._cdata.serial, serial, len(serial))
         self._xts = xts
@@ -543,11 +549,11 @@ class RbdImage(_Owned):
     read-only. Opening blocks on the network: not on the trio thread."""
 
     def __init__(self, conf: str, user: str, keyring: str, pool: str, image: str,
-                 readonly: bool) -> None:
+                 readonly: bool, stale_owner: str = "") -> None:
         out = ffi.new("struct nitro_rbd **")
         err = ffi.new("int *")
         stage = lib.nitro_rbd_open(conf.encode(), user.encode(), keyring.encode(), pool.encode(),
-                                   image.encode(), int(readonly), out, err)
+                                   image.encode(), int(readonly), stale_owner.encode(), out, err)
         if stage != lib.NITRO_RBD_OK:
             raise RbdOpenError(RBD_STAGES[stage], -int(err[0]))
         super().__init__(ffi.gc(out[0], lib.nitro_rbd_close))
@@ -556,10 +562,51 @@ class RbdImage(_Owned):
     def size(self) -> int:
         return int(lib.nitro_rbd_size(self.ptr))
 
-    def flush(self) -> None:
-        rc = int(lib.nitro_rbd_flush(self.ptr))
+    @property
+    def lock_owner(self) -> str:
+        """This client as the lock's owner (librbd's name); "" if read-only."""
+        owner: bytes = ffi.string(lib.nitro_rbd_lock_owner(self.ptr))
+        return owner.decode()
+
+    def flush(self, timeout: float | None = None) -> None:
+        """rbd_flush; TimeoutError after `timeout` s (the cluster is away:
+        librbd waits for it without bound, and so does a thread left in it)."""
+        rc = _bounded(lambda: int(lib.nitro_rbd_flush(self.ptr)), timeout, "rbd flush")
         if rc < 0:
             raise OSError(-rc, f"rbd flush: {os.strerror(-rc)}")
+
+    def close(self, timeout: float | None = None) -> None:
+        """Release the lock, close, disconnect; TimeoutError after `timeout`
+        s, the image then left to a thread still in librbd (its lock expires
+        with this client's watch on the cluster)."""
+        if self._cdata is None:
+            return
+        cdata, self._cdata = self._cdata, None
+        ffi.gc(cdata, None)  # closed once, here, not again by the collector
+        _bounded(lambda: lib.nitro_rbd_close(cdata), timeout, "rbd close")
+
+    def abandon(self) -> None:
+        """Forget the image without a call into librbd (a cluster that is
+        away): nothing is released; the process exits soon."""
+        if self._cdata is not None:
+            ffi.gc(self._cdata, None)
+            self._cdata = None
+
+
+def _bounded(call: Callable[[], Any], timeout: float | None, what: str) -> Any:
+    """call() (which releases the GIL in C), or TimeoutError after
+    `timeout` s, leaving it to finish in a daemon thread."""
+    if timeout is None:
+        return call()
+    result: list[Any] = []
+    t = threading.Thread(target=lambda: result.append(call()), name=what, daemon=True)
+    t.start()
+    t.join(timeout)
+    if t.is_alive():
+        raise TimeoutError(errno.ETIMEDOUT, f"{what}: no answer within {timeout:g} s")
+    if not result:
+        raise OSError(errno.EIO, f"{what} failed")
+    return result[0]
 
 
 def blk_serve(vq: Virtqueue, params: BlkParams, stats: BlkStats, idle_ms: int) -> int:

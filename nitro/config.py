@@ -106,7 +106,7 @@ class BlkConfig:
     nbd: NbdSource | None = None
     rbd: RbdSource | None = None
     # How long a request to a remote volume may wait for the server before
-    # the guest gets an I/O error (NBD; the RBD ring does not apply it yet).
+    # the guest gets an I/O error (docs/volumes.md).
     io_timeout: float = DEFAULT_IO_TIMEOUT
 
     @property
@@ -548,7 +548,8 @@ def _check_net_ip(ip: ipaddress.IPv4Address, vpc: VpcConfig, source: str, p: str
 
 def _blk(t: Any, i: int, source: str, runtime: Path, state: Path) -> BlkConfig:
     p = _entry(t, i, "blk", source, {"id", "socket", "image", "size", "readonly", "queues",
-                                     "queue_size", "serial", "encryption", "qos", *SOURCE_KEYS})
+                                     "queue_size", "serial", "encryption", "qos", "io_timeout",
+                                     *SOURCE_KEYS})
     dev_id = _id(t, source, p)
     size = parse_size(t["size"], source, p + "size") if "size" in t else None
     queues = _int(t, "queues", source, p, 1, 1, MAX_QUEUES)
@@ -566,11 +567,11 @@ def _blk(t: Any, i: int, source: str, runtime: Path, state: Path) -> BlkConfig:
         size=size, readonly=readonly, queues=queues, queue_size=qsize, serial=serial,
         encryption=_encryption(t, source, p, state), qos=_qos(t, source, p),
         **_remote(t, source, p, state))
-    if blk.remote is not None and blk.qos != QosConfig():
-        # The limits live in the local-file ring (nitro_blk.c); the NBD and
-        # librbd rings do not apply them yet, and a limit silently ignored
-        # is worse.
-        raise ConfigError(source, p + "qos", "not with source yet: QoS applies to local volumes only")
+    if blk.nbd is not None and blk.qos != QosConfig():
+        # The limits live in blk_queue (nitro_blk.c, nitro_rbd.c); the NBD
+        # ring does not apply them yet, and a limit silently ignored is worse.
+        raise ConfigError(source, p + "qos",
+                          "not with an NBD source yet: QoS applies to local and RBD volumes only")
     return blk
 
 

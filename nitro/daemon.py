@@ -346,9 +346,9 @@ class Daemon:
             blks = {b.id: b for b in self.cfg.blk}
             if device_id not in blks:
                 raise CommandRefused(f"no [[blk]] device {device_id!r} (have: {', '.join(blks) or 'none'})")
-            if blks[device_id].remote is not None:
-                # As the config check says: a remote volume's ring ignores limits.
-                raise CommandRefused(f"{device_id} has a source: QoS applies to local volumes only")
+            if blks[device_id].nbd is not None:
+                # As the config check says: the NBD ring ignores limits.
+                raise CommandRefused(f"{device_id} is an NBD volume: QoS applies to local and RBD volumes only")
             try:
                 qos = parse_qos(values, blks[device_id].qos, "volume qos")
             except ConfigError as e:
@@ -429,7 +429,10 @@ class Daemon:
             s.stop_accepting()
             await s.stop_all_workers()
         for s in self.servers:
-            await trio.to_thread.run_sync(s.device.flush)
+            try:
+                await trio.to_thread.run_sync(s.device.flush)
+            except OSError as e:  # a remote volume's storage is away: stop anyway
+                log_event(log, logging.ERROR, "drain: flush failed", device=s.device_id, error=str(e))
 
     async def _stop_uplinks(self) -> None:
         if self.fabric is not None:

@@ -148,4 +148,4 @@ def test_volume_qos_refused_on_a_remote_volume(nitro, short_tmp_path):
     with NbdKit(short_tmp_path, ["memory", "8M"]) as server:
         n = nitro(blk(server.url()))
         r = run_cli("volume", "qos", "r0", "--iops", "100", "--control", n.control, timeout=30)
-    assert r.returncode != 0 and "local volumes only" in r.stderr, (r.returncode, r.stdout, r.stderr)
+    assert r.returncode != 0 and "local and RBD volumes only" in r.stderr, (r.returncode, r.stdout, r.stderr)

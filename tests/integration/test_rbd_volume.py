@@ -17,6 +17,7 @@ import pytest
 
 from bench.ceph import CephCluster, ceph_cluster
 from bench.proc import ChildError, Nitro
+from tests.integration.test_qos import finish, metric, reads, volume_qos
 from tests.integration.test_vublk_reference import pattern, run_vublk
 
 pytestmark = pytest.mark.integration
@@ -33,16 +34,7 @@ def cluster() -> Iterator[CephCluster]:
 
 
 def _config(c: CephCluster, image: str) -> str:
-    return f"""
-[[blk]]
-id = "vol0"
-socket = "vol0.sock"
-source = "rbd:{c.pool}/{image}"
-ceph_conf = "{c.conf}"
-user = "{c.user}"
-keyring = "{c.keyring}"
-queues = 2
-"""
+    return c.blk_config(image, extra="queues = 2\n")
 
 
 def _export(c: CephCluster, image: str) -> bytes:
@@ -80,3 +72,19 @@ def test_second_attach_is_refused(cluster: CephCluster, vublk: Path, short_tmp_p
     # Once it is gone, the image is free again: the lock went with it.
     with Nitro(short_tmp_path / "b", _config(cluster, "locked"), timeout=60) as again:
         assert again.running()
+
+
+def test_qos_limits_an_rbd_volume(cluster: CephCluster, vublk: Path, short_tmp_path: Path) -> None:
+    """The volume's QoS applies to the librbd ring as to a file's: requests
+    delayed, none failed, across both queues, and changed live."""
+    cluster.rbd("create", "--size", f"{IMAGE_MIB}M", f"{cluster.pool}/qos")
+    with Nitro(short_tmp_path, _config(cluster, "qos") + "qos = { iops = 200 }\n") as daemon:
+        sock = short_tmp_path / "vol0.sock"
+        res = finish(reads(vublk, sock, "--ios", "400"))
+        assert res["ios"] == 400
+        # At most the bucket's 20 plus 200 a second: 400 take 1.9 s at least.
+        assert res["ios"] <= 20 + 200 * res["seconds"] + 2, res
+        assert metric(daemon, "nitro_blk_qos_exceeded_iops_seconds_total", device="vol0") > 0
+        assert volume_qos(daemon, "--iops", "100").returncode == 0
+        res = finish(reads(vublk, sock, "--ios", "200"))
+        assert res["ios"] <= 10 + 100 * res["seconds"] + 2, res

@@ -30,6 +30,7 @@ import random
 import re
 import subprocess
 import time
+from collections.abc import Callable
 
 import pytest
 
@@ -82,6 +83,18 @@ def check_image(image: bytes, acks: list[int]) -> list[str]:
     return bad
 
 
+def assert_acked_writes_kept(out: str, image: bytes, restarts: int) -> list[int]:
+    """The guest saw no I/O error, its ACKs have no gap, and `image` holds
+    every acknowledged write (check_image); the ACKs."""
+    assert "IOERROR" not in out, out[-3000:]
+    assert not re.search(r"I/O error|blk_update_request|Buffer I/O", out), out[-3000:]
+    acks = acked(out)
+    assert acks == list(range(len(acks))), "the guest's stream of ACKs has a gap or a repeat"
+    bad = check_image(image, acks)
+    assert not bad, f"{len(bad)} positions lost their acknowledged write after {restarts} restarts: {bad[:5]}"
+    return acks
+
+
 def _device(n: Nitro) -> dict | None:
     """vol0's `nitro status --json`; None while the control socket is not up yet."""
     try:
@@ -114,18 +127,16 @@ def wait_for_new_ack(guest, after: int, timeout: float) -> int:
     raise AssertionError(f"guest wrote nothing for {timeout}s after ACK {after}:\n" + guest.output()[-2000:])
 
 
-@pytest.mark.parametrize("sig", ["KILL", "TERM"])
-def test_acknowledged_writes_survive_restart_cycles(short_tmp_path, guest_image, start_guest, sig):
-    rng = random.Random(f"soak-{sig}")
-    n = Nitro(short_tmp_path, CONFIG)
-    guest = start_guest(guest_image, WRITER % {"positions": POSITIONS},
-                        blk_sockets=[short_tmp_path / "vol0.sock"])
-    windows = []
-    resubmitted = []
+def restart_cycles(n: Nitro, guest, restart: Callable[[], Nitro], sig: str, cycles: int,
+                   rng: random.Random) -> tuple[Nitro, list[float], list[int]]:
+    """Halt nitro with `sig` and restart() it `cycles` times under the
+    writing guest, each time at a random moment once the guest was seen
+    writing again. The nitro running at the end (all are killed if this
+    fails), the kill-to-next-write windows, the requests each resubmitted."""
+    windows: list[float] = []
+    resubmitted: list[int] = []
     try:
-        last = wait_for_new_ack(guest, -1, timeout=180)
-        assert "nitro_blk_resubmitted_requests_total" in n.metrics()
-        for _cycle in range(CYCLES[sig]):
+        for _cycle in range(cycles):
             resubmitted.append(attached_with_inflight(n).get("resubmitted", 0))
             time.sleep(rng.uniform(0.0, 1.0))
             t0 = time.monotonic()
@@ -134,22 +145,33 @@ def test_acknowledged_writes_survive_restart_cycles(short_tmp_path, guest_image,
             # one after it needed the new nitro.
             last = max(acked(guest.output()), default=-1) + 1
             time.sleep(rng.uniform(0.0, 0.3))
-            n = Nitro(short_tmp_path, CONFIG)
-            last = wait_for_new_ack(guest, last, timeout=120)
+            n = restart()
+            wait_for_new_ack(guest, last, timeout=120)
             windows.append(time.monotonic() - t0)
         resubmitted.append(attached_with_inflight(n).get("resubmitted", 0))
+    except BaseException:
+        n.kill()
+        raise
+    return n, windows, resubmitted
+
+
+@pytest.mark.parametrize("sig", ["KILL", "TERM"])
+def test_acknowledged_writes_survive_restart_cycles(short_tmp_path, guest_image, start_guest, sig):
+    rng = random.Random(f"soak-{sig}")
+    n = Nitro(short_tmp_path, CONFIG)
+    guest = start_guest(guest_image, WRITER % {"positions": POSITIONS},
+                        blk_sockets=[short_tmp_path / "vol0.sock"])
+    try:
+        wait_for_new_ack(guest, -1, timeout=180)
+        assert "nitro_blk_resubmitted_requests_total" in n.metrics()
+        n, windows, resubmitted = restart_cycles(n, guest, lambda: Nitro(short_tmp_path, CONFIG), sig,
+                                                 CYCLES[sig], rng)
         guest.kill()
         assert n.stop() == 0, n.output()
     finally:
         n.kill()
         guest.kill()
-    out = guest.output()
-    assert "IOERROR" not in out, out[-3000:]
-    assert not re.search(r"I/O error|blk_update_request|Buffer I/O", out), out[-3000:]
-    acks = acked(out)
-    assert acks == list(range(len(acks))), "the guest's stream of ACKs has a gap or a repeat"
-    bad = check_image((short_tmp_path / "vol0.img").read_bytes(), acks)
-    assert not bad, f"{len(bad)} positions lost their acknowledged write after {len(windows)} restarts: {bad[:5]}"
+    acks = assert_acked_writes_kept(guest.output(), (short_tmp_path / "vol0.img").read_bytes(), len(windows))
     print(f"\nsoak {sig}: {len(windows)} restarts, {len(acks)} acknowledged writes, "
           f"kill-to-next-write median {sorted(windows)[len(windows) // 2]:.2f}s max {max(windows):.2f}s, "
           f"requests resubmitted from the inflight buffer: {sum(resubmitted)} "

@@ -25,6 +25,7 @@ keyring = "/run/ceph/client.nitro.keyring"
 def test_rbd_source_defaults(tmp_path: Path) -> None:
     cfg = load_text(tmp_path, '[[blk]]\nid = "v"\nsource = "rbd:rbd/img"\n')
     assert cfg.blk[0].rbd == config.RbdSource(pool="rbd", image="img")
+    assert cfg.blk[0].io_timeout == 30.0
     assert load_text(tmp_path, '[[blk]]\nid = "v"\n').blk[0].rbd is None
 
 
@@ -37,7 +38,10 @@ def test_rbd_source_defaults(tmp_path: Path) -> None:
     ('source = "rbd:p/i"\nimage = "x.img"', "image", "not with source"),
     ('source = "rbd:p/i"\nencryption = { key_file = "k" }', "encryption", "not supported yet"),
     ('user = "nitro"', "user", "only with source"),
-    ('source = "rbd:p/i"\nqos = { iops = 100 }', "qos", "local volumes only"),
+    ('io_timeout = 5', "io_timeout", "only with source"),
+    ('source = "rbd:p/i"\nio_timeout = 0', "io_timeout", "expected seconds"),
+    ('source = "rbd:p/i"\nio_timeout = "5s"', "io_timeout", "expected seconds"),
+    ('source = "rbd:p/i"\nio_timeout = 86401', "io_timeout", "expected seconds"),
 ])
 def test_rbd_source_errors(tmp_path: Path, lines: str, key: str, reason: str) -> None:
     with pytest.raises(config.ConfigError) as e:
@@ -49,3 +53,9 @@ def test_one_rbd_image_per_daemon(tmp_path: Path) -> None:
     with pytest.raises(config.ConfigError, match="duplicate source 'rbd:p/i'"):
         load_text(tmp_path, '[[blk]]\nid = "a"\nsource = "rbd:p/i"\n[[blk]]\nid = "b"\nsource = "rbd:p/i"\n')
 
+
+
+@pytest.mark.parametrize("value, seconds", [("3", 3.0), ("0.5", 0.5), ("86400", 86400.0)])
+def test_io_timeout(tmp_path: Path, value: str, seconds: float) -> None:
+    cfg = load_text(tmp_path, f'[[blk]]\nid = "v"\nsource = "rbd:p/i"\nio_timeout = {value}\n')
+    assert cfg.blk[0].io_timeout == seconds

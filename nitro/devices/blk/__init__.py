@@ -33,7 +33,8 @@ def open_device(cfg: BlkConfig) -> BlkDevice:
     elif cfg.rbd is not None:
         from nitro.devices.blk.backends.rbd import RbdVolume
 
-        volume = RbdVolume.open(cfg.rbd, readonly=cfg.readonly)
+        volume = RbdVolume.open(cfg.rbd, readonly=cfg.readonly, io_timeout=cfg.io_timeout,
+                                owner_file=cfg.image.with_name(f"{cfg.id}.rbd-owner"))
     elif cfg.encryption is not None:
         from nitro.devices.blk.backends.luks import LuksVolume
 

@@ -64,7 +64,8 @@ class BlkDevice(VirtioDevice):
             max_write_zeroes_sectors=self.config_space.max_write_zeroes_sectors,
             seg_max=self.config_space.seg_max, size_max=self.config_space.size_max,
             serial=cfg.serial.encode(),
-            xts=volume.xts, data_offset=volume.data_offset, qos=self.qos)
+            xts=volume.xts, data_offset=volume.data_offset, qos=self.qos,
+            io_timeout_ns=round(cfg.io_timeout * 1e9) if cfg.rbd is not None else 0)
         self.stats = [_datapath.BlkStats() for _ in range(cfg.queues)]
 
     def set_qos(self, qos: QosConfig) -> None:

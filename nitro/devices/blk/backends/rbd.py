@@ -6,17 +6,27 @@ RBD exclusive-lock feature, held until close), so a second daemon attaching
 the same image gets a VolumeLockedError instead of writing beside the first.
 The guest sees the image byte for byte, 512-byte sectors, with DISCARD and
 WRITE_ZEROES mapped to librbd's.
+
+A cluster that is away makes librbd wait and resend without bound; the
+ring fails a request io_timeout after it was sent (cffi_build/nitro_rbd.c),
+and flush and close here give up after io_timeout too, so a daemon whose
+cluster is gone still stops (docs/volumes.md "RBD").
 """
 
 from __future__ import annotations
 
 import errno
+import json
+import logging
 from pathlib import Path
 
 from nitro import _datapath
-from nitro.config import RbdSource
+from nitro.config import DEFAULT_IO_TIMEOUT, RbdSource
 from nitro.devices.blk.backends.raw import VolumeError, VolumeLockedError
 from nitro.devices.blk.config import SECTOR_SIZE
+from nitro.log import log_event
+
+log = logging.getLogger("nitro.blk")
 
 
 class RbdVolume:
@@ -28,17 +38,26 @@ class RbdVolume:
     fd = -1                   # no file: the ring does its I/O through `rbd`
     supports_discard = True   # rbd_aio_discard / rbd_aio_write_zeroes
 
-    def __init__(self, src: RbdSource, rbd: _datapath.RbdImage, readonly: bool) -> None:
-        self.src, self.rbd, self.readonly = src, rbd, readonly
+    def __init__(self, src: RbdSource, rbd: _datapath.RbdImage, readonly: bool,
+                 io_timeout: float = DEFAULT_IO_TIMEOUT) -> None:
+        self.src, self.rbd, self.readonly, self.io_timeout = src, rbd, readonly, io_timeout
         self.size = rbd.size
+        self.unreachable = False  # a flush found the cluster away
 
     @classmethod
-    def open(cls, src: RbdSource, *, readonly: bool) -> RbdVolume:
-        """Connect and open (blocking: call off the trio thread)."""
+    def open(cls, src: RbdSource, *, readonly: bool, io_timeout: float = DEFAULT_IO_TIMEOUT,
+             owner_file: Path | None = None) -> RbdVolume:
+        """Connect and open (blocking: call off the trio thread).
+
+        `owner_file` (in the daemon's state directory) records this client
+        as the lock's owner; a daemon restarted after a crash (kill -9)
+        finds its dead predecessor there and takes the lock over at once,
+        instead of after the dead client's watch times out (30 s)."""
         name = f"rbd:{src.pool}/{src.image}"
+        stale = _read_owner(owner_file, name)
         try:
             rbd = _datapath.RbdImage(str(src.ceph_conf), src.user, str(src.keyring or ""), src.pool,
-                                     src.image, readonly)
+                                     src.image, readonly, stale)
         except _datapath.RbdOpenError as e:
             if e.stage == "lock" and e.errno in (errno.EBUSY, errno.EROFS, errno.EAGAIN):
                 raise VolumeLockedError(f"{name}: attached elsewhere (another client holds the "
@@ -48,7 +67,9 @@ class RbdVolume:
         if rbd.size == 0 or rbd.size % SECTOR_SIZE:
             rbd.close()
             raise VolumeError(f"{name}: size {rbd.size} is not a positive multiple of {SECTOR_SIZE} bytes")
-        return cls(src, rbd, readonly)
+        if owner_file is not None and rbd.lock_owner:
+            _write_owner(owner_file, name, rbd.lock_owner)
+        return cls(src, rbd, readonly, io_timeout)
 
     @property
     def path(self) -> Path:
@@ -65,9 +86,43 @@ class RbdVolume:
         return _datapath.Ring.blk_rbd(vq, self.rbd, params, stats)
 
     def flush(self) -> None:
-        if not self.readonly:
-            self.rbd.flush()
+        """Every acknowledged write on the OSDs; TimeoutError after
+        io_timeout (the cluster is away)."""
+        if self.readonly:
+            return
+        try:
+            self.rbd.flush(self.io_timeout)
+        except TimeoutError:
+            self.unreachable = True
+            raise
 
     def close(self) -> None:
-        """Release the lock, close the image, disconnect."""
-        self.rbd.close()
+        """Release the lock, close the image, disconnect: at most io_timeout,
+        and not at all once a flush found the cluster away (each call would
+        wait for it); the image's lock then expires on the cluster with this
+        client's watch."""
+        if self.unreachable:
+            self.rbd.abandon()
+        else:
+            try:
+                self.rbd.close(self.io_timeout)
+                return
+            except TimeoutError:
+                pass
+        log_event(log, logging.WARNING, "rbd: cluster unreachable, image left open",
+                  volume=str(self.path), io_timeout=self.io_timeout)
+
+
+def _read_owner(path: Path | None, name: str) -> str:
+    """The lock owner a previous daemon recorded for volume `name`; ""."""
+    try:
+        rec = json.loads(path.read_text()) if path is not None else {}
+    except (OSError, ValueError):
+        return ""
+    return rec.get("owner", "") if isinstance(rec, dict) and rec.get("volume") == name else ""
+
+
+def _write_owner(path: Path, name: str, owner: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps({"volume": name, "owner": owner}) + "\n")
+    tmp.replace(path)

@@ -1,0 +1,129 @@
+"""An RBD volume while its cluster fails: like EBS, latency, not errors,
+until io_timeout (docs/volumes.md "RBD").
+
+The cluster is bluestore (bench/ceph.py), so a killed OSD comes back with
+its objects. vublk writes its verify pattern while the OSD is SIGKILLed
+and restarted: every request waits for it (librbd resends) and succeeds,
+the read-back and the cluster's own copy (`rbd export`) hold every block.
+With the OSD gone for good and io_timeout = 3 s, requests fail with IOERR
+about 3 s after they were sent, the daemon keeps serving (GET_ID, a new
+frontend after one that left requests stuck in librbd, and I/O again once
+the OSD is back), and it still stops cleanly while the cluster is away
+(flush and close bounded by io_timeout).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from bench.ceph import CephCluster, ceph_cluster
+from bench.proc import Nitro
+from tests.integration.test_vublk_reference import pattern, run_vublk
+
+pytestmark = pytest.mark.integration
+
+IMAGE_MIB = 64
+REGION = 32 << 20
+SEED = 11
+IO_TIMEOUT = 3
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[CephCluster]:
+    with ceph_cluster(objectstore="bluestore", store_bytes=2 << 30) as c:
+        yield c
+
+
+def _config(c: CephCluster, image: str, io_timeout: float | None = None) -> str:
+    return c.blk_config(image, extra=f"io_timeout = {io_timeout}\n" if io_timeout is not None else "")
+
+
+def _vublk(vublk: Path, sock: Path, *args: str) -> tuple[int, dict | None, str]:
+    return run_vublk(vublk, "--socket", str(sock), *args, timeout=300)
+
+
+def test_osd_restart_under_writes_loses_nothing(cluster: CephCluster, vublk: Path,
+                                                short_tmp_path: Path) -> None:
+    cluster.rbd("create", "--size", f"{IMAGE_MIB}M", f"{cluster.pool}/restart")
+    with Nitro(short_tmp_path, _config(cluster, "restart")) as daemon:
+        out: list[tuple[int, dict | None, str]] = []
+        writer = threading.Thread(target=lambda: out.append(_vublk(
+            vublk, short_tmp_path / "vol0.sock", "--rw", "verify", "--bs", "4k", "--iodepth", "32",
+            "--size", str(REGION), "--seed", str(SEED), "--timeout", "120")))
+        writer.start()
+        time.sleep(1.5)  # writing by now: 32 MiB at 4 KiB take several seconds here
+        killed = time.monotonic()
+        cluster.stop_osd(kill=True)
+        cluster.restart_osd()
+        away = time.monotonic() - killed
+        writer.join(300)
+        (rc, res, err), = out
+        assert rc == 0 and res is not None, err
+        assert res["errors"] == 0 and res["mismatches"] == 0, res
+        # The kill landed on live I/O: some request waited out the restart.
+        assert res["lat_max_us"] > 1e6, (res, away)
+        assert daemon.stop() == 0, daemon.output()
+    data = cluster.rbd("export", f"{cluster.pool}/restart", "-")
+    assert data[:REGION] == pattern(SEED, 0, REGION)
+
+
+def test_osd_gone_fails_requests_after_io_timeout(cluster: CephCluster, vublk: Path,
+                                                  short_tmp_path: Path) -> None:
+    cluster.rbd("create", "--size", f"{IMAGE_MIB}M", f"{cluster.pool}/gone")
+    sock = short_tmp_path / "vol0.sock"
+    with Nitro(short_tmp_path, _config(cluster, "gone", IO_TIMEOUT)) as daemon:
+        cluster.stop_osd(kill=True)
+        try:
+            rc, res, err = _vublk(vublk, sock, "--rw", "randwrite", "--bs", "4k", "--iodepth", "8",
+                                  "--ios", "8", "--timeout", "30")
+            assert rc == 1 and res is not None, err
+            assert res["errors"] == 8, res
+            # Each failed once its io_timeout ran out, not before, not much later.
+            assert IO_TIMEOUT * 0.95 <= res["seconds"] < IO_TIMEOUT + 2, res
+            assert IO_TIMEOUT * 0.95e6 <= res["lat_max_us"] < (IO_TIMEOUT + 2) * 1e6, res
+            # The daemon goes on serving what needs no cluster.
+            rc, res, err = _vublk(vublk, sock, "--check-id")
+            assert rc == 0 and res is not None and res["id"] == "vol0", err
+            # A frontend that gives up (vublk's 1 s timeout) leaves its
+            # requests stuck in librbd: detaching its ring waits for them
+            # at most until their deadline, then the next frontend is served.
+            rc, res, err = _vublk(vublk, sock, "--rw", "randwrite", "--bs", "4k", "--iodepth", "8",
+                                  "--ios", "8", "--timeout", "1")
+            assert rc == 3, (rc, res, err)
+            left = time.monotonic()
+            rc, res, err = _vublk(vublk, sock, "--check-id", "--timeout", "30")
+            assert rc == 0 and res is not None and res["id"] == "vol0", err
+            assert time.monotonic() - left < IO_TIMEOUT + 3
+            assert daemon.running()
+        finally:
+            cluster.restart_osd()
+        # Back: the same daemon serves I/O again (the timed-out writes' slots
+        # were replaced while librbd held them).
+        rc, res, err = _vublk(vublk, sock, "--rw", "verify", "--bs", "64k", "--size", "4M",
+                              "--seed", str(SEED), "--timeout", "60")
+        assert rc == 0 and res is not None and res["errors"] == 0, err
+        assert daemon.stop() == 0, daemon.output()
+    assert cluster.rbd("export", f"{cluster.pool}/gone", "-")[:4 << 20] == pattern(SEED, 0, 4 << 20)
+
+
+def test_daemon_stops_while_cluster_is_away(cluster: CephCluster, vublk: Path,
+                                            short_tmp_path: Path) -> None:
+    cluster.rbd("create", "--size", f"{IMAGE_MIB}M", f"{cluster.pool}/away")
+    with Nitro(short_tmp_path, _config(cluster, "away", IO_TIMEOUT)) as daemon:
+        rc, res, err = _vublk(vublk, short_tmp_path / "vol0.sock", "--rw", "verify-write", "--bs", "64k",
+                              "--size", "1M", "--timeout", "30")
+        assert rc == 0, err
+        cluster.stop_osd(kill=True)
+        try:
+            started = time.monotonic()
+            assert daemon.stop(timeout=4 * IO_TIMEOUT) == 0, daemon.output()
+            # The drain's flush waited io_timeout, close did not wait again.
+            assert time.monotonic() - started < 2 * IO_TIMEOUT + 2
+            assert "cluster unreachable" in daemon.output()
+        finally:
+            cluster.restart_osd()
