@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.nitro-installed
 RUFF   := ruff==0.17.6
 MYPY   := mypy==2.4.1
 
-.PHONY: all deps venv build test unit system demo bench lint typecheck clean fuzz fuzz-short soak
+.PHONY: all deps venv build test unit system demo demo-fleet bench lint typecheck clean fuzz fuzz-short soak
 
 all: build
 
@@ -41,6 +41,10 @@ system: build
 
 demo: build
 	$(PY) tools/demo.py
+
+# docs/fleet.md "Running a fleet by hand" with two TCG guests on two hosts (needs root).
+demo-fleet: build
+	$(PY) tools/demo_fleet.py
 
 # Each bench module runs nitro and its reference in one run and prints ratios.
 bench: build
