@@ -964,6 +964,7 @@ static void fast_fill(struct port *dst, struct nitro_vq *vq, bool mrg,
     uint32_t lens[FAST_MAX_BUFS];
     uint32_t nb = 0;
     bool healthy = nitro_vq_fault(vq) == NITRO_FAULT_NONE;
+    nitro_vq_prefetch(vq, n - *i);  /* one buffer per frame, most often */
     for (; *i < n; (*i)++) {
         struct nitro_sw_fast *f = &frames[*i];
         if (!port_admit(dst, 1, f->len - NITRO_NET_HDR_LEN, true))
