@@ -910,7 +910,8 @@ static bool fast_ipv4(const struct vpc *v, const struct nitro_sw_fast *f)
 enum nitro_sw_fast_verdict nitro_sw_tx_fast(struct nitro_switch *sw,
                                             struct port *p,
                                             struct nitro_sw_fast *f,
-                                            struct port **dst)
+                                            struct port **dst,
+                                            struct nitro_sw_tally *out)
 {
     struct vpc *v = &sw->vpcs[p->vpc];
     if (!fast_ipv4(v, f) || (*dst = fast_destination(sw, v, p, f->head)) == NULL)
@@ -932,8 +933,8 @@ enum nitro_sw_fast_verdict nitro_sw_tx_fast(struct nitro_switch *sw,
         nitro_sw_drop(&p->stats, NITRO_NET_DROP_BAD_HEADER);
         return NITRO_SW_DONE;
     }
-    nitro_stat_add(&p->stats.packets_out, 1);
-    nitro_stat_add(&p->stats.bytes_out, flen);
+    out->packets++;
+    out->bytes += flen;
     return NITRO_SW_FAST;
 }
 
