@@ -534,20 +534,47 @@ int nitro_chain_add(struct nitro_vq *vq, struct nitro_chain *c, uint64_t gpa,
     return NITRO_OK;
 }
 
+/* A chain of one direct descriptor inside one memory region: nearly every
+ * virtio-net frame and RX buffer. What nitro_chain_add() would build for
+ * it, without the walk's loop and calls; false (c untouched) for anything
+ * else: an empty descriptor, one that crosses into the next region or
+ * lies outside guest memory goes the general way, which also faults it. */
+static inline bool chain_single(struct nitro_vq *vq, struct nitro_chain *c,
+                                uint16_t head, const struct vring_desc *d)
+{
+    if ((d->flags & (VRING_DESC_F_NEXT | VRING_DESC_F_INDIRECT)) || d->len == 0)
+        return false;
+    uint64_t span;
+    uint8_t *host = nitro_mem_gpa_span(vq->mem, d->addr, &span);
+    if (host == NULL || d->len > span)
+        return false;
+    bool writable = d->flags & VRING_DESC_F_WRITE;
+    c->head = head;
+    c->iov[0] = (struct iovec){.iov_base = host, .iov_len = d->len};
+    c->n_out = !writable;
+    c->n_in = writable;
+    c->out_len = writable ? 0 : d->len;
+    c->in_len = writable ? d->len : 0;
+    c->n_desc = 1;
+    c->max_desc_len = d->len;
+    return true;
+}
+
 static int walk_chain(struct nitro_vq *vq, uint16_t head,
                       struct nitro_chain *c)
 {
-    chain_reset(c, head);
     struct walk w = {.table = vq->desc, .size = vq->num, .budget = vq->num};
-    uint32_t i = head;
-    if (i >= w.size)
+    if (head >= w.size)
         return nitro_vq_set_fault(vq, NITRO_FAULT_DESC_INDEX);
+    struct vring_desc d;
+    read_desc(w.table, head, &d);
+    if (chain_single(vq, c, head, &d))
+        return NITRO_OK;
+    chain_reset(c, head);
     for (;;) {
         /* More descriptors than the table holds means a cycle. */
         if (w.budget-- == 0)
             return nitro_vq_set_fault(vq, NITRO_FAULT_DESC_LOOP);
-        struct vring_desc d;
-        read_desc(w.table, i, &d);
         int rc = (d.flags & VRING_DESC_F_INDIRECT)
                      ? enter_indirect(vq, &w, &d)
                      : nitro_chain_add(vq, c, d.addr, d.len,
@@ -555,15 +582,17 @@ static int walk_chain(struct nitro_vq *vq, uint16_t head,
                                        &w.seen_write);
         if (rc != NITRO_OK)
             return rc;
+        uint32_t i;
         if (d.flags & VRING_DESC_F_INDIRECT) {
             i = 0;
-            continue;
-        }
-        if (!(d.flags & VRING_DESC_F_NEXT))
+        } else if (!(d.flags & VRING_DESC_F_NEXT)) {
             return NITRO_OK;
-        i = d.next;
-        if (i >= w.size)
-            return nitro_vq_set_fault(vq, NITRO_FAULT_DESC_INDEX);
+        } else {
+            i = d.next;
+            if (i >= w.size)
+                return nitro_vq_set_fault(vq, NITRO_FAULT_DESC_INDEX);
+        }
+        read_desc(w.table, i, &d);
     }
 }
 
