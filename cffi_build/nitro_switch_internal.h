@@ -141,10 +141,12 @@ struct nitro_sw_fast {
 
 /* What a TX batch's fast frames add to the sender's packets_out and
  * bytes_out, added once per batch: an atomic add per frame would cost
- * about as much as the frame's classification. */
+ * about as much as the frame's classification. Also the batch's clock
+ * for the sender's rate limits (0: not read yet). */
 struct nitro_sw_tally {
     uint64_t packets;
     uint64_t bytes;
+    uint64_t now;
 };
 
 enum nitro_sw_fast_verdict {
@@ -163,13 +165,14 @@ nitro_sw_tx_fast(struct nitro_switch *sw, struct port *p,
                  struct nitro_sw_fast *f, struct port **dst,
                  struct nitro_sw_tally *out);
 
-/* Add a tally to p's counters and empty it. */
+/* Add a tally to p's counters and empty it (the next batch reads the
+ * clock again). */
 static inline void nitro_sw_tally_flush(struct port *p, struct nitro_sw_tally *t)
 {
-    if (t->packets == 0)
-        return;
-    nitro_stat_add(&p->stats.packets_out, t->packets);
-    nitro_stat_add(&p->stats.bytes_out, t->bytes);
+    if (t->packets != 0) {
+        nitro_stat_add(&p->stats.packets_out, t->packets);
+        nitro_stat_add(&p->stats.bytes_out, t->bytes);
+    }
     *t = (struct nitro_sw_tally){0};
 }
 /* Deliver n fast frames to dst: one RX slot lock, one used->idx publish. */
