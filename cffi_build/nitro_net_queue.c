@@ -21,6 +21,7 @@ struct tx_ctx {
     uint32_t hint;
     uint8_t *buf;  /* SCRATCH_LEN: the chain, then room for one segment */
     struct dirty dirty;
+    struct nitro_sw_tally out;  /* fast frames counted out, not yet added */
     /* Fast-path frames of the batch that go to one destination, in order. */
     struct port *group;
     uint32_t nfast;
@@ -66,7 +67,7 @@ static enum nitro_sw_fast_verdict tx_fast(struct tx_ctx *t,
     nitro_iov_to_buf(c->iov, (int)c->n_out, f->head, f->head_len);
     f->cnt = (int)c->n_out;
     memcpy(f->iov, c->iov, c->n_out * sizeof(c->iov[0]));
-    return nitro_sw_tx_fast(t->sw, t->p, f, dst);
+    return nitro_sw_tx_fast(t->sw, t->p, f, dst, &t->out);
 }
 
 /* Switch one chain: runs of fast frames to one destination are delivered
@@ -96,6 +97,7 @@ static int64_t tx_batch(struct tx_ctx *t, struct nitro_vq *vq)
     uint32_t lens[TX_BATCH];
     uint32_t n = 0;
     int rc = 0;
+    nitro_vq_prefetch(vq, TX_BATCH);
     while (n < TX_BATCH) {
         struct nitro_chain *c;
         rc = nitro_vq_pop(vq, &c);
@@ -109,6 +111,7 @@ static int64_t tx_batch(struct tx_ctx *t, struct nitro_vq *vq)
     /* The fast frames' payload is read out of these TX buffers: deliver
      * before giving them back. */
     tx_flush_group(t);
+    nitro_sw_tally_flush(t->p, &t->out);
     /* Also when the guest broke the ring mid-batch: the chains taken so far
      * were switched, so they are completed and their receivers called. */
     nitro_vq_push_batch(vq, heads, lens, n);
@@ -306,6 +309,7 @@ static void tx_ring_abandon(struct nitro_ring *r)
     struct net_tx_ring *x = (struct net_tx_ring *)r;
     x->t.nfast = 0;
     x->t.group = NULL;
+    nitro_sw_tally_flush(x->t.p, &x->t.out);  /* they were switched out */
     nitro_sw_flush_dirty(&x->t.dirty);
 }
 

@@ -189,6 +189,16 @@ struct nitro_sw_fast {
     struct iovec iov[NITRO_SW_FAST_IOV];
 };
 
+/* What a TX batch's fast frames add to the sender's packets_out and
+ * bytes_out, added once per batch: an atomic add per frame would cost
+ * about as much as the frame's classification. Also the batch's clock
+ * for the sender's rate limits (0: not read yet). */
+struct nitro_sw_tally {
+    uint64_t packets;
+    uint64_t bytes;
+    uint64_t now;
+};
+
 enum nitro_sw_fast_verdict {
     NITRO_SW_SLOW,   /* use nitro_sw_tx_frame: nothing was done or counted */
     NITRO_SW_DONE,   /* dropped and counted */
@@ -198,10 +208,23 @@ enum nitro_sw_fast_verdict {
 /* Decide whether f (head filled, len set) can take the fast path: a plain
  * IPv4 unicast frame to another guest port of the VPC that takes it as it
  * is (no segmentation, no checksum to complete, nothing to punt). If so,
- * check and count it as nitro_sw_tx_frame would. */
+ * check and count it as nitro_sw_tx_frame would, its packets_out and
+ * bytes_out in *out (the caller adds them with nitro_sw_tally_flush). */
 NITRO_INTERNAL enum nitro_sw_fast_verdict
 nitro_sw_tx_fast(struct nitro_switch *sw, struct port *p,
-                 struct nitro_sw_fast *f, struct port **dst);
+                 struct nitro_sw_fast *f, struct port **dst,
+                 struct nitro_sw_tally *out);
+
+/* Add a tally to p's counters and empty it (the next batch reads the
+ * clock again). */
+static inline void nitro_sw_tally_flush(struct port *p, struct nitro_sw_tally *t)
+{
+    if (t->packets != 0) {
+        nitro_stat_add(&p->stats.packets_out, t->packets);
+        nitro_stat_add(&p->stats.bytes_out, t->bytes);
+    }
+    *t = (struct nitro_sw_tally){0};
+}
 /* Deliver n fast frames to dst: one RX slot lock, one used->idx publish. */
 NITRO_INTERNAL void nitro_sw_deliver_fast(struct port *dst,
                                           struct nitro_sw_fast *frames,

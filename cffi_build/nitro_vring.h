@@ -84,6 +84,14 @@ NITRO_INTERNAL int nitro_vq_set_fault(struct nitro_vq *vq, uint32_t kind);
 /* 1 and *out = the next chain (valid until the next pop), 0 when the ring
  * is empty, NITRO_ERR_GUEST when the guest broke it. */
 NITRO_INTERNAL int nitro_vq_pop(struct nitro_vq *vq, struct nitro_chain **out);
+/* Most chains nitro_vq_prefetch() looks ahead at. */
+#define NITRO_VQ_PREFETCH_MAX 64
+/* A hint before popping up to n chains: start loading the descriptors
+ * and the first lines of the first buffers of the next available chains
+ * (written by the driver's CPU, so each would otherwise be a cache miss
+ * the walk waits for, one after the other). Consumes and checks nothing;
+ * split rings only (a packed ring returns at once). */
+NITRO_INTERNAL void nitro_vq_prefetch(struct nitro_vq *vq, uint32_t n);
 /* Append (head, len) to the used ring and publish used->idx. */
 NITRO_INTERNAL void nitro_vq_push(struct nitro_vq *vq, uint16_t head,
                                   uint32_t len);
