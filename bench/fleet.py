@@ -356,6 +356,8 @@ def main() -> int:
     where = (f"loop frontend on CPU {FRONTEND_CPU}" if FRONTEND == "loop"
              else f"generator on CPU {FRONTEND_CPU}, sink on CPU {SINK_CPU}")
     print(f"nitro (every daemon, workers = 1) on CPU {NITRO_CPU}; {where}; {FRAME} B frames", flush=True)
+    if FRONTEND == "split" and not SPLIT_POSSIBLE:
+        print("warning: generator and sink share a CPU: the rates are the scheduler's (see --help)", flush=True)
     results: dict[str, list[Run]] = {name: [] for name in names}
     with tempfile.TemporaryDirectory(prefix="bfleet-", dir="/tmp") as d:
         tmp = Path(d)
