@@ -49,7 +49,7 @@ demo-fleet: build
 # Each bench module runs nitro and its reference in one run and prints ratios.
 bench: build
 	$(PY) -m bench.blk --backend both
-	@for m in crypto gcm net density tenant qos nbd rbd; do \
+	@for m in crypto gcm net fleet density tenant qos nbd rbd; do \
 	    $(PY) -m bench.$$m || exit 1; \
 	done
 

@@ -7,8 +7,11 @@ demo). Needs root.
 ``<prefix>-n`` (the hosts: a veth ``u0`` on the bridge with 192.0.2.<i>/24,
 and ``lo`` up for each host's metrics endpoint). Nothing is created in the
 caller's namespace: each veth pair is made inside the wire namespace and
-one end moved into its host's. ``delete()`` removes every namespace it
-created (their interfaces go with them), also after a failed setup.
+one end moved into its host's. ``mtu`` (default: the kernel's 1500) is set
+on the bridge and every veth: bench/fleet.py carries 1518-byte guest
+frames, whose outer packets need more. ``delete()`` removes every
+namespace it created (their interfaces go with them), also after a failed
+setup.
 
 :func:`in_netns` runs a Python callable in a thread that entered a
 namespace (setns(2)): sockets it opens live there. This is how a test
@@ -68,9 +71,10 @@ def exec_prefix(name: str) -> list[str]:
 
 
 class Underlay:
-    def __init__(self, prefix: str, hosts: int = 2) -> None:
+    def __init__(self, prefix: str, hosts: int = 2, *, mtu: int | None = None) -> None:
         self.wire = f"{prefix}-w"
         self.hosts = [f"{prefix}-{i}" for i in range(1, hosts + 1)]
+        self.mtu = mtu
         self.created: list[str] = []
         try:
             self._create()
@@ -89,13 +93,16 @@ class Underlay:
             self.created.append(ns)
             ip("-n", ns, "link", "set", "lo", "up")
         ip("-n", self.wire, "link", "add", "br0", "type", "bridge")
+        mtu = ["mtu", str(self.mtu)] if self.mtu else []
+        if mtu:
+            ip("-n", self.wire, "link", "set", "br0", *mtu)
         ip("-n", self.wire, "addr", "add", f"{WIRE_ADDRESS}/24", "dev", "br0")
         ip("-n", self.wire, "link", "set", "br0", "up")
         for i, ns in enumerate(self.hosts, 1):
             ip("-n", self.wire, "link", "add", f"p{i}", "type", "veth", "peer", "name", "u0", "netns", ns)
-            ip("-n", self.wire, "link", "set", f"p{i}", "master", "br0", "up")
+            ip("-n", self.wire, "link", "set", f"p{i}", "master", "br0", *mtu, "up")
             ip("-n", ns, "addr", "add", f"{self.address(i)}/24", "dev", "u0")
-            ip("-n", ns, "link", "set", "u0", "up")
+            ip("-n", ns, "link", "set", "u0", *mtu, "up")
 
     def delete(self) -> None:
         """Delete every namespace created (processes still in one keep it
