@@ -52,7 +52,10 @@ _RECV_START, _RECV_FINISH = fl.receive_file("/tmp/got", PORT)
 
 A_SCRIPT = (fl.CONTROL_OPEN + ECHOS + fl.make_file("/tmp/blob", MIB, "nitro fleet test file") + fl.dhcp()
             + fl.ping_until(B.ip) + fl.send_file("/tmp/blob", B.ip, PORT)
-            + 'echo "ECHOS $(echos)"\necho BLUE-READY\n' + fl.wait_for_host("red is done")
+            # b's own pings of a may still be under way here: count a's echo
+            # requests only once the host saw b finish them (b's BLUE-READY).
+            + "echo BLUE-READY\n" + fl.wait_for_host("b is ready")
+            + 'echo "ECHOS $(echos)"\n' + fl.wait_for_host("red is done")
             + 'echo "ECHOS-AFTER $(echos)"\n' + fl.wait_for_host("b pinged"))
 B_SCRIPT = (fl.CONTROL_OPEN + ECHOS + _RECV_START + fl.dhcp() + fl.ping_until(A.ip) + _RECV_FINISH
             + 'echo "ECHOS $(echos)"\necho BLUE-READY\n' + fl.wait_for_host("red is done")
@@ -127,6 +130,8 @@ def test_two_vpcs_across_two_hosts(guest_image, short_tmp_path: Path):
 
         for g in (ga, gb):
             _wait_line(g, r"^BLUE-READY")
+        fleet.release("a")  # b has pinged a: a counts its echo requests now
+        _wait_line(ga, r"^WAITING red is done")
         _wait_line(gc, r"^WAITING blue ready")
         crossed_before = _crossing(fleet)
         fleet.release("c")
