@@ -349,7 +349,7 @@ static int worker_attach(struct worker *w, struct nitro_ring *r)
  * one of its requests after it is freed. */
 static void ring_wait_idle(struct worker *w, struct nitro_ring *r)
 {
-    while (w->io.ready && (r->status == NITRO_OK ? r->ops->in_flight(r) > 0
+    while (w->io.ready && (r->status == NITRO_OK ? nitro_ring_in_flight(r) > 0
                                                  : w->io.pending > 0)) {
         nitro_io_wait_cqe(&w->io);
         io_reap(w);

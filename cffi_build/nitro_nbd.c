@@ -819,14 +819,6 @@ static int nbd_ring_arm(struct nitro_ring *r)
     return 0;
 }
 
-/* Nothing of this ring is in the worker's io_uring; its own requests are
- * driven to completion by detach. */
-static uint32_t nbd_ring_in_flight(const struct nitro_ring *r)
-{
-    (void)r;
-    return 0;
-}
-
 static int nbd_ring_attach(struct nitro_ring *r)
 {
     struct nbd_ring *b = (struct nbd_ring *)r;
@@ -907,7 +899,6 @@ static const struct nitro_ring_ops nbd_ring_ops = {
     .poll = nbd_ring_poll,
     .arm = nbd_ring_arm,
     .disarm = nitro_ring_disarm_vq,
-    .in_flight = nbd_ring_in_flight,
     .attach = nbd_ring_attach,
     .detach = nbd_ring_detach,
     .free = nbd_ring_free,

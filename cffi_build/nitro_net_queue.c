@@ -313,12 +313,6 @@ static void tx_ring_abandon(struct nitro_ring *r)
     nitro_sw_flush_dirty(&x->t.dirty);
 }
 
-static uint32_t no_io_in_flight(const struct nitro_ring *r)
-{
-    (void)r;
-    return 0;
-}
-
 static void ring_free_plain(struct nitro_ring *r)
 {
     free(r);
@@ -334,7 +328,6 @@ static const struct nitro_ring_ops tx_ring_ops = {
     .poll = tx_ring_poll,
     .arm = nitro_ring_arm_vq,
     .disarm = nitro_ring_disarm_vq,
-    .in_flight = no_io_in_flight,
     .attach = tx_ring_attach,
     .detach = tx_ring_detach,
     .free = tx_ring_free,
@@ -382,7 +375,6 @@ static const struct nitro_ring_ops rx_ring_ops = {
     .poll = rx_ring_poll,
     .arm = rx_ring_arm,
     .disarm = rx_ring_disarm,
-    .in_flight = no_io_in_flight,
     .free = ring_free_plain,
 };
 
@@ -426,7 +418,6 @@ static const struct nitro_ring_ops ctrl_ring_ops = {
     .poll = ctrl_ring_poll,
     .arm = nitro_ring_arm_vq,
     .disarm = nitro_ring_disarm_vq,
-    .in_flight = no_io_in_flight,
     .free = ring_free_plain,
 };
 

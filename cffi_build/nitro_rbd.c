@@ -634,13 +634,6 @@ static int rbd_ring_arm(struct nitro_ring *r)
     return rc;
 }
 
-/* The engine waits for io_uring requests only: none here. */
-static uint32_t rbd_ring_in_flight(const struct nitro_ring *r)
-{
-    (void)r;
-    return 0;
-}
-
 /* Slots are allocated as requests need them, up to the ring's size. */
 static int rbd_ring_attach(struct nitro_ring *r)
 {
@@ -736,7 +729,6 @@ static const struct nitro_ring_ops rbd_ring_ops = {
     .poll = rbd_ring_poll,
     .arm = rbd_ring_arm,
     .disarm = nitro_ring_disarm_vq,
-    .in_flight = rbd_ring_in_flight,
     .attach = rbd_ring_attach,
     .detach = rbd_ring_detach,
     .free = rbd_ring_free,

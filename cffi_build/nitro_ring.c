@@ -38,5 +38,5 @@ int32_t nitro_ring_worker(const struct nitro_ring *r)
 
 uint32_t nitro_ring_in_flight(const struct nitro_ring *r)
 {
-    return r->ops->in_flight(r);
+    return r->ops->in_flight ? r->ops->in_flight(r) : 0;
 }

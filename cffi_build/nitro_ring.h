@@ -69,7 +69,9 @@ struct nitro_ring_ops {
     int (*arm)(struct nitro_ring *r);
     /* Woken (or about to poll again): suppress notifications. */
     void (*disarm)(struct nitro_ring *r);
-    /* Requests submitted to io and not yet completed. */
+    /* Optional: requests submitted to the worker's io_uring and not yet
+     * completed. NULL: the ring never uses it (its I/O, if any, is its own
+     * to finish: net rings, the remote-volume rings, the underlay). */
     uint32_t (*in_flight)(const struct nitro_ring *r);
     /* The worker takes or gives up the ring (its thread: per-thread state
      * such as a cipher lane lives from attach to detach). */

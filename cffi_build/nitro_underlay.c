@@ -523,12 +523,6 @@ static void ul_ring_disarm(struct nitro_ring *r)
     (void)r;
 }
 
-static uint32_t ul_ring_in_flight(const struct nitro_ring *r)
-{
-    (void)r;
-    return 0;
-}
-
 static int ul_ring_wait_fd(const struct nitro_ring *r)
 {
     return ((const struct ul_ring *)r)->fd;
@@ -545,7 +539,6 @@ static const struct nitro_ring_ops ul_ring_ops = {
     .poll = ul_ring_poll,
     .arm = ul_ring_arm,
     .disarm = ul_ring_disarm,
-    .in_flight = ul_ring_in_flight,
     .free = ul_ring_free,
     .wait_fd = ul_ring_wait_fd,
 };
