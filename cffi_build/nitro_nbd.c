@@ -132,11 +132,15 @@ static void set_err(char *err, size_t errlen, const char *what)
 struct nbd_handle *nitro_nbd_connect(const char *uri, const char *tls_psk_file,
                                      const char *tls_username,
                                      const char *tls_certificates,
-                                     char *err, size_t errlen)
+                                     char *err, size_t errlen, int *errnum)
 {
+    /* The errno tells the caller whether the server was unreachable
+     * (worth retrying) or refused us (a configuration to fix). */
+    *errnum = 0;
     struct nbd_handle *h = nbd_create();
     if (h == NULL) {
         set_err(err, errlen, "nbd_create failed");
+        *errnum = nbd_get_errno();
         return NULL;
     }
     /* TCP only, and no URI query may name a local file to read. */
@@ -147,6 +151,7 @@ struct nbd_handle *nitro_nbd_connect(const char *uri, const char *tls_psk_file,
         (tls_certificates && nbd_set_tls_certificates(h, tls_certificates) < 0) ||
         nbd_connect_uri(h, uri) < 0) {
         set_err(err, errlen, "connect failed");
+        *errnum = nbd_get_errno();
         nbd_close(h);
         return NULL;
     }

@@ -54,7 +54,7 @@ struct nitro_nbd_stats {
 struct nbd_handle *nitro_nbd_connect(const char *uri, const char *tls_psk_file,
                                      const char *tls_username,
                                      const char *tls_certificates,
-                                     char *err, size_t errlen);
+                                     char *err, size_t errlen, int *errnum);
 int nitro_nbd_info(struct nbd_handle *h, struct nitro_nbd_info *out);
 /* Blocking reads and writes on a handle the caller owns (headers of an
  * encrypted volume). 0, or -1 with the message in err. */

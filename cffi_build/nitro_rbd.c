@@ -109,6 +109,12 @@ int nitro_rbd_open(const char *conf, const char *user, const char *keyring,
     if (st == NITRO_RBD_OK)
         st = rbd_stage(err, rados_conf_set(v->cluster, "rbd_cache", "false"),
                        NITRO_RBD_STAGE_CONF);
+    /* Unreachable monitors: give up after 10 s, not librados' 300, so the
+     * daemon (which retries in the background) never holds its start-up
+     * past systemd's timeout waiting on a cluster that is away. */
+    if (st == NITRO_RBD_OK)
+        st = rbd_stage(err, rados_conf_set(v->cluster, "client_mount_timeout", "10"),
+                       NITRO_RBD_STAGE_CONF);
     if (st == NITRO_RBD_OK && keyring != NULL && keyring[0] != '\0')
         st = rbd_stage(err, rados_conf_set(v->cluster, "keyring", keyring),
                        NITRO_RBD_STAGE_CONF);

@@ -1089,7 +1089,12 @@ class Ring(_Owned):
 
 class NbdError(Exception):
     """libnbd refused: connecting, or a blocking read/write (the message is
-    libnbd's, which names the server and the cause)."""
+    libnbd's, which names the server and the cause; ``errno`` is libnbd's
+    errno for a failed connect, else 0)."""
+
+    def __init__(self, message: str, errno: int = 0) -> None:
+        super().__init__(message)
+        self.errno = errno
 
 
 _NBD_INFO_FIELDS = ("size", "readonly", "can_flush", "can_trim", "can_zero",
@@ -1105,10 +1110,11 @@ class NbdHandle(_Owned):
     def __init__(self, uri: str, *, tls_psk_file: str | None = None,
                  tls_username: str | None = None, tls_certificates: str | None = None) -> None:
         err = ffi.new("char[]", 512)
+        errnum = ffi.new("int *")
         h = lib.nitro_nbd_connect(uri.encode(), _cstr(tls_psk_file), _cstr(tls_username),
-                                  _cstr(tls_certificates), err, 512)
+                                  _cstr(tls_certificates), err, 512, errnum)
         if h == ffi.NULL:
-            raise NbdError(ffi.string(err).decode(errors="replace"))
+            raise NbdError(ffi.string(err).decode(errors="replace"), int(errnum[0]))
         super().__init__(ffi.gc(h, lib.nitro_nbd_close))
 
     def info(self) -> dict[str, int]:

@@ -7,6 +7,12 @@ socket listens. SIGTERM/SIGINT: stop accepting, stop fetching new
 requests (each C loop completes the batch it holds), flush every volume,
 tell systemd STOPPING, exit 0.
 
+A remote volume (NBD, RBD) whose server cannot be reached at start-up does
+not stop the daemon: that device waits, its socket not yet listening, while
+the others serve, and is retried in the background until it opens
+(`WaitingDevice`, docs/volumes.md "Failures"). Any other bad volume stops
+start-up.
+
 SIGHUP or the control socket's ``reload`` re-reads the config file and
 applies what reload.plan() says: new [[blk]] devices are opened and then
 listen, removed ones are shut down like a drain of that one device; nothing
@@ -19,6 +25,7 @@ import dataclasses
 import logging
 import signal
 import threading
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -27,11 +34,11 @@ import trio
 
 from nitro import __version__, _datapath, metrics
 from nitro import reload as reload_plan
-from nitro.config import ConfigError, DaemonConfig, parse_qos
+from nitro.config import BlkConfig, ConfigError, DaemonConfig, parse_qos
 from nitro.control.protocol import CommandRefused
 from nitro.control.server import serve_control
 from nitro.devices import blk
-from nitro.devices.blk.backends.raw import VolumeError
+from nitro.devices.blk.backends.raw import SourceUnavailableError, VolumeError
 from nitro.devices.blk.device import BlkDevice
 from nitro.engine import Engine
 from nitro.log import log_event
@@ -49,6 +56,31 @@ if TYPE_CHECKING:
     from nitro.fleet.state import Change, FleetState
 
 log = logging.getLogger("nitro.daemon")
+
+# A waiting remote volume is tried again after RETRY_START seconds, the
+# delay doubling up to RETRY_MAX.
+RETRY_START = 1.0
+RETRY_MAX = 30.0
+# Start-up tries remote sources in the foreground for at most this long in
+# all (an unreachable Ceph cluster takes librados' client_mount_timeout per
+# volume); the rest wait in the background from the start, so an outage of
+# the storage never holds READY past systemd's start timeout (90 s).
+STARTUP_REMOTE_BUDGET = 30.0
+
+
+@dataclass
+class WaitingDevice:
+    """A [[blk]] device whose remote source could not be reached: no socket
+    yet, tried again in the background until its volume opens."""
+    device_id: str
+    error: str
+    since: float = field(default_factory=time.time)
+    attempts: int = 1
+    cancel: trio.CancelScope = field(default_factory=trio.CancelScope)
+
+    def statistics(self) -> dict[str, Any]:
+        return {"id": self.device_id, "kind": "blk", "error": self.error,
+                "waiting_seconds": round(time.time() - self.since, 1), "attempts": self.attempts}
 
 
 class StartupError(Exception):
@@ -71,6 +103,8 @@ class Daemon:
     fleet: FleetAgent | None = None  # with [fleet]: this host's link to etcd (open_devices)
     fleet_node: FleetNode | None = None  # with [fleet]: the agent, the tunnel and its SAs, the rekeys
     underlay: Underlay | None = None  # with [fleet] and [[net]] in a fleet VPC: frames to and from other hosts
+    # Remote volumes whose source is unreachable, by device id (run() retries them).
+    waiting: dict[str, WaitingDevice] = field(default_factory=dict)
     # Re-reads the config file with the command line's overrides; None when
     # the daemon runs on the embedded default (nothing to re-read).
     load_config: Callable[[], DaemonConfig] | None = None
@@ -94,7 +128,13 @@ class Daemon:
             sections["vpcs"] = self.vpc_statistics
         if self.fleet_node is not None:
             sections["fleet"] = self.fleet_node.statistics
+        if self.waiting:
+            sections["waiting"] = self.waiting_statistics
         return sections
+
+    def waiting_statistics(self) -> list[dict[str, Any]]:
+        """The devices waiting for their remote source; any thread."""
+        return [w.statistics() for w in list(self.waiting.values())]
 
     def fleet_statistics(self) -> dict | None:
         """The fleet agent's state and the SAs; any thread (metrics)."""
@@ -175,9 +215,17 @@ class Daemon:
         make_directories(self.cfg)
         if self.cfg.fleet is not None:
             self._open_fleet()
+        remote_until = time.monotonic() + STARTUP_REMOTE_BUDGET
         for b in self.cfg.blk:
+            if b.remote is not None and time.monotonic() > remote_until:
+                self._wait_for_source(b.id, "not tried at start-up: other remote sources used "
+                                      f"its {STARTUP_REMOTE_BUDGET:g} s budget")
+                continue
             try:
                 device = blk.open_device(b)
+            except SourceUnavailableError as e:
+                self._wait_for_source(b.id, str(e))
+                continue
             except VolumeError as e:
                 self._close_opened(opened)
                 raise StartupError(f"device {b.id}: {e}") from None
@@ -197,6 +245,64 @@ class Daemon:
             self._close_opened(opened)
             raise
         self.servers = [self._server(*o) for o in opened]
+
+    def _wait_for_source(self, device_id: str, error: str) -> WaitingDevice:
+        w = self.waiting[device_id] = WaitingDevice(device_id, error)
+        log_event(log, logging.WARNING, "remote source unreachable; the device waits for it "
+                  "(no socket yet) and is retried in the background", device=device_id, error=error)
+        return w
+
+    def _blk_config(self, device_id: str) -> BlkConfig | None:
+        return next((b for b in self.cfg.blk if b.id == device_id), None)
+
+    async def _attach_when_reachable(self, w: WaitingDevice) -> None:
+        """Retry a waiting device's volume with backoff until it opens, then
+        make it listen as a reload adds a device. Cancelled (w.cancel) when a
+        reload removes the device, and with the nursery at stop."""
+        delay = RETRY_START
+        with w.cancel:
+            while True:
+                await trio.sleep(delay)
+                delay = min(delay * 2, RETRY_MAX)
+                cfg = self._blk_config(w.device_id)  # as it runs now (a reload may change qos)
+                if cfg is None:
+                    return
+                try:
+                    # Not abandoned on cancel: an opened volume must be closed.
+                    device = await trio.to_thread.run_sync(blk.open_device, cfg)
+                except VolumeError as e:
+                    self._still_waiting(w, str(e))
+                    continue
+                with trio.CancelScope(shield=True):  # the device is ours to serve or close
+                    await self._attach_opened(w, cfg, device)
+                return
+
+    def _still_waiting(self, w: WaitingDevice, error: str) -> None:
+        w.attempts += 1
+        if error != w.error:  # log changes, not every attempt
+            log_event(log, logging.WARNING, "remote source still unavailable", device=w.device_id,
+                      error=error, attempts=w.attempts)
+        w.error = error
+
+    async def _attach_opened(self, w: WaitingDevice, cfg: BlkConfig, device: BlkDevice) -> None:
+        async with self._reload_lock:
+            if self._stopping or self.waiting.get(w.device_id) is not w:
+                await trio.to_thread.run_sync(device.close)  # stopped, or removed by a reload
+                return
+            assert self._nursery is not None
+            server = self._server(device, cfg.socket, cfg.id)
+            try:
+                await self._nursery.start(server.serve)
+            except OSError as e:
+                device.close()
+                del self.waiting[w.device_id]
+                log_event(log, logging.ERROR, "device not served: cannot listen", device=cfg.id,
+                          socket=str(cfg.socket), error=str(e))
+                return
+            self.servers = [*self.servers, server]  # a new list: the metrics thread may hold the old
+            del self.waiting[w.device_id]
+        log_event(log, logging.INFO, "remote source reachable; device serving", device=cfg.id,
+                  socket=str(cfg.socket), attempts=w.attempts, waited_s=round(time.time() - w.since, 1))
 
     def _close_opened(self, opened) -> None:
         for device, _, _ in opened:
@@ -219,12 +325,15 @@ class Daemon:
         msrv = metrics.start_metrics_server(self.cfg.metrics_listen, lambda: self.devices,
                                             self.vpc_statistics, devices_lock=self.devices_lock,
                                             get_engine=self.engine_statistics,
-                                            get_fleet=self.fleet_statistics)
+                                            get_fleet=self.fleet_statistics,
+                                            get_waiting=self.waiting_statistics)
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
                 for s in self.servers:
                     await nursery.start(s.serve)
+                for w in self.waiting.values():
+                    nursery.start_soon(self._attach_when_reachable, w)
                 await nursery.start(serve_control, self.cfg.control_socket, self)
                 if self.engine is not None:
                     nursery.start_soon(self.engine.watch)
@@ -240,7 +349,7 @@ class Daemon:
                 nursery.start_soon(watchdog_loop, notifier)
                 await nursery.start(self._reload_on_sighup)  # installed before READY
                 notifier.ready()
-                log_event(log, logging.INFO, "serving", devices=len(self.servers),
+                log_event(log, logging.INFO, "serving", devices=len(self.servers), waiting=len(self.waiting),
                           metrics=self.cfg.metrics_listen or "off",
                           control=str(self.cfg.control_socket))
                 await _wait_for_stop_signal()
@@ -309,12 +418,18 @@ class Daemon:
             log_event(log, logging.WARNING, "reload: device not added", device=c.id, reason=c.reason)
         added = await self._add_devices(plan.add)  # all or nothing: ReloadError changes nothing
         for b in plan.remove:
+            if (w := self.waiting.pop(b.id, None)) is not None:
+                w.cancel.cancel()  # never served: nothing to drain
+                log_event(log, logging.INFO, "reload: waiting device removed", device=b.id)
+                continue
             server = next(s for s in self.servers if s.device_id == b.id)
             await self._remove_server(server)
             log_event(log, logging.INFO, "reload: device removed", device=b.id, socket=str(b.socket))
         for s in added:
             log_event(log, logging.INFO, "reload: device added", device=s.device_id, socket=str(s.socket_path))
         for b in plan.qos:
+            if b.id in self.waiting:
+                continue  # opens with the new limits (self.cfg below)
             self._blk_device(b.id).set_qos(b.qos)
             log_event(log, logging.INFO, "reload: qos changed", device=b.id, **dataclasses.asdict(b.qos))
         for device_id in plan.unchanged:
@@ -353,7 +468,8 @@ class Daemon:
                 qos = parse_qos(values, blks[device_id].qos, "volume qos")
             except ConfigError as e:
                 raise CommandRefused(str(e)) from None
-            self._blk_device(device_id).set_qos(qos)
+            if device_id not in self.waiting:  # else: opens with them
+                self._blk_device(device_id).set_qos(qos)
             self.cfg = dataclasses.replace(self.cfg, blk=tuple(
                 dataclasses.replace(b, qos=qos) if b.id == device_id else b for b in self.cfg.blk))
             log_event(log, logging.INFO, "qos changed", device=device_id, **dataclasses.asdict(qos))
@@ -365,12 +481,16 @@ class Daemon:
         either all additions happen or none."""
         assert self._nursery is not None, "reload before run()"
         started: list[VhostUserServer] = []
+        waiting: list[WaitingDevice] = []
         try:
             for b in cfgs:
                 try:
                     # Off the trio thread: creating or growing an image, or
                     # a LUKS key derivation, takes a while.
                     device = await trio.to_thread.run_sync(blk.open_device, b)
+                except SourceUnavailableError as e:
+                    waiting.append(self._wait_for_source(b.id, str(e)))
+                    continue
                 except VolumeError as e:
                     raise self._refuse(f"device {b.id}: {e}") from None
                 server = self._server(device, b.socket, b.id)
@@ -382,10 +502,14 @@ class Daemon:
                 started.append(server)
                 self.servers = [*self.servers, server]  # a new list: the metrics thread may hold the old
         except BaseException:
+            for w in waiting:
+                del self.waiting[w.device_id]
             with trio.CancelScope(shield=True):
                 for server in reversed(started):
                     await self._remove_server(server)
             raise
+        for w in waiting:
+            self._nursery.start_soon(self._attach_when_reachable, w)
         return started
 
     async def _remove_server(self, server: VhostUserServer) -> None:

@@ -77,6 +77,7 @@ GetVpcs = Callable[[], dict]
 GetEngine = Callable[[], dict | None]
 #: Returns ``FleetNode.statistics()`` (nitro/fleet/node.py), or None without [fleet].
 GetFleet = Callable[[], dict | None]
+GetWaiting = Callable[[], list[dict]]
 
 #: Fleet gauges: statistics key -> (metric name, help).
 FLEET_GAUGES = {
@@ -161,6 +162,9 @@ class _Families:
         self.blk_qos_limit = GaugeMetricFamily(
             "nitro_blk_qos_limit", "The volume's QoS limits (0: unlimited); limit = iops, throughput "
             "(bytes/s), burst_iops, burst_seconds.", labels=["device", "limit"])
+        self.blk_source_waiting = GaugeMetricFamily(
+            "nitro_blk_source_waiting", "1 while a remote volume's source (NBD server, Ceph cluster) cannot "
+            "be reached: the device has no socket yet and is retried in the background.", labels=["device"])
         self.blk_capacity = GaugeMetricFamily(
             "nitro_blk_capacity_bytes", "Size of the virtio-blk device as presented to the guest.", labels=["device"])
         self.vhost_connected = GaugeMetricFamily(
@@ -444,6 +448,11 @@ def _fleet_datapath(f: _Families, host: list[str], u: dict) -> list[tuple[Metric
     return adds
 
 
+def _add_waiting(f: _Families, stats: dict) -> None:
+    for w in stats["devices"]:
+        f.blk_source_waiting.add_metric(_labels(w["id"]), 1)
+
+
 class NitroCollector(Collector):
     """Reads ``statistics()`` of every device from ``get_devices()`` at each
     scrape. ``get_devices`` is called in the metrics HTTP thread; it should
@@ -455,8 +464,10 @@ class NitroCollector(Collector):
     def __init__(self, get_devices: GetDevices, get_vpcs: GetVpcs | None = None,
                  version: str = __version__, *,
                  devices_lock: AbstractContextManager[Any] | None = None,
-                 get_engine: GetEngine | None = None, get_fleet: GetFleet | None = None) -> None:
+                 get_engine: GetEngine | None = None, get_fleet: GetFleet | None = None,
+                 get_waiting: GetWaiting | None = None) -> None:
         self._get_devices = get_devices
+        self._get_waiting = get_waiting
         self._get_fleet = get_fleet
         self._get_engine = get_engine
         self._devices_lock = devices_lock if devices_lock is not None else contextlib.nullcontext()
@@ -523,6 +534,10 @@ class NitroCollector(Collector):
         self._collect_vpcs(families)
         self._collect_section(families, "<engine>", "engine statistics", self._get_engine, _add_engine)
         self._collect_section(families, "<fleet>", "fleet statistics", self._get_fleet, _add_fleet)
+        get_waiting = self._get_waiting
+        if get_waiting is not None:
+            self._collect_section(families, "<waiting>", "waiting devices",
+                                  lambda: {"devices": get_waiting()}, _add_waiting)
 
         yield from families.all()
 
@@ -560,12 +575,13 @@ class NitroCollector(Collector):
 def make_registry(get_devices: GetDevices, get_vpcs: GetVpcs | None = None, *,
                   process_metrics: bool = True,
                   devices_lock: AbstractContextManager[Any] | None = None,
-                  get_engine: GetEngine | None = None, get_fleet: GetFleet | None = None) -> CollectorRegistry:
+                  get_engine: GetEngine | None = None, get_fleet: GetFleet | None = None,
+                  get_waiting: GetWaiting | None = None) -> CollectorRegistry:
     """A private registry (not prometheus_client's global one) holding the
     nitro collector and, by default, the standard ``process_*`` metrics."""
     registry = CollectorRegistry(auto_describe=False)
     registry.register(NitroCollector(get_devices, get_vpcs, devices_lock=devices_lock, get_engine=get_engine,
-                                     get_fleet=get_fleet))
+                                     get_fleet=get_fleet, get_waiting=get_waiting))
     if process_metrics:
         ProcessCollector(registry=registry)
     return registry
@@ -606,7 +622,8 @@ def parse_listen(listen: str) -> tuple[str, int] | None:
 
 def start_metrics_server(listen: str, get_devices: GetDevices, get_vpcs: GetVpcs | None = None, *,
                          devices_lock: AbstractContextManager[Any] | None = None,
-                         get_engine: GetEngine | None = None, get_fleet: GetFleet | None = None):
+                         get_engine: GetEngine | None = None, get_fleet: GetFleet | None = None,
+                         get_waiting: GetWaiting | None = None):
     """Serve ``/metrics`` on ``listen`` (see :func:`parse_listen`) from a
     private registry, in prometheus-client's own daemon thread.
 
@@ -620,7 +637,7 @@ def start_metrics_server(listen: str, get_devices: GetDevices, get_vpcs: GetVpcs
         return None
     host, port = parsed
     registry = make_registry(get_devices, get_vpcs, devices_lock=devices_lock, get_engine=get_engine,
-                             get_fleet=get_fleet)
+                             get_fleet=get_fleet, get_waiting=get_waiting)
     try:
         started = start_http_server(port, addr=host, registry=registry)
     except OSError as exc:

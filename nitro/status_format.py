@@ -286,6 +286,13 @@ def _format_underlay(u: dict) -> list[str]:
     return lines
 
 
+def _format_waiting(w: dict) -> list[str]:
+    """A remote volume whose source was unreachable: no socket yet."""
+    return [f"{w['id']}  {w['kind']}  WAITING for its remote source "
+            f"({w['waiting_seconds']:g} s, {w['attempts']} attempts; no socket yet)",
+            f"  last error: {w['error']}"]
+
+
 def format_status(reply: dict) -> str:
     """A ``status`` reply -> the human-readable text of ``nitro status``:
     one block per device (id, kind, socket, state, features as hex and by
@@ -293,13 +300,21 @@ def format_status(reply: dict) -> str:
     if not reply.get("ok"):
         return f"error: {reply.get('error', 'unknown error')}"
     devices = reply.get("devices") or []
-    lines = [f"nitro {reply.get('version', '?')}: {len(devices)} device{'s' if len(devices) != 1 else ''}"]
+    waiting = reply.get("waiting") or []
+    lines = [f"nitro {reply.get('version', '?')}: {len(devices)} device{'s' if len(devices) != 1 else ''}"
+             + (f", {len(waiting)} waiting for a remote source" if waiting else "")]
     for d in devices:
         lines.append("")
         try:
             lines += _format_device(d)
         except Exception as exc:  # a field of an unexpected type: show the rest
             lines.append(f"{d.get('id', '?') if isinstance(d, dict) else '?'}: cannot display: {exc}")
+    for w in waiting:
+        lines.append("")
+        try:
+            lines += _format_waiting(w)
+        except Exception as exc:
+            lines.append(f"waiting device: cannot display: {exc}")
     engine = reply.get("engine")
     if isinstance(engine, dict):
         lines.append("")

@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from bench.ceph import CephCluster, ceph_cluster
-from bench.proc import Nitro
+from bench.proc import Nitro, free_port, run_cli
 from tests.integration.test_vublk_reference import pattern, run_vublk
 
 pytestmark = pytest.mark.integration
@@ -127,3 +127,35 @@ def test_daemon_stops_while_cluster_is_away(cluster: CephCluster, vublk: Path,
             assert "cluster unreachable" in daemon.output()
         finally:
             cluster.restart_osd()
+
+
+def test_cluster_unreachable_at_start_waits_and_attaches(cluster: CephCluster, vublk: Path,
+                                                         short_tmp_path: Path) -> None:
+    """No monitor answers when the daemon starts (its ceph.conf names a dead
+    address): the daemon starts anyway, the volume waits without a socket,
+    and it attaches on a later attempt once the monitors answer (here: the
+    operator fixes ceph.conf, re-read at each attempt)."""
+    cluster.rbd("create", "--size", f"{IMAGE_MIB}M", f"{cluster.pool}/late")
+    conf = short_tmp_path / "ceph.conf"
+    real = Path(cluster.conf).read_text()
+    dead = free_port()
+    conf.write_text("\n".join(f"mon host = [v2:127.0.0.1:{dead}]" if line.startswith("mon host") else line
+                              for line in real.splitlines()) + "\n")
+    config = _config(cluster, "late").replace(f'ceph_conf = "{cluster.conf}"', f'ceph_conf = "{conf}"')
+    with Nitro(short_tmp_path, config, timeout=60) as daemon:
+        sock = short_tmp_path / "vol0.sock"
+        assert not sock.exists()
+        assert "vol0  blk  WAITING for its remote source" in daemon.status()
+        assert "Connection timed out" in daemon.status()
+        # Limits set while it waits are the ones it opens with.
+        r = run_cli("volume", "qos", "vol0", "--iops", "5000", "--control", daemon.control, timeout=30)
+        assert r.returncode == 0, r.stderr
+        conf.write_text(real)
+        deadline = time.monotonic() + 60
+        while not sock.exists():
+            assert time.monotonic() < deadline, daemon.status()
+            time.sleep(0.5)
+        rc, res, err = _vublk(vublk, sock, "--rw", "verify", "--bs", "64k", "--size", "2M", "--timeout", "60")
+        assert rc == 0 and res is not None and res["errors"] == 0, err
+        assert "qos:         5000 IOPS" in daemon.status(), daemon.status()
+        assert daemon.stop() == 0, daemon.output()

@@ -391,3 +391,11 @@ def test_fleet_datapath_per_peer_and_totals():
     # Without an Underlay (no fleet VPC here) none of them is exported.
     fams = {m.name: m for m in NitroCollector(lambda: [], get_fleet=lambda: fleet_stats(datapath=None)).collect()}
     assert not fams["nitro_fleet_peer_packets"].samples and not fams["nitro_fleet_underlay_up"].samples
+
+
+def test_waiting_remote_volumes_are_a_gauge():
+    waiting = [{"id": "r0", "kind": "blk", "error": "down", "waiting_seconds": 1.0, "attempts": 1}]
+    fams = {m.name: m for m in NitroCollector(lambda: [], get_waiting=lambda: waiting).collect()}
+    assert [(s.labels, s.value) for s in fams["nitro_blk_source_waiting"].samples] == [({"device": "r0"}, 1)]
+    fams = {m.name: m for m in NitroCollector(lambda: [], get_waiting=list).collect()}
+    assert fams["nitro_blk_source_waiting"].samples == []

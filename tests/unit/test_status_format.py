@@ -111,6 +111,15 @@ def test_format_status_shows_the_engine():
     assert ["1", "-", "0", "0", "0.00", "0.00", "10.00", "1", "0"] in rows
 
 
+def test_format_status_shows_waiting_remote_volumes():
+    waiting = [{"id": "r0", "kind": "blk", "error": "nbd://h:1/: cannot connect: Connection refused",
+                "waiting_seconds": 12.5, "attempts": 4}]
+    text = format_status({**status(blk_stats("vol0")), "waiting": waiting})
+    assert text.splitlines()[0].endswith("1 device, 1 waiting for a remote source")
+    assert "r0  blk  WAITING for its remote source (12.5 s, 4 attempts; no socket yet)" in text
+    assert "  last error: nbd://h:1/: cannot connect: Connection refused" in text
+
+
 def test_format_status_error_and_empty():
     assert format_status({"ok": False, "error": "unknown command 'x'"}) == "error: unknown command 'x'"
     assert format_status({"ok": True, "version": "1", "devices": []}) == "nitro 1: 0 devices"

@@ -21,6 +21,12 @@ class VolumeError(Exception):
     does not start; nothing was written to the image."""
 
 
+class SourceUnavailableError(VolumeError):
+    """A remote source (NBD server, Ceph cluster) cannot be reached now.
+    Unlike other VolumeErrors this may pass by itself: the daemon serves
+    its other devices and keeps trying this one (docs/volumes.md)."""
+
+
 class VolumeLockedError(VolumeError):
     """Another process holds the image's lock: a daemon serving it, or a
     `nitro volume` command changing it."""
