@@ -81,26 +81,30 @@ def load_local(path: Path, host: str) -> LocalState:
 
 
 def save_local(path: Path, state: LocalState) -> None:
-    """Write the state file atomically and durably (a new file renamed over
-    the old one, both synced): after a crash it holds the old or the new
-    state, never a torn one. IdentityError when it cannot be written."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    body = json.dumps(dataclasses.asdict(state), sort_keys=True).encode() + b"\n"
+    """Write the state file atomically and durably. IdentityError when it
+    cannot be written."""
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-        try:
-            os.write(fd, body)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-        dfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
+        write_atomically(path, json.dumps(dataclasses.asdict(state), sort_keys=True).encode() + b"\n")
     except OSError as e:
         raise IdentityError(f"fleet host state {path}: cannot write: {e.strerror}") from None
+
+
+def write_atomically(path: Path, body: bytes) -> None:
+    """A new file (mode 0600) renamed over the old one, both synced: after
+    a crash `path` holds the old or the new body, never a torn one."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    try:
+        os.write(fd, body)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    dfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
 
 
 def index_owners(kvs: Iterable[KeyValue]) -> dict[int, str]:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
+import json
 import logging
 import time
 from collections.abc import Sequence
@@ -44,6 +45,7 @@ __all__ = ["FleetNode", "FleetStartupError", "Identity", "RekeyRefused", "load_p
 log = logging.getLogger(__name__)
 
 RESOLVE_TIMEOUT = 10.0  # seconds to read the VPCs at start-up before giving up
+VPC_COPY_FILE = "fleet-vpcs.json"  # in the state directory: the VPCs as last read from etcd
 
 
 class FleetStartupError(Exception):
@@ -56,7 +58,7 @@ def vpc_config(v: VpcRecord) -> VpcConfig:
     return VpcConfig(v.name, v.cidr, v.gateway, v.mtu, v.dns, vni=v.vni)
 
 
-async def fetch_vpcs(endpoints: Sequence[str], names: Sequence[str], request_timeout: float) -> list[VpcConfig]:
+async def fetch_vpcs(endpoints: Sequence[str], names: Sequence[str], request_timeout: float) -> list[VpcRecord]:
     out = []
     async with EtcdClient(endpoints, timeout=request_timeout) as etcd:
         for name in names:
@@ -64,25 +66,61 @@ async def fetch_vpcs(endpoints: Sequence[str], names: Sequence[str], request_tim
             if kv is None:
                 continue  # with_fleet_vpcs names it
             try:
-                out.append(vpc_config(VpcRecord.decode(name, kv.value)))
+                out.append(VpcRecord.decode(name, kv.value))
             except RecordError as e:
                 raise FleetStartupError(f"fleet VPC {name} in etcd is unreadable: {e}") from None
     return out
 
 
+def save_vpc_copy(path: Path, records: Sequence[VpcRecord]) -> None:
+    """Keep the VPC records read from etcd in the state directory, for a
+    start while etcd is away (a lost copy only costs that)."""
+    doc = {r.name: json.loads(r.encode()) for r in records}
+    try:
+        identity.write_atomically(path, json.dumps(doc, sort_keys=True).encode() + b"\n")
+    except OSError as e:
+        log_event(log, logging.WARNING, "fleet: cannot keep a copy of the VPCs", path=str(path), error=e.strerror)
+
+
+def load_vpc_copy(path: Path) -> dict[str, VpcRecord]:
+    """The records save_vpc_copy kept; {} when missing or unreadable."""
+    try:
+        doc = json.loads(path.read_bytes())
+        if not isinstance(doc, dict):
+            raise ValueError("not a JSON object")
+        return {name: VpcRecord.decode(name, json.dumps(v).encode()) for name, v in doc.items()}
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError, RecordError) as e:
+        log_event(log, logging.WARNING, "fleet: the copy of the VPCs is unreadable", path=str(path), error=str(e))
+        return {}
+
+
 def resolve_vpcs(cfg: DaemonConfig) -> DaemonConfig:
-    """``cfg`` with the fleet VPCs its interfaces need (config.with_fleet_vpcs).
-    Blocking: call it before the daemon's trio loop runs."""
+    """``cfg`` with the fleet VPCs its interfaces need (config.with_fleet_vpcs),
+    read from etcd, or, while etcd is unreachable, from the copy the last
+    start kept in the state directory (the agent follows etcd once it is
+    back). Blocking: call it before the daemon's trio loop runs."""
     names = cfg.fleet_vpc_names()
     if not names:
         return cfg
     assert cfg.fleet is not None, "config.load accepts such [[net]] only with [fleet]"
+    copy = cfg.state_dir / VPC_COPY_FILE
     try:
-        vpcs = trio.run(fetch_vpcs, cfg.fleet.etcd, names, RESOLVE_TIMEOUT / 2)
+        records = trio.run(fetch_vpcs, cfg.fleet.etcd, names, RESOLVE_TIMEOUT / 2)
+        save_vpc_copy(copy, records)
     except EtcdError as e:
-        raise FleetStartupError(f"cannot read the fleet VPCs {', '.join(names)} from etcd: {e}") from None
+        kept = load_vpc_copy(copy)
+        missing = [n for n in names if n not in kept]
+        if missing:
+            raise FleetStartupError(
+                f"cannot read the fleet VPCs {', '.join(names)} from etcd: {e}; the state directory "
+                f"has no copy of {', '.join(missing)} (a host's first start with them needs etcd)") from None
+        log_event(log, logging.WARNING, "fleet: etcd unreachable; starting with the VPCs as this host "
+                  "last read them", vpcs=",".join(names), copy=str(copy), error=str(e))
+        records = [kept[n] for n in names]
     try:
-        return config.with_fleet_vpcs(cfg, vpcs)
+        return config.with_fleet_vpcs(cfg, [vpc_config(r) for r in records])
     except config.ConfigError as e:
         raise FleetStartupError(f"config {e}") from None
 

@@ -373,3 +373,41 @@ def test_daemon_status_and_metrics_follow_etcd(etcd: Etcd, short_tmp_path: Path)
             assert "kvs" not in etcd.call("kv/range", {"key": b64(prefix), "range_end": b64(end)})
     finally:
         nitro.kill()
+
+
+def test_a_host_restarts_while_etcd_is_away(etcd: Etcd, short_tmp_path: Path):
+    """A host that ran before starts again during an etcd outage: with the
+    host index and the VPCs it kept in its state directory, it serves its
+    interface (the switch has the VPC), says etcd is down, and registers
+    once etcd is back. A host that never ran cannot start so (tested in
+    tests/unit/test_fleet_vpc_copy.py and above: no index)."""
+    assert vpc(etcd, "create", "blue", "--cidr", "10.1.0.0/24", "--vni", "100", "--mtu", "1450").returncode == 0
+    config = host_a_config(etcd)
+    first = Nitro(short_tmp_path, config)
+    try:
+        wait_status(first, "etcd up via")
+        assert first.stop() == 0, first.output()
+    finally:
+        first.kill()
+    etcd.stop()
+    again = Nitro(short_tmp_path, config, timeout=60)
+    try:
+        text = wait_status(again, "etcd DOWN")
+        assert "vpc blue" in text and "ip 10.1.0.5" in text
+        assert (short_tmp_path / "n1.sock").exists()
+        assert "starting with the VPCs as this host last read them" in again.output()
+        etcd.start()
+        wait_status(again, "etcd up via", timeout=20)
+        published = etcd.call("kv/range", {"key": b64("/nitro/interfaces/blue/10.1.0.5")})["kvs"][0]
+        assert json.loads(base64.b64decode(published["value"]))["host"] == "host-a"
+        assert again.stop() == 0, again.output()
+    finally:
+        again.kill()
+
+
+def wait_status(n: Nitro, text: str, timeout: float = 10) -> str:
+    deadline = time.monotonic() + timeout
+    while text not in (status := n.status()):
+        assert time.monotonic() < deadline, status
+        time.sleep(0.1)
+    return status
