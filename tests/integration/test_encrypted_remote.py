@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.nbd import NbdKit
+from bench.nbd import PSK_USER, NbdKit, write_psk
 from bench.proc import run_cli
 from tests.integration.frontend import Frontend
 from tests.integration.test_encrypted_volume import FAST_PBKDF, cryptsetup, key_file, volume_key
@@ -110,6 +110,23 @@ def test_serves_a_volume_cryptsetup_formatted(nitro, vublk, short_tmp_path):
         write_as_guest(vublk, short_tmp_path / "r0.sock")
         assert n.stop() == 0, n.output()
     check_server_holds_ciphertext(image, key, 512)
+
+
+def test_over_tls(nitro, vublk, short_tmp_path):
+    """nbds://: the header and the ciphertext both go through TLS; the
+    CLI takes the TLS keys as options named as in [[blk]]."""
+    psk, key = write_psk(short_tmp_path / "keys.psk"), key_file(short_tmp_path)
+    with NbdKit(short_tmp_path, ["memory", "32M"], tls_psk=psk) as server:
+        url = server.url().replace("nbd://", "nbds://")
+        tls = ["--tls-psk-file", str(psk), "--tls-username", PSK_USER]
+        r = create_encrypted(url, key, *tls)
+        assert r.returncode == 0 and f"formatted {url}" in r.stdout, r.stderr
+        n = nitro(blk(url, key) + f'tls_psk_file = "{psk}"\ntls_username = "{PSK_USER}"\n')
+        rc, res, err = run_vublk(vublk, "--socket", str(short_tmp_path / "r0.sock"), "--rw",
+                                 "verify", "--bs", "16k", "--size", "2m", timeout=120)
+        assert rc == 0 and res is not None and res["errors"] == 0 and res["mismatches"] == 0, err
+        assert res["capacity_bytes"] == 16 * MiB
+        assert n.stop() == 0, n.output()
 
 
 def test_wrong_key_fails_the_start_naming_the_source(short_tmp_path):
