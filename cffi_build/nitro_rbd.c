@@ -12,6 +12,13 @@
  * finds the stack in its next poll without a system call. Only the worker
  * touches guest memory (copying a read's data in, the status byte, the
  * used ring), inside the engine's guards.
+ *
+ * An encrypted volume (params->xts: a LUKS2 image, backends/luks.py) has
+ * the same path with the copies replaced by AES-XTS, out of place: a
+ * write is encrypted from guest memory into the request's buffer, a read
+ * decrypted from its buffer into guest memory, so librbd (and the cluster)
+ * only ever see ciphertext and guest memory never holds any. Offsets are
+ * the data segment's (what the IVs count from) plus params->data_offset.
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -28,6 +35,7 @@
 #include "nitro_iov.h"
 #include "nitro_rbd.h"
 #include "nitro_ring.h"
+#include "nitro_xts_internal.h"
 
 /* A request's buffer stays with its slot for the next request up to this
  * size; larger ones are freed on completion (a ring of 256 slots keeps at
@@ -163,6 +171,24 @@ int nitro_rbd_flush(struct nitro_rbd *v)
     return rbd_flush(v->image);
 }
 
+int nitro_rbd_read(struct nitro_rbd *v, uint64_t off, uint64_t len, void *buf)
+{
+    if (off > v->size || len > v->size - off)
+        return -EINVAL;
+    ssize_t n = rbd_read(v->image, off, len, buf);
+    return n < 0 ? (int)n : (uint64_t)n == len ? 0 : -EIO;
+}
+
+int nitro_rbd_write(struct nitro_rbd *v, uint64_t off, uint64_t len, const void *buf)
+{
+    if (off > v->size || len > v->size - off)
+        return -EINVAL;
+    ssize_t n = rbd_write(v->image, off, len, buf);
+    if (n < 0)
+        return (int)n;
+    return (uint64_t)n == len ? rbd_flush(v->image) : -EIO;
+}
+
 void nitro_rbd_close(struct nitro_rbd *v)
 {
     if (v == NULL)
@@ -200,9 +226,10 @@ struct rbd_io {
     uint64_t deadline;          /* IOERR to the guest then; 0: never */
     uint8_t *status;
     struct blk_done d;
+    uint64_t off;               /* in the data segment (the XTS IVs' count) */
     struct iovec *giov;         /* a read's guest buffers (a copy) */
     int gcnt;
-    uint8_t *buf;               /* the data, never guest memory */
+    uint8_t *buf;               /* the data (ciphertext if encrypted), never guest memory */
     size_t cap;
     int pending;                /* aio calls not yet completed (atomic) */
     int failed;                 /* one of them failed (atomic) */
@@ -223,6 +250,7 @@ struct rbd_ring {
     struct rbd_io *newest;
     struct rbd_io *done;        /* completed by librbd, not yet finished */
     struct blk_queue q;         /* the next request, through QoS */
+    struct nitro_xts_lane *lane;  /* the worker's cipher contexts (p->xts) */
     /* The owner's reference and one per request librbd holds (atomic):
      * whoever drops the last frees the ring, so a ring freed while librbd
      * still holds orphans goes when the last of them completes. */
@@ -350,14 +378,27 @@ static void rbd_orphan(struct rbd_ring *b, struct rbd_io *io)
     b->nslots--;
 }
 
+/* A read's data from its buffer into the guest (decrypted on the way). */
+static uint8_t rbd_copy_out(struct rbd_ring *b, struct rbd_io *io)
+{
+    if (b->p->xts == NULL) {
+        nitro_buf_to_iov(io->giov, io->gcnt, io->buf, io->d.bytes);
+        return VIRTIO_BLK_S_OK;
+    }
+    struct iovec *g = io->giov;
+    int gc = io->gcnt;
+    return nitro_xts_iov_buf(b->p->xts, b->lane, io->buf, &g, &gc, io->d.bytes, io->off,
+                             false) == NITRO_OK ? VIRTIO_BLK_S_OK : VIRTIO_BLK_S_IOERR;
+}
+
 /* The worker: complete io's chain with its status (a read's data copied
  * into the guest first). */
 static void rbd_io_answer(struct rbd_io *io, uint8_t status)
 {
     struct rbd_ring *b = io->ring;
-    io->d.status = status;
     if (status == VIRTIO_BLK_S_OK && io->d.op == NITRO_BLK_OP_IN)
-        nitro_buf_to_iov(io->giov, io->gcnt, io->buf, io->d.bytes);
+        status = rbd_copy_out(b, io);
+    io->d.status = status;
     if (status != VIRTIO_BLK_S_OK) {
         io->d.bytes = 0;
         io->d.used_len = 1;
@@ -409,14 +450,20 @@ static uint32_t rbd_reap(struct rbd_ring *b, bool live)
 typedef int (*rbd_submit_fn)(struct rbd_io *io, rbd_completion_t c, uint64_t off,
                              uint64_t len);
 
+/* off is in the data segment: every submit_* adds the segment's offset. */
+static uint64_t image_off(const struct rbd_io *io, uint64_t off)
+{
+    return io->ring->p->data_offset + off;
+}
+
 static int submit_read(struct rbd_io *io, rbd_completion_t c, uint64_t off, uint64_t len)
 {
-    return rbd_aio_read(io->ring->v->image, off, len, (char *)io->buf, c);
+    return rbd_aio_read(io->ring->v->image, image_off(io, off), len, (char *)io->buf, c);
 }
 
 static int submit_write(struct rbd_io *io, rbd_completion_t c, uint64_t off, uint64_t len)
 {
-    return rbd_aio_write(io->ring->v->image, off, len, (const char *)io->buf, c);
+    return rbd_aio_write(io->ring->v->image, image_off(io, off), len, (const char *)io->buf, c);
 }
 
 static int submit_flush(struct rbd_io *io, rbd_completion_t c, uint64_t off, uint64_t len)
@@ -428,12 +475,12 @@ static int submit_flush(struct rbd_io *io, rbd_completion_t c, uint64_t off, uin
 
 static int submit_discard(struct rbd_io *io, rbd_completion_t c, uint64_t off, uint64_t len)
 {
-    return rbd_aio_discard(io->ring->v->image, off, len, c);
+    return rbd_aio_discard(io->ring->v->image, image_off(io, off), len, c);
 }
 
 static int submit_zeroes(struct rbd_io *io, rbd_completion_t c, uint64_t off, uint64_t len)
 {
-    return rbd_aio_write_zeroes(io->ring->v->image, off, len, c, 0, 0);
+    return rbd_aio_write_zeroes(io->ring->v->image, image_off(io, off), len, c, 0, 0);
 }
 
 /* io is about to go to librbd as `calls` aio calls: all counted before
@@ -483,15 +530,33 @@ static struct rbd_io *rbd_io_take(struct rbd_ring *b, const struct nitro_chain *
     return io;
 }
 
-/* A read or write: the data through io->buf. False: no memory. */
+/* A write's data from the guest into io->buf (encrypted on the way):
+ * what librbd sends, again if it resends, is what was there now. */
+static bool rbd_copy_in(struct rbd_io *io, const struct blk_req *rq, uint64_t len)
+{
+    const struct rbd_ring *b = io->ring;
+    if (b->p->xts == NULL) {
+        nitro_iov_to_buf(rq->rd, rq->n_rd, io->buf, len);
+        return true;
+    }
+    struct iovec *g = rq->rd;
+    int gc = rq->n_rd;
+    return nitro_xts_iov_buf(b->p->xts, b->lane, io->buf, &g, &gc, len, io->off,
+                             true) == NITRO_OK;
+}
+
+/* A read or write: the data through io->buf. False: no memory (or the
+ * cipher failed). */
 static bool rbd_start_rw(struct rbd_io *io, const struct blk_req *rq)
 {
     bool write = io->d.op == NITRO_BLK_OP_OUT;
     uint64_t len = write ? rq->rd_len : rq->wr_len;
+    io->off = rq->sector << SECTOR_SHIFT;
     if (!rbd_buf_get(io, len > 0 ? len : 1))
         return false;
     if (write) {
-        nitro_iov_to_buf(rq->rd, rq->n_rd, io->buf, len);
+        if (!rbd_copy_in(io, rq, len))
+            return false;
     } else {
         io->giov = malloc((size_t)rq->n_wr * sizeof(struct iovec));
         if (io->giov == NULL && rq->n_wr > 0)
@@ -502,7 +567,7 @@ static bool rbd_start_rw(struct rbd_io *io, const struct blk_req *rq)
     }
     io->d.bytes = len;
     rbd_send(io, 1);
-    rbd_submit(io, write ? submit_write : submit_read, rq->sector << SECTOR_SHIFT, len);
+    rbd_submit(io, write ? submit_write : submit_read, io->off, len);
     return true;
 }
 
@@ -654,6 +719,11 @@ static int rbd_ring_attach(struct nitro_ring *r)
         b->nslots--;
     }
     r->aux_events = EPOLLIN;
+    if (b->p->xts != NULL && b->lane == NULL) {
+        b->lane = nitro_xts_lane_get(b->p->xts);
+        if (b->lane == NULL)
+            return NITRO_ERR_NOMEM;
+    }
     return NITRO_OK;
 }
 
@@ -706,6 +776,9 @@ static void rbd_ring_detach(struct nitro_ring *r)
     r->timer_ns = 0;
     rbd_ring_notify(b);
     nitro_eventfd_drain(b->efd);
+    /* Every answer (and decryption) is done: orphans complete unanswered. */
+    nitro_xts_lane_put(b->lane);
+    b->lane = NULL;
 }
 
 static void rbd_ring_destroy(struct rbd_ring *b)
@@ -746,9 +819,9 @@ struct nitro_ring *nitro_ring_blk_rbd_new(struct nitro_vq *vq, struct nitro_rbd 
 {
     if (vq == NULL || v == NULL || params == NULL || stats == NULL)
         return NULL;
-    uint32_t bs = params->block_size;
-    if (bs < (1u << SECTOR_SHIFT) || (bs & (bs - 1)) != 0 || params->xts != NULL ||
-        params->capacity > v->size >> SECTOR_SHIFT)
+    /* The data segment lies inside the image. */
+    if (!blk_params_ok(params) || params->data_offset > v->size ||
+        params->capacity > (v->size - params->data_offset) >> SECTOR_SHIFT)
         return NULL;
     struct rbd_ring *b = calloc(1, sizeof(*b));
     if (b == NULL)

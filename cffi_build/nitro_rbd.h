@@ -63,11 +63,19 @@ uint64_t nitro_rbd_size(const struct nitro_rbd *v);
 const char *nitro_rbd_lock_owner(const struct nitro_rbd *v);
 /* rbd_flush: every write acknowledged so far is on the OSDs; 0 or -errno. */
 int nitro_rbd_flush(struct nitro_rbd *v);
+/* Synchronous I/O for the control plane (a LUKS2 header: backends/luks.py),
+ * never on a worker: read len bytes at byte off of the image into buf, or
+ * write them and flush. 0, or -errno (-EINVAL: the range leaves the image;
+ * -EIO: a short transfer). Blocks (network). */
+int nitro_rbd_read(struct nitro_rbd *v, uint64_t off, uint64_t len, void *buf);
+int nitro_rbd_write(struct nitro_rbd *v, uint64_t off, uint64_t len, const void *buf);
 /* Release the lock, close the image, disconnect. No ring may use it. */
 void nitro_rbd_close(struct nitro_rbd *v);
 
-/* A virtio-blk ring on image v (params: limits, serial; fd, xts and
- * data_offset unused). NULL if out of memory or an argument is invalid. */
+/* A virtio-blk ring on image v (params: limits, serial, and for an
+ * encrypted volume xts and data_offset, where its data segment starts in
+ * the image; fd unused). NULL if out of memory or an argument is invalid
+ * (the segment must lie inside the image). */
 struct nitro_ring *nitro_ring_blk_rbd_new(struct nitro_vq *vq, struct nitro_rbd *v,
                                           const struct nitro_blk_params *params,
                                           struct nitro_blk_stats *stats);

@@ -575,6 +575,23 @@ class RbdImage(_Owned):
         if rc < 0:
             raise OSError(-rc, f"rbd flush: {os.strerror(-rc)}")
 
+    def pread(self, count: int, offset: int, timeout: float | None = None) -> bytes:
+        """`count` bytes at `offset` (NbdHandle.pread's shape; the control
+        plane's, for a LUKS2 header); OSError, TimeoutError after `timeout` s."""
+        buf = ffi.new("uint8_t[]", count)
+        rc = _bounded(lambda: int(lib.nitro_rbd_read(self.ptr, offset, count, buf)), timeout,
+                      "rbd read")
+        if rc < 0:
+            raise OSError(-rc, f"rbd read: {os.strerror(-rc)}")
+        return bytes(ffi.buffer(buf, count))
+
+    def pwrite(self, data: bytes, offset: int, timeout: float | None = None) -> None:
+        """Write and flush (a header must be durable before it is used)."""
+        rc = _bounded(lambda: int(lib.nitro_rbd_write(self.ptr, offset, len(data), data)), timeout,
+                      "rbd write")
+        if rc < 0:
+            raise OSError(-rc, f"rbd write: {os.strerror(-rc)}")
+
     def close(self, timeout: float | None = None) -> None:
         """Release the lock, close, disconnect; TimeoutError after `timeout`
         s, the image then left to a thread still in librbd (its lock expires

@@ -642,6 +642,17 @@ def _remote(t: dict, source: str, prefix: str, state: Path) -> dict[str, Any]:
     return fields
 
 
+def parse_remote_source(values: dict[str, Any], source: str,
+                        base: Path) -> NbdSource | RbdSource:
+    """`source` and its keys (SOURCE_KEYS) as in a [[blk]] table, relative
+    paths under `base`: how `nitro volume create` names a remote volume."""
+    fields = _remote(values, source, "", base)
+    if not fields:
+        raise ConfigError(source, "source", f"expected {_SOURCE_FORMS[None]}")
+    remote: NbdSource | RbdSource = fields.get("nbd") or fields["rbd"]
+    return remote
+
+
 def _io_timeout(t: dict, source: str, prefix: str) -> float:
     v = t.get("io_timeout", DEFAULT_IO_TIMEOUT)
     if isinstance(v, bool) or not isinstance(v, int | float) or not 0 < v <= MAX_IO_TIMEOUT:
@@ -671,8 +682,7 @@ def _rbd_source(t: dict, spec: str, source: str, prefix: str, state: Path) -> Rb
     if not spec.startswith("rbd:") or not _RBD_NAME_RE.match(pool) or not _RBD_NAME_RE.match(image):
         raise ConfigError(source, prefix + "source", f'expected "rbd:POOL/IMAGE", got {spec!r}')
     for key, why in (("image", "the volume is the RBD image"),
-                     ("size", "an RBD image's size is its own (rbd create/resize)"),
-                     ("encryption", "encrypted RBD volumes are not supported yet")):
+                     ("size", "an RBD image's size is its own (rbd create/resize)")):
         if key in t:
             raise ConfigError(source, prefix + key, f"not with source: {why}")
     keyring = _str(t, "keyring", source, prefix, "")

@@ -4,6 +4,10 @@ Encrypted volumes are LUKS2 (docs/encryption.md): `create --encrypt`,
 `info`, `add-key`, `remove-key`, `erase`. Commands that change a header
 take the image's exclusive flock, the one a serving daemon holds, so they
 refuse while the volume is attached. Nothing here prints key material.
+
+`create --encrypt` also formats a remote volume (an NBD export or an RBD
+image, named as a [[blk]] `source`; docs/volumes.md "Encrypted remote
+volumes"): the server then only ever holds ciphertext.
 """
 
 from __future__ import annotations
@@ -38,8 +42,9 @@ def add_parser(sub):
     vsub = vol.add_subparsers(metavar="ACTION")
 
     create = vsub.add_parser("create", help="create a volume (sparse raw, or LUKS2 with --encrypt)")
-    create.add_argument("path", type=Path)
-    create.add_argument("--size", required=True, help="guest-visible size, e.g. 10G")
+    create.add_argument("path", help="an image file, or with --encrypt a remote source: "
+                                     "nbd://HOST[:PORT]/EXPORT, nbds://..., rbd:POOL/IMAGE")
+    create.add_argument("--size", help="guest-visible size, e.g. 10G (an image file's)")
     create.add_argument("--encrypt", action="store_true", help="LUKS2, aes-xts-plain64")
     _key_args(create, required=False)
     create.add_argument("--key-size", type=int, choices=[256, 512], default=512,
@@ -47,6 +52,9 @@ def add_parser(sub):
     create.add_argument("--sector-size", type=int, choices=[512, 4096], default=512,
                         help="encryption sector = the guest's logical block size (default 512)")
     _pbkdf_args(create)
+    remote = create.add_argument_group("remote sources (the [[blk]] keys of the same names)")
+    for key in _REMOTE_OPTIONS:
+        remote.add_argument("--" + key.replace("_", "-"), dest=key, metavar="VALUE")
     create.set_defaults(func=cmd_create)
 
     info = vsub.add_parser("info", help="describe a volume (no key material)")
@@ -111,6 +119,10 @@ def _run(fn, args: argparse.Namespace) -> int:
 
 # ---- create ------------------------------------------------------------------
 
+_REMOTE_PREFIXES = ("nbd://", "nbds://", "rbd:")
+_REMOTE_OPTIONS = ("tls_psk_file", "tls_username", "tls_certificates",
+                   "ceph_conf", "user", "keyring")
+
 def cmd_create(args: argparse.Namespace) -> int:
     return _run(_create, args)
 
@@ -118,10 +130,18 @@ def cmd_create(args: argparse.Namespace) -> int:
 def _create(args: argparse.Namespace) -> int:
     from nitro.devices.blk.backends.raw import create_sparse
 
+    if args.path.lower().startswith(_REMOTE_PREFIXES):
+        return _create_remote(args)
+    given = [k for k in _REMOTE_OPTIONS if getattr(args, k) is not None]
+    if given:
+        raise CliError(f"--{given[0].replace('_', '-')} needs a remote source", EXIT_USAGE)
+    if args.size is None:
+        raise CliError("--size is required for an image file", EXIT_USAGE)
     try:
         size = config.parse_size(args.size, "<command line>", "--size")
     except config.ConfigError as e:
         raise CliError(str(e), EXIT_USAGE) from None
+    args.path = Path(args.path)
     if args.path.exists():
         raise CliError(f"{args.path}: already exists; refusing to overwrite")
     if not args.encrypt:
@@ -135,9 +155,43 @@ def _create(args: argparse.Namespace) -> int:
     if size % args.sector_size:
         raise CliError(f"--size must be a multiple of --sector-size {args.sector_size}", EXIT_USAGE)
     info = _create_encrypted(args, size)
-    print(f"created {args.path} ({size} bytes of data, LUKS2 {info.cipher}, {info.key_bits}-bit key, "
-          f"{info.sector_size}-byte sectors, data at {info.data_offset}, "
-          f"keyslot {info.keyslots[0].slot}: {info.keyslots[0].pbkdf})")
+    print(f"created {args.path} ({size} bytes of data, {_describe(info)})")
+    return 0
+
+
+def _describe(info) -> str:
+    return (f"LUKS2 {info.cipher}, {info.key_bits}-bit key, {info.sector_size}-byte sectors, "
+            f"data at {info.data_offset}, keyslot {info.keyslots[0].slot}: {info.keyslots[0].pbkdf}")
+
+
+def _create_remote(args: argparse.Namespace) -> int:
+    """LUKS2 on an existing NBD export or RBD image (its size is its own)."""
+    from nitro.devices.blk import open_remote
+    from nitro.devices.blk.backends.luks import format_remote
+
+    if not args.encrypt:
+        raise CliError(f"{args.path}: a remote volume is created on its server (nbdkit, "
+                       "qemu-nbd, `rbd create`); `nitro volume create --encrypt` formats one",
+                       EXIT_USAGE)
+    if args.size is not None:
+        raise CliError("--size is an image file's: a remote volume's size is its own", EXIT_USAGE)
+    if not (args.key_file or args.passphrase_file):
+        raise CliError("--encrypt needs --key-file or --passphrase-file", EXIT_USAGE)
+    values = {"source": args.path, **{k: getattr(args, k) for k in _REMOTE_OPTIONS
+                                      if getattr(args, k) is not None}}
+    try:
+        src = config.parse_remote_source(values, "<command line>", Path.cwd())
+    except config.ConfigError as e:
+        raise CliError(str(e), EXIT_USAGE) from None
+    with _read_key(args.key_file, args.passphrase_file) as secret:
+        volume = open_remote(src)  # an RBD image's exclusive lock: not while attached
+        try:
+            info = format_remote(volume, secret, key_bits=args.key_size,
+                                 sector_size=args.sector_size, pbkdf=_pbkdf(args))
+            data = volume.size - info.data_offset
+        finally:
+            volume.close()
+    print(f"formatted {src} ({data} bytes of data, {_describe(info)})")
     return 0
 
 

@@ -165,16 +165,19 @@ def _why(rc: int) -> str:
 
 
 class _Device:
-    """A crypt_device handle on one image; ``with`` frees it."""
+    """A crypt_device handle on one image; ``with`` frees it. Messages
+    name the volume `name` (default: the path; a remote volume's metadata
+    is a local copy named by its source)."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, name: str | None = None) -> None:
         self.path = path
+        self.name = name or str(path)
         self.lib = _load_lib()
         _messages.clear()
         pp = ffi.new("struct crypt_device **")
         rc = self.lib.crypt_init(pp, str(path).encode())
         if rc < 0:
-            raise LuksError(f"{path}: cannot open: {_why(rc)}")
+            raise LuksError(f"{self.name}: cannot open: {_why(rc)}")
         self.cd = pp[0]
 
     def __enter__(self) -> Self:
@@ -185,14 +188,14 @@ class _Device:
 
     def check(self, rc: int, what: str) -> int:
         if rc < 0:
-            raise LuksError(f"{self.path}: {what}: {_why(rc)}")
+            raise LuksError(f"{self.name}: {what}: {_why(rc)}")
         return rc
 
     def check_key(self, rc: int, what: str, whose: str = "this") -> int:
         """check() for calls that try a passphrase: none opening any keyslot
         (EPERM, or ENOENT when no keyslot is left) is a WrongKeyError."""
         if rc in (-errno.EPERM, -errno.ENOENT):
-            raise WrongKeyError(f"{self.path}: no keyslot opens with {whose} key or passphrase")
+            raise WrongKeyError(f"{self.name}: no keyslot opens with {whose} key or passphrase")
         return self.check(rc, what)
 
     def load(self) -> None:
@@ -200,11 +203,11 @@ class _Device:
         if rc < 0:
             damaged = _starts_with_magic(self.path)
             raise (LuksError if damaged else NotLuksError)(
-                f"{self.path}: not a LUKS volume, or its header is corrupt or truncated "
+                f"{self.name}: not a LUKS volume, or its header is corrupt or truncated "
                 f"({_why(rc)})")
         kind = ffi.string(self.lib.crypt_get_type(self.cd)).decode()
         if kind != LUKS2:
-            raise UnsupportedVolumeError(f"{self.path}: {kind} volume; nitro serves LUKS2 only "
+            raise UnsupportedVolumeError(f"{self.name}: {kind} volume; nitro serves LUKS2 only "
                                          "(cryptsetup convert --type luks2)")
 
 
@@ -256,10 +259,10 @@ def _info(dev: _Device) -> LuksInfo:
     segs = meta.get("segments", {})
     if len(segs) != 1 or "0" not in segs or segs["0"].get("type") != "crypt":
         raise UnsupportedVolumeError(
-            f"{dev.path}: {len(segs)} segments (reencryption in progress?); nitro serves one crypt segment")
+            f"{dev.name}: {len(segs)} segments (reencryption in progress?); nitro serves one crypt segment")
     seg = segs["0"]
     if seg.get("integrity"):
-        raise UnsupportedVolumeError(f"{dev.path}: dm-integrity volumes are not supported")
+        raise UnsupportedVolumeError(f"{dev.name}: dm-integrity volumes are not supported")
     slots = []
     for k, ks in sorted(meta.get("keyslots", {}).items(), key=lambda kv: int(kv[0])):
         slots.append(Keyslot(int(k), ks.get("kdf", {}).get("type", "?")))
@@ -278,7 +281,7 @@ def _info(dev: _Device) -> LuksInfo:
         keyslots=tuple(slots))
 
 
-def check_servable(path: Path, info: LuksInfo) -> None:
+def check_servable(path: Path | str, info: LuksInfo) -> None:
     """UnsupportedVolumeError unless the C datapath can serve this segment.
     From the header alone: callers check before running a keyslot's PBKDF."""
     if info.cipher != "-".join(SUPPORTED_CIPHER):
@@ -293,15 +296,17 @@ def check_servable(path: Path, info: LuksInfo) -> None:
                                      "(256 or 512)")
 
 
-def unlock(path: Path, passphrase: _datapath.Secret) -> tuple[LuksInfo, _datapath.Secret]:
+def unlock(path: Path, passphrase: _datapath.Secret, *,
+           name: str | None = None) -> tuple[LuksInfo, _datapath.Secret]:
     """The header and the volume key (a Secret the caller must close).
     UnsupportedVolumeError, before any PBKDF runs, when the header names a
     cipher, sector size or key size nitro cannot serve; WrongKeyError when
-    no keyslot opens with this passphrase."""
-    with _Device(path) as dev:
+    no keyslot opens with this passphrase. Messages name `name` (default
+    the path)."""
+    with _Device(path, name) as dev:
         dev.load()
         info = _info(dev)
-        check_servable(path, info)
+        check_servable(dev.name, info)
         vk = _datapath.Secret(64)
         try:
             size = ffi.new("size_t *", vk.capacity)
@@ -333,14 +338,15 @@ def _matching_slot(dev: _Device, passphrase: _datapath.Secret) -> int:
 # ---- changing (callers hold the image's exclusive flock) -------------------
 
 def format_volume(path: Path, passphrase: _datapath.Secret, *, key_bits: int = 512,
-                  sector_size: int = 512, pbkdf: Pbkdf = Pbkdf()) -> LuksInfo:
+                  sector_size: int = 512, pbkdf: Pbkdf = Pbkdf(),
+                  name: str | None = None) -> LuksInfo:
     """Write a LUKS2 header (aes-xts-plain64, a random volume key) on an
     existing file and protect the key with one keyslot."""
     if key_bits // 8 not in SUPPORTED_KEY_BYTES:
         raise LuksError(f"--key-size must be 256 or 512, got {key_bits}")
     if sector_size not in SUPPORTED_SECTORS:
         raise LuksError(f"--sector-size must be 512 or 4096, got {sector_size}")
-    with _Device(path) as dev:
+    with _Device(path, name) as dev:
         pb, _keep = _pbkdf_struct(pbkdf)
         params = ffi.new("struct crypt_params_luks2 *", {"pbkdf": pb, "sector_size": sector_size})
         dev.check(dev.lib.crypt_format(dev.cd, LUKS2.encode(), b"aes", b"xts-plain64", ffi.NULL,

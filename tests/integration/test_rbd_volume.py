@@ -6,6 +6,8 @@ cluster's own view of the image (`rbd export`) must hold exactly that
 pattern (the data really went to RADOS, not to a local file). While the
 first daemon holds the image, a second daemon configured with the same
 image must refuse to start, naming the lock, and must not have written.
+An encrypted image (LUKS2, made by `nitro volume create --encrypt`) holds
+only ciphertext on the cluster.
 """
 
 from __future__ import annotations
@@ -17,6 +19,12 @@ import pytest
 
 from bench.ceph import CephCluster, ceph_cluster
 from bench.proc import ChildError, Nitro
+from tests.integration.test_encrypted_remote import (
+    check_server_holds_ciphertext,
+    create_encrypted,
+    write_as_guest,
+)
+from tests.integration.test_encrypted_volume import key_file
 from tests.integration.test_qos import finish, metric, reads, volume_qos
 from tests.integration.test_vublk_reference import pattern, run_vublk
 
@@ -88,3 +96,29 @@ def test_qos_limits_an_rbd_volume(cluster: CephCluster, vublk: Path, short_tmp_p
         assert volume_qos(daemon, "--iops", "100").returncode == 0
         res = finish(reads(vublk, sock, "--ios", "200"))
         assert res["ios"] <= 10 + 100 * res["seconds"] + 2, res
+
+
+def test_encrypted_image_holds_only_ciphertext(cluster: CephCluster, vublk: Path,
+                                               short_tmp_path: Path) -> None:
+    """`nitro volume create --encrypt rbd:...` formats the image; nitro
+    serves it; the cluster's copy (`rbd export`) is a LUKS2 volume that
+    cryptsetup reads, its data the guest's writes encrypted under the key
+    cryptsetup dumps, with none of the guest's plaintext."""
+    cluster.rbd("create", "--size", f"{IMAGE_MIB}M", f"{cluster.pool}/enc")
+    key = key_file(short_tmp_path)
+    source = f"rbd:{cluster.pool}/enc"
+    r = create_encrypted(source, key, "--ceph-conf", str(cluster.conf), "--user", cluster.user,
+                         "--keyring", str(cluster.keyring))
+    assert r.returncode == 0, r.stderr
+    enc = f'encryption = {{ key_file = "{key}" }}\n'
+    with Nitro(short_tmp_path, _config(cluster, "enc") + enc) as daemon:
+        write_as_guest(vublk, short_tmp_path / "vol0.sock")
+        assert daemon.stop() == 0, daemon.output()
+    exported = short_tmp_path / "enc.img"
+    exported.write_bytes(_export(cluster, "enc"))
+    check_server_holds_ciphertext(exported, key, 512)
+    # A second create finds the header and writes nothing.
+    r = create_encrypted(source, key, "--ceph-conf", str(cluster.conf), "--user", cluster.user,
+                         "--keyring", str(cluster.keyring))
+    assert r.returncode == 1 and "already holds a LUKS volume" in r.stderr, r.stderr
+    assert _export(cluster, "enc") == exported.read_bytes()

@@ -36,7 +36,6 @@ def test_rbd_source_defaults(tmp_path: Path) -> None:
     ('source = "file:/x"', "source", "rbd:POOL/IMAGE"),
     ('source = "rbd:p/i"\nsize = "1G"', "size", "its own"),
     ('source = "rbd:p/i"\nimage = "x.img"', "image", "not with source"),
-    ('source = "rbd:p/i"\nencryption = { key_file = "k" }', "encryption", "not supported yet"),
     ('user = "nitro"', "user", "only with source"),
     ('io_timeout = 5', "io_timeout", "only with source"),
     ('source = "rbd:p/i"\nio_timeout = 0', "io_timeout", "expected seconds"),
@@ -47,6 +46,15 @@ def test_rbd_source_errors(tmp_path: Path, lines: str, key: str, reason: str) ->
     with pytest.raises(config.ConfigError) as e:
         load_text(tmp_path, f'[[blk]]\nid = "v"\n{lines}\n')
     assert e.value.key.endswith(key) and reason in e.value.reason, e.value
+
+
+@pytest.mark.parametrize("source", ["rbd:p/i", "nbd://127.0.0.1:10809/e", "nbds://h/e"])
+def test_encryption_on_a_remote_source(tmp_path: Path, source: str) -> None:
+    """A LUKS2 volume on an RBD image or an NBD export (backends/luks.py)."""
+    cfg = load_text(tmp_path, f'[[blk]]\nid = "v"\nsource = "{source}"\n'
+                              'encryption = { key_file = "vol.key" }\n')
+    assert cfg.blk[0].remote is not None
+    assert cfg.blk[0].encryption == config.EncryptionConfig(key_file=tmp_path / "state" / "vol.key")
 
 
 def test_one_rbd_image_per_daemon(tmp_path: Path) -> None:

@@ -95,3 +95,23 @@ def test_pbkdf_choices_are_the_ones_luks_supports(capsys: pytest.CaptureFixture[
         cli.main(["volume", "add-key", "--help"])
     out = capsys.readouterr().out
     assert "{" + ",".join(luks.PBKDFS) + "}" in out
+
+
+@pytest.mark.parametrize(("args", "needle"), [
+    (["nbd://127.0.0.1:1/e"], "formats one"),                       # no --encrypt
+    (["nbd://127.0.0.1:1/e", "--encrypt", "--key-file", "k", "--size", "1G"], "its own"),
+    (["nbd://127.0.0.1:1/e", "--encrypt"], "--key-file or --passphrase-file"),
+    (["rbd:pool", "--encrypt", "--key-file", "k"], "rbd:POOL/IMAGE"),
+    (["nbd://127.0.0.1:1/e", "--encrypt", "--key-file", "k", "--ceph-conf", "c"],
+     "only with source"),
+    (["v.img", "--size", "1G", "--user", "nitro"], "--user needs a remote source"),
+    (["v.img"], "--size is required"),
+])
+def test_create_remote_usage_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                    monkeypatch: pytest.MonkeyPatch, args: list[str],
+                                    needle: str) -> None:
+    """Refused before anything is contacted or created (port 1: nothing listens)."""
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["volume", "create", *args]) == 2
+    assert needle in capsys.readouterr().err
+    assert not (tmp_path / "v.img").exists()

@@ -19,11 +19,13 @@ server that does not, a volume with more than one queue is refused.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import errno
 import logging
 import os
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import quote, unquote, urlsplit
 
@@ -176,6 +178,20 @@ class NbdVolume:
     @property
     def capacity_sectors(self) -> int:
         return self.size // SECTOR_SIZE
+
+    @contextlib.contextmanager
+    def block_io(self) -> Iterator[_datapath.NbdHandle]:
+        """A connection of its own for synchronous reads and writes (a
+        LUKS2 header, backends/luks.py), closed on exit; the queues' are
+        the workers'. Blocking: not on the trio thread."""
+        try:
+            handle = connect(self.src)
+        except _datapath.NbdError as e:
+            raise VolumeError(f"{self.src}: cannot connect: {e}") from None
+        try:
+            yield handle
+        finally:
+            handle.close()
 
     def make_ring(self, vq: _datapath.Virtqueue, params: _datapath.BlkParams,
                   stats: _datapath.BlkStats, index: int) -> _datapath.Ring:

@@ -5,7 +5,8 @@ connects to the cluster, opens the image and takes its exclusive lock (the
 RBD exclusive-lock feature, held until close), so a second daemon attaching
 the same image gets a VolumeLockedError instead of writing beside the first.
 The guest sees the image byte for byte, 512-byte sectors, with DISCARD and
-WRITE_ZEROES mapped to librbd's.
+WRITE_ZEROES mapped to librbd's; or, with `encryption`, the data segment of
+the LUKS2 volume on it (backends/luks.py; the ring encrypts and decrypts).
 
 A cluster that is away makes librbd wait and resend without bound; the
 ring fails a request io_timeout after it was sent (cffi_build/nitro_rbd.c),
@@ -15,9 +16,12 @@ cluster is gone still stops (docs/volumes.md "RBD").
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import errno
 import json
 import logging
+from collections.abc import Iterator
 from pathlib import Path
 
 from nitro import _datapath
@@ -87,6 +91,12 @@ class RbdVolume:
     def capacity_sectors(self) -> int:
         return self.size // SECTOR_SIZE
 
+    @contextlib.contextmanager
+    def block_io(self) -> Iterator[RbdBlockIO]:
+        """Synchronous reads and writes on the open image (a LUKS2 header,
+        backends/luks.py), each bounded by io_timeout."""
+        yield RbdBlockIO(self.rbd, self.io_timeout)
+
     def make_ring(self, vq: _datapath.Virtqueue, params: _datapath.BlkParams,
                   stats: _datapath.BlkStats, index: int) -> _datapath.Ring:
         """Queue `index`'s ring: librbd's aio on the image."""
@@ -118,6 +128,19 @@ class RbdVolume:
                 pass
         log_event(log, logging.WARNING, "rbd: cluster unreachable, image left open",
                   volume=str(self.path), io_timeout=self.io_timeout)
+
+
+@dataclasses.dataclass(frozen=True)
+class RbdBlockIO:
+    """backends/luks.py's BlockIO on an open image."""
+    rbd: _datapath.RbdImage
+    timeout: float
+
+    def pread(self, count: int, offset: int) -> bytes:
+        return self.rbd.pread(count, offset, self.timeout)
+
+    def pwrite(self, data: bytes, offset: int) -> None:
+        self.rbd.pwrite(data, offset, self.timeout)
 
 
 def _read_owner(path: Path | None, name: str) -> str:
