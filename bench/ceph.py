@@ -181,10 +181,23 @@ class CephCluster:
             self.daemons["osd"].stop()
 
     def restart_osd(self, timeout: float = 60) -> None:
-        """Start the stopped OSD again; return once it is back up."""
+        """Start the stopped OSD again; return once it is back up and every
+        placement group is active again (up is not enough: until the PGs
+        have peered, I/O waits, and a test with a short io_timeout would
+        see its first requests fail on a busy machine)."""
         before = self.osd_up_from() or 0
         self.daemons["osd"] = _daemon(self.tmp, "ceph-osd", "-i", str(OSD_ID))
         self.wait_osd(timeout, after=before)
+        _wait(self.pgs_active, timeout, self.daemons["osd"], "every PG active")
+
+    def pgs_active(self) -> bool:
+        """Every placement group is in an active state (`ceph pg stat`)."""
+        stat = self.ceph_json("pg", "stat")
+        assert isinstance(stat, dict)
+        summary = stat.get("pg_summary", stat)
+        states = summary.get("num_pg_by_state", [])
+        active = sum(s["num"] for s in states if "active" in s["name"].split("+"))
+        return active == summary.get("num_pgs", -1) and active > 0
 
     def stop(self) -> None:
         """Every daemon, OSD first (it tells the mon it is going), by PID."""
