@@ -2,7 +2,10 @@
 
 Start-up creates the directories the config names, then opens every volume
 before any socket listens, so a bad volume stops the daemon before a guest
-can attach to half a configuration. READY is sent to systemd once every
+can attach to half a configuration. With [fleet], an NBD volume's lock in
+etcd is taken before its device opens (nitro/fleet/volume_lock.py); a
+reload takes it for an added device and releases it for a removed one, and
+at a clean stop the locks go with the fleet lease. READY is sent to systemd once every
 socket listens. SIGTERM/SIGINT: stop accepting, stop fetching new
 requests (each C loop completes the batch it holds), flush every volume,
 tell systemd STOPPING, exit 0.
@@ -41,6 +44,7 @@ from nitro.devices import blk
 from nitro.devices.blk.backends.raw import SourceUnavailableError, VolumeError
 from nitro.devices.blk.device import BlkDevice
 from nitro.engine import Engine
+from nitro.fleet.schema import VolumeLockRecord
 from nitro.log import log_event
 from nitro.sdnotify import Notifier, watchdog_loop
 from nitro.vhost.server import VhostUserServer
@@ -222,6 +226,9 @@ class Daemon:
                                       f"its {STARTUP_REMOTE_BUDGET:g} s budget")
                 continue
             try:
+                if (lock := self._volume_lock(b)) is not None:
+                    assert self.fleet is not None
+                    trio.run(self.fleet.lock_volume, lock)  # before the device can serve
                 device = blk.open_device(b)
             except SourceUnavailableError as e:
                 self._wait_for_source(b.id, str(e))
@@ -307,7 +314,25 @@ class Daemon:
     def _close_opened(self, opened) -> None:
         for device, _, _ in opened:
             device.close()
+        if self.fleet is not None and self.fleet.volume_locks:
+            trio.run(self.fleet.revoke)  # the volume locks taken so far go with the lease
         self.close()
+
+    def _volume_lock(self, b: BlkConfig) -> VolumeLockRecord | None:
+        """The fleet lock an NBD volume needs before its device serves
+        (docs/volumes.md "One host at a time"); None for other volumes (an
+        RBD image locks itself) and without [fleet] (the operator's job)."""
+        if b.nbd is None:
+            return None
+        if self.fleet is None:
+            log_event(log, logging.INFO, "nbd volume not locked across hosts: no [fleet]",
+                      device=b.id, volume=b.nbd.volume_name)
+            return None
+        return VolumeLockRecord(b.nbd.volume_name, self.fleet.record.id, b.id)
+
+    async def _unlock_volume(self, device_id: str) -> None:
+        if self.fleet is not None:
+            await self.fleet.unlock_volume(device_id)
 
     def _open_net(self) -> NetFabric:
         from nitro.devices.net.fabric import FabricError, NetFabric
@@ -485,6 +510,9 @@ class Daemon:
         try:
             for b in cfgs:
                 try:
+                    if (lock := self._volume_lock(b)) is not None:
+                        assert self.fleet is not None
+                        await self.fleet.lock_volume(lock)
                     # Off the trio thread: creating or growing an image, or
                     # a LUKS key derivation, takes a while.
                     device = await trio.to_thread.run_sync(blk.open_device, b)
@@ -492,12 +520,14 @@ class Daemon:
                     waiting.append(self._wait_for_source(b.id, str(e)))
                     continue
                 except VolumeError as e:
+                    await self._unlock_volume(b.id)
                     raise self._refuse(f"device {b.id}: {e}") from None
                 server = self._server(device, b.socket, b.id)
                 try:
                     await self._nursery.start(server.serve)
                 except OSError as e:
                     device.close()
+                    await self._unlock_volume(b.id)
                     raise self._refuse(f"device {b.id}: cannot listen on {b.socket}: {e}") from None
                 started.append(server)
                 self.servers = [*self.servers, server]  # a new list: the metrics thread may hold the old
@@ -523,6 +553,7 @@ class Daemon:
             log_event(log, logging.ERROR, "reload: flush of a removed device failed",
                       device=server.device_id, error=str(e))
         await trio.to_thread.run_sync(self._close_device, server)
+        await self._unlock_volume(server.device_id)  # after the last write reached the volume
         try:
             server.socket_path.unlink()
         except OSError:

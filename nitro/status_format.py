@@ -234,7 +234,11 @@ def _format_fleet(f: dict) -> list[str]:
     if f.get("invalid_records"):
         lines.append(f"  invalid:     {f['invalid_records']} records skipped; last: {f.get('last_invalid')}")
     for key, holder in (f.get("conflicts") or {}).items():
-        lines.append(f"  conflict:    {key} is held by host {holder}; not published")
+        lost = "this host's lock was lost: both may write the volume" if key.startswith("/nitro/volumes/") \
+            else "not published"
+        lines.append(f"  conflict:    {key} is held by host {holder}; {lost}")
+    for device, volume in (f.get("volume_locks") or {}).items():
+        lines.append(f"  volume lock: {volume} (device {device})")
     if "index" in f:
         lines += _format_fleet_keys(f)
     return lines

@@ -6,7 +6,9 @@ One session, repeated after every failure:
    (``lease_ttl`` seconds); put ``/nitro/hosts/<host>`` and this host's
    interfaces under it (so etcd deletes them when the host stops renewing);
    make sure ``/nitro/index/<n>`` still names this host (it has no lease;
-   claimed at start-up: nitro/fleet/identity.py);
+   claimed at start-up: nitro/fleet/identity.py); take again the volume
+   locks this host holds (nitro/fleet/volume_lock.py: they went with an
+   expired lease);
 2. load: the first time (or after a compaction), read every key under
    /nitro/ into the FleetState at one revision;
 3. watch /nitro/ from the state's revision + 1 and apply each batch of
@@ -38,11 +40,12 @@ from collections.abc import Callable, Sequence
 
 import trio
 
-from nitro.fleet import schema
+from nitro.fleet import schema, volume_lock
 from nitro.fleet.etcd import Backoff, EtcdClient
 from nitro.fleet.etcd_codec import Compare, EtcdCompacted, EtcdError, EtcdLeaseNotFound, op_put, op_range
-from nitro.fleet.schema import HostRecord, InterfaceRecord, RecordError
+from nitro.fleet.schema import HostRecord, InterfaceRecord, RecordError, VolumeLockRecord
 from nitro.fleet.state import Change, FleetState
+from nitro.fleet.volume_lock import VolumeHeldElsewhere, VolumeLockUnavailable
 from nitro.log import log_event
 
 __all__ = ["FleetAgent", "OnChange"]
@@ -85,7 +88,10 @@ class FleetAgent:
         self.disconnects = 0
         self.reloads = 0
         self.callback_errors = 0
-        self.conflicts: dict[str, str] = {}  # interface key -> the host that holds it
+        self.conflicts: dict[str, str] = {}  # interface or volume key -> the host that holds it
+        self.volume_locks: dict[str, VolumeLockRecord] = {}  # device id -> its volume's lock
+        self._unreleased: dict[bytes, VolumeLockRecord] = {}  # releases etcd did not answer
+        self._running = False  # run() owns the lease from now on
         self._since = time.monotonic()  # when the state was last known current
         self._loaded = False
         self._up = trio.Event()
@@ -108,6 +114,7 @@ class FleetAgent:
                 "watch_lag_seconds": round(self.watch_lag_seconds(), 3), "lease": f"{self.lease:x}",
                 "disconnects": self.disconnects, "reloads": self.reloads,
                 "callback_errors": self.callback_errors, "conflicts": dict(self.conflicts),
+                "volume_locks": {d: r.volume for d, r in self.volume_locks.items()},
                 "last_error": self.last_error, **self.state.statistics()}
 
     async def wait_up(self) -> None:
@@ -142,6 +149,7 @@ class FleetAgent:
     # -- the loop --------------------------------------------------------------------
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         task_status.started()
+        self._running = True
         try:
             while True:
                 try:
@@ -177,6 +185,7 @@ class FleetAgent:
         await self._keep_index(etcd)
         for i in self.interfaces:
             await self._publish(etcd, i)
+        await self._keep_volume_locks(etcd)
         log_event(log, logging.INFO, "fleet host registered", host=self.record.id,
                   underlay=str(self.record.underlay), lease=f"{self.lease:x}",
                   interfaces=len(self.interfaces), endpoint=etcd.endpoint)
@@ -235,6 +244,64 @@ class FleetAgent:
         # Replace it only if nobody changed it since we looked.
         await etcd.txn([Compare.mod_revision(i.key, rev)], [put])
 
+    # -- volume locks (nitro/fleet/volume_lock.py) -------------------------------------
+    async def lock_volume(self, record: VolumeLockRecord) -> None:
+        """Take the volume's lock under this host's lease before its device
+        serves. Before run() (start-up) the lease is granted here and run()
+        keeps it; afterwards only the running agent's lease is used.
+        VolumeHeldElsewhere or VolumeLockUnavailable (both VolumeErrors)."""
+        try:
+            async with EtcdClient(self.endpoints, timeout=self.timeout) as etcd:
+                if not self.lease and not self._running:
+                    self.lease = await etcd.lease_grant(self.lease_ttl)
+                if not self.lease:
+                    raise EtcdLeaseNotFound("etcd: this host has no lease yet")
+                await volume_lock.acquire(etcd, record, self.lease)
+        except EtcdLeaseNotFound as e:
+            raise VolumeLockUnavailable(f"{record.volume}: cannot take its lock in etcd: this host's lease "
+                                        f"is not renewed yet ({e}); retry once the fleet agent is up") from None
+        except EtcdError as e:
+            raise VolumeLockUnavailable(f"{record.volume}: cannot take its lock in etcd, so nothing proves "
+                                        f"no other host writes it; not attached ({e})") from None
+        self._unreleased.pop(record.key, None)
+        self.volume_locks[record.device] = record
+        log_event(log, logging.INFO, "volume lock taken", volume=record.volume, device=record.device,
+                  host=record.host, lease=f"{self.lease:x}")
+
+    async def unlock_volume(self, device: str) -> None:
+        """Release the lock of a device that stopped serving (a reload
+        removed it). etcd away: retried at the next registration; the
+        lock goes with the lease in any case."""
+        record = self.volume_locks.pop(device, None)
+        if record is None:
+            return
+        try:
+            async with EtcdClient(self.endpoints, timeout=self.timeout) as etcd:
+                await volume_lock.release(etcd, record)
+        except EtcdError as e:
+            self._unreleased[record.key] = record
+            log_event(log, logging.WARNING, "volume lock not released yet; retried when etcd answers",
+                      volume=record.volume, device=device, error=str(e))
+            return
+        log_event(log, logging.INFO, "volume lock released", volume=record.volume, device=device)
+
+    async def _keep_volume_locks(self, etcd: EtcdClient) -> None:
+        for key, record in list(self._unreleased.items()):
+            await volume_lock.release(etcd, record)
+            del self._unreleased[key]
+        for record in list(self.volume_locks.values()):
+            try:
+                await volume_lock.acquire(etcd, record, self.lease)
+            except (VolumeHeldElsewhere, VolumeLockUnavailable) as e:
+                holder = getattr(e, "holder", None)
+                self.conflicts[record.key.decode()] = holder.host if holder is not None else "?"
+                # Another host attached it while this one was away from etcd
+                # longer than the lease: both may write it now.
+                log_event(log, logging.ERROR, "volume lock lost to another host while etcd was away",
+                          volume=record.volume, device=record.device, error=str(e))
+                continue
+            self.conflicts.pop(record.key.decode(), None)
+
     async def _reload(self, etcd: EtcdClient) -> None:
         snapshot = await etcd.range(schema.PREFIX.encode(), prefix=True)
         self._loaded = True
@@ -276,6 +343,11 @@ class FleetAgent:
                 # Expired under us (etcd was slow, or someone revoked it).
                 self.lease = 0
                 await self._register(etcd)
+
+    async def revoke(self) -> None:
+        """Revoke the lease now (a start-up that failed after taking volume
+        locks): everything it holds is deleted."""
+        await self._revoke()
 
     async def _revoke(self) -> None:
         if not (self.revoke_on_exit and self.lease):

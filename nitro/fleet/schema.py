@@ -5,6 +5,8 @@
     /nitro/vpcs/<vpc>                VpcRecord        written by `nitro vpc create`
     /nitro/vnis/<vni>                the VPC's name   makes a VNI unique (same txn)
     /nitro/interfaces/<vpc>/<ip>     InterfaceRecord  held by its host's lease
+    /nitro/volumes/<volume, escaped> VolumeLockRecord held by its host's lease: the volume is
+                                                      attached there (nitro/fleet/volume_lock.py)
 
 Values are JSON objects with ``"version": 1``. A reader refuses a record
 whose version it does not know, or whose fields do not validate, with
@@ -21,11 +23,13 @@ import ipaddress
 import json
 import re
 from typing import Any
+from urllib.parse import quote, unquote
 
 __all__ = [
     "HostRecord",
     "InterfaceRecord",
     "RecordError",
+    "VolumeLockRecord",
     "VpcRecord",
     "decode_key",
     "decode_value",
@@ -37,6 +41,7 @@ VPCS = PREFIX + "vpcs/"
 VNIS = PREFIX + "vnis/"
 INDEXES = PREFIX + "index/"
 INTERFACES = PREFIX + "interfaces/"
+VOLUMES = PREFIX + "volumes/"
 SCHEMA_VERSION = 1
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")  # as config.py's ids
@@ -220,8 +225,46 @@ def interfaces_prefix(vpc: str) -> bytes:
     return f"{INTERFACES}{vpc}/".encode()
 
 
+def volume_key(volume: str) -> bytes:
+    """``/nitro/volumes/<volume>`` with the volume's canonical name
+    (``nbd://host:port/export``) percent-escaped whole: one path segment,
+    no "/" of the URL in the key."""
+    if not volume:
+        raise RecordError("empty volume name")
+    return f"{VOLUMES}{quote(volume, safe='')}".encode()
+
+
+@dataclasses.dataclass(frozen=True)
+class VolumeLockRecord:
+    """``/nitro/volumes/<volume>``: the volume is attached on ``host``, as
+    its [[blk]] ``device``. An advisory lock: nitro takes it before a
+    device on the volume serves and never writes a volume another host's
+    record names (docs/volumes.md "One host at a time")."""
+    volume: str
+    host: str
+    device: str
+
+    def __post_init__(self) -> None:
+        _name(self.host, "host")
+        _name(self.device, "device")
+
+    @property
+    def key(self) -> bytes:
+        return volume_key(self.volume)
+
+    def encode(self) -> bytes:
+        return _dump({"volume": self.volume, "host": self.host, "device": self.device})
+
+    @classmethod
+    def decode(cls, volume: str, value: bytes) -> VolumeLockRecord:
+        doc = _load(value)
+        if doc.get("volume") != volume:
+            raise RecordError(f"volume {doc.get('volume')!r} is not the key's {volume!r}")
+        return cls(volume, doc.get("host"), doc.get("device"))  # type: ignore[arg-type]
+
+
 # What a key under /nitro/ names: ("host", id), ("vpc", name), ("vni", n),
-# ("interface", (vpc, ip)), ("index", n).
+# ("interface", (vpc, ip)), ("index", n), ("volume", name).
 Key = tuple[str, Any]
 
 
@@ -245,6 +288,11 @@ def decode_key(key: bytes) -> Key:
         if not sep:
             raise RecordError(f"key {text!r}: expected {INTERFACES}<vpc>/<ip>")
         return "interface", (_name(vpc, "VPC name"), _ipv4(ip, "interface ip"))
+    if text.startswith(VOLUMES):
+        escaped = text[len(VOLUMES):]
+        if not escaped or "/" in escaped:
+            raise RecordError(f"key {text!r}: expected {VOLUMES}<escaped volume name>")
+        return "volume", unquote(escaped)
     raise RecordError(f"key {text!r} is not part of the schema")
 
 
@@ -261,4 +309,6 @@ def decode_value(kind: str, ident: Any, value: bytes) -> Any:
         return _name(value.decode(errors="replace"), "VPC name of a VNI")
     if kind == "index":
         return _name(value.decode(errors="replace"), "host id of a host index")
+    if kind == "volume":
+        return VolumeLockRecord.decode(ident, value)
     raise RecordError(f"unknown record kind {kind!r}")  # pragma: no cover - decode_key's kinds

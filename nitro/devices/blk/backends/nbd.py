@@ -59,12 +59,20 @@ class NbdSource:
     tls_username: str | None = None
     tls_certificates: Path | None = None
 
+    def _url(self, scheme: str) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{scheme}://{host}:{self.port}/{quote(self.export, safe='')}"
+
     @property
     def uri(self) -> str:
         """What libnbd connects to (no credentials in it: those are files)."""
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        scheme = "nbds" if self.tls else "nbd"
-        return f"{scheme}://{host}:{self.port}/{quote(self.export, safe='')}"
+        return self._url("nbds" if self.tls else "nbd")
+
+    @property
+    def volume_name(self) -> str:
+        """The export's name in the fleet's volume locks (nitro/fleet/volume_lock.py):
+        the URI with the scheme always ``nbd``: with TLS or without, it is the same data."""
+        return self._url("nbd")
 
     def __str__(self) -> str:
         return self.uri
