@@ -31,6 +31,7 @@ import re
 import subprocess
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 
@@ -153,6 +154,25 @@ def restart_cycles(n: Nitro, guest, restart: Callable[[], Nitro], sig: str, cycl
         n.kill()
         raise
     return n, windows, resubmitted
+
+
+def kill_soak(tmp: Path, config: str, guest_image, start_guest, cycles: int,
+              rng: random.Random) -> tuple[str, list[float], list[int]]:
+    """A nitro on `config` (device vol0) under the writing guest, killed
+    `cycles` times (restart_cycles), then the guest stopped and nitro
+    stopped cleanly: the guest's output, the windows, the resubmissions."""
+    n = Nitro(tmp, config)
+    guest = start_guest(guest_image, WRITER % {"positions": POSITIONS}, blk_sockets=[tmp / "vol0.sock"])
+    try:
+        wait_for_new_ack(guest, -1, timeout=180)
+        n, windows, resubmitted = restart_cycles(n, guest, lambda: Nitro(tmp, config, timeout=60), "KILL",
+                                                 cycles, rng)
+        guest.kill()
+        assert n.stop() == 0, n.output()
+    finally:
+        n.kill()
+        guest.kill()
+    return guest.output(), windows, resubmitted
 
 
 @pytest.mark.parametrize("sig", ["KILL", "TERM"])

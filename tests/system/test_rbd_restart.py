@@ -25,15 +25,7 @@ from collections.abc import Iterator
 import pytest
 
 from bench.ceph import CephCluster, ceph_cluster
-from bench.proc import Nitro
-from tests.system.test_blk_restart import (
-    BLOCK,
-    POSITIONS,
-    WRITER,
-    assert_acked_writes_kept,
-    restart_cycles,
-    wait_for_new_ack,
-)
+from tests.system.test_blk_restart import BLOCK, POSITIONS, assert_acked_writes_kept, kill_soak
 
 pytestmark = pytest.mark.system
 
@@ -51,21 +43,10 @@ def cluster() -> Iterator[CephCluster]:
 def test_acknowledged_rbd_writes_survive_kill_cycles(cluster, short_tmp_path, guest_image, start_guest):
     rng = random.Random("rbd-soak")
     cluster.rbd("create", "--size", "64M", f"{cluster.pool}/soak")
-    config = cluster.blk_config("soak")
-    n = Nitro(short_tmp_path, config)
-    guest = start_guest(guest_image, WRITER % {"positions": POSITIONS},
-                        blk_sockets=[short_tmp_path / "vol0.sock"])
-    try:
-        wait_for_new_ack(guest, -1, timeout=180)
-        n, windows, resubmitted = restart_cycles(n, guest, lambda: Nitro(short_tmp_path, config, timeout=60),
-                                                 "KILL", CYCLES, rng)
-        guest.kill()
-        assert n.stop() == 0, n.output()
-    finally:
-        n.kill()
-        guest.kill()
+    output, windows, resubmitted = kill_soak(short_tmp_path, cluster.blk_config("soak"), guest_image,
+                                             start_guest, CYCLES, rng)
     image = cluster.rbd("export", f"{cluster.pool}/soak", "-")[:POSITIONS * BLOCK]
-    acks = assert_acked_writes_kept(guest.output(), image, len(windows))
+    acks = assert_acked_writes_kept(output, image, len(windows))
     assert max(windows) < MAX_WINDOW_S, windows
     print(f"\nrbd soak: {len(windows)} kills, {len(acks)} acknowledged writes, kill-to-next-write "
           f"max {max(windows):.2f}s, resubmitted from the inflight buffer: {sum(resubmitted)}")
