@@ -141,3 +141,35 @@ def test_etcd_unreachable_refuses_the_attach(hosts: Hosts, etcd: Etcd, export: N
     etcd.stop()
     err = hosts.refused("host-a", url)
     assert f"device r0: {url}: cannot take its lock in etcd, so nothing proves no other host writes it" in err
+
+
+def test_a_lock_gone_with_the_lease_is_taken_back_or_reported(hosts: Hosts, etcd: Etcd, export: NbdKit):
+    """The host's lease ends under it (revoked here; etcd away longer than
+    lease_ttl does the same): the agent registers again and takes its lock
+    back; if another host's record is there by then, it is a conflict the
+    status shows."""
+    url = export.url()
+    a = hosts.start("host-a", url)
+    key = base64.b64encode(schema.volume_key(url)).decode()
+
+    def lease() -> int:
+        return int(etcd.call("kv/range", {"key": key})["kvs"][0].get("lease", 0))
+
+    etcd.call("lease/revoke", {"ID": str(lease())})
+    deadline = time.monotonic() + 10
+    while lock_holder(etcd, url) is None or lease() == 0:
+        assert time.monotonic() < deadline, a.output()
+        time.sleep(0.1)
+    assert lock_holder(etcd, url)["host"] == "host-a"
+
+    # Another host's record (no lease: it outlives host-a's), then host-a's lease ends.
+    old = lease()
+    theirs = json.dumps({"version": 1, "volume": url, "host": "host-b", "device": "d1"}).encode()
+    etcd.call("kv/put", {"key": key, "value": base64.b64encode(theirs).decode()})
+    etcd.call("lease/revoke", {"ID": str(old)})
+    deadline = time.monotonic() + 10
+    while "lock was lost" not in (text := a.status()):
+        assert time.monotonic() < deadline, text
+        time.sleep(0.2)
+    assert f"conflict:    {schema.volume_key(url).decode()} is held by host host-b" in text
+    assert lock_holder(etcd, url)["host"] == "host-b"  # never overwritten

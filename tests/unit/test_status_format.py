@@ -220,3 +220,15 @@ def test_format_fleet_underlay_and_its_peers():
     assert "  underlay:    192.0.2.1 up, ring on worker 1; blue vni 100; 2 remote interfaces" in lines
     assert ("  peer b (192.0.2.2): out 5 frames 490 B, in 4 frames 392 B; drops: auth 1, spoofed_source 2"
             in lines)
+
+
+def test_format_fleet_volume_locks_and_a_lost_one():
+    fleet = {"host": "a", "underlay": "192.0.2.1", "etcd": "up",
+             "volume_locks": {"r0": "nbd://10.0.0.5:10809/v0", "r1": "nbd://10.0.0.5:10809/v1"},
+             "conflicts": {"/nitro/volumes/nbd%3A%2F%2F10.0.0.5%3A10809%2Fv1": "b",
+                           "/nitro/interfaces/blue/10.1.0.5": "c"}}
+    lines = format_status(status(fleet=fleet)).splitlines()
+    assert "  volume lock: nbd://10.0.0.5:10809/v0 (device r0)" in lines
+    assert ("  conflict:    /nitro/volumes/nbd%3A%2F%2F10.0.0.5%3A10809%2Fv1 is held by host b; "
+            "this host's lock was lost: both may write the volume") in lines
+    assert "  conflict:    /nitro/interfaces/blue/10.1.0.5 is held by host c; not published" in lines
