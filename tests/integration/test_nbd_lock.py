@@ -82,12 +82,11 @@ def lock_holder(etcd: Etcd, url: str) -> dict | None:
     return json.loads(base64.b64decode(kvs[0]["value"])) if kvs else None
 
 
-def wait_for_no_lock(etcd: Etcd, url: str, timeout: float) -> float:
+def wait_for_no_lock(etcd: Etcd, url: str, timeout: float) -> None:
     start = time.monotonic()
     while lock_holder(etcd, url) is not None:
         assert time.monotonic() - start < timeout, f"the lock stayed longer than {timeout} s"
         time.sleep(0.1)
-    return time.monotonic() - start
 
 
 def test_a_second_host_is_refused_until_the_first_stops(hosts: Hosts, etcd: Etcd, export: NbdKit):
@@ -112,8 +111,7 @@ def test_a_killed_hosts_lock_goes_with_its_lease(hosts: Hosts, etcd: Etcd, expor
     a = hosts.start("host-a", url)
     a.halt("KILL")
     assert "attached on host host-a" in hosts.refused("host-b", url)
-    waited = wait_for_no_lock(etcd, url, timeout=LEASE_TTL + 5)
-    assert waited <= LEASE_TTL + 1
+    wait_for_no_lock(etcd, url, timeout=LEASE_TTL + 3)  # with the lease: nobody released it
     hosts.start("host-b", url)
     assert lock_holder(etcd, url)["host"] == "host-b"
 
