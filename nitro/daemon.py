@@ -226,9 +226,7 @@ class Daemon:
                                       f"its {STARTUP_REMOTE_BUDGET:g} s budget")
                 continue
             try:
-                if (lock := self._volume_lock(b)) is not None:
-                    assert self.fleet is not None
-                    trio.run(self.fleet.lock_volume, lock)  # before the device can serve
+                trio.run(self._lock_volume, b)  # before the device can serve
                 device = blk.open_device(b)
             except SourceUnavailableError as e:
                 self._wait_for_source(b.id, str(e))
@@ -275,6 +273,8 @@ class Daemon:
                 if cfg is None:
                     return
                 try:
+                    # Held elsewhere or etcd away: retried like an unreachable source.
+                    await self._lock_volume(cfg, note=False)
                     # Not abandoned on cancel: an opened volume must be closed.
                     device = await trio.to_thread.run_sync(blk.open_device, cfg)
                 except VolumeError as e:
@@ -318,17 +318,21 @@ class Daemon:
             trio.run(self.fleet.revoke)  # the volume locks taken so far go with the lease
         self.close()
 
-    def _volume_lock(self, b: BlkConfig) -> VolumeLockRecord | None:
-        """The fleet lock an NBD volume needs before its device serves
-        (docs/volumes.md "One host at a time"); None for other volumes (an
-        RBD image locks itself) and without [fleet] (the operator's job)."""
+    async def _lock_volume(self, b: BlkConfig, *, note: bool = True) -> None:
+        """Take the fleet lock an NBD volume needs before its device serves
+        (docs/volumes.md "One host at a time"), unless held already (a
+        device that waits for its source keeps it). Nothing for other
+        volumes (an RBD image locks itself) and without [fleet] (the
+        operator's job). VolumeError when it cannot be taken."""
         if b.nbd is None:
-            return None
+            return
         if self.fleet is None:
-            log_event(log, logging.INFO, "nbd volume not locked across hosts: no [fleet]",
-                      device=b.id, volume=b.nbd.volume_name)
-            return None
-        return VolumeLockRecord(b.nbd.volume_name, self.fleet.record.id, b.id)
+            if note:
+                log_event(log, logging.INFO, "nbd volume not locked across hosts: no [fleet]",
+                          device=b.id, volume=b.nbd.volume_name)
+            return
+        if b.id not in self.fleet.volume_locks:
+            await self.fleet.lock_volume(VolumeLockRecord(b.nbd.volume_name, self.fleet.record.id, b.id))
 
     async def _unlock_volume(self, device_id: str) -> None:
         if self.fleet is not None:
@@ -445,6 +449,7 @@ class Daemon:
         for b in plan.remove:
             if (w := self.waiting.pop(b.id, None)) is not None:
                 w.cancel.cancel()  # never served: nothing to drain
+                await self._unlock_volume(b.id)
                 log_event(log, logging.INFO, "reload: waiting device removed", device=b.id)
                 continue
             server = next(s for s in self.servers if s.device_id == b.id)
@@ -510,9 +515,7 @@ class Daemon:
         try:
             for b in cfgs:
                 try:
-                    if (lock := self._volume_lock(b)) is not None:
-                        assert self.fleet is not None
-                        await self.fleet.lock_volume(lock)
+                    await self._lock_volume(b)
                     # Off the trio thread: creating or growing an image, or
                     # a LUKS key derivation, takes a while.
                     device = await trio.to_thread.run_sync(blk.open_device, b)
@@ -532,9 +535,10 @@ class Daemon:
                 started.append(server)
                 self.servers = [*self.servers, server]  # a new list: the metrics thread may hold the old
         except BaseException:
-            for w in waiting:
-                del self.waiting[w.device_id]
             with trio.CancelScope(shield=True):
+                for w in waiting:
+                    del self.waiting[w.device_id]
+                    await self._unlock_volume(w.device_id)
                 for server in reversed(started):
                     await self._remove_server(server)
             raise

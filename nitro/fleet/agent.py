@@ -250,19 +250,22 @@ class FleetAgent:
         serves. Before run() (start-up) the lease is granted here and run()
         keeps it; afterwards only the running agent's lease is used.
         VolumeHeldElsewhere or VolumeLockUnavailable (both VolumeErrors)."""
+        why = ""
         try:
             async with EtcdClient(self.endpoints, timeout=self.timeout) as etcd:
                 if not self.lease and not self._running:
                     self.lease = await etcd.lease_grant(self.lease_ttl)
-                if not self.lease:
-                    raise EtcdLeaseNotFound("etcd: this host has no lease yet")
-                await volume_lock.acquire(etcd, record, self.lease)
-        except EtcdLeaseNotFound as e:
-            raise VolumeLockUnavailable(f"{record.volume}: cannot take its lock in etcd: this host's lease "
-                                        f"is not renewed yet ({e}); retry once the fleet agent is up") from None
+                if self.lease:
+                    await volume_lock.acquire(etcd, record, self.lease)
+                else:
+                    why = f"this host is not registered in etcd yet: etcd {self.etcd_state} {self.last_error}"
+        except EtcdLeaseNotFound:
+            why = "this host's lease expired; the fleet agent registers again"
         except EtcdError as e:
+            why = str(e)
+        if why:
             raise VolumeLockUnavailable(f"{record.volume}: cannot take its lock in etcd, so nothing proves "
-                                        f"no other host writes it; not attached ({e})") from None
+                                        f"no other host writes it; not attached yet ({why.strip()})")
         self._unreleased.pop(record.key, None)
         self.volume_locks[record.device] = record
         log_event(log, logging.INFO, "volume lock taken", volume=record.volume, device=record.device,

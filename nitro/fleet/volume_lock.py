@@ -19,12 +19,14 @@ advisory one in etcd (docs/volumes.md "One host at a time"):
 
 etcd errors pass through; the agent (FleetAgent.lock_volume) turns them
 into :class:`VolumeLockUnavailable`: without an answer from etcd nitro
-cannot prove that nobody else writes the volume, so it does not attach it.
+cannot prove that nobody else writes the volume, so it does not attach it
+yet. Like an unreachable source this may pass by itself: the device waits
+(no socket) and the daemon tries again in the background (daemon.py).
 """
 
 from __future__ import annotations
 
-from nitro.devices.blk.backends.raw import VolumeError, VolumeLockedError
+from nitro.devices.blk.backends.raw import SourceUnavailableError, VolumeLockedError
 from nitro.fleet.etcd import EtcdClient
 from nitro.fleet.etcd_codec import Compare, KeyValue, TxnResult, op_delete, op_put, op_range
 from nitro.fleet.schema import RecordError, VolumeLockRecord
@@ -51,10 +53,11 @@ class VolumeHeldElsewhere(VolumeLockedError):
         self.holder = holder
 
 
-class VolumeLockUnavailable(VolumeError):
+class VolumeLockUnavailable(SourceUnavailableError):
     """etcd did not answer (or this host's lease is gone and not renewed
     yet): nitro cannot prove nobody else writes the volume, so it is not
-    attached. Retry once etcd is reachable."""
+    attached now; the device waits like one whose source is unreachable,
+    and is tried again."""
 
 
 def acquire_txn(record: VolumeLockRecord, lease: int) -> tuple[list[Compare], list[dict], list[dict]]:

@@ -16,7 +16,7 @@ import pytest
 
 from bench.etcd import Etcd
 from bench.nbd import NbdKit
-from bench.proc import ChildError, Nitro
+from bench.proc import ChildError, Nitro, free_port
 from nitro.fleet import schema
 
 pytestmark = pytest.mark.integration
@@ -133,12 +133,25 @@ def test_reload_adds_only_a_free_volume_and_releases_a_removed_one(hosts: Hosts,
     assert "volume lock" not in b.status()
 
 
-def test_etcd_unreachable_refuses_the_attach(hosts: Hosts, etcd: Etcd, export: NbdKit):
+def test_etcd_unreachable_the_device_waits_for_its_lock(hosts: Hosts, etcd: Etcd, export: NbdKit):
+    """etcd away at start-up: the volume is not attached (no socket), the
+    daemon serves, and once etcd answers the lock is taken and the device
+    listens."""
     url = export.url()
     hosts.start("host-a", None).halt("TERM")  # host-a has its host index in its state directory now
     etcd.stop()
-    err = hosts.refused("host-a", url)
-    assert f"device r0: {url}: cannot take its lock in etcd, so nothing proves no other host writes it" in err
+    a = hosts.start("host-a", url)
+    text = a.status()
+    assert "r0" in text and "WAITING" in text, text
+    assert f"{url}: cannot take its lock in etcd, so nothing proves no other host writes it" in text
+    sock = a.tmp / "r0.sock"
+    assert not sock.exists()
+    etcd.start()
+    deadline = time.monotonic() + 40  # the retries' backoff: 1 s doubling
+    while not sock.exists():
+        assert time.monotonic() < deadline, a.output()
+        time.sleep(0.2)
+    assert lock_holder(etcd, url) == {"version": 1, "volume": url, "host": "host-a", "device": "r0"}
 
 
 def test_a_lock_gone_with_the_lease_is_taken_back_or_reported(hosts: Hosts, etcd: Etcd, export: NbdKit):
@@ -171,3 +184,14 @@ def test_a_lock_gone_with_the_lease_is_taken_back_or_reported(hosts: Hosts, etcd
         time.sleep(0.2)
     assert f"conflict:    {schema.volume_key(url).decode()} is held by host host-b" in text
     assert lock_holder(etcd, url)["host"] == "host-b"  # never overwritten
+
+
+def test_a_device_waiting_for_its_server_holds_its_lock_until_removed(hosts: Hosts, etcd: Etcd):
+    url = f"nbd://127.0.0.1:{free_port()}/"  # nothing listens: the device waits for its server
+    a = hosts.start("host-a", url)
+    assert "WAITING" in a.status()
+    assert lock_holder(etcd, url)["host"] == "host-a"  # nobody else attaches it meanwhile
+    assert "attached on host host-a" in hosts.refused("host-b", url)
+    a.write_config(config(etcd, "host-a", None))
+    assert a.reload().returncode == 0
+    assert lock_holder(etcd, url) is None
