@@ -210,7 +210,7 @@ def _check_ping_run(out_b: str, seen: dict) -> None:
     old, new = seen["old"], seen["new"]
     print(f"\nfleet-outage: etcd_stopped={seen['stopped_s']:.1f}s etcd_away={seen['outage_s']:.1f}s"
           f" echoes_during_outage={seen['start'] - seen['stop']} lost_before_kill={len(lost_before_kill)}"
-          f" restart_window={seen['window_s']:.1f}s first_reply_after_kill={seen['resumed_s']:.1f}s"
+          f" restart_window={seen['window_s']:.1f}s reply_seen_after_kill={seen['resumed_s']:.1f}s"
           f" lost_after_kill={len(lost_after_kill)} max_lost={max_lost} sent={sent} received={received}"
           f" dups={dups} epoch={old['epoch']}->{new['epoch']}")
 
