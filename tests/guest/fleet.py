@@ -10,6 +10,9 @@ etcd in the wire namespace, and then:
 - ``start_host(i, [FleetNic, ...])``: ``nitro run`` inside host i's
   namespace, runtime and state in ``<tmp>/h<i>`` (its vhost-user sockets
   are paths there, so QEMU runs in the caller's namespace and reaches them);
+- ``restart_host(i)``: SIGKILL host i's nitro (a crash: its guests stay
+  up, QEMU reconnects: -chardev reconnect=1) and start it again on the
+  same config, runtime and state (its key file and host index);
 - ``boot(image, i, nic, script)``: a TCG guest on that interface (its MAC);
   with ``control=True`` also a second serial port the host writes a line
   to (``release``), so a guest script can wait for the host's go
@@ -55,6 +58,7 @@ __all__ = [
     "send_file",
     "transfers",
     "wait_for_host",
+    "wait_until",
 ]
 
 MAPPED_WITHIN = 60.0  # seconds for hosts to map each other's interfaces (a loaded 2-core machine)
@@ -103,6 +107,7 @@ class Fleet:
     def __init__(self, tmp: Path, prefix: str, hosts: int = 2) -> None:
         self.tmp = tmp
         self.nitros: dict[int, Nitro] = {}
+        self._nics: dict[int, list[FleetNic]] = {}
         self.guests: list[GuestProcess] = []
         self._control: dict[str, socket.socket] = {}
         self.etcd: Etcd | None = None
@@ -141,7 +146,16 @@ class Fleet:
         nitro = Nitro(d, host_config(self.etcd_url, i, nics), prefix=exec_prefix(self.underlay.hosts[i - 1]),
                       timeout=NITRO_START_S)
         self.nitros[i] = nitro
+        self._nics[i] = list(nics)
         return nitro
+
+    def restart_host(self, i: int) -> Nitro:
+        """SIGKILL host i's nitro, then `start_host` on the same config. The
+        killed daemon's log is kept as nitro.before-restart.log."""
+        self.nitros[i].kill()
+        log = self.host_dir(i) / "nitro.log"
+        log.replace(log.with_name("nitro.before-restart.log"))
+        return self.start_host(i, self._nics[i])
 
     def status(self, i: int) -> dict:
         """`nitro status --json` of host i (its control socket is a path)."""
@@ -156,7 +170,12 @@ class Fleet:
         def mapped(i: int) -> bool:
             dp = self.status(i).get("fleet", {}).get("datapath") or {}
             return dp.get("state") == "up" and dp.get("remote_interfaces") == remotes[i]
-        _wait(lambda: all(mapped(i) for i in remotes), timeout, f"hosts mapping remote interfaces {remotes}")
+        wait_until(lambda: all(mapped(i) for i in remotes), timeout, f"hosts mapping remote interfaces {remotes}")
+
+    def wait_etcd(self, state: str, timeout: float = MAPPED_WITHIN) -> None:
+        """Until every host's nitro says etcd is `state` ("up", "down")."""
+        wait_until(lambda: all(self.status(i)["fleet"]["etcd"] == state for i in self.nitros), timeout,
+              f"every host saying etcd {state}")
 
     def boot(self, image: GuestImage, i: int, nic: FleetNic, script: str, *, control: bool = False) -> GuestProcess:
         """A TCG guest on host i's interface `nic`. ``control``: its ttyS1
@@ -169,7 +188,7 @@ class Fleet:
         guest.start()
         if not control:
             return guest
-        _wait(ctl.exists, 30, f"QEMU listening on {ctl}")
+        wait_until(ctl.exists, 30, f"QEMU listening on {ctl}")
         s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         s.connect(str(ctl))
         self._control[nic.id] = s  # open until close(): the guest reads at its own pace
@@ -197,7 +216,7 @@ class Fleet:
         self.close()
 
 
-def _wait(cond: Callable[[], bool], timeout: float, what: str) -> None:
+def wait_until(cond: Callable[[], bool], timeout: float, what: str) -> None:
     deadline = time.monotonic() + timeout
     while not cond():
         if time.monotonic() > deadline:
