@@ -109,6 +109,7 @@ struct nbd_ring {
     const struct nitro_blk_params *p;
     struct nitro_blk_stats *s;
     struct nitro_nbd *c;
+    struct blk_queue q;          /* the next request, through the volume's QoS */
     struct nitro_xts_lane *lane;
     struct nbd_io *ios;
     uint32_t nios;
@@ -625,9 +626,10 @@ static void ring_start(struct nbd_ring *b, struct nitro_chain *c,
     struct nbd_io *io = b->free;
     b->free = io->next;
     b->outstanding++;
+    /* io_timeout runs from now: time QoS held the request is not the server's. */
     *io = (struct nbd_io){.ring = b, .head = c->head,
                           .resubmitted = c->resubmitted, .start = start,
-                          .deadline = start + b->c->io_timeout_ns,
+                          .deadline = nitro_now_ns() + b->c->io_timeout_ns,
                           .status = rq->status, .buf = io->buf, .cap = io->cap};
     uint8_t st = io_prepare(b, io, rq);
     if (st != SEND) {
@@ -796,11 +798,11 @@ static int nbd_ring_poll(struct nitro_ring *r, struct nitro_io *unused,
     ring_service(b);
     uint32_t done = 0;
     int rc = 0;
-    while (done < budget && b->free != NULL) {
+    while (done < budget && !blk_queue_waiting(&b->q) && b->free != NULL) {
         struct nitro_chain *c;
-        struct blk_req rq;
+        struct blk_req rq = {0};  /* set by blk_queue_next; gcc cannot always see it */
         uint64_t start;
-        rc = blk_pop_request(r->vq, b->p, b->s, &c, &rq, &start);
+        rc = blk_queue_next(&b->q, &c, &rq, &start);
         if (rc <= 0)
             break;
         done++;
@@ -862,6 +864,28 @@ static int nbd_ring_attach(struct nitro_ring *r)
     return NITRO_OK;
 }
 
+/* A request QoS held back points into guest memory that may be replaced
+ * before the next attach: send it now, over the budget (detaching is
+ * rare); a broken ring's is dropped with the ring. */
+static void nbd_release_held(struct nbd_ring *b, bool live)
+{
+    struct nitro_chain *c;
+    struct blk_req rq;
+    uint64_t start;
+    if (!blk_queue_release(&b->q, &c, &rq, &start))
+        return;
+    if (!live) {
+        nitro_stat_sub(&b->s->inflight, 1);
+    } else if (b->free != NULL) {
+        ring_start(b, c, &rq, start);
+    } else {  /* every slot busy (the hold came first): answered, not lost */
+        struct blk_done d = {.op = NITRO_BLK_OP_UNSUPPORTED, .status = VIRTIO_BLK_S_IOERR,
+                             .used_len = 1};
+        blk_finish(b->r.vq, c->head, c->resubmitted, rq.status, &d, b->s, start);
+        b->notify = true;
+    }
+}
+
 /* The worker lets go: every request taken completes first, as on a local
  * volume. Off the epoll set now, so wait in poll(2) on the socket (or for
  * a new connection) until each is answered or timed out: a detach during
@@ -869,6 +893,7 @@ static int nbd_ring_attach(struct nitro_ring *r)
 static void nbd_ring_detach(struct nitro_ring *r)
 {
     struct nbd_ring *b = (struct nbd_ring *)r;
+    nbd_release_held(b, r->status == NITRO_OK);
     for (;;) {
         ring_service(b);
         ring_notify(b);
@@ -924,5 +949,6 @@ struct nitro_ring *nitro_ring_nbd_new(struct nitro_vq *vq,
     b->p = params;
     b->s = stats;
     b->c = c;
+    b->q = blk_queue_of(&b->r, params, stats);
     return &b->r;
 }

@@ -567,11 +567,6 @@ def _blk(t: Any, i: int, source: str, runtime: Path, state: Path) -> BlkConfig:
         size=size, readonly=readonly, queues=queues, queue_size=qsize, serial=serial,
         encryption=_encryption(t, source, p, state), qos=_qos(t, source, p),
         **_remote(t, source, p, state))
-    if blk.nbd is not None and blk.qos != QosConfig():
-        # The limits live in blk_queue (nitro_blk.c, nitro_rbd.c); the NBD
-        # ring does not apply them yet, and a limit silently ignored is worse.
-        raise ConfigError(source, p + "qos",
-                          "not with an NBD source yet: QoS applies to local and RBD volumes only")
     return blk
 
 

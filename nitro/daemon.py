@@ -491,9 +491,6 @@ class Daemon:
             blks = {b.id: b for b in self.cfg.blk}
             if device_id not in blks:
                 raise CommandRefused(f"no [[blk]] device {device_id!r} (have: {', '.join(blks) or 'none'})")
-            if blks[device_id].nbd is not None:
-                # As the config check says: the NBD ring ignores limits.
-                raise CommandRefused(f"{device_id} is an NBD volume: QoS applies to local and RBD volumes only")
             try:
                 qos = parse_qos(values, blks[device_id].qos, "volume qos")
             except ConfigError as e:

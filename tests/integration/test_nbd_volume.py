@@ -14,6 +14,7 @@ import pytest
 
 from bench.nbd import PSK_USER, NbdKit, QemuNbd, write_psk
 from bench.proc import run_cli, tail
+from tests.integration.test_qos import finish, metric, reads
 
 pytestmark = pytest.mark.integration
 
@@ -142,10 +143,24 @@ def test_new_requests_do_not_wait_for_a_slow_one(nitro, vublk, short_tmp_path):
     assert res["ios"] >= 100, res
 
 
-def test_volume_qos_refused_on_a_remote_volume(nitro, short_tmp_path):
-    """Its ring does not apply limits: `nitro volume qos` says so, as the
-    config check does for `qos` with `source`."""
-    with NbdKit(short_tmp_path, ["memory", "8M"]) as server:
-        n = nitro(blk(server.url()))
-        r = run_cli("volume", "qos", "r0", "--iops", "100", "--control", n.control, timeout=30)
-    assert r.returncode != 0 and "local and RBD volumes only" in r.stderr, (r.returncode, r.stdout, r.stderr)
+def test_qos_limits_an_nbd_volume_and_changes_live(nitro, vublk, short_tmp_path):
+    """The NBD ring applies the volume's limits like every blk ring
+    (blk_queue): requests are delayed, never failed, and `nitro volume
+    qos` changes them live."""
+    with NbdKit(short_tmp_path, ["memory", "32M"]) as server:
+        n = nitro(blk(server.url(), "queues = 2\nqos = { iops = 200 }\n"))
+        sock = short_tmp_path / "r0.sock"
+        res = finish(reads(vublk, sock, "--ios", "400"))
+        assert res["ios"] == 400
+        assert res["ios"] <= 20 + 200 * res["seconds"] + 2, res  # the bucket plus 200 a second
+        assert metric(n, "nitro_blk_qos_exceeded_iops_seconds_total", device="r0") > 0
+        assert metric(n, "nitro_blk_qos_delayed_requests_total", device="r0") >= 100
+        r = run_cli("volume", "qos", "r0", "--iops", "0", "--control", n.control, timeout=30)
+        assert r.returncode == 0, r.stderr
+        delayed = metric(n, "nitro_blk_qos_delayed_requests_total", device="r0")
+        assert finish(reads(vublk, sock, "--ios", "2000"))["ios"] == 2000
+        # Unlimited now: none of these was held back.
+        assert metric(n, "nitro_blk_qos_delayed_requests_total", device="r0") == delayed
+        assert metric(n, "nitro_blk_qos_limit", device="r0", limit="iops") == 0
+        assert metric(n, "nitro_blk_request_errors_total", device="r0", op="in") == 0
+

@@ -67,7 +67,6 @@ def test_io_timeout_for_either_remote_kind(tmp_path):
     ('source = "nbd://s/e"\ntls_psk_file = "k"\n', "tls_psk_file", "only with source = \"nbds://"),
     ('source = "nbds://s/e"\nceph_conf = "c"\n', "ceph_conf", "only with source = \"rbd:"),
     ('source = "rbd:p/i"\ntls_username = "u"\n', "tls_username", "only with source = \"nbds://"),
-    ('source = "nbd://s/e"\nqos = { iops = 100 }\n', "qos", "local and RBD volumes only"),
 ])
 def test_config_errors(tmp_path, blk, key, words):
     with pytest.raises(config.ConfigError, match=words) as e:
