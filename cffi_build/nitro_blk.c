@@ -810,6 +810,24 @@ bool blk_queue_release(struct blk_queue *q, struct nitro_chain **c, struct blk_r
     return held;
 }
 
+int blk_queue_release_held(struct blk_queue *q, bool room, struct nitro_chain **c,
+                           struct blk_req *rq, uint64_t *start)
+{
+    if (!blk_queue_release(q, c, rq, start))
+        return 0;
+    if (q->r->status != NITRO_OK) {  /* broken: dropped with the ring */
+        nitro_stat_sub(&q->s->inflight, 1);
+        return 0;
+    }
+    if (room)
+        return 1;
+    /* No slot for it (out of memory, or every one busy): answered, not lost. */
+    struct blk_done d = {.op = NITRO_BLK_OP_UNSUPPORTED, .status = VIRTIO_BLK_S_IOERR,
+                         .used_len = 1};
+    blk_finish(q->r->vq, (*c)->head, (*c)->resubmitted, rq->status, &d, q->s, *start);
+    return -1;
+}
+
 static int blk_ring_poll(struct nitro_ring *r, struct nitro_io *io,
                          uint32_t budget)
 {

@@ -148,5 +148,12 @@ NITRO_INTERNAL int blk_queue_next(struct blk_queue *q, struct nitro_chain **c,
  * go back to 0. */
 NITRO_INTERNAL bool blk_queue_release(struct blk_queue *q, struct nitro_chain **c,
                                       struct blk_req *rq, uint64_t *start);
+/* blk_queue_release for a ring that sends requests to a slot of its own
+ * (NBD, RBD): 1 with the held request to start now (`room`: the ring has a
+ * free slot); 0: none, or a broken ring's, dropped; -1: no room, so it was
+ * answered IOERR (notify the guest). */
+NITRO_INTERNAL int blk_queue_release_held(struct blk_queue *q, bool room,
+                                          struct nitro_chain **c, struct blk_req *rq,
+                                          uint64_t *start);
 
 #endif

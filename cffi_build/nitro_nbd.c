@@ -867,23 +867,16 @@ static int nbd_ring_attach(struct nitro_ring *r)
 /* A request QoS held back points into guest memory that may be replaced
  * before the next attach: send it now, over the budget (detaching is
  * rare); a broken ring's is dropped with the ring. */
-static void nbd_release_held(struct nbd_ring *b, bool live)
+static void nbd_release_held(struct nbd_ring *b)
 {
     struct nitro_chain *c;
     struct blk_req rq;
     uint64_t start;
-    if (!blk_queue_release(&b->q, &c, &rq, &start))
-        return;
-    if (!live) {
-        nitro_stat_sub(&b->s->inflight, 1);
-    } else if (b->free != NULL) {
+    int rc = blk_queue_release_held(&b->q, b->free != NULL, &c, &rq, &start);
+    if (rc > 0)
         ring_start(b, c, &rq, start);
-    } else {  /* every slot busy (the hold came first): answered, not lost */
-        struct blk_done d = {.op = NITRO_BLK_OP_UNSUPPORTED, .status = VIRTIO_BLK_S_IOERR,
-                             .used_len = 1};
-        blk_finish(b->r.vq, c->head, c->resubmitted, rq.status, &d, b->s, start);
+    else if (rc < 0)
         b->notify = true;
-    }
 }
 
 /* The worker lets go: every request taken completes first, as on a local
@@ -893,7 +886,7 @@ static void nbd_release_held(struct nbd_ring *b, bool live)
 static void nbd_ring_detach(struct nitro_ring *r)
 {
     struct nbd_ring *b = (struct nbd_ring *)r;
-    nbd_release_held(b, r->status == NITRO_OK);
+    nbd_release_held(b);
     for (;;) {
         ring_service(b);
         ring_notify(b);

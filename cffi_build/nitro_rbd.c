@@ -735,18 +735,11 @@ static void rbd_release_held(struct rbd_ring *b, bool live)
     struct nitro_chain *c;
     struct blk_req rq;
     uint64_t start;
-    if (!blk_queue_release(&b->q, &c, &rq, &start))
-        return;
-    if (!live) {
-        nitro_stat_sub(&b->s->inflight, 1);
-    } else if (rbd_slot(b) != NULL) {  /* it was popped into a free slot */
+    int rc = blk_queue_release_held(&b->q, live && rbd_slot(b) != NULL, &c, &rq, &start);
+    if (rc > 0)
         rbd_start(b, c, &rq, start);
-    } else {  /* out of memory: answered, if under no op's name */
-        struct blk_done d = {.op = NITRO_BLK_OP_UNSUPPORTED, .status = VIRTIO_BLK_S_IOERR,
-                             .used_len = 1};
-        blk_finish(b->r.vq, c->head, c->resubmitted, rq.status, &d, b->s, start);
+    else if (rc < 0)
         b->notify = true;
-    }
 }
 
 /* How long detach sleeps between looks for completions. */
