@@ -188,7 +188,8 @@ class CephCluster:
         before = self.osd_up_from() or 0
         self.daemons["osd"] = _daemon(self.tmp, "ceph-osd", "-i", str(OSD_ID))
         self.wait_osd(timeout, after=before)
-        _wait(self.pgs_active, timeout, self.daemons["osd"], "every PG active")
+        if "mgr" in self.daemons:  # PG states come from the mgr (a cluster without one has none)
+            _wait(self.pgs_active, timeout, self.daemons["osd"], "every PG active")
 
     def pgs_active(self) -> bool:
         """Every placement group is in an active state (`ceph pg stat`)."""
