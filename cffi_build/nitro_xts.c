@@ -250,8 +250,8 @@ static bool direct_iv_works(const EVP_CIPHER_CTX *tmpl)
 static bool aesni_works(struct nitro_xts *x, bool wide)
 {
     enum { N = 9, SECTOR = 512 };
-    static uint8_t in[N * SECTOR];
-    uint8_t ours[N * SECTOR], theirs[N * SECTOR], back[N * SECTOR];
+    uint8_t in[N * SECTOR], ours[N * SECTOR], theirs[N * SECTOR],
+        back[N * SECTOR];
     struct xts_ctx c = {0};
     for (size_t i = 0; i < sizeof(in); i++)
         in[i] = (uint8_t)(i * 131 + (i >> 8));
