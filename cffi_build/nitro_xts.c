@@ -5,17 +5,18 @@
  * Where the CPU has AES-NI, sectors go through nitro_xts_aesni.c (XTS on
  * the AES instructions, several sectors per call: OpenSSL 3.0 has no
  * multi-unit XTS and pays a fixed cost per 512-byte sector); elsewhere
- * through OpenSSL's XTS, one sector per call. The AES-NI path is proved
- * against OpenSSL's at key load and otherwise not used.
+ * through OpenSSL's XTS, one sector per call. nitro's own XTS is proved
+ * against OpenSSL's at key load (choose_impl) and otherwise not used.
  *
  * An OpenSSL cipher context is stateful (it carries the IV), so each
  * serving thread takes a "lane": its own encrypt and decrypt contexts,
  * copied from the templates made at key load (no key expansion per
- * request), and its own bounce buffer. Both directions go through the bounce buffer, which only
- * ever holds ciphertext: writes are encrypted from guest memory into it,
- * reads land in it and are decrypted out of place into guest memory. Never
- * decrypt in guest memory: the guest could swap in chosen ciphertext between
- * the read and the decryption and so use nitro as a decryption oracle.
+ * request), and its own bounce buffer. Both directions go through the
+ * bounce buffer, which only ever holds ciphertext: writes are encrypted
+ * from guest memory into it, reads land in it and are decrypted out of
+ * place into guest memory. Never decrypt in guest memory: the guest could
+ * swap in chosen ciphertext between the read and the decryption and so use
+ * nitro as a decryption oracle.
  */
 #define _GNU_SOURCE
 #include <endian.h>
@@ -267,10 +268,11 @@ static bool aesni_works(struct nitro_xts *x, bool wide)
     EVP_CIPHER_CTX_free(c.ctx);
     if (!ok)
         return false;
-    nitro_xts_aesni_crypt(&x->aesni, ours, in, N, SECTOR, first, 1, true, wide);
-    nitro_xts_aesni_crypt(&x->aesni, back, ours, N, SECTOR, first, 1, false,
-                          wide);
-    ok = memcmp(ours, theirs, sizeof(ours)) == 0 &&
+    ok = nitro_xts_aesni_crypt(&x->aesni, ours, in, N, SECTOR, first, 1, true,
+                               wide) == 0 &&
+         nitro_xts_aesni_crypt(&x->aesni, back, ours, N, SECTOR, first, 1,
+                               false, wide) == 0 &&
+         memcmp(ours, theirs, sizeof(ours)) == 0 &&
          memcmp(back, in, sizeof(in)) == 0;
     OPENSSL_cleanse(ours, sizeof(ours));
     OPENSSL_cleanse(theirs, sizeof(theirs));
@@ -420,14 +422,14 @@ static int crypt_buf(struct nitro_xts *x, struct nitro_xts_lane *l,
                      uint8_t *out, const uint8_t *in, uint64_t len,
                      uint64_t offset, bool enc)
 {
-    if (x->impl >= NITRO_XTS_AESNI) {
-        nitro_xts_aesni_crypt(&x->aesni, out, in, len / x->sector_size,
-                              x->sector_size,
-                              (offset >> IV_UNIT_SHIFT) + x->iv_offset,
-                              x->sector_size >> IV_UNIT_SHIFT, enc,
-                              x->impl == NITRO_XTS_VAES);
-        return NITRO_OK;
-    }
+    if (x->impl >= NITRO_XTS_AESNI)
+        return nitro_xts_aesni_crypt(&x->aesni, out, in, len / x->sector_size,
+                                     x->sector_size,
+                                     (offset >> IV_UNIT_SHIFT) + x->iv_offset,
+                                     x->sector_size >> IV_UNIT_SHIFT, enc,
+                                     x->impl == NITRO_XTS_VAES) == 0
+                   ? NITRO_OK
+                   : NITRO_ERR_ARG;
     const struct xts_ctx *c = enc ? &l->enc : &l->dec;
     for (uint64_t done = 0; done < len; done += x->sector_size) {
         int rc = crypt_sector(x, c, out + done, in + done, offset + done);

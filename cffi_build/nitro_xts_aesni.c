@@ -272,11 +272,14 @@ AESNI static void unit(const __m128i *k, uint32_t nr, __m128i t, uint8_t *out,
         unit_dec(k, nr, t, (__m128i *)out, (const __m128i *)in, blocks);
 }
 
-AESNI void nitro_xts_aesni_crypt(const struct nitro_xts_aesni *k, uint8_t *out,
-                                 const uint8_t *in, uint64_t units,
-                                 uint32_t unit_size, uint64_t first_iv,
-                                 uint64_t iv_step, bool enc, bool wide)
+AESNI int nitro_xts_aesni_crypt(const struct nitro_xts_aesni *k, uint8_t *out,
+                                const uint8_t *in, uint64_t units,
+                                uint32_t unit_size, uint64_t first_iv,
+                                uint64_t iv_step, bool enc, bool wide)
 {
+    /* Whole batches of 16 blocks only: no ciphertext stealing, no tail. */
+    if (unit_size == 0 || unit_size % (2 * LANES * BLOCK) != 0)
+        return -1;
     const __m128i *rk = (const __m128i *)(enc ? k->enc : k->dec);
     const __m128i *tk = (const __m128i *)k->tweak;
     uint32_t nr = k->rounds, blocks = unit_size / BLOCK;
@@ -293,4 +296,5 @@ AESNI void nitro_xts_aesni_crypt(const struct nitro_xts_aesni *k, uint8_t *out,
             unit(rk, nr, tw[i], out + at, in + at, blocks, enc, wide);
         }
     }
+    return 0;
 }
