@@ -10,7 +10,9 @@
  * Key material lives only in C memory: a nitro_secret is an mlock'd (where
  * RLIMIT_MEMLOCK allows), MADV_DONTDUMP mapping wiped with explicit_bzero on
  * free; a nitro_xts keeps the expanded key only inside OpenSSL cipher
- * contexts, which EVP_CIPHER_CTX_free cleanses. Neither can be read back.
+ * contexts, which EVP_CIPHER_CTX_free cleanses, and (where the CPU has
+ * AES-NI) in its own key schedules, which nitro_xts_free cleanses. Neither
+ * can be read back.
  */
 #ifndef NITRO_CRYPTO_H
 #define NITRO_CRYPTO_H
@@ -61,13 +63,15 @@ void nitro_xts_free(struct nitro_xts *x);
  * For tests and benchmarks; the serving loop uses the same code. */
 int nitro_xts_crypt(struct nitro_xts *x, uint8_t *out, const uint8_t *in,
                     uint64_t len, uint64_t offset, uint32_t encrypt);
-/* 1 when each sector's IV is written straight into OpenSSL's context (the
- * fast path, chosen by nitro_xts_new when it proved to work with this
- * OpenSSL), 0 when it goes through EVP_CipherInit_ex2. */
-uint32_t nitro_xts_direct_iv(const struct nitro_xts *x);
-/* For tests and benchmarks, before any thread crypts with x: on = 0 forces
- * the EVP_CipherInit_ex2 path; on = 1 is NITRO_ERR_ARG unless the fast path
- * proved to work. */
-int nitro_xts_set_direct_iv(struct nitro_xts *x, uint32_t on);
+/* How sectors are encrypted (nitro_xts.c): */
+#define NITRO_XTS_EVP_INIT 0  /* OpenSSL's XTS, IV by EVP_CipherInit_ex2 */
+#define NITRO_XTS_EVP_IV 1    /* OpenSSL's XTS, IV written in its context */
+#define NITRO_XTS_AESNI 2     /* nitro's XTS on AES-NI, many sectors a call */
+#define NITRO_XTS_VAES 3      /* the same, two AES blocks an instruction */
+/* The path in use: the fastest that proved to work at key load. */
+uint32_t nitro_xts_impl(const struct nitro_xts *x);
+/* For tests and benchmarks, before any thread crypts with x: choose a path;
+ * NITRO_ERR_ARG unless it proved to work here. */
+int nitro_xts_set_impl(struct nitro_xts *x, uint32_t impl);
 
 #endif

@@ -2,14 +2,21 @@
  * nitro_xts.c: secrets in locked memory and the AES-XTS sector cipher that
  * nitro_blk.c runs on encrypted volumes (IV rules in nitro_crypto.h).
  *
- * A cipher context is stateful (it carries the IV), so each serving thread
- * takes a "lane": its own encrypt and decrypt contexts, copied from the
- * templates made at key load (no key expansion per request), and its own
- * bounce buffer. Both directions go through the bounce buffer, which only
- * ever holds ciphertext: writes are encrypted from guest memory into it,
- * reads land in it and are decrypted out of place into guest memory. Never
- * decrypt in guest memory: the guest could swap in chosen ciphertext between
- * the read and the decryption and so use nitro as a decryption oracle.
+ * Where the CPU has AES-NI, sectors go through nitro_xts_aesni.c (XTS on
+ * the AES instructions, several sectors per call: OpenSSL 3.0 has no
+ * multi-unit XTS and pays a fixed cost per 512-byte sector); elsewhere
+ * through OpenSSL's XTS, one sector per call. nitro's own XTS is proved
+ * against OpenSSL's at key load (choose_impl) and otherwise not used.
+ *
+ * An OpenSSL cipher context is stateful (it carries the IV), so each
+ * serving thread takes a "lane": its own encrypt and decrypt contexts,
+ * copied from the templates made at key load (no key expansion per
+ * request), and its own bounce buffer. Both directions go through the
+ * bounce buffer, which only ever holds ciphertext: writes are encrypted
+ * from guest memory into it, reads land in it and are decrypted out of
+ * place into guest memory. Never decrypt in guest memory: the guest could
+ * swap in chosen ciphertext between the read and the decryption and so use
+ * nitro as a decryption oracle.
  */
 #define _GNU_SOURCE
 #include <endian.h>
@@ -155,11 +162,12 @@ struct nitro_xts_lane {
 
 struct nitro_xts {
     uint32_t sector_size;
-    uint32_t direct_iv;    /* write IVs in place (see above) */
-    uint32_t direct_iv_ok; /* what the probe at key load found */
+    uint32_t impl;         /* NITRO_XTS_*: the path in use */
+    uint32_t impl_ok;      /* bit per NITRO_XTS_* that proved to work */
     uint64_t iv_offset;
     EVP_CIPHER_CTX *tmpl_enc;  /* keyed templates the lanes copy */
     EVP_CIPHER_CTX *tmpl_dec;
+    struct nitro_xts_aesni aesni;  /* schedules, for AESNI and VAES */
     struct nitro_xts_lane lanes[NITRO_XTS_LANES];
 };
 
@@ -237,6 +245,60 @@ static bool direct_iv_works(const EVP_CIPHER_CTX *tmpl)
     return ok;
 }
 
+/* Does nitro's AES-NI XTS give OpenSSL's ciphertext, both ways, for a run
+ * of sectors (tweaks batched and not) at a far sector number? Guards
+ * against a miscompiled or misdetected build, never a slow path. */
+static bool aesni_works(struct nitro_xts *x, bool wide)
+{
+    enum { N = 9, SECTOR = 512 };
+    uint8_t in[N * SECTOR], ours[N * SECTOR], theirs[N * SECTOR],
+        back[N * SECTOR];
+    struct xts_ctx c = {0};
+    for (size_t i = 0; i < sizeof(in); i++)
+        in[i] = (uint8_t)(i * 131 + (i >> 8));
+    uint64_t first = 0x00fedcba98765432ull;
+    bool ok = ctx_copy(x->tmpl_enc, &c) == NITRO_OK;
+    for (int s = 0; ok && s < N; s++) {
+        uint8_t iv[16] = {0};
+        uint64_t n = htole64(first + (uint64_t)s);
+        memcpy(iv, &n, sizeof(n));
+        ok = EVP_CipherInit_ex2(c.ctx, NULL, NULL, iv, -1, NULL) &&
+             update(c.ctx, theirs + s * SECTOR, in + s * SECTOR, SECTOR);
+    }
+    EVP_CIPHER_CTX_free(c.ctx);
+    if (!ok)
+        return false;
+    ok = nitro_xts_aesni_crypt(&x->aesni, ours, in, N, SECTOR, first, 1, true,
+                               wide) == 0 &&
+         nitro_xts_aesni_crypt(&x->aesni, back, ours, N, SECTOR, first, 1,
+                               false, wide) == 0 &&
+         memcmp(ours, theirs, sizeof(ours)) == 0 &&
+         memcmp(back, in, sizeof(in)) == 0;
+    OPENSSL_cleanse(ours, sizeof(ours));
+    OPENSSL_cleanse(theirs, sizeof(theirs));
+    return ok;
+}
+
+/* Which paths work here; the fastest becomes x->impl. */
+static void choose_impl(struct nitro_xts *x, const uint8_t *key, uint32_t len)
+{
+    x->impl_ok = 1u << NITRO_XTS_EVP_INIT;
+    if (direct_iv_works(x->tmpl_enc) && direct_iv_works(x->tmpl_dec))
+        x->impl_ok |= 1u << NITRO_XTS_EVP_IV;
+    if (nitro_xts_aesni_usable()) {
+        nitro_xts_aesni_init(&x->aesni, key, len);
+        if (aesni_works(x, false))
+            x->impl_ok |= 1u << NITRO_XTS_AESNI;
+        if (nitro_xts_vaes_usable() && aesni_works(x, true))
+            x->impl_ok |= 1u << NITRO_XTS_VAES;
+        if (!(x->impl_ok & (1u << NITRO_XTS_AESNI | 1u << NITRO_XTS_VAES)))
+            OPENSSL_cleanse(&x->aesni, sizeof(x->aesni));
+    }
+    /* The highest-numbered path that works: the NITRO_XTS_* are in order
+     * of speed. */
+    x->impl = 31u - (uint32_t)__builtin_clz(x->impl_ok);
+}
+
 int nitro_xts_new(const struct nitro_secret *key, uint32_t sector_size,
                   uint64_t iv_offset, struct nitro_xts **out)
 {
@@ -258,11 +320,8 @@ int nitro_xts_new(const struct nitro_secret *key, uint32_t sector_size,
     if (rc == NITRO_OK)
         rc = keyed_ctx(cipher, key->data, 0, &x->tmpl_dec);
     EVP_CIPHER_free(cipher);
-    if (rc == NITRO_OK) {
-        x->direct_iv_ok = direct_iv_works(x->tmpl_enc) &&
-                          direct_iv_works(x->tmpl_dec);
-        x->direct_iv = x->direct_iv_ok;
-    }
+    if (rc == NITRO_OK)
+        choose_impl(x, key->data, key->len);
     if (rc != NITRO_OK) {
         nitro_xts_free(x);
         return rc;
@@ -288,13 +347,13 @@ void nitro_xts_free(struct nitro_xts *x)
 
 uint32_t nitro_xts_sector_size(const struct nitro_xts *x) { return x->sector_size; }
 
-uint32_t nitro_xts_direct_iv(const struct nitro_xts *x) { return x->direct_iv; }
+uint32_t nitro_xts_impl(const struct nitro_xts *x) { return x->impl; }
 
-int nitro_xts_set_direct_iv(struct nitro_xts *x, uint32_t on)
+int nitro_xts_set_impl(struct nitro_xts *x, uint32_t impl)
 {
-    if (x == NULL || (on && !x->direct_iv_ok))
+    if (x == NULL || impl > NITRO_XTS_VAES || !(x->impl_ok & (1u << impl)))
         return NITRO_ERR_ARG;
-    x->direct_iv = on != 0;
+    x->impl = impl;
     return NITRO_OK;
 }
 
@@ -345,7 +404,7 @@ static int crypt_sector(const struct nitro_xts *x, const struct xts_ctx *c,
     uint8_t iv[16] = {0};
     uint64_t n = htole64((offset >> IV_UNIT_SHIFT) + x->iv_offset);
     memcpy(iv, &n, sizeof(n));
-    if (x->direct_iv && c->iv != NULL)
+    if (x->impl == NITRO_XTS_EVP_IV && c->iv != NULL)
         memcpy(c->iv, iv, sizeof(iv));
     else if (!EVP_CipherInit_ex2(c->ctx, NULL, NULL, iv, -1, NULL))
         return NITRO_ERR_ARG;
@@ -358,10 +417,19 @@ static bool aligned(const struct nitro_xts *x, uint64_t len, uint64_t offset)
     return len % x->sector_size == 0 && offset % x->sector_size == 0;
 }
 
+/* len bytes of whole sectors, contiguous both sides. */
 static int crypt_buf(struct nitro_xts *x, struct nitro_xts_lane *l,
                      uint8_t *out, const uint8_t *in, uint64_t len,
                      uint64_t offset, bool enc)
 {
+    if (x->impl >= NITRO_XTS_AESNI)
+        return nitro_xts_aesni_crypt(&x->aesni, out, in, len / x->sector_size,
+                                     x->sector_size,
+                                     (offset >> IV_UNIT_SHIFT) + x->iv_offset,
+                                     x->sector_size >> IV_UNIT_SHIFT, enc,
+                                     x->impl == NITRO_XTS_VAES) == 0
+                   ? NITRO_OK
+                   : NITRO_ERR_ARG;
     const struct xts_ctx *c = enc ? &l->enc : &l->dec;
     for (uint64_t done = 0; done < len; done += x->sector_size) {
         int rc = crypt_sector(x, c, out + done, in + done, offset + done);
@@ -386,11 +454,16 @@ int nitro_xts_crypt(struct nitro_xts *x, uint8_t *out, const uint8_t *in,
 
 /* ---- scatter/gather between guest iovecs and the bounce buffer ---------- */
 
-/* The next n bytes of iov as one contiguous pointer, or NULL when they
- * straddle iovecs (then the caller goes through a stack copy). */
-static uint8_t *iov_sector(const struct iovec *iov, int cnt, uint32_t n)
+/* How many of the next len bytes of iov (whole sectors of n) lie in its
+ * first iovec: 0 when the first sector straddles iovecs (then the caller
+ * goes through a stack copy). */
+static uint64_t iov_run(const struct iovec *iov, int cnt, uint32_t n,
+                        uint64_t len)
 {
-    return cnt > 0 && iov->iov_len >= n ? iov->iov_base : NULL;
+    if (cnt <= 0)
+        return 0;
+    uint64_t run = iov->iov_len / n * n;
+    return run < len ? run : len;
 }
 
 int nitro_xts_iov(struct nitro_xts *x, struct nitro_xts_lane *l,
@@ -407,24 +480,26 @@ int nitro_xts_iov_buf(struct nitro_xts *x, struct nitro_xts_lane *l,
                       uint64_t len, uint64_t offset, bool enc)
 {
     uint32_t n = x->sector_size;
-    const struct xts_ctx *c = enc ? &l->enc : &l->dec;
     uint8_t tmp[MAX_SECTOR];  /* plaintext of a sector that straddles iovecs */
     bool used_tmp = false;
     int rc = NITRO_OK;
-    for (uint64_t done = 0; done < len && rc == NITRO_OK; done += n) {
+    /* Runs of whole sectors inside one iovec in one call; a sector that
+     * straddles iovecs alone, through tmp. */
+    for (uint64_t done = 0, run; done < len && rc == NITRO_OK; done += run) {
         uint8_t *b = bounce + done;
-        uint8_t *g = iov_sector(*iov, *cnt, n);
-        if (g == NULL) {
+        run = iov_run(*iov, *cnt, n, len - done);
+        uint8_t *g = run > 0 ? (*iov)->iov_base : tmp;
+        if (run == 0) {
+            run = n;
             used_tmp = true;
-            g = tmp;
             if (enc)
                 nitro_iov_to_buf(*iov, *cnt, tmp, n);
         }
-        rc = enc ? crypt_sector(x, c, b, g, offset + done)
-                 : crypt_sector(x, c, g, b, offset + done);
+        rc = enc ? crypt_buf(x, l, b, g, run, offset + done, true)
+                 : crypt_buf(x, l, g, b, run, offset + done, false);
         if (rc == NITRO_OK && !enc && g == tmp)
             nitro_buf_to_iov(*iov, *cnt, tmp, n);
-        nitro_iov_advance(iov, cnt, n);
+        nitro_iov_advance(iov, cnt, run);
     }
     if (used_tmp)
         explicit_bzero(tmp, sizeof(tmp));

@@ -40,4 +40,33 @@ int nitro_xts_iov_buf(struct nitro_xts *x, struct nitro_xts_lane *l,
                       uint8_t *bounce, struct iovec **iov, int *cnt,
                       uint64_t len, uint64_t offset, bool enc);
 
+/* ---- nitro_xts_aesni.c: the mode on AES-NI, many sectors per call ------ */
+
+/* Expanded AES key schedules of an XTS key (read-only once made, so every
+ * thread can share them). Secrets: wiped with the struct nitro_xts that
+ * holds them. */
+struct nitro_xts_aesni {
+    _Alignas(16) uint8_t enc[15][16];    /* data key, encryption rounds */
+    _Alignas(16) uint8_t dec[15][16];    /* data key, decryption rounds */
+    _Alignas(16) uint8_t tweak[15][16];  /* tweak key, encryption rounds */
+    uint32_t rounds;                     /* 10 (AES-128) or 14 (AES-256) */
+};
+
+/* The CPU has AES-NI: the only case where the two calls below may run. */
+bool nitro_xts_aesni_usable(void);
+/* It also has VAES (and AVX2): nitro_xts_aesni_crypt may be `wide`. */
+bool nitro_xts_vaes_usable(void);
+/* key_len 32 (AES-128-XTS) or 64 (AES-256-XTS): key1 || key2. */
+void nitro_xts_aesni_init(struct nitro_xts_aesni *k, const uint8_t *key,
+                          uint32_t key_len);
+/* units data units of unit_size bytes from in to out (may be equal); unit
+ * i has the IV le64(first_iv + i * iv_step) || 0^8. wide: with VAES, two
+ * blocks a register. unit_size must be a multiple of 256 (whole batches of
+ * 16 blocks: 512 and 4096 are; no ciphertext stealing), else -1 and
+ * nothing is written; 0 when done. */
+int nitro_xts_aesni_crypt(const struct nitro_xts_aesni *k, uint8_t *out,
+                          const uint8_t *in, uint64_t units,
+                          uint32_t unit_size, uint64_t first_iv,
+                          uint64_t iv_step, bool enc, bool wide);
+
 #endif

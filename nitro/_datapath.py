@@ -375,7 +375,8 @@ class Secret(_Owned):
 
 class XtsCipher(_Owned):
     """AES-XTS with dm-crypt's plain64 IVs (nitro_xts). The expanded key
-    lives only in OpenSSL contexts owned by C; ``close()`` cleanses them."""
+    lives only in C (OpenSSL contexts and nitro's AES-NI key schedules);
+    ``close()`` cleanses them."""
 
     def __init__(self, key: Secret, sector_size: int, iv_offset: int = 0) -> None:
         if len(key) not in (32, 64) or sector_size not in (512, 4096):
@@ -388,18 +389,23 @@ class XtsCipher(_Owned):
         super().__init__(ffi.gc(out[0], lib.nitro_xts_free))
         self.sector_size = sector_size
 
-    @property
-    def direct_iv(self) -> bool:
-        """True when sector IVs are written straight into OpenSSL's context
-        (the fast path nitro_xts_new proved), False through EVP_CipherInit_ex2."""
-        return bool(lib.nitro_xts_direct_iv(self.ptr))
+    IMPLS = {"evp-init": 0, "evp-iv": 1, "aesni": 2, "vaes": 3}  # NITRO_XTS_*
 
-    @direct_iv.setter
-    def direct_iv(self, on: bool) -> None:
-        """Tests and benchmarks only, before the cipher is in use. Turning it
-        on raises ValueError when this OpenSSL failed the probe."""
-        if lib.nitro_xts_set_direct_iv(self.ptr, int(on)) == lib.NITRO_ERR_ARG:
-            raise ValueError("this OpenSSL does not take IVs written in place")
+    @property
+    def impl(self) -> str:
+        """How sectors are encrypted: "vaes" or "aesni" (nitro's XTS on the
+        CPU's AES instructions, 256- or 128-bit wide, several sectors per
+        call), "evp-iv" (OpenSSL's XTS, IV written in place) or
+        "evp-init" (OpenSSL's XTS, IV through EVP_CipherInit_ex2): the fastest
+        that nitro_xts_new proved to work on this machine."""
+        return {v: k for k, v in self.IMPLS.items()}[lib.nitro_xts_impl(self.ptr)]
+
+    @impl.setter
+    def impl(self, name: str) -> None:
+        """Tests and benchmarks only, before the cipher is in use. ValueError
+        for a path that did not prove to work here."""
+        if lib.nitro_xts_set_impl(self.ptr, self.IMPLS[name]) == lib.NITRO_ERR_ARG:
+            raise ValueError(f"XTS path {name!r} is not available on this machine")
 
     def crypt_into(self, out: Any, data: Any, offset: int, encrypt: bool) -> None:
         """En-/decrypt the buffer ``data`` into the writable buffer ``out``
