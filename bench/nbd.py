@@ -105,9 +105,10 @@ class QemuNbd(Child):
 # the benchmark
 
 
-def nitro_cmd(tmp: Path, url: str, sock: Path) -> list[str]:
+def nitro_cmd(tmp: Path, url: str, sock: Path, poll_us: str = "adaptive") -> list[str]:
     cfg = tmp / "nitro.toml"
-    cfg.write_text(f'[daemon]\nruntime_dir = "{tmp}"\nstate_dir = "{tmp}"\nworkers = 1\n'
+    poll = "" if poll_us == "adaptive" else f"poll_us = {int(poll_us)}\n"
+    cfg.write_text(f'[daemon]\nruntime_dir = "{tmp}"\nstate_dir = "{tmp}"\nworkers = 1\n{poll}'
                    f'[metrics]\nlisten = ""\n[[blk]]\nid = "{sock.stem}"\n'
                    f'socket = "{sock}"\nsource = "{url}"\nqueue_size = 256\n')
     return nitro_argv("run", "--config", cfg)
@@ -140,6 +141,9 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--runtime", type=float, default=10)
     ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--poll-us", default="adaptive",
+                    help="nitro's [daemon] poll_us: adaptive (default) or a number (0: never busy-poll; "
+                         "the NBD server shares the CPUs here)")
     args = ap.parse_args(argv)
     if shutil.which("nbdkit") is None or shutil.which("qemu-storage-daemon") is None:
         print("bench.nbd: needs nbdkit and qemu-storage-daemon (tools/install-deps.sh)")
@@ -154,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
                 per = results.setdefault(label, {"nitro": [], "qsd": []})
                 for _ in range(args.rounds):
                     for name, cmd in (("qsd", qsd_cmd(server.port, tmp / "b.sock")),
-                                      ("nitro", nitro_cmd(tmp, server.url(), tmp / "b.sock"))):
+                                      ("nitro", nitro_cmd(tmp, server.url(), tmp / "b.sock", args.poll_us))):
                         res = run_one(cmd, tmp, rw, bs, qd, args.runtime)
                         per[name].append(res["iops"] if bs == 4096 else res["mbps"])
     finally:
@@ -169,7 +173,8 @@ def main(argv: list[str] | None = None) -> int:
     OUT_DIR.mkdir(parents=True, exist_ok=True)
     stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     (OUT_DIR / f"nbd-{stamp}.json").write_text(json.dumps(
-        {"runtime": args.runtime, "rounds": args.rounds, "results": summary}, indent=1))
+        {"runtime": args.runtime, "rounds": args.rounds, "poll_us": args.poll_us, "results": summary},
+        indent=1))
     return 0
 
 
