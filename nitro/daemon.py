@@ -301,8 +301,10 @@ class Daemon:
             try:
                 await self._nursery.start(server.serve)
             except OSError as e:
-                device.close()
+                # Closing a remote volume talks to its server: off the trio thread.
+                await trio.to_thread.run_sync(device.close)
                 del self.waiting[w.device_id]
+                await self._unlock_volume(cfg.id)  # not served: no lock held for it
                 log_event(log, logging.ERROR, "device not served: cannot listen", device=cfg.id,
                           socket=str(cfg.socket), error=str(e))
                 return
@@ -526,7 +528,7 @@ class Daemon:
                 try:
                     await self._nursery.start(server.serve)
                 except OSError as e:
-                    device.close()
+                    await trio.to_thread.run_sync(device.close)
                     await self._unlock_volume(b.id)
                     raise self._refuse(f"device {b.id}: cannot listen on {b.socket}: {e}") from None
                 started.append(server)

@@ -78,6 +78,10 @@ class LuksVolume:
 
     def __init__(self, inner: Inner, info: luks.LuksInfo, xts: _datapath.XtsCipher) -> None:
         self.raw, self.info, self.xts = inner, info, xts
+        # A remote inner volume's connection counters (`nitro status`, the
+        # device's "remote"): present exactly when the inner volume has them.
+        if hasattr(inner, "statistics"):
+            self.statistics = inner.statistics
 
     @classmethod
     def open(cls, path: Path, enc: EncryptionConfig, *, size: int | None,
@@ -146,13 +150,6 @@ class LuksVolume:
     def size(self) -> int:
         """The data segment in bytes: what the guest sees."""
         return _segment_size(self.raw, self.info)
-
-    def __getattr__(self, name: str) -> Any:
-        # A remote inner volume's connection counters (`nitro status`):
-        # present exactly when the inner volume has them.
-        if name == "statistics":
-            return getattr(self.raw, name)
-        raise AttributeError(name)
 
     @property
     def data_offset(self) -> int:

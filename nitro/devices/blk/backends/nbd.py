@@ -32,7 +32,7 @@ from urllib.parse import quote, unquote, urlsplit
 import trio
 
 from nitro import _datapath
-from nitro.devices.blk.backends.raw import SourceUnavailableError, VolumeError
+from nitro.devices.blk.backends.raw import UNREACHABLE, SourceUnavailableError, VolumeError
 from nitro.devices.blk.config import SECTOR_SIZE
 from nitro.log import log_event
 
@@ -40,10 +40,6 @@ log = logging.getLogger("nitro.blk.nbd")
 
 DEFAULT_PORT = 10809  # the IANA port of NBD
 SCHEMES = {"nbd": False, "nbds": True}  # scheme -> TLS required
-# Connect errors that say the server is not there (yet): retried. Any other
-# (TLS refused, no such export) is a configuration for the operator to fix.
-UNREACHABLE = frozenset({errno.ECONNREFUSED, errno.ETIMEDOUT, errno.EHOSTUNREACH,
-                         errno.ENETUNREACH, errno.ECONNRESET, errno.EPIPE, errno.ENOTCONN})
 BACKOFF_START = 0.05       # seconds between failed connects: doubled up to
 BACKOFF_MAX = 5.0
 

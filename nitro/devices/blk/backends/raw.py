@@ -27,6 +27,13 @@ class SourceUnavailableError(VolumeError):
     its other devices and keeps trying this one (docs/volumes.md)."""
 
 
+# Connect errnos that say the server is not there (yet): SourceUnavailableError.
+# Any other (TLS refused, no such export, a refused key) is a configuration
+# for the operator to fix.
+UNREACHABLE = frozenset({errno.ECONNREFUSED, errno.ETIMEDOUT, errno.EHOSTUNREACH,
+                         errno.ENETUNREACH, errno.ECONNRESET, errno.EPIPE, errno.ENOTCONN})
+
+
 class VolumeLockedError(VolumeError):
     """Another process holds the image's lock: a daemon serving it, or a
     `nitro volume` command changing it."""

@@ -26,17 +26,16 @@ from pathlib import Path
 
 from nitro import _datapath
 from nitro.config import DEFAULT_IO_TIMEOUT, RbdSource
-from nitro.devices.blk.backends.raw import SourceUnavailableError, VolumeError, VolumeLockedError
+from nitro.devices.blk.backends.raw import (
+    UNREACHABLE,
+    SourceUnavailableError,
+    VolumeError,
+    VolumeLockedError,
+)
 from nitro.devices.blk.config import SECTOR_SIZE
 from nitro.log import log_event
 
 log = logging.getLogger("nitro.blk")
-
-# What librados' connect says when no monitor answers (within the 10 s
-# client_mount_timeout nitro_rbd.c sets): worth retrying, unlike a refused
-# key or a missing keyring.
-UNREACHABLE = frozenset({errno.ETIMEDOUT, errno.ECONNREFUSED, errno.EHOSTUNREACH,
-                         errno.ENETUNREACH, errno.ENOTCONN})
 
 
 class RbdVolume:
@@ -72,6 +71,8 @@ class RbdVolume:
             if e.stage == "lock" and e.errno in (errno.EBUSY, errno.EROFS, errno.EAGAIN):
                 raise VolumeLockedError(f"{name}: attached elsewhere (another client holds the "
                                         "image's exclusive lock)") from None
+            # librados' connect times out when no monitor answers within the
+            # 10 s client_mount_timeout nitro_rbd.c sets.
             error = SourceUnavailableError if e.stage == "connect" and e.errno in UNREACHABLE else VolumeError
             raise error(f"{name}: cannot open ({e}; ceph_conf {src.ceph_conf}, "
                         f"user {src.user})") from None
