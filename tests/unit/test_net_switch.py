@@ -728,15 +728,31 @@ def udp(dst_mac=B, dst=B_IP, size=1400, seq=0) -> bytes:
     return bytes(Ether(src=A, dst=dst_mac) / IP(src=A_IP, dst=dst) / UDP(sport=5000, dport=6000) / payload)
 
 
+# Chains a TX ring hands to the switch at a time (TX_BATCH in
+# cffi_build/nitro_switch_internal.h).
+TX_BATCH = 16
+
+
 def test_a_burst_to_one_peer_is_delivered_whole_in_order_with_one_publish(net):
     rx = net.attach_rx(1, bufs=32)
-    frames = [udp(seq=k) for k in range(20)]
+    frames = [udp(seq=k) for k in range(TX_BATCH)]
     queue_frames(net, frames, pieces=3)  # payload spread over the sender's descriptors
-    assert _datapath.net_tx_serve(net.sw, 0, net.tx.vq, 0) == 20
+    assert _datapath.net_tx_serve(net.sw, 0, net.tx.vq, 0) == TX_BATCH
     assert [g[HDR:] for g in net.received(1)] == frames
     assert rx.calls() == 1
-    assert net.sw.port_stats(1)["packets_in"] == 20
+    assert net.sw.port_stats(1)["packets_in"] == TX_BATCH
     assert net.guest.guards_intact()
+
+
+def test_a_long_burst_is_published_batch_by_batch(net):
+    """The receiver gets the first frames of a long burst while the rest is
+    still being switched: one publish (and call) per TX batch, in order."""
+    rx = net.attach_rx(1, bufs=64)
+    frames = [udp(seq=k, size=200) for k in range(2 * TX_BATCH + 5)]
+    queue_frames(net, frames)
+    assert _datapath.net_tx_serve(net.sw, 0, net.tx.vq, 0) == len(frames)
+    assert [g[HDR:] for g in net.received(1)] == frames
+    assert rx.calls() == 3
 
 
 def test_fast_frames_span_small_mergeable_buffers(net):
