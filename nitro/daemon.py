@@ -274,7 +274,14 @@ class Daemon:
                     return
                 try:
                     # Held elsewhere or etcd away: retried like an unreachable source.
-                    await self._lock_volume(cfg, note=False)
+                    # Shielded (etcd calls time out): cancelled half way, etcd
+                    # could keep a record nobody knows of, and the reload that
+                    # cancelled us would find no lock to release.
+                    with trio.CancelScope(shield=True):
+                        await self._lock_volume(cfg, note=False)
+                    if self.waiting.get(w.device_id) is not w:
+                        await self._unlock_removed(w.device_id)
+                        return
                     # Not abandoned on cancel: an opened volume must be closed.
                     device = await trio.to_thread.run_sync(blk.open_device, cfg)
                 except VolumeError as e:
@@ -295,6 +302,8 @@ class Daemon:
         async with self._reload_lock:
             if self._stopping or self.waiting.get(w.device_id) is not w:
                 await trio.to_thread.run_sync(device.close)  # stopped, or removed by a reload
+                if not self._stopping:  # at a stop the locks go with the lease
+                    await self._unlock_removed(w.device_id)
                 return
             assert self._nursery is not None
             server = self._server(device, cfg.socket, cfg.id)
@@ -339,6 +348,15 @@ class Daemon:
     async def _unlock_volume(self, device_id: str) -> None:
         if self.fleet is not None:
             await self.fleet.unlock_volume(device_id)
+
+    async def _unlock_removed(self, device_id: str) -> None:
+        """A waiting device's retry took its lock while a reload removed the
+        device (the reload found no lock yet): release it here, unless a
+        later reload added a device of that id again (then it is that one's)."""
+        if device_id in self.waiting or any(s.device_id == device_id for s in self.servers):
+            return
+        with trio.CancelScope(shield=True):  # the retry's scope is cancelled
+            await self._unlock_volume(device_id)
 
     def _open_net(self) -> NetFabric:
         from nitro.devices.net.fabric import FabricError, NetFabric

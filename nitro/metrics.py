@@ -264,6 +264,9 @@ class _Families:
         self.fleet_sa_age = GaugeMetricFamily(
             "nitro_fleet_sa_age_seconds", "Seconds since the SA with a peer host was installed "
             "(out: this host's; in: the one of the peer's published epoch).", labels=sa)
+        self.fleet_volume_lock = GaugeMetricFamily(
+            "nitro_fleet_volume_lock", "1 for each NBD volume whose lock in etcd this host holds for a "
+            "device (docs/volumes.md \"One host at a time\").", labels=["host", "device", "volume"])
         self.fleet_underlay_up = GaugeMetricFamily(
             "nitro_fleet_underlay_up", "1 while the underlay ring (frames from other hosts) is served by "
             "an engine worker.", labels=["host"])
@@ -426,6 +429,8 @@ def _add_fleet(f: _Families, stats: dict) -> None:
             if info:
                 labels = [*host, str(sa["peer"]), direction]
                 adds += [(f.fleet_sa_epoch, labels, info["epoch"]), (f.fleet_sa_age, labels, info["age_ns"] / 1e9)]
+    adds += [(f.fleet_volume_lock, [*host, str(d), str(v)], 1)
+             for d, v in (stats.get("volume_locks") or {}).items()]
     if stats.get("datapath"):
         adds += _fleet_datapath(f, host, stats["datapath"])
     _add_all(adds)

@@ -399,3 +399,12 @@ def test_waiting_remote_volumes_are_a_gauge():
     assert [(s.labels, s.value) for s in fams["nitro_blk_source_waiting"].samples] == [({"device": "r0"}, 1)]
     fams = {m.name: m for m in NitroCollector(lambda: [], get_waiting=list).collect()}
     assert fams["nitro_blk_source_waiting"].samples == []
+
+
+def test_fleet_volume_locks_held_by_this_host():
+    locks = {"r0": "nbd://10.0.0.5:10809/v0", "r1": "nbd://10.0.0.5:10809/v1"}
+    fams = {m.name: m for m in NitroCollector(lambda: [], get_fleet=lambda: fleet_stats(volume_locks=locks)).collect()}
+    got = {(s.labels["device"], s.labels["volume"]): s.value for s in fams["nitro_fleet_volume_lock"].samples}
+    assert got == {("r0", locks["r0"]): 1, ("r1", locks["r1"]): 1}
+    fams = {m.name: m for m in NitroCollector(lambda: [], get_fleet=fleet_stats).collect()}
+    assert not fams["nitro_fleet_volume_lock"].samples
