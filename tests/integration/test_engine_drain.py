@@ -127,8 +127,12 @@ def freeze(pid: int) -> None:
     os.kill(pid, signal.SIGSTOP)
 
     def stopped() -> bool:
-        tasks = Path(f"/proc/{pid}/task")
-        return all((t / "stat").read_text().rsplit(")", 1)[1].split()[0] == "T" for t in tasks.iterdir())
+        try:
+            states = [(t / "stat").read_text().rsplit(")", 1)[1].split()[0]
+                      for t in Path(f"/proc/{pid}/task").iterdir()]
+        except FileNotFoundError:
+            return False  # a thread that just exited: look again
+        return all(st == "T" for st in states)
 
     until(f"{pid} stopped", stopped)
 
