@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -20,8 +22,9 @@ import trio
 
 from bench.ceph import CephCluster, ceph_cluster
 from bench.nbd import NbdKit
+from bench.proc import REPO
 from nitro import _datapath
-from nitro._datapath import BlkParams, BlkStats, NbdConn, NbdHandle, RbdImage, Ring
+from nitro._datapath import BlkParams, BlkStats, GuestFault, NbdConn, NbdHandle, RbdImage, Ring
 from nitro.engine import Engine
 from tests.ringlayout import VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT
 from tests.unit.test_engine import wait_used
@@ -310,6 +313,46 @@ def test_a_rebalancing_move_drains_off_the_lock(guest, image, short_tmp_path):
             for r in (a, *locals_):
                 r.close()
             server.kill()
+
+
+def truncated_while_draining(tmp: str) -> None:
+    """A child interpreter's scenario (a SIGBUS not recovered kills it,
+    not the test run): A's guest memory vanishes while A drains; the
+    server then answers. The answers break A (fault "memory") instead of
+    the process, the drain still ends, B on the same worker serves on."""
+    image = Path(tmp) / "export.img"
+    image.write_bytes(bytes(CAPACITY * 512))
+    server = NbdKit(Path(tmp), ["file", str(image)])
+    engine = _datapath.Engine(1, poll_us=0)
+    victim, other = FakeGuest([(GPA, 8 * MiB)]), FakeGuest([(GPA, 8 * MiB)])
+    with disk_file(CAPACITY * 512) as fd:
+        a, b = RemoteRing(victim, server, io_timeout=60), LocalRing(other, fd)
+        engine.attach(a.ring, 0)
+        engine.attach(b.ring, 0)
+        stop(server)
+        a.start_writes()
+        detach = threading.Thread(target=engine.detach, args=(a.ring,), daemon=True)
+        detach.start()
+        until("A drains", lambda: draining(engine) == 1)
+        os.ftruncate(victim.fd, 0)  # the frontend takes A's guest RAM away
+        resume(server)
+        detach.join(timeout=30)
+        assert not detach.is_alive(), "A's drain never ended"
+        with pytest.raises(GuestFault) as e:
+            a.ring.check()
+        assert e.value.kind == "memory"
+        assert a.stats.snapshot()["inflight"] == 0
+        b.read_one(0)
+    server.kill()
+    print("survived", flush=True)
+    os._exit(0)  # no finalizers: nothing may read the truncated guest
+
+
+def test_a_ring_whose_memory_vanishes_while_draining_still_drains(short_tmp_path):
+    code = f"from tests.integration.test_engine_drain import *; truncated_while_draining({str(short_tmp_path)!r})"
+    p = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
+                       timeout=120, check=False)
+    assert p.returncode == 0 and "survived" in p.stdout, (p.returncode, p.stdout, p.stderr)
 
 
 # -- RBD ---------------------------------------------------------------------------
