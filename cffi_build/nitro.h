@@ -354,7 +354,8 @@ struct nitro_worker_stats {
  * NITRO_ENGINE_POLL_ADAPTIVE. NULL when a thread cannot be started (errno). */
 struct nitro_engine *nitro_engine_new(uint32_t workers, const int32_t *cpus,
                                       int32_t poll_us, uint32_t flags);
-/* Stops and joins every worker; every ring must have been detached. */
+/* Stops and joins every worker; every ring must have been detached (a
+ * worker still draining a ring quits once that drain ended). */
 void nitro_engine_free(struct nitro_engine *e);
 uint32_t nitro_engine_workers(const struct nitro_engine *e);
 /* An eventfd that becomes readable when a ring stops on an error (read
