@@ -346,6 +346,7 @@ struct nitro_worker_stats {
     uint64_t uring;       /* 1: this worker does blk I/O through io_uring */
     uint64_t muted;       /* rings whose kicks are ignored now (kick storms) */
     uint64_t mutes;       /* times a ring was muted */
+    uint64_t draining;    /* rings being detached that wait for their answers */
 };
 
 /* workers: 1..NITRO_ENGINE_MAX_WORKERS threads; cpus: one CPU number per
@@ -353,7 +354,8 @@ struct nitro_worker_stats {
  * NITRO_ENGINE_POLL_ADAPTIVE. NULL when a thread cannot be started (errno). */
 struct nitro_engine *nitro_engine_new(uint32_t workers, const int32_t *cpus,
                                       int32_t poll_us, uint32_t flags);
-/* Stops and joins every worker; every ring must have been detached. */
+/* Stops and joins every worker; every ring must have been detached (a
+ * worker still draining a ring quits once that drain ended). */
 void nitro_engine_free(struct nitro_engine *e);
 uint32_t nitro_engine_workers(const struct nitro_engine *e);
 /* An eventfd that becomes readable when a ring stops on an error (read
@@ -365,7 +367,10 @@ int nitro_engine_attach(struct nitro_engine *e, struct nitro_ring *r,
                         uint32_t worker);
 /* Take r back and wait until its worker let go of it: its in-flight I/O has
  * completed (and been pushed to the used ring) and notifications are
- * re-enabled. No-op for a detached ring. */
+ * re-enabled. No-op for a detached ring. A remote volume's ring whose
+ * requests await their server (up to io_timeout) drains on its worker
+ * between the worker's other rings: the wait then holds neither the worker
+ * nor other callers' attach/detach. */
 int nitro_engine_detach(struct nitro_engine *e, struct nitro_ring *r);
 int nitro_engine_worker_stats(const struct nitro_engine *e, uint32_t worker,
                               struct nitro_worker_stats *out);

@@ -20,6 +20,18 @@
  * waits on a condition variable until the worker executed it between two
  * loop iterations. So a ring changes owner only while no poll() of it runs.
  *
+ * Draining. A remote volume's ring (ops->drain) may hold requests its
+ * server answers only at their io_timeout (an outage). Its detach command
+ * takes it off its kick fd and returns at once; the ring stays on the
+ * worker, *draining*: each pass calls its drain() instead of poll() (the
+ * connection, answers, timeouts, notifications; no new chain), its aux fd
+ * and timer_ns still wake the worker, and when drain() finds nothing left
+ * the worker finishes the detach and signals `drained`. The detach caller
+ * waits on that with the command slot and the engine's call_lock free, so
+ * the worker serves its other rings and other callers attach and detach
+ * meanwhile. A quit waits for the worker's drains (each ends by its
+ * io_timeout at the latest).
+ *
  * Every call that touches a ring's guest memory (poll, arm, disarm, the
  * detach hand-off, completions) runs inside a guard (nitro_guard.h): if
  * the memory is gone (SIGBUS: a frontend truncated its memfd) the ring
@@ -109,6 +121,14 @@ struct worker {
     int64_t cmd_arg;
     int64_t cmd_rc;
     bool cmd_done;
+    /* Draining rings (see the top): how many, a quit waiting for them,
+     * the detach callers waiting for them (counted by the worker, so the
+     * worker's memory outlives each: worker_fini waits for none left),
+     * and the condition (with `lock`) a drain's end is broadcast on. */
+    uint32_t ndraining;
+    bool quitting;
+    uint32_t drain_waiters;
+    pthread_cond_t drained;
     struct nitro_worker_stats stats;
 };
 
@@ -203,7 +223,7 @@ static void ring_memory_fault(struct worker *w, struct nitro_ring *r)
     ring_stop(w, r, NITRO_ERR_GUEST);
 }
 
-enum ring_call { CALL_POLL, CALL_ARM, CALL_DISARM, CALL_DETACH };
+enum ring_call { CALL_POLL, CALL_ARM, CALL_DISARM, CALL_DETACH, CALL_DRAIN };
 
 /* One call into r's device code, guarded by r's memory: a fault breaks r
  * (NITRO_ERR_GUEST) instead of the process. */
@@ -229,6 +249,9 @@ static int ring_call(struct worker *w, struct nitro_ring *r, enum ring_call c)
     case CALL_DETACH:
         if (r->ops->detach)
             r->ops->detach(r);
+        break;
+    case CALL_DRAIN:
+        rc = r->ops->drain(r);
         break;
     }
     nitro_guard_leave(&g);
@@ -296,7 +319,7 @@ static void ring_count_kick(struct worker *w, struct nitro_ring *r, int n)
 /* Bring the epoll set up to date with what r wants on its aux fd. */
 static void aux_sync(struct worker *w, struct nitro_ring *r)
 {
-    int fd = r->status == NITRO_OK && r->aux_events ? r->aux_fd : -1;
+    int fd = (r->status == NITRO_OK || r->draining) && r->aux_events ? r->aux_fd : -1;
     uint32_t ev = fd >= 0 ? r->aux_events : 0;
     if (fd == r->aux_watched_fd && ev == r->aux_watched_events)
         return;
@@ -356,19 +379,28 @@ static void ring_wait_idle(struct worker *w, struct nitro_ring *r)
     }
 }
 
-static int worker_detach(struct worker *w, struct nitro_ring *r)
+/* What worker_detach returns for a ring left draining. */
+#define DETACH_DRAINING 1
+
+static void stat_draining(struct worker *w)
 {
-    uint32_t i = 0;
-    while (i < w->nrings && w->rings[i] != r)
-        i++;
-    if (i == w->nrings)
-        return NITRO_ERR_ARG;
-    ring_wait_idle(w, r);
-    if (r->muted)
-        ring_set_muted(w, r, false);
-    if (r->kick_fd >= 0)
-        epoll_ctl(w->epfd, EPOLL_CTL_DEL, r->kick_fd, NULL);
-    r->kick_fd = -1;
+    __atomic_store_n(&w->stats.draining, w->ndraining, __ATOMIC_RELAXED);
+}
+
+/* One look at a draining ring: 0 when nothing is left, > 0 while it
+ * awaits answers, < 0 when a fault cut the look short (the ring is broken
+ * now: look again at once, its answers no longer go to the guest). */
+static int ring_drain(struct worker *w, struct nitro_ring *r)
+{
+    int n = ring_call(w, r, CALL_DRAIN);
+    aux_sync(w, r);
+    return n;
+}
+
+/* The end of a detach: r leaves the epoll set and the worker (rings[i]). */
+static void worker_release(struct worker *w, uint32_t i)
+{
+    struct nitro_ring *r = w->rings[i];
     if (r->aux_watched_fd >= 0)
         epoll_ctl(w->epfd, EPOLL_CTL_DEL, r->aux_watched_fd, NULL);
     r->aux_watched_fd = -1;
@@ -381,9 +413,66 @@ static int worker_detach(struct worker *w, struct nitro_ring *r)
     if (ring_call(w, r, CALL_DETACH) < 0)
         ring_call(w, r, CALL_DETACH);
     w->rings[i] = w->rings[--w->nrings];
-    r->worker = -1;
+    if (r->draining) {
+        r->draining = false;
+        w->ndraining--;
+        stat_draining(w);
+    }
+    __atomic_store_n(&r->worker, -1, __ATOMIC_RELEASE);
     nitro_stat_sub(&w->stats.rings, 1);
+}
+
+/* The detach command: NITRO_OK once r is released, or DETACH_DRAINING
+ * when it awaits answers (the caller then waits for `drained`). */
+static int worker_detach(struct worker *w, struct nitro_ring *r)
+{
+    uint32_t i = 0;
+    while (i < w->nrings && w->rings[i] != r)
+        i++;
+    if (i == w->nrings)  /* a drain another caller waited for ended */
+        return r->worker < 0 ? NITRO_OK : NITRO_ERR_ARG;
+    if (r->draining)
+        return DETACH_DRAINING;  /* a second caller: wait with the first */
+    ring_wait_idle(w, r);
+    if (r->muted)
+        ring_set_muted(w, r, false);
+    if (r->kick_fd >= 0)
+        epoll_ctl(w->epfd, EPOLL_CTL_DEL, r->kick_fd, NULL);
+    r->kick_fd = -1;
+    if (r->ops->drain != NULL) {
+        r->draining = true;
+        r->wake_ns = 0;  /* drain() sends what QoS held: no rate wait left */
+        if (ring_drain(w, r) != 0) {
+            w->ndraining++;
+            stat_draining(w);
+            return DETACH_DRAINING;
+        }
+        r->draining = false;
+    }
+    worker_release(w, i);
     return NITRO_OK;
+}
+
+/* Between passes: look at every draining ring, release those that found
+ * nothing left and wake their callers; how many looks were cut short. */
+static uint32_t drain_rings(struct worker *w)
+{
+    uint32_t faults = 0;
+    /* Downwards: worker_release moves the last ring into the freed slot. */
+    for (uint32_t i = w->nrings; i-- > 0;) {
+        struct nitro_ring *r = w->rings[i];
+        if (!r->draining)
+            continue;
+        int n = ring_drain(w, r);
+        faults += n < 0;
+        if (n != 0)
+            continue;
+        pthread_mutex_lock(&w->lock);
+        worker_release(w, i);
+        pthread_cond_broadcast(&w->drained);
+        pthread_mutex_unlock(&w->lock);
+    }
+    return faults;
 }
 
 /* Returns false on CMD_QUIT. */
@@ -398,8 +487,16 @@ static bool worker_command(struct worker *w)
         break;
     case CMD_DETACH:
         w->cmd_rc = worker_detach(w, w->cmd_ring);
+        if (w->cmd_rc == DETACH_DRAINING)
+            w->drain_waiters++;  /* the caller's, until it saw the end */
         break;
     case CMD_QUIT:
+        if (w->ndraining > 0) {
+            /* Done when the last drain ends (worker_main calls again). */
+            w->quitting = true;
+            pthread_mutex_unlock(&w->lock);
+            return true;
+        }
         w->cmd_rc = NITRO_OK;
         go_on = false;
         break;
@@ -430,9 +527,11 @@ static bool worker_command(struct worker *w)
 static uint32_t poll_rings(struct worker *w)
 {
     uint32_t work = io_reap(w);
+    if (w->ndraining > 0)
+        work += drain_rings(w);
     for (uint32_t i = 0; i < w->nrings; i++) {
         struct nitro_ring *r = w->rings[i];
-        if (r->status != NITRO_OK)
+        if (r->status != NITRO_OK || r->draining)
             continue;
         int n = ring_call(w, r, CALL_POLL);
         aux_sync(w, r);
@@ -464,13 +563,14 @@ static uint64_t earliest(uint64_t a, uint64_t b)
     return a == 0 || (b != 0 && b < a) ? b : a;
 }
 
-/* The earliest wake_ns or timer_ns of w's serving rings; 0: none. */
+/* The earliest wake_ns or timer_ns of w's serving and draining rings
+ * (a broken ring still drains); 0: none. */
 static uint64_t next_deadline(const struct worker *w)
 {
     uint64_t first = 0;
     for (uint32_t i = 0; i < w->nrings; i++) {
         const struct nitro_ring *r = w->rings[i];
-        if (r->status == NITRO_OK)
+        if (r->status == NITRO_OK || r->draining)
             first = earliest(earliest(first, r->wake_ns), r->timer_ns);
     }
     return first;
@@ -483,7 +583,8 @@ static bool arm_all(struct worker *w, uint64_t now)
     bool quiet = true;
     for (uint32_t i = 0; i < w->nrings; i++) {
         struct nitro_ring *r = w->rings[i];
-        if (r->status != NITRO_OK || ring_waiting(r, now))
+        /* A draining ring waits on its aux fd and timer_ns only. */
+        if (r->status != NITRO_OK || r->draining || ring_waiting(r, now))
             continue;
         int rc = ring_call(w, r, CALL_ARM);
         if (rc < 0)
@@ -498,7 +599,7 @@ static bool arm_all(struct worker *w, uint64_t now)
 static void disarm_all(struct worker *w)
 {
     for (uint32_t i = 0; i < w->nrings; i++)
-        if (w->rings[i]->status == NITRO_OK)
+        if (w->rings[i]->status == NITRO_OK && !w->rings[i]->draining)
             ring_call(w, w->rings[i], CALL_DISARM);
 }
 
@@ -626,7 +727,7 @@ static void *worker_main(void *arg)
     /* One clock read per pass: the end of a pass starts the next. */
     uint64_t t = last_work;
     for (;;) {
-        if (atomic_load(&w->cmd_pending)) {
+        if (atomic_load(&w->cmd_pending) || (w->quitting && w->ndraining == 0)) {
             if (!worker_command(w))
                 break;
             t = nitro_now_ns();  /* a command's time is not a pass's */
@@ -684,7 +785,19 @@ int nitro_engine_detach(struct nitro_engine *e, struct nitro_ring *r)
     int32_t owner = __atomic_load_n(&r->worker, __ATOMIC_ACQUIRE);
     if (owner < 0)
         return NITRO_OK;
-    return (int)worker_call(e, &e->workers[owner], CMD_DETACH, r, 0);
+    struct worker *w = &e->workers[owner];
+    int rc = (int)worker_call(e, w, CMD_DETACH, r, 0);
+    if (rc != DETACH_DRAINING)
+        return rc;
+    /* The worker drains r between its other rings; wait for the end with
+     * its command slot and the engine's call_lock free for others. */
+    pthread_mutex_lock(&w->lock);
+    while (__atomic_load_n(&r->worker, __ATOMIC_ACQUIRE) >= 0)
+        pthread_cond_wait(&w->drained, &w->lock);
+    if (--w->drain_waiters == 0)
+        pthread_cond_broadcast(&w->drained);  /* a worker_fini may wait */
+    pthread_mutex_unlock(&w->lock);
+    return NITRO_OK;
 }
 
 /* ---- life cycle ------------------------------------------------------------ */
@@ -700,6 +813,7 @@ static int worker_init(struct nitro_engine *e, uint32_t id, int32_t cpu)
     w->stats.poll_us = w->poll_us;
     pthread_mutex_init(&w->lock, NULL);
     pthread_cond_init(&w->cond, NULL);
+    pthread_cond_init(&w->drained, NULL);
     w->epfd = epoll_create1(EPOLL_CLOEXEC);
     w->cmd_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
     if (w->epfd < 0 || w->cmd_fd < 0)
@@ -726,6 +840,11 @@ static void worker_fini(struct nitro_engine *e, struct worker *w)
     if (w->started) {
         worker_call(e, w, CMD_QUIT, NULL, 0);
         pthread_join(w->thread, NULL);
+        /* Detach callers woken by the last drains leave w first. */
+        pthread_mutex_lock(&w->lock);
+        while (w->drain_waiters > 0)
+            pthread_cond_wait(&w->drained, &w->lock);
+        pthread_mutex_unlock(&w->lock);
     }
     nitro_io_exit(&w->io);
     if (w->uring_fd >= 0)
@@ -736,6 +855,7 @@ static void worker_fini(struct nitro_engine *e, struct worker *w)
         close(w->cmd_fd);
     pthread_mutex_destroy(&w->lock);
     pthread_cond_destroy(&w->cond);
+    pthread_cond_destroy(&w->drained);
 }
 
 struct nitro_engine *nitro_engine_new(uint32_t workers, const int32_t *cpus,

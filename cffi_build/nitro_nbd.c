@@ -29,7 +29,6 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <libnbd.h>
-#include <poll.h>
 #include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -117,6 +116,10 @@ struct nbd_ring {
     struct nbd_io *wait_head, **wait_tail;
     struct nbd_io *done;
     uint32_t outstanding;        /* popped and not completed */
+    /* The slot whose guest memory is being read or written (a write's
+     * data copied in, an answer copied out): a fault there leaves it in no
+     * list, so abandon() frees it, or a drain would wait for it forever. */
+    struct nbd_io *touching;
     uint64_t next_deadline;      /* earliest deadline of a waiting/sent slot, 0 */
     bool notify;
 };
@@ -408,8 +411,16 @@ static uint8_t io_copy_out(struct nbd_ring *b, struct nbd_io *io)
     return rc == NITRO_OK ? VIRTIO_BLK_S_OK : VIRTIO_BLK_S_IOERR;
 }
 
+/* Answer the guest, or, on a broken ring (draining: its memory may be
+ * gone), only let the slot go. */
 static void io_complete(struct nbd_ring *b, struct nbd_io *io, uint8_t status)
 {
+    if (b->r.status != NITRO_OK) {
+        nitro_stat_sub(&b->s->inflight, 1);
+        io_release(b, io);
+        return;
+    }
+    b->touching = io;
     if (status == VIRTIO_BLK_S_OK && io->type == VIRTIO_BLK_T_IN)
         status = io_copy_out(b, io);
     io->d.status = status;
@@ -419,6 +430,7 @@ static void io_complete(struct nbd_ring *b, struct nbd_io *io, uint8_t status)
     }
     blk_finish(b->r.vq, io->head, io->resubmitted, io->status, &io->d, b->s,
                io->start);
+    b->touching = NULL;
     b->notify = true;
     io_release(b, io);
 }
@@ -631,7 +643,9 @@ static void ring_start(struct nbd_ring *b, struct nitro_chain *c,
                           .resubmitted = c->resubmitted, .start = start,
                           .deadline = nitro_now_ns() + b->c->io_timeout_ns,
                           .status = rq->status, .buf = io->buf, .cap = io->cap};
+    b->touching = io;
     uint8_t st = io_prepare(b, io, rq);
+    b->touching = NULL;
     if (st != SEND) {
         io_complete(b, io, st);
         return;
@@ -851,6 +865,7 @@ static int nbd_ring_attach(struct nitro_ring *r)
     b->wait_tail = &b->wait_head;
     b->done = NULL;
     b->outstanding = 0;
+    b->touching = NULL;
     b->next_deadline = 0;
     r->timer_ns = 0;
     if (b->p->xts != NULL) {
@@ -879,28 +894,41 @@ static void nbd_release_held(struct nbd_ring *b)
         b->notify = true;
 }
 
-/* The worker lets go: every request taken completes first, as on a local
- * volume. Off the epoll set now, so wait in poll(2) on the socket (or for
- * a new connection) until each is answered or timed out: a detach during
- * an outage takes up to io_timeout. */
+/* Being detached (nitro_ring.h, drain): every request taken completes
+ * first, as on a local volume, answered by the server or at its
+ * io_timeout (a new connection the control plane offers meanwhile is
+ * taken and the waiting requests resent on it). The worker calls this on
+ * its passes, woken by the aux fd (socket or offer) and timer_ns, until
+ * nothing is outstanding. */
+static int nbd_ring_drain(struct nitro_ring *r)
+{
+    struct nbd_ring *b = (struct nbd_ring *)r;
+    nbd_release_held(b);  /* nothing once the first call sent it */
+    ring_service(b);
+    if (r->status == NITRO_OK)
+        ring_notify(b);
+    ring_watch(b);
+    return (int)b->outstanding;
+}
+
+/* A fault cut a copy to or from guest memory short: the slot it was for
+ * is in no list; let it go (the ring is broken, nothing is answered). */
+static void nbd_ring_abandon(struct nitro_ring *r)
+{
+    struct nbd_ring *b = (struct nbd_ring *)r;
+    struct nbd_io *io = b->touching;
+    b->touching = NULL;
+    b->notify = false;
+    if (io != NULL) {
+        nitro_stat_sub(&b->s->inflight, 1);
+        io_release(b, io);
+    }
+}
+
+/* The worker lets go; drain() found nothing outstanding. */
 static void nbd_ring_detach(struct nitro_ring *r)
 {
     struct nbd_ring *b = (struct nbd_ring *)r;
-    nbd_release_held(b);
-    for (;;) {
-        ring_service(b);
-        ring_notify(b);
-        if (b->outstanding == 0)
-            break;
-        ring_watch(b);
-        struct pollfd pfd = {
-            .fd = r->aux_fd,
-            .events = (short)(POLLIN | (r->aux_events & EPOLLOUT ? POLLOUT : 0))};
-        uint64_t now = nitro_now_ns();
-        int ms = b->next_deadline > now ? (int)((b->next_deadline - now) / 1000000 + 1) : 0;
-        if (poll(&pfd, 1, ms) > 0)
-            r->aux_revents |= (uint32_t)pfd.revents | EPOLLIN;
-    }
     nbd_publish(b->c);
     r->aux_fd = -1;
     r->aux_events = 0;
@@ -925,6 +953,8 @@ static const struct nitro_ring_ops nbd_ring_ops = {
     .attach = nbd_ring_attach,
     .detach = nbd_ring_detach,
     .free = nbd_ring_free,
+    .abandon = nbd_ring_abandon,
+    .drain = nbd_ring_drain,
 };
 
 struct nitro_ring *nitro_ring_nbd_new(struct nitro_vq *vq,

@@ -28,7 +28,6 @@
 #include <string.h>
 #include <sys/epoll.h>
 #include <sys/eventfd.h>
-#include <time.h>
 #include <unistd.h>
 
 #include "nitro_blk_internal.h"
@@ -742,32 +741,42 @@ static void rbd_release_held(struct rbd_ring *b, bool live)
         b->notify = true;
 }
 
-/* How long detach sleeps between looks for completions. */
-#define DETACH_POLL_NS 200000
-
-/* The worker lets go: every request the guest awaits is answered first,
- * by librbd or, at the latest, at its deadline (so a cluster that is gone
- * holds the worker io_timeout at most); what librbd still holds then is
- * orphaned. A broken ring's requests are orphaned at once, unanswered. */
-static void rbd_ring_detach(struct nitro_ring *r)
+/* Being detached (nitro_ring.h, drain): every request the guest awaits
+ * is answered first, by librbd or, at the latest, at its deadline (so a
+ * cluster that is gone keeps it draining io_timeout at most); what librbd
+ * still holds then is orphaned. A broken ring's requests are orphaned at
+ * once, unanswered. The worker calls this on its passes, woken by the
+ * ring's eventfd (its aux fd) and timer_ns, until nothing is awaited. */
+static int rbd_ring_drain(struct nitro_ring *r)
 {
     struct rbd_ring *b = (struct rbd_ring *)r;
     bool live = r->status == NITRO_OK;
+    if (r->aux_revents) {
+        /* Drained before reaping: a completion after the reap writes it again. */
+        r->aux_revents = 0;
+        nitro_eventfd_drain(b->efd);
+    }
     rbd_reap(b, live);
-    rbd_release_held(b, live);
-    while (b->oldest != NULL) {
-        if (!live) {
-            nitro_stat_sub(&b->s->inflight, 1);
-            rbd_orphan(b, b->oldest);
-            continue;
-        }
-        struct timespec ts = {.tv_nsec = DETACH_POLL_NS};
-        nanosleep(&ts, NULL);
-        rbd_reap(b, true);
+    rbd_release_held(b, live);  /* nothing once the first call sent it */
+    if (live) {
         rbd_expire(b, nitro_now_ns());
+        rbd_ring_notify(b);
+        return b->oldest != NULL;
+    }
+    while (b->oldest != NULL) {
+        nitro_stat_sub(&b->s->inflight, 1);
+        rbd_orphan(b, b->oldest);
     }
     r->timer_ns = 0;
-    rbd_ring_notify(b);
+    b->notify = false;
+    return 0;
+}
+
+/* The worker lets go; drain() found nothing awaited. */
+static void rbd_ring_detach(struct nitro_ring *r)
+{
+    struct rbd_ring *b = (struct rbd_ring *)r;
+    r->timer_ns = 0;
     nitro_eventfd_drain(b->efd);
     /* Every answer (and decryption) is done: orphans complete unanswered. */
     nitro_xts_lane_put(b->lane);
@@ -804,6 +813,7 @@ static const struct nitro_ring_ops rbd_ring_ops = {
     .attach = rbd_ring_attach,
     .detach = rbd_ring_detach,
     .free = rbd_ring_free,
+    .drain = rbd_ring_drain,
 };
 
 struct nitro_ring *nitro_ring_blk_rbd_new(struct nitro_vq *vq, struct nitro_rbd *v,

@@ -86,6 +86,18 @@ struct nitro_ring_ops {
      * the fd its worker waits on instead of a kick fd. Readable means
      * "poll me": the worker never reads it (poll() does). */
     int (*wait_fd)(const struct nitro_ring *r);
+    /* Optional (the remote-volume rings, whose answers may take up to
+     * their io_timeout): the ring is being detached. Take no new chain;
+     * send what QoS holds; service what the guest still awaits (the
+     * connection, answers, io_timeout, notifications) as poll() does, and
+     * set aux_fd/aux_events and timer_ns as poll() does. Returns 0 once
+     * nothing is outstanding (detach() then finds nothing left), > 0
+     * while something is. The worker calls it at the detach command, then
+     * on each of its passes between its other rings (woken by the aux fd
+     * and timer_ns, never by kicks) until it returns 0: a drain never
+     * holds the worker. On a broken ring (status != NITRO_OK) it answers
+     * nothing into guest memory, but must still reach 0. */
+    int (*drain)(struct nitro_ring *r);
 };
 
 /* The engine's view of one ring; device code embeds it first in its own
@@ -125,6 +137,9 @@ struct nitro_ring {
     uint32_t aux_revents;
     int aux_watched_fd;           /* the worker's: what its epoll set holds */
     uint32_t aux_watched_events;
+    /* The owner's: detached but for its drain (ops->drain): off the kick
+     * fd, polled through drain() only, finished when that returns 0. */
+    bool draining;
 };
 
 /* Confine the calling thread (an engine worker) to the system calls

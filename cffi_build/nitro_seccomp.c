@@ -56,11 +56,11 @@ static const int worker_syscalls[] = {
     SCMP_SYS(pwrite64), SCMP_SYS(fdatasync), SCMP_SYS(fsync),
     SCMP_SYS(fallocate),
     /* blk on an NBD export (nitro_nbd.c; its socket calls are above):
-     * poll while a detach waits for answers; shutdown hangs up on a
-     * server that stopped answering; libnbd closes its socket when the
-     * connection dies (the epoll set watches a duplicate the control
-     * plane closes) */
-    SCMP_SYS(poll), SCMP_SYS(ppoll), SCMP_SYS(shutdown), SCMP_SYS(close),
+     * shutdown hangs up on a server that stopped answering; libnbd closes
+     * its socket when the connection dies (the epoll set watches a
+     * duplicate the control plane closes). A detach waits for answers in
+     * the worker's own loop (draining, nitro_engine.c), not in poll(2). */
+    SCMP_SYS(shutdown), SCMP_SYS(close),
     /* malloc/free (arenas grow with mmap/mprotect, shrink with madvise) */
     SCMP_SYS(mmap), SCMP_SYS(munmap), SCMP_SYS(mremap), SCMP_SYS(madvise),
     SCMP_SYS(mprotect), SCMP_SYS(brk), SCMP_SYS(getrandom),

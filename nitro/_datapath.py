@@ -1039,7 +1039,7 @@ RING_KINDS: Final[dict[int, str]] = {
 }
 _WORKER_STAT_FIELDS: Final[tuple[str, ...]] = (
     "rings", "chains", "wakeups", "busy_ns", "poll_ns", "sleep_ns", "io_submitted",
-    "poll_us", "uring", "muted", "mutes",
+    "poll_us", "uring", "muted", "mutes", "draining",
 )
 
 

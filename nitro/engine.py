@@ -6,7 +6,9 @@ serving the fewest rings; when a ring leaves and the workers differ by more
 than one ring, one ring moves from the busiest to the idlest (SPDK assigns
 a device's queues to reactors the same way; OVS-DPDK rebalances rxqs by
 load). Attach and detach wait for the worker, so they run in a thread of
-their own, never on the trio thread.
+their own, never on the trio thread. A remote volume's ring may take up to
+its io_timeout to detach (it drains on its worker: nitro_engine.c): that
+wait holds neither the worker nor the lock other attaches and detaches take.
 
 A ring that stops on an error (a guest fault, a host error) is reported by
 C through one eventfd; ``watch()`` reads it and calls the ring's owner back.
@@ -15,6 +17,7 @@ C through one eventfd; ``watch()`` reads it and calls the ring's owner back.
 from __future__ import annotations
 
 import logging
+import math
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -37,6 +40,7 @@ class _Assignment:
     on_error: OnError
     label: str
     reported: bool = False
+    moving: trio.Event | None = None  # set once _rebalance's move of it ended
 
 
 class Engine:
@@ -53,11 +57,18 @@ class Engine:
         self.poll_us = poll_us
         self.seccomp = seccomp
         self._assigned: dict[int, _Assignment] = {}  # id(ring) -> where it runs
-        # C serialises hand-offs anyway; one thread for them is enough.
-        self._limiter = trio.CapacityLimiter(1)
-        # Attach, detach and rebalancing one at a time: a ring in _assigned
-        # is then always attached, its queue left alone by its server (a
-        # server changes a queue only after detach() returned).
+        # One thread per call in progress. C serialises its commands and
+        # _lock orders attaches, but a detach waits in its thread for a
+        # remote ring's whole drain (up to io_timeout during an outage):
+        # a bounded pool would let draining rings hold back every other
+        # device's attach and detach. Bounded in practice by the rings
+        # being detached at once.
+        self._limiter = trio.CapacityLimiter(math.inf)
+        # Attach and the bookkeeping of detach and rebalancing one at a
+        # time: a ring in _assigned is attached or being moved (then
+        # detach() waits for the move), its queue left alone by its server
+        # (a server changes a queue only after detach() returned). The C
+        # detach calls, which may drain, run outside it.
         self._lock = trio.Lock()
 
     # -- assignment ----------------------------------------------------------
@@ -93,9 +104,15 @@ class Engine:
         points into, so it must not return before C let go."""
         with trio.CancelScope(shield=True):
             async with self._lock:
-                await self._call(self._c.detach, ring)
-                self._assigned.pop(id(ring), None)
-                await self._rebalance()
+                # Out of the record first: no rebalancing moves it from now.
+                a = self._assigned.pop(id(ring), None)
+                moving = a.moving if a is not None else None
+            if moving is not None:
+                await moving.wait()  # the mover leaves it detached
+            # Outside the lock: a remote ring drains here, up to its
+            # io_timeout, while other rings attach and detach.
+            await self._call(self._c.detach, ring)
+            await self._rebalance()
 
     async def _call(self, fn: Callable[..., None], *args: object) -> None:
         await trio.to_thread.run_sync(fn, *args, limiter=self._limiter)
@@ -103,24 +120,40 @@ class Engine:
     async def _rebalance(self) -> None:
         """Move rings from the busiest worker to the idlest until they differ
         by at most one. A ring that cannot be re-attached (its queue broke
-        meanwhile) is reported to its owner, never to whoever triggered this."""
+        meanwhile) is reported to its owner, never to whoever triggered this.
+        A move's detach may drain (a remote ring): outside the lock."""
         while True:
-            counts = self.load()
-            busiest, idlest = counts.index(max(counts)), counts.index(min(counts))
-            if counts[busiest] - counts[idlest] <= 1:
-                return
-            a = next((a for a in self._assigned.values() if a.worker == busiest and not a.reported), None)
-            if a is None:
-                return
-            await self._call(self._c.detach, a.ring)
+            async with self._lock:
+                counts = self.load()
+                busiest, idlest = counts.index(max(counts)), counts.index(min(counts))
+                if counts[busiest] - counts[idlest] <= 1:
+                    return
+                a = next((a for a in self._assigned.values()
+                          if a.worker == busiest and not a.reported and a.moving is None), None)
+                if a is None:
+                    return
+                # Counted where it goes: a rebalance running meanwhile
+                # (another ring left) does not move a second one for it.
+                a.worker = idlest
+                a.moving = moving = trio.Event()
             try:
-                await self._call(self._c.attach, a.ring, idlest)
-            except _datapath.DatapathError as e:
-                del self._assigned[id(a.ring)]
-                a.on_error(e)
-                continue
-            a.worker = idlest
-            log_event(log, logging.DEBUG, "ring moved", ring=a.label, worker=idlest)
+                await self._call(self._c.detach, a.ring)
+                async with self._lock:
+                    if self._assigned.get(id(a.ring)) is a:  # else detach() has it
+                        await self._reattach(a)
+            finally:
+                a.moving = None
+                moving.set()
+
+    async def _reattach(self, a: _Assignment) -> None:
+        """The second half of a move: a.ring to a.worker."""
+        try:
+            await self._call(self._c.attach, a.ring, a.worker)
+        except _datapath.DatapathError as e:
+            del self._assigned[id(a.ring)]
+            a.on_error(e)
+            return
+        log_event(log, logging.DEBUG, "ring moved", ring=a.label, worker=a.worker)
 
     def worker_of(self, ring: _datapath.Ring) -> int | None:
         """The worker serving ring (Python's record: safe from any thread)."""
