@@ -97,8 +97,9 @@ static int64_t tx_batch(struct tx_ctx *t, struct nitro_vq *vq)
     uint32_t lens[TX_BATCH];
     uint32_t n = 0;
     int rc = 0;
-    nitro_vq_prefetch(vq, TX_BATCH);
-    while (n < TX_BATCH) {
+    uint32_t want = nitro_vq_waiting_hint(vq) > TX_BATCH ? TX_BATCH : TX_BATCH_EARLY;
+    nitro_vq_prefetch(vq, want);
+    while (n < want) {
         struct nitro_chain *c;
         rc = nitro_vq_pop(vq, &c);
         if (rc <= 0)

@@ -21,8 +21,6 @@
 #include "nitro_switch_internal.h"
 
 #define MAX_RX_BUFS 64
-/* Frames read from a VPC's uplink TAP per serve call. */
-#define UPLINK_BATCH 64
 
 /* ---- rate limits ----------------------------------------------------------- */
 
@@ -1079,7 +1077,7 @@ int64_t nitro_switch_uplink_serve(struct nitro_switch *sw, uint32_t vpc,
     struct dirty dirty = {0};
     int64_t total = 0;
     uint8_t *buf = v->uplink_buf;
-    for (int i = 0; i < UPLINK_BATCH; i++) {
+    for (int i = 0; i < TX_BATCH; i++) {
         ssize_t n = read(v->uplink_fd, buf + NITRO_NET_HDR_LEN, NITRO_NET_MAX_FRAME);
         if (n < 0 && errno == EINTR)
             continue;

@@ -41,14 +41,20 @@
  * super-frame included), then room for one segment cut from it (at most
  * the VPC MTU + Ethernet header, itself at most NITRO_NET_MAX_FRAME). */
 #define SCRATCH_LEN (2 * FRAME_BUF_LEN)
-/* Chains a TX ring hands to the switch at a time. Each batch ends by
- * publishing to its receivers, so the receiving side (a guest's or a
- * frontend's CPU) starts on the first frames of a burst while this worker
- * switches the next ones; one batch of a whole 64-frame burst made the two
- * sides take turns. Measured with bench/net.py's loop on 2 CPUs, 64 B:
- * 64 per batch ran at 0.50 of DPDK's io forwarding, 32 at 0.72, 16 at
- * 1.35, 8 at 0.91 (docs/performance.md). DPDK and OVS take 32. */
-#define TX_BATCH 16
+/* Chains a TX ring hands to the switch at a time, and what a batch may
+ * hold. Each batch ends by publishing to its receivers. While the ring
+ * holds about a burst (at most TX_BATCH chains), batches are of
+ * TX_BATCH_EARLY: the receiving side (a guest's or a frontend's CPU)
+ * starts on the burst's first frames while this worker switches the next
+ * ones, where one batch of the whole burst made the two sides take turns.
+ * When more waits, the sender is far ahead and publishing that often only
+ * costs: full batches. Measured with bench/net.py's loop on 2 CPUs (64
+ * frames in flight), 64 B: one batch per burst ran at 0.50 of DPDK's io
+ * forwarding, 32 at 0.72, 16 at 1.35, 8 at 0.91; bench/fleet.py's same-host
+ * loop (512 in flight, 1518 B) lost a fifth with batches of 16 always
+ * (docs/performance.md "Early batches"). DPDK and OVS take 32. */
+#define TX_BATCH 64
+#define TX_BATCH_EARLY 16
 #define DIRTY_MAX 32
 
 struct rx_slot {

@@ -19,9 +19,7 @@
 #define REMOTE_SLOTS (2 * NITRO_NET_MAX_REMOTES)  /* at most half full */
 #define IP4_HLEN 20
 #define UDP_HLEN 8
-/* Datagrams per recvmmsg, and the TX stage's room (it is flushed at the
- * end of every TX batch, so it sends at most TX_BATCH at a time). */
-#define UL_BATCH 64
+#define UL_BATCH TX_BATCH
 /* A receive slot holds the largest IPv4 packet, so nothing is truncated:
  * what is too big for the receiving VPC is dropped by its checks. */
 #define UL_RX_STRIDE 65536

@@ -639,6 +639,14 @@ static void prefetch_buffer(const struct nitro_vq *vq, const uint8_t *desc)
     }
 }
 
+uint32_t nitro_vq_waiting_hint(struct nitro_vq *vq)
+{
+    if (vq->packed || nitro_vq_fault(vq) != NITRO_FAULT_NONE)
+        return 0;
+    int n = avail_pending(vq);
+    return n > 0 ? (uint32_t)n : 0;
+}
+
 void nitro_vq_prefetch(struct nitro_vq *vq, uint32_t n)
 {
     /* A packed ring, chains to serve again, or a region to check first:

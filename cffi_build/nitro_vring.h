@@ -92,6 +92,10 @@ NITRO_INTERNAL int nitro_vq_pop(struct nitro_vq *vq, struct nitro_chain **out);
  * the walk waits for, one after the other). Consumes and checks nothing;
  * split rings only (a packed ring returns at once). */
 NITRO_INTERNAL void nitro_vq_prefetch(struct nitro_vq *vq, uint32_t n);
+/* Chains known to wait (a split ring's copy of avail->idx, read again once
+ * used up): a batch size hint, nothing is consumed or checked beyond the
+ * idx. 0 for a packed or broken ring. */
+NITRO_INTERNAL uint32_t nitro_vq_waiting_hint(struct nitro_vq *vq);
 /* Append (head, len) to the used ring and publish used->idx. */
 NITRO_INTERNAL void nitro_vq_push(struct nitro_vq *vq, uint16_t head,
                                   uint32_t len);

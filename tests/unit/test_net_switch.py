@@ -53,8 +53,9 @@ class Net:
         for port in (0, 1, 2):
             self.sw.set_port_features(port, (1 << 32) | F_MRG)
 
-    def attach_rx(self, port: int, bufs: int = 8, size: int = 2048, features: int = 0) -> SplitRing:
-        ring = SplitRing(self.guest, num=64, features=features)
+    def attach_rx(self, port: int, bufs: int = 8, size: int = 2048, features: int = 0,
+                  num: int = 64) -> SplitRing:
+        ring = SplitRing(self.guest, num=num, features=features)
         ring.bufs = []
         for _ in range(bufs):
             gpa = self.guest.alloc(size)
@@ -728,19 +729,20 @@ def udp(dst_mac=B, dst=B_IP, size=1400, seq=0) -> bytes:
     return bytes(Ether(src=A, dst=dst_mac) / IP(src=A_IP, dst=dst) / UDP(sport=5000, dport=6000) / payload)
 
 
-# Chains a TX ring hands to the switch at a time (TX_BATCH in
-# cffi_build/nitro_switch_internal.h).
-TX_BATCH = 16
+# Chains a TX ring hands to the switch at a time while it holds no more
+# than a burst, and when it holds more (cffi_build/nitro_switch_internal.h).
+TX_BATCH_EARLY = 16
+TX_BATCH = 64
 
 
 def test_a_burst_to_one_peer_is_delivered_whole_in_order_with_one_publish(net):
     rx = net.attach_rx(1, bufs=32)
-    frames = [udp(seq=k) for k in range(TX_BATCH)]
+    frames = [udp(seq=k) for k in range(TX_BATCH_EARLY)]
     queue_frames(net, frames, pieces=3)  # payload spread over the sender's descriptors
-    assert _datapath.net_tx_serve(net.sw, 0, net.tx.vq, 0) == TX_BATCH
+    assert _datapath.net_tx_serve(net.sw, 0, net.tx.vq, 0) == TX_BATCH_EARLY
     assert [g[HDR:] for g in net.received(1)] == frames
     assert rx.calls() == 1
-    assert net.sw.port_stats(1)["packets_in"] == TX_BATCH
+    assert net.sw.port_stats(1)["packets_in"] == TX_BATCH_EARLY
     assert net.guest.guards_intact()
 
 
@@ -748,11 +750,24 @@ def test_a_long_burst_is_published_batch_by_batch(net):
     """The receiver gets the first frames of a long burst while the rest is
     still being switched: one publish (and call) per TX batch, in order."""
     rx = net.attach_rx(1, bufs=64)
-    frames = [udp(seq=k, size=200) for k in range(2 * TX_BATCH + 5)]
+    frames = [udp(seq=k, size=200) for k in range(2 * TX_BATCH_EARLY + 5)]
     queue_frames(net, frames)
     assert _datapath.net_tx_serve(net.sw, 0, net.tx.vq, 0) == len(frames)
     assert [g[HDR:] for g in net.received(1)] == frames
     assert rx.calls() == 3
+
+
+def test_a_ring_holding_more_than_a_batch_is_served_in_full_batches(net):
+    """More than TX_BATCH waiting: the sender is far ahead, so full batches
+    (fewer publishes); the last TX_BATCH or fewer go early again."""
+    net.tx.close()
+    net.tx = SplitRing(net.guest, num=256)
+    rx = net.attach_rx(1, bufs=128, num=128)
+    frames = [udp(seq=k, size=200) for k in range(TX_BATCH + 36)]
+    queue_frames(net, frames)
+    assert _datapath.net_tx_serve(net.sw, 0, net.tx.vq, 0) == len(frames)
+    assert [g[HDR:] for g in net.received(1)] == frames
+    assert rx.calls() == 1 + 3  # 64, then 16 + 16 + 4
 
 
 def test_fast_frames_span_small_mergeable_buffers(net):
