@@ -199,6 +199,10 @@ class _Families:
             "nitro_engine_poll_window_seconds",
             "How long an engine worker busy-polls before it sleeps (adaptive unless daemon.poll_us is set).",
             labels=wl)
+        self.engine_draining = GaugeMetricFamily(
+            "nitro_engine_draining_rings", "Rings an engine worker is detaching that still wait for their "
+            "remote server's answers (served between its other rings until answered or io_timeout).",
+            labels=wl)
         self.engine = {key: CounterMetricFamily(name, text, labels=wl)
                        for key, (name, text, _) in ENGINE_COUNTERS.items()}
         self.guest_memory = GaugeMetricFamily(
@@ -390,7 +394,8 @@ def _add_engine(f: _Families, stats: dict) -> None:
     adds: list[tuple[Metric, list[str], Any]] = [(f.guest_memory, [], stats["guest_memory_bytes"])]
     for w in stats["workers"]:
         label = [str(w["id"])]
-        adds += [(f.engine_rings, label, w["rings"]), (f.engine_poll_window, label, w["poll_us"] / 1e6)]
+        adds += [(f.engine_rings, label, w["rings"]), (f.engine_poll_window, label, w["poll_us"] / 1e6),
+                 (f.engine_draining, label, w["draining"])]
         for key, (_, _, ns) in ENGINE_COUNTERS.items():
             adds.append((f.engine[key], label, w[key] / 1e9 if ns else w[key]))
     _add_all(adds)

@@ -26,6 +26,7 @@ from bench.proc import REPO
 from nitro import _datapath
 from nitro._datapath import BlkParams, BlkStats, GuestFault, NbdConn, NbdHandle, RbdImage, Ring
 from nitro.engine import Engine
+from nitro.metrics import NitroCollector
 from tests.ringlayout import VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT
 from tests.unit.test_engine import wait_used
 from tests.unit.virtq import GPA, FakeGuest, MiB, SplitRing, blk_req, disk_file, fill, guarded_guest, status_of
@@ -235,6 +236,12 @@ async def until_draining(engine: Engine, worker: int) -> None:
                                   lambda: engine.statistics()["workers"][worker]["draining"] == 1)
 
 
+def draining_metric(engine: Engine) -> dict[str, float]:
+    """nitro_engine_draining_rings per worker, as a scrape reads it."""
+    fams = {m.name: m for m in NitroCollector(lambda: [], get_engine=engine.statistics).collect()}
+    return {s.labels["worker"]: s.value for s in fams["nitro_engine_draining_rings"].samples}
+
+
 def test_the_control_plane_attaches_while_a_ring_drains(guest, image, short_tmp_path):
     """nitro/engine.py: Engine.detach waits for a drain without its lock
     (and without the one engine thread it used to have), so another
@@ -253,9 +260,11 @@ def test_the_control_plane_attaches_while_a_ring_drains(guest, image, short_tmp_
             with trio.fail_after(30):  # not the drain's 60 s
                 assert await engine.attach(c.ring, errors.append, label="c") == 0
             assert engine.statistics()["workers"][0]["draining"] == 1
+            assert draining_metric(engine) == {"0": 1}
             assert engine.worker_of(a.ring) is None  # no rebalancing can pick it
             resume(server)
         assert a.ring.worker is None and c.ring.worker == 0
+        assert draining_metric(engine) == {"0": 0}
         await engine.detach(c.ring)
 
     with disk_file(CAPACITY * 512) as fd:
