@@ -649,17 +649,16 @@ uint32_t nitro_vq_waiting_hint(struct nitro_vq *vq)
 
 void nitro_vq_prefetch(struct nitro_vq *vq, uint32_t n)
 {
-    /* A packed ring, chains to serve again, or a region to check first:
-     * not the steady state this is for. */
-    if (vq->packed || nitro_vq_fault(vq) != NITRO_FAULT_NONE ||
-        (vq->inflight != NULL && vq->inflight_check) ||
+    /* Chains to serve again, a region to check first, a packed or broken
+     * ring (the hint's 0): not the steady state this is for. */
+    if ((vq->inflight != NULL && vq->inflight_check) ||
         vq->resubmit_pos < vq->resubmit_n)
         return;
-    int pending = avail_pending(vq);
-    if (pending <= 0)
+    uint32_t pending = nitro_vq_waiting_hint(vq);
+    if (pending == 0)
         return;
-    if (n > (uint32_t)pending)
-        n = (uint32_t)pending;
+    if (n > pending)
+        n = pending;
     if (n > NITRO_VQ_PREFETCH_MAX)
         n = NITRO_VQ_PREFETCH_MAX;
     /* Two passes, so the misses overlap: every descriptor is requested

@@ -236,6 +236,22 @@ async def until_draining(engine: Engine, worker: int) -> None:
                                   lambda: engine.statistics()["workers"][worker]["draining"] == 1)
 
 
+def run_resumed(engine: Engine, server: NbdKit, guest: FakeGuest, a: RemoteRing, others: list,
+                errors: list[Exception], main: Callable, *args: object) -> None:
+    """Run a control-plane scenario whose server main() resumes: A's writes
+    were all answered OK, no ring was reported; then close everything."""
+    try:
+        trio.run(main, *args)
+        assert [status_of(guest, q) for q in a.writes] == [VIRTIO_BLK_S_OK] * WRITES
+        assert errors == []
+    finally:
+        resume(server)
+        engine.close()
+        for r in (a, *others):
+            r.close()
+        server.kill()
+
+
 def draining_metric(engine: Engine) -> dict[str, float]:
     """nitro_engine_draining_rings per worker, as a scrape reads it."""
     fams = {m.name: m for m in NitroCollector(lambda: [], get_engine=engine.statistics).collect()}
@@ -269,16 +285,7 @@ def test_the_control_plane_attaches_while_a_ring_drains(guest, image, short_tmp_
 
     with disk_file(CAPACITY * 512) as fd:
         a, c = RemoteRing(guest, server, io_timeout=60), LocalRing(guest, fd)
-        try:
-            trio.run(main, a, c)
-            assert [status_of(guest, q) for q in a.writes] == [VIRTIO_BLK_S_OK] * WRITES
-            assert errors == []
-        finally:
-            resume(server)
-            engine.close()
-            a.close()
-            c.close()
-            server.kill()
+        run_resumed(engine, server, guest, a, [c], errors, main, a, c)
 
 
 def test_a_rebalancing_move_drains_off_the_lock(guest, image, short_tmp_path):
@@ -312,16 +319,7 @@ def test_a_rebalancing_move_drains_off_the_lock(guest, image, short_tmp_path):
     with disk_file(CAPACITY * 512) as fd:
         a = RemoteRing(guest, server, io_timeout=60)
         locals_ = [LocalRing(guest, fd) for _ in range(5)]
-        try:
-            trio.run(main, a, locals_)
-            assert [status_of(guest, q) for q in a.writes] == [VIRTIO_BLK_S_OK] * WRITES
-            assert errors == []
-        finally:
-            resume(server)
-            engine.close()
-            for r in (a, *locals_):
-                r.close()
-            server.kill()
+        run_resumed(engine, server, guest, a, locals_, errors, main, a, locals_)
 
 
 def truncated_while_draining(tmp: str) -> None:
