@@ -295,31 +295,39 @@ def test_concurrent_senders_and_rekeys_never_share_a_nonce(pair):
     nitro, _, slot = pair
     frame = inner_frame()
     seen: list[tuple[int, int]] = []
+    sent = [0, 0, 0]
+    stop = threading.Event()
 
-    def sender() -> None:
+    def sender(n: int) -> None:
         batch = dp.TunnelBatch(16, MTU)
         batch.set_frames([frame] * 16)
-        for _ in range(300):
+        # Senders run until the rekeys are over, so every rekey lands while
+        # they send however fast this machine is (a fixed count could end
+        # before the second epoch).
+        while not stop.is_set():
             nitro.tunnel.encap_batch(slot, VNI, batch, 16)
+            sent[n] += 1
             for i in range(16):
                 if batch.pkts[i].drop < 0:
                     esp = batch.slot(i, 20, 8)
                     seen.append((int.from_bytes(esp[:4], "big"), int.from_bytes(esp[4:], "big")))
 
-    threads = [threading.Thread(target=sender) for _ in range(3)]
+    threads = [threading.Thread(target=sender, args=(n,)) for n in range(3)]
     for t in threads:
         t.start()
-    epoch = 0
     # Fewer than 256 epochs: the SPI's epoch byte must not wrap within the test.
-    while any(t.is_alive() for t in threads) and epoch < 200:
-        epoch += 1
+    for epoch in range(1, 41):
         nitro.set_epoch(epoch)  # frees the SA the senders were using
         time.sleep(0.001)
+    stop.set()
     for t in threads:
         t.join()
-    assert len(seen) == 3 * 300 * 16
+    assert min(sent) > 0
+    assert len(seen) == sum(sent) * 16
     assert len(set(seen)) == len(seen)
-    assert epoch > 1
+    # The frames went out under several epochs' SAs: the rekeys happened
+    # while the senders were sending.
+    assert len({spi for spi, _ in seen}) > 1
 
 
 def test_sequence_numbers_never_cycle(pair):
