@@ -248,6 +248,12 @@ struct rbd_ring {
     struct rbd_io *oldest;
     struct rbd_io *newest;
     struct rbd_io *done;        /* completed by librbd, not yet finished */
+    /* Taken off `done` by the reap in progress: a fault (guest memory
+     * gone) may cut that reap short, and the next drain finishes these. */
+    struct rbd_io *reaping;
+    /* The slot whose guest memory is being copied or answered: a fault
+     * there leaves it in no list, so abandon() lets it go. */
+    struct rbd_io *touching;
     struct blk_queue q;         /* the next request, through QoS */
     struct nitro_xts_lane *lane;  /* the worker's cipher contexts (p->xts) */
     /* The owner's reference and one per request librbd holds (atomic):
@@ -328,6 +334,8 @@ static struct rbd_io *rbd_slot(struct rbd_ring *b)
 static void rbd_io_release(struct rbd_io *io)
 {
     struct rbd_ring *b = io->ring;
+    if (b->touching == io)
+        b->touching = NULL;
     free(io->giov);
     io->giov = NULL;
     if (io->cap > BUF_KEEP_BYTES) {
@@ -420,26 +428,36 @@ static void rbd_expire(struct rbd_ring *b, uint64_t now)
 }
 
 /* Finish every request librbd completed (touching the guest only if
- * `live`: a broken ring's memory may be gone); how many. */
+ * `live`: a broken ring's memory may be gone); how many. They are taken
+ * off the done stack onto `reaping` first, and each off that before it
+ * is answered, so a fault mid-way loses none (abandon, the next drain). */
 static uint32_t rbd_reap(struct rbd_ring *b, bool live)
 {
     struct rbd_io *io = __atomic_exchange_n(&b->done, NULL, __ATOMIC_ACQUIRE);
+    if (io != NULL) {
+        struct rbd_io *last = io;
+        while (last->next != NULL)
+            last = last->next;
+        last->next = b->reaping;
+        b->reaping = io;
+    }
     uint32_t n = 0;
-    while (io != NULL) {
-        struct rbd_io *next = io->next;
+    while ((io = b->reaping) != NULL) {
+        b->reaping = io->next;  /* before the guest is touched */
         if (io->orphan) {
             rbd_io_free(io);
-        } else {
-            rbd_unawait(b, io);
-            if (live)
-                rbd_io_answer(io, __atomic_load_n(&io->failed, __ATOMIC_RELAXED)
-                                      ? VIRTIO_BLK_S_IOERR : VIRTIO_BLK_S_OK);
-            else
-                nitro_stat_sub(&b->s->inflight, 1);
-            rbd_io_release(io);
-            n++;
+            continue;
         }
-        io = next;
+        rbd_unawait(b, io);
+        if (live) {
+            b->touching = io;
+            rbd_io_answer(io, __atomic_load_n(&io->failed, __ATOMIC_RELAXED)
+                                  ? VIRTIO_BLK_S_IOERR : VIRTIO_BLK_S_OK);
+        } else {
+            nitro_stat_sub(&b->s->inflight, 1);
+        }
+        rbd_io_release(io);
+        n++;
     }
     return n;
 }
@@ -487,6 +505,7 @@ static int submit_zeroes(struct rbd_io *io, rbd_completion_t c, uint64_t off, ui
 static void rbd_send(struct rbd_io *io, int calls)
 {
     struct rbd_ring *b = io->ring;
+    b->touching = NULL;  /* librbd's now, and awaited */
     io->pending = calls;
     __atomic_add_fetch(&b->refs, 1, __ATOMIC_RELAXED);
     rbd_await(b, io);
@@ -516,6 +535,7 @@ static struct rbd_io *rbd_io_take(struct rbd_ring *b, const struct nitro_chain *
     struct rbd_io *io = b->free;
     b->free = io->next;
     b->in_flight++;
+    b->touching = io;  /* until sent or released: a write's copy-in reads the guest */
     io->next = NULL;
     io->head = c->head;
     io->resubmitted = c->resubmitted;
@@ -772,6 +792,21 @@ static int rbd_ring_drain(struct nitro_ring *r)
     return 0;
 }
 
+/* A fault cut a copy to or from guest memory short (the ring is broken,
+ * nothing more is answered): the slot it was for is in no list; let it
+ * go. Requests the cut reap had not reached stay on `reaping` for the
+ * drain. */
+static void rbd_ring_abandon(struct nitro_ring *r)
+{
+    struct rbd_ring *b = (struct rbd_ring *)r;
+    struct rbd_io *io = b->touching;
+    b->notify = false;
+    if (io != NULL) {
+        nitro_stat_sub(&b->s->inflight, 1);
+        rbd_io_release(io);
+    }
+}
+
 /* The worker lets go; drain() found nothing awaited. */
 static void rbd_ring_detach(struct nitro_ring *r)
 {
@@ -783,14 +818,20 @@ static void rbd_ring_detach(struct nitro_ring *r)
     b->lane = NULL;
 }
 
-static void rbd_ring_destroy(struct rbd_ring *b)
+static void rbd_io_free_list(struct rbd_io *io)
 {
-    struct rbd_io *io = __atomic_exchange_n(&b->done, NULL, __ATOMIC_ACQUIRE);
     while (io != NULL) {
         struct rbd_io *next = io->next;
         rbd_io_free(io);
         io = next;
     }
+}
+
+static void rbd_ring_destroy(struct rbd_ring *b)
+{
+    rbd_io_free_list(__atomic_exchange_n(&b->done, NULL, __ATOMIC_ACQUIRE));
+    rbd_io_free_list(b->reaping);
+    struct rbd_io *io;
     while ((io = b->free) != NULL) {
         b->free = io->next;
         rbd_io_free(io);
@@ -814,6 +855,7 @@ static const struct nitro_ring_ops rbd_ring_ops = {
     .detach = rbd_ring_detach,
     .free = rbd_ring_free,
     .drain = rbd_ring_drain,
+    .abandon = rbd_ring_abandon,
 };
 
 struct nitro_ring *nitro_ring_blk_rbd_new(struct nitro_vq *vq, struct nitro_rbd *v,

@@ -322,27 +322,37 @@ def test_a_rebalancing_move_drains_off_the_lock(guest, image, short_tmp_path):
         run_resumed(engine, server, guest, a, locals_, errors, main, a, locals_)
 
 
-def truncated_while_draining(tmp: str) -> None:
+def truncated_while_draining(tmp: str, rbd: dict | None = None) -> None:
     """A child interpreter's scenario (a SIGBUS not recovered kills it,
     not the test run): A's guest memory vanishes while A drains; the
-    server then answers. The answers break A (fault "memory") instead of
-    the process, the drain still ends, B on the same worker serves on."""
-    image = Path(tmp) / "export.img"
-    image.write_bytes(bytes(CAPACITY * 512))
-    server = NbdKit(Path(tmp), ["file", str(image)])
-    engine = _datapath.Engine(1, poll_us=0)
+    server (nbdkit, or with `rbd` the cluster's OSD) then answers. The
+    answers break A (fault "memory") instead of the process, the drain
+    still ends with no request left counted in flight, B on the same
+    worker serves on."""
     victim, other = FakeGuest([(GPA, 8 * MiB)]), FakeGuest([(GPA, 8 * MiB)])
+    if rbd is None:
+        image = Path(tmp) / "export.img"
+        image.write_bytes(bytes(CAPACITY * 512))
+        server = NbdKit(Path(tmp), ["file", str(image)])
+        a: RemoteRing = RemoteRing(victim, server, io_timeout=60)
+        hang, resume_ = (lambda: stop(server)), (lambda: resume(server))
+    else:
+        cluster = CephCluster(tmp=Path(tmp), conf=Path(rbd["conf"]), keyring=Path(rbd["keyring"]),
+                              pool=rbd["pool"], user=rbd["user"])
+        a = RbdRing(victim, cluster, rbd["image"], io_timeout=60)
+        hang, resume_ = (lambda: freeze(rbd["osd"])), (lambda: os.kill(rbd["osd"], signal.SIGCONT))
+    engine = _datapath.Engine(1, poll_us=0)
     with disk_file(CAPACITY * 512) as fd:
-        a, b = RemoteRing(victim, server, io_timeout=60), LocalRing(other, fd)
+        b = LocalRing(other, fd)
         engine.attach(a.ring, 0)
         engine.attach(b.ring, 0)
-        stop(server)
+        hang()
         a.start_writes()
         detach = threading.Thread(target=engine.detach, args=(a.ring,), daemon=True)
         detach.start()
         until("A drains", lambda: draining(engine) == 1)
         os.ftruncate(victim.fd, 0)  # the frontend takes A's guest RAM away
-        resume(server)
+        resume_()
         detach.join(timeout=30)
         assert not detach.is_alive(), "A's drain never ended"
         with pytest.raises(GuestFault) as e:
@@ -350,16 +360,22 @@ def truncated_while_draining(tmp: str) -> None:
         assert e.value.kind == "memory"
         assert a.stats.snapshot()["inflight"] == 0
         b.read_one(0)
-    server.kill()
+    if rbd is None:
+        server.kill()
     print("survived", flush=True)
     os._exit(0)  # no finalizers: nothing may read the truncated guest
 
 
-def test_a_ring_whose_memory_vanishes_while_draining_still_drains(short_tmp_path):
-    code = f"from tests.integration.test_engine_drain import *; truncated_while_draining({str(short_tmp_path)!r})"
+def run_truncated_while_draining(tmp: Path, rbd: dict | None = None) -> None:
+    code = (f"from tests.integration.test_engine_drain import *; "
+            f"truncated_while_draining({str(tmp)!r}, {rbd!r})")
     p = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
                        timeout=120, check=False)
     assert p.returncode == 0 and "survived" in p.stdout, (p.returncode, p.stdout, p.stderr)
+
+
+def test_a_ring_whose_memory_vanishes_while_draining_still_drains(short_tmp_path):
+    run_truncated_while_draining(short_tmp_path)
 
 
 # -- RBD ---------------------------------------------------------------------------
@@ -400,3 +416,17 @@ def test_a_draining_rbd_ring_holds_neither_its_worker_nor_attaches(guest, cluste
     finally:
         os.kill(osd, signal.SIGCONT)
         a.close()
+
+
+def test_an_rbd_ring_whose_memory_vanishes_while_draining_still_drains(cluster, short_tmp_path):
+    """As for NBD: librbd's answers reach a ring whose guest memory is
+    gone; the one being answered when the fault hit and those reaped with
+    it are let go, not leaked (each counted out of flight once)."""
+    cluster.rbd("create", "--size", f"{CAPACITY * 512 >> 20}M", f"{cluster.pool}/vanish")
+    osd = cluster.pids()["osd"]
+    rbd = {"conf": str(cluster.conf), "keyring": str(cluster.keyring), "pool": cluster.pool,
+           "user": cluster.user, "image": "vanish", "osd": osd}
+    try:
+        run_truncated_while_draining(short_tmp_path, rbd)
+    finally:
+        os.kill(osd, signal.SIGCONT)
