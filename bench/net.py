@@ -24,9 +24,11 @@ Frontends (dpdk-testpmd net_virtio_user, busy-polling), the same for both:
   Two busy pollers on two CPUs: frontend and backend each own one.
 - `split` (the issue's layout, needs 3 CPUs): a `txonly` generator and an
   `rxonly` sink, each on its own CPU; the rate is the sink's.
-Per frame size (64, 1518 B) the backends alternate A, B, C, D, A, B, C, D
-(--rounds), and ratios are taken within a round (field notes: the machines
-have slow periods; compare ratios in one run, not absolutes). The 1518 B
+Per frame size (64, 1518 B) the backends alternate in rounds, each round
+starting one backend later (A B C D, B C D A, ...: the machine's speed drifts
+within a run, and a fixed order would hand the drift to whoever runs last),
+and ratios are taken within a round (field notes: the machines have slow
+periods; compare ratios in one run, not absolutes). The 1518 B
 loop is bimodal for every backend (a fast and a slow mode ~2x apart): each
 run is labelled by its mode (slow: below FAST_SHARE of that backend's best
 run at that size) and a ratio uses only the rounds where both backends ran
@@ -273,6 +275,12 @@ def modes(rates: list[float], size: int) -> list[str]:
     return ["fast" if r >= FAST_SHARE * best else "slow" for r in rates]
 
 
+def round_order(names: list[str], r: int) -> list[str]:
+    """Round r's order: the backends rotated by r."""
+    k = r % len(names)
+    return names[k:] + names[:k]
+
+
 def same_mode_ratio(num: list[float], den: list[float], size: int) -> tuple[float, int]:
     """Median over the rounds where both ran in the same mode of the
     per-round ratio num/den, and how many rounds that was."""
@@ -316,7 +324,7 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--sizes", default="64,1518")
     ap.add_argument("--backends", default=",".join(BACKENDS),
-                    help="comma-separated, run in this order each round: " + ", ".join(BACKENDS))
+                    help="comma-separated, the first round's order (each later round starts one later): " + ", ".join(BACKENDS))
     ap.add_argument("--mode", choices=("loop", "split"), default="split" if SPLIT_POSSIBLE else "loop")
     args = ap.parse_args()
     names = args.backends.split(",")
@@ -332,7 +340,7 @@ def main() -> int:
         for size in (int(s) for s in args.sizes.split(",")):
             res = results[size] = {name: [] for name in names}
             for r in range(max(2, args.rounds)):
-                for name in names:
+                for name in round_order(names, r):
                     pps = BACKENDS[name](tmp, size, args.seconds)
                     res[name].append(pps)
                     print(f"  {size:5d} B  round {r + 1}  {name:10s}  {pps / 1e6:7.3f} Mpps", flush=True)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import math
 
-from bench.net import modes, same_mode_ratio
+from bench.net import modes, round_order, same_mode_ratio
 
 
 def test_modes_are_relative_to_the_backends_best_run() -> None:
@@ -26,3 +26,13 @@ def test_ratio_uses_only_rounds_in_the_same_mode() -> None:
 def test_no_round_in_the_same_mode_is_nan() -> None:
     ratio, rounds = same_mode_ratio([1.0, 2.0], [2.0, 1.0], 1518)
     assert rounds == 0 and math.isnan(ratio)
+
+
+def test_each_round_starts_one_backend_later() -> None:
+    names = ["dpdk", "ovs-normal", "ovs-flows", "nitro"]
+    orders = [round_order(names, r) for r in range(5)]
+    assert orders[0] == names
+    assert orders[1] == ["ovs-normal", "ovs-flows", "nitro", "dpdk"]
+    assert orders[4] == names
+    # Over len(names) rounds every backend runs in every position once.
+    assert all(sorted(o[i] for o in orders[:4]) == sorted(names) for i in range(4))
