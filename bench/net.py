@@ -324,7 +324,8 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--sizes", default="64,1518")
     ap.add_argument("--backends", default=",".join(BACKENDS),
-                    help="comma-separated, the first round's order (each later round starts one later): " + ", ".join(BACKENDS))
+                    help="comma-separated, the first round's order (each later round starts one later): "
+                    + ", ".join(BACKENDS))
     ap.add_argument("--mode", choices=("loop", "split"), default="split" if SPLIT_POSSIBLE else "loop")
     args = ap.parse_args()
     names = args.backends.split(",")
