@@ -210,10 +210,14 @@ def _format_engine(engine: dict) -> list[str]:
         cap = engine.get("max_guest_memory")
         lines.append(f"guest memory mapped: {_mib(engine['guest_memory_bytes'])}"
                      f"{f' of max_guest_memory {_mib(cap)}' if cap else ' (no cap)'}")
-    rows = [[w.get("id", "?"), "-" if w.get("cpu") is None else w["cpu"], w.get("rings", 0), w.get("chains", 0),
+    rows = [[w.get("id", "?"), "-" if w.get("cpu") is None else w["cpu"], w.get("rings", 0), w.get("draining", 0),
+             w.get("chains", 0),
              f"{w.get('busy_ns', 0) / 1e9:.2f}", f"{w.get('poll_ns', 0) / 1e9:.2f}",
              f"{w.get('sleep_ns', 0) / 1e9:.2f}", w.get("wakeups", 0), w.get("poll_us", 0)] for w in workers]
-    lines += _table(["worker", "cpu", "rings", "chains", "busy s", "poll s", "sleep s", "wakeups", "window us"],
+    # draining: rings detached but still finishing a remote volume's requests
+    # (an outage holds one up to io_timeout; docs/volumes.md).
+    lines += _table(["worker", "cpu", "rings", "draining", "chains", "busy s", "poll s", "sleep s", "wakeups",
+                     "window us"],
                     rows, indent="  ")
     return lines
 

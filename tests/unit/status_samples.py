@@ -30,7 +30,7 @@ VPCS = {
 }
 
 ENGINE = {"blk_io": "io_uring", "poll_us": "adaptive",
-          "workers": [{"id": 0, "cpu": None, "ring_labels": ["vol0/0"], "rings": 1, "chains": 40, "wakeups": 3,
+          "workers": [{"id": 0, "cpu": None, "ring_labels": ["vol0/0"], "rings": 1, "draining": 1, "chains": 40, "wakeups": 3,
                        "busy_ns": 1_500_000_000, "poll_ns": 250_000_000, "sleep_ns": 9_000_000_000,
                        "io_submitted": 30, "poll_us": 80, "uring": 1},
                       {"id": 1, "cpu": None, "ring_labels": [], "rings": 0, "chains": 0, "wakeups": 1,

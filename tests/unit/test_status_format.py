@@ -107,8 +107,11 @@ def test_format_status_shows_the_engine():
     text = format_status({**status(blk_stats("vol0")), "engine": ENGINE})
     assert "engine: 2 workers, blk I/O io_uring, busy-poll adaptive" in text
     rows = [line.split() for line in text.splitlines()]
-    assert ["0", "-", "1", "40", "1.50", "0.25", "9.00", "3", "80"] in rows
-    assert ["1", "-", "0", "0", "0.00", "0.00", "10.00", "1", "0"] in rows
+    assert ["worker", "cpu", "rings", "draining", "chains"] == rows[rows.index(["engine:", "2", "workers,", "blk",
+                                                                               "I/O", "io_uring,", "busy-poll",
+                                                                               "adaptive"]) + 1][:5]
+    assert ["0", "-", "1", "1", "40", "1.50", "0.25", "9.00", "3", "80"] in rows
+    assert ["1", "-", "0", "0", "0", "0.00", "0.00", "10.00", "1", "0"] in rows
 
 
 def test_format_status_shows_waiting_remote_volumes():
