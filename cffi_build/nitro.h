@@ -199,6 +199,9 @@ struct nitro_blk_stats {
     /* Requests found in flight in the inflight region on (re)start and
      * served again (vhost-user inflight I/O tracking). */
     uint64_t resubmitted;
+    /* Remote volumes: requests the storage left unanswered past
+     * io_timeout, completed with IOERR (also in errors[]). */
+    uint64_t timeouts;
 };
 
 /* nitro_crypto.h: an AES-XTS key with its per-thread cipher contexts. */

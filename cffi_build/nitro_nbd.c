@@ -747,6 +747,7 @@ static void ring_timeouts(struct nbd_ring *b, uint64_t now)
         if (io->deadline <= now) {
             *pp = io->next;
             nitro_stat_add(&b->c->stats.timeouts, 1);
+            nitro_stat_add(&b->s->timeouts, 1);
             io_complete(b, io, VIRTIO_BLK_S_IOERR);
             continue;
         }

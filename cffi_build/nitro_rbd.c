@@ -421,6 +421,7 @@ static void rbd_expire(struct rbd_ring *b, uint64_t now)
 {
     struct rbd_io *io;
     while ((io = b->oldest) != NULL && io->deadline != 0 && io->deadline <= now) {
+        nitro_stat_add(&b->s->timeouts, 1);
         rbd_io_answer(io, VIRTIO_BLK_S_IOERR);
         rbd_orphan(b, io);
     }

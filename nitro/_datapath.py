@@ -533,6 +533,7 @@ class BlkStats(_Owned):
             },
             "inflight": int(s.inflight),
             "resubmitted": int(s.resubmitted),
+            "timeouts": int(s.timeouts),
         }
 
 

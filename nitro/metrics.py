@@ -131,6 +131,19 @@ BLK_QOS = {
 #: ``limit`` label values of nitro_blk_qos_limit (keys of statistics()["qos"]).
 BLK_QOS_LIMITS = ("iops", "throughput", "burst_iops", "burst_seconds")
 
+#: An NBD volume's connections (a device's statistics()["remote"], summed
+#: over its queues' connections): key -> (family, name, help).
+BLK_REMOTE = {
+    "connected": (GaugeMetricFamily, "nitro_blk_remote_connections_up",
+                  "Connections to the NBD server that are up (one per queue)."),
+    "connects": (CounterMetricFamily, "nitro_blk_remote_connects",
+                 "Connections made to the NBD server, the first ones and every reconnect."),
+    "disconnects": (CounterMetricFamily, "nitro_blk_remote_disconnects",
+                    "Connections to the NBD server found dead (or hung up on after io_timeout)."),
+    "resent": (CounterMetricFamily, "nitro_blk_remote_resent_requests",
+               "Requests sent again on a new connection after the old one died."),
+}
+
 
 class _Families:
     """The metric families of one scrape, built fresh each time."""
@@ -165,6 +178,15 @@ class _Families:
         self.blk_source_waiting = GaugeMetricFamily(
             "nitro_blk_source_waiting", "1 while a remote volume's source (NBD server, Ceph cluster) cannot "
             "be reached: the device has no socket yet and is retried in the background.", labels=["device"])
+        self.blk_volume_info = GaugeMetricFamily(
+            "nitro_blk_volume_info", "Always 1; the labels describe the device's volume: its image or "
+            "remote source, the backend serving it (file, nbd, rbd), whether nitro encrypts it.",
+            labels=["device", "volume", "backend", "encrypted"])
+        self.blk_remote = {key: family(name, text, labels=["device"])
+                           for key, (family, name, text) in BLK_REMOTE.items()}
+        self.blk_timeouts = CounterMetricFamily(
+            "nitro_blk_timeouts", "Requests of a remote volume its storage left unanswered past io_timeout: "
+            "the guest got an I/O error (counted in nitro_blk_errors_total too).", labels=["device"])
         self.blk_capacity = GaugeMetricFamily(
             "nitro_blk_capacity_bytes", "Size of the virtio-blk device as presented to the guest.", labels=["device"])
         self.vhost_connected = GaugeMetricFamily(
@@ -357,6 +379,13 @@ def _add_device(f: _Families, stats: dict) -> None:
             ]
         adds.append((f.blk_inflight, [dev], stats.get("inflight", 0)))
         adds.append((f.blk_resubmitted, [dev], stats.get("resubmitted", 0)))
+        adds.append((f.blk_timeouts, [dev], stats.get("timeouts", 0)))
+        if "volume" in stats:
+            adds.append((f.blk_volume_info, _labels(dev, stats["volume"], stats.get("backend", ""),
+                                                    str(bool(stats.get("encrypted"))).lower()), 1))
+        remote = stats.get("remote")
+        if isinstance(remote, dict):
+            adds += [(f.blk_remote[key], [dev], remote.get(key, 0)) for key in BLK_REMOTE]
         if "capacity_bytes" in stats:
             adds.append((f.blk_capacity, [dev], stats["capacity_bytes"]))
         for op, h in stats.get("latency", {}).items():

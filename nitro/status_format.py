@@ -110,6 +110,29 @@ def _format_qos(q: dict) -> str:
             f"queued {q.get('queued', 0)}")
 
 
+#: blk backends whose storage is reached over the network (docs/volumes.md).
+REMOTE_BACKENDS = ("nbd", "rbd")
+
+
+def _format_volume(d: dict) -> str:
+    """`/srv/vm/db0.img (file)`, `nbd://host/export (nbd, LUKS2)`."""
+    extra = ", LUKS2" if d.get("encrypted") else ""
+    return f"{d['volume']} ({d.get('backend', '?')}{extra})"
+
+
+def _format_remote(d: dict) -> str:
+    """A remote volume's link to its storage: NBD's connections (one per
+    queue) and what they went through; for any source, the requests
+    that got an I/O error at io_timeout."""
+    r = d.get("remote")
+    text = ""
+    if isinstance(r, dict):
+        text = (f"connections {r.get('connected', 0)}/{r.get('connections', '?')} up; "
+                f"connects {r.get('connects', 0)}, "
+                f"disconnects {r.get('disconnects', 0)}, resent {r.get('resent', 0)}; ")
+    return text + f"timed out {d.get('timeouts', 0)}"
+
+
 def _format_device(d: dict) -> list[str]:
     if "error" in d:
         return [f"{d.get('id', '?')}: {d['error']}"]
@@ -126,6 +149,10 @@ def _format_device(d: dict) -> list[str]:
     if "capacity_bytes" in d:
         mode = "read-only" if d.get("readonly") else "read-write"
         lines.append(f"  capacity:    {d['capacity_bytes']} bytes ({_human_bytes(d['capacity_bytes'])}), {mode}")
+    if "volume" in d:
+        lines.append(f"  volume:      {_format_volume(d)}")
+    if d.get("backend") in REMOTE_BACKENDS:
+        lines.append(f"  remote:      {_format_remote(d)}")
     if "inflight" in d:
         resubmitted = d.get("resubmitted")
         extra = f" (resubmitted after restarts: {resubmitted})" if resubmitted else ""

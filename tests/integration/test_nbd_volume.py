@@ -112,9 +112,12 @@ def test_qemu_nbd(nitro, vublk, short_tmp_path):
 
 def test_io_timeout_turns_an_outage_into_ioerr(nitro, vublk, short_tmp_path):
     server = NbdKit(short_tmp_path, ["memory", "32M"])
-    nitro(blk(server.url(), "io_timeout = 2\n"))
+    n = nitro(blk(server.url(), "io_timeout = 2\n"))
     sock = short_tmp_path / "r0.sock"
     verify(vublk, sock, "--size", "1m")  # connected and serving
+    assert metric(n, "nitro_blk_remote_connections_up", device="r0") == 1
+    assert metric(n, "nitro_blk_volume_info", device="r0", volume=server.url(), backend="nbd",
+                  encrypted="false") == 1
     server.kill()
     t0 = time.monotonic()
     rc, res, err = vublk_run(vublk, sock, "--rw", "randwrite", "--ios", "4", "--iodepth", "4",
@@ -122,6 +125,16 @@ def test_io_timeout_turns_an_outage_into_ioerr(nitro, vublk, short_tmp_path):
     waited = time.monotonic() - t0
     assert rc == 1 and "IOERR" in err, (rc, err)
     assert 1.9 <= waited < 10, f"the error came after {waited:.1f} s, io_timeout is 2 s"
+    # What an operator sees: the four writes timed out, the link is down.
+    assert res is not None and res["errors"] == 4, res
+    assert metric(n, "nitro_blk_timeouts_total", device="r0") == 4
+    assert metric(n, "nitro_blk_request_errors_total", device="r0", op="out") == 4
+    assert metric(n, "nitro_blk_remote_connections_up", device="r0") == 0
+    assert metric(n, "nitro_blk_remote_disconnects_total", device="r0") >= 1
+    text = n.status()
+    assert f"volume:      {server.url()} (nbd)" in text, text
+    assert "remote:      connections 0/1 up; connects 1, " in text, text
+    assert "; timed out 4\n" in text, text
 
 
 def test_new_requests_do_not_wait_for_a_slow_one(nitro, vublk, short_tmp_path):

@@ -23,6 +23,7 @@ import pytest
 
 from bench.ceph import CephCluster, ceph_cluster
 from bench.proc import Nitro, free_port, run_cli
+from tests.integration.test_qos import metric
 from tests.integration.test_vublk_reference import pattern, run_vublk
 
 pytestmark = pytest.mark.integration
@@ -86,6 +87,11 @@ def test_osd_gone_fails_requests_after_io_timeout(cluster: CephCluster, vublk: P
             # Each failed once its io_timeout ran out, not before, not much later.
             assert IO_TIMEOUT * 0.95 <= res["seconds"] < IO_TIMEOUT + 2, res
             assert IO_TIMEOUT * 0.95e6 <= res["lat_max_us"] < (IO_TIMEOUT + 2) * 1e6, res
+            # Counted as timeouts, which an operator can alert on.
+            assert metric(daemon, "nitro_blk_timeouts_total", device="vol0") == 8
+            assert metric(daemon, "nitro_blk_volume_info", device="vol0", backend="rbd",
+                          volume=f"rbd:{cluster.pool}/gone", encrypted="false") == 1
+            assert "remote:      timed out 8" in daemon.status()
             # The daemon goes on serving what needs no cluster.
             rc, res, err = _vublk(vublk, sock, "--check-id")
             assert rc == 0 and res is not None and res["id"] == "vol0", err

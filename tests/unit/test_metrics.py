@@ -30,7 +30,8 @@ def blk_stats(dev="vol0", **over):
             "in": {"buckets": [(2.5e-05, 1), (5e-05, 2), (1e-04, 0), (1e-03, 4), (INF, 1)], "sum_seconds": 0.0125},
             "flush": {"buckets": [(2.5e-05, 0), (5e-05, 0), (1e-04, 0), (1e-03, 0), (INF, 2)], "sum_seconds": 3.5},
         },
-        "inflight": 3, "resubmitted": 2,
+        "inflight": 3, "resubmitted": 2, "timeouts": 0,
+        "volume": f"/srv/vm/{dev}.img", "backend": "file", "encrypted": False,
         "qos": {"iops": 2000, "throughput": 0, "burst_iops": 3000, "burst_seconds": 60,
                 "exceeded_iops_ns": 1_500_000_000, "exceeded_throughput_ns": 0, "credits": 12345,
                 "credits_max": 60000, "queued": 7, "delayed": 99},
@@ -163,6 +164,25 @@ def test_qos_counters(serve):
     assert value(fams, "nitro_blk_qos_delayed_requests_total", device="vol0") == 99
     assert value(fams, "nitro_blk_qos_limit", device="vol0", limit="iops") == 2000
     assert value(fams, "nitro_blk_qos_limit", device="vol0", limit="burst_seconds") == 60
+
+
+def test_volume_info_and_remote_counters(serve):
+    remote = {"connections": 2, "connected": 1, "connects": 3, "disconnects": 2, "resent": 5, "timeouts": 4}
+    nbd = blk_stats("vol1", volume="nbd://10.0.0.5:10809/vol1", backend="nbd", encrypted=True,
+                    timeouts=4, remote=remote)
+    fams = families(scrape(serve(lambda: [FakeDevice(blk_stats("vol0")), FakeDevice(nbd)])))
+    assert fams["nitro_blk_volume_info"].type == "gauge"
+    assert value(fams, "nitro_blk_volume_info", device="vol0", volume="/srv/vm/vol0.img",
+                 backend="file", encrypted="false") == 1
+    assert value(fams, "nitro_blk_volume_info", device="vol1", volume="nbd://10.0.0.5:10809/vol1",
+                 backend="nbd", encrypted="true") == 1
+    assert value(fams, "nitro_blk_timeouts_total", device="vol0") == 0
+    remote_samples = {"nitro_blk_timeouts_total": 4, "nitro_blk_remote_connections_up": 1,
+                      "nitro_blk_remote_connects_total": 3, "nitro_blk_remote_disconnects_total": 2,
+                      "nitro_blk_remote_resent_requests_total": 5}
+    assert {name: value(fams, name, device="vol1") for name in remote_samples} == remote_samples
+    # a local volume has no connection to report
+    assert {dict(k)["device"] for k in samples(fams, "nitro_blk_remote_connects_total")} == {"vol1"}
 
 
 def test_histogram_without_inf_bucket_gets_one(serve):

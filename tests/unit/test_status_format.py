@@ -132,10 +132,12 @@ def test_format_status_error_and_empty():
 
 # -- `nitro status --json` -------------------------------------------------------
 
-def text_of(text: str, device: str, field: str) -> str:
-    """The value of one `  field:` line in a device's block of the text."""
+def text_of(text: str, device: str, field: str) -> str | None:
+    """The value of one `  field:` line in a device's block of the text
+    (None: the block has no such line)."""
     block = text.split(f"\n{device}  (", 1)[1].split("\n\n", 1)[0]
-    return next(line.split(":", 1)[1].strip() for line in block.splitlines() if line.strip().startswith(field + ":"))
+    return next((line.split(":", 1)[1].strip() for line in block.splitlines()
+                 if line.strip().startswith(field + ":")), None)
 
 
 def test_status_document_has_what_the_text_shows():
@@ -196,6 +198,21 @@ def test_format_status_shows_qos():
     assert ("  qos:         2000 IOPS, 100000000 B/s, burst 3000 IOPS for 60 s (credits 41000/60000); "
             "exceeded iops 2.5 s, throughput 0.0 s; delayed 77, queued 3") in text.splitlines()
     assert "  qos:         unlimited" in text.splitlines()
+
+
+def test_format_status_shows_the_volume_and_its_remote_link():
+    remote = {"connections": 2, "connected": 1, "connects": 3, "disconnects": 2, "resent": 5, "timeouts": 4}
+    text = format_status(status(
+        blk_stats("vol0", volume="/srv/vm/vol0.img", backend="file", encrypted=False, timeouts=0),
+        blk_stats("vol1", volume="nbd://10.0.0.5:10809/vol1", backend="nbd", encrypted=True, timeouts=4,
+                  remote=remote),
+        blk_stats("vol2", volume="rbd:volumes/vm-2", backend="rbd", encrypted=False, timeouts=1)))
+    assert text_of(text, "vol0", "volume") == "/srv/vm/vol0.img (file)"
+    assert text_of(text, "vol0", "remote") is None
+    assert text_of(text, "vol1", "volume") == "nbd://10.0.0.5:10809/vol1 (nbd, LUKS2)"
+    assert text_of(text, "vol1", "remote") == ("connections 1/2 up; connects 3, disconnects 2, resent 5; "
+                                               "timed out 4")
+    assert text_of(text, "vol2", "remote") == "timed out 1"  # librbd reconnects out of sight
 
 
 def test_format_fleet_keys_one_line_per_peer():

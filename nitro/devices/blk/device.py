@@ -103,7 +103,7 @@ class BlkDevice(VirtioDevice):
     def statistics(self) -> dict:
         ops: dict[str, dict[str, int]] = {}
         latency: dict[str, dict] = {}
-        inflight = resubmitted = 0
+        inflight = resubmitted = timeouts = 0
         for s in self.stats:
             snap = s.snapshot()
             for op, c in snap["ops"].items():
@@ -114,6 +114,7 @@ class BlkDevice(VirtioDevice):
                 _add_histogram(latency.setdefault(op, {"buckets": [], "sum_seconds": 0.0}), h)
             inflight += snap["inflight"]
             resubmitted += snap["resubmitted"]
+            timeouts += snap["timeouts"]
         every_op = {"buckets": [], "sum_seconds": 0.0}
         for h in latency.values():
             _add_histogram(every_op, h)
@@ -121,15 +122,25 @@ class BlkDevice(VirtioDevice):
             "kind": self.kind,
             "readonly": self.cfg.readonly,
             "capacity_bytes": self.volume.size,
+            **self.describe_volume(),
             "ops": ops,
             "latency_buckets": every_op["buckets"],
             "latency_sum_seconds": every_op["sum_seconds"],
             "latency": latency,
             "inflight": inflight,
             "resubmitted": resubmitted,
+            "timeouts": timeouts,
             "qos": {**dataclasses.asdict(self.qos_config), **self.qos.statistics()},
             **({"remote": self.volume.statistics()} if hasattr(self.volume, "statistics") else {}),
         }
+
+    def describe_volume(self) -> dict:
+        """What the volume is: its image or remote source, which backend
+        serves it (file, nbd, rbd), whether nitro encrypts it."""
+        cfg = self.cfg
+        backend = "nbd" if cfg.nbd is not None else "rbd" if cfg.rbd is not None else "file"
+        return {"volume": str(cfg.remote or cfg.image), "backend": backend,
+                "encrypted": cfg.encryption is not None}
 
 
 def _add_histogram(total: dict, h: dict) -> None:

@@ -215,7 +215,9 @@ class NbdVolume:
                     raise OSError(errno.EIO, f"{self.src}: {e}") from None
 
     def statistics(self) -> dict[str, int]:
-        total: dict[str, int] = {}
+        """Every connection's counters, summed; `connections`: how many
+        there are (one per queue; `connected` of them are up)."""
+        total: dict[str, int] = {"connections": len(self.conns)}
         for c in self.conns:
             for k, v in c.stats().items():
                 total[k] = total.get(k, 0) + v
