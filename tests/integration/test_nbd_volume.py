@@ -66,8 +66,10 @@ def test_nbdkit_restart_under_writes_loses_no_acked_write(nitro, vublk, short_tm
                                "verify", "--size", "128m", "--bs", "4k", "--timeout", "25"],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     # Started and stopped from this thread: nbdkit exits when the thread
-    # that started it ends.
-    time.sleep(0.4)
+    # that started it ends. The kill must land among the writes, which take
+    # about half a second here: a fixed sleep landed after them, on the
+    # flush between vublk's phases, as often as not.
+    until_writing(n, 1000)
     # SIGKILL: the server vanishes mid-request (nbdkit's SIGTERM waits for
     # its clients to leave: that is a hung server, not a gone one).
     server.kill()
@@ -82,6 +84,14 @@ def test_nbdkit_restart_under_writes_loses_no_acked_write(nitro, vublk, short_tm
     assert remote["disconnects"] >= 1 and remote["connects"] >= 2, remote
     assert remote["timeouts"] == 0, remote
     assert res["lat_max_us"] > 500_000, "the writer never waited: the restart missed it"
+
+
+def until_writing(n, writes: int, timeout: float = 20) -> None:
+    """Return once the daemon completed `writes` writes (its metrics)."""
+    deadline = time.monotonic() + timeout
+    while metric(n, "nitro_blk_requests_total", device="r0", op="out") < writes:
+        assert time.monotonic() < deadline, f"fewer than {writes} writes in {timeout} s"
+        time.sleep(0.005)
 
 
 def test_tls_psk_required(nitro, vublk, short_tmp_path):
