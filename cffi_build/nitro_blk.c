@@ -404,43 +404,45 @@ static void blk_account(struct nitro_blk_stats *s, const struct blk_done *d,
 /* ---- synchronous requests ------------------------------------------------ */
 
 /* Write the status byte, complete the chain, account. */
-void blk_finish(struct nitro_vq *vq, uint16_t head, bool resubmitted,
-                uint8_t *status, const struct blk_done *d,
-                struct nitro_blk_stats *s, uint64_t start)
+void blk_finish(struct blk_queue *q, uint16_t head, bool resubmitted,
+                uint8_t *status, const struct blk_done *d, uint64_t start)
 {
+    struct nitro_blk_stats *s = q->s;
     /* Guest memory: one untorn store. nitro_vq_push() orders it before
      * the used->idx update. */
     __atomic_store_n(status, d->status, __ATOMIC_RELAXED);
-    nitro_vq_push(vq, head, d->used_len);
-    nitro_stat_sub(&s->inflight, 1);
+    nitro_vq_push(q->r->vq, head, d->used_len);
+    blk_queue_uncount(q);
     if (resubmitted)
         nitro_stat_add(&s->resubmitted, 1);
     blk_account(s, d, nitro_now_ns() - start);
 }
 
 /* Serve one request on the calling thread; returns the bytes it moved. */
-uint64_t blk_handle_sync(struct nitro_vq *vq, struct nitro_chain *c,
-                         const struct nitro_blk_params *p,
+uint64_t blk_handle_sync(struct blk_queue *q, struct nitro_chain *c,
                          struct nitro_xts_lane *lane, struct blk_req *rq,
-                         struct nitro_blk_stats *s, uint64_t start)
+                         uint64_t start)
 {
     struct blk_done d = {.status = VIRTIO_BLK_S_IOERR, .used_len = 1};
-    blk_execute(p, lane, rq, &d);
-    blk_finish(vq, c->head, c->resubmitted, rq->status, &d, s, start);
+    blk_execute(q->p, lane, rq, &d);
+    blk_finish(q, c->head, c->resubmitted, rq->status, &d, start);
     return d.bytes;
 }
 
-int blk_pop_request(struct nitro_vq *vq, const struct nitro_blk_params *p,
-                    struct nitro_blk_stats *s, struct nitro_chain **c,
+int blk_pop_request(struct blk_queue *q, struct nitro_chain **c,
                     struct blk_req *rq, uint64_t *start)
 {
+    struct nitro_vq *vq = q->r->vq;
     int rc = nitro_vq_pop(vq, c);
     if (rc <= 0)
         return rc;
     *start = nitro_now_ns();
-    nitro_stat_add(&s->inflight, 1);
-    if (blk_parse(vq, p, *c, rq) != NITRO_OK) {
-        nitro_stat_sub(&s->inflight, 1);
+    /* Counted before the parse reads guest memory: a fault there leaves
+     * it in q->counted, for blk_queue_forget. */
+    q->counted++;
+    nitro_stat_add(&q->s->inflight, 1);
+    if (blk_parse(vq, q->p, *c, rq) != NITRO_OK) {
+        blk_queue_uncount(q);
         return NITRO_ERR_GUEST;
     }
     return 1;
@@ -566,8 +568,7 @@ static void blk_io_finish(struct blk_io *io, uint8_t status)
         io->d.bytes = 0;
         io->d.used_len = 1;
     }
-    blk_finish(b->r.vq, io->head, io->resubmitted, io->status, &io->d, b->s,
-               io->start);
+    blk_finish(&b->q, io->head, io->resubmitted, io->status, &io->d, io->start);
     b->notify = true;
     blk_io_release(io);
 }
@@ -796,7 +797,7 @@ int blk_queue_next(struct blk_queue *q, struct nitro_chain **c, struct blk_req *
         *rq = q->held_rq;
         *start = q->held_start;
     } else {
-        int rc = blk_pop_request(q->r->vq, q->p, q->s, c, rq, start);
+        int rc = blk_pop_request(q, c, rq, start);
         if (rc <= 0)
             return rc;
     }
@@ -827,7 +828,7 @@ int blk_queue_release_held(struct blk_queue *q, bool room, struct nitro_chain **
     if (!blk_queue_release(q, c, rq, start))
         return 0;
     if (q->r->status != NITRO_OK) {  /* broken: dropped with the ring */
-        nitro_stat_sub(&q->s->inflight, 1);
+        blk_queue_uncount(q);
         return 0;
     }
     if (room)
@@ -835,7 +836,7 @@ int blk_queue_release_held(struct blk_queue *q, bool room, struct nitro_chain **
     /* No slot for it (out of memory, or every one busy): answered, not lost. */
     struct blk_done d = {.op = NITRO_BLK_OP_UNSUPPORTED, .status = VIRTIO_BLK_S_IOERR,
                          .used_len = 1};
-    blk_finish(q->r->vq, (*c)->head, (*c)->resubmitted, rq->status, &d, q->s, *start);
+    blk_finish(q, (*c)->head, (*c)->resubmitted, rq->status, &d, *start);
     return -1;
 }
 
@@ -864,7 +865,7 @@ static int blk_ring_poll(struct nitro_ring *r, struct nitro_io *io,
             async_bytes += blk_qos_bytes(&rq);
             continue;
         }
-        sync_bytes += blk_handle_sync(r->vq, c, b->p, b->lane, &rq, b->s, start);
+        sync_bytes += blk_handle_sync(&b->q, c, b->lane, &rq, start);
         b->notify = true;
     }
     blk_ring_notify(b);
@@ -923,9 +924,9 @@ static void blk_ring_detach(struct nitro_ring *r)
     uint64_t start;
     if (blk_queue_release(&b->q, &c, &rq, &start)) {
         if (r->status == NITRO_OK)
-            blk_handle_sync(r->vq, c, b->p, b->lane, &rq, b->s, start);
+            blk_handle_sync(&b->q, c, b->lane, &rq, start);
         else
-            nitro_stat_sub(&b->s->inflight, 1);
+            blk_queue_uncount(&b->q);
         b->notify = true;
     }
     blk_ring_notify(b);
@@ -936,6 +937,7 @@ static void blk_ring_detach(struct nitro_ring *r)
 static void blk_ring_free(struct nitro_ring *r)
 {
     struct blk_ring *b = (struct blk_ring *)r;
+    blk_queue_forget(&b->q);
     blk_bounces_free(b);
     free(b->ios);
     free(b);

@@ -77,14 +77,12 @@ struct segment {
  * room for the header or the status byte. */
 NITRO_INTERNAL int blk_parse(struct nitro_vq *vq, const struct nitro_blk_params *p,
                              struct nitro_chain *c, struct blk_req *rq);
-/* Pop the next chain and parse it (counting it in stats' inflight from
+struct blk_queue;
+/* Pop q's next chain and parse it (counting it in q's inflight from
  * *start on): 1 with *c, *rq and *start set, 0 when the ring is empty, or
  * NITRO_ERR_GUEST (the guest broke the ring). */
-NITRO_INTERNAL int blk_pop_request(struct nitro_vq *vq,
-                                   const struct nitro_blk_params *p,
-                                   struct nitro_blk_stats *s,
-                                   struct nitro_chain **c, struct blk_req *rq,
-                                   uint64_t *start);
+NITRO_INTERNAL int blk_pop_request(struct blk_queue *q, struct nitro_chain **c,
+                                   struct blk_req *rq, uint64_t *start);
 /* [sector, sector + len bytes) is whole logical blocks inside the disk. */
 NITRO_INTERNAL bool blk_range_ok(const struct nitro_blk_params *p, uint64_t sector,
                                  uint64_t len);
@@ -97,18 +95,13 @@ NITRO_INTERNAL uint8_t blk_segments(const struct nitro_blk_params *p,
                                     const struct blk_req *rq, bool zeroes,
                                     struct segment *seg, int *count);
 /* Write the status byte, complete the chain, account. */
-NITRO_INTERNAL void blk_finish(struct nitro_vq *vq, uint16_t head, bool resubmitted,
-                               uint8_t *status, const struct blk_done *d,
-                               struct nitro_blk_stats *s, uint64_t start);
+NITRO_INTERNAL void blk_finish(struct blk_queue *q, uint16_t head, bool resubmitted,
+                               uint8_t *status, const struct blk_done *d, uint64_t start);
 /* Serve one request on the calling thread (with p->fd); returns the
  * bytes it moved. The NBD ring uses it for GET_ID and for requests that
  * fail their checks, which touch no fd. */
-NITRO_INTERNAL uint64_t blk_handle_sync(struct nitro_vq *vq,
-                                        struct nitro_chain *c,
-                                        const struct nitro_blk_params *p,
-                                        struct nitro_xts_lane *lane,
-                                        struct blk_req *rq,
-                                        struct nitro_blk_stats *s,
+NITRO_INTERNAL uint64_t blk_handle_sync(struct blk_queue *q, struct nitro_chain *c,
+                                        struct nitro_xts_lane *lane, struct blk_req *rq,
                                         uint64_t start);
 /* The block size, encryption sector and offset limits every request
  * check relies on (the fd is the caller's to check). */
@@ -127,6 +120,10 @@ struct blk_queue {
     uint64_t held_start;
     uint32_t held_queued;       /* what this ring adds to the qos' queued */
     uint32_t qos_generation;    /* of the limits wake_ns was computed under */
+    /* Requests popped here and counted in s->inflight, not yet finished
+     * or let go: what a fault that cut one short leaves counted, given
+     * back when the ring is freed (blk_queue_forget). */
+    uint32_t counted;
 };
 
 static inline struct blk_queue blk_queue_of(struct nitro_ring *r,
@@ -134,6 +131,25 @@ static inline struct blk_queue blk_queue_of(struct nitro_ring *r,
                                             struct nitro_blk_stats *s)
 {
     return (struct blk_queue){.r = r, .p = p, .s = s};
+}
+
+/* A request of q's leaves without blk_finish (a broken ring lets its slot
+ * go): no longer in flight. */
+static inline void blk_queue_uncount(struct blk_queue *q)
+{
+    q->counted--;
+    nitro_stat_sub(&q->s->inflight, 1);
+}
+
+/* The ring is being freed: the requests it still counts were cut short
+ * by a guest memory fault (a status store, a copy, an answer), never to
+ * be answered, so they are in flight no more: without this a hostile
+ * guest would leave its device's inflight gauge, and the stuck-I/O alert
+ * on it, up for good. */
+static inline void blk_queue_forget(struct blk_queue *q)
+{
+    nitro_stat_sub(&q->s->inflight, q->counted);
+    q->counted = 0;
 }
 
 /* Still before the QoS deadline of limits that did not change since? */

@@ -44,6 +44,9 @@
  *   decremented): detaching a broken ring waits until this worker has no
  *   SQE in the kernel at all (io.pending), not for the ring's count; the
  *   next attach rebuilds the request slots;
+ * - blk requests counted in the device's inflight gauge and never
+ *   answered: the ring's blk_queue counts them and gives them back when
+ *   the ring is freed (blk_queue_forget);
  * - a lock: only the switch's RX slot locks are taken around guest memory,
  *   inside guards of their own that release them (nitro_switch.c);
  * - a TX batch half switched: the ring's abandon() drops it.

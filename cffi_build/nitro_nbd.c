@@ -416,7 +416,7 @@ static uint8_t io_copy_out(struct nbd_ring *b, struct nbd_io *io)
 static void io_complete(struct nbd_ring *b, struct nbd_io *io, uint8_t status)
 {
     if (b->r.status != NITRO_OK) {
-        nitro_stat_sub(&b->s->inflight, 1);
+        blk_queue_uncount(&b->q);
         io_release(b, io);
         return;
     }
@@ -428,7 +428,7 @@ static void io_complete(struct nbd_ring *b, struct nbd_io *io, uint8_t status)
         io->d.bytes = 0;
         io->d.used_len = 1;
     }
-    blk_finish(b->r.vq, io->head, io->resubmitted, io->status, &io->d, b->s,
+    blk_finish(&b->q, io->head, io->resubmitted, io->status, &io->d,
                io->start);
     b->touching = NULL;
     b->notify = true;
@@ -631,7 +631,7 @@ static void ring_start(struct nbd_ring *b, struct nitro_chain *c,
         (rq->type != VIRTIO_BLK_T_IN && rq->type != VIRTIO_BLK_T_OUT &&
          rq->type != VIRTIO_BLK_T_FLUSH && rq->type != VIRTIO_BLK_T_DISCARD &&
          rq->type != VIRTIO_BLK_T_WRITE_ZEROES)) {
-        blk_handle_sync(b->r.vq, c, b->p, b->lane, rq, b->s, start);  /* no I/O */
+        blk_handle_sync(&b->q, c, b->lane, rq, start);  /* no I/O */
         b->notify = true;
         return;
     }
@@ -921,7 +921,7 @@ static void nbd_ring_abandon(struct nitro_ring *r)
     b->touching = NULL;
     b->notify = false;
     if (io != NULL) {
-        nitro_stat_sub(&b->s->inflight, 1);
+        blk_queue_uncount(&b->q);
         io_release(b, io);
     }
 }
@@ -941,6 +941,7 @@ static void nbd_ring_detach(struct nitro_ring *r)
 static void nbd_ring_free(struct nitro_ring *r)
 {
     struct nbd_ring *b = (struct nbd_ring *)r;
+    blk_queue_forget(&b->q);
     for (uint32_t i = 0; i < b->nios; i++)
         free(b->ios[i].buf);
     free(b->ios);

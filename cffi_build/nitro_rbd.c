@@ -410,7 +410,7 @@ static void rbd_io_answer(struct rbd_io *io, uint8_t status)
         io->d.bytes = 0;
         io->d.used_len = 1;
     }
-    blk_finish(b->r.vq, io->head, io->resubmitted, io->status, &io->d, b->s, io->start);
+    blk_finish(&b->q, io->head, io->resubmitted, io->status, &io->d, io->start);
     b->notify = true;
 }
 
@@ -455,7 +455,7 @@ static uint32_t rbd_reap(struct rbd_ring *b, bool live)
             rbd_io_answer(io, __atomic_load_n(&io->failed, __ATOMIC_RELAXED)
                                   ? VIRTIO_BLK_S_IOERR : VIRTIO_BLK_S_OK);
         } else {
-            nitro_stat_sub(&b->s->inflight, 1);
+            blk_queue_uncount(&b->q);
         }
         rbd_io_release(io);
         n++;
@@ -673,7 +673,7 @@ static void rbd_start(struct rbd_ring *b, struct nitro_chain *c, struct blk_req 
         d.bytes = 0;
         d.used_len = 1;
     }
-    blk_finish(b->r.vq, c->head, c->resubmitted, rq->status, &d, b->s, start);
+    blk_finish(&b->q, c->head, c->resubmitted, rq->status, &d, start);
     b->notify = true;
 }
 
@@ -785,7 +785,7 @@ static int rbd_ring_drain(struct nitro_ring *r)
         return b->oldest != NULL;
     }
     while (b->oldest != NULL) {
-        nitro_stat_sub(&b->s->inflight, 1);
+        blk_queue_uncount(&b->q);
         rbd_orphan(b, b->oldest);
     }
     r->timer_ns = 0;
@@ -803,7 +803,7 @@ static void rbd_ring_abandon(struct nitro_ring *r)
     struct rbd_io *io = b->touching;
     b->notify = false;
     if (io != NULL) {
-        nitro_stat_sub(&b->s->inflight, 1);
+        blk_queue_uncount(&b->q);
         rbd_io_release(io);
     }
 }
@@ -845,7 +845,9 @@ static void rbd_ring_destroy(struct rbd_ring *b)
  * keep the ring (its done stack and eventfd) until they complete. */
 static void rbd_ring_free(struct nitro_ring *r)
 {
-    rbd_ring_put((struct rbd_ring *)r);
+    struct rbd_ring *b = (struct rbd_ring *)r;
+    blk_queue_forget(&b->q);
+    rbd_ring_put(b);
 }
 
 static const struct nitro_ring_ops rbd_ring_ops = {

@@ -26,12 +26,13 @@ from nitro import _datapath
 from nitro._datapath import BlkParams, BlkStats, GuestFault, Ring
 from nitro.vpc import gateway_mac
 from nitro.vpc import packets as pk
-from tests.ringlayout import NET_HDR, VIRTIO_BLK_S_OK, VIRTIO_BLK_T_IN
+from tests.ringlayout import BLK_HEADER, NET_HDR, VIRTIO_BLK_S_OK, VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN, blk_header
 from tests.unit.test_engine import wait_used
 from tests.unit.virtq import GUARD, Buf, FakeGuest, MiB, SplitRing, blk_req, disk_file, status_of
 
 ROOT = Path(__file__).resolve().parents[2]
 GPA = 0x1000_0000
+FAR_GPA = 0x2000_0000
 CAPACITY = 4096
 PAGE = os.sysconf("SC_PAGE_SIZE")
 
@@ -116,6 +117,46 @@ def blk_truncated_while_served() -> None:
 
 def test_a_truncated_guest_breaks_its_blk_ring_and_the_worker_serves_on() -> None:
     assert "survived" in run_isolated("blk_truncated_while_served")
+
+
+def blk_requests_cut_short_leave_nothing_in_flight() -> None:
+    """A read and a GET_ID whose headers stay but whose buffers and status
+    bytes lie in memory the frontend takes away: the GET_ID's answer faults
+    in the poll, the read's status store on its io_uring completion. The
+    ring breaks and neither is ever answered; once the ring is freed the
+    device counts neither in flight (its gauge, and the stuck-I/O alert on
+    it, would otherwise stay up for good)."""
+    engine = _datapath.Engine(1)
+    with disk_file(CAPACITY * 512) as fd:
+        params, stats = BlkParams(fd, CAPACITY), BlkStats()
+        guest = FakeGuest([(GPA, 4 * MiB), (FAR_GPA, 4 * MiB)])
+        ring = SplitRing(guest, num=16)
+        r = Ring.blk(ring.vq, params, stats)
+        engine.attach(r, 0)
+        serve_reads(guest, ring, 2)
+        for type_, in_len in ((VIRTIO_BLK_T_IN, 4096), (VIRTIO_BLK_T_GET_ID, 20)):
+            hdr = guest.alloc(BLK_HEADER.size)
+            guest.write(hdr, blk_header(type_))
+            ring.add_chain([Buf(hdr, BLK_HEADER.size),
+                            Buf(guest.alloc(in_len, region=1), in_len, writable=True),
+                            Buf(guest.alloc(1, align=1, region=1), 1, writable=True)])
+        os.ftruncate(guest.fd, guest.regions[1].file_off)  # the far region goes
+        ring.kick()
+        wait_event(engine)
+        assert fault_of(r) == "memory"
+        engine.detach(r)  # waits for the read's completion: both cut short
+        assert stats.snapshot()["inflight"] == 2
+        r.close()
+        assert stats.snapshot()["inflight"] == 0
+        ring.close()
+        forget(guest)
+        params.close()
+    engine.close()
+    print("survived")
+
+
+def test_blk_requests_a_fault_cut_short_are_not_left_in_flight() -> None:
+    assert "survived" in run_isolated("blk_requests_cut_short_leave_nothing_in_flight")
 
 
 # -- net: deliveries into a truncated receiver, reads from a truncated sender ------
