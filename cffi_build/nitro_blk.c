@@ -415,7 +415,8 @@ void blk_finish(struct blk_queue *q, uint16_t head, bool resubmitted,
     blk_queue_uncount(q);
     if (resubmitted)
         nitro_stat_add(&s->resubmitted, 1);
-    blk_account(s, d, nitro_now_ns() - start);
+    uint64_t now = nitro_batch_now();
+    blk_account(s, d, now > start ? now - start : 0);
 }
 
 /* Serve one request on the calling thread; returns the bytes it moved. */
@@ -425,6 +426,7 @@ uint64_t blk_handle_sync(struct blk_queue *q, struct nitro_chain *c,
 {
     struct blk_done d = {.status = VIRTIO_BLK_S_IOERR, .used_len = 1};
     blk_execute(q->p, lane, rq, &d);
+    nitro_batch_refresh();  /* its I/O took time: the answer's, the next pop's */
     blk_finish(q, c->head, c->resubmitted, rq->status, &d, start);
     return d.bytes;
 }
@@ -436,7 +438,7 @@ int blk_pop_request(struct blk_queue *q, struct nitro_chain **c,
     int rc = nitro_vq_pop(vq, c);
     if (rc <= 0)
         return rc;
-    *start = nitro_now_ns();
+    *start = nitro_batch_now();
     /* Counted before the parse reads guest memory: a fault there leaves
      * it in q->counted, for blk_queue_forget. */
     q->counted++;

@@ -161,14 +161,18 @@ static struct nitro_ring *ring_covering(const struct worker *w,
 static bool io_reap_guarded(struct worker *w, uint32_t *n)
 {
     struct nitro_guard g;
+    uint64_t outer = nitro_batch_ns;
     if (NITRO_GUARD_ENTER(&g, worker_covers, w)) {
         const void *addr = g.fault_addr;
         nitro_guard_leave(&g);
+        nitro_batch_ns = outer;
         ring_memory_fault(w, ring_covering(w, addr));
         (*n)++;  /* a completion was handled, if only in part */
         return false;
     }
+    nitro_batch_ns = nitro_now_ns();  /* one read for every CQE here */
     *n += nitro_io_reap(&w->io);
+    nitro_batch_ns = outer;
     nitro_guard_leave(&g);
     return true;
 }
@@ -735,7 +739,9 @@ static void *worker_main(void *arg)
                 break;
             t = nitro_now_ns();  /* a command's time is not a pass's */
         }
+        nitro_batch_ns = t;  /* the pass's requests are taken at its start */
         uint32_t work = poll_rings(w);
+        nitro_batch_ns = 0;
         if (work > 0) {
             last_work = nitro_now_ns();
             nitro_stat_add(&w->stats.busy_ns, last_work - t);

@@ -40,6 +40,8 @@
 #include "nitro_guard.h"
 #include "nitro_vring_internal.h"
 
+__thread uint64_t nitro_batch_ns;
+
 /* Split ring layout (2.7.5-2.7.8), as byte offsets. */
 #define AVAIL_FLAGS 0
 #define AVAIL_IDX 2

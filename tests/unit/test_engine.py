@@ -170,6 +170,28 @@ def test_a_pass_ends_after_64_kib_of_io_uring_io(guest, params, stats) -> None:
         ring.close()
 
 
+def test_a_pass_shares_one_clock_read_but_a_slow_request_restarts_it(guest, params, stats) -> None:
+    """Requests of a pass are timed from one clock read (nitro_batch_ns):
+    a synchronous 1 MiB write refreshes it, so the GET_ID taken after it
+    in the same pass is not charged the write's time."""
+    e = _datapath.Engine(1)
+    ring = SplitRing(guest, num=16)
+    ring.add_chain(blk_req(guest, VIRTIO_BLK_T_OUT, sector=0, out=fill(MiB, seed=3)).bufs)
+    ring.add_chain(blk_req(guest, VIRTIO_BLK_T_GET_ID, in_len=20).bufs)
+    r = Ring.blk(ring.vq, params, stats)
+    e.attach(r, 0)  # both wait when the worker first looks: one pass
+    try:
+        wait_used(ring, 2)
+        latency = stats.snapshot()["latency"]
+        write, get_id = latency["out"]["sum_seconds"], latency["get_id"]["sum_seconds"]
+        assert write > 0 and get_id < write / 4, (write, get_id)
+    finally:
+        e.detach(r)
+        r.close()
+        e.close()
+        ring.close()
+
+
 def test_without_io_uring_requests_complete_in_order(guest, params, stats) -> None:
     e = _datapath.Engine(1, sync_io=True)
     assert e.worker_stats(0)["uring"] == 0
