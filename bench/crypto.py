@@ -202,7 +202,7 @@ def bench_io(args: argparse.Namespace) -> dict:
     build_vublk()
     pin_b, pin_c, note = pick_cpus()
     size = args.size_mib * MiB
-    base = "/dev/shm" if os.path.isdir("/dev/shm") else None
+    base = args.image_dir or ("/dev/shm" if os.path.isdir("/dev/shm") else None)
     with tempfile.TemporaryDirectory(prefix="nitro-crypto-", dir=base) as d:
         workdir = Path(d)
         vols = make_volumes(workdir, size)
@@ -266,6 +266,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--size-mib", type=int, default=256)
     p.add_argument("--skip-io", action="store_true")
     p.add_argument("--poll", action="store_true", help="vublk busy-polls (see bench.blk)")
+    p.add_argument("--image-dir", default=None,
+                   help="where the images live (default /dev/shm, tmpfs; e.g. /var/tmp for ext4's "
+                        "page cache, as bench.blk)")
     args = p.parse_args(argv)
     if not VUBLK.parent.exists():
         VUBLK.parent.mkdir(parents=True)

@@ -293,6 +293,12 @@ struct nitro_blk_params {
      * this long after it was sent completes with IOERR (the remote I/O
      * goes on; its buffer stays the ring's until it ends). 0: never. */
     uint64_t io_timeout_ns;
+    /* Encrypted file volumes (nitro_blk_map_image): fd mapped read-only
+     * from offset 0, image_map_len bytes. A read whose pages are all in
+     * the page cache is decrypted straight from it into the guest, one
+     * pass instead of a copy and a decrypt. NULL: none. */
+    const uint8_t *image_map;
+    uint64_t image_map_len;
 };
 
 /* Serve one virtio-blk queue: fetch every available chain (first those an
@@ -309,6 +315,14 @@ struct nitro_blk_params {
 int64_t nitro_blk_serve(struct nitro_vq *vq,
                         const struct nitro_blk_params *params,
                         struct nitro_blk_stats *stats, int idle_ms);
+
+/* Map params->fd read-only into image_map (above), up to the file's size
+ * now (reads past it, should the file grow, take the other path); for
+ * encrypted volumes, before any ring uses the params. NITRO_ERR_SYS
+ * (errno set) if it cannot be mapped: the params stay unmapped, and
+ * serve as before. nitro_blk_unmap_image once no ring uses them. */
+int nitro_blk_map_image(struct nitro_blk_params *params);
+void nitro_blk_unmap_image(struct nitro_blk_params *params);
 
 /* ---- the engine: worker threads that serve every ring ------------------- */
 /* A fixed set of C worker threads (not one per ring). Each ring of each

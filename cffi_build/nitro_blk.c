@@ -16,6 +16,8 @@
 #include <limits.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
 #include <sys/uio.h>
 #include <time.h>
 #include <unistd.h>
@@ -725,6 +727,90 @@ static bool blk_start_async(struct blk_ring *b, struct nitro_chain *c,
     return false;
 }
 
+/* ---- encrypted reads from the image's mapping ---------------------------- */
+
+/* Larger reads take the io_uring path (mincore's vector is on the stack). */
+#define MAPPED_READ_MAX (1u << 20)
+#define MAPPED_PAGE 4096u
+
+int nitro_blk_map_image(struct nitro_blk_params *p)
+{
+    if (p == NULL || p->fd < 0 || p->image_map != NULL || sysconf(_SC_PAGESIZE) != MAPPED_PAGE)
+        return NITRO_ERR_ARG;
+    struct stat st;
+    if (fstat(p->fd, &st) < 0)
+        return NITRO_ERR_SYS;
+    uint64_t end = p->data_offset + (p->capacity << SECTOR_SHIFT);
+    uint64_t len = (uint64_t)st.st_size < end ? (uint64_t)st.st_size : end;
+    if (len == 0)
+        return NITRO_OK;
+    void *m = mmap(NULL, len, PROT_READ, MAP_SHARED, p->fd, 0);
+    if (m == MAP_FAILED)
+        return NITRO_ERR_SYS;
+    p->image_map = m;
+    p->image_map_len = len;
+    return NITRO_OK;
+}
+
+void nitro_blk_unmap_image(struct nitro_blk_params *p)
+{
+    if (p != NULL && p->image_map != NULL) {
+        munmap((void *)p->image_map, p->image_map_len);
+        p->image_map = NULL;
+        p->image_map_len = 0;
+    }
+}
+
+/* Is [pos, pos + len) of the mapping all in the page cache? A page that is
+ * not would fault in from the disk on the worker, holding its other rings. */
+static bool blk_mapped_resident(const uint8_t *map, uint64_t pos, uint64_t len)
+{
+    unsigned char vec[MAPPED_READ_MAX / MAPPED_PAGE + 1];
+    uint64_t first = pos & ~(uint64_t)(MAPPED_PAGE - 1);
+    uint64_t pages = (pos + len - first + MAPPED_PAGE - 1) / MAPPED_PAGE;
+    if (mincore((void *)(map + first), pages * MAPPED_PAGE, vec) != 0)
+        return false;
+    for (uint64_t i = 0; i < pages; i++)
+        if (!(vec[i] & 1))
+            return false;
+    return true;
+}
+
+/* An encrypted read whose pages are in the page cache: decrypted straight
+ * from the image's mapping into guest memory (ciphertext never enters the
+ * guest: the mapping is the ciphertext side) and answered. False: not
+ * such a read, left for the other paths. */
+static bool blk_mapped_read(struct blk_ring *b, struct nitro_chain *c,
+                            struct blk_req *rq, uint64_t start)
+{
+    const struct nitro_blk_params *p = b->p;
+    uint64_t len = rq->wr_len, off = rq->sector << SECTOR_SHIFT;
+    if (p->image_map == NULL || p->xts == NULL || rq->type != VIRTIO_BLK_T_IN ||
+        rq->oversize || len == 0 || len > MAPPED_READ_MAX ||
+        !blk_range_ok(p, rq->sector, len) ||
+        p->data_offset + off + len > p->image_map_len ||
+        !blk_mapped_resident(p->image_map, p->data_offset + off, len))
+        return false;
+    struct iovec *g = rq->wr;
+    int gc = rq->n_wr;
+    struct blk_done d = {.op = NITRO_BLK_OP_IN, .status = VIRTIO_BLK_S_OK,
+                         .bytes = len, .used_len = (uint32_t)len + 1};
+    if (nitro_xts_iov_buf(p->xts, b->lane, (uint8_t *)(p->image_map + p->data_offset + off),
+                          &g, &gc, len, off, false) != NITRO_OK)
+        d = (struct blk_done){.op = NITRO_BLK_OP_IN, .status = VIRTIO_BLK_S_IOERR,
+                              .used_len = 1};
+    nitro_batch_refresh();
+    blk_finish(&b->q, c->head, c->resubmitted, rq->status, &d, start);
+    return true;
+}
+
+static bool blk_ring_covers(const struct nitro_ring *r, const void *addr)
+{
+    const struct nitro_blk_params *p = ((const struct blk_ring *)r)->p;
+    uintptr_t a = (uintptr_t)addr, m = (uintptr_t)p->image_map;
+    return p->image_map != NULL && a >= m && a - m < p->image_map_len;
+}
+
 static void blk_ring_notify(struct blk_ring *b)
 {
     if (b->notify) {
@@ -862,6 +948,11 @@ static int blk_ring_poll(struct nitro_ring *r, struct nitro_io *io,
         if (rc <= 0)
             break;
         done++;
+        if (blk_mapped_read(b, c, &rq, start)) {
+            async_bytes += rq.wr_len;  /* as quick: the same early answer */
+            b->notify = true;
+            continue;
+        }
         if (io->ready && blk_async_ok(b, &rq) &&
             blk_start_async(b, c, &rq, start)) {
             async_bytes += blk_qos_bytes(&rq);
@@ -953,6 +1044,7 @@ static const struct nitro_ring_ops blk_ring_ops = {
     .attach = blk_ring_attach,
     .detach = blk_ring_detach,
     .free = blk_ring_free,
+    .covers = blk_ring_covers,
 };
 
 /* The parameters the request checks rely on: a power-of-two block size of

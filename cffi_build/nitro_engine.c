@@ -232,12 +232,20 @@ static void ring_memory_fault(struct worker *w, struct nitro_ring *r)
 
 enum ring_call { CALL_POLL, CALL_ARM, CALL_DISARM, CALL_DETACH, CALL_DRAIN };
 
+/* r's guest memory, or other memory r's calls read that can vanish. */
+static bool ring_covers(const void *ctx, const void *addr)
+{
+    const struct nitro_ring *r = ctx;
+    return nitro_guard_covers_vq(r->vq, addr) ||
+           (r->ops->covers != NULL && r->ops->covers(r, addr));
+}
+
 /* One call into r's device code, guarded by r's memory: a fault breaks r
  * (NITRO_ERR_GUEST) instead of the process. */
 static int ring_call(struct worker *w, struct nitro_ring *r, enum ring_call c)
 {
     struct nitro_guard g;
-    if (NITRO_GUARD_ENTER(&g, nitro_guard_covers_vq, r->vq)) {
+    if (NITRO_GUARD_ENTER(&g, ring_covers, r)) {
         nitro_guard_leave(&g);
         ring_memory_fault(w, r);
         return NITRO_ERR_GUEST;

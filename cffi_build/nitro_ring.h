@@ -86,6 +86,10 @@ struct nitro_ring_ops {
      * the fd its worker waits on instead of a kick fd. Readable means
      * "poll me": the worker never reads it (poll() does). */
     int (*wait_fd)(const struct nitro_ring *r);
+    /* Optional: memory besides the guest's that poll() reads and that can
+     * vanish under it (an encrypted volume's image mapping, which SIGBUSes
+     * if the file is truncated): a fault there breaks the ring too. */
+    bool (*covers)(const struct nitro_ring *r, const void *addr);
     /* Optional (the remote-volume rings, whose answers may take up to
      * their io_timeout): the ring is being detached. Take no new chain;
      * send what QoS holds; service what the guest still awaits (the

@@ -55,6 +55,8 @@ static const int worker_syscalls[] = {
     SCMP_SYS(preadv2), SCMP_SYS(pwritev2), SCMP_SYS(pread64),
     SCMP_SYS(pwrite64), SCMP_SYS(fdatasync), SCMP_SYS(fsync),
     SCMP_SYS(fallocate),
+    /* an encrypted read from the image's mapping: is it all in memory? */
+    SCMP_SYS(mincore),
     /* blk on an NBD export (nitro_nbd.c; its socket calls are above):
      * shutdown hangs up on a server that stopped answering; libnbd closes
      * its socket when the connection dies (the epoll set watches a

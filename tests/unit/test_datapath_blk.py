@@ -460,10 +460,15 @@ def xts(request: pytest.FixtureRequest) -> Iterator[XtsCipher]:
     x.close()
 
 
-@pytest.fixture
-def enc_params(enc_disk: int, xts: XtsCipher) -> Iterator[BlkParams]:
+@pytest.fixture(params=[False, True], ids=["copy", "mapped"])
+def enc_params(request: pytest.FixtureRequest, enc_disk: int, xts: XtsCipher) -> Iterator[BlkParams]:
+    """Reads decrypted from a copy of the ciphertext, or (mapped) straight
+    from a mapping of the image where its pages are in memory."""
     p = BlkParams(enc_disk, CAPACITY, serial=SERIAL, xts=xts, data_offset=DATA_OFFSET,
                   block_size=xts.sector_size)
+    if request.param:
+        p.map_image()
+        assert p.image_mapped
     yield p
     p.close()
 
