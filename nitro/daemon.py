@@ -29,7 +29,7 @@ import logging
 import signal
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -376,37 +376,12 @@ class Daemon:
                                             get_engine=self.engine_statistics,
                                             get_fleet=self.fleet_statistics,
                                             get_waiting=self.waiting_statistics)
+        # SIGHUP is caught from here on and handled once the daemon serves:
+        # the control socket exists before READY, and a SIGHUP sent as soon
+        # as it does must wait, not kill the daemon (its default action).
         try:
-            async with trio.open_nursery() as nursery:
-                self._nursery = nursery
-                for s in self.servers:
-                    await nursery.start(s.serve)
-                for w in self.waiting.values():
-                    nursery.start_soon(self._attach_when_reachable, w)
-                await nursery.start(serve_control, self.cfg.control_socket, self)
-                if self.engine is not None:
-                    nursery.start_soon(self.engine.watch)
-                if self.underlay is not None:
-                    assert self.engine is not None
-                    await self.underlay.start(self.engine)  # before the agent feeds it remotes
-                if self.fleet_node is not None:
-                    # Cancelled after the drain: the agent revokes its lease then.
-                    await nursery.start(self.fleet_node.run)
-                if self.fabric is not None:
-                    nursery.start_soon(self.fabric.serve_punts)
-                    self.fabric.start_uplink_threads()
-                nursery.start_soon(watchdog_loop, notifier)
-                await nursery.start(self._reload_on_sighup)  # installed before READY
-                notifier.ready()
-                log_event(log, logging.INFO, "serving", devices=len(self.servers), waiting=len(self.waiting),
-                          metrics=self.cfg.metrics_listen or "off",
-                          control=str(self.cfg.control_socket))
-                await _wait_for_stop_signal()
-                self._stopping = True  # reloads from now on are refused
-                notifier.stopping()
-                async with self._reload_lock:  # a reload under way finishes first
-                    await self.drain()
-                nursery.cancel_scope.cancel()
+            with trio.open_signal_receiver(signal.SIGHUP) as sighups:
+                await self._serve(notifier, sighups)
         finally:
             # Both wait for other threads (the HTTP server's poll loop, the
             # uplink threads' poll timeout): never on the trio thread.
@@ -417,6 +392,39 @@ class Daemon:
                 await self._stop_uplinks()
                 await self._stop_underlay()
             self.close()
+
+    async def _serve(self, notifier: Notifier, sighups: AsyncIterator) -> None:
+        """Serve until a stop signal, then drain (SIGHUPs reload meanwhile)."""
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            for s in self.servers:
+                await nursery.start(s.serve)
+            for w in self.waiting.values():
+                nursery.start_soon(self._attach_when_reachable, w)
+            await nursery.start(serve_control, self.cfg.control_socket, self)
+            if self.engine is not None:
+                nursery.start_soon(self.engine.watch)
+            if self.underlay is not None:
+                assert self.engine is not None
+                await self.underlay.start(self.engine)  # before the agent feeds it remotes
+            if self.fleet_node is not None:
+                # Cancelled after the drain: the agent revokes its lease then.
+                await nursery.start(self.fleet_node.run)
+            if self.fabric is not None:
+                nursery.start_soon(self.fabric.serve_punts)
+                self.fabric.start_uplink_threads()
+            nursery.start_soon(watchdog_loop, notifier)
+            nursery.start_soon(self._reload_on_sighup, sighups)  # caught since run()
+            notifier.ready()
+            log_event(log, logging.INFO, "serving", devices=len(self.servers), waiting=len(self.waiting),
+                      metrics=self.cfg.metrics_listen or "off",
+                      control=str(self.cfg.control_socket))
+            await _wait_for_stop_signal()
+            self._stopping = True  # reloads from now on are refused
+            notifier.stopping()
+            async with self._reload_lock:  # a reload under way finishes first
+                await self.drain()
+            nursery.cancel_scope.cancel()
 
     # -- reload ------------------------------------------------------------
     async def reload(self) -> dict:
@@ -584,17 +592,15 @@ class Daemon:
         with self.devices_lock:  # not while a scrape reads its counters
             server.device.close()
 
-    async def _reload_on_sighup(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
-        with trio.open_signal_receiver(signal.SIGHUP) as signals:
-            task_status.started()
-            async for _ in signals:
-                if self._stopping:
-                    log_event(log, logging.WARNING, "SIGHUP ignored: the daemon is stopping")
-                    continue
-                try:
-                    await self.reload()
-                except ReloadError:
-                    pass  # logged by _refuse
+    async def _reload_on_sighup(self, sighups: AsyncIterator) -> None:
+        async for _ in sighups:
+            if self._stopping:
+                log_event(log, logging.WARNING, "SIGHUP ignored: the daemon is stopping")
+                continue
+            try:
+                await self.reload()
+            except ReloadError:
+                pass  # logged by _refuse
 
     async def drain(self) -> None:
         """Stop fetching new requests, complete what C holds, flush volumes."""
