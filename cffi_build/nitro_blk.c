@@ -380,11 +380,6 @@ static void blk_execute(const struct nitro_blk_params *p,
         d->op = NITRO_BLK_OP_UNSUPPORTED;
         d->status = VIRTIO_BLK_S_UNSUPP;
     }
-    /* A failed request delivered nothing but the status byte. */
-    if (d->status != VIRTIO_BLK_S_OK) {
-        d->bytes = 0;
-        d->used_len = 1;
-    }
 }
 
 /* ---- accounting -------------------------------------------------------- */
@@ -407,9 +402,17 @@ static void blk_account(struct nitro_blk_stats *s, const struct blk_done *d,
 
 /* Write the status byte, complete the chain, account. */
 void blk_finish(struct blk_queue *q, uint16_t head, bool resubmitted,
-                uint8_t *status, const struct blk_done *d, uint64_t start)
+                uint8_t *status, const struct blk_done *done, uint64_t start)
 {
     struct nitro_blk_stats *s = q->s;
+    struct blk_done failed;
+    const struct blk_done *d = done;
+    if (done->status != VIRTIO_BLK_S_OK) {
+        /* A failed request delivered nothing but the status byte. */
+        failed = (struct blk_done){.op = done->op, .status = done->status,
+                                   .used_len = 1};
+        d = &failed;
+    }
     /* Guest memory: one untorn store. nitro_vq_push() orders it before
      * the used->idx update. */
     __atomic_store_n(status, d->status, __ATOMIC_RELAXED);
@@ -430,7 +433,7 @@ uint64_t blk_handle_sync(struct blk_queue *q, struct nitro_chain *c,
     blk_execute(q->p, lane, rq, &d);
     nitro_batch_refresh();  /* its I/O took time: the answer's, the next pop's */
     blk_finish(q, c->head, c->resubmitted, rq->status, &d, start);
-    return d.bytes;
+    return d.status == VIRTIO_BLK_S_OK ? d.bytes : 0;
 }
 
 int blk_pop_request(struct blk_queue *q, struct nitro_chain **c,
@@ -568,10 +571,6 @@ static void blk_io_finish(struct blk_io *io, uint8_t status)
 {
     struct blk_ring *b = io->ring;
     io->d.status = status;
-    if (status != VIRTIO_BLK_S_OK) {
-        io->d.bytes = 0;
-        io->d.used_len = 1;
-    }
     blk_finish(&b->q, io->head, io->resubmitted, io->status, &io->d, io->start);
     b->notify = true;
     blk_io_release(io);
@@ -793,12 +792,10 @@ static bool blk_mapped_read(struct blk_ring *b, struct nitro_chain *c,
         return false;
     struct iovec *g = rq->wr;
     int gc = rq->n_wr;
-    struct blk_done d = {.op = NITRO_BLK_OP_IN, .status = VIRTIO_BLK_S_OK,
-                         .bytes = len, .used_len = (uint32_t)len + 1};
-    if (nitro_xts_iov_buf(p->xts, b->lane, (uint8_t *)(p->image_map + p->data_offset + off),
-                          &g, &gc, len, off, false) != NITRO_OK)
-        d = (struct blk_done){.op = NITRO_BLK_OP_IN, .status = VIRTIO_BLK_S_IOERR,
-                              .used_len = 1};
+    int rc = nitro_xts_iov_buf(p->xts, b->lane, (uint8_t *)(p->image_map + p->data_offset + off),
+                               &g, &gc, len, off, false);
+    struct blk_done d = {.op = NITRO_BLK_OP_IN, .bytes = len, .used_len = (uint32_t)len + 1,
+                         .status = rc == NITRO_OK ? VIRTIO_BLK_S_OK : VIRTIO_BLK_S_IOERR};
     nitro_batch_refresh();
     blk_finish(&b->q, c->head, c->resubmitted, rq->status, &d, start);
     return true;

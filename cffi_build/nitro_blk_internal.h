@@ -94,7 +94,9 @@ NITRO_INTERNAL uint8_t blk_get_id(const struct nitro_blk_params *p, struct blk_r
 NITRO_INTERNAL uint8_t blk_segments(const struct nitro_blk_params *p,
                                     const struct blk_req *rq, bool zeroes,
                                     struct segment *seg, int *count);
-/* Write the status byte, complete the chain, account. */
+/* Write the status byte, complete the chain, account. A failed request
+ * (status not OK) is answered and counted as having delivered nothing but
+ * the status byte, whatever d's bytes and used_len say. */
 NITRO_INTERNAL void blk_finish(struct blk_queue *q, uint16_t head, bool resubmitted,
                                uint8_t *status, const struct blk_done *d, uint64_t start);
 /* Serve one request on the calling thread (with p->fd); returns the

@@ -424,12 +424,7 @@ static void io_complete(struct nbd_ring *b, struct nbd_io *io, uint8_t status)
     if (status == VIRTIO_BLK_S_OK && io->type == VIRTIO_BLK_T_IN)
         status = io_copy_out(b, io);
     io->d.status = status;
-    if (status != VIRTIO_BLK_S_OK) {
-        io->d.bytes = 0;
-        io->d.used_len = 1;
-    }
-    blk_finish(&b->q, io->head, io->resubmitted, io->status, &io->d,
-               io->start);
+    blk_finish(&b->q, io->head, io->resubmitted, io->status, &io->d, io->start);
     b->touching = NULL;
     b->notify = true;
     io_release(b, io);

@@ -406,10 +406,6 @@ static void rbd_io_answer(struct rbd_io *io, uint8_t status)
     if (status == VIRTIO_BLK_S_OK && io->d.op == NITRO_BLK_OP_IN)
         status = rbd_copy_out(b, io);
     io->d.status = status;
-    if (status != VIRTIO_BLK_S_OK) {
-        io->d.bytes = 0;
-        io->d.used_len = 1;
-    }
     blk_finish(&b->q, io->head, io->resubmitted, io->status, &io->d, io->start);
     b->notify = true;
 }
@@ -668,10 +664,6 @@ static void rbd_start(struct rbd_ring *b, struct nitro_chain *c, struct blk_req 
     default:
         d.op = NITRO_BLK_OP_UNSUPPORTED;
         d.status = VIRTIO_BLK_S_UNSUPP;
-    }
-    if (d.status != VIRTIO_BLK_S_OK) {
-        d.bytes = 0;
-        d.used_len = 1;
     }
     blk_finish(&b->q, c->head, c->resubmitted, rq->status, &d, start);
     b->notify = true;
