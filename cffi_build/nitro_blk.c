@@ -234,13 +234,19 @@ static int blk_zero_range(int fd, uint64_t off, uint64_t len, bool unmap)
 
 /* ---- operations -------------------------------------------------------- */
 
+/* A read every path may serve: within seg_max/size_max, used_len's 32 bits
+ * (a chain is capped at 2^32 bytes, 2.7.5.2) and the disk. */
+static bool blk_read_ok(const struct nitro_blk_params *p, const struct blk_req *rq)
+{
+    return !rq->oversize && rq->wr_len < UINT32_MAX &&
+           blk_range_ok(p, rq->sector, rq->wr_len);
+}
+
 static uint8_t blk_in(const struct nitro_blk_params *p,
                       struct nitro_xts_lane *lane, struct blk_req *rq,
                       struct blk_done *d)
 {
-    /* used_len is 32 bits and a chain is capped at 2^32 bytes (2.7.5.2). */
-    if (rq->oversize || rq->wr_len >= UINT32_MAX ||
-        !blk_range_ok(p, rq->sector, rq->wr_len))
+    if (!blk_read_ok(p, rq))
         return VIRTIO_BLK_S_IOERR;
     if (blk_payload(p, lane, rq->wr, rq->n_wr, rq->sector, rq->wr_len, false) < 0)
         return VIRTIO_BLK_S_IOERR;
@@ -650,8 +656,7 @@ static bool blk_async_ok(const struct blk_ring *b, const struct blk_req *rq)
     if (rq->type != VIRTIO_BLK_T_IN)
         return false;
     uint64_t len = rq->wr_len;
-    if (rq->oversize || len == 0 || rq->n_wr > IOV_MAX || len >= UINT32_MAX ||
-        !blk_range_ok(p, rq->sector, len))
+    if (len == 0 || rq->n_wr > IOV_MAX || !blk_read_ok(p, rq))
         return false;
     return p->xts == NULL || len <= ASYNC_MAX_CRYPT_BYTES;
 }
@@ -785,8 +790,7 @@ static bool blk_mapped_read(struct blk_ring *b, struct nitro_chain *c,
     const struct nitro_blk_params *p = b->p;
     uint64_t len = rq->wr_len, off = rq->sector << SECTOR_SHIFT;
     if (p->image_map == NULL || p->xts == NULL || rq->type != VIRTIO_BLK_T_IN ||
-        rq->oversize || len == 0 || len > MAPPED_READ_MAX ||
-        !blk_range_ok(p, rq->sector, len) ||
+        len == 0 || len > MAPPED_READ_MAX || !blk_read_ok(p, rq) ||
         p->data_offset + off + len > p->image_map_len ||
         !blk_mapped_resident(p->image_map, p->data_offset + off, len))
         return false;

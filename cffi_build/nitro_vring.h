@@ -195,12 +195,10 @@ static inline uint64_t nitro_batch_now(void)
 }
 
 /* After work that took time inside a batch: the batch's time is now. */
-static inline uint64_t nitro_batch_refresh(void)
+static inline void nitro_batch_refresh(void)
 {
-    uint64_t now = nitro_now_ns();
     if (nitro_batch_ns != 0)
-        nitro_batch_ns = now;
-    return now;
+        nitro_batch_ns = nitro_now_ns();
 }
 
 #endif
