@@ -36,7 +36,9 @@
  * detach hand-off, completions) runs inside a guard (nitro_guard.h): if
  * the memory is gone (SIGBUS: a frontend truncated its memfd) the ring
  * breaks with NITRO_FAULT_MEMORY and the worker goes on with its other
- * rings. What a jump out of such a call can leave behind, and why each is
+ * rings. A ring's guard also covers memory of its own that can vanish the
+ * same way (ops->covers: an encrypted volume's image mapping, should the
+ * file shrink under it). What a jump out of such a call can leave behind, and why each is
  * safe:
  * - chains popped and never completed: the ring is broken for good; a
  *   device reset (nitro_vq_reset) forgets them;

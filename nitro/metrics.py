@@ -186,7 +186,7 @@ class _Families:
                            for key, (family, name, text) in BLK_REMOTE.items()}
         self.blk_timeouts = CounterMetricFamily(
             "nitro_blk_timeouts", "Requests of a remote volume its storage left unanswered past io_timeout: "
-            "the guest got an I/O error (counted in nitro_blk_errors_total too).", labels=["device"])
+            "the guest got an I/O error (counted in nitro_blk_request_errors_total too).", labels=["device"])
         self.blk_capacity = GaugeMetricFamily(
             "nitro_blk_capacity_bytes", "Size of the virtio-blk device as presented to the guest.", labels=["device"])
         self.vhost_connected = GaugeMetricFamily(
