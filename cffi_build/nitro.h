@@ -202,6 +202,10 @@ struct nitro_blk_stats {
     /* Remote volumes: requests the storage left unanswered past
      * io_timeout, completed with IOERR (also in errors[]). */
     uint64_t timeouts;
+    /* File volumes: reads copied (or decrypted) straight from the image's
+     * mapping because their pages were in the page cache (no io_uring
+     * submission; also in requests[]). */
+    uint64_t mapped_reads;
 };
 
 /* nitro_crypto.h: an AES-XTS key with its per-thread cipher contexts. */
@@ -293,10 +297,10 @@ struct nitro_blk_params {
      * this long after it was sent completes with IOERR (the remote I/O
      * goes on; its buffer stays the ring's until it ends). 0: never. */
     uint64_t io_timeout_ns;
-    /* Encrypted file volumes (nitro_blk_map_image): fd mapped read-only
-     * from offset 0, image_map_len bytes. A read whose pages are all in
-     * the page cache is decrypted straight from it into the guest, one
-     * pass instead of a copy and a decrypt. NULL: none. */
+    /* File volumes (nitro_blk_map_image): fd mapped read-only from offset
+     * 0, image_map_len bytes. A read whose pages are all in the page
+     * cache is copied (or, encrypted, decrypted) straight from it into the
+     * guest on the worker: one pass, no io_uring submission. NULL: none. */
     const uint8_t *image_map;
     uint64_t image_map_len;
 };
@@ -317,8 +321,8 @@ int64_t nitro_blk_serve(struct nitro_vq *vq,
                         struct nitro_blk_stats *stats, int idle_ms);
 
 /* Map params->fd read-only into image_map (above), up to the file's size
- * now (reads past it, should the file grow, take the other path); for
- * encrypted volumes, before any ring uses the params. NITRO_ERR_SYS
+ * now (reads past it, should the file grow, take the other path), before
+ * any ring uses the params. NITRO_ERR_SYS
  * (errno set) if it cannot be mapped: the params stay unmapped, and
  * serve as before. nitro_blk_unmap_image once no ring uses them. */
 int nitro_blk_map_image(struct nitro_blk_params *params);

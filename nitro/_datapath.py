@@ -510,9 +510,9 @@ class BlkParams(_Owned):
         self._qos = qos
 
     def map_image(self) -> None:
-        """Map the image read-only, so encrypted reads in the page cache
-        are decrypted straight from it (nitro_blk_map_image). OSError if
-        it cannot be mapped: the params then serve as before."""
+        """Map the image read-only, so reads in the page cache are copied
+        (encrypted: decrypted) straight from it (nitro_blk_map_image).
+        OSError if it cannot be mapped: the params then serve as before."""
         rc = lib.nitro_blk_map_image(self.ptr)
         if rc == lib.NITRO_ERR_SYS:
             raise OSError(ffi.errno, os.strerror(ffi.errno))
@@ -553,6 +553,7 @@ class BlkStats(_Owned):
             "inflight": int(s.inflight),
             "resubmitted": int(s.resubmitted),
             "timeouts": int(s.timeouts),
+            "mapped_reads": int(s.mapped_reads),
         }
 
 

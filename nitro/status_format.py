@@ -115,8 +115,14 @@ REMOTE_BACKENDS = ("nbd", "rbd")
 
 
 def _format_volume(d: dict) -> str:
-    """`/srv/vm/db0.img (file)`, `nbd://host/export (nbd, LUKS2)`."""
+    """`/srv/vm/db0.img (file; 1200 reads from its mapping)`,
+    `nbd://host/export (nbd, LUKS2)`. An image file's reads in the page
+    cache are served from nitro's mapping of it (docs/volumes.md)."""
     extra = ", LUKS2" if d.get("encrypted") else ""
+    if d.get("mapped"):
+        extra += f"; {d.get('mapped_reads', 0)} reads from its mapping"
+    elif d.get("backend") == "file":
+        extra += "; not mapped: every read through io_uring"
     return f"{d['volume']} ({d.get('backend', '?')}{extra})"
 
 

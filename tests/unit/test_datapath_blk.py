@@ -54,6 +54,19 @@ from tests.unit.virtq import (
 DISK_SEED = 3  # the `disk` fixture (tests/unit/conftest.py) starts as fill(..., seed=3)
 
 
+@pytest.fixture(params=[False, True], ids=["uring", "mapped"])
+def params(request: pytest.FixtureRequest, disk: int, capacity: int) -> Iterator[BlkParams]:
+    """The plain volume every test here serves (tests/unit/conftest.py's),
+    with reads through io_uring, or (mapped) copied from a mapping of the
+    image where its pages are in memory."""
+    p = blk_params(disk, capacity)
+    if request.param:
+        p.map_image()
+        assert p.image_mapped
+    yield p
+    p.close()
+
+
 def run_one(ring: SplitRing, bufs: list[Buf], params: BlkParams, stats: BlkStats,
             indirect: bool = False) -> int:
     """Submit one chain, serve it, and return its used length."""
@@ -77,6 +90,7 @@ def test_in_reads_file_into_guest(guest: FakeGuest, ring: SplitRing, disk: int,
     assert status_of(guest, req) == VIRTIO_BLK_S_OK
     assert req.data_gpa is not None
     assert guest.read(req.data_gpa, 4096) == file_bytes(disk, 8, 4096)
+    assert stats.snapshot()["mapped_reads"] == (1 if params.image_mapped else 0)
 
 
 def test_out_writes_guest_data_to_file(guest: FakeGuest, ring: SplitRing, disk: int,
