@@ -33,6 +33,18 @@
 #define VAES __attribute__((target("vaes,avx2,aes")))
 #define BLOCK 16
 #define LANES 8            /* registers of blocks (and sector tweaks) in flight */
+/* Software prefetch of the input, so the AES rounds overlap the memory
+ * reads. Input is often cold in the CPU's caches (an image's pages in the
+ * page cache, read straight from its mapping), and the hardware's stream
+ * prefetch stops at every 4 KiB page. Each batch of blocks prefetches the
+ * lines PREFETCH_AHEAD bytes on; a call first prefetches its first
+ * PREFETCH_HEAD bytes. Never past the call's input: a 4 KiB random read
+ * ran slower when its batches fetched lines beyond it. Measured on a cold
+ * 1 GiB mapping, one core: 128 KiB decrypts 5.9 -> 8.3 GB/s, 4 KiB
+ * 3.6 -> 3.7 GB/s (memcpy of the same: 10.3 and 6.8). */
+#define PREFETCH_AHEAD 2048
+#define PREFETCH_HEAD 2048
+#define CACHE_LINE 64
 
 bool nitro_xts_aesni_usable(void)
 {
@@ -159,6 +171,13 @@ AESNI void nitro_xts_aesni_init(struct nitro_xts_aesni *k, const uint8_t *key,
 #define Y_bslli _mm256_bslli_epi128
 #define Y_xor _mm256_xor_si256
 
+/* Prefetch len bytes from p, stopping at end. */
+AESNI static inline void prefetch(const char *p, int len, const char *end)
+{
+    for (int i = 0; i < len && p + i < end; i += CACHE_LINE)
+        _mm_prefetch(p + i, _MM_HINT_T0);
+}
+
 /* AES-encrypt n (<= LANES) blocks in place, interleaved. */
 AESNI static void encrypt_blocks(const __m128i *rk, uint32_t nr, __m128i *b,
                                  int n)
@@ -176,10 +195,13 @@ AESNI static void encrypt_blocks(const __m128i *rk, uint32_t nr, __m128i *b,
  * register, AES-NI) or Y (two, VAES). TWEAKS fills tw[i] with the tweaks
  * of register i's blocks from t and moves t on by the batch; KEY(r) is
  * round key r in V's width. The last AES round xors its key in last, so
- * the closing tweak xor is folded into that key. */
+ * the closing tweak xor is folded into that key. in_end ends the call's
+ * input (the prefetch's limit). */
 #define UNIT_LOOP(V, load, store, KEY, ROUND, LAST, TWEAKS)                 \
     for (uint32_t j = 0; j < regs; j += LANES) {                             \
         V##_t b[LANES], tw[LANES];                                           \
+        prefetch((const char *)&src[j] + PREFETCH_AHEAD,                     \
+                 (int)sizeof(src[0]) * LANES, in_end);                       \
         TWEAKS;                                                              \
         _Pragma("GCC unroll 8")                                              \
         for (int i = 0; i < LANES; i++)                                      \
@@ -218,7 +240,8 @@ AESNI static inline __m128i mul_alpha(__m128i t)
 /* unit_enc and unit_dec: one data unit, AES-NI. */
 #define X_UNIT(name, ROUND, LAST)                                            \
     AESNI static void name(const __m128i *k, uint32_t nr, __m128i t,         \
-                           __m128i *dst, const __m128i *src, uint32_t blocks) \
+                           __m128i *dst, const __m128i *src, uint32_t blocks, \
+                           const char *in_end)                               \
     {                                                                        \
         uint32_t regs = blocks;                                              \
         UNIT_LOOP(X, _mm_loadu_si128, _mm_storeu_si128, X_KEY, ROUND, LAST,  \
@@ -248,7 +271,8 @@ X_UNIT(unit_dec, _mm_aesdec_si128, _mm_aesdeclast_si128)
  * tweak. */
 #define Y_UNIT(name, ROUND, LAST)                                            \
     VAES static void name(const __m128i *k, uint32_t nr, __m128i t1,         \
-                          __m256i *dst, const __m256i *src, uint32_t blocks)  \
+                          __m256i *dst, const __m256i *src, uint32_t blocks,  \
+                          const char *in_end)                                 \
     {                                                                        \
         __m256i t = _mm256_set_m128i(MUL_ALPHA(X, t1, 1), t1);               \
         uint32_t regs = blocks / 2;                                          \
@@ -260,16 +284,17 @@ Y_UNIT(unit_dec_wide, _mm256_aesdec_epi128, _mm256_aesdeclast_epi128)
 
 /* One unit, in the width asked for. */
 AESNI static void unit(const __m128i *k, uint32_t nr, __m128i t, uint8_t *out,
-                       const uint8_t *in, uint32_t blocks, bool enc, bool wide)
+                       const uint8_t *in, uint32_t blocks, bool enc, bool wide,
+                       const char *in_end)
 {
     if (wide && enc)
-        unit_enc_wide(k, nr, t, (__m256i *)out, (const __m256i *)in, blocks);
+        unit_enc_wide(k, nr, t, (__m256i *)out, (const __m256i *)in, blocks, in_end);
     else if (wide)
-        unit_dec_wide(k, nr, t, (__m256i *)out, (const __m256i *)in, blocks);
+        unit_dec_wide(k, nr, t, (__m256i *)out, (const __m256i *)in, blocks, in_end);
     else if (enc)
-        unit_enc(k, nr, t, (__m128i *)out, (const __m128i *)in, blocks);
+        unit_enc(k, nr, t, (__m128i *)out, (const __m128i *)in, blocks, in_end);
     else
-        unit_dec(k, nr, t, (__m128i *)out, (const __m128i *)in, blocks);
+        unit_dec(k, nr, t, (__m128i *)out, (const __m128i *)in, blocks, in_end);
 }
 
 AESNI int nitro_xts_aesni_crypt(const struct nitro_xts_aesni *k, uint8_t *out,
@@ -283,6 +308,8 @@ AESNI int nitro_xts_aesni_crypt(const struct nitro_xts_aesni *k, uint8_t *out,
     const __m128i *rk = (const __m128i *)(enc ? k->enc : k->dec);
     const __m128i *tk = (const __m128i *)k->tweak;
     uint32_t nr = k->rounds, blocks = unit_size / BLOCK;
+    const char *in_end = (const char *)in + units * unit_size;
+    prefetch((const char *)in, PREFETCH_HEAD, in_end);
     for (uint64_t u = 0; u < units; u += LANES) {
         int n = units - u < LANES ? (int)(units - u) : LANES;
         __m128i tw[LANES];
@@ -293,7 +320,7 @@ AESNI int nitro_xts_aesni_crypt(const struct nitro_xts_aesni *k, uint8_t *out,
         encrypt_blocks(tk, nr, tw, n);
         for (int i = 0; i < n; i++) {
             uint64_t at = (u + i) * unit_size;
-            unit(rk, nr, tw[i], out + at, in + at, blocks, enc, wide);
+            unit(rk, nr, tw[i], out + at, in + at, blocks, enc, wide, in_end);
         }
     }
     return 0;
