@@ -147,22 +147,41 @@ def test_io_timeout_turns_an_outage_into_ioerr(nitro, vublk, short_tmp_path):
     assert "; timed out 4\n" in text, text
 
 
+def read_past_slow_reads(nitro, vublk, tmp: Path, size: int, slow_below: int, iodepth: int) -> dict:
+    """vublk reads 4 KiB blocks in order for 2 s at `iodepth` from an
+    export of `size` bytes whose reads below offset `slow_below` take 4 s
+    and all others are answered at once (poll_us = 0: the worker sleeps
+    between passes, so nothing but kicks, answers and timers wakes it)."""
+    plugin = ["eval", f"get_size=echo {size}", "thread_model=echo parallel",
+              f'pread=if [ "$4" -lt {slow_below} ]; then sleep 4; fi; head -c "$3" /dev/zero']
+    with NbdKit(tmp, plugin) as server:
+        nitro("[daemon]\npoll_us = 0\n" + blk(server.url(), "readonly = true\n"))
+        rc, res, err = vublk_run(vublk, tmp / "r0.sock", "--rw", "read", "--bs", "4k",
+                                 "--iodepth", str(iodepth), "--runtime", "2", "--timeout", "10")
+    assert rc == 0 and res is not None, err
+    assert res["errors"] == 0, res
+    return res
+
+
 def test_new_requests_do_not_wait_for_a_slow_one(nitro, vublk, short_tmp_path):
     """A request the server is slow on holds the ring's wake_ns (its
     io_timeout) but not the queue: the ring stays armed, so a request the
-    guest adds while the worker sleeps kicks it (poll_us = 0: no busy-poll
-    window to find it instead). Without that, every read here waits for
-    the slow one."""
-    plugin = ["eval", "get_size=echo 1048576", "thread_model=echo parallel",
-              # the read at offset 0 takes 4 s, every other one is answered at once
-              'pread=if [ "$4" -eq 0 ]; then sleep 4; fi; head -c "$3" /dev/zero']
-    with NbdKit(short_tmp_path, plugin) as server:
-        nitro("[daemon]\npoll_us = 0\n" + blk(server.url(), "readonly = true\n"))
-        rc, res, err = vublk_run(vublk, short_tmp_path / "r0.sock", "--rw", "read", "--bs", "4k",
-                                 "--iodepth", "2", "--runtime", "2", "--timeout", "10")
-    assert rc == 0 and res is not None, err
-    assert res["errors"] == 0, res
+    guest adds while the worker sleeps kicks it. Without that, every read
+    here waits for the slow one (the read at offset 0)."""
+    res = read_past_slow_reads(nitro, vublk, short_tmp_path, size=MiB, slow_below=1, iodepth=2)
     # the 255 other blocks of the 1 MiB export pass the slow read at offset 0
+    assert res["ios"] >= 100, res
+
+
+def test_a_deferred_answer_is_signalled_without_more_answers(nitro, vublk, short_tmp_path):
+    """Answer moderation (cffi_build/nitro_nbd.c): with four or more
+    requests at the server, the call for an answer waits for more answers
+    or 20 us. Here the four reads in the first 16 KiB stay at the server
+    for 4 s and every other one is answered at once, so each fast answer is
+    deferred with nothing else to come: only the ring's timer signals it.
+    Without that, vublk would see no answer until the slow ones return."""
+    res = read_past_slow_reads(nitro, vublk, short_tmp_path, size=64 * MiB, slow_below=16384,
+                               iodepth=5)
     assert res["ios"] >= 100, res
 
 
