@@ -103,19 +103,6 @@ struct nbd_io {
     int err;                     /* the first error a command reported */
 };
 
-/* Answer moderation, as a NIC moderates its interrupts. The server's
- * answers come one at a time, each waking the worker, and a call per
- * answer costs the guest a wake-up and the worker an eventfd write (about
- * a quarter of its CPU at 4 KiB, measured). So while at least
- * NOTIFY_DEFER_OUTSTANDING requests are still with the server (more
- * answers are coming), the call for published answers waits until
- * NOTIFY_BATCH of them are, or NOTIFY_DELAY_NS after the first (the
- * ring's timer_ns wakes the worker for it). With fewer in flight, as at
- * queue depth 1, every answer is signalled at once. */
-#define NOTIFY_DELAY_NS 20000u
-#define NOTIFY_BATCH 16u
-#define NOTIFY_DEFER_OUTSTANDING 4u
-
 struct nbd_ring {
     struct nitro_ring r;
     const struct nitro_blk_params *p;
@@ -134,9 +121,7 @@ struct nbd_ring {
      * list, so abandon() frees it, or a drain would wait for it forever. */
     struct nbd_io *touching;
     uint64_t next_deadline;      /* earliest deadline of a waiting/sent slot, 0 */
-    bool notify;
-    uint32_t unnotified;         /* answers published and not yet signalled */
-    uint64_t notify_by;          /* when the first of them must be; 0: none */
+    struct blk_calls calls;      /* answer moderation (nitro_blk_internal.h) */
 };
 
 /* ---- connections (control plane threads) ---------------------------------- */
@@ -441,9 +426,7 @@ static void io_complete(struct nbd_ring *b, struct nbd_io *io, uint8_t status)
     io->d.status = status;
     blk_finish(&b->q, io->head, io->resubmitted, io->status, &io->d, io->start);
     b->touching = NULL;
-    b->notify = true;
-    if (b->unnotified++ == 0)
-        b->notify_by = nitro_batch_now() + NOTIFY_DELAY_NS;
+    blk_calls_answer(&b->calls);
     io_release(b, io);
 }
 
@@ -644,7 +627,7 @@ static void ring_start(struct nbd_ring *b, struct nitro_chain *c,
          rq->type != VIRTIO_BLK_T_FLUSH && rq->type != VIRTIO_BLK_T_DISCARD &&
          rq->type != VIRTIO_BLK_T_WRITE_ZEROES)) {
         blk_handle_sync(&b->q, c, b->lane, rq, start);  /* no I/O */
-        b->notify = true;
+        b->calls.due = true;
         return;
     }
     struct nbd_io *io = b->free;
@@ -809,36 +792,12 @@ static void ring_service(struct nbd_ring *b)
     ring_timeouts(b, nitro_now_ns());
 }
 
-/* Wake the worker for the earliest of the requests' io_timeout and a
- * deferred call. */
-static void ring_timer(struct nbd_ring *b)
+/* Call the guest for published answers, or let the call wait (answer
+ * moderation); the ring's timer then covers it too. */
+static void ring_signal(struct nbd_ring *b)
 {
-    uint64_t t = b->next_deadline;
-    if (b->notify && b->notify_by != 0 && (t == 0 || b->notify_by < t))
-        t = b->notify_by;
-    b->r.timer_ns = t;
-}
-
-static void ring_notify_now(struct nbd_ring *b)
-{
-    if (b->notify) {
-        b->notify = false;
-        b->unnotified = 0;
-        b->notify_by = 0;
-        nitro_vq_notify(b->r.vq);
-    }
-}
-
-/* Signal what was published, or defer it (answer moderation, above).
- * Answers that are not the server's (GET_ID, a request failed before it
- * was sent) have no notify_by: they are signalled at once. */
-static void ring_notify(struct nbd_ring *b)
-{
-    bool defer = b->notify && b->outstanding >= NOTIFY_DEFER_OUTSTANDING &&
-                 b->unnotified < NOTIFY_BATCH && nitro_batch_now() < b->notify_by;
-    if (!defer)
-        ring_notify_now(b);
-    ring_timer(b);
+    blk_calls_signal(&b->calls, b->r.vq, b->outstanding);
+    b->r.timer_ns = blk_calls_timer(&b->calls, b->next_deadline);
 }
 
 static int nbd_ring_poll(struct nitro_ring *r, struct nitro_io *unused,
@@ -861,7 +820,7 @@ static int nbd_ring_poll(struct nitro_ring *r, struct nitro_io *unused,
     }
     ring_reap(b);  /* commands libnbd refused at once */
     ring_watch(b);
-    ring_notify(b);
+    ring_signal(b);
     return rc < 0 ? rc : (int)done;
 }
 
@@ -904,9 +863,7 @@ static int nbd_ring_attach(struct nitro_ring *r)
     b->outstanding = 0;
     b->touching = NULL;
     b->next_deadline = 0;
-    b->notify = false;
-    b->unnotified = 0;
-    b->notify_by = 0;
+    b->calls = (struct blk_calls){0};
     r->timer_ns = 0;
     if (b->p->xts != NULL) {
         b->lane = nitro_xts_lane_get(b->p->xts);
@@ -931,7 +888,7 @@ static void nbd_release_held(struct nbd_ring *b)
     if (rc > 0)
         ring_start(b, c, &rq, start);
     else if (rc < 0)
-        b->notify = true;
+        b->calls.due = true;
 }
 
 /* Being detached (nitro_ring.h, drain): every request taken completes
@@ -946,7 +903,7 @@ static int nbd_ring_drain(struct nitro_ring *r)
     nbd_release_held(b);  /* nothing once the first call sent it */
     ring_service(b);
     if (r->status == NITRO_OK)
-        ring_notify_now(b);
+        blk_calls_flush(&b->calls, r->vq);
     ring_watch(b);
     return (int)b->outstanding;
 }
@@ -958,9 +915,7 @@ static void nbd_ring_abandon(struct nitro_ring *r)
     struct nbd_ring *b = (struct nbd_ring *)r;
     struct nbd_io *io = b->touching;
     b->touching = NULL;
-    b->notify = false;
-    b->unnotified = 0;
-    b->notify_by = 0;
+    b->calls = (struct blk_calls){0};
     if (io != NULL) {
         blk_queue_uncount(&b->q);
         io_release(b, io);

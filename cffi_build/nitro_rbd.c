@@ -261,7 +261,7 @@ struct rbd_ring {
      * still holds orphans goes when the last of them completes. */
     int refs;
     int efd;
-    bool notify;
+    struct blk_calls calls;     /* answer moderation (nitro_blk_internal.h) */
 };
 
 static void rbd_ring_destroy(struct rbd_ring *b);
@@ -407,7 +407,7 @@ static void rbd_io_answer(struct rbd_io *io, uint8_t status)
         status = rbd_copy_out(b, io);
     io->d.status = status;
     blk_finish(&b->q, io->head, io->resubmitted, io->status, &io->d, io->start);
-    b->notify = true;
+    blk_calls_answer(&b->calls);
 }
 
 /* Every awaited request past its deadline gets IOERR and is orphaned:
@@ -666,17 +666,17 @@ static void rbd_start(struct rbd_ring *b, struct nitro_chain *c, struct blk_req 
         d.status = VIRTIO_BLK_S_UNSUPP;
     }
     blk_finish(&b->q, c->head, c->resubmitted, rq->status, &d, start);
-    b->notify = true;
+    b->calls.due = true;  /* not librbd's answer: signalled at once */
 }
 
 /* ---- the ring ------------------------------------------------------------ */
 
-static void rbd_ring_notify(struct rbd_ring *b)
+/* Call the guest for published answers, or let the call wait (answer
+ * moderation); the ring's timer then covers it too. */
+static void rbd_ring_signal(struct rbd_ring *b)
 {
-    if (b->notify) {
-        b->notify = false;
-        nitro_vq_notify(b->r.vq);
-    }
+    blk_calls_signal(&b->calls, b->r.vq, b->in_flight);
+    b->r.timer_ns = blk_calls_timer(&b->calls, b->oldest != NULL ? b->oldest->deadline : 0);
 }
 
 static int rbd_ring_poll(struct nitro_ring *r, struct nitro_io *uring, uint32_t budget)
@@ -702,8 +702,7 @@ static int rbd_ring_poll(struct nitro_ring *r, struct nitro_io *uring, uint32_t 
         popped++;
         rbd_start(b, c, &rq, start);
     }
-    r->timer_ns = b->oldest != NULL ? b->oldest->deadline : 0;
-    rbd_ring_notify(b);
+    rbd_ring_signal(b);
     return rc < 0 ? rc : (int)(done + popped);
 }
 
@@ -731,6 +730,7 @@ static int rbd_ring_attach(struct nitro_ring *r)
         b->nslots--;
     }
     r->aux_events = EPOLLIN;
+    b->calls = (struct blk_calls){0};
     if (b->p->xts != NULL && b->lane == NULL) {
         b->lane = nitro_xts_lane_get(b->p->xts);
         if (b->lane == NULL)
@@ -751,7 +751,7 @@ static void rbd_release_held(struct rbd_ring *b, bool live)
     if (rc > 0)
         rbd_start(b, c, &rq, start);
     else if (rc < 0)
-        b->notify = true;
+        b->calls.due = true;
 }
 
 /* Being detached (nitro_ring.h, drain): every request the guest awaits
@@ -773,7 +773,7 @@ static int rbd_ring_drain(struct nitro_ring *r)
     rbd_release_held(b, live);  /* nothing once the first call sent it */
     if (live) {
         rbd_expire(b, nitro_now_ns());
-        rbd_ring_notify(b);
+        blk_calls_flush(&b->calls, r->vq);
         return b->oldest != NULL;
     }
     while (b->oldest != NULL) {
@@ -781,7 +781,7 @@ static int rbd_ring_drain(struct nitro_ring *r)
         rbd_orphan(b, b->oldest);
     }
     r->timer_ns = 0;
-    b->notify = false;
+    b->calls = (struct blk_calls){0};
     return 0;
 }
 
@@ -793,7 +793,7 @@ static void rbd_ring_abandon(struct nitro_ring *r)
 {
     struct rbd_ring *b = (struct rbd_ring *)r;
     struct rbd_io *io = b->touching;
-    b->notify = false;
+    b->calls = (struct blk_calls){0};
     if (io != NULL) {
         blk_queue_uncount(&b->q);
         rbd_io_release(io);
