@@ -10,8 +10,10 @@ The targets of issue 9 ("Encryption that keeps up") can be read off one run:
    -bytes 4096` and `-bytes 512`, all pinned to the same CPU, alternated
    in every round, medians. Both are bytes per CPU second (openssl's
    default). "nitro" is the path nitro picks on this machine (its own XTS
-   on VAES where the CPU has it, nitro_xts_aesni.c); nitro also runs forced
-   onto its 128-bit AES-NI XTS ("aesni", CPUs without VAES) and onto
+   on VAES where the CPU has it, 512-bit with AVX-512, nitro_xts_aesni.c);
+   nitro also runs forced onto its 256-bit VAES XTS ("vaes", CPUs with
+   VAES but no AVX-512), its 128-bit AES-NI XTS ("aesni", CPUs without
+   VAES) and onto
    OpenSSL's XTS one sector per call ("evp", the path before its own XTS
    and the one without AES-NI) for comparison. Targets: nitro 4096 >= 0.90
    of openssl 4096; nitro 512 >= 0.75 of openssl (printed against both
@@ -111,6 +113,8 @@ XTS_SERIES = [
     ("nitro-4096", lambda cpu, sec: nitro_xts_speed(cpu, sec, 4096)),
     ("openssl-512", lambda cpu, sec: openssl_speed(cpu, sec, 512)),
     ("nitro-512", lambda cpu, sec: nitro_xts_speed(cpu, sec, 512)),
+    ("nitro-vaes-4096", lambda cpu, sec: nitro_xts_speed(cpu, sec, 4096, "vaes")),
+    ("nitro-vaes-512", lambda cpu, sec: nitro_xts_speed(cpu, sec, 512, "vaes")),
     ("nitro-aesni-4096", lambda cpu, sec: nitro_xts_speed(cpu, sec, 4096, "aesni")),
     ("nitro-aesni-512", lambda cpu, sec: nitro_xts_speed(cpu, sec, 512, "aesni")),
     ("nitro-evp-4096", lambda cpu, sec: nitro_xts_speed(cpu, sec, 4096, "evp-iv")),
@@ -121,6 +125,8 @@ XTS_RATIOS = [
     ("nitro 4096 / openssl 4096", "nitro-4096", "openssl-4096", 0.90),
     ("nitro 512 / openssl 4096", "nitro-512", "openssl-4096", 0.75),
     ("nitro 512 / openssl 512", "nitro-512", "openssl-512", 0.75),
+    ("vaes 4096 / openssl 4096", "nitro-vaes-4096", "openssl-4096", None),
+    ("vaes 512 / openssl 4096", "nitro-vaes-512", "openssl-4096", None),
     ("aesni 4096 / openssl 4096", "nitro-aesni-4096", "openssl-4096", None),
     ("aesni 512 / openssl 4096", "nitro-aesni-512", "openssl-4096", None),
     ("evp 4096 / openssl 4096", "nitro-evp-4096", "openssl-4096", None),

@@ -68,6 +68,7 @@ int nitro_xts_crypt(struct nitro_xts *x, uint8_t *out, const uint8_t *in,
 #define NITRO_XTS_EVP_IV 1    /* OpenSSL's XTS, IV written in its context */
 #define NITRO_XTS_AESNI 2     /* nitro's XTS on AES-NI, many sectors a call */
 #define NITRO_XTS_VAES 3      /* the same, two AES blocks an instruction */
+#define NITRO_XTS_VAES512 4   /* the same, four (AVX-512) */
 /* The path in use: the fastest that proved to work at key load. */
 uint32_t nitro_xts_impl(const struct nitro_xts *x);
 /* For tests and benchmarks, before any thread crypts with x: choose a path;

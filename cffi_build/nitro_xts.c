@@ -248,7 +248,7 @@ static bool direct_iv_works(const EVP_CIPHER_CTX *tmpl)
 /* Does nitro's AES-NI XTS give OpenSSL's ciphertext, both ways, for a run
  * of sectors (tweaks batched and not) at a far sector number? Guards
  * against a miscompiled or misdetected build, never a slow path. */
-static bool aesni_works(struct nitro_xts *x, bool wide)
+static bool aesni_works(struct nitro_xts *x, uint32_t width)
 {
     enum { N = 9, SECTOR = 512 };
     uint8_t in[N * SECTOR], ours[N * SECTOR], theirs[N * SECTOR],
@@ -269,9 +269,9 @@ static bool aesni_works(struct nitro_xts *x, bool wide)
     if (!ok)
         return false;
     ok = nitro_xts_aesni_crypt(&x->aesni, ours, in, N, SECTOR, first, 1, true,
-                               wide) == 0 &&
+                               width) == 0 &&
          nitro_xts_aesni_crypt(&x->aesni, back, ours, N, SECTOR, first, 1,
-                               false, wide) == 0 &&
+                               false, width) == 0 &&
          memcmp(ours, theirs, sizeof(ours)) == 0 &&
          memcmp(back, in, sizeof(in)) == 0;
     OPENSSL_cleanse(ours, sizeof(ours));
@@ -287,11 +287,14 @@ static void choose_impl(struct nitro_xts *x, const uint8_t *key, uint32_t len)
         x->impl_ok |= 1u << NITRO_XTS_EVP_IV;
     if (nitro_xts_aesni_usable()) {
         nitro_xts_aesni_init(&x->aesni, key, len);
-        if (aesni_works(x, false))
+        if (aesni_works(x, 1))
             x->impl_ok |= 1u << NITRO_XTS_AESNI;
-        if (nitro_xts_vaes_usable() && aesni_works(x, true))
+        if (nitro_xts_vaes_usable() && aesni_works(x, 2))
             x->impl_ok |= 1u << NITRO_XTS_VAES;
-        if (!(x->impl_ok & (1u << NITRO_XTS_AESNI | 1u << NITRO_XTS_VAES)))
+        if (nitro_xts_vaes512_usable() && aesni_works(x, 4))
+            x->impl_ok |= 1u << NITRO_XTS_VAES512;
+        if (!(x->impl_ok & (1u << NITRO_XTS_AESNI | 1u << NITRO_XTS_VAES |
+                            1u << NITRO_XTS_VAES512)))
             OPENSSL_cleanse(&x->aesni, sizeof(x->aesni));
     }
     /* The highest-numbered path that works: the NITRO_XTS_* are in order
@@ -351,7 +354,7 @@ uint32_t nitro_xts_impl(const struct nitro_xts *x) { return x->impl; }
 
 int nitro_xts_set_impl(struct nitro_xts *x, uint32_t impl)
 {
-    if (x == NULL || impl > NITRO_XTS_VAES || !(x->impl_ok & (1u << impl)))
+    if (x == NULL || impl > NITRO_XTS_VAES512 || !(x->impl_ok & (1u << impl)))
         return NITRO_ERR_ARG;
     x->impl = impl;
     return NITRO_OK;
@@ -417,6 +420,12 @@ static bool aligned(const struct nitro_xts *x, uint64_t len, uint64_t offset)
     return len % x->sector_size == 0 && offset % x->sector_size == 0;
 }
 
+/* AES blocks a register on nitro's own XTS paths. */
+static uint32_t impl_width(uint32_t impl)
+{
+    return impl == NITRO_XTS_VAES512 ? 4 : impl == NITRO_XTS_VAES ? 2 : 1;
+}
+
 /* len bytes of whole sectors, contiguous both sides. */
 static int crypt_buf(struct nitro_xts *x, struct nitro_xts_lane *l,
                      uint8_t *out, const uint8_t *in, uint64_t len,
@@ -427,7 +436,7 @@ static int crypt_buf(struct nitro_xts *x, struct nitro_xts_lane *l,
                                      x->sector_size,
                                      (offset >> IV_UNIT_SHIFT) + x->iv_offset,
                                      x->sector_size >> IV_UNIT_SHIFT, enc,
-                                     x->impl == NITRO_XTS_VAES) == 0
+                                     impl_width(x->impl)) == 0
                    ? NITRO_OK
                    : NITRO_ERR_ARG;
     const struct xts_ctx *c = enc ? &l->enc : &l->dec;

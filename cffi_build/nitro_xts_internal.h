@@ -54,19 +54,22 @@ struct nitro_xts_aesni {
 
 /* The CPU has AES-NI: the only case where the two calls below may run. */
 bool nitro_xts_aesni_usable(void);
-/* It also has VAES (and AVX2): nitro_xts_aesni_crypt may be `wide`. */
+/* It also has VAES (and AVX2): nitro_xts_aesni_crypt may take width 2. */
 bool nitro_xts_vaes_usable(void);
+/* And AVX-512 F and BW: width 4. */
+bool nitro_xts_vaes512_usable(void);
 /* key_len 32 (AES-128-XTS) or 64 (AES-256-XTS): key1 || key2. */
 void nitro_xts_aesni_init(struct nitro_xts_aesni *k, const uint8_t *key,
                           uint32_t key_len);
 /* units data units of unit_size bytes from in to out (may be equal); unit
- * i has the IV le64(first_iv + i * iv_step) || 0^8. wide: with VAES, two
- * blocks a register. unit_size must be a multiple of 256 (whole batches of
- * 16 blocks: 512 and 4096 are; no ciphertext stealing), else -1 and
+ * i has the IV le64(first_iv + i * iv_step) || 0^8. width: AES blocks a
+ * register, 1 (AES-NI), 2 (VAES, 256-bit) or 4 (VAES, 512-bit). unit_size
+ * must be a multiple of 8 registers of at least two blocks (256 bytes; 512
+ * for width 4: 512 and 4096 are; no ciphertext stealing), else -1 and
  * nothing is written; 0 when done. */
 int nitro_xts_aesni_crypt(const struct nitro_xts_aesni *k, uint8_t *out,
                           const uint8_t *in, uint64_t units,
                           uint32_t unit_size, uint64_t first_iv,
-                          uint64_t iv_step, bool enc, bool wide);
+                          uint64_t iv_step, bool enc, uint32_t width);
 
 #endif

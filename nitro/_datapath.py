@@ -389,13 +389,13 @@ class XtsCipher(_Owned):
         super().__init__(ffi.gc(out[0], lib.nitro_xts_free))
         self.sector_size = sector_size
 
-    IMPLS = {"evp-init": 0, "evp-iv": 1, "aesni": 2, "vaes": 3}  # NITRO_XTS_*
+    IMPLS = {"evp-init": 0, "evp-iv": 1, "aesni": 2, "vaes": 3, "vaes512": 4}  # NITRO_XTS_*
 
     @property
     def impl(self) -> str:
-        """How sectors are encrypted: "vaes" or "aesni" (nitro's XTS on the
-        CPU's AES instructions, 256- or 128-bit wide, several sectors per
-        call), "evp-iv" (OpenSSL's XTS, IV written in place) or
+        """How sectors are encrypted: "vaes512", "vaes" or "aesni" (nitro's
+        XTS on the CPU's AES instructions, 512-, 256- or 128-bit wide,
+        several sectors per call), "evp-iv" (OpenSSL's XTS, IV written in place) or
         "evp-init" (OpenSSL's XTS, IV through EVP_CipherInit_ex2): the fastest
         that nitro_xts_new proved to work on this machine."""
         return {v: k for k, v in self.IMPLS.items()}[lib.nitro_xts_impl(self.ptr)]
