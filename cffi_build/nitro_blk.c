@@ -470,6 +470,13 @@ int blk_pop_request(struct blk_queue *q, struct nitro_chain **c,
  * (served inline), encrypted or >IOV_MAX requests holds the worker for
  * one such batch (milliseconds), not for its whole ring. */
 #define SYNC_PASS_BYTES (8u << 20)
+/* Within such a pass, the guest is called after every SYNC_CALL_BYTES of
+ * synchronous I/O, so it refills its ring while the worker writes on
+ * instead of waiting for the whole pass (the early completions of the
+ * io_uring path, below, for writes served inline). Measured on tmpfs,
+ * 4 KiB random writes at QD32: plain 375-385k -> 624-626k IOPS, LUKS2
+ * 318-334k -> 411-414k. */
+#define SYNC_CALL_BYTES (64u << 10)
 
 /* Bytes of io_uring I/O after which a pass over the ring ends early, so
  * the worker submits them (a cached read is copied within the submit),
@@ -969,8 +976,11 @@ static int blk_ring_poll(struct nitro_ring *r, struct nitro_io *io,
             async_bytes += blk_qos_bytes(&rq);
             continue;
         }
+        uint64_t before = sync_bytes;
         sync_bytes += blk_handle_sync(&b->q, c, b->lane, &rq, start);
         b->notify = true;
+        if (sync_bytes / SYNC_CALL_BYTES != before / SYNC_CALL_BYTES)
+            blk_ring_notify(b);
     }
     blk_ring_notify(b);
     return rc < 0 ? rc : (int)done;

@@ -170,6 +170,30 @@ def test_a_pass_ends_after_64_kib_of_io_uring_io(guest, params, stats) -> None:
         ring.close()
 
 
+def test_a_pass_of_writes_calls_the_guest_every_64_kib(guest, params, stats) -> None:
+    """Writes are served inline, many a pass (8 MiB); the guest is called
+    after each 64 KiB of them (SYNC_CALL_BYTES in nitro_blk.c), not once
+    at the end, so it refills its ring while the worker writes on. Four
+    64 KiB writes waiting when the worker first looks: one pass, four
+    calls (the ring has no EVENT_IDX: every call is signalled)."""
+    e = _datapath.Engine(1)
+    ring = SplitRing(guest, num=16)
+    data = [fill(64 * 1024, seed=k) for k in range(4)]
+    for k, d in enumerate(data):
+        ring.add_chain(blk_req(guest, VIRTIO_BLK_T_OUT, sector=128 * k, out=d).bufs)
+    r = Ring.blk(ring.vq, params, stats)
+    e.attach(r, 0)
+    try:
+        wait_used(ring, 4)
+        assert ring.calls() == 4
+        assert e.worker_stats(0)["chains"] == 4
+    finally:
+        e.detach(r)
+        r.close()
+        e.close()
+        ring.close()
+
+
 def test_a_pass_shares_one_clock_read_but_a_slow_request_restarts_it(guest, params, stats) -> None:
     """Requests of a pass are timed from one clock read (nitro_batch_ns):
     a synchronous 1 MiB write refreshes it, so the GET_ID taken after it
