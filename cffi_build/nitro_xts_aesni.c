@@ -186,11 +186,12 @@ AESNI void nitro_xts_aesni_init(struct nitro_xts_aesni *k, const uint8_t *key,
 #define Z_bslli _mm512_bslli_epi128
 #define Z_xor _mm512_xor_si512
 
-/* Prefetch len bytes from p, stopping at end. */
-AESNI static inline void prefetch(const char *p, int len, const char *end)
+/* Prefetch len bytes from address p, stopping at end. Addresses as
+ * integers: p may lie past the input, where no pointer may point. */
+AESNI static inline void prefetch(uintptr_t p, uintptr_t len, const char *end)
 {
-    for (int i = 0; i < len && p + i < end; i += CACHE_LINE)
-        _mm_prefetch(p + i, _MM_HINT_T0);
+    for (uintptr_t a = p; a < p + len && a < (uintptr_t)end; a += CACHE_LINE)
+        _mm_prefetch((const char *)a, _MM_HINT_T0);
 }
 
 /* AES-encrypt n (<= LANES) blocks in place, interleaved. */
@@ -215,8 +216,8 @@ AESNI static void encrypt_blocks(const __m128i *rk, uint32_t nr, __m128i *b,
 #define UNIT_LOOP(V, load, store, KEY, ROUND, LAST, TWEAKS)                 \
     for (uint32_t j = 0; j < regs; j += LANES) {                             \
         V##_t b[LANES], tw[LANES];                                           \
-        prefetch((const char *)&src[j] + PREFETCH_AHEAD,                     \
-                 (int)sizeof(src[0]) * LANES, in_end);                       \
+        prefetch((uintptr_t)&src[j] + PREFETCH_AHEAD, sizeof(src[0]) * LANES, \
+                 in_end);                                                    \
         TWEAKS;                                                              \
         _Pragma("GCC unroll 8")                                              \
         for (int i = 0; i < LANES; i++)                                      \
@@ -271,16 +272,19 @@ X_UNIT(unit_dec, _mm_aesdec_si128, _mm_aesdeclast_si128)
  * are broadcast from the schedule as they are used (a load each, no copy
  * of the key on the stack). */
 #define Y_KEY(r) _mm256_broadcastsi128_si256(_mm_load_si128(&k[r]))
-#define Y_TWEAKS                                                             \
+/* The tweaks of a batch of registers of w blocks each: register i's are
+ * t * alpha^(w * i), the next batch's t * alpha^(8w) (VAES: w 2 or 4). */
+#define WIDE_TWEAKS(V, w)                                                    \
     tw[0] = t;                                                               \
-    tw[1] = MUL_ALPHA(Y, t, 2);                                              \
-    tw[2] = MUL_ALPHA(Y, t, 4);                                              \
-    tw[3] = MUL_ALPHA(Y, t, 6);                                              \
-    tw[4] = MUL_ALPHA(Y, t, 8);                                              \
-    tw[5] = MUL_ALPHA(Y, t, 10);                                             \
-    tw[6] = MUL_ALPHA(Y, t, 12);                                             \
-    tw[7] = MUL_ALPHA(Y, t, 14);                                             \
-    t = MUL_ALPHA(Y, t, 16)
+    tw[1] = MUL_ALPHA(V, t, 1 * (w));                                        \
+    tw[2] = MUL_ALPHA(V, t, 2 * (w));                                        \
+    tw[3] = MUL_ALPHA(V, t, 3 * (w));                                        \
+    tw[4] = MUL_ALPHA(V, t, 4 * (w));                                        \
+    tw[5] = MUL_ALPHA(V, t, 5 * (w));                                        \
+    tw[6] = MUL_ALPHA(V, t, 6 * (w));                                        \
+    tw[7] = MUL_ALPHA(V, t, 7 * (w));                                        \
+    t = MUL_ALPHA(V, t, 8 * (w))
+#define Y_TWEAKS WIDE_TWEAKS(Y, 2)
 
 /* unit_enc_wide and unit_dec_wide: one data unit, VAES; t1 is the unit's
  * tweak. */
@@ -302,16 +306,7 @@ Y_UNIT(unit_dec_wide, _mm256_aesdec_epi128, _mm256_aesdeclast_epi128)
  * Register i's tweaks are t * alpha^(4i), the next batch starts at
  * t * alpha^32; a 512-byte sector is one batch. */
 #define Z_KEY(r) _mm512_broadcast_i32x4(_mm_load_si128(&k[r]))
-#define Z_TWEAKS                                                             \
-    tw[0] = t;                                                               \
-    tw[1] = MUL_ALPHA(Z, t, 4);                                              \
-    tw[2] = MUL_ALPHA(Z, t, 8);                                              \
-    tw[3] = MUL_ALPHA(Z, t, 12);                                             \
-    tw[4] = MUL_ALPHA(Z, t, 16);                                             \
-    tw[5] = MUL_ALPHA(Z, t, 20);                                             \
-    tw[6] = MUL_ALPHA(Z, t, 24);                                             \
-    tw[7] = MUL_ALPHA(Z, t, 28);                                             \
-    t = MUL_ALPHA(Z, t, 32)
+#define Z_TWEAKS WIDE_TWEAKS(Z, 4)
 
 /* unit_enc_512 and unit_dec_512: one data unit, VAES on 512-bit
  * registers; t1 is the unit's tweak. */
@@ -364,7 +359,7 @@ AESNI int nitro_xts_aesni_crypt(const struct nitro_xts_aesni *k, uint8_t *out,
     const __m128i *tk = (const __m128i *)k->tweak;
     uint32_t nr = k->rounds, blocks = unit_size / BLOCK;
     const char *in_end = (const char *)in + units * unit_size;
-    prefetch((const char *)in, PREFETCH_HEAD, in_end);
+    prefetch((uintptr_t)in, PREFETCH_HEAD, in_end);
     for (uint64_t u = 0; u < units; u += LANES) {
         int n = units - u < LANES ? (int)(units - u) : LANES;
         __m128i tw[LANES];
