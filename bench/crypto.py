@@ -214,7 +214,7 @@ def bench_io(args: argparse.Namespace) -> dict:
         vols = make_volumes(workdir, size)
         fill(vols, workdir, args, size)
         results: dict = {}
-        for wl in WORKLOADS:
+        for wl in selected_workloads(args):
             per: dict[str, list[dict]] = {be.name: [] for be, _ in vols}
             for rnd in range(args.rounds):
                 for be, img in vols:
@@ -224,6 +224,18 @@ def bench_io(args: argparse.Namespace) -> dict:
                     per[be.name].append({**run.result, "nitro_cpu_util": run.backend_cpu_util})
             results[wl.name] = per
     return _io_summary(results, note)
+
+
+def selected_workloads(args: argparse.Namespace) -> list[Workload]:
+    """WORKLOADS, or those named by --workloads (in WORKLOADS' order)."""
+    if not args.workloads:
+        return WORKLOADS
+    names = args.workloads.split(",")
+    unknown = set(names) - {w.name for w in WORKLOADS}
+    if unknown:
+        sys.exit(f"bench.crypto: unknown workload(s) {', '.join(sorted(unknown))}; "
+                 f"known: {', '.join(w.name for w in WORKLOADS)}")
+    return [w for w in WORKLOADS if w.name in names]
 
 
 # Issue 9's targets for LUKS2/plain IOPS.
@@ -271,6 +283,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--runtime", type=float, default=5, help="seconds per vublk run")
     p.add_argument("--size-mib", type=int, default=256)
     p.add_argument("--skip-io", action="store_true")
+    p.add_argument("--skip-xts", action="store_true", help="only the I/O part")
+    p.add_argument("--workloads", default="",
+                   help="comma-separated subset of " + ",".join(w.name for w in WORKLOADS))
     p.add_argument("--poll", action="store_true", help="vublk busy-polls (see bench.blk)")
     p.add_argument("--image-dir", default=None,
                    help="where the images live (default /dev/shm, tmpfs; e.g. /var/tmp for ext4's "
@@ -278,7 +293,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if not VUBLK.parent.exists():
         VUBLK.parent.mkdir(parents=True)
-    report = {"xts": bench_xts(args)}
+    report = {} if args.skip_xts else {"xts": bench_xts(args)}
     if not args.skip_io:
         report["io"] = bench_io(args)
     save_report("crypto", report)

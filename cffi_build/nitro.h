@@ -204,8 +204,10 @@ struct nitro_blk_stats {
     uint64_t timeouts;
     /* File volumes: reads copied (or decrypted) straight from the image's
      * mapping because their pages were in the page cache (no io_uring
-     * submission; also in requests[]). */
+     * submission; also in requests[]), and writes copied (or encrypted)
+     * straight into it (no pwrite). */
     uint64_t mapped_reads;
+    uint64_t mapped_writes;
 };
 
 /* nitro_crypto.h: an AES-XTS key with its per-thread cipher contexts. */
@@ -297,12 +299,16 @@ struct nitro_blk_params {
      * this long after it was sent completes with IOERR (the remote I/O
      * goes on; its buffer stays the ring's until it ends). 0: never. */
     uint64_t io_timeout_ns;
-    /* File volumes (nitro_blk_map_image): fd mapped read-only from offset
-     * 0, image_map_len bytes. A read whose pages are all in the page
-     * cache is copied (or, encrypted, decrypted) straight from it into the
-     * guest on the worker: one pass, no io_uring submission. NULL: none. */
+    /* File volumes (nitro_blk_map_image): fd mapped from offset 0,
+     * image_map_len bytes. A read whose pages are all in the page cache
+     * is copied (or, encrypted, decrypted) straight from it into the guest
+     * on the worker: one pass, no io_uring submission. NULL: none. */
     const uint8_t *image_map;
     uint64_t image_map_len;
+    /* Nonzero: the mapping is writable too (a writable volume whose fd
+     * allows it), and a write whose pages are all in the page cache is
+     * copied (encrypted) straight into it, with no pwrite. */
+    uint32_t image_map_writable;
 };
 
 /* Serve one virtio-blk queue: fetch every available chain (first those an
@@ -320,11 +326,11 @@ int64_t nitro_blk_serve(struct nitro_vq *vq,
                         const struct nitro_blk_params *params,
                         struct nitro_blk_stats *stats, int idle_ms);
 
-/* Map params->fd read-only into image_map (above), up to the file's size
- * now (reads past it, should the file grow, take the other path), before
- * any ring uses the params. NITRO_ERR_SYS
- * (errno set) if it cannot be mapped: the params stay unmapped, and
- * serve as before. nitro_blk_unmap_image once no ring uses them. */
+/* Map params->fd into image_map (above), up to the file's size now (I/O
+ * past it, should the file grow, takes the other paths): read-write
+ * unless params->readonly or the fd refuses, else read-only. Before
+ * any ring uses the params. NITRO_ERR_SYS (errno set) if it cannot be
+ * mapped at all: the params stay unmapped, and serve as before. nitro_blk_unmap_image once no ring uses them. */
 int nitro_blk_map_image(struct nitro_blk_params *params);
 void nitro_blk_unmap_image(struct nitro_blk_params *params);
 

@@ -24,6 +24,7 @@
 #include <unistd.h>
 
 #include "nitro_blk_internal.h"
+#include "nitro_guard.h"
 #include "nitro_iov.h"
 #include "nitro_qos.h"
 #include "nitro_ring.h"
@@ -739,10 +740,10 @@ static bool blk_start_async(struct blk_ring *b, struct nitro_chain *c,
     return false;
 }
 
-/* ---- reads from the image's mapping --------------------------------------- */
+/* ---- reads and writes through the image's mapping ------------------------ */
 
-/* Larger reads take the io_uring path (mincore's vector is on the stack). */
-#define MAPPED_READ_MAX (1u << 20)
+/* Larger requests take the other paths (mincore's vector is on the stack). */
+#define MAPPED_MAX (1u << 20)
 #define MAPPED_PAGE 4096u
 
 int nitro_blk_map_image(struct nitro_blk_params *p)
@@ -756,7 +757,12 @@ int nitro_blk_map_image(struct nitro_blk_params *p)
     uint64_t len = (uint64_t)st.st_size < end ? (uint64_t)st.st_size : end;
     if (len == 0)
         return NITRO_OK;
-    void *m = mmap(NULL, len, PROT_READ, MAP_SHARED, p->fd, 0);
+    /* Read-write where the fd allows it (EACCES: opened read-only). */
+    void *m = p->readonly ? MAP_FAILED
+                          : mmap(NULL, len, PROT_READ | PROT_WRITE, MAP_SHARED, p->fd, 0);
+    p->image_map_writable = m != MAP_FAILED;
+    if (m == MAP_FAILED)
+        m = mmap(NULL, len, PROT_READ, MAP_SHARED, p->fd, 0);
     if (m == MAP_FAILED)
         return NITRO_ERR_SYS;
     p->image_map = m;
@@ -770,14 +776,16 @@ void nitro_blk_unmap_image(struct nitro_blk_params *p)
         munmap((void *)p->image_map, p->image_map_len);
         p->image_map = NULL;
         p->image_map_len = 0;
+        p->image_map_writable = 0;
     }
 }
 
 /* Is [pos, pos + len) of the mapping all in the page cache? A page that is
- * not would fault in from the disk on the worker, holding its other rings. */
+ * not would fault in from the disk on the worker, holding its other rings
+ * (a write to it, too: the rest of its page is read first). */
 static bool blk_mapped_resident(const uint8_t *map, uint64_t pos, uint64_t len)
 {
-    unsigned char vec[MAPPED_READ_MAX / MAPPED_PAGE + 1];
+    unsigned char vec[MAPPED_MAX / MAPPED_PAGE + 1];
     uint64_t first = pos & ~(uint64_t)(MAPPED_PAGE - 1);
     uint64_t pages = (pos + len - first + MAPPED_PAGE - 1) / MAPPED_PAGE;
     if (mincore((void *)(map + first), pages * MAPPED_PAGE, vec) != 0)
@@ -788,45 +796,109 @@ static bool blk_mapped_resident(const uint8_t *map, uint64_t pos, uint64_t len)
     return true;
 }
 
-/* A read whose pages are in the page cache: copied (encrypted: decrypted)
- * straight from the image's mapping into guest memory and answered, on
- * the worker. Cheaper than an io_uring read of the same pages, which
- * copies them too but costs a submission and a completion, and on some
- * filesystems (tmpfs) a hand-off to an io-wq thread. Encrypted, the
- * mapping is the ciphertext side: ciphertext never enters the guest.
- * False: not such a read, left for the other paths. */
+/* Where the mapping holds volume bytes [off, off + len), if it may serve
+ * them: inside the mapping, at most MAPPED_MAX, every page in the page
+ * cache. NULL: not such a range. The caller checked the range against
+ * the volume (blk_range_ok), so no sum here overflows. */
+static uint8_t *blk_mapped_at(const struct nitro_blk_params *p, uint64_t off, uint64_t len)
+{
+    uint64_t pos = p->data_offset + off;
+    if (len == 0 || len > MAPPED_MAX || pos + len > p->image_map_len ||
+        !blk_mapped_resident(p->image_map, pos, len))
+        return NULL;
+    return (uint8_t *)p->image_map + pos;
+}
+
+static bool blk_map_covers(const void *ctx, const void *addr)
+{
+    const struct nitro_blk_params *p = ctx;
+    uintptr_t a = (uintptr_t)addr, m = (uintptr_t)p->image_map;
+    return p->image_map != NULL && a >= m && a - m < p->image_map_len;
+}
+
+/* Copy a request's payload between guest memory and the mapping at map:
+ * plain, or through the cipher (the mapping is the ciphertext side, so
+ * ciphertext never enters the guest). A fault in the mapping (the image
+ * shrank after mincore looked, a full filesystem refusing a block to a
+ * written page, a memory error) fails this request with IOERR, as the
+ * same error from pread or pwrite would, and the ring serves on. A fault
+ * in guest memory is the ring's guard's to handle. */
+static uint8_t blk_mapped_copy(struct blk_ring *b, uint8_t *map, struct iovec *iov,
+                               int cnt, uint64_t off, uint64_t len, bool write)
+{
+    const struct nitro_blk_params *p = b->p;
+    struct nitro_guard g;
+    if (NITRO_GUARD_ENTER(&g, blk_map_covers, p)) {
+        if (!nitro_guard_mine(&g))
+            nitro_guard_rethrow(&g);
+        nitro_guard_leave(&g);
+        return VIRTIO_BLK_S_IOERR;
+    }
+    int rc = NITRO_OK;
+    if (p->xts != NULL)
+        rc = nitro_xts_iov_buf(p->xts, b->lane, map, &iov, &cnt, len, off, write);
+    else if (write)
+        nitro_iov_to_buf(iov, cnt, map, len);  /* the caller checked: iov holds len */
+    else
+        nitro_buf_to_iov(iov, cnt, map, len);
+    nitro_guard_leave(&g);
+    return rc == NITRO_OK ? VIRTIO_BLK_S_OK : VIRTIO_BLK_S_IOERR;
+}
+
+/* A read whose pages are in the page cache: copied (decrypted) straight
+ * from the image's mapping into guest memory and answered, on the worker.
+ * Cheaper than an io_uring read of the same pages, which copies them too
+ * but costs a submission and a completion, and on some filesystems
+ * (tmpfs) a hand-off to an io-wq thread. False: not such a read, left
+ * for the other paths. */
 static bool blk_mapped_read(struct blk_ring *b, struct nitro_chain *c,
                             struct blk_req *rq, uint64_t start)
 {
     const struct nitro_blk_params *p = b->p;
     uint64_t len = rq->wr_len, off = rq->sector << SECTOR_SHIFT;
-    if (p->image_map == NULL || rq->type != VIRTIO_BLK_T_IN ||
-        len == 0 || len > MAPPED_READ_MAX || !blk_read_ok(p, rq) ||
-        p->data_offset + off + len > p->image_map_len ||
-        !blk_mapped_resident(p->image_map, p->data_offset + off, len))
+    if (p->image_map == NULL || rq->type != VIRTIO_BLK_T_IN || !blk_read_ok(p, rq))
         return false;
-    const uint8_t *src = p->image_map + p->data_offset + off;
-    int rc = NITRO_OK;
-    if (p->xts != NULL) {
-        struct iovec *g = rq->wr;
-        int gc = rq->n_wr;
-        rc = nitro_xts_iov_buf(p->xts, b->lane, (uint8_t *)src, &g, &gc, len, off, false);
-    } else {
-        nitro_buf_to_iov(rq->wr, rq->n_wr, src, len);  /* blk_read_ok: the iovecs hold len */
-    }
-    struct blk_done d = {.op = NITRO_BLK_OP_IN, .bytes = len, .used_len = (uint32_t)len + 1,
-                         .status = rc == NITRO_OK ? VIRTIO_BLK_S_OK : VIRTIO_BLK_S_IOERR};
+    uint8_t *map = blk_mapped_at(p, off, len);
+    if (map == NULL)
+        return false;
+    struct blk_done d = {.op = NITRO_BLK_OP_IN, .bytes = len, .used_len = (uint32_t)len + 1};
+    d.status = blk_mapped_copy(b, map, rq->wr, rq->n_wr, off, len, false);
     nitro_stat_add(&b->q.s->mapped_reads, 1);
     nitro_batch_refresh();
     blk_finish(&b->q, c->head, c->resubmitted, rq->status, &d, start);
     return true;
 }
 
+/* A write whose pages are in the page cache: copied (encrypted) straight
+ * into the image's mapping, and answered, on the worker. No pwrite: no
+ * system call, and encrypted, one pass (guest -> cipher -> page cache)
+ * instead of a bounce buffer the kernel copies again. The pages are
+ * dirty in the page cache as after a pwrite; FLUSH (fdatasync) writes
+ * them back the same way. False: not such a write. */
+static bool blk_mapped_write(struct blk_ring *b, struct nitro_chain *c,
+                             struct blk_req *rq, uint64_t start)
+{
+    const struct nitro_blk_params *p = b->p;
+    uint64_t len = rq->rd_len, off = rq->sector << SECTOR_SHIFT;
+    if (!p->image_map_writable || rq->type != VIRTIO_BLK_T_OUT || rq->oversize ||
+        p->readonly || !blk_range_ok(p, rq->sector, len))
+        return false;
+    uint8_t *map = blk_mapped_at(p, off, len);
+    if (map == NULL)
+        return false;
+    struct blk_done d = {.op = NITRO_BLK_OP_OUT, .bytes = len, .used_len = 1};
+    d.status = blk_mapped_copy(b, map, rq->rd, rq->n_rd, off, len, true);
+    nitro_stat_add(&b->q.s->mapped_writes, 1);
+    nitro_batch_refresh();
+    blk_finish(&b->q, c->head, c->resubmitted, rq->status, &d, start);
+    return true;
+}
+
+/* The ring's guard covers the mapping too, though every copy has its own
+ * (blk_mapped_copy): a fault there breaks the device, not the daemon. */
 static bool blk_ring_covers(const struct nitro_ring *r, const void *addr)
 {
-    const struct nitro_blk_params *p = ((const struct blk_ring *)r)->p;
-    uintptr_t a = (uintptr_t)addr, m = (uintptr_t)p->image_map;
-    return p->image_map != NULL && a >= m && a - m < p->image_map_len;
+    return blk_map_covers(((const struct blk_ring *)r)->p, addr);
 }
 
 static void blk_ring_notify(struct blk_ring *b)
@@ -977,7 +1049,10 @@ static int blk_ring_poll(struct nitro_ring *r, struct nitro_io *io,
             continue;
         }
         uint64_t before = sync_bytes;
-        sync_bytes += blk_handle_sync(&b->q, c, b->lane, &rq, start);
+        if (blk_mapped_write(b, c, &rq, start))
+            sync_bytes += rq.rd_len;  /* as a pwrite: the worker's own time */
+        else
+            sync_bytes += blk_handle_sync(&b->q, c, b->lane, &rq, start);
         b->notify = true;
         if (sync_bytes / SYNC_CALL_BYTES != before / SYNC_CALL_BYTES)
             blk_ring_notify(b);

@@ -510,9 +510,11 @@ class BlkParams(_Owned):
         self._qos = qos
 
     def map_image(self) -> None:
-        """Map the image read-only, so reads in the page cache are copied
-        (encrypted: decrypted) straight from it (nitro_blk_map_image).
-        OSError if it cannot be mapped: the params then serve as before."""
+        """Map the image, so reads and writes of pages in the page cache
+        are copied (encrypted: decrypted, encrypted) straight from and into
+        it (nitro_blk_map_image): read-write unless the volume is read-only
+        or the fd refuses. OSError if it cannot be mapped at all: the params
+        then serve as before."""
         rc = lib.nitro_blk_map_image(self.ptr)
         if rc == lib.NITRO_ERR_SYS:
             raise OSError(ffi.errno, os.strerror(ffi.errno))
@@ -522,6 +524,10 @@ class BlkParams(_Owned):
     @property
     def image_mapped(self) -> bool:
         return bool(self.ptr.image_map != ffi.NULL)
+
+    @property
+    def image_map_writable(self) -> bool:
+        return bool(self.ptr.image_map_writable)
 
     def close(self) -> None:
         if self._cdata is not None:
@@ -554,6 +560,7 @@ class BlkStats(_Owned):
             "resubmitted": int(s.resubmitted),
             "timeouts": int(s.timeouts),
             "mapped_reads": int(s.mapped_reads),
+            "mapped_writes": int(s.mapped_writes),
         }
 
 

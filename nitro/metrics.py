@@ -191,6 +191,10 @@ class _Families:
             "nitro_blk_mapped_reads", "Reads of an image file served from nitro's mapping of it, their pages "
             "being in the page cache: no io_uring round trip (also in nitro_blk_requests_total).",
             labels=["device"])
+        self.blk_mapped_writes = CounterMetricFamily(
+            "nitro_blk_mapped_writes", "Writes to an image file copied straight into nitro's mapping of it, "
+            "their pages being in the page cache: no pwrite (also in nitro_blk_requests_total).",
+            labels=["device"])
         self.blk_capacity = GaugeMetricFamily(
             "nitro_blk_capacity_bytes", "Size of the virtio-blk device as presented to the guest.", labels=["device"])
         self.vhost_connected = GaugeMetricFamily(
@@ -385,6 +389,7 @@ def _add_device(f: _Families, stats: dict) -> None:
         adds.append((f.blk_resubmitted, [dev], stats.get("resubmitted", 0)))
         adds.append((f.blk_timeouts, [dev], stats.get("timeouts", 0)))
         adds.append((f.blk_mapped_reads, [dev], stats.get("mapped_reads", 0)))
+        adds.append((f.blk_mapped_writes, [dev], stats.get("mapped_writes", 0)))
         if "volume" in stats:
             adds.append((f.blk_volume_info, _labels(dev, stats["volume"], stats.get("backend", ""),
                                                     str(bool(stats.get("encrypted"))).lower()), 1))

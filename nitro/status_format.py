@@ -115,14 +115,22 @@ REMOTE_BACKENDS = ("nbd", "rbd")
 
 
 def _format_volume(d: dict) -> str:
-    """`/srv/vm/db0.img (file; 1200 reads from its mapping)`,
-    `nbd://host/export (nbd, LUKS2)`. An image file's reads in the page
-    cache are served from nitro's mapping of it (docs/volumes.md)."""
+    """`/srv/vm/db0.img (file; through its mapping: 1200 reads, 800 writes)`,
+    `nbd://host/export (nbd, LUKS2)`. An image file's reads and writes of
+    pages in the page cache go through nitro's mapping of it
+    (docs/volumes.md "Reads and writes through the page cache")."""
     extra = ", LUKS2" if d.get("encrypted") else ""
+    writable = not d.get("readonly")
     if d.get("mapped"):
-        extra += f"; {d.get('mapped_reads', 0)} reads from its mapping"
+        extra += f"; through its mapping: {d.get('mapped_reads', 0)} reads"
+        if d.get("mapped_writable"):
+            extra += f", {d.get('mapped_writes', 0)} writes"
+        elif writable:
+            extra += "; mapped read-only: every write by pwrite"
     elif d.get("backend") == "file":
         extra += "; not mapped: every read through io_uring"
+        if writable:
+            extra += ", every write by pwrite"
     return f"{d['volume']} ({d.get('backend', '?')}{extra})"
 
 

@@ -1,9 +1,11 @@
-"""Reads straight from a mapping of the image (nitro_blk.c,
-blk_mapped_read), plain and encrypted: on an engine worker, a read whose
-pages are in memory is copied (decrypted) from the mapping with no
-io_uring I/O; one whose pages are not (a hole, a truncated image) goes
-through io_uring as before. The datapath tests in test_datapath_blk.py
-run on both paths too (their `params` and `enc_params` fixtures)."""
+"""Reads and writes straight through a mapping of the image (nitro_blk.c,
+blk_mapped_read and blk_mapped_write), plain and encrypted: on an engine
+worker, a read whose pages are in memory is copied (decrypted) from the
+mapping with no io_uring I/O, a write whose pages are is copied
+(encrypted) into it with no pwrite; others (a hole, a truncated image) go
+through io_uring or pwrite as before. The datapath tests in
+test_datapath_blk.py run on both paths too (their `params` and
+`enc_params` fixtures)."""
 
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ import pytest
 
 from nitro import _datapath
 from nitro._datapath import BlkParams, BlkStats, Ring, XtsCipher
-from tests.ringlayout import VIRTIO_BLK_S_OK, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT
+from tests.ringlayout import VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT
 from tests.unit import virtq
 from tests.unit.test_crypto_xts import reference_xts, secret_of
 from tests.unit.test_engine import wait_used
@@ -59,29 +61,30 @@ class Served:
     stats: BlkStats
     engine: _datapath.Engine
 
-    def run(self, reqs: list[BlkReq]) -> None:
-        """Submit the requests, wait for all, check they succeeded."""
+    def run(self, reqs: list[BlkReq], status: int = VIRTIO_BLK_S_OK) -> None:
+        """Submit the requests, wait for all, check each ended with `status`."""
         for q in reqs:
             self.ring.add_chain(q.bufs)
         self.ring.kick()
         wait_used(self.ring, len(reqs))
-        assert all(virtq.status_of(self.guest, q) == VIRTIO_BLK_S_OK for q in reqs)
+        assert [virtq.status_of(self.guest, q) for q in reqs] == [status] * len(reqs)
 
     def io(self) -> dict[str, int]:
-        """I/O the worker put through io_uring (`submitted`); reads the
-        mapping served (`mapped`)."""
+        """I/O the worker put through io_uring (`submitted`); reads and
+        writes the mapping served (`mapped`, `mapped_writes`)."""
+        snap = self.stats.snapshot()
         return {"submitted": self.engine.worker_stats(0)["io_submitted"],
-                "mapped": self.stats.snapshot()["mapped_reads"]}
+                "mapped": snap["mapped_reads"], "mapped_writes": snap["mapped_writes"]}
 
 
 @contextmanager
-def served(image: int, mapped: bool, encrypted: bool) -> Iterator[Served]:
+def served(image: int, mapped: bool, encrypted: bool, readonly: bool = False) -> Iterator[Served]:
     xts = None
     if encrypted:
         key = secret_of(KEY)
         xts = XtsCipher(key, 512)
         key.close()
-    params = BlkParams(image, CAPACITY, xts=xts, data_offset=DATA_OFFSET)
+    params = BlkParams(image, CAPACITY, readonly=readonly, xts=xts, data_offset=DATA_OFFSET)
     if mapped:
         params.map_image()
         assert params.image_mapped
@@ -119,7 +122,7 @@ def test_reads_in_memory_are_served_from_the_mapping(image: int, encrypted: bool
     sectors = [0, 8, 520, WRITTEN - length // 512]
     got, io = reads(image, sectors, length, mapped=True, encrypted=encrypted)
     assert got == [expected(s, length) for s in sectors]
-    assert io == {"submitted": 0, "mapped": len(sectors)}  # no io_uring I/O
+    assert io == {"submitted": 0, "mapped": len(sectors), "mapped_writes": 0}  # no io_uring I/O
     got, io = reads(image, sectors, length, mapped=False, encrypted=encrypted)
     assert got == [expected(s, length) for s in sectors]
     assert io["submitted"] >= len(sectors) and io["mapped"] == 0  # the same reads, the other path
@@ -132,22 +135,80 @@ def test_pages_not_in_memory_go_through_io_uring(image: int, encrypted: bool) ->
     got, io = reads(image, [sector], 4096, mapped=True, encrypted=encrypted)
     zeros = bytes(4096)
     assert got == [reference_xts(KEY, zeros, sector * 512, 512, encrypt=False) if encrypted else zeros]
-    assert io == {"submitted": 1, "mapped": 0}
+    assert io == {"submitted": 1, "mapped": 0, "mapped_writes": 0}
 
 
-def test_a_write_is_seen_by_the_next_mapped_read(image: int, encrypted: bool) -> None:
-    """Writes go through io_uring into the page cache the mapping shows:
-    a read after an acknowledged write returns the new data."""
+@pytest.mark.parametrize("sector", [64, WRITTEN + 64], ids=["in-memory", "hole"])
+def test_a_write_is_seen_by_the_next_mapped_read(image: int, encrypted: bool, sector: int) -> None:
+    """A write lands in the page cache the mapping shows, whichever path
+    took it (the mapping in memory, pwrite in a hole): a read after an
+    acknowledged write returns the new data."""
     new = fill(4096, seed=77)
     with served(image, mapped=True, encrypted=encrypted) as v:
-        before = blk_req(v.guest, VIRTIO_BLK_T_IN, sector=64, in_len=4096)
-        v.run([before])
-        v.run([blk_req(v.guest, VIRTIO_BLK_T_OUT, sector=64, out=new)])
-        after = blk_req(v.guest, VIRTIO_BLK_T_IN, sector=64, in_len=4096)
+        v.run([blk_req(v.guest, VIRTIO_BLK_T_OUT, sector=sector, out=new)])
+        after = blk_req(v.guest, VIRTIO_BLK_T_IN, sector=sector, in_len=4096)
         v.run([after])
-        assert v.guest.read(before.data_gpa, 4096) == expected(64, 4096)
         assert v.guest.read(after.data_gpa, 4096) == new
-        assert v.io()["mapped"] == 2
+        assert v.io()["mapped"] == 1
+        assert v.io()["mapped_writes"] == (1 if sector < WRITTEN else 0)
+
+
+def on_disk(image: int, sector: int, length: int) -> bytes:
+    return os.pread(image, length, DATA_OFFSET + sector * 512)
+
+
+@pytest.mark.parametrize("length", [4096, 64 * 1024])
+def test_writes_in_memory_go_through_the_mapping(image: int, encrypted: bool, length: int) -> None:
+    """A write whose pages are in the page cache is copied (encrypted)
+    into the mapping: no io_uring I/O, no pwrite, and the file holds
+    exactly what a pwrite would have put there (the ciphertext of the
+    data at its sector's IVs)."""
+    sectors = [0, 256, 776, WRITTEN - length // 512]  # apart: no two overlap
+    data = {s: fill(length, seed=s + 1) for s in sectors}
+    with served(image, mapped=True, encrypted=encrypted) as v:
+        v.run([blk_req(v.guest, VIRTIO_BLK_T_OUT, sector=s, out=data[s]) for s in sectors])
+        assert v.io() == {"submitted": 0, "mapped": 0, "mapped_writes": len(sectors)}
+    for s in sectors:
+        want = reference_xts(KEY, data[s], s * 512, 512) if encrypted else data[s]
+        assert on_disk(image, s, length) == want
+
+
+def test_a_write_to_a_hole_goes_by_pwrite(image: int, encrypted: bool) -> None:
+    """The hole has no page to write into: mincore says so, and the worker
+    writes it the old way (a write there through the mapping would
+    allocate the page on the worker, or fault on a full filesystem)."""
+    data = fill(4096, seed=5)
+    sector = WRITTEN + 8
+    with served(image, mapped=True, encrypted=encrypted) as v:
+        v.run([blk_req(v.guest, VIRTIO_BLK_T_OUT, sector=sector, out=data)])
+        assert v.io()["mapped_writes"] == 0
+    assert on_disk(image, sector, 4096) == (reference_xts(KEY, data, sector * 512, 512)
+                                            if encrypted else data)
+
+
+def test_a_read_only_volume_maps_read_only(image: int, encrypted: bool) -> None:
+    """A read-only volume's mapping cannot be written: writes fail as
+    before (IOERR) and the image keeps its bytes."""
+    with served(image, mapped=True, encrypted=encrypted, readonly=True) as v:
+        v.run([blk_req(v.guest, VIRTIO_BLK_T_OUT, sector=8, out=fill(4096, seed=3))],
+              status=VIRTIO_BLK_S_IOERR)
+        assert v.io()["mapped_writes"] == 0
+    assert on_disk(image, 8, 4096) == stored(PLAIN, encrypted)[8 * 512:8 * 512 + 4096]
+
+
+def test_an_image_opened_read_only_maps_read_only(tmp_path: Path) -> None:
+    """A writable volume whose fd cannot write (an operator's read-only
+    file) still maps for reads; writes take pwrite, which refuses them."""
+    path = tmp_path / "ro.img"
+    path.write_bytes(bytes(DATA_OFFSET + CAPACITY * 512))
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        params = BlkParams(fd, CAPACITY, data_offset=DATA_OFFSET)
+        params.map_image()
+        assert params.image_mapped and not params.image_map_writable
+        params.close()
+    finally:
+        os.close(fd)
 
 
 def truncated_image_still_served() -> None:

@@ -30,7 +30,7 @@ def blk_stats(dev="vol0", **over):
             "in": {"buckets": [(2.5e-05, 1), (5e-05, 2), (1e-04, 0), (1e-03, 4), (INF, 1)], "sum_seconds": 0.0125},
             "flush": {"buckets": [(2.5e-05, 0), (5e-05, 0), (1e-04, 0), (1e-03, 0), (INF, 2)], "sum_seconds": 3.5},
         },
-        "inflight": 3, "resubmitted": 2, "timeouts": 0, "mapped_reads": 5,
+        "inflight": 3, "resubmitted": 2, "timeouts": 0, "mapped_reads": 5, "mapped_writes": 6,
         "volume": f"/srv/vm/{dev}.img", "backend": "file", "encrypted": False, "mapped": True,
         "qos": {"iops": 2000, "throughput": 0, "burst_iops": 3000, "burst_seconds": 60,
                 "exceeded_iops_ns": 1_500_000_000, "exceeded_throughput_ns": 0, "credits": 12345,
@@ -178,6 +178,7 @@ def test_volume_info_and_remote_counters(serve):
                  backend="nbd", encrypted="true") == 1
     assert value(fams, "nitro_blk_timeouts_total", device="vol0") == 0
     assert value(fams, "nitro_blk_mapped_reads_total", device="vol0") == 5
+    assert value(fams, "nitro_blk_mapped_writes_total", device="vol0") == 6
     remote_samples = {"nitro_blk_timeouts_total": 4, "nitro_blk_remote_connections_up": 1,
                       "nitro_blk_remote_connects_total": 3, "nitro_blk_remote_disconnects_total": 2,
                       "nitro_blk_remote_resent_requests_total": 5}

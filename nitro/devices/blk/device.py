@@ -75,15 +75,21 @@ class BlkDevice(VirtioDevice):
             self._map_image()
 
     def _map_image(self) -> None:
-        """An image file: reads in the page cache are copied (encrypted:
-        decrypted) straight from a mapping of it on the worker
-        (cffi_build/nitro_blk.c, blk_mapped_read), with no io_uring round
-        trip. Without one, every read goes through io_uring."""
+        """An image file: reads and writes of pages in the page cache are
+        copied (encrypted: decrypted, encrypted) straight from and into a
+        mapping of it on the worker (cffi_build/nitro_blk.c,
+        blk_mapped_read and blk_mapped_write), with no io_uring round trip
+        and no pwrite. Without one, every read goes through io_uring and
+        every write through pwrite."""
         try:
             self.params.map_image()
         except (OSError, ValueError) as e:
             log_event(log, logging.WARNING, "every read goes through io_uring: cannot map the image",
                       device=self.cfg.id, image=str(self.cfg.image), error=str(e))
+            return
+        if not self.cfg.readonly and not self.params.image_map_writable:
+            log_event(log, logging.WARNING, "every write goes through pwrite: the image maps read-only",
+                      device=self.cfg.id, image=str(self.cfg.image))
 
     def set_qos(self, qos: QosConfig) -> None:
         """New limits for every queue, live (docs/volumes.md "QoS")."""
@@ -120,7 +126,7 @@ class BlkDevice(VirtioDevice):
     def statistics(self) -> dict:
         ops: dict[str, dict[str, int]] = {}
         latency: dict[str, dict] = {}
-        inflight = resubmitted = timeouts = mapped_reads = 0
+        inflight = resubmitted = timeouts = mapped_reads = mapped_writes = 0
         for s in self.stats:
             snap = s.snapshot()
             for op, c in snap["ops"].items():
@@ -133,6 +139,7 @@ class BlkDevice(VirtioDevice):
             resubmitted += snap["resubmitted"]
             timeouts += snap["timeouts"]
             mapped_reads += snap["mapped_reads"]
+            mapped_writes += snap["mapped_writes"]
         every_op = {"buckets": [], "sum_seconds": 0.0}
         for h in latency.values():
             _add_histogram(every_op, h)
@@ -149,6 +156,7 @@ class BlkDevice(VirtioDevice):
             "resubmitted": resubmitted,
             "timeouts": timeouts,
             "mapped_reads": mapped_reads,
+            "mapped_writes": mapped_writes,
             "qos": {**dataclasses.asdict(self.qos_config), **self.qos.statistics()},
             **({"remote": self.volume.statistics()} if hasattr(self.volume, "statistics") else {}),
         }
@@ -159,7 +167,8 @@ class BlkDevice(VirtioDevice):
         cfg = self.cfg
         backend = "nbd" if cfg.nbd is not None else "rbd" if cfg.rbd is not None else "file"
         return {"volume": str(cfg.remote or cfg.image), "backend": backend,
-                "encrypted": cfg.encryption is not None, "mapped": self.params.image_mapped}
+                "encrypted": cfg.encryption is not None, "mapped": self.params.image_mapped,
+                "mapped_writable": self.params.image_map_writable}
 
 
 def _add_histogram(total: dict, h: dict) -> None:
