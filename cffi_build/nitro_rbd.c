@@ -116,6 +116,16 @@ int nitro_rbd_open(const char *conf, const char *user, const char *keyring,
     if (st == NITRO_RBD_OK)
         st = rbd_stage(err, rados_conf_set(v->cluster, "rbd_cache", "false"),
                        NITRO_RBD_STAGE_CONF);
+    /* A write's data is already nitro's own copy (io->buf: guest memory is
+     * never handed to librbd), which stays put until the completion. So
+     * librbd may send from it instead of copying it again (its default,
+     * meant for callers that might change a buffer in flight): one copy
+     * of a write's data per request, where qemu-storage-daemon has one
+     * too (librbd's). librbd delays the completion until it lets go of
+     * the buffer. */
+    if (st == NITRO_RBD_OK)
+        st = rbd_stage(err, rados_conf_set(v->cluster, "rbd_disable_zero_copy_writes", "false"),
+                       NITRO_RBD_STAGE_CONF);
     /* Unreachable monitors: give up after 10 s, not librados' 300, so the
      * daemon (which retries in the background) never holds its start-up
      * past systemd's timeout waiting on a cluster that is away. */
