@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -246,3 +247,30 @@ def test_a_truncated_image_is_read_through_io_uring_not_faulted() -> None:
     p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
                        timeout=120)
     assert p.returncode == 0 and "survived" in p.stdout, (p.returncode, p.stdout, p.stderr)
+
+
+def test_residency_is_asked_again_after_its_time(image: int, encrypted: bool) -> None:
+    """mincore's answers are kept about 50 ms per span of 64 pages
+    (nitro_blk.c, blk_span_resident): a hole filled behind the ring's back
+    (another writer) is read through io_uring, correctly, while the ring
+    still believes it empty, and from the mapping once it asks again."""
+    sector = WRITTEN + 256  # a hole, its own span
+    new = fill(4096, seed=11)
+    with served(image, mapped=True, encrypted=encrypted) as v:
+        first = blk_req(v.guest, VIRTIO_BLK_T_IN, sector=sector, in_len=4096)
+        v.run([first])
+        asked = time.monotonic()
+        assert v.io()["mapped"] == 0  # the hole: io_uring, and remembered
+        os.pwrite(image, reference_xts(KEY, new, sector * 512, 512) if encrypted else new,
+                  DATA_OFFSET + sector * 512)
+        soon = blk_req(v.guest, VIRTIO_BLK_T_IN, sector=sector, in_len=4096)
+        v.run([soon])
+        assert v.guest.read(soon.data_gpa, 4096) == new
+        mapped_soon = v.io()["mapped"]
+        if time.monotonic() - asked < 0.03:  # a stalled machine may pass the 50 ms
+            assert mapped_soon == 0
+        time.sleep(0.2)
+        later = blk_req(v.guest, VIRTIO_BLK_T_IN, sector=sector, in_len=4096)
+        v.run([later])
+        assert v.guest.read(later.data_gpa, 4096) == new
+        assert v.io()["mapped"] == mapped_soon + 1
