@@ -330,7 +330,8 @@ int64_t nitro_blk_serve(struct nitro_vq *vq,
  * past it, should the file grow, takes the other paths): read-write
  * unless params->readonly or the fd refuses, else read-only. Before
  * any ring uses the params. NITRO_ERR_SYS (errno set) if it cannot be
- * mapped at all: the params stay unmapped, and serve as before. nitro_blk_unmap_image once no ring uses them. */
+ * mapped at all: the params stay unmapped, and serve as before.
+ * nitro_blk_unmap_image once no ring uses them. */
 int nitro_blk_map_image(struct nitro_blk_params *params);
 void nitro_blk_unmap_image(struct nitro_blk_params *params);
 

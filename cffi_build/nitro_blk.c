@@ -745,7 +745,8 @@ static bool blk_start_async(struct blk_ring *b, struct nitro_chain *c,
 
 /* ---- reads and writes through the image's mapping ------------------------ */
 
-/* Larger requests take the other paths (mincore's vector is on the stack). */
+/* Larger requests take the other paths: one copy of more would hold the
+ * worker's other rings too long. */
 #define MAPPED_MAX (1u << 20)
 #define MAPPED_PAGE 4096u
 
