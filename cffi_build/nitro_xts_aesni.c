@@ -31,7 +31,7 @@
 
 #define AESNI __attribute__((target("aes,sse2")))
 #define VAES __attribute__((target("vaes,avx2,aes")))
-#define VAES512 __attribute__((target("vaes,avx512f,avx512bw,aes")))
+#define VAES512 __attribute__((target("vaes,vpclmulqdq,avx512f,avx512bw,aes")))
 #define BLOCK 16
 #define LANES 8            /* registers of blocks (and sector tweaks) in flight */
 /* Software prefetch of the input, so the AES rounds overlap the memory
@@ -64,11 +64,14 @@ bool nitro_xts_vaes_usable(void)
 }
 
 /* VAES on 512-bit registers: AVX-512 F and BW (the byte shifts), whose
- * check includes the OS saving the registers. */
+ * check includes the OS saving the registers, and VPCLMULQDQ (the tweaks'
+ * reduction; CPUID 7.0 ECX bit 10, by number: clang 14 has no name). */
 bool nitro_xts_vaes512_usable(void)
 {
+    unsigned int a, b, c, d;
     return nitro_xts_vaes_usable() && __builtin_cpu_supports("avx512f") &&
-           __builtin_cpu_supports("avx512bw");
+           __builtin_cpu_supports("avx512bw") &&
+           __get_cpuid_count(7, 0, &a, &b, &c, &d) && (c & (1u << 10));
 }
 
 /* ---- key schedules (FIPS-197 5.2 through AESKEYGENASSIST) --------------- */
@@ -166,6 +169,18 @@ AESNI void nitro_xts_aesni_init(struct nitro_xts_aesni *k, const uint8_t *key,
                    V##_xor(V##_slli_epi64(h_, 2), V##_slli_epi64(h_, 7))));  \
         V##_xor(V##_xor(V##_slli_epi64(t, k), c_), r_);                      \
     })
+/* MUL_ALPHA on 512-bit registers with the fold as one carry-less
+ * multiply by 0x87 (VPCLMULQDQ, on another port than the shifts, which
+ * the AES rounds' port also runs: three shifts and two xors fewer per
+ * register of tweaks, a fifth of the 512-byte sector's work). */
+#define Z_MUL_ALPHA(t, k)                                                    \
+    ({                                                                       \
+        __m512i h_ = _mm512_srli_epi64(_mm512_bsrli_epi128(t, 8), 64 - (k)); \
+        __m512i c_ = _mm512_srli_epi64(_mm512_bslli_epi128(t, 8), 64 - (k)); \
+        __m512i r_ = _mm512_clmulepi64_epi128(h_, _mm512_set1_epi64(0x87), 0x00); \
+        _mm512_ternarylogic_epi64(_mm512_slli_epi64(t, k), c_, r_, 0x96);   \
+    })
+#define Y_MUL_ALPHA(t, k) MUL_ALPHA(Y, t, k)
 /* The SSE2 and AVX2 spellings MUL_ALPHA needs. */
 #define X_t __m128i
 #define X_srli_epi64 _mm_srli_epi64
@@ -276,14 +291,14 @@ X_UNIT(unit_dec, _mm_aesdec_si128, _mm_aesdeclast_si128)
  * t * alpha^(w * i), the next batch's t * alpha^(8w) (VAES: w 2 or 4). */
 #define WIDE_TWEAKS(V, w)                                                    \
     tw[0] = t;                                                               \
-    tw[1] = MUL_ALPHA(V, t, 1 * (w));                                        \
-    tw[2] = MUL_ALPHA(V, t, 2 * (w));                                        \
-    tw[3] = MUL_ALPHA(V, t, 3 * (w));                                        \
-    tw[4] = MUL_ALPHA(V, t, 4 * (w));                                        \
-    tw[5] = MUL_ALPHA(V, t, 5 * (w));                                        \
-    tw[6] = MUL_ALPHA(V, t, 6 * (w));                                        \
-    tw[7] = MUL_ALPHA(V, t, 7 * (w));                                        \
-    t = MUL_ALPHA(V, t, 8 * (w))
+    tw[1] = V##_MUL_ALPHA(t, 1 * (w));                                        \
+    tw[2] = V##_MUL_ALPHA(t, 2 * (w));                                        \
+    tw[3] = V##_MUL_ALPHA(t, 3 * (w));                                        \
+    tw[4] = V##_MUL_ALPHA(t, 4 * (w));                                        \
+    tw[5] = V##_MUL_ALPHA(t, 5 * (w));                                        \
+    tw[6] = V##_MUL_ALPHA(t, 6 * (w));                                        \
+    tw[7] = V##_MUL_ALPHA(t, 7 * (w));                                        \
+    t = V##_MUL_ALPHA(t, 8 * (w))
 #define Y_TWEAKS WIDE_TWEAKS(Y, 2)
 
 /* unit_enc_wide and unit_dec_wide: one data unit, VAES; t1 is the unit's

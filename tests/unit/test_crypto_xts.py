@@ -68,7 +68,7 @@ def offered_impls() -> set[str]:
         offered.add("aesni")
     if {"aes", "vaes", "avx2"} <= flags:
         offered.add("vaes")
-        if {"avx512f", "avx512bw"} <= flags:
+        if {"avx512f", "avx512bw", "vpclmulqdq"} <= flags:
             offered.add("vaes512")
     return offered
 
