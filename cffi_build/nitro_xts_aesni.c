@@ -301,20 +301,35 @@ X_UNIT(unit_dec, _mm_aesdec_si128, _mm_aesdeclast_si128)
     t = V##_MUL_ALPHA(t, 8 * (w))
 #define Y_TWEAKS WIDE_TWEAKS(Y, 2)
 
-/* unit_enc_wide and unit_dec_wide: one data unit, VAES; t1 is the unit's
- * tweak. */
-#define Y_UNIT(name, ROUND, LAST)                                            \
-    VAES static void name(const __m128i *k, uint32_t nr, __m128i t1,         \
-                          __m256i *dst, const __m256i *src, uint32_t blocks,  \
+/* The first tweak register of a unit whose first tweak is t1: t1 * alpha^j
+ * in its j-th 128-bit lane (two lanes for Y, four for Z). */
+#define Y_FIRST(t1) _mm256_set_m128i(MUL_ALPHA(X, t1, 1), t1)
+#define Z_FIRST(t1)                                                          \
+    _mm512_inserti32x4(                                                      \
+        _mm512_inserti32x4(                                                  \
+            _mm512_inserti32x4(_mm512_castsi128_si512(t1), MUL_ALPHA(X, t1, 1), 1), \
+            MUL_ALPHA(X, t1, 2), 2),                                         \
+        MUL_ALPHA(X, t1, 3), 3)
+
+/* One data unit on V's wide registers (Y: VAES on 256 bits, w = 2 blocks a
+ * register; Z: on 512 bits, w = 4); t1 is the unit's tweak. */
+#define WIDE_UNIT(V, ATTR, w, name, ROUND, LAST)                             \
+    ATTR static void name(const __m128i *k, uint32_t nr, __m128i t1,         \
+                          V##_t *dst, const V##_t *src, uint32_t blocks,      \
                           const char *in_end)                                 \
     {                                                                        \
-        __m256i t = _mm256_set_m128i(MUL_ALPHA(X, t1, 1), t1);               \
-        uint32_t regs = blocks / 2;                                          \
-        UNIT_LOOP(Y, _mm256_loadu_si256, _mm256_storeu_si256, Y_KEY, ROUND,  \
-                  LAST, Y_TWEAKS)                                            \
+        V##_t t = V##_FIRST(t1);                                             \
+        uint32_t regs = blocks / (w);                                        \
+        UNIT_LOOP(V, V##_LOAD, V##_STORE, V##_KEY, ROUND, LAST, V##_TWEAKS)  \
     }
-Y_UNIT(unit_enc_wide, _mm256_aesenc_epi128, _mm256_aesenclast_epi128)
-Y_UNIT(unit_dec_wide, _mm256_aesdec_epi128, _mm256_aesdeclast_epi128)
+#define Y_LOAD _mm256_loadu_si256
+#define Y_STORE _mm256_storeu_si256
+#define Z_LOAD _mm512_loadu_si512
+#define Z_STORE _mm512_storeu_si512
+
+/* unit_enc_wide and unit_dec_wide: VAES on 256-bit registers. */
+WIDE_UNIT(Y, VAES, 2, unit_enc_wide, _mm256_aesenc_epi128, _mm256_aesenclast_epi128)
+WIDE_UNIT(Y, VAES, 2, unit_dec_wide, _mm256_aesdec_epi128, _mm256_aesdeclast_epi128)
 
 /* VAES on 512-bit registers: 8 registers of four blocks, 32 in flight
  * (measured here: 1.55x the AES rounds per second of the 256-bit form).
@@ -323,23 +338,9 @@ Y_UNIT(unit_dec_wide, _mm256_aesdec_epi128, _mm256_aesdeclast_epi128)
 #define Z_KEY(r) _mm512_broadcast_i32x4(_mm_load_si128(&k[r]))
 #define Z_TWEAKS WIDE_TWEAKS(Z, 4)
 
-/* unit_enc_512 and unit_dec_512: one data unit, VAES on 512-bit
- * registers; t1 is the unit's tweak. */
-#define Z_UNIT(name, ROUND, LAST)                                            \
-    VAES512 static void name(const __m128i *k, uint32_t nr, __m128i t1,      \
-                             __m512i *dst, const __m512i *src, uint32_t blocks, \
-                             const char *in_end)                             \
-    {                                                                        \
-        __m512i t = _mm512_castsi128_si512(t1);                              \
-        t = _mm512_inserti32x4(t, MUL_ALPHA(X, t1, 1), 1);                   \
-        t = _mm512_inserti32x4(t, MUL_ALPHA(X, t1, 2), 2);                   \
-        t = _mm512_inserti32x4(t, MUL_ALPHA(X, t1, 3), 3);                   \
-        uint32_t regs = blocks / 4;                                          \
-        UNIT_LOOP(Z, _mm512_loadu_si512, _mm512_storeu_si512, Z_KEY, ROUND,  \
-                  LAST, Z_TWEAKS)                                            \
-    }
-Z_UNIT(unit_enc_512, _mm512_aesenc_epi128, _mm512_aesenclast_epi128)
-Z_UNIT(unit_dec_512, _mm512_aesdec_epi128, _mm512_aesdeclast_epi128)
+/* unit_enc_512 and unit_dec_512: VAES on 512-bit registers. */
+WIDE_UNIT(Z, VAES512, 4, unit_enc_512, _mm512_aesenc_epi128, _mm512_aesenclast_epi128)
+WIDE_UNIT(Z, VAES512, 4, unit_dec_512, _mm512_aesdec_epi128, _mm512_aesdeclast_epi128)
 
 /* One unit, in the width asked for (blocks a register). */
 AESNI static void unit(const __m128i *k, uint32_t nr, __m128i t, uint8_t *out,
