@@ -320,6 +320,17 @@ def geomean(xs: list[float]) -> float:
     return math.exp(sum(math.log(x) for x in xs) / len(xs)) if xs else float("nan")
 
 
+def pick_workloads(spec: str, known: list[Workload]) -> list[Workload]:
+    """The workloads a comma-separated --workloads names, in that order.
+    ValueError for a name that is not one of `known`."""
+    by_name = {w.name: w for w in known}
+    names = [n.strip() for n in spec.split(",") if n.strip()]
+    unknown = [n for n in names if n not in by_name]
+    if unknown:
+        raise ValueError(f"unknown workload {', '.join(unknown)}; known: {', '.join(by_name)}")
+    return [by_name[n] for n in names]
+
+
 def summarize(runs: list[Run], backends: list[Backend], workloads: list[Workload]) -> dict:
     summary: dict = {"workloads": {}}
     for wl in workloads:
@@ -528,11 +539,10 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("--rounds must be at least 2 (alternate A,B,A,B)")
     if args.runtime <= 0:
         ap.error("--runtime must be positive")
-    by_name = {w.name: w for w in WORKLOADS}
     try:
-        workloads = [by_name[n.strip()] for n in args.workloads.split(",") if n.strip()]
-    except KeyError as e:
-        ap.error(f"unknown workload {e}")
+        workloads = pick_workloads(args.workloads, WORKLOADS)
+    except ValueError as e:
+        ap.error(str(e))
 
     build_vublk()
     backends = make_backends(args.backend, args.qsd_aio)

@@ -58,6 +58,7 @@ from bench.blk import (
     build_vublk,
     nitro_backend_cmd,
     pick_cpus,
+    pick_workloads,
     run_one,
 )
 from bench.proc import run_cli
@@ -214,7 +215,7 @@ def bench_io(args: argparse.Namespace) -> dict:
         vols = make_volumes(workdir, size)
         fill(vols, workdir, args, size)
         results: dict = {}
-        for wl in selected_workloads(args):
+        for wl in args.workload_list:
             per: dict[str, list[dict]] = {be.name: [] for be, _ in vols}
             for rnd in range(args.rounds):
                 for be, img in vols:
@@ -224,18 +225,6 @@ def bench_io(args: argparse.Namespace) -> dict:
                     per[be.name].append({**run.result, "nitro_cpu_util": run.backend_cpu_util})
             results[wl.name] = per
     return _io_summary(results, note)
-
-
-def selected_workloads(args: argparse.Namespace) -> list[Workload]:
-    """WORKLOADS, or those named by --workloads (in WORKLOADS' order)."""
-    if not args.workloads:
-        return WORKLOADS
-    names = args.workloads.split(",")
-    unknown = set(names) - {w.name for w in WORKLOADS}
-    if unknown:
-        sys.exit(f"bench.crypto: unknown workload(s) {', '.join(sorted(unknown))}; "
-                 f"known: {', '.join(w.name for w in WORKLOADS)}")
-    return [w for w in WORKLOADS if w.name in names]
 
 
 # Issue 9's targets for LUKS2/plain IOPS.
@@ -291,6 +280,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="where the images live (default /dev/shm, tmpfs; e.g. /var/tmp for ext4's "
                         "page cache, as bench.blk)")
     args = p.parse_args(argv)
+    try:
+        args.workload_list = pick_workloads(args.workloads, WORKLOADS) if args.workloads else WORKLOADS
+    except ValueError as e:
+        p.error(str(e))
     if not VUBLK.parent.exists():
         VUBLK.parent.mkdir(parents=True)
     report = {} if args.skip_xts else {"xts": bench_xts(args)}
