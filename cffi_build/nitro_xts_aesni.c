@@ -169,16 +169,22 @@ AESNI void nitro_xts_aesni_init(struct nitro_xts_aesni *k, const uint8_t *key,
                    V##_xor(V##_slli_epi64(h_, 2), V##_slli_epi64(h_, 7))));  \
         V##_xor(V##_xor(V##_slli_epi64(t, k), c_), r_);                      \
     })
-/* MUL_ALPHA on 512-bit registers with the fold as one carry-less
- * multiply by 0x87 (VPCLMULQDQ, on another port than the shifts, which
- * the AES rounds' port also runs: three shifts and two xors fewer per
- * register of tweaks, a fifth of the 512-byte sector's work). */
-#define Z_MUL_ALPHA(t, k)                                                    \
+/* MUL_ALPHA on 512-bit registers, in as few shifts as it takes: the AES
+ * rounds' port also runs every shift, and a 512-byte sector's tweaks are a
+ * fifth of its work. The k top bits of each 64-bit half, shifted down once
+ * (tops_), serve both ways: the high half's fold back into bit 0 as one
+ * carry-less multiply by 0x87 (VPCLMULQDQ, another port; the product of k
+ * <= 56 bits by 8 fits the low half), the low half's carry into bit 64 as
+ * one byte shift (another port too). */
+#define Z_MUL_ALPHA(t, k) Z_MUL_ALPHA_BY(t, _mm512_set1_epi64(k))
+/* The same with k per 64-bit element (both halves of a 128-bit lane the
+ * same; a lane's k may be 0: VPSRLVQ by 64 gives 0, so nothing folds). */
+#define Z_MUL_ALPHA_BY(t, kv)                                                \
     ({                                                                       \
-        __m512i h_ = _mm512_srli_epi64(_mm512_bsrli_epi128(t, 8), 64 - (k)); \
-        __m512i c_ = _mm512_srli_epi64(_mm512_bslli_epi128(t, 8), 64 - (k)); \
-        __m512i r_ = _mm512_clmulepi64_epi128(h_, _mm512_set1_epi64(0x87), 0x00); \
-        _mm512_ternarylogic_epi64(_mm512_slli_epi64(t, k), c_, r_, 0x96);   \
+        __m512i tops_ = _mm512_srlv_epi64(t, _mm512_sub_epi64(_mm512_set1_epi64(64), kv)); \
+        __m512i fold_ = _mm512_clmulepi64_epi128(tops_, _mm512_set1_epi64(0x87), 0x01); \
+        _mm512_ternarylogic_epi64(_mm512_sllv_epi64(t, kv), _mm512_bslli_epi128(tops_, 8), \
+                                  fold_, 0x96);                              \
     })
 #define Y_MUL_ALPHA(t, k) MUL_ALPHA(Y, t, k)
 /* The SSE2 and AVX2 spellings MUL_ALPHA needs. */
@@ -298,18 +304,15 @@ X_UNIT(unit_dec, _mm_aesdec_si128, _mm_aesdeclast_si128)
     tw[5] = V##_MUL_ALPHA(t, 5 * (w));                                        \
     tw[6] = V##_MUL_ALPHA(t, 6 * (w));                                        \
     tw[7] = V##_MUL_ALPHA(t, 7 * (w));                                        \
-    t = V##_MUL_ALPHA(t, 8 * (w))
+    if (j + LANES < regs) /* not after a 512-byte sector's only batch */     \
+        t = V##_MUL_ALPHA(t, 8 * (w))
 #define Y_TWEAKS WIDE_TWEAKS(Y, 2)
 
 /* The first tweak register of a unit whose first tweak is t1: t1 * alpha^j
  * in its j-th 128-bit lane (two lanes for Y, four for Z). */
 #define Y_FIRST(t1) _mm256_set_m128i(MUL_ALPHA(X, t1, 1), t1)
 #define Z_FIRST(t1)                                                          \
-    _mm512_inserti32x4(                                                      \
-        _mm512_inserti32x4(                                                  \
-            _mm512_inserti32x4(_mm512_castsi128_si512(t1), MUL_ALPHA(X, t1, 1), 1), \
-            MUL_ALPHA(X, t1, 2), 2),                                         \
-        MUL_ALPHA(X, t1, 3), 3)
+    Z_MUL_ALPHA_BY(_mm512_broadcast_i32x4(t1), _mm512_set_epi64(3, 3, 2, 2, 1, 1, 0, 0))
 
 /* One data unit on V's wide registers (Y: VAES on 256 bits, w = 2 blocks a
  * register; Z: on 512 bits, w = 4); t1 is the unit's tweak. */
@@ -341,6 +344,28 @@ WIDE_UNIT(Y, VAES, 2, unit_dec_wide, _mm256_aesdec_epi128, _mm256_aesdeclast_epi
 /* unit_enc_512 and unit_dec_512: VAES on 512-bit registers. */
 WIDE_UNIT(Z, VAES512, 4, unit_enc_512, _mm512_aesenc_epi128, _mm512_aesenclast_epi128)
 WIDE_UNIT(Z, VAES512, 4, unit_dec_512, _mm512_aesdec_epi128, _mm512_aesdeclast_epi128)
+
+/* The tweaks of LANES units from unit number iv on, step apart, on 512-bit
+ * registers: four sector numbers a register, encrypted together, a quarter
+ * of the AES instructions of encrypt_blocks (whose 128-bit rounds would
+ * take the port the 512-bit ones run on, once per 512-byte sector). */
+VAES512 static void tweaks_512(const __m128i *k, uint32_t nr, uint64_t iv, uint64_t step,
+                               __m128i tw[LANES])
+{
+    __m512i b[LANES / 4];
+    for (int i = 0; i < LANES / 4; i++) {
+        uint64_t u = iv + (uint64_t)(4 * i) * step;
+        b[i] = _mm512_xor_si512(_mm512_set_epi64(0, (long long)(u + 3 * step), 0,
+                                                 (long long)(u + 2 * step), 0,
+                                                 (long long)(u + step), 0, (long long)u),
+                                Z_KEY(0));
+    }
+    for (uint32_t r = 1; r < nr; r++)
+        for (int i = 0; i < LANES / 4; i++)
+            b[i] = _mm512_aesenc_epi128(b[i], Z_KEY(r));
+    for (int i = 0; i < LANES / 4; i++)
+        _mm512_storeu_si512(&tw[4 * i], _mm512_aesenclast_epi128(b[i], Z_KEY(nr)));
+}
 
 /* One unit, in the width asked for (blocks a register). */
 AESNI static void unit(const __m128i *k, uint32_t nr, __m128i t, uint8_t *out,
@@ -381,9 +406,13 @@ AESNI int nitro_xts_aesni_crypt(const struct nitro_xts_aesni *k, uint8_t *out,
         __m128i tw[LANES];
         /* plain64: the IV is the 64-bit unit number, zero-extended; the
          * tweaks of up to LANES units are encrypted together. */
-        for (int i = 0; i < n; i++)
-            tw[i] = _mm_set_epi64x(0, (long long)(first_iv + (u + i) * iv_step));
-        encrypt_blocks(tk, nr, tw, n);
+        if (width == 4) {
+            tweaks_512(tk, nr, first_iv + u * iv_step, iv_step, tw);
+        } else {
+            for (int i = 0; i < n; i++)
+                tw[i] = _mm_set_epi64x(0, (long long)(first_iv + (u + i) * iv_step));
+            encrypt_blocks(tk, nr, tw, n);
+        }
         for (int i = 0; i < n; i++) {
             uint64_t at = (u + i) * unit_size;
             unit(rk, nr, tw[i], out + at, in + at, blocks, enc, width, in_end);
