@@ -37,7 +37,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from bench.blk import OUT_DIR, VUBLK, Workload, build_vublk, geomean
+from bench.blk import OUT_DIR, VUBLK, Workload, build_vublk, geomean, pick_workloads
 from bench.ceph import CephCluster, ceph_cluster
 from bench.proc import Child, ChildError, Nitro, tail
 
@@ -91,9 +91,9 @@ def run_one(c: CephCluster, backend: str, wl: Workload, runtime: float, seed: in
         q.stop(timeout=20)
 
 
-def summarize(runs: list[dict]) -> dict:
+def summarize(runs: list[dict], workloads: list[Workload]) -> dict:
     out: dict[str, dict] = {}
-    for wl in WORKLOADS:
+    for wl in workloads:
         med = {b: statistics.median(r["iops"] for r in runs if r["workload"] == wl.name and r["backend"] == b)
                for b in BACKENDS}
         out[wl.name] = {"label": wl.label, "nitro_iops": med["nitro"], "qsd_iops": med["qsd"],
@@ -118,7 +118,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--objectstore", choices=("memstore", "bluestore"), default="memstore")
     ap.add_argument("--poll-us", default="0",
                     help="nitro's [daemon] poll_us: 0 (default, see above) or a number, or adaptive")
+    ap.add_argument("--workloads", default="",
+                    help="comma-separated subset of " + ",".join(w.name for w in WORKLOADS))
     args = ap.parse_args(argv)
+    try:
+        workloads = pick_workloads(args.workloads, WORKLOADS) if args.workloads else WORKLOADS
+    except ValueError as e:
+        ap.error(str(e))
     if shutil.which("qemu-storage-daemon") is None:
         print("qemu-storage-daemon is not installed (qemu-system-common, qemu-block-extra)")
         return 1
@@ -131,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
             c.rbd("create", "--size", f"{args.image_mib}M", f"{c.pool}/{IMAGE}")
             c.rbd("bench", "--io-type", "write", "--io-size", "4M", "--io-pattern", "seq",
                   "--io-total", f"{args.image_mib}M", f"{c.pool}/{IMAGE}", timeout=600)
-            for wl in WORKLOADS:
+            for wl in workloads:
                 for rnd in range(args.rounds):
                     for backend in BACKENDS:
                         res = run_one(c, backend, wl, args.runtime, rnd + 1, work, args.poll_us)
@@ -140,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
                               f"errors {res['errors']}", flush=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    summary = summarize(runs)
+    summary = summarize(runs, workloads)
     print_table(summary)
     stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     (OUT_DIR / f"rbd-{stamp}.json").write_text(json.dumps({"args": vars(args), "summary": summary,
