@@ -116,10 +116,15 @@ REMOTE_BACKENDS = ("nbd", "rbd")
 
 def _format_volume(d: dict) -> str:
     """`/srv/vm/db0.img (file; through its mapping: 1200 reads, 800 writes)`,
-    `nbd://host/export (nbd, LUKS2)`. An image file's reads and writes of
-    pages in the page cache go through nitro's mapping of it
-    (docs/volumes.md "Reads and writes through the page cache")."""
+    `nbd://host/export (nbd, LUKS2: 512-byte sectors, vaes512 XTS)`. An
+    image file's reads and writes of pages in the page cache go through
+    nitro's mapping of it (docs/volumes.md "Reads and writes through the
+    page cache"); an encrypted volume's XTS path is the one nitro picked
+    on this CPU (docs/encryption.md "The datapath")."""
     extra = ", LUKS2" if d.get("encrypted") else ""
+    cipher = d.get("cipher")
+    if isinstance(cipher, dict):
+        extra += f": {cipher.get('sector_size')}-byte sectors, {cipher.get('impl')} XTS"
     writable = not d.get("readonly")
     if d.get("mapped"):
         extra += f"; through its mapping: {d.get('mapped_reads', 0)} reads"

@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from bench.proc import run_cli
+from nitro._datapath import XtsCipher
 from tests.integration.frontend import GPA_BASE, Frontend
 from tests.ringlayout import (
     VIRTIO_BLK_T_DISCARD,
@@ -29,7 +30,7 @@ from tests.ringlayout import (
     blk_header,
     dwz_segment,
 )
-from tests.unit.test_crypto_xts import reference_xts
+from tests.unit.test_crypto_xts import reference_xts, secret_of
 
 pytestmark = pytest.mark.integration
 FAST_PBKDF = ["--pbkdf", "pbkdf2", "--pbkdf-force-iterations", "1000"]
@@ -111,6 +112,9 @@ def test_cryptsetup_volume_served_and_ciphertext_matches_its_key(nitro, short_tm
         assert fe.blk_request(VIRTIO_BLK_T_DISCARD, 0, data=dwz_segment(0, 8, 0))[0] == 2  # UNSUPP
         if sector == 4096:  # half a 4 KiB sector: the guest ignored blk_size
             assert fe.blk_request(VIRTIO_BLK_T_IN, 1, read_len=4096)[0] == 1
+    # The status names the XTS path: the one a cipher with this key picks here.
+    picked = XtsCipher(secret_of(vk), sector).impl
+    assert f"(file, LUKS2: {sector}-byte sectors, {picked} XTS; through its mapping" in n.status()
     assert n.stop() == 0
     data_offset = 16 << 20
     on_disk = img.read_bytes()[data_offset + 2048 * 512: data_offset + 2048 * 512 + len(payload)]

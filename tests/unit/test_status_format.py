@@ -206,22 +206,25 @@ def test_format_status_shows_the_volume_and_its_remote_link():
         blk_stats("vol0", volume="/srv/vm/vol0.img", backend="file", encrypted=False, timeouts=0,
                   mapped=True, mapped_writable=True, mapped_reads=1200, mapped_writes=800),
         blk_stats("vol1", volume="nbd://10.0.0.5:10809/vol1", backend="nbd", encrypted=True, timeouts=4,
-                  remote=remote, mapped=False),
+                  cipher={"sector_size": 4096, "impl": "vaes512"}, remote=remote, mapped=False),
         blk_stats("vol2", volume="rbd:volumes/vm-2", backend="rbd", encrypted=False, timeouts=1),
-        blk_stats("vol3", volume="/srv/vm/vol3.img", backend="file", encrypted=True, mapped=False),
+        blk_stats("vol3", volume="/srv/vm/vol3.img", backend="file", encrypted=True, mapped=False,
+                  cipher={"sector_size": 512, "impl": "evp-iv"}),
         blk_stats("vol4", volume="/srv/vm/vol4.img", backend="file", encrypted=False, mapped=True,
                   mapped_writable=False, mapped_reads=7),
         blk_stats("vol5", volume="/srv/vm/base.img", backend="file", encrypted=False, mapped=True,
                   mapped_writable=False, mapped_reads=9, readonly=True)))
     assert text_of(text, "vol0", "volume") == ("/srv/vm/vol0.img (file; through its mapping: "
                                                "1200 reads, 800 writes)")
-    assert text_of(text, "vol3", "volume") == ("/srv/vm/vol3.img (file, LUKS2; not mapped: "
+    assert text_of(text, "vol3", "volume") == ("/srv/vm/vol3.img (file, LUKS2: 512-byte sectors, evp-iv XTS; "
+                                               "not mapped: "
                                                "every read through io_uring, every write by pwrite)")
     assert text_of(text, "vol4", "volume") == ("/srv/vm/vol4.img (file; through its mapping: 7 reads; "
                                                "mapped read-only: every write by pwrite)")
     assert text_of(text, "vol5", "volume") == "/srv/vm/base.img (file; through its mapping: 9 reads)"
     assert text_of(text, "vol0", "remote") is None
-    assert text_of(text, "vol1", "volume") == "nbd://10.0.0.5:10809/vol1 (nbd, LUKS2)"
+    assert text_of(text, "vol1", "volume") == ("nbd://10.0.0.5:10809/vol1 (nbd, LUKS2: 4096-byte sectors, "
+                                               "vaes512 XTS)")
     assert text_of(text, "vol1", "remote") == ("connections 1/2 up; connects 3, disconnects 2, resent 5; "
                                                "timed out 4")
     assert text_of(text, "vol2", "remote") == "timed out 1"  # librbd reconnects out of sight

@@ -163,11 +163,15 @@ class BlkDevice(VirtioDevice):
 
     def describe_volume(self) -> dict:
         """What the volume is: its image or remote source, which backend
-        serves it (file, nbd, rbd), whether nitro encrypts it."""
+        serves it (file, nbd, rbd), whether nitro encrypts it and how (the
+        sector size and which XTS path this machine runs, so an operator
+        sees a CPU without AES instructions)."""
         cfg = self.cfg
         backend = "nbd" if cfg.nbd is not None else "rbd" if cfg.rbd is not None else "file"
+        xts = self.volume.xts
+        cipher = {"cipher": {"sector_size": xts.sector_size, "impl": xts.impl}} if xts is not None else {}
         return {"volume": str(cfg.remote or cfg.image), "backend": backend,
-                "encrypted": cfg.encryption is not None, "mapped": self.params.image_mapped,
+                "encrypted": cfg.encryption is not None, **cipher, "mapped": self.params.image_mapped,
                 "mapped_writable": self.params.image_map_writable}
 
 
