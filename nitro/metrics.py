@@ -182,6 +182,11 @@ class _Families:
             "nitro_blk_volume_info", "Always 1; the labels describe the device's volume: its image or "
             "remote source, the backend serving it (file, nbd, rbd), whether nitro encrypts it.",
             labels=["device", "volume", "backend", "encrypted"])
+        self.blk_cipher_info = GaugeMetricFamily(
+            "nitro_blk_cipher_info", "Always 1, for an encrypted volume only; the labels say how nitro "
+            "encrypts it: the LUKS2 sector size and the XTS path it picked on this CPU (vaes512, vaes, "
+            "aesni: its own; evp-iv, evp-init: OpenSSL's, slower).",
+            labels=["device", "sector_size", "impl"])
         self.blk_remote = {key: family(name, text, labels=["device"])
                            for key, (family, name, text) in BLK_REMOTE.items()}
         self.blk_timeouts = CounterMetricFamily(
@@ -393,6 +398,10 @@ def _add_device(f: _Families, stats: dict) -> None:
         if "volume" in stats:
             adds.append((f.blk_volume_info, _labels(dev, stats["volume"], stats.get("backend", ""),
                                                     str(bool(stats.get("encrypted"))).lower()), 1))
+        cipher = stats.get("cipher")
+        if isinstance(cipher, dict):
+            adds.append((f.blk_cipher_info, _labels(dev, str(cipher.get("sector_size", "")),
+                                                    cipher.get("impl", "")), 1))
         remote = stats.get("remote")
         if isinstance(remote, dict):
             adds += [(f.blk_remote[key], [dev], remote.get(key, 0)) for key in BLK_REMOTE]

@@ -21,6 +21,7 @@ import pytest
 from bench.proc import run_cli
 from nitro._datapath import XtsCipher
 from tests.integration.frontend import GPA_BASE, Frontend
+from tests.integration.test_qos import metric
 from tests.ringlayout import (
     VIRTIO_BLK_T_DISCARD,
     VIRTIO_BLK_T_IN,
@@ -115,6 +116,7 @@ def test_cryptsetup_volume_served_and_ciphertext_matches_its_key(nitro, short_tm
     # The status names the XTS path: the one a cipher with this key picks here.
     picked = XtsCipher(secret_of(vk), sector).impl
     assert f"(file, LUKS2: {sector}-byte sectors, {picked} XTS; through its mapping" in n.status()
+    assert metric(n, "nitro_blk_cipher_info", device="vol0", sector_size=str(sector), impl=picked) == 1
     assert n.stop() == 0
     data_offset = 16 << 20
     on_disk = img.read_bytes()[data_offset + 2048 * 512: data_offset + 2048 * 512 + len(payload)]

@@ -169,13 +169,15 @@ def test_qos_counters(serve):
 def test_volume_info_and_remote_counters(serve):
     remote = {"connections": 2, "connected": 1, "connects": 3, "disconnects": 2, "resent": 5, "timeouts": 4}
     nbd = blk_stats("vol1", volume="nbd://10.0.0.5:10809/vol1", backend="nbd", encrypted=True,
-                    timeouts=4, remote=remote)
+                    cipher={"sector_size": 512, "impl": "vaes512"}, timeouts=4, remote=remote)
     fams = families(scrape(serve(lambda: [FakeDevice(blk_stats("vol0")), FakeDevice(nbd)])))
     assert fams["nitro_blk_volume_info"].type == "gauge"
     assert value(fams, "nitro_blk_volume_info", device="vol0", volume="/srv/vm/vol0.img",
                  backend="file", encrypted="false") == 1
     assert value(fams, "nitro_blk_volume_info", device="vol1", volume="nbd://10.0.0.5:10809/vol1",
                  backend="nbd", encrypted="true") == 1
+    assert value(fams, "nitro_blk_cipher_info", device="vol1", sector_size="512", impl="vaes512") == 1
+    assert [s for s in fams["nitro_blk_cipher_info"].samples if s.labels["device"] == "vol0"] == []
     assert value(fams, "nitro_blk_timeouts_total", device="vol0") == 0
     assert value(fams, "nitro_blk_mapped_reads_total", device="vol0") == 5
     assert value(fams, "nitro_blk_mapped_writes_total", device="vol0") == 6
