@@ -321,14 +321,15 @@ def geomean(xs: list[float]) -> float:
 
 
 def pick_workloads(spec: str, known: list[Workload]) -> list[Workload]:
-    """The workloads a comma-separated --workloads names, in that order.
-    ValueError for a name that is not one of `known`."""
+    """The workloads a comma-separated --workloads names, in that order;
+    all of `known` if it names none. ValueError for a name that is not one
+    of `known`."""
     by_name = {w.name: w for w in known}
     names = [n.strip() for n in spec.split(",") if n.strip()]
     unknown = [n for n in names if n not in by_name]
     if unknown:
         raise ValueError(f"unknown workload {', '.join(unknown)}; known: {', '.join(by_name)}")
-    return [by_name[n] for n in names]
+    return [by_name[n] for n in names] if names else list(known)
 
 
 def summarize(runs: list[Run], backends: list[Backend], workloads: list[Workload]) -> dict:
@@ -522,8 +523,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="A,B alternations per workload (default 2, minimum 2)")
     ap.add_argument("--qsd-aio", choices=["auto", "threads", "io_uring"], default="auto",
                     help="auto: run both and use the faster as the reference (default)")
-    ap.add_argument("--workloads", default=",".join(w.name for w in WORKLOADS),
-                    help="comma-separated subset of: " + ", ".join(w.name for w in WORKLOADS))
+    ap.add_argument("--workloads", default="",
+                    help="comma-separated subset of: " + ", ".join(w.name for w in WORKLOADS) + " (default: all)")
     ap.add_argument("--image-size", type=int, default=1024, help="MiB (default 1024)")
     ap.add_argument("--image-dir", type=Path, default=None,
                     help="where the image goes (default build/bench; /dev/shm for tmpfs)")

@@ -281,7 +281,7 @@ def main(argv: list[str] | None = None) -> int:
                         "page cache, as bench.blk)")
     args = p.parse_args(argv)
     try:
-        args.workload_list = pick_workloads(args.workloads, WORKLOADS) if args.workloads else WORKLOADS
+        args.workload_list = pick_workloads(args.workloads, WORKLOADS)
     except ValueError as e:
         p.error(str(e))
     if not VUBLK.parent.exists():

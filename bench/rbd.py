@@ -122,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="comma-separated subset of " + ",".join(w.name for w in WORKLOADS))
     args = ap.parse_args(argv)
     try:
-        workloads = pick_workloads(args.workloads, WORKLOADS) if args.workloads else WORKLOADS
+        workloads = pick_workloads(args.workloads, WORKLOADS)
     except ValueError as e:
         ap.error(str(e))
     if shutil.which("qemu-storage-daemon") is None:
