@@ -70,6 +70,10 @@ class BlkDevice(VirtioDevice):
             serial=cfg.serial.encode(),
             xts=volume.xts, data_offset=volume.data_offset, qos=self.qos,
             io_timeout_ns=round(cfg.io_timeout * 1e9) if cfg.rbd is not None else 0)
+        # The XTS path is chosen at key load and never changes: read once,
+        # not into C at every scrape, and statistics() needs no open cipher.
+        xts = volume.xts
+        self.cipher = None if xts is None else {"sector_size": xts.sector_size, "impl": xts.impl}
         self.stats = [_datapath.BlkStats() for _ in range(cfg.queues)]
         if cfg.remote is None:
             self._map_image()
@@ -168,8 +172,7 @@ class BlkDevice(VirtioDevice):
         sees a CPU without AES instructions)."""
         cfg = self.cfg
         backend = "nbd" if cfg.nbd is not None else "rbd" if cfg.rbd is not None else "file"
-        xts = self.volume.xts
-        cipher = {"cipher": {"sector_size": xts.sector_size, "impl": xts.impl}} if xts is not None else {}
+        cipher = {"cipher": self.cipher} if self.cipher is not None else {}
         return {"volume": str(cfg.remote or cfg.image), "backend": backend,
                 "encrypted": cfg.encryption is not None, **cipher, "mapped": self.params.image_mapped,
                 "mapped_writable": self.params.image_map_writable}
