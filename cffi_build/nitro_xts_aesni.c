@@ -304,7 +304,7 @@ X_UNIT(unit_dec, _mm_aesdec_si128, _mm_aesdeclast_si128)
     tw[5] = V##_MUL_ALPHA(t, 5 * (w));                                        \
     tw[6] = V##_MUL_ALPHA(t, 6 * (w));                                        \
     tw[7] = V##_MUL_ALPHA(t, 7 * (w));                                        \
-    if (j + LANES < regs) /* not after a 512-byte sector's only batch */     \
+    if (j + LANES < regs) /* not after the unit's last batch */              \
         t = V##_MUL_ALPHA(t, 8 * (w))
 #define Y_TWEAKS WIDE_TWEAKS(Y, 2)
 
