@@ -749,6 +749,7 @@ static bool blk_start_async(struct blk_ring *b, struct nitro_chain *c,
  * worker's other rings too long. */
 #define MAPPED_MAX (1u << 20)
 #define MAPPED_PAGE 4096u
+#define CACHE_LINE 64u
 
 int nitro_blk_map_image(struct nitro_blk_params *p)
 {
@@ -997,6 +998,50 @@ static bool blk_mapped_write(struct blk_ring *b, struct nitro_chain *c,
     return true;
 }
 
+/* Start loading the image bytes the next request in the ring will read
+ * or write through the mapping, while this one is served: its first
+ * lines and, with them, its page's translation (a random page of a large
+ * image is most likely a TLB miss whose page-table entries miss the
+ * caches too: the gain is larger than the lines themselves explain; this
+ * machine has no PMU counters to show it). A few lines are enough, more
+ * is slower. bench.crypto, page cache on tmpfs, alternated builds:
+ * - 4 KiB random reads, plain: none 673-707k IOPS; 128 to 768 bytes
+ *   916k-1,046k; 1 KiB 716-775k; 2 KiB 709-768k (software prefetches
+ *   then hold the line fill buffers the request being served needs).
+ *   LUKS2, 4096-byte sectors: 621-644k -> 649-737k.
+ * - 4 KiB random writes (PREFETCHW), plain 614-635k -> 661-670k; LUKS2
+ *   627-634k -> 647-650k. */
+#define MAPPED_PREFETCH 256u
+
+/* Only a hint: the header is read again and checked when that request is
+ * popped, a prefetch never faults, and a wrong guess costs a few lines. */
+static void blk_prefetch_next(struct blk_ring *b)
+{
+    const struct nitro_blk_params *p = b->p;
+    uint32_t len;
+    const uint8_t *h = nitro_vq_peek_next(b->r.vq, &len);
+    if (h == NULL || len < OUTHDR_LEN)
+        return;
+    uint32_t type;
+    uint64_t sector;
+    memcpy(&type, h, sizeof(type));
+    memcpy(&sector, h + 8, sizeof(sector));
+    type = le32toh(type);
+    sector = le64toh(sector);
+    if ((type != VIRTIO_BLK_T_IN && type != VIRTIO_BLK_T_OUT) || sector >= p->capacity)
+        return;
+    uint64_t pos = p->data_offset + (sector << SECTOR_SHIFT);
+    uint64_t end = pos + MAPPED_PREFETCH;
+    if (end > p->image_map_len)
+        end = p->image_map_len;
+    for (uint64_t a = pos & ~(uint64_t)(CACHE_LINE - 1); a < end; a += CACHE_LINE) {
+        if (type == VIRTIO_BLK_T_OUT)
+            nitro_prefetch_for_write(p->image_map + a);
+        else
+            __builtin_prefetch(p->image_map + a, 0, 3);
+    }
+}
+
 /* The ring's guard covers the mapping too, though every copy has its own
  * (blk_mapped_copy): a fault there breaks the device, not the daemon. */
 static bool blk_ring_covers(const struct nitro_ring *r, const void *addr)
@@ -1143,6 +1188,8 @@ static int blk_ring_poll(struct nitro_ring *r, struct nitro_io *io,
         if (rc <= 0)
             break;
         done++;
+        if (b->resident != NULL)
+            blk_prefetch_next(b);
         if (blk_mapped_read(b, c, &rq, start)) {
             async_bytes += rq.wr_len;  /* as quick: the same early answer */
             b->notify = true;

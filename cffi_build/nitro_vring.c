@@ -38,6 +38,7 @@
 
 #include "nitro_efd.h"
 #include "nitro_guard.h"
+#include "nitro_iov.h"
 #include "nitro_vring_internal.h"
 
 __thread uint64_t nitro_batch_ns;
@@ -604,19 +605,6 @@ static int walk_chain(struct nitro_vq *vq, uint16_t head,
 #define PREFETCH_LINES 2
 #define CACHE_LINE 64
 
-/* Ask for a line we are about to write. x86-64's baseline (what this is
- * built for) has no PREFETCHW, so GCC turns a write prefetch into a read
- * one; the instruction itself exists on every x86-64 CPU that matters
- * (AMD since K8, Intel since Broadwell; older ones execute it as a NOP). */
-static inline void prefetch_for_write(const void *p)
-{
-#if defined(__x86_64__)
-    __asm__ __volatile__("prefetchw %0" : : "m"(*(const char *)p));
-#else
-    __builtin_prefetch(p, 1, 3);
-#endif
-}
-
 /* Start loading the first buffer of a descriptor: for writing when the
  * device writes it (an RX buffer: the line comes over exclusive, so the
  * copy into it does not hold up the stores behind it), else for reading. */
@@ -635,7 +623,7 @@ static void prefetch_buffer(const struct nitro_vq *vq, const uint8_t *desc)
     uintptr_t end = (uintptr_t)host + len;
     for (int k = 0; k < PREFETCH_LINES && line < end; k++, line += CACHE_LINE) {
         if (d.flags & VRING_DESC_F_WRITE)
-            prefetch_for_write((const void *)line);
+            nitro_prefetch_for_write((const void *)line);
         else
             __builtin_prefetch((const void *)line, 0, 3);
     }
@@ -680,6 +668,32 @@ void nitro_vq_prefetch(struct nitro_vq *vq, uint32_t n)
     }
     for (uint32_t k = 0; k < m; k++)
         prefetch_buffer(vq, desc[k]);
+}
+
+const uint8_t *nitro_vq_peek_next(struct nitro_vq *vq, uint32_t *len)
+{
+    if (vq->packed || nitro_vq_fault(vq) != NITRO_FAULT_NONE ||
+        (vq->inflight != NULL && vq->inflight_check) ||
+        vq->resubmit_pos < vq->resubmit_n || vq->shadow_avail_idx == vq->last_avail_idx)
+        return NULL;
+    uint32_t slot = vq->last_avail_idx & (vq->num - 1);
+    uint16_t head = guest_ld16(vq->avail + AVAIL_RING(slot));
+    if (head >= vq->num)
+        return NULL;
+    struct vring_desc d;
+    uint64_t span;
+    read_desc(vq->desc, head, &d);
+    if (d.flags & VRING_DESC_F_INDIRECT) {
+        const uint8_t *table = nitro_mem_gpa_span(vq->mem, d.addr, &span);
+        if (table == NULL || d.len < DESC_SIZE || span < DESC_SIZE)
+            return NULL;
+        read_desc(table, 0, &d);
+    }
+    const uint8_t *host = nitro_mem_gpa_span(vq->mem, d.addr, &span);
+    if (host == NULL)
+        return NULL;
+    *len = d.len < span ? d.len : (uint32_t)span;
+    return host;
 }
 
 static int inflight_restart(struct nitro_vq *vq);

@@ -24,7 +24,9 @@
  *     u16 base (SET_VRING_BASE: split last_avail_idx; packed, position in
  *                 bits 0-14 and wrap counter in bit 15, used = avail)
  *     u16 desc, avail, used: ring offsets in the 64 KiB guest span
- *     u16 capacity in sectors (mod 256); u16 max_discard, u16 max_wz
+ *     u16 capacity in sectors (mod 256; bit 8: fuzz_blk serves through a
+ *                 mapping of the disk, nitro_blk_map_image, as the daemon
+ *                 does a local image); u16 max_discard, u16 max_wz
  *                 (each mod 33: write-zeroes falls back to writing zeros
  *                 on a memfd, and bigger limits only make cases slower)
  *   then ops until the input ends (op byte mod OPS):
@@ -87,6 +89,7 @@
  * 32 bytes per entry. */
 #define INFLIGHT_LEN (32u + 32u * 1024u)
 #define F_PACKED 0x80
+#define CAPACITY_MAPPED 0x100  /* in the capacity field: see the header above */
 #define RING_PACKED_BIT 34
 #define MAX_OPS 4096
 #define MAX_SERVES 16  /* per input, the final one included */
@@ -281,7 +284,8 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     s.avail = (uint32_t)take(&in, 2);
     s.used = (uint32_t)take(&in, 2);
     s.params.fd = disk_fd;
-    s.params.capacity = take(&in, 2) % 256;
+    uint16_t capacity = (uint16_t)take(&in, 2);
+    s.params.capacity = capacity % 256;
     s.params.block_size = 512;
     s.params.max_discard_sectors = (uint32_t)(take(&in, 2) % 33);
     s.params.max_write_zeroes_sectors = (uint32_t)(take(&in, 2) % 33);
@@ -291,6 +295,10 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
                  ((uint64_t)((flags >> 1) & 1) << VIRTIO_RING_F_EVENT_IDX) |
                  ((uint64_t)((flags & F_PACKED) != 0) << RING_PACKED_BIT);
     s.raw_addr = (flags >> 2) & 1;
+#if FUZZ_BLK
+    if ((capacity & CAPACITY_MAPPED) && nitro_blk_map_image(&s.params) != NITRO_OK)
+        die("nitro_blk_map_image");
+#endif
     s.mem = make_mem((flags >> 4) & 7, s.host);
     s.vq = nitro_vq_new(0);
     if (s.vq == NULL)
@@ -374,5 +382,8 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     check_guards();
     nitro_vq_free(s.vq);
     nitro_mem_free(s.mem);
+#if FUZZ_BLK
+    nitro_blk_unmap_image(&s.params);  /* before the next input truncates the disk */
+#endif
     return 0;
 }

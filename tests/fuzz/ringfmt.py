@@ -59,6 +59,7 @@ F_EVENT_IDX = 2
 F_RAW_ADDR = 4
 F_READONLY = 8
 F_PACKED = 0x80  # VIRTIO_F_RING_PACKED
+CAPACITY_MAPPED = 0x100  # in the capacity field: serve through a mapping of the disk
 
 OP_WRITE, OP_SERVE, OP_SETMEM, OP_RESET, OP_NUM, OP_DESCS, OP_FILL, OP_INFLIGHT = range(8)
 OPS = 8
@@ -282,7 +283,8 @@ class _Replay:
         num = 1 << (r.take(1) % 11)
         base = r.take(2)
         self.desc, self.avail, self.used = r.take(2), r.take(2), r.take(2)
-        capacity = r.take(2) % 256
+        capacity = r.take(2)
+        mapped, capacity = bool(capacity & CAPACITY_MAPPED), capacity % 256
         max_discard, max_wz = r.take(2) % 33, r.take(2) % 33
         self.features = ((flags & 1) << 28) | (((flags >> 1) & 1) << 29) | (
             (1 << 34) if flags & F_PACKED else 0)
@@ -290,6 +292,8 @@ class _Replay:
         self.params = BlkParams(self.disk_fd, capacity, readonly=bool(flags & F_READONLY),
                                 max_discard_sectors=max_discard,
                                 max_write_zeroes_sectors=max_wz, serial=b"fuzz-serial-0123456\0")
+        if mapped:
+            self.params.map_image()
         self.stats = BlkStats()
         self.mem = self._make_mem((flags >> 4) & 7)
         self.vq = Virtqueue(0)

@@ -13,7 +13,16 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-from tests.fuzz.ringfmt import F_EVENT_IDX, F_INDIRECT, F_PACKED, PACKED_BASE, REGION, Program, gpa
+from tests.fuzz.ringfmt import (
+    CAPACITY_MAPPED,
+    F_EVENT_IDX,
+    F_INDIRECT,
+    F_PACKED,
+    PACKED_BASE,
+    REGION,
+    Program,
+    gpa,
+)
 from tests.ringlayout import (
     DESC,
     INFLIGHT_DESC,
@@ -85,6 +94,30 @@ def _blk_mixed() -> Program:
     request(p, 8, T_WZ, payload=dwz_segment(6, 2, 1), slot=3)
     request(p, 11, 99, 0, slot=4)
     return p.avail_ring([0, 3, 5, 8, 11]).serve()
+
+
+def _blk_mapped() -> Program:
+    # Served through a mapping of the disk: while serving each request the
+    # device peeks at the next one's header (a prefetch hint): a read, a
+    # write, a read past the disk's end, and a header too short to hold a
+    # sector.
+    p = Program(flags=F_INDIRECT, log2_num=4, capacity=64 | CAPACITY_MAPPED)
+    request(p, 0, T_IN, 1024, sector=2, slot=0)
+    request(p, 3, T_OUT, 512, sector=9, slot=1)
+    request(p, 6, T_IN, 512, sector=200, slot=2)
+    request(p, 9, T_IN, 512, sector=4, slot=3)
+    p.desc_at(9, gpa(HDR + 0x60), 8, NEXT, 10)
+    return p.avail_ring([0, 3, 6, 9]).serve()
+
+
+def _blk_mapped_next_hostile() -> Program:
+    # The next chain, peeked at while the first is served, is an indirect
+    # descriptor whose table lies outside guest memory: the peek must not
+    # follow it, and the pop must refuse it.
+    p = Program(flags=F_INDIRECT, log2_num=3, capacity=64 | CAPACITY_MAPPED)
+    request(p, 0, T_IN, 512, sector=1)
+    p.desc_at(3, 0x900000, 48, IND)
+    return p.avail_ring([0, 3]).serve()
 
 
 def _desc_loop() -> Program:
@@ -407,6 +440,8 @@ SEEDS: dict[str, tuple[Callable[[], Program], object]] = {
     "inflight-head-out-of-range": (_inflight_head_out_of_range, "inflight"),
     "blk-write-indirect": (_blk_write_indirect, None),
     "blk-mixed": (_blk_mixed, None),
+    "blk-mapped": (_blk_mapped, "request"),
+    "blk-mapped-next-hostile": (_blk_mapped_next_hostile, "indirect"),
     "desc-loop": (_desc_loop, "desc_loop"),
     "chain-longer-than-ring": (_chain_longer_than_ring, "desc_loop"),
     "indirect-longer-than-ring": (_indirect_longer_than_ring, None),
