@@ -53,6 +53,18 @@ static bool blk_within_limits(const struct nitro_blk_params *p,
            data <= (uint64_t)p->seg_max * p->size_max;
 }
 
+/* struct virtio_blk_outhdr's type and sector, from a copy of it (never
+ * from guest memory, which the guest may change between two reads). */
+static void blk_hdr_decode(const uint8_t hdr[OUTHDR_LEN], uint32_t *type, uint64_t *sector)
+{
+    uint32_t t;
+    uint64_t s;
+    memcpy(&t, hdr, sizeof(t));
+    memcpy(&s, hdr + 8, sizeof(s));
+    *type = le32toh(t);
+    *sector = le64toh(s);
+}
+
 int blk_parse(struct nitro_vq *vq, const struct nitro_blk_params *p,
               struct nitro_chain *c, struct blk_req *rq)
 {
@@ -62,12 +74,7 @@ int blk_parse(struct nitro_vq *vq, const struct nitro_blk_params *p,
         return nitro_vq_set_fault(vq, NITRO_FAULT_REQUEST);
     uint8_t hdr[OUTHDR_LEN];
     nitro_iov_to_buf(c->iov, (int)c->n_out, hdr, sizeof(hdr));
-    uint32_t type;
-    uint64_t sector;
-    memcpy(&type, hdr, sizeof(type));
-    memcpy(&sector, hdr + 8, sizeof(sector));
-    rq->type = le32toh(type);
-    rq->sector = le64toh(sector);
+    blk_hdr_decode(hdr, &rq->type, &rq->sector);
     rq->oversize = !blk_within_limits(p, c);
 
     rq->rd = c->iov;
@@ -749,7 +756,6 @@ static bool blk_start_async(struct blk_ring *b, struct nitro_chain *c,
  * worker's other rings too long. */
 #define MAPPED_MAX (1u << 20)
 #define MAPPED_PAGE 4096u
-#define CACHE_LINE 64u
 
 int nitro_blk_map_image(struct nitro_blk_params *p)
 {
@@ -1022,20 +1028,24 @@ static void blk_prefetch_next(struct blk_ring *b)
     const uint8_t *h = nitro_vq_peek_next(b->r.vq, &len);
     if (h == NULL || len < OUTHDR_LEN)
         return;
+    uint8_t hdr[OUTHDR_LEN];
+    memcpy(hdr, h, sizeof(hdr));
+    __asm__ __volatile__("" ::: "memory");  /* one read of guest memory, decoded from the copy */
     uint32_t type;
     uint64_t sector;
-    memcpy(&type, h, sizeof(type));
-    memcpy(&sector, h + 8, sizeof(sector));
-    type = le32toh(type);
-    sector = le64toh(sector);
-    if ((type != VIRTIO_BLK_T_IN && type != VIRTIO_BLK_T_OUT) || sector >= p->capacity)
+    blk_hdr_decode(hdr, &type, &sector);
+    bool write = type == VIRTIO_BLK_T_OUT;
+    if ((type != VIRTIO_BLK_T_IN && !(write && p->image_map_writable && !p->readonly)) ||
+        sector >= p->capacity)
         return;
+    /* blk_params_ok: every sector below capacity, plus data_offset, fits;
+     * and `end` keeps every line inside the mapping. */
     uint64_t pos = p->data_offset + (sector << SECTOR_SHIFT);
     uint64_t end = pos + MAPPED_PREFETCH;
     if (end > p->image_map_len)
         end = p->image_map_len;
-    for (uint64_t a = pos & ~(uint64_t)(CACHE_LINE - 1); a < end; a += CACHE_LINE) {
-        if (type == VIRTIO_BLK_T_OUT)
+    for (uint64_t a = pos & ~(uint64_t)(NITRO_CACHE_LINE - 1); a < end; a += NITRO_CACHE_LINE) {
+        if (write)
             nitro_prefetch_for_write(p->image_map + a);
         else
             __builtin_prefetch(p->image_map + a, 0, 3);

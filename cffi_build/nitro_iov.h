@@ -14,6 +14,8 @@
 #include <string.h>
 #include <sys/uio.h>
 
+#define NITRO_CACHE_LINE 64u
+
 /* Ask for a line we are about to write. x86-64's baseline (what this is
  * built for) has no PREFETCHW, so GCC turns a write prefetch into a read
  * one; the instruction itself exists on every x86-64 CPU that matters

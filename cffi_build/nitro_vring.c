@@ -603,7 +603,6 @@ static int walk_chain(struct nitro_vq *vq, uint16_t head,
  * virtio-net header and the headers the switch checks); the hardware
  * prefetcher follows a longer copy by itself. */
 #define PREFETCH_LINES 2
-#define CACHE_LINE 64
 
 /* Start loading the first buffer of a descriptor: for writing when the
  * device writes it (an RX buffer: the line comes over exclusive, so the
@@ -619,9 +618,9 @@ static void prefetch_buffer(const struct nitro_vq *vq, const uint8_t *desc)
     if (host == NULL)
         return;
     uint64_t len = d.len < span ? d.len : span;
-    uintptr_t line = (uintptr_t)host & ~(uintptr_t)(CACHE_LINE - 1);
+    uintptr_t line = (uintptr_t)host & ~(uintptr_t)(NITRO_CACHE_LINE - 1);
     uintptr_t end = (uintptr_t)host + len;
-    for (int k = 0; k < PREFETCH_LINES && line < end; k++, line += CACHE_LINE) {
+    for (int k = 0; k < PREFETCH_LINES && line < end; k++, line += NITRO_CACHE_LINE) {
         if (d.flags & VRING_DESC_F_WRITE)
             nitro_prefetch_for_write((const void *)line);
         else
@@ -637,12 +636,21 @@ uint32_t nitro_vq_waiting_hint(struct nitro_vq *vq)
     return n > 0 ? (uint32_t)n : 0;
 }
 
+/* The steady state the look-ahead hints are for: a split ring, not
+ * broken, with no chains to serve again and no inflight region to check
+ * first. */
+static bool split_steady(const struct nitro_vq *vq)
+{
+    return !vq->packed && nitro_vq_fault(vq) == NITRO_FAULT_NONE &&
+           !(vq->inflight != NULL && vq->inflight_check) &&
+           vq->resubmit_pos >= vq->resubmit_n;
+}
+
 void nitro_vq_prefetch(struct nitro_vq *vq, uint32_t n)
 {
     /* Chains to serve again, a region to check first, a packed or broken
      * ring (the hint's 0): not the steady state this is for. */
-    if ((vq->inflight != NULL && vq->inflight_check) ||
-        vq->resubmit_pos < vq->resubmit_n)
+    if (!split_steady(vq))
         return;
     uint32_t pending = nitro_vq_waiting_hint(vq);
     if (pending == 0)
@@ -672,23 +680,31 @@ void nitro_vq_prefetch(struct nitro_vq *vq, uint32_t n)
 
 const uint8_t *nitro_vq_peek_next(struct nitro_vq *vq, uint32_t *len)
 {
-    if (vq->packed || nitro_vq_fault(vq) != NITRO_FAULT_NONE ||
-        (vq->inflight != NULL && vq->inflight_check) ||
-        vq->resubmit_pos < vq->resubmit_n || vq->shadow_avail_idx == vq->last_avail_idx)
+    if (!split_steady(vq) || vq->shadow_avail_idx == vq->last_avail_idx)
         return NULL;
     uint32_t slot = vq->last_avail_idx & (vq->num - 1);
     uint16_t head = guest_ld16(vq->avail + AVAIL_RING(slot));
     if (head >= vq->num)
         return NULL;
     struct vring_desc d;
-    uint64_t span;
     read_desc(vq->desc, head, &d);
     if (d.flags & VRING_DESC_F_INDIRECT) {
-        const uint8_t *table = nitro_mem_gpa_span(vq->mem, d.addr, &span);
-        if (table == NULL || d.len < DESC_SIZE || span < DESC_SIZE)
+        /* Only a table the walk would enter (enter_indirect), so the
+         * peek reads no guest memory the pop would not: a fault there
+         * breaks the ring at the same request either way. */
+        if (!has_feature(vq, VIRTIO_RING_F_INDIRECT_DESC) || (d.flags & VRING_DESC_F_NEXT) ||
+            d.len == 0 || d.len % DESC_SIZE != 0 || d.len / DESC_SIZE > NITRO_MAX_QUEUE_SIZE)
+            return NULL;
+        const uint8_t *table = nitro_mem_gpa_to_host(vq->mem, d.addr, d.len);
+        if (table == NULL)
             return NULL;
         read_desc(table, 0, &d);
+        if (d.flags & VRING_DESC_F_INDIRECT)
+            return NULL;
     }
+    if (d.flags & VRING_DESC_F_WRITE)
+        return NULL;
+    uint64_t span;
     const uint8_t *host = nitro_mem_gpa_span(vq->mem, d.addr, &span);
     if (host == NULL)
         return NULL;

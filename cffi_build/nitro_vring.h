@@ -92,12 +92,14 @@ NITRO_INTERNAL int nitro_vq_pop(struct nitro_vq *vq, struct nitro_chain **out);
  * the walk waits for, one after the other). Consumes and checks nothing;
  * split rings only (a packed ring returns at once). */
 NITRO_INTERNAL void nitro_vq_prefetch(struct nitro_vq *vq, uint32_t n);
-/* Where the first buffer of the next available chain is in host memory,
- * and *len of its bytes there: a prefetch hint, so a device can start
- * loading what that request will need while it serves this one. Only a
- * chain already known to wait (avail->idx is not read again), split
- * rings in the steady state; NULL otherwise. Checks nothing beyond the
- * address translation: nitro_vq_pop() walks and checks the chain. */
+/* Where the first buffer of the next available chain is in host memory
+ * (guest memory: read it inside the ring's guard, and copy what you read
+ * once), and *len of its bytes there: a prefetch hint, so a device can
+ * start loading what that request will need while it serves this one.
+ * Only a chain already known to wait (avail->idx is not read again), a
+ * device-readable first buffer, an indirect table only as the walk would
+ * enter it, split rings in the steady state; NULL otherwise. Consumes
+ * nothing: nitro_vq_pop() walks and checks the chain. */
 NITRO_INTERNAL const uint8_t *nitro_vq_peek_next(struct nitro_vq *vq, uint32_t *len);
 /* Chains known to wait (a split ring's copy of avail->idx, read again once
  * used up): a batch size hint, nothing is consumed or checked beyond the

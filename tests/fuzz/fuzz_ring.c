@@ -232,6 +232,24 @@ static void check_chain(const struct state *s, const struct nitro_chain *c)
     if (out != c->out_len || in != c->in_len)
         die("chain: lengths do not add up");
 }
+
+/* nitro_vq_peek_next's answer, taken just before a pop: inside one region
+ * of the table, and, when that pop yields a chain, its first device-
+ * readable buffer (or the part of it in that region). */
+static void check_peek(const struct state *s, const uint8_t *h, uint32_t len,
+                       const struct nitro_chain *c)
+{
+    int inside = 0;
+    for (int r = 0; r < 2 && !inside; r++) {
+        const uint8_t *base = s->host[r];
+        inside = base != NULL && h >= base && len <= REGION && (size_t)(h - base) <= REGION - len;
+    }
+    if (!inside)
+        die("peek: the buffer leaves guest memory");
+    if (c != NULL && len > 0 &&
+        (c->n_out == 0 || c->iov[0].iov_base != h || c->iov[0].iov_len != len))
+        die("peek: not the first buffer of the chain popped next");
+}
 #endif
 
 static void serve(struct state *s)
@@ -249,9 +267,13 @@ static void serve(struct state *s)
     nitro_vq_disable_notify(s->vq);
     for (uint32_t k = 0; k < 2 * num + 2; k++) {
         struct nitro_chain *c;
+        uint32_t peek_len = 0;
+        const uint8_t *peek = nitro_vq_peek_next(s->vq, &peek_len);
         int rc = nitro_vq_pop(s->vq, &c);
         if (rc < 0 && nitro_vq_fault(s->vq) == NITRO_FAULT_NONE)
             die("pop failed without a fault");
+        if (peek != NULL)
+            check_peek(s, peek, peek_len, rc > 0 ? c : NULL);
         if (rc <= 0)
             break;
         check_chain(s, c);

@@ -292,12 +292,12 @@ class _Replay:
         self.params = BlkParams(self.disk_fd, capacity, readonly=bool(flags & F_READONLY),
                                 max_discard_sectors=max_discard,
                                 max_write_zeroes_sectors=max_wz, serial=b"fuzz-serial-0123456\0")
-        if mapped:
-            self.params.map_image()
         self.stats = BlkStats()
         self.mem = self._make_mem((flags >> 4) & 7)
         self.vq = Virtqueue(0)
         try:
+            if mapped:
+                self.params.map_image()
             self._setup_queue(num, base)
             ops = serves = 0
             while r.left > 0 and ops < MAX_OPS:

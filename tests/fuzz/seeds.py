@@ -120,6 +120,27 @@ def _blk_mapped_next_hostile() -> Program:
     return p.avail_ring([0, 3]).serve()
 
 
+def _blk_mapped_next_indirect_unnegotiated() -> Program:
+    # The next chain is indirect though INDIRECT_DESC was not negotiated:
+    # the peek must not enter its table (the walk would refuse it too).
+    p = Program(log2_num=3, capacity=64 | CAPACITY_MAPPED)
+    request(p, 0, T_IN, 512, sector=1)
+    p.write(0x4000, DESC.pack(gpa(HDR), 16, NEXT, 1))
+    p.desc_at(3, gpa(0x4000), 48, IND)
+    return p.avail_ring([0, 3]).serve()
+
+
+def _next_header_spans_regions() -> Program:
+    # The second chain's first buffer runs from 8 bytes before the end of
+    # region A into region B: the look-ahead (nitro_vq_peek_next) must
+    # give only the part in A, as the pop's first iovec has it.
+    p = Program(log2_num=3)
+    request(p, 0, T_IN, 512)
+    p.desc_at(3, gpa(REGION - 8), 16, NEXT, 4)
+    p.desc_at(4, gpa(STATUS + 1), 1, WRITE)
+    return p.avail_ring([0, 3]).serve()
+
+
 def _desc_loop() -> Program:
     p = Program()
     p.desc_at(0, gpa(HDR), 16, NEXT, 1).desc_at(1, gpa(DATA), 16, NEXT, 0)
@@ -442,6 +463,7 @@ SEEDS: dict[str, tuple[Callable[[], Program], object]] = {
     "blk-mixed": (_blk_mixed, None),
     "blk-mapped": (_blk_mapped, "request"),
     "blk-mapped-next-hostile": (_blk_mapped_next_hostile, "indirect"),
+    "blk-mapped-next-indirect-unnegotiated": (_blk_mapped_next_indirect_unnegotiated, "indirect"),
     "desc-loop": (_desc_loop, "desc_loop"),
     "chain-longer-than-ring": (_chain_longer_than_ring, "desc_loop"),
     "indirect-longer-than-ring": (_indirect_longer_than_ring, None),
@@ -451,6 +473,7 @@ SEEDS: dict[str, tuple[Callable[[], Program], object]] = {
     "indirect-with-next": (_indirect_with_next, "indirect"),
     "indirect-spans-regions": (_indirect_spans_regions, "indirect"),
     "span-two-regions": (_span_two_regions, None),
+    "next-header-spans-regions": (_next_header_spans_regions, None),
     "addr-outside-regions": (_addr_outside_regions, "desc_addr"),
     "addr-in-hole": (_addr_in_hole, "desc_addr"),
     "addr-wraps": (_addr_wraps, "desc_addr"),
