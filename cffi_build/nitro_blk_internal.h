@@ -186,21 +186,28 @@ NITRO_INTERNAL int blk_queue_release_held(struct blk_queue *q, bool room,
  * BLK_CALL_DELAY_NS after the first (the ring's timer_ns wakes the worker
  * for it). With fewer in flight, as at queue depth 1, every answer is
  * signalled at once; so is one that is not the server's (GET_ID, a
- * request refused before it was sent). */
+ * request refused before it was sent), and so are answers that moved
+ * BLK_CALL_BYTES between them: a call is cheap next to a large request,
+ * and the wait is not (128 KiB reads from RBD at QD8, per-hop uprobes:
+ * answers waited 53 us on average for their call, about 5 % of a
+ * request's whole time). */
 #define BLK_CALL_DELAY_NS 20000u
 #define BLK_CALL_BATCH 16u
 #define BLK_CALL_DEFER_OUTSTANDING 4u
+#define BLK_CALL_BYTES (64u << 10)
 
 struct blk_calls {
     bool due;          /* answers published and not yet signalled */
     uint32_t answers;  /* of them, the server's */
+    uint64_t bytes;    /* and the bytes they moved */
     uint64_t by;       /* when the first server answer must be signalled; 0 */
 };
 
-/* A server's answer was published: its call may wait. */
-static inline void blk_calls_answer(struct blk_calls *k)
+/* A server's answer, moving `bytes`, was published: its call may wait. */
+static inline void blk_calls_answer(struct blk_calls *k, uint64_t bytes)
 {
     k->due = true;
+    k->bytes += bytes;
     if (k->answers++ == 0)
         k->by = nitro_batch_now() + BLK_CALL_DELAY_NS;
 }
@@ -220,7 +227,8 @@ static inline void blk_calls_signal(struct blk_calls *k, struct nitro_vq *vq,
                                     uint32_t outstanding)
 {
     if (k->due && outstanding >= BLK_CALL_DEFER_OUTSTANDING &&
-        k->answers < BLK_CALL_BATCH && nitro_batch_now() < k->by)
+        k->answers < BLK_CALL_BATCH && k->bytes < BLK_CALL_BYTES &&
+        nitro_batch_now() < k->by)
         return;
     blk_calls_flush(k, vq);
 }

@@ -426,7 +426,7 @@ static void io_complete(struct nbd_ring *b, struct nbd_io *io, uint8_t status)
     io->d.status = status;
     blk_finish(&b->q, io->head, io->resubmitted, io->status, &io->d, io->start);
     b->touching = NULL;
-    blk_calls_answer(&b->calls);
+    blk_calls_answer(&b->calls, io->d.bytes);
     io_release(b, io);
 }
 

@@ -417,7 +417,7 @@ static void rbd_io_answer(struct rbd_io *io, uint8_t status)
         status = rbd_copy_out(b, io);
     io->d.status = status;
     blk_finish(&b->q, io->head, io->resubmitted, io->status, &io->d, io->start);
-    blk_calls_answer(&b->calls);
+    blk_calls_answer(&b->calls, io->d.bytes);
 }
 
 /* Every awaited request past its deadline gets IOERR and is orphaned:
