@@ -904,6 +904,13 @@ static uint8_t *blk_mapped_at(struct blk_ring *b, uint64_t off, uint64_t len)
     return (uint8_t *)p->image_map + pos;
 }
 
+/* May writes go through the mapping? Not on a read-only volume, nor
+ * when the image could only be mapped read-only. */
+static bool blk_map_writable(const struct nitro_blk_params *p)
+{
+    return p->image_map_writable && !p->readonly;
+}
+
 static bool blk_map_covers(const void *ctx, const void *addr)
 {
     const struct nitro_blk_params *p = ctx;
@@ -990,8 +997,8 @@ static bool blk_mapped_write(struct blk_ring *b, struct nitro_chain *c,
 {
     const struct nitro_blk_params *p = b->p;
     uint64_t len = rq->rd_len, off = rq->sector << SECTOR_SHIFT;
-    if (!p->image_map_writable || rq->type != VIRTIO_BLK_T_OUT || rq->oversize ||
-        p->readonly || !blk_range_ok(p, rq->sector, len))
+    if (!blk_map_writable(p) || rq->type != VIRTIO_BLK_T_OUT || rq->oversize ||
+        !blk_range_ok(p, rq->sector, len))
         return false;
     uint8_t *map = blk_mapped_at(b, off, len);
     if (map == NULL)
@@ -1035,8 +1042,7 @@ static void blk_prefetch_next(struct blk_ring *b)
     uint64_t sector;
     blk_hdr_decode(hdr, &type, &sector);
     bool write = type == VIRTIO_BLK_T_OUT;
-    if ((type != VIRTIO_BLK_T_IN && !(write && p->image_map_writable && !p->readonly)) ||
-        sector >= p->capacity)
+    if ((type != VIRTIO_BLK_T_IN && !(write && blk_map_writable(p))) || sector >= p->capacity)
         return;
     /* blk_params_ok: every sector below capacity, plus data_offset, fits;
      * and `end` keeps every line inside the mapping. */

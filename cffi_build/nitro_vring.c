@@ -476,17 +476,22 @@ struct walk {
     bool seen_write;
 };
 
+/* The indirect table a top-level descriptor d points at, or NULL if the
+ * spec forbids it. 2.7.5.3.1: only when negotiated, never chained, a
+ * whole number of descriptors, and the table in guest memory. */
+static const uint8_t *indirect_table(const struct nitro_vq *vq, const struct vring_desc *d)
+{
+    if (!has_feature(vq, VIRTIO_RING_F_INDIRECT_DESC) || (d->flags & VRING_DESC_F_NEXT) ||
+        d->len == 0 || d->len % DESC_SIZE != 0 || d->len / DESC_SIZE > NITRO_MAX_QUEUE_SIZE)
+        return NULL;
+    return nitro_mem_gpa_to_host(vq->mem, d->addr, d->len);
+}
+
 static int enter_indirect(struct nitro_vq *vq, struct walk *w,
                           const struct vring_desc *d)
 {
-    /* 2.7.5.3.1: only when negotiated, one level deep, never chained, a
-     * whole number of descriptors, and the table in guest memory. */
-    if (!has_feature(vq, VIRTIO_RING_F_INDIRECT_DESC) || w->indirect ||
-        (d->flags & VRING_DESC_F_NEXT) || d->len == 0 ||
-        d->len % DESC_SIZE != 0 ||
-        d->len / DESC_SIZE > NITRO_MAX_QUEUE_SIZE)
-        return nitro_vq_set_fault(vq, NITRO_FAULT_INDIRECT);
-    const uint8_t *table = nitro_mem_gpa_to_host(vq->mem, d->addr, d->len);
+    /* One level deep only (2.7.5.3.1). */
+    const uint8_t *table = w->indirect ? NULL : indirect_table(vq, d);
     if (table == NULL)
         return nitro_vq_set_fault(vq, NITRO_FAULT_INDIRECT);
     *w = (struct walk){
@@ -689,13 +694,10 @@ const uint8_t *nitro_vq_peek_next(struct nitro_vq *vq, uint32_t *len)
     struct vring_desc d;
     read_desc(vq->desc, head, &d);
     if (d.flags & VRING_DESC_F_INDIRECT) {
-        /* Only a table the walk would enter (enter_indirect), so the
-         * peek reads no guest memory the pop would not: a fault there
-         * breaks the ring at the same request either way. */
-        if (!has_feature(vq, VIRTIO_RING_F_INDIRECT_DESC) || (d.flags & VRING_DESC_F_NEXT) ||
-            d.len == 0 || d.len % DESC_SIZE != 0 || d.len / DESC_SIZE > NITRO_MAX_QUEUE_SIZE)
-            return NULL;
-        const uint8_t *table = nitro_mem_gpa_to_host(vq->mem, d.addr, d.len);
+        /* Only a table the walk would enter, so the peek reads no guest
+         * memory the pop would not: a fault there breaks the ring at the
+         * same request either way. */
+        const uint8_t *table = indirect_table(vq, &d);
         if (table == NULL)
             return NULL;
         read_desc(table, 0, &d);

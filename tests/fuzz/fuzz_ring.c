@@ -204,6 +204,17 @@ static void setup_queue(struct state *s, uint32_t num, uint16_t base)
 }
 
 #if !FUZZ_BLK
+/* Does [b, b + len) lie wholly inside one region of the current table? */
+static int inside_guest(const struct state *s, const uint8_t *b, size_t len)
+{
+    for (int r = 0; r < 2; r++) {
+        const uint8_t *h = s->host[r];
+        if (h != NULL && b >= h && len <= REGION && (size_t)(b - h) <= REGION - len)
+            return 1;
+    }
+    return 0;
+}
+
 /* Every iovec of a popped chain must be non-empty and lie wholly inside one
  * region of the current table; the counts and lengths must add up. */
 static void check_chain(const struct state *s, const struct nitro_chain *c)
@@ -216,13 +227,7 @@ static void check_chain(const struct state *s, const struct nitro_chain *c)
         size_t len = c->iov[i].iov_len;
         if (len == 0)
             die("chain: empty iovec");
-        int inside = 0;
-        for (int r = 0; r < 2 && !inside; r++) {
-            const uint8_t *h = s->host[r];
-            inside = h != NULL && b >= h && len <= REGION &&
-                     (size_t)(b - h) <= REGION - len;
-        }
-        if (!inside)
+        if (!inside_guest(s, b, len))
             die("chain: an iovec leaves guest memory");
         if (i < c->n_out)
             out += len;
@@ -239,12 +244,7 @@ static void check_chain(const struct state *s, const struct nitro_chain *c)
 static void check_peek(const struct state *s, const uint8_t *h, uint32_t len,
                        const struct nitro_chain *c)
 {
-    int inside = 0;
-    for (int r = 0; r < 2 && !inside; r++) {
-        const uint8_t *base = s->host[r];
-        inside = base != NULL && h >= base && len <= REGION && (size_t)(h - base) <= REGION - len;
-    }
-    if (!inside)
+    if (!inside_guest(s, h, len))
         die("peek: the buffer leaves guest memory");
     if (c != NULL && len > 0 &&
         (c->n_out == 0 || c->iov[0].iov_base != h || c->iov[0].iov_len != len))
