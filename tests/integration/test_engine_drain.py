@@ -86,6 +86,16 @@ class RemoteRing:
         self.vring.kick()
         until("the worker took A's writes", lambda: self.stats.snapshot()["inflight"] == WRITES)
 
+    def start_reads(self) -> list:
+        """As many 4 KiB reads as start_writes writes; their requests."""
+        reads = [blk_req(self.vring.guest, VIRTIO_BLK_T_IN, sector=8 * k, in_len=4096)
+                 for k in range(WRITES)]
+        for q in reads:
+            self.vring.add_chain(q.bufs)
+        self.vring.kick()
+        until("the worker took A's reads", lambda: self.stats.snapshot()["inflight"] == WRITES)
+        return reads
+
     def close(self) -> None:
         self.ring.close()
         self.vring.close()
@@ -366,9 +376,10 @@ def truncated_while_draining(tmp: str, rbd: dict | None = None) -> None:
     os._exit(0)  # no finalizers: nothing may read the truncated guest
 
 
-def run_truncated_while_draining(tmp: Path, rbd: dict | None = None) -> None:
+def run_truncated_while_draining(tmp: Path, rbd: dict | None = None,
+                                 scenario: str = "truncated_while_draining") -> None:
     code = (f"from tests.integration.test_engine_drain import *; "
-            f"truncated_while_draining({str(tmp)!r}, {rbd!r})")
+            f"{scenario}({str(tmp)!r}, {rbd!r})")
     p = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
                        timeout=120, check=False)
     assert p.returncode == 0 and "survived" in p.stdout, (p.returncode, p.stdout, p.stderr)
@@ -416,6 +427,58 @@ def test_a_draining_rbd_ring_holds_neither_its_worker_nor_attaches(guest, cluste
     finally:
         os.kill(osd, signal.SIGCONT)
         a.close()
+
+
+def memory_fault(ring: Ring) -> bool:
+    try:
+        ring.check()
+    except GuestFault as e:
+        assert e.kind == "memory", e
+        return True
+    return False
+
+
+def truncated_under_rbd_reads(tmp: str, rbd: dict) -> None:
+    """A child interpreter's scenario: A's plain reads wait for the frozen
+    OSD, A's guest memory vanishes, the OSD answers. librbd's own thread
+    copies a read's data into the guest (nitro_rbd.c, rbd_read_deliver):
+    its fault there, inside that copy's guard, breaks A (fault "memory"),
+    not the process; A's requests all leave flight and B, on the same
+    worker, serves on."""
+    victim, other = FakeGuest([(GPA, 8 * MiB)]), FakeGuest([(GPA, 8 * MiB)])
+    cluster = CephCluster(tmp=Path(tmp), conf=Path(rbd["conf"]), keyring=Path(rbd["keyring"]),
+                          pool=rbd["pool"], user=rbd["user"])
+    a = RbdRing(victim, cluster, rbd["image"], io_timeout=60)
+    engine = _datapath.Engine(1, poll_us=0)
+    with disk_file(CAPACITY * 512) as fd:
+        b = LocalRing(other, fd)
+        engine.attach(a.ring, 0)
+        engine.attach(b.ring, 0)
+        freeze(rbd["osd"])
+        a.start_reads()
+        os.ftruncate(victim.fd, 0)  # the frontend takes A's guest RAM away
+        os.kill(rbd["osd"], signal.SIGCONT)
+        until("A breaks", lambda: memory_fault(a.ring), timeout=60)
+        engine.detach(a.ring)
+        assert a.stats.snapshot()["inflight"] == 0
+        b.read_one(0)
+    print("survived", flush=True)
+    os._exit(0)  # no finalizers: nothing may read the truncated guest
+
+
+def test_an_rbd_read_whose_memory_vanishes_breaks_only_its_ring(cluster, short_tmp_path):
+    # Written first: librbd answers a read of an object never written
+    # itself, without the OSD.
+    data = short_tmp_path / "data"
+    data.write_bytes(fill(CAPACITY * 512, seed=7))
+    cluster.rbd("import", str(data), f"{cluster.pool}/vanish-rd")
+    osd = cluster.pids()["osd"]
+    rbd = {"conf": str(cluster.conf), "keyring": str(cluster.keyring), "pool": cluster.pool,
+           "user": cluster.user, "image": "vanish-rd", "osd": osd}
+    try:
+        run_truncated_while_draining(short_tmp_path, rbd, scenario="truncated_under_rbd_reads")
+    finally:
+        os.kill(osd, signal.SIGCONT)
 
 
 def test_an_rbd_ring_whose_memory_vanishes_while_draining_still_drains(cluster, short_tmp_path):
