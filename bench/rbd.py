@@ -12,8 +12,10 @@ same vublk front-end drives each back-end in turn:
   has it): both acknowledge the same thing.
 nitro runs with `poll_us = 0` (--poll-us): here the OSD shares the two
 cores, and a worker busy-polling for completions that arrive by eventfd
-anyway takes CPU from the storage server (measured: randread 4 KiB about
-7.5k IOPS adaptive against 12.9k with 0), which a host whose cluster is
+anyway takes CPU from the storage server (measured before the adaptive
+window learnt to shrink when the worker is preempted: randread 4 KiB about
+7.5k IOPS adaptive against 12.9k with 0; since then, adaptive is a few
+percent under 0 here, docs/volumes.md), which a host whose cluster is
 elsewhere does not pay. Workloads: 4 KiB random read and write at QD32, 128 KiB sequential read and
 write at QD8. Per workload the back-ends alternate nitro, qsd, nitro, qsd...
 (--rounds); the ratio is nitro's median over qsd's (IOPS; MB/s is the same

@@ -50,6 +50,8 @@ static const int worker_syscalls[] = {
     SCMP_SYS(epoll_ctl),
     SCMP_SYS(futex), SCMP_SYS(clock_gettime), SCMP_SYS(clock_nanosleep),
     SCMP_SYS(nanosleep), SCMP_SYS(sched_yield),
+    /* the adaptive poll window: was the worker preempted? (nitro_engine.c) */
+    SCMP_SYS(getrusage),
     /* blk: io_uring, and the synchronous path (nitro_blk.c) */
     SCMP_SYS(io_uring_enter), SCMP_SYS(preadv), SCMP_SYS(pwritev),
     SCMP_SYS(preadv2), SCMP_SYS(pwritev2), SCMP_SYS(pread64),

@@ -32,6 +32,7 @@ from tests.unit.virtq import FakeGuest, MiB, SplitRing, blk_req, disk_file, stat
 
 ROOT = Path(__file__).resolve().parents[2]
 SYS_GETPID = 39
+SYS_GETRUSAGE = 98  # x86-64
 SYS_SOCKET = 41
 CAPACITY = 4096
 
@@ -70,6 +71,9 @@ def test_calls_workers_make_are_allowed() -> None:
     e = _datapath.Engine(1, seccomp=True)
     try:
         assert e.test_syscall(0, SYS_GETPID) == os.getpid()
+        # getrusage(RUSAGE_SELF, NULL): allowed, so the kernel reaches the
+        # NULL (the adaptive poll window's look, nitro_engine.c)
+        assert e.test_syscall(0, SYS_GETRUSAGE) == -errno.EFAULT
     finally:
         e.close()
 
