@@ -695,7 +695,8 @@ static bool worker_preempted(struct worker *w)
  * finds it was not preempted. The threads that wanted the core may be the
  * very ones the worker waits for: librbd's, or an OSD or NBD server on the
  * same host. bench.rbd (the OSD on the same two cores), poll_us adaptive,
- * 128 KiB reads: 0.73-0.81 of qsd without this rule, 0.93-1.11 with it. */
+ * 128 KiB reads: 0.73-0.81 of qsd without this rule (eight runs), 0.98 and
+ * 1.11 with it (two runs; two full bench runs: 0.92, 0.94). */
 static void adapt_poll(struct worker *w, uint64_t slept_ns)
 {
     if (w->engine->poll_us != NITRO_ENGINE_POLL_ADAPTIVE)
@@ -773,6 +774,8 @@ static void *worker_main(void *arg)
         CPU_SET(w->cpu, &set);
         pthread_setaffinity_np(pthread_self(), sizeof(set), &set);
     }
+    if (w->engine->poll_us == NITRO_ENGINE_POLL_ADAPTIVE)
+        worker_preempted(w);  /* from now: the thread's start is no contention */
     uint64_t last_work = nitro_now_ns();
     /* One clock read per pass: the end of a pass starts the next. */
     uint64_t t = last_work;

@@ -8,11 +8,13 @@
  * asking for it is refused while this one lives), so two daemons never
  * write one volume. The ring (nitro_ring_blk_rbd_new) puts every request
  * in flight with librbd's aio calls from the worker; librbd completes them
- * on its own threads, which only queue them and write an eventfd (the
- * ring's aux fd in the worker's epoll set); the worker writes the status
- * and the used ring. Guest memory is touched by the worker only: data goes
- * through a buffer of the request's own (librbd's threads never see guest
- * memory, which may vanish under them).
+ * on its own threads, which queue them and write an eventfd (the ring's
+ * aux fd in the worker's epoll set); the worker writes the status and the
+ * used ring. Data goes through a buffer of the request's own: librbd
+ * itself never writes guest memory, which may vanish under it. nitro's
+ * completion callback copies a plain read's data from that buffer into the
+ * guest, guarded, and only while the request is still the guest's
+ * (nitro_rbd.c, rbd_read_deliver).
  *
  * Failures: librbd's write-back cache is off (a write is acknowledged once
  * the OSDs have it). While the cluster is away librbd waits and resends on

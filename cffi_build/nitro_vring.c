@@ -440,10 +440,13 @@ bool nitro_vq_stopping(const struct nitro_vq *vq)
 
 int nitro_vq_set_fault(struct nitro_vq *vq, uint32_t kind)
 {
-    if (nitro_vq_fault(vq) == NITRO_FAULT_NONE && kind < NITRO_FAULT_KINDS) {
-        __atomic_store_n(&vq->fault, kind, __ATOMIC_RELAXED);
+    /* A compare-and-swap: other threads fault a queue too (deliveries into
+     * an RX ring, librbd's completions), and the first fault must win. */
+    uint32_t none = NITRO_FAULT_NONE;
+    if (kind != NITRO_FAULT_NONE && kind < NITRO_FAULT_KINDS &&
+        __atomic_compare_exchange_n(&vq->fault, &none, kind, false, __ATOMIC_RELAXED,
+                                    __ATOMIC_RELAXED))
         nitro_stat_add(&vq->stats.faults[kind], 1);
-    }
     return NITRO_ERR_GUEST;
 }
 

@@ -15,6 +15,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -438,6 +439,24 @@ def memory_fault(ring: Ring) -> bool:
     return False
 
 
+@contextmanager
+def rbd_reads_waiting(tmp: str, rbd: dict, io_timeout: float) -> Iterator[tuple]:
+    """A child's setup: ring A on the RBD image and B on a local file, on
+    one worker; the OSD frozen (librbd waits for it) under A's reads.
+    Yields (A's guest, A, B, the engine, A's reads)."""
+    victim, other = FakeGuest([(GPA, 8 * MiB)]), FakeGuest([(GPA, 8 * MiB)])
+    cluster = CephCluster(tmp=Path(tmp), conf=Path(rbd["conf"]), keyring=Path(rbd["keyring"]),
+                          pool=rbd["pool"], user=rbd["user"])
+    a = RbdRing(victim, cluster, rbd["image"], io_timeout=io_timeout)
+    engine = _datapath.Engine(1, poll_us=0)
+    with disk_file(CAPACITY * 512) as fd:
+        b = LocalRing(other, fd)
+        engine.attach(a.ring, 0)
+        engine.attach(b.ring, 0)
+        freeze(rbd["osd"])
+        yield victim, a, b, engine, a.start_reads()
+
+
 def truncated_under_rbd_reads(tmp: str, rbd: dict) -> None:
     """A child interpreter's scenario: A's plain reads wait for the frozen
     OSD, A's guest memory vanishes, the OSD answers. librbd's own thread
@@ -445,17 +464,7 @@ def truncated_under_rbd_reads(tmp: str, rbd: dict) -> None:
     its fault there, inside that copy's guard, breaks A (fault "memory"),
     not the process; A's requests all leave flight and B, on the same
     worker, serves on."""
-    victim, other = FakeGuest([(GPA, 8 * MiB)]), FakeGuest([(GPA, 8 * MiB)])
-    cluster = CephCluster(tmp=Path(tmp), conf=Path(rbd["conf"]), keyring=Path(rbd["keyring"]),
-                          pool=rbd["pool"], user=rbd["user"])
-    a = RbdRing(victim, cluster, rbd["image"], io_timeout=60)
-    engine = _datapath.Engine(1, poll_us=0)
-    with disk_file(CAPACITY * 512) as fd:
-        b = LocalRing(other, fd)
-        engine.attach(a.ring, 0)
-        engine.attach(b.ring, 0)
-        freeze(rbd["osd"])
-        a.start_reads()
+    with rbd_reads_waiting(tmp, rbd, io_timeout=60) as (victim, a, b, engine, _):
         os.ftruncate(victim.fd, 0)  # the frontend takes A's guest RAM away
         os.kill(rbd["osd"], signal.SIGCONT)
         until("A breaks", lambda: memory_fault(a.ring), timeout=60)
@@ -466,19 +475,56 @@ def truncated_under_rbd_reads(tmp: str, rbd: dict) -> None:
     os._exit(0)  # no finalizers: nothing may read the truncated guest
 
 
-def test_an_rbd_read_whose_memory_vanishes_breaks_only_its_ring(cluster, short_tmp_path):
-    # Written first: librbd answers a read of an object never written
-    # itself, without the OSD.
-    data = short_tmp_path / "data"
+def expired_after_memory_vanished(tmp: str, rbd: dict) -> None:
+    """A child interpreter's scenario: A's reads wait for the frozen OSD,
+    the part of A's guest memory past its ring (the requests' buffers)
+    vanishes, and A's io_timeout (1 s) passes: the first IOERR answer
+    faults on its status byte (the ring breaks, "memory"). That request
+    left the awaited list before its answer, so A's detach neither waits
+    for librbd (the OSD still frozen) nor later walks a request librbd's
+    completion freed. B, on the same worker, serves on."""
+    with rbd_reads_waiting(tmp, rbd, io_timeout=1) as (victim, a, b, engine, reads):
+        # The ring's pages stay (allocated first), the requests' go: the
+        # worker's wake-up at the deadline re-arms the ring without a fault.
+        first = victim._off(reads[0].bufs[0].gpa, 1)
+        os.ftruncate(victim.fd, -(-first // 4096) * 4096)
+        until("A breaks at its io_timeout", lambda: memory_fault(a.ring), timeout=30)
+        engine.detach(a.ring)  # nothing awaited: at once, the OSD still frozen
+        # The answer the fault cut short stays counted while the broken ring
+        # lives (docs/security.md), and no longer once it is freed.
+        assert a.stats.snapshot()["inflight"] == 1
+        a.ring.close()
+        assert a.stats.snapshot()["inflight"] == 0
+        os.kill(rbd["osd"], signal.SIGCONT)
+        b.read_one(0)
+        time.sleep(2)  # librbd completes the orphans meanwhile
+        b.read_one(8)
+    print("survived", flush=True)
+    os._exit(0)  # no finalizers: nothing may read the truncated guest
+
+
+def run_on_written_image(cluster: CephCluster, tmp: Path, image: str, scenario: str) -> None:
+    """`scenario` in a child, on a new image written first (librbd answers
+    a read of an object never written itself, without the OSD)."""
+    data = tmp / "data"
     data.write_bytes(fill(CAPACITY * 512, seed=7))
-    cluster.rbd("import", str(data), f"{cluster.pool}/vanish-rd")
+    cluster.rbd("import", str(data), f"{cluster.pool}/{image}")
     osd = cluster.pids()["osd"]
     rbd = {"conf": str(cluster.conf), "keyring": str(cluster.keyring), "pool": cluster.pool,
-           "user": cluster.user, "image": "vanish-rd", "osd": osd}
+           "user": cluster.user, "image": image, "osd": osd}
     try:
-        run_truncated_while_draining(short_tmp_path, rbd, scenario="truncated_under_rbd_reads")
+        run_truncated_while_draining(tmp, rbd, scenario=scenario)
     finally:
         os.kill(osd, signal.SIGCONT)
+
+
+def test_an_rbd_ring_past_its_io_timeout_with_its_memory_gone_still_detaches(cluster,
+                                                                             short_tmp_path):
+    run_on_written_image(cluster, short_tmp_path, "expire-rd", "expired_after_memory_vanished")
+
+
+def test_an_rbd_read_whose_memory_vanishes_breaks_only_its_ring(cluster, short_tmp_path):
+    run_on_written_image(cluster, short_tmp_path, "vanish-rd", "truncated_under_rbd_reads")
 
 
 def test_an_rbd_ring_whose_memory_vanishes_while_draining_still_drains(cluster, short_tmp_path):
