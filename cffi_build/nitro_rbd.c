@@ -30,9 +30,9 @@
 #include <rados/librados.h>
 #include <rbd/librbd.h>
 #include <stdlib.h>
+#include <signal.h>
 #include <string.h>
 #include <sys/epoll.h>
-#include <signal.h>
 #include <sys/eventfd.h>
 #include <unistd.h>
 
@@ -461,25 +461,23 @@ static void rbd_unawait(struct rbd_ring *b, struct rbd_io *io)
     io->older = io->newer = NULL;
 }
 
-/* Claim io for orphaning; false: librbd's thread is copying its data into
- * the guest right now, and it completes next. Whoever waits for that (an
+/* io leaves the awaited list and the ring's slots for good (librbd still
+ * holds it); false, and nothing changes, while librbd's thread is copying
+ * its data into the guest: it completes next. Whoever waits for that (an
  * expiry, a drain) keeps the worker polling meanwhile: the ring's timer
  * stays due, or its drain not done. */
-static bool rbd_claim(struct rbd_io *io)
+static bool rbd_orphan(struct rbd_ring *b, struct rbd_io *io)
 {
     int sent = RBD_IO_SENT;
-    return __atomic_compare_exchange_n(&io->state, &sent, RBD_IO_ORPHAN, false,
-                                       __ATOMIC_ACQUIRE, __ATOMIC_ACQUIRE);
-}
-
-/* io (claimed) leaves the ring's slots for good; librbd still holds it. */
-static void rbd_orphan(struct rbd_ring *b, struct rbd_io *io)
-{
+    if (!__atomic_compare_exchange_n(&io->state, &sent, RBD_IO_ORPHAN, false,
+                                     __ATOMIC_ACQUIRE, __ATOMIC_ACQUIRE))
+        return false;
     rbd_unawait(b, io);
     free(io->giov);
     io->giov = NULL;
     b->in_flight--;
     b->nslots--;
+    return true;
 }
 
 /* A read's data from its buffer into the guest (decrypted on the way). */
@@ -518,12 +516,11 @@ static void rbd_expire(struct rbd_ring *b, uint64_t now)
     struct rbd_io *io, *next;
     for (io = b->oldest; io != NULL && io->deadline != 0 && io->deadline <= now; io = next) {
         next = io->newer;
-        if (!rbd_claim(io))
-            continue;
-        nitro_stat_add(&b->s->timeouts, 1);
         /* Out of every list before the answer, which writes guest memory:
          * a fault there leaves no orphan among the awaited. */
-        rbd_orphan(b, io);
+        if (!rbd_orphan(b, io))
+            continue;
+        nitro_stat_add(&b->s->timeouts, 1);
         rbd_io_answer(io, VIRTIO_BLK_S_IOERR);
     }
     b->r.timer_ns = b->oldest != NULL ? b->oldest->deadline : 0;
@@ -886,12 +883,10 @@ static int rbd_ring_drain(struct nitro_ring *r)
     bool copying = false;
     for (struct rbd_io *io = b->oldest, *next; io != NULL; io = next) {
         next = io->newer;
-        if (!rbd_claim(io)) {
+        if (rbd_orphan(b, io))
+            blk_queue_uncount(&b->q);
+        else
             copying = true;  /* its completion wakes this drain again */
-            continue;
-        }
-        blk_queue_uncount(&b->q);
-        rbd_orphan(b, io);
     }
     if (copying)
         return 1;

@@ -615,17 +615,30 @@ static int walk_chain(struct nitro_vq *vq, uint16_t head,
 /* Start loading the first buffer of a descriptor: for writing when the
  * device writes it (an RX buffer: the line comes over exclusive, so the
  * copy into it does not hold up the stores behind it), else for reading. */
+/* Where d's buffer starts in host memory, and in *len how many of its
+ * bytes lie in that region (a buffer may run into the next one); NULL if
+ * it starts outside guest memory. The look-ahead hints' translation: it
+ * checks nothing else. */
+static const uint8_t *buffer_start(const struct nitro_vq *vq, const struct vring_desc *d,
+                                   uint64_t *len)
+{
+    uint64_t span;
+    const uint8_t *host = nitro_mem_gpa_span(vq->mem, d->addr, &span);
+    if (host != NULL)
+        *len = d->len < span ? d->len : span;
+    return host;
+}
+
 static void prefetch_buffer(const struct nitro_vq *vq, const uint8_t *desc)
 {
     struct vring_desc d;
     read_desc(desc, 0, &d);
     if (d.flags & VRING_DESC_F_INDIRECT)
         return;
-    uint64_t span;
-    const uint8_t *host = nitro_mem_gpa_span(vq->mem, d.addr, &span);
+    uint64_t len;
+    const uint8_t *host = buffer_start(vq, &d, &len);
     if (host == NULL)
         return;
-    uint64_t len = d.len < span ? d.len : span;
     uintptr_t line = (uintptr_t)host & ~(uintptr_t)(NITRO_CACHE_LINE - 1);
     uintptr_t end = (uintptr_t)host + len;
     for (int k = 0; k < PREFETCH_LINES && line < end; k++, line += NITRO_CACHE_LINE) {
@@ -709,11 +722,10 @@ const uint8_t *nitro_vq_peek_next(struct nitro_vq *vq, uint32_t *len)
     }
     if (d.flags & VRING_DESC_F_WRITE)
         return NULL;
-    uint64_t span;
-    const uint8_t *host = nitro_mem_gpa_span(vq->mem, d.addr, &span);
-    if (host == NULL)
-        return NULL;
-    *len = d.len < span ? d.len : (uint32_t)span;
+    uint64_t n;
+    const uint8_t *host = buffer_start(vq, &d, &n);
+    if (host != NULL)
+        *len = (uint32_t)n;  /* at most d.len */
     return host;
 }
 

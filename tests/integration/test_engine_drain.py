@@ -377,8 +377,10 @@ def truncated_while_draining(tmp: str, rbd: dict | None = None) -> None:
     os._exit(0)  # no finalizers: nothing may read the truncated guest
 
 
-def run_truncated_while_draining(tmp: Path, rbd: dict | None = None,
-                                 scenario: str = "truncated_while_draining") -> None:
+def run_in_child(tmp: Path, rbd: dict | None = None,
+                 scenario: str = "truncated_while_draining") -> None:
+    """One of this file's child scenarios (a SIGBUS not recovered kills the
+    child, not the test run); it must print "survived"."""
     code = (f"from tests.integration.test_engine_drain import *; "
             f"{scenario}({str(tmp)!r}, {rbd!r})")
     p = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
@@ -387,7 +389,7 @@ def run_truncated_while_draining(tmp: Path, rbd: dict | None = None,
 
 
 def test_a_ring_whose_memory_vanishes_while_draining_still_drains(short_tmp_path):
-    run_truncated_while_draining(short_tmp_path)
+    run_in_child(short_tmp_path)
 
 
 # -- RBD ---------------------------------------------------------------------------
@@ -513,7 +515,7 @@ def run_on_written_image(cluster: CephCluster, tmp: Path, image: str, scenario: 
     rbd = {"conf": str(cluster.conf), "keyring": str(cluster.keyring), "pool": cluster.pool,
            "user": cluster.user, "image": image, "osd": osd}
     try:
-        run_truncated_while_draining(tmp, rbd, scenario=scenario)
+        run_in_child(tmp, rbd, scenario=scenario)
     finally:
         os.kill(osd, signal.SIGCONT)
 
@@ -536,6 +538,6 @@ def test_an_rbd_ring_whose_memory_vanishes_while_draining_still_drains(cluster, 
     rbd = {"conf": str(cluster.conf), "keyring": str(cluster.keyring), "pool": cluster.pool,
            "user": cluster.user, "image": "vanish", "osd": osd}
     try:
-        run_truncated_while_draining(short_tmp_path, rbd)
+        run_in_child(short_tmp_path, rbd)
     finally:
         os.kill(osd, signal.SIGCONT)
