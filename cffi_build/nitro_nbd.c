@@ -29,6 +29,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <libnbd.h>
+#include <limits.h>
 #include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -301,13 +302,35 @@ static bool handle_alive(struct nbd_handle *h)
     return h != NULL && !nbd_aio_is_dead(h) && !nbd_aio_is_closed(h);
 }
 
-int nitro_nbd_flush(struct nitro_nbd *c)
+/* nbd_flush would wait for a server that hangs without closing the
+ * socket for ever, and hold a daemon's stop with it: the command is sent
+ * asynchronously and awaited up to timeout_ns, then the connection is
+ * hung up, as a ring does with a request past its io_timeout. */
+int nitro_nbd_flush(struct nitro_nbd *c, uint64_t timeout_ns)
 {
     if (!handle_alive(c->h))
         return 1;
     if (!c->can_flush)
         return 0;
-    return nbd_flush(c->h, 0) < 0 ? -1 : 0;
+    int64_t cookie = nbd_aio_flush(c->h, NBD_NULL_COMPLETION, 0);
+    if (cookie < 0)
+        return -1;
+    uint64_t deadline = nitro_now_ns() + timeout_ns;
+    for (;;) {
+        int done = nbd_aio_command_completed(c->h, cookie);
+        if (done != 0)
+            return done == 1 ? 0 : -1;
+        uint64_t now = nitro_now_ns();
+        if (now >= deadline)
+            break;
+        uint64_t ms = (deadline - now + 999999) / 1000000;
+        if (nbd_poll(c->h, ms > INT_MAX ? INT_MAX : (int)ms) < 0)
+            return -1;
+    }
+    int64_t fd = nbd_aio_get_fd(c->h);
+    if (fd >= 0)
+        shutdown((int)fd, SHUT_RDWR);
+    return -2;
 }
 
 void nitro_nbd_stats(const struct nitro_nbd *c, struct nitro_nbd_stats *out)

@@ -77,9 +77,10 @@ int nitro_nbd_offer(struct nitro_nbd *c, struct nbd_handle *h);
 int nitro_nbd_wants(const struct nitro_nbd *c);
 /* Close the handle the worker retired, if any. */
 void nitro_nbd_reap(struct nitro_nbd *c);
-/* Only while its ring is detached: flush the live handle (blocking).
- * 0, 1 when there is no live handle, or -1 (the server failed it). */
-int nitro_nbd_flush(struct nitro_nbd *c);
+/* Only while its ring is detached: flush the live handle (blocking, at
+ * most timeout_ns). 0, 1 when there is no live handle, -1 (the server
+ * failed it), or -2: no answer in time, and the connection is hung up. */
+int nitro_nbd_flush(struct nitro_nbd *c, uint64_t timeout_ns);
 void nitro_nbd_stats(const struct nitro_nbd *c, struct nitro_nbd_stats *out);
 
 /* A virtio-blk ring (kind NITRO_RING_BLK) whose I/O goes to c's export:

@@ -654,7 +654,7 @@ def _bounded(call: Callable[[], Any], timeout: float | None, what: str) -> Any:
     t.start()
     t.join(timeout)
     if t.is_alive():
-        raise TimeoutError(errno.ETIMEDOUT, f"{what}: no answer within {timeout:g} s")
+        raise TimeoutError(errno.ETIMEDOUT, f"{what}: no answer within {timeout:.3g} s")
     if not result:
         raise OSError(errno.EIO, f"{what} failed")
     return result[0]
@@ -1218,10 +1218,14 @@ class NbdConn(_Owned):
     def reap(self) -> None:
         lib.nitro_nbd_reap(self.ptr)
 
-    def flush(self) -> bool:
+    def flush(self, timeout: float) -> bool:
         """Flush the live connection (ring detached; blocking). False when
-        there is none; NbdError when the server failed the flush."""
-        rc = int(lib.nitro_nbd_flush(self.ptr))
+        there is none; NbdError when the server failed the flush;
+        TimeoutError when it did not answer within `timeout` s (the
+        connection is hung up then, and the connector makes a new one)."""
+        rc = int(lib.nitro_nbd_flush(self.ptr, max(0, int(timeout * 1e9))))
+        if rc == -2:
+            raise TimeoutError(errno.ETIMEDOUT, f"nbd flush: no answer within {timeout:.3g} s")
         if rc < 0:
             raise NbdError("flush failed")
         return rc == 0

@@ -603,18 +603,32 @@ class Daemon:
                 pass  # logged by _refuse
 
     async def drain(self) -> None:
-        """Stop fetching new requests, complete what C holds, flush volumes."""
+        """Stop fetching new requests, complete what C holds, flush volumes.
+
+        With remote storage away, each step would wait io_timeout: the
+        rings' requests are bounded from their sending, the flushes from
+        the drain's start, and the volumes are flushed side by side, so a
+        stop takes about io_timeout however many there are (under the
+        unit's TimeoutStopSec)."""
         log_event(log, logging.INFO, "draining")
+        began = time.monotonic()
         await self._stop_uplinks()  # no more frames from the host TAPs into RX rings
         await self._stop_underlay()  # nor from other hosts
         for s in self.servers:
             s.stop_accepting()
             await s.stop_all_workers()
-        for s in self.servers:
-            try:
-                await trio.to_thread.run_sync(s.device.flush)
-            except OSError as e:  # a remote volume's storage is away: stop anyway
-                log_event(log, logging.ERROR, "drain: flush failed", device=s.device_id, error=str(e))
+        # One thread per volume: trio's default limiter would queue some.
+        limiter = trio.CapacityLimiter(max(1, len(self.servers)))
+        async with trio.open_nursery() as nursery:
+            for s in self.servers:
+                nursery.start_soon(self._flush, s, began, limiter)
+
+    @staticmethod
+    async def _flush(s: VhostUserServer, began: float, limiter: trio.CapacityLimiter) -> None:
+        try:
+            await trio.to_thread.run_sync(s.device.flush, began, limiter=limiter)
+        except OSError as e:  # a remote volume's storage is away: stop anyway
+            log_event(log, logging.ERROR, "drain: flush failed", device=s.device_id, error=str(e))
 
     async def _stop_uplinks(self) -> None:
         if self.fabric is not None:
@@ -630,8 +644,8 @@ class Daemon:
         fabric's stop() here has nothing left to join."""
         if self.fabric is not None:
             self.fabric.stop()  # uplink threads first: they deliver into RX rings
+        close_devices([s.device for s in self.servers])
         for s in self.servers:
-            s.device.close()
             try:
                 s.socket_path.unlink()
             except OSError:
@@ -670,6 +684,29 @@ def make_directories(cfg: DaemonConfig) -> None:
             path.mkdir(mode=mode, parents=True, exist_ok=True)
         except OSError as e:
             raise StartupError(f"cannot create the {what} {path}: {e.strerror}") from None
+
+
+def close_devices(devices: list) -> None:
+    """Close every device, side by side: closing a remote volume whose
+    storage is away waits its io_timeout, and one after another those
+    waits would add up past the unit's TimeoutStopSec. The first error
+    is raised once all are closed."""
+    errors: list[BaseException] = []
+
+    def close(device) -> None:
+        try:
+            device.close()
+        except BaseException as e:  # noqa: BLE001 - re-raised below, after the others
+            errors.append(e)
+
+    threads = [threading.Thread(target=close, args=(d,), name=f"close {i}")
+               for i, d in enumerate(devices)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
 
 
 async def _wait_for_stop_signal() -> None:

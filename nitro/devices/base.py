@@ -93,8 +93,10 @@ class VirtioBackend(Protocol):
         """Before the vring's ring is detached from the engine."""
         ...
 
-    def flush(self) -> None:
-        """Make completed writes durable (drain); in a worker thread."""
+    def flush(self, began: float | None = None) -> None:
+        """Make completed writes durable (drain); in a worker thread.
+        `began`: time.monotonic() when the drain began (remote storage is
+        waited for at most its io_timeout counted from then)."""
         ...
 
     def close(self) -> None:
@@ -126,6 +128,6 @@ class VirtioDevice:
         """Before the vring's ring is detached from the engine (trio thread)."""
         return None
 
-    def flush(self) -> None:
+    def flush(self, began: float | None = None) -> None:
         """Make completed writes durable (drain on shutdown)."""
         return None

@@ -6,6 +6,7 @@ directory and are stopped by PID (bench/nbd.py's launchers)."""
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import time
 from pathlib import Path
@@ -145,6 +146,37 @@ def test_io_timeout_turns_an_outage_into_ioerr(nitro, vublk, short_tmp_path):
     assert f"volume:      {server.url()} (nbd)" in text, text
     assert "remote:      connections 0/1 up; connects 1, " in text, text
     assert "; timed out 4\n" in text, text
+
+
+def test_a_daemon_stops_while_its_nbd_server_hangs(nitro, vublk, short_tmp_path):
+    """A server that hangs without closing the connection (SIGSTOP) under
+    an attached, idle frontend: the drain's flush gets no answer. It gives
+    up after io_timeout and hangs the connection up, and the daemon stops;
+    before, it waited in nbd_flush for ever (past the unit's
+    TimeoutStopSec, to a SIGKILL)."""
+    server = NbdKit(short_tmp_path, ["memory", "32M"])
+    n = nitro(blk(server.url(), "io_timeout = 2\n"))
+    frontend = subprocess.Popen([str(vublk), "--socket", str(short_tmp_path / "r0.sock"), "--rw",
+                                 "randwrite", "--runtime", "60", "--iodepth", "4"],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        until_writing(n, 100)
+        frontend.send_signal(signal.SIGSTOP)  # attached, its last writes answered
+        deadline = time.monotonic() + 10
+        while metric(n, "nitro_blk_inflight_requests", device="r0") != 0:
+            assert time.monotonic() < deadline, "the frozen frontend's writes never completed"
+            time.sleep(0.05)
+        server.proc.send_signal(signal.SIGSTOP)
+        t0 = time.monotonic()
+        assert n.stop(timeout=30) == 0, tail(n.output())
+        took = time.monotonic() - t0
+        assert took < 2 + 3, f"the stop took {took:.1f} s, io_timeout is 2 s"
+        assert "nbd flush: no answer within 2 s" in n.output(), tail(n.output())
+    finally:
+        frontend.kill()
+        frontend.wait()
+        server.proc.send_signal(signal.SIGCONT)
+        server.kill()
 
 
 def read_past_slow_reads(nitro, vublk, tmp: Path, size: int, slow_below: int, iodepth: int) -> dict:

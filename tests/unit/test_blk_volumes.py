@@ -4,6 +4,7 @@ one place DISCARD/WRITE_ZEROES are decided (the volume's supports_discard)."""
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -14,7 +15,7 @@ from nitro.devices.base import VirtioBackend
 from nitro.devices.blk import config as blkcfg
 from nitro.devices.blk.backends.luks import LuksVolume
 from nitro.devices.blk.backends.raw import RawImage, VolumeError, VolumeLockedError
-from nitro.devices.blk.device import BlkDevice
+from nitro.devices.blk.device import FLUSH_MIN_S, BlkDevice
 from tests.unit.test_volume_cli import luks_volume
 
 
@@ -117,3 +118,30 @@ def test_encrypted_device_offers_neither_discard_nor_write_zeroes(luks_image) ->
         assert dev.config_space.blk_size == 4096
     finally:
         dev.close()
+
+
+class _Volume(RawImage):
+    """A raw image that records the flush bound it was given."""
+    flushed: list[float | None]
+
+    def flush(self, timeout: float | None = None) -> None:
+        self.flushed.append(timeout)
+        super().flush(timeout)
+
+
+def test_a_drains_flush_waits_at_most_io_timeout_from_the_drains_start(tmp_path: Path) -> None:
+    vol = _Volume.open(tmp_path / "v.img", size=1 << 20, readonly=False)
+    vol.flushed = []
+    dev = BlkDevice(blk_cfg(vol.path, io_timeout=20.0), vol)
+    try:
+        dev.flush()  # not a drain: the volume's own bound
+        began = time.monotonic()
+        dev.flush(began)
+        dev.flush(began - 19.5)  # the rings' detach took most of it
+        dev.flush(began - 60)
+    finally:
+        dev.close()
+    assert vol.flushed[0] is None
+    assert 19 < vol.flushed[1] <= 20
+    assert vol.flushed[2] == FLUSH_MIN_S  # under the floor: the floor
+    assert vol.flushed[3] == FLUSH_MIN_S

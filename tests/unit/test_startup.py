@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 
 import pytest
 
 from nitro import cli
 from nitro.config import from_dict
-from nitro.daemon import StartupError, make_directories
+from nitro.daemon import StartupError, close_devices, make_directories
 
 VPC = {"id": "blue", "cidr": "10.0.0.0/24", "gateway": "10.0.0.1"}
 NET = {"id": "eth0", "vpc": "blue", "mac": "52:54:00:00:00:01", "ip": "10.0.0.5"}
@@ -69,3 +70,24 @@ def test_check_counts_every_kind_of_device(tmp_path, capsys):
     f.write_text(NET_TOML + '[[blk]]\nid = "a"\n')
     assert cli.main(["run", "--check", "--config", str(f)]) == 0
     assert capsys.readouterr().out == f"{f}: ok (1 blk, 1 net devices, 1 VPCs)\n"
+
+
+class _Device:
+    """close() returns only once every device is in close() at once."""
+
+    def __init__(self, meet: threading.Barrier, fail: bool = False) -> None:
+        self.meet, self.fail, self.closed = meet, fail, False
+
+    def close(self) -> None:
+        self.meet.wait(timeout=10)  # BrokenBarrierError if closed one by one
+        self.closed = True
+        if self.fail:
+            raise OSError("close failed")
+
+
+def test_devices_are_closed_side_by_side():
+    meet = threading.Barrier(3)
+    devices = [_Device(meet), _Device(meet, fail=True), _Device(meet)]
+    with pytest.raises(OSError, match="close failed"):
+        close_devices(devices)
+    assert all(d.closed for d in devices)  # the error did not stop the others

@@ -162,7 +162,7 @@ def test_required_settings():
         "RuntimeDirectoryPreserve": "yes",
         "StateDirectory": "nitro",
         "KillSignal": "SIGTERM",
-        "TimeoutStopSec": "30s",
+        "TimeoutStopSec": "45s",
         "LimitMEMLOCK": "infinity",
         "ProtectSystem": "strict",
         "ProtectHome": "yes",

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 from typing import TYPE_CHECKING
 
 from nitro import _datapath
@@ -27,6 +28,10 @@ if TYPE_CHECKING:
 from nitro.vhost.protocol import ProtocolFeature
 
 log = logging.getLogger("nitro.blk")
+
+#: The least a drain's flush waits for remote storage, however long the
+#: rings' detach took: a server that answers gets the chance to.
+FLUSH_MIN_S = 1.0
 
 
 class BlkDevice(VirtioDevice):
@@ -115,9 +120,16 @@ class BlkDevice(VirtioDevice):
     def reset(self) -> None:
         self.acked_features = 0
 
-    def flush(self) -> None:
-        """Make every completed write durable (drain on shutdown)."""
-        self.volume.flush()
+    def flush(self, began: float | None = None) -> None:
+        """Make every completed write durable (drain on shutdown). A remote
+        volume waits for its storage at most io_timeout counted from
+        `began` (when the drain began: its rings' requests had the same
+        bound), never under FLUSH_MIN_S; so a stop with the storage away
+        takes about io_timeout, not one more per step."""
+        timeout = None
+        if began is not None:
+            timeout = max(FLUSH_MIN_S, began + self.cfg.io_timeout - time.monotonic())
+        self.volume.flush(timeout)
 
     def close(self) -> None:
         self.params.close()

@@ -168,8 +168,8 @@ class LuksVolume:
                   stats: _datapath.BlkStats, index: int) -> _datapath.Ring:
         return self.raw.make_ring(vq, params, stats, index)
 
-    def flush(self) -> None:
-        self.raw.flush()
+    def flush(self, timeout: float | None = None) -> None:
+        self.raw.flush(timeout)
 
     def close(self) -> None:
         """Wipe the key (OpenSSL contexts cleansed) and drop the flock."""

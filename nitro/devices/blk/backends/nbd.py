@@ -25,6 +25,7 @@ import errno
 import logging
 import os
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import quote, unquote, urlsplit
@@ -32,6 +33,7 @@ from urllib.parse import quote, unquote, urlsplit
 import trio
 
 from nitro import _datapath
+from nitro.config import DEFAULT_IO_TIMEOUT
 from nitro.devices.blk.backends.raw import UNREACHABLE, SourceUnavailableError, VolumeError
 from nitro.devices.blk.config import SECTOR_SIZE
 from nitro.log import log_event
@@ -141,9 +143,9 @@ class NbdVolume:
     fd = -1  # no local file: the rings talk to the server
 
     def __init__(self, src: NbdSource, info: dict[str, int], conns: list[_datapath.NbdConn],
-                 want_fd: int, readonly: bool) -> None:
+                 want_fd: int, readonly: bool, io_timeout: float = DEFAULT_IO_TIMEOUT) -> None:
         self.src, self.info, self.conns = src, info, conns
-        self.readonly = readonly
+        self.readonly, self.io_timeout = readonly, io_timeout
         self.size = info["size"]
         # DISCARD and WRITE_ZEROES go to the server only if it does both.
         self.supports_discard = bool(info["can_trim"] and info["can_zero"])
@@ -173,7 +175,7 @@ class NbdVolume:
         except BaseException:
             handle.close()
             raise
-        return cls(src, info, conns, want_fd, readonly)
+        return cls(src, info, conns, want_fd, readonly, io_timeout)
 
     @property
     def path(self) -> str:
@@ -203,16 +205,22 @@ class NbdVolume:
         self._start_connector()
         return _datapath.Ring.nbd(vq, params, stats, self.conns[index])
 
-    def flush(self) -> None:
-        """Every queue's connection flushed (rings detached: drain, reload)."""
+    def flush(self, timeout: float | None = None) -> None:
+        """Every queue's connection flushed (rings detached: drain, reload),
+        all within `timeout` s (default io_timeout); TimeoutError after it,
+        the silent connection hung up (a server that hangs without closing
+        it would hold the caller for ever)."""
+        deadline = time.monotonic() + (self.io_timeout if timeout is None else timeout)
         with self._lock:
             if self._closed:
                 return
             for c in self.conns:
                 try:
-                    c.flush()
+                    c.flush(max(0.0, deadline - time.monotonic()))
                 except _datapath.NbdError as e:
                     raise OSError(errno.EIO, f"{self.src}: {e}") from None
+                except TimeoutError as e:
+                    raise TimeoutError(errno.ETIMEDOUT, f"{self.src}: {e.strerror}") from None
 
     def statistics(self) -> dict[str, int]:
         """Every connection's counters, summed; `connections`: how many

@@ -102,7 +102,8 @@ class RawImage:
             os.ftruncate(self.fd, size)
             self.size = size
 
-    def flush(self) -> None:
+    def flush(self, timeout: float | None = None) -> None:
+        """fdatasync (`timeout`: remote volumes' bound; a local file has none)."""
         if self.fd >= 0 and not self.readonly:
             os.fdatasync(self.fd)
 

@@ -103,13 +103,13 @@ class RbdVolume:
         """Queue `index`'s ring: librbd's aio on the image."""
         return _datapath.Ring.blk_rbd(vq, self.rbd, params, stats)
 
-    def flush(self) -> None:
+    def flush(self, timeout: float | None = None) -> None:
         """Every acknowledged write on the OSDs; TimeoutError after
-        io_timeout (the cluster is away)."""
+        `timeout` s (default io_timeout: the cluster is away)."""
         if self.readonly:
             return
         try:
-            self.rbd.flush(self.io_timeout)
+            self.rbd.flush(self.io_timeout if timeout is None else timeout)
         except TimeoutError:
             self.unreachable = True
             raise
