@@ -21,7 +21,7 @@ $(PY):
 
 # Rebuild the extension whenever the C sources or the package metadata change.
 $(STAMP): $(PY) pyproject.toml setup.py $(wildcard cffi_build/*.c cffi_build/*.h cffi_build/*.py)
-	$(PIP) install -q cffi setuptools wheel
+	$(PIP) install -q cffi 'setuptools>=77' wheel
 	$(PIP) install -q --no-build-isolation -e '.[test]'
 	touch $@
 
