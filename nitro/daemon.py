@@ -573,11 +573,13 @@ class Daemon:
 
     async def _remove_server(self, server: VhostUserServer) -> None:
         """Shut one device down as a drain would: its frontend is
-        disconnected, what C holds is completed, the volume flushed."""
+        disconnected, what C holds is completed, the volume flushed
+        (remote storage waited for at most io_timeout in all, as at a stop)."""
+        began = time.monotonic()
         await server.shutdown()
         self.servers = [s for s in self.servers if s is not server]
         try:
-            await trio.to_thread.run_sync(server.device.flush)
+            await trio.to_thread.run_sync(server.device.flush, began)
         except OSError as e:  # still close it: the guest is gone either way
             log_event(log, logging.ERROR, "reload: flush of a removed device failed",
                       device=server.device_id, error=str(e))
