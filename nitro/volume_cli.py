@@ -5,9 +5,12 @@ Encrypted volumes are LUKS2 (docs/encryption.md): `create --encrypt`,
 take the image's exclusive flock, the one a serving daemon holds, so they
 refuse while the volume is attached. Nothing here prints key material.
 
-`create --encrypt` also formats a remote volume (an NBD export or an RBD
-image, named as a [[blk]] `source`; docs/volumes.md "Encrypted remote
-volumes"): the server then only ever holds ciphertext.
+Every action also takes a remote volume (an NBD export or an RBD image,
+named as a [[blk]] `source`; docs/volumes.md "Encrypted remote volumes"):
+`create --encrypt` formats one, so the server only ever holds ciphertext,
+and the key actions change a copy of its metadata and write back what
+changed (backends/luks.py change_remote). An RBD image is opened with its
+exclusive lock, so they refuse while a daemon has it attached.
 """
 
 from __future__ import annotations
@@ -17,10 +20,13 @@ import contextlib
 import fcntl
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TypeVar
 
 from nitro import config
+
+T = TypeVar("T")
 
 # Exit statuses of every `nitro` command (nitro/cli.py uses these too).
 EXIT_USAGE = 2
@@ -52,34 +58,47 @@ def add_parser(sub):
     create.add_argument("--sector-size", type=int, choices=[512, 4096], default=512,
                         help="encryption sector = the guest's logical block size (default 512)")
     _pbkdf_args(create)
-    remote = create.add_argument_group("remote sources (the [[blk]] keys of the same names)")
-    for key in _REMOTE_OPTIONS:
-        remote.add_argument("--" + key.replace("_", "-"), dest=key, metavar="VALUE")
+    _remote_args(create)
     create.set_defaults(func=cmd_create)
 
     info = vsub.add_parser("info", help="describe a volume (no key material)")
-    info.add_argument("path", type=Path)
+    _volume_arg(info)
+    _remote_args(info)
     info.set_defaults(func=cmd_info)
 
     add = vsub.add_parser("add-key", help="add a keyslot to an encrypted volume")
-    add.add_argument("path", type=Path)
+    _volume_arg(add)
     _key_args(add, required=True)
     new = add.add_mutually_exclusive_group(required=True)
     new.add_argument("--new-key-file", type=Path)
     new.add_argument("--new-passphrase-file", type=Path)
     _pbkdf_args(add)
+    _remote_args(add)
     add.set_defaults(func=cmd_add_key)
 
     rm = vsub.add_parser("remove-key", help="remove the keyslot a key opens (not the last)")
-    rm.add_argument("path", type=Path)
+    _volume_arg(rm)
     _key_args(rm, required=True)
+    _remote_args(rm)
     rm.set_defaults(func=cmd_remove_key)
 
     erase = vsub.add_parser("erase", help="crypto-erase: destroy every keyslot (irreversible)")
-    erase.add_argument("path", type=Path)
+    _volume_arg(erase)
     erase.add_argument("--yes", action="store_true", help="confirm: the data becomes unrecoverable")
+    _remote_args(erase)
     erase.set_defaults(func=cmd_erase)
     return vsub
+
+
+def _volume_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("path", help="an image file, or a remote source: nbd://HOST[:PORT]/EXPORT, "
+                                "nbds://..., rbd:POOL/IMAGE")
+
+
+def _remote_args(p: argparse.ArgumentParser) -> None:
+    remote = p.add_argument_group("remote sources (the [[blk]] keys of the same names)")
+    for key in _REMOTE_OPTIONS:
+        remote.add_argument("--" + key.replace("_", "-"), dest=key, metavar="VALUE")
 
 
 def _key_args(p: argparse.ArgumentParser, *, required: bool) -> None:
@@ -130,11 +149,9 @@ def cmd_create(args: argparse.Namespace) -> int:
 def _create(args: argparse.Namespace) -> int:
     from nitro.devices.blk.backends.raw import create_sparse
 
-    if args.path.lower().startswith(_REMOTE_PREFIXES):
-        return _create_remote(args)
-    given = [k for k in _REMOTE_OPTIONS if getattr(args, k) is not None]
-    if given:
-        raise CliError(f"--{given[0].replace('_', '-')} needs a remote source", EXIT_USAGE)
+    src = _remote_source(args)
+    if src is not None:
+        return _create_remote(args, src)
     if args.size is None:
         raise CliError("--size is required for an image file", EXIT_USAGE)
     try:
@@ -164,9 +181,38 @@ def _describe(info) -> str:
             f"data at {info.data_offset}, keyslot {info.keyslots[0].slot}: {info.keyslots[0].pbkdf}")
 
 
-def _create_remote(args: argparse.Namespace) -> int:
-    """LUKS2 on an existing NBD export or RBD image (its size is its own)."""
+def _remote_source(args: argparse.Namespace):
+    """The NbdSource or RbdSource `path` names with the remote options;
+    None for an image file (`args.path` is then a Path)."""
+    if not args.path.lower().startswith(_REMOTE_PREFIXES):
+        given = [k for k in _REMOTE_OPTIONS if getattr(args, k) is not None]
+        if given:
+            raise CliError(f"--{given[0].replace('_', '-')} needs a remote source", EXIT_USAGE)
+        args.path = Path(args.path)
+        return None
+    values = {"source": args.path, **{k: getattr(args, k) for k in _REMOTE_OPTIONS
+                                      if getattr(args, k) is not None}}
+    try:
+        return config.parse_remote_source(values, "<command line>", Path.cwd())
+    except config.ConfigError as e:
+        raise CliError(str(e), EXIT_USAGE) from None
+
+
+@contextlib.contextmanager
+def _remote(src, *, readonly: bool = False):
+    """The remote volume, connected (an RBD image with its exclusive lock
+    unless `readonly`), closed on exit."""
     from nitro.devices.blk import open_remote
+
+    volume = open_remote(src, readonly=readonly)
+    try:
+        yield volume
+    finally:
+        volume.close()
+
+
+def _create_remote(args: argparse.Namespace, src) -> int:
+    """LUKS2 on an existing NBD export or RBD image (its size is its own)."""
     from nitro.devices.blk.backends.luks import format_remote
 
     if not args.encrypt:
@@ -177,20 +223,11 @@ def _create_remote(args: argparse.Namespace) -> int:
         raise CliError("--size is an image file's: a remote volume's size is its own", EXIT_USAGE)
     if not (args.key_file or args.passphrase_file):
         raise CliError("--encrypt needs --key-file or --passphrase-file", EXIT_USAGE)
-    values = {"source": args.path, **{k: getattr(args, k) for k in _REMOTE_OPTIONS
-                                      if getattr(args, k) is not None}}
-    try:
-        src = config.parse_remote_source(values, "<command line>", Path.cwd())
-    except config.ConfigError as e:
-        raise CliError(str(e), EXIT_USAGE) from None
-    with _read_key(args.key_file, args.passphrase_file) as secret:
-        volume = open_remote(src)  # an RBD image's exclusive lock: not while attached
-        try:
-            info = format_remote(volume, secret, key_bits=args.key_size,
-                                 sector_size=args.sector_size, pbkdf=_pbkdf(args))
-            data = volume.size - info.data_offset
-        finally:
-            volume.close()
+    # An RBD image's exclusive lock: not while attached.
+    with _read_key(args.key_file, args.passphrase_file) as secret, _remote(src) as volume:
+        info = format_remote(volume, secret, key_bits=args.key_size,
+                             sector_size=args.sector_size, pbkdf=_pbkdf(args))
+        data = volume.size - info.data_offset
     print(f"formatted {src} ({data} bytes of data, {_describe(info)})")
     return 0
 
@@ -278,6 +315,9 @@ def cmd_info(args: argparse.Namespace) -> int:
 def _info(args: argparse.Namespace) -> int:
     from nitro.crypto import luks
 
+    src = _remote_source(args)
+    if src is not None:
+        return _remote_info(src)
     if not args.path.exists():
         raise CliError(f"{args.path}: no such volume")
     file_size = args.path.stat().st_size
@@ -287,16 +327,35 @@ def _info(args: argparse.Namespace) -> int:
     except luks.NotLuksError:
         print(f"{args.path}: raw, {file_size} bytes, attached: {attached}")
         return 0
-    data = info.data_size if info.data_size is not None else file_size - info.data_offset
+    _print_info(args.path, info, file_size, f"\n  attached:    {attached}")
+    return 0
+
+
+def _remote_info(src) -> int:
+    """A remote volume's header, read without its lock (RBD read-only): an
+    attached volume can be described too."""
+    from nitro.crypto import luks
+    from nitro.devices.blk.backends.luks import remote_info
+
+    with _remote(src, readonly=True) as volume:
+        try:
+            info = remote_info(volume)
+        except luks.NotLuksError:
+            print(f"{src}: raw, {volume.size} bytes")
+            return 0
+        _print_info(src, info, volume.size, "")
+    return 0
+
+
+def _print_info(name, info, total: int, tail: str) -> None:
+    data = info.data_size if info.data_size is not None else total - info.data_offset
     slots = ", ".join(f"{k.slot} ({k.pbkdf})" for k in info.keyslots) or "none (erased)"
-    print(f"{args.path}: LUKS2\n"
+    print(f"{name}: LUKS2\n"
           f"  uuid:        {info.uuid}\n"
           f"  cipher:      {info.cipher}, {info.key_bits}-bit key\n"
           f"  sector size: {info.sector_size}\n"
           f"  data:        {data} bytes at offset {info.data_offset}\n"
-          f"  keyslots:    {slots}\n"
-          f"  attached:    {attached}")
-    return 0
+          f"  keyslots:    {slots}{tail}")
 
 
 def cmd_add_key(args: argparse.Namespace) -> int:
@@ -306,12 +365,29 @@ def cmd_add_key(args: argparse.Namespace) -> int:
 def _add_key(args: argparse.Namespace) -> int:
     from nitro.crypto import luks
 
-    with (_exclusive(args.path),
+    with (_header_change(args) as change,
           _read_key(args.key_file, args.passphrase_file) as old,
           _read_key(args.new_key_file, args.new_passphrase_file) as new):
-        slot = luks.add_key(args.path, old, new, _pbkdf(args))
+        slot = change(lambda path, name: luks.add_key(path, old, new, _pbkdf(args), name=name))
     print(f"{args.path}: added keyslot {slot}")
     return 0
+
+
+@contextlib.contextmanager
+def _header_change(args: argparse.Namespace) -> Iterator[Callable[[Callable[[Path, str], T]], T]]:
+    """How to run a header change on the volume `args.path` names: on an
+    image file, in place under its exclusive flock; on a remote volume,
+    on a copy of its metadata written back after (an RBD image under its
+    exclusive lock: refused while a daemon has it attached)."""
+    from nitro.devices.blk.backends.luks import change_remote
+
+    src = _remote_source(args)
+    if src is None:
+        with _exclusive(args.path):
+            yield lambda fn: fn(args.path, str(args.path))
+        return
+    with _remote(src) as volume:
+        yield lambda fn: change_remote(volume, fn)
 
 
 def cmd_remove_key(args: argparse.Namespace) -> int:
@@ -321,8 +397,8 @@ def cmd_remove_key(args: argparse.Namespace) -> int:
 def _remove_key(args: argparse.Namespace) -> int:
     from nitro.crypto import luks
 
-    with _exclusive(args.path), _read_key(args.key_file, args.passphrase_file) as key:
-        slot = luks.remove_key(args.path, key)
+    with _header_change(args) as change, _read_key(args.key_file, args.passphrase_file) as key:
+        slot = change(lambda path, name: luks.remove_key(path, key, name=name))
     print(f"{args.path}: removed keyslot {slot}")
     return 0
 
@@ -337,8 +413,8 @@ def _erase(args: argparse.Namespace) -> int:
     if not args.yes:
         raise CliError(f"{args.path}: erase destroys every keyslot and the data with them; "
                        "pass --yes to confirm", EXIT_USAGE)
-    with _exclusive(args.path):
-        slots = luks.destroy_all_keyslots(args.path)
+    with _header_change(args) as change:
+        slots = change(lambda path, name: luks.destroy_all_keyslots(path, name=name))
     print(f"{args.path}: destroyed keyslots {', '.join(map(str, slots)) or '(none left)'}; "
           "the data can no longer be decrypted")
     return 0

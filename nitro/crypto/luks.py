@@ -245,9 +245,10 @@ def _pbkdf_struct(p: Pbkdf) -> Any:
 
 # ---- reading -----------------------------------------------------------------
 
-def read_info(path: Path) -> LuksInfo:
-    """Load and describe the header; LuksError if it is not LUKS2."""
-    with _Device(path) as dev:
+def read_info(path: Path, *, name: str | None = None) -> LuksInfo:
+    """Load and describe the header; LuksError if it is not LUKS2.
+    `name`: what messages call the volume (default: the path)."""
+    with _Device(path, name) as dev:
         dev.load()
         return _info(dev)
 
@@ -358,9 +359,9 @@ def format_volume(path: Path, passphrase: _datapath.Secret, *, key_bits: int = 5
 
 
 def add_key(path: Path, existing: _datapath.Secret, new: _datapath.Secret,
-            pbkdf: Pbkdf = Pbkdf()) -> int:
+            pbkdf: Pbkdf = Pbkdf(), *, name: str | None = None) -> int:
     """Add a keyslot for `new`, proving access with `existing`; its number."""
-    with _Device(path) as dev:
+    with _Device(path, name) as dev:
         dev.load()
         pb, _keep = _pbkdf_struct(pbkdf)
         dev.check(dev.lib.crypt_set_pbkdf_type(dev.cd, pb), "setting the PBKDF")
@@ -371,23 +372,23 @@ def add_key(path: Path, existing: _datapath.Secret, new: _datapath.Secret,
             "adding a keyslot", whose="the existing")
 
 
-def remove_key(path: Path, key: _datapath.Secret) -> int:
+def remove_key(path: Path, key: _datapath.Secret, *, name: str | None = None) -> int:
     """Destroy the keyslot `key` opens; refuses to remove the last one
     (that is `erase`). Returns the slot number."""
-    with _Device(path) as dev:
+    with _Device(path, name) as dev:
         dev.load()
         slot = _matching_slot(dev, key)
         if len(_active_slots(dev)) <= 1:
-            raise LuksError(f"{path}: keyslot {slot} is the last one; removing it would make the "
+            raise LuksError(f"{dev.name}: keyslot {slot} is the last one; removing it would make the "
                             "volume unreadable (use `nitro volume erase` for that)")
         dev.check(dev.lib.crypt_keyslot_destroy(dev.cd, slot), f"destroying keyslot {slot}")
         return slot
 
 
-def destroy_all_keyslots(path: Path) -> list[int]:
+def destroy_all_keyslots(path: Path, *, name: str | None = None) -> list[int]:
     """Crypto-erase: wipe every keyslot, so the volume key (and with it the
     data) is gone for good. Returns the slots destroyed."""
-    with _Device(path) as dev:
+    with _Device(path, name) as dev:
         dev.load()
         slots = _active_slots(dev)
         for slot in slots:

@@ -159,3 +159,32 @@ def _merge(areas: set[tuple[int, int]]) -> tuple[tuple[int, int], ...]:
         elif size:
             out.append([off, size])
     return tuple((o, s) for o, s in out)
+
+
+#: What a change to a copy of the metadata is written back in.
+WRITE_BLOCK: Final = 4096
+
+
+def changed_runs(before: bytes, after: bytes, hdr_size: int) -> list[tuple[int, bytes]]:
+    """The (offset, bytes) runs of WRITE_BLOCK blocks that differ between
+    two copies of a volume's metadata, in the order they must reach the
+    volume: the keyslots area first, then the secondary header, the
+    primary last. So a header on the volume never names keyslot material
+    that is not there yet (a key added), and a keyslot's material is gone
+    before the header stops naming it (a key removed, an erase: the
+    crypto-erase holds even if the header write never happens)."""
+    if len(before) != len(after) or len(before) < 2 * hdr_size:
+        raise ValueError("the copies differ in size or hold no headers")
+    parts = [(2 * hdr_size, len(after)), (hdr_size, 2 * hdr_size), (0, hdr_size)]
+    runs: list[tuple[int, bytes]] = []
+    for start, end in parts:
+        run_start = None
+        for off in range(start, end + WRITE_BLOCK, WRITE_BLOCK):
+            blk = min(off + WRITE_BLOCK, end)
+            differs = off < end and before[off:blk] != after[off:blk]
+            if differs and run_start is None:
+                run_start = off
+            elif not differs and run_start is not None:
+                runs.append((run_start, after[run_start:min(off, end)]))
+                run_start = None
+    return runs

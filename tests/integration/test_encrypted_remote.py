@@ -1,6 +1,7 @@
 """Encrypted (LUKS2) volumes on an NBD export: `nitro volume create
---encrypt nbd://...`, the real daemon serving it, and the server's data
-judged by real cryptsetup.
+--encrypt nbd://...`, the real daemon serving it, the key commands
+(`add-key`, `remove-key`, `erase`, `info`) on the export, and the
+server's data judged by real cryptsetup.
 
 The export is nbdkit's file plugin on a local file, so the test can read
 what the server holds. The oracle is cryptsetup's: it dumps the header and
@@ -179,3 +180,61 @@ def test_not_luks_is_refused(short_tmp_path):
         r = run_cli("run", "--config", cfg, "--runtime-dir", short_tmp_path,
                     "--state-dir", short_tmp_path)
     assert r.returncode == 1 and "not a LUKS volume" in r.stderr and server.url() in r.stderr, r.stderr
+
+
+def test_keys_rotated_and_erased_on_an_export(nitro, vublk, short_tmp_path):
+    """`nitro volume add-key / remove-key / erase / info` on an NBD export,
+    judged by cryptsetup on the server's file: the new key opens it and
+    the old no longer does, the guest's data reads back under the new
+    key, and after an erase nothing opens it (its keyslot material is
+    overwritten, not only unlisted)."""
+    image, old = short_tmp_path / "export.img", key_file(short_tmp_path)
+    new = key_file(short_tmp_path, "new.key")
+    image.write_bytes(b"")
+    os.truncate(image, 64 * MiB)
+    with NbdKit(short_tmp_path, ["file", str(image)]) as server:
+        url = server.url()
+        assert create_encrypted(url, old).returncode == 0
+        n = nitro(blk(url, old))
+        write_as_guest(vublk, short_tmp_path / "r0.sock")
+        assert n.stop() == 0, n.output()
+
+        r = run_cli("volume", "add-key", url, "--key-file", old, "--new-key-file", new, *FAST_PBKDF)
+        assert r.returncode == 0 and f"{url}: added keyslot 1" in r.stdout, r.stderr
+        r = run_cli("volume", "remove-key", url, "--key-file", old)
+        assert r.returncode == 0 and f"{url}: removed keyslot 0" in r.stdout, r.stderr
+        r = run_cli("volume", "info", url)
+        assert r.returncode == 0 and "keyslots:    1 (pbkdf2)" in r.stdout, r.stdout + r.stderr
+        cryptsetup("open", "--test-passphrase", "--key-file", new, image)
+        denied = subprocess.run(["cryptsetup", "open", "--test-passphrase", "--key-file", old,
+                                 str(image)], capture_output=True, check=False)
+        assert denied.returncode != 0
+        # The data is the guest's still, under the new key.
+        n = nitro(blk(url, new))
+        rc, res, err = run_vublk(vublk, "--socket", str(short_tmp_path / "r0.sock"), "--rw",
+                                 "verify-read", "--bs", "64k", "--size", str(REGION), "--seed",
+                                 str(SEED), "--timeout", "30", timeout=120)
+        assert rc == 0 and res is not None and res["mismatches"] == 0, err
+        assert n.stop() == 0, n.output()
+
+        slot1 = keyslot_area(image, 1)
+        r = run_cli("volume", "erase", url, "--yes")
+        assert r.returncode == 0 and "destroyed keyslots 1" in r.stdout, r.stderr
+        assert "Keyslots:\nTokens:" in cryptsetup("luksDump", image).stdout
+        assert keyslot_area_bytes(image, slot1) != slot1[2]
+        r = run_cli("volume", "info", url)
+        assert "keyslots:    none (erased)" in r.stdout, r.stdout + r.stderr
+
+
+def keyslot_area(image: Path, slot: int) -> tuple[int, int, bytes]:
+    """(offset, length, bytes) of a keyslot's area, as cryptsetup dumps it."""
+    dump = cryptsetup("luksDump", "--dump-json-metadata", image).stdout
+    area = json.loads(dump)["keyslots"][str(slot)]["area"]
+    off, size = int(area["offset"]), int(area["size"])
+    return off, size, keyslot_area_bytes(image, (off, size, b""))
+
+
+def keyslot_area_bytes(image: Path, area: tuple[int, int, bytes]) -> bytes:
+    with open(image, "rb") as f:
+        f.seek(area[0])
+        return f.read(area[1])

@@ -18,13 +18,13 @@ from pathlib import Path
 import pytest
 
 from bench.ceph import CephCluster, ceph_cluster
-from bench.proc import ChildError, Nitro
+from bench.proc import ChildError, Nitro, run_cli
 from tests.integration.test_encrypted_remote import (
     check_server_holds_ciphertext,
     create_encrypted,
     write_as_guest,
 )
-from tests.integration.test_encrypted_volume import key_file
+from tests.integration.test_encrypted_volume import FAST_PBKDF, key_file
 from tests.integration.test_qos import finish, metric, reads, volume_qos
 from tests.integration.test_vublk_reference import pattern, run_vublk
 
@@ -122,3 +122,25 @@ def test_encrypted_image_holds_only_ciphertext(cluster: CephCluster, vublk: Path
                          "--keyring", str(cluster.keyring))
     assert r.returncode == 1 and "already holds a LUKS volume" in r.stderr, r.stderr
     assert _export(cluster, "enc") == exported.read_bytes()
+
+
+def test_keys_of_an_encrypted_image(cluster: CephCluster, vublk: Path, short_tmp_path: Path) -> None:
+    """`nitro volume info` describes an attached image (read-only, no
+    lock); `add-key` is refused while a daemon holds the image's exclusive
+    lock, and once it is stopped adds a key the next daemon opens it with."""
+    cluster.rbd("create", "--size", f"{IMAGE_MIB}M", f"{cluster.pool}/rekey")
+    old, new = key_file(short_tmp_path), key_file(short_tmp_path, "new.key")
+    source = f"rbd:{cluster.pool}/rekey"
+    ceph = ["--ceph-conf", str(cluster.conf), "--user", cluster.user, "--keyring", str(cluster.keyring)]
+    assert create_encrypted(source, old, *ceph).returncode == 0
+    add = ["volume", "add-key", source, "--key-file", old, "--new-key-file", new, *FAST_PBKDF, *ceph]
+    with Nitro(short_tmp_path, _config(cluster, "rekey") + f'encryption = {{ key_file = "{old}" }}\n'):
+        r = run_cli("volume", "info", source, *ceph)
+        assert r.returncode == 0 and "keyslots:    0 (pbkdf2)" in r.stdout, r.stdout + r.stderr
+        r = run_cli(*add)
+        assert r.returncode == 1 and "attached elsewhere" in r.stderr, r.stdout + r.stderr
+    r = run_cli(*add)
+    assert r.returncode == 0 and f"{source}: added keyslot 1" in r.stdout, r.stderr
+    with Nitro(short_tmp_path, _config(cluster, "rekey") + f'encryption = {{ key_file = "{new}" }}\n'):
+        rc, res, err = run_vublk(vublk, "--socket", str(short_tmp_path / "vol0.sock"), "--check-id")
+        assert rc == 0, err

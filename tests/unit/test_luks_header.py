@@ -16,7 +16,7 @@ import pytest
 from nitro.config import EncryptionConfig
 from nitro.crypto import keys, luks
 from nitro.crypto import luks_header as lh
-from nitro.devices.blk.backends.luks import LuksVolume, format_remote
+from nitro.devices.blk.backends.luks import LuksVolume, change_remote, format_remote, remote_info
 from nitro.devices.blk.backends.raw import VolumeError
 from tests.unit.test_crypto_luks import FAST, write_key
 
@@ -104,6 +104,7 @@ class FakeRemote:
         self.data, self.size, self.path = data, len(data), name
         self.read_bytes = 0
         self.closed = False
+        self.writes: list[tuple[int, int]] = []
 
     @contextlib.contextmanager
     def block_io(self) -> Iterator[FakeRemote]:
@@ -114,6 +115,7 @@ class FakeRemote:
         return bytes(self.data[offset:offset + count])
 
     def pwrite(self, data: bytes, offset: int) -> None:
+        self.writes.append((offset, len(data)))
         self.data[offset:offset + len(data)] = data
 
     def close(self) -> None:
@@ -190,3 +192,54 @@ def test_format_refuses_a_volume_with_no_whole_sector(key: Path, size: int, erro
     with keys.read_secret(key, passphrase=False) as secret, pytest.raises(error, match=needle):
         format_remote(remote, secret, key_bits=512, sector_size=4096, pbkdf=FAST)
     assert not any(remote.data)
+
+
+# ---- keyslot changes on a remote: what is written back, and in which order -----
+
+def test_changed_runs_are_keyslots_first_then_the_secondary_then_the_primary() -> None:
+    before = bytes(4 * HDR)
+    after = bytearray(before)
+    after[10] = 1                        # primary header
+    after[HDR + 5000] = 2                # secondary header, its second block
+    after[2 * HDR:2 * HDR + 8192] = b"\3" * 8192  # two keyslot blocks: one run
+    after[3 * HDR + 100] = 4             # another keyslot block, apart
+    runs = lh.changed_runs(before, bytes(after), HDR)
+    assert [(off, len(data)) for off, data in runs] == [
+        (2 * HDR, 8192), (3 * HDR, 4096), (HDR + 4096, 4096), (0, 4096)]
+    assert all(data == bytes(after[off:off + len(data)]) for off, data in runs)
+    assert lh.changed_runs(before, before, HDR) == []
+
+
+def test_keys_added_removed_and_erased_on_a_remote(key: Path, tmp_path: Path) -> None:
+    remote = formatted(key)
+    remote.writes.clear()  # the format's
+    new = write_key(tmp_path / "new", os.urandom(32))
+    with keys.read_secret(key, passphrase=False) as old, \
+            keys.read_secret(new, passphrase=False) as fresh:
+        slot = change_remote(remote, lambda p, n: luks.add_key(p, old, fresh, FAST, name=n))
+    assert slot == 1 and [k.slot for k in remote_info(remote).keyslots] == [0, 1]
+    # The new slot's material went out before any header named it.
+    offsets = [off for off, _ in remote.writes]
+    assert offsets[-1] == 0 and offsets[0] >= 2 * HDR and HDR <= offsets[-2] < 2 * HDR
+    LuksVolume.on_remote(remote, EncryptionConfig(key_file=new)).close()
+
+    remote.writes.clear()
+    with keys.read_secret(key, passphrase=False) as old:
+        assert change_remote(remote, lambda p, n: luks.remove_key(p, old, name=n)) == 0
+    with pytest.raises(VolumeError, match="no keyslot opens"):
+        LuksVolume.on_remote(remote, EncryptionConfig(key_file=key))
+    LuksVolume.on_remote(remote, EncryptionConfig(key_file=new)).close()
+
+    # A change that fails writes nothing.
+    remote.writes.clear()
+    with keys.read_secret(new, passphrase=False) as last, pytest.raises(luks.LuksError,
+                                                                         match="the last one"):
+        change_remote(remote, lambda p, n: luks.remove_key(p, last, name=n))
+    assert remote.writes == []
+
+    area = bytes(remote.data[2 * HDR:16 * MiB])
+    assert change_remote(remote, lambda p, n: luks.destroy_all_keyslots(p, name=n)) == [1]
+    assert remote_info(remote).keyslots == ()
+    assert bytes(remote.data[2 * HDR:16 * MiB]) != area  # the material itself is gone
+    with pytest.raises(VolumeError, match="no keyslot opens"):
+        LuksVolume.on_remote(remote, EncryptionConfig(key_file=new))

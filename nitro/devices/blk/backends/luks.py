@@ -29,7 +29,7 @@ import os
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from nitro import _datapath
 from nitro.config import EncryptionConfig
@@ -41,6 +41,9 @@ if TYPE_CHECKING:
     from nitro.devices.blk.backends.rbd import RbdVolume
 
     Inner = RawImage | NbdVolume | RbdVolume
+
+
+T = TypeVar("T")
 
 
 class BlockIO(Protocol):
@@ -260,6 +263,41 @@ def format_remote(inner: RemoteVolume, secret: _datapath.Secret, *, key_bits: in
         except (OSError, _datapath.NbdError) as e:
             raise VolumeError(f"{name}: writing the LUKS2 header: {e}") from None
     return info
+
+
+def remote_info(inner: RemoteVolume) -> luks.LuksInfo:
+    """The LUKS2 header of a remote volume (`nitro volume info`);
+    NotLuksError if it holds none."""
+    name = str(inner.path)
+    with inner.block_io() as io, _metadata_copy(io, inner.size, name) as (path, _):
+        return luks.read_info(path, name=name)
+
+
+def change_remote(inner: RemoteVolume, change: Callable[[Path, str], T]) -> T:
+    """`change(path, name)` (libcryptsetup adding or destroying keyslots)
+    on a local copy of a remote volume's metadata, then every block it
+    changed written back to the volume, durably, in the order
+    luks_header.changed_runs gives (`nitro volume add-key`, `remove-key`,
+    `erase`). Nothing is written if `change` raises."""
+    name = str(inner.path)
+    with inner.block_io() as io, _metadata_copy(io, inner.size, name) as (path, plan):
+        before = _read_copy(path, plan.metadata_size)
+        result = change(path, name)
+        after = _read_copy(path, plan.metadata_size)
+        for off, data in luks_header.changed_runs(before, after, plan.hdr_size):
+            try:
+                io.pwrite(data, off)
+            except (OSError, _datapath.NbdError) as e:
+                raise VolumeError(f"{name}: writing the LUKS2 metadata at {off}: {e}") from None
+    return result
+
+
+def _read_copy(path: Path, size: int) -> bytes:
+    with open(path, "rb") as f:
+        data = f.read(size)
+    if len(data) != size:
+        raise VolumeError(f"{path}: short read of the LUKS2 metadata copy")
+    return data
 
 
 def _refuse_overwrite(current: bytes, name: str) -> None:
