@@ -607,26 +607,32 @@ class Daemon:
     async def drain(self) -> None:
         """Stop fetching new requests, complete what C holds, flush volumes.
 
-        With remote storage away, each step would wait io_timeout: the
-        rings' requests are bounded from their sending, the flushes from
-        the drain's start, and the volumes are flushed side by side, so a
-        stop takes about io_timeout however many there are (under the
-        unit's TimeoutStopSec)."""
+        With remote storage away, each step would wait io_timeout. So
+        every device drains side by side (its rings detached side by side,
+        then its volume flushed, the flush bounded by io_timeout from the
+        drain's start) and nothing is rebalanced meanwhile: a stop takes
+        about the largest io_timeout, however many volumes wait (under
+        the unit's TimeoutStopSec)."""
         log_event(log, logging.INFO, "draining")
         began = time.monotonic()
         await self._stop_uplinks()  # no more frames from the host TAPs into RX rings
         await self._stop_underlay()  # nor from other hosts
+        if self.engine is not None:
+            self.engine.stop_rebalancing()
         for s in self.servers:
             s.stop_accepting()
-            await s.stop_all_workers()
         # One thread per volume: trio's default limiter would queue some.
         limiter = trio.CapacityLimiter(max(1, len(self.servers)))
         async with trio.open_nursery() as nursery:
             for s in self.servers:
-                nursery.start_soon(self._flush, s, began, limiter)
+                nursery.start_soon(self._drain_device, s, began, limiter)
 
     @staticmethod
-    async def _flush(s: VhostUserServer, began: float, limiter: trio.CapacityLimiter) -> None:
+    async def _drain_device(s: VhostUserServer, began: float,
+                            limiter: trio.CapacityLimiter) -> None:
+        """Its rings back, then its volume flushed: a healthy volume's
+        flush does not wait for another's outage."""
+        await s.stop_all_workers()
         try:
             await trio.to_thread.run_sync(s.device.flush, began, limiter=limiter)
         except OSError as e:  # a remote volume's storage is away: stop anyway

@@ -70,6 +70,13 @@ class Engine:
         # (a server changes a queue only after detach() returned). The C
         # detach calls, which may drain, run outside it.
         self._lock = trio.Lock()
+        # Set at a stop: every ring is leaving, and moving one (a detach
+        # that may drain a remote ring for io_timeout) would only delay it.
+        self._rebalancing = True
+
+    def stop_rebalancing(self) -> None:
+        """The daemon is stopping: detaches no longer move other rings."""
+        self._rebalancing = False
 
     # -- assignment ----------------------------------------------------------
     def load(self) -> list[int]:
@@ -122,7 +129,7 @@ class Engine:
         by at most one. A ring that cannot be re-attached (its queue broke
         meanwhile) is reported to its owner, never to whoever triggered this.
         A move's detach may drain (a remote ring): outside the lock."""
-        while True:
+        while self._rebalancing:
             async with self._lock:
                 counts = self.load()
                 busiest, idlest = counts.index(max(counts)), counts.index(min(counts))

@@ -119,8 +119,13 @@ class VhostUserServer:
         self._accepting = False
 
     async def stop_all_workers(self) -> None:
-        """Take every ring back from the engine (in-flight requests complete)."""
-        await self._detach(list(self._rings))
+        """Take every ring back from the engine (in-flight requests complete),
+        side by side: a ring fetches requests until its own detach starts,
+        so one after another each remote ring of a volume whose storage is
+        away would wait its io_timeout in turn."""
+        async with trio.open_nursery() as nursery:
+            for i in list(self._rings):
+                nursery.start_soon(self._detach, [i])
 
     async def shutdown(self) -> None:
         """End this device's serving for good (reload removed it): stop

@@ -38,6 +38,10 @@ from nitro.devices.blk.backends.raw import UNREACHABLE, SourceUnavailableError, 
 from nitro.devices.blk.config import SECTOR_SIZE
 from nitro.log import log_event
 
+#: The least each connection's flush waits, however little is left of the
+#: bound: a server that answers gets the chance to.
+FLUSH_MIN_S = 1.0
+
 log = logging.getLogger("nitro.blk.nbd")
 
 DEFAULT_PORT = 10809  # the IANA port of NBD
@@ -150,7 +154,9 @@ class NbdVolume:
         # DISCARD and WRITE_ZEROES go to the server only if it does both.
         self.supports_discard = bool(info["can_trim"] and info["can_zero"])
         self._want_fd = want_fd
-        self._lock = threading.Lock()  # closing vs the connector offering
+        # Closing vs the connector offering, and vs a flush in progress.
+        self._lock = threading.Condition()
+        self._flushing = 0
         self._closed = False
         self._connector_running = False
 
@@ -207,20 +213,29 @@ class NbdVolume:
 
     def flush(self, timeout: float | None = None) -> None:
         """Every queue's connection flushed (rings detached: drain, reload),
-        all within `timeout` s (default io_timeout); TimeoutError after it,
-        the silent connection hung up (a server that hangs without closing
-        it would hold the caller for ever)."""
+        all within `timeout` s (default io_timeout; each connection gets
+        FLUSH_MIN_S at least); TimeoutError after it, the silent connection
+        hung up (a server that hangs without closing it would hold the
+        caller for ever). The lock is not held meanwhile: the connector
+        takes it on the trio thread; close() waits for the flush."""
         deadline = time.monotonic() + (self.io_timeout if timeout is None else timeout)
         with self._lock:
             if self._closed:
                 return
+            self._flushing += 1
+        try:
             for c in self.conns:
                 try:
-                    c.flush(max(0.0, deadline - time.monotonic()))
+                    c.flush(max(FLUSH_MIN_S, deadline - time.monotonic()))
                 except _datapath.NbdError as e:
                     raise OSError(errno.EIO, f"{self.src}: {e}") from None
-                except TimeoutError as e:
-                    raise TimeoutError(errno.ETIMEDOUT, f"{self.src}: {e.strerror}") from None
+                except TimeoutError:
+                    raise TimeoutError(errno.ETIMEDOUT, f"{self.src}: no answer to a flush in time "
+                                       f"(io_timeout {self.io_timeout:g} s); hung up") from None
+        finally:
+            with self._lock:
+                self._flushing -= 1
+                self._lock.notify_all()
 
     def statistics(self) -> dict[str, int]:
         """Every connection's counters, summed; `connections`: how many
@@ -236,6 +251,8 @@ class NbdVolume:
             if self._closed:
                 return
             self._closed = True
+            while self._flushing:  # not under a flush's feet (a reload's, say)
+                self._lock.wait()
             for c in self.conns:
                 c.close()  # closes its handles (the rings were freed)
             if self._connector_running:

@@ -21,6 +21,7 @@ import dataclasses
 import errno
 import json
 import logging
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -37,6 +38,10 @@ from nitro.log import log_event
 
 log = logging.getLogger("nitro.blk")
 
+#: The least a close after a drain's flush waits for the cluster: one that
+#: answers gets the chance to release the lock.
+CLOSE_MIN_S = 1.0
+
 
 class RbdVolume:
     """The volume interface of RawImage (see BlkDevice) for an RBD image."""
@@ -52,6 +57,9 @@ class RbdVolume:
         self.src, self.rbd, self.readonly, self.io_timeout = src, rbd, readonly, io_timeout
         self.size = rbd.size
         self.unreachable = False  # a flush found the cluster away
+        # A drain's flush sets when close() must be done by (time.monotonic()):
+        # the stop's bound covers the close too.
+        self._close_by: float | None = None
 
     @classmethod
     def open(cls, src: RbdSource, *, readonly: bool, io_timeout: float = DEFAULT_IO_TIMEOUT,
@@ -105,7 +113,10 @@ class RbdVolume:
 
     def flush(self, timeout: float | None = None) -> None:
         """Every acknowledged write on the OSDs; TimeoutError after
-        `timeout` s (default io_timeout: the cluster is away)."""
+        `timeout` s (default io_timeout: the cluster is away). A drain's
+        `timeout` bounds the close that follows too."""
+        if timeout is not None:
+            self._close_by = time.monotonic() + timeout
         if self.readonly:
             return
         try:
@@ -115,15 +126,19 @@ class RbdVolume:
             raise
 
     def close(self) -> None:
-        """Release the lock, close the image, disconnect: at most io_timeout,
-        and not at all once a flush found the cluster away (each call would
-        wait for it); the image's lock then expires on the cluster with this
-        client's watch."""
+        """Release the lock, close the image, disconnect: at most io_timeout
+        (after a drain's flush, what is left of its bound, at least
+        CLOSE_MIN_S), and not at all once a flush found the cluster away
+        (each call would wait for it); the image's lock then expires on the
+        cluster with this client's watch."""
+        timeout = self.io_timeout
+        if self._close_by is not None:
+            timeout = min(timeout, max(CLOSE_MIN_S, self._close_by - time.monotonic()))
         if self.unreachable:
             self.rbd.abandon()
         else:
             try:
-                self.rbd.close(self.io_timeout)
+                self.rbd.close(timeout)
                 return
             except TimeoutError:
                 pass
