@@ -649,7 +649,13 @@ class Daemon:
     def close(self) -> None:
         """Release everything. Synchronous: by now run() has stopped the
         uplink threads off the trio thread (or they never started), so the
-        fabric's stop() here has nothing left to join."""
+        fabric's stop() here has nothing left to join. Under devices_lock:
+        a scrape that began before the metrics server's shutdown may still
+        be reading the C counters freed here."""
+        with self.devices_lock:
+            self._close()
+
+    def _close(self) -> None:
         if self.fabric is not None:
             self.fabric.stop()  # uplink threads first: they deliver into RX rings
         close_devices([s.device for s in self.servers])

@@ -587,15 +587,20 @@ class NitroCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         families = _Families()
+        # Every C counter is read under the lock: the daemon frees devices,
+        # the switch and the engine under it (a scrape's thread may outlive
+        # the metrics server's shutdown at a stop).
         with self._devices_lock:
             self._collect_devices(families)
-        self._collect_vpcs(families)
-        self._collect_section(families, "<engine>", "engine statistics", self._get_engine, _add_engine)
-        self._collect_section(families, "<fleet>", "fleet statistics", self._get_fleet, _add_fleet)
-        get_waiting = self._get_waiting
-        if get_waiting is not None:
-            self._collect_section(families, "<waiting>", "waiting devices",
-                                  lambda: {"devices": get_waiting()}, _add_waiting)
+            self._collect_vpcs(families)
+            self._collect_section(families, "<engine>", "engine statistics", self._get_engine,
+                                  _add_engine)
+            self._collect_section(families, "<fleet>", "fleet statistics", self._get_fleet,
+                                  _add_fleet)
+            get_waiting = self._get_waiting
+            if get_waiting is not None:
+                self._collect_section(families, "<waiting>", "waiting devices",
+                                      lambda: {"devices": get_waiting()}, _add_waiting)
 
         yield from families.all()
 

@@ -432,3 +432,27 @@ def test_fleet_volume_locks_held_by_this_host():
     assert got == {("r0", locks["r0"]): 1, ("r1", locks["r1"]): 1}
     fams = {m.name: m for m in NitroCollector(lambda: [], get_fleet=fleet_stats).collect()}
     assert not fams["nitro_fleet_volume_lock"].samples
+
+
+def test_every_section_is_read_under_the_devices_lock():
+    """The daemon frees devices, the switch and the engine under that lock
+    (Daemon.close), and a scrape's thread may outlive the metrics server's
+    shutdown: no C counter may be read without it."""
+    import threading
+
+    lock = threading.Lock()
+    reads: dict[str, bool] = {}
+
+    def held(what, value):
+        def get():
+            reads[what] = lock.locked()  # an assert here would be caught as a failed section
+            return value
+        return get
+
+    collector = NitroCollector(held("devices", [FakeDevice(blk_stats())]), held("vpcs", []),
+                               devices_lock=lock, get_engine=held("engine", None),
+                               get_fleet=held("fleet", None), get_waiting=held("waiting", []))
+    names = {m.name for m in collector.collect()}
+    assert "nitro_blk_requests" in names
+    assert reads == dict.fromkeys(("devices", "vpcs", "engine", "fleet", "waiting"), True)
+    assert not lock.locked()
