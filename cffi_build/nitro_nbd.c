@@ -134,9 +134,58 @@ static void set_err(char *err, size_t errlen, const char *what)
         snprintf(err, errlen, "%s", msg != NULL ? msg : what);
 }
 
+/* A server that hangs without closing the socket (stopped, or a host gone
+ * without a reset) never answers, and libnbd's blocking calls would wait
+ * for it for ever: on a start-up, a stop, a reconnect. So the control
+ * plane runs libnbd's state machine itself, up to a deadline, then hangs
+ * the connection up (as a ring does with a request past its io_timeout).
+ * `done` says whether what it waits for happened; 0 when it did, -1 when
+ * libnbd failed (its error is the thread's), -2 at the deadline. */
+static int run_until(struct nbd_handle *h, int (*done)(struct nbd_handle *, int64_t),
+                     int64_t cookie, uint64_t deadline)
+{
+    for (;;) {
+        int rc = done(h, cookie);
+        if (rc != 0)
+            return rc > 0 ? 0 : -1;
+        uint64_t now = nitro_now_ns();
+        if (now >= deadline)
+            break;
+        uint64_t ms = (deadline - now + 999999) / 1000000;
+        if (nbd_poll(h, ms > INT_MAX ? INT_MAX : (int)ms) < 0)
+            return -1;
+    }
+    int64_t fd = nbd_aio_get_fd(h);
+    if (fd >= 0)
+        shutdown((int)fd, SHUT_RDWR);
+    return -2;
+}
+
+/* 1 once connected, 0 while connecting, -1 when it failed. */
+static int connected(struct nbd_handle *h, int64_t unused)
+{
+    (void)unused;
+    if (nbd_aio_is_connecting(h))
+        return 0;
+    return nbd_aio_is_ready(h) ? 1 : -1;
+}
+
+/* 1 once the command completed, 0 while in flight, -1 when it failed. */
+static int completed(struct nbd_handle *h, int64_t cookie)
+{
+    return nbd_aio_command_completed(h, cookie);
+}
+
+static void set_timeout_err(char *err, size_t errlen, const char *what, uint64_t timeout_ns)
+{
+    if (err != NULL && errlen > 0)
+        snprintf(err, errlen, "%s: no answer within %.3g s; hung up", what,
+                 (double)timeout_ns / 1e9);
+}
+
 struct nbd_handle *nitro_nbd_connect(const char *uri, const char *tls_psk_file,
                                      const char *tls_username,
-                                     const char *tls_certificates,
+                                     const char *tls_certificates, uint64_t timeout_ns,
                                      char *err, size_t errlen, int *errnum)
 {
     /* The errno tells the caller whether the server was unreachable
@@ -154,9 +203,22 @@ struct nbd_handle *nitro_nbd_connect(const char *uri, const char *tls_psk_file,
         (tls_psk_file && nbd_set_tls_psk_file(h, tls_psk_file) < 0) ||
         (tls_username && nbd_set_tls_username(h, tls_username) < 0) ||
         (tls_certificates && nbd_set_tls_certificates(h, tls_certificates) < 0) ||
-        nbd_connect_uri(h, uri) < 0) {
+        nbd_aio_connect_uri(h, uri) < 0) {
         set_err(err, errlen, "connect failed");
         *errnum = nbd_get_errno();
+        nbd_close(h);
+        return NULL;
+    }
+    /* The handshake (and TLS), as nbd_connect_uri would wait for it. */
+    int rc = run_until(h, connected, 0, nitro_now_ns() + timeout_ns);
+    if (rc < 0) {
+        if (rc == -2) {
+            set_timeout_err(err, errlen, "connect", timeout_ns);
+            *errnum = ETIMEDOUT;
+        } else {
+            set_err(err, errlen, "connect failed");
+            *errnum = nbd_get_errno();
+        }
         nbd_close(h);
         return NULL;
     }
@@ -184,35 +246,47 @@ int nitro_nbd_info(struct nbd_handle *h, struct nitro_nbd_info *out)
     return NITRO_OK;
 }
 
-int nitro_nbd_pread(struct nbd_handle *h, void *buf, size_t count,
-                    uint64_t offset, char *err, size_t errlen)
+/* One command (its cookie, or < 0: it was not sent), waited for. */
+static int await_command(struct nbd_handle *h, int64_t cookie, uint64_t timeout_ns,
+                         const char *what, char *err, size_t errlen)
+{
+    int rc = cookie < 0 ? -1 : run_until(h, completed, cookie, nitro_now_ns() + timeout_ns);
+    if (rc == -2)
+        set_timeout_err(err, errlen, what, timeout_ns);
+    else if (rc < 0)
+        set_err(err, errlen, what);
+    return rc < 0 ? -1 : 0;
+}
+
+int nitro_nbd_pread(struct nbd_handle *h, void *buf, size_t count, uint64_t offset,
+                    uint64_t timeout_ns, char *err, size_t errlen)
 {
     for (size_t done = 0; done < count;) {
         size_t n = count - done < NBD_MAX_COMMAND ? count - done : NBD_MAX_COMMAND;
-        if (nbd_pread(h, (uint8_t *)buf + done, n, offset + done, 0) < 0) {
-            set_err(err, errlen, "read failed");
+        int64_t cookie = nbd_aio_pread(h, (uint8_t *)buf + done, n, offset + done,
+                                       NBD_NULL_COMPLETION, 0);
+        if (await_command(h, cookie, timeout_ns, "read failed", err, errlen) < 0)
             return -1;
-        }
         done += n;
     }
     return 0;
 }
 
-int nitro_nbd_pwrite(struct nbd_handle *h, const void *buf, size_t count,
-                     uint64_t offset, char *err, size_t errlen)
+int nitro_nbd_pwrite(struct nbd_handle *h, const void *buf, size_t count, uint64_t offset,
+                     uint64_t timeout_ns, char *err, size_t errlen)
 {
     for (size_t done = 0; done < count;) {
         size_t n = count - done < NBD_MAX_COMMAND ? count - done : NBD_MAX_COMMAND;
-        if (nbd_pwrite(h, (const uint8_t *)buf + done, n, offset + done, 0) < 0) {
-            set_err(err, errlen, "write failed");
+        int64_t cookie = nbd_aio_pwrite(h, (const uint8_t *)buf + done, n, offset + done,
+                                        NBD_NULL_COMPLETION, 0);
+        if (await_command(h, cookie, timeout_ns, "write failed", err, errlen) < 0)
             return -1;
-        }
         done += n;
     }
-    if (nbd_can_flush(h) == 1 && nbd_flush(h, 0) < 0) {
-        set_err(err, errlen, "flush failed");
+    if (nbd_can_flush(h) == 1 &&
+        await_command(h, nbd_aio_flush(h, NBD_NULL_COMPLETION, 0), timeout_ns, "flush failed",
+                      err, errlen) < 0)
         return -1;
-    }
     return 0;
 }
 
@@ -303,9 +377,7 @@ static bool handle_alive(struct nbd_handle *h)
 }
 
 /* nbd_flush would wait for a server that hangs without closing the
- * socket for ever, and hold a daemon's stop with it: the command is sent
- * asynchronously and awaited up to timeout_ns, then the connection is
- * hung up, as a ring does with a request past its io_timeout. */
+ * socket for ever, and hold a daemon's stop with it: run_until. */
 int nitro_nbd_flush(struct nitro_nbd *c, uint64_t timeout_ns)
 {
     if (!handle_alive(c->h))
@@ -315,22 +387,7 @@ int nitro_nbd_flush(struct nitro_nbd *c, uint64_t timeout_ns)
     int64_t cookie = nbd_aio_flush(c->h, NBD_NULL_COMPLETION, 0);
     if (cookie < 0)
         return -1;
-    uint64_t deadline = nitro_now_ns() + timeout_ns;
-    for (;;) {
-        int done = nbd_aio_command_completed(c->h, cookie);
-        if (done != 0)
-            return done == 1 ? 0 : -1;
-        uint64_t now = nitro_now_ns();
-        if (now >= deadline)
-            break;
-        uint64_t ms = (deadline - now + 999999) / 1000000;
-        if (nbd_poll(c->h, ms > INT_MAX ? INT_MAX : (int)ms) < 0)
-            return -1;
-    }
-    int64_t fd = nbd_aio_get_fd(c->h);
-    if (fd >= 0)
-        shutdown((int)fd, SHUT_RDWR);
-    return -2;
+    return run_until(c->h, completed, cookie, nitro_now_ns() + timeout_ns);
 }
 
 void nitro_nbd_stats(const struct nitro_nbd *c, struct nitro_nbd_stats *out)

@@ -50,18 +50,21 @@ struct nitro_nbd_stats {
 };
 
 /* Connect (blocking) to an nbd:// or nbds:// URI with the TLS material
- * given (NULL: none). NULL on failure, with libnbd's message in err. */
+ * given (NULL: none), the handshake done within timeout_ns. NULL on
+ * failure, with libnbd's message in err (errnum ETIMEDOUT: no answer in
+ * time, the connection hung up). */
 struct nbd_handle *nitro_nbd_connect(const char *uri, const char *tls_psk_file,
                                      const char *tls_username,
-                                     const char *tls_certificates,
+                                     const char *tls_certificates, uint64_t timeout_ns,
                                      char *err, size_t errlen, int *errnum);
 int nitro_nbd_info(struct nbd_handle *h, struct nitro_nbd_info *out);
 /* Blocking reads and writes on a handle the caller owns (headers of an
- * encrypted volume). 0, or -1 with the message in err. */
-int nitro_nbd_pread(struct nbd_handle *h, void *buf, size_t count,
-                    uint64_t offset, char *err, size_t errlen);
-int nitro_nbd_pwrite(struct nbd_handle *h, const void *buf, size_t count,
-                     uint64_t offset, char *err, size_t errlen);
+ * encrypted volume), each command answered within timeout_ns or the
+ * connection hung up. 0, or -1 with the message in err. */
+int nitro_nbd_pread(struct nbd_handle *h, void *buf, size_t count, uint64_t offset,
+                    uint64_t timeout_ns, char *err, size_t errlen);
+int nitro_nbd_pwrite(struct nbd_handle *h, const void *buf, size_t count, uint64_t offset,
+                     uint64_t timeout_ns, char *err, size_t errlen);
 void nitro_nbd_close(struct nbd_handle *h);
 
 /* One queue's connection. want_fd (the caller's eventfd) is written when

@@ -1159,11 +1159,16 @@ class NbdHandle(_Owned):
     thread."""
 
     def __init__(self, uri: str, *, tls_psk_file: str | None = None,
-                 tls_username: str | None = None, tls_certificates: str | None = None) -> None:
+                 tls_username: str | None = None, tls_certificates: str | None = None,
+                 timeout: float = 30.0) -> None:
+        """Connected within `timeout` s, and every call answered within it
+        (else NbdError, errno ETIMEDOUT for the connect: a server that hangs
+        without closing the socket holds nobody for ever)."""
+        self.timeout_ns = max(1, int(timeout * 1e9))
         err = ffi.new("char[]", 512)
         errnum = ffi.new("int *")
         h = lib.nitro_nbd_connect(uri.encode(), _cstr(tls_psk_file), _cstr(tls_username),
-                                  _cstr(tls_certificates), err, 512, errnum)
+                                  _cstr(tls_certificates), self.timeout_ns, err, 512, errnum)
         if h == ffi.NULL:
             raise NbdError(ffi.string(err).decode(errors="replace"), int(errnum[0]))
         super().__init__(ffi.gc(h, lib.nitro_nbd_close))
@@ -1176,14 +1181,15 @@ class NbdHandle(_Owned):
     def pread(self, count: int, offset: int) -> bytes:
         buf = ffi.new("uint8_t[]", count)
         err = ffi.new("char[]", 512)
-        if lib.nitro_nbd_pread(self.ptr, buf, count, offset, err, 512) < 0:
+        if lib.nitro_nbd_pread(self.ptr, buf, count, offset, self.timeout_ns, err, 512) < 0:
             raise NbdError(ffi.string(err).decode(errors="replace"))
         return bytes(ffi.buffer(buf, count))
 
     def pwrite(self, data: bytes, offset: int) -> None:
         """Write and flush (a header must be durable before it is used)."""
         err = ffi.new("char[]", 512)
-        if lib.nitro_nbd_pwrite(self.ptr, data, len(data), offset, err, 512) < 0:
+        if lib.nitro_nbd_pwrite(self.ptr, data, len(data), offset, self.timeout_ns, err,
+                                512) < 0:
             raise NbdError(ffi.string(err).decode(errors="replace"))
 
     def detach(self) -> Any:

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import signal
 import threading
 import time
@@ -70,6 +71,82 @@ RETRY_MAX = 30.0
 # volume); the rest wait in the background from the start, so an outage of
 # the storage never holds READY past systemd's start timeout (90 s).
 STARTUP_REMOTE_BUDGET = 30.0
+
+
+class Opening:
+    """A remote volume being opened on a thread of its own, which the
+    caller may stop waiting for: librbd waits without bound for an OSD that
+    is away, and a start-up or a stop must not. A volume that opens after
+    its caller left is closed on that thread (an RBD image's lock
+    released), never leaked."""
+
+    def __init__(self, cfg: BlkConfig) -> None:
+        self.cfg = cfg
+        self._lock = threading.Lock()
+        self._left = False
+        self._device: BlkDevice | None = None
+        self._error: BaseException | None = None
+        self._done = threading.Event()
+
+    def _open(self) -> None:
+        try:
+            device = blk.open_device(self.cfg)
+        except BaseException as e:  # noqa: BLE001 - handed to the caller
+            self._error = e
+            self._done.set()
+            return
+        with self._lock:
+            if not self._left:
+                self._device = device
+                self._done.set()
+                return
+        device.close()  # its caller has gone
+
+    def _leave(self) -> None:
+        """The caller stops waiting; a volume opened meanwhile is closed."""
+        with self._lock:
+            self._left = True
+            device, self._device = self._device, None
+        if device is not None:
+            threading.Thread(target=device.close, name=f"close {self.cfg.id}", daemon=True).start()
+
+    def _result(self) -> BlkDevice:
+        if self._error is not None:
+            raise self._error
+        assert self._device is not None
+        return self._device
+
+    def wait(self, timeout: float) -> BlkDevice:
+        """Blocking: the device, or SourceUnavailableError after `timeout` s."""
+        threading.Thread(target=self._open, name=f"open {self.cfg.id}", daemon=True).start()
+        if not self._done.wait(timeout):
+            self._leave()
+            if not self._done.is_set() or self._error is None:
+                raise self._gave_up(timeout)
+        return self._result()
+
+    async def wait_async(self, budget: float = math.inf) -> BlkDevice:
+        """The device, or SourceUnavailableError after `budget` s; a cancel
+        (a stop, a reload) leaves at once."""
+        threading.Thread(target=self._open, name=f"open {self.cfg.id}", daemon=True).start()
+        try:
+            with trio.move_on_after(budget):
+                # A limiter of its own: a long wait holds no thread of trio's pool.
+                await trio.to_thread.run_sync(self._done.wait, abandon_on_cancel=True,
+                                              limiter=trio.CapacityLimiter(1))
+        except trio.Cancelled:
+            self._leave()
+            raise
+        if not self._done.is_set():
+            self._leave()
+            if not self._done.is_set() or self._error is None:
+                raise self._gave_up(budget)
+        return self._result()
+
+    @staticmethod
+    def _gave_up(timeout: float) -> SourceUnavailableError:
+        return SourceUnavailableError(f"no answer within {timeout:.0f} s (the budget for opening "
+                                      "a remote source in the foreground); retried in the background")
 
 
 @dataclass
@@ -227,7 +304,10 @@ class Daemon:
                 continue
             try:
                 trio.run(self._lock_volume, b)  # before the device can serve
-                device = blk.open_device(b)
+                if b.remote is None:
+                    device = blk.open_device(b)
+                else:  # a remote that never answers must not hold the start
+                    device = Opening(b).wait(max(1.0, remote_until - time.monotonic()))
             except SourceUnavailableError as e:
                 self._wait_for_source(b.id, str(e))
                 continue
@@ -282,8 +362,7 @@ class Daemon:
                     if self.waiting.get(w.device_id) is not w:
                         await self._unlock_removed(w.device_id)
                         return
-                    # Not abandoned on cancel: an opened volume must be closed.
-                    device = await trio.to_thread.run_sync(blk.open_device, cfg)
+                    device = await Opening(cfg).wait_async()
                 except VolumeError as e:
                     self._still_waiting(w, str(e))
                     continue
@@ -542,8 +621,12 @@ class Daemon:
                 try:
                     await self._lock_volume(b)
                     # Off the trio thread: creating or growing an image, or
-                    # a LUKS key derivation, takes a while.
-                    device = await trio.to_thread.run_sync(blk.open_device, b)
+                    # a LUKS key derivation, takes a while; a remote source
+                    # may not answer at all (then the device waits).
+                    if b.remote is None:
+                        device = await trio.to_thread.run_sync(blk.open_device, b)
+                    else:
+                        device = await Opening(b).wait_async(STARTUP_REMOTE_BUDGET)
                 except SourceUnavailableError as e:
                     waiting.append(self._wait_for_source(b.id, str(e)))
                     continue

@@ -6,6 +6,7 @@ Real nbdkit, real daemon, vublk as the front-end."""
 
 from __future__ import annotations
 
+import socket
 import time
 
 import pytest
@@ -80,3 +81,52 @@ def test_a_server_that_refuses_us_still_stops_startup(nitro, short_tmp_path):
         with pytest.raises(ChildError) as e:
             nitro(f'[[blk]]\nid = "r0"\nsource = "{server.url()}"\n')
         assert "not a positive multiple of 512" in str(e.value)
+
+
+class SilentServer:
+    """A TCP port whose connections the kernel accepts and nothing ever
+    answers: an NBD server that hangs (stopped, or its host gone without a
+    reset) as a client sees it."""
+
+    def __init__(self, port: int) -> None:
+        self.sock = socket.socket()
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind(("127.0.0.1", port))
+        self.sock.listen(64)
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def test_a_server_that_never_answers_neither_holds_the_start_nor_the_stop(nitro, vublk,
+                                                                          short_tmp_path):
+    """At start-up the handshake gives up after io_timeout and the device
+    waits (before, the start waited for ever, past systemd's start
+    timeout); a retry in the background that waits on the silent server
+    (io_timeout 300 s here) does not hold a stop either."""
+    port = free_port()
+    silent = SilentServer(port)
+    try:
+        t0 = time.monotonic()
+        n = nitro(config(port) + "io_timeout = 2\n")  # returns once the daemon is READY
+        assert time.monotonic() - t0 < 15
+        verify(vublk, short_tmp_path / "local.sock", "--size", "1m")
+        assert "no answer within 2 s; hung up" in n.status(), n.status()
+        assert n.stop() == 0, n.output()
+    finally:
+        silent.close()
+
+    port = free_port()
+    n = nitro(config(port) + "io_timeout = 300\n")  # refused at start: waiting at once
+    silent = SilentServer(port)
+    try:
+        # The first retry (1 s after the start) connects, and waits on the
+        # handshake; the status keeps the last error until an attempt ends.
+        time.sleep(3)
+        assert "Connection refused" in n.status()
+        t0 = time.monotonic()
+        assert n.stop(timeout=60) == 0, n.output()
+        took = time.monotonic() - t0
+        assert took < 10, f"the stop took {took:.1f} s"
+    finally:
+        silent.close()

@@ -6,12 +6,16 @@ from __future__ import annotations
 import json
 import os
 import threading
+import time
 
 import pytest
+import trio
 
 from nitro import cli
+from nitro import daemon as daemon_module
 from nitro.config import from_dict
-from nitro.daemon import StartupError, close_devices, make_directories
+from nitro.daemon import Opening, StartupError, close_devices, make_directories
+from nitro.devices.blk.backends.raw import SourceUnavailableError, VolumeError
 
 VPC = {"id": "blue", "cidr": "10.0.0.0/24", "gateway": "10.0.0.1"}
 NET = {"id": "eth0", "vpc": "blue", "mac": "52:54:00:00:00:01", "ip": "10.0.0.5"}
@@ -91,3 +95,69 @@ def test_devices_are_closed_side_by_side():
     with pytest.raises(OSError, match="close failed"):
         close_devices(devices)
     assert all(d.closed for d in devices)  # the error did not stop the others
+
+
+class _Volume:
+    def __init__(self) -> None:
+        self.closed = threading.Event()
+
+    def close(self) -> None:
+        self.closed.set()
+
+
+def _slow_open(monkeypatch, release: threading.Event, opened: list, error: Exception | None = None):
+    def open_device(cfg):
+        release.wait(timeout=10)
+        if error is not None:
+            raise error
+        v = _Volume()
+        opened.append(v)
+        return v
+    monkeypatch.setattr(daemon_module.blk, "open_device", open_device)
+
+
+def _blk_cfg(tmp_path):
+    return from_dict({"daemon": {"runtime_dir": str(tmp_path / "r"), "state_dir": str(tmp_path / "s")},
+                      "blk": [{"id": "r0", "source": "nbd://127.0.0.1:1/"}]}, "t").blk[0]
+
+
+def test_an_open_that_never_answers_is_left_and_closed_when_it_does(tmp_path, monkeypatch):
+    release, opened = threading.Event(), []
+    _slow_open(monkeypatch, release, opened)
+    with pytest.raises(SourceUnavailableError, match="no answer within 0 s"):
+        Opening(_blk_cfg(tmp_path)).wait(0.2)
+    release.set()  # the volume opens after its caller left: closed, not leaked
+    _closed_once_opened(opened)
+
+
+def test_a_cancelled_wait_leaves_and_a_late_volume_is_closed(tmp_path, monkeypatch):
+    release, opened = threading.Event(), []
+    _slow_open(monkeypatch, release, opened)
+
+    async def main():
+        with trio.move_on_after(0.2):  # a stop, say
+            await Opening(_blk_cfg(tmp_path)).wait_async()
+        release.set()
+
+    trio.run(main)
+    _closed_once_opened(opened)
+
+
+def _closed_once_opened(opened: list) -> None:
+    deadline = time.monotonic() + 10
+    while not opened:
+        assert time.monotonic() < deadline, "the open never finished"
+        time.sleep(0.01)
+    assert opened[0].closed.wait(10), "a volume opened after its caller left was not closed"
+
+
+def test_an_open_that_answers_in_time_is_handed_over(tmp_path, monkeypatch):
+    release, opened = threading.Event(), []
+    release.set()
+    _slow_open(monkeypatch, release, opened)
+    assert Opening(_blk_cfg(tmp_path)).wait(10) is opened[0]
+    assert trio.run(Opening(_blk_cfg(tmp_path)).wait_async, 10) is opened[1]
+    assert not opened[0].closed.is_set() and not opened[1].closed.is_set()
+    _slow_open(monkeypatch, release, opened, error=VolumeError("refused"))
+    with pytest.raises(VolumeError, match="refused"):
+        Opening(_blk_cfg(tmp_path)).wait(10)

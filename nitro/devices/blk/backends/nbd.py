@@ -113,13 +113,16 @@ def parse_source(url: str, *, tls_psk_file: Path | None = None,
                      tls_certificates)
 
 
-def connect(src: NbdSource) -> _datapath.NbdHandle:
-    """A connected handle (blocking: never on the trio thread). NbdError."""
+def connect(src: NbdSource, timeout: float = DEFAULT_IO_TIMEOUT) -> _datapath.NbdHandle:
+    """A connected handle (blocking: never on the trio thread), the
+    handshake and each later call on it bounded by `timeout` (a volume's
+    io_timeout). NbdError (errno ETIMEDOUT: no answer in time)."""
     return _datapath.NbdHandle(
         src.uri,
         tls_psk_file=str(src.tls_psk_file) if src.tls_psk_file else None,
         tls_username=src.tls_username,
-        tls_certificates=str(src.tls_certificates) if src.tls_certificates else None)
+        tls_certificates=str(src.tls_certificates) if src.tls_certificates else None,
+        timeout=timeout)
 
 
 def check_export(src: NbdSource, info: dict[str, int], *, queues: int, readonly: bool) -> None:
@@ -166,7 +169,7 @@ class NbdVolume:
         """Connect once (blocking) to learn the export, check it, and keep
         that connection for queue 0. VolumeError when it cannot be served."""
         try:
-            handle = connect(src)
+            handle = connect(src, io_timeout)
         except _datapath.NbdError as e:
             if e.errno in UNREACHABLE:
                 raise SourceUnavailableError(f"{src}: cannot connect: {e}") from None
@@ -197,7 +200,7 @@ class NbdVolume:
         LUKS2 header, backends/luks.py), closed on exit; the queues' are
         the workers'. Blocking: not on the trio thread."""
         try:
-            handle = connect(self.src)
+            handle = connect(self.src, self.io_timeout)
         except _datapath.NbdError as e:
             raise VolumeError(f"{self.src}: cannot connect: {e}") from None
         try:
@@ -315,7 +318,7 @@ class NbdVolume:
     def _connect_checked(self) -> _datapath.NbdHandle:
         """A new connection to the same export: same size and abilities, or
         VolumeError (the server changed under us; keep trying)."""
-        handle = connect(self.src)
+        handle = connect(self.src, self.io_timeout)
         info = handle.info()
         changed = [k for k in ("size", "readonly", "can_flush", "can_trim", "can_zero")
                    if info[k] != self.info[k]]
