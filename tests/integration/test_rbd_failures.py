@@ -220,3 +220,34 @@ def test_cluster_unreachable_at_start_waits_and_attaches(cluster: CephCluster, v
         assert rc == 0 and res is not None and res["errors"] == 0, err
         assert "qos:         5000 IOPS" in daemon.status(), daemon.status()
         assert daemon.stop() == 0, daemon.output()
+
+
+def test_osd_away_at_start_holds_neither_the_start_nor_the_image(cluster: CephCluster, vublk: Path,
+                                                                 short_tmp_path: Path) -> None:
+    """The monitors answer and the OSD is away: librbd's open waits for
+    the OSD without bound. The daemon starts anyway once the start-up's
+    30 s budget is spent (before, it never did), the volume waits; when
+    the OSD is back, the open left behind closes its image again (its lock
+    released) and the background retry attaches the volume."""
+    cluster.rbd("create", "--size", f"{IMAGE_MIB}M", f"{cluster.pool}/osdaway")
+    cluster.stop_osd(kill=True)
+    back = False
+    try:
+        with Nitro(short_tmp_path, _config(cluster, "osdaway"), timeout=90) as daemon:
+            sock = short_tmp_path / "vol0.sock"
+            status = daemon.status()
+            assert "vol0  blk  WAITING for its remote source" in status, status
+            assert "no answer within 30 s" in status, status
+            cluster.restart_osd()
+            back = True
+            deadline = time.monotonic() + 120
+            while not sock.exists():
+                assert time.monotonic() < deadline, daemon.status()
+                time.sleep(0.5)
+            rc, res, err = _vublk(vublk, sock, "--rw", "verify", "--bs", "64k", "--size", "2M",
+                                  "--timeout", "60")
+            assert rc == 0 and res is not None and res["errors"] == 0, err
+            assert daemon.stop() == 0, daemon.output()
+    finally:
+        if not back:
+            cluster.restart_osd()
