@@ -378,16 +378,17 @@ static bool handle_alive(struct nbd_handle *h)
 
 /* nbd_flush would wait for a server that hangs without closing the
  * socket for ever, and hold a daemon's stop with it: run_until. */
-int nitro_nbd_flush(struct nitro_nbd *c, uint64_t timeout_ns)
+int nitro_nbd_flush(struct nitro_nbd *c, uint64_t timeout_ns, char *err, size_t errlen)
 {
     if (!handle_alive(c->h))
         return 1;
     if (!c->can_flush)
         return 0;
     int64_t cookie = nbd_aio_flush(c->h, NBD_NULL_COMPLETION, 0);
-    if (cookie < 0)
-        return -1;
-    return run_until(c->h, completed, cookie, nitro_now_ns() + timeout_ns);
+    int rc = cookie < 0 ? -1 : run_until(c->h, completed, cookie, nitro_now_ns() + timeout_ns);
+    if (rc == -1)
+        set_err(err, errlen, "flush failed");
+    return rc;
 }
 
 void nitro_nbd_stats(const struct nitro_nbd *c, struct nitro_nbd_stats *out)

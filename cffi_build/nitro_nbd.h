@@ -82,8 +82,9 @@ int nitro_nbd_wants(const struct nitro_nbd *c);
 void nitro_nbd_reap(struct nitro_nbd *c);
 /* Only while its ring is detached: flush the live handle (blocking, at
  * most timeout_ns). 0, 1 when there is no live handle, -1 (the server
- * failed it), or -2: no answer in time, and the connection is hung up. */
-int nitro_nbd_flush(struct nitro_nbd *c, uint64_t timeout_ns);
+ * failed it: libnbd's message in err), or -2: no answer in time, and the
+ * connection is hung up. */
+int nitro_nbd_flush(struct nitro_nbd *c, uint64_t timeout_ns, char *err, size_t errlen);
 void nitro_nbd_stats(const struct nitro_nbd *c, struct nitro_nbd_stats *out);
 
 /* A virtio-blk ring (kind NITRO_RING_BLK) whose I/O goes to c's export:

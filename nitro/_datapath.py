@@ -1229,11 +1229,12 @@ class NbdConn(_Owned):
         there is none; NbdError when the server failed the flush;
         TimeoutError when it did not answer within `timeout` s (the
         connection is hung up then, and the connector makes a new one)."""
-        rc = int(lib.nitro_nbd_flush(self.ptr, max(0, int(timeout * 1e9))))
+        err = ffi.new("char[]", 512)
+        rc = int(lib.nitro_nbd_flush(self.ptr, max(0, int(timeout * 1e9)), err, 512))
         if rc == -2:
             raise TimeoutError(errno.ETIMEDOUT, f"nbd flush: no answer within {timeout:.3g} s")
         if rc < 0:
-            raise NbdError("flush failed")
+            raise NbdError(ffi.string(err).decode(errors="replace") or "flush failed")
         return rc == 0
 
     def stats(self) -> dict[str, int]:
