@@ -86,13 +86,14 @@ class NbdKit(Child):
 
 class QemuNbd(Child):
     """qemu-nbd serving a raw `image` as export `export` on a free port,
-    for several clients (-e) and across disconnects (-t)."""
+    for `shared` clients at once (-e; qemu-nbd's own default is 1) and
+    across disconnects (-t)."""
 
-    def __init__(self, tmp: Path, image: Path, *, export: str = "vol") -> None:
+    def __init__(self, tmp: Path, image: Path, *, export: str = "vol", shared: int = 8) -> None:
         self.port = free_port()
         self.export = export
         super().__init__(["qemu-nbd", "-f", "raw", "-b", "127.0.0.1", "-p", str(self.port),
-                          "-x", export, "-t", "-e", "8", str(image)], tmp / "qemu-nbd.log")
+                          "-x", export, "-t", "-e", str(shared), str(image)], tmp / "qemu-nbd.log")
         try:
             wait_port(self, self.port)
         except BaseException:

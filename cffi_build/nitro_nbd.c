@@ -255,7 +255,7 @@ static int await_command(struct nbd_handle *h, int64_t cookie, uint64_t timeout_
         set_timeout_err(err, errlen, what, timeout_ns);
     else if (rc < 0)
         set_err(err, errlen, what);
-    return rc < 0 ? -1 : 0;
+    return rc;
 }
 
 int nitro_nbd_pread(struct nbd_handle *h, void *buf, size_t count, uint64_t offset,
@@ -265,8 +265,9 @@ int nitro_nbd_pread(struct nbd_handle *h, void *buf, size_t count, uint64_t offs
         size_t n = count - done < NBD_MAX_COMMAND ? count - done : NBD_MAX_COMMAND;
         int64_t cookie = nbd_aio_pread(h, (uint8_t *)buf + done, n, offset + done,
                                        NBD_NULL_COMPLETION, 0);
-        if (await_command(h, cookie, timeout_ns, "read failed", err, errlen) < 0)
-            return -1;
+        int rc = await_command(h, cookie, timeout_ns, "read failed", err, errlen);
+        if (rc < 0)
+            return rc;
         done += n;
     }
     return 0;
@@ -279,15 +280,15 @@ int nitro_nbd_pwrite(struct nbd_handle *h, const void *buf, size_t count, uint64
         size_t n = count - done < NBD_MAX_COMMAND ? count - done : NBD_MAX_COMMAND;
         int64_t cookie = nbd_aio_pwrite(h, (const uint8_t *)buf + done, n, offset + done,
                                         NBD_NULL_COMPLETION, 0);
-        if (await_command(h, cookie, timeout_ns, "write failed", err, errlen) < 0)
-            return -1;
+        int rc = await_command(h, cookie, timeout_ns, "write failed", err, errlen);
+        if (rc < 0)
+            return rc;
         done += n;
     }
-    if (nbd_can_flush(h) == 1 &&
-        await_command(h, nbd_aio_flush(h, NBD_NULL_COMPLETION, 0), timeout_ns, "flush failed",
-                      err, errlen) < 0)
-        return -1;
-    return 0;
+    if (nbd_can_flush(h) != 1)
+        return 0;
+    return await_command(h, nbd_aio_flush(h, NBD_NULL_COMPLETION, 0), timeout_ns,
+                         "flush failed", err, errlen);
 }
 
 void nitro_nbd_close(struct nbd_handle *h)

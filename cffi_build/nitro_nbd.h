@@ -60,7 +60,8 @@ struct nbd_handle *nitro_nbd_connect(const char *uri, const char *tls_psk_file,
 int nitro_nbd_info(struct nbd_handle *h, struct nitro_nbd_info *out);
 /* Blocking reads and writes on a handle the caller owns (headers of an
  * encrypted volume), each command answered within timeout_ns or the
- * connection hung up. 0, or -1 with the message in err. */
+ * connection hung up. 0, or -1 (failed) or -2 (no answer in time, hung
+ * up) with the message in err. */
 int nitro_nbd_pread(struct nbd_handle *h, void *buf, size_t count, uint64_t offset,
                     uint64_t timeout_ns, char *err, size_t errlen);
 int nitro_nbd_pwrite(struct nbd_handle *h, const void *buf, size_t count, uint64_t offset,

@@ -1141,7 +1141,8 @@ class Ring(_Owned):
 class NbdError(Exception):
     """libnbd refused: connecting, or a blocking read/write (the message is
     libnbd's, which names the server and the cause; ``errno`` is libnbd's
-    errno for a failed connect, else 0)."""
+    errno for a failed connect, ETIMEDOUT for a read or write the server
+    did not answer in time, else 0)."""
 
     def __init__(self, message: str, errno: int = 0) -> None:
         super().__init__(message)
@@ -1151,6 +1152,13 @@ class NbdError(Exception):
 _NBD_INFO_FIELDS = ("size", "readonly", "can_flush", "can_trim", "can_zero",
                     "can_multi_conn", "can_fua", "min_block", "max_block")
 _NBD_STAT_FIELDS = ("connected", "connects", "disconnects", "resent", "timeouts")
+
+
+def _nbd_call_error(rc: int, err: Any) -> NbdError:
+    """A control-plane call's failure; errno ETIMEDOUT when the server did
+    not answer in time (the caller may treat it as unreachable)."""
+    message = ffi.string(err).decode(errors="replace")
+    return NbdError(message, errno.ETIMEDOUT) if rc == -2 else NbdError(message)
 
 
 class NbdHandle(_Owned):
@@ -1181,16 +1189,17 @@ class NbdHandle(_Owned):
     def pread(self, count: int, offset: int) -> bytes:
         buf = ffi.new("uint8_t[]", count)
         err = ffi.new("char[]", 512)
-        if lib.nitro_nbd_pread(self.ptr, buf, count, offset, self.timeout_ns, err, 512) < 0:
-            raise NbdError(ffi.string(err).decode(errors="replace"))
+        rc = lib.nitro_nbd_pread(self.ptr, buf, count, offset, self.timeout_ns, err, 512)
+        if rc < 0:
+            raise _nbd_call_error(rc, err)
         return bytes(ffi.buffer(buf, count))
 
     def pwrite(self, data: bytes, offset: int) -> None:
         """Write and flush (a header must be durable before it is used)."""
         err = ffi.new("char[]", 512)
-        if lib.nitro_nbd_pwrite(self.ptr, data, len(data), offset, self.timeout_ns, err,
-                                512) < 0:
-            raise NbdError(ffi.string(err).decode(errors="replace"))
+        rc = lib.nitro_nbd_pwrite(self.ptr, data, len(data), offset, self.timeout_ns, err, 512)
+        if rc < 0:
+            raise _nbd_call_error(rc, err)
 
     def detach(self) -> Any:
         """Give up ownership of the C handle (for NbdConn.offer)."""

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 import signal
 import threading
 import time
@@ -44,6 +43,7 @@ from nitro.control.server import serve_control
 from nitro.devices import blk
 from nitro.devices.blk.backends.raw import SourceUnavailableError, VolumeError
 from nitro.devices.blk.device import BlkDevice
+from nitro.devices.blk.opening import Opening
 from nitro.engine import Engine
 from nitro.fleet.schema import VolumeLockRecord
 from nitro.log import log_event
@@ -73,80 +73,9 @@ RETRY_MAX = 30.0
 STARTUP_REMOTE_BUDGET = 30.0
 
 
-class Opening:
-    """A remote volume being opened on a thread of its own, which the
-    caller may stop waiting for: librbd waits without bound for an OSD that
-    is away, and a start-up or a stop must not. A volume that opens after
-    its caller left is closed on that thread (an RBD image's lock
-    released), never leaked."""
-
-    def __init__(self, cfg: BlkConfig) -> None:
-        self.cfg = cfg
-        self._lock = threading.Lock()
-        self._left = False
-        self._device: BlkDevice | None = None
-        self._error: BaseException | None = None
-        self._done = threading.Event()
-
-    def _open(self) -> None:
-        try:
-            device = blk.open_device(self.cfg)
-        except BaseException as e:  # noqa: BLE001 - handed to the caller
-            self._error = e
-            self._done.set()
-            return
-        with self._lock:
-            if not self._left:
-                self._device = device
-                self._done.set()
-                return
-        device.close()  # its caller has gone
-
-    def _leave(self) -> None:
-        """The caller stops waiting; a volume opened meanwhile is closed."""
-        with self._lock:
-            self._left = True
-            device, self._device = self._device, None
-        if device is not None:
-            threading.Thread(target=device.close, name=f"close {self.cfg.id}", daemon=True).start()
-
-    def _result(self) -> BlkDevice:
-        if self._error is not None:
-            raise self._error
-        assert self._device is not None
-        return self._device
-
-    def wait(self, timeout: float) -> BlkDevice:
-        """Blocking: the device, or SourceUnavailableError after `timeout` s."""
-        threading.Thread(target=self._open, name=f"open {self.cfg.id}", daemon=True).start()
-        if not self._done.wait(timeout):
-            self._leave()
-            if not self._done.is_set() or self._error is None:
-                raise self._gave_up(timeout)
-        return self._result()
-
-    async def wait_async(self, budget: float = math.inf) -> BlkDevice:
-        """The device, or SourceUnavailableError after `budget` s; a cancel
-        (a stop, a reload) leaves at once."""
-        threading.Thread(target=self._open, name=f"open {self.cfg.id}", daemon=True).start()
-        try:
-            with trio.move_on_after(budget):
-                # A limiter of its own: a long wait holds no thread of trio's pool.
-                await trio.to_thread.run_sync(self._done.wait, abandon_on_cancel=True,
-                                              limiter=trio.CapacityLimiter(1))
-        except trio.Cancelled:
-            self._leave()
-            raise
-        if not self._done.is_set():
-            self._leave()
-            if not self._done.is_set() or self._error is None:
-                raise self._gave_up(budget)
-        return self._result()
-
-    @staticmethod
-    def _gave_up(timeout: float) -> SourceUnavailableError:
-        return SourceUnavailableError(f"no answer within {timeout:.0f} s (the budget for opening "
-                                      "a remote source in the foreground); retried in the background")
+def _gave_up(budget: float) -> str:
+    return (f"no answer within {budget:.0f} s (the budget for opening a remote source in the "
+            "foreground); the open goes on in the background")
 
 
 @dataclass
@@ -158,6 +87,8 @@ class WaitingDevice:
     since: float = field(default_factory=time.time)
     attempts: int = 1
     cancel: trio.CancelScope = field(default_factory=trio.CancelScope)
+    # An open that outlived its caller's budget: the retry waits for it.
+    opening: Opening | None = None
 
     def statistics(self) -> dict[str, Any]:
         return {"id": self.device_id, "kind": "blk", "error": self.error,
@@ -307,7 +238,13 @@ class Daemon:
                 if b.remote is None:
                     device = blk.open_device(b)
                 else:  # a remote that never answers must not hold the start
-                    device = Opening(b).wait(max(1.0, remote_until - time.monotonic()))
+                    opening = Opening(b)
+                    budget = max(1.0, remote_until - time.monotonic())
+                    got = opening.wait(budget)
+                    if got is None:
+                        self._wait_for_source(b.id, _gave_up(budget)).opening = opening
+                        continue
+                    device = got
             except SourceUnavailableError as e:
                 self._wait_for_source(b.id, str(e))
                 continue
@@ -345,30 +282,50 @@ class Daemon:
         make it listen as a reload adds a device. Cancelled (w.cancel) when a
         reload removes the device, and with the nursery at stop."""
         delay = RETRY_START
-        with w.cancel:
-            while True:
-                await trio.sleep(delay)
-                delay = min(delay * 2, RETRY_MAX)
-                cfg = self._blk_config(w.device_id)  # as it runs now (a reload may change qos)
-                if cfg is None:
+        try:
+            with w.cancel:
+                while True:
+                    try:
+                        cfg = await self._next_attempt(w, delay)
+                        if cfg is None:
+                            return  # removed: a pending open is left below
+                        assert w.opening is not None
+                        device = await w.opening.wait_async()
+                    except VolumeError as e:  # the lock refused, or the open failed
+                        w.opening = None
+                        delay = min(delay * 2, RETRY_MAX)
+                        self._still_waiting(w, str(e))
+                        continue
+                    w.opening = None
+                    assert device is not None  # no budget: it waited for the end
+                    device.set_qos(cfg.qos)  # as it runs now (a reload, `volume qos`)
+                    with trio.CancelScope(shield=True):  # the device is ours to serve or close
+                        await self._attach_opened(w, cfg, device)
                     return
-                try:
-                    # Held elsewhere or etcd away: retried like an unreachable source.
-                    # Shielded (etcd calls time out): cancelled half way, etcd
-                    # could keep a record nobody knows of, and the reload that
-                    # cancelled us would find no lock to release.
-                    with trio.CancelScope(shield=True):
-                        await self._lock_volume(cfg, note=False)
-                    if self.waiting.get(w.device_id) is not w:
-                        await self._unlock_removed(w.device_id)
-                        return
-                    device = await Opening(cfg).wait_async()
-                except VolumeError as e:
-                    self._still_waiting(w, str(e))
-                    continue
-                with trio.CancelScope(shield=True):  # the device is ours to serve or close
-                    await self._attach_opened(w, cfg, device)
-                return
+        finally:
+            if w.opening is not None:  # cancelled before it was waited for
+                w.opening.leave()
+                w.opening = None
+
+    async def _next_attempt(self, w: WaitingDevice, delay: float) -> BlkConfig | None:
+        """The config of the device's next open, w.opening started (or the
+        one start-up or a reload left going); None: the device is gone."""
+        if w.opening is None:
+            await trio.sleep(delay)
+        cfg = self._blk_config(w.device_id)  # as it runs now (a reload may change qos)
+        if cfg is None or w.opening is not None:
+            return cfg
+        # Held elsewhere or etcd away: retried like an unreachable source.
+        # Shielded (etcd calls time out): cancelled half way, etcd could
+        # keep a record nobody knows of, and the reload that cancelled us
+        # would find no lock to release.
+        with trio.CancelScope(shield=True):
+            await self._lock_volume(cfg, note=False)
+        if self.waiting.get(w.device_id) is not w:
+            await self._unlock_removed(w.device_id)
+            return None
+        w.opening = Opening(cfg)
+        return cfg
 
     def _still_waiting(self, w: WaitingDevice, error: str) -> None:
         w.attempts += 1
@@ -626,7 +583,14 @@ class Daemon:
                     if b.remote is None:
                         device = await trio.to_thread.run_sync(blk.open_device, b)
                     else:
-                        device = await Opening(b).wait_async(STARTUP_REMOTE_BUDGET)
+                        opening = Opening(b)
+                        got = await opening.wait_async(STARTUP_REMOTE_BUDGET)
+                        if got is None:
+                            w = self._wait_for_source(b.id, _gave_up(STARTUP_REMOTE_BUDGET))
+                            w.opening = opening
+                            waiting.append(w)
+                            continue
+                        device = got
                 except SourceUnavailableError as e:
                     waiting.append(self._wait_for_source(b.id, str(e)))
                     continue
@@ -646,6 +610,8 @@ class Daemon:
             with trio.CancelScope(shield=True):
                 for w in waiting:
                     del self.waiting[w.device_id]
+                    if w.opening is not None:
+                        w.opening.leave()
                     await self._unlock_volume(w.device_id)
                 for server in reversed(started):
                     await self._remove_server(server)
@@ -739,6 +705,9 @@ class Daemon:
             self._close()
 
     def _close(self) -> None:
+        for w in self.waiting.values():  # opens still going: closed when they end
+            if w.opening is not None:
+                w.opening.leave()
         if self.fabric is not None:
             self.fabric.stop()  # uplink threads first: they deliver into RX rings
         close_devices([s.device for s in self.servers])

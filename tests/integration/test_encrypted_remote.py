@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.nbd import PSK_USER, NbdKit, write_psk
+from bench.nbd import PSK_USER, NbdKit, QemuNbd, write_psk
 from bench.proc import run_cli
 from tests.integration.frontend import Frontend
 from tests.integration.test_encrypted_volume import FAST_PBKDF, cryptsetup, key_file, volume_key
@@ -238,3 +238,27 @@ def keyslot_area_bytes(image: Path, area: tuple[int, int, bytes]) -> bytes:
     with open(image, "rb") as f:
         f.seek(area[0])
         return f.read(area[1])
+
+
+def test_a_server_for_one_client_at_a_time(nitro, vublk, short_tmp_path):
+    """qemu-nbd's default serves one client at a time (--shared=1): the key
+    commands and the daemon's unlock use the one connection that opens the
+    volume, not a second one the server would leave unanswered."""
+    image, key = short_tmp_path / "q.img", key_file(short_tmp_path)
+    new = key_file(short_tmp_path, "new.key")
+    image.write_bytes(b"")
+    os.truncate(image, 48 * MiB)
+    with QemuNbd(short_tmp_path, image, shared=1) as server:
+        url = server.url()
+        r = create_encrypted(url, key)
+        assert r.returncode == 0, r.stderr
+        r = run_cli("volume", "add-key", url, "--key-file", key, "--new-key-file", new, *FAST_PBKDF)
+        assert r.returncode == 0 and f"{url}: added keyslot 1" in r.stdout, r.stderr
+        r = run_cli("volume", "info", url)
+        assert r.returncode == 0 and "keyslots:    0 (pbkdf2), 1 (pbkdf2)" in r.stdout, r.stderr
+        n = nitro(blk(url, new))
+        rc, res, err = run_vublk(vublk, "--socket", str(short_tmp_path / "r0.sock"), "--rw",
+                                 "verify", "--bs", "16k", "--size", "2m", timeout=120)
+        assert rc == 0 and res is not None and res["errors"] == 0 and res["mismatches"] == 0, err
+        assert n.stop() == 0, n.output()
+    cryptsetup("open", "--test-passphrase", "--key-file", new, image)

@@ -243,3 +243,43 @@ def test_keys_added_removed_and_erased_on_a_remote(key: Path, tmp_path: Path) ->
     assert bytes(remote.data[2 * HDR:16 * MiB]) != area  # the material itself is gone
     with pytest.raises(VolumeError, match="no keyslot opens"):
         LuksVolume.on_remote(remote, EncryptionConfig(key_file=new))
+
+
+def _cut_short(remote: FakeRemote, change) -> tuple[list[bytearray], list[int]]:
+    """The volume as it would be after each prefix of the change's writes
+    (a crash, a lost connection): [nothing written, one run, ..., all],
+    and the runs' offsets."""
+    original = bytearray(remote.data)
+    remote.writes.clear()
+    change_remote(remote, change)
+    runs = [(off, bytes(remote.data[off:off + n])) for off, n in remote.writes]
+    states = []
+    for k in range(len(runs) + 1):
+        state = bytearray(original)
+        for off, data in runs[:k]:
+            state[off:off + len(data)] = data
+        states.append(state)
+    return states, [off for off, _ in runs]
+
+
+def test_a_key_change_cut_short_leaves_a_volume_that_opens(key: Path, tmp_path: Path) -> None:
+    new = write_key(tmp_path / "new", os.urandom(32))
+    remote = formatted(key)
+    with keys.read_secret(key, passphrase=False) as old, \
+            keys.read_secret(new, passphrase=False) as fresh:
+        states, _ = _cut_short(remote, lambda p, n: luks.add_key(p, old, fresh, FAST, name=n))
+    assert len(states) >= 3
+    for state in states:  # the old key opens whatever was written; the new one once all was
+        LuksVolume.on_remote(FakeRemote(state), EncryptionConfig(key_file=key)).close()
+    LuksVolume.on_remote(FakeRemote(states[-1]), EncryptionConfig(key_file=new)).close()
+
+
+def test_an_erase_cut_before_the_headers_already_destroyed_the_key(key: Path) -> None:
+    remote = formatted(key)
+    states, offsets = _cut_short(remote, lambda p, n: luks.destroy_all_keyslots(p, name=n))
+    slots_written = sum(1 for off in offsets if off >= 2 * HDR)
+    assert 0 < slots_written < len(offsets) and all(off >= 2 * HDR for off in offsets[:slots_written])
+    # Only the keyslot material overwritten, the headers not yet: the key
+    # opens nothing any more.
+    with pytest.raises(VolumeError, match="no keyslot opens"):
+        LuksVolume.on_remote(FakeRemote(states[slots_written]), EncryptionConfig(key_file=key))

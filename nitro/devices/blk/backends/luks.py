@@ -34,7 +34,13 @@ from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 from nitro import _datapath
 from nitro.config import EncryptionConfig
 from nitro.crypto import keys, luks, luks_header
-from nitro.devices.blk.backends.raw import SECTOR_SIZE, RawImage, VolumeError
+from nitro.devices.blk.backends.raw import (
+    SECTOR_SIZE,
+    UNREACHABLE,
+    RawImage,
+    SourceUnavailableError,
+    VolumeError,
+)
 
 if TYPE_CHECKING:
     from nitro.devices.blk.backends.nbd import NbdVolume
@@ -213,7 +219,10 @@ def _remote_read(io: BlockIO, count: int, offset: int, size: int, name: str) -> 
     try:
         data = io.pread(count, offset)
     except (OSError, _datapath.NbdError) as e:
-        raise VolumeError(f"{name}: reading the LUKS2 header: {e}") from None
+        # A server that stopped answering (or an RBD read past io_timeout)
+        # passes like any unreachable source: the device waits.
+        error = SourceUnavailableError if e.errno in UNREACHABLE else VolumeError
+        raise error(f"{name}: reading the LUKS2 header: {e}") from None
     if len(data) != count:
         raise VolumeError(f"{name}: reading the LUKS2 header: short read")
     return data
@@ -280,10 +289,18 @@ def change_remote(inner: RemoteVolume, change: Callable[[Path, str], T]) -> T:
     luks_header.changed_runs gives (`nitro volume add-key`, `remove-key`,
     `erase`). Nothing is written if `change` raises."""
     name = str(inner.path)
+    # Compared up to the largest metadata a header may describe, not the
+    # primary's: libcryptsetup may work from a newer secondary whose
+    # keyslots area is larger.
+    extent = min(inner.size, luks_header.MAX_METADATA)
     with inner.block_io() as io, _metadata_copy(io, inner.size, name) as (path, plan):
-        before = _read_copy(path, plan.metadata_size)
+        before = _read_copy(path, extent)
         result = change(path, name)
-        after = _read_copy(path, plan.metadata_size)
+        after = _read_copy(path, extent)
+        changed = luks_header.plan(after[:2 * plan.hdr_size], inner.size, name)
+        if changed.data_offset != plan.data_offset:
+            raise VolumeError(f"{name}: the change moved the data segment ({plan.data_offset} -> "
+                              f"{changed.data_offset}); nothing written (cryptsetup repair?)")
         for off, data in luks_header.changed_runs(before, after, plan.hdr_size):
             try:
                 io.pwrite(data, off)

@@ -150,8 +150,14 @@ class NbdVolume:
     fd = -1  # no local file: the rings talk to the server
 
     def __init__(self, src: NbdSource, info: dict[str, int], conns: list[_datapath.NbdConn],
-                 want_fd: int, readonly: bool, io_timeout: float = DEFAULT_IO_TIMEOUT) -> None:
+                 want_fd: int, readonly: bool, io_timeout: float = DEFAULT_IO_TIMEOUT,
+                 first: _datapath.NbdHandle | None = None) -> None:
         self.src, self.info, self.conns = src, info, conns
+        # The connection open() made, until the first ring takes it for
+        # queue 0: block_io() (a LUKS2 header, `nitro volume`) uses it
+        # meanwhile, so a server that allows one client (qemu-nbd's
+        # default) serves both.
+        self._first = first
         self.readonly, self.io_timeout = readonly, io_timeout
         self.size = info["size"]
         # DISCARD and WRITE_ZEROES go to the server only if it does both.
@@ -167,7 +173,8 @@ class NbdVolume:
     def open(cls, src: NbdSource, *, queues: int, io_timeout: float,
              readonly: bool) -> NbdVolume:
         """Connect once (blocking) to learn the export, check it, and keep
-        that connection for queue 0. VolumeError when it cannot be served."""
+        that connection for queue 0 (block_io's until a ring starts).
+        VolumeError when it cannot be served."""
         try:
             handle = connect(src, io_timeout)
         except _datapath.NbdError as e:
@@ -180,11 +187,10 @@ class NbdVolume:
             want_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
             ns = max(1, int(io_timeout * 1e9))
             conns = [_datapath.NbdConn(want_fd, ns) for _ in range(queues)]
-            conns[0].offer(handle)
         except BaseException:
             handle.close()
             raise
-        return cls(src, info, conns, want_fd, readonly, io_timeout)
+        return cls(src, info, conns, want_fd, readonly, io_timeout, first=handle)
 
     @property
     def path(self) -> str:
@@ -196,13 +202,20 @@ class NbdVolume:
 
     @contextlib.contextmanager
     def block_io(self) -> Iterator[_datapath.NbdHandle]:
-        """A connection of its own for synchronous reads and writes (a
-        LUKS2 header, backends/luks.py), closed on exit; the queues' are
-        the workers'. Blocking: not on the trio thread."""
+        """A connection for synchronous reads and writes (a LUKS2 header,
+        backends/luks.py): open()'s while no ring has taken it, else one of
+        its own, closed on exit (the queues' are the workers'). Blocking:
+        not on the trio thread."""
+        with self._lock:
+            first = self._first
+        if first is not None:
+            yield first
+            return
         try:
             handle = connect(self.src, self.io_timeout)
         except _datapath.NbdError as e:
-            raise VolumeError(f"{self.src}: cannot connect: {e}") from None
+            error = SourceUnavailableError if e.errno in UNREACHABLE else VolumeError
+            raise error(f"{self.src}: cannot connect: {e}") from None
         try:
             yield handle
         finally:
@@ -210,7 +223,12 @@ class NbdVolume:
 
     def make_ring(self, vq: _datapath.Virtqueue, params: _datapath.BlkParams,
                   stats: _datapath.BlkStats, index: int) -> _datapath.Ring:
-        """Queue `index`'s ring (trio thread: starts the connector once)."""
+        """Queue `index`'s ring (trio thread: hands open()'s connection to
+        queue 0 and starts the connector, once)."""
+        with self._lock:
+            first, self._first = self._first, None
+        if first is not None:
+            self.conns[0].offer(first)
         self._start_connector()
         return _datapath.Ring.nbd(vq, params, stats, self.conns[index])
 
@@ -256,6 +274,9 @@ class NbdVolume:
             self._closed = True
             while self._flushing:  # not under a flush's feet (a reload's, say)
                 self._lock.wait()
+            if self._first is not None:  # no ring ever took it
+                self._first.close()
+                self._first = None
             for c in self.conns:
                 c.close()  # closes its handles (the rings were freed)
             if self._connector_running:
