@@ -640,8 +640,13 @@ class Daemon:
             pass
 
     def _close_device(self, server: VhostUserServer) -> None:
-        with self.devices_lock:  # not while a scrape reads its counters
-            server.device.close()
+        """Close a device already out of self.servers. A scrape lists the
+        devices under devices_lock, so once the lock was free after that,
+        none still reads this one's counters: closing it (up to io_timeout
+        for a remote volume whose storage is away) does not hold scrapes."""
+        with self.devices_lock:
+            pass
+        server.device.close()
 
     async def _reload_on_sighup(self, sighups: AsyncIterator) -> None:
         async for _ in sighups:

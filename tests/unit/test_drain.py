@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import threading
 import time
+import types
 
 import trio
 
@@ -66,3 +67,20 @@ def test_devices_drain_side_by_side_and_a_healthy_flush_does_not_wait(tmp_path) 
     # One bound for both, from the drain's start.
     assert slow.device.began == healthy.device.began
     assert healthy.device.began is not None and healthy.device.began >= before
+
+
+def test_a_removed_device_is_closed_outside_the_devices_lock(tmp_path) -> None:
+    """A reload's close of a remote volume whose storage is away takes up
+    to io_timeout: scrapes must not wait for it (the device left the list
+    scrapes read before, and the lock is passed once for those in flight)."""
+    cfg = from_dict({"daemon": {"runtime_dir": str(tmp_path / "run"),
+                                "state_dir": str(tmp_path / "state")}}, "test")
+    daemon = Daemon(cfg=cfg)
+    held: list[bool] = []
+
+    class Device:
+        def close(self) -> None:
+            held.append(daemon.devices_lock.locked())
+
+    daemon._close_device(types.SimpleNamespace(device=Device()))  # type: ignore[arg-type]
+    assert held == [False]
