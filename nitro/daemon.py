@@ -88,7 +88,7 @@ class WaitingDevice:
     attempts: int = 1
     cancel: trio.CancelScope = field(default_factory=trio.CancelScope)
     # An open that outlived its caller's budget: the retry waits for it.
-    opening: Opening | None = None
+    opening: Opening[BlkDevice] | None = None
 
     def statistics(self) -> dict[str, Any]:
         return {"id": self.device_id, "kind": "blk", "error": self.error,
@@ -238,7 +238,7 @@ class Daemon:
                 if b.remote is None:
                     device = blk.open_device(b)
                 else:  # a remote that never answers must not hold the start
-                    opening = Opening(b)
+                    opening = Opening.device(b)
                     budget = max(1.0, remote_until - time.monotonic())
                     got = opening.wait(budget)
                     if got is None:
@@ -324,7 +324,7 @@ class Daemon:
         if self.waiting.get(w.device_id) is not w:
             await self._unlock_removed(w.device_id)
             return None
-        w.opening = Opening(cfg)
+        w.opening = Opening.device(cfg)
         return cfg
 
     def _still_waiting(self, w: WaitingDevice, error: str) -> None:
@@ -583,7 +583,7 @@ class Daemon:
                     if b.remote is None:
                         device = await trio.to_thread.run_sync(blk.open_device, b)
                     else:
-                        opening = Opening(b)
+                        opening = Opening.device(b)
                         got = await opening.wait_async(STARTUP_REMOTE_BUDGET)
                         if got is None:
                             w = self._wait_for_source(b.id, _gave_up(STARTUP_REMOTE_BUDGET))

@@ -198,13 +198,24 @@ def _remote_source(args: argparse.Namespace):
         raise CliError(str(e), EXIT_USAGE) from None
 
 
+# How long a command waits for a remote volume to open (librbd waits for
+# an OSD that is away without bound; Ctrl-C works meanwhile too).
+_OPEN_TIMEOUT = 30.0
+
+
 @contextlib.contextmanager
 def _remote(src, *, readonly: bool = False):
     """The remote volume, connected (an RBD image with its exclusive lock
-    unless `readonly`), closed on exit."""
+    unless `readonly`), closed on exit; CliError if it does not open
+    within _OPEN_TIMEOUT."""
     from nitro.devices.blk import open_remote
+    from nitro.devices.blk.opening import Opening
 
-    volume = open_remote(src, readonly=readonly)
+    opening = Opening(lambda: open_remote(src, readonly=readonly), str(src))
+    volume = opening.wait(_OPEN_TIMEOUT)
+    if volume is None:
+        opening.leave()
+        raise CliError(f"{src}: no answer within {_OPEN_TIMEOUT:.0f} s (is the storage up?)")
     try:
         yield volume
     finally:

@@ -133,7 +133,7 @@ def _until_opened(opened: list) -> _Volume:
 def test_an_open_outliving_its_budget_goes_on_and_can_be_taken_over(tmp_path, monkeypatch):
     release, opened = threading.Event(), []
     _slow_open(monkeypatch, release, opened)
-    opening = Opening(_blk_cfg(tmp_path))
+    opening = Opening.device(_blk_cfg(tmp_path))
     assert opening.wait(0.2) is None  # the start-up's budget ran out; the open goes on
     release.set()
     # The background retry takes the same open over: no second open to race
@@ -145,7 +145,7 @@ def test_an_open_outliving_its_budget_goes_on_and_can_be_taken_over(tmp_path, mo
 def test_a_volume_opening_after_its_caller_left_is_closed(tmp_path, monkeypatch):
     release, opened = threading.Event(), []
     _slow_open(monkeypatch, release, opened)
-    opening = Opening(_blk_cfg(tmp_path))
+    opening = Opening.device(_blk_cfg(tmp_path))
     assert opening.wait(0.1) is None
     opening.leave()  # a stop, say
     release.set()
@@ -159,7 +159,7 @@ def test_a_cancelled_wait_leaves_and_wakes_nobody_up_for_ever(tmp_path, monkeypa
 
     async def main():
         with trio.move_on_after(0.2):  # a stop, or a reload removing the device
-            await Opening(_blk_cfg(tmp_path)).wait_async()
+            await Opening.device(_blk_cfg(tmp_path)).wait_async()
         release.set()
 
     trio.run(main)
@@ -175,9 +175,9 @@ def test_an_open_that_ends_in_time_is_handed_over_or_raises(tmp_path, monkeypatc
     release, opened = threading.Event(), []
     release.set()
     _slow_open(monkeypatch, release, opened)
-    assert Opening(_blk_cfg(tmp_path)).wait(10) is opened[0]
-    assert trio.run(Opening(_blk_cfg(tmp_path)).wait_async, 10) is opened[1]
+    assert Opening.device(_blk_cfg(tmp_path)).wait(10) is opened[0]
+    assert trio.run(Opening.device(_blk_cfg(tmp_path)).wait_async, 10) is opened[1]
     assert not opened[0].closed.is_set() and not opened[1].closed.is_set()
     _slow_open(monkeypatch, release, opened, error=VolumeError("refused"))
     with pytest.raises(VolumeError, match="refused"):
-        Opening(_blk_cfg(tmp_path)).wait(10)
+        Opening.device(_blk_cfg(tmp_path)).wait(10)

@@ -115,3 +115,31 @@ def test_create_remote_usage_errors(tmp_path: Path, capsys: pytest.CaptureFixtur
     assert cli.main(["volume", "create", *args]) == 2
     assert needle in capsys.readouterr().err
     assert not (tmp_path / "v.img").exists()
+
+
+def test_a_remote_that_never_opens_is_a_clear_error_not_a_hang(monkeypatch, capsys):
+    """librbd waits without bound for an OSD that is away: the command
+    gives up after its open timeout with one line, and a volume that opens
+    after that is closed, not leaked."""
+    import threading
+
+    from nitro import volume_cli
+    from nitro.devices import blk
+
+    release, closed = threading.Event(), threading.Event()
+
+    class Late:
+        def close(self) -> None:
+            closed.set()
+
+    def open_remote(src, *, readonly=False):
+        release.wait(10)
+        return Late()
+
+    monkeypatch.setattr(blk, "open_remote", open_remote)
+    monkeypatch.setattr(volume_cli, "_OPEN_TIMEOUT", 0.2)
+    assert cli.main(["volume", "info", "nbd://127.0.0.1:1/"]) == 1
+    assert capsys.readouterr().err.strip() == (
+        "nitro: error: nbd://127.0.0.1:1/: no answer within 0 s (is the storage up?)")
+    release.set()
+    assert closed.wait(10)
