@@ -218,6 +218,14 @@ struct nbd_handle *nitro_nbd_connect(const char *uri, const char *tls_psk_file,
         } else {
             set_err(err, errlen, "connect failed");
             *errnum = nbd_get_errno();
+            /* libnbd gives no errno when a plaintext server hung up
+             * mid-handshake (a proxy in front of a server that is down, a
+             * server shutting down): that passes, like a refused
+             * connection. Over TLS a wrong PSK looks the same (the server
+             * ends the TLS handshake), and that will not pass: left a
+             * configuration error. */
+            if (*errnum == 0 && strncmp(uri, "nbds", 4) != 0)
+                *errnum = ECONNRESET;
         }
         nbd_close(h);
         return NULL;

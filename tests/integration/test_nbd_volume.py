@@ -111,6 +111,21 @@ def test_tls_required_refuses_plaintext(nitro, short_tmp_path):
         assert "cannot connect" in str(e.value)
 
 
+def test_a_wrong_psk_fails_the_start(nitro, short_tmp_path):
+    """Over TLS a wrong key looks like a server hanging up mid-handshake;
+    unlike a plaintext server that hangs up (tests/integration/
+    test_remote_waiting.py), it will not pass by itself: a start-up error."""
+    psk = write_psk(short_tmp_path / "keys.psk")
+    wrong = short_tmp_path / "wrong.psk"
+    wrong.write_text(f"{PSK_USER}:{bytes(32).hex()}\n")
+    wrong.chmod(0o600)
+    with NbdKit(short_tmp_path, ["memory", "32M"], tls_psk=psk) as server:
+        url = server.url().replace("nbd://", "nbds://")
+        with pytest.raises(Exception) as e:
+            nitro(blk(url, f'tls_psk_file = "{wrong}"\ntls_username = "{PSK_USER}"\n'))
+        assert "cannot connect" in str(e.value) and "gnutls" in str(e.value), str(e.value)
+
+
 def test_qemu_nbd(nitro, vublk, short_tmp_path):
     image = short_tmp_path / "q.img"
     subprocess.run(["truncate", "-s", "64M", str(image)], check=True)

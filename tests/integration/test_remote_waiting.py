@@ -7,6 +7,7 @@ Real nbdkit, real daemon, vublk as the front-end."""
 from __future__ import annotations
 
 import socket
+import threading
 import time
 
 import pytest
@@ -130,3 +131,38 @@ def test_a_server_that_never_answers_neither_holds_the_start_nor_the_stop(nitro,
         assert took < 10, f"the stop took {took:.1f} s"
     finally:
         silent.close()
+
+
+def test_a_server_that_hangs_up_at_once_makes_the_device_wait(nitro, vublk, short_tmp_path):
+    """A port that accepts and closes at once (a proxy in front of an NBD
+    server that is down, a server shutting down): the device waits like
+    one whose server refuses the connection; before, libnbd gave no errno
+    and the start failed, every other device with it."""
+    port = free_port()
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", port))
+    sock.listen(64)
+    stop = threading.Event()
+
+    def hang_up() -> None:
+        sock.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                conn, _ = sock.accept()
+            except OSError:
+                continue
+            conn.close()
+
+    t = threading.Thread(target=hang_up, daemon=True)
+    t.start()
+    try:
+        n = nitro(config(port))
+        verify(vublk, short_tmp_path / "local.sock", "--size", "1m")
+        status = n.status()
+        assert "r0  blk  WAITING for its remote source" in status, status
+        assert n.stop() == 0, n.output()
+    finally:
+        stop.set()
+        t.join()
+        sock.close()
