@@ -393,11 +393,8 @@ int nitro_nbd_flush(struct nitro_nbd *c, uint64_t timeout_ns, char *err, size_t 
         return 1;
     if (!c->can_flush)
         return 0;
-    int64_t cookie = nbd_aio_flush(c->h, NBD_NULL_COMPLETION, 0);
-    int rc = cookie < 0 ? -1 : run_until(c->h, completed, cookie, nitro_now_ns() + timeout_ns);
-    if (rc == -1)
-        set_err(err, errlen, "flush failed");
-    return rc;
+    return await_command(c->h, nbd_aio_flush(c->h, NBD_NULL_COMPLETION, 0), timeout_ns,
+                         "flush failed", err, errlen);
 }
 
 void nitro_nbd_stats(const struct nitro_nbd *c, struct nitro_nbd_stats *out)

@@ -14,8 +14,8 @@ from nitro.crypto import keys
 from nitro.devices.base import VirtioBackend
 from nitro.devices.blk import config as blkcfg
 from nitro.devices.blk.backends.luks import LuksVolume
-from nitro.devices.blk.backends.raw import RawImage, VolumeError, VolumeLockedError
-from nitro.devices.blk.device import FLUSH_MIN_S, BlkDevice
+from nitro.devices.blk.backends.raw import MIN_REMOTE_WAIT_S, RawImage, VolumeError, VolumeLockedError
+from nitro.devices.blk.device import BlkDevice
 from tests.unit.test_volume_cli import luks_volume
 
 
@@ -143,5 +143,5 @@ def test_a_drains_flush_waits_at_most_io_timeout_from_the_drains_start(tmp_path:
         dev.close()
     assert vol.flushed[0] is None
     assert 19 < vol.flushed[1] <= 20
-    assert vol.flushed[2] == FLUSH_MIN_S  # under the floor: the floor
-    assert vol.flushed[3] == FLUSH_MIN_S
+    assert vol.flushed[2] == MIN_REMOTE_WAIT_S  # under the floor: the floor
+    assert vol.flushed[3] == MIN_REMOTE_WAIT_S

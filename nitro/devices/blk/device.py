@@ -18,7 +18,7 @@ from nitro import _datapath
 from nitro.config import BlkConfig, QosConfig
 from nitro.devices.base import VirtioDevice
 from nitro.devices.blk import config as blkcfg
-from nitro.devices.blk.backends.raw import RawImage
+from nitro.devices.blk.backends.raw import MIN_REMOTE_WAIT_S, RawImage
 from nitro.log import log_event
 
 if TYPE_CHECKING:
@@ -28,10 +28,6 @@ if TYPE_CHECKING:
 from nitro.vhost.protocol import ProtocolFeature
 
 log = logging.getLogger("nitro.blk")
-
-#: The least a drain's flush waits for remote storage, however long the
-#: rings' detach took: a server that answers gets the chance to.
-FLUSH_MIN_S = 1.0
 
 
 class BlkDevice(VirtioDevice):
@@ -124,11 +120,11 @@ class BlkDevice(VirtioDevice):
         """Make every completed write durable (drain on shutdown). A remote
         volume waits for its storage at most io_timeout counted from
         `began` (when the drain began: its rings' requests had the same
-        bound), never under FLUSH_MIN_S; so a stop with the storage away
+        bound), never under MIN_REMOTE_WAIT_S; so a stop with the storage away
         takes about io_timeout, not one more per step."""
         timeout = None
         if began is not None:
-            timeout = max(FLUSH_MIN_S, began + self.cfg.io_timeout - time.monotonic())
+            timeout = max(MIN_REMOTE_WAIT_S, began + self.cfg.io_timeout - time.monotonic())
         self.volume.flush(timeout)
 
     def close(self) -> None:

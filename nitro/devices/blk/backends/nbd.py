@@ -34,13 +34,14 @@ import trio
 
 from nitro import _datapath
 from nitro.config import DEFAULT_IO_TIMEOUT
-from nitro.devices.blk.backends.raw import UNREACHABLE, SourceUnavailableError, VolumeError
+from nitro.devices.blk.backends.raw import (
+    MIN_REMOTE_WAIT_S,
+    UNREACHABLE,
+    SourceUnavailableError,
+    VolumeError,
+)
 from nitro.devices.blk.config import SECTOR_SIZE
 from nitro.log import log_event
-
-#: The least each connection's flush waits, however little is left of the
-#: bound: a server that answers gets the chance to.
-FLUSH_MIN_S = 1.0
 
 log = logging.getLogger("nitro.blk.nbd")
 
@@ -235,7 +236,7 @@ class NbdVolume:
     def flush(self, timeout: float | None = None) -> None:
         """Every queue's connection flushed (rings detached: drain, reload),
         all within `timeout` s (default io_timeout; each connection gets
-        FLUSH_MIN_S at least); TimeoutError after it, the silent connection
+        MIN_REMOTE_WAIT_S at least); TimeoutError after it, the silent connection
         hung up (a server that hangs without closing it would hold the
         caller for ever). The lock is not held meanwhile: the connector
         takes it on the trio thread; close() waits for the flush."""
@@ -247,7 +248,7 @@ class NbdVolume:
         try:
             for c in self.conns:
                 try:
-                    c.flush(max(FLUSH_MIN_S, deadline - time.monotonic()))
+                    c.flush(max(MIN_REMOTE_WAIT_S, deadline - time.monotonic()))
                 except _datapath.NbdError as e:
                     raise OSError(errno.EIO, f"{self.src}: {e}") from None
                 except TimeoutError:

@@ -27,6 +27,11 @@ class SourceUnavailableError(VolumeError):
     its other devices and keeps trying this one (docs/volumes.md)."""
 
 
+#: The least any bounded wait on remote storage at a stop gets (a flush,
+#: each NBD connection's flush, an RBD close), however little is left of
+#: the drain's bound: a server that answers gets the chance to.
+MIN_REMOTE_WAIT_S = 1.0
+
 # Connect errnos that say the server is not there (yet): SourceUnavailableError.
 # Any other (TLS refused, no such export, a refused key) is a configuration
 # for the operator to fix.

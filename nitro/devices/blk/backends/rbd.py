@@ -28,6 +28,7 @@ from pathlib import Path
 from nitro import _datapath
 from nitro.config import DEFAULT_IO_TIMEOUT, RbdSource
 from nitro.devices.blk.backends.raw import (
+    MIN_REMOTE_WAIT_S,
     UNREACHABLE,
     SourceUnavailableError,
     VolumeError,
@@ -37,10 +38,6 @@ from nitro.devices.blk.config import SECTOR_SIZE
 from nitro.log import log_event
 
 log = logging.getLogger("nitro.blk")
-
-#: The least a close after a drain's flush waits for the cluster: one that
-#: answers gets the chance to release the lock.
-CLOSE_MIN_S = 1.0
 
 
 class RbdVolume:
@@ -128,12 +125,12 @@ class RbdVolume:
     def close(self) -> None:
         """Release the lock, close the image, disconnect: at most io_timeout
         (after a drain's flush, what is left of its bound, at least
-        CLOSE_MIN_S), and not at all once a flush found the cluster away
+        MIN_REMOTE_WAIT_S), and not at all once a flush found the cluster away
         (each call would wait for it); the image's lock then expires on the
         cluster with this client's watch."""
         timeout = self.io_timeout
         if self._close_by is not None:
-            timeout = min(timeout, max(CLOSE_MIN_S, self._close_by - time.monotonic()))
+            timeout = min(timeout, max(MIN_REMOTE_WAIT_S, self._close_by - time.monotonic()))
         if self.unreachable:
             self.rbd.abandon()
         else:
