@@ -87,10 +87,10 @@ def test_nbdkit_restart_under_writes_loses_no_acked_write(nitro, vublk, short_tm
     assert res["lat_max_us"] > 500_000, "the writer never waited: the restart missed it"
 
 
-def until_writing(n, writes: int, timeout: float = 20) -> None:
+def until_writing(n, writes: int, timeout: float = 20, device: str = "r0") -> None:
     """Return once the daemon completed `writes` writes (its metrics)."""
     deadline = time.monotonic() + timeout
-    while metric(n, "nitro_blk_requests_total", device="r0", op="out") < writes:
+    while metric(n, "nitro_blk_requests_total", device=device, op="out") < writes:
         assert time.monotonic() < deadline, f"fewer than {writes} writes in {timeout} s"
         time.sleep(0.005)
 

@@ -24,6 +24,7 @@ import pytest
 
 from bench.ceph import CephCluster, ceph_cluster
 from bench.proc import Nitro, free_port, run_cli
+from tests.integration.test_nbd_volume import until_writing
 from tests.integration.test_qos import metric
 from tests.integration.test_vublk_reference import pattern, run_vublk
 
@@ -58,7 +59,9 @@ def test_osd_restart_under_writes_loses_nothing(cluster: CephCluster, vublk: Pat
             vublk, short_tmp_path / "vol0.sock", "--rw", "verify", "--bs", "4k", "--iodepth", "32",
             "--size", str(REGION), "--seed", str(SEED), "--timeout", "120")))
         writer.start()
-        time.sleep(1.5)  # writing by now: 32 MiB at 4 KiB take several seconds here
+        # The kill must land on live I/O: a fixed sleep missed it once the
+        # whole verify run (32 MiB written, read back) took under 1.5 s.
+        until_writing(daemon, 64, device="vol0")
         killed = time.monotonic()
         cluster.stop_osd(kill=True)
         cluster.restart_osd()
