@@ -20,7 +20,7 @@ $(PY):
 	$(PIP) install -q --upgrade pip setuptools wheel
 
 # Rebuild the extension whenever the C sources or the package metadata change.
-$(STAMP): $(PY) pyproject.toml setup.py $(wildcard cffi_build/*.c cffi_build/*.h cffi_build/*.py)
+$(STAMP): $(PY) pyproject.toml setup.py $(wildcard cffi_build/*.c cffi_build/*.cpp cffi_build/*.h cffi_build/*.py)
 	$(PIP) install -q cffi 'setuptools>=77' wheel
 	$(PIP) install -q --no-build-isolation -e '.[test]'
 	touch $@

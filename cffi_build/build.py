@@ -21,7 +21,8 @@ ROOT = HERE.parent
 # Every nitro_*.c is part of the extension. The ABI (the cdef) is nitro.h plus
 # one header per subsystem that has C entry points of its own; other headers
 # (nitro_vring.h, nitro_pkt.h, ...) are internal to the C files.
-SOURCES = sorted(p.name for p in HERE.glob("nitro_*.c"))
+# C, and one C++ file: librbd's bufferlist reads (nitro_rbd_bl.cpp).
+SOURCES = sorted(p.name for p in [*HERE.glob("nitro_*.c"), *HERE.glob("nitro_*.cpp")])
 HEADERS = sorted(p.name for p in HERE.glob("nitro*.h"))
 ABI_HEADERS = [h for h in ("nitro.h", "nitro_crypto.h", "nitro_net.h", "nitro_tunnel.h",
                           "nitro_nbd.h", "nitro_rbd.h")
@@ -63,13 +64,15 @@ def make_builder() -> cffi.FFI:
         # OpenSSL EVP for the AES-XTS datapath; liburing for the engine's blk
         # I/O; libseccomp for the workers' system call filter; libnbd for
         # volumes on an NBD export; librbd and librados (Debian librbd-dev)
-        # for RBD volumes.
-        libraries=["crypto", "uring", "seccomp", "nbd", "rbd", "rados"],
+        # for RBD volumes; libstdc++ for the one C++ file (librbd's C++ API,
+        # nitro_rbd_bl.cpp).
+        libraries=["crypto", "uring", "seccomp", "nbd", "rbd", "rados", "stdc++"],
         # -Werror: a warning in the datapath is a bug until shown otherwise.
         # Hidden visibility: Python reaches C only through cffi, inside this
-        # object, so the module init is its one exported symbol.
-        extra_compile_args=["-O2", "-Wall", "-Wextra", "-Werror", "-std=gnu11",
-                            "-fvisibility=hidden"],
+        # object, so the module init is its one exported symbol. One list
+        # for C and C++ (setuptools has no other), so no -std: the
+        # compiler's defaults apply (GCC 12: gnu17 and gnu++17).
+        extra_compile_args=["-O2", "-Wall", "-Wextra", "-Werror", "-fvisibility=hidden"],
     )
     return builder
 

@@ -72,6 +72,35 @@ static inline size_t nitro_buf_to_iov(const struct iovec *iov, int cnt,
     return done;
 }
 
+/* A position in an iovec array: element i, byte off in it. */
+struct nitro_iov_at {
+    int i;
+    size_t off;
+};
+
+/* Copy len bytes of buf into iov from *at on, moving *at past them;
+ * returns bytes copied (fewer where iov ends first). Successive calls
+ * fill iov from several sources in turn. */
+static inline size_t nitro_buf_to_iov_at(const struct iovec *iov, int cnt,
+                                         struct nitro_iov_at *at, const void *buf,
+                                         size_t len)
+{
+    const uint8_t *in = buf;
+    size_t done = 0;
+    while (done < len && at->i < cnt) {
+        size_t room = iov[at->i].iov_len - at->off;
+        size_t n = room < len - done ? room : len - done;
+        memcpy((uint8_t *)iov[at->i].iov_base + at->off, in + done, n);
+        done += n;
+        at->off += n;
+        if (at->off == iov[at->i].iov_len) {
+            at->i++;
+            at->off = 0;
+        }
+    }
+    return done;
+}
+
 static inline void nitro_iov_zero(const struct iovec *iov, int cnt)
 {
     for (int i = 0; i < cnt; i++)

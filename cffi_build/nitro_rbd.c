@@ -12,17 +12,19 @@
  * finds the stack in its next poll without a system call. The worker
  * touches guest memory (a write's data, the status byte, the used ring)
  * inside the engine's guards. One copy is librbd's thread's: a plain
- * read's data goes from the request's buffer into the guest in rbd_done,
- * under a guard of its own, before the request is handed over (see
- * rbd_read_deliver for why, and for the rule that keeps it off memory the
- * worker has let go).
+ * read's data goes from the OSD reply's buffers, which librbd hands over
+ * in a bufferlist (nitro_rbd_bl.h: one copy per read, not two), into the
+ * guest in rbd_done, under a guard of its own, before the request is
+ * handed over (see rbd_read_deliver for why, and for the rule that keeps
+ * it off memory the worker has let go).
  *
  * An encrypted volume (params->xts: a LUKS2 image, backends/luks.py) has
  * the same path with the copies replaced by AES-XTS, out of place: a
  * write is encrypted from guest memory into the request's buffer, a read
- * decrypted from its buffer into guest memory, so librbd (and the cluster)
- * only ever see ciphertext and guest memory never holds any. Offsets are
- * the data segment's (what the IVs count from) plus params->data_offset.
+ * decrypted from librbd's buffers into guest memory (on the worker), so
+ * librbd (and the cluster) only ever see ciphertext and guest memory never
+ * holds any. Offsets are the data segment's (what the IVs count from) plus
+ * params->data_offset.
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -40,6 +42,7 @@
 #include "nitro_guard.h"
 #include "nitro_iov.h"
 #include "nitro_rbd.h"
+#include "nitro_rbd_bl.h"
 #include "nitro_ring.h"
 #include "nitro_xts_internal.h"
 
@@ -257,8 +260,9 @@ struct rbd_io {
     uint64_t off;               /* in the data segment (the XTS IVs' count) */
     struct iovec *giov;         /* a read's guest buffers (a copy) */
     int gcnt;
-    uint8_t *buf;               /* the data (ciphertext if encrypted), never guest memory */
+    uint8_t *buf;               /* a write's data (ciphertext if encrypted), never guest memory */
     size_t cap;
+    struct nitro_rbd_bl *bl;    /* a read's: the OSD reply's buffers, handed over by librbd */
     int pending;                /* aio calls not yet completed (atomic) */
     int failed;                 /* one of them failed (atomic) */
 };
@@ -316,6 +320,23 @@ static void rbd_io_complete(struct rbd_io *io)
     rbd_ring_put(b);
 }
 
+/* A plain read's data from librbd's buffers into the guest's; false if
+ * they held less than the request (librbd zero-fills holes, so a short
+ * reply is an error, never stale guest bytes). */
+static bool rbd_bl_to_guest(const struct rbd_io *io)
+{
+    struct iovec seg[8];
+    struct nitro_iov_at at = {0, 0};
+    uint64_t done = 0;
+    int n;
+    for (int first = 0; (n = nitro_rbd_bl_segments(io->bl, first, seg, 8)) > 0; first += n)
+        for (int i = 0; i < n && done < io->d.bytes; i++)
+            done += nitro_buf_to_iov_at(io->giov, io->gcnt, &at, seg[i].iov_base,
+                                        seg[i].iov_len < io->d.bytes - done
+                                            ? seg[i].iov_len : io->d.bytes - done);
+    return done == io->d.bytes;
+}
+
 static void rbd_copy_guarded(struct rbd_ring *b, struct rbd_io *io)
 {
     struct nitro_guard g;
@@ -325,8 +346,10 @@ static void rbd_copy_guarded(struct rbd_ring *b, struct rbd_io *io)
         __atomic_store_n(&io->failed, 1, __ATOMIC_RELAXED);
         return;
     }
-    nitro_buf_to_iov(io->giov, io->gcnt, io->buf, io->d.bytes);
+    bool whole = rbd_bl_to_guest(io);
     nitro_guard_leave(&g);
+    if (!whole)
+        __atomic_store_n(&io->failed, 1, __ATOMIC_RELAXED);
     io->copied = true;
 }
 
@@ -400,6 +423,8 @@ static void rbd_io_free(struct rbd_io *io)
 {
     free(io->giov);
     free(io->buf);
+    if (io->bl != NULL)
+        nitro_rbd_bl_free(io->bl);
     free(io);
 }
 
@@ -425,6 +450,8 @@ static void rbd_io_release(struct rbd_io *io)
         b->touching = NULL;
     free(io->giov);
     io->giov = NULL;
+    if (io->bl != NULL)
+        nitro_rbd_bl_clear(io->bl);  /* the reply's buffers back to librbd */
     if (io->cap > BUF_KEEP_BYTES) {
         free(io->buf);
         io->buf = NULL;
@@ -480,18 +507,67 @@ static bool rbd_orphan(struct rbd_ring *b, struct rbd_io *io)
     return true;
 }
 
-/* A read's data from its buffer into the guest (decrypted on the way). */
-static uint8_t rbd_copy_out(struct rbd_ring *b, struct rbd_io *io)
+/* Whether librbd's buffers each hold whole sectors of the cipher's, and
+ * the request's bytes in all. An image's objects are whole sectors, so a
+ * read's buffers are too, one per object it spans; the check is for
+ * whatever librbd might do otherwise. */
+static bool rbd_bl_in_sectors(const struct rbd_io *io, uint32_t unit)
 {
-    if (b->p->xts == NULL) {
-        if (!io->copied)  /* librbd's thread did not (the queue had faulted) */
-            nitro_buf_to_iov(io->giov, io->gcnt, io->buf, io->d.bytes);
-        return VIRTIO_BLK_S_OK;
-    }
+    struct iovec seg[8];
+    uint64_t total = 0;
+    int n;
+    for (int first = 0; (n = nitro_rbd_bl_segments(io->bl, first, seg, 8)) > 0; first += n)
+        for (int i = 0; i < n; i++) {
+            if (seg[i].iov_len % unit != 0)
+                return false;
+            total += seg[i].iov_len;
+        }
+    return total == io->d.bytes;
+}
+
+/* An encrypted read: librbd's buffers (ciphertext) decrypted into the
+ * guest's, each where it lies, or, where they do not hold whole sectors,
+ * gathered into the request's buffer first (a copy more). */
+static bool rbd_bl_decrypt(struct rbd_ring *b, struct rbd_io *io)
+{
+    struct nitro_xts *x = b->p->xts;
     struct iovec *g = io->giov;
     int gc = io->gcnt;
-    return nitro_xts_iov_buf(b->p->xts, b->lane, io->buf, &g, &gc, io->d.bytes, io->off,
-                             false) == NITRO_OK ? VIRTIO_BLK_S_OK : VIRTIO_BLK_S_IOERR;
+    struct iovec seg[8];
+    uint64_t done = 0;
+    int n;
+    if (!rbd_bl_in_sectors(io, nitro_xts_sector_size(x))) {
+        if (!rbd_buf_get(io, io->d.bytes))
+            return false;
+        for (int first = 0; (n = nitro_rbd_bl_segments(io->bl, first, seg, 8)) > 0; first += n)
+            for (int i = 0; i < n && done < io->d.bytes; i++) {
+                uint64_t len = seg[i].iov_len < io->d.bytes - done ? seg[i].iov_len
+                                                                   : io->d.bytes - done;
+                memcpy(io->buf + done, seg[i].iov_base, len);
+                done += len;
+            }
+        return done == io->d.bytes &&
+               nitro_xts_iov_buf(x, b->lane, io->buf, &g, &gc, done, io->off, false) == NITRO_OK;
+    }
+    for (int first = 0; (n = nitro_rbd_bl_segments(io->bl, first, seg, 8)) > 0; first += n)
+        for (int i = 0; i < n; i++) {
+            if (nitro_xts_iov_buf(x, b->lane, seg[i].iov_base, &g, &gc, seg[i].iov_len,
+                                  io->off + done, false) != NITRO_OK)
+                return false;
+            done += seg[i].iov_len;
+        }
+    return true;
+}
+
+/* A read's data from librbd's buffers into the guest (decrypted on the way). */
+static uint8_t rbd_copy_out(struct rbd_ring *b, struct rbd_io *io)
+{
+    bool ok;
+    if (b->p->xts != NULL)
+        ok = rbd_bl_decrypt(b, io);
+    else  /* copied on librbd's thread, unless the queue had faulted then */
+        ok = io->copied || rbd_bl_to_guest(io);
+    return ok ? VIRTIO_BLK_S_OK : VIRTIO_BLK_S_IOERR;
 }
 
 /* The worker: complete io's chain with its status (a read's data copied
@@ -574,7 +650,7 @@ static uint64_t image_off(const struct rbd_io *io, uint64_t off)
 
 static int submit_read(struct rbd_io *io, rbd_completion_t c, uint64_t off, uint64_t len)
 {
-    return rbd_aio_read(io->ring->v->image, image_off(io, off), len, (char *)io->buf, c);
+    return nitro_rbd_aio_read_bl(io->ring->v->image, image_off(io, off), len, io->bl, c);
 }
 
 static int submit_write(struct rbd_io *io, rbd_completion_t c, uint64_t off, uint64_t len)
@@ -672,8 +748,13 @@ static bool rbd_start_rw(struct rbd_io *io, const struct blk_req *rq)
     bool write = io->d.op == NITRO_BLK_OP_OUT;
     uint64_t len = write ? rq->rd_len : rq->wr_len;
     io->off = rq->sector << SECTOR_SHIFT;
-    if (!rbd_buf_get(io, len > 0 ? len : 1))
+    if (!write) {
+        /* librbd's buffers hold it (the slot keeps its list) */
+        if (io->bl == NULL && (io->bl = nitro_rbd_bl_new()) == NULL)
+            return false;
+    } else if (!rbd_buf_get(io, len > 0 ? len : 1)) {
         return false;
+    }
     if (write) {
         if (!rbd_copy_in(io, rq, len))
             return false;

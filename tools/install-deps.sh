@@ -11,10 +11,11 @@ PKGS="qemu-system-x86 qemu-utils busybox-static linux-image-amd64 kmod cpio
       clang-14 libclang-rt-14-dev
       etcd-server etcd-client tshark
       nbdkit libnbd-dev libnbd-bin
-      ceph-mon ceph-mgr ceph-osd librbd-dev qemu-block-extra"
+      ceph-mon ceph-mgr ceph-osd librbd-dev libradospp-dev g++ qemu-block-extra"
 # clang-14/libclang-rt: libFuzzer + sanitizer runtimes (tests/fuzz).
 # etcd-server/tshark: the fleet (docs/fleet.md). nbdkit/libnbd, ceph and
 # qemu-block-extra (qsd's nbd/rbd drivers): remote volumes (docs/volumes.md).
+# libradospp-dev, g++: librbd's C++ read call (cffi_build/nitro_rbd_bl.cpp).
 missing=""
 for p in $PKGS; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing="$missing $p"

@@ -69,7 +69,7 @@ def _is_plumbing(py: Path) -> bool:
 
 def must_be_on_map() -> set[str]:
     py = {p for p in (REPO / "nitro").rglob("*.py") if not _is_plumbing(p)}
-    c = {p for ext in ("*.c", "*.h") for p in (REPO / "cffi_build").glob(ext)}
+    c = {p for ext in ("*.c", "*.cpp", "*.h") for p in (REPO / "cffi_build").glob(ext)}
     return {p.relative_to(REPO).as_posix() for p in py | c}
 
 
