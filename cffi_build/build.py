@@ -70,8 +70,9 @@ def make_builder() -> cffi.FFI:
         # -Werror: a warning in the datapath is a bug until shown otherwise.
         # Hidden visibility: Python reaches C only through cffi, inside this
         # object, so the module init is its one exported symbol. One list
-        # for C and C++ (setuptools has no other), so no -std: the
-        # compiler's defaults apply (GCC 12: gnu17 and gnu++17).
+        # for C and C++ (an extension has no per-language one), so no
+        # -std: the compiler's defaults apply (Debian 12's GCC 12: gnu17,
+        # gnu++17; a GCC 15 would build C as gnu23).
         extra_compile_args=["-O2", "-Wall", "-Wextra", "-Werror", "-fvisibility=hidden"],
     )
     return builder

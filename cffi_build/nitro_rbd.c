@@ -241,7 +241,7 @@ enum rbd_io_state {
 
 /* One request slot, allocated on its own. A request librbd has not
  * completed by its deadline is answered IOERR and leaves the ring's slots
- * as an orphan: librbd may still write into its buffer, so it lives until
+ * as an orphan: librbd may still fill its bufferlist, so it lives until
  * librbd completes it, then is freed (and the ring allocates a new slot in
  * its place: a cluster that is away does not starve the guest's queue). */
 struct rbd_io {
@@ -320,34 +320,69 @@ static void rbd_io_complete(struct rbd_io *io)
     rbd_ring_put(b);
 }
 
+/* What fits on the stack of librbd's buffers for one read: one per object
+ * it spans, more where a sparse read had holes. */
+#define BL_SEGS 16
+
+/* The buffers librbd handed io's read over in: `stack` when they fit,
+ * else an array allocated here (*heap, the caller frees it); NULL: no
+ * memory. Fetched before any guard: nothing here touches the guest. */
+static struct iovec *rbd_bl_get(const struct rbd_io *io, struct iovec *stack,
+                                struct iovec **heap, int *n)
+{
+    *heap = NULL;
+    *n = nitro_rbd_bl_segments(io->bl, stack, BL_SEGS);
+    if (*n <= BL_SEGS)
+        return stack;
+    *heap = malloc((size_t)*n * sizeof(struct iovec));
+    if (*heap != NULL)
+        nitro_rbd_bl_segments(io->bl, *heap, *n);  /* nobody changes the list now */
+    return *heap;
+}
+
 /* A plain read's data from librbd's buffers into the guest's; false if
  * they held less than the request (librbd zero-fills holes, so a short
  * reply is an error, never stale guest bytes). */
-static bool rbd_bl_to_guest(const struct rbd_io *io)
+static bool rbd_bl_to_guest(const struct rbd_io *io, const struct iovec *seg, int n)
 {
-    struct iovec seg[8];
     struct nitro_iov_at at = {0, 0};
     uint64_t done = 0;
-    int n;
-    for (int first = 0; (n = nitro_rbd_bl_segments(io->bl, first, seg, 8)) > 0; first += n)
-        for (int i = 0; i < n && done < io->d.bytes; i++)
-            done += nitro_buf_to_iov_at(io->giov, io->gcnt, &at, seg[i].iov_base,
-                                        seg[i].iov_len < io->d.bytes - done
-                                            ? seg[i].iov_len : io->d.bytes - done);
+    for (int i = 0; i < n && done < io->d.bytes; i++) {
+        uint64_t len = seg[i].iov_len < io->d.bytes - done ? seg[i].iov_len : io->d.bytes - done;
+        done += nitro_buf_to_iov_at(io->giov, io->gcnt, &at, seg[i].iov_base, len);
+    }
     return done == io->d.bytes;
+}
+
+/* The same, on the worker (inside the engine's guards). */
+static bool rbd_bl_copy(const struct rbd_io *io)
+{
+    struct iovec stack[BL_SEGS], *heap;
+    int n;
+    const struct iovec *seg = rbd_bl_get(io, stack, &heap, &n);
+    bool ok = seg != NULL && rbd_bl_to_guest(io, seg, n);
+    free(heap);
+    return ok;
 }
 
 static void rbd_copy_guarded(struct rbd_ring *b, struct rbd_io *io)
 {
+    struct iovec stack[BL_SEGS], *heap;
+    int n;
+    const struct iovec *seg = rbd_bl_get(io, stack, &heap, &n);
+    if (seg == NULL)
+        return;  /* no memory: the worker copies (io->copied stays false) */
     struct nitro_guard g;
     if (NITRO_GUARD_ENTER(&g, nitro_guard_covers_vq, b->r.vq)) {
         nitro_guard_leave(&g);
+        free(heap);
         nitro_vq_set_fault(b->r.vq, NITRO_FAULT_MEMORY);
         __atomic_store_n(&io->failed, 1, __ATOMIC_RELAXED);
         return;
     }
-    bool whole = rbd_bl_to_guest(io);
+    bool whole = rbd_bl_to_guest(io, seg, n);
     nitro_guard_leave(&g);
+    free(heap);
     if (!whole)
         __atomic_store_n(&io->failed, 1, __ATOMIC_RELAXED);
     io->copied = true;
@@ -368,12 +403,12 @@ static bool rbd_thread_guardable(void)
     return guardable;
 }
 
-/* librbd's thread, a plain read that succeeded: its data from the
- * request's buffer into the guest, here rather than on the worker after
- * its wake-up (librbd may well have filled the buffer on this thread,
- * whose cache then holds it; not shown). bench.rbd, 128 KiB reads QD8,
- * alternated builds: median 0.97 of qsd on the worker (0.96-1.02), 0.99
- * here (0.99-1.03). An encrypted read is decrypted on the worker, whose
+/* librbd's thread, a plain read that succeeded: its data from librbd's
+ * buffers into the guest, here rather than on the worker after its
+ * wake-up, which the answer then waits for less. bench.rbd, 128 KiB
+ * reads QD8, alternated builds (when librbd still copied into nitro's
+ * buffer on this thread first): median 0.97 of qsd on the worker
+ * (0.96-1.02), 0.99 here (0.99-1.03). An encrypted read is decrypted on the worker, whose
  * cipher contexts these are. Guest memory can vanish under the copy as
  * under any other (nitro_guard.h): a fault breaks the queue and fails
  * this request, never the daemon. */
@@ -508,55 +543,66 @@ static bool rbd_orphan(struct rbd_ring *b, struct rbd_io *io)
 }
 
 /* Whether librbd's buffers each hold whole sectors of the cipher's, and
- * the request's bytes in all. An image's objects are whole sectors, so a
- * read's buffers are too, one per object it spans; the check is for
- * whatever librbd might do otherwise. */
-static bool rbd_bl_in_sectors(const struct rbd_io *io, uint32_t unit)
+ * the request's bytes in all: so each can be decrypted where it lies. An
+ * image's objects are whole sectors, and so are a sparse read's extents
+ * on the stores seen here (their allocation units); the check is for any
+ * that are not. */
+static bool rbd_bl_in_sectors(const struct rbd_io *io, const struct iovec *seg, int n,
+                              uint32_t unit)
 {
-    struct iovec seg[8];
     uint64_t total = 0;
-    int n;
-    for (int first = 0; (n = nitro_rbd_bl_segments(io->bl, first, seg, 8)) > 0; first += n)
-        for (int i = 0; i < n; i++) {
-            if (seg[i].iov_len % unit != 0)
-                return false;
-            total += seg[i].iov_len;
-        }
+    for (int i = 0; i < n; i++) {
+        if (seg[i].iov_len % unit != 0)
+            return false;
+        total += seg[i].iov_len;
+    }
     return total == io->d.bytes;
 }
 
-/* An encrypted read: librbd's buffers (ciphertext) decrypted into the
- * guest's, each where it lies, or, where they do not hold whole sectors,
- * gathered into the request's buffer first (a copy more). */
-static bool rbd_bl_decrypt(struct rbd_ring *b, struct rbd_io *io)
+/* Decrypted from the request's buffer, gathered there first from librbd's
+ * buffers (a copy more): where a buffer holds part of a sector. */
+static bool rbd_bl_gather_decrypt(struct rbd_ring *b, struct rbd_io *io,
+                                  const struct iovec *seg, int n)
 {
-    struct nitro_xts *x = b->p->xts;
     struct iovec *g = io->giov;
     int gc = io->gcnt;
-    struct iovec seg[8];
     uint64_t done = 0;
-    int n;
-    if (!rbd_bl_in_sectors(io, nitro_xts_sector_size(x))) {
-        if (!rbd_buf_get(io, io->d.bytes))
-            return false;
-        for (int first = 0; (n = nitro_rbd_bl_segments(io->bl, first, seg, 8)) > 0; first += n)
-            for (int i = 0; i < n && done < io->d.bytes; i++) {
-                uint64_t len = seg[i].iov_len < io->d.bytes - done ? seg[i].iov_len
-                                                                   : io->d.bytes - done;
-                memcpy(io->buf + done, seg[i].iov_base, len);
-                done += len;
-            }
-        return done == io->d.bytes &&
-               nitro_xts_iov_buf(x, b->lane, io->buf, &g, &gc, done, io->off, false) == NITRO_OK;
+    if (!rbd_buf_get(io, io->d.bytes))
+        return false;
+    for (int i = 0; i < n && done < io->d.bytes; i++) {
+        uint64_t len = seg[i].iov_len < io->d.bytes - done ? seg[i].iov_len : io->d.bytes - done;
+        memcpy(io->buf + done, seg[i].iov_base, len);
+        done += len;
     }
-    for (int first = 0; (n = nitro_rbd_bl_segments(io->bl, first, seg, 8)) > 0; first += n)
-        for (int i = 0; i < n; i++) {
-            if (nitro_xts_iov_buf(x, b->lane, seg[i].iov_base, &g, &gc, seg[i].iov_len,
-                                  io->off + done, false) != NITRO_OK)
-                return false;
+    return done == io->d.bytes &&
+           nitro_xts_iov_buf(b->p->xts, b->lane, io->buf, &g, &gc, done, io->off, false) == NITRO_OK;
+}
+
+/* An encrypted read: librbd's buffers (ciphertext) decrypted into the
+ * guest's, each where it lies (its sectors' IVs from its place in the
+ * request). */
+static bool rbd_bl_decrypt(struct rbd_ring *b, struct rbd_io *io)
+{
+    struct iovec stack[BL_SEGS], *heap;
+    int n;
+    const struct iovec *seg = rbd_bl_get(io, stack, &heap, &n);
+    if (seg == NULL)
+        return false;
+    bool ok = true;
+    if (!rbd_bl_in_sectors(io, seg, n, nitro_xts_sector_size(b->p->xts))) {
+        ok = rbd_bl_gather_decrypt(b, io, seg, n);
+    } else {
+        struct iovec *g = io->giov;
+        int gc = io->gcnt;
+        uint64_t done = 0;
+        for (int i = 0; i < n && ok; i++) {
+            ok = nitro_xts_iov_buf(b->p->xts, b->lane, seg[i].iov_base, &g, &gc,
+                                   seg[i].iov_len, io->off + done, false) == NITRO_OK;
             done += seg[i].iov_len;
         }
-    return true;
+    }
+    free(heap);
+    return ok;
 }
 
 /* A read's data from librbd's buffers into the guest (decrypted on the way). */
@@ -566,7 +612,7 @@ static uint8_t rbd_copy_out(struct rbd_ring *b, struct rbd_io *io)
     if (b->p->xts != NULL)
         ok = rbd_bl_decrypt(b, io);
     else  /* copied on librbd's thread, unless the queue had faulted then */
-        ok = io->copied || rbd_bl_to_guest(io);
+        ok = io->copied || rbd_bl_copy(io);
     return ok ? VIRTIO_BLK_S_OK : VIRTIO_BLK_S_IOERR;
 }
 
@@ -741,8 +787,8 @@ static bool rbd_copy_in(struct rbd_io *io, const struct blk_req *rq, uint64_t le
                              true) == NITRO_OK;
 }
 
-/* A read or write: the data through io->buf. False: no memory (or the
- * cipher failed). */
+/* A read or write: a write's data through io->buf, a read's through
+ * librbd's buffers (io->bl). False: no memory (or the cipher failed). */
 static bool rbd_start_rw(struct rbd_io *io, const struct blk_req *rq)
 {
     bool write = io->d.op == NITRO_BLK_OP_OUT;

@@ -9,8 +9,15 @@
  * handle in an Image for the one call, and unwraps it before the Image's
  * destructor (which would close the image) runs. The pointer is a private
  * member: it is reached the one way the language allows, naming it in an
- * explicit template instantiation.
+ * explicit template instantiation. That the two handles are the same
+ * ImageCtx is librbd's code (librbd.cc), not a documented interface; the
+ * build checks only that the Image is still one pointer. The clean way,
+ * opening the image through the C++ API and moving every image call
+ * nitro makes there, is not done.
  */
+#include <cerrno>
+#include <new>
+
 #include <rbd/librbd.hpp>
 
 #include "nitro_rbd_bl.h"
@@ -73,9 +80,13 @@ extern "C" void nitro_rbd_bl_clear(struct nitro_rbd_bl *bl)
 }
 
 /* librbd's C completions are its C++ ones (rbd_aio_create_completion makes
- * an RBD::AioCompletion); a read into a bufferlist has no C call. librbd
- * reports failures through the completion, but a C++ exception (no memory)
- * must not cross into C. */
+ * an RBD::AioCompletion, and librbd's own C read casts it back); a read
+ * into a bufferlist has no C call. The list must be empty: the call's
+ * trace and debug lines flatten (copy) a list that is not. librbd reports
+ * failures through the completion; an exception (no memory) must not
+ * cross into C, and can only come before librbd took the completion (its
+ * one allocation before the hand-off is the request's), so the caller
+ * releases the completion on an error return. */
 extern "C" int nitro_rbd_aio_read_bl(rbd_image_t image, uint64_t off, uint64_t len,
                                      struct nitro_rbd_bl *bl, rbd_completion_t c)
 {
@@ -85,20 +96,19 @@ extern "C" int nitro_rbd_aio_read_bl(rbd_image_t image, uint64_t off, uint64_t l
                                   static_cast<librbd::RBD::AioCompletion *>(c));
     } catch (const std::bad_alloc &) {
         return -ENOMEM;
+    } catch (...) {
+        return -EIO;
     }
 }
 
-extern "C" int nitro_rbd_bl_segments(const struct nitro_rbd_bl *bl, int first,
-                                     struct iovec *seg, int max)
+extern "C" int nitro_rbd_bl_segments(const struct nitro_rbd_bl *bl, struct iovec *seg, int max)
 {
-    int i = 0, n = 0;
+    int n = 0;
     for (const auto &p : list(bl)->buffers()) {
-        if (n == max)
-            break;
-        if (i++ < first)
-            continue;
-        seg[n].iov_base = const_cast<char *>(p.c_str());
-        seg[n].iov_len = p.length();
+        if (n < max) {
+            seg[n].iov_base = const_cast<char *>(p.c_str());
+            seg[n].iov_len = p.length();
+        }
         n++;
     }
     return n;

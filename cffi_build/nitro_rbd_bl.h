@@ -36,10 +36,11 @@ void nitro_rbd_bl_clear(struct nitro_rbd_bl *bl);
  * held) when c completes. 0, or a negative errno. */
 int nitro_rbd_aio_read_bl(rbd_image_t image, uint64_t off, uint64_t len,
                           struct nitro_rbd_bl *bl, rbd_completion_t c);
-/* Its bytes, as segments: up to max of them from segment `first` on into
- * seg; how many (0: none left). */
-int nitro_rbd_bl_segments(const struct nitro_rbd_bl *bl, int first, struct iovec *seg,
-                          int max);
+/* Its bytes, as segments: how many it has, of which the first `max` are
+ * stored in seg (a caller whose array is too small calls again with one
+ * of that size). One buffer per object a read spans, and more where the
+ * OSD answered a sparse read (holes are buffers of zeros). */
+int nitro_rbd_bl_segments(const struct nitro_rbd_bl *bl, struct iovec *seg, int max);
 
 #ifdef __cplusplus
 }

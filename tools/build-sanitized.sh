@@ -22,7 +22,9 @@ mkdir -p "$OUT/obj"
 (cd "$ROOT" && find nitro -name '*.py' -o -name '*.toml' | grep -v __pycache__ |
     cpio -pdm --quiet "$OUT")
 # From outside the repo root, build.py names its sources by absolute path.
-(cd "$OUT/obj" && CFLAGS="$SAN" LDFLAGS="$SAN" "$PY" -c '
+# CXXFLAGS too: setuptools compiles the one C++ file (nitro_rbd_bl.cpp) with
+# them instead of CFLAGS.
+(cd "$OUT/obj" && CFLAGS="$SAN" CXXFLAGS="$SAN" LDFLAGS="$SAN" "$PY" -c '
 import sys, shutil
 sys.path.insert(0, sys.argv[3])
 import build

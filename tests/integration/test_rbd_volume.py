@@ -19,6 +19,7 @@ import pytest
 
 from bench.ceph import CephCluster, ceph_cluster
 from bench.proc import ChildError, Nitro, run_cli
+from tests.integration.frontend import Frontend
 from tests.integration.test_encrypted_remote import (
     check_server_holds_ciphertext,
     create_encrypted,
@@ -27,6 +28,7 @@ from tests.integration.test_encrypted_remote import (
 from tests.integration.test_encrypted_volume import FAST_PBKDF, key_file
 from tests.integration.test_qos import finish, metric, reads, volume_qos
 from tests.integration.test_vublk_reference import pattern, run_vublk
+from tests.ringlayout import VIRTIO_BLK_T_IN
 
 pytestmark = pytest.mark.integration
 
@@ -64,16 +66,23 @@ def test_vublk_verify_lands_in_rados(cluster: CephCluster, vublk: Path, short_tm
     assert data[REGION:] == bytes(len(data) - REGION)
 
 
-@pytest.mark.parametrize("encrypted", [False, True], ids=["plain", "luks2"])
+@pytest.mark.parametrize(("encrypted", "bs", "seg"),
+                         [(False, "192k", "12k"), (True, "192k", "12k"), (False, "1m", "20k"),
+                          (True, "1m", "20k")],
+                         ids=["plain", "luks2", "plain-17-objects", "luks2-17-objects"])
 def test_reads_across_objects_into_scattered_pages(cluster: CephCluster, vublk: Path,
-                                                   short_tmp_path: Path, encrypted: bool) -> None:
+                                                   short_tmp_path: Path, encrypted: bool, bs: str,
+                                                   seg: str) -> None:
     """A read spanning several RADOS objects comes back from librbd as
     several buffers (nitro_rbd_bl.cpp hands them over as they are), and
     each must land, copied or decrypted, at its own place in guest buffers
-    scattered over memory: 64 KiB objects, 192 KiB requests starting
-    mid-object, so every read spans four objects, in 12 KiB descriptors,
-    so the objects' seams fall inside descriptors."""
-    image = f"striped-{int(encrypted)}"
+    scattered over memory: 64 KiB objects, requests starting mid-object,
+    so a 192 KiB read spans four objects and a 1 MiB one seventeen (more
+    buffers than nitro keeps room for on its stack), in 12 or 20 KiB
+    descriptors, so the objects' seams fall inside descriptors. Plain:
+    then a read of the first object, a never-written half (zeros, or a
+    hole librbd fills) and the written data after it."""
+    image = f"striped-{int(encrypted)}-{bs}"
     cluster.rbd("create", "--size", f"{IMAGE_MIB}M", "--object-size", "64K", f"{cluster.pool}/{image}")
     extra = ""
     if encrypted:
@@ -83,14 +92,19 @@ def test_reads_across_objects_into_scattered_pages(cluster: CephCluster, vublk: 
         assert r.returncode == 0, r.stderr
         extra = f'encryption = {{ key_file = "{key}" }}\n'
     region, offset = 3 << 20, 32 << 10
+    sock = short_tmp_path / "vol0.sock"
     with Nitro(short_tmp_path, _config(cluster, image) + extra) as daemon:
-        rc, res, err = run_vublk(vublk, "--socket", str(short_tmp_path / "vol0.sock"), "--rw", "verify",
-                                 "--bs", "192k", "--seg-size", "12k", "--offset", str(offset),
-                                 "--size", str(region), "--iodepth", "8", "--seed", str(SEED),
-                                 "--timeout", "30", timeout=120)
+        rc, res, err = run_vublk(vublk, "--socket", str(sock), "--rw", "verify", "--bs", bs,
+                                 "--seg-size", seg, "--offset", str(offset), "--size", str(region),
+                                 "--iodepth", "2", "--seed", str(SEED), "--timeout", "30", timeout=120)
         assert rc == 0, err
         assert res is not None and res["errors"] == 0 and res["mismatches"] == 0, res
         assert res["verified_bytes"] == region and res["len_mismatch"] == 0, res
+        if not encrypted:
+            with Frontend(sock) as fe:
+                fe.start()
+                status, got = fe.blk_request(VIRTIO_BLK_T_IN, 0, read_len=64 << 10)
+            assert status == 0 and got == bytes(offset) + pattern(SEED, offset, (64 << 10) - offset)
         assert daemon.stop() == 0, daemon.output()
     if not encrypted:
         data = _export(cluster, image)
