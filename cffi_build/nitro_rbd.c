@@ -408,8 +408,8 @@ static bool rbd_thread_guardable(void)
  * wake-up, which the answer then waits for less. bench.rbd, 128 KiB
  * reads QD8, alternated builds (when librbd still copied into nitro's
  * buffer on this thread first): median 0.97 of qsd on the worker
- * (0.96-1.02), 0.99 here (0.99-1.03). An encrypted read is decrypted on the worker, whose
- * cipher contexts these are. Guest memory can vanish under the copy as
+ * (0.96-1.02), 0.99 here (0.99-1.03). An encrypted read is decrypted on
+ * the worker, whose cipher contexts these are. Guest memory can vanish under the copy as
  * under any other (nitro_guard.h): a fault breaks the queue and fails
  * this request, never the daemon. */
 static void rbd_read_deliver(struct rbd_io *io)
@@ -458,8 +458,7 @@ static void rbd_io_free(struct rbd_io *io)
 {
     free(io->giov);
     free(io->buf);
-    if (io->bl != NULL)
-        nitro_rbd_bl_free(io->bl);
+    nitro_rbd_bl_free(io->bl);
     free(io);
 }
 
@@ -566,16 +565,10 @@ static bool rbd_bl_gather_decrypt(struct rbd_ring *b, struct rbd_io *io,
 {
     struct iovec *g = io->giov;
     int gc = io->gcnt;
-    uint64_t done = 0;
-    if (!rbd_buf_get(io, io->d.bytes))
-        return false;
-    for (int i = 0; i < n && done < io->d.bytes; i++) {
-        uint64_t len = seg[i].iov_len < io->d.bytes - done ? seg[i].iov_len : io->d.bytes - done;
-        memcpy(io->buf + done, seg[i].iov_base, len);
-        done += len;
-    }
-    return done == io->d.bytes &&
-           nitro_xts_iov_buf(b->p->xts, b->lane, io->buf, &g, &gc, done, io->off, false) == NITRO_OK;
+    return rbd_buf_get(io, io->d.bytes) &&
+           nitro_iov_to_buf(seg, n, io->buf, io->d.bytes) == io->d.bytes &&
+           nitro_xts_iov_buf(b->p->xts, b->lane, io->buf, &g, &gc, io->d.bytes, io->off,
+                             false) == NITRO_OK;
 }
 
 /* An encrypted read: librbd's buffers (ciphertext) decrypted into the
@@ -794,17 +787,13 @@ static bool rbd_start_rw(struct rbd_io *io, const struct blk_req *rq)
     bool write = io->d.op == NITRO_BLK_OP_OUT;
     uint64_t len = write ? rq->rd_len : rq->wr_len;
     io->off = rq->sector << SECTOR_SHIFT;
-    if (!write) {
-        /* librbd's buffers hold it (the slot keeps its list) */
-        if (io->bl == NULL && (io->bl = nitro_rbd_bl_new()) == NULL)
-            return false;
-    } else if (!rbd_buf_get(io, len > 0 ? len : 1)) {
-        return false;
-    }
     if (write) {
-        if (!rbd_copy_in(io, rq, len))
+        if (!rbd_buf_get(io, len > 0 ? len : 1) || !rbd_copy_in(io, rq, len))
             return false;
     } else {
+        /* librbd's buffers hold the data (the slot keeps its list) */
+        if (io->bl == NULL && (io->bl = nitro_rbd_bl_new()) == NULL)
+            return false;
         io->giov = malloc((size_t)rq->n_wr * sizeof(struct iovec));
         if (io->giov == NULL && rq->n_wr > 0)
             return false;

@@ -29,7 +29,7 @@ struct nitro_rbd_bl;
 
 /* An empty bufferlist; NULL: no memory. */
 struct nitro_rbd_bl *nitro_rbd_bl_new(void);
-void nitro_rbd_bl_free(struct nitro_rbd_bl *bl);
+void nitro_rbd_bl_free(struct nitro_rbd_bl *bl);  /* NULL: nothing */
 /* Let go of the buffers it holds (the OSD reply's), keeping the list. */
 void nitro_rbd_bl_clear(struct nitro_rbd_bl *bl);
 /* rbd_aio_read's equivalent: len bytes at off into bl (replacing what it
