@@ -5,13 +5,26 @@
  *
  * A request popped from the ring is parsed and checked like a local one
  * (nitro_blk_internal.h), then becomes one slot (struct nbd_io) that owns
- * a buffer: a write's data is copied (or encrypted) into it at once, a
- * read lands in it and is copied (or decrypted) into the guest when the
- * server answered, DISCARD and WRITE_ZEROES keep their checked segments
- * in it. So libnbd never touches guest memory (a guest that unmaps it
- * while libnbd's state machine runs cannot leave the handle half way
- * through a reply), and a request can be sent again, unchanged, on a new
- * connection.
+ * a buffer: a read lands in it and is copied (or decrypted) into the
+ * guest when the server answered, an encrypted write is encrypted into it
+ * at once, DISCARD and WRITE_ZEROES keep their checked segments in it. So
+ * libnbd never writes guest memory: a guest that truncates its memory
+ * while libnbd's state machine reads a reply cannot fault libnbd half way
+ * through it (nitro's own copy out runs under the ring's guard).
+ *
+ * A plain write is sent from guest memory, as qemu's NBD client sends it,
+ * when its buffers are few and long (guest_runs), over a connection
+ * without TLS: there the kernel reads the guest's pages (send(2)), and a
+ * page the guest truncated fails the send with EFAULT instead of raising
+ * SIGBUS in libnbd. nitro takes that EFAULT as the guest's memory fault
+ * and breaks the ring, as its own guarded copy would. GnuTLS reads the
+ * payload itself, so over TLS, and for scattered buffers (one NBD command
+ * per run would cost the server more than the copy), the write is copied
+ * into the buffer at once. Guest memory stays mapped while libnbd may
+ * send from it: every slot completes, answered or failed by libnbd,
+ * before its ring is detached (drain), and memory is unmapped only after
+ * that (nitro/vhost: detach, then close); a handle given up is never
+ * driven again, only closed.
  *
  * A slot is free, waiting (no connection: in the FIFO wait list), sent
  * (NBD commands outstanding: `pending`) or done (in the done list, filled
@@ -52,6 +65,10 @@
 #define BUF_KEEP_BYTES (1u << 20)
 /* What nbd_io_prepare returns when the request goes to the server. */
 #define SEND 0xff
+/* A write split into more runs of guest memory than one is sent from
+ * guest memory only when its runs average at least this: each run is an
+ * NBD command of its own. */
+#define GUEST_RUN_MIN (32u << 10)
 
 /* A connected handle and the worker's own duplicate of its socket: the
  * epoll set holds the duplicate, which stays open until the control plane
@@ -74,6 +91,7 @@ struct nitro_nbd {
     struct nbd_link *link;
     struct nbd_link *dying;     /* dead; handed back at the next poll */
     bool can_flush, can_trim, can_zero;
+    bool tls;                   /* the live handle negotiated TLS */
     uint64_t max_command;
     struct nitro_nbd_stats stats;
 };
@@ -89,11 +107,12 @@ struct nbd_io {
     uint32_t type;               /* VIRTIO_BLK_T_* */
     uint16_t head;
     bool resubmitted;            /* by inflight tracking (stats) */
+    bool from_guest;             /* a write sent from giov, not buf */
     uint64_t start, deadline;
     uint8_t *status;
     struct blk_done d;
     struct iovec inline_iov[INLINE_IOV];
-    struct iovec *giov;          /* a read's guest buffers */
+    struct iovec *giov;          /* a read's guest buffers; a write's runs */
     int gcnt;
     uint8_t *buf;                /* payload (ciphertext when encrypted) or segments */
     size_t cap;
@@ -121,6 +140,9 @@ struct nbd_ring {
      * data copied in, an answer copied out): a fault there leaves it in no
      * list, so abandon() frees it, or a drain would wait for it forever. */
     struct nbd_io *touching;
+    /* libnbd's send of a write from guest memory failed with EFAULT: the
+     * guest truncated that memory. The ring breaks at the end of the call. */
+    bool guest_fault;
     uint64_t next_deadline;      /* earliest deadline of a waiting/sent slot, 0 */
     struct blk_calls calls;      /* answer moderation (nitro_blk_internal.h) */
 };
@@ -421,6 +443,7 @@ static bool nbd_take(struct nitro_nbd *c)
     c->can_flush = nbd_can_flush(h) == 1;
     c->can_trim = nbd_can_trim(h) == 1;
     c->can_zero = nbd_can_zero(h) == 1;
+    c->tls = nbd_get_tls_negotiated(h) == 1;
     int64_t max = nbd_get_block_size(h, LIBNBD_SIZE_MAXIMUM);
     c->max_command = max > 0 && max < NBD_MAX_COMMAND ? (uint64_t)max : NBD_MAX_COMMAND;
     atomic_store(&c->wanting, false);
@@ -498,11 +521,17 @@ static uint8_t io_copy_out(struct nbd_ring *b, struct nbd_io *io)
     return rc == NITRO_OK ? VIRTIO_BLK_S_OK : VIRTIO_BLK_S_IOERR;
 }
 
+/* A broken ring answers nothing and sends nothing more. */
+static bool ring_broken(const struct nbd_ring *b)
+{
+    return b->r.status != NITRO_OK || b->guest_fault;
+}
+
 /* Answer the guest, or, on a broken ring (draining: its memory may be
  * gone), only let the slot go. */
 static void io_complete(struct nbd_ring *b, struct nbd_io *io, uint8_t status)
 {
-    if (b->r.status != NITRO_OK) {
+    if (ring_broken(b)) {
         blk_queue_uncount(&b->q);
         io_release(b, io);
         return;
@@ -539,6 +568,18 @@ static int io_answered(void *user_data, int *error)
     return 1;  /* retire the command */
 }
 
+/* After a libnbd call that may have sent on a handle alive before it:
+ * did a send fail with EFAULT and kill the connection? That is a send
+ * from guest memory the guest truncated (the top of the file). libnbd
+ * does not fail the call for it (a command is queued all the same, and
+ * its callback gets ENOTCONN): the handle's death and the thread's last
+ * libnbd error, which every move to DEAD sets, tell. */
+static void sent_check(struct nbd_ring *b, struct nbd_handle *h)
+{
+    if (!handle_alive(h) && nbd_get_errno() == EFAULT)
+        b->guest_fault = true;
+}
+
 /* One command was (rc >= 0) or was not issued. */
 static void io_issued(struct nbd_io *io, int64_t rc)
 {
@@ -550,6 +591,30 @@ static void io_issued(struct nbd_io *io, int64_t rc)
 }
 
 #define CB(io) ((nbd_completion_callback){.callback = io_answered, .user_data = (io)})
+
+/* A read or write: one command per max_command bytes of each run (the
+ * slot's buffer, or a write's runs of guest memory). */
+static void io_send_data(struct nbd_io *io, struct nbd_handle *h, uint64_t max)
+{
+    struct iovec whole = {.iov_base = io->buf, .iov_len = io->len};
+    const struct iovec *run = io->from_guest ? io->giov : &whole;
+    int runs = io->from_guest ? io->gcnt : 1;
+    uint64_t at = io->ring->p->data_offset + io->off;
+    for (int i = 0; i < runs && io->err == 0; i++) {
+        uint8_t *p = run[i].iov_base;
+        for (uint64_t o = 0; o < run[i].iov_len && io->err == 0;) {
+            uint64_t n = run[i].iov_len - o < max ? run[i].iov_len - o : max;
+            io->pending++;
+            io_issued(io, io->type == VIRTIO_BLK_T_IN
+                ? nbd_aio_pread(h, p + o, n, at, CB(io), 0)
+                : nbd_aio_pwrite(h, p + o, n, at, CB(io), 0));
+            if (io->from_guest)
+                sent_check(io->ring, h);
+            o += n;
+            at += n;
+        }
+    }
+}
 
 /* Send a slot's commands on the live handle. `pending` holds one extra
  * count while issuing, so no callback can finish the slot half sent. */
@@ -564,14 +629,13 @@ static void io_send(struct nbd_ring *b, struct nbd_io *io)
     switch (io->type) {
     case VIRTIO_BLK_T_IN:
     case VIRTIO_BLK_T_OUT:
-        for (uint64_t o = 0; o < io->len && io->err == 0;) {
-            uint64_t n = io->len - o < c->max_command ? io->len - o : c->max_command;
-            io->pending++;
-            io_issued(io, io->type == VIRTIO_BLK_T_IN
-                ? nbd_aio_pread(h, io->buf + o, n, base + io->off + o, CB(io), 0)
-                : nbd_aio_pwrite(h, io->buf + o, n, base + io->off + o, CB(io), 0));
-            o += n;
-        }
+        /* A URI's scheme fixes TLS for every connection of a volume, so a
+         * write taken as plain text never meets a TLS one; should it, it
+         * fails rather than let GnuTLS read guest memory. */
+        if (io->from_guest && c->tls)
+            io->err = EPROTO;
+        else
+            io_send_data(io, h, c->max_command);
         break;
     case VIRTIO_BLK_T_FLUSH:
         /* A server without NBD_FLAG_SEND_FLUSH has no cache to flush: its
@@ -627,6 +691,33 @@ static uint8_t prep_read(struct nbd_ring *b, struct nbd_io *io,
     return io_buf(io, io->len) ? SEND : VIRTIO_BLK_S_IOERR;
 }
 
+/* A write's guest buffers as runs of adjacent memory, in io->inline_iov:
+ * true (giov set) when they are few and long enough to be sent from
+ * there, one NBD command per run. */
+static bool guest_runs(struct nbd_io *io, const struct blk_req *rq)
+{
+    struct iovec *run = io->inline_iov;
+    int n = 0;
+    for (int i = 0; i < rq->n_rd; i++) {
+        const struct iovec *v = &rq->rd[i];
+        if (v->iov_len == 0)
+            continue;
+        if (n > 0 && (uint8_t *)run[n - 1].iov_base + run[n - 1].iov_len ==
+                         (uint8_t *)v->iov_base) {
+            run[n - 1].iov_len += v->iov_len;
+            continue;
+        }
+        if (n == INLINE_IOV)
+            return false;
+        run[n++] = *v;
+    }
+    if (n > 1 && io->len / (uint64_t)n < GUEST_RUN_MIN)
+        return false;
+    io->giov = run;
+    io->gcnt = n;
+    return true;
+}
+
 static uint8_t prep_write(struct nbd_ring *b, struct nbd_io *io,
                           const struct blk_req *rq)
 {
@@ -638,6 +729,15 @@ static uint8_t prep_write(struct nbd_ring *b, struct nbd_io *io,
     io->len = rq->rd_len;
     if (io->len == 0)
         return VIRTIO_BLK_S_OK;
+    /* Sent from the guest's memory (the top of the file): what goes on
+     * the wire, again after a reconnect, is what the guest has there
+     * then, as with any device that reads a write's data when it does
+     * the I/O. Before the first connection TLS is not known yet: copied. */
+    if (b->p->xts == NULL && b->c->h != NULL && !b->c->tls &&
+        (io->from_guest = guest_runs(io, rq))) {
+        nitro_stat_add(&b->c->stats.guest_writes, 1);
+        return SEND;
+    }
     if (!io_buf(io, io->len))
         return VIRTIO_BLK_S_IOERR;
     /* Copied (or encrypted) once, now: what goes on the wire, again after
@@ -753,7 +853,7 @@ static void ring_reap(struct nbd_ring *b)
             dead = true;
     while ((io = b->done) != NULL) {
         b->done = io->next;
-        if (io->err != 0 && (dead || c->h == NULL)) {
+        if (io->err != 0 && (dead || c->h == NULL) && !ring_broken(b)) {
             io_wait(b, io);
             nitro_stat_add(&c->stats.resent, 1);
         } else {
@@ -768,6 +868,10 @@ static void ring_reap(struct nbd_ring *b)
         for (uint32_t i = 0; i < b->nios; i++)
             if (b->ios[i].state == NIO_SENT) {
                 b->ios[i].pending = 0;
+                if (ring_broken(b)) {
+                    io_complete(b, &b->ios[i], VIRTIO_BLK_S_IOERR);
+                    continue;
+                }
                 io_wait(b, &b->ios[i]);
                 nitro_stat_add(&c->stats.resent, 1);
             }
@@ -781,19 +885,27 @@ static void ring_step(struct nbd_ring *b, uint32_t revents)
     unsigned dir = nbd_aio_get_direction(h);
     if (dir & LIBNBD_AIO_DIRECTION_WRITE)
         nbd_aio_notify_write(h);
+    /* Reading a reply can send too: the state machine issues what is
+     * queued once it is back to ready. */
     if ((dir & LIBNBD_AIO_DIRECTION_READ) && (revents || nbd_aio_in_flight(h) > 0))
         nbd_aio_notify_read(h);
+    sent_check(b, h);
     ring_reap(b);
 }
 
-static void ring_resend(struct nbd_ring *b)
+/* The waiting slots: sent on the live handle, or, on a broken ring, let
+ * go (nothing is answered there, and its memory is not sent from). */
+static void ring_send_waiting(struct nbd_ring *b)
 {
     struct nbd_io *io = b->wait_head;
     b->wait_head = NULL;
     b->wait_tail = &b->wait_head;
     while (io != NULL) {
         struct nbd_io *next = io->next;
-        io_send(b, io);  /* a dead handle fails them: they wait again */
+        if (ring_broken(b))
+            io_complete(b, io, VIRTIO_BLK_S_IOERR);  /* nothing is answered */
+        else
+            io_send(b, io);  /* a dead handle fails them: they wait again */
         io = next;
     }
 }
@@ -867,11 +979,13 @@ static void ring_service(struct nbd_ring *b)
     uint32_t revents = b->r.aux_revents;
     b->r.aux_revents = 0;
     nbd_publish(c);
+    if (ring_broken(b))
+        ring_send_waiting(b);
     if (c->h == NULL) {
         if (revents)
             nitro_eventfd_drain(c->offer_fd);
         if (nbd_take(c))
-            ring_resend(b);
+            ring_send_waiting(b);
         revents = 0;
     }
     if (c->h != NULL)
@@ -908,6 +1022,8 @@ static int nbd_ring_poll(struct nitro_ring *r, struct nitro_io *unused,
     ring_reap(b);  /* commands libnbd refused at once */
     ring_watch(b);
     ring_signal(b);
+    if (b->guest_fault)
+        return nitro_vq_set_fault(r->vq, NITRO_FAULT_MEMORY);
     return rc < 0 ? rc : (int)done;
 }
 
@@ -949,6 +1065,7 @@ static int nbd_ring_attach(struct nitro_ring *r)
     b->done = NULL;
     b->outstanding = 0;
     b->touching = NULL;
+    b->guest_fault = false;
     b->next_deadline = 0;
     b->calls = (struct blk_calls){0};
     r->timer_ns = 0;
@@ -989,7 +1106,9 @@ static int nbd_ring_drain(struct nitro_ring *r)
     struct nbd_ring *b = (struct nbd_ring *)r;
     nbd_release_held(b);  /* nothing once the first call sent it */
     ring_service(b);
-    if (r->status == NITRO_OK)
+    if (b->guest_fault)
+        nitro_vq_set_fault(r->vq, NITRO_FAULT_MEMORY);
+    if (!ring_broken(b))
         blk_calls_flush(&b->calls, r->vq);
     ring_watch(b);
     return (int)b->outstanding;

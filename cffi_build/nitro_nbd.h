@@ -47,6 +47,7 @@ struct nitro_nbd_stats {
     uint64_t disconnects;     /* handles found dead (or hung up on) */
     uint64_t resent;          /* requests sent again on a new connection */
     uint64_t timeouts;        /* requests failed after io_timeout */
+    uint64_t guest_writes;    /* writes sent from guest memory, not copied */
 };
 
 /* Connect (blocking) to an nbd:// or nbds:// URI with the TLS material

@@ -1151,7 +1151,7 @@ class NbdError(Exception):
 
 _NBD_INFO_FIELDS = ("size", "readonly", "can_flush", "can_trim", "can_zero",
                     "can_multi_conn", "can_fua", "min_block", "max_block")
-_NBD_STAT_FIELDS = ("connected", "connects", "disconnects", "resent", "timeouts")
+_NBD_STAT_FIELDS = ("connected", "connects", "disconnects", "resent", "timeouts", "guest_writes")
 
 
 def _nbd_call_error(rc: int, err: Any) -> NbdError:

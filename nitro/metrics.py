@@ -142,6 +142,9 @@ BLK_REMOTE = {
                     "Connections to the NBD server found dead (or hung up on after io_timeout)."),
     "resent": (CounterMetricFamily, "nitro_blk_remote_resent_requests",
                "Requests sent again on a new connection after the old one died."),
+    "guest_writes": (CounterMetricFamily, "nitro_blk_remote_guest_memory_writes",
+                     "Writes sent to the NBD server straight from guest memory (the others are "
+                     "copied first: over TLS, encrypted, or in scattered buffers)."),
 }
 
 

@@ -6,6 +6,7 @@ directory and are stopped by PID (bench/nbd.py's launchers)."""
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import time
@@ -15,7 +16,10 @@ import pytest
 
 from bench.nbd import PSK_USER, NbdKit, QemuNbd, write_psk
 from bench.proc import run_cli, tail
+from tests.integration.frontend import GPA_BASE, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE, Frontend
+from tests.integration.test_hostile_tenant import wait_for
 from tests.integration.test_qos import finish, metric, reads
+from tests.ringlayout import VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT, blk_header
 
 pytestmark = pytest.mark.integration
 
@@ -40,18 +44,29 @@ def verify(vublk: Path, sock: Path, *args: str) -> dict:
     return res
 
 
+GUEST_WRITES = "nitro_blk_remote_guest_memory_writes_total"
+
+
 def test_nbdkit_memory_data_and_discard(nitro, vublk, short_tmp_path):
     with NbdKit(short_tmp_path, ["memory", "64M"]) as server:
-        nitro(blk(server.url(), "queues = 2\n"))
+        n = nitro(blk(server.url(), "queues = 2\n"))
         sock = short_tmp_path / "r0.sock"
         res = verify(vublk, sock, "--size", "16m", "--bs", "64k", "--queues", "2")
         assert res["capacity_bytes"] == 64 * MiB
         # the memory plugin trims and zeroes: both offered to the driver
         assert int(res["backend_features"], 16) >> 13 & 3 == 3
-        # a guest's scattered pages, unaligned to the request size
+        # a guest's scattered pages, unaligned to the request size: copied
+        # into one NBD command each, none sent from guest memory
+        sent = metric(n, GUEST_WRITES, device="r0")
+        assert sent > 0  # the 64 KiB writes above: one buffer each
         verify(vublk, sock, "--size", "8m", "--offset", "20m", "--bs", "128k",
                "--seg-size", "4k", "--seed", "7", "--iodepth", "7",
                "--queue-size", "256")
+        assert metric(n, GUEST_WRITES, device="r0") == sent
+        # 256 KiB in four 64 KiB descriptors, laid out in reverse (vublk):
+        # four NBD commands from guest memory, each at its own offset
+        verify(vublk, sock, "--size", "8m", "--offset", "40m", "--bs", "256k", "--seed", "9")
+        assert metric(n, GUEST_WRITES, device="r0") >= sent + 8 * MiB // (256 << 10)
 
 
 def test_nbdkit_restart_under_writes_loses_no_acked_write(nitro, vublk, short_tmp_path):
@@ -99,8 +114,11 @@ def test_tls_psk_required(nitro, vublk, short_tmp_path):
     psk = write_psk(short_tmp_path / "keys.psk")
     with NbdKit(short_tmp_path, ["memory", "32M"], tls_psk=psk) as server:
         url = server.url().replace("nbd://", "nbds://")
-        nitro(blk(url, f'tls_psk_file = "{psk}"\ntls_username = "{PSK_USER}"\n'))
+        n = nitro(blk(url, f'tls_psk_file = "{psk}"\ntls_username = "{PSK_USER}"\n'))
         verify(vublk, short_tmp_path / "r0.sock", "--size", "8m", "--bs", "32k")
+        # GnuTLS reads a payload in user space, where a guest's truncated
+        # page would fault: over TLS every write is copied first.
+        assert metric(n, GUEST_WRITES, device="r0") == 0
 
 
 def test_tls_required_refuses_plaintext(nitro, short_tmp_path):
@@ -253,3 +271,55 @@ def test_qos_limits_an_nbd_volume_and_changes_live(nitro, vublk, short_tmp_path)
         assert metric(n, "nitro_blk_qos_limit", device="r0", limit="iops") == 0
         assert metric(n, "nitro_blk_request_errors_total", device="r0", op="in") == 0
 
+
+
+def test_a_guest_truncating_a_write_sent_from_its_memory_breaks_only_its_device(
+        nitro, short_tmp_path):
+    """A plain write goes to the server from guest memory, read by the
+    kernel's send(2): a guest that truncates those pages gets EFAULT there,
+    not SIGBUS in libnbd. nitro takes it as the guest's memory fault, as
+    its own guarded copy would: the device breaks, unanswered, and lets its
+    requests go at once (no reconnecting and resending until io_timeout);
+    the daemon, the server and another device go on, and the guest's next
+    connection works."""
+    with NbdKit(short_tmp_path, ["memory", "32M"]) as server:
+        n = nitro(blk(server.url(), "io_timeout = 60\n").replace('"r0"', '"a"')
+                  + '[[blk]]\nid = "b"\nsize = "16M"\n')
+        with Frontend(short_tmp_path / "a.sock") as evil:
+            evil.start()
+            # Answered: the queue holds a connection, so writes go from memory.
+            assert evil.blk_request(VIRTIO_BLK_T_OUT, 0, data=b"e" * 4096)[0] == 0
+            sent = metric(n, GUEST_WRITES, device="a")
+            assert sent == 1
+            # Header and status in the page the guest keeps, 64 KiB of data
+            # past the end it truncates the memory to.
+            hdr = GPA_BASE + evil.data
+            status, data = hdr + 512, hdr + (1 << 20)
+            evil.write(hdr, blk_header(VIRTIO_BLK_T_OUT, 8))
+            evil.write(status, b"\xee")
+            evil.write(data, b"x" * (64 << 10))
+            evil.write_desc(0, hdr, 16, VRING_DESC_F_NEXT, 1)
+            evil.write_desc(1, data, 64 << 10, VRING_DESC_F_NEXT, 2)
+            evil.write_desc(2, status, 1, VRING_DESC_F_WRITE)
+            os.ftruncate(evil.memfd, evil.data + 4096)
+            evil.publish(0)
+            wait_for(n, 'nitro_guest_errors_total{device="a",error="memory",kind="blk"} 1.0')
+            wait_for(n, 'nitro_device_broken{device="a",kind="blk"} 1.0')
+            assert metric(n, GUEST_WRITES, device="a") == sent + 1
+            assert evil.read(status, 1) == b"\xee"  # never answered
+            assert n.proc.poll() is None
+            with Frontend(short_tmp_path / "b.sock") as good:
+                good.start()
+                for i in range(4):
+                    assert good.blk_request(VIRTIO_BLK_T_OUT, 8 * i, data=bytes([i]) * 4096)[0] == 0
+        # The broken device let go at once (the detach did not wait out
+        # io_timeout), and its next connection reads what was acked.
+        t0 = time.monotonic()
+        with Frontend(short_tmp_path / "a.sock") as fresh:
+            fresh.start()
+            assert fresh.blk_request(VIRTIO_BLK_T_IN, 0, read_len=4096)[1] == b"e" * 4096
+        assert time.monotonic() - t0 < 30
+        assert metric(n, "nitro_blk_timeouts_total", device="a") == 0
+        # No reconnect storm: the broken ring sent nothing more.
+        assert metric(n, "nitro_blk_remote_connects_total", device="a") <= 4
+    assert n.stop() == 0
