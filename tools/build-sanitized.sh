@@ -45,5 +45,5 @@ cd "$ROOT"
 # sys.path) with append import mode, so `import nitro` finds build/asan.
 "$ROOT/.venv/bin/pytest" -q -p no:cacheprovider --import-mode=append \
     tests/fuzz/test_sanitized.py tests/unit/test_datapath_*.py tests/unit/test_net_switch.py tests/unit/test_net_tso.py \
-    tests/unit/test_qos.py tests/unit/test_crypto_xts.py \
+    tests/unit/test_qos.py tests/unit/test_crypto_xts.py tests/unit/test_seccomp.py \
     tests/fuzz/test_fuzz.py -k 'not short_fuzz_run'
