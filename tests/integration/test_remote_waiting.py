@@ -6,7 +6,10 @@ Real nbdkit, real daemon, vublk as the front-end."""
 
 from __future__ import annotations
 
+import contextlib
+import json
 import socket
+import subprocess
 import threading
 import time
 
@@ -15,6 +18,7 @@ import pytest
 from bench.nbd import NbdKit
 from bench.proc import ChildError, free_port
 from tests.integration.test_nbd_volume import verify
+from tests.integration.test_qos import metric
 
 pytestmark = pytest.mark.integration
 
@@ -166,3 +170,86 @@ def test_a_server_that_hangs_up_at_once_makes_the_device_wait(nitro, vublk, shor
         stop.set()
         t.join()
         sock.close()
+
+
+class CuttingProxy:
+    """A TCP proxy in front of an NBD server that lets the handshake through
+    and cuts each connection once its client sent more than `cut` bytes: a
+    middlebox or a server that fails at every request. Stopped by close()."""
+
+    def __init__(self, target: int, cut: int = 4096) -> None:
+        self.target, self.cut = target, cut
+        self.accepted = 0
+        self.conns: list[socket.socket] = []  # closed by close()
+        self.pumps: list[threading.Thread] = []
+        self.port = free_port()
+        self.sock = socket.create_server(("127.0.0.1", self.port))
+        self.sock.settimeout(0.2)
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._accept, daemon=True)
+        self.thread.start()
+
+    def _accept(self) -> None:
+        while not self.stop.is_set():
+            try:
+                client, _ = self.sock.accept()
+            except OSError:
+                continue
+            self.accepted += 1
+            server = socket.create_connection(("127.0.0.1", self.target))
+            self.conns += [client, server]
+            for args in ((client, server, True), (server, client, False)):
+                self.pumps.append(threading.Thread(target=self._pump, args=args, daemon=True))
+                self.pumps[-1].start()
+
+    def _pump(self, src: socket.socket, dst: socket.socket, counted: bool) -> None:
+        sent = 0
+        try:
+            while data := src.recv(65536):
+                sent += len(data)
+                if counted and sent > self.cut:
+                    break
+                dst.sendall(data)
+        except OSError:
+            pass
+        for s in (src, dst):
+            with contextlib.suppress(OSError):
+                s.shutdown(socket.SHUT_RDWR)
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join()
+        for s in self.conns:
+            with contextlib.suppress(OSError):
+                s.shutdown(socket.SHUT_RDWR)
+        for t in self.pumps:
+            t.join()
+        for s in self.conns:
+            s.close()
+        self.sock.close()
+
+
+def test_connections_that_die_at_their_first_request_are_remade_with_backoff(
+        nitro, vublk, short_tmp_path):
+    """Every connection survives its handshake and dies at the first write:
+    the request waits and is sent again on each new connection until its
+    io_timeout, but the reconnects back off (a dozen in 4 s, where
+    reconnecting at once made hundreds a second)."""
+    with NbdKit(short_tmp_path, ["memory", "32M"]) as server:
+        proxy = CuttingProxy(server.port)
+        try:
+            n = nitro(f'[[blk]]\nid = "r0"\nsource = "nbd://127.0.0.1:{proxy.port}/"\n'
+                      "io_timeout = 4\n")
+            r = subprocess.run([str(vublk), "--socket", str(short_tmp_path / "r0.sock"),
+                                "--rw", "write", "--bs", "64k", "--ios", "1", "--iodepth", "1",
+                                "--timeout", "20"], capture_output=True, text=True, timeout=60,
+                               check=False)
+            res = json.loads(r.stdout) if r.stdout.strip() else None
+            assert res is not None and res["errors"] == 1, (r.returncode, r.stdout, r.stderr)
+            connects = metric(n, "nitro_blk_remote_connects_total", device="r0")
+            assert 3 <= connects <= 15, connects
+            assert proxy.accepted <= 16
+            assert "NBD connection lost right after connecting; retrying with backoff" in n.output()
+            assert n.stop() == 0
+        finally:
+            proxy.close()

@@ -49,6 +49,11 @@ DEFAULT_PORT = 10809  # the IANA port of NBD
 SCHEMES = {"nbd": False, "nbds": True}  # scheme -> TLS required
 BACKOFF_START = 0.05       # seconds between failed connects: doubled up to
 BACKOFF_MAX = 5.0
+# A connection that dies sooner than this after it was handed over counts as
+# a failed connect: a server (or a middlebox) that accepts and then drops
+# every connection at its first request would otherwise be reconnected to in
+# a tight loop, hundreds of times a second, until the request's io_timeout.
+STABLE_S = 1.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -306,7 +311,9 @@ class NbdVolume:
 
     async def _serve_wants(self) -> None:
         backoff = BACKOFF_START
-        failing = False
+        failing = False   # connects fail: the server is unreachable
+        churning = False  # connections die right after they are made
+        offered_at: dict[int, float] = {}  # queue -> when its last handle went
         while True:
             with self._lock:
                 if self._closed:
@@ -318,6 +325,19 @@ class NbdVolume:
                 await trio.lowlevel.wait_readable(self._want_fd)
                 _drain(self._want_fd)
                 continue
+            queue = wanting[0]
+            last = offered_at.pop(queue, None)
+            short_lived = last is not None and trio.current_time() - last < STABLE_S
+            if short_lived:
+                if not churning:
+                    log_event(log, logging.WARNING,
+                              "NBD connection lost right after connecting; retrying with backoff",
+                              source=str(self.src), queue=queue)
+                churning = True
+                await trio.sleep(backoff)
+                backoff = min(backoff * 2, BACKOFF_MAX)
+            else:
+                churning = False
             try:
                 handle = await trio.to_thread.run_sync(self._connect_checked, abandon_on_cancel=True)
             except (_datapath.NbdError, VolumeError) as e:
@@ -330,12 +350,15 @@ class NbdVolume:
                 continue
             if failing:
                 log_event(log, logging.INFO, "NBD server reachable again", source=str(self.src))
-            failing, backoff = False, BACKOFF_START
+            failing = False
+            if not short_lived:
+                backoff = BACKOFF_START
             with self._lock:
                 if self._closed:
                     handle.close()
                     return
-                self.conns[wanting[0]].offer(handle)
+                self.conns[queue].offer(handle)
+            offered_at[queue] = trio.current_time()
 
     def _connect_checked(self) -> _datapath.NbdHandle:
         """A new connection to the same export: same size and abilities, or
