@@ -12,6 +12,8 @@ only ciphertext on the cluster.
 
 from __future__ import annotations
 
+import base64
+import struct
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -193,3 +195,22 @@ def test_keys_of_an_encrypted_image(cluster: CephCluster, vublk: Path, short_tmp
     with Nitro(short_tmp_path, _config(cluster, "rekey") + f'encryption = {{ key_file = "{new}" }}\n'):
         rc, res, err = run_vublk(vublk, "--socket", str(short_tmp_path / "vol0.sock"), "--check-id")
         assert rc == 0, err
+
+
+@pytest.mark.parametrize("key, hint", [
+    # Not a cephx key at all: librados cannot load it (EIO).
+    ("notakey", "is the key of client.admin in keyring {} a valid cephx key?"),
+    # A well-formed key the cluster never issued: refused (EACCES).
+    (base64.b64encode(struct.pack("<HIIH", 1, 0, 0, 16) + bytes(range(16))).decode(),
+     "the cluster refused the key of client.admin in keyring {}"),
+])
+def test_a_bad_key_fails_the_start_saying_so(cluster: CephCluster, short_tmp_path: Path,
+                                             key: str, hint: str) -> None:
+    image = f"badkey{len(key)}"  # one per case
+    cluster.rbd("create", "--size", f"{IMAGE_MIB}M", f"{cluster.pool}/{image}")
+    keyring = short_tmp_path / "bad.keyring"
+    keyring.write_text(f"[client.{cluster.user}]\n\tkey = {key}\n")
+    config = _config(cluster, image).replace(str(cluster.keyring), str(keyring))
+    with pytest.raises(ChildError) as refused:
+        Nitro(short_tmp_path, config, timeout=60).kill()
+    assert hint.format(keyring) in str(refused.value), refused.value

@@ -80,7 +80,7 @@ class RbdVolume:
             # 10 s client_mount_timeout nitro_rbd.c sets.
             error = SourceUnavailableError if e.stage == "connect" and e.errno in UNREACHABLE else VolumeError
             raise error(f"{name}: cannot open ({e}; ceph_conf {src.ceph_conf}, "
-                        f"user {src.user})") from None
+                        f"user {src.user}){_auth_hint(e, src)}") from None
         if rbd.size == 0 or rbd.size % SECTOR_SIZE:
             rbd.close()
             raise VolumeError(f"{name}: size {rbd.size} is not a positive multiple of {SECTOR_SIZE} bytes")
@@ -169,3 +169,19 @@ def _write_owner(path: Path, name: str, owner: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps({"volume": name, "owner": owner}) + "\n")
     tmp.replace(path)
+
+
+def _auth_hint(e: _datapath.RbdOpenError, src: RbdSource) -> str:
+    """What librados' bare errno at connect most likely means (as seen
+    with Ceph 16): EIO when the keyring's key cannot be loaded (not a
+    cephx key), EACCES when the monitors refused the key (or the user has
+    none there)."""
+    if e.stage != "connect":
+        return ""
+    keyring = f"keyring {src.keyring}" if src.keyring else "the keyring ceph_conf names"
+    if e.errno == errno.EIO:
+        return f": is the key of client.{src.user} in {keyring} a valid cephx key?"
+    if e.errno == errno.EACCES:
+        return (f": the cluster refused the key of client.{src.user} in {keyring} "
+                "(a wrong key, or no such user)")
+    return ""
