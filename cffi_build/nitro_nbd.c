@@ -18,9 +18,10 @@
  * page the guest truncated fails the send with EFAULT instead of raising
  * SIGBUS in libnbd. nitro takes that EFAULT as the guest's memory fault
  * and breaks the ring, as its own guarded copy would. GnuTLS reads the
- * payload itself, so over TLS, and for scattered buffers (one NBD command
- * per run would cost the server more than the copy), the write is copied
- * into the buffer at once. Guest memory stays mapped while libnbd may
+ * payload itself, so over TLS the write is copied into the buffer at
+ * once; so it is when its buffers are scattered (one NBD command per run
+ * would likely cost the server more than the copy; not measured) or split
+ * sectors (guest_runs). Guest memory stays mapped while libnbd may
  * send from it: every slot completes, answered or failed by libnbd,
  * before its ring is detached (drain), and memory is unmapped only after
  * that (nitro/vhost: detach, then close); a handle given up is never
@@ -92,6 +93,7 @@ struct nitro_nbd {
     struct nbd_link *dying;     /* dead; handed back at the next poll */
     bool can_flush, can_trim, can_zero;
     bool tls;                   /* the live handle negotiated TLS */
+    uint64_t min_block;         /* what a command's offset and length align to */
     uint64_t max_command;
     struct nitro_nbd_stats stats;
 };
@@ -444,6 +446,10 @@ static bool nbd_take(struct nitro_nbd *c)
     c->can_trim = nbd_can_trim(h) == 1;
     c->can_zero = nbd_can_zero(h) == 1;
     c->tls = nbd_get_tls_negotiated(h) == 1;
+    /* A server that states no minimum is to be sent whole sectors (the
+     * NBD spec's default of 512, which libnbd also assumes). */
+    int64_t min = nbd_get_block_size(h, LIBNBD_SIZE_MINIMUM);
+    c->min_block = min > SECTOR_SIZE ? (uint64_t)min : SECTOR_SIZE;
     int64_t max = nbd_get_block_size(h, LIBNBD_SIZE_MAXIMUM);
     c->max_command = max > 0 && max < NBD_MAX_COMMAND ? (uint64_t)max : NBD_MAX_COMMAND;
     atomic_store(&c->wanting, false);
@@ -453,8 +459,9 @@ static bool nbd_take(struct nitro_nbd *c)
 }
 
 /* The handle died: keep it until the worker's epoll set forgot its fd
- * (the engine syncs after this poll), then hand it back (nbd_publish). */
-static void nbd_lose(struct nitro_nbd *c)
+ * (the engine syncs after this poll), then hand it back (nbd_publish);
+ * ask for a new one unless the ring is broken (its next attach asks). */
+static void nbd_lose(struct nitro_nbd *c, bool ask)
 {
     if (c->dying != NULL) {
         /* Two deaths between two polls cannot happen (a handle is taken
@@ -466,7 +473,8 @@ static void nbd_lose(struct nitro_nbd *c)
     c->h = NULL;
     nitro_stat_add(&c->stats.disconnects, 1);
     __atomic_store_n(&c->stats.connected, 0, __ATOMIC_RELAXED);
-    nbd_ask(c);
+    if (ask)
+        nbd_ask(c);
 }
 
 static void nbd_publish(struct nitro_nbd *c)
@@ -576,7 +584,7 @@ static int io_answered(void *user_data, int *error)
  * libnbd error, which every move to DEAD sets, tell. */
 static void sent_check(struct nbd_ring *b, struct nbd_handle *h)
 {
-    if (!handle_alive(h) && nbd_get_errno() == EFAULT)
+    if (!b->c->tls && b->p->xts == NULL && !handle_alive(h) && nbd_get_errno() == EFAULT)
         b->guest_fault = true;
 }
 
@@ -692,9 +700,11 @@ static uint8_t prep_read(struct nbd_ring *b, struct nbd_io *io,
 }
 
 /* A write's guest buffers as runs of adjacent memory, in io->inline_iov:
- * true (giov set) when they are few and long enough to be sent from
- * there, one NBD command per run. */
-static bool guest_runs(struct nbd_io *io, const struct blk_req *rq)
+ * true (giov set) when they can be sent from there, one NBD command per
+ * run: one run, or a few long ones; each a whole number of the server's
+ * blocks (a descriptor may end mid-sector, and a sector split over two
+ * commands is neither aligned nor written as one). */
+static bool guest_runs(struct nbd_io *io, const struct blk_req *rq, uint64_t block)
 {
     struct iovec *run = io->inline_iov;
     int n = 0;
@@ -713,6 +723,9 @@ static bool guest_runs(struct nbd_io *io, const struct blk_req *rq)
     }
     if (n > 1 && io->len / (uint64_t)n < GUEST_RUN_MIN)
         return false;
+    for (int i = 0; i < n; i++)
+        if (run[i].iov_len % block != 0)
+            return false;
     io->giov = run;
     io->gcnt = n;
     return true;
@@ -734,7 +747,7 @@ static uint8_t prep_write(struct nbd_ring *b, struct nbd_io *io,
      * then, as with any device that reads a write's data when it does
      * the I/O. Before the first connection TLS is not known yet: copied. */
     if (b->p->xts == NULL && b->c->h != NULL && !b->c->tls &&
-        (io->from_guest = guest_runs(io, rq))) {
+        (io->from_guest = guest_runs(io, rq, b->c->min_block))) {
         nitro_stat_add(&b->c->stats.guest_writes, 1);
         return SEND;
     }
@@ -861,7 +874,7 @@ static void ring_reap(struct nbd_ring *b)
         }
     }
     if (dead) {
-        nbd_lose(c);
+        nbd_lose(c, !ring_broken(b));
         /* Commands libnbd still had (a server that failed some with
          * ESHUTDOWN before closing): no callback comes for them once the
          * handle is given up, so they wait for the next connection now. */
@@ -882,6 +895,9 @@ static void ring_reap(struct nbd_ring *b)
 static void ring_step(struct nbd_ring *b, uint32_t revents)
 {
     struct nbd_handle *h = b->c->h;
+    /* Dead already (a send before, or the control plane's flush): the
+     * thread's last libnbd error is not this step's. */
+    bool alive = handle_alive(h);
     unsigned dir = nbd_aio_get_direction(h);
     if (dir & LIBNBD_AIO_DIRECTION_WRITE)
         nbd_aio_notify_write(h);
@@ -889,7 +905,8 @@ static void ring_step(struct nbd_ring *b, uint32_t revents)
      * queued once it is back to ready. */
     if ((dir & LIBNBD_AIO_DIRECTION_READ) && (revents || nbd_aio_in_flight(h) > 0))
         nbd_aio_notify_read(h);
-    sent_check(b, h);
+    if (alive)
+        sent_check(b, h);
     ring_reap(b);
 }
 
@@ -984,7 +1001,9 @@ static void ring_service(struct nbd_ring *b)
     if (c->h == NULL) {
         if (revents)
             nitro_eventfd_drain(c->offer_fd);
-        if (nbd_take(c))
+        /* A broken ring takes none: it sends nothing more (the next
+         * attach asks again). */
+        if (!ring_broken(b) && nbd_take(c))
             ring_send_waiting(b);
         revents = 0;
     }
@@ -1009,7 +1028,8 @@ static int nbd_ring_poll(struct nitro_ring *r, struct nitro_io *unused,
     ring_service(b);
     uint32_t done = 0;
     int rc = 0;
-    while (done < budget && !blk_queue_waiting(&b->q) && b->free != NULL) {
+    while (done < budget && !blk_queue_waiting(&b->q) && b->free != NULL &&
+           !b->guest_fault) {
         struct nitro_chain *c;
         struct blk_req rq = {0};  /* set by blk_queue_next; gcc cannot always see it */
         uint64_t start;

@@ -144,7 +144,8 @@ BLK_REMOTE = {
                "Requests sent again on a new connection after the old one died."),
     "guest_writes": (CounterMetricFamily, "nitro_blk_remote_guest_memory_writes",
                      "Writes sent to the NBD server straight from guest memory (the others are "
-                     "copied first: over TLS, encrypted, or in scattered buffers)."),
+                     "copied first: over TLS, encrypted, scattered or sector-splitting buffers, "
+                     "or taken with no connection up)."),
 }
 
 
