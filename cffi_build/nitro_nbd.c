@@ -207,6 +207,21 @@ static void set_timeout_err(char *err, size_t errlen, const char *what, uint64_t
                  (double)timeout_ns / 1e9);
 }
 
+/* Why a connect failed. libnbd gives no errno when a plaintext server
+ * hung up mid-handshake (a proxy in front of a server that is down, a
+ * server shutting down): that passes, like a refused connection. Over TLS
+ * a wrong PSK looks the same (the server ends the TLS handshake), and that
+ * will not pass: left a configuration error. The hang-up may come while
+ * nbd_aio_connect_uri still runs the state machine or after it returned:
+ * both are the same failure. */
+static int connect_errno(const char *uri)
+{
+    int e = nbd_get_errno();
+    if (e == 0 && strncmp(uri, "nbds", 4) != 0)
+        e = ECONNRESET;
+    return e;
+}
+
 struct nbd_handle *nitro_nbd_connect(const char *uri, const char *tls_psk_file,
                                      const char *tls_username,
                                      const char *tls_certificates, uint64_t timeout_ns,
@@ -229,7 +244,7 @@ struct nbd_handle *nitro_nbd_connect(const char *uri, const char *tls_psk_file,
         (tls_certificates && nbd_set_tls_certificates(h, tls_certificates) < 0) ||
         nbd_aio_connect_uri(h, uri) < 0) {
         set_err(err, errlen, "connect failed");
-        *errnum = nbd_get_errno();
+        *errnum = connect_errno(uri);
         nbd_close(h);
         return NULL;
     }
@@ -241,15 +256,7 @@ struct nbd_handle *nitro_nbd_connect(const char *uri, const char *tls_psk_file,
             *errnum = ETIMEDOUT;
         } else {
             set_err(err, errlen, "connect failed");
-            *errnum = nbd_get_errno();
-            /* libnbd gives no errno when a plaintext server hung up
-             * mid-handshake (a proxy in front of a server that is down, a
-             * server shutting down): that passes, like a refused
-             * connection. Over TLS a wrong PSK looks the same (the server
-             * ends the TLS handshake), and that will not pass: left a
-             * configuration error. */
-            if (*errnum == 0 && strncmp(uri, "nbds", 4) != 0)
-                *errnum = ECONNRESET;
+            *errnum = connect_errno(uri);
         }
         nbd_close(h);
         return NULL;
