@@ -583,15 +583,23 @@ static int io_answered(void *user_data, int *error)
     return 1;  /* retire the command */
 }
 
+/* Whether the ring's writes may go from guest memory (the top of the
+ * file): plain text on the wire and in the image. */
+static bool ring_sends_from_guest(const struct nbd_ring *b)
+{
+    return b->p->xts == NULL && !b->c->tls;
+}
+
 /* After a libnbd call that may have sent on a handle alive before it:
  * did a send fail with EFAULT and kill the connection? That is a send
  * from guest memory the guest truncated (the top of the file). libnbd
  * does not fail the call for it (a command is queued all the same, and
  * its callback gets ENOTCONN): the handle's death and the thread's last
- * libnbd error, which every move to DEAD sets, tell. */
+ * libnbd error, which every move to DEAD sets, tell. The thread-local
+ * error first: the handle's state takes its lock. */
 static void sent_check(struct nbd_ring *b, struct nbd_handle *h)
 {
-    if (!b->c->tls && b->p->xts == NULL && !handle_alive(h) && nbd_get_errno() == EFAULT)
+    if (ring_sends_from_guest(b) && nbd_get_errno() == EFAULT && !handle_alive(h))
         b->guest_fault = true;
 }
 
@@ -753,7 +761,7 @@ static uint8_t prep_write(struct nbd_ring *b, struct nbd_io *io,
      * the wire, again after a reconnect, is what the guest has there
      * then, as with any device that reads a write's data when it does
      * the I/O. Before the first connection TLS is not known yet: copied. */
-    if (b->p->xts == NULL && b->c->h != NULL && !b->c->tls &&
+    if (b->c->h != NULL && ring_sends_from_guest(b) &&
         (io->from_guest = guest_runs(io, rq, b->c->min_block))) {
         nitro_stat_add(&b->c->stats.guest_writes, 1);
         return SEND;
@@ -903,8 +911,9 @@ static void ring_step(struct nbd_ring *b, uint32_t revents)
 {
     struct nbd_handle *h = b->c->h;
     /* Dead already (a send before, or the control plane's flush): the
-     * thread's last libnbd error is not this step's. */
-    bool alive = handle_alive(h);
+     * thread's last libnbd error is not this step's. Asked only where
+     * the answer is used (the state takes the handle's lock). */
+    bool alive = ring_sends_from_guest(b) && handle_alive(h);
     unsigned dir = nbd_aio_get_direction(h);
     if (dir & LIBNBD_AIO_DIRECTION_WRITE)
         nbd_aio_notify_write(h);
