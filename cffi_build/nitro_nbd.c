@@ -50,6 +50,8 @@
 #include <string.h>
 #include <sys/epoll.h>
 #include <sys/eventfd.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
 #include <sys/socket.h>
 #include <unistd.h>
 
@@ -1036,12 +1038,36 @@ static void ring_signal(struct nbd_ring *b)
     b->r.timer_ns = blk_calls_timer(&b->calls, b->next_deadline);
 }
 
+/* Hold the socket's sends while a batch of requests is issued (TCP_CORK),
+ * or let them go: libnbd sends each command as it is issued, a segment
+ * (and a wakeup of the server) each; corked, a batch leaves together.
+ * Only for a batch known to be two or more: one request goes at once. */
+static int ring_cork(struct nbd_ring *b, uint32_t budget)
+{
+    if (b->c->h == NULL || b->free == NULL || b->free->next == NULL || budget < 2 ||
+        blk_queue_waiting(&b->q) || nitro_vq_waiting_hint(b->r.vq) < 2)
+        return -1;
+    int fd = b->c->link->fd;
+    if (setsockopt(fd, IPPROTO_TCP, TCP_CORK, &(int){1}, sizeof(int)) != 0)
+        return -1;
+    return fd;
+}
+
+static void ring_uncork(int fd)
+{
+    if (fd >= 0)
+        setsockopt(fd, IPPROTO_TCP, TCP_CORK, &(int){0}, sizeof(int));
+}
+
 static int nbd_ring_poll(struct nitro_ring *r, struct nitro_io *unused,
                          uint32_t budget)
 {
     (void)unused;
     struct nbd_ring *b = (struct nbd_ring *)r;
     ring_service(b);
+    /* The link's fd stays open to the end of the poll even if the handle
+     * dies in it (nbd_lose keeps the link until the next publish). */
+    int corked = ring_cork(b, budget);
     uint32_t done = 0;
     int rc = 0;
     while (done < budget && !blk_queue_waiting(&b->q) && b->free != NULL &&
@@ -1055,6 +1081,7 @@ static int nbd_ring_poll(struct nitro_ring *r, struct nitro_io *unused,
         done++;
         ring_start(b, c, &rq, start);
     }
+    ring_uncork(corked);
     ring_reap(b);  /* commands libnbd refused at once */
     ring_watch(b);
     ring_signal(b);

@@ -30,6 +30,8 @@
 #include <signal.h>
 #include <stdlib.h>
 #include <string.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
 #include <sys/syscall.h>
 #include <unistd.h>
 
@@ -136,6 +138,12 @@ int nitro_seccomp_worker(void)
     int rc = 0;
     for (size_t i = 0; rc == 0 && i < sizeof(worker_syscalls) / sizeof(int); i++)
         rc = seccomp_rule_add(ctx, SCMP_ACT_ALLOW, worker_syscalls[i], 0);
+    /* One socket option: TCP_CORK, which an NBD ring sets around a batch
+     * of commands (nitro_nbd.c: ring_cork). */
+    if (rc == 0)
+        rc = seccomp_rule_add(ctx, SCMP_ACT_ALLOW, SCMP_SYS(setsockopt), 2,
+                              SCMP_A1(SCMP_CMP_EQ, IPPROTO_TCP),
+                              SCMP_A2(SCMP_CMP_EQ, TCP_CORK));
     /* No TSYNC: this thread only. libseccomp sets NO_NEW_PRIVS first,
      * which is per thread too. */
     if (rc == 0)

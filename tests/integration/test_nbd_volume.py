@@ -351,3 +351,30 @@ def test_a_write_whose_descriptors_split_sectors_is_copied(nitro, vublk, short_t
         verify(vublk, sock, "--size", "4m", "--offset", "8m", "--bs", "128k",
                "--seg-size", "32k", "--seed", "6")
         assert metric(n, GUEST_WRITES, device="r0") >= sent + 32
+
+
+def data_segments_out(port: int) -> int:
+    """TCP data segments the daemon's one connection to `port` sent so
+    far (the kernel's tcpi_data_segs_out, through ss)."""
+    out = subprocess.run(["ss", "-tinH", "state", "established", f"( dport = :{port} )"],
+                         capture_output=True, text=True, check=True).stdout
+    counts = [int(w.split(":")[1]) for w in out.split() if w.startswith("data_segs_out:")]
+    assert len(counts) == 1, out
+    return counts[0]
+
+
+@pytest.mark.parametrize("rw", ["randwrite", "randread"])
+def test_a_batch_of_requests_leaves_in_a_few_segments(nitro, vublk, short_tmp_path, rw):
+    """The guest makes 32 requests available at once: the worker issues
+    them with the socket corked, so they leave together (a 4 KiB write is
+    one segment of its own otherwise: 33 for these, with the flush)."""
+    with NbdKit(short_tmp_path, ["memory", "16M"]) as server:
+        nitro(blk(server.url()))
+        sock = short_tmp_path / "r0.sock"
+        verify(vublk, sock, "--size", "1m", "--bs", "64k")  # connected; reads move data
+        before = data_segments_out(server.port)
+        rc, res, err = vublk_run(vublk, sock, "--rw", rw, "--bs", "4k", "--iodepth", "32",
+                                 "--ios", "32", "--size", "1m")
+        assert rc == 0 and res is not None and res["errors"] == 0, err
+        sent = data_segments_out(server.port) - before
+        assert 1 <= sent <= 8, sent
