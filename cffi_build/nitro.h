@@ -403,12 +403,12 @@ int nitro_engine_detach(struct nitro_engine *e, struct nitro_ring *r);
 int nitro_engine_worker_stats(const struct nitro_engine *e, uint32_t worker,
                               struct nitro_worker_stats *out);
 /* TEST ONLY (tests/unit/test_seccomp.py): make worker `worker` issue the
- * raw system call nr with zero arguments, and wait for it. Proves that the
+ * raw system call nr with arguments a0, a1, a2 (the rest 0), and wait for it. Proves that the
  * filter is active: a call outside it never returns (the process aborts).
  * Returns what the call returned (-errno on failure). Nothing in nitro
  * calls it. */
 int64_t nitro_engine_test_syscall(struct nitro_engine *e, uint32_t worker,
-                                  int64_t nr);
+                                  int64_t nr, int64_t a0, int64_t a1, int64_t a2);
 
 /* Rings. The objects they name (vq, params, stats, switch) are the caller's
  * and must outlive the ring. NULL if out of memory or an argument is NULL. */

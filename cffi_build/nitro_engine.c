@@ -527,7 +527,9 @@ static bool worker_command(struct worker *w)
             w->cmd_arg = errno;
         break;
     case CMD_TEST_SYSCALL: {
-        long rc = syscall(w->cmd_arg, 0, 0, 0, 0, 0, 0);
+        /* The caller's {nr, a0, a1, a2}, on its stack while it waits. */
+        const int64_t *a = (const int64_t *)(intptr_t)w->cmd_arg;
+        long rc = syscall(a[0], a[1], a[2], a[3], 0, 0, 0);
         w->cmd_rc = rc < 0 ? -errno : rc;
         break;
     }
@@ -986,9 +988,11 @@ int nitro_engine_worker_stats(const struct nitro_engine *e, uint32_t worker,
 }
 
 int64_t nitro_engine_test_syscall(struct nitro_engine *e, uint32_t worker,
-                                  int64_t nr)
+                                  int64_t nr, int64_t a0, int64_t a1, int64_t a2)
 {
     if (e == NULL || worker >= e->nworkers)
         return NITRO_ERR_ARG;
-    return worker_call(e, &e->workers[worker], CMD_TEST_SYSCALL, NULL, nr);
+    int64_t call[4] = {nr, a0, a1, a2};
+    return worker_call(e, &e->workers[worker], CMD_TEST_SYSCALL, NULL,
+                       (int64_t)(intptr_t)call);
 }

@@ -147,6 +147,9 @@ struct nbd_ring {
     /* libnbd's send of a write from guest memory failed with EFAULT: the
      * guest truncated that memory. The ring breaks at the end of the call. */
     bool guest_fault;
+    /* The link's fd while a batch is issued corked (ring_cork), else -1:
+     * a guest fault jumping out of the poll leaves it for abandon(). */
+    int corked;
     uint64_t next_deadline;      /* earliest deadline of a waiting/sent slot, 0 */
     struct blk_calls calls;      /* answer moderation (nitro_blk_internal.h) */
 };
@@ -1046,25 +1049,32 @@ static void ring_signal(struct nbd_ring *b)
     b->r.timer_ns = blk_calls_timer(&b->calls, b->next_deadline);
 }
 
-/* Hold the socket's sends while a batch of requests is issued (TCP_CORK),
- * or let them go: libnbd sends each command as it is issued, a segment
- * (and a wakeup of the server) each; corked, a batch leaves together.
- * Only for a batch known to be two or more: one request goes at once. */
-static int ring_cork(struct nbd_ring *b, uint32_t budget)
+/* Hold the socket's sends while a batch of requests is issued (TCP_CORK):
+ * libnbd sends each command as it is issued, a segment (and a wakeup of
+ * the server) each; corked, a batch leaves together when ring_uncork
+ * lets it go. Only for a batch known to be two or more requests (a
+ * split ring's avail index; a packed ring tells none) that can all be
+ * taken now (two free slots, QoS not holding the queue) on a live
+ * connection: one request goes at once. */
+static void ring_cork(struct nbd_ring *b, uint32_t budget)
 {
     if (b->c->h == NULL || b->free == NULL || b->free->next == NULL || budget < 2 ||
         blk_queue_waiting(&b->q) || nitro_vq_waiting_hint(b->r.vq) < 2)
-        return -1;
+        return;
+    /* The link's fd stays open to the end of the poll even if the handle
+     * dies in it (nbd_lose keeps the link until the next publish), and to
+     * abandon() after a fault in it. */
     int fd = b->c->link->fd;
-    if (setsockopt(fd, IPPROTO_TCP, TCP_CORK, &(int){1}, sizeof(int)) != 0)
-        return -1;
-    return fd;
+    if (setsockopt(fd, IPPROTO_TCP, TCP_CORK, &(int){1}, sizeof(int)) == 0)
+        b->corked = fd;
 }
 
-static void ring_uncork(int fd)
+static void ring_uncork(struct nbd_ring *b)
 {
-    if (fd >= 0)
-        setsockopt(fd, IPPROTO_TCP, TCP_CORK, &(int){0}, sizeof(int));
+    if (b->corked < 0)
+        return;
+    setsockopt(b->corked, IPPROTO_TCP, TCP_CORK, &(int){0}, sizeof(int));
+    b->corked = -1;
 }
 
 static int nbd_ring_poll(struct nitro_ring *r, struct nitro_io *unused,
@@ -1073,9 +1083,7 @@ static int nbd_ring_poll(struct nitro_ring *r, struct nitro_io *unused,
     (void)unused;
     struct nbd_ring *b = (struct nbd_ring *)r;
     ring_service(b);
-    /* The link's fd stays open to the end of the poll even if the handle
-     * dies in it (nbd_lose keeps the link until the next publish). */
-    int corked = ring_cork(b, budget);
+    ring_cork(b, budget);
     uint32_t done = 0;
     int rc = 0;
     while (done < budget && !blk_queue_waiting(&b->q) && b->free != NULL &&
@@ -1089,7 +1097,7 @@ static int nbd_ring_poll(struct nitro_ring *r, struct nitro_io *unused,
         done++;
         ring_start(b, c, &rq, start);
     }
-    ring_uncork(corked);
+    ring_uncork(b);
     ring_reap(b);  /* commands libnbd refused at once */
     ring_watch(b);
     ring_signal(b);
@@ -1193,6 +1201,9 @@ static void nbd_ring_abandon(struct nitro_ring *r)
     struct nbd_io *io = b->touching;
     b->touching = NULL;
     b->calls = (struct blk_calls){0};
+    /* The connection outlives the ring: left corked, it would hold a
+     * lone request of the next attach for the kernel's 200 ms. */
+    ring_uncork(b);
     if (io != NULL) {
         blk_queue_uncount(&b->q);
         io_release(b, io);
@@ -1247,6 +1258,7 @@ struct nitro_ring *nitro_ring_nbd_new(struct nitro_vq *vq,
     b->p = params;
     b->s = stats;
     b->c = c;
+    b->corked = -1;
     b->q = blk_queue_of(&b->r, params, stats);
     return &b->r;
 }

@@ -1284,11 +1284,15 @@ class Engine(_Owned):
     def detach(self, ring: Ring) -> None:
         _check(lib.nitro_engine_detach(self.ptr, ring.ptr), "nitro_engine_detach")
 
-    def test_syscall(self, worker: int, nr: int) -> int:
-        """TEST ONLY: worker ``worker`` makes raw system call ``nr`` (no
-        arguments); its result, -errno on failure. Under the seccomp filter
-        a call outside it aborts the process (tests/unit/test_seccomp.py)."""
-        return int(lib.nitro_engine_test_syscall(self.ptr, worker, nr))
+    def test_syscall(self, worker: int, nr: int, *args: int) -> int:
+        """TEST ONLY: worker ``worker`` makes raw system call ``nr`` with up
+        to three integer ``args`` (the rest 0); its result, -errno on
+        failure. Under the seccomp filter a call outside it aborts the
+        process (tests/unit/test_seccomp.py)."""
+        if len(args) > 3:
+            raise ValueError("test_syscall: at most three arguments")
+        a = [*args, 0, 0, 0][:3]
+        return int(lib.nitro_engine_test_syscall(self.ptr, worker, nr, *a))
 
     def worker_stats(self, worker: int) -> dict[str, int]:
         out = ffi.new("struct nitro_worker_stats *")

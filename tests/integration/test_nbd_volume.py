@@ -5,9 +5,12 @@ directory and are stopped by PID (bench/nbd.py's launchers)."""
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import signal
+import socket
+import struct
 import subprocess
 import time
 from pathlib import Path
@@ -19,11 +22,12 @@ from bench.proc import run_cli, tail
 from tests.integration.frontend import GPA_BASE, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE, Frontend
 from tests.integration.test_hostile_tenant import wait_for
 from tests.integration.test_qos import finish, metric, reads
-from tests.ringlayout import VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT, blk_header
+from tests.ringlayout import VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT, avail_ring_offset, blk_header
 
 pytestmark = pytest.mark.integration
 
 MiB = 1 << 20
+SYS_PIDFD_GETFD = 438  # x86-64
 
 
 def blk(url: str, extra: str = "") -> str:
@@ -366,8 +370,10 @@ def data_segments_out(port: int) -> int:
 @pytest.mark.parametrize("rw", ["randwrite", "randread"])
 def test_a_batch_of_requests_leaves_in_a_few_segments(nitro, vublk, short_tmp_path, rw):
     """The guest makes 32 requests available at once: the worker issues
-    them with the socket corked, so they leave together (a 4 KiB write is
-    one segment of its own otherwise: 33 for these, with the flush)."""
+    them with the socket corked, so they leave together (uncorked, each
+    4 KiB write or read request was about a segment of its own: 33 and 37
+    data segments for the 32 writes, 19 and 32 for the reads, in runs of
+    the build before)."""
     with NbdKit(short_tmp_path, ["memory", "16M"]) as server:
         nitro(blk(server.url()))
         sock = short_tmp_path / "r0.sock"
@@ -378,3 +384,74 @@ def test_a_batch_of_requests_leaves_in_a_few_segments(nitro, vublk, short_tmp_pa
         assert rc == 0 and res is not None and res["errors"] == 0, err
         sent = data_segments_out(server.port) - before
         assert 1 <= sent <= 8, sent
+
+
+def tcp_cork_of(pid: int, port: int) -> list[bool]:
+    """TCP_CORK on each of process `pid`'s sockets connected to
+    127.0.0.1:`port` (libnbd's and the worker's duplicate of it), read
+    through copies of its fds (pidfd_getfd)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    pidfd = os.pidfd_open(pid)
+    corks = []
+    try:
+        for name in os.listdir(f"/proc/{pid}/fd"):
+            try:
+                if not os.readlink(f"/proc/{pid}/fd/{name}").startswith("socket:"):
+                    continue
+            except FileNotFoundError:
+                continue
+            fd = libc.syscall(SYS_PIDFD_GETFD, pidfd, int(name), 0)
+            if fd < 0:
+                continue
+            with socket.socket(fileno=fd) as s:
+                if s.family != socket.AF_INET or s.type != socket.SOCK_STREAM:
+                    continue
+                try:
+                    if s.getpeername() != ("127.0.0.1", port):
+                        continue
+                except OSError:
+                    continue
+                corks.append(bool(s.getsockopt(socket.IPPROTO_TCP, socket.TCP_CORK)))
+    finally:
+        os.close(pidfd)
+    return corks
+
+
+def test_a_guest_fault_in_a_corked_batch_leaves_the_connection_uncorked(nitro, short_tmp_path):
+    """The guest makes two requests available at once (the batch is issued
+    corked) and the second one's header is in memory it truncated: the
+    worker's guard ends the poll half way. The connection outlives the
+    broken device and serves its next session, so the cork is taken off
+    there (left on, the kernel would hold each lone request up to 200 ms)."""
+    with NbdKit(short_tmp_path, ["memory", "32M"]) as server:
+        n = nitro("[daemon]\nworkers = 1\n" + blk(server.url()))
+        with Frontend(short_tmp_path / "r0.sock") as evil:
+            evil.start()
+            assert evil.blk_request(VIRTIO_BLK_T_OUT, 0, data=b"e" * 4096)[0] == 0
+            hdr = GPA_BASE + evil.data
+            status, data, gone = hdr + 512, hdr + 4096, hdr + (1 << 20)
+            evil.write(hdr, blk_header(VIRTIO_BLK_T_OUT, 8))
+            evil.write(status, b"\xee")
+            evil.write(data, b"g" * 4096)
+            evil.write_desc(0, hdr, 16, VRING_DESC_F_NEXT, 1)
+            evil.write_desc(1, data, 4096, VRING_DESC_F_NEXT, 2)
+            evil.write_desc(2, status, 1, VRING_DESC_F_WRITE)
+            evil.write_desc(3, gone, 16, VRING_DESC_F_NEXT, 4)
+            evil.write_desc(4, gone + 4096, 1, VRING_DESC_F_WRITE)
+            os.ftruncate(evil.memfd, evil.data + 8192)
+            # Both chains in the avail ring, then one index update: one batch.
+            for k, head in enumerate((0, 3)):
+                evil.write(GPA_BASE + evil.avail + avail_ring_offset(evil.avail_idx + k, evil.num),
+                           struct.pack("<H", head))
+            evil.avail_idx = (evil.avail_idx + 2) & 0xFFFF
+            evil.set_avail_idx(evil.avail_idx)
+            os.eventfd_write(evil.kick, 1)
+            wait_for(n, 'nitro_device_broken{device="r0",kind="blk"} 1.0')
+            assert metric(n, "nitro_blk_remote_connects_total", device="r0") == 1
+            corks = tcp_cork_of(n.proc.pid, server.port)
+            assert corks and not any(corks), corks
+        with Frontend(short_tmp_path / "r0.sock") as fresh:
+            fresh.start()
+            assert fresh.blk_request(VIRTIO_BLK_T_IN, 0, read_len=4096)[1] == b"e" * 4096
+        assert metric(n, "nitro_blk_remote_connects_total", device="r0") == 1
+    assert n.stop() == 0

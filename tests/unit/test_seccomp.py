@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -77,6 +78,10 @@ def test_calls_workers_make_are_allowed() -> None:
         # getrusage(RUSAGE_SELF, NULL): allowed, so the kernel reaches the
         # NULL (the adaptive poll window's look, nitro_engine.c)
         assert e.test_syscall(0, SYS_GETRUSAGE) == -errno.EFAULT
+        # setsockopt(-1, IPPROTO_TCP, TCP_CORK, NULL, 0): the one option
+        # allowed (an NBD ring's batches), so the kernel reaches the fd
+        assert e.test_syscall(0, SYS_SETSOCKOPT, -1, socket.IPPROTO_TCP,
+                              socket.TCP_CORK) == -errno.EBADF
     finally:
         e.close()
 
@@ -94,12 +99,18 @@ def run_child(code: str) -> subprocess.CompletedProcess:
                           text=True, timeout=120)
 
 
-# setsockopt(0, 0, 0, NULL, 0): the one socket option allowed is TCP_CORK
-# (an NBD ring's batches), and level 0 is not IPPROTO_TCP.
-@pytest.mark.parametrize("nr", [SYS_SOCKET, SYS_SETSOCKOPT])
-def test_a_forbidden_call_aborts_the_process_with_one_clear_line(nr: int) -> None:
+# setsockopt is allowed for IPPROTO_TCP/TCP_CORK only: another TCP option,
+# or the same number at another level, is refused.
+@pytest.mark.parametrize("nr, args", [
+    (SYS_SOCKET, ()),
+    (SYS_SETSOCKOPT, (-1, socket.IPPROTO_TCP, socket.TCP_NODELAY)),
+    (SYS_SETSOCKOPT, (-1, socket.SOL_SOCKET, socket.TCP_CORK)),
+])
+def test_a_forbidden_call_aborts_the_process_with_one_clear_line(
+        nr: int, args: tuple[int, ...]) -> None:
+    call = ", ".join(map(str, (0, nr, *args)))
     p = run_child("from nitro import _datapath; e = _datapath.Engine(1, seccomp=True); "
-                  f"e.test_syscall(0, {nr}); print('still alive')")
+                  f"e.test_syscall({call}); print('still alive')")
     assert p.returncode == -6, p  # SIGABRT: systemd restarts nitro
     assert "still alive" not in p.stdout
     assert (f"nitro: FATAL: an engine worker made system call {nr}, which its "
