@@ -124,6 +124,7 @@ struct nbd_io {
     uint64_t len;                /* payload bytes */
     int nseg;
     uint32_t pending;            /* NBD commands not answered yet */
+    uint64_t got;                /* a read's bytes the server's chunks covered */
     int err;                     /* the first error a command reported */
 };
 
@@ -510,10 +511,10 @@ static bool io_buf(struct nbd_io *io, size_t len)
     if (io->cap >= len)
         return true;
     free(io->buf);
-    /* Zeroed: a read reply that does not cover the buffer (a server
-     * breaking the protocol) is not an error libnbd's callback reports
-     * (nitro_nbd_connect turns its zeroing off), and what it leaves is
-     * then this device's own earlier data, never the heap's. */
+    /* Zeroed: libnbd does not zero a read's buffer (nitro_nbd_connect),
+     * and a server's reply that covers part of it twice and part not at
+     * all passes io_answered's count: what it leaves is then this
+     * device's own earlier data, never the heap's. */
     io->buf = calloc(1, len);
     io->cap = io->buf != NULL ? len : 0;
     return io->buf != NULL;
@@ -582,13 +583,29 @@ static void io_wait(struct nbd_ring *b, struct nbd_io *io)
     b->wait_tail = &io->next;
 }
 
-/* libnbd's completion callback: record only (see the top of the file). */
+/* libnbd's chunk callback of a read: count what the reply covered. */
+static int io_chunk(void *user_data, const void *subbuf, size_t count,
+                    uint64_t offset, unsigned status, int *error)
+{
+    (void)subbuf, (void)offset, (void)error;
+    struct nbd_io *io = user_data;
+    if (status == LIBNBD_READ_DATA || status == LIBNBD_READ_HOLE)
+        io->got += count;
+    return 0;
+}
+
+/* libnbd's completion callback: record only (see the top of the file).
+ * A read whose replies did not cover it (a server breaking the protocol)
+ * failed: libnbd checks that only for commands retired without a
+ * callback, and the uncovered part holds whatever the buffer held. */
 static int io_answered(void *user_data, int *error)
 {
     struct nbd_io *io = user_data;
     if (*error != 0 && io->err == 0)
         io->err = *error;
     if (--io->pending == 0) {
+        if (io->type == VIRTIO_BLK_T_IN && io->err == 0 && io->got != io->len)
+            io->err = EIO;
         io->state = NIO_DONE;
         io->next = io->ring->done;
         io->ring->done = io;
@@ -627,6 +644,7 @@ static void io_issued(struct nbd_io *io, int64_t rc)
 }
 
 #define CB(io) ((nbd_completion_callback){.callback = io_answered, .user_data = (io)})
+#define CHUNK(io) ((nbd_chunk_callback){.callback = io_chunk, .user_data = (io)})
 
 /* A read or write: one command per max_command bytes of each run (the
  * slot's buffer, or a write's runs of guest memory). */
@@ -642,7 +660,7 @@ static void io_send_data(struct nbd_io *io, struct nbd_handle *h, uint64_t max)
             uint64_t n = run[i].iov_len - o < max ? run[i].iov_len - o : max;
             io->pending++;
             io_issued(io, io->type == VIRTIO_BLK_T_IN
-                ? nbd_aio_pread(h, p + o, n, at, CB(io), 0)
+                ? nbd_aio_pread_structured(h, p + o, n, at, CHUNK(io), CB(io), 0)
                 : nbd_aio_pwrite(h, p + o, n, at, CB(io), 0));
             if (io->from_guest)
                 sent_check(io->ring, h);
@@ -660,6 +678,7 @@ static void io_send(struct nbd_ring *b, struct nbd_io *io)
     struct nbd_handle *h = c->h;
     io->state = NIO_SENT;
     io->err = 0;
+    io->got = 0;
     io->pending = 1;
     uint64_t base = b->p->data_offset;
     switch (io->type) {

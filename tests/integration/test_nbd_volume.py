@@ -12,6 +12,7 @@ import signal
 import socket
 import struct
 import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -455,3 +456,108 @@ def test_a_guest_fault_in_a_corked_batch_leaves_the_connection_uncorked(nitro, s
             assert fresh.blk_request(VIRTIO_BLK_T_IN, 0, read_len=4096)[1] == b"e" * 4096
         assert metric(n, "nitro_blk_remote_connects_total", device="r0") == 1
     assert n.stop() == 0
+
+
+class ShortReadServer:
+    """A hand-made NBD server (fixed newstyle, structured replies, one
+    export of `size` bytes in memory) that breaks the protocol on purpose:
+    a read at or past `short_from` is answered with half its data and the
+    DONE flag. nbdkit and qemu-nbd cannot be made to do that. A thread
+    per client; close() stops taking new ones."""
+
+    def __init__(self, size: int, short_from: int) -> None:
+        self.data = bytearray(size)
+        self.short_from = short_from
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def url(self) -> str:
+        return f"nbd://127.0.0.1:{self.port}/"
+
+    def close(self) -> None:
+        self.listener.shutdown(socket.SHUT_RDWR)  # wakes accept(); close() alone does not
+        self.listener.close()
+        self.thread.join(5)
+        assert not self.thread.is_alive()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._client, args=(conn,), daemon=True).start()
+
+    def _client(self, conn: socket.socket) -> None:
+        with conn:
+            try:
+                self._handshake(conn)
+                while self._command(conn):
+                    pass
+            except (OSError, EOFError):
+                pass
+
+    @staticmethod
+    def _recv(conn: socket.socket, n: int) -> bytes:
+        buf = b""
+        while len(buf) < n:
+            more = conn.recv(n - len(buf))
+            if not more:
+                raise EOFError
+            buf += more
+        return buf
+
+    def _handshake(self, conn: socket.socket) -> None:
+        conn.sendall(b"NBDMAGICIHAVEOPT" + struct.pack(">H", 3))  # FIXED_NEWSTYLE | NO_ZEROES
+        self._recv(conn, 4)  # the client's flags
+        while True:
+            _, opt, length = struct.unpack(">QII", self._recv(conn, 16))
+            self._recv(conn, length)
+            if opt == 8:  # NBD_OPT_STRUCTURED_REPLY
+                conn.sendall(self._opt_reply(opt, 1))  # NBD_REP_ACK
+            elif opt == 7:  # NBD_OPT_GO: NBD_INFO_EXPORT (size; HAS_FLAGS | SEND_FLUSH), ACK
+                info = struct.pack(">HQH", 0, len(self.data), 1 | 4)
+                conn.sendall(self._opt_reply(opt, 3, info) + self._opt_reply(opt, 1))
+                return
+            else:
+                conn.sendall(self._opt_reply(opt, 0x80000001))  # NBD_REP_ERR_UNSUP
+
+    @staticmethod
+    def _opt_reply(opt: int, kind: int, data: bytes = b"") -> bytes:
+        return struct.pack(">QIII", 0x3E889045565A9, opt, kind, len(data)) + data
+
+    def _command(self, conn: socket.socket) -> bool:
+        _, _, kind, cookie, off, length = struct.unpack(">IHHQQI", self._recv(conn, 28))
+        if kind == 0:  # READ: one OFFSET_DATA chunk, DONE
+            n = length // 2 if off >= self.short_from else length
+            chunk = struct.pack(">Q", off) + bytes(self.data[off:off + n])
+            conn.sendall(struct.pack(">IHHQI", 0x668E33EF, 1, 1, cookie, len(chunk)) + chunk)
+            return True
+        if kind == 1:  # WRITE
+            self.data[off:off + length] = self._recv(conn, length)
+        elif kind == 2:  # DISC
+            return False
+        conn.sendall(struct.pack(">IIQ", 0x67446698, 0, cookie))  # simple reply, OK
+        return True
+
+
+def test_a_read_the_server_answers_short_fails_with_ioerr(nitro, short_tmp_path):
+    """A server that answers a read with less data than asked (here half,
+    flagged done) breaks the protocol: the guest gets IOERR for that read,
+    not whatever was in the buffer, and the device and its connection go
+    on serving."""
+    server = ShortReadServer(16 * MiB, short_from=8 * MiB)
+    try:
+        n = nitro(blk(server.url()))
+        with Frontend(short_tmp_path / "r0.sock") as g:
+            g.start()
+            assert g.blk_request(VIRTIO_BLK_T_OUT, 0, data=b"a" * 4096)[0] == 0
+            assert g.blk_request(VIRTIO_BLK_T_IN, 0, read_len=4096) == (0, b"a" * 4096)
+            # the slot's buffer still holds that read's data: not returned
+            assert g.blk_request(VIRTIO_BLK_T_IN, 8 * MiB // 512, read_len=4096)[0] == 1  # IOERR
+            assert g.blk_request(VIRTIO_BLK_T_IN, 0, read_len=4096) == (0, b"a" * 4096)
+        assert metric(n, "nitro_blk_remote_disconnects_total", device="r0") == 0
+    finally:
+        server.close()
