@@ -403,8 +403,9 @@ int nitro_engine_detach(struct nitro_engine *e, struct nitro_ring *r);
 int nitro_engine_worker_stats(const struct nitro_engine *e, uint32_t worker,
                               struct nitro_worker_stats *out);
 /* TEST ONLY (tests/unit/test_seccomp.py): make worker `worker` issue the
- * raw system call nr with arguments a0, a1, a2 (the rest 0), and wait for it. Proves that the
- * filter is active: a call outside it never returns (the process aborts).
+ * raw system call nr with arguments a0, a1, a2 (the rest 0), and wait for
+ * it. Proves that the filter is active and what it lets through: a call
+ * outside it never returns (the process aborts).
  * Returns what the call returned (-errno on failure). Nothing in nitro
  * calls it. */
 int64_t nitro_engine_test_syscall(struct nitro_engine *e, uint32_t worker,
