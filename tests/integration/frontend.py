@@ -142,10 +142,13 @@ class Frontend:
     def write_desc(self, i: int, addr: int, length: int, flags: int, nxt: int = 0) -> None:
         self.write(GPA_BASE + self.desc + DESC.size * i, DESC.pack(addr, length, flags, nxt))
 
-    def publish(self, head: int, *, kick: bool = True) -> None:
-        self.write(GPA_BASE + self.avail + rl.avail_ring_offset(self.avail_idx, self.num),
-                   U16.pack(head))
-        self.avail_idx = (self.avail_idx + 1) & 0xFFFF
+    def publish(self, *heads: int, kick: bool = True) -> None:
+        """Make the chains at `heads` available with one avail->idx update
+        (one batch, as a driver adding several at once)."""
+        for head in heads:
+            self.write(GPA_BASE + self.avail + rl.avail_ring_offset(self.avail_idx, self.num),
+                       U16.pack(head))
+            self.avail_idx = (self.avail_idx + 1) & 0xFFFF
         self.set_avail_idx(self.avail_idx)
         if kick:
             os.eventfd_write(self.kick, 1)
