@@ -147,6 +147,7 @@ def test_a_wrong_psk_fails_the_start(nitro, short_tmp_path):
         with pytest.raises(Exception) as e:
             nitro(blk(url, f'tls_psk_file = "{wrong}"\ntls_username = "{PSK_USER}"\n'))
         assert "cannot connect" in str(e.value) and "gnutls" in str(e.value), str(e.value)
+        assert f"does {wrong} hold its key for user {PSK_USER}?" in str(e.value), str(e.value)
 
 
 def test_qemu_nbd(nitro, vublk, short_tmp_path):

@@ -131,6 +131,21 @@ def connect(src: NbdSource, timeout: float = DEFAULT_IO_TIMEOUT) -> _datapath.Nb
         timeout=timeout)
 
 
+def connect_error(src: NbdSource, e: _datapath.NbdError) -> VolumeError:
+    """What a failed connect() means: SourceUnavailableError when the
+    server was unreachable (worth waiting for), else VolumeError. Over TLS
+    a server that ends the handshake (no errno) most likely refused the
+    key or certificate: said so."""
+    if e.errno in UNREACHABLE:
+        return SourceUnavailableError(f"{src}: cannot connect: {e}")
+    hint = ""
+    if src.tls and e.errno == 0:
+        hint = (f" (the server ended the TLS handshake: does {src.tls_psk_file} hold its key "
+                f"for user {src.tls_username}?)" if src.tls_psk_file else
+                " (the server ended the TLS handshake: does it trust tls_certificates?)")
+    return VolumeError(f"{src}: cannot connect: {e}{hint}")
+
+
 def check_export(src: NbdSource, info: dict[str, int], *, queues: int, readonly: bool) -> None:
     """Can this export be served as configured? VolumeError if not."""
     if info["size"] == 0 or info["size"] % SECTOR_SIZE:
@@ -184,9 +199,7 @@ class NbdVolume:
         try:
             handle = connect(src, io_timeout)
         except _datapath.NbdError as e:
-            if e.errno in UNREACHABLE:
-                raise SourceUnavailableError(f"{src}: cannot connect: {e}") from None
-            raise VolumeError(f"{src}: cannot connect: {e}") from None
+            raise connect_error(src, e) from None
         try:
             info = handle.info()
             check_export(src, info, queues=queues, readonly=readonly)
@@ -220,8 +233,7 @@ class NbdVolume:
         try:
             handle = connect(self.src, self.io_timeout)
         except _datapath.NbdError as e:
-            error = SourceUnavailableError if e.errno in UNREACHABLE else VolumeError
-            raise error(f"{self.src}: cannot connect: {e}") from None
+            raise connect_error(self.src, e) from None
         try:
             yield handle
         finally:
