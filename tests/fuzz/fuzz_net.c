@@ -96,11 +96,13 @@
  * [guard]: R the rings of the good driver, T the TX buffers (TX_SLOTS
  * slots of TX_SLOT bytes, shared by the TX rings), Xa the buffers of RX
  * ring a (RX_SLOTS slots of RX_SLOT bytes), each its own region with holes
- * between them in guest-physical space, so a hostile ring's buffers reach
- * only its own region, T, or nothing (never a good ring's buffers, whose
- * contents the oracles read). R and T are zeroed per input, Xa when a
- * hostile ring takes it: a case does not depend on the ones before it. The
- * guards hold CANARY and are checked after each op.
+ * between them in guest-physical space. Good rings translate through a
+ * memory table of all of them; a hostile ring through one of its own
+ * region and T only (raw_mem()), so its buffers reach nothing else, also
+ * when it makes addresses out of its own indexes: never R or a good ring's
+ * buffers, whose contents the oracles read. R and T are zeroed per input,
+ * Xa when a hostile ring takes it: a case does not depend on the ones
+ * before it. The guards hold CANARY and are checked after each op.
  *
  * Oracles, besides ASan/UBSan, the canaries and libFuzzer's timeout. Every
  * producing op (a TX ring's serve, UPSERVE, INJECT) is followed by reading
@@ -251,6 +253,7 @@ struct ring {
     /* hostile RX: ring size and layout, and whether its fault was seen */
     uint32_t num;
     int packed, fault_seen;
+    struct nitro_mem *raw_mem;  /* hostile RX: its memory table (raw_mem()) */
 };
 
 struct source {
@@ -821,6 +824,25 @@ static uint64_t raw_where(const struct ring *g, uint8_t kind, uint32_t off)
     }
 }
 
+/* A hostile ring's memory table: its own region and T, nothing else. A
+ * driver that lays its own ring parts over each other makes buffer
+ * addresses out of its indexes (an avail ring on its descriptor table turns
+ * avail->idx 1 into address 0x10000), and with R or another region in its
+ * table that could be a good ring, whose contents the oracles read. Made
+ * on first use: most inputs have no hostile ring. */
+static struct nitro_mem *raw_mem(struct ring *g)
+{
+    if (g->raw_mem != NULL)
+        return g->raw_mem;
+    struct nitro_mem *m = nitro_mem_new();
+    if (m == NULL ||
+        nitro_mem_add(m, guest_fd, GPA_T, T_LEN, UADDR + GPA_T, OFF_T) != NITRO_OK ||
+        nitro_mem_add(m, guest_fd, GPA_AREA(g->area), AREA, UADDR + GPA_AREA(g->area),
+                      OFF_AREA(g->area)) != NITRO_OK)
+        die("guest memory setup");
+    return g->raw_mem = m;
+}
+
 static void raw_ring(struct state *s, struct ring *g, struct in *in)
 {
     uint8_t mode = (uint8_t)take(in, 1);
@@ -851,7 +873,7 @@ static void raw_ring(struct state *s, struct ring *g, struct in *in)
     }
     if (nitro_vq_set_features(g->vq, feat) != NITRO_OK ||
         nitro_vq_set_num(g->vq, num) != NITRO_OK ||
-        nitro_vq_set_addr(g->vq, s->mem, UADDR + dg, UADDR + ag, UADDR + ug) != NITRO_OK ||
+        nitro_vq_set_addr(g->vq, raw_mem(g), UADDR + dg, UADDR + ag, UADDR + ug) != NITRO_OK ||
         nitro_vq_set_base(g->vq, g->packed ? PACKED_BASE : 0) != NITRO_OK) {
         seen.raw_refused++;
         return;  /* the daemon never starts a ring it could not set up */
@@ -1034,6 +1056,7 @@ static void teardown(struct state *s)
             rx_unplug(s, &s->rx[p][k]);
             nitro_vq_free(s->rx[p][k].vq);
             nitro_vq_free(s->tx[p][k].vq);
+            nitro_mem_free(s->rx[p][k].raw_mem);
         }
     nitro_switch_free(s->sw);
     nitro_mem_free(s->mem);
