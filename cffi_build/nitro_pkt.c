@@ -265,16 +265,34 @@ static uint32_t l4_offset(const uint8_t *frame, uint32_t flen)
     return 0;
 }
 
+/* Where a NEEDS_CSUM checksum may go at the earliest in an IPv4/IPv6
+ * frame whose L4 part starts at l4: past every byte the switch's
+ * classify() reads there (IPv6 extension headers, an ICMP or ICMPv6 type
+ * and code, UDP ports), so 2 bytes into an ICMP header (its checksum is at
+ * 2) and 4 into any other. 0 when this frame has no upper-layer header. */
+static uint32_t csum_floor(const uint8_t *frame, uint32_t flen, uint32_t l4)
+{
+    uint8_t proto;
+    uint32_t upper = l4;
+    if (ld16be(frame + 12) == ETH_P_IP)
+        proto = frame[ETH_HLEN + 9];
+    else if (nitro_pkt_ip6_upper(frame, flen, &proto, &upper) != 1)
+        return 0;
+    return upper + (proto == IPPROTO_ICMP_ || proto == IPPROTO_ICMPV6_ ? 2 : 4);
+}
+
 /* Check the sender's virtio_net_hdr (5.1.6.2) and replace it by the header
  * receivers get: only NEEDS_CSUM and its offsets survive, gso NONE,
  * num_buffers 0 (the RX delivery sets it); super-frames see tx_gso. Bad
  * offsets are the sender's fault, so they are refused here once, not by
  * each receiver. The checksum is completed after the switch classified the
  * frame (per receiver, or for the TAP/punt), and its 2 bytes land at
- * csum_start + csum_offset: so
- * csum_start must be at or past the L4 header of an IPv4/IPv6 frame, or a
- * guest could rewrite its checked source MAC or IPv4 address (or the
- * destination) after the anti-spoofing checks with a checksum it chose.
+ * csum_start + csum_offset, with a value the guest chooses through the
+ * payload. So csum_start must be at or past the L4 header of an IPv4/IPv6
+ * frame, or the guest could rewrite its checked source MAC or IPv4 address
+ * (or the destination) after the anti-spoofing checks; and the field must
+ * lie past csum_floor(), or it could turn an echo request into a Router
+ * Advertisement (type 134) or a datagram into one for the DHCP port.
  * Returns NITRO_PKT_TX_OK or the drop reason. */
 int nitro_pkt_tx_header(uint8_t *hdr, uint32_t flen, uint64_t feat,
                         uint32_t mtu)
@@ -292,7 +310,7 @@ int nitro_pkt_tx_header(uint8_t *hdr, uint32_t flen, uint64_t feat,
         const uint8_t *frame = hdr + NITRO_NET_HDR_LEN;
         uint32_t l4 = l4_offset(frame, flen);
         if ((uint32_t)start + off + 2 > nitro_pkt_l3_end(frame, flen) ||
-            l4 == 0 || start < l4)
+            l4 == 0 || start < l4 || (uint32_t)start + off < csum_floor(frame, flen, l4))
             return NITRO_NET_DROP_BAD_HEADER;
     }
     if (flen > mtu + ETH_HLEN)

@@ -10,6 +10,7 @@ import time
 import pytest
 from scapy.layers.inet import ICMP, IP, UDP
 from scapy.layers.inet6 import (
+    ICMPv6EchoRequest,
     ICMPv6ND_NS,
     ICMPv6ND_RA,
     ICMPv6ND_Redirect,
@@ -692,6 +693,47 @@ def test_router_advertisements_and_redirects_from_guests_are_dropped(net):
         net.sw.set_uplink(0, -1, None)
         tap.close()
         peer.close()
+
+
+def with_checksum(frame: bytes, start: int, want: int) -> bytes:
+    """frame with its last two bytes chosen so that the checksum nitro
+    completes over frame[start:] (NEEDS_CSUM) comes out as want."""
+    body = frame[start:-2]
+    word = next(w for w in range(1 << 16) if pk.checksum(body + struct.pack("!H", w)) == want)
+    return frame[:-2] + struct.pack("!H", word)
+
+
+def test_a_checksum_cannot_rewrite_the_l4_bytes_the_switch_checked(net):
+    """NEEDS_CSUM is completed after classify(), per receiver without
+    GUEST_CSUM and for the TAP: its two bytes must not land on what the
+    switch read past csum_start (IPv6 extension headers, the ICMPv6 type,
+    UDP ports). Found by a read-only review of the net fuzz target's oracles
+    (2026-12-06): an echo request whose checksum comes out 0x8600, written
+    at csum_offset 0, reached a peer as a Router Advertisement."""
+    net.attach_rx(1)
+    me, all_nodes = link_local(A), "ff02::1"
+    echo = bytes(Ether(src=A, dst="33:33:00:00:00:01") / IPv6(src=me, dst=all_nodes)
+                 / ICMPv6EchoRequest(data=b"ab"))
+    to_ra = with_checksum(echo, 54, 0x8600)  # type 134, code 0
+    behind = bytes(Ether(src=A, dst="33:33:00:00:00:01") / IPv6(src=me, dst=all_nodes)
+                   / IPv6ExtHdrDestOpt() / ICMPv6EchoRequest(data=b"ab"))
+    udp = bytes(Ether(src=A, dst=B) / IP(src=A_IP, dst=B_IP) / UDP(sport=5, dport=6) / b"ab")
+    to_dhcp = with_checksum(udp, 34, 67)  # the destination port
+    for frame, start, off in ((to_ra, 54, 0),       # on the ICMPv6 type
+                              (behind, 54, 0),      # on the extension header
+                              (behind, 62, 0),      # on the ICMPv6 type behind it
+                              (to_dhcp, 34, 2)):    # on the UDP destination port
+        net.send(frame, hdr=net_hdr(1, 0, 0, 0, start, off, 0))
+    got = net.received(1)
+    assert [(f[HDR + 12:HDR + 14].hex(), f[HDR + 54:HDR + 55].hex()) for f in got] == []
+    assert net.sw.port_stats(0)["drops"]["bad_header"] == 4
+    # At each protocol's own checksum field it is completed as before (the
+    # field zeroed first: the sum from csum_start then checks out to 0).
+    for frame, start, off in ((echo, 54, 2), (behind, 62, 2), (udp, 34, 6), (icmp(), 34, 2)):
+        frame = frame[:start + off] + bytes(2) + frame[start + off + 2:]
+        net.send(frame, hdr=net_hdr(1, 0, 0, 0, start, off, 0))
+        (got,) = net.received(1)
+        assert got[0] == 0 and pk.checksum(got[HDR + start:]) == 0
 
 
 def test_malformed_ipv6_is_bad_header(net):
