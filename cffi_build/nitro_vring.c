@@ -452,21 +452,29 @@ int nitro_vq_set_fault(struct nitro_vq *vq, uint32_t kind)
 
 /* ---- chain walking ---------------------------------------------------- */
 
-/* Number of chains waiting (0..num), or NITRO_ERR_GUEST. avail->idx is only
- * re-read once everything seen last time is consumed. */
-static int avail_pending(struct nitro_vq *vq)
+/* Number of chains waiting (0..num), or -1 when avail->idx claims more
+ * than the ring holds. avail->idx is only re-read once everything seen
+ * last time is consumed. */
+static int avail_count(struct nitro_vq *vq)
 {
     if (vq->shadow_avail_idx == vq->last_avail_idx) {
         uint16_t idx = guest_ld16(vq->avail + AVAIL_IDX);
         /* The driver cannot have more than num chains outstanding. */
         if ((uint16_t)(idx - vq->last_avail_idx) > vq->num)
-            return nitro_vq_set_fault(vq, NITRO_FAULT_AVAIL_IDX);
+            return -1;
         vq->shadow_avail_idx = idx;
         /* Acquire: ring entries and descriptors the driver wrote before
          * bumping avail->idx must not be read ahead of the idx itself. */
         atomic_thread_fence(memory_order_acquire);
     }
     return (uint16_t)(vq->shadow_avail_idx - vq->last_avail_idx);
+}
+
+/* avail_count(), a bad avail->idx breaking the ring: NITRO_ERR_GUEST. */
+static int avail_pending(struct nitro_vq *vq)
+{
+    int n = avail_count(vq);
+    return n < 0 ? nitro_vq_set_fault(vq, NITRO_FAULT_AVAIL_IDX) : n;
 }
 
 /* Where the walk is: the table being indexed and how many more descriptors
@@ -653,7 +661,11 @@ uint32_t nitro_vq_waiting_hint(struct nitro_vq *vq)
 {
     if (vq->packed || nitro_vq_fault(vq) != NITRO_FAULT_NONE)
         return 0;
-    int n = avail_pending(vq);
+    /* A bad avail->idx is left to the next pop: a delivery wakes the RX
+     * ring's worker (which reports the fault) only when its own pop
+     * fails, and a hint before a batch it then refuses whole would break
+     * the ring unseen. */
+    int n = avail_count(vq);
     return n > 0 ? (uint32_t)n : 0;
 }
 

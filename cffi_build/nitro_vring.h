@@ -102,8 +102,9 @@ NITRO_INTERNAL void nitro_vq_prefetch(struct nitro_vq *vq, uint32_t n);
  * nothing: nitro_vq_pop() walks and checks the chain. */
 NITRO_INTERNAL const uint8_t *nitro_vq_peek_next(struct nitro_vq *vq, uint32_t *len);
 /* Chains known to wait (a split ring's copy of avail->idx, read again once
- * used up): a batch size hint, nothing is consumed or checked beyond the
- * idx. 0 for a packed or broken ring. */
+ * used up): a batch size hint, nothing is consumed, nothing breaks the
+ * ring (nitro_vq_pop() does). 0 for a packed or broken ring and for an
+ * avail->idx the ring cannot hold. */
 NITRO_INTERNAL uint32_t nitro_vq_waiting_hint(struct nitro_vq *vq);
 /* Append (head, len) to the used ring and publish used->idx. */
 NITRO_INTERNAL void nitro_vq_push(struct nitro_vq *vq, uint16_t head,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import select
 import socket
 import struct
 import time
@@ -285,6 +286,33 @@ def test_bw_out_allowance_drops_and_counts():
             n.send(icmp(size=1000))
         s = n.sw.port_stats(0)
         assert s["bw_out_allowance_exceeded"] >= 8 and s["packets_out"] >= 1
+    finally:
+        n.close()
+
+
+def test_a_ring_a_refused_delivery_looked_at_is_not_left_broken_unwoken():
+    """A delivery that breaks an RX ring must wake its worker, which reports
+    the fault. The fast path's look-ahead read avail->idx before the
+    receiver's bw_in admission; with every frame refused it never popped,
+    and a bad avail->idx broke the ring (AVAIL_IDX) with no wake (found by a
+    read-only review of the net fuzz oracles, 2026-12-06). A look-ahead now
+    breaks nothing: the next pop does, and is woken for it."""
+    d, d_ip = "52:54:00:00:00:0d", "10.0.0.13"
+    n = Net()
+    try:
+        n.sw.add_port(3, 0, pk.mac_bytes(d), ip4(d_ip), bw_in=1000)  # burst: one frame
+        n.sw.set_port_features(3, (1 << 32) | F_MRG)
+        ring = n.attach_rx(3, bufs=1)  # all it saw used: avail->idx is read again
+        frame = icmp(dst_mac=d, dst=d_ip, size=1000)
+        n.send(frame)
+        n.send(frame)
+        assert len(n.received(3)) == 1
+        assert n.sw.port_stats(3)["bw_in_allowance_exceeded"] == 1
+        ring.set_avail_idx(ring.avail_idx + ring.num + 1)  # more than the ring holds
+        n.send(frame)
+        assert n.sw.port_stats(3)["bw_in_allowance_exceeded"] == 2
+        woken = select.select([ring.kick_fd], [], [], 0)[0] != []
+        assert ring.vq.fault is None or woken, ring.vq.fault
     finally:
         n.close()
 
