@@ -42,6 +42,7 @@ BCAST = b"\xff" * 6
 A_IP, B_IP, GW_IP = bytes([10, 0, 0, 10]), bytes([10, 0, 0, 11]), bytes([10, 0, 0, 1])
 A6 = bytes.fromhex("fe80000000000000505400fffe00000a")  # A's link-local: its only IPv6 source
 B6 = bytes.fromhex("fd00000000000000000000000000000b")
+ALL_NODES = bytes.fromhex("ff020000000000000000000000000001")
 GSO_TCPV4, GSO_TCPV6 = 1, 4
 # RAWRING mode bits and placements; RAWDESC address kinds (fuzz_net.c).
 PACKED, INDIRECT, EVT = 1, 2, 4
@@ -177,6 +178,15 @@ def icmp_echo(dst: bytes = GW_IP, dst_mac: bytes = GW) -> bytes:
     return eth(dst_mac, A, 0x0800) + ipv4(1, len(body), dst=dst) + body
 
 
+def echo6_to_ra() -> bytes:
+    """An ICMPv6 echo request to all nodes whose last two bytes make the
+    checksum of its ICMPv6 part come out 0x8600."""
+    def frame(word: int) -> bytes:
+        icmp = struct.pack("!BBHHHH", 128, 0, 0, 1, 1, word)
+        return eth(B, A, 0x86DD) + ipv6(58, len(icmp), dst=ALL_NODES) + icmp
+    return frame(next(w for w in range(1 << 16) if csum(frame(w)[54:]) == 0x8600))
+
+
 def arp(op: int, tpa: bytes, dst_mac: bytes = BCAST, tha: bytes = bytes(6)) -> bytes:
     return eth(dst_mac, A, 0x0806) + struct.pack("!HHBBH6s4s6s4s", 1, 0x0800, 6, 4, op,
                                                  A, A_IP, tha, tpa)
@@ -254,6 +264,11 @@ def _seeds() -> dict[str, Prog]:
                                .frame(net_hdr(3) + f).serve())
     s["needs-csum-to-uplink"] = Prog(setup=UPLINK).frame(
         net_hdr(1, csum_start=34, csum_offset=6) + udp4_frame(UP, bytes([8, 8, 8, 8]))).serve()
+    # The checksum on the ICMPv6 type: an echo request whose checksum comes
+    # out 0x8600 (type 134, a Router Advertisement) at a peer that has it
+    # completed (no GUEST_CSUM): bad_header (c11f884; before, it arrived).
+    s["needs-csum-on-the-icmp6-type"] = Prog(features=(SENDER, MRG, MRG)).rxbuf(1, 4, 2048) \
+        .frame(net_hdr(1, csum_start=54, csum_offset=0) + echo6_to_ra()).serve()
     # RX buffers: header split over two descriptors, too small without
     # MRG_RXBUF, smaller than the header (the ring is broken), none posted.
     s["rx-header-split"] = Prog().rxbuf(1, 4, 2048, cut=5).frame(net_hdr() + udp4_frame()).serve()
@@ -506,6 +521,7 @@ def _clean(frames: int) -> dict[str, int]:
 
 
 EXPECT: dict[str, dict[str, int]] = {
+    "needs-csum-on-the-icmp6-type": {"tx_chains": 1, "rx_tx": 0},
     "uplink-to-peer": {"up_read": 1, "rx_uplink": 1},
     "uplink-flood": {"up_read": 1, "rx_uplink": 3},
     "uplink-other-vpc": {"up_read": 2, "rx_uplink": 1, "in_2": 0},
