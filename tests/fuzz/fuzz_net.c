@@ -121,7 +121,8 @@
  * - from a TX ring: the receiver is another port of the sender's VPC and
  *   the frame (all of it, reassembled from its buffers) is from the
  *   sender's MAC and IPv4 address (or 0.0.0.0), IPv6 from its link-local
- *   address (or ::), no router advertisement or redirect; punted frames
+ *   address (or ::), no router advertisement or redirect (also behind
+ *   extension headers: the harness walks them itself); punted frames
  *   (14..2048 bytes) and uplink datagrams (14..MTU+14) alike, and only a
  *   VPC 0 sender reaches the uplink;
  * - from the uplink: the receiver is in VPC 0, the header is all zero and
@@ -381,6 +382,34 @@ static bool has(uint64_t features, unsigned bit)
 
 /* IPv6 from port: its link-local source (or ::), and no router
  * advertisement or redirect right after the fixed header. */
+/* The offset of an IPv6 frame's upper-layer header and its protocol in
+ * *nh, past extension headers (RFC 8200 4: hop-by-hop 0, routing 43 and
+ * destination options 60 in 8-byte units, AH 51 in 4-byte units less 2,
+ * fragment 44 of 8 bytes); 0 when it is not in the frame (a later
+ * fragment, a chain running past it). The harness's own walk, so the
+ * oracle does not share nitro_pkt_ip6_upper(). */
+static uint32_t ip6_upper(const uint8_t *f, uint64_t len, uint8_t *nh)
+{
+    uint64_t at = 54;
+    *nh = f[20];
+    for (int n = 0; n < 16; n++) {
+        uint64_t ext;
+        if (*nh == 0 || *nh == 43 || *nh == 60)
+            ext = at + 2 <= len ? ((uint64_t)f[at + 1] + 1) * 8 : 0;
+        else if (*nh == 51)
+            ext = at + 2 <= len ? ((uint64_t)f[at + 1] + 2) * 4 : 0;
+        else if (*nh == 44)
+            ext = at + 4 <= len && (f[at + 2] << 8 | (f[at + 3] & 0xf8)) == 0 ? 8 : 0;
+        else
+            return (uint32_t)at;
+        if (ext == 0 || at + ext > len)
+            return 0;
+        *nh = f[at];
+        at += ext;
+    }
+    return 0;
+}
+
 static bool ip6_from(const struct state *s, uint32_t port, const uint8_t *f,
                      uint64_t len)
 {
@@ -392,7 +421,9 @@ static bool ip6_from(const struct state *s, uint32_t port, const uint8_t *f,
         return true;
     if (memcmp(f + 22, ll, 16) != 0 && memcmp(f + 22, any6, 16) != 0)
         return false;
-    return len <= 54 || f[20] != 58 || (f[54] != 134 && f[54] != 137);
+    uint8_t nh;
+    uint32_t up = len > 54 ? ip6_upper(f, len, &nh) : 0;
+    return up == 0 || up >= len || nh != 58 || (f[up] != 134 && f[up] != 137);
 }
 
 static bool vlan(uint16_t type)

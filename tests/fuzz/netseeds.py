@@ -178,13 +178,17 @@ def icmp_echo(dst: bytes = GW_IP, dst_mac: bytes = GW) -> bytes:
     return eth(dst_mac, A, 0x0800) + ipv4(1, len(body), dst=dst) + body
 
 
-def echo6_to_ra() -> bytes:
-    """An ICMPv6 echo request to all nodes whose last two bytes make the
-    checksum of its ICMPv6 part come out 0x8600."""
+def echo6_to_ra(destopt: bool = False) -> bytes:
+    """An ICMPv6 echo request to all nodes (behind a destination options
+    header if destopt) whose last two bytes make the checksum of its
+    ICMPv6 part come out 0x8600."""
+    ext = bytes([58, 0, 1, 4, 0, 0, 0, 0]) if destopt else b""  # PadN
     def frame(word: int) -> bytes:
         icmp = struct.pack("!BBHHHH", 128, 0, 0, 1, 1, word)
-        return eth(B, A, 0x86DD) + ipv6(58, len(icmp), dst=ALL_NODES) + icmp
-    return frame(next(w for w in range(1 << 16) if csum(frame(w)[54:]) == 0x8600))
+        return eth(B, A, 0x86DD) + ipv6(60 if destopt else 58, len(ext + icmp), dst=ALL_NODES) \
+            + ext + icmp
+    start = 54 + len(ext)
+    return frame(next(w for w in range(1 << 16) if csum(frame(w)[start:]) == 0x8600))
 
 
 def arp(op: int, tpa: bytes, dst_mac: bytes = BCAST, tha: bytes = bytes(6)) -> bytes:
@@ -269,6 +273,9 @@ def _seeds() -> dict[str, Prog]:
     # completed (no GUEST_CSUM): bad_header (c11f884; before, it arrived).
     s["needs-csum-on-the-icmp6-type"] = Prog(features=(SENDER, MRG, MRG)).rxbuf(1, 4, 2048) \
         .frame(net_hdr(1, csum_start=54, csum_offset=0) + echo6_to_ra()).serve()
+    s["needs-csum-on-the-icmp6-type-behind-destopt"] = Prog(features=(SENDER, MRG, MRG)) \
+        .rxbuf(1, 4, 2048) \
+        .frame(net_hdr(1, csum_start=62, csum_offset=0) + echo6_to_ra(destopt=True)).serve()
     # RX buffers: header split over two descriptors, too small without
     # MRG_RXBUF, smaller than the header (the ring is broken), none posted.
     s["rx-header-split"] = Prog().rxbuf(1, 4, 2048, cut=5).frame(net_hdr() + udp4_frame()).serve()
@@ -522,6 +529,7 @@ def _clean(frames: int) -> dict[str, int]:
 
 EXPECT: dict[str, dict[str, int]] = {
     "needs-csum-on-the-icmp6-type": {"tx_chains": 1, "rx_tx": 0},
+    "needs-csum-on-the-icmp6-type-behind-destopt": {"tx_chains": 1, "rx_tx": 0},
     "uplink-to-peer": {"up_read": 1, "rx_uplink": 1},
     "uplink-flood": {"up_read": 1, "rx_uplink": 3},
     "uplink-other-vpc": {"up_read": 2, "rx_uplink": 1, "in_2": 0},
