@@ -126,6 +126,7 @@ class Daemon:
     _nursery: trio.Nursery | None = field(default=None, init=False, repr=False)
     _reload_lock: trio.Lock = field(default_factory=trio.Lock, init=False, repr=False)
     _stopping: bool = field(default=False, init=False, repr=False)
+    _drained: float | None = field(default=None, init=False, repr=False)  # seconds, once drained
 
     @property
     def devices(self) -> list[VhostUserServer]:
@@ -427,7 +428,11 @@ class Daemon:
                     msrv[0].server_close()
                 await self._stop_uplinks()
                 await self._stop_underlay()
+            devices = len(self.servers)  # close() empties it
             self.close()
+            if self._drained is not None:  # a stop signal's drain, not an error
+                log_event(log, logging.INFO, "stopped", devices=devices,
+                          drain_s=round(self._drained, 3))
 
     async def _serve(self, notifier: Notifier, sighups: AsyncIterator) -> None:
         """Serve until a stop signal, then drain (SIGHUPs reload meanwhile)."""
@@ -680,6 +685,7 @@ class Daemon:
         async with trio.open_nursery() as nursery:
             for s in self.servers:
                 nursery.start_soon(self._drain_device, s, began, limiter)
+        self._drained = time.monotonic() - began
 
     @staticmethod
     async def _drain_device(s: VhostUserServer, began: float,

@@ -72,6 +72,10 @@ def test_ready_watchdog_stopping(short_tmp_path):
         n.proc.send_signal(signal.SIGTERM)
         _messages(sup, "STOPPING=1", 20)
         assert n.proc.wait(30) == 0
+        # The journal's last word says the stop finished, after the drain.
+        lines = n.output().splitlines()
+        assert "msg=stopped" in lines[-1] and "devices=1" in lines[-1], lines[-3:]
+        assert any("msg=draining" in line for line in lines[:-1]), lines
 
 
 def test_watchdog_pid_mismatch_sends_no_pings(short_tmp_path):
