@@ -855,6 +855,21 @@ static uint64_t raw_where(const struct ring *g, uint8_t kind, uint32_t off)
     }
 }
 
+/* Guest memory tables: regions of the one memfd, each at UADDR + its gpa. */
+static struct nitro_mem *mem_new(void)
+{
+    struct nitro_mem *m = nitro_mem_new();
+    if (m == NULL)
+        die("guest memory setup");
+    return m;
+}
+
+static void mem_add(struct nitro_mem *m, uint64_t gpa, uint64_t len, uint64_t off)
+{
+    if (nitro_mem_add(m, guest_fd, gpa, len, UADDR + gpa, off) != NITRO_OK)
+        die("guest memory setup");
+}
+
 /* A hostile ring's memory table: its own region and T, nothing else. A
  * driver that lays its own ring parts over each other makes buffer
  * addresses out of its indexes (an avail ring on its descriptor table turns
@@ -863,15 +878,12 @@ static uint64_t raw_where(const struct ring *g, uint8_t kind, uint32_t off)
  * on first use: most inputs have no hostile ring. */
 static struct nitro_mem *raw_mem(struct ring *g)
 {
-    if (g->raw_mem != NULL)
-        return g->raw_mem;
-    struct nitro_mem *m = nitro_mem_new();
-    if (m == NULL ||
-        nitro_mem_add(m, guest_fd, GPA_T, T_LEN, UADDR + GPA_T, OFF_T) != NITRO_OK ||
-        nitro_mem_add(m, guest_fd, GPA_AREA(g->area), AREA, UADDR + GPA_AREA(g->area),
-                      OFF_AREA(g->area)) != NITRO_OK)
-        die("guest memory setup");
-    return g->raw_mem = m;
+    if (g->raw_mem == NULL) {
+        g->raw_mem = mem_new();
+        mem_add(g->raw_mem, GPA_T, T_LEN, OFF_T);
+        mem_add(g->raw_mem, GPA_AREA(g->area), AREA, OFF_AREA(g->area));
+    }
+    return g->raw_mem;
 }
 
 static void raw_ring(struct state *s, struct ring *g, struct in *in)
@@ -1016,15 +1028,11 @@ static uint64_t features_of(uint8_t b)
 
 static struct nitro_mem *make_mem(void)
 {
-    struct nitro_mem *m = nitro_mem_new();
-    if (m == NULL ||
-        nitro_mem_add(m, guest_fd, GPA_R, R_LEN, UADDR + GPA_R, OFF_R) != NITRO_OK ||
-        nitro_mem_add(m, guest_fd, GPA_T, T_LEN, UADDR + GPA_T, OFF_T) != NITRO_OK)
-        die("guest memory setup");
+    struct nitro_mem *m = mem_new();
+    mem_add(m, GPA_R, R_LEN, OFF_R);
+    mem_add(m, GPA_T, T_LEN, OFF_T);
     for (uint32_t a = 0; a < NRX; a++)
-        if (nitro_mem_add(m, guest_fd, GPA_AREA(a), AREA, UADDR + GPA_AREA(a),
-                          OFF_AREA(a)) != NITRO_OK)
-            die("guest memory setup");
+        mem_add(m, GPA_AREA(a), AREA, OFF_AREA(a));
     return m;
 }
 
