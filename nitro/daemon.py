@@ -428,10 +428,10 @@ class Daemon:
                     msrv[0].server_close()
                 await self._stop_uplinks()
                 await self._stop_underlay()
-            devices = len(self.servers)  # close() empties it
+            devices, waiting = len(self.servers), len(self.waiting)  # close() empties them
             self.close()
             if self._drained is not None:  # a stop signal's drain, not an error
-                log_event(log, logging.INFO, "stopped", devices=devices,
+                log_event(log, logging.INFO, "stopped", devices=devices, waiting=waiting,
                           drain_s=round(self._drained, 3))
 
     async def _serve(self, notifier: Notifier, sighups: AsyncIterator) -> None:

@@ -74,7 +74,7 @@ def test_ready_watchdog_stopping(short_tmp_path):
         assert n.proc.wait(30) == 0
         # The journal's last word says the stop finished, after the drain.
         lines = n.output().splitlines()
-        assert "msg=stopped" in lines[-1] and "devices=1" in lines[-1], lines[-3:]
+        assert "msg=stopped" in lines[-1] and "devices=1 waiting=0" in lines[-1], lines[-3:]
         assert any("msg=draining" in line for line in lines[:-1]), lines
 
 
